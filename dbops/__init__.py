@@ -1,0 +1,3 @@
+"""dbops: keeps PostgreSQL recoverable."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from dbops.cli.entry import main
+
+main()

@@ -1,0 +1,1 @@
+"""The command line. Commands parse, call one operation, render; no boto3/psycopg here."""

@@ -1,0 +1,151 @@
+"""Errors and the exit-code table.
+
+Every failure dbops reports is a :class:`DbopsError` (or subclass). The CLI
+boundary (``dbops.cli.entry``) is the only place that turns one into a process
+exit status. Codes stay below 126: PostgreSQL treats higher statuses from
+``archive_command`` / ``restore_command`` as fatal for the server.
+
+Messages follow PostgreSQL's own shape: a one-line ``message``, an optional
+``detail`` (facts) and an optional ``hint`` (what to do).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # the operation failed (generic)
+    USAGE = 2  # bad command line (typer/click use 2 as well)
+    CONFIG = 3  # configuration file invalid or missing
+    STORAGE = 4  # object storage unreachable, refused, or credentials wrong
+    POSTGRES = 5  # PostgreSQL unreachable or returned an error
+    LOCKED = 6  # another run holds the lock
+    VALIDATION = 7  # a backup or the WAL archive is broken (hash, gap, start failure)
+    UNKNOWN = 8  # outcome could not be confirmed
+    NOT_FOUND = 9  # the named object / segment / backup does not exist
+    TARGET = 10  # a restore target outside what the backups and archive can reach
+    PRECONDITION = 11  # the cluster or host is not in a state that allows it (check findings, preflight)
+    ROLLED_BACK = 12  # a failover failed and was rolled back: the old primary is primary again
+    CONFLICT = 13  # the archive holds different content under this name, or belongs to another cluster
+    INTERRUPTED = 14  # interrupted by a signal (Ctrl-C / SIGTERM); cleaned up
+
+
+EXIT_CODE_DOC: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.FAILED: "the operation failed (see the message)",
+    ExitCode.USAGE: "bad command line: unknown option, missing or malformed argument",
+    ExitCode.CONFIG: "configuration file missing or invalid (every error is listed)",
+    ExitCode.STORAGE: "object storage unreachable, bucket missing, access refused or wrong credentials",
+    ExitCode.POSTGRES: "PostgreSQL unreachable or returned an error",
+    ExitCode.LOCKED: "another dbops run holds the lock (its owner is named)",
+    ExitCode.VALIDATION: "validation failed: a backup or the WAL archive is broken (hash mismatch, gap, failed start)",
+    ExitCode.UNKNOWN: "the outcome could not be confirmed: inspect before acting again",
+    ExitCode.NOT_FOUND: "the named WAL segment, backup or object does not exist",
+    ExitCode.TARGET: "restore target not reachable: before the oldest backup or past the end of the archive",
+    ExitCode.PRECONDITION: "refused: a check or preflight found a problem (each finding says what to fix)",
+    ExitCode.ROLLED_BACK: "failover failed and was rolled back; the old primary is primary again",
+    ExitCode.CONFLICT: "archive conflict: different content under the same name, or another cluster's archive",
+    ExitCode.INTERRUPTED: "interrupted by a signal; work in progress was cleaned up",
+}
+
+
+class DbopsError(Exception):
+    """Base error: message, detail, hint, and the exit code it maps to."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(self, message: str, *, detail: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+    def render(self) -> str:
+        lines = [f"error: {self.message}"]
+        if self.detail:
+            lines.append(f"detail: {self.detail}")
+        if self.hint:
+            lines.append(f"hint: {self.hint}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "detail": self.detail,
+            "hint": self.hint,
+            "exit_code": int(self.exit_code),
+        }
+
+
+class UsageError(DbopsError):
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(DbopsError):
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, message: str, *, problems: list[str] | None = None, **kw):
+        self.problems = list(problems or [])
+        if self.problems and "detail" not in kw:
+            kw["detail"] = "\n  " + "\n  ".join(self.problems)
+        super().__init__(message, **kw)
+
+
+class StorageError(DbopsError):
+    exit_code = ExitCode.STORAGE
+
+
+class NotFoundError(DbopsError):
+    exit_code = ExitCode.NOT_FOUND
+
+
+class PostgresError(DbopsError):
+    exit_code = ExitCode.POSTGRES
+
+
+class LockedError(DbopsError):
+    exit_code = ExitCode.LOCKED
+
+
+class ValidationError(DbopsError):
+    exit_code = ExitCode.VALIDATION
+
+
+class UnknownOutcomeError(DbopsError):
+    exit_code = ExitCode.UNKNOWN
+
+
+class TargetError(DbopsError):
+    exit_code = ExitCode.TARGET
+
+
+class PreconditionError(DbopsError):
+    exit_code = ExitCode.PRECONDITION
+
+
+class RolledBackError(DbopsError):
+    exit_code = ExitCode.ROLLED_BACK
+
+
+class ConflictError(DbopsError):
+    exit_code = ExitCode.CONFLICT
+
+
+class InterruptedError_(DbopsError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+class CommandError(DbopsError):
+    """An external program failed. Carries its argv[0], status and stderr tail."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr: str = "", **kw):
+        self.returncode = returncode
+        self.stderr = stderr
+        if stderr and "detail" not in kw:
+            kw["detail"] = stderr.strip()[-2000:]
+        super().__init__(message, **kw)

@@ -1,0 +1,1 @@
+"""PostgreSQL: binaries, connections, control data, WAL/LSN/timeline math."""

@@ -1,0 +1,170 @@
+"""The one wrapper every external program goes through.
+
+* argv lists only (never a shell), the binary resolved to a verified path;
+* a timeout, after which the whole process group is killed;
+* the process group is killed too when dbops itself is interrupted;
+* stderr kept (tail) for the error message, with secrets redacted;
+* ``user=``: run as another OS user (``runuser -u USER --``) when dbops runs as
+  root, which is how PostgreSQL binaries must run (they refuse root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from dbops import log, secrets
+from dbops.errors import CommandError, DbopsError
+
+_log = log.get("proc")
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def which(name: str, extra_dirs: Sequence[str] = ()) -> str:
+    """Resolve a program name to an absolute, executable path, or raise."""
+    if os.sep in name:
+        p = Path(name)
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+        raise DbopsError(f"program {name} not found or not executable")
+    for d in extra_dirs:
+        if not d:
+            continue
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise DbopsError(
+        f"program {name!r} not found",
+        detail="searched " + ", ".join([*[d for d in extra_dirs if d], "PATH"]),
+        hint="install it, or set its folder in the configuration (bin_dir)",
+    )
+
+
+def as_user(argv: list[str], user: str | None) -> list[str]:
+    """Prefix argv so it runs as `user` when we are root and someone else is asked for."""
+    if not user or os.geteuid() != 0 or user == "root":
+        return argv
+    return [which("runuser"), "-u", user, "--", *argv]
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float | None = 300,
+    user: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    input: str | bytes | None = None,
+    check: bool = True,
+    what: str | None = None,
+    text: bool = True,
+) -> Result:
+    """Run a program to completion. Raises CommandError on non-zero exit (when check) or timeout."""
+    argv = [str(a) for a in argv]
+    argv[0] = which(argv[0])
+    full = as_user(argv, user)
+    run_env = dict(os.environ)
+    if env:
+        run_env.update(env)
+    label = what or Path(argv[0]).name
+    _log.debug("run %s", secrets.redact(" ".join(full)))
+    t0 = time.monotonic()
+    p = subprocess.Popen(
+        full,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=run_env,
+        cwd=cwd,
+        start_new_session=True,
+        text=text,
+    )
+    try:
+        out, err = p.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(p)
+        raise CommandError(
+            f"{label} did not finish within {timeout:.0f} s and was stopped",
+            returncode=None,
+            hint="the program may be hung; see the detail for its last output",
+        ) from None
+    except BaseException:
+        _kill_group(p)
+        raise
+    seconds = time.monotonic() - t0
+    if not text:
+        out_s, err_s = out, (err or b"").decode(errors="replace")
+    else:
+        out_s, err_s = out, err
+    res = Result(argv=full, returncode=p.returncode, stdout=out_s, stderr=secrets.redact(err_s or ""), seconds=seconds)
+    if check and p.returncode != 0:
+        raise CommandError(
+            f"{label} exited with status {p.returncode}",
+            returncode=p.returncode,
+            stderr=res.stderr or (out_s if isinstance(out_s, str) else "")[-2000:],
+        )
+    return res
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    user: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    stdout=None,
+    stderr=None,
+) -> subprocess.Popen:
+    """Start a long-running program in its own session (for servers and background workers)."""
+    argv = [str(a) for a in argv]
+    argv[0] = which(argv[0])
+    full = as_user(argv, user)
+    run_env = dict(os.environ)
+    if env:
+        run_env.update(env)
+    _log.debug("spawn %s", secrets.redact(" ".join(full)))
+    return subprocess.Popen(
+        full,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout if stdout is not None else subprocess.DEVNULL,
+        stderr=stderr if stderr is not None else subprocess.DEVNULL,
+        env=run_env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def stop(p: subprocess.Popen) -> None:
+    _kill_group(p)

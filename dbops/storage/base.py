@@ -1,0 +1,63 @@
+"""The ObjectStore protocol every workflow is written against.
+
+Atomicity a store must provide (S3 and MinIO/SeaweedFS do):
+* ``put`` is all-or-nothing: a reader sees the old object, nothing, or the whole new one;
+* ``put`` verifies a content checksum server-side (Content-MD5) before it returns;
+* ``put(..., if_absent=True)`` never replaces an existing object (returns False instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str = ""
+    last_modified: float = 0.0  # epoch seconds
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+        """Store data. With if_absent, returns False (and changes nothing) when the key exists."""
+        ...
+
+    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; raises NotFoundError."""
+        ...
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        ...
+
+    def get_to_file(self, key: str, path: str) -> ObjectInfo:
+        """Download to path (written in place; callers rename). Raises NotFoundError."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and metadata, or None when absent."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under prefix, in key order (metadata not filled)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        ...
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        ...
+
+    def check(self) -> None:
+        """Raise StorageError unless the bucket is reachable with these credentials."""
+        ...
+
+    def server_time(self) -> float | None:
+        """The server's clock (epoch seconds) from its Date header, for skew checks."""
+        ...

@@ -1,0 +1,122 @@
+"""A filesystem-backed ObjectStore with the same atomicity rules as S3.
+
+Used by unit tests as a fake (no network), and usable for a mounted archive folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from dbops.errors import NotFoundError
+from dbops.storage.base import ObjectInfo
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _p(self, key: str) -> Path:
+        if ".." in key.split("/"):
+            raise ValueError(f"bad key {key!r}")
+        return self.root / "objects" / key
+
+    def _meta(self, key: str) -> Path:
+        return self.root / "meta" / (key + ".json")
+
+    def _write(self, key: str, data: bytes, metadata: dict[str, str] | None, if_absent: bool) -> bool:
+        p = self._p(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        m = self._meta(key)
+        m.parent.mkdir(parents=True, exist_ok=True)
+        m.write_text(json.dumps(metadata or {}))
+        if if_absent:
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                os.unlink(tmp)
+                return False
+            os.unlink(tmp)
+            return True
+        os.replace(tmp, p)
+        return True
+
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+        return self._write(key, bytes(data), metadata, if_absent)
+
+    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+        return self._write(key, Path(path).read_bytes(), metadata, if_absent)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"object {key} not found") from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._p(key), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise NotFoundError(f"object {key} not found") from None
+
+    def get_to_file(self, key: str, path: str) -> ObjectInfo:
+        data = self.get(key)
+        Path(path).write_bytes(data)
+        info = self.head(key)
+        assert info is not None
+        return info
+
+    def head(self, key: str) -> ObjectInfo | None:
+        p = self._p(key)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return None
+        try:
+            meta = json.loads(self._meta(key).read_text())
+        except (FileNotFoundError, ValueError):
+            meta = {}
+        return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime, metadata=meta)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self.root / "objects"
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for fn in files:
+                if fn.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / fn
+                key = str(full.relative_to(base))
+                if key.startswith(prefix):
+                    st = full.stat()
+                    out.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
+        yield from sorted(out, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        for p in (self._p(key), self._meta(key)):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        for k in keys:
+            self.delete(k)
+
+    def check(self) -> None:
+        return None
+
+    def server_time(self) -> float | None:
+        return time.time()
