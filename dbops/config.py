@@ -65,6 +65,7 @@ class Node:
     bin_dir: str | None = None
     controller: str = "local"  # local | ssh | container
     os_user: str = "postgres"  # owner of data_dir for the local controller
+    log_file: str | None = None  # server log when dbops starts the node (default: <data_dir>/log/dbops-server.log)
     ssh: SshSettings | None = None
     container: ContainerNodeSettings | None = None
 
@@ -129,7 +130,8 @@ class RuntimeSettings:
     extra_args: tuple[str, ...] = ()
     containers_conf: str | None = None  # podman: CONTAINERS_CONF
     bin_dir: str | None = None  # PostgreSQL binaries inside the container / host
-    user: str = "postgres"
+    user: str = "postgres"  # database role dbops connects to a throwaway instance as
+    network: str = "host"  # host (--network host) | publish (-p 127.0.0.1:PORT:5432)
 
 
 @dataclass(frozen=True)
@@ -440,6 +442,7 @@ def _parse_node(c: _Collector, raw: Any, path: str) -> Node | None:
         bin_dir=c.str_(raw, "bin_dir", path),
         controller=controller,
         os_user=c.str_(raw, "os_user", path, "postgres"),
+        log_file=c.str_(raw, "log_file", path),
         ssh=ssh,
         container=cont,
     )
@@ -522,13 +525,16 @@ def parse(raw: Any, env: dict[str, str] | None = None, path: str | None = None) 
     rraw = c.mapping(raw.get("runtime"), "runtime")
     c.unknown(rraw, "runtime", {f.name for f in fields(RuntimeSettings)})
     runtime = RuntimeSettings(
-        engine=c.str_(rraw, "engine", "runtime", "podman", choices=("podman", "docker", "none")),
+        # Without a runtime section, validation runs PostgreSQL as a plain local process;
+        # `dbops check` warns about it. Set engine podman/docker with an image for isolation.
+        engine=c.str_(rraw, "engine", "runtime", "podman" if rraw else "none", choices=("podman", "docker", "none")),
         image=c.str_(rraw, "image", "runtime"),
         rootfs=c.str_(rraw, "rootfs", "runtime"),
         extra_args=c.str_list(rraw, "extra_args", "runtime"),
         containers_conf=c.str_(rraw, "containers_conf", "runtime"),
         bin_dir=c.str_(rraw, "bin_dir", "runtime"),
         user=c.str_(rraw, "user", "runtime", "postgres"),
+        network=c.str_(rraw, "network", "runtime", "host", choices=("host", "publish")),
     )
     if runtime.engine != "none" and not (runtime.image or runtime.rootfs):
         c.bad("runtime", f"engine {runtime.engine} needs an image (e.g. postgres:15) or a rootfs (e.g. /)")

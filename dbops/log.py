@@ -54,13 +54,28 @@ def _safe(v: object) -> object:
     return v
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup(fmt: str = "text", verbosity: int = 0, stream=None) -> None:
     """verbosity: -1 quiet (errors only), 0 warnings, 1 info, 2 debug."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     root = logging.getLogger(LOGGER_NAME)
     for h in list(root.handlers):
         root.removeHandler(h)
-    h = logging.StreamHandler(stream or sys.stderr)
+    h = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     h.setFormatter(_RedactingFormatter(fmt))
     root.addHandler(h)
     root.setLevel(level)

@@ -22,7 +22,7 @@ def parse_lsn(text: str) -> int:
 
 
 def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:08X}"
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def segments_per_xlogid(seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:

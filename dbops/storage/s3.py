@@ -98,7 +98,7 @@ class S3Store:
             raise NotFoundError(f"object {key} not found in {self._where()}") from None
         if code in _AUTH_CODES or _status(e) == 403:
             raise StorageError(
-                f"storage refused {what}: {code or 'access denied'}",
+                f"storage refused {what}: {code if code and not code.isdigit() else 'access denied (HTTP 403)'}",
                 detail=secrets.redact(str(e)),
                 hint="check the access key and secret key (and that they may use this bucket)",
             ) from None
@@ -244,7 +244,9 @@ class S3Store:
             self.delete(k)
 
     def check(self) -> None:
-        self._call(lambda: self.client.head_bucket(Bucket=self.bucket), None, f"access bucket {self.bucket}")
+        # A GET (not HEAD) so an auth failure comes with its error code (SignatureDoesNotMatch, ...).
+        self._call(lambda: self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1, Prefix=self.s.prefix or ""),
+                   None, f"list bucket {self.bucket}")
 
     def server_time(self) -> float | None:
         r = self._call(lambda: self.client.head_bucket(Bucket=self.bucket), None, f"access bucket {self.bucket}")

@@ -1,0 +1,1 @@
+"""Workflows (check, archive, backup, restore, failover), written against the protocols."""

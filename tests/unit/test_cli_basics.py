@@ -1,0 +1,68 @@
+"""The CLI boundary: exit codes for usage and configuration errors, secrets kept out of output."""
+
+import textwrap
+
+from dbops.errors import EXIT_CODE_DOC, ExitCode
+
+
+def test_exit_codes_are_documented_and_below_126():
+    assert set(EXIT_CODE_DOC) == set(ExitCode)
+    assert all(0 <= int(c) < 126 for c in ExitCode)
+    assert len({int(c) for c in ExitCode}) == len(ExitCode)
+
+
+def test_usage_error_exit_2(cli):
+    r = cli(["--no-such-option"])
+    assert r.exit_code == 2
+    r = cli(["config", "frobnicate"])
+    assert r.exit_code == 2
+
+
+def test_missing_config_exit_3(cli, tmp_path):
+    r = cli(["-c", str(tmp_path / "none.yaml"), "config", "check"])
+    assert r.exit_code == 3
+    assert "does not exist" in r.stderr
+
+
+def test_invalid_config_lists_all_problems(cli, tmp_path):
+    p = tmp_path / "dbops.yaml"
+    p.write_text(textwrap.dedent("""
+        cluster: main
+        nodes:
+          - name: pg1
+            port: seventy
+            data_dir: /d
+        storage:
+          bucket: backups
+          endpoint: ftp://nowhere
+        compression: {level: 99}
+    """))
+    r = cli(["-c", str(p), "config", "check"])
+    assert r.exit_code == 3
+    assert "3 problems" in r.stderr
+    for key in ("nodes[0].port", "storage.endpoint", "compression.level"):
+        assert key in r.stderr
+
+
+def test_config_show_redacts(cli, tmp_path):
+    p = tmp_path / "dbops.yaml"
+    p.write_text(textwrap.dedent("""
+        cluster: main
+        nodes:
+          - {name: pg1, data_dir: /d, password: "${PGPW}"}
+        storage: {bucket: bkt, access_key: "${AK}", secret_key: "${SK}"}
+        runtime: {engine: none}
+    """))
+    env = {"PGPW": "pg-password-1234", "AK": "access-1234", "SK": "secret-key-98765"}
+    r = cli(["-c", str(p), "-vv", "config", "show"], env=env)
+    assert r.exit_code == 0, r
+    for v in env.values():
+        assert v not in r.output
+    assert "***" in r.stdout
+    r = cli(["-c", str(p), "config", "show", "--json"], env=env)
+    assert r.exit_code == 0 and "secret-key-98765" not in r.output and '"cluster": "main"' in r.stdout
+
+
+def test_version(cli):
+    r = cli(["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("dbops ")
