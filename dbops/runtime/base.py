@@ -1,0 +1,328 @@
+"""What every runtime shares: the instance spec, the Instance/Runtime protocols, server settings.
+
+A *throwaway instance* is PostgreSQL started on a scratch data folder (a restored backup) to
+replay WAL, be checked, and be stopped cleanly again. Where it runs is the runtime's business
+(a container, or a plain local process); what it runs with is decided here, once:
+
+* the server listens on loopback only (``127.0.0.1``, the spec's port) and on no Unix socket;
+* ``archive_mode=off`` and ``primary_conninfo=''`` by default, so a copy of production never
+  pushes WAL into the production archive nor streams from the production primary;
+* ``restore_command`` copies from the read-only WAL folder (``cp /wal/%f "%p"`` in a
+  container): the host fetches the WAL the instance needs into that folder ahead of time,
+  so the server's environment needs nothing but ``cp`` (a stock ``postgres:15`` image works);
+* with ``trust_local`` (the default) a generated ``pg_hba.conf`` admits loopback connections
+  without a password: dbops owns no password for a restored cluster, and only processes on
+  this host reach a loopback port;
+* a data folder without ``postgresql.conf`` (Debian keeps it in /etc) gets an empty one, so the
+  server starts on built-in defaults plus the ``-c`` settings;
+* ``logging_collector=off``: the server log goes to stderr, which the runtime keeps
+  (``Instance.logs``).
+
+Settings given on the command line (``-c k=v``) win over ``postgresql.conf`` and
+``postgresql.auto.conf`` alike, so the caller's settings hold whatever the backup carries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Mapping, Protocol, Sequence
+
+from dbops import log, proc
+from dbops.config import Node
+from dbops.errors import DbopsError, PostgresError, UsageError
+
+_log = log.get("runtime")
+
+# Paths as a containerised server sees them.
+DATA_PATH = "/data"
+WAL_PATH = "/wal"
+RUN_PATH = "/dbops-run"
+
+LOOPBACK = "127.0.0.1"
+HBA_FILE = "pg_hba.conf"
+IDENT_FILE = "pg_ident.conf"
+CONF_FILE = "postgresql.conf"
+
+# Settings the runtime decides; a spec may not set them.
+OWNED_SETTINGS = frozenset({
+    "port", "listen_addresses", "unix_socket_directories", "logging_collector", "log_destination",
+    "hba_file", "ident_file", "config_file", "data_directory",
+})
+
+SAFE_DEFAULTS: Mapping[str, str] = {"archive_mode": "off", "primary_conninfo": ""}
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """A PostgreSQL server to start on a scratch data folder.
+
+    data_dir  host folder with the cluster (owned by the OS user the server must run as, mode 0700)
+    port      loopback TCP port the host connects to (pick a free one)
+    wal_dir   host folder of WAL segments / history files for ``restore_command``; mounted read-only
+              at ``/wal`` in a container. ``restore_command`` is set to copy from it unless
+              ``settings`` sets its own.
+    settings  extra server settings, passed as ``-c k=v`` (recovery targets, hot_standby, ...)
+    name      a short label for this run (container name, log lines)
+    run_dir   host folder for the generated configuration files and the local server log;
+              default: a private folder created next to ``data_dir`` and removed with the instance
+    trust_local  admit loopback connections without a password (a generated ``pg_hba.conf``)
+    """
+
+    data_dir: Path
+    port: int
+    wal_dir: Path | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)
+    name: str = "instance"
+    run_dir: Path | None = None
+    trust_local: bool = True
+
+    def __post_init__(self) -> None:
+        bad = sorted(OWNED_SETTINGS & set(self.settings))
+        if bad:
+            raise UsageError(
+                f"setting {', '.join(bad)} is decided by the runtime and cannot be set for an instance",
+                hint="use the spec's port; the server always listens on loopback only",
+            )
+        if not 0 < self.port < 65536:
+            raise UsageError(f"invalid port {self.port}")
+
+
+class Instance(Protocol):
+    """A started server. Use it as a context manager: it is removed however the block ends."""
+
+    host: str
+    port: int
+    spec: InstanceSpec
+    data_path: str  # the data folder as the server and run_tool see it
+    wal_path: str | None  # the WAL folder as the server sees it
+
+    def wait_ready(self, timeout: float = 600.0) -> None: ...
+    def is_running(self) -> bool: ...
+    def logs(self, tail: int = 50) -> str: ...
+    def stop(self, mode: str = "fast", timeout: float = 600.0) -> None: ...
+    def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
+                 env: Mapping[str, str] | None = None) -> proc.Result: ...
+    def remove(self) -> None: ...
+    def node(self, dbname: str = "postgres") -> Node: ...
+    def __enter__(self) -> "Instance": ...
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None: ...
+
+
+class Runtime(Protocol):
+    """Starts throwaway instances. ``engine`` names it ('podman', 'docker', 'none')."""
+
+    engine: str
+
+    def start(self, spec: InstanceSpec) -> Instance:
+        """Start the server (not waiting for it: see ``Instance.wait_ready``)."""
+        ...
+
+
+STOP_MODES = ("smart", "fast", "immediate")
+
+
+def check_stop_mode(mode: str) -> str:
+    if mode not in STOP_MODES:
+        raise UsageError(f"unknown stop mode {mode!r}", hint="one of " + ", ".join(STOP_MODES))
+    return mode
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The OS user that owns a data folder: the server must run as it."""
+
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, path: Path) -> "Owner":
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DbopsError(f"data folder {path} does not exist") from None
+        if st.st_uid == 0:
+            raise DbopsError(
+                f"data folder {path} is owned by root",
+                hint="PostgreSQL refuses to run as root: chown the folder to the postgres OS user",
+            )
+        return cls(st.st_uid, st.st_gid)
+
+    @property
+    def user_name(self) -> str:
+        import pwd
+
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            raise DbopsError(f"no OS user with uid {self.uid} (owner of the data folder)") from None
+
+    def chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            os.chown(path, self.uid, self.gid)
+
+
+def restore_command(wal_path: str) -> str:
+    """A restore_command that copies from a local folder (a missing file makes cp fail: 'not found')."""
+    return f'cp {shlex.quote(wal_path + "/")}%f "%p"'
+
+
+def prepare_run_dir(spec: InstanceSpec, owner: Owner) -> tuple[Path, bool]:
+    """The instance's run folder (created when the spec names none), owned by the server's user.
+
+    Returns (path, created): a folder created here is removed with the instance.
+    """
+    if spec.run_dir is not None:
+        run_dir = Path(spec.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        created = False
+    else:
+        parent = Path(spec.data_dir).resolve().parent
+        run_dir = Path(tempfile.mkdtemp(prefix=f".dbops-run-{_safe(spec.name)}-", dir=parent))
+        created = True
+    os.chmod(run_dir, 0o700)
+    owner.chown(run_dir)
+    return run_dir, created
+
+
+def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, run_path: str, owner: Owner, listen: str = LOOPBACK, port: int | None = None,
+                    extra_hba: Sequence[str] = ()) -> dict[str, str]:
+    """Every ``-c`` setting for the server, writing the generated files into run_dir.
+
+    ``wal_path`` / ``run_path`` are the folders as the server sees them; ``port``
+    is the port inside (default: the spec's). ``extra_hba`` adds trusted address ranges (a
+    container behind a port mapping sees connections from its network's gateway).
+    """
+    settings: dict[str, str] = dict(SAFE_DEFAULTS)
+    if wal_path is not None:
+        settings["restore_command"] = restore_command(wal_path)
+    settings.update(spec.settings)
+    settings.update({
+        "port": str(port or spec.port),
+        "listen_addresses": listen,
+        "unix_socket_directories": "",
+        "logging_collector": "off",
+        "log_destination": "stderr",
+    })
+    data_dir = Path(spec.data_dir)
+    if not (data_dir / CONF_FILE).exists():
+        _write(run_dir / CONF_FILE, "# dbops: the data folder has no postgresql.conf; built-in defaults apply\n", owner)
+        settings["config_file"] = f"{run_path}/{CONF_FILE}"
+    if spec.trust_local:
+        lines = ["# dbops: a throwaway instance, reachable on loopback only", "host all all 127.0.0.1/32 trust",
+                 "host all all ::1/128 trust", *(f"host all all {a} trust" for a in extra_hba)]
+        _write(run_dir / HBA_FILE, "\n".join(lines) + "\n", owner)
+        settings["hba_file"] = f"{run_path}/{HBA_FILE}"
+        if not (data_dir / IDENT_FILE).exists():
+            _write(run_dir / IDENT_FILE, "", owner)
+            settings["ident_file"] = f"{run_path}/{IDENT_FILE}"
+    return settings
+
+
+def setting_args(settings: Mapping[str, str]) -> list[str]:
+    """``-c k=v`` arguments, in a stable order."""
+    out: list[str] = []
+    for k in sorted(settings):
+        out += ["-c", f"{k}={settings[k]}"]
+    return out
+
+
+def remove_run_dir(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# postmaster.pid line 8: the postmaster's status once it accepts connections (what pg_ctl -w reads).
+_PID_STATUS_LINE = 7
+_READY_STATUSES = ("ready", "standby")
+
+
+def pid_file_status(data_dir: Path) -> str | None:
+    """The status word in data_dir/postmaster.pid ('starting', 'ready', 'standby', 'stopping'), if any."""
+    try:
+        lines = (Path(data_dir) / "postmaster.pid").read_text().splitlines()
+    except (FileNotFoundError, PermissionError):
+        return None
+    return lines[_PID_STATUS_LINE].strip() if len(lines) > _PID_STATUS_LINE else None
+
+
+class InstanceBase:
+    """What the concrete instances share: waiting for readiness, and removal however a block ends."""
+
+    host: str
+    port: int
+    spec: InstanceSpec
+    db_user: str
+
+    def is_running(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def logs(self, tail: int = 50) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def remove(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Wait until the server accepts connections (in hot standby, once it is consistent).
+
+        Ready means: this data folder's postmaster.pid says 'ready' or 'standby' (so another server
+        on the same port cannot fool us) and the port answers. Raises PostgresError with the tail
+        of the server log when the server exits first or the timeout passes. A server whose
+        ``recovery_target_action`` is 'shutdown' exits instead of becoming ready: read its
+        control data rather than calling this.
+        """
+        from psycopg import pq
+
+        conninfo = f"host={self.host} port={self.port} dbname=postgres connect_timeout=2".encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            if pid_file_status(self.spec.data_dir) in _READY_STATUSES and pq.PGconn.ping(conninfo) == pq.Ping.OK:
+                log.event(_log, logging.INFO, "instance ready", name=self.spec.name, port=self.port)
+                return
+            if not self.is_running():
+                raise PostgresError(
+                    f"PostgreSQL ({self.spec.name}) exited before accepting connections",
+                    detail=self.logs(40).strip() or "(no server log)",
+                    hint="the server log above says why (missing WAL, a setting, a damaged data folder)",
+                )
+            if time.monotonic() >= deadline:
+                raise PostgresError(
+                    f"PostgreSQL ({self.spec.name}) did not accept connections within {timeout:.0f} s",
+                    detail=self.logs(40).strip() or "(no server log)",
+                    hint="recovery may need longer (raise the start timeout) or wait for WAL that is not there",
+                )
+            time.sleep(0.2)
+
+    def node(self, dbname: str = "postgres") -> Node:
+        """A config Node for this instance, for dbops.pg.conn (user: the runtime's database role)."""
+        return Node(name=_safe(self.spec.name)[:63] or "instance", host=self.host, port=self.port,
+                    user=self.db_user, dbname=dbname)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        try:
+            self.remove()
+        except Exception as e:  # never mask the exception that ended the block
+            if et is None:
+                raise
+            _log.warning("could not remove instance: %s", e)
+
+
+def _write(path: Path, text: str, owner: Owner) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    owner.chown(path)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in name)

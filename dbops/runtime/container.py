@@ -1,0 +1,390 @@
+"""Throwaway servers in containers: podman and docker alike (the same CLI verbs).
+
+Two ways to get PostgreSQL into the container:
+
+* ``image`` (production): ``docker run postgres:15`` / ``podman run IMAGE``. The image's
+  entrypoint script is bypassed (``--entrypoint postgres``): it would otherwise look for a
+  cluster under its own PGDATA and initialise a new one.
+* ``rootfs`` (podman only): a host folder as the root filesystem, as a throw-away overlay
+  (``--rootfs /:O``: the host's own root, whose writes vanish with the container). The
+  PostgreSQL binaries are the host's (``bin_dir``, or located like ``dbops.pg.binaries``).
+
+Either way the server runs as the uid:gid that owns the data folder (PostgreSQL insists that
+its user owns it), with ``postgres -D /data -c ...``; the data folder is mounted at /data, the
+WAL folder read-only at /wal, the run folder (generated pg_hba.conf, ...) at /dbops-run.
+
+Networking, as found with podman 4.3 (rootful, netavark, runc) on Debian 12:
+
+* ``--network host`` (the default, ``network="host"``) works: the server binds
+  127.0.0.1:PORT in the host's network namespace, connections arrive from 127.0.0.1, and the
+  port is the same inside and out. Nothing else on the machine can reach it.
+* ``-p 127.0.0.1:PORT:5432`` (``network="publish"``) works too: the server listens on 5432 on
+  the container's bridge address and connections arrive from the bridge gateway
+  (10.88.0.1 here), so the generated pg_hba.conf also trusts ``samenet`` (which lets other
+  containers on that bridge in as well). Use it only where host networking is unavailable.
+
+Every container carries labels: ``dbops=1``, the run id, the instance name, the creating
+process (pid and its start time, so a reused pid does not count) and host name.
+:func:`cleanup_stale` removes those whose creating process is gone: a run killed with SIGKILL
+leaves a container behind until the next run on this host starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from dbops import log, proc
+from dbops.errors import CommandError, ConfigError, DbopsError, PostgresError
+from dbops.pg import binaries
+from dbops.runtime.base import (
+    DATA_PATH,
+    LOOPBACK,
+    RUN_PATH,
+    WAL_PATH,
+    InstanceBase,
+    InstanceSpec,
+    Owner,
+    check_stop_mode,
+    prepare_run_dir,
+    remove_run_dir,
+    server_settings,
+    setting_args,
+)
+
+_log = log.get("runtime.container")
+
+ENGINES = ("podman", "docker")
+NETWORKS = ("host", "publish")
+CONTAINER_PORT = 5432
+STOP_SIGNALS = {"smart": "TERM", "fast": "INT", "immediate": "QUIT"}
+
+LABEL = "dbops"
+LABEL_RUN = "dbops.run"
+LABEL_NAME = "dbops.name"
+LABEL_PID = "dbops.pid"
+LABEL_PID_START = "dbops.pid_start"
+LABEL_HOST = "dbops.host"
+
+# The settings /work/shared/ENVIRONMENT.md found necessary for podman on VMs like this one:
+# cgroupfs (no systemd cgroup delegation), runc, and rlimits PostgreSQL can live with.
+CONTAINERS_CONF = """\
+# written by dbops (runtime.containers_conf): podman settings for throwaway PostgreSQL containers
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+"""
+
+
+def ensure_containers_conf(path: str | os.PathLike) -> Path:
+    """Write the containers.conf podman needs here to `path` unless a file is already there."""
+    p = Path(path)
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(CONTAINERS_CONF)
+        os.replace(tmp, p)
+        log.event(_log, logging.INFO, "wrote containers.conf", path=str(p))
+    return p
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A container engine CLI (``podman`` or ``docker``) and the environment its calls need."""
+
+    name: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError(f"unknown container engine {self.name!r}", hint="one of " + ", ".join(ENGINES))
+
+    def run(self, args: Sequence[str], *, timeout: float | None = 120, check: bool = True,
+            env: Mapping[str, str] | None = None) -> proc.Result:
+        return proc.run([self.name, *args], env={**self.env, **(env or {})}, timeout=timeout, check=check,
+                        what=f"{self.name} {args[0]}")
+
+
+# --------------------------------------------------------------------------- labels / stale containers
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot, /proc/PID/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def creator_labels(run_id: str, name: str) -> dict[str, str]:
+    pid = os.getpid()
+    return {LABEL: "1", LABEL_RUN: run_id, LABEL_NAME: name, LABEL_PID: str(pid),
+            LABEL_PID_START: _process_start(pid) or "", LABEL_HOST: socket.gethostname()}
+
+
+def _creator_alive(labels: Mapping[str, str]) -> bool:
+    try:
+        pid = int(labels.get(LABEL_PID, ""))
+    except ValueError:
+        return False
+    start = _process_start(pid)
+    if start is None:
+        return False
+    return not labels.get(LABEL_PID_START) or labels[LABEL_PID_START] == start
+
+
+def _label_args(labels: Mapping[str, str]) -> list[str]:
+    out: list[str] = []
+    for k, v in labels.items():
+        out += ["--label", f"{k}={v}"]
+    return out
+
+
+def _force_remove(engine: Engine, name: str) -> None:
+    """Remove a container (and its anonymous volumes) whatever its state; a missing one is fine."""
+    res = engine.run(["rm", "-f", "-v", name], check=False, timeout=120)
+    if res.returncode != 0 and "no such container" not in (res.stderr + res.stdout).lower():
+        raise DbopsError(f"could not remove container {name}", detail=res.stderr.strip()[-1000:],
+                         hint=f"remove it by hand: {engine.name} rm -f {name}")
+
+
+def cleanup_stale(engine: Engine) -> list[str]:
+    """Remove dbops containers on this host whose creating process is gone; returns their names."""
+    ids = engine.run(["ps", "-a", "-q", "--filter", f"label={LABEL}=1"], timeout=60).stdout.split()
+    if not ids:
+        return []
+    # check=False: a container may vanish between ps and inspect; inspect still prints the others.
+    res = engine.run(["inspect", "--format", "{{.Name}} {{json .Config.Labels}}", *ids], check=False, timeout=60)
+    host = socket.gethostname()
+    removed: list[str] = []
+    for line in res.stdout.splitlines():
+        name, _, raw = line.strip().partition(" ")
+        try:
+            labels = json.loads(raw) or {}
+        except json.JSONDecodeError:
+            continue
+        name = name.lstrip("/")  # docker prints "/name"
+        if labels.get(LABEL_HOST) != host or _creator_alive(labels):
+            continue
+        _force_remove(engine, name)
+        log.event(_log, logging.WARNING, "removed a stale dbops container", container=name,
+                  creator_pid=labels.get(LABEL_PID))
+        removed.append(name)
+    return removed
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class ContainerRuntime:
+    """Starts throwaway servers with ``podman``/``docker`` from an image or a rootfs."""
+
+    def __init__(self, engine: Engine, *, image: str | None = None, rootfs: str | None = None,
+                 bin_dir: str | None = None, extra_args: Sequence[str] = (), network: str = "host",
+                 db_user: str = "postgres") -> None:
+        if bool(image) == bool(rootfs):
+            raise ConfigError("a container runtime needs either an image or a rootfs (not both)",
+                              hint="runtime.image: postgres:15, or (podman) runtime.rootfs: /")
+        if rootfs and engine.name != "podman":
+            raise ConfigError(f"{engine.name} cannot run a rootfs (podman's --rootfs)", hint="set runtime.image")
+        if network not in NETWORKS:
+            raise ConfigError(f"unknown runtime network {network!r}", hint="one of " + ", ".join(NETWORKS))
+        self.cli = engine
+        self.engine = engine.name
+        self.image = image
+        self.rootfs = rootfs
+        self.bin_dir = bin_dir
+        self.extra_args = tuple(extra_args)
+        self.network = network
+        self.db_user = db_user
+        self._cleaned = False
+
+    # ---- argv builders (pure: no engine calls)
+
+    def program(self, name: str) -> str:
+        """A PostgreSQL program as the container sees it: bin_dir/name, or the bare name for an image."""
+        if os.sep in name:
+            return name
+        if self.rootfs:
+            return os.path.join(binaries.bindir(self.bin_dir), name)
+        return os.path.join(self.bin_dir, name) if self.bin_dir else name
+
+    def _payload(self, argv: Sequence[str]) -> list[str]:
+        """What follows the options: the image (or rootfs) and the program to run."""
+        prog = self.program(argv[0])
+        if self.rootfs:
+            rootfs = self.rootfs if ":" in self.rootfs else f"{self.rootfs}:O"
+            return ["--rootfs", rootfs, prog, *argv[1:]]
+        return ["--entrypoint", prog, str(self.image), *argv[1:]]
+
+    def _mounts(self, spec: InstanceSpec, run_dir: Path) -> list[str]:
+        out = ["-v", f"{Path(spec.data_dir).resolve()}:{DATA_PATH}", "-v", f"{run_dir.resolve()}:{RUN_PATH}"]
+        if spec.wal_dir is not None:
+            out += ["-v", f"{Path(spec.wal_dir).resolve()}:{WAL_PATH}:ro"]
+        return out
+
+    def inner_port(self, spec: InstanceSpec) -> int:
+        return spec.port if self.network == "host" else CONTAINER_PORT
+
+    def server_argv(self, spec: InstanceSpec, *, name: str, owner: Owner, run_dir: Path,
+                    settings: Mapping[str, str], labels: Mapping[str, str]) -> list[str]:
+        """``run -d ...`` for the server."""
+        net = ["--network", "host"] if self.network == "host" else ["-p", f"{LOOPBACK}:{spec.port}:{CONTAINER_PORT}"]
+        return ["run", "-d", "--name", name, *_label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
+                "--stop-signal", "SIGINT", *net, *self._mounts(spec, run_dir), *self.extra_args,
+                *self._payload(["postgres", "-D", DATA_PATH, *setting_args(settings)])]
+
+    def tool_argv(self, argv: Sequence[str], spec: InstanceSpec, *, name: str, owner: Owner, run_dir: Path,
+                  env_names: Sequence[str], labels: Mapping[str, str]) -> list[str]:
+        """``run --rm ...`` for a one-shot tool with the instance's mounts (the server is not running)."""
+        net = ["--network", "host"] if self.network == "host" else []
+        envs = [a for n in env_names for a in ("-e", n)]
+        return ["run", "--rm", "--name", name, *_label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
+                *net, *envs, *self._mounts(spec, run_dir), *self.extra_args, *self._payload(argv)]
+
+    def exec_argv(self, argv: Sequence[str], *, container: str, owner: Owner, env_names: Sequence[str]) -> list[str]:
+        """``exec ...`` for a tool inside the running server's container."""
+        envs = [a for n in env_names for a in ("-e", n)]
+        return ["exec", "--user", f"{owner.uid}:{owner.gid}", *envs, container, self.program(argv[0]), *argv[1:]]
+
+    def probe_argv(self) -> list[str]:
+        """``run --rm ... postgres --version``: can this engine start a throwaway container here?"""
+        labels = creator_labels(uuid.uuid4().hex[:12], "probe")
+        return ["run", "--rm", *_label_args(labels), "--network", "host", *self.extra_args,
+                *self._payload(["postgres", "--version"])]
+
+    # ---- lifecycle
+
+    def cleanup_stale(self) -> list[str]:
+        return cleanup_stale(self.cli)
+
+    def start(self, spec: InstanceSpec) -> "ContainerInstance":
+        if not self._cleaned:
+            self.cleanup_stale()
+            self._cleaned = True
+        owner = Owner.of(Path(spec.data_dir))
+        run_id = uuid.uuid4().hex[:12]
+        name = f"dbops-{_slug(spec.name)}-{run_id}"
+        labels = creator_labels(run_id, spec.name)
+        run_dir, created = prepare_run_dir(spec, owner)
+        publish = self.network == "publish"
+        try:
+            settings = server_settings(
+                spec, run_dir, wal_path=WAL_PATH if spec.wal_dir is not None else None, run_path=RUN_PATH,
+                owner=owner, listen="*" if publish else LOOPBACK, port=self.inner_port(spec),
+                extra_hba=("samenet",) if publish else (),
+            )
+            argv = self.server_argv(spec, name=name, owner=owner, run_dir=run_dir, settings=settings, labels=labels)
+            self.cli.run(argv, timeout=600)  # may pull the image
+        except BaseException:
+            # Interrupted or failed after the engine may have created it: it goes, by name.
+            try:
+                _force_remove(self.cli, name)
+            finally:
+                remove_run_dir(run_dir, created)
+            raise
+        log.event(_log, logging.INFO, "container started", engine=self.engine, container=name, port=spec.port)
+        return ContainerInstance(self, spec, name, owner, run_dir, created, labels)
+
+
+class ContainerInstance(InstanceBase):
+    def __init__(self, rt: ContainerRuntime, spec: InstanceSpec, name: str, owner: Owner,
+                 run_dir: Path, created: bool, labels: Mapping[str, str]) -> None:
+        self.spec = spec
+        self.name = name
+        self.host = LOOPBACK
+        self.port = spec.port
+        self.data_path = DATA_PATH
+        self.wal_path = WAL_PATH if spec.wal_dir is not None else None
+        self.db_user = rt.db_user
+        self.run_dir = run_dir
+        self._rt = rt
+        self._engine = rt.cli
+        self._owner = owner
+        self._created = created
+        self._labels = dict(labels)
+        self._removed = False
+        self._tools = itertools.count(1)
+
+    def is_running(self) -> bool:
+        res = self._engine.run(["inspect", "--format", "{{.State.Running}}", self.name], check=False, timeout=60)
+        return res.returncode == 0 and res.stdout.strip() == "true"
+
+    def logs(self, tail: int = 50) -> str:
+        res = self._engine.run(["logs", "--tail", str(tail), self.name], check=False, timeout=60)
+        return res.stdout + res.stderr if res.returncode == 0 else ""
+
+    def stop(self, mode: str = "fast", timeout: float = 600.0) -> None:
+        """Signal the server (smart: TERM, fast: INT, immediate: QUIT) and wait for it to exit.
+
+        Raises PostgresError when it does not exit in time, or exits non-zero from a smart/fast stop.
+        """
+        check_stop_mode(mode)
+        if not self.is_running():
+            return
+        self._engine.run(["kill", "--signal", STOP_SIGNALS[mode], self.name], check=False, timeout=60)
+        t0 = time.monotonic()
+        try:
+            res = self._engine.run(["wait", self.name], timeout=timeout)
+        except CommandError as e:
+            raise PostgresError(
+                f"PostgreSQL ({self.spec.name}) did not stop ({mode}) within {timeout:.0f} s",
+                detail=(e.detail or "") + "\n" + self.logs(20),
+                hint="it is still running; remove() kills it",
+            ) from None
+        status = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "?"
+        log.event(_log, logging.INFO, "container stopped", container=self.name, mode=mode, status=status,
+                  seconds=round(time.monotonic() - t0, 2))
+        if mode != "immediate" and status != "0":
+            raise PostgresError(f"PostgreSQL ({self.spec.name}) exited with status {status} while stopping ({mode})",
+                                detail=self.logs(20).strip() or None)
+
+    def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
+                 env: Mapping[str, str] | None = None) -> proc.Result:
+        """Run a PostgreSQL client or tool next to the server, as the data folder's owner.
+
+        While the server runs: ``exec`` into its container; otherwise a one-shot ``run --rm``
+        with the same mounts (pg_checksums needs the server stopped). Paths are the
+        container's: ``self.data_path`` (/data), ``self.wal_path`` (/wal). PGHOST, PGPORT,
+        PGUSER and PGDATA point at this instance; environment values travel as ``-e NAME``
+        (taken from the engine client's environment), never on a command line.
+        """
+        tool_env = {"PGHOST": LOOPBACK, "PGPORT": str(self._rt.inner_port(self.spec)), "PGUSER": self.db_user,
+                    "PGDATA": DATA_PATH, "LANG": "C", "LC_ALL": "C", **(env or {})}
+        if self.is_running():
+            args = self._rt.exec_argv(argv, container=self.name, owner=self._owner, env_names=list(tool_env))
+        else:
+            name = f"{self.name}-tool{next(self._tools)}"
+            args = self._rt.tool_argv(argv, self.spec, name=name, owner=self._owner, run_dir=self.run_dir,
+                                      env_names=list(tool_env), labels=self._labels)
+            try:
+                return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
+            except BaseException:
+                _force_remove(self._engine, name)  # --rm does not fire when the client is killed
+                raise
+        return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
+
+    def remove(self) -> None:
+        """Force-remove the container (killing the server if it runs) and the run folder. Idempotent."""
+        if self._removed:
+            return
+        _force_remove(self._engine, self.name)
+        remove_run_dir(self.run_dir, self._created)
+        self._removed = True
+        log.event(_log, logging.INFO, "container removed", container=self.name)
+
+
+def _slug(name: str) -> str:
+    s = "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in name.lower()).strip("-.")
+    return s[:40] or "instance"
