@@ -73,5 +73,9 @@ class Layout:
     def lock(self, name: str) -> str:
         return self.root + f"locks/{name}.lock"
 
+    def lock_takeover(self, name: str, generation: str) -> str:
+        """Claimed (if_absent) by the one process allowed to replace an expired lock generation."""
+        return self.root + f"locks/{name}.takeover/{generation}"
+
     def probe(self, token: str) -> str:
         return self.root + f"probe/{token}"

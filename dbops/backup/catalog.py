@@ -1,0 +1,198 @@
+"""The backup catalog: which backups exist, in time order, and what became of them.
+
+* A backup exists exactly when its manifest does; listing needs one LIST plus one HEAD
+  per backup (the manifest's object metadata carries its summary).
+* Order is by consistent time (then LSN), never by name.
+* Status records are append-only small JSON objects under ``Layout.status_prefix(id)``,
+  named ``<epoch ns, 20 digits>-<random>.json`` so key order is time order; the latest
+  one is the backup's current status. Nothing is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets as pysecrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from dbops.backup import manifest as mf
+from dbops.errors import ConflictError, NotFoundError, ValidationError
+from dbops.pg.lsn import parse_lsn
+from dbops.storage.base import ObjectStore
+from dbops.storage.layout import Layout
+
+STORED, VALIDATED, FAILED = "stored", "validated", "failed"
+STATES = (STORED, VALIDATED, FAILED)
+
+BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
+_MANIFEST_NAME = "manifest.json.zst"
+
+
+def new_backup_id(now: float | None = None) -> str:
+    """Time-based, sortable, unique: ``20261125T101530.123Z-1a2b3c`` (UTC, ms, 24 random bits)."""
+    t = time.time() if now is None else now
+    ms = int(t * 1000) % 1000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{ms:03d}Z-{pysecrets.token_hex(3)}"
+
+
+def is_backup_id(text: str) -> bool:
+    return bool(BACKUP_ID_RE.match(text))
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    backup_id: str
+    state: str  # stored | validated | failed
+    at: float  # epoch seconds
+    run_id: str  # the run that recorded it
+    phase: str | None = None  # the phase it concerns, e.g. "validate" (failed: where it failed)
+    timings: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None  # failed: why
+    detail: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backup_id": self.backup_id, "state": self.state, "at": self.at, "run_id": self.run_id,
+                "phase": self.phase, "timings": self.timings, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    backup_id: str
+    consistent_time: float
+    consistent_lsn: int
+    redo_lsn: int
+    timeline: int
+    parent_id: str | None
+    logical_size: int
+    stored_bytes: int
+    status: StatusRecord | None = None  # latest status record, if any
+
+    @property
+    def state(self) -> str:
+        """Latest recorded state; a backup with no record yet counts as stored."""
+        return self.status.state if self.status else STORED
+
+    @property
+    def usable(self) -> bool:
+        return self.state != FAILED
+
+
+# ---------------------------------------------------------------------- status records
+
+
+def record_status(
+    store: ObjectStore,
+    layout: Layout,
+    backup_id: str,
+    state: str,
+    *,
+    run_id: str,
+    phase: str | None = None,
+    timings: Mapping[str, float] | None = None,
+    reason: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    now: float | None = None,
+) -> StatusRecord:
+    """Append a status record to an existing backup."""
+    if state not in STATES:
+        raise ValueError(f"unknown backup state {state!r}")
+    if state == FAILED and not reason:
+        raise ValueError("a failed status needs a reason")
+    if store.head(layout.manifest(backup_id)) is None:
+        raise NotFoundError(f"backup {backup_id} does not exist", detail=f"no manifest at {layout.manifest(backup_id)}")
+    at = time.time() if now is None else now
+    seq = f"{int(at * 1e9):020d}-{pysecrets.token_hex(4)}"
+    key = layout.status(backup_id, seq)
+    rec = StatusRecord(backup_id, state, at, run_id, phase, dict(timings or {}), reason, dict(detail or {}), key)
+    if not store.put(key, json.dumps(rec.to_dict()).encode(), if_absent=True):
+        raise ConflictError(f"status record {key} already exists")
+    return rec
+
+
+def _read_status(store: ObjectStore, key: str) -> StatusRecord:
+    try:
+        d = json.loads(store.get(key))
+        return StatusRecord(d["backup_id"], d["state"], float(d["at"]), d.get("run_id", ""), d.get("phase"),
+                            dict(d.get("timings") or {}), d.get("reason"), dict(d.get("detail") or {}), key)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValidationError(f"status record {key} is unreadable: {e}") from None
+
+
+def statuses(store: ObjectStore, layout: Layout, backup_id: str) -> list[StatusRecord]:
+    """Every status record of a backup, oldest first."""
+    return [_read_status(store, o.key) for o in store.list(layout.status_prefix(backup_id)) if o.key.endswith(".json")]
+
+
+def latest_status(store: ObjectStore, layout: Layout, backup_id: str) -> StatusRecord | None:
+    keys = [o.key for o in store.list(layout.status_prefix(backup_id)) if o.key.endswith(".json")]
+    return _read_status(store, max(keys)) if keys else None
+
+
+# ---------------------------------------------------------------------- listing
+
+
+def _info_from_metadata(backup_id: str, meta: Mapping[str, str]) -> BackupInfo | None:
+    try:
+        return BackupInfo(
+            backup_id=backup_id,
+            consistent_time=float(meta["consistent-time"]),
+            consistent_lsn=parse_lsn(meta["consistent-lsn"]),
+            redo_lsn=parse_lsn(meta["redo-lsn"]),
+            timeline=int(meta["timeline"]),
+            parent_id=meta.get("parent-id") or None,
+            logical_size=int(meta.get("logical-size", 0)),
+            stored_bytes=int(meta.get("stored-bytes", 0)),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def info_of(m: mf.Manifest, status: StatusRecord | None = None) -> BackupInfo:
+    return BackupInfo(m.backup_id, m.pg.consistent_time, m.pg.consistent_lsn, m.pg.redo_lsn, m.pg.timeline,
+                      m.parent_id, m.logical_size, m.stored_bytes, status)
+
+
+def list_backups(store: ObjectStore, layout: Layout, *, with_status: bool = True) -> list[BackupInfo]:
+    """Every backup whose manifest exists, oldest first by consistent time (then LSN)."""
+    base = layout.backups_prefix()
+    ids: list[str] = []
+    status_keys: dict[str, str] = {}
+    for o in store.list(base):
+        rest = o.key[len(base):]
+        backup_id, _, name = rest.partition("/")
+        if name == _MANIFEST_NAME:
+            ids.append(backup_id)
+        elif o.key.startswith(layout.status_prefix(backup_id)) and o.key.endswith(".json"):
+            status_keys[backup_id] = max(status_keys.get(backup_id, ""), o.key)
+    out: list[BackupInfo] = []
+    for backup_id in ids:
+        head = store.head(layout.manifest(backup_id))
+        if head is None:  # deleted between LIST and HEAD
+            continue
+        info = _info_from_metadata(backup_id, head.metadata)
+        if info is None:
+            try:
+                info = info_of(mf.load(store, layout, backup_id))
+            except NotFoundError:
+                continue
+        if with_status and backup_id in status_keys:
+            info = _with_status(info, _read_status(store, status_keys[backup_id]))
+        out.append(info)
+    out.sort(key=lambda b: (b.consistent_time, b.consistent_lsn, b.backup_id))
+    return out
+
+
+def _with_status(info: BackupInfo, status: StatusRecord) -> BackupInfo:
+    return BackupInfo(info.backup_id, info.consistent_time, info.consistent_lsn, info.redo_lsn, info.timeline,
+                      info.parent_id, info.logical_size, info.stored_bytes, status)
+
+
+def newest_usable(store: ObjectStore, layout: Layout, *, require_validated: bool = False) -> BackupInfo | None:
+    """The newest backup not marked failed (with require_validated: the newest validated one)."""
+    for b in reversed(list_backups(store, layout)):
+        if b.state == VALIDATED or (b.usable and not require_validated):
+            return b
+    return None

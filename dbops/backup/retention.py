@@ -1,0 +1,208 @@
+"""Retention: which backups to keep, which packs and WAL that frees; then (separately) deleting.
+
+Policy (``RetentionSettings``), applied to usable (not failed) backups in consistent-time order:
+
+* ``keep_last N``: the N newest are kept;
+* ``keep_within S``: every backup newer than ``now - S`` is kept, and so is the newest one
+  older than that, so any point in the window stays restorable;
+* with both set, a backup either rule keeps is kept; with neither, everything is kept;
+* the newest usable backup is always kept;
+* failed backups are removed unless ``keep_failed``.
+
+A pack is removed only when no kept manifest references it. Packs no manifest references
+at all (left by an interrupted run) are removed once older than ``orphan_grace``, so a
+backup still uploading is never robbed. Plan and execute under the cluster lock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from dbops import log
+from dbops.backup import catalog
+from dbops.backup import manifest as mf
+from dbops.backup.catalog import BackupInfo
+from dbops.config import RetentionSettings
+from dbops.errors import ConflictError
+from dbops.pg.lsn import segment_of_lsn
+from dbops.storage.base import ObjectInfo, ObjectStore
+from dbops.storage.layout import Layout
+
+_log = log.get("backup.retention")
+
+ORPHAN_GRACE = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    keep: tuple[str, ...]  # backup ids, oldest first
+    remove: tuple[str, ...]  # backup ids, oldest first
+    reasons: dict[str, str]  # backup id -> why kept / removed
+    remove_packs: tuple[str, ...]  # pack ids
+    freed_bytes: int  # size of the packs to remove
+    oldest_wal: str | None  # oldest WAL segment any kept usable backup needs (None: no such backup)
+    oldest_wal_timeline: int | None = None
+    oldest_wal_lsn: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.remove and not self.remove_packs
+
+
+@dataclass
+class RetentionResult:
+    removed_backups: list[str] = field(default_factory=list)
+    removed_packs: list[str] = field(default_factory=list)
+    deleted_objects: int = 0
+
+
+def _pack_id(key: str, layout: Layout) -> str | None:
+    name = key[len(layout.packs_prefix()):].rpartition("/")[2]
+    for ext in (".pack", ".idx"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def plan(
+    backups: Sequence[BackupInfo],
+    packs_of: Callable[[str], set[str]],
+    pack_objects: Sequence[ObjectInfo],
+    layout: Layout,
+    policy: RetentionSettings,
+    *,
+    now: float,
+    keep_failed: bool = False,
+    wal_segment_size: Mapping[str, int] | None = None,
+    orphan_grace: float = ORPHAN_GRACE,
+) -> RetentionPlan:
+    """Pure planning. ``packs_of(id)``: pack ids a backup's manifest references;
+    ``pack_objects``: what is stored under the packs prefix (sizes and ages)."""
+    ordered = sorted(backups, key=lambda b: (b.consistent_time, b.consistent_lsn, b.backup_id))
+    usable = [b for b in ordered if b.usable]
+    reasons: dict[str, str] = {}
+    keep: set[str] = set()
+
+    def mark(b: BackupInfo, why: str) -> None:
+        if b.backup_id not in keep:
+            keep.add(b.backup_id)
+            reasons[b.backup_id] = why
+
+    if usable:
+        mark(usable[-1], "newest usable backup")
+    if policy.keep_last is None and policy.keep_within is None:
+        for b in usable:
+            mark(b, "no retention policy set")
+    if policy.keep_last is not None:
+        for b in usable[-policy.keep_last:]:
+            mark(b, f"among the {policy.keep_last} newest")
+    if policy.keep_within is not None:
+        cutoff = now - policy.keep_within
+        older = [b for b in usable if b.consistent_time < cutoff]
+        for b in usable:
+            if b.consistent_time >= cutoff:
+                mark(b, f"within the last {policy.keep_within} s")
+        if older:
+            mark(older[-1], "newest before the keep_within window (restores its start)")
+    for b in ordered:
+        if not b.usable:
+            if keep_failed:
+                mark(b, "failed, kept (keep_failed)")
+            else:
+                reasons[b.backup_id] = f"failed: {b.status.reason if b.status else ''}".rstrip(": ")
+        elif b.backup_id not in keep:
+            reasons[b.backup_id] = "outside the retention policy"
+    kept = [b for b in ordered if b.backup_id in keep]
+    removed = [b for b in ordered if b.backup_id not in keep]
+
+    referenced_by_kept: set[str] = set()
+    referenced: set[str] = set()
+    for b in ordered:
+        ps = packs_of(b.backup_id)
+        referenced |= ps
+        if b.backup_id in keep:
+            referenced_by_kept |= ps
+    sizes: dict[str, int] = {}
+    newest_obj: dict[str, float] = {}
+    for o in pack_objects:
+        pid = _pack_id(o.key, layout)
+        if pid:
+            sizes[pid] = sizes.get(pid, 0) + o.size
+            newest_obj[pid] = max(newest_obj.get(pid, 0.0), o.last_modified)
+    remove_packs = sorted(
+        pid for pid in sizes
+        if pid not in referenced_by_kept and (pid in referenced or now - newest_obj[pid] > orphan_grace)
+    )
+
+    oldest = min((b for b in kept if b.usable), key=lambda b: b.redo_lsn, default=None)
+    wal = None
+    if oldest is not None:
+        seg = (wal_segment_size or {}).get(oldest.backup_id, 16 * 1024 * 1024)
+        wal = segment_of_lsn(oldest.timeline, oldest.redo_lsn, seg)
+    return RetentionPlan(
+        keep=tuple(b.backup_id for b in kept),
+        remove=tuple(b.backup_id for b in removed),
+        reasons=reasons,
+        remove_packs=tuple(remove_packs),
+        freed_bytes=sum(sizes[p] for p in remove_packs),
+        oldest_wal=wal,
+        oldest_wal_timeline=oldest.timeline if oldest else None,
+        oldest_wal_lsn=oldest.redo_lsn if oldest else None,
+    )
+
+
+def build_plan(
+    store: ObjectStore,
+    layout: Layout,
+    policy: RetentionSettings,
+    *,
+    now: float | None = None,
+    keep_failed: bool = False,
+    orphan_grace: float = ORPHAN_GRACE,
+) -> RetentionPlan:
+    """Read the catalog, every manifest and the pack listing; then :func:`plan`."""
+    backups = catalog.list_backups(store, layout)
+    manifests = {b.backup_id: mf.load(store, layout, b.backup_id) for b in backups}
+    return plan(
+        backups,
+        lambda i: manifests[i].packs(),
+        list(store.list(layout.packs_prefix())),
+        layout,
+        policy,
+        now=time.time() if now is None else now,
+        keep_failed=keep_failed,
+        wal_segment_size={i: m.pg.wal_segment_size for i, m in manifests.items()},
+        orphan_grace=orphan_grace,
+    )
+
+
+def execute(store: ObjectStore, layout: Layout, p: RetentionPlan) -> RetentionResult:
+    """Delete what the plan removes: every manifest first (the backups cease to exist),
+    then the rest of those backups' objects, then the packs (data before index).
+
+    Refuses (ConflictError) when a backup appeared since the plan was made: its manifest
+    may reference packs the plan would delete."""
+    planned = set(p.keep) | set(p.remove)
+    new = [b.backup_id for b in catalog.list_backups(store, layout, with_status=False) if b.backup_id not in planned]
+    if new:
+        raise ConflictError(
+            f"backup {new[0]} appeared after the retention plan was made",
+            hint="plan again, under the cluster lock",
+        )
+    res = RetentionResult()
+    for backup_id in p.remove:
+        store.delete(layout.manifest(backup_id))
+        res.deleted_objects += 1
+        res.removed_backups.append(backup_id)
+        _log.info("removed backup %s (%s)", backup_id, p.reasons.get(backup_id, ""))
+    for backup_id in p.remove:
+        rest = [o.key for o in store.list(layout.backup_prefix(backup_id))]
+        store.delete_many(rest)
+        res.deleted_objects += len(rest)
+    for pack_id in p.remove_packs:
+        store.delete_many([layout.pack(pack_id), layout.pack_index(pack_id)])
+        res.deleted_objects += 2
+        res.removed_packs.append(pack_id)
+    return res

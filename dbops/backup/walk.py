@@ -1,0 +1,111 @@
+"""Walk a stopped PostgreSQL data folder: what to back up, as pg_basebackup would.
+
+Excluded like pg_basebackup does (src/backend/backup/basebackup.c):
+* contents of pg_wal, pg_replslot, pg_dynshmem, pg_notify, pg_serial, pg_snapshots,
+  pg_stat_tmp, pg_subtrans (the folders themselves are kept, empty);
+* postmaster.pid, postmaster.opts, recovery.signal, standby.signal, the temporary
+  postgresql.auto.conf.tmp and current_logfiles.tmp, backup_label.old, tablespace_map.old;
+* pgsql_tmp* files and folders and pg_internal.init* anywhere;
+* every fork but ``_init`` of unlogged relations (recovery rebuilds them from ``_init``);
+* plus caller-given glob patterns (matched against the relative path).
+
+Symlinks are recorded as links (pg_tblspc entries; their targets are not followed).
+A symlinked pg_wal becomes an ordinary empty folder: the restored copy must not
+point at another machine's WAL folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Iterable
+
+from dbops import log
+from dbops.backup.manifest import DIR, FILE, SYMLINK
+
+_log = log.get("backup.walk")
+
+EXCLUDE_DIR_CONTENTS = frozenset({
+    "pg_wal", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots", "pg_stat_tmp",
+    "pg_subtrans",
+})
+EXCLUDE_TOP_FILES = frozenset({
+    "postmaster.pid", "postmaster.opts", "recovery.signal", "standby.signal", "postgresql.auto.conf.tmp",
+    "current_logfiles.tmp", "backup_label.old", "tablespace_map.old", "recovery.done",
+})
+EXCLUDE_PREFIXES = ("pgsql_tmp", "pg_internal.init")
+
+_RELFILE_RE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
+_INIT_FORK_RE = re.compile(r"^(\d+)_init$")
+
+
+@dataclass(frozen=True)
+class WalkEntry:
+    path: str  # relative, "/"-separated; "." for the folder itself
+    type: str
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    target: str | None = None
+
+
+def walk(data_dir: str, exclude: Iterable[str] = ()) -> list[WalkEntry]:
+    """Every entry to back up, parents before children, sorted by path."""
+    patterns = tuple(exclude)
+    root = os.path.abspath(data_dir)
+    st = os.stat(root)
+    out = [WalkEntry(".", DIR, stat.S_IMODE(st.st_mode), st.st_mtime_ns)]
+    _walk_dir(root, "", patterns, out)
+    return out
+
+
+def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
+    if "/" not in rel and name in EXCLUDE_TOP_FILES:
+        return True
+    if name.startswith(EXCLUDE_PREFIXES):
+        return True
+    return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def _unlogged_forks(names: list[str]) -> set[str]:
+    """Files of unlogged relations (those with an _init fork) other than the _init fork itself."""
+    unlogged = {m.group(1) for n in names if (m := _INIT_FORK_RE.match(n))}
+    if not unlogged:
+        return set()
+    skip = set()
+    for n in names:
+        m = _RELFILE_RE.match(n)
+        if m and m.group(1) in unlogged and m.group(2) != "init":
+            skip.add(n)
+    return skip
+
+
+def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[WalkEntry]) -> None:
+    with os.scandir(abs_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    in_database_dir = rel_dir.startswith("base/") and rel_dir.count("/") == 2
+    skip = _unlogged_forks([e.name for e in entries]) if in_database_dir else set()
+    for e in entries:
+        rel = f"{rel_dir}{e.name}"
+        if e.name in skip or _excluded(rel, e.name, patterns):
+            continue
+        st = e.stat(follow_symlinks=False)
+        mode = stat.S_IMODE(st.st_mode)
+        if rel == "pg_wal" and stat.S_ISLNK(st.st_mode):
+            out.append(WalkEntry(rel, DIR, 0o700, st.st_mtime_ns))
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            out.append(WalkEntry(rel, SYMLINK, mode, st.st_mtime_ns, target=os.readlink(e.path)))
+            if rel_dir == "pg_tblspc/":
+                _log.warning("tablespace %s links outside the data folder; its contents are not backed up", rel)
+        elif stat.S_ISDIR(st.st_mode):
+            out.append(WalkEntry(rel, DIR, mode, st.st_mtime_ns))
+            if rel not in EXCLUDE_DIR_CONTENTS:
+                _walk_dir(e.path, rel + "/", patterns, out)
+        elif stat.S_ISREG(st.st_mode):
+            out.append(WalkEntry(rel, FILE, mode, st.st_mtime_ns, size=st.st_size))
+        else:
+            _log.warning("skipping %s: not a regular file, folder or symlink", rel)

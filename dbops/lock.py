@@ -1,0 +1,309 @@
+"""The cluster-wide lock (an object in S3) plus a host-local flock.
+
+Protocol, using only what every S3-compatible store offers (conditional create):
+
+* acquire: ``put(lock, owner, if_absent=True)``; success means we hold it.
+* held by someone else and fresh: ``LockedError`` naming the owner and since when.
+* expired (not renewed for ``ttl`` seconds, judged on the *server's* clock: the lock
+  object's Last-Modified against the server's Date): exactly one contender may replace
+  that generation, the one whose ``put(takeover marker for the old token, if_absent=True)``
+  succeeds. It re-reads the lock (still the expired generation?), overwrites it, waits
+  ``settle`` seconds, and re-reads to confirm it is the owner; anything else backs off.
+* heartbeat: a thread re-reads (still ours?) and rewrites the lock every ``ttl/3``; when
+  the lock was lost, :meth:`ClusterLock.check` raises.
+* release: delete, only if the lock still carries our token.
+
+A host-local ``flock`` is taken first, so two runs on one host never race at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import secrets as pysecrets
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dbops import log
+from dbops.errors import DbopsError, LockedError, NotFoundError
+from dbops.storage.base import ObjectInfo, ObjectStore
+from dbops.storage.layout import Layout
+
+_log = log.get("lock")
+
+DEFAULT_TTL = 120.0
+CLOCK_MARGIN = 1.0  # S3 timestamps have one-second resolution
+_ATTEMPTS = 5
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    host: str
+    pid: int
+    command: str
+    started: float
+    expires: float  # owner's clock; informational (staleness is judged on the server's clock)
+    ttl: float
+    token: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LockOwner | None:
+        try:
+            d = json.loads(data)
+            return cls(str(d["host"]), int(d["pid"]), str(d["command"]), float(d["started"]),
+                       float(d["expires"]), float(d["ttl"]), str(d["token"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        return f"{self.command!r} (pid {self.pid} on {self.host}) since {_iso(self.started)}"
+
+
+def read_owner(store: ObjectStore, layout: Layout, name: str) -> LockOwner | None:
+    """Who holds the lock now (None when free or unreadable)."""
+    try:
+        return LockOwner.from_bytes(store.get(layout.lock(name)))
+    except NotFoundError:
+        return None
+
+
+def _default_local_dir() -> str:
+    env = os.environ.get("DBOPS_LOCK_DIR")
+    if env:
+        return env
+    if os.path.isdir("/run/lock") and os.access("/run/lock", os.W_OK):
+        return "/run/lock"
+    return tempfile.gettempdir()
+
+
+def _store_identity(store: ObjectStore) -> str:
+    return f"{type(store).__name__}:{getattr(store, 'bucket', '') or getattr(store, 'root', '')}"
+
+
+class ClusterLock:
+    """``with ClusterLock(store, layout, "cluster", command="backup"):`` ... (re-entrant: no)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: Layout,
+        name: str = "cluster",
+        *,
+        command: str,
+        ttl: float = DEFAULT_TTL,
+        heartbeat: float | None = None,
+        settle: float = 2.0,
+        local_dir: str | None = None,
+        host: str | None = None,
+    ):
+        self.store, self.layout, self.name = store, layout, name
+        self.key = layout.lock(name)
+        self.command = command
+        self.ttl = ttl
+        self.heartbeat = heartbeat if heartbeat is not None else ttl / 3
+        self.settle = settle
+        self.host = host or socket.gethostname()
+        digest = hashlib.sha256(f"{_store_identity(store)}|{self.key}".encode()).hexdigest()[:16]
+        self.local_path = Path(local_dir or _default_local_dir()) / f"dbops-{name}-{digest}.lock"
+        self.owner: LockOwner | None = None
+        self._local_fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost: str | None = None
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> ClusterLock:
+        self.acquire()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"dbops-lock-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+            self._thread = None
+        self.release()
+
+    # ------------------------------------------------------------------ public
+
+    def acquire(self) -> LockOwner:
+        self._lock_local()
+        try:
+            return self._acquire_remote()
+        except BaseException:
+            self._unlock_local()
+            raise
+
+    def refresh(self) -> None:
+        """Renew our lock; LockedError when it is no longer ours."""
+        assert self.owner is not None, "refresh() before acquire()"
+        cur, _ = self._read()
+        if cur is None or cur.token != self.owner.token:
+            self._lost = f"now held by {cur.describe()}" if cur else "the lock object is gone"
+            raise self._lost_error()
+        renewed = dataclasses.replace(self.owner, expires=time.time() + self.ttl)
+        self.store.put(self.key, renewed.to_bytes())
+        self.owner = renewed
+
+    def check(self) -> None:
+        """Raise LockedError if the heartbeat found the lock lost (call between phases)."""
+        if self._lost:
+            raise self._lost_error()
+
+    def release(self) -> None:
+        try:
+            if self.owner is not None:
+                cur, _ = self._read()
+                if cur is not None and cur.token == self.owner.token:
+                    self.store.delete(self.key)
+        finally:
+            self.owner = None
+            self._unlock_local()
+
+    # ------------------------------------------------------------------ remote
+
+    def _new_owner(self) -> LockOwner:
+        now = time.time()
+        return LockOwner(self.host, os.getpid(), self.command, now, now + self.ttl, self.ttl,
+                         pysecrets.token_hex(16))
+
+    def _read(self) -> tuple[LockOwner | None, ObjectInfo | None]:
+        info = self.store.head(self.key)
+        if info is None:
+            return None, None
+        try:
+            data = self.store.get(self.key)
+        except NotFoundError:
+            return None, None
+        return LockOwner.from_bytes(data), info
+
+    def _stale(self, cur: LockOwner | None, info: ObjectInfo) -> bool:
+        now = self.store.server_time() or time.time()
+        ttl = cur.ttl if cur else self.ttl
+        return now > info.last_modified + ttl + CLOCK_MARGIN
+
+    def _confirm(self, me: LockOwner) -> bool:
+        cur, _ = self._read()
+        return cur is not None and cur.token == me.token
+
+    def _acquire_remote(self) -> LockOwner:
+        cur: LockOwner | None = None
+        for _ in range(_ATTEMPTS):
+            me = self._new_owner()
+            if self.store.put(self.key, me.to_bytes(), if_absent=True):
+                self.owner = me
+                _log.debug("acquired lock %s", self.key)
+                return me
+            cur, info = self._read()
+            if info is None:
+                continue  # released between our put and our read
+            if not self._stale(cur, info):
+                raise self._held_error(cur)
+            taken = self._take_over(cur, info)
+            if taken:
+                return taken
+            time.sleep(0.05 + pysecrets.randbelow(100) / 1000)
+        raise self._held_error(cur)
+
+    def _take_over(self, stale: LockOwner | None, info: ObjectInfo) -> LockOwner | None:
+        generation = stale.token if stale else hashlib.sha256(
+            f"{info.etag}|{info.last_modified}|{info.size}".encode()).hexdigest()[:32]
+        marker = self.layout.lock_takeover(self.name, generation)
+        me = self._new_owner()
+        if not self.store.put(marker, me.to_bytes(), if_absent=True):
+            return None  # another process is taking this generation over
+        try:
+            cur, info2 = self._read()
+            if info2 is None:
+                return None  # released meanwhile: the caller retries a plain acquire
+            if (cur.token if cur else None) != (stale.token if stale else None):
+                return None  # replaced since we looked
+            _log.warning("taking over expired lock %s%s", self.key, f" from {stale.describe()}" if stale else "")
+            self.store.put(self.key, me.to_bytes())
+            time.sleep(self.settle)
+            if not self._confirm(me):
+                return None
+            self.owner = me
+            return me
+        finally:
+            self.store.delete(marker)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def _beat(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.heartbeat):
+            try:
+                self.refresh()
+                last_ok = time.monotonic()
+            except LockedError:
+                _log.error("lost lock %s: %s", self.key, self._lost)
+                return
+            except DbopsError as e:
+                _log.warning("could not renew lock %s: %s", self.key, e.message)
+                if time.monotonic() - last_ok > self.ttl:
+                    self._lost = f"not renewed for {self.ttl:.0f} s ({e.message})"
+                    return
+
+    # ------------------------------------------------------------------ local flock
+
+    def _lock_local(self) -> None:
+        self.local_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.local_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = LockOwner.from_bytes(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise LockedError(
+                f"lock {self.name} is held on this host by "
+                + (holder.describe() if holder else "another dbops run"),
+                detail=f"local lock file {self.local_path}",
+                hint="wait for that run to finish",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, self._new_owner().to_bytes(), 0)
+        self._local_fd = fd
+
+    def _unlock_local(self) -> None:
+        if self._local_fd is not None:
+            os.ftruncate(self._local_fd, 0)
+            os.close(self._local_fd)  # closing releases the flock; the file stays (unlinking would race)
+            self._local_fd = None
+
+    # ------------------------------------------------------------------ errors
+
+    def _held_error(self, cur: LockOwner | None) -> LockedError:
+        if cur is None:
+            return LockedError(f"lock {self.name} is held (owner unreadable)", detail=f"object {self.key}",
+                               hint="it is taken over automatically once it expires")
+        return LockedError(
+            f"lock {self.name} is held by {cur.describe()}",
+            detail=f"object {self.key}; expires {_iso(cur.expires)} unless its owner renews it",
+            hint="wait for that run to finish; if its owner died, the lock is taken over once it expires",
+        )
+
+    def _lost_error(self) -> LockedError:
+        return LockedError(f"lock {self.name} was lost: {self._lost}",
+                           hint="another run took it over after it expired; stop and check what it did")

@@ -1,0 +1,319 @@
+"""Chunk store round trips on LocalStore: content, modes, empty folders, symlinks, zero pages,
+exclusions, dedupe across snapshots, and damage detected and named."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from dbops.backup import manifest as mf
+from dbops.backup.manifest import PgState
+from dbops.backup.restore import restore_snapshot, verify_backup
+from dbops.backup.store import store_snapshot
+from dbops.config import CompressionSettings
+from dbops.errors import ExitCode, NotFoundError, PreconditionError, ValidationError
+from dbops.storage.layout import Layout
+from dbops.storage.local import LocalStore
+
+CS = 8192 * 2  # small chunks keep test data small
+PG = PgState("15", "7312345678901234567", 1, 0x3000028, 0x3000100, 1_700_000_000.0)
+
+
+class CountingStore(LocalStore):
+    """LocalStore that counts requests (a real store; only observed)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.puts: list[str] = []
+        self.ranges: list[tuple[str, int, int]] = []
+
+    def put(self, key, data, **kw):
+        self.puts.append(key)
+        return super().put(key, data, **kw)
+
+    def get_range(self, key, start, length):
+        self.ranges.append((key, start, length))
+        return super().get_range(key, start, length)
+
+
+def pages(seed: int, n: int) -> bytes:
+    """n distinct, compressible 8 KiB pages."""
+    return b"".join((f"page {seed}:{i} ".encode() * 1000)[:8192] for i in range(n))
+
+
+def make_datadir(root: Path) -> Path:
+    d = root / "data"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o700)
+    (d / "PG_VERSION").write_text("15\n")
+    for sub in ("base/1", "base/5", "global", "pg_wal/archive_status", "pg_notify", "pg_replslot/slot1",
+                "pg_stat_tmp", "pg_tblspc", "pg_logical/snapshots", "base/5/pgsql_tmp"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    # A relation: 3 chunks, the middle one all zeros, and a short tail.
+    (d / "base/5/16384").write_bytes(pages(1, 2) + bytes(CS) + pages(2, 3))
+    (d / "base/5/16384_fsm").write_bytes(pages(3, 1))
+    (d / "base/1/1259").write_bytes(pages(4, 4))
+    (d / "base/5/empty").write_bytes(b"")
+    # An unlogged relation: only its _init fork is kept.
+    (d / "base/5/20000").write_bytes(pages(5, 2))
+    (d / "base/5/20000_fsm").write_bytes(pages(6, 1))
+    (d / "base/5/20000_init").write_bytes(pages(7, 1))
+    (d / "base/5/pgsql_tmp/pgsql_tmp123.0").write_bytes(b"temp")
+    (d / "base/5/pg_internal.init").write_bytes(b"cache")
+    (d / "global/pg_control").write_bytes(b"\x01" * 8192)
+    (d / "postgresql.conf").write_text("shared_buffers = 128MB\n")
+    os.chmod(d / "postgresql.conf", 0o640)
+    (d / "postmaster.pid").write_text("1234\n")
+    (d / "standby.signal").write_text("")
+    (d / "pg_wal/000000010000000000000001").write_bytes(pages(8, 2))
+    (d / "pg_wal/archive_status/000000010000000000000001.ready").write_text("")
+    (d / "pg_replslot/slot1/state").write_bytes(b"slot")
+    os.symlink("/mnt/tablespace/ts1", d / "pg_tblspc/16400")
+    os.utime(d / "base/1/1259", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    return d
+
+
+def snapshot(store, layout, data_dir, backup_id, parents=(), **kw):
+    kw.setdefault("compression", CompressionSettings("zstd", 3))
+    return store_snapshot(store, layout, str(data_dir), backup_id=backup_id, parent_manifests=parents,
+                          chunk_size=CS, pack_size=kw.pop("pack_size", 1 << 20), parallel=kw.pop("parallel", 3),
+                          meta={"run": "test"}, pg=PG, **kw)
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), p.read_bytes())
+    return out
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = CountingStore(tmp_path / "store")
+    return store, Layout("clusters/main"), make_datadir(tmp_path)
+
+
+def test_round_trip_restores_content_modes_dirs_links_and_zero_pages(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1")
+    target = tmp_path / "restored"
+    stats = restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(target), parallel=3)
+
+    got, want = tree(target), tree(d)
+    excluded = {"postmaster.pid", "standby.signal", "pg_wal/000000010000000000000001",
+                "pg_wal/archive_status/000000010000000000000001.ready", "pg_replslot/slot1",
+                "pg_replslot/slot1/state", "base/5/pgsql_tmp", "base/5/pgsql_tmp/pgsql_tmp123.0",
+                "base/5/pg_internal.init", "base/5/20000", "base/5/20000_fsm"}
+    want = {k: v for k, v in want.items() if k not in excluded}
+    want["pg_wal/archive_status"] = ("dir", 0o700)  # pg_wal's contents are not kept; this is recreated
+    assert got == want
+    assert got["pg_tblspc/16400"] == ("link", "/mnt/tablespace/ts1")
+    assert got["pg_replslot"][0] == "dir" and got["base/5/20000_init"][0] == "file"
+    assert got["base/5/empty"] == ("file", 0o644, b"")
+    assert got["postgresql.conf"][1] == 0o640
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert (target / "base/1/1259").stat().st_mtime_ns == 1_600_000_000_123_456_789
+
+    f = next(x for x in m.files if x.path == "base/5/16384")
+    assert [c.is_zero for c in f.chunks] == [False, True, False, False]
+    assert f.chunks[-1].raw == 8192  # short tail chunk
+    assert m.counts["zero_chunks"] == 1
+    # The zero chunk is a hole, never fetched: the file is sparse where it was zero.
+    assert os.stat(target / "base/5/16384").st_blocks * 512 < os.stat(target / "base/5/16384").st_size
+    assert stats.logical_bytes == m.logical_size == sum(x.size for x in m.files if x.type == "file")
+    assert m.pg == PG and m.meta == {"run": "test"} and m.parent_id is None
+
+
+def test_manifest_is_written_last_and_packs_are_few(env):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1", pack_size=1 << 20)
+    assert store.puts[-1] == layout.manifest("b1")
+    packs = [k for k in store.puts if k.endswith(".pack")]
+    assert len(packs) <= 3  # one per open pack at most: parallel=3, everything fits
+    assert all(store.head(layout.pack_index(k.rsplit("/", 1)[1][:-5])) for k in packs)
+    assert m.stored_bytes == sum(store.head(k).size for k in packs)
+    assert m.stored_bytes < m.logical_size / 3  # compressed
+    # Round trip of the manifest itself.
+    assert mf.Manifest.from_bytes(m.to_bytes()).to_dict() == m.to_dict()
+
+
+def test_small_pack_size_splits_into_several_packs(env, tmp_path):
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(os.urandom(CS * 40))  # incompressible: stored raw
+    m = snapshot(store, layout, d, "b1", pack_size=CS * 8, parallel=2)
+    packs = {c.pack for f in m.files for c in f.chunks if c.pack}
+    assert len(packs) >= 5
+    big = next(f for f in m.files if f.path == "base/5/big")
+    assert all(c.length == c.raw for c in big.chunks)  # raw when compression does not help
+    restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=4)
+    assert (tmp_path / "r/base/5/big").read_bytes() == (d / "base/5/big").read_bytes()
+
+
+def test_restore_coalesces_adjacent_chunks_into_one_request_per_pack(env, tmp_path):
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(9, 200))
+    m = snapshot(store, layout, d, "b1", parallel=1)  # one open pack: everything adjacent
+    store.ranges.clear()
+    stats = restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    assert stats.requests == len(store.ranges) == len(m.packs()) == 1
+    assert stats.chunks == m.counts["new_chunks"]
+
+
+def test_compression_none_round_trips(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1", compression=CompressionSettings("none", 3))
+    assert all(c.length == c.raw for f in m.files for c in f.chunks if c.pack)
+    restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    assert (tmp_path / "r/base/1/1259").read_bytes() == (d / "base/1/1259").read_bytes()
+
+
+def test_second_snapshot_stores_only_changed_chunks(env, tmp_path):
+    store, layout, d = env
+    m1 = snapshot(store, layout, d, "b1")
+    # Change one page in place and append one new page; everything else stays.
+    rel = d / "base/1/1259"
+    data = bytearray(rel.read_bytes())
+    data[8192 * 2 + 100:8192 * 2 + 110] = b"X" * 10
+    rel.write_bytes(bytes(data) + pages(10, 1))
+    n_before = len(store.puts)
+    m2 = snapshot(store, layout, d, "b2", parents=[m1])
+    new_packs = [k for k in store.puts[n_before:] if k.endswith(".pack")]
+    assert m2.counts["new_chunks"] == 2  # the changed chunk and the new tail chunk
+    assert len(new_packs) == 1
+    assert m2.stored_bytes == store.head(new_packs[0]).size < 10_000
+    assert m2.parent_id == "b1"
+    unchanged = next(f for f in m2.files if f.path == "base/5/16384")
+    assert unchanged.chunks == next(f for f in m1.files if f.path == "base/5/16384").chunks
+    # Each backup restores on its own.
+    restore_snapshot(store, layout, m2, str(tmp_path / "r2"), parallel=2)
+    restore_snapshot(store, layout, m1, str(tmp_path / "r1"), parallel=2)
+    assert (tmp_path / "r2/base/1/1259").read_bytes() == rel.read_bytes()
+    assert (tmp_path / "r1/base/1/1259").read_bytes() == pages(4, 4)
+
+
+def test_identical_content_within_one_snapshot_is_stored_once(env):
+    store, layout, d = env
+    (d / "base/5/copy1").write_bytes(pages(11, 6))
+    (d / "base/5/copy2").write_bytes(pages(11, 6))
+    m = snapshot(store, layout, d, "b1")
+    c1 = next(f for f in m.files if f.path == "base/5/copy1").chunks
+    c2 = next(f for f in m.files if f.path == "base/5/copy2").chunks
+    assert c1 == c2
+
+
+def _first_pack_key(layout, m, path):
+    f = next(x for x in m.files if x.path == path)
+    c = next(c for c in f.chunks if c.pack)
+    return layout.pack(c.pack), c
+
+
+def test_corrupt_pack_byte_is_detected_and_named(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1", parallel=1)
+    key, c = _first_pack_key(layout, m, "base/1/1259")
+    p = store._p(key)
+    raw = bytearray(p.read_bytes())
+    raw[c.offset + c.length // 2] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+    with pytest.raises(ValidationError) as ei:
+        restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    e = ei.value
+    assert e.exit_code == ExitCode.VALIDATION
+    text = e.render()
+    assert "b1" in text and key in text
+    assert "base/1/1259" in text or any(
+        f.path in text for f in m.files if any(x.pack == c.pack and x.offset == c.offset for x in f.chunks))
+
+    report = verify_backup(store, layout, m, parallel=2)
+    assert not report.ok
+    assert [p.key for p in report.problems] == [key]
+    assert "base/1/1259" in report.problems[0].files
+
+
+def test_verify_reports_every_bad_object(env, tmp_path):
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(os.urandom(CS * 12))
+    m = snapshot(store, layout, d, "b1", pack_size=CS * 4, parallel=1)
+    keys = sorted({layout.pack(p) for p in m.packs()})
+    assert len(keys) >= 3
+    ok = verify_backup(store, layout, m, parallel=2)
+    assert ok.ok and ok.chunks == m.counts["new_chunks"] and ok.objects == len(keys)
+
+    store.delete(keys[0])  # missing
+    p = store._p(keys[1])
+    p.write_bytes(p.read_bytes()[:-10])  # truncated
+    report = verify_backup(store, layout, m, parallel=2)
+    assert sorted(p.key for p in report.problems) == keys[:2]
+    reasons = {p.key: p.reason for p in report.problems}
+    assert reasons[keys[0]] == "object is missing"
+    assert "too short" in reasons[keys[1]] or "sha256" in reasons[keys[1]]
+
+
+def test_missing_pack_fails_restore_with_validation_error(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1")
+    key, _ = _first_pack_key(layout, m, "base/1/1259")
+    store.delete(key)
+    with pytest.raises(ValidationError) as ei:
+        restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    assert key in ei.value.message and "b1" in ei.value.message
+    assert ei.value.detail and "needed for" in ei.value.detail
+
+
+def test_missing_manifest_means_no_backup(env):
+    store, layout, d = env
+    snapshot(store, layout, d, "b1")
+    store.delete(layout.manifest("b1"))
+    with pytest.raises(NotFoundError) as ei:
+        mf.load(store, layout, "b1")
+    assert "b1 does not exist" in ei.value.message
+
+
+def test_restore_refuses_a_non_empty_target(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/x").write_text("x")
+    with pytest.raises(PreconditionError):
+        restore_snapshot(store, layout, m, str(tmp_path / "busy"), parallel=1)
+
+
+def test_backup_id_is_never_overwritten(env):
+    from dbops.errors import ConflictError
+
+    store, layout, d = env
+    snapshot(store, layout, d, "b1")
+    with pytest.raises(ConflictError):
+        snapshot(store, layout, d, "b1")
+
+
+def test_progress_reaches_total(env):
+    store, layout, d = env
+    seen = []
+    m = snapshot(store, layout, d, "b1", progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (m.logical_size, m.logical_size)
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+
+
+def test_timings_and_counts_are_recorded(env):
+    store, layout, d = env
+    t = time.monotonic()
+    m = snapshot(store, layout, d, "b1", timings={"restore_previous": 1.5})
+    loaded = mf.load(store, layout, "b1")
+    assert loaded.timings["restore_previous"] == 1.5
+    assert 0 <= loaded.timings["store"] <= time.monotonic() - t + 0.01
+    assert loaded.counts == m.counts and loaded.counts["files"] > 5
