@@ -26,15 +26,15 @@ from dbops.storage.layout import Layout
 STORED, VALIDATED, FAILED = "stored", "validated", "failed"
 STATES = (STORED, VALIDATED, FAILED)
 
-BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
+BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}$")
 _MANIFEST_NAME = "manifest.json.zst"
 
 
 def new_backup_id(now: float | None = None) -> str:
-    """Time-based, sortable, unique: ``20261125T101530.123Z-1a2b3c`` (UTC, ms, 24 random bits)."""
+    """Time-based, sortable, unique: ``20261125T101530.123Z-1a2b3c4d`` (UTC, ms, 32 random bits)."""
     t = time.time() if now is None else now
     ms = int(t * 1000) % 1000
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{ms:03d}Z-{pysecrets.token_hex(3)}"
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{ms:03d}Z-{pysecrets.token_hex(4)}"
 
 
 def is_backup_id(text: str) -> bool:
