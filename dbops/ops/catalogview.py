@@ -1,0 +1,212 @@
+"""Inspection and upkeep of the backup catalog: list, show, prune, verify."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dbops import log
+from dbops.backup import catalog, retention
+from dbops.backup import manifest as mf
+from dbops.backup.restore import restore_snapshot, verify_backup
+from dbops.config import Config
+from dbops.errors import NotFoundError, UsageError, ValidationError
+from dbops.lock import ClusterLock
+from dbops.pg.lsn import format_lsn, parse_segment_name, segment_of_lsn
+from dbops.storage import ObjectStore, open_store
+from dbops.storage.layout import Layout
+
+_log = log.get("catalog")
+
+
+def _open(cfg: Config, store: ObjectStore | None = None) -> tuple[ObjectStore, Layout]:
+    return store or open_store(cfg.storage), Layout(cfg.storage.prefix)
+
+
+def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.StatusRecord] | None = None) -> float | None:
+    from dbops.ops.backup import restore_seconds
+
+    for rec in reversed(history or ([status] if status else [])):
+        if rec and rec.state == catalog.VALIDATED and rec.timings:
+            return restore_seconds(rec.timings)
+    return None
+
+
+def _stored_size(m: mf.Manifest) -> int:
+    seen: dict[str, int] = {}
+    for f in m.files:
+        for c in f.chunks:
+            if c.pack is not None:
+                seen[c.hash] = c.length
+    return sum(seen.values())
+
+
+def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, Any]]:
+    store, layout = _open(cfg, store)
+    rows = []
+    for b in catalog.list_backups(store, layout):
+        m = mf.load(store, layout, b.backup_id)
+        history = catalog.statuses(store, layout, b.backup_id)
+        rows.append({
+            "backup_id": b.backup_id,
+            "kind": m.meta.get("kind"),
+            "parent_id": b.parent_id,
+            "created": m.created,
+            "consistent_time": b.consistent_time,
+            "consistent_lsn": format_lsn(b.consistent_lsn),
+            "timeline": b.timeline,
+            "logical_size": b.logical_size,
+            "stored_size": _stored_size(m),
+            "new_bytes": b.stored_bytes,
+            "status": b.state,
+            "status_reason": b.status.reason if b.status else None,
+            "restore_seconds": _restore_seconds(b.status, history),
+        })
+    return rows
+
+
+def resolve_id(store: ObjectStore, layout: Layout, backup_id: str | None) -> str:
+    backups = catalog.list_backups(store, layout, with_status=False)
+    if not backups:
+        raise NotFoundError("there are no backups yet", hint="run `dbops backup`")
+    if backup_id in (None, "latest"):
+        return backups[-1].backup_id
+    if backup_id not in {b.backup_id for b in backups}:
+        raise NotFoundError(f"no backup {backup_id}", hint="`dbops backup list` shows the backups")
+    return backup_id
+
+
+def show(cfg: Config, backup_id: str, store: ObjectStore | None = None) -> dict[str, Any]:
+    store, layout = _open(cfg, store)
+    bid = resolve_id(store, layout, backup_id)
+    m = mf.load(store, layout, bid)
+    history = catalog.statuses(store, layout, bid)
+    latest = history[-1] if history else None
+    return {
+        "backup_id": bid,
+        "kind": m.meta.get("kind"),
+        "parent_id": m.parent_id,
+        "status": latest.state if latest else catalog.STORED,
+        "created": m.created,
+        "consistent_time": m.pg.consistent_time,
+        "consistent_lsn": format_lsn(m.pg.consistent_lsn),
+        "redo_lsn": format_lsn(m.pg.redo_lsn),
+        "timeline": m.pg.timeline,
+        "pg_version": m.pg.pg_version,
+        "system_identifier": m.pg.system_identifier,
+        "data_checksums": m.pg.data_checksums,
+        "dbops_version": m.dbops_version,
+        "files": len(m.files),
+        "logical_size": m.logical_size,
+        "stored_size": _stored_size(m),
+        "new_bytes": m.stored_bytes,
+        "counts": m.counts,
+        "timings": m.timings,
+        "meta": m.meta,
+        "restore_seconds": _restore_seconds(latest, history),
+        "history": [h.to_dict() for h in history],
+    }
+
+
+def _wal_to_remove(store: ObjectStore, layout: Layout, oldest: str | None, seg_size: int) -> list[str]:
+    """WAL segment objects (any timeline) wholly before the oldest kept backup's redo segment.
+    History files are always kept: they are tiny and replay needs them to follow timelines."""
+    if not oldest:
+        return []
+    _, oldest_no = parse_segment_name(oldest[:24], seg_size)
+    out = []
+    for o in store.list(layout.wal_prefix()):
+        name = o.key.rsplit("/", 1)[1]
+        if name.endswith(".history") or len(name) < 24:
+            continue
+        try:
+            _, segno = parse_segment_name(name[:24], seg_size)
+        except ValueError:
+            continue
+        if segno < oldest_no:
+            out.append(o.key)
+    return out
+
+
+def prune(cfg: Config, *, confirm: bool, store: ObjectStore | None = None, now: float | None = None) -> dict[str, Any]:
+    store, layout = _open(cfg, store)
+    policy = cfg.backup.retention
+    if policy.keep_last is None and policy.keep_within is None:
+        raise UsageError("no retention policy configured",
+                         hint="set backup.retention.keep_last and/or keep_within in the configuration")
+
+    def make_plan():
+        p = retention.build_plan(store, layout, policy, now=now)
+        seg_size = 16 * 1024 * 1024
+        if p.keep:
+            seg_size = mf.load(store, layout, p.keep[0]).pg.wal_segment_size
+        return p, _wal_to_remove(store, layout, p.oldest_wal, seg_size)
+
+    if not confirm:
+        p, wal = make_plan()
+    else:
+        with ClusterLock(store, layout, "backup", command="backup prune"):
+            p, wal = make_plan()
+            retention.execute(store, layout, p)
+            store.delete_many(wal)
+            log.event(_log, logging.INFO, "pruned", backups=len(p.remove), packs=len(p.remove_packs), wal=len(wal))
+    return {"confirmed": confirm, "keep": list(p.keep), "remove": list(p.remove), "reasons": p.reasons,
+            "packs": len(p.remove_packs), "freed_bytes": p.freed_bytes, "oldest_wal": p.oldest_wal,
+            "wal_segments": len(wal)}
+
+
+def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
+           store: ObjectStore | None = None) -> list[dict[str, Any]]:
+    store, layout = _open(cfg, store)
+    if all_:
+        ids = [b.backup_id for b in catalog.list_backups(store, layout, with_status=False)]
+        if not ids:
+            raise NotFoundError("there are no backups yet", hint="run `dbops backup`")
+    else:
+        ids = [resolve_id(store, layout, backup_id)]
+    out = []
+    for bid in ids:
+        m = mf.load(store, layout, bid)
+        rep = verify_backup(store, layout, m, cfg.backup.parallel)
+        d = {"backup_id": bid, "ok": rep.ok, "objects": rep.objects, "chunks": rep.chunks,
+             "fetched_bytes": rep.fetched_bytes, "seconds": round(rep.seconds, 3),
+             "problems": [{"key": p.key, "reason": p.reason, "files": list(p.files)} for p in rep.problems]}
+        if rep.ok and restore:
+            try:
+                d["restore_seconds"], d["checks"] = restore_and_start(cfg, store, layout, m)
+            except ValidationError as e:
+                d["ok"] = False
+                d["problems"].append({"key": bid, "reason": e.message, "files": []})
+        out.append(d)
+    return out
+
+
+def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest) -> tuple[float, list]:
+    """Restore a backup into scratch, start it, replay to its own consistent point, check, stop."""
+    from dbops.ops import backup as bk
+
+    phases = bk.Phases()
+    run_id = catalog.new_backup_id().split("-", 1)[1]
+    with bk.scratch_folder(Path(cfg.backup.scratch_dir), run_id) as scratch:
+        data, wal = scratch / "data", scratch / "wal"
+        wal.mkdir()
+        bk._chown_pg(wal)
+        with phases("download"):
+            restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=bk.PG_OS_USER)
+        seg_size = m.pg.wal_segment_size
+        target = bk.Target(lsn=m.pg.consistent_lsn, time=m.pg.consistent_time, timeline=m.pg.timeline,
+                           segment=segment_of_lsn(m.pg.timeline, m.pg.consistent_lsn, seg_size))
+        with phases("wal_fetch"):
+            from dbops.ops import archive as arch
+
+            arch.fetch_range(store, layout, segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, seg_size), target.segment,
+                             wal, parallel=max(2, cfg.archive.parallel))
+            for f in wal.iterdir():
+                bk._chown_pg(f)
+        val = bk.recover_to_target(cfg, data, wal, target, phases, name=f"verify-{run_id}")
+    catalog.record_status(store, layout, m.backup_id, catalog.VALIDATED, run_id=run_id, phase="verify",
+                          timings=dict(phases.t), detail={"checks": val.checks, "by": "dbops verify --restore"},
+                          now=time.time())
+    return bk.restore_seconds(phases.t), val.checks
