@@ -39,15 +39,16 @@ class LocalStore:
             os.fsync(f.fileno())
         m = self._meta(key)
         m.parent.mkdir(parents=True, exist_ok=True)
-        m.write_text(json.dumps(metadata or {}))
         if if_absent:
             try:
                 os.link(tmp, p)
-            except FileExistsError:
+            except FileExistsError:  # refused: the existing object and its metadata stay as they are
                 os.unlink(tmp)
                 return False
             os.unlink(tmp)
+            m.write_text(json.dumps(metadata or {}))
             return True
+        m.write_text(json.dumps(metadata or {}))
         os.replace(tmp, p)
         return True
 

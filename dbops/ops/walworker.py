@@ -1,0 +1,259 @@
+"""The background workers behind `wal-push` and `wal-fetch` (one of each per data folder).
+
+* :class:`Pusher` uploads every segment PostgreSQL has marked ready (and any a waiting
+  `wal-push` asks for), several at a time, and records each verified completion in the
+  spool. It exits when idle, when the data folder is gone, or (watchdog) when an upload
+  hangs past every timeout, so the next `wal-push` starts a fresh one.
+* :class:`Prefetcher` keeps the next few segments after the one `wal-fetch` last asked
+  for downloaded, verified and decompressed in the spool.
+
+Run as ``python -m dbops.ops.walworker {pusher|prefetch} --config CFG --data-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from dbops import log
+from dbops.errors import DbopsError, NotFoundError
+from dbops.ops.archive import WalArchive
+from dbops.ops.walfile import ClusterIdentity
+from dbops.ops.walspool import PREFETCHER, PUSHER, Spool, push_order
+from dbops.pg.lsn import DEFAULT_SEGMENT_SIZE, SEGMENT_RE, next_segment
+
+_log = log.get("walworker")
+
+
+class Pusher:
+    def __init__(self, archive: WalArchive, spool: Spool, ident: ClusterIdentity, *, parallel: int = 4,
+                 idle_exit: float = 30.0, stall_after: float = 600.0):
+        self.archive = archive
+        self.spool = spool
+        self.ident = ident
+        self.parallel = max(1, parallel)
+        self.idle_exit = idle_exit
+        self.stall_after = stall_after
+        self.pg_wal = spool.data_dir / "pg_wal"
+        self.status_dir = self.pg_wal / "archive_status"
+        self.pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="push")
+        self.inflight: dict[str, tuple[Future, float]] = {}
+        self.stored: set[str] = set()
+        self.retry_at: dict[str, tuple[int, float, float]] = {}  # name -> (failures, next try, last failure)
+        self.pushed = 0
+
+    # -- one pass
+    def ready(self) -> list[str]:
+        try:
+            return [n[:-6] for n in os.listdir(self.status_dir) if n.endswith(".ready")]
+        except FileNotFoundError:
+            return []
+
+    def pending(self, ready: list[str], wanted: dict[str, tuple[str, float]]) -> list[tuple[str, str]]:
+        now = time.time()
+        work = {n: str(self.pg_wal / n) for n in ready}
+        work.update({n: p for n, (p, _) in wanted.items()})
+        out = []
+        for name in sorted(work, key=push_order):
+            if name in self.inflight or name in self.stored:
+                continue
+            if self.spool.is_stored(name, work[name]):
+                self.stored.add(name)
+                continue
+            failures, next_try, last_fail = self.retry_at.get(name, (0, 0.0, 0.0))
+            asked = wanted.get(name, ("", 0.0))[1]
+            if failures and now < next_try and asked <= last_fail:
+                continue
+            out.append((name, work[name]))
+        return out
+
+    def _one(self, name: str, path: str) -> None:
+        st = os.stat(path)
+        res = self.archive.push(path, self.ident)
+        self.spool.record_stored(name, st, res.sha256, res.key)
+        verb = "already archived" if res.already_archived else "archived"
+        log.event(_log, logging.INFO, f"{verb} {name}", bytes=res.size, stored=res.stored_bytes,
+                  seconds=round(res.seconds, 3))
+
+    def harvest(self) -> None:
+        for name, (fut, _started) in list(self.inflight.items()):
+            if not fut.done():
+                continue
+            del self.inflight[name]
+            exc = fut.exception()
+            if exc is None:
+                self.stored.add(name)
+                self.retry_at.pop(name, None)
+                self.pushed += 1
+                continue
+            err = exc if isinstance(exc, DbopsError) else DbopsError(
+                f"pushing {name} failed: {type(exc).__name__}: {exc}")
+            if isinstance(exc, FileNotFoundError):
+                err = NotFoundError(f"WAL file {name} disappeared before it was archived")
+            self.spool.record_failure(name, err)
+            failures = self.retry_at.get(name, (0, 0.0, 0.0))[0] + 1
+            cap = 60.0 if int(err.exit_code) == 13 else 10.0
+            now = time.time()
+            self.retry_at[name] = (failures, now + min(0.5 * 2 ** failures, cap), now)
+            log.event(_log, logging.WARNING, f"pushing {name} failed: {err.message}", detail=err.detail or "",
+                      attempt=failures)
+
+    def stalled(self) -> list[str]:
+        now = time.monotonic()
+        return [n for n, (f, t) in self.inflight.items() if not f.done() and now - t > self.stall_after]
+
+    def step(self) -> bool:
+        """One pass; returns whether there is work in progress or waiting."""
+        self.harvest()
+        ready = self.ready()
+        wanted = self.spool.wanted()
+        for name, path in self.pending(ready, wanted):
+            if len(self.inflight) >= self.parallel:
+                break
+            self.inflight[name] = (self.pool.submit(self._one, name, path), time.monotonic())
+        return bool(self.inflight or wanted or any(n not in self.stored for n in ready))
+
+    # -- the loop
+    def run(self) -> int:
+        idle_since = time.monotonic()
+        last_prune = 0.0
+        last_beat = 0.0
+        while self.status_dir.is_dir():
+            now = time.monotonic()
+            if now - last_beat > 1.0:
+                self.spool.beat()
+                last_beat = now
+            busy = self.step()
+            stuck = self.stalled()
+            if stuck:
+                for name in stuck:
+                    self.spool.record_failure(name, DbopsError(
+                        f"uploading {name} hung for more than {self.stall_after:.0f} s; the pusher restarts"))
+                _log.error("uploads hung (%s); exiting so a fresh pusher takes over", ", ".join(stuck))
+                return 3
+            if busy:
+                idle_since = now
+            elif now - idle_since > self.idle_exit:
+                break
+            elif now - idle_since > 1.0 and not (self.spool.data_dir / "postmaster.pid").exists():
+                break
+            if now - last_prune > 5.0:
+                keep = set(self.ready()) | set(self.spool.wanted()) | set(self.inflight)
+                self.spool.prune(keep, older_than=5.0)
+                self.stored &= keep
+                last_prune = now
+            time.sleep(0.02 if self.inflight else 0.1)
+        self.pool.shutdown(wait=True)
+        self.harvest()
+        _log.info("pusher exiting after %d upload(s)", self.pushed)
+        return 0
+
+
+class Prefetcher:
+    def __init__(self, archive: WalArchive, spool: Spool, folder: Path, *, depth: int, parallel: int = 4,
+                 idle_exit: float = 30.0, seg_size: int = DEFAULT_SEGMENT_SIZE):
+        self.archive = archive
+        self.spool = spool
+        self.folder = folder
+        self.depth = depth
+        self.seg_size = seg_size
+        self.idle_exit = idle_exit
+        self.pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="prefetch")
+        self.inflight: dict[str, Future] = {}
+        self.missing: dict[str, float] = {}  # name -> when the archive did not have it
+
+    def window(self, want: str | None) -> list[str]:
+        if not want or not SEGMENT_RE.match(want):
+            return []
+        out, name = [], want
+        for _ in range(self.depth):
+            name = next_segment(name, self.seg_size)
+            out.append(name)
+        return out
+
+    def step(self, want: str | None) -> None:
+        for name, fut in list(self.inflight.items()):
+            if fut.done():
+                del self.inflight[name]
+                exc = fut.exception()
+                if isinstance(exc, NotFoundError):
+                    self.missing[name] = time.monotonic()
+                elif exc is not None:
+                    _log.warning("prefetching %s failed: %s", name, getattr(exc, "message", exc))
+                    self.missing[name] = time.monotonic()
+        window = self.window(want)
+        keep = set(window)
+        for e in os.scandir(self.folder):
+            if not e.name.startswith(".") and e.name not in keep:
+                Path(e.path).unlink(missing_ok=True)
+        now = time.monotonic()
+        for name in window:
+            if name in self.inflight or (self.folder / name).exists():
+                continue
+            if now - self.missing.get(name, -1e9) < 2.0:
+                break  # the end of the archive: nothing beyond it either
+            self.inflight[name] = self.pool.submit(self.archive.fetch, name, self.folder / name)
+
+    def run(self) -> int:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for e in os.scandir(self.folder):  # leftovers of a killed download
+            if e.name.startswith("."):
+                Path(e.path).unlink(missing_ok=True)
+        last_want, changed = None, time.monotonic()
+        while self.spool.data_dir.is_dir():
+            want = self.spool.prefetch_want()
+            if want != last_want:
+                last_want, changed = want, time.monotonic()
+            self.step(want)
+            if not self.inflight and time.monotonic() - changed > self.idle_exit:
+                break
+            time.sleep(0.05)
+        self.pool.shutdown(wait=True)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dbops import config as cfgmod
+    from dbops.ops.walfile import cluster_identity
+    from dbops.ops.walspool import spool_for
+    from dbops.storage import open_store
+    from dbops.storage.layout import Layout
+
+    ap = argparse.ArgumentParser(prog="dbops-walworker")
+    ap.add_argument("which", choices=(PUSHER, PREFETCHER))
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data-dir", required=True)
+    args = ap.parse_args(argv)
+    log.setup("text", 1)
+    data_dir = Path(args.data_dir)
+    try:
+        cfg = cfgmod.load(args.config)
+        spool = spool_for(cfg.archive, data_dir).ensure()
+        fd = spool.try_lock(args.which)
+        if fd is None:
+            return 0  # another one runs for this data folder
+        archive = WalArchive(open_store(cfg.storage), Layout(cfg.storage.prefix), compression=cfg.compression,
+                             cluster_name=cfg.cluster)
+        if args.which == PUSHER:
+            s = cfg.storage
+            stall = max(cfg.archive.push_timeout, s.retry_deadline + 2 * (s.connect_timeout + s.read_timeout) + 30)
+            _log.info("pusher starting for %s (pid %d)", data_dir, os.getpid())
+            return Pusher(archive, spool, cluster_identity(data_dir), parallel=cfg.archive.parallel,
+                          stall_after=stall).run()
+        owner = archive.read_identity()
+        seg_size = owner.wal_segment_size if owner else DEFAULT_SEGMENT_SIZE
+        return Prefetcher(archive, spool, spool.prefetch_dir(cfg.storage), depth=cfg.archive.prefetch,
+                          parallel=cfg.archive.parallel, seg_size=seg_size).run()
+    except DbopsError as e:
+        _log.error("%s worker failed: %s", args.which, e.render())
+        return int(e.exit_code)
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    os._exit(code)  # a hung upload thread must not keep the process alive
