@@ -96,21 +96,40 @@ class InstanceSpec:
 
 
 class Instance(Protocol):
-    """A started server. Use it as a context manager: it is removed however the block ends."""
+    """A started server. Use it as a context manager: it is removed however the block ends
+    (exceptions and Ctrl-C included). A process killed outright leaves a container behind
+    until the next container run on this host (see ``container.cleanup_stale``)."""
 
-    host: str
+    host: str  # where the host connects: always 127.0.0.1
     port: int
     spec: InstanceSpec
-    data_path: str  # the data folder as the server and run_tool see it
-    wal_path: str | None  # the WAL folder as the server sees it
+    data_path: str  # the data folder as the server and run_tool see it (/data in a container)
+    wal_path: str | None  # the WAL folder as the server sees it (/wal in a container)
+    run_dir: Path  # host folder with the generated configuration files (and the local server log)
 
-    def wait_ready(self, timeout: float = 600.0) -> None: ...
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until it accepts connections (a standby: once consistent, which needs hot_standby=on)."""
+        ...
+
     def is_running(self) -> bool: ...
-    def logs(self, tail: int = 50) -> str: ...
-    def stop(self, mode: str = "fast", timeout: float = 600.0) -> None: ...
+
+    def logs(self, tail: int = 50) -> str:
+        """The last lines of the server log (for error messages)."""
+        ...
+
+    def stop(self, mode: str = "fast", timeout: float = 600.0) -> None:
+        """Clean shutdown; a server in recovery is left "shut down in recovery" (a consistent snapshot)."""
+        ...
+
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None) -> proc.Result: ...
-    def remove(self) -> None: ...
+                 env: Mapping[str, str] | None = None) -> proc.Result:
+        """Run a PostgreSQL client/tool where the server runs (PGHOST/PGPORT/PGUSER/PGDATA set)."""
+        ...
+
+    def remove(self) -> None:
+        """Kill the server if it still runs and remove what start() made. Idempotent."""
+        ...
+
     def node(self, dbname: str = "postgres") -> Node: ...
     def __enter__(self) -> "Instance": ...
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None: ...

@@ -152,7 +152,12 @@ def _label_args(labels: Mapping[str, str]) -> list[str]:
 
 
 def _force_remove(engine: Engine, name: str) -> None:
-    """Remove a container (and its anonymous volumes) whatever its state; a missing one is fine."""
+    """Kill and remove a container (and its anonymous volumes) whatever its state; a missing one is fine.
+
+    SIGKILL first, on both engines alike (``podman rm -f`` would send the stop signal and wait,
+    ``docker rm -f`` kills): a removed server is gone at once, its data folder left as after a crash.
+    """
+    engine.run(["kill", "--signal", "KILL", name], check=False, timeout=60)
     res = engine.run(["rm", "-f", "-v", name], check=False, timeout=120)
     if res.returncode != 0 and "no such container" not in (res.stderr + res.stdout).lower():
         raise DbopsError(f"could not remove container {name}", detail=res.stderr.strip()[-1000:],

@@ -1,0 +1,372 @@
+"""Throwaway PostgreSQL through each runtime (podman with the host rootfs, and a local process),
+against real clusters made with initdb and pg_basebackup here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbops import proc
+from dbops.config import RuntimeSettings
+from dbops.errors import PostgresError
+from dbops.pg import binaries, conn, controldata
+from dbops.runtime import InstanceSpec, cleanup_stale, engine_of, open_runtime, probe
+from dbops.runtime.container import ContainerInstance
+from dbops.runtime.local import LocalInstance
+
+pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+PASSWORD = "src-secret-Zq81"
+ROWS_BEFORE_TARGET = 30
+ROWS_AFTER_TARGET = 7
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg(name: str) -> str:
+    return binaries.binary(name)
+
+
+def _copy_cluster(src: Path, dst: Path) -> Path:
+    proc.run(["cp", "-a", str(src), str(dst)])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def work(base_dir) -> Path:
+    d = base_dir / "runtime"
+    d.mkdir()
+    shutil.chown(d, "postgres", "postgres")
+    return d
+
+
+@pytest.fixture(scope="module")
+def settings(work) -> dict[str, RuntimeSettings]:
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed (apt-get install -y podman runc)")
+    return {
+        "podman": RuntimeSettings(engine="podman", rootfs="/", containers_conf=str(work / "containers.conf")),
+        "none": RuntimeSettings(engine="none"),
+    }
+
+
+@pytest.fixture(scope="module")
+def small_cluster(work) -> Path:
+    """A stopped cluster with a table of 5 rows, laid out like Debian's (no config files in it)."""
+    data = work / "small"
+    pwfile = work / "pw"
+    pwfile.write_text(PASSWORD + "\n")
+    shutil.chown(pwfile, "postgres")
+    proc.run([_pg("initdb"), "-D", str(data), "-U", "postgres", "-k", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+             user="postgres", timeout=120)
+    port = _free_port()
+    proc.run([_pg("pg_ctl"), "start", "-w", "-D", str(data), "-l", str(work / "small.log"),
+              "-o", f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="],
+             user="postgres", timeout=60)
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=PASSWORD, dbname="postgres",
+                             autocommit=True) as c:
+            c.execute("create table t (id int primary key, v text)")
+            c.execute("insert into t select g, 'row ' || g from generate_series(1, 5) g")
+    finally:
+        proc.run([_pg("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"], user="postgres", timeout=60)
+    for f in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        (data / f).unlink()
+    return data
+
+
+@pytest.fixture(scope="module")
+def backup_scenario(work):
+    """A base backup of a running source, archived WAL after it, and an LSN target in between.
+
+    Rows 1..30 are committed before the target, rows 31..37 after it (in the same archived
+    segment); the source's own postgresql.conf (copied into the backup) archives with cp.
+    """
+    src, base, archive = work / "source", work / "base", work / "archive"
+    archive.mkdir()
+    shutil.chown(archive, "postgres", "postgres")
+    pwfile = work / "pw2"
+    pwfile.write_text(PASSWORD + "\n")
+    shutil.chown(pwfile, "postgres")
+    proc.run([_pg("initdb"), "-D", str(src), "-U", "postgres", "-k", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+             user="postgres", timeout=120)
+    port = _free_port()
+    with open(src / "postgresql.conf", "a") as f:
+        f.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+                f"wal_level = replica\narchive_mode = on\narchive_command = 'cp %p {archive}/%f'\n")
+    proc.run([_pg("pg_ctl"), "start", "-w", "-D", str(src), "-l", str(work / "source.log")], user="postgres",
+             timeout=60)
+    env = {"PGPASSWORD": PASSWORD}
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=PASSWORD, dbname="postgres",
+                             autocommit=True) as c:
+            c.execute("create table t (id int primary key, v text)")
+            proc.run([_pg("pg_basebackup"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-D", str(base),
+                      "-X", "stream", "-c", "fast"], user="postgres", env=env, timeout=120)
+            c.execute(f"insert into t select g, 'before' from generate_series(1, {ROWS_BEFORE_TARGET}) g")
+            c.execute("checkpoint")
+            target = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            c.execute(f"insert into t select g, 'after' from generate_series({ROWS_BEFORE_TARGET + 1}, "
+                      f"{ROWS_BEFORE_TARGET + ROWS_AFTER_TARGET}) g")
+            c.execute("select pg_switch_wal()")
+            want = c.execute("select pg_walfile_name(%s::pg_lsn)", (target,)).fetchone()[0]
+            deadline = time.monotonic() + 60
+            while (c.execute("select last_archived_wal from pg_stat_archiver").fetchone()[0] or "") < want:
+                assert time.monotonic() < deadline, "the source did not archive the target's segment"
+                time.sleep(0.2)
+    finally:
+        proc.run([_pg("pg_ctl"), "stop", "-D", str(src), "-m", "fast", "-w"], user="postgres", timeout=60)
+    assert (archive / want).exists()
+    return {"base": base, "archive": archive, "target": target}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftovers(settings):
+    """Every container this test process made is gone at the end."""
+    yield
+    engine = engine_of(settings["podman"])
+    res = engine.run(["ps", "-a", "-q", "--filter", f"label=dbops.pid={os.getpid()}"])
+    assert res.stdout.strip() == "", f"containers left behind: {res.stdout}"
+
+
+RUNTIMES = ["podman", "none"]
+
+
+def _state(data: Path) -> str:
+    return controldata.read(str(data), user="postgres").state
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+def test_start_query_stop(engine, settings, small_cluster, work):
+    data = _copy_cluster(small_cluster, work / f"start-{engine}")
+    rt = open_runtime(settings[engine])
+    with rt.start(InstanceSpec(data_dir=data, port=_free_port(), name=f"start-{engine}")) as inst:
+        assert isinstance(inst, ContainerInstance if engine == "podman" else LocalInstance)
+        inst.wait_ready(60)
+        assert inst.is_running()
+        # no password: the generated pg_hba.conf trusts loopback (the cluster itself wants scram)
+        with conn.session(inst.node()) as c:
+            assert conn.rows(c, "select id, v from t order by id") == [(i, f"row {i}") for i in range(1, 6)]
+            c.execute("insert into t values (6, 'written by the throwaway')")
+        out = inst.run_tool(["psql", "-Atc", "select count(*) from t"]).stdout
+        assert out.strip() == "6"
+        inst.stop("fast", timeout=60)
+        assert not inst.is_running()
+        assert "database system is shut down" in inst.logs(10)
+        assert _state(data) == "shut down"
+        # with the server stopped, tools run in a fresh one-shot environment (pg_checksums needs it stopped)
+        res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
+        assert "Bad checksums:  0" in res.stdout
+    assert not (data / "postmaster.pid").exists()
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+def test_recovery_to_lsn_then_stop_in_recovery(engine, settings, backup_scenario, work):
+    data = _copy_cluster(backup_scenario["base"], work / f"recover-{engine}")
+    (data / "recovery.signal").touch()
+    shutil.chown(data / "recovery.signal", "postgres", "postgres")
+    spec = InstanceSpec(
+        data_dir=data, port=_free_port(), wal_dir=backup_scenario["archive"], name=f"recover-{engine}",
+        settings={"recovery_target_lsn": backup_scenario["target"], "recovery_target_action": "pause",
+                  "hot_standby": "on"},
+    )
+    with open_runtime(settings[engine]).start(spec) as inst:
+        inst.wait_ready(120)
+        with conn.session(inst.node()) as c:
+            deadline = time.monotonic() + 60
+            while conn.scalar(c, "select pg_get_wal_replay_pause_state()") != "paused":
+                assert time.monotonic() < deadline, inst.logs(20)
+                time.sleep(0.2)
+            assert conn.scalar(c, "select pg_is_in_recovery()") is True
+            assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
+            # the source's archive_command never ran here (it would have copied into the archive)
+            assert conn.scalar(c, "show archive_mode") == "off"
+        logs = inst.logs(200)
+        assert "restored log file" in logs and "recovery stopping" in logs
+        inst.stop("fast", timeout=60)
+    assert _state(data) == "shut down in recovery"
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_removed_when_the_block_raises(engine, exc, settings, small_cluster, work):
+    data = _copy_cluster(small_cluster, work / f"raise-{engine}-{exc.__name__}")
+    rt = open_runtime(settings[engine])
+    with pytest.raises(exc):
+        with rt.start(InstanceSpec(data_dir=data, port=_free_port(), name="raise")) as inst:
+            inst.wait_ready(60)
+            run_dir = inst.run_dir
+            raise exc()
+    assert not inst.is_running()
+    assert not run_dir.exists()
+    if engine == "podman":
+        res = engine_of(settings[engine]).run(["ps", "-a", "-q", "--filter", f"name={inst.name}"])
+        assert res.stdout.strip() == ""
+    inst.remove()  # idempotent
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+def test_start_failure_reports_the_server_log(engine, settings, small_cluster, work):
+    data = _copy_cluster(small_cluster, work / f"fail-{engine}")
+    spec = InstanceSpec(data_dir=data, port=_free_port(), name="fail", settings={"shared_buffers": "nonsense"})
+    with open_runtime(settings[engine]).start(spec) as inst:
+        with pytest.raises(PostgresError) as ei:
+            inst.wait_ready(30)
+    assert "exited before accepting connections" in ei.value.message
+    assert "shared_buffers" in (ei.value.detail or "")
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from dbops.config import RuntimeSettings
+    from dbops.runtime import InstanceSpec, open_runtime
+    rt = open_runtime(RuntimeSettings(engine="podman", rootfs="/", containers_conf=sys.argv[1]))
+    inst = rt.start(InstanceSpec(data_dir=Path(sys.argv[2]), port=int(sys.argv[3]), name="killed"))
+    inst.wait_ready(60)
+    print(inst.name, flush=True)
+    time.sleep(600)
+""")
+
+
+def _killed_run(podman: RuntimeSettings, data: Path) -> str:
+    """Start an instance in a child process, SIGKILL the child, return the container left behind."""
+    child = proc.spawn([sys.executable, "-c", CHILD, podman.containers_conf, str(data), str(_free_port())],
+                       stdout=subprocess.PIPE)
+    try:
+        name = child.stdout.readline().decode().strip()
+        assert name.startswith("dbops-killed-"), name
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    return name
+
+
+def test_cleanup_stale_after_a_killed_run(settings, small_cluster, work):
+    podman = settings["podman"]
+    engine = engine_of(podman)
+
+    def running(name: str) -> bool:
+        res = engine.run(["inspect", "--format", "{{.State.Running}}", name], check=False)
+        return res.stdout.strip() == "true"
+
+    live_data = _copy_cluster(small_cluster, work / "live")
+    with open_runtime(podman).start(InstanceSpec(data_dir=live_data, port=_free_port(), name="live")) as live:
+        data = _copy_cluster(small_cluster, work / "killed")
+        name = _killed_run(podman, data)
+        assert running(name)
+        # the killed run's container goes; this process's (alive) one stays
+        removed = cleanup_stale(engine)  # may also hold other dead runs' containers on a shared host
+        assert name in removed and live.name not in removed
+        assert engine.run(["ps", "-a", "-q", "--filter", f"name={name}"]).stdout.strip() == ""
+        assert live.is_running()
+    # the killed server was stopped by force: its data folder was not shut down cleanly
+    assert _state(data) == "in production"
+
+    # and the next run cleans up by itself when it starts its first instance
+    data2 = _copy_cluster(small_cluster, work / "killed2")
+    name2 = _killed_run(podman, data2)
+    assert running(name2)
+    next_data = _copy_cluster(small_cluster, work / "next")
+    with open_runtime(podman).start(InstanceSpec(data_dir=next_data, port=_free_port(), name="next")):
+        assert engine.run(["ps", "-a", "-q", "--filter", f"name={name2}"]).stdout.strip() == ""
+
+
+TOOLS = ("postgres", "psql", "pg_checksums", "pg_amcheck")
+
+
+def _image_tar(tar_path: Path) -> None:
+    """A minimal image root: PostgreSQL's bin/lib/share folders, their libraries, sh, cp, C.UTF-8.
+
+    It has no /etc/passwd and no postgres user: the server runs under the data folder's numeric uid,
+    as it must with any image whose postgres uid differs from the host's.
+    """
+    bindir = binaries.bindir()
+    sharedir = proc.run([os.path.join(bindir, "pg_config"), "--sharedir"]).stdout.strip()
+    elves = [os.path.join(bindir, t) for t in TOOLS] + ["/usr/bin/cp", "/usr/bin/dash"]
+    deps: set[str] = set()
+    for line in proc.run(["ldd", *elves]).stdout.splitlines():
+        parts = line.split()  # "libz.so.1 => /lib/.../libz.so.1 (0x...)", "/lib64/ld-linux... (0x...)", "file:"
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0] if parts else ""
+        if path.startswith("/") and not path.endswith(":"):
+            deps.add(path)
+    with tarfile.open(tar_path, "w") as tar:
+        for link in ("/bin", "/lib", "/lib64", "/sbin"):
+            if os.path.islink(link):
+                tar.add(link, arcname=link[1:], recursive=False)
+        # the cluster's locale (C.UTF-8) must exist in the image too, or the server refuses to start
+        for tree in (str(Path(bindir).parent), sharedir, "/usr/share/zoneinfo", "/usr/lib/locale/C.utf8"):
+            tar.add(tree, arcname=tree[1:])
+        seen: set[str] = set()
+        todo = [*deps, "/usr/bin/cp", "/usr/bin/sh", "/usr/bin/dash"]
+        while todo:
+            p = todo.pop()
+            p = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))  # /lib -> /usr/lib
+            if p in seen:
+                continue
+            seen.add(p)
+            tar.add(p, arcname=p[1:], recursive=False)
+            if os.path.islink(p):
+                todo.append(os.path.join(os.path.dirname(p), os.readlink(p)))
+
+
+@pytest.fixture(scope="module")
+def image(settings, work):
+    """A local image (podman import) standing in for postgres:15, which cannot be pulled here."""
+    engine = engine_of(settings["podman"])
+    tag = f"localhost/dbops-test-pg:{os.getpid()}"
+    tar_path = work / "image.tar"
+    _image_tar(tar_path)
+    bindir = binaries.bindir()
+    engine.run(["import", "--change", f"ENV=PATH={bindir}:/usr/bin:/bin", str(tar_path), tag], timeout=300)
+    tar_path.unlink()
+    yield tag
+    engine.run(["rmi", "-f", tag], check=False)
+
+
+def test_image_mode_recovery(settings, image, backup_scenario, work):
+    """The production path (an image, entrypoint bypassed, numeric uid) with podman."""
+    rs = RuntimeSettings(engine="podman", image=image, containers_conf=settings["podman"].containers_conf)
+    data = _copy_cluster(backup_scenario["base"], work / "recover-image")
+    (data / "recovery.signal").touch()
+    shutil.chown(data / "recovery.signal", "postgres", "postgres")
+    spec = InstanceSpec(
+        data_dir=data, port=_free_port(), wal_dir=backup_scenario["archive"], name="image",
+        settings={"recovery_target_lsn": backup_scenario["target"], "recovery_target_action": "pause"},
+    )
+    with open_runtime(rs).start(spec) as inst:
+        inst.wait_ready(120)
+        with conn.session(inst.node()) as c:
+            deadline = time.monotonic() + 60
+            while conn.scalar(c, "select pg_get_wal_replay_pause_state()") != "paused":
+                assert time.monotonic() < deadline, inst.logs(20)
+                time.sleep(0.2)
+            assert conn.scalar(c, "select count(*) from t") == ROWS_BEFORE_TARGET
+        assert inst.run_tool(["psql", "-Atc", "select pg_is_in_recovery()"]).stdout.strip() == "t"
+        inst.stop("fast", timeout=60)
+        res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
+        assert "Bad checksums:  0" in res.stdout
+    assert _state(data) == "shut down in recovery"
+    assert "ran postgres --version" in probe(rs)
+
+
+def test_probe(settings):
+    assert "ran postgres --version" in probe(settings["podman"])
+    assert "PostgreSQL) 15" in probe(settings["podman"])
+    assert "engine none" in probe(settings["none"])
