@@ -1,0 +1,267 @@
+"""The async push spool and workers, in-process against LocalStore: verified completions only,
+never a write into archive_status, failures handed to the waiting call, a dead pusher noticed,
+the fast path answering without typer or boto3, and the restore prefetcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from walfake import make_data_dir, segment_bytes, status_listing, write_file, write_segment
+
+from dbops import config as cfgmod
+from dbops.errors import DbopsError, UnknownOutcomeError
+from dbops.ops import fastpath, walspool
+from dbops.ops.archive import WalArchive
+from dbops.ops.walfile import cluster_identity
+from dbops.ops.walspool import PUSHER, await_pusher, spool_for
+from dbops.ops.walworker import Prefetcher, Pusher
+from dbops.storage.layout import Layout
+from dbops.storage.local import LocalStore
+
+SEGS = [f"0000000100000000000000{n:02X}" for n in range(1, 7)]
+
+
+def make_cfg(tmp_path, data, **archive):
+    raw = {"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
+           "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9", "prefix": "p"},
+           "runtime": {"engine": "none"},
+           "archive": {"spool_dir": str(tmp_path / "spool"), **archive}}
+    return cfgmod.parse(raw)
+
+
+@pytest.fixture
+def env(tmp_path):
+    data = make_data_dir(tmp_path / "data")
+    cfg = make_cfg(tmp_path, data)
+    store = LocalStore(tmp_path / "store")
+    layout = Layout("p")
+    spool = spool_for(cfg.archive, data).ensure()
+    return cfg, data, store, layout, spool
+
+
+def pusher_for(env, **kw):
+    _cfg, data, store, layout, spool = env
+    return Pusher(WalArchive(store, layout), spool, cluster_identity(data), parallel=3, idle_exit=0.3, **kw)
+
+
+class ThreadChild:
+    """Stands in for the spawned worker process: poll() is None while the thread runs."""
+
+    def __init__(self, target):
+        self.t = threading.Thread(target=target, daemon=True)
+        self.t.start()
+
+    def poll(self):
+        return None if self.t.is_alive() else 0
+
+
+def test_spool_is_per_data_folder_and_cluster(tmp_path, env):
+    cfg, data, *_ = env
+    other = make_data_dir(tmp_path / "other", sysid=5)
+    a, b = spool_for(cfg.archive, data), spool_for(cfg.archive, other)
+    assert a.root != b.root and a.root.parent == b.root.parent == tmp_path / "spool"
+    assert a.root.name.startswith("7312345678901234567-")
+
+
+def test_pusher_uploads_everything_ready_and_never_touches_archive_status(env):
+    _cfg, data, store, layout, spool = env
+    paths = [write_segment(data, n) for n in SEGS]
+    write_file(data, "00000002.history", b"1\t0/5000000\tx\n")
+    before = status_listing(data)
+    assert pusher_for(env).run() == 0
+    assert status_listing(data) == before
+    for n, p in zip(SEGS, paths):
+        assert store.head(layout.wal_key(n)) is not None
+        assert spool.is_stored(n, p)
+        rec = json.loads((spool.done / n).read_text())
+        assert rec["key"] == layout.wal_key(n) and len(rec["sha256"]) == 64
+    assert spool.is_stored("00000002.history", data / "pg_wal" / "00000002.history")
+
+
+def test_a_record_only_counts_for_the_very_file(env):
+    _cfg, data, _store, _layout, spool = env
+    p = write_segment(data, SEGS[0])
+    pusher_for(env).run()
+    assert spool.is_stored(SEGS[0], p)
+    p.unlink()
+    p.write_bytes(segment_bytes(SEGS[0]))  # same name, a new file (e.g. the data folder was rebuilt)
+    assert not spool.is_stored(SEGS[0], p)
+
+
+def test_records_are_forgotten_once_postgres_marked_the_file_done(env):
+    _cfg, data, _store, _layout, spool = env
+    write_segment(data, SEGS[0])
+    pusher_for(env).run()
+    st = data / "pg_wal" / "archive_status"
+    os.rename(st / f"{SEGS[0]}.ready", st / f"{SEGS[0]}.done")  # what PostgreSQL does after exit 0
+    spool.prune(keep=set(), older_than=0)
+    assert not list(spool.done.iterdir())
+
+
+def test_waiting_call_returns_once_the_pusher_stored_it(env):
+    _cfg, data, _store, _layout, spool = env
+    for n in SEGS:
+        write_segment(data, n)
+    started = []
+
+    def start(sp):
+        started.append(1)
+        return ThreadChild(pusher_for(env).run)
+
+    assert await_pusher(spool, SEGS[2], str(data / "pg_wal" / SEGS[2]), timeout=30, start_pusher=start)
+    assert started == [1]
+    assert not list(spool.wants.iterdir())
+
+
+def test_a_file_without_ready_is_pushed_when_asked_for(env):
+    _cfg, data, store, layout, spool = env
+    p = write_segment(data, SEGS[0], ready=False)
+    assert await_pusher(spool, SEGS[0], str(p), timeout=30,
+                        start_pusher=lambda sp: ThreadChild(pusher_for(env).run))
+    assert store.head(layout.wal_key(SEGS[0])) is not None
+
+
+def test_the_pushers_failure_reaches_the_waiting_call(env):
+    _cfg, data, store, layout, spool = env
+    p = write_segment(data, SEGS[0], seed=1)
+    WalArchive(store, layout).push(p, cluster_identity(data))
+    p.write_bytes(segment_bytes(SEGS[0], seed=2))  # a different file under an archived name
+    with pytest.raises(DbopsError) as ei:
+        await_pusher(spool, SEGS[0], str(p), timeout=30, start_pusher=lambda sp: ThreadChild(pusher_for(env).run))
+    assert int(ei.value.exit_code) == 13 and "sha256" in (ei.value.detail or "")
+    assert not spool.is_stored(SEGS[0], p)
+
+
+def test_an_old_failure_is_retried_not_reported(env):
+    _cfg, data, _store, _layout, spool = env
+    p = write_segment(data, SEGS[0])
+    spool.record_failure(SEGS[0], DbopsError("storage was down an hour ago"))
+    time.sleep(0.01)
+    assert await_pusher(spool, SEGS[0], str(p), timeout=30, start_pusher=lambda sp: ThreadChild(pusher_for(env).run))
+
+
+def test_a_pusher_that_keeps_dying_is_noticed(env):
+    _cfg, data, _store, _layout, spool = env
+    p = write_segment(data, SEGS[0])
+
+    class Dead:
+        def poll(self):
+            return 1
+
+    spawned = []
+    assert not await_pusher(spool, SEGS[0], str(p), timeout=30, start_pusher=lambda sp: spawned.append(1) or Dead())
+    assert spawned == [1, 1]
+
+
+def test_no_confirmation_in_time_is_an_unknown_outcome(env):
+    _cfg, data, _store, _layout, spool = env
+    p = write_segment(data, SEGS[0])
+
+    class Hung:
+        def poll(self):
+            return None
+
+    with pytest.raises(UnknownOutcomeError) as ei:
+        await_pusher(spool, SEGS[0], str(p), timeout=0.3, start_pusher=lambda sp: Hung())
+    assert ei.value.exit_code == 8
+
+
+def test_one_pusher_per_data_folder(env):
+    *_, spool = env
+    fd = spool.try_lock(PUSHER)
+    assert fd is not None and spool.lock_held(PUSHER)
+    assert spool.try_lock(PUSHER) is None
+    assert spool.holder_pid(PUSHER) == os.getpid()
+    os.close(fd)
+    assert not spool.lock_held(PUSHER)
+
+
+def test_push_answers_from_the_spool(env):
+    cfg, data, *_ = env
+    p = write_segment(data, SEGS[0])
+    pusher_for(env).run()
+    assert walspool.push(cfg, str(p), start_pusher=lambda sp: pytest.fail("no pusher needed")) == "spool"
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["wal-push", "pg_wal/X"], (None, "wal-push", ["pg_wal/X"])),
+    (["-c", "/c.yaml", "wal-push", "pg_wal/X"], ("/c.yaml", "wal-push", ["pg_wal/X"])),
+    (["--config=/c.yaml", "wal-fetch", "X", "pg_wal/RECOVERYXLOG"], ("/c.yaml", "wal-fetch", ["X", "pg_wal/RECOVERYXLOG"])),
+    (["-v", "wal-push", "pg_wal/X"], None),
+    (["wal-push", "--sync", "pg_wal/X"], None),
+    (["wal-push"], None),
+    (["wal", "status"], None),
+])
+def test_fast_path_recognises_only_the_exact_forms(args, expected):
+    assert fastpath.parse(args) == expected
+
+
+def test_fast_path_answers_a_stored_segment_without_typer_or_boto3(env, tmp_path):
+    cfg, data, *_ = env
+    cfg_file = tmp_path / "dbops.yaml"
+    cfg_file.write_text(json.dumps({"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
+                                    "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9"},
+                                    "runtime": {"engine": "none"},
+                                    "archive": {"spool_dir": str(tmp_path / "spool")}}))
+    p = write_segment(data, SEGS[0])
+    pusher_for(env).run()
+    code = ("import json, sys; from dbops.ops import fastpath; "
+            f"rc = fastpath.try_fast(['-c', {str(cfg_file)!r}, 'wal-push', 'pg_wal/{SEGS[0]}']); "
+            "print(json.dumps([rc, [m for m in ('typer', 'click', 'boto3', 'botocore') if m in sys.modules]]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=data, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout) == [0, []], out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def test_prefetcher_keeps_the_next_segments_verified_in_the_spool(env, tmp_path):
+    cfg, data, store, layout, spool = env
+    arc = WalArchive(store, layout)
+    for n in SEGS:
+        arc.push(write_segment(data, n, ready=False), cluster_identity(data))
+    folder = spool.prefetch_dir(cfg.storage)
+    folder.mkdir(parents=True, exist_ok=True)
+    pf = Prefetcher(arc, spool, folder, depth=3, parallel=2, seg_size=1024 * 1024)
+    spool.set_prefetch_want(SEGS[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pf.step(spool.prefetch_want())
+        if not pf.inflight and all((folder / n).exists() for n in SEGS[1:4]):
+            break
+        time.sleep(0.02)
+    assert sorted(os.listdir(folder)) == SEGS[1:4]
+    # wal-fetch of the next one is served from the spool (restore target folder: another data dir)
+    target = make_data_dir(tmp_path / "restored")
+    (tmp_path / "spool").mkdir(exist_ok=True)
+    tspool = spool_for(cfg.archive, target).ensure()
+    tfolder = tspool.prefetch_dir(cfg.storage)
+    tfolder.mkdir(parents=True, exist_ok=True)
+    os.replace(folder / SEGS[1], tfolder / SEGS[1])
+    dest = target / "pg_wal" / "RECOVERYXLOG"
+    assert walspool.fetch_prefetched(cfg, SEGS[1], str(dest))
+    assert dest.read_bytes() == (data / "pg_wal" / SEGS[1]).read_bytes()
+    assert tspool.prefetch_want() == SEGS[1] and not (tfolder / SEGS[1]).exists()
+    # the window moves on: files before it are dropped, the end of the archive is not an error
+    pf.step(SEGS[4])
+    deadline = time.monotonic() + 20
+    while pf.inflight and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pf.step(SEGS[4])
+    assert sorted(os.listdir(folder)) == [SEGS[5]]
+
+
+def test_fetch_prefetched_misses_quietly(env):
+    cfg, data, *_ = env
+    assert not walspool.fetch_prefetched(cfg, SEGS[0], str(data / "pg_wal" / "RECOVERYXLOG"))
+    assert not walspool.fetch_prefetched(cfg, "00000002.history", str(data / "pg_wal" / "RECOVERYHISTORY"))
+
