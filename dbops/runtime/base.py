@@ -69,7 +69,8 @@ class InstanceSpec:
     wal_dir   host folder of WAL segments / history files for ``restore_command``; mounted read-only
               at ``/wal`` in a container. ``restore_command`` is set to copy from it unless
               ``settings`` sets its own.
-    settings  extra server settings, passed as ``-c k=v`` (recovery targets, hot_standby, ...)
+    settings  extra server settings, passed as ``-c k=v`` (recovery targets, hot_standby, ...);
+              they show in process listings and ``inspect``: never a secret
     name      a short label for this run (container name, log lines)
     run_dir   host folder for the generated configuration files and the local server log;
               default: a private folder created next to ``data_dir`` and removed with the instance
