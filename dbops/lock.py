@@ -44,6 +44,16 @@ CLOCK_MARGIN = 1.0  # S3 timestamps have one-second resolution
 _ATTEMPTS = 5
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -196,6 +206,9 @@ class ClusterLock:
         return LockOwner.from_bytes(data), info
 
     def _stale(self, cur: LockOwner | None, info: ObjectInfo) -> bool:
+        if cur is not None and cur.host == self.host and cur.pid != os.getpid() and not _pid_alive(cur.pid):
+            # Same host, and we already hold the host-local flock: its owner died (SIGKILL, crash).
+            return True
         now = self.store.server_time() or time.time()
         ttl = cur.ttl if cur else self.ttl
         return now > info.last_modified + ttl + CLOCK_MARGIN

@@ -298,6 +298,28 @@ RECOVERY_SETTINGS_BASE = {
 }
 
 
+# Hot standby refuses to start when these are below the source's values (pg_control keeps them).
+_STANDBY_MINIMUMS = {
+    "max_connections": "max_connections setting",
+    "max_worker_processes": "max_worker_processes setting",
+    "max_wal_senders": "max_wal_senders setting",
+    "max_prepared_transactions": "max_prepared_xacts setting",
+    "max_locks_per_transaction": "max_locks_per_xact setting",
+}
+
+
+def standby_minimums(data: Path) -> dict[str, str]:
+    """Settings a throwaway hot standby needs from the source, read from the copy's pg_control.
+
+    They matter when the source keeps its configuration outside the data folder (Debian's
+    /etc/postgresql), so the copy would otherwise start on defaults. Messages and formats in
+    the C locale, which every image has."""
+    cd = controldata.read(str(data))
+    out = {k: cd.raw[v] for k, v in _STANDBY_MINIMUMS.items() if cd.raw.get(v, "").isdigit()}
+    out.update({"lc_messages": "C", "lc_monetary": "C", "lc_numeric": "C", "lc_time": "C"})
+    return out
+
+
 def _write_recovery_signal(data: Path) -> None:
     p = data / "recovery.signal"
     p.write_text("")
@@ -394,6 +416,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly."""
     val = Validation(backup_id="", ok=False)
     settings = dict(RECOVERY_SETTINGS_BASE)
+    settings.update(standby_minimums(data))
     settings["recovery_target_lsn"] = format_lsn(target.lsn)
     settings["recovery_target_timeline"] = str(target.timeline)
     _write_recovery_signal(data)
@@ -579,13 +602,16 @@ class BackupRun:
                kind: str) -> mf.Manifest:
         cfg = self.cfg
         backup_id = catalog.new_backup_id()
-        pg = pgstate.read(str(data), consistent_lsn=val.replayed_lsn or target.lsn, consistent_time=target.time)
+        # Consistent at the captured target: everything before it is in the snapshot, and the
+        # segment holding it is archived (the replay went on to the end of the switch record).
+        pg = pgstate.read(str(data), consistent_lsn=target.lsn, consistent_time=target.time)
         with phases("store"):
             manifest = store_snapshot(
                 self.store, self.layout, str(data), backup_id=backup_id, parent_manifests=parents,
                 compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,
                 parallel=cfg.backup.parallel, pg=pg, parent_id=parent_id, timings=dict(phases.t),
                 meta={"kind": kind, "run_id": self.run_id, "target_lsn": format_lsn(target.lsn),
+                      "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
                       "host": socket.gethostname(), "dbops_version": __version__, "checks": val.checks},
             )

@@ -1,0 +1,245 @@
+"""`dbops backup`: the validated chain, against a real lab (PostgreSQL, SeaweedFS, podman containers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dbops import proc
+from dbops.backup import catalog
+from dbops.backup import manifest as mf
+from dbops.config import Assertion
+from dbops.errors import ValidationError
+from dbops.ops import catalogview
+from dbops.pg import binaries
+from dbops.pg import conn as pgconn
+from dbops.storage import open_store
+from dbops.storage.layout import Layout
+
+pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+
+def sql(node, statement: str):
+    with pgconn.session(node) as c:
+        cur = c.execute(statement)
+        return cur.fetchall() if cur.description else None
+
+
+def mark(node, batch: int, rows: int = 10) -> None:
+    sql(node, "CREATE TABLE IF NOT EXISTS marks (batch int, n int, note text)")
+    sql(node, f"INSERT INTO marks SELECT {batch}, g, md5(g::text) FROM generate_series(1, {rows}) g")
+
+
+def pgbench(lab, *args: str) -> None:
+    env = {"PGPASSFILE": str(lab.dir / "pgpass"), "PGHOST": "127.0.0.1", "PGPORT": str(lab.primary.port),
+           "PGUSER": "postgres"}
+    proc.run([binaries.binary("pgbench"), *args, "postgres"], env=env, user="postgres", timeout=300)
+
+
+def store_of(lab):
+    return open_store(lab.config.storage), Layout(lab.config.storage.prefix)
+
+
+def backup(cli, lab, *extra):
+    r = cli(["-c", lab.config_path, "backup", "--json", *extra])
+    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+
+
+def assert_backup_holds(lab, backup_id: str, sql_true: str) -> None:
+    """Restore the backup on its own, start it, and check an assertion about its data."""
+    cfg = lab.config
+    v = dataclasses.replace(cfg.backup.validation, assertions=(Assertion(name="data", sql=sql_true),))
+    cfg = dataclasses.replace(cfg, backup=dataclasses.replace(cfg.backup, validation=v))
+    store, layout = store_of(lab)
+    catalogview.restore_and_start(cfg, store, layout, mf.load(store, layout, backup_id))
+
+
+def test_three_chained_runs_validate_each_previous(make_lab, cli):
+    lab = make_lab(replicas=0)
+    pgbench(lab, "-i", "-s", "1", "-q")
+    mark(lab.primary, 1)
+    r1, b1 = backup(cli, lab)
+    assert r1.exit_code == 0, r1
+    assert b1["kind"] == "full" and b1["validated"] is None
+
+    pgbench(lab, "-c", "2", "-t", "200", "-n")
+    mark(lab.primary, 2)
+    r2, b2 = backup(cli, lab)
+    assert r2.exit_code == 0, r2
+    assert b2["kind"] == "incremental" and b2["parent_id"] == b1["backup_id"]
+    assert b2["validated"]["backup_id"] == b1["backup_id"] and b2["validated"]["ok"]
+    checks = {c["check"] for c in b2["validated"]["checks"]}
+    assert {"consistency", "read_tables", "pg_checksums"} <= checks
+    assert b2["validated"]["timings"]["start"] > 0 and b2["validated"]["timings"]["replay"] >= 0
+
+    pgbench(lab, "-c", "2", "-t", "200", "-n")
+    mark(lab.primary, 3)
+    r3, b3 = backup(cli, lab)
+    assert r3.exit_code == 0, r3
+    assert b3["validated"]["backup_id"] == b2["backup_id"]
+    # Incremental: the third stores far less than the whole database.
+    assert b3["stored_bytes"] < b1["stored_bytes"] / 2
+
+    r = cli(["-c", lab.config_path, "backup", "list", "--json"])
+    rows = json.loads(r.stdout)
+    assert [x["backup_id"] for x in rows] == [b1["backup_id"], b2["backup_id"], b3["backup_id"]]
+    assert [x["status"] for x in rows] == ["validated", "validated", "stored"]
+    assert rows[0]["restore_seconds"] > 0
+
+    # The validation ran in a real container: the status record says so through its phases.
+    store, layout = store_of(lab)
+    st = catalog.latest_status(store, layout, b1["backup_id"])
+    assert st.state == "validated" and st.detail["by_backup"] == b2["backup_id"]
+
+    # Each backup restored on its own holds exactly the data written before it.
+    assert_backup_holds(lab, b1["backup_id"], "SELECT count(*) = 10 AND max(batch) = 1 FROM marks")
+    assert_backup_holds(lab, b2["backup_id"], "SELECT count(*) = 20 AND max(batch) = 2 FROM marks")
+    assert_backup_holds(lab, b3["backup_id"], "SELECT count(*) = 30 AND max(batch) = 3 FROM marks")
+    with pytest.raises(ValidationError):
+        assert_backup_holds(lab, b1["backup_id"], "SELECT count(*) = 20 FROM marks")
+
+    r = cli(["-c", lab.config_path, "backup", "show", b2["backup_id"], "--json"])
+    shown = json.loads(r.stdout)
+    assert shown["parent_id"] == b1["backup_id"] and shown["status"] == "validated"
+
+
+def test_corrupted_pack_fails_validation_then_heals(make_lab, cli):
+    lab = make_lab(replicas=0)
+    mark(lab.primary, 1, rows=2000)
+    r1, b1 = backup(cli, lab)
+    assert r1.exit_code == 0, r1
+    store, layout = store_of(lab)
+    m = mf.load(store, layout, b1["backup_id"])
+    pack = sorted(m.packs())[0]
+    key = layout.pack(pack)
+    data = bytearray(store.get(key))
+    data[len(data) // 2] ^= 0xFF
+    store.put(key, bytes(data))
+
+    r = cli(["-c", lab.config_path, "verify", "--all"])
+    assert r.exit_code == 7, r
+    assert key in r.stdout and b1["backup_id"] in r.output
+
+    mark(lab.primary, 2)
+    r2 = cli(["-c", lab.config_path, "backup"])
+    assert r2.exit_code == 7, r2
+    assert b1["backup_id"] in r2.stderr and key in r2.stderr
+    assert "healed" in r2.stderr
+
+    rows = json.loads(cli(["-c", lab.config_path, "backup", "list", "--json"]).stdout)
+    assert rows[0]["backup_id"] == b1["backup_id"] and rows[0]["status"] == "failed"
+    assert len(rows) == 2 and rows[1]["kind"] == "full" and rows[1]["status"] == "stored"
+    # The healed backup does not reuse the damaged pack.
+    healed = mf.load(store, layout, rows[1]["backup_id"])
+    assert pack not in healed.packs()
+    # And the chain goes on from the healed backup.
+    r3, b3 = backup(cli, lab)
+    assert r3.exit_code == 0, r3
+    assert b3["validated"]["backup_id"] == rows[1]["backup_id"]
+
+
+def test_wal_gap_is_reported_by_name(make_lab, cli):
+    lab = make_lab(replicas=0)
+    r1, b1 = backup(cli, lab)
+    assert r1.exit_code == 0, r1
+    for i in range(3):
+        mark(lab.primary, i)
+        sql(lab.primary, "SELECT pg_switch_wal()")
+    store, layout = store_of(lab)
+    m = mf.load(store, layout, b1["backup_id"])
+    from dbops.pg.lsn import segment_of_lsn
+
+    # Wait until the segments after the backup are archived, then delete one of them.
+    victim = segment_of_lsn(m.pg.timeline, m.pg.consistent_lsn + 16 * 1024 * 1024)
+    deadline = time.time() + 60
+    while store.head(layout.wal_key(victim)) is None and time.time() < deadline:
+        time.sleep(0.2)
+    store.delete(layout.wal_key(victim))
+    r2 = cli(["-c", lab.config_path, "backup"])
+    assert r2.exit_code == 7, r2
+    assert victim in r2.stderr and "gap" in r2.stderr
+
+
+def _containers() -> list[str]:
+    env = dict(os.environ)
+    r = subprocess.run(["podman", "ps", "-a", "-q", "--filter", "label=dbops=1"], capture_output=True, text=True,
+                       env=env)
+    return r.stdout.split()
+
+
+def test_concurrent_runs_and_sigkill(make_lab, cli, dbops_bin):
+    lab = make_lab(replicas=0)
+    pgbench(lab, "-i", "-s", "1", "-q")
+    r1, _ = backup(cli, lab)
+    assert r1.exit_code == 0, r1
+    env = {**os.environ, "DBOPS_CONFIG": lab.config_path}
+    scratch = Path(lab.config.backup.scratch_dir)
+
+    # Two concurrent runs: the second gets the lock code and names the holder.
+    a = subprocess.Popen([dbops_bin, "backup"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not any(scratch.glob("run-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    b = subprocess.run([dbops_bin, "backup"], env=env, capture_output=True, text=True, timeout=120)
+    assert b.returncode == 6, b.stderr
+    assert "held by" in b.stderr and "backup" in b.stderr
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err
+
+    # A run killed with SIGKILL mid-way (while its container runs): the next run succeeds and cleans up.
+    before = set(_containers())
+    k = subprocess.Popen([dbops_bin, "backup"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (set(_containers()) - before):
+        time.sleep(0.05)
+    assert set(_containers()) - before, "the run never started its container"
+    os.kill(k.pid, signal.SIGKILL)
+    k.wait()
+    assert any(scratch.glob("run-*")), "the killed run should have left its scratch folder"
+    r = subprocess.run([dbops_bin, "backup", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(scratch.glob("run-*"))
+    assert not (set(_containers()) - before)
+    rows = json.loads(cli(["-c", lab.config_path, "backup", "list", "--json"]).stdout)
+    assert len(rows) == 3
+
+
+def test_prune_keeps_what_kept_backups_need(make_lab, cli, tmp_path):
+    lab = make_lab(replicas=0)
+    ids = []
+    for i in range(4):
+        mark(lab.primary, i, rows=500)
+        r, b = backup(cli, lab)
+        assert r.exit_code == 0, r
+        ids.append(b["backup_id"])
+    cfg_path = tmp_path / "dbops.yaml"
+    cfg_path.write_text(Path(lab.config_path).read_text().replace("keep_last: 7", "keep_last: 2"))
+    store, layout = store_of(lab)
+    wal_before = {o.key for o in store.list(layout.wal_prefix())}
+
+    r = cli(["-c", str(cfg_path), "backup", "prune", "--json"])
+    preview = json.loads(r.stdout)
+    assert r.exit_code == 0 and preview["remove"] == ids[:2] and preview["keep"] == ids[2:]
+    assert {b["backup_id"] for b in json.loads(cli(["-c", str(cfg_path), "backup", "list", "--json"]).stdout)} == set(ids)
+
+    r = cli(["-c", str(cfg_path), "backup", "prune", "--confirm", "--json"])
+    assert r.exit_code == 0, r
+    done = json.loads(r.stdout)
+    assert done["wal_segments"] > 0
+    rows = json.loads(cli(["-c", str(cfg_path), "backup", "list", "--json"]).stdout)
+    assert [x["backup_id"] for x in rows] == ids[2:]
+    wal_after = {o.key for o in store.list(layout.wal_prefix())}
+    assert wal_after < wal_before
+    # What remains restores and starts, with the data it had; and the chain goes on.
+    r = cli(["-c", str(cfg_path), "verify", "--all", "--restore"])
+    assert r.exit_code == 0, r
+    assert_backup_holds(lab, ids[2], "SELECT count(*) = 1500 FROM marks")
+    r, b = backup(cli, lab)
+    assert r.exit_code == 0 and b["validated"]["backup_id"] == ids[3]
