@@ -17,18 +17,10 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@functools.lru_cache(maxsize=8)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
-
-
 @functools.lru_cache(maxsize=64)
 def zero_hash(n: int) -> str:
-    return sha256(_zeros(n))
-
-
-def is_zero(data: bytes) -> bool:
-    return data == _zeros(len(data))
+    """sha256 of n zero bytes (an all-zero chunk is recognised by its hash)."""
+    return sha256(bytes(n))
 
 
 class Encoder:
@@ -41,15 +33,15 @@ class Encoder:
         self.level = level
         self._local = threading.local()
 
-    def encode(self, raw: bytes) -> bytes:
+    def encode(self, raw: bytes | memoryview) -> bytes:
         """The bytes to store. Shorter than raw means zstd; equal length means stored raw."""
         if self.algorithm == "none":
-            return raw
+            return bytes(raw)
         c = getattr(self._local, "c", None)
         if c is None:
             c = self._local.c = zstandard.ZstdCompressor(level=self.level)
         out = c.compress(raw)
-        return out if len(out) < len(raw) else raw
+        return out if len(out) < len(raw) else bytes(raw)
 
 
 class Decoder:

@@ -41,6 +41,7 @@ from dbops.storage.layout import Layout
 _log = log.get("backup.store")
 
 UNIT_BYTES = 32 * 1024 * 1024
+READ_BLOCK = 4 * 1024 * 1024
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
 
@@ -68,6 +69,10 @@ class _Pack:
         return loc
 
 
+class _Claim:
+    """Placeholder while the worker that first met a hash stores it."""
+
+
 @dataclass(frozen=True)
 class _Unit:
     file_no: int
@@ -89,19 +94,20 @@ def parent_index(parents: Iterable[Manifest]) -> dict[str, _Loc]:
 
 class _Snapshot:
     def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, known: dict[str, _Loc],
-                 encoder: codec.Encoder, chunk_size: int, pack_size: int, parallel: int,
+                 encoder: codec.Encoder, chunk_size: int, pack_size: int, workers: int, uploads: int,
                  progress: Progress | None, total: int):
         self.store, self.layout, self.backup_id = store, layout, backup_id
         self.known = known
-        self.new: dict[str, _Loc | None] = {}  # None: being stored by another worker right now
+        self.new: dict[str, _Loc | _Claim] = {}  # _Claim: being stored by another worker right now
         self.encoder = encoder
         self.chunk_size, self.pack_size = chunk_size, pack_size
         self.lock = threading.Lock()
+        self.local = threading.local()
         self.open_packs: queue.Queue[_Pack] = queue.Queue()
-        for _ in range(parallel):
+        for _ in range(workers):
             self.open_packs.put(_Pack())
-        self.uploads = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dbops-upload")
-        self.in_flight = threading.BoundedSemaphore(parallel)
+        self.uploads = ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="dbops-upload")
+        self.in_flight = threading.BoundedSemaphore(uploads)
         self.upload_futures: list[Future] = []
         self.upload_error: BaseException | None = None
         self.stored_bytes = 0
@@ -112,50 +118,53 @@ class _Snapshot:
     # ------------------------------------------------------------------ chunking
 
     def process(self, unit: _Unit) -> list[str]:
-        """Hash (and store when new) every chunk of one unit; returns their hashes in order."""
+        """Hash (and store when new) every chunk of one unit; returns their hashes in order
+        ("" for an all-zero chunk). Reads in blocks of whole chunks to keep per-chunk work small."""
         hashes: list[str] = []
+        zero = reused = 0
+        cs = self.chunk_size
+        block = max(cs, READ_BLOCK - READ_BLOCK % cs)
+        buf = getattr(self.local, "buf", None)
+        if buf is None or len(buf) != block:
+            buf = self.local.buf = bytearray(block)  # reused: a fresh 4 MiB per read costs page faults
         pack = self.open_packs.get()
         try:
             with open(unit.path, "rb") as f:
-                pos = unit.start
-                while pos < unit.end:
-                    want = min(self.chunk_size, unit.end - pos)
-                    buf = os.pread(f.fileno(), want, pos)
-                    if len(buf) != want:
+                for pos in range(unit.start, unit.end, block):
+                    want = min(block, unit.end - pos)
+                    mv = memoryview(buf)[:want]
+                    got = os.preadv(f.fileno(), [mv], pos)
+                    if got != want:
                         raise PreconditionError(
                             f"{unit.path} changed while it was read (expected {want} bytes at offset {pos})",
                             hint="a snapshot needs a stopped data folder",
                         )
-                    pack = self._chunk(buf, pack, hashes)
-                    pos += want
-            with self.lock:
-                self.done += unit.end - unit.start
-                if self.progress:
-                    self.progress(self.done, self.total)
+                    for off in range(0, want, cs):
+                        chunk = mv[off:off + cs]
+                        h = codec.sha256(chunk)
+                        if h == codec.zero_hash(len(chunk)):
+                            hashes.append("")
+                            zero += 1
+                            continue
+                        hashes.append(h)
+                        # dict.setdefault is atomic: exactly one worker claims a new hash.
+                        claim = _Claim()
+                        if h in self.known or self.new.setdefault(h, claim) is not claim:
+                            reused += 1
+                            continue
+                        self.new[h] = pack.append(h, self.encoder.encode(chunk), len(chunk))
+                        if pack.size >= self.pack_size:
+                            self.seal(pack)
+                            pack = _Pack()
         finally:
             self.open_packs.put(pack)
+        with self.lock:
+            self.zero_chunks += zero
+            self.reused_chunks += reused
+            self.done += unit.end - unit.start
+            if self.progress:
+                self.progress(self.done, self.total)
         return hashes
-
-    def _chunk(self, buf: bytes, pack: _Pack, hashes: list[str]) -> _Pack:
-        if codec.is_zero(buf):
-            hashes.append("")
-            with self.lock:
-                self.zero_chunks += 1
-            return pack
-        h = codec.sha256(buf)
-        hashes.append(h)
-        with self.lock:
-            if h in self.known or h in self.new:
-                self.reused_chunks += 1
-                return pack
-            self.new[h] = None
-        loc = pack.append(h, self.encoder.encode(buf), len(buf))
-        with self.lock:
-            self.new[h] = loc
-        if pack.size >= self.pack_size:
-            self.seal(pack)
-            pack = _Pack()
-        return pack
 
     # ------------------------------------------------------------------ packs
 
@@ -208,7 +217,7 @@ class _Snapshot:
         if not h:
             return ChunkRef(codec.zero_hash(raw), None, 0, 0, raw)
         loc = self.known.get(h) or self.new[h]
-        assert loc is not None, "every new chunk is placed before finish()"
+        assert isinstance(loc, _Loc), "every new chunk is placed before finish()"
         return ChunkRef(h, loc.pack, loc.offset, loc.length, loc.raw)
 
 
@@ -263,12 +272,15 @@ def store_snapshot(
     t_walk = time.monotonic()
     units = _units(entries, data_dir, chunk_size)
     total = sum(u.end - u.start for u in units)
+    # Hashing and compression are CPU work: more threads than cores only contend for the GIL.
+    workers = max(1, min(parallel, os.cpu_count() or 1))
     snap = _Snapshot(store, layout, backup_id, known=parent_index(parent_manifests),
                      encoder=codec.Encoder(compression.algorithm, compression.level), chunk_size=chunk_size,
-                     pack_size=pack_size, parallel=max(1, parallel), progress=progress, total=total)
+                     pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
+                     total=total)
     hashes: dict[tuple[int, int], list[str]] = {}
     try:
-        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-chunk") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk") as pool:
             futs = {pool.submit(snap.process, u): u for u in units}
             done, _ = wait(futs, return_when=FIRST_EXCEPTION)
             for f in done:
