@@ -184,14 +184,19 @@ def test_concurrent_runs_and_sigkill(make_lab, cli, dbops_bin):
 
     # Two concurrent runs: the second gets the lock code and names the holder.
     a = subprocess.Popen([dbops_bin, "backup"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not any(scratch.glob("run-*")) and time.time() < deadline:
-        time.sleep(0.05)
-    b = subprocess.run([dbops_bin, "backup"], env=env, capture_output=True, text=True, timeout=120)
-    assert b.returncode == 6, b.stderr
-    assert "held by" in b.stderr and "backup" in b.stderr
-    out, err = a.communicate(timeout=300)
-    assert a.returncode == 0, err
+    try:
+        deadline = time.time() + 30
+        while not any(scratch.glob("run-*")) and time.time() < deadline:
+            time.sleep(0.05)
+        b = subprocess.run([dbops_bin, "backup"], env=env, capture_output=True, text=True, timeout=120)
+        assert b.returncode == 6, b.stderr
+        assert "is held" in b.stderr and f"pid {a.pid}" in b.stderr
+        out, err = a.communicate(timeout=300)
+        assert a.returncode == 0, err
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
 
     # A run killed with SIGKILL mid-way (while its container runs): the next run succeeds and cleans up.
     before = set(_containers())
