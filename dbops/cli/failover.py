@@ -1,0 +1,146 @@
+"""`dbops failover`: planned switchover of the primary role to a standby."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from dbops.cli import output
+from dbops.cli.state import start_line, state_of
+from dbops.errors import DbopsError, ExitCode, UsageError
+
+
+def failover(
+    ctx: typer.Context,
+    to: Annotated[str | None, typer.Option("--to", help="Node to promote [default: the most advanced "
+                                                          "healthy standby of the primary]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and print the plan; change nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    max_lag: Annotated[str | None, typer.Option("--max-lag", help="Most WAL the candidate may still have to "
+                                                   "replay, bytes or 16MiB [default: failover.max_lag]")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for each step (catch-up, "
+                                                     "promotion, rejoin) [default: failover.timeout]")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the plan and the report as JSON")] = False,
+    metrics_file: Annotated[str | None, typer.Option("--metrics-file", help="Write Prometheus textfile "
+                                                        "metrics of this run here")] = None,
+) -> None:
+    """Move the primary role to a standby: zero lost commits, a write gap counted in milliseconds.
+
+    Exit codes: 0 done and verified; 11 refused by preflight (nothing changed); 12 failed and
+    rolled back (the old primary is primary again); 8 outcome could not be confirmed.
+    """
+    from dbops import config as cfgmod
+    from dbops.ops import failover as fo
+    from dbops.ops.failover_plan import Options, make_plan
+
+    st = state_of(ctx)
+    st.json_output = json_
+    start_line("failover", to=to, dry_run=dry_run)
+    cfg = st.config()
+    lag = None
+    if max_lag is not None:
+        lag = cfgmod.parse_size(max_lag)
+        if lag is None:
+            raise UsageError(f"--max-lag: expected bytes or a size like 16MiB, got {max_lag!r}")
+    opts = Options.from_config(cfg, to=to, max_lag=lag, timeout=timeout)
+    plan = make_plan(cfg, opts)
+    if not json_:
+        _print_plan(plan)
+    if not plan.ok:
+        _fail(plan.refuse(), json_, plan=plan)
+    if dry_run:
+        if json_:
+            output.emit_json({"ok": True, "dry_run": True, "plan": plan.as_dict()})
+        else:
+            output.out("\ndry run: nothing was changed")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("confirmation needed: pass --yes to switch over without a terminal")
+        if not typer.confirm(f"Switch the primary from {plan.old_primary.name} to {plan.candidate.name}?",
+                             err=True):
+            output.err("not confirmed: nothing was changed")
+            raise typer.Exit(int(ExitCode.FAILED))
+    try:
+        report = fo.execute(cfg, plan, opts)
+    except DbopsError as e:
+        rep = getattr(e, "report", None)
+        if metrics_file and rep is not None:
+            _write_metrics(metrics_file, fo.metrics(rep), cfg.cluster)
+        if not json_ and rep is not None:
+            _print_report(rep)
+        _fail(e, json_, plan=plan, report=rep)
+    if metrics_file:
+        _write_metrics(metrics_file, fo.metrics(report), cfg.cluster)
+    if json_:
+        output.emit_json({"ok": True, "plan": plan.as_dict(), "report": report.as_dict()})
+    else:
+        _print_report(report)
+
+
+def _fail(e: DbopsError, json_: bool, *, plan: Any = None, report: Any = None) -> None:
+    if json_:
+        output.emit_json({"ok": False, **e.as_dict(), "plan": plan.as_dict() if plan else None,
+                          "report": report.as_dict() if report else None})
+    output.err(e.render())
+    raise typer.Exit(int(e.exit_code))
+
+
+def _write_metrics(path: str, values: dict, cluster: str) -> None:
+    from dbops import metrics
+
+    metrics.write(path, values, {"cluster": cluster})
+
+
+def _print_plan(plan: Any) -> None:
+    old = plan.old_primary.name if plan.old_primary else "?"
+    new = plan.candidate.name if plan.candidate else "?"
+    output.out(f"switchover plan: {old} -> {new}\n")
+    rows = []
+    for s in plan.topology.nodes:
+        lag = plan.topology.replay_lag(s) if s.role == "standby" else None
+        rows.append([s.name, s.role, s.upstream or "", s.timeline or "", "" if lag is None else lag,
+                     (s.error or "")[:60]])
+    output.out(output.table(["NODE", "ROLE", "UPSTREAM", "TIMELINE", "REPLAY LAG", "NOTE"], rows))
+    output.out("\npreflight:")
+    for f in plan.findings:
+        output.out(f"  {f.status.upper():<4}  " + (f"[{f.node}] " if f.node else "") + f"{f.check}: {f.message}")
+        if f.fix and f.status != "ok":
+            output.out(f"        fix: {f.fix}")
+    if plan.ok:
+        output.out("\nsteps:")
+        for i, step in enumerate(plan.steps, 1):
+            output.out(f"  {i:>2}. {step}")
+
+
+def _print_report(rep: Any) -> None:
+    head = {
+        "succeeded": f"switchover succeeded: {rep.new_primary} is primary on timeline {rep.timeline}",
+        "rolled_back": f"switchover failed and was rolled back: {rep.old_primary} is primary again",
+        "unknown": "switchover outcome UNKNOWN: inspect before acting again",
+        "cancelled": "switchover cancelled: nothing was changed",
+    }.get(rep.outcome, f"switchover {rep.outcome}")
+    output.out("\n" + head)
+    if rep.switch_lsn:
+        output.out(f"  switch LSN {rep.switch_lsn} (shutdown checkpoint {rep.shutdown_checkpoint_lsn})")
+    if rep.write_unavailable_seconds is not None:
+        output.out(f"  writes unavailable for {rep.write_unavailable_seconds:.3f} s; "
+                   f"total {rep.total_seconds or 0:.1f} s")
+    if rep.rewind:
+        output.out(f"  pg_rewind {'run' if rep.rewind['needed'] else 'not needed'}: {rep.rewind['reason']}")
+    output.out("phases:")
+    for ph in rep.phases:
+        output.out(f"  {'ok ' if ph.ok else 'ERR'} {ph.name:<32} {ph.seconds:8.3f} s" +
+                   (f"  {ph.detail}" if ph.detail else ""))
+    if rep.verification:
+        output.out("verification:")
+        for f in rep.verification:
+            output.out(f"  {f.status.upper():<4}  {f.check}: {f.message}")
+    for w in rep.warnings:
+        output.out(f"  ! {w}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("failover")(failover)

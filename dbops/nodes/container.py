@@ -1,0 +1,140 @@
+"""The container controller: PostgreSQL is the main process of a docker or podman container.
+
+* start / stop are the container's own lifecycle: ``ENGINE start``; ``ENGINE kill
+  --signal`` with PostgreSQL's shutdown signal for the mode (smart SIGTERM, fast SIGINT,
+  immediate SIGQUIT), then ``ENGINE wait``. A plain ``stop`` would SIGKILL a server still
+  writing its shutdown checkpoint once the engine's grace period ends.
+* commands run with ``ENGINE exec -u OWNER`` while the container runs; while it is
+  stopped (reading the control file after a stop, writing standby.signal, pg_rewind)
+  they run in a throwaway container sharing its volumes (``--volumes-from``).
+* environment values are passed as ``-e NAME`` (the engine copies the value from its own
+  environment), so a secret never appears on a command line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+from dbops import proc
+from dbops.config import Node
+from dbops.errors import CommandError, ConfigError, PostgresError, UsageError
+from dbops.nodes.base import POLL_SECONDS, STOP_MODES, RunState, ShellController
+from dbops.pg.controldata import ControlData
+
+SIGNALS = {"smart": "SIGTERM", "fast": "SIGINT", "immediate": "SIGQUIT"}
+
+
+class ContainerController(ShellController):
+    kind = "container"
+
+    def __init__(self, node: Node):
+        if node.container is None:
+            raise ConfigError(f"node {node.name} uses the container controller but has no container settings",
+                              hint="add nodes[].container.engine (podman|docker) and nodes[].container.name")
+        super().__init__(node)
+        self.engine = node.container.engine
+        self.name = node.container.name
+        self._image: list[str] | None = None
+
+    # -- argv builders (pure, unit-tested) ------------------------------------------------------
+
+    def _env_flags(self, env: Mapping[str, str] | None) -> list[str]:
+        flags: list[str] = []
+        for k in env or {}:
+            flags += ["-e", k]
+        return flags
+
+    def exec_argv(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                  interactive: bool = False) -> list[str]:
+        return [self.engine, "exec", *(["-i"] if interactive else []), "-u", self.node.os_user,
+                *self._env_flags(env), self.name, *argv]
+
+    def helper_argv(self, argv: Sequence[str], image: Sequence[str], *, env: Mapping[str, str] | None = None,
+                    interactive: bool = False) -> list[str]:
+        """A throwaway container on the stopped node's volumes, without network."""
+        return [self.engine, "run", "--rm", *(["-i"] if interactive else []), "--user", self.node.os_user,
+                "--volumes-from", self.name, "--network", "none", *self._env_flags(env), *image, *argv]
+
+    def kill_argv(self, mode: str) -> list[str]:
+        return [self.engine, "kill", "--signal", SIGNALS[mode], self.name]
+
+    # -- engine calls -----------------------------------------------------------------------------
+
+    def _engine(self, *args: str, timeout: float = 60.0, check: bool = True) -> proc.Result:
+        return proc.run([self.engine, *args], timeout=timeout, check=check,
+                        what=f"{self.engine} {args[0]} {self.name}")
+
+    def _image_args(self) -> list[str]:
+        """How to start a helper from the node's own image (or root filesystem, podman --rootfs)."""
+        if self._image is None:
+            fmt = "{{.Config.Image}}|{{.Rootfs}}" if self.engine == "podman" else "{{.Config.Image}}|"
+            out = self._engine("inspect", "--format", fmt, self.name).stdout.strip()
+            image, _, rootfs = out.partition("|")
+            if rootfs and rootfs != "<no value>":
+                self._image = ["--rootfs", rootfs]
+            elif image:
+                self._image = ["--entrypoint", "", image]
+            else:
+                raise PostgresError(f"cannot tell the image of container {self.name}")
+        return self._image
+
+    def _exec(self, argv: Sequence[str], *, timeout: float | None, input: str | None,
+              env: Mapping[str, str] | None, check: bool, what: str | None = None) -> proc.Result:
+        interactive = input is not None
+        if self.status().running:
+            full = self.exec_argv(argv, env=env, interactive=interactive)
+        else:
+            full = self.helper_argv(argv, self._image_args(), env=env, interactive=interactive)
+        return proc.run(full, timeout=timeout, input=input, env=env, check=check,
+                        what=what or f"{argv[0]} in {self.name}")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def status(self) -> RunState:
+        res = self._engine("inspect", "--format", "{{.State.Running}}|{{.State.Pid}}", self.name, check=False)
+        if res.returncode != 0:
+            raise CommandError(f"container {self.name} of node {self.node.name} not found",
+                               returncode=res.returncode, stderr=res.stderr)
+        running, _, pid = res.stdout.strip().partition("|")
+        return RunState(running == "true", int(pid) if pid.isdigit() and int(pid) > 0 else None)
+
+    def start(self, *, timeout: float = 120.0) -> None:
+        if not self.status().running:
+            self._engine("start", self.name, timeout=timeout)
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        from dbops.pg import conn
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.connect(self.node, connect_timeout=2).close()
+                return
+            except PostgresError as e:
+                if time.monotonic() >= deadline:
+                    raise PostgresError(f"PostgreSQL in container {self.name} did not accept connections "
+                                        f"within {timeout:.0f} s", detail=e.detail,
+                                        hint=f"see `{self.engine} logs {self.name}`") from None
+                if not self.status().running:
+                    raise PostgresError(f"container {self.name} exited while PostgreSQL started",
+                                        hint=f"see `{self.engine} logs {self.name}`") from None
+            time.sleep(POLL_SECONDS * 5)
+
+    def fence(self, mode: str = "fast", *, timeout: float = 120.0) -> ControlData:
+        """A containerised server is PID 1: exec cannot outlive it, so stop fully, then read."""
+        self.stop(mode, timeout=timeout)
+        return self.controldata()
+
+    def stop(self, mode: str = "fast", *, timeout: float = 120.0) -> None:
+        if mode not in STOP_MODES:
+            raise UsageError(f"unknown stop mode {mode!r} (expected one of {', '.join(STOP_MODES)})")
+        if not self.status().running:
+            return
+        self._engine(*self.kill_argv(mode)[1:], timeout=30, check=False)
+        try:
+            self._engine("wait", self.name, timeout=timeout)
+        except CommandError as e:
+            if self.status().running:
+                raise PostgresError(f"container {self.name} did not stop ({mode})", detail=e.detail) from None

@@ -1,0 +1,577 @@
+"""Planned switchover: move the primary role to a standby with no lost commit and a short write gap.
+
+The sequence (each phase timed; see :func:`dbops.ops.failover_plan.describe`):
+
+1. pre-hooks (blocking; a non-zero exit cancels before anything changes), re-check;
+2. CHECKPOINT on the old primary *while it still takes writes*, so the shutdown
+   checkpoint has little to flush; PgBouncer PAUSE;
+3. fence: fast stop of the old primary through its node controller. Its walsenders
+   send every record, the shutdown checkpoint included, before it exits;
+4. gate: the shutdown checkpoint LSN from pg_controldata; the candidate must have
+   received *and* replayed past it within the timeout, else the old primary is started
+   again as primary (rolled back, exit 12). Until promotion nothing is lost by rolling back;
+5. promote (``pg_promote(wait => false)`` and a 10 ms poll of ``pg_is_in_recovery()``:
+   ``pg_promote``'s own wait loop sleeps 100 ms). Writes resume here;
+6. PgBouncer repoint + RESUME, then everything that need not hold writes back:
+   slots for the followers, CHECKPOINT on the new primary (before any pg_rewind), the
+   old primary rejoins as a standby, other standbys are repointed, post-hooks;
+7. verify: the new primary takes writes on the new timeline, every follower streams
+   from it, the timeline history file is archived.
+
+After the promote request the outcome is never reported as "failed": when it cannot
+be confirmed the error is :class:`UnknownOutcomeError` (exit 8).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dbops import log, proc
+from dbops.config import Config, Node
+from dbops.errors import (
+    DbopsError,
+    PostgresError,
+    PreconditionError,
+    RolledBackError,
+    UnknownOutcomeError,
+)
+from dbops.nodes import NodeController, open_controller
+from dbops.ops import replication as repl
+from dbops.ops.failover_plan import FAIL, OK, Finding, Options, Plan, make_plan
+from dbops.ops.pgbouncer import PgBouncer, paused
+from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
+
+_log = log.get("failover")
+
+POLL = 0.01  # seconds between polls on the critical path
+Observer = Callable[[str, str], None]  # (phase, "start" | "end")
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    ok: bool = True
+    detail: str | None = None
+
+
+@dataclass
+class Report:
+    old_primary: str
+    new_primary: str
+    outcome: str = "running"  # succeeded | rolled_back | unknown | cancelled | running
+    old_timeline: int | None = None
+    timeline: int | None = None
+    shutdown_checkpoint_lsn: str | None = None
+    switch_lsn: str | None = None
+    write_unavailable_seconds: float | None = None
+    total_seconds: float | None = None
+    rewind: dict[str, Any] | None = None
+    phases: list[Phase] = field(default_factory=list)
+    verification: list[Finding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.outcome == "succeeded"
+        return d
+
+
+def _attach(err: DbopsError, report: Report) -> DbopsError:
+    err.report = report  # type: ignore[attr-defined]
+    return err
+
+
+class Switchover:
+    """One switchover run. Holds the connections it keeps open on the critical path."""
+
+    def __init__(self, cfg: Config, plan: Plan, opts: Options, observer: Observer | None = None):
+        assert plan.old_primary is not None and plan.candidate is not None
+        self.cfg, self.plan, self.opts = cfg, plan, opts
+        self.old: Node = plan.old_primary.node
+        self.new: Node = plan.candidate.node
+        self.others: list[Node] = [s.node for s in plan.others]
+        self.observer = observer
+        self.report = Report(old_primary=self.old.name, new_primary=self.new.name,
+                             old_timeline=plan.old_primary.timeline)
+        self.ctl_old: NodeController = open_controller(self.old)
+        self.bouncer = PgBouncer(cfg.failover.pgbouncer) if cfg.failover.pgbouncer else None
+        self.uses_slots = bool(plan.candidate.settings.get("primary_slot_name"))
+        self.candidate_slot = plan.candidate.settings.get("primary_slot_name") or None
+        self._cand: Any = None  # connection to the candidate, open from before the fence to the end
+        self._cand_conninfo: str | None = None
+        self._checkpoint_lsn: int | None = None
+        self._t_fence: float | None = None
+        self._history: str | None = None
+        self._restore_command: tuple[str, bool] | None = None  # (value, set in postgresql.auto.conf) while suspended
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[Phase]:
+        ph = Phase(name, 0.0)
+        if self.observer:
+            self.observer(name, "start")
+        t0 = time.monotonic()
+        try:
+            yield ph
+        except BaseException as e:
+            ph.ok = False
+            ph.detail = ph.detail or (e.message if isinstance(e, DbopsError) else type(e).__name__)
+            raise
+        finally:
+            ph.seconds = round(time.monotonic() - t0, 4)
+            self.report.phases.append(ph)
+            log.event(_log, 20, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
+            if self.observer:
+                self.observer(name, "end")
+
+    def hook_env(self) -> dict[str, str]:
+        r = self.report
+        return {
+            "DBOPS_CLUSTER": self.cfg.cluster,
+            "DBOPS_OLD_PRIMARY": self.old.name, "DBOPS_OLD_PRIMARY_HOST": self.old.host,
+            "DBOPS_OLD_PRIMARY_PORT": str(self.old.port),
+            "DBOPS_NEW_PRIMARY": self.new.name, "DBOPS_NEW_PRIMARY_HOST": self.new.host,
+            "DBOPS_NEW_PRIMARY_PORT": str(self.new.port),
+            "DBOPS_TIMELINE": str(r.timeline or ""), "DBOPS_SWITCH_LSN": r.switch_lsn or "",
+        }
+
+    def run_hooks(self, kind: str, hooks: tuple[str, ...]) -> list[str]:
+        """Run hooks in order; returns failures ("hook: status") and stops at the first one."""
+        env = {**self.hook_env(), "DBOPS_HOOK": kind}
+        for hook in hooks:
+            res = proc.run(["/bin/sh", "-c", hook], env=env, timeout=self.opts.timeout, check=False,
+                           what=f"{kind}-hook")
+            log.event(_log, 20, f"{kind}-hook finished", hook=hook, status=res.returncode)
+            if res.returncode != 0:
+                tail = (res.stderr or res.stdout or "").strip()[-500:]
+                return [f"{hook!r} exited with status {res.returncode}" + (f": {tail}" if tail else "")]
+        return []
+
+    # -- the run ----------------------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        t0 = time.monotonic()
+        try:
+            self._prepare()
+            self._switch()
+            self._after()
+        except DbopsError as e:
+            if self.report.outcome == "running":
+                if self._t_fence is None:
+                    self.report.outcome = "cancelled"
+                    self._guarded("reinstate restore_command", self._reinstate_restore_command)
+                else:  # an unforeseen error after the fence: never call that "failed"
+                    self.report.outcome = "unknown"
+                    e = UnknownOutcomeError(f"switchover interrupted, outcome unknown: {e.message}",
+                                            detail=e.detail, hint="run `dbops status` before acting again")
+            raise _attach(e, self.report) from None
+        finally:
+            self._close()
+            self.report.total_seconds = round(time.monotonic() - t0, 3)
+        return self.report
+
+    def _close(self) -> None:
+        if self._cand is not None:
+            self._cand.close()
+            self._cand = None
+
+    def _prepare(self) -> None:
+        fo = self.cfg.failover
+        if fo.pre_hooks:
+            with self.phase("pre-hooks") as ph:
+                failed = self.run_hooks("pre", fo.pre_hooks)
+                if failed:
+                    ph.ok, ph.detail = False, failed[0]
+                    self.report.outcome = "cancelled"
+                    raise _attach(PreconditionError(f"pre-hook {failed[0]}; switchover cancelled, nothing changed",
+                                                    hint="fix what the hook reported, then run again"), self.report)
+        with self.phase("recheck"):
+            plan = make_plan(self.cfg, Options(to=self.new.name, max_lag=self.opts.max_lag,
+                                               timeout=self.opts.timeout, max_xact_age=self.opts.max_xact_age))
+            if not plan.ok or plan.old_primary is None or plan.old_primary.name != self.old.name:
+                self.report.outcome = "cancelled"
+                err = plan.refuse() if not plan.ok else PreconditionError(
+                    "the primary changed since the plan; nothing changed")
+                raise _attach(err, self.report)
+            self.plan = plan
+        from dbops.pg import conn
+
+        self._cand = conn.connect(self.new, connect_timeout=5)
+        self._cand_conninfo = self._cand.execute("select current_setting('primary_conninfo')").fetchone()[0]
+        with self.phase("suspend restore_command") as ph:
+            ph.detail = self._suspend_restore_command()
+        with self.phase("checkpoint old primary"), conn.session(self.old) as c:
+            c.execute("checkpoint")
+
+    def _suspend_restore_command(self) -> str:
+        """Blank the candidate's restore_command for the switch (reloadable since PostgreSQL 14).
+
+        Once the old primary stops, the startup process would run restore_command while it
+        waits, and promotion runs it again to probe the archive for history files: each run of
+        an archive client costs hundreds of milliseconds of write downtime. The candidate needs
+        no archive here (it streams everything up to the shutdown checkpoint). The probe matters
+        only if the next timeline's history file already exists in the archive (then it is kept).
+        """
+        row = self._cand.execute("select setting, coalesce(sourcefile, ''), current_setting('server_version_num')::int"
+                                 " from pg_settings where name = 'restore_command'").fetchone()
+        value, sourcefile, version = row
+        if not value:
+            return "not set"
+        if version < 140000:
+            return "kept (PostgreSQL < 14 cannot reload it)"
+        if not self._next_timeline_free():
+            return "kept (the next timeline's history is in the archive, or the archive cannot be checked)"
+        self._restore_command = (value, sourcefile.endswith("postgresql.auto.conf"))
+        self._cand.execute("alter system set restore_command = ''")
+        self._cand.execute("select pg_reload_conf()")
+        return "suspended until promotion"
+
+    def _next_timeline_free(self) -> bool:
+        cmd = self.plan.candidate.settings.get("archive_command", "") if self.plan.candidate else ""
+        if "wal-push" not in cmd:
+            return False
+        from dbops.storage import open_store
+        from dbops.storage.layout import Layout
+
+        name = f"{(self.report.old_timeline or 1) + 1:08X}.history"
+        try:
+            return open_store(self.cfg.storage).head(Layout(self.cfg.storage.prefix).wal_key(name)) is None
+        except DbopsError:
+            return False
+
+    def _reinstate_restore_command(self) -> None:
+        """Put the candidate's restore_command back (after promotion, or on rollback)."""
+        if self._restore_command is None:
+            return
+        from psycopg import sql
+
+        from dbops.pg import conn
+
+        value, in_auto = self._restore_command
+        with conn.session(self.new) as c:
+            if in_auto:
+                c.execute(sql.SQL("alter system set restore_command = {}").format(sql.Literal(value)))
+            else:
+                c.execute("alter system reset restore_command")
+            c.execute("select pg_reload_conf()")
+        self._restore_command = None
+
+    def _switch(self) -> None:
+        """From PAUSE to RESUME: the part that holds writes back."""
+        t_pause = time.monotonic()
+        with paused(self.bouncer, self.opts.timeout) as bouncer:
+            self._t_fence = t_pause
+            if bouncer is not None:
+                self.report.phases.append(Phase("pgbouncer pause", round(time.monotonic() - t_pause, 4)))
+            self._fence_and_gate()
+            self._promote()
+            if bouncer is not None:
+                self._guarded("pgbouncer repoint", lambda: self._repoint_bouncer(bouncer))
+                self._guarded("pgbouncer resume", bouncer.resume)
+        self.report.write_unavailable_seconds = round(time.monotonic() - t_pause, 4)
+
+    def _repoint_bouncer(self, bouncer: PgBouncer) -> None:
+        changed = bouncer.repoint(self.old, self.new)
+        self.report.phases[-1].detail = "repointed " + (", ".join(changed) or "nothing")
+
+    def _fence_and_gate(self) -> None:
+        try:
+            with self.phase("stop old primary") as ph:
+                # Returns once the shutdown checkpoint is on disk: no WAL follows it, while the
+                # postmaster may still be archiving its last segment (waited for before the rejoin).
+                cd = self.ctl_old.fence("fast", timeout=self.opts.timeout)
+                if cd.state != "shut down":
+                    raise PostgresError(f"{self.old.name} did not shut down cleanly (state: {cd.state})")
+                self._checkpoint_lsn = cd.checkpoint_lsn
+                self.report.shutdown_checkpoint_lsn = format_lsn(cd.checkpoint_lsn)
+                ph.detail = f"shutdown checkpoint {self.report.shutdown_checkpoint_lsn}"
+            with self.phase("candidate caught up") as ph:
+                ph.detail = self._wait_caught_up()
+        except BaseException as e:
+            self._rollback(e)
+            raise  # _rollback raises; kept for the type checker
+
+    def _wait_caught_up(self) -> str:
+        """Poll the candidate until it has received and replayed past the shutdown checkpoint."""
+        import psycopg
+
+        from dbops.pg import conn
+
+        target = self._checkpoint_lsn
+        assert target is not None
+        deadline = time.monotonic() + self.opts.timeout
+        last = "no answer"
+        while True:
+            try:
+                if self._cand is None or self._cand.closed:
+                    self._cand = conn.connect(self.new, connect_timeout=2)
+                recv, replay = self._cand.execute(
+                    "select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text").fetchone()
+                recv_i = parse_lsn(recv) if recv else 0
+                replay_i = parse_lsn(replay) if replay else 0
+                last = f"received {recv}, replayed {replay}"
+                if recv_i > target and replay_i > target:
+                    return last
+            except (psycopg.Error, DbopsError) as e:
+                last = f"candidate unreachable: {getattr(e, 'message', None) or str(e).strip()}"
+                if self._cand is not None and not self._cand.closed:
+                    self._cand.close()
+                self._cand = None
+            if time.monotonic() >= deadline:
+                raise PreconditionError(f"{self.new.name} did not receive and replay past the shutdown checkpoint "
+                                        f"{format_lsn(target)} within {self.opts.timeout:.0f} s ({last})")
+            time.sleep(POLL)
+
+    def _rollback(self, cause: BaseException) -> None:
+        """Before promotion: bring the old primary back as primary (it holds every commit)."""
+        why = cause.message if isinstance(cause, DbopsError) else f"interrupted ({type(cause).__name__})"
+        with self.phase("rollback") as ph:
+            try:
+                if self.ctl_old.is_running():
+                    self.ctl_old.stop("fast", timeout=self.opts.timeout)  # a stop may still be in progress
+                self.ctl_old.remove_standby_signal()
+                self.ctl_old.start(timeout=self.opts.timeout)
+                self._assert_writable(self.old)
+                self._guarded("reinstate restore_command", self._reinstate_restore_command)
+            except DbopsError as e:
+                ph.ok, ph.detail = False, e.message
+                self.report.outcome = "unknown"
+                raise _attach(UnknownOutcomeError(
+                    f"switchover failed ({why}) and the rollback failed too: {e.message}",
+                    detail=e.detail, hint=f"{self.new.name} was NOT promoted; start {self.old.name} as primary "
+                    f"(its data is complete) and check its server log"), self.report) from None
+        self.report.outcome = "rolled_back"
+        if not isinstance(cause, DbopsError):
+            raise cause
+        raise _attach(RolledBackError(f"switchover failed, rolled back: {why}",
+                                      detail=f"{self.old.name} is primary again and takes writes; "
+                                             f"{self.new.name} was not promoted",
+                                      hint=f"check {self.new.name} (dbops status, its server log), then retry"),
+                      self.report) from None
+
+    def _assert_writable(self, node: Node) -> None:
+        from dbops.pg import conn
+
+        with conn.session(node) as c:
+            if c.execute("select pg_is_in_recovery()").fetchone()[0]:
+                raise PostgresError(f"{node.name} is in recovery, not writable")
+
+    def _promote(self) -> None:
+        import psycopg
+
+        with self.phase("promote") as ph:
+            try:
+                self._cand.execute("select pg_promote(false)")
+                deadline = time.monotonic() + self.opts.timeout
+                while self._cand.execute("select pg_is_in_recovery()").fetchone()[0]:
+                    if time.monotonic() >= deadline:
+                        raise PostgresError(f"{self.new.name} still in recovery after {self.opts.timeout:.0f} s")
+                    time.sleep(POLL)
+                self.report.timeline = int(self._cand.execute(
+                    "select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+                ph.detail = f"timeline {self.report.timeline}"
+            except (psycopg.Error, DbopsError) as e:
+                self.report.outcome = "unknown"
+                msg = getattr(e, "message", None) or str(e).strip()
+                raise _attach(UnknownOutcomeError(
+                    f"promotion of {self.new.name} requested, outcome unknown: {msg}",
+                    detail=f"{self.old.name} is stopped (clean shutdown at {self.report.shutdown_checkpoint_lsn}); "
+                           f"{self.new.name} may be promoting",
+                    hint=f"run `dbops status`: if {self.new.name} is primary, rejoin {self.old.name} as its standby; "
+                         f"if it is still a standby, start {self.old.name} again"), self.report) from None
+
+    # -- after writes resumed -----------------------------------------------------------------------------
+
+    def _after(self) -> None:
+        followers = [self.old, *self.others]
+        self._guarded("reinstate restore_command", self._reinstate_restore_command)
+        self._guarded("new primary: slots, checkpoint", lambda: self._settle_new_primary(followers))
+        for n in self.others:
+            self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
+        self._guarded("rejoin old primary", self._rejoin_old)
+        if self.cfg.failover.post_hooks:
+            with self.phase("post-hooks") as ph:
+                failed = self.run_hooks("post", self.cfg.failover.post_hooks)
+                if failed:
+                    ph.ok, ph.detail = False, failed[0]
+                    self.report.warnings.append(f"post-hook {failed[0]}")
+        with self.phase("verify"):
+            self.report.verification = self._verify(followers)
+        bad = [f for f in self.report.verification if f.status == FAIL]
+        if bad or self.report.warnings:
+            self.report.outcome = "unknown"
+            lines = [f"{f.check}: {f.message}" for f in bad] + self.report.warnings
+            raise _attach(UnknownOutcomeError(
+                f"{self.new.name} is primary on timeline {self.report.timeline}, but not everything could be "
+                f"confirmed", detail="\n  " + "\n  ".join(lines),
+                hint="see each item; `dbops status` shows the topology now"), self.report)
+        self.report.outcome = "succeeded"
+
+    def _guarded(self, name: str, fn: Callable[[], None]) -> None:
+        """A post-promotion step: a failure is recorded (and shows in verification), never stops the others."""
+        import psycopg
+
+        try:
+            with self.phase(name):
+                fn()
+        except DbopsError as e:
+            self.report.warnings.append(f"{name}: {e.message}" + (f" ({e.detail})" if e.detail else ""))
+        except psycopg.Error as e:  # a connection lost: the steps after promotion must all get their turn
+            self.report.warnings.append(f"{name}: {type(e).__name__}: {str(e).strip()}")
+
+    def _settle_new_primary(self, followers: list[Node]) -> None:
+        """Slots for the followers (before the checkpoint, so they keep the WAL since the switch), CHECKPOINT
+        (pg_rewind must see the new timeline in the control file), forget the old upstream, read the history."""
+        if self.uses_slots:
+            for n in followers:
+                repl.ensure_slot(self._cand, self._slot_of(n))
+        self._cand.execute("checkpoint")
+        repl.clear_upstream(self._cand)
+        self._history = repl.read_history(self._cand, self.report.timeline or 0)
+        entries = parse_history(self._history) if self._history else []
+        if entries:
+            self.report.switch_lsn = format_lsn(entries[-1][1])
+
+    def _slot_of(self, node: Node) -> str:
+        st = self.plan.topology.get(node.name)
+        return repl.slot_name_for(node.name, st.settings.get("primary_slot_name"))
+
+    def _rejoin_old(self) -> None:
+        from dbops.pg import conn
+
+        self.ctl_old.stop("fast", timeout=self.opts.timeout)  # its postmaster may still be archiving
+        cd = self.ctl_old.controldata()
+        decision = repl.needs_rewind(cd, self._history, self.report.timeline or 0)
+        self.report.rewind = {"needed": decision.needed, "reason": decision.reason}
+        if decision.needed:
+            source, password = repl.rewind_source(self.new)
+            self.ctl_old.rewind(source, password=password, timeout=max(self.opts.timeout, 600))
+        slot = self._slot_of(self.old) if self.uses_slots else None
+        self.ctl_old.write_standby_config(repl.follow_conninfo(self._cand_conninfo, self.new, self.old.name), slot)
+        self.ctl_old.start(timeout=self.opts.timeout)
+        stale = {self._slot_of(n) for n in self.others} | ({self.candidate_slot} if self.candidate_slot else set())
+        if stale:
+            with conn.session(self.old) as c:
+                repl.drop_inactive_slots(c, stale)
+
+    def _repoint(self, node: Node) -> None:
+        from dbops.pg import conn
+
+        slot = self._slot_of(node) if self.uses_slots else None
+        with conn.session(node) as c:
+            current = c.execute("select current_setting('primary_conninfo')").fetchone()[0]
+            repl.set_upstream(c, repl.follow_conninfo(current or self._cand_conninfo, self.new, node.name), slot)
+            version = int(c.execute("select current_setting('server_version_num')").fetchone()[0])
+        if version < 130000:  # primary_conninfo became reloadable in PostgreSQL 13
+            open_controller(node).restart("fast", timeout=self.opts.timeout)
+
+    # -- verification ---------------------------------------------------------------------------------------
+
+    def _verify(self, followers: list[Node]) -> list[Finding]:
+        import psycopg
+
+        from dbops.ops import topology as topo_mod
+
+        out: list[Finding] = []
+        tli = self.report.timeline or 0
+        try:
+            in_rec, walfile, _ = self._cand.execute(
+                "select pg_is_in_recovery(), pg_walfile_name(pg_current_wal_lsn()), txid_current()").fetchone()
+            ok = not in_rec and int(walfile[:8], 16) == tli and tli > (self.report.old_timeline or 0)
+            out.append(Finding("new primary writable", OK if ok else FAIL,
+                               f"{self.new.name} takes writes on timeline {int(walfile[:8], 16)}", node=self.new.name))
+        except psycopg.Error as e:  # the connection may be gone
+            out.append(Finding("new primary writable", FAIL, f"{self.new.name}: {str(e).strip()}", node=self.new.name))
+        deadline = time.monotonic() + self.opts.timeout
+        pending = {n.name: n for n in followers}
+        last: dict[str, str] = {}
+        while pending and time.monotonic() < deadline:
+            for name, n in list(pending.items()):
+                st = topo_mod.probe(n, self.cfg.nodes)
+                last[name] = (f"{st.role}, receiver {st.receiver.status if st.receiver else '-'}, upstream "
+                              f"{st.upstream or '-'}, timeline {st.timeline}") if st.reachable else f"unreachable: {st.error}"
+                if st.streaming and st.upstream == self.new.name and st.timeline == tli:
+                    out.append(Finding("streaming from new primary", OK, f"{name} streams from {self.new.name} on "
+                                       f"timeline {tli}", node=name))
+                    del pending[name]
+            if pending:
+                time.sleep(0.1)
+        for name in pending:
+            out.append(Finding("streaming from new primary", FAIL, f"{name} is not streaming from {self.new.name} "
+                               f"on timeline {tli} ({last.get(name)})",
+                               f"check {name}'s server log", node=name))
+        out.append(self._verify_archived(tli, deadline))
+        return out
+
+    def _verify_archived(self, tli: int, deadline: float) -> Finding:
+        """The new timeline's history file reached the archive (pg_stat_archiver, then the store)."""
+        name = f"{tli:08X}.history"
+        done = False
+        while True:
+            done = bool(self._cand.execute("select count(*) from pg_ls_archive_statusdir() where name = %s",
+                                           (name + ".done",)).fetchone()[0])
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if not done:
+            return Finding("history archived", FAIL, f"{name} not archived by {self.new.name} yet",
+                           f"check archive_command and pg_stat_archiver on {self.new.name}", self.new.name)
+        cmd = self.plan.candidate.settings.get("archive_command", "") if self.plan.candidate else ""
+        if "wal-push" not in cmd:
+            return Finding("history archived", OK, f"{name} archived by {self.new.name} (archive_command)",
+                           node=self.new.name)
+        from dbops.storage import open_store
+        from dbops.storage.layout import Layout
+
+        key = Layout(self.cfg.storage.prefix).wal_key(name)
+        try:
+            found = open_store(self.cfg.storage).head(key) is not None
+        except DbopsError as e:
+            return Finding("history archived", FAIL, f"cannot check the archive for {name}: {e.message}", e.hint)
+        return Finding("history archived", OK if found else FAIL,
+                       f"{name} {'is' if found else 'is NOT'} in the archive ({key})",
+                       None if found else "archive_command reported success but the object is missing: "
+                       "check the WAL archive", self.new.name)
+
+
+LOCK_NAME = "backup"  # the lock a backup's target capture holds: the two never interleave
+
+
+def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None = None,
+            lock: Callable[[], Any] | None = None) -> Report:
+    """Run a planned switchover under the cluster lock. Raises with ``.report`` attached on failure."""
+    if not plan.ok:
+        raise plan.refuse()
+    sw = Switchover(cfg, plan, opts, observer)
+    with (lock or (lambda: cluster_lock(cfg)))():
+        return sw.run()
+
+
+def cluster_lock(cfg: Config) -> Any:
+    from dbops.lock import ClusterLock
+    from dbops.storage import open_store
+    from dbops.storage.layout import Layout
+
+    return ClusterLock(open_store(cfg.storage), Layout(cfg.storage.prefix), LOCK_NAME, command="failover")
+
+
+def metrics(report: Report) -> dict[str, tuple[float | int | None, str]]:
+    """Prometheus textfile values for the last switchover (see dbops.metrics.write)."""
+    return {
+        "dbops_failover_last_run_timestamp_seconds": (time.time(), "When the last switchover finished."),
+        "dbops_failover_success": (1 if report.outcome == "succeeded" else 0,
+                                   "Whether the last switchover succeeded (1) or not (0)."),
+        "dbops_failover_write_unavailable_seconds": (report.write_unavailable_seconds,
+                                                     "Write-unavailability window of the last switchover."),
+        "dbops_failover_duration_seconds": (report.total_seconds, "Duration of the last switchover."),
+        "dbops_failover_timeline": (report.timeline, "Timeline of the new primary after the last switchover."),
+    }
+
+
+__all__ = ["Options", "Plan", "Report", "Switchover", "cluster_lock", "execute", "make_plan", "metrics"]

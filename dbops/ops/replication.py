@@ -1,0 +1,143 @@
+"""Streaming-replication plumbing the switchover uses: conninfo, slots, repointing, rewind check.
+
+Pure helpers (conninfo rewriting, slot names, the timeline/divergence decision) plus a
+few SQL actions on an open connection. Connection strings may carry a password: they
+are passed to PostgreSQL as SQL literals or on stdin, never logged nor put in argv.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dbops import secrets
+from dbops.config import Node
+from dbops.pg.controldata import ControlData
+from dbops.pg.lsn import format_lsn, parse_history
+
+_SLOT_RE = re.compile(r"[^a-z0-9_]")
+
+
+def slot_name_for(node_name: str, current: str | None = None) -> str:
+    """The physical slot a node streams through: its configured one, else ``slot_<name>``."""
+    if current:
+        return current
+    return "slot_" + _SLOT_RE.sub("_", node_name.lower())[:58]
+
+
+def follow_conninfo(template: str | None, primary: Node, application_name: str) -> str:
+    """A primary_conninfo for following `primary`: the template's settings (user, passfile,
+    sslmode, ...) kept, host and port replaced, application_name set to the follower's name."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params: dict[str, Any] = {}
+    if template:
+        params = {k: v for k, v in conninfo_to_dict(template).items() if v is not None}
+    else:
+        params = conninfo_to_dict(primary.public_conninfo_string())
+    params.pop("hostaddr", None)
+    params.pop("dbname", None)
+    params.update({"host": primary.host, "port": str(primary.port), "application_name": application_name})
+    if params.get("password"):
+        secrets.register(str(params["password"]))
+    return make_conninfo(**params)
+
+
+def split_password(conninfo: str) -> tuple[str, str | None]:
+    """(conninfo without password, the password) so the password can travel in the environment."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(conninfo)
+    password = params.pop("password", None)
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None}), password
+
+
+def rewind_source(primary: Node) -> tuple[str, str | None]:
+    """libpq string for pg_rewind --source-server (a normal connection to the new primary)."""
+    parts = [primary.public_conninfo_string(), f"dbname={primary.dbname}"]
+    return " ".join(parts), primary.password
+
+
+@dataclass(frozen=True)
+class RewindDecision:
+    needed: bool
+    reason: str
+
+
+def needs_rewind(old: ControlData, history_text: str | None, new_timeline: int) -> RewindDecision:
+    """Does the stopped old primary hold WAL the new timeline does not? (then pg_rewind)
+
+    The new timeline's history file names where each ancestor timeline ends (its switch
+    point). A cleanly shut down node whose last record (its shutdown checkpoint) lies before
+    the switch point of its own timeline holds nothing the new timeline lacks: it can
+    simply follow. Anything else (a crash, WAL past the switch point, an unrelated
+    timeline) needs pg_rewind.
+    """
+    if old.timeline == new_timeline:
+        return RewindDecision(False, f"already on timeline {new_timeline}")
+    if history_text is None:
+        return RewindDecision(True, f"history of timeline {new_timeline} unavailable")
+    entries = {tli: lsn for tli, lsn, _ in parse_history(history_text)}
+    if old.timeline not in entries:
+        return RewindDecision(True, f"timeline {old.timeline} is not an ancestor of timeline {new_timeline}")
+    switch = entries[old.timeline]
+    if not old.state.startswith("shut down"):
+        return RewindDecision(True, f"not cleanly shut down (state: {old.state})")
+    if old.checkpoint_lsn >= switch:
+        return RewindDecision(True, f"its WAL ends at {format_lsn(old.checkpoint_lsn)} or later, past the switch "
+                                    f"point {format_lsn(switch)} of timeline {old.timeline}")
+    return RewindDecision(False, f"shut down at {format_lsn(old.checkpoint_lsn)}, before the switch point "
+                                 f"{format_lsn(switch)}")
+
+
+# ------------------------------------------------------------------------------ SQL actions
+
+
+def ensure_slot(conn: Any, name: str) -> bool:
+    """Create a physical slot reserving WAL now (True) unless it exists (False)."""
+    if conn.execute("select 1 from pg_replication_slots where slot_name = %s", (name,)).fetchone():
+        return False
+    conn.execute("select pg_create_physical_replication_slot(%s, true)", (name,))
+    return True
+
+
+def drop_inactive_slots(conn: Any, names: set[str]) -> list[str]:
+    """Drop the named physical slots that no walsender uses (stale after the primary moved)."""
+    dropped = []
+    rows = conn.execute("select slot_name from pg_replication_slots where slot_type = 'physical' and not active"
+                        " and slot_name = any(%s)", (sorted(names),)).fetchall()
+    for (name,) in rows:
+        conn.execute("select pg_drop_replication_slot(%s)", (name,))
+        dropped.append(name)
+    return dropped
+
+
+def set_upstream(conn: Any, conninfo: str, slot: str | None) -> None:
+    """ALTER SYSTEM primary_conninfo / primary_slot_name on a running standby, then reload
+    (both are reloadable since PostgreSQL 13; older servers need a restart)."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL("alter system set primary_conninfo = {}").format(sql.Literal(conninfo)))
+    if slot:
+        conn.execute(sql.SQL("alter system set primary_slot_name = {}").format(sql.Literal(slot)))
+    else:
+        conn.execute("alter system reset primary_slot_name")
+    conn.execute("select pg_reload_conf()")
+
+
+def clear_upstream(conn: Any) -> None:
+    """On a promoted node: forget the old upstream (ignored by a primary, but misleading)."""
+    conn.execute("alter system reset primary_conninfo")
+    conn.execute("alter system reset primary_slot_name")
+    conn.execute("select pg_reload_conf()")
+
+
+def read_history(conn: Any, timeline: int) -> str | None:
+    """The timeline history file from the server's pg_wal (superuser or pg_read_server_files)."""
+    import psycopg
+
+    try:
+        return conn.execute("select pg_read_file(%s)", (f"pg_wal/{timeline:08X}.history",)).fetchone()[0]
+    except psycopg.Error:  # no privilege or no file: the caller decides (rewind when unsure)
+        return None
