@@ -1,0 +1,67 @@
+"""`make bench`: every benchmark on one lab at pgbench scale BENCH_SCALE (default 100).
+
+Prints one JSON object per line on stdout; progress goes to stderr. Each benchmark module has
+`run(lab, **kw) -> list[dict]`. Order matters: WAL archiving under `pgbench -i` fills the
+database the backup, restore and failover benchmarks then use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dbops import lab as labmod  # noqa: E402
+
+BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover"]
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=int, default=int(os.environ.get("BENCH_SCALE", "100")))
+    ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", str(ROOT / ".bench" / "lab")))
+    ap.add_argument("--only", nargs="*", default=None, help="benchmark module names")
+    ap.add_argument("--keep", action="store_true", help="leave the lab running")
+    a = ap.parse_args()
+    d = Path(a.dir)
+    labmod.down(d, purge=d.exists() and (d / "lab.json").exists())
+    d.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(d.parent, 0o755)
+    emit({"bench": "environment", "scale": a.scale, "cpus": os.cpu_count(), "python": platform.python_version(),
+          "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    lab = labmod.up(d, replicas=1)
+    failed = 0
+    try:
+        for name in a.only or BENCHES:
+            try:
+                mod = importlib.import_module(f"bench.{name}")
+            except ImportError as e:
+                emit({"bench": name, "skipped": f"not available: {e}"})
+                continue
+            print(f"== {name}", file=sys.stderr, flush=True)
+            try:
+                for rec in mod.run(lab, scale=a.scale):
+                    emit(rec)
+            except Exception as e:  # report and go on with the next benchmark
+                failed += 1
+                emit({"bench": name, "error": f"{type(e).__name__}: {e}"})
+    finally:
+        if not a.keep:
+            labmod.down(d, purge=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
