@@ -74,6 +74,7 @@ def status(
     cfg = state_of(ctx).config()
     start_line("wal status")
     store = open_store(cfg.storage)
+    store.check()  # a clear "unreachable" / "refused" before anything else
     layout = Layout(cfg.storage.prefix)
     source = "given"
     if start is None:

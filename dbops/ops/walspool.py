@@ -82,6 +82,15 @@ class Failure:
         return e
 
 
+@dataclass(frozen=True)
+class Want:
+    """A waiting `wal-push`: the file, when it asked, and the configuration file it runs with."""
+
+    path: str
+    asked: float
+    config: str | None = None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -143,15 +152,14 @@ class Spool:
         return Failure(float(rec["at"]), int(rec["exit_code"]), rec["message"], rec.get("detail"), rec.get("hint"))
 
     # -- waiting callers
-    def want(self, name: str, path: str) -> None:
-        _write_atomic(self.wants / name, os.path.abspath(path))
+    def want(self, name: str, path: str, config: str | None = None) -> None:
+        _write_atomic(self.wants / name, os.path.abspath(path) + "\n" + (os.path.abspath(config) if config else ""))
 
     def unwant(self, name: str) -> None:
         (self.wants / name).unlink(missing_ok=True)
 
-    def wanted(self) -> dict[str, tuple[str, float]]:
-        """name -> (path, time asked)."""
-        out: dict[str, tuple[str, float]] = {}
+    def wanted(self) -> dict[str, Want]:
+        out: dict[str, Want] = {}
         try:
             entries = list(os.scandir(self.wants))
         except FileNotFoundError:
@@ -160,7 +168,8 @@ class Spool:
             if e.name.startswith("."):
                 continue
             try:
-                out[e.name] = (Path(e.path).read_text().strip(), e.stat().st_mtime)
+                path, _, config = Path(e.path).read_text().partition("\n")
+                out[e.name] = Want(path.strip(), e.stat().st_mtime, config.strip() or None)
             except FileNotFoundError:
                 continue
         return out
@@ -299,7 +308,8 @@ def push(cfg: "Config", wal_path: str, *, sync: bool = False,
     if spool.is_stored(name, wal_path):
         return "spool"
     starter = start_pusher or (lambda sp: spawn_worker(cfg, PUSHER, data_dir, sp))
-    if await_pusher(spool, name, wal_path, timeout=cfg.archive.push_timeout, start_pusher=starter):
+    if await_pusher(spool, name, wal_path, timeout=cfg.archive.push_timeout, start_pusher=starter,
+                    config=cfg.path):
         return "pusher"
     log.get("wal").warning("the background pusher could not be kept running; pushing %s synchronously "
                            "(see %s)", name, spool.log_path)
@@ -308,7 +318,7 @@ def push(cfg: "Config", wal_path: str, *, sync: bool = False,
 
 
 def await_pusher(spool: Spool, name: str, wal_path: str, *, timeout: float,
-                 start_pusher: Callable[[Spool], "subprocess.Popen | None"]) -> bool:
+                 start_pusher: Callable[[Spool], "subprocess.Popen | None"], config: str | None = None) -> bool:
     """Wait until the pusher records `name` stored (True), or raise its failure.
 
     Returns False when no pusher can be kept running (the caller then pushes itself).
@@ -316,7 +326,7 @@ def await_pusher(spool: Spool, name: str, wal_path: str, *, timeout: float,
     """
     t0 = time.time()
     deadline = time.monotonic() + timeout
-    spool.want(name, wal_path)
+    spool.want(name, wal_path, config)
     child = None
     spawns = 0
     delay = 0.002

@@ -23,15 +23,41 @@ from dbops import log
 from dbops.errors import DbopsError, NotFoundError
 from dbops.ops.archive import WalArchive
 from dbops.ops.walfile import ClusterIdentity
-from dbops.ops.walspool import PREFETCHER, PUSHER, Spool, push_order
+from dbops.ops.walspool import PREFETCHER, PUSHER, Spool, Want, push_order
 from dbops.pg.lsn import DEFAULT_SEGMENT_SIZE, SEGMENT_RE, next_segment
 
 _log = log.get("walworker")
 
 
+def _fingerprint(paths: list[Path]) -> list[tuple[int, int] | None]:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return out
+
+
+class Watch:
+    """Notices a change of the configuration (or credentials) file the worker started with."""
+
+    def __init__(self, paths: list[Path] | None = None):
+        self.paths = list(paths or [])
+        self.config = os.path.abspath(self.paths[0]) if self.paths else None
+        self.initial = _fingerprint(self.paths)
+
+    def changed(self, wanted: dict[str, Want] | None = None) -> bool:
+        """The files changed, or a waiting call runs with another configuration file."""
+        if self.config and any(w.config and w.config != self.config for w in (wanted or {}).values()):
+            return True
+        return _fingerprint(self.paths) != self.initial
+
+
 class Pusher:
     def __init__(self, archive: WalArchive, spool: Spool, ident: ClusterIdentity, *, parallel: int = 4,
-                 idle_exit: float = 30.0, stall_after: float = 600.0):
+                 idle_exit: float = 30.0, stall_after: float = 600.0, watch: Watch | None = None):
         self.archive = archive
         self.spool = spool
         self.ident = ident
@@ -45,6 +71,8 @@ class Pusher:
         self.stored: set[str] = set()
         self.retry_at: dict[str, tuple[int, float, float]] = {}  # name -> (failures, next try, last failure)
         self.pushed = 0
+        self.watch = watch or Watch()
+        self.retired = False
 
     # -- one pass
     def ready(self) -> list[str]:
@@ -53,10 +81,10 @@ class Pusher:
         except FileNotFoundError:
             return []
 
-    def pending(self, ready: list[str], wanted: dict[str, tuple[str, float]]) -> list[tuple[str, str]]:
+    def pending(self, ready: list[str], wanted: dict[str, Want]) -> list[tuple[str, str]]:
         now = time.time()
         work = {n: str(self.pg_wal / n) for n in ready}
-        work.update({n: p for n, (p, _) in wanted.items()})
+        work.update({n: w.path for n, w in wanted.items()})
         out = []
         for name in sorted(work, key=push_order):
             if name in self.inflight or name in self.stored:
@@ -65,7 +93,7 @@ class Pusher:
                 self.stored.add(name)
                 continue
             failures, next_try, last_fail = self.retry_at.get(name, (0, 0.0, 0.0))
-            asked = wanted.get(name, ("", 0.0))[1]
+            asked = wanted[name].asked if name in wanted else 0.0
             if failures and now < next_try and asked <= last_fail:
                 continue
             out.append((name, work[name]))
@@ -111,6 +139,9 @@ class Pusher:
         self.harvest()
         ready = self.ready()
         wanted = self.spool.wanted()
+        if self.watch.changed(wanted):
+            self.retired = True
+            return bool(self.inflight)
         for name, path in self.pending(ready, wanted):
             if len(self.inflight) >= self.parallel:
                 break
@@ -128,6 +159,10 @@ class Pusher:
                 self.spool.beat()
                 last_beat = now
             busy = self.step()
+            if self.retired and not self.inflight:
+                _log.info("the configuration changed (or a caller uses another one); "
+                          "exiting so a fresh pusher uses it")
+                break
             stuck = self.stalled()
             if stuck:
                 for name in stuck:
@@ -155,7 +190,7 @@ class Pusher:
 
 class Prefetcher:
     def __init__(self, archive: WalArchive, spool: Spool, folder: Path, *, depth: int, parallel: int = 4,
-                 idle_exit: float = 30.0, seg_size: int = DEFAULT_SEGMENT_SIZE):
+                 idle_exit: float = 30.0, seg_size: int = DEFAULT_SEGMENT_SIZE, watch: Watch | None = None):
         self.archive = archive
         self.spool = spool
         self.folder = folder
@@ -165,6 +200,7 @@ class Prefetcher:
         self.pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="prefetch")
         self.inflight: dict[str, Future] = {}
         self.missing: dict[str, float] = {}  # name -> when the archive did not have it
+        self.watch = watch or Watch()
 
     def window(self, want: str | None) -> list[str]:
         if not want or not SEGMENT_RE.match(want):
@@ -204,7 +240,7 @@ class Prefetcher:
             if e.name.startswith("."):
                 Path(e.path).unlink(missing_ok=True)
         last_want, changed = None, time.monotonic()
-        while self.spool.data_dir.is_dir():
+        while self.spool.data_dir.is_dir() and not self.watch.changed():
             want = self.spool.prefetch_want()
             if want != last_want:
                 last_want, changed = want, time.monotonic()
@@ -236,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         fd = spool.try_lock(args.which)
         if fd is None:
             return 0  # another one runs for this data folder
+        watch = Watch([Path(args.config)] + ([Path(cfg.storage.credentials_file)]
+                                             if cfg.storage.credentials_file else []))
         archive = WalArchive(open_store(cfg.storage), Layout(cfg.storage.prefix), compression=cfg.compression,
                              cluster_name=cfg.cluster)
         if args.which == PUSHER:
@@ -243,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             stall = max(cfg.archive.push_timeout, s.retry_deadline + 2 * (s.connect_timeout + s.read_timeout) + 30)
             _log.info("pusher starting for %s (pid %d)", data_dir, os.getpid())
             return Pusher(archive, spool, cluster_identity(data_dir), parallel=cfg.archive.parallel,
-                          stall_after=stall).run()
+                          stall_after=stall, watch=watch).run()
         owner = archive.read_identity()
         seg_size = owner.wal_segment_size if owner else DEFAULT_SEGMENT_SIZE
         return Prefetcher(archive, spool, spool.prefetch_dir(cfg.storage), depth=cfg.archive.prefetch,
-                          parallel=cfg.archive.parallel, seg_size=seg_size).run()
+                          parallel=cfg.archive.parallel, seg_size=seg_size, watch=watch).run()
     except DbopsError as e:
         _log.error("%s worker failed: %s", args.which, e.render())
         return int(e.exit_code)

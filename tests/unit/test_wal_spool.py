@@ -265,3 +265,21 @@ def test_fetch_prefetched_misses_quietly(env):
     assert not walspool.fetch_prefetched(cfg, SEGS[0], str(data / "pg_wal" / "RECOVERYXLOG"))
     assert not walspool.fetch_prefetched(cfg, "00000002.history", str(data / "pg_wal" / "RECOVERYHISTORY"))
 
+
+
+def test_pusher_retires_when_its_configuration_changes_or_a_caller_uses_another(env, tmp_path):
+    from dbops.ops.walworker import Watch
+
+    _cfg, data, _store, _layout, spool = env
+    conf = tmp_path / "a.yaml"
+    conf.write_text("x")
+    p = write_segment(data, SEGS[0], ready=False)
+    spool.want(SEGS[0], str(p), str(tmp_path / "b.yaml"))
+    t0 = time.monotonic()
+    assert pusher_for(env, watch=Watch([conf])).run() == 0
+    assert time.monotonic() - t0 < 5 and not spool.is_stored(SEGS[0], p)
+    spool.unwant(SEGS[0])
+    w = Watch([conf])
+    assert not w.changed()
+    conf.write_text("xy")
+    assert w.changed()
