@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import shutil
 import stat
 import threading
 import time
@@ -31,6 +33,8 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
 _log = log.get("backup.restore")
+
+_INIT_FORK_RE = re.compile(r"^(base/\d+/\d+)_init$")
 
 MAX_GAP = 256 * 1024
 MAX_RANGE = 32 * 1024 * 1024
@@ -269,6 +273,8 @@ def restore_snapshot(
             os.symlink(e.target or "", target / e.path)
             stats.symlinks += 1
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
+    status = _mark_wal_archived(target, manifest)
+    unlogged = _reset_unlogged(target, manifest)
 
     def finish_file(f: FileEntry) -> None:
         p = target / f.path
@@ -283,13 +289,39 @@ def restore_snapshot(
         os.utime(p, ns=(f.mtime_ns, f.mtime_ns))
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for _ in pool.map(finish_file, files):
+        for _ in pool.map(finish_file, files + unlogged + status):
             pass
     _finish_tree(target, manifest, ids)
     stats.seconds = round(time.monotonic() - t0, 3)
     _log.info("restored backup %s into %s: %d files, %d bytes, %d requests, %.1f s", manifest.backup_id,
               target, stats.files, stats.logical_bytes, stats.requests, stats.seconds)
     return stats
+
+
+def _mark_wal_archived(target: Path, manifest: Manifest) -> list[FileEntry]:
+    """archive_status/<name>.done for every WAL file the backup carries (as pg_basebackup does):
+    they came from, or belong in, the archive and must not be archived again from here."""
+    made = []
+    for e in manifest.files:
+        if e.type == FILE and e.path.startswith("pg_wal/") and e.path.count("/") == 1:
+            rel = f"pg_wal/archive_status/{e.path[7:]}.done"
+            (target / rel).touch(mode=0o600)
+            made.append(FileEntry(rel, FILE, 0o600, e.mtime_ns))
+    return made
+
+
+def _reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
+    """Give every unlogged relation its main fork as a copy of its _init fork, as PostgreSQL's
+    recovery does: the snapshot left those forks out, and a start without recovery would not
+    recreate them. Returns the created files (to be finished like the others)."""
+    paths = {e.path for e in manifest.files}
+    made = []
+    for e in manifest.files:
+        m = _INIT_FORK_RE.match(e.path)
+        if e.type == FILE and m and m.group(1) not in paths:
+            shutil.copyfile(target / e.path, target / m.group(1))
+            made.append(FileEntry(m.group(1), FILE, e.mode, e.mtime_ns, e.size))
+    return made
 
 
 def _finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None) -> None:

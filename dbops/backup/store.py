@@ -35,6 +35,7 @@ from dbops.backup import manifest as mf
 from dbops.backup.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState
 from dbops.config import CompressionSettings
 from dbops.errors import ConflictError, PreconditionError
+from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE, parse_segment_name, segment_of_lsn
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -221,6 +222,26 @@ class _Snapshot:
         return ChunkRef(h, loc.pack, loc.offset, loc.length, loc.raw)
 
 
+def wal_needed(pg: PgState) -> Callable[[str], bool]:
+    """Which pg_wal files a snapshot must carry to start on its own: every timeline history
+    file, and the segments (any timeline) from the checkpoint's REDO point through the
+    consistent point; the next one too when that point is in a segment's last page (a
+    record starting there may continue into it)."""
+    seg = pg.wal_segment_size
+    lo, hi = pg.redo_lsn // seg, pg.consistent_lsn // seg
+    if pg.consistent_lsn % seg > seg - 8192:
+        hi += 1
+
+    def keep(name: str) -> bool:
+        if HISTORY_RE.match(name):
+            return True
+        if SEGMENT_RE.match(name):
+            return lo <= parse_segment_name(name, seg)[1] <= hi
+        return False
+
+    return keep
+
+
 def _unit_step(chunk_size: int) -> int:
     return max(chunk_size, UNIT_BYTES - UNIT_BYTES % chunk_size)
 
@@ -252,6 +273,7 @@ def store_snapshot(
     pg: PgState | None = None,
     parent_id: str | None = None,
     exclude: Sequence[str] = (),
+    include_wal: bool = True,
     timings: Mapping[str, float] | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
@@ -259,6 +281,8 @@ def store_snapshot(
 
     ``pg``: the snapshot's PostgreSQL state; read from the folder (pg_controldata) when None.
     ``parent_id``: recorded as the parent; defaults to the first of ``parent_manifests``.
+    ``include_wal``: carry the WAL segments needed to reach consistency (see :func:`wal_needed`),
+    so the restored folder starts without an archive; pg_wal is otherwise left empty.
     ``timings``: earlier phases of the run (merged into the manifest's timings).
     """
     if chunk_size <= 0 or chunk_size % 8192:
@@ -268,7 +292,11 @@ def store_snapshot(
         from dbops.backup import pgstate  # runs pg_controldata; synthetic folders pass pg
 
         pg = pgstate.read(data_dir)
-    entries = walk.walk(data_dir, exclude)
+    entries = walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None)
+    redo_segment = segment_of_lsn(pg.timeline, pg.redo_lsn, pg.wal_segment_size)
+    if include_wal and not any(e.path == f"pg_wal/{redo_segment}" for e in entries):
+        _log.warning("%s has no pg_wal/%s: the restored copy will need the WAL archive to start",
+                     data_dir, redo_segment)
     t_walk = time.monotonic()
     units = _units(entries, data_dir, chunk_size)
     total = sum(u.end - u.start for u in units)

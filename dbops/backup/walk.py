@@ -1,7 +1,9 @@
 """Walk a stopped PostgreSQL data folder: what to back up, as pg_basebackup would.
 
 Excluded like pg_basebackup does (src/backend/backup/basebackup.c):
-* contents of pg_wal, pg_replslot, pg_dynshmem, pg_notify, pg_serial, pg_snapshots,
+* contents of pg_wal, except the WAL files a caller's ``keep_wal(name)`` accepts (the
+  segments needed to reach consistency and the timeline history files, as
+  ``pg_basebackup -X`` includes them); contents of pg_replslot, pg_dynshmem, pg_notify, pg_serial, pg_snapshots,
   pg_stat_tmp, pg_subtrans (the folders themselves are kept, empty);
 * postmaster.pid, postmaster.opts, recovery.signal, standby.signal, the temporary
   postgresql.auto.conf.tmp and current_logfiles.tmp, backup_label.old, tablespace_map.old;
@@ -21,7 +23,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from dbops import log
 from dbops.backup.manifest import DIR, FILE, SYMLINK
@@ -52,14 +54,31 @@ class WalkEntry:
     target: str | None = None
 
 
-def walk(data_dir: str, exclude: Iterable[str] = ()) -> list[WalkEntry]:
+def walk(data_dir: str, exclude: Iterable[str] = (), keep_wal: Callable[[str], bool] | None = None
+         ) -> list[WalkEntry]:
     """Every entry to back up, parents before children, sorted by path."""
     patterns = tuple(exclude)
     root = os.path.abspath(data_dir)
     st = os.stat(root)
     out = [WalkEntry(".", DIR, stat.S_IMODE(st.st_mode), st.st_mtime_ns)]
     _walk_dir(root, "", patterns, out)
+    if keep_wal is not None:
+        _add_wal(os.path.join(root, "pg_wal"), keep_wal, out)
     return out
+
+
+def _add_wal(wal_dir: str, keep_wal: Callable[[str], bool], out: list[WalkEntry]) -> None:
+    """The accepted WAL files, inserted right after the pg_wal entry (a symlinked pg_wal is followed)."""
+    try:
+        with os.scandir(wal_dir) as it:
+            names = sorted(e.name for e in it if e.is_file() and keep_wal(e.name))
+    except FileNotFoundError:
+        return
+    at = next(i for i, e in enumerate(out) if e.path == "pg_wal") + 1
+    for name in names:
+        st = os.stat(os.path.join(wal_dir, name))
+        out.insert(at, WalkEntry(f"pg_wal/{name}", FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns, size=st.st_size))
+        at += 1
 
 
 def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:

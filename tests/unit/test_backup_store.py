@@ -69,7 +69,10 @@ def make_datadir(root: Path) -> Path:
     os.chmod(d / "postgresql.conf", 0o640)
     (d / "postmaster.pid").write_text("1234\n")
     (d / "standby.signal").write_text("")
-    (d / "pg_wal/000000010000000000000001").write_bytes(pages(8, 2))
+    (d / "pg_wal/000000010000000000000001").write_bytes(pages(8, 2))  # before the REDO point: left out
+    (d / "pg_wal/000000010000000000000003").write_bytes(pages(12, 2))  # holds REDO..consistent: kept
+    (d / "pg_wal/000000010000000000000004").write_bytes(pages(13, 2))  # after it: left out
+    (d / "pg_wal/00000001.history").write_text("")
     (d / "pg_wal/archive_status/000000010000000000000001.ready").write_text("")
     (d / "pg_replslot/slot1/state").write_bytes(b"slot")
     os.symlink("/mnt/tablespace/ts1", d / "pg_tblspc/16400")
@@ -114,11 +117,15 @@ def test_round_trip_restores_content_modes_dirs_links_and_zero_pages(env, tmp_pa
 
     got, want = tree(target), tree(d)
     excluded = {"postmaster.pid", "standby.signal", "pg_wal/000000010000000000000001",
+                "pg_wal/000000010000000000000004",
                 "pg_wal/archive_status/000000010000000000000001.ready", "pg_replslot/slot1",
                 "pg_replslot/slot1/state", "base/5/pgsql_tmp", "base/5/pgsql_tmp/pgsql_tmp123.0",
-                "base/5/pg_internal.init", "base/5/20000", "base/5/20000_fsm"}
+                "base/5/pg_internal.init", "base/5/20000_fsm"}
     want = {k: v for k, v in want.items() if k not in excluded}
     want["pg_wal/archive_status"] = ("dir", 0o700)  # pg_wal's contents are not kept; this is recreated
+    want["base/5/20000"] = want["base/5/20000_init"]  # unlogged: main fork reset from the init fork
+    for wal in ("000000010000000000000003", "00000001.history"):  # carried WAL is marked archived
+        want[f"pg_wal/archive_status/{wal}.done"] = ("file", 0o600, b"")
     assert got == want
     assert got["pg_tblspc/16400"] == ("link", "/mnt/tablespace/ts1")
     assert got["pg_replslot"][0] == "dir" and got["base/5/20000_init"][0] == "file"
@@ -135,6 +142,15 @@ def test_round_trip_restores_content_modes_dirs_links_and_zero_pages(env, tmp_pa
     assert os.stat(target / "base/5/16384").st_blocks * 512 < os.stat(target / "base/5/16384").st_size
     assert stats.logical_bytes == m.logical_size == sum(x.size for x in m.files if x.type == "file")
     assert m.pg == PG and m.meta == {"run": "test"} and m.parent_id is None
+
+
+def test_without_wal_pg_wal_is_left_empty(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1", include_wal=False)
+    assert [f.path for f in m.files if f.path.startswith("pg_wal")] == ["pg_wal"]
+    restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=1)
+    assert sorted(p.name for p in (tmp_path / "r/pg_wal").iterdir()) == ["archive_status"]
+    assert list((tmp_path / "r/pg_wal/archive_status").iterdir()) == []
 
 
 def test_manifest_is_written_last_and_packs_are_few(env):
