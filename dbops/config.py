@@ -686,7 +686,7 @@ def load(explicit: str | None = None, env: dict[str, str] | None = None) -> Conf
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {p}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C parser: archive_command runs often
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

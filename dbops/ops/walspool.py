@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -58,14 +57,22 @@ def spool_root(settings: "ArchiveSettings", data_dir: Path) -> Path:
     beside = parent / "dbops-spool"
     if beside.is_dir() or os.access(parent, os.W_OK):
         return beside
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"dbops-spool-{os.getuid()}"
 
 
 def spool_for(settings: "ArchiveSettings", data_dir: Path) -> "Spool":
     real = os.path.realpath(data_dir)
-    tag = hashlib.sha1(real.encode()).hexdigest()[:10]
+    tag = _tag(real)
     sysid = read_system_identifier(data_dir)
     return Spool(spool_root(settings, data_dir) / f"{sysid}-{tag}", Path(real))
+
+
+def _tag(text: str) -> str:
+    """A short stable name for a path or an archive (zlib: cheaper to import than hashlib)."""
+    b = text.encode()
+    return f"{zlib.crc32(b):08x}{zlib.adler32(b):08x}"
 
 
 @dataclass(frozen=True)
@@ -243,8 +250,7 @@ class Spool:
 
     # -- prefetch
     def prefetch_dir(self, storage: "StorageSettings") -> Path:
-        tag = hashlib.sha1(f"{storage.endpoint}|{storage.bucket}|{storage.prefix}".encode()).hexdigest()[:10]
-        return self.root / "prefetch" / tag
+        return self.root / "prefetch" / _tag(f"{storage.endpoint}|{storage.bucket}|{storage.prefix}")
 
     def set_prefetch_want(self, name: str) -> None:
         _write_atomic(self.root / "prefetch.want", name)
@@ -292,8 +298,6 @@ def push(cfg: "Config", wal_path: str, *, sync: bool = False,
     'spool': the pusher had stored it already; 'pusher': it was stored while this call waited;
     'sync': uploaded by this process (async off, or the pusher could not be kept running).
     """
-    from dbops import log
-
     if sync or not cfg.archive.async_push:
         push_sync(cfg, wal_path)
         return "sync"
@@ -302,7 +306,7 @@ def push(cfg: "Config", wal_path: str, *, sync: bool = False,
     try:
         spool = spool_for(cfg.archive, data_dir).ensure()
     except OSError as e:
-        log.get("wal").warning("spool unusable (%s); pushing %s synchronously", e, name)
+        _warn("spool unusable (%s); pushing %s synchronously", e, name)
         push_sync(cfg, wal_path)
         return "sync"
     if spool.is_stored(name, wal_path):
@@ -311,10 +315,16 @@ def push(cfg: "Config", wal_path: str, *, sync: bool = False,
     if await_pusher(spool, name, wal_path, timeout=cfg.archive.push_timeout, start_pusher=starter,
                     config=cfg.path):
         return "pusher"
-    log.get("wal").warning("the background pusher could not be kept running; pushing %s synchronously "
-                           "(see %s)", name, spool.log_path)
+    _warn("the background pusher could not be kept running; pushing %s synchronously (see %s)",
+          name, spool.log_path)
     push_sync(cfg, wal_path, spool=spool)
     return "sync"
+
+
+def _warn(msg: str, *args) -> None:
+    from dbops import log  # logging is imported only when there is something to say
+
+    log.get("wal").warning(msg, *args)
 
 
 def await_pusher(spool: Spool, name: str, wal_path: str, *, timeout: float,

@@ -247,7 +247,7 @@ class Prefetcher:
             self.step(want)
             if not self.inflight and time.monotonic() - changed > self.idle_exit:
                 break
-            time.sleep(0.05)
+            time.sleep(0.05 if self.inflight else 0.2)
         self.pool.shutdown(wait=True)
         return 0
 
