@@ -1,0 +1,136 @@
+"""`dbops restore`: point-in-time restore into a folder (``--dry-run`` prints the plan only)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from dbops.cli import output
+from dbops.cli.state import start_line, state_of
+
+
+def restore(
+    ctx: typer.Context,
+    target_dir: Annotated[str, typer.Option("--target-dir", help="Folder to restore into (new or empty)")],
+    to: Annotated[Optional[str], typer.Option(
+        "--to", help="ISO 8601 time WITH zone (2026-11-25T15:46:00+01:00, ...Z), or 'latest'")] = None,
+    to_lsn: Annotated[Optional[str], typer.Option("--to-lsn", help="Stop at this WAL location (16/B374D848)")] = None,
+    to_xid: Annotated[Optional[str], typer.Option("--to-xid", help="Stop at the commit of this transaction")] = None,
+    to_name: Annotated[Optional[str], typer.Option("--to-name", help="Stop at this restore point")] = None,
+    exclusive: Annotated[bool, typer.Option("--exclusive", help="Stop just before the target, not after it")] = False,
+    timeline: Annotated[str, typer.Option("--timeline", help="'latest' or a timeline number")] = "latest",
+    backup_id: Annotated[Optional[str], typer.Option("--backup", help="Restore this backup (checked against the "
+                                                                      "target) instead of picking one")] = None,
+    promote: Annotated[bool, typer.Option("--promote", help="At the target, end recovery (default)")] = False,
+    pause: Annotated[bool, typer.Option("--pause", help="At the target, stay paused in recovery, to inspect")] = False,
+    shutdown: Annotated[bool, typer.Option("--shutdown", help="At the target, stay stopped in recovery")] = False,
+    start: Annotated[bool, typer.Option("--start", help="Leave the restored server running (needs --port)")] = False,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port of the restored server")] = None,
+    keep_archiving: Annotated[bool, typer.Option(
+        "--keep-archiving", help="Keep the backup's archive_mode (default: off, so the copy never archives)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty target folder")] = False,
+    delta: Annotated[bool, typer.Option("--delta", help="Reuse the data folder there; fetch what differs")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout")] = False,
+) -> None:
+    """Restore to a point in time: pick the backup, download it verified, replay the archive to the target,
+    report what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing
+    segment or a damaged stored object; 11: target folder not empty (without --force)."""
+    from dbops.errors import UsageError
+    from dbops.ops import restore as rs
+    from dbops.ops.restore_target import from_options, parse_timeline
+
+    st = state_of(ctx)
+    st.json_output = json_
+    finals = [n for n, on in (("promote", promote), ("pause", pause), ("shutdown", shutdown)) if on]
+    if len(finals) > 1:
+        raise UsageError("choose one of --promote, --pause, --shutdown")
+    target = from_options(to=to, to_lsn=to_lsn, to_xid=to_xid, to_name=to_name, exclusive=exclusive)
+    opts = rs.Options(target=target, target_dir=Path(target_dir).absolute(), timeline=parse_timeline(timeline),
+                      backup_id=backup_id, final=finals[0] if finals else "promote", start=start, port=port,
+                      keep_archiving=keep_archiving, force=force, delta=delta)
+    cfg = st.config()
+    start_line("restore", cluster=cfg.cluster, target=target.describe(), dry_run=dry_run)
+    if dry_run:
+        plan = rs.plan_restore(cfg, opts)
+        if json_:
+            output.emit_json({"ok": True, "dry_run": True, **plan.as_dict()})
+        else:
+            output.out(render_plan(plan.as_dict()))
+            output.out("dry run: nothing was changed")
+        return
+    try:
+        res = rs.restore(cfg, opts, progress=_progress())
+    finally:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K")
+    d = res.as_dict()
+    if json_:
+        output.emit_json(d)
+    else:
+        output.out(render_result(d))
+
+
+def _progress():
+    if not sys.stderr.isatty():
+        return None
+
+    def show(phase: str) -> None:
+        sys.stderr.write(f"\r\033[K  ... {phase}")
+        sys.stderr.flush()
+
+    return show
+
+
+def render_plan(p: dict[str, Any]) -> str:
+    b, w, t = p["backup"], p["wal"], p["target"]
+    est = p["estimate"]
+    lines = [
+        f"backup    {b['backup_id']} ({b['state']}): consistent at {b['consistent_lsn']} ({b['consistent_time']}), "
+        f"last commit {b['last_commit_time'] or '-'}, timeline {b['timeline']}, "
+        f"{output.human_bytes(b['logical_size'])}",
+        f"target    {_target(t)} on timeline {p['timeline']}, then {p['final']}"
+        + (f" and start on port {p['port']}" if p["start"] else ""),
+        f"into      {p['target_dir']}",
+        f"wal       {w['segments']} segment(s), {output.human_bytes(w['bytes'])} to replay, {w['first']} .. "
+        f"{w['last']}; {w['fetch_ahead']} fetched ahead ({output.human_bytes(w['fetch_ahead_stored_bytes'])} stored)",
+        f"earliest  {p['earliest']['time']} (LSN {p['earliest']['lsn']}, backup {p['earliest']['backup_id']})",
+        f"newest    {p['newest']['time'] or '-'} (last archived commit, LSN {p['newest']['commit_lsn'] or '-'}); "
+        f"the archive ends at {p['archive_end']['segment']} (LSN {p['archive_end']['lsn']})",
+        "estimate  " + (f"{output.human_seconds(est['seconds'])} ({est['basis']})" if est["seconds"] is not None
+                        else est["basis"]),
+        "settings  (postgresql.auto.conf of the restored folder)",
+        *(f"  {k} = '{v}'" for k, v in p["settings"].items()),
+        *(f"note: {n}" for n in p["notes"]),
+    ]
+    return "\n".join(lines)
+
+
+def _target(t: dict[str, Any]) -> str:
+    if t["kind"] == "latest":
+        return f"the end of the archive (LSN {t['lsn']})"
+    how = "" if t["inclusive"] else ", exclusive"
+    return {"time": f"time {t['time']}", "lsn": f"LSN {t['lsn']}", "xid": f"transaction {t['value']}",
+            "name": f"restore point {t['value']!r}"}[t["kind"]] + how
+
+
+def render_result(d: dict[str, Any]) -> str:
+    r = d["reached"]
+    lines = [f"restored backup {d['backup_id']} into {d['target_dir']}",
+             f"reached   LSN {r['lsn']}, last commit {r['last_commit_time'] or '-'}, timeline {r['timeline']}",
+             f"state     {d['final_state']}" + (f" (new timeline {r['promoted_timeline']})"
+                                                 if r.get("promoted_timeline") else ""),
+             "timings   " + ", ".join(f"{k} {v:.2f}s" for k, v in d["timings"].items())
+             + f" (total {d['seconds']:.2f}s)"]
+    if d["running"]:
+        lines.append(f"running   on port {d['running']['port']} (pid {d['running']['pid']}, log {d['running']['log']})")
+    else:
+        lines.append(f"stopped   cleanly; start it with: pg_ctl -D {d['target_dir']} start (as its owner)")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("restore")(restore)

@@ -1,0 +1,269 @@
+"""The WAL archive as a restore sees it.
+
+* one LIST gives every archived segment and history file (:func:`inventory`);
+* the history of the target timeline gives the chain of timelines replay follows, and from a
+  backup's redo segment the segments it needs, where that run of segments ends, and any hole
+  in it (:func:`wal_range`);
+* ``pg_waldump`` on the last archived segments tells where the archive really ends: the last
+  record, and the last commit with its time (:func:`scan_end`). A time target is reachable only
+  when some commit after it is archived: PostgreSQL stops at the first commit past the target
+  and cannot know the target was reached before it sees one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dbops import proc
+from dbops.errors import NotFoundError, ValidationError
+from dbops.ops import walchain
+from dbops.ops.archive import WalArchive
+from dbops.pg import binaries
+from dbops.pg.lsn import (
+    HISTORY_RE,
+    SEGMENT_RE,
+    parse_history,
+    parse_lsn,
+    parse_segment_name,
+    segment_name,
+    segno_of_lsn,
+)
+from dbops.storage.base import ObjectInfo, ObjectStore
+from dbops.storage.layout import Layout
+
+SCAN_LIMIT = 32  # segments read back from the end of the archive looking for the last commit
+
+_RECORD_RE = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*\d+, lsn: ([0-9A-F]+/[0-9A-F]+), "
+                        r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)\s?(.*)$")
+_XACT_TIME_RE = re.compile(r"^(?:\d+: )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+_XACT_END = ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED")
+
+
+@dataclass
+class Inventory:
+    """Every archived segment (name -> object info) and the timelines that have a history file."""
+
+    seg_size: int
+    segments: dict[str, ObjectInfo] = field(default_factory=dict)
+    histories: set[int] = field(default_factory=set)
+
+    def timelines(self) -> set[int]:
+        return {int(n[:8], 16) for n in self.segments} | self.histories | ({1} if self.segments else set())
+
+    def latest_timeline(self) -> int | None:
+        t = self.timelines()
+        return max(t) if t else None
+
+    def newest_on(self, timeline: int) -> str | None:
+        prefix = f"{timeline:08X}"
+        names = [n for n in self.segments if n.startswith(prefix)]
+        return max(names) if names else None
+
+
+def inventory(store: ObjectStore, layout: Layout, seg_size: int) -> Inventory:
+    inv = Inventory(seg_size)
+    for o in store.list(layout.wal_prefix()):
+        name = o.key.rsplit("/", 1)[-1]
+        if SEGMENT_RE.match(name):
+            inv.segments[name] = o
+        elif HISTORY_RE.match(name):
+            inv.histories.add(int(name[:8], 16))
+    return inv
+
+
+def chain(arc: WalArchive, timeline: int) -> list[walchain.Span]:
+    """The spans of timelines that lead to `timeline` (oldest first), from its history file."""
+    if timeline <= 1:
+        return walchain.chain(1, [])
+    try:
+        history = parse_history(arc.read_small(walchain.history_name(timeline)).decode())
+    except NotFoundError:
+        raise ValidationError(f"timeline {timeline}'s history file {walchain.history_name(timeline)} is missing "
+                              "from the archive", hint="replay cannot follow the timeline switch without it") from None
+    return walchain.chain(timeline, history)
+
+
+def timeline_at(spans: list[walchain.Span], lsn: int) -> int:
+    """The timeline of the chain that holds `lsn`."""
+    for sp in spans:
+        if sp.end is None or lsn < sp.end:
+            return sp.timeline
+    return spans[-1].timeline
+
+
+def on_chain(spans: list[walchain.Span], timeline: int, lsn: int) -> bool:
+    """Whether a point (timeline, LSN) lies on the history that leads to the chain's last timeline."""
+    for sp in spans:
+        if sp.timeline == timeline:
+            return sp.end is None or lsn <= sp.end
+    return False
+
+
+@dataclass
+class WalRange:
+    """The segments replay needs from a start to the newest archived one on the target timeline."""
+
+    needed: list[str]
+    present: int  # needed[:present] are all archived
+    holes: list[str]  # missing segments with archived ones after them
+
+    @property
+    def contiguous(self) -> list[str]:
+        return self.needed[:self.present]
+
+    @property
+    def end(self) -> str | None:
+        return self.needed[self.present - 1] if self.present else None
+
+
+def wal_range(inv: Inventory, spans: list[walchain.Span], start_segment: str) -> WalRange:
+    target_tli = spans[-1].timeline
+    seg = inv.seg_size
+    candidates = [segment_name(target_tli, segno_of_lsn(spans[-1].begin, seg), seg)]
+    if inv.newest_on(target_tli):
+        candidates.append(inv.newest_on(target_tli))
+    s_tli, s_no = parse_segment_name(start_segment, seg)
+    if s_tli == target_tli:
+        candidates.append(start_segment)
+    end = max(candidates, key=lambda n: parse_segment_name(n, seg)[1])
+    needed = walchain.needed_segments(start_segment, end, spans, seg)
+    present = 0
+    while present < len(needed) and needed[present] in inv.segments:
+        present += 1
+    last_archived = max((i for i, n in enumerate(needed) if n in inv.segments), default=-1)
+    holes = [n for n in needed[present:last_archived + 1] if n not in inv.segments]
+    return WalRange(needed, present, holes)
+
+
+# --------------------------------------------------------------------------- pg_waldump
+
+
+@dataclass(frozen=True)
+class Commit:
+    lsn: int
+    time: float
+    segment: str
+
+
+@dataclass(frozen=True)
+class WalEnd:
+    """What the last archived segment of a run holds."""
+
+    segment: str
+    last_lsn: int  # start of the last valid record
+    end_lsn: int  # just past it
+    commit: Commit | None  # the last commit (or abort) found reading back from the end
+
+
+def _records(path: Path, bin_dir: str | None) -> list[tuple[str, int, int, str, str]]:
+    """(rmgr, total length, lsn, record kind, description) of every valid record in one segment."""
+    res = proc.run([binaries.binary("pg_waldump", bin_dir), str(path)], env={"TZ": "UTC", "LANG": "C", "LC_ALL": "C"},
+                   check=False, timeout=300, what="pg_waldump")
+    out = []
+    for line in res.stdout.splitlines():
+        m = _RECORD_RE.search(line)
+        if m:
+            out.append((m.group(1), int(m.group(2)), parse_lsn(m.group(3)), m.group(4), m.group(5)))
+    if not out and res.returncode != 0:
+        raise ValidationError(f"pg_waldump cannot read archived segment {path.name}",
+                              detail=(res.stderr or res.stdout)[-1500:])
+    return out
+
+
+def _last_commit(records: list[tuple[str, int, int, str, str]], segment: str) -> Commit | None:
+    for rmgr, _tot, lsn, kind, desc in reversed(records):
+        if rmgr == "Transaction" and kind in _XACT_END:
+            m = _XACT_TIME_RE.match(desc)
+            if m:
+                text = m.group(1)
+                fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S"
+                when = datetime.strptime(text, fmt).replace(tzinfo=timezone.utc)
+                return Commit(lsn, when.timestamp(), segment)
+    return None
+
+
+def scan_end(arc: WalArchive, run: list[str], cache: Path, *, seg_size: int, stop_before: int = 0,
+             bin_dir: str | None = None) -> WalEnd | None:
+    """Read the run of segments back from its end until a commit turns up (at most SCAN_LIMIT
+    segments, never before segment number `stop_before`). Segments are fetched into `cache`
+    (kept there: a restore replays them next)."""
+    if not run:
+        return None
+    end: WalEnd | None = None
+    for name in list(reversed(run))[:SCAN_LIMIT]:
+        if parse_segment_name(name, seg_size)[1] < stop_before:
+            break
+        path = cache / name
+        if not path.exists():
+            arc.fetch(name, path)
+        records = _records(path, bin_dir)
+        if end is None:
+            if not records:
+                raise ValidationError(f"archived segment {name} holds no valid WAL record")
+            _rmgr, tot, lsn, _kind, _desc = records[-1]
+            end = WalEnd(name, lsn, lsn + tot, None)
+        commit = _last_commit(records, name)
+        if commit:
+            return WalEnd(end.segment, end.last_lsn, end.end_lsn, commit)
+    return end
+
+
+# --------------------------------------------------------------------------- fetching ahead
+
+
+@dataclass
+class FetchStats:
+    segments: int = 0
+    bytes: int = 0
+    missing: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fetch_ahead(arc: WalArchive, names: list[str], histories: list[int], dest: Path, *, parallel: int,
+                owner: tuple[int, int] | None = None) -> FetchStats:
+    """Download (verified) the history files and segments replay is expected to need into dest.
+
+    Files already there are kept. A segment missing from the archive is noted, not fatal: the
+    server asks `dbops wal-fetch` for anything not found here."""
+    t0 = time.monotonic()
+    stats = FetchStats()
+    lock = threading.Lock()
+    for tli in histories:
+        name = walchain.history_name(tli)
+        if not (dest / name).exists():
+            _write(dest / name, arc.read_small(name), owner)
+
+    def one(name: str) -> None:
+        path = dest / name
+        try:
+            size = path.stat().st_size if path.exists() else arc.fetch(name, path).size
+        except NotFoundError:
+            with lock:
+                stats.missing.append(name)
+            return
+        if owner:
+            os.chown(path, *owner)
+        with lock:
+            stats.segments += 1
+            stats.bytes += size
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-walfetch") as pool:
+        for _ in pool.map(one, names):
+            pass
+    stats.seconds = round(time.monotonic() - t0, 3)
+    return stats
+
+
+def _write(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(data)
+    if owner:
+        os.chown(tmp, *owner)
+    os.replace(tmp, path)
