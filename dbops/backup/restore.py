@@ -69,6 +69,7 @@ class RestoreStats:
     chunks: int = 0  # distinct stored chunks fetched and verified
     requests: int = 0  # ranged GETs
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # create, fetch, finish (fsync)
 
 
 @dataclass(frozen=True)
@@ -263,10 +264,12 @@ def restore_snapshot(
             if progress:
                 progress(done[0], stats.logical_bytes)
 
+    t_fetch = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-restore") as pool:
         for _ in pool.map(fetch, ranges):
             pass
 
+    t_finish = time.monotonic()
     # 3. symlinks, the WAL folder PostgreSQL expects, then modes, times, owner, fsync.
     for e in manifest.files:
         if e.type == SYMLINK:
@@ -292,7 +295,10 @@ def restore_snapshot(
         for _ in pool.map(finish_file, files + unlogged + status):
             pass
     _finish_tree(target, manifest, ids)
-    stats.seconds = round(time.monotonic() - t0, 3)
+    t_end = time.monotonic()
+    stats.seconds = round(t_end - t0, 3)
+    stats.timings = {"create": round(t_fetch - t0, 3), "fetch": round(t_finish - t_fetch, 3),
+                     "finish": round(t_end - t_finish, 3)}
     _log.info("restored backup %s into %s: %d files, %d bytes, %d requests, %.1f s", manifest.backup_id,
               target, stats.files, stats.logical_bytes, stats.requests, stats.seconds)
     return stats
