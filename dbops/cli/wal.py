@@ -88,7 +88,7 @@ def status(
     if metrics_file:
         tmp = f"{metrics_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.write(walstatus.metrics_text(st))
+            f.write(walstatus.metrics_text(st, cfg.cluster))
         os.replace(tmp, metrics_file)
     if json_:
         output.emit_json(st.as_dict())

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from dbops.errors import DbopsError, UnknownOutcomeError
+from dbops.errors import DbopsError, PreconditionError, UnknownOutcomeError
 from dbops.ops.walfile import data_dir_of, read_system_identifier
 from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE
 
@@ -303,6 +303,13 @@ def push(cfg: "Config", wal_path: str, *, sync: bool = False,
         return "sync"
     name = os.path.basename(wal_path)
     data_dir = data_dir_of(wal_path)
+    if os.geteuid() == 0 and data_dir.stat().st_uid != 0:
+        raise PreconditionError(
+            "wal-push runs as the owner of the data folder, not as root",
+            detail=f"{data_dir} belongs to uid {data_dir.stat().st_uid}",
+            hint="PostgreSQL runs archive_command as its own user; to push by hand use "
+                 "`runuser -u postgres -- dbops wal-push ...` (or --sync)",
+        )
     try:
         spool = spool_for(cfg.archive, data_dir).ensure()
     except OSError as e:
@@ -403,23 +410,41 @@ def _rotate(path: Path) -> None:
 # --------------------------------------------------------------------------- wal-fetch (client side)
 
 
+def _fetch_spool(cfg: "Config", dest: str) -> Spool | None:
+    """The prefetch spool of the data folder dest belongs to, if there is one this process may use.
+
+    root never writes into a spool of a data folder it does not own: the files would then be
+    unusable for the postgres user that runs restore_command.
+    """
+    try:
+        data_dir = data_dir_of(dest)
+        if os.geteuid() == 0 and data_dir.stat().st_uid != 0:
+            return None
+        return spool_for(cfg.archive, data_dir)
+    except (DbopsError, OSError):
+        return None
+
+
 def fetch_prefetched(cfg: "Config", name: str, dest: str) -> bool:
-    """Serve `name` from the prefetch spool if it is there (no boto3); keeps the prefetcher going."""
+    """Serve `name` from the prefetch spool if it is there (no boto3); keeps the prefetcher going.
+
+    Any trouble with the spool is a miss, never a failure: restore_command then downloads itself
+    (a failing restore_command would end recovery early).
+    """
     if not SEGMENT_RE.match(name) or cfg.archive.prefetch <= 0:
         return False
-    try:
-        spool = spool_for(cfg.archive, data_dir_of(dest))
-    except DbopsError:
+    spool = _fetch_spool(cfg, dest)
+    if spool is None:
         return False
     src = spool.prefetch_dir(cfg.storage) / name
-    if not src.exists():
-        return False
-    spool.set_prefetch_want(name)
     try:
+        if not src.exists():
+            return False
+        spool.set_prefetch_want(name)
         _move_into_place(src, Path(dest))
-    except FileNotFoundError:  # taken away by the prefetcher's clean-up a moment ago
+    except OSError:  # e.g. taken away by the prefetcher's clean-up a moment ago
         return False
-    poke_prefetcher(cfg, spool)
+    _poke(cfg, spool)
     return True
 
 
@@ -429,13 +454,21 @@ def fetch(cfg: "Config", name: str, dest: str) -> str:
         return "prefetch"
     _archive(cfg).fetch(name, dest)
     if SEGMENT_RE.match(name) and cfg.archive.prefetch > 0:
-        try:
-            spool = spool_for(cfg.archive, data_dir_of(dest)).ensure()
-        except (DbopsError, OSError):
-            return "archive"
-        spool.set_prefetch_want(name)
-        poke_prefetcher(cfg, spool)
+        spool = _fetch_spool(cfg, dest)
+        if spool is not None:
+            try:
+                spool.ensure().set_prefetch_want(name)
+            except OSError:
+                return "archive"
+            _poke(cfg, spool)
     return "archive"
+
+
+def _poke(cfg: "Config", spool: Spool) -> None:
+    try:
+        poke_prefetcher(cfg, spool)
+    except (DbopsError, OSError) as e:  # prefetching is an optimisation
+        _warn("cannot start the prefetcher: %s", getattr(e, "message", e))
 
 
 def poke_prefetcher(cfg: "Config", spool: Spool) -> None:

@@ -210,31 +210,31 @@ def spool_state(cfg: Config, data_dir: str | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- Prometheus textfile
 
 
-def metrics_text(st: ArchiveStatus) -> str:
-    lines = [
-        "# HELP dbops_wal_archive_ok 1 when no segment is missing between the start and the newest one",
-        "# TYPE dbops_wal_archive_ok gauge",
-        f"dbops_wal_archive_ok {1 if st.ok else 0}",
-        "# HELP dbops_wal_archive_gaps Missing WAL files (segments and history files)",
-        "# TYPE dbops_wal_archive_gaps gauge",
-        f"dbops_wal_archive_gaps {st.gap_count}",
-        "# HELP dbops_wal_newest_segment_age_seconds Age of the newest archived segment per timeline",
-        "# TYPE dbops_wal_newest_segment_age_seconds gauge",
-    ]
-    for t in st.timelines:
-        if t.newest_age is not None:
-            lines.append(f'dbops_wal_newest_segment_age_seconds{{timeline="{t.timeline}"}} {t.newest_age}')
-    lines += ["# HELP dbops_wal_segments Archived segments per timeline", "# TYPE dbops_wal_segments gauge"]
-    lines += [f'dbops_wal_segments{{timeline="{t.timeline}"}} {t.segments}' for t in st.timelines]
+def metrics_text(st: ArchiveStatus, cluster: str) -> str:
+    """Prometheus textfile metrics; every one carries the cluster label."""
+    c = f'cluster="{cluster}"'
+
+    def metric(name: str, help_: str, samples: list[tuple[str, float]]) -> list[str]:
+        out = [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+        return out + [f"{name}{{{c}{',' + labels if labels else ''}}} {value}" for labels, value in samples]
+
+    lines = metric("dbops_wal_archive_ok", "1 when no WAL file is missing between the start and the newest segment",
+                   [("", 1 if st.ok else 0)])
+    lines += metric("dbops_wal_archive_gaps", "missing WAL files (segments and history files)", [("", st.gap_count)])
+    lines += metric("dbops_wal_newest_segment_age_seconds", "age of the newest archived segment per timeline",
+                    [(f'timeline="{t.timeline}"', t.newest_age) for t in st.timelines if t.newest_age is not None])
+    lines += metric("dbops_wal_segments", "archived segments per timeline",
+                    [(f'timeline="{t.timeline}"', t.segments) for t in st.timelines])
     a = st.archiver
     if a:
-        for key, help_ in (("archived_count", "WAL files archived (pg_stat_archiver)"),
-                           ("failed_count", "failed archive attempts (pg_stat_archiver)"),
-                           ("ready_count", "WAL files waiting to be archived (.ready)")):
-            lines += [f"# HELP dbops_wal_archiver_{key} {help_}", f"# TYPE dbops_wal_archiver_{key} gauge",
-                      f"dbops_wal_archiver_{key} {a.get(key) or 0}"]
+        lines += metric("dbops_wal_archiver_archived_count", "WAL files archived (pg_stat_archiver)",
+                        [("", a.get("archived_count") or 0)])
+        lines += metric("dbops_wal_archiver_failed_count", "failed archive attempts (pg_stat_archiver)",
+                        [("", a.get("failed_count") or 0)])
+        lines += metric("dbops_wal_archiver_ready_count", "WAL files waiting to be archived (.ready)",
+                        [("", a.get("ready_count") or 0)])
         for key in ("last_archived_time", "last_failed_time"):
             if a.get(key):
-                lines += [f"# TYPE dbops_wal_archiver_{key}_seconds gauge",
-                          f"dbops_wal_archiver_{key}_seconds {a[key]}"]
+                lines += metric(f"dbops_wal_archiver_{key}_seconds", f"pg_stat_archiver {key} (epoch seconds)",
+                                [("", a[key])])
     return "\n".join(lines) + "\n"

@@ -161,7 +161,7 @@ def test_pgbench_load_is_archived_byte_identical_without_gaps(make_lab, dbops_bi
     metrics = tmp_path / "wal.prom"
     r = dbops(dbops_bin, lab.config_path, "wal", "status", "--metrics-file", str(metrics))
     assert r.returncode == 0 and last in r.stdout and "no gaps" in r.stdout
-    assert "dbops_wal_archive_ok 1" in metrics.read_text()
+    assert 'dbops_wal_archive_ok{cluster="lab"} 1' in metrics.read_text()
 
 
 # --------------------------------------------------------------------------- S3 outage

@@ -213,8 +213,8 @@ def test_status_reports_newest_per_timeline_and_gaps_by_name(env):
     # from a given start after the hole: complete
     st = walstatus.archive_status(store, layout, start_segment=_seg(1, 4))
     assert st.ok and st.needed == 2
-    text = walstatus.metrics_text(st)
-    assert "dbops_wal_archive_ok 1" in text and 'dbops_wal_segments{timeline="1"} 4' in text
+    text = walstatus.metrics_text(st, "c1")
+    assert 'dbops_wal_archive_ok{cluster="c1"} 1' in text and 'dbops_wal_segments{cluster="c1",timeline="1"} 4' in text
 
 
 def test_status_follows_history_and_requires_history_files(env):
