@@ -112,7 +112,7 @@ def _render(st, root: str) -> str:
     if a:
         lines.append(f"archiver on {a['node']}: archived {a['archived_count']} (last {a['last_archived_wal'] or '-'}, "
                      f"{_ago(a['last_archived_time'])}), failed {a['failed_count']} (last {a['last_failed_wal'] or '-'}, "
-                     f"{_ago(a['last_failed_time'])}), {a['ready_count']} waiting (.ready)")
+                     f"{_ago(a['last_failed_time'])}), {'?' if a['ready_count'] is None else a['ready_count']} waiting (.ready)")
     else:
         lines.append("archiver: no reachable primary")
     if st.spool:

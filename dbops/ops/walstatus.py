@@ -176,9 +176,9 @@ def archiver_state(nodes: tuple[Node, ...] | list[Node]) -> dict[str, Any] | Non
                     SELECT archived_count, last_archived_wal, extract(epoch FROM last_archived_time),
                            failed_count, last_failed_wal, extract(epoch FROM last_failed_time),
                            current_setting('archive_mode'), current_setting('archive_command'),
-                           pg_walfile_name(pg_current_wal_lsn()),
-                           (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready')
+                           pg_walfile_name(pg_current_wal_lsn())
                     FROM pg_stat_archiver""")[0]
+                row = (*row, _ready_count(c))
         except DbopsError as e:
             _log.debug("archiver state from %s: %s", node.name, e.message)
             continue
@@ -191,6 +191,18 @@ def archiver_state(nodes: tuple[Node, ...] | list[Node]) -> dict[str, Any] | Non
         d["data_dir"] = node.data_dir
         return d
     return None
+
+
+def _ready_count(c: Any) -> int | None:
+    """.ready files on the primary (needs superuser or pg_monitor; None without)."""
+    import psycopg
+
+    from dbops.pg import conn
+
+    try:
+        return conn.scalar(c, "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")
+    except psycopg.Error:
+        return None
 
 
 def spool_state(cfg: Config, data_dir: str | None) -> dict[str, Any] | None:

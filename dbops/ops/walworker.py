@@ -87,7 +87,7 @@ class Pusher:
         work.update({n: w.path for n, w in wanted.items()})
         out = []
         for name in sorted(work, key=push_order):
-            if name in self.inflight or name in self.stored:
+            if name in self.inflight or (name in self.stored and name not in wanted):
                 continue
             if self.spool.is_stored(name, work[name]):
                 self.stored.add(name)
