@@ -41,6 +41,7 @@ from dbops.errors import (
 )
 from dbops.nodes import NodeController, open_controller
 from dbops.ops import replication as repl
+from dbops.ops.candidate import CandidateTuning
 from dbops.ops.failover_plan import FAIL, OK, Finding, Options, Plan, make_plan
 from dbops.ops.pgbouncer import PgBouncer, paused
 from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
@@ -107,7 +108,7 @@ class Switchover:
         self._checkpoint_lsn: int | None = None
         self._t_fence: float | None = None
         self._history: str | None = None
-        self._restore_command: tuple[str, bool] | None = None  # (value, set in postgresql.auto.conf) while suspended
+        self.tuning = CandidateTuning(self.new)
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class Switchover:
             if self.report.outcome == "running":
                 if self._t_fence is None:
                     self.report.outcome = "cancelled"
-                    self._guarded("reinstate restore_command", self._reinstate_restore_command)
+                    self._guarded("untune candidate", self.tuning.undo)
                 else:  # an unforeseen error after the fence: never call that "failed"
                     self.report.outcome = "unknown"
                     e = UnknownOutcomeError(f"switchover interrupted, outcome unknown: {e.message}",
@@ -204,33 +205,21 @@ class Switchover:
 
         self._cand = conn.connect(self.new, connect_timeout=5)
         self._cand_conninfo = self._cand.execute("select current_setting('primary_conninfo')").fetchone()[0]
-        with self.phase("suspend restore_command") as ph:
-            ph.detail = self._suspend_restore_command()
+        with self.phase("tune candidate") as ph:
+            ph.detail = self._tune_candidate()
         with self.phase("checkpoint old primary"), conn.session(self.old) as c:
             c.execute("checkpoint")
 
-    def _suspend_restore_command(self) -> str:
-        """Blank the candidate's restore_command for the switch (reloadable since PostgreSQL 14).
-
-        Once the old primary stops, the startup process would run restore_command while it
-        waits, and promotion runs it again to probe the archive for history files: each run of
-        an archive client costs hundreds of milliseconds of write downtime. The candidate needs
-        no archive here (it streams everything up to the shutdown checkpoint). The probe matters
-        only if the next timeline's history file already exists in the archive (then it is kept).
-        """
-        row = self._cand.execute("select setting, coalesce(sourcefile, ''), current_setting('server_version_num')::int"
-                                 " from pg_settings where name = 'restore_command'").fetchone()
-        value, sourcefile, version = row
-        if not value:
-            return "not set"
-        if version < 140000:
-            return "kept (PostgreSQL < 14 cannot reload it)"
-        if not self._next_timeline_free():
-            return "kept (the next timeline's history is in the archive, or the archive cannot be checked)"
-        self._restore_command = (value, sourcefile.endswith("postgresql.auto.conf"))
-        self._cand.execute("alter system set restore_command = ''")
-        self._cand.execute("select pg_reload_conf()")
-        return "suspended until promotion"
+    def _tune_candidate(self) -> str:
+        """Short retry interval and (when safe) no restore_command until promotion; see dbops.ops.candidate."""
+        value, version = self._cand.execute("select current_setting('restore_command'), "
+                                            "current_setting('server_version_num')::int").fetchone()
+        suspend = bool(value) and version >= 140000 and self._next_timeline_free()
+        detail = self.tuning.apply(self._cand, suspend_restore_command=suspend)
+        if value and not suspend:
+            detail += "; restore_command kept (PostgreSQL < 14, or the archive holds the next timeline's history " \
+                      "or cannot be checked)"
+        return detail
 
     def _next_timeline_free(self) -> bool:
         cmd = self.plan.candidate.settings.get("archive_command", "") if self.plan.candidate else ""
@@ -244,23 +233,6 @@ class Switchover:
             return open_store(self.cfg.storage).head(Layout(self.cfg.storage.prefix).wal_key(name)) is None
         except DbopsError:
             return False
-
-    def _reinstate_restore_command(self) -> None:
-        """Put the candidate's restore_command back (after promotion, or on rollback)."""
-        if self._restore_command is None:
-            return
-        from psycopg import sql
-
-        from dbops.pg import conn
-
-        value, in_auto = self._restore_command
-        with conn.session(self.new) as c:
-            if in_auto:
-                c.execute(sql.SQL("alter system set restore_command = {}").format(sql.Literal(value)))
-            else:
-                c.execute("alter system reset restore_command")
-            c.execute("select pg_reload_conf()")
-        self._restore_command = None
 
     def _switch(self) -> None:
         """From PAUSE to RESUME: the part that holds writes back."""
@@ -338,7 +310,7 @@ class Switchover:
                 self.ctl_old.remove_standby_signal()
                 self.ctl_old.start(timeout=self.opts.timeout)
                 self._assert_writable(self.old)
-                self._guarded("reinstate restore_command", self._reinstate_restore_command)
+                self._guarded("untune candidate", self.tuning.undo)
             except DbopsError as e:
                 ph.ok, ph.detail = False, e.message
                 self.report.outcome = "unknown"
@@ -379,6 +351,7 @@ class Switchover:
             except (psycopg.Error, DbopsError) as e:
                 self.report.outcome = "unknown"
                 msg = getattr(e, "message", None) or str(e).strip()
+                self._guarded("untune candidate", self.tuning.undo)
                 raise _attach(UnknownOutcomeError(
                     f"promotion of {self.new.name} requested, outcome unknown: {msg}",
                     detail=f"{self.old.name} is stopped (clean shutdown at {self.report.shutdown_checkpoint_lsn}); "
@@ -390,7 +363,7 @@ class Switchover:
 
     def _after(self) -> None:
         followers = [self.old, *self.others]
-        self._guarded("reinstate restore_command", self._reinstate_restore_command)
+        self._guarded("untune candidate", self.tuning.undo)
         self._guarded("new primary: slots, checkpoint", lambda: self._settle_new_primary(followers))
         for n in self.others:
             self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
