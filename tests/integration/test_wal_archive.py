@@ -199,6 +199,40 @@ def test_s3_outage_mid_load_loses_nothing_and_acknowledges_nothing_early(make_la
         assert arc.store.head(rec["key"]).metadata[META_SHA256] == rec["sha256"]
 
 
+def test_a_killed_pusher_is_replaced_and_nothing_is_lost(make_lab, dbops_bin, tmp_path):
+    import threading
+
+    lab = make_lab(replicas=0)
+    node = lab.primary
+    first = switch(node)
+    wait_until(lambda: archived_up_to(node, first), 60, f"{first} archived")
+    lock = next((lab.dir / "spool").glob("*/pusher.lock"))
+    killed: list[int] = []
+
+    def kill_pushers():  # kill whichever pusher runs, a few times, while the load goes on
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(killed) < 3:
+            try:
+                pid = int(lock.read_text().split()[0])
+                if pid not in killed and "walworker" in labmod._cmdline(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(0.3)
+
+    t = threading.Thread(target=kill_pushers)
+    t.start()
+    pgbench_init(node, 3)
+    t.join()
+    last = switch(node)
+    wait_until(lambda: archived_up_to(node, last) and not ready_files(node), 180, "archiving to catch up")
+    assert killed, "no pusher was seen running during the load"
+    code, st = status_json(dbops_bin, lab)
+    assert code == 0 and st["ok"], st["gaps"]
+    assert assert_archived_copies_identical(lab, node, tmp_path) >= 3
+
+
 # --------------------------------------------------------------------------- idempotency, conflicts, foreign clusters
 
 
