@@ -253,3 +253,19 @@ def test_fetch_range_tells_a_hole_from_the_end_of_the_archive(env, tmp_path):
         fetch_range(store, layout, _seg(1, 1), _seg(1, 4), tmp_path / "a")
     with pytest.raises(NotFoundError, match=_seg(1, 5)):
         fetch_range(store, layout, _seg(1, 4), _seg(1, 5), tmp_path / "b")
+
+
+def test_gaps_are_checked_from_the_oldest_backups_start(env):
+    from dbops.backup import manifest as mf
+
+    store, layout, _data, _ = env
+    _archive_series(env, [_seg(1, n) for n in (1, 2, 4, 5, 6)])
+    assert walstatus.oldest_backup_start(store, layout) is None
+    for backup_id, redo_seg, t in (("b-new", 5, 2000.0), ("b-old", 4, 1000.0)):
+        pg = mf.PgState("15", str(SYSID), 1, redo_seg * SEG + 0x28, redo_seg * SEG + 0x100, t, SEG)
+        mf.save(store, layout, mf.Manifest(backup_id=backup_id, pg=pg, chunk_size=65536,
+                                           compression={"algorithm": "zstd", "level": 3}, files=[]))
+    start = walstatus.oldest_backup_start(store, layout)
+    assert start == _seg(1, 4)
+    st = walstatus.archive_status(store, layout, start_segment=start, start_source="oldest backup")
+    assert st.ok and st.needed == 3 and st.start_source == "oldest backup"
