@@ -25,8 +25,8 @@ from dbops.storage import open_store
 from dbops.storage.layout import Layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import failover_lab  # noqa: E402
-from writer_probe import Writer, multi_host, prepare  # noqa: E402
+import failover_lab
+from writer_probe import Writer, multi_host, prepare
 
 pytestmark = pytest.mark.integration
 

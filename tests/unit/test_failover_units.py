@@ -17,7 +17,14 @@ from dbops.nodes.ssh import SshController
 from dbops.ops import failover_plan as fp
 from dbops.ops import replication as repl
 from dbops.ops.pgbouncer import repoint_ini
-from dbops.ops.topology import Archiver, NodeState, Receiver, Topology, conninfo_endpoint, same_endpoint
+from dbops.ops.topology import (
+    Archiver,
+    NodeState,
+    Receiver,
+    Topology,
+    conninfo_endpoint,
+    same_endpoint,
+)
 from dbops.pg.controldata import ControlData
 from dbops.pg.lsn import parse_lsn
 
