@@ -60,6 +60,14 @@ class SshController(ShellController):
         argv += ["-l", s.user, "--", s.host, quote_argv(remote)]
         return argv
 
+    def close(self) -> None:
+        """Stop this node's shared ssh connection, if one is open (it would linger ControlPersist seconds)."""
+        if not self.multiplex:
+            return
+        argv = self.ssh_argv([])[:-1]
+        argv[argv.index("--"):argv.index("--")] = ["-O", "exit"]
+        proc.run(argv, timeout=15, check=False, what=f"ssh -O exit {self.node.name}")
+
     def _exec(self, argv: Sequence[str], *, timeout: float | None, input: str | None,
               env: Mapping[str, str] | None, check: bool, what: str | None = None) -> proc.Result:
         remote, prefix = remote_command(argv, env)
