@@ -57,12 +57,14 @@ class Watch:
 
 class Pusher:
     def __init__(self, archive: WalArchive, spool: Spool, ident: ClusterIdentity, *, parallel: int = 4,
-                 idle_exit: float = 30.0, stall_after: float = 600.0, watch: Watch | None = None):
+                 idle_exit: float = 30.0, stall_after: float = 600.0, watch: Watch | None = None,
+                 orphan_exit: float = 60.0):
         self.archive = archive
         self.spool = spool
         self.ident = ident
         self.parallel = max(1, parallel)
         self.idle_exit = idle_exit
+        self.orphan_exit = orphan_exit
         self.stall_after = stall_after
         self.pg_wal = spool.data_dir / "pg_wal"
         self.status_dir = self.pg_wal / "archive_status"
@@ -72,7 +74,7 @@ class Pusher:
         self.retry_at: dict[str, tuple[int, float, float]] = {}  # name -> (failures, next try, last failure)
         self.pushed = 0
         self.watch = watch or Watch()
-        self.retired = False
+        self.retired: str | None = None
 
     # -- one pass
     def ready(self) -> list[str]:
@@ -139,8 +141,9 @@ class Pusher:
         self.harvest()
         ready = self.ready()
         wanted = self.spool.wanted()
-        if self.watch.changed(wanted):
-            self.retired = True
+        if not self.retired and self.watch.changed(wanted):
+            self.retired = "the configuration changed (or a caller uses another one)"
+        if self.retired:  # finish what runs, start nothing new
             return bool(self.inflight)
         for name, path in self.pending(ready, wanted):
             if len(self.inflight) >= self.parallel:
@@ -150,18 +153,22 @@ class Pusher:
 
     # -- the loop
     def run(self) -> int:
-        idle_since = time.monotonic()
+        idle_since = server_seen = time.monotonic()
         last_prune = 0.0
         last_beat = 0.0
+        postmaster = self.spool.data_dir / "postmaster.pid"
         while self.status_dir.is_dir():
             now = time.monotonic()
+            if postmaster.exists():
+                server_seen = now
+            elif now - server_seen > self.orphan_exit:
+                self.retired = "PostgreSQL is not running"  # its next archive_command starts a pusher
             if now - last_beat > 1.0:
                 self.spool.beat()
                 last_beat = now
             busy = self.step()
             if self.retired and not self.inflight:
-                _log.info("the configuration changed (or a caller uses another one); "
-                          "exiting so a fresh pusher uses it")
+                _log.info("pusher retiring: %s", self.retired)
                 break
             stuck = self.stalled()
             if stuck:
@@ -174,7 +181,7 @@ class Pusher:
                 idle_since = now
             elif now - idle_since > self.idle_exit:
                 break
-            elif now - idle_since > 1.0 and not (self.spool.data_dir / "postmaster.pid").exists():
+            elif now - idle_since > 1.0 and now != server_seen:
                 break
             if now - last_prune > 5.0:
                 keep = set(self.ready()) | set(self.spool.wanted()) | set(self.inflight)
@@ -199,7 +206,7 @@ class Prefetcher:
         self.idle_exit = idle_exit
         self.pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="prefetch")
         self.inflight: dict[str, Future] = {}
-        self.missing: dict[str, float] = {}  # name -> when the archive did not have it
+        self.retry_at: dict[str, float] = {}  # name -> when to try again (not archived yet, or failed)
         self.watch = watch or Watch()
 
     def window(self, want: str | None) -> list[str]:
@@ -211,16 +218,19 @@ class Prefetcher:
             out.append(name)
         return out
 
-    def step(self, want: str | None) -> None:
+    def harvest(self) -> None:
         for name, fut in list(self.inflight.items()):
             if fut.done():
                 del self.inflight[name]
                 exc = fut.exception()
-                if isinstance(exc, NotFoundError):
-                    self.missing[name] = time.monotonic()
+                if isinstance(exc, NotFoundError):  # not archived yet: ask again soon
+                    self.retry_at[name] = time.monotonic() + 2.0
                 elif exc is not None:
                     _log.warning("prefetching %s failed: %s", name, getattr(exc, "message", exc))
-                    self.missing[name] = time.monotonic()
+                    self.retry_at[name] = time.monotonic() + 15.0
+
+    def step(self, want: str | None) -> None:
+        self.harvest()
         window = self.window(want)
         keep = set(window)
         for e in os.scandir(self.folder):
@@ -230,8 +240,8 @@ class Prefetcher:
         for name in window:
             if name in self.inflight or (self.folder / name).exists():
                 continue
-            if now - self.missing.get(name, -1e9) < 2.0:
-                break  # the end of the archive: nothing beyond it either
+            if now < self.retry_at.get(name, 0.0):
+                break  # the end of the archive (or trouble): nothing beyond it either
             self.inflight[name] = self.pool.submit(self.archive.fetch, name, self.folder / name)
 
     def run(self) -> int:
@@ -240,13 +250,19 @@ class Prefetcher:
             if e.name.startswith("."):
                 Path(e.path).unlink(missing_ok=True)
         last_want, changed = None, time.monotonic()
+        postmaster = self.spool.data_dir / "postmaster.pid"
         while self.spool.data_dir.is_dir() and not self.watch.changed():
             want = self.spool.prefetch_want()
+            now = time.monotonic()
             if want != last_want:
-                last_want, changed = want, time.monotonic()
-            self.step(want)
-            if not self.inflight and time.monotonic() - changed > self.idle_exit:
-                break
+                last_want, changed = want, now
+            if now - changed > self.idle_exit or (now - changed > 2.0 and not postmaster.exists()):
+                # nobody asks any more (or the server is gone): finish what runs, start nothing new
+                self.harvest()
+                if not self.inflight:
+                    break
+            else:
+                self.step(want)
             time.sleep(0.05 if self.inflight else 0.2)
         self.pool.shutdown(wait=True)
         return 0

@@ -283,3 +283,19 @@ def test_pusher_retires_when_its_configuration_changes_or_a_caller_uses_another(
     assert not w.changed()
     conf.write_text("xy")
     assert w.changed()
+
+
+def test_workers_do_not_outlive_a_stopped_server(env):
+    cfg, data, store, layout, spool = env
+    (data / "postmaster.pid").unlink()
+    p = write_segment(data, SEGS[0], seed=1)
+    WalArchive(store, layout).push(p, cluster_identity(data))
+    p.write_bytes(segment_bytes(SEGS[0], seed=2))  # fails for ever (a conflict): the pusher stays busy
+    t0 = time.monotonic()
+    assert pusher_for(env, orphan_exit=0.5).run() == 0
+    assert time.monotonic() - t0 < 5 and spool.failure(SEGS[0]) is not None
+    folder = spool.prefetch_dir(cfg.storage)
+    spool.set_prefetch_want(SEGS[0])
+    t0 = time.monotonic()
+    assert Prefetcher(WalArchive(store, layout), spool, folder, depth=2, seg_size=1024 * 1024).run() == 0
+    assert time.monotonic() - t0 < 6
