@@ -71,8 +71,8 @@ class ContainerController(ShellController):
             fmt = "{{.Config.Image}}|{{.Rootfs}}" if self.engine == "podman" else "{{.Config.Image}}|"
             out = self._engine("inspect", "--format", fmt, self.name).stdout.strip()
             image, _, rootfs = out.partition("|")
-            if rootfs and rootfs != "<no value>":
-                self._image = ["--rootfs", rootfs]
+            if rootfs and rootfs != "<no value>":  # podman --rootfs: reuse it as a throwaway overlay
+                self._image = ["--rootfs", rootfs if rootfs.endswith(":O") else f"{rootfs}:O"]
             elif image:
                 self._image = ["--entrypoint", "", image]
             else:

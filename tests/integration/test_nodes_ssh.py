@@ -48,7 +48,8 @@ def sshd(lab_factory):
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nPasswordAuthentication no\n"
         f"KbdInteractiveAuthentication no\nUsePAM yes\nAllowUsers postgres\nPidFile {d / 'sshd.pid'}\n")
-    p = proc.spawn([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "ab"))
+    with open(d / "sshd.log", "ab") as logf:
+        p = proc.spawn([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=logf)
     for _ in range(100):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
