@@ -61,7 +61,7 @@ def bench_backup_store(
     chunk_size: int = cfgmod.BackupSettings.chunk_size,
     pack_size: int = cfgmod.BackupSettings.pack_size,
     parallel: int = cfgmod.BackupSettings.parallel,
-    compression: cfgmod.CompressionSettings = cfgmod.CompressionSettings(),
+    compression: cfgmod.CompressionSettings | None = None,
     parent_id: str | None = None,
     scratch_dir: str | None = None,
     restore_too: bool = True,

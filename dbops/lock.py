@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 from dbops import log
 from dbops.errors import DbopsError, LockedError, NotFoundError
@@ -55,7 +56,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class ClusterLock:
 
     # ------------------------------------------------------------------ context manager
 
-    def __enter__(self) -> ClusterLock:
+    def __enter__(self) -> Self:
         self.acquire()
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"dbops-lock-{self.name}", daemon=True)

@@ -14,8 +14,9 @@ import json
 import re
 import secrets as pysecrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from dbops.backup import manifest as mf
 from dbops.errors import ConflictError, NotFoundError, ValidationError

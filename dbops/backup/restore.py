@@ -14,14 +14,13 @@ import os
 import pwd
 import re
 import shutil
-import stat
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import zstandard
 

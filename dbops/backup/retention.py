@@ -17,8 +17,8 @@ backup still uploading is never robbed. Plan and execute under the cluster lock.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 from dbops import log
 from dbops.backup import catalog

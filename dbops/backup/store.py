@@ -23,9 +23,10 @@ import queue
 import secrets as pysecrets
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import zstandard
 
@@ -265,7 +266,7 @@ def store_snapshot(
     *,
     backup_id: str,
     parent_manifests: Sequence[Manifest] = (),
-    compression: CompressionSettings = CompressionSettings(),
+    compression: CompressionSettings | None = None,
     chunk_size: int,
     pack_size: int,
     parallel: int,
@@ -285,11 +286,14 @@ def store_snapshot(
     so the restored folder starts without an archive; pg_wal is otherwise left empty.
     ``timings``: earlier phases of the run (merged into the manifest's timings).
     """
+    compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
         raise PreconditionError(f"chunk size {chunk_size} is not a positive multiple of 8192")
     t0 = time.monotonic()
     if pg is None:
-        from dbops.backup import pgstate  # runs pg_controldata; synthetic folders pass pg
+        from dbops.backup import (
+            pgstate,  # runs pg_controldata; synthetic folders pass pg
+        )
 
         pg = pgstate.read(data_dir)
     entries = walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None)

@@ -22,8 +22,8 @@ import fnmatch
 import os
 import re
 import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from dbops import log
 from dbops.backup.manifest import DIR, FILE, SYMLINK

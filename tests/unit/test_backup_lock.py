@@ -81,7 +81,7 @@ def test_stale_lock_is_taken_over_by_exactly_one_of_two_racing_threads(env):
         barrier = threading.Barrier(2)
         results: dict[str, object] = {}
 
-        def run(lk):
+        def run(lk, barrier=barrier, results=results):
             barrier.wait()
             try:
                 results[lk.host] = lk.acquire()
