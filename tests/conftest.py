@@ -52,10 +52,9 @@ class LabFactory:
 
     def create(self, name: str, replicas: int = 1, archive: bool = True) -> labmod.LabInfo:
         d = self.base / name
-        info = labmod.up(d, replicas=replicas, archive=archive)
         if d not in self.labs:
-            self.labs.append(d)
-        return info
+            self.labs.append(d)  # before up(): a half-built lab is torn down too
+        return labmod.up(d, replicas=replicas, archive=archive)
 
     def destroy(self, d: Path) -> None:
         try:
