@@ -135,8 +135,13 @@ class NodeController(Protocol):
     def has_standby_signal(self) -> bool:
         ...
 
-    def rewind(self, source_conninfo: str, *, password: str | None = None, timeout: float = 3600.0) -> None:
+    def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
+               timeout: float = 3600.0) -> None:
         """pg_rewind the (stopped) data folder onto the source server's timeline."""
+        ...
+
+    def setting(self, name: str) -> str:
+        """A server setting as the configuration files give it (``postgres -C``; server stopped)."""
         ...
 
     def run(self, argv: Sequence[str], *, timeout: float | None = 300.0, input: str | None = None,
@@ -289,13 +294,20 @@ class ShellController:
         res = self._exec(["test", "-f", self._path(STANDBY_SIGNAL)], timeout=30, input=None, env=None, check=False)
         return res.returncode == 0
 
-    def rewind(self, source_conninfo: str, *, password: str | None = None, timeout: float = 3600.0) -> None:
+    def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
+               timeout: float = 3600.0) -> None:
         if "password" in source_conninfo.lower():
             raise UsageError("pass the password separately, never inside the conninfo (it would show in argv)")
         env = {"PGPASSWORD": password} if password else None
-        self._exec([self._bin("pg_rewind"), "-D", self.data_dir, f"--source-server={source_conninfo}",
-                    "--restore-target-wal", "--progress"],
-                   timeout=timeout, input=None, env=env, check=True, what=f"pg_rewind on {self.node.name}")
+        argv = [self._bin("pg_rewind"), "-D", self.data_dir, f"--source-server={source_conninfo}", "--progress"]
+        if restore_target_wal:  # WAL the target needs but no longer has comes from its restore_command
+            argv.append("--restore-target-wal")
+        self._exec(argv, timeout=timeout, input=None, env=env, check=True, what=f"pg_rewind on {self.node.name}")
+
+    def setting(self, name: str) -> str:
+        res = self._exec([self._bin("postgres"), "-D", self.data_dir, "-C", name], timeout=30, input=None,
+                         env=None, check=True, what=f"postgres -C {name} on {self.node.name}")
+        return res.stdout.strip()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.node.name})"

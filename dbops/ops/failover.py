@@ -418,16 +418,10 @@ class Switchover:
     def _rejoin_old(self) -> None:
         from dbops.pg import conn
 
-        self.ctl_old.stop("fast", timeout=self.opts.timeout)  # its postmaster may still be archiving
-        cd = self.ctl_old.controldata()
-        decision = repl.needs_rewind(cd, self._history, self.report.timeline or 0)
+        decision = repl.rejoin(self.ctl_old, self.new, conninfo_template=self._cand_conninfo,
+                               slot=self._slot_of(self.old) if self.uses_slots else None, history=self._history,
+                               new_timeline=self.report.timeline or 0, timeout=self.opts.timeout)
         self.report.rewind = {"needed": decision.needed, "reason": decision.reason}
-        if decision.needed:
-            source, password = repl.rewind_source(self.new)
-            self.ctl_old.rewind(source, password=password, timeout=max(self.opts.timeout, 600))
-        slot = self._slot_of(self.old) if self.uses_slots else None
-        self.ctl_old.write_standby_config(repl.follow_conninfo(self._cand_conninfo, self.new, self.old.name), slot)
-        self.ctl_old.start(timeout=self.opts.timeout)
         stale = {self._slot_of(n) for n in self.others} | ({self.candidate_slot} if self.candidate_slot else set())
         if stale:
             with conn.session(self.old) as c:

@@ -13,10 +13,12 @@ from typing import Any
 
 from dbops import secrets
 from dbops.config import Node
+from dbops.nodes import NodeController
 from dbops.pg.controldata import ControlData
 from dbops.pg.lsn import format_lsn, parse_history
 
 _SLOT_RE = re.compile(r"[^a-z0-9_]")
+NODE_CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
 
 
 def slot_name_for(node_name: str, current: str | None = None) -> str:
@@ -89,6 +91,30 @@ def needs_rewind(old: ControlData, history_text: str | None, new_timeline: int) 
                                     f"point {format_lsn(switch)} of timeline {old.timeline}")
     return RewindDecision(False, f"shut down at {format_lsn(old.checkpoint_lsn)}, before the switch point "
                                  f"{format_lsn(switch)}")
+
+
+def rejoin(ctl: NodeController, primary: Node, *, conninfo_template: str | None, slot: str | None,
+           history: str | None, new_timeline: int, timeout: float) -> RewindDecision:
+    """Make a former primary (stopped, or still exiting) a streaming standby of `primary`.
+
+    pg_rewind runs only when :func:`needs_rewind` says its WAL diverged from the new timeline;
+    `primary` must have checkpointed since its promotion (pg_rewind reads its timeline from
+    the control file). Then standby.signal and primary_conninfo, and a start.
+    """
+    ctl.stop("fast", timeout=timeout)  # a fenced postmaster may still be archiving its last segment
+    decision = needs_rewind(ctl.controldata(), history, new_timeline)
+    if decision.needed:
+        # pg_rewind copies the source's configuration files too (port, conninfo, ...): keep the node's own.
+        saved = {name: ctl.read_file(name) for name in NODE_CONFIG_FILES}
+        source, password = rewind_source(primary)
+        ctl.rewind(source, password=password, restore_target_wal=bool(ctl.setting("restore_command")),
+                   timeout=max(timeout, 600))
+        for name, text in saved.items():
+            if text is not None:
+                ctl.write_file(name, text)
+    ctl.write_standby_config(follow_conninfo(conninfo_template, primary, ctl.node.name), slot)
+    ctl.start(timeout=timeout)
+    return decision
 
 
 # ------------------------------------------------------------------------------ SQL actions

@@ -242,3 +242,33 @@ class _Primary:
 
     def __init__(self, lab, primary):
         self.dir, self.primary = lab.dir, primary
+
+
+def test_a_diverged_old_primary_is_rewound_and_follows(make_lab):
+    """Split brain on purpose (the replica promoted while the primary kept writing): rejoin must
+    see the divergence in the timeline history and run pg_rewind; the diverged rows are gone."""
+    from dbops.ops import replication as repl
+
+    info = make_lab(replicas=1)
+    old, new = info.primary, info.replicas[0]
+    with conn.session(new) as c:
+        c.execute("select pg_promote(true)")
+        c.execute("checkpoint")
+        tli = int(c.execute("select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+        history = repl.read_history(c, tli)
+        template = None
+    with conn.session(old) as c:
+        c.execute("create table diverged as select g from generate_series(1, 1000) g")
+        c.execute("checkpoint")
+    decision = repl.rejoin(open_controller(old), new, conninfo_template=template, slot=None, history=history,
+                           new_timeline=tli, timeout=60)
+    assert decision.needed, decision
+    deadline = time.monotonic() + 30
+    while True:
+        st = topology.probe(old, info.config.nodes)
+        if st.streaming and st.upstream == new.name and st.timeline == tli:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    with conn.session(old) as c:
+        assert c.execute("select to_regclass('diverged')").fetchone()[0] is None
