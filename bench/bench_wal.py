@@ -46,7 +46,7 @@ def _one(node, q: str):
 
 def _pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000, 1)
+    return round(xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] * 1000, 1)
 
 
 def _latency(name: str, secs: list[float], **extra) -> dict:
@@ -99,7 +99,7 @@ def archive_under_load(lab, scale: int) -> dict:
         try:
             proc.run([binaries.binary("pgbench"), "-i", "-q", "-s", str(scale), "-h", node.host, "-p", str(node.port),
                       "-U", "postgres", "postgres"], env=env, timeout=3600)
-        except BaseException as e:  # reported below
+        except Exception as e:  # noqa: BLE001  reported by the caller
             err.append(e)
         finally:
             done.set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -61,9 +61,9 @@ def wal_fetch(
 def status(
     ctx: typer.Context,
     json_: Annotated[bool, typer.Option("--json", help="Print the status as JSON")] = False,
-    metrics_file: Annotated[Optional[str], typer.Option(
+    metrics_file: Annotated[str | None, typer.Option(
         "--metrics-file", help="Also write Prometheus textfile metrics to PATH (atomically)")] = None,
-    start: Annotated[Optional[str], typer.Option(
+    start: Annotated[str | None, typer.Option(
         "--from", help="Check for gaps from this segment [default: the oldest backup's start]")] = None,
 ) -> None:
     """Newest segment per timeline, the primary's archiver, and gaps (exit 7 when a segment is missing)."""
@@ -102,8 +102,8 @@ def _ago(epoch: float | None) -> str:
 
 
 def _render(st, root: str) -> str:
-    lines = [f"archive {root} (system identifier {st.system_identifier or 'not claimed yet'}, "
-             f"{output.human_bytes(st.wal_segment_size)} segments)"]
+    owner = st.system_identifier or "not claimed yet"
+    lines = [f"archive {root} (system identifier {owner}, {output.human_bytes(st.wal_segment_size)} segments)"]
     rows = [(f"{t.timeline}", t.segments, t.oldest or "-", t.newest or "-", output.human_seconds(t.newest_age),
              ", ".join(t.partial) or "-", "yes" if t.has_history or t.timeline == 1 else "no")
             for t in st.timelines]

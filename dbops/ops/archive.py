@@ -30,7 +30,12 @@ from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.ops import walchain
 from dbops.ops.walfile import ClusterIdentity, check_segment
 from dbops.pg.lsn import (
-    DEFAULT_SEGMENT_SIZE, PARTIAL_RE, SEGMENT_RE, is_wal_file, parse_history, parse_segment_name,
+    DEFAULT_SEGMENT_SIZE,
+    PARTIAL_RE,
+    SEGMENT_RE,
+    is_wal_file,
+    parse_history,
+    parse_segment_name,
     segment_of_lsn,
 )
 from dbops.storage.base import ObjectStore

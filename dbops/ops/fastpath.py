@@ -61,5 +61,5 @@ def try_fast(args: list[str]) -> int | None:
         return int(e.exit_code)
     except KeyboardInterrupt:
         return 14
-    except Exception:  # a bug or an unexpected OS error: the CLI runs it again and reports it
+    except Exception:  # noqa: BLE001  a bug or an unexpected OS error: the CLI runs it again and reports it
         return None

@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dbops.errors import ValidationError
-from dbops.pg.lsn import DEFAULT_SEGMENT_SIZE, parse_segment_name, segment_name, segno_of_lsn
+from dbops.pg.lsn import (
+    DEFAULT_SEGMENT_SIZE,
+    parse_segment_name,
+    segment_name,
+    segno_of_lsn,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ def needed_segments(start: str, end: str, spans: list[Span], seg_size: int = DEF
     if s_tli not in {sp.timeline for sp in spans}:
         raise ValidationError(
             f"{start} is on timeline {s_tli}, which is not an ancestor of timeline {e_tli}",
-            detail="history of timeline %d: %s" % (e_tli, " -> ".join(str(sp.timeline) for sp in spans)),
+            detail=f"history of timeline {e_tli}: " + " -> ".join(str(sp.timeline) for sp in spans),
             hint="the archive holds a diverged branch; replay from a start on this timeline's history",
         )
     names: list[str] = []

@@ -27,9 +27,10 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from dbops.errors import DbopsError, PreconditionError, UnknownOutcomeError
 from dbops.ops.walfile import data_dir_of, read_system_identifier
@@ -49,7 +50,7 @@ _LOG_MAX = 8 * 1024 * 1024
 # --------------------------------------------------------------------------- the spool folder
 
 
-def spool_root(settings: "ArchiveSettings", data_dir: Path) -> Path:
+def spool_root(settings: ArchiveSettings, data_dir: Path) -> Path:
     """The configured spool folder, or `dbops-spool` next to the data folder, or a private temp one."""
     if settings.spool_dir:
         return Path(settings.spool_dir)
@@ -62,7 +63,7 @@ def spool_root(settings: "ArchiveSettings", data_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"dbops-spool-{os.getuid()}"
 
 
-def spool_for(settings: "ArchiveSettings", data_dir: Path) -> "Spool":
+def spool_for(settings: ArchiveSettings, data_dir: Path) -> Spool:
     real = os.path.realpath(data_dir)
     tag = _tag(real)
     sysid = read_system_identifier(data_dir)
@@ -122,7 +123,7 @@ class Spool:
         self.wants = root / "wants"
         self.log_path = root / "pusher.log"
 
-    def ensure(self) -> "Spool":
+    def ensure(self) -> Spool:
         for d in (self.root, self.done, self.failed, self.wants, self.root / "prefetch"):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         marker = self.root / "data_dir"
@@ -249,7 +250,7 @@ class Spool:
             return None
 
     # -- prefetch
-    def prefetch_dir(self, storage: "StorageSettings") -> Path:
+    def prefetch_dir(self, storage: StorageSettings) -> Path:
         return self.root / "prefetch" / _tag(f"{storage.endpoint}|{storage.bucket}|{storage.prefix}")
 
     def set_prefetch_want(self, name: str) -> None:
@@ -282,7 +283,7 @@ class Spool:
 # --------------------------------------------------------------------------- wal-push (client side)
 
 
-def _archive(cfg: "Config"):
+def _archive(cfg: Config):
     from dbops.ops.archive import WalArchive
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
@@ -291,8 +292,8 @@ def _archive(cfg: "Config"):
                       cluster_name=cfg.cluster)
 
 
-def push(cfg: "Config", wal_path: str, *, sync: bool = False,
-         start_pusher: Callable[["Spool"], "subprocess.Popen | None"] | None = None) -> str:
+def push(cfg: Config, wal_path: str, *, sync: bool = False,
+         start_pusher: Callable[[Spool], subprocess.Popen | None] | None = None) -> str:
     """archive_command: returns (how it was acknowledged) only once the file is stored; else raises.
 
     'spool': the pusher had stored it already; 'pusher': it was stored while this call waited;
@@ -335,7 +336,7 @@ def _warn(msg: str, *args) -> None:
 
 
 def await_pusher(spool: Spool, name: str, wal_path: str, *, timeout: float,
-                 start_pusher: Callable[[Spool], "subprocess.Popen | None"], config: str | None = None) -> bool:
+                 start_pusher: Callable[[Spool], subprocess.Popen | None], config: str | None = None) -> bool:
     """Wait until the pusher records `name` stored (True), or raise its failure.
 
     Returns False when no pusher can be kept running (the caller then pushes itself).
@@ -374,7 +375,7 @@ def await_pusher(spool: Spool, name: str, wal_path: str, *, timeout: float,
         spool.unwant(name)
 
 
-def push_sync(cfg: "Config", wal_path: str, *, spool: Spool | None = None):
+def push_sync(cfg: Config, wal_path: str, *, spool: Spool | None = None):
     """Upload in this process (imports boto3). Records the completion in the spool when there is one."""
     from dbops.ops.walfile import cluster_identity
 
@@ -386,7 +387,7 @@ def push_sync(cfg: "Config", wal_path: str, *, spool: Spool | None = None):
     return res
 
 
-def spawn_worker(cfg: "Config", which: str, data_dir: Path, spool: Spool) -> "subprocess.Popen | None":
+def spawn_worker(cfg: Config, which: str, data_dir: Path, spool: Spool) -> subprocess.Popen | None:
     """Start a detached background worker (pusher or prefetcher) for this data folder."""
     from dbops import proc
 
@@ -410,7 +411,7 @@ def _rotate(path: Path) -> None:
 # --------------------------------------------------------------------------- wal-fetch (client side)
 
 
-def _fetch_spool(cfg: "Config", dest: str) -> Spool | None:
+def _fetch_spool(cfg: Config, dest: str) -> Spool | None:
     """The prefetch spool of the data folder dest belongs to, if there is one this process may use.
 
     root never writes into a spool of a data folder it does not own: the files would then be
@@ -425,7 +426,7 @@ def _fetch_spool(cfg: "Config", dest: str) -> Spool | None:
         return None
 
 
-def fetch_prefetched(cfg: "Config", name: str, dest: str) -> bool:
+def fetch_prefetched(cfg: Config, name: str, dest: str) -> bool:
     """Serve `name` from the prefetch spool if it is there (no boto3); keeps the prefetcher going.
 
     Any trouble with the spool is a miss, never a failure: restore_command then downloads itself
@@ -448,7 +449,7 @@ def fetch_prefetched(cfg: "Config", name: str, dest: str) -> bool:
     return True
 
 
-def fetch(cfg: "Config", name: str, dest: str) -> str:
+def fetch(cfg: Config, name: str, dest: str) -> str:
     """restore_command: 'prefetch' or 'archive'. NotFoundError (exit 9) when the archive lacks it."""
     if fetch_prefetched(cfg, name, dest):
         return "prefetch"
@@ -464,14 +465,14 @@ def fetch(cfg: "Config", name: str, dest: str) -> str:
     return "archive"
 
 
-def _poke(cfg: "Config", spool: Spool) -> None:
+def _poke(cfg: Config, spool: Spool) -> None:
     try:
         poke_prefetcher(cfg, spool)
     except (DbopsError, OSError) as e:  # prefetching is an optimisation
         _warn("cannot start the prefetcher: %s", getattr(e, "message", e))
 
 
-def poke_prefetcher(cfg: "Config", spool: Spool) -> None:
+def poke_prefetcher(cfg: Config, spool: Spool) -> None:
     if not spool.lock_held(PREFETCHER):
         spawn_worker(cfg, PREFETCHER, spool.data_dir, spool)
 

@@ -19,7 +19,13 @@ from dbops.errors import DbopsError, NotFoundError, ValidationError
 from dbops.ops import walchain
 from dbops.ops.archive import WalArchive
 from dbops.pg.lsn import (
-    BACKUP_LABEL_RE, DEFAULT_SEGMENT_SIZE, HISTORY_RE, PARTIAL_RE, SEGMENT_RE, parse_history, parse_segment_name,
+    BACKUP_LABEL_RE,
+    DEFAULT_SEGMENT_SIZE,
+    HISTORY_RE,
+    PARTIAL_RE,
+    SEGMENT_RE,
+    parse_history,
+    parse_segment_name,
     segment_of_lsn,
 )
 from dbops.storage.base import ObjectStore

@@ -179,9 +179,7 @@ class Pusher:
                 return 3
             if busy:
                 idle_since = now
-            elif now - idle_since > self.idle_exit:
-                break
-            elif now - idle_since > 1.0 and now != server_seen:
+            elif now - idle_since > self.idle_exit or now - idle_since > 1.0 and now != server_seen:
                 break
             if now - last_prune > 5.0:
                 keep = set(self.ready()) | set(self.spool.wanted()) | set(self.inflight)

@@ -80,7 +80,7 @@ def archive_of(lab) -> WalArchive:
 def set_storage(cfg_path: str, **values) -> None:
     text = Path(cfg_path).read_text()
     for k, v in values.items():
-        text = re.sub(rf"^  {k}: .*\n", "", text, flags=re.M)
+        text = re.sub(rf"^  {k}: .*\n", "", text, flags=re.MULTILINE)
         text = text.replace("storage:\n", f"storage:\n  {k}: {v}\n", 1)
     Path(cfg_path).write_text(text)
 
@@ -409,7 +409,7 @@ def test_promotion_archives_the_new_timeline_and_restore_follows_it(make_lab, db
         wait_until(lambda: not one(node, "SELECT pg_is_in_recovery()"), 120, "restore to finish")
         assert sql(node, "SELECT i, tl FROM t_tl ORDER BY i") == [(1, "one"), (2, "two")]
         assert "restored log file \"00000002.history\" from archive" in log.read_text()
-        assert re.search(r'restored log file "%s" from archive' % last2, log.read_text())
+        assert f'restored log file "{last2}" from archive' in log.read_text()
     finally:
         proc.run([binaries.binary("pg_ctl"), "-D", str(base), "-m", "immediate", "-w", "stop"], user="postgres",
                  check=False)

@@ -13,7 +13,12 @@ from dbops.config import CompressionSettings
 from dbops.errors import ConflictError, ExitCode, NotFoundError, ValidationError
 from dbops.ops import walchain, walstatus
 from dbops.ops.archive import META_COMPRESSION, META_SHA256, WalArchive, fetch_range
-from dbops.ops.walfile import ClusterIdentity, cluster_identity, data_dir_of, read_header
+from dbops.ops.walfile import (
+    ClusterIdentity,
+    cluster_identity,
+    data_dir_of,
+    read_header,
+)
 from dbops.pg.lsn import parse_history
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
@@ -154,7 +159,7 @@ def test_fetch_refuses_a_damaged_object(env, tmp_path):
 
 
 def test_history_partial_and_backup_files(env, tmp_path):
-    store, layout, data, arc = env
+    _store, layout, data, arc = env
     hist = b"1\t0/3000000\tno recovery target specified\n"
     files = {
         "00000002.history": write_file(data, "00000002.history", hist),
@@ -191,7 +196,7 @@ def test_needed_segments_follow_a_timeline_switch():
 
 
 def _archive_series(env, names, hist: bytes | None = None):
-    store, layout, data, arc = env
+    _store, _layout, data, arc = env
     paths = [write_segment(data, n) for n in names]
     if hist is not None:  # history files go first, as PostgreSQL's archiver sends them
         arc.push(write_file(data, "00000002.history", hist), ident(data))

@@ -12,7 +12,13 @@ import threading
 import time
 
 import pytest
-from walfake import make_data_dir, segment_bytes, status_listing, write_file, write_segment
+from walfake import (
+    make_data_dir,
+    segment_bytes,
+    status_listing,
+    write_file,
+    write_segment,
+)
 
 from dbops import config as cfgmod
 from dbops.errors import DbopsError, UnknownOutcomeError
@@ -206,18 +212,19 @@ def test_fast_path_recognises_only_the_exact_forms(args, expected):
 
 
 def test_fast_path_answers_a_stored_segment_without_typer_or_boto3(env, tmp_path):
-    cfg, data, *_ = env
+    _cfg, data, *_ = env
     cfg_file = tmp_path / "dbops.yaml"
     cfg_file.write_text(json.dumps({"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
                                     "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9"},
                                     "runtime": {"engine": "none"},
                                     "archive": {"spool_dir": str(tmp_path / "spool")}}))
-    p = write_segment(data, SEGS[0])
+    write_segment(data, SEGS[0])
     pusher_for(env).run()
     code = ("import json, sys; from dbops.ops import fastpath; "
             f"rc = fastpath.try_fast(['-c', {str(cfg_file)!r}, 'wal-push', 'pg_wal/{SEGS[0]}']); "
             "print(json.dumps([rc, [m for m in ('typer', 'click', 'boto3', 'botocore') if m in sys.modules]]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=data, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], cwd=data, capture_output=True, text=True, timeout=60,
+                         check=False)
     assert json.loads(out.stdout) == [0, []], out.stdout + out.stderr
 
 
