@@ -6,6 +6,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+import time
 import traceback
 from enum import Enum
 from typing import Annotated, Optional
@@ -30,26 +31,46 @@ class DbopsGroup(TyperGroup):
     """Converts every exception raised by a command into its documented exit code."""
 
     def invoke(self, ctx):
+        t0 = time.monotonic()
+        command = ""
         try:
-            return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):
+            rv = super().invoke(ctx)
+        except typer.Exit as e:
+            _result(command or ctx.invoked_subcommand, t0, int(getattr(e, "exit_code", 0) or 0))
+            raise
+        except (typer.Abort, typer.TyperException):
             raise
         except DbopsError as e:
             state = ctx.obj if isinstance(ctx.obj, State) else None
             if state is not None and state.json_output:
                 output.emit_json({"ok": False, **e.as_dict()})
-            output.err(e.render())
+            if state is not None and state.log_format == "json":
+                log.event(_log, logging.ERROR, e.message, error=type(e).__name__, detail=e.detail, hint=e.hint,
+                          exit_code=int(e.exit_code))
+            else:
+                output.err(e.render())
             _log.debug("error %s", type(e).__name__, exc_info=True)
+            _result(command or ctx.invoked_subcommand, t0, int(e.exit_code))
             raise typer.Exit(int(e.exit_code)) from None
         except KeyboardInterrupt:
             output.err("error: interrupted; work in progress was cleaned up")
+            _result(command or ctx.invoked_subcommand, t0, int(ExitCode.INTERRUPTED))
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
         except Exception as e:  # a bug: say so, without leaking secrets
             tb = secrets.redact("".join(traceback.format_exception(type(e), e, e.__traceback__)))
             output.err(f"error: internal error: {secrets.redact(str(e)) or type(e).__name__}")
             output.err("hint: this is a bug in dbops; the traceback follows (secrets redacted)")
             output.err(tb)
+            _result(command or ctx.invoked_subcommand, t0, int(ExitCode.FAILED))
             raise typer.Exit(int(ExitCode.FAILED)) from None
+        _result(command or ctx.invoked_subcommand, t0, 0)
+        return rv
+
+
+def _result(command: str | None, t0: float, code: int) -> None:
+    """One result line per run (INFO: shown with -v, and always in --log-format json at -v)."""
+    log.event(_log, logging.INFO, f"dbops {command or ''} finished".replace("  ", " "), exit_code=code,
+              status="ok" if code == 0 else "failed", seconds=round(time.monotonic() - t0, 3))
 
 
 app = typer.Typer(
