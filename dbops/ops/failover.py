@@ -2,28 +2,34 @@
 
 The sequence (each phase timed; see :func:`dbops.ops.failover_plan.describe`):
 
-1. pre-hooks (blocking; a non-zero exit cancels before anything changes), re-check;
+1. pre-hooks (blocking; a non-zero exit cancels before anything changes), a re-check,
+   candidate tuning (:mod:`dbops.ops.candidate`: 10 ms WAL retry interval, restore_command
+   suspended, so its promotion is not held up by archive clients or a 5 s retry sleep);
 2. CHECKPOINT on the old primary *while it still takes writes*, so the shutdown
    checkpoint has little to flush; PgBouncer PAUSE;
-3. fence: fast stop of the old primary through its node controller. Its walsenders
-   send every record, the shutdown checkpoint included, before it exits;
-4. gate: the shutdown checkpoint LSN from pg_controldata; the candidate must have
-   received *and* replayed past it within the timeout, else the old primary is started
-   again as primary (rolled back, exit 12). Until promotion nothing is lost by rolling back;
+3. fence: fast stop of the old primary through its node controller, returning as soon as
+   its control file records the shutdown checkpoint: no WAL follows it, and its
+   walsenders stream it out; the postmaster may still be archiving its last segment;
+4. gate: the candidate must have received *and* replayed past that checkpoint within the
+   timeout, else the old primary is started again as primary (rolled back, exit 12).
+   Until promotion nothing is lost by rolling back;
 5. promote (``pg_promote(wait => false)`` and a 10 ms poll of ``pg_is_in_recovery()``:
    ``pg_promote``'s own wait loop sleeps 100 ms). Writes resume here;
 6. PgBouncer repoint + RESUME, then everything that need not hold writes back:
-   slots for the followers, CHECKPOINT on the new primary (before any pg_rewind), the
-   old primary rejoins as a standby, other standbys are repointed, post-hooks;
+   tuning undone, slots for the followers, CHECKPOINT on the new primary (before any
+   pg_rewind), other standbys repointed (reload), the old primary rejoins as a standby
+   (pg_rewind only if its WAL diverged), post-hooks;
 7. verify: the new primary takes writes on the new timeline, every follower streams
    from it, the timeline history file is archived.
 
-After the promote request the outcome is never reported as "failed": when it cannot
-be confirmed the error is :class:`UnknownOutcomeError` (exit 8).
+After the fence the outcome is never reported as "failed": it is rolled back (exit 12),
+succeeded, or :class:`UnknownOutcomeError` (exit 8) when it cannot be confirmed.
+SIGTERM unwinds like Ctrl-C, so a PgBouncer PAUSE is always followed by RESUME.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -172,6 +178,13 @@ class Switchover:
                     e = UnknownOutcomeError(f"switchover interrupted, outcome unknown: {e.message}",
                                             detail=e.detail, hint="run `dbops status` before acting again")
             raise _attach(e, self.report) from None
+        except KeyboardInterrupt:
+            if self._t_fence is None or self.report.outcome != "running":
+                raise  # nothing changed yet, or already rolled back
+            self.report.outcome = "unknown"
+            raise _attach(UnknownOutcomeError(
+                "interrupted after the old primary was stopped: outcome unknown",
+                hint="run `dbops status`; the new primary may be promoted"), self.report) from None
         finally:
             self._close()
             self.report.total_seconds = round(time.monotonic() - t0, 3)
@@ -516,8 +529,25 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
     if not plan.ok:
         raise plan.refuse()
     sw = Switchover(cfg, plan, opts, observer)
-    with (lock or (lambda: cluster_lock(cfg)))():
+    with _sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))():
         return sw.run()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C: rollback before promotion, and the PgBouncer RESUME, still run."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cluster_lock(cfg: Config) -> Any:
