@@ -350,7 +350,7 @@ def _config_yaml(d: Path, state: dict, nodes: list[Node], engine: str) -> str:
     for n in nodes:
         lines += [f"  - name: {n.name}", f"    host: {n.host}", f"    port: {n.port}", f"    user: {n.user}",
                   f"    passfile: {n.passfile}", f"    data_dir: {n.data_dir}", "    controller: local",
-                  f"    os_user: {n.os_user}"]
+                  f"    os_user: {n.os_user}", f"    log_file: {d / 'logs' / (n.name + '.log')}"]
     lines += [
         "storage:",
         f"  endpoint: {state['s3']['endpoint']}",

@@ -17,8 +17,8 @@ The sequence (each phase timed; see :func:`dbops.ops.failover_plan.describe`):
    ``pg_promote``'s own wait loop sleeps 100 ms). Writes resume here;
 6. PgBouncer repoint + RESUME, then everything that need not hold writes back:
    tuning undone, slots for the followers, CHECKPOINT on the new primary (before any
-   pg_rewind), other standbys repointed (reload), the old primary rejoins as a standby
-   (pg_rewind only if its WAL diverged), post-hooks;
+   pg_rewind), post-hooks (a VIP or DNS moves now), other standbys repointed (reload),
+   the old primary rejoins as a standby (pg_rewind only if its WAL diverged);
 7. verify: the new primary takes writes on the new timeline, every follower streams
    from it, the timeline history file is archived.
 
@@ -29,6 +29,7 @@ SIGTERM unwinds like Ctrl-C, so a PgBouncer PAUSE is always followed by RESUME.
 
 from __future__ import annotations
 
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -151,9 +152,12 @@ class Switchover:
     def run_hooks(self, kind: str, hooks: tuple[str, ...]) -> list[str]:
         """Run hooks in order; returns failures ("hook: status") and stops at the first one."""
         env = {**self.hook_env(), "DBOPS_HOOK": kind}
-        for hook in hooks:
-            res = proc.run(["/bin/sh", "-c", hook], env=env, timeout=self.opts.timeout, check=False,
-                           what=f"{kind}-hook")
+        for hook in hooks:  # no shell: split like a shell would (write `sh -c '...'` for pipes and such)
+            try:
+                res = proc.run(shlex.split(hook), env=env, timeout=self.opts.timeout, check=False,
+                               what=f"{kind}-hook")
+            except (DbopsError, ValueError) as e:  # not found, timed out, unbalanced quotes
+                return [f"{hook!r} failed: {getattr(e, 'message', None) or e}"]
             log.event(_log, 20, f"{kind}-hook finished", hook=hook, status=res.returncode)
             if res.returncode != 0:
                 tail = (res.stderr or res.stdout or "").strip()[-500:]
@@ -378,15 +382,15 @@ class Switchover:
         followers = [self.old, *self.others]
         self._guarded("untune candidate", self.tuning.undo)
         self._guarded("new primary: slots, checkpoint", lambda: self._settle_new_primary(followers))
-        for n in self.others:
-            self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
-        self._guarded("rejoin old primary", self._rejoin_old)
-        if self.cfg.failover.post_hooks:
+        if self.cfg.failover.post_hooks:  # early: a VIP or DNS record should follow the writes at once
             with self.phase("post-hooks") as ph:
                 failed = self.run_hooks("post", self.cfg.failover.post_hooks)
                 if failed:
                     ph.ok, ph.detail = False, failed[0]
                     self.report.warnings.append(f"post-hook {failed[0]}")
+        for n in self.others:
+            self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
+        self._guarded("rejoin old primary", self._rejoin_old)
         with self.phase("verify"):
             self.report.verification = self._verify(followers)
         bad = [f for f in self.report.verification if f.status == FAIL]

@@ -302,12 +302,12 @@ def describe(cfg: Config, plan: Plan, opts: Options) -> list[str]:
     if fo.pgbouncer:
         steps.append(f"PgBouncer: repoint at {c.name}, RESUME (RESUME is guaranteed, also on failure)")
     steps.append(f"CHECKPOINT on {c.name}; replication slots for its followers")
+    if fo.post_hooks:
+        steps.append(f"run {len(fo.post_hooks)} post-hook(s) (environment: old and new primary, timeline, switch LSN)")
     steps.append(f"rejoin {p.name} as standby of {c.name} (standby.signal + primary_conninfo; "
                  "pg_rewind only if the timeline check shows divergence)")
     for s in plan.others:
         steps.append(f"repoint {s.name} to {c.name} (primary_conninfo, reload)")
-    if fo.post_hooks:
-        steps.append(f"run {len(fo.post_hooks)} post-hook(s)")
     steps.append(f"verify: {c.name} writable on the new timeline; "
                  f"{', '.join([p.name] + [s.name for s in plan.others])} streaming from it; history file archived")
     return steps

@@ -97,7 +97,7 @@ def test_dry_run_changes_nothing(flab, dbops_bin, tmp_path):
 
 def test_a_failing_pre_hook_cancels_before_anything_changes(flab, dbops_bin, tmp_path):
     marker = tmp_path / "pre-hook-ran"
-    cfg_path = failover_lab.failover_config(flab, extra={"pre_hooks": [f"touch {marker}; exit 3"]},
+    cfg_path = failover_lab.failover_config(flab, extra={"pre_hooks": [f"sh -c 'touch {marker}; exit 3'"]},
                                             name="dbops-prehook.yaml")
     _wait_settled(cfg_path)
     before = _shape(cfg_path)
@@ -147,7 +147,7 @@ def _switch_with_writer(flab, dbops_bin, tmp_path, cfg_path: str, to: str | None
 def test_switchover_and_failback_lose_no_commit(flab, dbops_bin, tmp_path):
     post_env = tmp_path / "post.env"
     cfg_path = failover_lab.failover_config(
-        flab, extra={"post_hooks": [f"env | grep ^DBOPS_ | sort > {post_env}"]}, name="dbops-hooks.yaml")
+        flab, extra={"post_hooks": [f"sh -c 'env | grep ^DBOPS_ | sort > {post_env}'"]}, name="dbops-hooks.yaml")
     first = _wait_settled(cfg_path).primary.name
     store = open_store(cfgmod.load(cfg_path).storage)
     for to in (None, first):  # switch over to the best standby, then fail back to the first primary
