@@ -29,6 +29,7 @@ SIGTERM unwinds like Ctrl-C, so a PgBouncer PAUSE is always followed by RESUME.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 import time
@@ -49,7 +50,8 @@ from dbops.errors import (
 from dbops.nodes import NodeController, open_controller
 from dbops.ops import replication as repl
 from dbops.ops.candidate import CandidateTuning
-from dbops.ops.failover_plan import FAIL, OK, Finding, Options, Plan, make_plan
+from dbops.ops.failover_plan import FAIL, Finding, Options, Plan, make_plan
+from dbops.ops.failover_verify import verify
 from dbops.ops.pgbouncer import PgBouncer, paused
 from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
 
@@ -134,7 +136,7 @@ class Switchover:
         finally:
             ph.seconds = round(time.monotonic() - t0, 4)
             self.report.phases.append(ph)
-            log.event(_log, 20, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
+            log.event(_log, logging.INFO, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
             if self.observer:
                 self.observer(name, "end")
 
@@ -158,7 +160,7 @@ class Switchover:
                                what=f"{kind}-hook")
             except (DbopsError, ValueError) as e:  # not found, timed out, unbalanced quotes
                 return [f"{hook!r} failed: {getattr(e, 'message', None) or e}"]
-            log.event(_log, 20, f"{kind}-hook finished", hook=hook, status=res.returncode)
+            log.event(_log, logging.INFO, f"{kind}-hook finished", hook=hook, status=res.returncode)
             if res.returncode != 0:
                 tail = (res.stderr or res.stdout or "").strip()[-500:]
                 return [f"{hook!r} exited with status {res.returncode}" + (f": {tail}" if tail else "")]
@@ -183,8 +185,12 @@ class Switchover:
                                             detail=e.detail, hint="run `dbops status` before acting again")
             raise _attach(e, self.report) from None
         except KeyboardInterrupt:
-            if self._t_fence is None or self.report.outcome != "running":
-                raise  # nothing changed yet, or already rolled back
+            if self._t_fence is None:  # nothing changed yet but the candidate's tuning
+                self.report.outcome = "cancelled"
+                self._guarded("untune candidate", self.tuning.undo)
+                raise
+            if self.report.outcome != "running":
+                raise  # rolled back already
             self.report.outcome = "unknown"
             raise _attach(UnknownOutcomeError(
                 "interrupted after the old primary was stopped: outcome unknown",
@@ -392,7 +398,11 @@ class Switchover:
             self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
         self._guarded("rejoin old primary", self._rejoin_old)
         with self.phase("verify"):
-            self.report.verification = self._verify(followers)
+            cand = self.plan.candidate
+            self.report.verification = verify(
+                self.cfg, self.new, followers, timeline=self.report.timeline or 0,
+                old_timeline=self.report.old_timeline or 0, timeout=self.opts.timeout,
+                archive_command=cand.settings.get("archive_command", "") if cand else "")
         bad = [f for f in self.report.verification if f.status == FAIL]
         if bad or self.report.warnings:
             self.report.outcome = "unknown"
@@ -456,72 +466,6 @@ class Switchover:
             open_controller(node).restart("fast", timeout=self.opts.timeout)
 
     # -- verification ---------------------------------------------------------------------------------------
-
-    def _verify(self, followers: list[Node]) -> list[Finding]:
-        import psycopg
-
-        from dbops.ops import topology as topo_mod
-
-        out: list[Finding] = []
-        tli = self.report.timeline or 0
-        try:
-            in_rec, walfile, _ = self._cand.execute(
-                "select pg_is_in_recovery(), pg_walfile_name(pg_current_wal_lsn()), txid_current()").fetchone()
-            ok = not in_rec and int(walfile[:8], 16) == tli and tli > (self.report.old_timeline or 0)
-            out.append(Finding("new primary writable", OK if ok else FAIL,
-                               f"{self.new.name} takes writes on timeline {int(walfile[:8], 16)}", node=self.new.name))
-        except psycopg.Error as e:  # the connection may be gone
-            out.append(Finding("new primary writable", FAIL, f"{self.new.name}: {str(e).strip()}", node=self.new.name))
-        deadline = time.monotonic() + self.opts.timeout
-        pending = {n.name: n for n in followers}
-        last: dict[str, str] = {}
-        while pending and time.monotonic() < deadline:
-            for name, n in list(pending.items()):
-                st = topo_mod.probe(n, self.cfg.nodes)
-                last[name] = (f"{st.role}, receiver {st.receiver.status if st.receiver else '-'}, upstream "
-                              f"{st.upstream or '-'}, timeline {st.timeline}") if st.reachable else f"unreachable: {st.error}"
-                if st.streaming and st.upstream == self.new.name and st.timeline == tli:
-                    out.append(Finding("streaming from new primary", OK, f"{name} streams from {self.new.name} on "
-                                       f"timeline {tli}", node=name))
-                    del pending[name]
-            if pending:
-                time.sleep(0.1)
-        for name in pending:
-            out.append(Finding("streaming from new primary", FAIL, f"{name} is not streaming from {self.new.name} "
-                               f"on timeline {tli} ({last.get(name)})",
-                               f"check {name}'s server log", node=name))
-        out.append(self._verify_archived(tli, deadline))
-        return out
-
-    def _verify_archived(self, tli: int, deadline: float) -> Finding:
-        """The new timeline's history file reached the archive (pg_stat_archiver, then the store)."""
-        name = f"{tli:08X}.history"
-        done = False
-        while True:
-            done = bool(self._cand.execute("select count(*) from pg_ls_archive_statusdir() where name = %s",
-                                           (name + ".done",)).fetchone()[0])
-            if done or time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-        if not done:
-            return Finding("history archived", FAIL, f"{name} not archived by {self.new.name} yet",
-                           f"check archive_command and pg_stat_archiver on {self.new.name}", self.new.name)
-        cmd = self.plan.candidate.settings.get("archive_command", "") if self.plan.candidate else ""
-        if "wal-push" not in cmd:
-            return Finding("history archived", OK, f"{name} archived by {self.new.name} (archive_command)",
-                           node=self.new.name)
-        from dbops.storage import open_store
-        from dbops.storage.layout import Layout
-
-        key = Layout(self.cfg.storage.prefix).wal_key(name)
-        try:
-            found = open_store(self.cfg.storage).head(key) is not None
-        except DbopsError as e:
-            return Finding("history archived", FAIL, f"cannot check the archive for {name}: {e.message}", e.hint)
-        return Finding("history archived", OK if found else FAIL,
-                       f"{name} {'is' if found else 'is NOT'} in the archive ({key})",
-                       None if found else "archive_command reported success but the object is missing: "
-                       "check the WAL archive", self.new.name)
 
 
 LOCK_NAME = "backup"  # the lock a backup's target capture holds: the two never interleave
