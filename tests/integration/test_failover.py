@@ -95,6 +95,16 @@ def test_dry_run_changes_nothing(flab, dbops_bin, tmp_path):
     assert _shape(flab.config_path) == before
 
 
+def test_without_yes_and_without_a_terminal_it_asks_for_yes(flab, dbops_bin, tmp_path):
+    _wait_settled(flab.config_path)
+    before = _shape(flab.config_path)
+    r = _dbops(dbops_bin, flab.config_path, "failover", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--yes" in r.stderr, r.stderr
+    r = _dbops(dbops_bin, flab.config_path, "failover", "--max-lag", "lots", "--yes", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--max-lag" in r.stderr
+    assert _shape(flab.config_path) == before
+
+
 def test_a_failing_pre_hook_cancels_before_anything_changes(flab, dbops_bin, tmp_path):
     marker = tmp_path / "pre-hook-ran"
     cfg_path = failover_lab.failover_config(flab, extra={"pre_hooks": [f"sh -c 'touch {marker}; exit 3'"]},
