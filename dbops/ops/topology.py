@@ -271,7 +271,7 @@ def probe(node: Node, nodes: tuple[Node, ...] = ()) -> NodeState:
     try:
         c = conn.connect(node, connect_timeout=CONNECT_TIMEOUT)
     except DbopsError as e:
-        return NodeState(node=node, role=UNREACHABLE, error=e.detail or e.message)
+        return NodeState(node=node, role=UNREACHABLE, error=(e.detail or e.message).strip().splitlines()[0])
     import psycopg
 
     try:
