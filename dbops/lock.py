@@ -103,7 +103,9 @@ def _default_local_dir() -> str:
 
 
 def _store_identity(store: ObjectStore) -> str:
-    return f"{type(store).__name__}:{getattr(store, 'bucket', '') or getattr(store, 'root', '')}"
+    settings = getattr(store, "s", None)
+    endpoint = getattr(settings, "endpoint", None) or ""
+    return f"{type(store).__name__}:{endpoint}:{getattr(store, 'bucket', '') or getattr(store, 'root', '')}"
 
 
 class ClusterLock:

@@ -238,13 +238,19 @@ def check_scratch_space(scratch_root: Path, needed: int) -> None:
 # --------------------------------------------------------------------------- the source side
 
 
-def capture_target(primary: Node, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
-    """CHECKPOINT, note the insert LSN and time, switch WAL, and wait until that segment is archived."""
-    with pgconn.session(primary) as c:
-        c.execute("CHECKPOINT")
-        row = c.execute("SELECT pg_current_wal_insert_lsn()::text, extract(epoch from clock_timestamp())::float8, "
-                        "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
-        c.execute("SELECT pg_switch_wal()")
+SWITCH_LOCK = "switch"  # also taken by `dbops failover`: a capture never interleaves with a switchover
+
+
+def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
+    """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
+    time, switch WAL; then wait until that segment is archived."""
+    with ClusterLock(store, layout, SWITCH_LOCK, command="backup (target capture)"):
+        primary = find_primary(cfg)
+        with pgconn.session(primary) as c:
+            c.execute("CHECKPOINT")
+            row = c.execute("SELECT pg_current_wal_insert_lsn()::text, extract(epoch from clock_timestamp())::float8, "
+                            "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+            c.execute("SELECT pg_switch_wal()")
     from dbops.pg.lsn import parse_lsn
 
     lsn, t, tli = parse_lsn(row[0]), float(row[1]), int(row[2])
@@ -540,7 +546,7 @@ class BackupRun:
                 base_backup(source, data)
             start_segment = backup_label_start(data)
             with phases("capture"):
-                target = capture_target(primary, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
+                target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
                                         layout=self.layout)
             with phases("wal_fetch"):
                 self._fetch_wal(start_segment, target, wal)
@@ -571,7 +577,7 @@ class BackupRun:
                     raise ValidationError(f"backup {prev.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
             with phases("capture"):
-                target = capture_target(primary, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
+                target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
                                         layout=self.layout)
             with phases("wal_fetch"):
                 self._fetch_wal(segment_of_lsn(prev_m.pg.timeline, prev_m.pg.redo_lsn), target, wal)

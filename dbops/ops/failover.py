@@ -468,7 +468,7 @@ class Switchover:
     # -- verification ---------------------------------------------------------------------------------------
 
 
-LOCK_NAME = "backup"  # the lock a backup's target capture holds: the two never interleave
+LOCK_NAME = "switch"  # held by a failover, and by a backup while it captures its target: they never interleave
 
 
 def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None = None,
