@@ -78,3 +78,48 @@ def topology_section(cfg: Config) -> Section:
 
 
 register("topology", topology_section)
+
+
+def backups_section(cfg: Config) -> Section:
+    """The newest backups, their state, and when the chain was last proven."""
+    from dbops.ops import catalogview
+
+    rows = catalogview.list_rows(cfg)
+    sec = Section(title="backups", headers=["BACKUP", "CONSISTENT", "TIMELINE", "STATUS", "RESTORE", "NEW BYTES"],
+                  data={"count": len(rows), "newest": rows[-1] if rows else None,
+                        "last_validated": next((r for r in reversed(rows) if r["status"] == "validated"), None),
+                        "failed": [r["backup_id"] for r in rows if r["status"] == "failed"]})
+    import datetime as _dt
+
+    for r in rows[-3:]:
+        when = _dt.datetime.fromtimestamp(r["consistent_time"], _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        sec.rows.append([r["backup_id"], when, r["timeline"], r["status"],
+                         "" if r["restore_seconds"] is None else f"{r['restore_seconds']:.1f}s", r["new_bytes"]])
+    if not rows:
+        sec.notes.append("no backups yet: run `dbops backup`")
+    elif sec.data["failed"]:
+        sec.notes.append("failed validation: " + ", ".join(sec.data["failed"]))
+    return sec
+
+
+def archive_section(cfg: Config) -> Section:
+    """Newest archived segment per timeline and its age; gaps since the oldest backup."""
+    from dbops.ops import walstatus
+    from dbops.storage import open_store
+    from dbops.storage.layout import Layout
+
+    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+    start = walstatus.oldest_backup_start(store, layout)
+    st = walstatus.archive_status(store, layout, start_segment=start, start_source="oldest backup" if start else None)
+    sec = Section(title="archive", headers=["TIMELINE", "SEGMENTS", "NEWEST", "AGE"],
+                  data={"timelines": [t.__dict__ for t in st.timelines], "gaps": st.gaps, "gap_count": st.gap_count,
+                        "end": st.end})
+    for t in st.timelines:
+        sec.rows.append([t.timeline, t.segments, t.newest or "", "" if t.newest_age is None else f"{t.newest_age:.0f}s"])
+    if st.gap_count:
+        sec.notes.append(f"{st.gap_count} segment(s) missing since {st.start}: " + ", ".join(st.gaps[:5]))
+    return sec
+
+
+register("backups", backups_section)
+register("archive", archive_section)
