@@ -125,6 +125,9 @@ def render_result(d: dict[str, Any]) -> str:
                                                  if r.get("promoted_timeline") else ""),
              "timings   " + ", ".join(f"{k} {v:.2f}s" for k, v in d["timings"].items())
              + f" (total {d['seconds']:.2f}s)"]
+    if r.get("locked") and d["final_state"] != "promoted":
+        lines.append("locked    " + ", ".join(r["locked"]) + ": a transaction that commits after the target "
+                     "holds them; reading them waits until promotion")
     if d["running"]:
         lines.append(f"running   on port {d['running']['port']} (pid {d['running']['pid']}, log {d['running']['log']})")
     else:

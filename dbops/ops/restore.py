@@ -47,7 +47,7 @@ from dbops.ops import restore_conf as rconf
 from dbops.ops import restore_wal as rwal
 from dbops.ops import walchain
 from dbops.ops.archive import WalArchive
-from dbops.ops.backup import Phases, scratch_folder
+from dbops.ops.backup import Phases, _sigterm_as_interrupt, scratch_folder
 from dbops.ops.restore_target import FINAL_STATES, LATEST, LSN, TIME, RestoreTarget, iso_utc
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
 from dbops.storage import ObjectStore, open_store
@@ -213,7 +213,7 @@ def _pick(bk: _Backups, spans, opts: Options) -> tuple[BackupChoice, BackupChoic
         c = bk.choice(b)
         if not fits(c, target):
             raise TargetError(f"backup {b.backup_id} holds changes after the target {target.describe()}",
-                              detail=f"its last commit is at {iso_utc(c.last_commit_time)}, consistent at "
+                              detail=f"its last commit is at {iso_utc(newest_commit_bound(c))}, consistent at "
                                      f"{format_lsn(c.consistent_lsn)} ({iso_utc(c.consistent_time)})",
                               hint="choose an older backup, or leave out --backup")
         oldest = bk.choice(usable[0]) if usable else c
@@ -235,7 +235,8 @@ def _pick(bk: _Backups, spans, opts: Options) -> tuple[BackupChoice, BackupChoic
         raise TargetError(
             f"the target {target.describe()} is before the oldest usable backup",
             detail=f"the oldest backup {oldest.backup_id} is consistent at {format_lsn(oldest.consistent_lsn)} "
-                   f"({iso_utc(oldest.consistent_time)}), its last commit at {iso_utc(oldest.last_commit_time)}; "
+                   f"({iso_utc(oldest.consistent_time)}), its last commit at "
+                   f"{iso_utc(oldest.last_commit_time) or 'an unrecorded time before that'}; "
                    f"the earliest reachable point is {_earliest(oldest)['time']} (LSN {_earliest(oldest)['lsn']})",
             hint="restore to a later point, or keep backups longer (backup.retention)")
     notes = []
@@ -517,7 +518,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
     run_id = catalog.new_backup_id().split("-", 1)[1]
     target = opts.target_dir
     ids = _pg_ids() if os.geteuid() == 0 else None
-    with scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}") as scratch:
+    with _sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}") as scratch:
         cache = scratch / "wal"
         cache.mkdir(mode=0o700)
         if ids:

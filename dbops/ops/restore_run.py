@@ -123,13 +123,34 @@ def _wait_paused(inst, plan: "Plan", stall_timeout: float) -> dict[str, Any]:
         if state == "paused":
             lsn = parse_lsn(replayed)
             return {"lsn": format_lsn(lsn), "last_commit_time": iso_utc(commit_ts),
-                    "timeline": rwal.timeline_at(plan.spans, lsn)}
+                    "timeline": rwal.timeline_at(plan.spans, lsn), "locked": _locked_tables(inst)}
         if replayed != last_lsn:
             last_lsn, last_move = replayed, time.monotonic()
         elif time.monotonic() - last_move > stall_timeout:
             raise ValidationError(f"replay made no progress for {stall_timeout:.0f} s (at {replayed})",
                                   detail=inst.logs(30), hint="the server log says what it waits for")
         time.sleep(0.1)
+
+
+def _locked_tables(inst) -> list[str]:
+    """Tables an unfinished transaction locks exclusively at the target (a DROP, TRUNCATE, ALTER that
+    committed after it): paused there, reading them waits forever; promotion releases them."""
+    with pgconn.session(inst.node()) as c:
+        held = c.execute("SELECT d.datname, l.relation FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                         "WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' "
+                         "ORDER BY 1, 2").fetchall()
+    out = []
+    for db in sorted({h[0] for h in held}):
+        oids = [h[1] for h in held if h[0] == db]
+        try:
+            with pgconn.session(inst.node(db), db) as c:
+                names = [r[0] for r in c.execute(
+                    "SELECT oid::regclass::text FROM pg_class WHERE oid = ANY(%s::oid[]) AND relkind IN "
+                    "('r', 'p', 'm', 'v', 'S') ORDER BY 1", (oids,))]
+            out += [f"{db}: {n}" for n in names] or [f"{db}: {len(oids)} relation(s) created after the target"]
+        except PostgresError:
+            out += [f"{db}: relation {o}" for o in oids]
+    return out
 
 
 def _promote(inst, timeout: float) -> int:
@@ -185,17 +206,18 @@ def start_server(data: Path, bins: str, port: int, timeout: float) -> dict[str, 
 def _explain(logs: str, plan: "Plan") -> DbopsError:
     """Why the server stopped during recovery, as the error the user can act on."""
     text = logs.lower()
+    logs = "\n".join(logs.strip().splitlines()[-15:])
     ends = f"the archive ends at {plan.archive_end['segment']} (LSN {plan.archive_end['lsn']})"
     if "recovery ended before configured recovery target was reached" in text:
         if plan.holes:
             return ValidationError(f"WAL segment {', '.join(plan.holes[:5])} is missing from the archive, on the way "
-                                   f"to the target", detail=logs[-1500:])
+                                   f"to the target", detail=logs)
         return TargetError(f"replay reached the end of the archive without meeting the target "
-                           f"{plan.target.describe()}: {ends}", detail=logs[-1500:],
+                           f"{plan.target.describe()}: {ends}", detail=logs,
                            hint="check the transaction id / restore point name; it may not be archived yet")
     if "before consistent recovery point" in text:
         return TargetError(f"the target {plan.target.describe()} lies before backup {plan.backup.backup_id} "
-                           "is consistent", detail=logs[-1500:],
+                           "is consistent", detail=logs,
                            hint="choose an older backup with --backup ID (`dbops backup list`)")
-    return PostgresError("PostgreSQL stopped during recovery of the restored folder", detail=logs[-2000:],
+    return PostgresError("PostgreSQL stopped during recovery of the restored folder", detail=logs,
                          hint="the server log above says why")

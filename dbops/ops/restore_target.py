@@ -52,7 +52,8 @@ class RestoreTarget:
         how = "" if self.inclusive else " (exclusive)"
         if self.kind == LATEST:
             return "the end of the archive"
-        return {TIME: "time", LSN: "LSN", XID: "transaction", NAME: "restore point"}[self.kind] + f" {self.value}{how}"
+        shown = iso_utc(self.epoch) if self.kind == TIME else self.value
+        return {TIME: "time", LSN: "LSN", XID: "transaction", NAME: "restore point"}[self.kind] + f" {shown}{how}"
 
     def settings(self) -> dict[str, str]:
         """recovery_target_* for this target (latest needs its LSN resolved first)."""

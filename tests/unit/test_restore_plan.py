@@ -1,0 +1,135 @@
+"""Restore planning without servers: targets, backup fit, the WAL run from a backup, folder settings."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from dbops.errors import UsageError
+from dbops.ops import restore_conf as rconf
+from dbops.ops import restore_wal as rwal
+from dbops.ops import walchain
+from dbops.ops.restore import BackupChoice, fits
+from dbops.ops.restore_target import LATEST, LSN, TIME, XID, from_options, parse_time, parse_timeline
+from dbops.pg.lsn import parse_lsn
+from dbops.storage.base import ObjectInfo
+
+SEG = 16 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("text", ["2026-11-25T15:46:00+01:00", "2026-11-25T14:46:00Z", "2026-11-25 14:46:00+00:00",
+                                  "2026-11-25T09:16:00-05:30"])
+def test_timestamps_with_a_zone_are_one_instant(text):
+    assert parse_time(text).timestamp() == datetime(2026, 11, 25, 14, 46, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("text", ["2026-11-25T15:46:00", "2026-11-25 15:46"])
+def test_timestamp_without_zone_is_refused_with_how_to_write_it(text):
+    with pytest.raises(UsageError) as e:
+        parse_time(text)
+    assert "no time zone" in e.value.message and "+01:00" in e.value.hint and "Z" in e.value.hint
+
+
+def test_target_options():
+    t = from_options(to="2026-11-25T15:46:00.5+01:00", exclusive=True)
+    assert t.kind == TIME and not t.inclusive and t.value == "2026-11-25 14:46:00.500000+00:00"
+    assert t.settings() == {"recovery_target_inclusive": "off", "recovery_target_time": t.value}
+    assert from_options(to="latest").kind == LATEST
+    lsn = from_options(to_lsn="16/b374d848")
+    assert lsn.kind == LSN and lsn.lsn == parse_lsn("16/B374D848") and lsn.value == "16/B374D848"
+    assert from_options(to_xid="1234").kind == XID
+    with pytest.raises(UsageError):
+        from_options()
+    with pytest.raises(UsageError):
+        from_options(to="latest", to_xid="5")
+    with pytest.raises(UsageError):
+        from_options(to_lsn="nonsense")
+    with pytest.raises(UsageError):
+        from_options(to="latest", exclusive=True)
+    assert parse_timeline("latest") is None and parse_timeline("3") == 3
+    with pytest.raises(UsageError):
+        parse_timeline("zero")
+
+
+# --------------------------------------------------------------------------- which backup fits
+
+
+def choice(last_commit: float | None, consistent_time: float = 100.0, consistent_lsn: str = "0/5000000"):
+    return BackupChoice("b", "validated", 1, parse_lsn("0/4000028"), parse_lsn(consistent_lsn), consistent_time,
+                        last_commit, 1, "15")
+
+
+def test_a_backup_fits_a_time_when_it_holds_no_commit_after_it():
+    t = from_options(to="1970-01-01T00:01:30Z")  # epoch 90
+    assert fits(choice(last_commit=80.0, consistent_time=120.0), t)  # taken later, but nothing committed since 80
+    assert not fits(choice(last_commit=95.0), t)
+    assert fits(choice(last_commit=90.0), t) and not fits(choice(last_commit=90.0), from_options(
+        to="1970-01-01T00:01:30Z", exclusive=True))
+    assert not fits(choice(last_commit=None, consistent_time=120.0), t)  # unknown: bounded by consistent time
+    assert fits(choice(None, consistent_lsn="0/5000000"), from_options(to_lsn="0/5000000"))
+    assert not fits(choice(None, consistent_lsn="0/5000001"), from_options(to_lsn="0/5000000"))
+
+
+# --------------------------------------------------------------------------- the WAL run
+
+
+def inv(names: list[str], histories: set[int] = frozenset()) -> rwal.Inventory:
+    i = rwal.Inventory(SEG, {n: ObjectInfo(n, 100) for n in names}, set(histories))
+    return i
+
+
+def test_wal_run_ends_at_the_newest_segment_and_names_holes():
+    spans = walchain.chain(1, [])
+    names = [f"0000000100000000000000{n:02X}" for n in (3, 4, 5, 7, 8)]
+    wr = rwal.wal_range(inv(names), spans, names[0])
+    assert wr.end == names[2] and wr.holes == ["000000010000000000000006"]
+    assert wr.needed[-1] == names[-1]
+    wr = rwal.wal_range(inv(names[:3]), spans, names[0])
+    assert wr.end == names[2] and wr.holes == []
+
+
+def test_wal_run_follows_the_timeline_switch():
+    spans = walchain.chain(2, [(1, parse_lsn("0/6000100"), "promoted")])
+    names = ["000000010000000000000004", "000000010000000000000005", "000000020000000000000006",
+             "000000020000000000000007"]
+    wr = rwal.wal_range(inv(names, {2}), spans, names[0])
+    assert wr.needed == names and wr.end == names[-1] and not wr.holes
+    assert rwal.on_chain(spans, 1, parse_lsn("0/5000000")) and not rwal.on_chain(spans, 1, parse_lsn("0/7000000"))
+    assert rwal.timeline_at(spans, parse_lsn("0/6000000")) == 1 and rwal.timeline_at(spans, parse_lsn("0/7000000")) == 2
+    # promoted a moment ago: the new timeline has no segment yet; the run ends on the old one
+    wr = rwal.wal_range(inv(names[:2], {2}), spans, names[0])
+    assert wr.end == names[1] and wr.needed[-1] == "000000020000000000000006" and not wr.holes
+
+
+def test_last_commit_is_read_from_pg_waldump_lines():
+    lines = [("Heap", 61, parse_lsn("0/6002608"), "INSERT+INIT", "off 1 flags 0x00"),
+             ("Transaction", 34, parse_lsn("0/6002648"), "COMMIT", "2026-11-25 20:13:47.138891 UTC"),
+             ("XLOG", 24, parse_lsn("0/6002670"), "SWITCH", "")]
+    c = rwal._last_commit(lines, "000000010000000000000006")
+    assert c.lsn == parse_lsn("0/6002648")
+    assert c.time == datetime(2026, 11, 25, 20, 13, 47, 138891, tzinfo=timezone.utc).timestamp()
+    prepared = [("Transaction", 40, 1, "COMMIT_PREPARED", "731: 2026-11-25 20:13:47 UTC; inval msgs: 1")]
+    assert rwal._last_commit(prepared, "x").time == datetime(2026, 11, 25, 20, 13, 47, tzinfo=timezone.utc).timestamp()
+    m = rwal._RECORD_RE.search("rmgr: Transaction len (rec/tot):     34/    34, tx:        726, lsn: 0/06002648, "
+                               "prev 0/06002608, desc: COMMIT 2026-11-25 20:13:47.138891 UTC")
+    assert m and m.group(1) == "Transaction" and m.group(4) == "COMMIT"
+
+
+# --------------------------------------------------------------------------- the folder's settings
+
+
+def test_auto_conf_block_replaces_earlier_settings(tmp_path):
+    (tmp_path / "postgresql.auto.conf").write_text(
+        "# Do not edit this file manually!\nport = 5433\nprimary_conninfo = 'host=old'\nwork_mem = '64MB'\n")
+    rconf.write_settings(tmp_path, {"restore_command": "dbops wal-fetch %f \"%p\"", "port": "6000",
+                                    "recovery_target_name": "it's"}, ["first"])
+    rconf.write_settings(tmp_path, {"restore_command": "x", "archive_mode": "off"}, ["second"])
+    text = (tmp_path / "postgresql.auto.conf").read_text()
+    assert "work_mem = '64MB'" in text and "port" not in text and "primary_conninfo" not in text
+    assert text.count(rconf.BLOCK_BEGIN) == 1 and "# second" in text and "# first" not in text
+    assert "restore_command = 'x'" in text and "archive_mode = 'off'" in text
+    assert rconf.quote("it's") == "'it''s'"
