@@ -224,12 +224,12 @@ def _pick(bk: _Backups, spans, opts: Options) -> tuple[BackupChoice, BackupChoic
                           detail=f"failed backups: {', '.join(failed)}" if failed else "no backup at all there",
                           hint="run `dbops backup` (it heals a failed chain with a fresh full backup)")
     oldest = bk.choice(usable[0])
-    fitting: list[BackupChoice] = []
+    fitting: list[BackupChoice] = []  # newest first; a validated one is preferred over one newer stored one
     for b in reversed(usable):
         c = bk.choice(b)
         if fits(c, target):
             fitting.append(c)
-            if c.state == catalog.VALIDATED:
+            if c.state == catalog.VALIDATED or len(fitting) == 2:
                 break
     if not fitting:
         raise TargetError(
@@ -240,11 +240,13 @@ def _pick(bk: _Backups, spans, opts: Options) -> tuple[BackupChoice, BackupChoic
                    f"the earliest reachable point is {_earliest(oldest)['time']} (LSN {_earliest(oldest)['lsn']})",
             hint="restore to a later point, or keep backups longer (backup.retention)")
     notes = []
-    chosen = fitting[-1] if fitting[-1].state == catalog.VALIDATED else fitting[0]
-    skipped = [c.backup_id for c in fitting if c is not chosen]
-    if skipped:
-        notes.append(f"newer backup(s) {', '.join(skipped)} not yet validated: preferring validated "
-                     f"{chosen.backup_id} (choose one with --backup ID)")
+    chosen = next((c for c in fitting if c.state == catalog.VALIDATED), fitting[0])
+    if chosen is not fitting[0]:
+        notes.append(f"the newest fitting backup {fitting[0].backup_id} is not validated yet: preferring validated "
+                     f"{chosen.backup_id} (choose the other with --backup ID)")
+    elif chosen.state != catalog.VALIDATED:
+        notes.append(f"backup {chosen.backup_id} is stored (started and checked when taken) but not yet validated "
+                     "by a restore from storage")
     return chosen, oldest, notes
 
 

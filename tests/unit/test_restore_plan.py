@@ -133,3 +133,44 @@ def test_auto_conf_block_replaces_earlier_settings(tmp_path):
     assert text.count(rconf.BLOCK_BEGIN) == 1 and "# second" in text and "# first" not in text
     assert "restore_command = 'x'" in text and "archive_mode = 'off'" in text
     assert rconf.quote("it's") == "'it''s'"
+
+
+# --------------------------------------------------------------------------- which backup is picked
+
+
+class _FakeBackups:
+    """Stands in for the catalog: BackupInfo rows, and choices built from them."""
+
+    def __init__(self, rows: list[tuple[str, str, float]]):  # (id, state, last commit = consistent time)
+        from dbops.backup import catalog
+
+        self.infos, self._c = [], {}
+        for i, (bid, state, t) in enumerate(rows):
+            status = catalog.StatusRecord(bid, state, t, "run") if state != catalog.STORED else None
+            lsn = parse_lsn(f"0/{i + 5:X}000000")
+            self.infos.append(catalog.BackupInfo(bid, t, lsn, lsn - 0x100000, 1, None, 10, 10, status))
+            self._c[bid] = BackupChoice(bid, state, 1, lsn - 0x100000, lsn, t, t, 10, "15")
+
+    def choice(self, b):
+        return self._c[b.backup_id]
+
+
+def test_pick_prefers_validated_over_one_newer_stored_backup():
+    from dbops.errors import TargetError
+    from dbops.ops.restore import Options, _pick
+
+    spans = walchain.chain(1, [])
+
+    def pick(rows, at):
+        opts = Options(target=from_options(to=f"1970-01-01T00:00:{at:02d}Z"), target_dir=None)
+        return _pick(_FakeBackups(rows), spans, opts)
+
+    chosen, oldest, notes = pick([("b1", "validated", 10), ("b2", "validated", 20), ("b3", "stored", 30)], 40)
+    assert chosen.backup_id == "b2" and oldest.backup_id == "b1" and "b3" in notes[0]
+    chosen, _, _ = pick([("b1", "validated", 10), ("b2", "stored", 20), ("b3", "stored", 30)], 40)
+    assert chosen.backup_id == "b3"  # the chain is not validating: recency wins
+    chosen, _, _ = pick([("b1", "validated", 10), ("b2", "failed", 20), ("b3", "stored", 30)], 25)
+    assert chosen.backup_id == "b1"  # b2 failed, b3 holds commits after the target
+    with pytest.raises(TargetError) as e:
+        pick([("b1", "validated", 10), ("b2", "stored", 30)], 5)
+    assert "before the oldest usable backup" in e.value.message
