@@ -13,7 +13,7 @@ summary=()
 note() { summary+=("$*"); }
 now() { date +%s.%N; }
 since() { "$BIN/python" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}s')" "$1" "$(now)"; }
-sql() { "$PGBIN/psql" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+sql() { PGOPTIONS="-c client_min_messages=warning" "$PGBIN/psql" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 
 bold "lab: SeaweedFS S3, PostgreSQL 15 primary + streaming replica on loopback"
 t=$(now)
@@ -34,8 +34,8 @@ t=$(now)
 note "backup 1 (full) stored in $(since "$t")"
 
 bold "more writes, then the second backup: it restores backup 1, starts and replays it, then stores only changes"
-"$PGBIN/pgbench" -X -i -s 2 -q postgres >/dev/null 2>&1
-"$PGBIN/pgbench" -X -n -c 2 -T 5 postgres >/dev/null 2>&1
+"$PGBIN/pgbench" -i -s 2 -q postgres >/dev/null 2>&1
+"$PGBIN/pgbench" -n -c 2 -T 5 postgres >/dev/null 2>&1
 t=$(now)
 "$DBOPS" -v backup 2>/dev/null
 note "backup 2 stored in $(since "$t"), and backup 1 validated by it"

@@ -77,7 +77,7 @@ def backup(
         if res.validated:
             output.out(f"validated {res.validated.backup_id}: restored, started and replayed to "
                        f"{d['consistent_lsn']} in {output.human_seconds(d['validated']['restore_seconds'])} "
-                       f"({', '.join(c['check'] for c in res.validated.checks)})")
+                       f"({', '.join(dict.fromkeys(c['check'] for c in res.validated.checks))})")
         output.out(f"stored {res.kind} backup {res.backup_id}: {output.human_bytes(res.manifest.logical_size)} "
                    f"logical, {output.human_bytes(res.manifest.stored_bytes)} new in storage, "
                    f"consistent at {d['consistent_lsn']} ({_ts(d['consistent_time'])})")
