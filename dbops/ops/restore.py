@@ -33,6 +33,7 @@ import socket
 import stat
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -533,45 +534,50 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
         created = not target.exists()
         if opts.force and target.is_dir():
             _empty(target)
+        ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
+                              owner=ids)
+        remote = cache / rconf.REMOTE_DIR
+        remote.mkdir()
+        for name in plan.remote:
+            (remote / name).touch()
         try:
-            with phases("download"):
-                download, wal = _download(cfg, store, layout, manifest, plan, cache, opts.delta, ids)
-            with phases("configure"):
-                configure(cfg, target, plan, opts)
-            reached, final_state, running = restore_run.run(cfg, plan, opts, cache, phases, manifest.pg.pg_version)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-walahead") as pool:
+                ahead.prepare(plan.histories)
+                wal_job = pool.submit(ahead.run)
+                try:
+                    with phases("download"):
+                        download = _download(cfg, store, layout, manifest, plan, opts.delta, ids)
+                    with phases("configure"):
+                        configure(cfg, target, plan, opts)
+                    reached, final_state, running = restore_run.run(cfg, plan, opts, cache, phases,
+                                                                    manifest.pg.pg_version, ahead.check)
+                finally:
+                    ahead.stop()  # what replay did not ask for is not needed any more
+                stats = wal_job.result()
         except BaseException as e:
             discard(target, created=created, delta=opts.delta, reason=getattr(e, "message", None) or repr(e))
             raise
+    wal = {"fetched_ahead": stats.segments, "bytes": stats.bytes, "seconds": stats.seconds,
+           "not_archived": stats.missing, "failed": {n: e.message for n, e in ahead.failed.items()}}
     return RestoreResult(plan, reached, final_state, running, dict(phases.t), download, wal)
 
 
-def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, cache: Path,
-              delta: bool, ids: tuple[int, int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The backup into the target folder and the WAL ahead into the cache, at the same time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,
+              ids: tuple[int, int] | None) -> dict[str, Any]:
+    """The backup into the target folder (verified), or only what differs with --delta."""
     from dbops.ops import restore_delta
 
-    arc = WalArchive(store, layout)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-walahead") as pool:
-        ahead = pool.submit(rwal.fetch_ahead, arc, plan.fetch_ahead, plan.histories, cache,
-                            parallel=max(2, cfg.archive.parallel), owner=ids)
-        t0 = time.monotonic()
-        if delta and (Path(plan.target_dir) / "PG_VERSION").exists():
-            d = restore_delta.restore_delta(store, layout, manifest, Path(plan.target_dir),
-                                            parallel=cfg.backup.parallel, owner=PG_OS_USER if ids else None)
-        else:
-            st = restore_snapshot(store, layout, manifest, plan.target_dir, parallel=cfg.backup.parallel,
-                                  owner=PG_OS_USER if ids else None)
-            d = {"mode": "full", "files": st.files, "logical_bytes": st.logical_bytes,
-                 "fetched_bytes": st.fetched_bytes, "requests": st.requests}
-        d["seconds"] = round(time.monotonic() - t0, 3)
-        w = ahead.result()
-    remote = cache / rconf.REMOTE_DIR
-    remote.mkdir(exist_ok=True)
-    for name in plan.remote + w.missing:
-        (remote / name).touch()
-    return d, {"fetched_ahead": w.segments, "bytes": w.bytes, "seconds": w.seconds, "not_archived": w.missing}
+    t0 = time.monotonic()
+    owner = PG_OS_USER if ids else None
+    if delta and (Path(plan.target_dir) / "PG_VERSION").exists():
+        d = restore_delta.restore_delta(store, layout, manifest, Path(plan.target_dir), parallel=cfg.backup.parallel,
+                                        owner=owner)
+    else:
+        st = restore_snapshot(store, layout, manifest, plan.target_dir, parallel=cfg.backup.parallel, owner=owner)
+        d = {"mode": "full", "files": st.files, "logical_bytes": st.logical_bytes,
+             "fetched_bytes": st.fetched_bytes, "requests": st.requests}
+    d["seconds"] = round(time.monotonic() - t0, 3)
+    return d
 
 
 def configure(cfg: Config, data: Path, plan: Plan, opts: Options) -> None:

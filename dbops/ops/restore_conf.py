@@ -52,15 +52,18 @@ def restore_command(cfg: Config) -> str:
 
 
 REMOTE_DIR = ".remote"
+PENDING_DIR = ".pending"
 
 
 def run_command(cache: Path, cfg: Config) -> str:
-    """restore_command for dbops' own recovery run: WAL fetched ahead into `cache` with a plain copy;
-    a segment marked in cache/.remote through dbops wal-fetch; anything else is not there (exit 1),
-    so probes for files the archive does not have cost nothing."""
-    d = shlex.quote(str(cache.resolve()) + "/")
-    r = shlex.quote(str(cache.resolve() / REMOTE_DIR) + "/")
-    return f'test -f {d}%f && exec cp {d}%f "%p"; test -f {r}%f && exec {restore_command(cfg)}; exit 1'
+    """restore_command for dbops' own recovery run. A segment being fetched ahead (marked in
+    cache/.pending) is waited for, then copied from `cache`; one marked in cache/.remote comes through
+    dbops wal-fetch; anything else is not there (exit 1), so probes for files the archive does not
+    have cost nothing."""
+    root = cache.resolve()
+    d, p, r = (shlex.quote(str(x) + "/") for x in (root, root / PENDING_DIR, root / REMOTE_DIR))
+    return (f"while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; "
+            f'test -f {d}%f && exec cp {d}%f "%p"; test -f {r}%f && exec {restore_command(cfg)}; exit 1')
 
 
 def quote(value: str) -> str:

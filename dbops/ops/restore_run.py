@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from dbops import log, proc
 from dbops.config import Config
@@ -62,9 +62,10 @@ def instance_settings(cfg: Config, plan: "Plan", opts: "Options", cache: Path) -
     return s
 
 
-def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases",
-        pg_version: str) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
-    """(what was reached, the final state, where it runs with --start)."""
+def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases", pg_version: str,
+        check_wal: Callable[[], None]) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
+    """(what was reached, the final state, where it runs with --start). check_wal raises when fetching
+    the WAL ahead failed (a damaged segment): that error, not the server's view of it, is reported."""
     data = Path(plan.target_dir)
     bins = bin_dir(cfg, pg_version)
     rt = LocalRuntime(bin_dir=bins, db_user=cfg.runtime.user)
@@ -79,9 +80,10 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
             try:
                 inst.wait_ready(timeout)
             except PostgresError:
+                check_wal()
                 raise _explain(inst.logs(80), plan) from None
         with phases("replay"):
-            reached = _wait_paused(inst, plan, timeout)
+            reached = _wait_paused(inst, plan, timeout, check_wal)
         if opts.final == "promote":
             with phases("promote"):
                 reached["promoted_timeline"] = _promote(inst, timeout)
@@ -101,12 +103,14 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
     return reached, FINAL_STATE[opts.final], running
 
 
-def _wait_paused(inst, plan: "Plan", stall_timeout: float) -> dict[str, Any]:
+def _wait_paused(inst, plan: "Plan", stall_timeout: float, check_wal: Callable[[], None]) -> dict[str, Any]:
     """Wait until replay pauses at the target (progress must not stall); what it reached."""
     node = inst.node()
     last_lsn, last_move = None, time.monotonic()
     while True:
+        check_wal()
         if not inst.is_running():
+            check_wal()
             raise _explain(inst.logs(80), plan)
         try:
             with pgconn.session(node) as c:

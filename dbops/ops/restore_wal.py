@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -21,10 +22,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import zstandard
+
 from dbops import proc
-from dbops.errors import NotFoundError, ValidationError
+from dbops.errors import DbopsError, NotFoundError, ValidationError
+from dbops.ops import restore_conf as rconf
 from dbops.ops import walchain
-from dbops.ops.archive import WalArchive
+from dbops.ops.archive import META_COMPRESSION, META_SHA256, META_SIZE, WalArchive
 from dbops.pg import binaries
 from dbops.pg.lsn import (
     HISTORY_RE,
@@ -226,44 +230,125 @@ class FetchStats:
     seconds: float = 0.0
 
 
-def fetch_ahead(arc: WalArchive, names: list[str], histories: list[int], dest: Path, *, parallel: int,
-                owner: tuple[int, int] | None = None) -> FetchStats:
-    """Download (verified) the history files and segments replay is expected to need into dest.
+class WalAhead:
+    """Fetches the segments replay is expected to need into a cache folder while the server runs.
 
-    Files already there are kept. A segment missing from the archive is noted, not fatal: the
-    server asks `dbops wal-fetch` for anything not found here."""
-    t0 = time.monotonic()
-    stats = FetchStats()
-    lock = threading.Lock()
-    for tli in histories:
-        name = walchain.history_name(tli)
-        if not (dest / name).exists():
-            _write(dest / name, arc.read_small(name), owner)
+    :meth:`prepare` writes the history files and a marker in ``cache/.pending`` for every segment
+    still to come; :meth:`run` (in a thread) downloads them oldest first, verified against their
+    SHA-256, and removes each marker once the file is in place. The server's restore_command
+    waits while a segment it asks for is pending. The cache is scratch space, thrown away after
+    the restore, so nothing is fsynced. A segment that is missing or fails verification only
+    loses its marker (replay then finds it "not there"); :meth:`check` raises the error of the
+    oldest failed one, for when replay stopped short.
+    """
 
-    def one(name: str) -> None:
-        path = dest / name
+    def __init__(self, store: ObjectStore, layout: Layout, names: list[str], cache: Path, *, parallel: int,
+                 owner: tuple[int, int] | None = None):
+        self.arc = WalArchive(store, layout)
+        self.store, self.layout = store, layout
+        self.names, self.cache, self.parallel, self.owner = names, cache, max(1, parallel), owner
+        self.pending = cache / rconf.PENDING_DIR
+        self.stats = FetchStats()
+        self.failed: dict[str, DbopsError] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def prepare(self, histories: list[int]) -> None:
+        self.pending.mkdir(exist_ok=True)
+        for tli in histories:
+            name = walchain.history_name(tli)
+            if not (self.cache / name).exists():
+                self._place(self.cache / name, self.arc.read_small(name))
+        for name in self.names:
+            if not (self.cache / name).exists():
+                (self.pending / name).touch()
+
+    def run(self) -> FetchStats:
+        t0 = time.monotonic()
         try:
-            size = path.stat().st_size if path.exists() else arc.fetch(name, path).size
-        except NotFoundError:
-            with lock:
-                stats.missing.append(name)
+            with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="dbops-walahead") as pool:
+                for _ in pool.map(self._one, self.names):
+                    pass
+        finally:
+            self.stop()
+            self.stats.seconds = round(time.monotonic() - t0, 3)
+        return self.stats
+
+    def stop(self) -> None:
+        """No more downloads; clear the markers so nothing waits for them."""
+        self._stop.set()
+        for p in self.pending.glob("*"):
+            p.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        if self.failed:
+            raise self.failed[min(self.failed)]
+
+    def _one(self, name: str) -> None:
+        dest = self.cache / name
+        if self._stop.is_set():
             return
-        if owner:
-            os.chown(path, *owner)
-        with lock:
-            stats.segments += 1
-            stats.bytes += size
+        try:
+            if not dest.exists():
+                size = self._fetch(name, dest)
+            else:
+                size = dest.stat().st_size
+        except NotFoundError:
+            with self._lock:
+                self.stats.missing.append(name)
+            return
+        except DbopsError as e:
+            with self._lock:
+                self.failed[name] = e
+            return
+        finally:
+            (self.pending / name).unlink(missing_ok=True)
+        with self._lock:
+            self.stats.segments += 1
+            self.stats.bytes += size
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-walfetch") as pool:
-        for _ in pool.map(one, names):
-            pass
-    stats.seconds = round(time.monotonic() - t0, 3)
-    return stats
+    def _fetch(self, name: str, dest: Path) -> int:
+        key = self.layout.wal_key(name)
+        raw = dest.with_name(f".{name}.download")
+        part = dest.with_name(f".{name}.part")
+        try:
+            info = self.store.get_to_file(key, str(raw))
+            size = _decode(raw, part, info.metadata, f"{name} ({key})")
+            if self.owner:
+                os.chown(part, *self.owner)
+            os.replace(part, dest)
+        finally:
+            raw.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
+        return size
+
+    def _place(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(data)
+        if self.owner:
+            os.chown(tmp, *self.owner)
+        os.replace(tmp, path)
 
 
-def _write(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    if owner:
-        os.chown(tmp, *owner)
-    os.replace(tmp, path)
+def _decode(src: Path, dst: Path, metadata: dict[str, str], what: str) -> int:
+    """Decompress src into dst while hashing; ValidationError unless it matches the object's metadata."""
+    expected = metadata.get(META_SHA256)
+    algo = metadata.get(META_COMPRESSION, "none")
+    if not expected or algo not in ("zstd", "none"):
+        raise ValidationError(f"archived {what} has no sha256 metadata or an unknown compression ({algo!r})")
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        reader = zstandard.ZstdDecompressor().stream_reader(fin) if algo == "zstd" else fin
+        try:
+            while block := reader.read(1 << 20):
+                h.update(block)
+                fout.write(block)
+                size += len(block)
+        except zstandard.ZstdError as e:
+            raise ValidationError(f"archived {what} does not decompress: {e}") from None
+    if h.hexdigest() != expected or (metadata.get(META_SIZE) and int(metadata[META_SIZE]) != size):
+        raise ValidationError(f"archived {what} fails verification",
+                              detail=f"expected sha256 {expected}, got {h.hexdigest()} ({size} bytes)",
+                              hint="the stored segment is damaged; restore to a point before it")
+    return size

@@ -301,6 +301,20 @@ def test_deleted_segment_on_the_way_exit_7_names_it(scn, cli):
         store.put(key, body, metadata=info.metadata)
 
 
+def test_damaged_segment_on_the_way_exit_7_names_it(scn, cli):
+    store, layout = open_store(scn.lab.config.storage), Layout(scn.lab.config.storage.prefix)
+    key = layout.wal_key(scn.segment_b)
+    info, body = store.head(key), store.get(key)
+    store.put(key, body[:len(body) // 2] + bytes(len(body) - len(body) // 2), metadata=info.metadata)
+    try:
+        r = restore(cli, scn.lab, "--to", iso(scn.t3), "--target-dir", scn.target("damaged-wal"))
+        assert r.exit_code == 7, r
+        assert scn.segment_b in r.stderr and key in r.stderr
+        assert not scn.target("damaged-wal").exists()
+    finally:
+        store.put(key, body, metadata=info.metadata)
+
+
 def test_corrupted_stored_object_exit_7_names_it_and_leaves_nothing(scn, cli):
     from dbops.backup import manifest as mf
 
