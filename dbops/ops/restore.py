@@ -259,6 +259,7 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
     replays them next); without it they go to a temporary folder removed afterwards.
     """
     opts.check()
+    preflight(opts)
     store = store or open_store(cfg.storage)
     layout = Layout(cfg.storage.prefix)
     arc = WalArchive(store, layout)
@@ -514,7 +515,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
     from dbops.ops import restore_run
 
     opts.check()
-    preflight(opts)
+    preflight(opts)  # before the scratch folder and the plan; the plan checks again
     store = store or open_store(cfg.storage)
     layout = Layout(cfg.storage.prefix)
     phases = Phases(progress)
