@@ -57,7 +57,7 @@ from dbops.storage.layout import Layout
 _log = log.get("restore")
 
 PG_OS_USER = "postgres"
-TIME_SLACK = 120.0  # seconds: segments archived this long after a time target are fetched ahead too
+TIME_SLACK = 30.0  # seconds: segments archived this long after a time target are fetched ahead too
 INCOMPLETE_MARK = "DBOPS_RESTORE_INCOMPLETE"
 
 
