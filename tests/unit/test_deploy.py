@@ -43,7 +43,7 @@ _COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)|:?\?)?[^}]*\}")
 # Where the compose configuration may differ from the lab's, key for key: secrets from the
 # environment instead of files, and nodes controlled through Docker instead of a local pg_ctl.
 NODE_KEYS_ONLY_IN_COMPOSE = {"password", "container"}
-NODE_KEYS_ONLY_IN_LAB = {"passfile"}
+NODE_KEYS_ONLY_IN_LAB = {"passfile", "log_file"}  # log_file: pg_ctl -l for local nodes; containers log to the engine
 STORAGE_KEYS_ONLY_IN_COMPOSE = {"access_key", "secret_key"}
 STORAGE_KEYS_ONLY_IN_LAB = {"credentials_file"}
 
