@@ -283,7 +283,12 @@ class ClusterLock:
 
     def _lock_local(self) -> None:
         self.local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.local_path, os.O_RDWR | os.O_CREAT, 0o644)
+        # 0666 (umask aside): runs as root and as postgres share the same host lock file.
+        fd = os.open(self.local_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.fchmod(fd, 0o666)
+        except PermissionError:
+            pass
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -357,7 +357,7 @@ def test_postgresql_settings():
 
 def test_cron_line():
     when, user, command = cron_job(DEPLOY / "cron" / "dbops")
-    assert len(when) == 5 and user == "postgres"
+    assert len(when) == 5 and user == "root"
     subprocess.run(["sh", "-n", "-c", command], check=True)
     first = shlex.split(command.split("||", 1)[0])
     assert first[:4] == ["flock", "-n", "-E", "75"]
@@ -387,7 +387,7 @@ def test_systemd_service_and_timer():
     timer = unit_file(DEPLOY / "systemd" / "dbops-backup.timer")
     s = svc["Service"]
     assert s["Type"] == ["oneshot"]
-    assert s["User"][0] in ("postgres", "dbops")
+    assert s["User"][0] == "root"
     (exec_start,) = s["ExecStart"]
     argv = shlex.split(exec_start)
     assert Path(argv[0]).name == "flock" and argv[0].startswith("/")
