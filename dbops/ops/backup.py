@@ -30,6 +30,7 @@ the validation code.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -48,8 +49,8 @@ from dbops.backup import pgstate
 from dbops.backup.restore import restore_snapshot
 from dbops.backup.store import store_snapshot
 from dbops.config import Config, Node
-from dbops.errors import (DbopsError, NotFoundError, PostgresError, PreconditionError, StorageError,
-                          ValidationError)
+from dbops.errors import (CommandError, DbopsError, NotFoundError, PostgresError, PreconditionError,
+                          StorageError, ValidationError)
 from dbops.lock import ClusterLock
 from dbops.ops import archive as arch
 from dbops.pg import binaries, controldata
@@ -130,9 +131,11 @@ class Phases:
     def __init__(self, progress: Callable[[str], None] | None = None) -> None:
         self.t: dict[str, float] = {}
         self.progress = progress
+        self.current: str | None = None  # the phase entered last (the one an error came from)
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
         if self.progress:
             self.progress(name)
         t0 = time.monotonic()
@@ -223,29 +226,103 @@ def clean_stale_scratch(scratch_root: Path) -> list[str]:
     return removed
 
 
-def check_scratch_space(scratch_root: Path, needed: int) -> None:
+SCRATCH_MARGIN = 256 * 2**20  # WAL replayed into the copy, the server's own files
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as programs and PostgreSQL's log print it
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def scratch_needed(data_size: int) -> int:
+    """What a run needs in the scratch folder for a copy of data_size bytes."""
+    return int(data_size * 1.1) + SCRATCH_MARGIN
+
+
+def check_scratch_space(scratch_root: Path, data_size: int) -> None:
+    """Refuse before any work when the scratch folder cannot hold the copy (exit 11)."""
     scratch_root.mkdir(parents=True, exist_ok=True)
-    st = os.statvfs(scratch_root)
-    free = st.f_bavail * st.f_frsize
+    free, needed = _free_bytes(scratch_root), scratch_needed(data_size)
     if free < needed:
         raise PreconditionError(
-            f"not enough free space in the scratch folder {scratch_root}: {free / 2**30:.2f} GiB free, "
-            f"about {needed / 2**30:.2f} GiB needed",
+            f"not enough free space in the scratch folder {scratch_root}: {_size(free)} free, "
+            f"about {_size(needed)} needed",
+            detail=f"free {free} bytes; needed {needed} bytes = the data to restore ({data_size} bytes) + 10 % "
+                   f"+ {_size(SCRATCH_MARGIN)} for the WAL replayed into it; nothing was done",
             hint="free space there, or point backup.scratch_dir at a larger filesystem",
         )
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Did e come from a full disk (ENOSPC), directly or as a program's or PostgreSQL's message?"""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    if isinstance(e, DbopsError):
+        return any(NO_SPACE in (t or "") for t in (e.message, e.detail, getattr(e, "stderr", None)))
+    return False
+
+
+def scratch_full_error(scratch_root: Path, phase: str | None, e: BaseException) -> DbopsError:
+    """The one message for a scratch folder that filled up mid-run (the run's own folder is already gone)."""
+    cause = e.message + ("\n" + e.detail if e.detail else "") if isinstance(e, DbopsError) else str(e)
+    try:
+        free = f"{_size(_free_bytes(scratch_root))} free there now"
+    except OSError:
+        free = "free space unknown"
+    return DbopsError(
+        f"the scratch folder {scratch_root} ran out of space (ENOSPC: {NO_SPACE})"
+        + (f" during phase {phase}" if phase else ""),
+        detail=f"{free}; this run's scratch folder and container were removed, nothing was stored and no "
+               f"backup was marked failed\n" + cause[-1500:],
+        hint="free space there (other files may have filled it), or point backup.scratch_dir at a larger "
+             "filesystem, then run again",
+    )
 
 
 # --------------------------------------------------------------------------- the source side
 
 
 SWITCH_LOCK = "switch"  # also taken by `dbops failover`: a capture never interleaves with a switchover
+PRIMARY_PROBE_INTERVAL = 5.0  # while waiting for the target's segment: is the primary still there?
+
+
+class ArchiveStalledError(ValidationError):
+    """The target's segment did not reach the archive: archiving is stuck (exit 7), which says nothing
+    against the previous backup, so it is not marked failed."""
+
+
+def _require_primary_up(primary: Node, segment: str) -> None:
+    try:
+        with pgconn.session(primary) as c:
+            c.execute("SELECT 1")
+    except PostgresError as e:
+        raise PostgresError(
+            f"the primary {primary.name} went away while dbops waited for WAL segment {segment} to be archived",
+            detail=e.detail or e.message,
+            hint="start the primary again (its archiver then archives the segment) and run dbops backup again; "
+                 "nothing was stored by this run",
+        ) from None
 
 
 def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
     """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
     time, switch WAL; then wait until that segment is archived."""
     with ClusterLock(store, layout, SWITCH_LOCK, command="backup (target capture)"):
-        primary = find_primary(cfg)
+        try:
+            primary = find_primary(cfg)
+        except PostgresError as e:  # it was there when the run began
+            raise PostgresError(f"cannot capture the backup's target: {e.message}", detail=e.detail,
+                                hint="the primary went away mid-run; start it again and run dbops backup again "
+                                     "(nothing was stored by this run)") from None
         with pgconn.session(primary) as c:
             c.execute("CHECKPOINT")
             row = c.execute("SELECT pg_current_wal_insert_lsn()::text, extract(epoch from clock_timestamp())::float8, "
@@ -257,13 +334,18 @@ def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layo
     seg = segment_of_lsn(tli, lsn)
     key = layout.wal_key(seg)
     deadline = time.monotonic() + archive_wait
+    next_probe = time.monotonic() + PRIMARY_PROBE_INTERVAL
     while store.head(key) is None:
-        if time.monotonic() > deadline:
-            raise ValidationError(
+        now = time.monotonic()
+        if now > deadline:
+            raise ArchiveStalledError(
                 f"WAL segment {seg} (holding the backup's target {format_lsn(lsn)}) did not reach the archive "
                 f"within {archive_wait:.0f} s",
                 hint="is archiving working? `dbops wal status` and the primary's log show why not",
             )
+        if now > next_probe:
+            _require_primary_up(primary, seg)
+            next_probe = now + PRIMARY_PROBE_INTERVAL
         time.sleep(0.2)
     log.event(_log, logging.INFO, "target captured", lsn=format_lsn(lsn), timeline=tli, segment=seg)
     return Target(lsn=lsn, time=t, timeline=tli, segment=seg)
@@ -272,9 +354,17 @@ def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layo
 def base_backup(source: Node, data: Path, *, timeout: float = 24 * 3600) -> None:
     """pg_basebackup from the source into data (with the WAL it needs), as the postgres OS user."""
     data.parent.mkdir(parents=True, exist_ok=True)
-    proc.run([binaries.binary("pg_basebackup", source.bin_dir), "-h", source.host, "-p", str(source.port),
-              "-U", source.user, "-D", str(data), "-X", "stream", "-c", "fast", "--no-sync", "--no-manifest", "-w"],
-             user=PG_OS_USER, env=_pg_env(source), timeout=timeout, what="pg_basebackup")
+    try:
+        proc.run([binaries.binary("pg_basebackup", source.bin_dir), "-h", source.host, "-p", str(source.port),
+                  "-U", source.user, "-D", str(data), "-X", "stream", "-c", "fast", "--no-sync", "--no-manifest",
+                  "-w"], user=PG_OS_USER, env=_pg_env(source), timeout=timeout, what="pg_basebackup")
+    except CommandError as e:
+        if out_of_space(e):
+            raise  # the scratch disk, not PostgreSQL: BackupRun says so
+        raise PostgresError(
+            f"pg_basebackup from {source.name} ({source.host}:{source.port}) failed: {e.message}", detail=e.detail,
+            hint="its own message (detail) says why: the source down or unreachable, access refused, ...",
+        ) from None
 
 
 def backup_label_start(data: Path) -> str:
@@ -334,14 +424,36 @@ def _write_recovery_signal(data: Path) -> None:
         (data / stale).unlink(missing_ok=True)
 
 
-def _wait_paused(inst, target: Target, timeout: float) -> tuple[int, float | None]:
+LOG_CHECK_INTERVAL = 2.0
+# Connections fail with this when the relcache init file cannot be written; with the disk (nearly)
+# full that is ENOSPC too, though the log line does not say so.
+INIT_FILE_FAILED = "could not write init file"
+NEARLY_FULL = 16 * 2**20  # less than a WAL segment: recovery cannot go on
+
+
+def _fail_on_full_disk(inst, data: Path) -> None:
+    """A full scratch disk makes recovery wait for ever (restore_command cannot copy a segment, every
+    connection fails): raise ENOSPC at once instead of waiting for the start timeout."""
+    lines = inst.logs(200).splitlines()
+    hits = [line for line in lines if NO_SPACE in line]
+    if not hits and _free_bytes(data) < NEARLY_FULL:
+        hits = [line for line in lines if INIT_FILE_FAILED in line]
+    if hits:
+        raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ran out of disk space: {hits[-1].strip()}")
+
+
+def _wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, float | None]:
     """Wait until replay paused at the target; return (replayed LSN, last replayed commit time)."""
     from dbops.pg.lsn import parse_lsn
 
     deadline = time.monotonic() + timeout
     node = inst.node()
     last_err: str | None = None
+    next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
     while time.monotonic() < deadline:
+        if time.monotonic() > next_log_check:
+            _fail_on_full_disk(inst, data)
+            next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
         if not inst.is_running():
             raise ValidationError("PostgreSQL stopped during recovery before reaching the target",
                                   detail=inst.logs(30))
@@ -438,7 +550,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
                 raise ValidationError("PostgreSQL did not start on the restored backup",
                                       detail=(e.detail or e.message) + "\n" + inst.logs(30)) from None
         with phases("replay"):
-            val.replayed_lsn, val.last_commit_time = _wait_paused(inst, target, timeout)
+            val.replayed_lsn, val.last_commit_time = _wait_paused(inst, data, target, timeout)
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
         with phases("checks"):
             run_checks(cfg, inst, val.checks)
@@ -446,7 +558,8 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             inst.stop("fast", timeout=timeout)
         cd = controldata.read(str(data), bin_dir=None)
         if cd.state != "shut down in recovery":
-            raise ValidationError(f"the throwaway instance did not stop in recovery (state: {cd.state})")
+            raise ValidationError(f"the throwaway instance did not stop in recovery (state: {cd.state})",
+                                  detail=inst.logs(30))
         if cfg.backup.validation.checksums and cd.data_checksums:
             with phases("checksums"):
                 r = inst.run_tool([_tool(cfg, "pg_checksums"), "--check", "-D", inst.data_path], check=False,
@@ -500,6 +613,7 @@ class BackupRun:
         self.run_id = catalog.new_backup_id().split("-", 1)[1] + f"{os.getpid():x}"
         self.progress = progress
         self.scratch_root = Path(cfg.backup.scratch_dir)
+        self.phases: Phases | None = None  # of the part running now (full or incremental)
 
     # -- public
 
@@ -509,34 +623,45 @@ class BackupRun:
             primary = find_primary(self.cfg)
             backups = catalog.list_backups(self.store, self.layout)
             prev = next((b for b in reversed(backups) if b.usable), None)
-            if prev is None or full:
-                return self._full(primary, reason="first backup" if prev is None else "--full requested")
             try:
-                return self._incremental(primary, prev)
-            except ValidationError as e:
-                self._mark_failed(prev.backup_id, e)
-                if not self.cfg.backup.validation.heal:
-                    raise
-                log.event(_log, logging.WARNING, "validation failed; healing with a fresh full backup",
-                          backup=prev.backup_id, reason=e.message)
-                healed = self._full(primary, reason=f"healing after {prev.backup_id} failed validation")
-                healed.healed_after = prev.backup_id
-                raise ValidationError(
-                    f"backup {prev.backup_id} failed validation: {e.message}",
-                    detail=(e.detail + "\n" if e.detail else "")
-                    + f"the chain was healed: new full backup {healed.backup_id} stored and validated at start",
-                    hint="the failed backup stays listed as failed; investigate the storage or archive it names",
-                ) from None
+                if prev is None or full:
+                    return self._full(primary, reason="first backup" if prev is None else "--full requested")
+                return self._validate_and_build(primary, prev)
+            except (OSError, DbopsError) as e:
+                if out_of_space(e):
+                    raise scratch_full_error(self.scratch_root, self.phases and self.phases.current, e) from None
+                raise
+
+    def _validate_and_build(self, primary: Node, prev: catalog.BackupInfo) -> BackupResult:
+        """The next link; a failed validation marks prev failed and (with heal) takes a fresh full backup."""
+        try:
+            return self._incremental(primary, prev)
+        except ValidationError as e:
+            if isinstance(e, ArchiveStalledError) or out_of_space(e):
+                raise  # not the previous backup's fault
+            self._mark_failed(prev.backup_id, e)
+            if not self.cfg.backup.validation.heal:
+                raise
+            log.event(_log, logging.WARNING, "validation failed; healing with a fresh full backup",
+                      backup=prev.backup_id, reason=e.message)
+            healed = self._full(primary, reason=f"healing after {prev.backup_id} failed validation")
+            healed.healed_after = prev.backup_id
+            raise ValidationError(
+                f"backup {prev.backup_id} failed validation: {e.message}",
+                detail=(e.detail + "\n" if e.detail else "")
+                + f"the chain was healed: new full backup {healed.backup_id} stored and validated at start",
+                hint="the failed backup stays listed as failed; investigate the storage or archive it names",
+            ) from None
 
     # -- phases
 
     def _full(self, primary: Node, *, reason: str) -> BackupResult:
         cfg = self.cfg
         source = source_node(cfg, primary)
-        phases = Phases(self.progress)
+        phases = self.phases = Phases(self.progress)
         with pgconn.session(source) as c:
             size = int(pgconn.scalar(c, "SELECT sum(pg_database_size(oid))::bigint FROM pg_database") or 0)
-        check_scratch_space(self.scratch_root, int(size * 1.1) + 256 * 2**20)
+        check_scratch_space(self.scratch_root, size)
         log.event(_log, logging.INFO, "full backup", reason=reason, source=source.name)
         with scratch_folder(self.scratch_root, self.run_id) as scratch:
             data, wal = scratch / "data", scratch / "wal"
@@ -560,9 +685,9 @@ class BackupRun:
 
     def _incremental(self, primary: Node, prev: catalog.BackupInfo) -> BackupResult:
         cfg = self.cfg
-        phases = Phases(self.progress)
+        phases = self.phases = Phases(self.progress)
         prev_m = mf.load(self.store, self.layout, prev.backup_id)
-        check_scratch_space(self.scratch_root, int(prev_m.logical_size * 1.1) + 256 * 2**20)
+        check_scratch_space(self.scratch_root, prev_m.logical_size)
         with scratch_folder(self.scratch_root, self.run_id) as scratch:
             data, wal = scratch / "data", scratch / "wal"
             wal.mkdir()

@@ -108,17 +108,21 @@ class S3Store:
         if isinstance(e, (bexc.EndpointConnectionError, bexc.ConnectTimeoutError, ConnectionError)):
             raise StorageError(
                 f"storage unreachable at {self.s.endpoint or 'AWS S3'} ({op})",
-                detail=secrets.redact(str(e)),
+                detail=secrets.redact(str(e)) + self._retried(),
                 hint="is the S3 server running and storage.endpoint right?",
             ) from None
         if isinstance(e, (bexc.ReadTimeoutError,)):
-            raise StorageError(f"storage timed out during {what}", detail=secrets.redact(str(e))) from None
+            raise StorageError(f"storage timed out during {what}",
+                               detail=secrets.redact(str(e)) + self._retried()) from None
         if isinstance(e, bexc.NoCredentialsError):
             raise StorageError("no S3 credentials found",
                                hint="set storage.access_key/secret_key (from ${ENV}), storage.credentials_file, "
                                     "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
         raise StorageError(f"storage error during {what}: {code or type(e).__name__}",
                            detail=secrets.redact(str(e))) from None
+
+    def _retried(self) -> str:
+        return f"; retried for {self.s.retry_deadline:g} s (storage.retry_deadline)"
 
     def _call(self, fn, key: str | None, op: str):
         try:

@@ -1,0 +1,39 @@
+"""Unit checks behind the bad-day messages of `dbops backup` (tests/integration/test_bad_days.py runs them for real)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from dbops.errors import CommandError, ExitCode, PreconditionError, ValidationError
+from dbops.ops import backup as bk
+
+
+def test_out_of_space_is_recognised_in_every_form():
+    assert bk.out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert not bk.out_of_space(OSError(errno.EACCES, "Permission denied"))
+    assert bk.out_of_space(CommandError("pg_basebackup exited with status 1", returncode=1,
+                                        stderr='could not write to file "x": No space left on device'))
+    assert bk.out_of_space(ValidationError("PostgreSQL did not start", detail="PANIC: ... No space left on device"))
+    assert not bk.out_of_space(ValidationError("assertion 'rows' did not hold"))
+    assert not bk.out_of_space(KeyError("x"))
+
+
+def test_scratch_full_error_names_folder_phase_and_cause(tmp_path: Path):
+    e = bk.scratch_full_error(tmp_path, "download", OSError(errno.ENOSPC, "No space left on device"))
+    assert e.exit_code == ExitCode.FAILED
+    assert str(tmp_path) in e.message and "ENOSPC" in e.message and "during phase download" in e.message
+    assert "nothing was stored" in (e.detail or "") and "[Errno 28]" in (e.detail or "")
+    assert "backup.scratch_dir" in (e.hint or "")
+
+
+def test_check_scratch_space_refuses_with_free_and_needed(tmp_path: Path):
+    bk.check_scratch_space(tmp_path, 0)  # a temp folder has room for the margin alone
+    with pytest.raises(PreconditionError) as ei:
+        bk.check_scratch_space(tmp_path, 2**60)
+    e = ei.value
+    assert e.exit_code == ExitCode.PRECONDITION
+    assert str(tmp_path) in e.message and "free" in e.message and "needed" in e.message
+    assert str(bk.scratch_needed(2**60)) in (e.detail or "")
