@@ -1,7 +1,7 @@
 """Benchmark: store then restore one stopped data folder; prints one JSON line.
 
     python bench/bench_backup_store.py --data-dir DIR (--config dbops.yaml | --local-store DIR)
-        [--chunk-size 65536] [--pack-size 64MiB] [--parallel 4] [--parent BACKUP_ID] [--keep]
+        [--chunk-size 8KiB] [--pack-size 64MiB] [--parallel 4] [--parent BACKUP_ID] [--keep]
 
 Every run writes under its own layout prefix (``bench/<id>``) and, unless ``--keep``,
 deletes what it wrote afterwards. ``--parent`` (with ``--prefix`` of an earlier kept run)

@@ -169,9 +169,9 @@ class RetentionSettings:
 class BackupSettings:
     source: str | None = None  # node name; default: the primary
     scratch_dir: str = "/var/tmp/dbops"
-    # 64 KiB, measured on pgbench scale 100 (bench/bench_backup_store.py): 8 KiB stores less after light
-    # scattered change but costs 2.5x the CPU and 8x the manifest; 256 KiB stores 1.6x more than 64 KiB.
-    chunk_size: int = 8192 * 8
+    # Dedupe granularity: one PostgreSQL page. New chunks are compressed together in frames, so small
+    # chunks no longer cost compression ratio (bench/bench_backup_store.py, pgbench scale 100).
+    chunk_size: int = 8192
     pack_size: int = 64 * 1024 * 1024
     parallel: int = 4
     validation: ValidationSettings = field(default_factory=ValidationSettings)
@@ -588,7 +588,7 @@ def parse(raw: Any, env: dict[str, str] | None = None, path: str | None = None) 
         keep_last=c.int_(traw, "keep_last", "backup.retention", None, 1),
         keep_within=keep_within,
     )
-    chunk_size = c.size(braw, "chunk_size", "backup", 8192 * 8, 8192)
+    chunk_size = c.size(braw, "chunk_size", "backup", 8192, 8192)
     if chunk_size % 8192:
         c.bad("backup.chunk_size", "must be a multiple of 8192 (PostgreSQL's page size)")
     backup = BackupSettings(

@@ -4,22 +4,34 @@ Stored zstd-compressed JSON at ``Layout.manifest(id)``, written last and with
 ``if_absent``: a backup exists exactly when its manifest does.
 
 A file's content is a list of fixed-size chunks (``chunk_size``; the last one
-may be shorter). Each chunk ref names its sha256 and where its stored bytes
-live: ``pack`` (id), ``offset`` and ``length`` inside that pack object, and the
-``raw`` (uncompressed) length. Two conventions keep refs small:
+may be shorter), each identified by the sha256 of its raw content. New chunks are
+stored together in frames (several chunks compressed as one zstd frame), so a
+chunk ref names its frame: ``pack`` (id), ``offset`` and ``length`` of the frame
+inside that pack object, ``frame_raw`` (the frame's uncompressed length), and the
+chunk's place in the decompressed frame: ``at`` and ``raw`` (its length).
 
 * ``pack is None``: an all-zero chunk, never stored (restored as a hole);
-* ``length == raw``: stored uncompressed; ``length < raw``: a zstd frame.
+* ``length == frame_raw``: the frame is stored uncompressed; shorter: a zstd frame.
 
-JSON form of a chunk ref: ``[sha256_hex, pack_id | null, offset, length, raw]``.
+Format 2 (written): ``MAGIC``, then a 4-byte length and the zstd-compressed JSON
+document (files without chunks, plus the ``packs`` id table), then the zstd-compressed
+binary chunk table of every file's chunks in file order, column by column:
+sha256 digests (32 bytes), pack numbers (u32, ``NO_PACK`` for zero chunks), frame
+offsets (u64), frame lengths, frame raw lengths, offsets in the frame (u32 each);
+chunk counts and raw lengths follow from file sizes and ``chunk_size``.
+Format 1 (read only): zstd-compressed JSON, chunk refs as
+``[sha256_hex, pack_id | null, offset, length, raw]`` (one chunk per frame).
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import sys
 import time
+from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import zstandard
 
@@ -29,18 +41,24 @@ from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+MAGIC = b"DBOPSMF2"
+NO_PACK = 0xFFFFFFFF
 
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 
 
-@dataclass(frozen=True)
-class ChunkRef:
-    hash: str
-    pack: str | None
-    offset: int
-    length: int
-    raw: int
+class ChunkRef(NamedTuple):
+    """One chunk of a file and the stored frame holding it (a tuple: hundreds of thousands per manifest)."""
+
+    hash: str  # sha256 hex of the raw chunk
+    pack: str | None  # None: all zeros, not stored
+    offset: int  # the frame's offset in the pack
+    length: int  # the frame's stored length
+    raw: int  # the chunk's length
+    at: int = 0  # the chunk's offset in the decompressed frame
+    frame_raw: int = 0  # the frame's uncompressed length
 
     @property
     def is_zero(self) -> bool:
@@ -48,7 +66,7 @@ class ChunkRef:
 
     @property
     def compressed(self) -> bool:
-        return self.length < self.raw
+        return self.length < self.frame_raw
 
 
 @dataclass(frozen=True)
@@ -141,16 +159,16 @@ class Manifest:
             "counts": self.counts,
             "timings": self.timings,
             "meta": self.meta,
-            "files": [_file_to_json(f) for f in self.files],
+            "files": [_file_to_json(f, with_chunks=self.format == 1) for f in self.files],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         fmt = d.get("format")
-        if fmt != FORMAT_VERSION:
+        if fmt not in READABLE_FORMATS:
             raise ValidationError(
                 f"backup {d.get('backup_id', '?')}: manifest format {fmt!r} is not supported",
-                hint=f"this dbops reads format {FORMAT_VERSION}; use the dbops version that wrote it",
+                hint=f"this dbops reads formats {READABLE_FORMATS}; use the dbops version that wrote it",
             )
         pg = d["pg"]
         return cls(
@@ -180,17 +198,28 @@ class Manifest:
         )
 
     def to_bytes(self) -> bytes:
-        raw = json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=False).encode()
-        return zstandard.ZstdCompressor(level=9).compress(raw)
+        """Format 2 (see the module docstring); a manifest read from format 1 is written as 2."""
+        self.format = FORMAT_VERSION
+        doc = self.to_dict()
+        doc["packs"], table = _encode_table(self.files)
+        head = zstandard.ZstdCompressor(level=9).compress(json.dumps(doc, separators=(",", ":")).encode())
+        return MAGIC + struct.pack("<I", len(head)) + head + zstandard.ZstdCompressor(level=3).compress(table)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, what: str = "manifest") -> Manifest:
         try:
-            d = json.loads(zstandard.ZstdDecompressor().decompress(data))
-            return cls.from_dict(d)
+            dz = zstandard.ZstdDecompressor()
+            if not data.startswith(MAGIC):
+                return cls.from_dict(json.loads(dz.decompress(data)))  # format 1
+            at = len(MAGIC) + 4
+            (n,) = struct.unpack_from("<I", data, len(MAGIC))
+            d = json.loads(dz.decompress(data[at:at + n]))
+            m = cls.from_dict(d)
+            m.files = _decode_table(m.files, m.chunk_size, d["packs"], dz.decompress(data[at + n:]))
+            return m
         except ValidationError:
             raise
-        except (zstandard.ZstdError, ValueError, KeyError, TypeError) as e:
+        except (zstandard.ZstdError, ValueError, KeyError, TypeError, struct.error) as e:
             raise ValidationError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
 
     def summary_metadata(self) -> dict[str, str]:
@@ -207,11 +236,12 @@ class Manifest:
         }
 
 
-def _file_to_json(f: FileEntry) -> dict[str, Any]:
+def _file_to_json(f: FileEntry, *, with_chunks: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"path": f.path, "type": f.type, "mode": f.mode, "mtime_ns": f.mtime_ns}
     if f.type == FILE:
         d["size"] = f.size
-        d["chunks"] = [[c.hash, c.pack, c.offset, c.length, c.raw] for c in f.chunks]
+        if with_chunks:
+            d["chunks"] = [[c.hash, c.pack, c.offset, c.length, c.raw] for c in f.chunks]
     elif f.type == SYMLINK:
         d["target"] = f.target
     return d
@@ -225,8 +255,65 @@ def _file_from_json(d: dict[str, Any]) -> FileEntry:
         mtime_ns=int(d["mtime_ns"]),
         size=int(d.get("size", 0)),
         target=d.get("target"),
-        chunks=tuple(ChunkRef(h, p, int(o), int(n), int(r)) for h, p, o, n, r in d.get("chunks", ())),
+        chunks=tuple(ChunkRef(h, p, int(o), int(n), int(r), 0, int(r) if p else 0)  # format 1: a frame per chunk
+                     for h, p, o, n, r in d.get("chunks", ())),
     )
+
+
+_COLUMNS = ("I", "Q", "I", "I", "I")  # pack number, frame offset, frame length, frame raw length, offset in frame
+
+
+def _encode_table(files: list[FileEntry]) -> tuple[list[str], bytes]:
+    """(pack id table, binary chunk table) of every file's chunks, in file order."""
+    chunks = [c for f in files if f.type == FILE for c in f.chunks]
+    numbers: dict[str | None, int] = {None: NO_PACK}
+    for c in chunks:
+        if c.pack not in numbers:
+            numbers[c.pack] = len(numbers) - 1
+    cols = [array(t) for t in _COLUMNS]
+    cols[0].extend(map(numbers.__getitem__, (c.pack for c in chunks)))
+    cols[1].extend(c.offset for c in chunks)
+    cols[2].extend(c.length for c in chunks)
+    cols[3].extend(c.frame_raw for c in chunks)
+    cols[4].extend(c.at for c in chunks)
+    if sys.byteorder == "big":
+        for col in cols:
+            col.byteswap()
+    digests = bytes.fromhex("".join(c.hash for c in chunks))
+    return [p for p in numbers if p is not None], b"".join([digests, *(col.tobytes() for col in cols)])
+
+
+def _decode_table(files: list[FileEntry], chunk_size: int, packs: list[str], table: bytes) -> list[FileEntry]:
+    """The files with their chunks from a binary chunk table (inverse of :func:`_encode_table`)."""
+    counts = [-(-f.size // chunk_size) if f.type == FILE else 0 for f in files]
+    n = sum(counts)
+    width = 32 + sum(array(t).itemsize for t in _COLUMNS)
+    if len(table) != n * width:
+        raise ValueError(f"chunk table has {len(table)} bytes, {n} chunks need {n * width}")
+    hx = table[:32 * n].hex()
+    hashes = [hx[i:i + 64] for i in range(0, 64 * n, 64)]
+    pos, cols = 32 * n, []
+    for t in _COLUMNS:
+        col = array(t)
+        col.frombytes(table[pos:pos + n * col.itemsize])
+        if sys.byteorder == "big":
+            col.byteswap()
+        cols.append(col)
+        pos += n * col.itemsize
+    names: dict[int, str | None] = dict(enumerate(packs))
+    names[NO_PACK] = None
+    pack_of = list(map(names.__getitem__, cols[0]))
+    raws: list[int] = []
+    for f, k in zip(files, counts, strict=True):
+        if k:
+            raws.extend([chunk_size] * (k - 1))
+            raws.append(f.size - (k - 1) * chunk_size)
+    refs = list(map(ChunkRef, hashes, pack_of, cols[1], cols[2], raws, cols[4], cols[3]))
+    out, i = [], 0
+    for f, k in zip(files, counts, strict=True):
+        out.append(FileEntry(f.path, f.type, f.mode, f.mtime_ns, f.size, f.target, tuple(refs[i:i + k])) if k else f)
+        i += k
+    return out
 
 
 # ---------------------------------------------------------------------- storage

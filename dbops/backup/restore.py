@@ -1,10 +1,10 @@
 """Restore side: a manifest + its packs back into a data folder; and verification.
 
-Every stored chunk the backup needs is read once: chunks are grouped by pack, sorted
+Every stored frame the backup needs is read once: frames are grouped by pack, sorted
 by offset and coalesced into ranged GETs (adjacent, or separated by less than
-``MAX_GAP``, up to ``MAX_RANGE`` bytes each), fetched in parallel, checked against
-their sha256, decompressed and written with ``pwrite`` to every place that holds
-that content. All-zero chunks are never fetched: files are created at full size
+``MAX_GAP``, up to ``MAX_RANGE`` bytes each), fetched in parallel and decompressed
+once each; every chunk the backup needs from a frame is checked against its sha256
+and written with ``pwrite`` to every place that holds that content. All-zero chunks are never fetched: files are created at full size
 (sparse) and those chunks stay holes.
 """
 
@@ -42,11 +42,34 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from 
 
 
 @dataclass
-class _Need:
-    """One stored chunk and every (file, offset) that holds its content."""
+class _Run:
+    """Consecutive chunks of one frame that are also consecutive in one file: one pwrite."""
+
+    file_no: int
+    offset: int  # in the file
+    refs: list[ChunkRef]
+
+    @property
+    def at(self) -> int:
+        return self.refs[0].at
+
+    @property
+    def size(self) -> int:
+        return self.refs[-1].at + self.refs[-1].raw - self.refs[0].at
+
+
+@dataclass
+class _Frame:
+    """One stored frame (located by its first needed chunk's ref) and where its chunks go."""
 
     ref: ChunkRef
-    dests: list[tuple[int, int]] = field(default_factory=list)
+    runs: list[_Run] = field(default_factory=list)
+
+    def chunks(self) -> int:
+        """Distinct chunks needed from the frame."""
+        if len(self.runs) == 1:
+            return len(self.runs[0].refs)
+        return len({c.at for run in self.runs for c in run.refs})
 
 
 @dataclass
@@ -54,7 +77,11 @@ class _Range:
     pack: str
     start: int
     end: int
-    needs: list[_Need]
+    frames: list[_Frame]
+
+    @property
+    def first_file(self) -> int:
+        return self.frames[0].runs[0].file_no
 
 
 @dataclass
@@ -96,30 +123,40 @@ class VerifyReport:
 
 
 def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[_Range]:
-    """Coalesced ranged reads covering every stored chunk the files need, each chunk once."""
-    needs: dict[tuple[str, int], _Need] = {}
+    """Coalesced ranged reads covering every stored frame the files need, each frame once."""
+    frames: dict[tuple[str, int], _Frame] = {}
+    cs = manifest.chunk_size
     for i, f in enumerate(files):
+        run: _Run | None = None
+        run_pack, run_offset, run_end = "", -1, -1
         for n, c in enumerate(f.chunks):
-            if c.pack is None:
-                continue
-            need = needs.get((c.pack, c.offset))
-            if need is None:
-                need = needs[(c.pack, c.offset)] = _Need(c)
-            need.dests.append((i, n * manifest.chunk_size))
-    by_pack: dict[str, list[_Need]] = defaultdict(list)
-    for (pack, _off), need in needs.items():
-        by_pack[pack].append(need)
+            pack = c.pack
+            if pack is None:
+                run = None
+            elif run is not None and c.offset == run_offset and c.at == run_end and pack == run_pack:
+                run.refs.append(c)
+                run_end += c.raw
+            else:
+                fr = frames.get((pack, c.offset))
+                if fr is None:
+                    fr = frames[(pack, c.offset)] = _Frame(c)
+                run = _Run(i, n * cs, [c])
+                fr.runs.append(run)
+                run_pack, run_offset, run_end = pack, c.offset, c.at + c.raw
+    by_pack: dict[str, list[_Frame]] = defaultdict(list)
+    for (pack, _off), fr in frames.items():
+        by_pack[pack].append(fr)
     ranges: list[_Range] = []
-    for pack, ns in by_pack.items():
-        ns.sort(key=lambda x: x.ref.offset)
+    for pack, frs in by_pack.items():
+        frs.sort(key=lambda x: x.ref.offset)
         cur: _Range | None = None
-        for need in ns:
-            r = need.ref
+        for fr in frs:
+            r = fr.ref
             if cur and r.offset <= cur.end + MAX_GAP and r.offset + r.length - cur.start <= MAX_RANGE:
                 cur.end = max(cur.end, r.offset + r.length)
-                cur.needs.append(need)
+                cur.frames.append(fr)
             else:
-                cur = _Range(pack, r.offset, r.offset + r.length, [need])
+                cur = _Range(pack, r.offset, r.offset + r.length, [fr])
                 ranges.append(cur)
     # Largest first so the pool finishes evenly.
     ranges.sort(key=lambda r: r.end - r.start, reverse=True)
@@ -140,24 +177,38 @@ def _fetch(store: ObjectStore, key: str, rng: _Range) -> bytes:
         raise
 
 
-def _chunks_of(data: bytes, rng: _Range) -> Iterator[tuple[_Need, bytes]]:
-    for need in rng.needs:
-        lo = need.ref.offset - rng.start
-        yield need, data[lo:lo + need.ref.length]
+def _chunks_of(decoder: codec.Decoder, data: bytes, rng: _Range) -> Iterator[tuple[_Run, memoryview | None, str]]:
+    """(run, its content, "") for every run of chunks the range's frames hold, each chunk checked
+    against its sha256; (run, None, why) for a run with a damaged chunk (or frame)."""
+    sha256 = codec.sha256
+    for fr in rng.frames:
+        r = fr.ref
+        lo = r.offset - rng.start
+        raw, why = _open_frame(decoder, r, data[lo:lo + r.length])
+        for run in fr.runs:
+            if raw is None:
+                yield run, None, why
+                continue
+            why = ""
+            for c in run.refs:
+                if sha256(raw[c.at:c.at + c.raw]) != c.hash:
+                    why = (f"chunk at offset {c.at} of the frame at offset {r.offset} fails its sha256 check "
+                           f"(expected {c.hash[:16]}...)")
+                    break
+            yield (run, None, why) if why else (run, raw[run.at:run.at + run.size], "")
 
 
-def _check(decoder: codec.Decoder, need: _Need, stored: bytes) -> tuple[bytes | None, str]:
-    """(content, "") when the chunk is intact, else (None, why)."""
-    r = need.ref
+def _open_frame(decoder: codec.Decoder, r: ChunkRef, stored: bytes) -> tuple[memoryview | None, str]:
+    """(the frame's raw content, "") when it reads back, else (None, why)."""
     if len(stored) != r.length:
-        return None, f"object too short: chunk at offset {r.offset} has {len(stored)} of {r.length} bytes"
+        return None, f"object too short: frame at offset {r.offset} has {len(stored)} of {r.length} bytes"
     try:
-        raw = decoder.decode(stored, r.raw)
+        raw = decoder.decode(stored, r.frame_raw)
     except zstandard.ZstdError as e:
-        return None, f"chunk at offset {r.offset} does not decompress: {e}"
-    if len(raw) != r.raw or codec.sha256(raw) != r.hash:
-        return None, f"chunk at offset {r.offset} fails its sha256 check (expected {r.hash[:16]}...)"
-    return raw, ""
+        return None, f"frame at offset {r.offset} does not decompress: {e}"
+    if len(raw) != r.frame_raw:
+        return None, f"frame at offset {r.offset} decompresses to {len(raw)} of {r.frame_raw} bytes"
+    return memoryview(raw), ""
 
 
 # ---------------------------------------------------------------------- restore
@@ -223,6 +274,9 @@ def restore_snapshot(
     ranges = plan_ranges(manifest, files)
     decoder = codec.Decoder()
     lock = threading.Lock()
+    # Fetches overlap freely; decompressing, hashing (one call per 8 KiB chunk) and writing run
+    # at most one per core: more threads only fight over the GIL between those short calls.
+    cpu_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
     done = [0]
 
     def fetch(rng: _Range) -> None:
@@ -232,32 +286,31 @@ def restore_snapshot(
         except NotFoundError:
             raise ValidationError(
                 f"backup {manifest.backup_id}: pack object {key} is missing",
-                detail=f"needed for {files[rng.needs[0].dests[0][0]].path}",
+                detail=f"needed for {files[rng.first_file].path}",
                 hint="the backup cannot be restored; run `dbops verify` and take a new backup",
             ) from None
         fds: dict[int, int] = {}
         written = 0
-        try:
-            for need, stored in _chunks_of(data, rng):
-                raw, why = _check(decoder, need, stored)
-                if raw is None:
-                    raise ValidationError(
-                        f"backup {manifest.backup_id}: {files[need.dests[0][0]].path} is damaged in storage",
-                        detail=f"object {key}: {why}",
-                        hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-                    )
-                for file_no, off in need.dests:
-                    fd = fds.get(file_no)
+        with cpu_slots:
+            try:
+                for run, raw, why in _chunks_of(decoder, data, rng):
+                    if raw is None:
+                        raise ValidationError(
+                            f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
+                            detail=f"object {key}: {why}",
+                            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
+                        )
+                    fd = fds.get(run.file_no)
                     if fd is None:
-                        fd = fds[file_no] = os.open(target / files[file_no].path, os.O_WRONLY)
-                    os.pwrite(fd, raw, off)
+                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY)
+                    os.pwrite(fd, raw, run.offset)
                     written += len(raw)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
         with lock:
             stats.fetched_bytes += len(data)
-            stats.chunks += len(rng.needs)
+            stats.chunks += sum(fr.chunks() for fr in rng.frames)
             stats.requests += 1
             done[0] += written
             if progress:
@@ -391,22 +444,20 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
             with lock:
                 missing.add(key)
             return
-        for need, stored in _chunks_of(data, rng):
-            raw, why = _check(decoder, need, stored)
-            with lock:
-                report.chunks += 1
-                if raw is None:
-                    bad[key].append(why)
-                    affected[key].update(files[i].path for i, _ in need.dests)
+        bad_runs = [(run, why) for run, raw, why in _chunks_of(decoder, data, rng) if raw is None]
         with lock:
+            report.chunks += sum(fr.chunks() for fr in rng.frames)
             report.fetched_bytes += len(data)
+            for run, why in bad_runs:
+                bad[key].append(why)
+                affected[key].add(files[run.file_no].path)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-verify") as pool:
         for _ in pool.map(check, ranges):
             pass
     for key in sorted(missing):
-        users = sorted({files[i].path for r in ranges if layout.pack(r.pack) == key for n in r.needs
-                        for i, _ in n.dests})
+        users = sorted({files[run.file_no].path for r in ranges if layout.pack(r.pack) == key for fr in r.frames
+                        for run in fr.runs})
         report.problems.append(Problem(key, "object is missing", tuple(users[:10])))
     for key in sorted(bad):
         reasons = bad[key]

@@ -6,13 +6,16 @@ Pipeline (all threads; sha256, zstd and file reads release the GIL):
 * ``parallel`` workers take a unit each, read it chunk by chunk (fixed, page-aligned
   offsets), hash every chunk and look it up: all-zero chunks are not stored, chunks
   the parent manifests (or this run) already hold are referenced where they are;
-  new chunks are compressed and appended to one of ``parallel`` open packs;
+  new chunks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new
+  chunks, in file order) and each frame is compressed as one zstd frame - the ratio
+  of large blocks with the dedupe of small chunks - and appended to one of
+  ``parallel`` open packs;
 * a pack reaching ``pack_size`` is sealed and uploaded (pack, then its index) by an
   upload pool, at most ``parallel`` in flight (memory stays bounded);
 * the manifest is written last, only once every pack is stored.
 
-A unit's new chunks stay contiguous in one pack, so a restore reads a file's run of
-chunks with one ranged GET.
+A unit's new frames stay contiguous in one pack, so a restore reads a file's run of
+frames with one ranged GET.
 """
 
 from __future__ import annotations
@@ -44,16 +47,9 @@ _log = log.get("backup.store")
 
 UNIT_BYTES = 32 * 1024 * 1024
 READ_BLOCK = 4 * 1024 * 1024
+FRAME_BYTES = 128 * 1024  # raw bytes of new chunks compressed together
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
-
-
-@dataclass(frozen=True)
-class _Loc:
-    pack: str
-    offset: int
-    length: int
-    raw: int
 
 
 @dataclass
@@ -61,14 +57,15 @@ class _Pack:
     pack_id: str = field(default_factory=lambda: pysecrets.token_hex(16))
     parts: list[bytes] = field(default_factory=list)
     size: int = 0
-    index: list[list[Any]] = field(default_factory=list)  # [hash, offset, length, raw]
+    index: list[list[Any]] = field(default_factory=list)  # [offset, length, raw length, [chunk hashes]]
 
-    def append(self, h: str, payload: bytes, raw: int) -> _Loc:
-        loc = _Loc(self.pack_id, self.size, len(payload), raw)
+    def append(self, payload: bytes, raw: int, hashes: list[str]) -> int:
+        """Add one frame; returns its offset in the pack."""
+        offset = self.size
         self.parts.append(payload)
-        self.index.append([h, loc.offset, loc.length, raw])
+        self.index.append([offset, len(payload), raw, hashes])
         self.size += len(payload)
-        return loc
+        return offset
 
 
 class _Claim:
@@ -83,24 +80,24 @@ class _Unit:
     end: int
 
 
-def parent_index(parents: Iterable[Manifest]) -> dict[str, _Loc]:
-    """hash -> where a parent already stores it (zero chunks excluded)."""
-    out: dict[str, _Loc] = {}
+def parent_index(parents: Iterable[Manifest]) -> dict[str, ChunkRef]:
+    """hash -> a parent's ref to where it is stored (zero chunks excluded)."""
+    out: dict[str, ChunkRef] = {}
     for m in parents:
         for f in m.files:
             for c in f.chunks:
                 if c.pack is not None and c.hash not in out:
-                    out[c.hash] = _Loc(c.pack, c.offset, c.length, c.raw)
+                    out[c.hash] = c
     return out
 
 
 class _Snapshot:
-    def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, known: dict[str, _Loc],
+    def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, known: dict[str, ChunkRef],
                  encoder: codec.Encoder, chunk_size: int, pack_size: int, workers: int, uploads: int,
                  progress: Progress | None, total: int):
         self.store, self.layout, self.backup_id = store, layout, backup_id
         self.known = known
-        self.new: dict[str, _Loc | _Claim] = {}  # _Claim: being stored by another worker right now
+        self.new: dict[str, ChunkRef | _Claim] = {}  # _Claim: being stored by another worker right now
         self.encoder = encoder
         self.chunk_size, self.pack_size = chunk_size, pack_size
         self.lock = threading.Lock()
@@ -113,7 +110,7 @@ class _Snapshot:
         self.upload_futures: list[Future] = []
         self.upload_error: BaseException | None = None
         self.stored_bytes = 0
-        self.packs = 0
+        self.packs = self.frames = 0
         self.zero_chunks = self.reused_chunks = 0
         self.progress, self.total, self.done = progress, total, 0
 
@@ -125,6 +122,9 @@ class _Snapshot:
         hashes: list[str] = []
         zero = reused = 0
         cs = self.chunk_size
+        zero_cs = codec.zero_hash(cs)
+        sha256 = codec.sha256
+        known, new = self.known, self.new
         block = max(cs, READ_BLOCK - READ_BLOCK % cs)
         buf = getattr(self.local, "buf", None)
         if buf is None or len(buf) != block:
@@ -141,23 +141,28 @@ class _Snapshot:
                             f"{unit.path} changed while it was read (expected {want} bytes at offset {pos})",
                             hint="a snapshot needs a stopped data folder",
                         )
+                    run: list[tuple[str, memoryview]] = []  # new chunks for the next frame
+                    run_bytes = 0
                     for off in range(0, want, cs):
                         chunk = mv[off:off + cs]
-                        h = codec.sha256(chunk)
-                        if h == codec.zero_hash(len(chunk)):
+                        h = sha256(chunk)
+                        if h == zero_cs or (len(chunk) != cs and h == codec.zero_hash(len(chunk))):
                             hashes.append("")
                             zero += 1
                             continue
                         hashes.append(h)
                         # dict.setdefault is atomic: exactly one worker claims a new hash.
                         claim = _Claim()
-                        if h in self.known or self.new.setdefault(h, claim) is not claim:
+                        if h in known or new.setdefault(h, claim) is not claim:
                             reused += 1
                             continue
-                        self.new[h] = pack.append(h, self.encoder.encode(chunk), len(chunk))
-                        if pack.size >= self.pack_size:
-                            self.seal(pack)
-                            pack = _Pack()
+                        run.append((h, chunk))
+                        run_bytes += len(chunk)
+                        if run_bytes >= FRAME_BYTES:
+                            pack = self.put_frame(pack, run)
+                            run, run_bytes = [], 0
+                    if run:  # the buffer is refilled by the next read: the frame goes now
+                        pack = self.put_frame(pack, run)
         finally:
             self.open_packs.put(pack)
         with self.lock:
@@ -167,6 +172,21 @@ class _Snapshot:
             if self.progress:
                 self.progress(self.done, self.total)
         return hashes
+
+    def put_frame(self, pack: _Pack, run: list[tuple[str, memoryview]]) -> _Pack:
+        """Compress a run of new chunks as one frame into the pack; returns the pack to go on with."""
+        raw = b"".join(c for _, c in run)
+        stored = self.encoder.encode(raw)
+        hashes = [h for h, _ in run]
+        offset = pack.append(stored, len(raw), hashes)
+        at = 0
+        for h, c in run:
+            self.new[h] = ChunkRef(h, pack.pack_id, offset, len(stored), len(c), at, len(raw))
+            at += len(c)
+        if pack.size >= self.pack_size:
+            self.seal(pack)
+            return _Pack()
+        return pack
 
     # ------------------------------------------------------------------ packs
 
@@ -193,16 +213,17 @@ class _Snapshot:
     def _upload(self, pack: _Pack) -> None:
         data = b"".join(pack.parts)
         pack.parts.clear()
-        meta = {"backup-id": self.backup_id, "chunks": str(len(pack.index))}
+        meta = {"backup-id": self.backup_id, "frames": str(len(pack.index))}
         if not self.store.put(self.layout.pack(pack.pack_id), data, metadata=meta, if_absent=True):
             raise ConflictError(f"pack {pack.pack_id} already exists ({self.layout.pack(pack.pack_id)})")
-        index = {"format": 1, "pack": pack.pack_id, "backup_id": self.backup_id, "size": len(data),
-                 "chunks": pack.index}
+        index = {"format": 2, "pack": pack.pack_id, "backup_id": self.backup_id, "size": len(data),
+                 "frames": pack.index}
         idx = zstandard.ZstdCompressor(level=3).compress(json.dumps(index, separators=(",", ":")).encode())
         self.store.put(self.layout.pack_index(pack.pack_id), idx, metadata=meta, if_absent=True)
         with self.lock:
             self.stored_bytes += len(data)
             self.packs += 1
+            self.frames += len(pack.index)
 
     def finish(self) -> None:
         """Seal the packs still open and wait for every upload (raising the first failure)."""
@@ -218,9 +239,9 @@ class _Snapshot:
     def ref(self, h: str, raw: int) -> ChunkRef:
         if not h:
             return ChunkRef(codec.zero_hash(raw), None, 0, 0, raw)
-        loc = self.known.get(h) or self.new[h]
-        assert isinstance(loc, _Loc), "every new chunk is placed before finish()"
-        return ChunkRef(h, loc.pack, loc.offset, loc.length, loc.raw)
+        ref = self.known.get(h) or self.new[h]
+        assert isinstance(ref, ChunkRef), "every new chunk is placed before finish()"
+        return ref
 
 
 def wal_needed(pg: PgState) -> Callable[[str], bool]:
@@ -349,7 +370,7 @@ def store_snapshot(
         stored_bytes=snap.stored_bytes,
         counts={"files": sum(1 for f in files if f.type == FILE), "chunks": n_chunks,
                 "new_chunks": len(snap.new), "reused_chunks": snap.reused_chunks,
-                "zero_chunks": snap.zero_chunks, "packs": snap.packs},
+                "zero_chunks": snap.zero_chunks, "packs": snap.packs, "frames": snap.frames},
         meta=dict(meta or {}),
     )
     m.timings = {**(timings or {}), "walk": round(t_walk - t0, 3), "chunk": round(t_chunk - t_walk, 3),

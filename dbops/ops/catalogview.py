@@ -35,11 +35,11 @@ def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.
 
 
 def _stored_size(m: mf.Manifest) -> int:
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, int], int] = {}  # stored frames: several chunks may share one
     for f in m.files:
         for c in f.chunks:
             if c.pack is not None:
-                seen[c.hash] = c.length
+                seen[(c.pack, c.offset)] = c.length
     return sum(seen.values())
 
 

@@ -25,7 +25,6 @@ from dbops import log
 from dbops.backup import codec
 from dbops.backup.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
 from dbops.backup.restore import (
-    _check,
     _chunks_of,
     _fetch,
     _finish_tree,
@@ -150,23 +149,21 @@ def _fetch_into(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
             data = _fetch(store, key, rng)
         except NotFoundError:
             raise ValidationError(f"backup {manifest.backup_id}: pack object {key} is missing",
-                                  detail=f"needed for {files[rng.needs[0].dests[0][0]].path}",
+                                  detail=f"needed for {files[rng.first_file].path}",
                                   hint="the backup cannot be restored; run `dbops verify` and take a new backup",
                                   ) from None
         fds: dict[int, int] = {}
         try:
-            for need, stored in _chunks_of(data, rng):
-                raw, why = _check(decoder, need, stored)
+            for run, raw, why in _chunks_of(decoder, data, rng):
                 if raw is None:
                     raise ValidationError(
-                        f"backup {manifest.backup_id}: {files[need.dests[0][0]].path} is damaged in storage",
+                        f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
                         detail=f"object {key}: {why}",
                         hint="the backup cannot be restored; run `dbops verify` and take a new backup")
-                for file_no, off in need.dests:
-                    fd = fds.get(file_no)
-                    if fd is None:
-                        fd = fds[file_no] = os.open(target / files[file_no].path, os.O_WRONLY)
-                    os.pwrite(fd, raw, off)
+                fd = fds.get(run.file_no)
+                if fd is None:
+                    fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY)
+                os.pwrite(fd, raw, run.offset)
         finally:
             for fd in fds.values():
                 os.close(fd)

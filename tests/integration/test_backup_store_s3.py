@@ -106,7 +106,7 @@ def test_real_data_folder_round_trip_starts_and_incremental_stores_only_changes(
 
     store = open_store(lab.config.storage)
     layout = Layout(f"test-store-{secrets.token_hex(4)}")
-    kw = {"compression": CompressionSettings("zstd", 3), "chunk_size": 65536, "pack_size": 4 << 20, "parallel": 4}
+    kw = {"compression": CompressionSettings("zstd", 3), "chunk_size": 8192, "pack_size": 4 << 20, "parallel": 4}
     b1 = catalog.new_backup_id()
     m1 = store_snapshot(store, layout, str(src.data), backup_id=b1, meta={"test": "round-trip"}, **kw)
     assert m1.pg.pg_version == "15" and m1.pg.data_checksums and m1.pg.timeline == 1

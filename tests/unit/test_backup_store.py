@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dbops.backup import manifest as mf
+from dbops.backup import store as store_mod
 from dbops.backup.manifest import PgState
 from dbops.backup.restore import restore_snapshot, verify_backup
 from dbops.backup.store import store_snapshot
@@ -163,7 +164,8 @@ def test_manifest_is_written_last_and_packs_are_few(env):
     assert m.stored_bytes == sum(store.head(k).size for k in packs)
     assert m.stored_bytes < m.logical_size / 3  # compressed
     # Round trip of the manifest itself.
-    assert mf.Manifest.from_bytes(m.to_bytes()).to_dict() == m.to_dict()
+    back = mf.Manifest.from_bytes(m.to_bytes())
+    assert back.to_dict() == m.to_dict() and back.files == m.files
 
 
 def test_small_pack_size_splits_into_several_packs(env, tmp_path):
@@ -173,7 +175,7 @@ def test_small_pack_size_splits_into_several_packs(env, tmp_path):
     packs = {c.pack for f in m.files for c in f.chunks if c.pack}
     assert len(packs) >= 5
     big = next(f for f in m.files if f.path == "base/5/big")
-    assert all(c.length == c.raw for c in big.chunks)  # raw when compression does not help
+    assert all(c.length == c.frame_raw > c.raw for c in big.chunks)  # raw frames when compression does not help
     restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=4)
     assert (tmp_path / "r/base/5/big").read_bytes() == (d / "base/5/big").read_bytes()
 
@@ -191,7 +193,7 @@ def test_restore_coalesces_adjacent_chunks_into_one_request_per_pack(env, tmp_pa
 def test_compression_none_round_trips(env, tmp_path):
     store, layout, d = env
     m = snapshot(store, layout, d, "b1", compression=CompressionSettings("none", 3))
-    assert all(c.length == c.raw for f in m.files for c in f.chunks if c.pack)
+    assert all(c.length == c.frame_raw for f in m.files for c in f.chunks if c.pack)
     restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
     assert (tmp_path / "r/base/1/1259").read_bytes() == (d / "base/1/1259").read_bytes()
 
@@ -333,3 +335,50 @@ def test_timings_and_counts_are_recorded(env):
     assert loaded.timings["restore_previous"] == 1.5
     assert 0 <= loaded.timings["store"] <= time.monotonic() - t + 0.01
     assert loaded.counts == m.counts and loaded.counts["files"] > 5
+
+
+def test_new_chunks_are_compressed_together_in_frames(env, tmp_path):
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(9, 64))  # 32 chunks of 16 KiB
+    m = snapshot(store, layout, d, "b1", parallel=1)
+    big = next(f for f in m.files if f.path == "base/5/big").chunks
+    frames = {(c.pack, c.offset) for c in big}
+    assert len(frames) == len(big) * CS // store_mod.FRAME_BYTES
+    for c in big:
+        assert c.compressed and c.frame_raw == store_mod.FRAME_BYTES and c.at % CS == 0
+    assert [c.at for c in big[:3]] == [0, CS, 2 * CS]
+    assert m.counts["frames"] >= len(frames)
+    stats = restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    assert (tmp_path / "r/base/5/big").read_bytes() == pages(9, 64)
+    assert stats.chunks == m.counts["new_chunks"]
+
+
+def test_format_1_manifest_is_still_read_and_restored(env, tmp_path, monkeypatch):
+    import json
+
+    import zstandard
+
+    store, layout, d = env
+    monkeypatch.setattr(store_mod, "FRAME_BYTES", 1)  # one chunk per frame: the format-1 layout
+    m = snapshot(store, layout, d, "b1")
+    m.format = 1
+    v1 = zstandard.ZstdCompressor().compress(json.dumps(m.to_dict()).encode())
+    assert json.loads(zstandard.ZstdDecompressor().decompress(v1))["files"][1].get("chunks") is not None
+    old = mf.Manifest.from_bytes(v1)
+    assert old.format == 1 and old.files == m.files
+    restore_snapshot(store, layout, old, str(tmp_path / "r"), parallel=2)
+    assert (tmp_path / "r/base/1/1259").read_bytes() == (d / "base/1/1259").read_bytes()
+    assert mf.Manifest.from_bytes(old.to_bytes()).format == mf.FORMAT_VERSION  # written as the new format
+
+
+def test_manifest_chunk_table_is_compact_and_damage_is_named(env):
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(14, 600))
+    m = store_snapshot(store, layout, str(d), backup_id="b1", chunk_size=8192, pack_size=1 << 20, parallel=2,
+                       pg=PG)
+    data = store.get(layout.manifest("b1"))
+    assert m.counts["chunks"] > 600
+    assert len(data) < 40 * m.counts["chunks"]  # ~32 bytes of sha256 per chunk, the rest compresses away
+    with pytest.raises(ValidationError) as ei:
+        mf.Manifest.from_bytes(data[:-20], what="manifest of backup b1")
+    assert "b1" in ei.value.message and "unreadable" in ei.value.message
