@@ -124,28 +124,10 @@ def _run_user() -> str | None:
     return PG_USER if os.geteuid() == 0 else None
 
 
-def dbops_executable() -> str:
-    """The dbops console script next to this interpreter (the venv's), for archive_command."""
-    cand = Path(sys.executable).parent / "dbops"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("dbops")
-    if found:
-        return found
-    raise DbopsError("the dbops command is not installed next to this Python",
-                     hint="install the package (pip install -e .) into the venv that runs the lab")
+dbops_executable = proc.dbops_executable
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = proc.pid_alive
 
 
 def _cmdline(pid: int) -> str:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
-from dbops import log
+from dbops import log, proc
 from dbops.errors import DbopsError, LockedError, NotFoundError
 from dbops.storage.base import ObjectInfo, ObjectStore
 from dbops.storage.layout import Layout
@@ -43,16 +43,6 @@ _log = log.get("lock")
 DEFAULT_TTL = 120.0
 CLOCK_MARGIN = 1.0  # S3 timestamps have one-second resolution
 _ATTEMPTS = 5
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _iso(t: float) -> str:
@@ -209,7 +199,7 @@ class ClusterLock:
         return LockOwner.from_bytes(data), info
 
     def _stale(self, cur: LockOwner | None, info: ObjectInfo) -> bool:
-        if cur is not None and cur.host == self.host and cur.pid != os.getpid() and not _pid_alive(cur.pid):
+        if cur is not None and cur.host == self.host and cur.pid != os.getpid() and not proc.pid_alive(cur.pid):
             # Same host, and we already hold the host-local flock: its owner died (SIGKILL, crash).
             return True
         now = self.store.server_time() or time.time()

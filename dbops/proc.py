@@ -10,14 +10,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from dbops import log, secrets
 from dbops.errors import CommandError, DbopsError
@@ -168,3 +170,47 @@ def spawn(
 
 def stop(p: subprocess.Popen) -> None:
     _kill_group(p)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists (a zombie counts as alive until reaped)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd stop, kill) unwinds like Ctrl-C, so cleanup in `finally` blocks runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def dbops_executable() -> str:
+    """The dbops console script of this installation (next to this interpreter, else on PATH),
+    for archive_command / restore_command."""
+    cand = Path(sys.executable).parent / "dbops"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("dbops")
+    if found:
+        return found
+    raise DbopsError("cannot find the dbops command to put into archive_command / restore_command",
+                     hint="install dbops into this Python's environment, or put `dbops` on PATH")

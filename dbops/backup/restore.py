@@ -331,21 +331,7 @@ def restore_snapshot(
     status = _mark_wal_archived(target, manifest)
     unlogged = _reset_unlogged(target, manifest)
 
-    def finish_file(f: FileEntry) -> None:
-        p = target / f.path
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(p, f.mode)
-        if ids:
-            os.chown(p, *ids)
-        os.utime(p, ns=(f.mtime_ns, f.mtime_ns))
-
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for _ in pool.map(finish_file, files + unlogged + status):
-            pass
+    finish_files(target, files + unlogged + status, ids, parallel)
     _finish_tree(target, manifest, ids)
     t_end = time.monotonic()
     stats.seconds = round(t_end - t0, 3)
@@ -380,6 +366,26 @@ def _reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
             shutil.copyfile(target / e.path, target / m.group(1))
             made.append(FileEntry(m.group(1), FILE, e.mode, e.mtime_ns, e.size))
     return made
+
+
+def finish_files(target: Path, files: list[FileEntry], ids: tuple[int, int] | None, parallel: int) -> None:
+    """fsync each restored file, then set its mode, owner and mtime (in parallel)."""
+
+    def finish_file(f: FileEntry) -> None:
+        p = target / f.path
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(p, f.mode)
+        if ids:
+            os.chown(p, *ids)
+        os.utime(p, ns=(f.mtime_ns, f.mtime_ns))
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for _ in pool.map(finish_file, files):
+            pass
 
 
 def _finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None) -> None:

@@ -24,17 +24,6 @@ def _ts(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _progress_printer():
-    if not sys.stderr.isatty():
-        return None
-
-    def show(phase: str) -> None:
-        sys.stderr.write(f"\r\033[K  ... {phase}")
-        sys.stderr.flush()
-
-    return show
-
-
 @backup_app.callback()
 def backup(
     ctx: typer.Context,
@@ -54,7 +43,7 @@ def backup(
     start_line("backup", cluster=cfg.cluster, full=full)
     t0 = time.time()
     try:
-        res = bk.run_backup(cfg, full=full, progress=_progress_printer())
+        res = bk.run_backup(cfg, full=full, progress=output.progress_printer())
     except DbopsError as e:
         if metrics_file:
             _write_backup_metrics(metrics_file, cfg.cluster, ok=False, duration=time.time() - t0,

@@ -63,7 +63,7 @@ def restore(
             output.out("dry run: nothing was changed")
         return
     try:
-        res = rs.restore(cfg, opts, progress=_progress())
+        res = rs.restore(cfg, opts, progress=output.progress_printer())
     finally:
         if sys.stderr.isatty():
             sys.stderr.write("\r\033[K")
@@ -72,17 +72,6 @@ def restore(
         output.emit_json(d)
     else:
         output.out(render_result(d))
-
-
-def _progress():
-    if not sys.stderr.isatty():
-        return None
-
-    def show(phase: str) -> None:
-        sys.stderr.write(f"\r\033[K  ... {phase}")
-        sys.stderr.flush()
-
-    return show
 
 
 def render_plan(p: dict[str, Any]) -> str:

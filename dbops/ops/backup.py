@@ -34,7 +34,6 @@ import errno
 import logging
 import os
 import shutil
-import signal
 import socket
 import time
 from contextlib import contextmanager
@@ -198,16 +197,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_scratch(scratch_root: Path) -> list[str]:
     """Remove scratch folders of runs whose process is gone (a run killed with SIGKILL)."""
     removed = []
@@ -220,7 +209,7 @@ def clean_stale_scratch(scratch_root: Path) -> list[str]:
             pid = int(d.name[len(SCRATCH_PREFIX):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not proc.pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
     return removed
@@ -576,21 +565,6 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
 # --------------------------------------------------------------------------- the run
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd stop, kill) unwinds like Ctrl-C, so scratch and containers are removed."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 @contextmanager
@@ -618,7 +592,7 @@ class BackupRun:
     # -- public
 
     def run(self, *, full: bool = False) -> BackupResult:
-        with _sigterm_as_interrupt(), ClusterLock(self.store, self.layout, "backup", command="backup"):
+        with proc.sigterm_as_interrupt(), ClusterLock(self.store, self.layout, "backup", command="backup"):
             clean_stale_scratch(self.scratch_root)
             primary = find_primary(self.cfg)
             backups = catalog.list_backups(self.store, self.layout)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -477,25 +476,10 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
     if not plan.ok:
         raise plan.refuse()
     sw = Switchover(cfg, plan, opts, observer)
-    with _sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))():
+    with proc.sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))():
         return sw.run()
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C: rollback before promotion, and the PgBouncer RESUME, still run."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def cluster_lock(cfg: Config) -> Any:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dbops import log
+from dbops import log, proc
 from dbops.backup import catalog
 from dbops.backup import manifest as mf
 from dbops.backup.restore import restore_snapshot
@@ -48,7 +48,7 @@ from dbops.ops import restore_conf as rconf
 from dbops.ops import restore_wal as rwal
 from dbops.ops import walchain
 from dbops.ops.archive import WalArchive
-from dbops.ops.backup import Phases, _sigterm_as_interrupt, scratch_folder
+from dbops.ops.backup import Phases, scratch_folder
 from dbops.ops.restore_target import FINAL_STATES, LATEST, LSN, TIME, RestoreTarget, iso_utc
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
 from dbops.storage import ObjectStore, open_store
@@ -522,7 +522,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
     run_id = catalog.new_backup_id().split("-", 1)[1]
     target = opts.target_dir
     ids = _pg_ids() if os.geteuid() == 0 else None
-    with _sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}") as scratch:
+    with proc.sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}") as scratch:
         cache = scratch / "wal"
         cache.mkdir(mode=0o700)
         if ids:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -32,15 +30,9 @@ _KEY_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(=|\s)")
 
 
 def dbops_executable() -> str:
-    """The dbops console script of this installation (the venv's), for restore_command."""
-    cand = Path(sys.executable).parent / "dbops"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("dbops")
-    if found:
-        return found
-    raise PreconditionError("cannot find the dbops command to put into restore_command",
-                            hint="install dbops so that `dbops` is on PATH")
+    from dbops import proc
+
+    return proc.dbops_executable()
 
 
 def restore_command(cfg: Config) -> str:

@@ -28,6 +28,7 @@ from dbops.backup.restore import (
     _chunks_of,
     _fetch,
     _finish_tree,
+    finish_files,
     _mark_wal_archived,
     _Range,
     _reset_unlogged,
@@ -111,21 +112,7 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
     extra = _mark_wal_archived(target, manifest) + _reset_unlogged(target, manifest)
 
-    def finish(f: FileEntry) -> None:
-        p = target / f.path
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(p, f.mode)
-        if ids:
-            os.chown(p, *ids)
-        os.utime(p, ns=(f.mtime_ns, f.mtime_ns))
-
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for _ in pool.map(finish, files + extra):
-            pass
+    finish_files(target, files + extra, ids, parallel)
     _finish_tree(target, manifest, ids)
     d = {"mode": "delta", "files": len(files), "logical_bytes": sum(f.size for f in files),
          "kept_bytes": sum(c[1] for c in compared), "zeroed_bytes": sum(c[2] for c in compared),
