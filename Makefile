@@ -20,9 +20,8 @@ deps:
 
 # The virtualenv uses the system Python so the postgres OS user can run dbops
 # (archive_command / restore_command run as postgres).
-$(BIN)/dbops: pyproject.toml | deps
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' pytest-timeout
+$(BIN)/dbops: pyproject.toml $(shell find dbops -name "*.py") | deps
+	@PYTHON=$(PYTHON) bash scripts/venv.sh
 	@touch $(BIN)/dbops
 
 venv: $(BIN)/dbops

@@ -206,9 +206,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def dbops_executable() -> str:
     """The dbops console script of this installation (next to this interpreter, else on PATH),
     for archive_command / restore_command."""
-    cand = Path(sys.executable).parent / "dbops"
-    if cand.exists():
-        return str(cand)
+    # The venv's real folder: .venv may be a symlink to a place the postgres user can reach.
+    for base in (Path(os.path.realpath(sys.prefix)) / "bin", Path(sys.executable).parent):
+        cand = base / "dbops"
+        if cand.exists():
+            return str(cand)
     found = shutil.which("dbops")
     if found:
         return found
