@@ -429,7 +429,31 @@ def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True) -> 
         _start_pg(rdata, d / "logs" / f"{n.name}.log")
     state["archive"] = archive
     _save_state(d, state)
+    for n in nodes[1:]:
+        _wait_streaming(n)
     return info(d)
+
+
+def _wait_streaming(node: Node, timeout: float = 60.0) -> None:
+    """Block until a replica's WAL receiver streams (pg_ctl -w returns before it connects)."""
+    from dbops.pg import conn as pgconn
+
+    deadline = time.monotonic() + timeout
+    last = "no WAL receiver yet"
+    while time.monotonic() < deadline:
+        try:
+            with pgconn.session(node) as c:
+                if not pgconn.scalar(c, "SELECT pg_is_in_recovery()"):
+                    return  # promoted earlier (a failover in this lab): nothing to wait for
+                status = pgconn.scalar(c, "SELECT status FROM pg_stat_wal_receiver")
+            if status == "streaming":
+                return
+            last = f"WAL receiver {status}"
+        except DbopsError as e:
+            last = e.message
+        time.sleep(0.1)
+    raise DbopsError(f"replica {node.name} is not streaming after {timeout:.0f} s ({last})",
+                     hint=f"see logs/{node.name}.log in the lab folder")
 
 
 def info(d: Path | str = DEFAULT_DIR) -> LabInfo:
