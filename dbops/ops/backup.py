@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import shutil
 import socket
@@ -666,20 +667,26 @@ class BackupRun:
             data, wal = scratch / "data", scratch / "wal"
             wal.mkdir()
             _chown_pg(wal)
-            with phases("download"):
-                try:
-                    restore_snapshot(self.store, self.layout, prev_m, str(data), parallel=cfg.backup.parallel,
-                                     owner=PG_OS_USER)
-                except (NotFoundError, StorageError) as e:
-                    if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
-                        raise
-                    raise ValidationError(f"backup {prev.backup_id} cannot be restored: {e.message}",
-                                          detail=e.detail) from None
+            # The target first, so the WAL up to it downloads while the backup does.
             with phases("capture"):
                 target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
                                         layout=self.layout)
-            with phases("wal_fetch"):
-                self._fetch_wal(segment_of_lsn(prev_m.pg.timeline, prev_m.pg.redo_lsn), target, wal)
+            start_segment = segment_of_lsn(prev_m.pg.timeline, prev_m.pg.redo_lsn)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
+                t_wal = time.monotonic()
+                wal_job = pool.submit(self._fetch_wal, start_segment, target, wal)
+                wal_job.add_done_callback(lambda _f: phases.t.__setitem__(
+                    "wal_fetch", round(time.monotonic() - t_wal, 3)))
+                with phases("download"):
+                    try:
+                        restore_snapshot(self.store, self.layout, prev_m, str(data), parallel=cfg.backup.parallel,
+                                         owner=PG_OS_USER)
+                    except (NotFoundError, StorageError) as e:
+                        if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
+                            raise
+                        raise ValidationError(f"backup {prev.backup_id} cannot be restored: {e.message}",
+                                              detail=e.detail) from None
+                wal_job.result()  # a gap or a storage error in the WAL download surfaces here
             val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}")
             val.backup_id = prev.backup_id
             manifest = self._store(data, target, val, phases, parents=(prev_m,), parent_id=prev.backup_id,
