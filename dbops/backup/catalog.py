@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets as pysecrets
@@ -70,6 +71,9 @@ class BackupInfo:
     logical_size: int
     stored_bytes: int
     status: StatusRecord | None = None  # latest status record, if any
+    kind: str | None = None  # full | incremental
+    created: float | None = None
+    referenced_bytes: int | None = None  # None: a manifest written before this was recorded
 
     @property
     def state(self) -> str:
@@ -146,6 +150,9 @@ def _info_from_metadata(backup_id: str, meta: Mapping[str, str]) -> BackupInfo |
             parent_id=meta.get("parent-id") or None,
             logical_size=int(meta.get("logical-size", 0)),
             stored_bytes=int(meta.get("stored-bytes", 0)),
+            kind=meta.get("kind") or None,
+            created=float(meta["created"]) if meta.get("created") else None,
+            referenced_bytes=int(meta["referenced-bytes"]) if meta.get("referenced-bytes") else None,
         )
     except (KeyError, ValueError):
         return None
@@ -153,7 +160,8 @@ def _info_from_metadata(backup_id: str, meta: Mapping[str, str]) -> BackupInfo |
 
 def info_of(m: mf.Manifest, status: StatusRecord | None = None) -> BackupInfo:
     return BackupInfo(m.backup_id, m.pg.consistent_time, m.pg.consistent_lsn, m.pg.redo_lsn, m.pg.timeline,
-                      m.parent_id, m.logical_size, m.stored_bytes, status)
+                      m.parent_id, m.logical_size, m.stored_bytes, status, kind=m.meta.get("kind"),
+                      created=m.created, referenced_bytes=m.referenced_bytes())
 
 
 def list_backups(store: ObjectStore, layout: Layout, *, with_status: bool = True) -> list[BackupInfo]:
@@ -187,8 +195,7 @@ def list_backups(store: ObjectStore, layout: Layout, *, with_status: bool = True
 
 
 def _with_status(info: BackupInfo, status: StatusRecord) -> BackupInfo:
-    return BackupInfo(info.backup_id, info.consistent_time, info.consistent_lsn, info.redo_lsn, info.timeline,
-                      info.parent_id, info.logical_size, info.stored_bytes, status)
+    return dataclasses.replace(info, status=status)
 
 
 def newest_usable(store: ObjectStore, layout: Layout, *, require_validated: bool = False) -> BackupInfo | None:

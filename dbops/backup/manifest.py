@@ -222,9 +222,21 @@ class Manifest:
         except (zstandard.ZstdError, ValueError, KeyError, TypeError, struct.error) as e:
             raise ValidationError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
 
+    def referenced_bytes(self) -> int:
+        """Bytes in storage this backup reads: every stored frame it points into, once."""
+        seen: dict[tuple[str, int], int] = {}  # several chunks may share one frame
+        for f in self.files:
+            for c in f.chunks:
+                if c.pack is not None:
+                    seen[(c.pack, c.offset)] = c.length
+        return sum(seen.values())
+
     def summary_metadata(self) -> dict[str, str]:
         """Small object metadata so a catalog listing needs a HEAD, not a download."""
         return {
+            "kind": str(self.meta.get("kind") or ""),
+            "created": repr(self.created),
+            "referenced-bytes": str(self.referenced_bytes()),
             "backup-id": self.backup_id,
             "consistent-time": repr(self.pg.consistent_time),
             "consistent-lsn": format_lsn(self.pg.consistent_lsn),

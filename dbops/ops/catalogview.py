@@ -34,35 +34,28 @@ def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.
     return None
 
 
-def _stored_size(m: mf.Manifest) -> int:
-    seen: dict[tuple[str, int], int] = {}  # stored frames: several chunks may share one
-    for f in m.files:
-        for c in f.chunks:
-            if c.pack is not None:
-                seen[(c.pack, c.offset)] = c.length
-    return sum(seen.values())
-
-
 def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, Any]]:
     store, layout = _open(cfg, store)
     rows = []
-    for b in catalog.list_backups(store, layout):
-        m = mf.load(store, layout, b.backup_id)
+    for b in catalog.list_backups(store, layout, with_status=False):
+        if b.referenced_bytes is None:  # an older manifest: its summary lacks these, so read it
+            b = catalog.info_of(mf.load(store, layout, b.backup_id))
         history = catalog.statuses(store, layout, b.backup_id)
+        latest = history[-1] if history else None
         rows.append({
             "backup_id": b.backup_id,
-            "kind": m.meta.get("kind"),
+            "kind": b.kind,
             "parent_id": b.parent_id,
-            "created": m.created,
+            "created": b.created,
             "consistent_time": b.consistent_time,
             "consistent_lsn": format_lsn(b.consistent_lsn),
             "timeline": b.timeline,
             "logical_size": b.logical_size,
-            "stored_size": _stored_size(m),
+            "stored_size": b.referenced_bytes,
             "new_bytes": b.stored_bytes,
-            "status": b.state,
-            "status_reason": b.status.reason if b.status else None,
-            "restore_seconds": _restore_seconds(b.status, history),
+            "status": latest.state if latest else catalog.STORED,
+            "status_reason": latest.reason if latest else None,
+            "restore_seconds": _restore_seconds(latest, history),
         })
     return rows
 
@@ -100,7 +93,7 @@ def show(cfg: Config, backup_id: str, store: ObjectStore | None = None) -> dict[
         "dbops_version": m.dbops_version,
         "files": len(m.files),
         "logical_size": m.logical_size,
-        "stored_size": _stored_size(m),
+        "stored_size": m.referenced_bytes(),
         "new_bytes": m.stored_bytes,
         "counts": m.counts,
         "timings": m.timings,
