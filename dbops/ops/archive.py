@@ -227,7 +227,7 @@ class WalArchive:
         part = dest.with_name(f".{dest.name}.{tag}.part")
         try:
             info = self.store.get_to_file(key, str(raw))
-            sha, size = _decode(raw, part, info.metadata, f"{name} ({key})")
+            sha, size = decode_verified(raw, part, info.metadata, f"{name} ({key})")
             os.replace(part, dest)
             fsync_dir(dest.parent)
         finally:
@@ -259,8 +259,11 @@ class WalArchive:
         return data
 
 
-def _decode(src: Path, dst: Path, metadata: dict[str, str], what: str) -> tuple[str, int]:
-    """Decompress src into dst while hashing; verify against the object's metadata; fsync dst."""
+def decode_verified(src: Path, dst: Path, metadata: dict[str, str], what: str, *, fsync: bool = True,
+                    hint: str = "the stored object is damaged; fetch it from another copy or take a new backup",
+                    ) -> tuple[str, int]:
+    """Decompress an archived WAL object src into dst while hashing; ValidationError unless it
+    matches the object's metadata (sha256, size). fsync dst unless told not to (a scratch copy)."""
     expected = metadata.get(META_SHA256)
     if not expected:
         raise ValidationError(f"archived {what} has no sha256 metadata; refusing to use it unverified")
@@ -278,14 +281,15 @@ def _decode(src: Path, dst: Path, metadata: dict[str, str], what: str) -> tuple[
                 size += len(block)
         except zstandard.ZstdError as e:
             raise ValidationError(f"archived {what} does not decompress: {e}") from None
-        fout.flush()
-        os.fsync(fout.fileno())
+        if fsync:
+            fout.flush()
+            os.fsync(fout.fileno())
     sha = h.hexdigest()
     if sha != expected or (metadata.get(META_SIZE) and int(metadata[META_SIZE]) != size):
         raise ValidationError(
             f"archived {what} fails verification",
             detail=f"expected sha256 {expected} ({metadata.get(META_SIZE, '?')} bytes), got {sha} ({size} bytes)",
-            hint="the stored object is damaged; fetch it from another copy or take a new backup",
+            hint=hint,
         )
     return sha, size
 

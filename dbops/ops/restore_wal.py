@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -22,13 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import zstandard
 
 from dbops import proc
 from dbops.errors import DbopsError, NotFoundError, ValidationError
 from dbops.ops import restore_conf as rconf
 from dbops.ops import walchain
-from dbops.ops.archive import META_COMPRESSION, META_SHA256, META_SIZE, WalArchive
+from dbops.ops.archive import WalArchive, decode_verified
 from dbops.pg import binaries
 from dbops.pg.lsn import (
     HISTORY_RE,
@@ -313,7 +311,8 @@ class WalAhead:
         part = dest.with_name(f".{name}.part")
         try:
             info = self.store.get_to_file(key, str(raw))
-            size = _decode(raw, part, info.metadata, f"{name} ({key})")
+            _, size = decode_verified(raw, part, info.metadata, f"{name} ({key})", fsync=False,
+                                      hint="the stored segment is damaged; restore to a point before it")
             if self.owner:
                 os.chown(part, *self.owner)
             os.replace(part, dest)
@@ -328,27 +327,3 @@ class WalAhead:
         if self.owner:
             os.chown(tmp, *self.owner)
         os.replace(tmp, path)
-
-
-def _decode(src: Path, dst: Path, metadata: dict[str, str], what: str) -> int:
-    """Decompress src into dst while hashing; ValidationError unless it matches the object's metadata."""
-    expected = metadata.get(META_SHA256)
-    algo = metadata.get(META_COMPRESSION, "none")
-    if not expected or algo not in ("zstd", "none"):
-        raise ValidationError(f"archived {what} has no sha256 metadata or an unknown compression ({algo!r})")
-    h = hashlib.sha256()
-    size = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        reader = zstandard.ZstdDecompressor().stream_reader(fin) if algo == "zstd" else fin
-        try:
-            while block := reader.read(1 << 20):
-                h.update(block)
-                fout.write(block)
-                size += len(block)
-        except zstandard.ZstdError as e:
-            raise ValidationError(f"archived {what} does not decompress: {e}") from None
-    if h.hexdigest() != expected or (metadata.get(META_SIZE) and int(metadata[META_SIZE]) != size):
-        raise ValidationError(f"archived {what} fails verification",
-                              detail=f"expected sha256 {expected}, got {h.hexdigest()} ({size} bytes)",
-                              hint="the stored segment is damaged; restore to a point before it")
-    return size
