@@ -20,7 +20,6 @@ import secrets as pysecrets
 import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,10 +176,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _weed_binary() -> str:
-    cand = Path(sys.executable).parent / "weed"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("weed")
+    found = proc.installed_program("weed")
     if found:
         return found
     raise PreconditionError("SeaweedFS (weed) is not installed",

@@ -203,15 +203,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def dbops_executable() -> str:
-    """The dbops console script of this installation (next to this interpreter, else on PATH),
-    for archive_command / restore_command."""
+def installed_program(name: str) -> str | None:
+    """A console script installed with dbops (in this venv's bin folder), else one on PATH."""
     # The venv's real folder: .venv may be a symlink to a place the postgres user can reach.
     for base in (Path(os.path.realpath(sys.prefix)) / "bin", Path(sys.executable).parent):
-        cand = base / "dbops"
+        cand = base / name
         if cand.exists():
             return str(cand)
-    found = shutil.which("dbops")
+    return shutil.which(name)
+
+
+def dbops_executable() -> str:
+    """The dbops console script of this installation, for archive_command / restore_command."""
+    found = installed_program("dbops")
     if found:
         return found
     raise DbopsError("cannot find the dbops command to put into archive_command / restore_command",

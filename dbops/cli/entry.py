@@ -1,7 +1,7 @@
 """Process entry point: `dbops ...`.
 
-Kept tiny so `dbops wal-push` can take a fast path that imports neither typer nor
-boto3 (see dbops.ops.walpush_fast, when present).
+Kept tiny so `dbops wal-push` / `wal-fetch` can take a fast path that imports neither typer
+nor boto3 (dbops.ops.fastpath); everything else goes through the typer application.
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        from dbops.ops import fastpath  # optional fast path for archive_command
-    except ImportError:  # pragma: no cover
-        fastpath = None
-    if fastpath is not None:
-        code = fastpath.try_fast(args)
-        if code is not None:
-            sys.exit(code)
+    from dbops.ops import fastpath
+
+    code = fastpath.try_fast(args)
+    if code is not None:
+        sys.exit(code)
     from dbops.cli.app import app
 
     app(args=args, prog_name="dbops")
