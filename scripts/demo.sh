@@ -45,7 +45,12 @@ bold "an accident: DELETE without WHERE at a known time"
 BEFORE=$("$BIN/python" -c 'from datetime import datetime, timezone; print(datetime.now(timezone.utc).isoformat())')
 sleep 1
 sql "DELETE FROM orders"
-sql "SELECT pg_switch_wal()" >/dev/null   # in production, archive_timeout bounds this wait
+# Archive the segment holding the DELETE now (in production, archive_timeout bounds this wait).
+SWITCHED=$(sql "SELECT pg_walfile_name(pg_switch_wal())")
+for _ in $(seq 600); do
+  [[ "$(sql 'SELECT coalesce(last_archived_wal, 0::text) FROM pg_stat_archiver')" < "$SWITCHED" ]] || break
+  sleep 0.1
+done
 echo "orders after the accident: $(sql 'SELECT count(*) FROM orders')"
 
 bold "restore to just before it: dry run first, then for real, started on a spare port"

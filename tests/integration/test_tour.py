@@ -105,7 +105,11 @@ def test_the_tour(make_lab, cli, dbops_bin, tmp_path):
     before = datetime.now(timezone.utc).isoformat()
     time.sleep(1.1)
     sql(lab.primary, "DELETE FROM orders WHERE batch = 2")
-    sql(lab.primary, "SELECT pg_switch_wal()")
+    switched = sql(lab.primary, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    deadline = time.monotonic() + 60  # archiving is asynchronous: wait for the DELETE's segment
+    while (sql(lab.primary, "SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < switched:
+        assert time.monotonic() < deadline, f"{switched} was not archived within 60 s"
+        time.sleep(0.1)
     port = free_port()
     target = lab.dir / "restored"
     r = cli(["-c", lab.config_path, "restore", "--to", before, "--target-dir", str(target), "--start",
