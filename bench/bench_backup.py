@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops import proc
-from dbops.ops import backup as bk
+from dbops.ops.backup import run as bk
 from dbops.pg import binaries
 
 try:

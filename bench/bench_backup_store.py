@@ -21,8 +21,10 @@ import time
 from typing import Any
 
 from dbops import config as cfgmod
-from dbops.backup import catalog, restore, store
-from dbops.backup import manifest as mf
+from dbops.repo import catalog
+from dbops.repo import restore
+from dbops.repo import store
+from dbops.repo import manifest as mf
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 

@@ -30,7 +30,7 @@ import failover_lab
 from writer_probe import Writer, multi_host, prepare
 
 from dbops import config as cfgmod
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops.pg import conn
 
 CRITICAL = ("pgbouncer pause", "stop old primary", "candidate caught up", "promote", "pgbouncer repoint",

@@ -23,11 +23,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops import proc
-from dbops.ops import backup as bk
-from dbops.ops import restore as rs
-from dbops.ops.restore_target import from_options
+from dbops.ops.backup import run as bk
+from dbops.ops.restore import plan as rs
+from dbops.ops.restore.target import from_options
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 from dbops.storage import open_store

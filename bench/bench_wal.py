@@ -28,9 +28,9 @@ from pathlib import Path
 
 import zstandard
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops import proc
-from dbops.ops.archive import fetch_range
+from dbops.ops.wal.archive import fetch_range
 from dbops.pg import binaries, conn
 from dbops.pg.lsn import SEGMENT_RE
 from dbops.storage import open_store

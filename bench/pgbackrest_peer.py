@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops import proc
 from dbops.errors import CommandError, DbopsError
 from dbops.pg import binaries

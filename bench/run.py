@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dbops import lab as labmod  # noqa: E402
+from dbops.lab import harness as labmod  # noqa: E402
 
 BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover"]
 

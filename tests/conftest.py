@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 
 ROOT = Path(__file__).resolve().parent.parent
 

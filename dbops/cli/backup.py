@@ -35,7 +35,7 @@ def backup(
     the new snapshot incrementally. Silent on success unless -v (cron-friendly)."""
     if ctx.invoked_subcommand is not None:
         return
-    from dbops.ops import backup as bk
+    from dbops.ops.backup import run as bk
 
     st = state_of(ctx)
     st.json_output = json_

@@ -1,7 +1,7 @@
 """Process entry point: `dbops ...`.
 
 Kept tiny so `dbops wal-push` / `wal-fetch` can take a fast path that imports neither typer
-nor boto3 (dbops.ops.fastpath); everything else goes through the typer application.
+nor boto3 (dbops.cli.fastpath); everything else goes through the typer application.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    from dbops.ops import fastpath
+    from dbops.cli import fastpath
 
     code = fastpath.try_fast(args)
     if code is not None:

@@ -32,8 +32,8 @@ def failover(
     rolled back (the old primary is primary again); 8 outcome could not be confirmed.
     """
     from dbops import config as cfgmod
-    from dbops.ops import failover as fo
-    from dbops.ops.failover_plan import Options, make_plan
+    from dbops.ops.failover import switchover as fo
+    from dbops.ops.failover.plan import Options, make_plan
 
     st = state_of(ctx)
     st.json_output = json_

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops.cli import output
 from dbops.cli.state import state_of
 

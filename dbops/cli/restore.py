@@ -40,8 +40,8 @@ def restore(
     report what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing
     segment or a damaged stored object; 11: target folder not empty (without --force)."""
     from dbops.errors import UsageError
-    from dbops.ops import restore as rs
-    from dbops.ops.restore_target import from_options, parse_timeline
+    from dbops.ops.restore import plan as rs
+    from dbops.ops.restore.target import from_options, parse_timeline
 
     st = state_of(ctx)
     st.json_output = json_

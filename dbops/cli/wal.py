@@ -30,7 +30,7 @@ def wal_push(
     Set archive_command = 'dbops -c /etc/dbops/dbops.yaml wal-push %p'. Exit 13 when the archive
     holds different content under this name or belongs to another cluster; 4 when storage fails.
     """
-    from dbops.ops import walspool
+    from dbops.ops.wal import spool as walspool
 
     cfg = state_of(ctx).config()
     how = walspool.push(cfg, path, sync=sync)
@@ -46,7 +46,7 @@ def wal_fetch(
 
     Set restore_command = 'dbops -c /etc/dbops/dbops.yaml wal-fetch %f %p'.
     """
-    from dbops.ops import walspool
+    from dbops.ops.wal import spool as walspool
 
     cfg = state_of(ctx).config()
     try:
@@ -67,7 +67,7 @@ def status(
         "--from", help="Check for gaps from this segment [default: the oldest backup's start]")] = None,
 ) -> None:
     """Newest segment per timeline, the primary's archiver, and gaps (exit 7 when a segment is missing)."""
-    from dbops.ops import walstatus
+    from dbops.ops.wal import status as walstatus
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from dbops import log
-from dbops.backup import catalog, retention
-from dbops.backup import manifest as mf
-from dbops.backup.restore import restore_snapshot, verify_backup
+from dbops.repo import catalog
+from dbops.repo import retention
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot, verify_backup
 from dbops.config import Config
 from dbops.errors import NotFoundError, UsageError, ValidationError
-from dbops.lock import ClusterLock
+from dbops.storage.lock import ClusterLock
 from dbops.pg.lsn import format_lsn, parse_segment_name, segment_of_lsn
 from dbops.storage import ObjectStore, open_store
 from dbops.storage.layout import Layout
@@ -26,7 +27,7 @@ def _open(cfg: Config, store: ObjectStore | None = None) -> tuple[ObjectStore, L
 
 
 def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.StatusRecord] | None = None) -> float | None:
-    from dbops.ops.backup import restore_seconds
+    from dbops.ops.backup.run import restore_seconds
 
     for rec in reversed(history or ([status] if status else [])):
         if rec and rec.state == catalog.VALIDATED and rec.timings:
@@ -178,7 +179,7 @@ def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
 
 def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest) -> tuple[float, list]:
     """Restore a backup into scratch, start it, replay to its own consistent point, check, stop."""
-    from dbops.ops import backup as bk
+    from dbops.ops.backup import run as bk
 
     phases = bk.Phases()
     run_id = catalog.new_backup_id().split("-", 1)[1]
@@ -192,7 +193,7 @@ def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Man
         target = bk.Target(lsn=m.pg.consistent_lsn, time=m.pg.consistent_time, timeline=m.pg.timeline,
                            segment=segment_of_lsn(m.pg.timeline, m.pg.consistent_lsn, seg_size))
         with phases("wal_fetch"):
-            from dbops.ops import archive as arch
+            from dbops.ops.wal import archive as arch
 
             arch.fetch_range(store, layout, segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, seg_size), target.segment,
                              wal, parallel=max(2, cfg.archive.parallel))

@@ -104,7 +104,7 @@ def backups_section(cfg: Config) -> Section:
 
 def archive_section(cfg: Config) -> Section:
     """Newest archived segment per timeline and its age; gaps since the oldest backup."""
-    from dbops.ops import walstatus
+    from dbops.ops.wal import status as walstatus
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 

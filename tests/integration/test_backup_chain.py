@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dbops import proc
-from dbops.backup import catalog
-from dbops.backup import manifest as mf
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
 from dbops.config import Assertion
 from dbops.errors import ValidationError
 from dbops.ops import catalogview

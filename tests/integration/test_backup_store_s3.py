@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from dbops import proc
-from dbops.backup import catalog
-from dbops.backup import manifest as mf
-from dbops.backup.restore import restore_snapshot, verify_backup
-from dbops.backup.store import store_snapshot
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot, verify_backup
+from dbops.repo.store import store_snapshot
 from dbops.config import CompressionSettings
 from dbops.errors import CommandError, ValidationError
 from dbops.pg import binaries

@@ -27,11 +27,11 @@ import pytest
 import yaml
 
 from dbops import config as cfgmod
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops import proc
 from dbops.errors import DbopsError, ExitCode
-from dbops.lock import LockOwner, read_owner
-from dbops.ops import backup as bk
+from dbops.storage.lock import LockOwner, read_owner
+from dbops.ops.backup import run as bk
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 from dbops.storage import open_store

@@ -19,7 +19,9 @@ import pytest
 from dbops import config as cfgmod
 from dbops.errors import RolledBackError
 from dbops.nodes import open_controller
-from dbops.ops import failover, failover_plan, topology
+from dbops.ops import topology
+from dbops.ops.failover import switchover as failover
+from dbops.ops.failover import plan as failover_plan
 from dbops.pg import conn
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
@@ -257,7 +259,7 @@ class _Primary:
 def test_a_diverged_old_primary_is_rewound_and_follows(make_lab):
     """Split brain on purpose (the replica promoted while the primary kept writing): rejoin must
     see the divergence in the timeline history and run pg_rewind; the diverged rows are gone."""
-    from dbops.ops import replication as repl
+    from dbops.ops.failover import replication as repl
 
     info = make_lab(replicas=1)
     old, new = info.primary, info.replicas[0]

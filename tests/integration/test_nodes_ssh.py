@@ -17,7 +17,9 @@ from dbops import config as cfgmod
 from dbops import proc
 from dbops.nodes import open_controller
 from dbops.nodes.ssh import SshController
-from dbops.ops import failover, failover_plan, topology
+from dbops.ops import topology
+from dbops.ops.failover import switchover as failover
+from dbops.ops.failover import plan as failover_plan
 
 pytestmark = pytest.mark.integration
 

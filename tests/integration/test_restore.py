@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dbops import proc
-from dbops.lab import free_port
+from dbops.lab.harness import free_port
 from dbops.pg import binaries, controldata
 from dbops.pg import conn as pgconn
 from dbops.storage import open_store
@@ -48,7 +48,7 @@ def switch_and_archive(lab, node=None, timeout: float = 60) -> str:
 
 
 def backup(lab) -> str:
-    from dbops.ops.backup import run_backup
+    from dbops.ops.backup.run import run_backup
 
     os.environ["DBOPS_LOCK_DIR"] = str(lab.dir / "run")  # labs share bucket names: keep host locks apart
     try:
@@ -316,7 +316,7 @@ def test_damaged_segment_on_the_way_exit_7_names_it(scn, cli):
 
 
 def test_corrupted_stored_object_exit_7_names_it_and_leaves_nothing(scn, cli):
-    from dbops.backup import manifest as mf
+    from dbops.repo import manifest as mf
 
     store, layout = open_store(scn.lab.config.storage), Layout(scn.lab.config.storage.prefix)
     m = mf.load(store, layout, scn.backup_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dbops import proc
-from dbops.backup import manifest as mf
+from dbops.repo import manifest as mf
 from dbops.config import Assertion
 from dbops.ops import catalogview
 from dbops.pg import binaries

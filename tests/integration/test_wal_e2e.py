@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dbops import lab as labmod
+from dbops.lab import harness as labmod
 from dbops import proc
 from dbops.config import Node
-from dbops.ops.archive import META_SHA256, WalArchive
+from dbops.ops.wal.archive import META_SHA256, WalArchive
 from dbops.pg import binaries, conn
 from dbops.pg.lsn import SEGMENT_RE
 from dbops.storage import open_store

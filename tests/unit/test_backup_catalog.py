@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dbops.backup import catalog
-from dbops.backup import manifest as mf
-from dbops.backup.manifest import Manifest, PgState
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo.manifest import Manifest, PgState
 from dbops.errors import NotFoundError
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore

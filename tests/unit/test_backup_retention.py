@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from dbops.backup import catalog, retention
-from dbops.backup import manifest as mf
-from dbops.backup.catalog import FAILED, BackupInfo, StatusRecord
-from dbops.backup.manifest import ChunkRef, FileEntry, Manifest, PgState
+from dbops.repo import catalog
+from dbops.repo import retention
+from dbops.repo import manifest as mf
+from dbops.repo.catalog import FAILED, BackupInfo, StatusRecord
+from dbops.repo.manifest import ChunkRef, FileEntry, Manifest, PgState
 from dbops.config import RetentionSettings
 from dbops.errors import ConflictError
 from dbops.storage.base import ObjectInfo

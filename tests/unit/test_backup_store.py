@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dbops.backup import manifest as mf
-from dbops.backup import store as store_mod
-from dbops.backup.manifest import PgState
-from dbops.backup.restore import restore_snapshot, verify_backup
-from dbops.backup.store import store_snapshot
+from dbops.repo import manifest as mf
+from dbops.repo import store as store_mod
+from dbops.repo.manifest import PgState
+from dbops.repo.restore import restore_snapshot, verify_backup
+from dbops.repo.store import store_snapshot
 from dbops.config import CompressionSettings
 from dbops.errors import ExitCode, NotFoundError, PreconditionError, ValidationError
 from dbops.storage.layout import Layout

@@ -21,7 +21,7 @@ import yaml
 from typer.main import get_command
 
 from dbops import config as cfgmod
-from dbops import lab
+from dbops.lab import harness as lab
 from dbops.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,9 +14,9 @@ from dbops.nodes import open_controller, pgconf
 from dbops.nodes.base import remote_command
 from dbops.nodes.container import ContainerController
 from dbops.nodes.ssh import SshController
-from dbops.ops import failover_plan as fp
-from dbops.ops import replication as repl
-from dbops.ops.pgbouncer import repoint_ini
+from dbops.ops.failover import plan as fp
+from dbops.ops.failover import replication as repl
+from dbops.ops.failover.pgbouncer import repoint_ini
 from dbops.ops.topology import (
     Archiver,
     NodeState,

@@ -7,11 +7,11 @@ from datetime import datetime, timezone
 import pytest
 
 from dbops.errors import UsageError
-from dbops.ops import restore_conf as rconf
-from dbops.ops import restore_wal as rwal
-from dbops.ops import walchain
-from dbops.ops.restore import BackupChoice, fits
-from dbops.ops.restore_target import LATEST, LSN, TIME, XID, from_options, parse_time, parse_timeline
+from dbops.ops.restore import conf as rconf
+from dbops.ops.restore import wal as rwal
+from dbops.pg import walchain
+from dbops.ops.restore.plan import BackupChoice, fits
+from dbops.ops.restore.target import LATEST, LSN, TIME, XID, from_options, parse_time, parse_timeline
 from dbops.pg.lsn import parse_lsn
 from dbops.storage.base import ObjectInfo
 
@@ -142,7 +142,7 @@ class _FakeBackups:
     """Stands in for the catalog: BackupInfo rows, and choices built from them."""
 
     def __init__(self, rows: list[tuple[str, str, float]]):  # (id, state, last commit = consistent time)
-        from dbops.backup import catalog
+        from dbops.repo import catalog
 
         self.infos, self._c = [], {}
         for i, (bid, state, t) in enumerate(rows):
@@ -157,7 +157,7 @@ class _FakeBackups:
 
 def test_pick_prefers_validated_over_one_newer_stored_backup():
     from dbops.errors import TargetError
-    from dbops.ops.restore import Options, _pick
+    from dbops.ops.restore.plan import Options, _pick
 
     spans = walchain.chain(1, [])
 

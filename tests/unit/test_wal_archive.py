@@ -11,9 +11,10 @@ from walfake import SEG, SYSID, make_data_dir, segment_bytes, write_file, write_
 
 from dbops.config import CompressionSettings
 from dbops.errors import ConflictError, ExitCode, NotFoundError, ValidationError
-from dbops.ops import walchain, walstatus
-from dbops.ops.archive import META_COMPRESSION, META_SHA256, WalArchive, fetch_range
-from dbops.ops.walfile import (
+from dbops.pg import walchain
+from dbops.ops.wal import status as walstatus
+from dbops.ops.wal.archive import META_COMPRESSION, META_SHA256, WalArchive, fetch_range
+from dbops.pg.walfile import (
     ClusterIdentity,
     cluster_identity,
     data_dir_of,
@@ -261,7 +262,7 @@ def test_fetch_range_tells_a_hole_from_the_end_of_the_archive(env, tmp_path):
 
 
 def test_gaps_are_checked_from_the_oldest_backups_start(env):
-    from dbops.backup import manifest as mf
+    from dbops.repo import manifest as mf
 
     store, layout, _data, _ = env
     _archive_series(env, [_seg(1, n) for n in (1, 2, 4, 5, 6)])

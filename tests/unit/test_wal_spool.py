@@ -22,11 +22,12 @@ from walfake import (
 
 from dbops import config as cfgmod
 from dbops.errors import DbopsError, UnknownOutcomeError
-from dbops.ops import fastpath, walspool
-from dbops.ops.archive import WalArchive
-from dbops.ops.walfile import cluster_identity
-from dbops.ops.walspool import PUSHER, await_pusher, spool_for
-from dbops.ops.walworker import Prefetcher, Pusher
+from dbops.cli import fastpath
+from dbops.ops.wal import spool as walspool
+from dbops.ops.wal.archive import WalArchive
+from dbops.pg.walfile import cluster_identity
+from dbops.ops.wal.spool import PUSHER, await_pusher, spool_for
+from dbops.ops.wal.worker import Prefetcher, Pusher
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
 
@@ -220,7 +221,7 @@ def test_fast_path_answers_a_stored_segment_without_typer_or_boto3(env, tmp_path
                                     "archive": {"spool_dir": str(tmp_path / "spool")}}))
     write_segment(data, SEGS[0])
     pusher_for(env).run()
-    code = ("import json, sys; from dbops.ops import fastpath; "
+    code = ("import json, sys; from dbops.cli import fastpath; "
             f"rc = fastpath.try_fast(['-c', {str(cfg_file)!r}, 'wal-push', 'pg_wal/{SEGS[0]}']); "
             "print(json.dumps([rc, [m for m in ('typer', 'click', 'boto3', 'botocore') if m in sys.modules]]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=data, capture_output=True, text=True, timeout=60,
@@ -275,7 +276,7 @@ def test_fetch_prefetched_misses_quietly(env):
 
 
 def test_pusher_retires_when_its_configuration_changes_or_a_caller_uses_another(env, tmp_path):
-    from dbops.ops.walworker import Watch
+    from dbops.ops.wal.worker import Watch
 
     _cfg, data, _store, _layout, spool = env
     conf = tmp_path / "a.yaml"

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dbops import log
-from dbops.backup import catalog
-from dbops.backup import manifest as mf
-from dbops.backup.catalog import BackupInfo
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo.catalog import BackupInfo
 from dbops.config import RetentionSettings
 from dbops.errors import ConflictError
 from dbops.pg.lsn import segment_of_lsn

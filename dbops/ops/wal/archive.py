@@ -27,8 +27,8 @@ import zstandard
 from dbops import log
 from dbops.config import CompressionSettings
 from dbops.errors import ConflictError, NotFoundError, ValidationError
-from dbops.ops import walchain
-from dbops.ops.walfile import ClusterIdentity, check_segment
+from dbops.pg import walchain
+from dbops.pg.walfile import ClusterIdentity, check_segment
 from dbops.pg.lsn import (
     DEFAULT_SEGMENT_SIZE,
     PARTIAL_RE,

@@ -7,7 +7,7 @@
 * :class:`Prefetcher` keeps the next few segments after the one `wal-fetch` last asked
   for downloaded, verified and decompressed in the spool.
 
-Run as ``python -m dbops.ops.walworker {pusher|prefetch} --config CFG --data-dir DIR``.
+Run as ``python -m dbops.ops.wal.worker {pusher|prefetch} --config CFG --data-dir DIR``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from dbops import log
 from dbops.errors import DbopsError, NotFoundError
-from dbops.ops.archive import WalArchive
-from dbops.ops.walfile import ClusterIdentity
-from dbops.ops.walspool import PREFETCHER, PUSHER, Spool, Want, push_order
+from dbops.ops.wal.archive import WalArchive
+from dbops.pg.walfile import ClusterIdentity
+from dbops.ops.wal.spool import PREFETCHER, PUSHER, Spool, Want, push_order
 from dbops.pg.lsn import DEFAULT_SEGMENT_SIZE, SEGMENT_RE, next_segment
 
 _log = log.get("walworker")
@@ -268,8 +268,8 @@ class Prefetcher:
 
 def main(argv: list[str] | None = None) -> int:
     from dbops import config as cfgmod
-    from dbops.ops.walfile import cluster_identity
-    from dbops.ops.walspool import spool_for
+    from dbops.pg.walfile import cluster_identity
+    from dbops.ops.wal.spool import spool_for
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 

@@ -1,9 +1,9 @@
 """Planned switchover: move the primary role to a standby with no lost commit and a short write gap.
 
-The sequence (each phase timed; see :func:`dbops.ops.failover_plan.describe`):
+The sequence (each phase timed; see :func:`dbops.ops.failover.plan.describe`):
 
 1. pre-hooks (blocking; a non-zero exit cancels before anything changes), a re-check,
-   candidate tuning (:mod:`dbops.ops.candidate`: 10 ms WAL retry interval, restore_command
+   candidate tuning (:mod:`dbops.ops.failover.candidate`: 10 ms WAL retry interval, restore_command
    suspended, so its promotion is not held up by archive clients or a 5 s retry sleep);
 2. CHECKPOINT on the old primary *while it still takes writes*, so the shutdown
    checkpoint has little to flush; PgBouncer PAUSE;
@@ -47,11 +47,11 @@ from dbops.errors import (
     UnknownOutcomeError,
 )
 from dbops.nodes import NodeController, open_controller
-from dbops.ops import replication as repl
-from dbops.ops.candidate import CandidateTuning
-from dbops.ops.failover_plan import FAIL, Finding, Options, Plan, make_plan
-from dbops.ops.failover_verify import verify
-from dbops.ops.pgbouncer import PgBouncer, paused
+from dbops.ops.failover import replication as repl
+from dbops.ops.failover.candidate import CandidateTuning
+from dbops.ops.failover.plan import FAIL, Finding, Options, Plan, make_plan
+from dbops.ops.failover import verify
+from dbops.ops.failover.pgbouncer import PgBouncer, paused
 from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
 
 _log = log.get("failover")
@@ -233,7 +233,7 @@ class Switchover:
             c.execute("checkpoint")
 
     def _tune_candidate(self) -> str:
-        """Short retry interval and (when safe) no restore_command until promotion; see dbops.ops.candidate."""
+        """Short retry interval and (when safe) no restore_command until promotion; see dbops.ops.failover.candidate."""
         value, version = self._cand.execute("select current_setting('restore_command'), "
                                             "current_setting('server_version_num')::int").fetchone()
         suspend = bool(value) and version >= 140000 and self._next_timeline_free()
@@ -483,7 +483,7 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
 
 
 def cluster_lock(cfg: Config) -> Any:
-    from dbops.lock import ClusterLock
+    from dbops.storage.lock import ClusterLock
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dbops import log
-from dbops.backup.manifest import DIR, FILE, SYMLINK
+from dbops.repo.manifest import DIR, FILE, SYMLINK
 
 _log = log.get("backup.walk")
 

@@ -8,21 +8,21 @@ Public entry points (the backup workflow in dbops/ops builds on these):
 * :mod:`retention` - plan and execute retention.
 """
 
-from dbops.backup.catalog import (
+from dbops.repo.catalog import (
     BackupInfo,
     StatusRecord,
     list_backups,
     new_backup_id,
     newest_usable,
 )
-from dbops.backup.manifest import ChunkRef, FileEntry, Manifest, PgState, load, save
-from dbops.backup.restore import (
+from dbops.repo.manifest import ChunkRef, FileEntry, Manifest, PgState, load, save
+from dbops.repo.restore import (
     RestoreStats,
     VerifyReport,
     restore_snapshot,
     verify_backup,
 )
-from dbops.backup.store import store_snapshot
+from dbops.repo.store import store_snapshot
 
 __all__ = [
     "BackupInfo", "ChunkRef", "FileEntry", "Manifest", "PgState", "RestoreStats", "StatusRecord", "VerifyReport",

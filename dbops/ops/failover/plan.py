@@ -257,7 +257,7 @@ def _controller_checks(p: NodeState, c: NodeState) -> list[Finding]:
 def _pgbouncer_checks(cfg: Config, p: NodeState) -> list[Finding]:
     import os
 
-    from dbops.ops.pgbouncer import PgBouncer, repoint_ini
+    from dbops.ops.failover.pgbouncer import PgBouncer, repoint_ini
 
     s = cfg.failover.pgbouncer
     assert s is not None

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dbops.errors import DbopsError, PreconditionError, UnknownOutcomeError
-from dbops.ops.walfile import data_dir_of, read_system_identifier
+from dbops.pg.walfile import data_dir_of, read_system_identifier
 from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class Spool:
 
 
 def _archive(cfg: Config):
-    from dbops.ops.archive import WalArchive
+    from dbops.ops.wal.archive import WalArchive
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 
@@ -377,7 +377,7 @@ def await_pusher(spool: Spool, name: str, wal_path: str, *, timeout: float,
 
 def push_sync(cfg: Config, wal_path: str, *, spool: Spool | None = None):
     """Upload in this process (imports boto3). Records the completion in the spool when there is one."""
-    from dbops.ops.walfile import cluster_identity
+    from dbops.pg.walfile import cluster_identity
 
     st = os.stat(wal_path)
     data_dir = data_dir_of(wal_path)
@@ -395,7 +395,7 @@ def spawn_worker(cfg: Config, which: str, data_dir: Path, spool: Spool) -> subpr
         return None
     _rotate(spool.log_path)
     with open(spool.log_path, "ab") as logf:
-        return proc.spawn([sys.executable, "-m", "dbops.ops.walworker", which, "--config",
+        return proc.spawn([sys.executable, "-m", "dbops.ops.wal.worker", which, "--config",
                            os.path.abspath(cfg.path), "--data-dir", str(data_dir)],
                           cwd=str(data_dir), stdout=logf, stderr=logf)
 
@@ -478,7 +478,7 @@ def poke_prefetcher(cfg: Config, spool: Spool) -> None:
 
 
 def _move_into_place(src: Path, dest: Path) -> None:
-    from dbops.ops.archive import fsync_dir
+    from dbops.ops.wal.archive import fsync_dir
 
     try:
         os.replace(src, dest)

@@ -15,7 +15,7 @@ prints it); :func:`restore` computes the same plan and carries it out:
    WAL replay is expected to need is fetched ahead (verified) into a scratch folder;
 4. write the folder's own recovery settings (``restore_command`` through ``dbops wal-fetch``,
    the target, the timeline, the final action, ``archive_mode = off``) and ``recovery.signal``;
-5. run the recovery (:mod:`dbops.ops.restore_run`): a local server pauses at the target,
+5. run the recovery (:mod:`dbops.ops.restore.run`): a local server pauses at the target,
    reports the LSN, last commit time and timeline it reached, then is promoted, left paused or
    shut down, stopped cleanly, and started for the user with ``--start``.
 
@@ -39,17 +39,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dbops import log, proc
-from dbops.backup import catalog
-from dbops.backup import manifest as mf
-from dbops.backup.restore import restore_snapshot
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot
 from dbops.config import Config
 from dbops.errors import NotFoundError, PreconditionError, TargetError, UsageError, ValidationError
-from dbops.ops import restore_conf as rconf
-from dbops.ops import restore_wal as rwal
-from dbops.ops import walchain
-from dbops.ops.archive import WalArchive
-from dbops.ops.backup import Phases, scratch_folder
-from dbops.ops.restore_target import FINAL_STATES, LATEST, LSN, TIME, RestoreTarget, iso_utc
+from dbops.ops.restore import conf as rconf
+from dbops.ops.restore import wal as rwal
+from dbops.pg import walchain
+from dbops.ops.wal.archive import WalArchive
+from dbops.ops.backup.run import Phases, scratch_folder
+from dbops.ops.restore.target import FINAL_STATES, LATEST, LSN, TIME, RestoreTarget, iso_utc
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
 from dbops.storage import ObjectStore, open_store
 from dbops.storage.layout import Layout
@@ -512,7 +512,7 @@ class RestoreResult:
 def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
             progress: Callable[[str], None] | None = None) -> RestoreResult:
     """Plan, then carry the plan out (see the module docstring)."""
-    from dbops.ops import restore_run
+    from dbops.ops.restore import run as restore_run
 
     opts.check()
     preflight(opts)  # before the scratch folder and the plan; the plan checks again
@@ -566,7 +566,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
 def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,
               ids: tuple[int, int] | None) -> dict[str, Any]:
     """The backup into the target folder (verified), or only what differs with --delta."""
-    from dbops.ops import restore_delta
+    from dbops.ops.restore import delta as restore_delta
 
     t0 = time.monotonic()
     owner = PG_OS_USER if ids else None

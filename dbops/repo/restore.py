@@ -25,8 +25,8 @@ from pathlib import Path
 import zstandard
 
 from dbops import log
-from dbops.backup import codec
-from dbops.backup.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
+from dbops.repo import codec
+from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
 from dbops.errors import NotFoundError, PreconditionError, StorageError, ValidationError
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout

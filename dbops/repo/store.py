@@ -34,9 +34,10 @@ from typing import Any
 import zstandard
 
 from dbops import log
-from dbops.backup import codec, walk
-from dbops.backup import manifest as mf
-from dbops.backup.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState
+from dbops.repo import codec
+from dbops.repo import walk
+from dbops.repo import manifest as mf
+from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState
 from dbops.config import CompressionSettings
 from dbops.errors import ConflictError, PreconditionError
 from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE, parse_segment_name, segment_of_lsn
@@ -312,7 +313,7 @@ def store_snapshot(
         raise PreconditionError(f"chunk size {chunk_size} is not a positive multiple of 8192")
     t0 = time.monotonic()
     if pg is None:
-        from dbops.backup import (
+        from dbops.repo import (
             pgstate,  # runs pg_controldata; synthetic folders pass pg
         )
 

@@ -16,8 +16,8 @@ from typing import Any
 from dbops import log
 from dbops.config import Config, Node
 from dbops.errors import DbopsError, NotFoundError, ValidationError
-from dbops.ops import walchain
-from dbops.ops.archive import WalArchive
+from dbops.pg import walchain
+from dbops.ops.wal.archive import WalArchive
 from dbops.pg.lsn import (
     BACKUP_LABEL_RE,
     DEFAULT_SEGMENT_SIZE,
@@ -145,7 +145,7 @@ def archive_status(store: ObjectStore, layout: Layout, *, start_segment: str | N
 
 def oldest_backup_start(store: ObjectStore, layout: Layout) -> str | None:
     """The segment the oldest usable backup needs first (its checkpoint's REDO), or None without backups."""
-    from dbops.backup import catalog
+    from dbops.repo import catalog
 
     backups = [b for b in catalog.list_backups(store, layout) if b.usable]
     if not backups:
@@ -215,7 +215,7 @@ def spool_state(cfg: Config, data_dir: str | None) -> dict[str, Any] | None:
     """The primary's local spool, when its data folder is readable from here."""
     from pathlib import Path
 
-    from dbops.ops.walspool import spool_for
+    from dbops.ops.wal.spool import spool_for
 
     if not data_dir:
         return None

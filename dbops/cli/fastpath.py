@@ -7,7 +7,7 @@ Recognised exactly (anything else goes the normal way, through the CLI):
 
 `wal-push` in async mode is handled here completely: answered from the spool when the
 background pusher has stored the segment already, else by handing it to the pusher and
-waiting (see dbops.ops.walspool). `wal-fetch` is answered here only when the segment is
+waiting (see dbops.ops.wal.spool). `wal-fetch` is answered here only when the segment is
 in the prefetch spool. A configuration problem falls through, so the CLI reports it.
 """
 
@@ -43,7 +43,7 @@ def try_fast(args: list[str]) -> int | None:
     from dbops import config as cfgmod
     from dbops import secrets
     from dbops.errors import DbopsError
-    from dbops.ops import walspool
+    from dbops.ops.wal import spool as walspool
 
     try:
         cfg = cfgmod.load(config_path)

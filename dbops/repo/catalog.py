@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbops.backup import manifest as mf
+from dbops.repo import manifest as mf
 from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.pg.lsn import parse_lsn
 from dbops.storage.base import ObjectStore

@@ -43,16 +43,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dbops import __version__, log, proc
-from dbops.backup import catalog
-from dbops.backup import manifest as mf
-from dbops.backup import pgstate
-from dbops.backup.restore import restore_snapshot
-from dbops.backup.store import store_snapshot
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo import pgstate
+from dbops.repo.restore import restore_snapshot
+from dbops.repo.store import store_snapshot
 from dbops.config import Config, Node
 from dbops.errors import (CommandError, DbopsError, NotFoundError, PostgresError, PreconditionError,
                           StorageError, ValidationError)
-from dbops.lock import ClusterLock
-from dbops.ops import archive as arch
+from dbops.storage.lock import ClusterLock
+from dbops.ops.wal import archive as arch
 from dbops.pg import binaries, controldata
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import format_lsn, segment_of_lsn

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from dbops import proc
 from dbops.errors import DbopsError, NotFoundError, ValidationError
-from dbops.ops import restore_conf as rconf
-from dbops.ops import walchain
-from dbops.ops.archive import WalArchive, decode_verified
+from dbops.ops.restore import conf as rconf
+from dbops.pg import walchain
+from dbops.ops.wal.archive import WalArchive, decode_verified
 from dbops.pg import binaries
 from dbops.pg.lsn import (
     HISTORY_RE,

@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from dbops.backup.manifest import PgState
+from dbops.repo.manifest import PgState
 from dbops.errors import PreconditionError
 from dbops.pg import controldata
 

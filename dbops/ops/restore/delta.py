@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from dbops import log
-from dbops.backup import codec
-from dbops.backup.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
-from dbops.backup.restore import (
+from dbops.repo import codec
+from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
+from dbops.repo.restore import (
     _chunks_of,
     _fetch,
     _finish_tree,

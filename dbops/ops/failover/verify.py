@@ -14,7 +14,7 @@ import time
 
 from dbops.config import Config, Node
 from dbops.errors import DbopsError
-from dbops.ops.failover_plan import FAIL, OK, Finding
+from dbops.ops.failover.plan import FAIL, OK, Finding
 
 
 def verify(cfg: Config, new: Node, followers: list[Node], *, timeline: int, old_timeline: int,

@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Any, Callable
 from dbops import log, proc
 from dbops.config import Config
 from dbops.errors import DbopsError, PostgresError, TargetError, ValidationError
-from dbops.ops import restore_conf as rconf
-from dbops.ops import restore_wal as rwal
-from dbops.ops.restore_target import iso_utc
+from dbops.ops.restore import conf as rconf
+from dbops.ops.restore import wal as rwal
+from dbops.ops.restore.target import iso_utc
 from dbops.pg import binaries, controldata
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.runtime import InstanceSpec, LocalRuntime
 
 if TYPE_CHECKING:
-    from dbops.ops.backup import Phases
-    from dbops.ops.restore import Options, Plan
+    from dbops.ops.backup.run import Phases
+    from dbops.ops.restore.plan import Options, Plan
 
 _log = log.get("restore")
 
