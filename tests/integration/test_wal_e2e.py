@@ -214,7 +214,7 @@ def test_a_killed_pusher_is_replaced_and_nothing_is_lost(make_lab, dbops_bin, tm
         while time.monotonic() < deadline and len(killed) < 3:
             try:
                 pid = int(lock.read_text().split()[0])
-                if pid not in killed and "walworker" in labmod._cmdline(pid):
+                if pid not in killed and "dbops.ops.wal.worker" in labmod._cmdline(pid):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             except (OSError, ValueError, IndexError):
