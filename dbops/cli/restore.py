@@ -20,6 +20,12 @@ def restore(
     to_lsn: Annotated[Optional[str], typer.Option("--to-lsn", help="Stop at this WAL location (16/B374D848)")] = None,
     to_xid: Annotated[Optional[str], typer.Option("--to-xid", help="Stop at the commit of this transaction")] = None,
     to_name: Annotated[Optional[str], typer.Option("--to-name", help="Stop at this restore point")] = None,
+    before_drop: Annotated[Optional[list[str]], typer.Option(
+        "--before-drop", help="Stop just before the transaction that dropped or truncated this table "
+                              "([DATABASE.][SCHEMA.]TABLE; repeatable), found in the archived WAL")] = None,
+    occurrence: Annotated[Optional[int], typer.Option(
+        "--occurrence", help="With --before-drop: the N-th drop of the table (1 = the oldest; default: the "
+                             "latest)")] = None,
     exclusive: Annotated[bool, typer.Option("--exclusive", help="Stop just before the target, not after it")] = False,
     timeline: Annotated[str, typer.Option("--timeline", help="'latest' or a timeline number")] = "latest",
     backup_id: Annotated[Optional[str], typer.Option("--backup", help="Restore this backup (checked against the "
@@ -48,7 +54,21 @@ def restore(
     finals = [n for n, on in (("promote", promote), ("pause", pause), ("shutdown", shutdown)) if on]
     if len(finals) > 1:
         raise UsageError("choose one of --promote, --pause, --shutdown")
-    target = from_options(to=to, to_lsn=to_lsn, to_xid=to_xid, to_name=to_name, exclusive=exclusive)
+    found = None
+    if before_drop:
+        if any(v is not None for v in (to, to_lsn, to_xid, to_name)) or exclusive:
+            raise UsageError("--before-drop is a target of its own: leave out --to, --to-lsn, --to-xid, --to-name "
+                             "and --exclusive")
+        from dbops.ops.restore import beforedrop
+
+        found = beforedrop.resolve(st.config(), list(before_drop), occurrence)
+        target = found.target
+        if not json_:
+            output.err(render_found(found))
+    else:
+        if occurrence is not None:
+            raise UsageError("--occurrence goes with --before-drop")
+        target = from_options(to=to, to_lsn=to_lsn, to_xid=to_xid, to_name=to_name, exclusive=exclusive)
     opts = rs.Options(target=target, target_dir=Path(target_dir).absolute(), timeline=parse_timeline(timeline),
                       backup_id=backup_id, final=finals[0] if finals else "promote", start=start, port=port,
                       keep_archiving=keep_archiving, force=force, delta=delta)
@@ -57,7 +77,8 @@ def restore(
     if dry_run:
         plan = rs.plan_restore(cfg, opts)
         if json_:
-            output.emit_json({"ok": True, "dry_run": True, **plan.as_dict()})
+            output.emit_json({"ok": True, "dry_run": True, **plan.as_dict(),
+                              **({"before_drop": found.as_dict()} if found else {})})
         else:
             output.out(render_plan(plan.as_dict()))
             output.out("dry run: nothing was changed")
@@ -68,10 +89,26 @@ def restore(
         if sys.stderr.isatty():
             sys.stderr.write("\r\033[K")
     d = res.as_dict()
+    if found:
+        d["before_drop"] = found.as_dict()
     if json_:
         output.emit_json(d)
     else:
         output.out(render_result(d))
+
+
+def render_found(found) -> str:
+    f = found.finding.as_dict()
+    lines = [f"found     {f['operation']} of {f['table']}: transaction {f['xid']}, committed {f['commit_time']} "
+             f"at LSN {f['commit_lsn']} on timeline {f['timeline']} (drop {f['occurrence']} of "
+             f"{len(next(s for s in found.searches if s.table == f['table']).findings)})"]
+    if f["also_dropped"]:
+        lines.append(f"          the same transaction also dropped: {', '.join(f['also_dropped'])}")
+    for c in found.chosen:
+        if c is not found.finding:
+            lines.append(f"          ({c.table}: transaction {c.xid} comes later; stopping before the earlier one)")
+    lines.append(f"restoring to just before transaction {f['xid']}")
+    return "\n".join(lines)
 
 
 def render_plan(p: dict[str, Any]) -> str:

@@ -97,6 +97,44 @@ def status(
     walstatus.require_no_gaps(st)
 
 
+@wal_app.command("find")
+def find(
+    ctx: typer.Context,
+    dropped: Annotated[list[str], typer.Option(
+        "--dropped", help="[DATABASE.][SCHEMA.]TABLE whose DROP or TRUNCATE to find (repeatable)")],
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout")] = False,
+) -> None:
+    """Find when a table was dropped or truncated: the transaction, its commit time and LSN, and what else
+    it dropped, read from the archived WAL. Exit 9: no backup knows the table, or no drop was found;
+    7: a segment the search needs is missing."""
+    from dbops.ops.wal import dropfind
+
+    st = state_of(ctx)
+    st.json_output = json_
+    cfg = st.config()
+    start_line("wal find", cluster=cfg.cluster, dropped=",".join(dropped))
+    searches = dropfind.find(cfg, list(dropped))
+    if json_:
+        output.emit_json({"ok": True, "searches": [s.as_dict() for s in searches]})
+    else:
+        output.out("\n\n".join(render_search(s) for s in searches))
+    for s in searches:
+        s.chosen(None)  # exit 9 when a table has no finding (after printing what was searched)
+
+
+def render_search(s) -> str:
+    """One table's findings as a table, with the WAL range searched."""
+    head = (f"{s.table}: {len(s.findings)} drop(s) or truncate(s) found in {s.segments} segment(s) "
+            f"({output.human_bytes(s.wal_bytes)}), {s.first_segment} .. {s.last_segment}, "
+            f"in {s.seconds:.1f}s; known to backup(s) {', '.join(s.backups)}")
+    rows = [(f.occurrence, f.xid, f.as_dict()["commit_time"], f.as_dict()["commit_lsn"], f.timeline,
+             f.as_dict()["operation"], ", ".join(f.also_dropped) or "-") for f in s.findings]
+    if not rows:
+        return head
+    return head + "\n" + output.table(["#", "xid", "commit time", "commit LSN", "timeline", "operation",
+                                        "also dropped"], rows)
+
+
 def _ago(epoch: float | None) -> str:
     return "-" if not epoch else output.human_seconds(max(0.0, time.time() - epoch)) + " ago"
 

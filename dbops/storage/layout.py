@@ -53,6 +53,10 @@ class Layout:
         """Written last: a backup without its manifest does not exist."""
         return self.backup_prefix(backup_id) + "manifest.json.zst"
 
+    def relation_map(self, backup_id: str) -> str:
+        """Which relfilenodes were which tables, read when the backup was validated (restore --before-drop)."""
+        return self.backup_prefix(backup_id) + "relmap.json.zst"
+
     def status_prefix(self, backup_id: str) -> str:
         return self.backup_prefix(backup_id) + "status/"
 

@@ -46,6 +46,8 @@ from dbops import __version__, log, proc
 from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo import pgstate
+from dbops.repo import relmap as relmap_store
+from dbops.pg import relmap as relmap_reader
 from dbops.repo.restore import restore_snapshot
 from dbops.repo.store import store_snapshot
 from dbops.config import Config, Node
@@ -83,6 +85,7 @@ class Validation:
     reason: str | None = None
     replayed_lsn: int | None = None
     last_commit_time: float | None = None
+    relation_map: dict[str, Any] | None = None  # read at the target; stored with the backup taken there
 
 
 @dataclass
@@ -525,6 +528,16 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
                                   detail=f"{a.sql} returned {val!r}, expected true")
 
 
+def read_relation_map(inst) -> dict[str, Any] | None:
+    """Which relfilenodes are which tables at the target (for `restore --before-drop`); a failure to
+    read it costs that feature for this backup, never the backup."""
+    try:
+        return relmap_reader.read(inst.node, inst.node())
+    except DbopsError as e:
+        log.event(_log, logging.WARNING, "could not read the relation map", error=e.message, detail=e.detail)
+        return None
+
+
 def _tool(cfg: Config, name: str) -> str:
     """A PostgreSQL tool's path as the runtime sees it (host bin dir for rootfs/none, PATH in an image)."""
     if cfg.runtime.engine != "none" and cfg.runtime.image:
@@ -559,6 +572,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
         with phases("checks"):
             run_checks(cfg, inst, val.checks)
+            val.relation_map = read_relation_map(inst)
         with phases("stop"):
             inst.stop("fast", timeout=timeout)
         cd = controldata.read(str(data), bin_dir=None)
@@ -733,6 +747,8 @@ class BackupRun:
         # segment holding it is archived (the replay went on to the end of the switch record).
         pg = pgstate.read(str(data), consistent_lsn=target.lsn, consistent_time=target.time)
         with phases("store"):
+            if val.relation_map is not None:  # before the manifest: a listed backup has its map
+                relmap_store.save(self.store, self.layout, backup_id, val.relation_map)
             manifest = store_snapshot(
                 self.store, self.layout, str(data), backup_id=backup_id, parent_manifests=parents,
                 compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,

@@ -49,7 +49,7 @@ from dbops.ops.restore import wal as rwal
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive
 from dbops.ops.backup.run import Phases, scratch_folder
-from dbops.ops.restore.target import FINAL_STATES, LATEST, LSN, TIME, RestoreTarget, iso_utc
+from dbops.ops.restore.target import FINAL_STATES, LATEST, LSN, TIME, XID, RestoreTarget, iso_utc
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
 from dbops.storage import ObjectStore, open_store
 from dbops.storage.layout import Layout
@@ -187,6 +187,8 @@ def fits(b: BackupChoice, target: RestoreTarget) -> bool:
         return bound <= target.epoch if target.inclusive else bound < target.epoch
     if target.kind == LSN:
         return b.consistent_lsn <= target.lsn
+    if target.kind == XID and target.lsn is not None:  # --before-drop knows where the commit is
+        return b.consistent_lsn < target.lsn
     return True
 
 
