@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from dbops.lab import harness as labmod  # noqa: E402
 
-BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover"]
+BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_dropfind"]
 
 
 def emit(rec: dict) -> None:

@@ -119,13 +119,20 @@ def list_(ctx: typer.Context, json_: JsonOpt = False) -> None:
 
 @backup_app.command("show")
 def show(ctx: typer.Context, backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest')")],
-         json_: JsonOpt = False) -> None:
+         json_: JsonOpt = False,
+         relations: Annotated[bool, typer.Option(
+             "--relations", help="Also list the tables its relation map knows (what --before-drop can find)")] = False,
+         ) -> None:
     """One backup in detail: manifest summary, status history, validation timings."""
     from dbops.ops import catalogview
 
     st = state_of(ctx)
     st.json_output = json_
     d = catalogview.show(st.config(), backup_id)
+    if relations:
+        from dbops.ops.wal import dropfind
+
+        d["relations"] = dropfind.tables_of(st.config(), d["backup_id"])
     if json_:
         output.emit_json(d)
         return
@@ -144,6 +151,11 @@ def show(ctx: typer.Context, backup_id: Annotated[str, typer.Argument(help="Back
         if h.get("timings"):
             line += " (" + ", ".join(f"{k} {v:.1f}s" for k, v in h["timings"].items()) + ")"
         output.out(line)
+    if relations:
+        rel = d["relations"]
+        output.out("relations:" if rel is not None else "relations: none recorded (taken before relation maps)")
+        for t in rel or []:
+            output.out(f"  {t['table']} (oid {t['oid']}, file {t['file']}, {t['parts']} index/TOAST file(s))")
 
 
 @backup_app.command("prune")

@@ -177,7 +177,7 @@ def test_before_truncate_brings_back_the_rows(drops, cli):
 def test_occurrence_picks_the_drop_latest_by_default(drops, cli):
     d, node, target = restore_before(cli, drops, "churn")
     try:
-        assert d["before_drop"]["stop_before"]["occurrence"] == 2 and d["backup_id"] == drops.b2
+        assert d["before_drop"]["stop_before"]["occurrence"] == 2  # from b1 (validated) or b2: both fit
         assert [r[0] for r in sql(node, "SELECT note FROM churn ORDER BY id")] == ["second life", "second life"]
         assert events(node)[-1] == "e5 after the drop"
     finally:
@@ -219,6 +219,11 @@ def test_unknown_table_exit_9_names_the_newest_backup(drops, cli):
     r = find(cli, drops.lab, "no_such_table")
     assert r.exit_code == 9 and "no backup knows a table no_such_table" in r.stderr, r
     assert f"the newest {drops.b2}" in r.stderr
+    shown = cli(["-c", drops.lab.config_path, "backup", "show", drops.b1, "--relations", "--json"])
+    assert shown.exit_code == 0, shown
+    known = {t["table"] for t in json.loads(shown.stdout)["relations"]}
+    assert {"postgres.public.orders", "shop.public.items", "postgres.sales.leads"} <= known
+    assert not any(".pg_catalog." in t for t in known)
 
 
 def test_no_drop_found_exit_9_states_the_range(drops, cli):

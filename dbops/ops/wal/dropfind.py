@@ -121,6 +121,16 @@ def _target(maps: list[relmap.RelMap], asked: str) -> _Target:
     return _Target(asked, names[0], heap, files, {t.db_oid for t in tables}, known)
 
 
+def tables_of(cfg: Config, backup_id: str, *, store: ObjectStore | None = None) -> list[dict[str, Any]] | None:
+    """The tables a backup's relation map knows; None when it has no map."""
+    store = store or open_store(cfg.storage)
+    m = relmap.load(store, Layout(cfg.storage.prefix), backup_id)
+    if m is None:
+        return None
+    return [{"table": t.qualified, "oid": t.oid, "kind": t.kind, "file": t.file.path() if t.file else None,
+             "parts": len(m.parts_of(t)) - 1} for t in sorted(m.tables(), key=lambda r: r.qualified)]
+
+
 def find(cfg: Config, names: list[str], *, store: ObjectStore | None = None,
          parallel: int | None = None) -> list[Search]:
     t0 = time.monotonic()
