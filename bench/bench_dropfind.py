@@ -68,7 +68,7 @@ def run(lab: labmod.LabInfo, scale: int = 100, **_kw) -> list[dict]:
         seconds = time.monotonic() - t0
         f = search.findings
         out.append({"bench": "before_drop_find", "backup": backup_id, "wal_gb": round(search.wal_bytes / GB, 3),
-                    "segments": search.segments, "seconds": round(seconds, 2),
+                    "stored_gb": round(search.stored_bytes / GB, 3), "segments": search.segments, "seconds": round(seconds, 2),
                     "s_per_gb": round(seconds / max(search.wal_bytes / GB, 1e-9), 2),
                     "found": len(f), "kind": f[0].kind if f else None, "goal_s_per_gb": 10,
                     "cpus": os.cpu_count()})

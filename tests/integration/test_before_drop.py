@@ -82,7 +82,7 @@ def drops(lab_factory) -> Drops:
     sql(p, "DROP SCHEMA sales CASCADE")
     sql(p, "DROP TABLE items", db="shop")
     sql(p, "INSERT INTO events (note) VALUES ('e4')")
-    sql(p, "VACUUM FULL events")  # a rewrite swaps files too: never a finding
+    sql(p, "VACUUM FULL orders")  # a rewrite swaps files too: followed, never a finding
     sql(p, "DROP TABLE orders")
     sql(p, "INSERT INTO events (note) VALUES ('e5 after the drop')")
     switch_and_archive(lab)

@@ -63,7 +63,8 @@ class Search:
     first_segment: str | None = None
     last_segment: str | None = None
     segments: int = 0
-    wal_bytes: int = 0
+    wal_bytes: int = 0  # segments x segment size: the WAL read
+    stored_bytes: int = 0  # what was downloaded (compressed)
     seconds: float = 0.0
 
     def chosen(self, occurrence: int | None) -> Finding:
@@ -84,7 +85,8 @@ class Search:
     def as_dict(self) -> dict[str, Any]:
         return {"asked": self.asked, "table": self.table, "backups": self.backups,
                 "searched": {"first_segment": self.first_segment, "last_segment": self.last_segment,
-                             "segments": self.segments, "bytes": self.wal_bytes, "seconds": round(self.seconds, 3)},
+                             "segments": self.segments, "bytes": self.wal_bytes, "stored_bytes": self.stored_bytes,
+                             "seconds": round(self.seconds, 3)},
                 "findings": [f.as_dict() for f in self.findings]}
 
 
@@ -174,8 +176,8 @@ def find(cfg: Config, names: list[str], *, store: ObjectStore | None = None,
         for i, f in enumerate(t.findings, 1):
             f.occurrence = i
         out.append(Search(t.asked, t.table, t.backups, t.findings, segs[0] if segs else None,
-                          segs[-1] if segs else None, len(segs), sum(inv.segments[n].size for n in segs),
-                          time.monotonic() - t0))
+                          segs[-1] if segs else None, len(segs), len(segs) * seg_size,
+                          sum(inv.segments[n].size for n in segs), time.monotonic() - t0))
     return out
 
 
@@ -230,7 +232,7 @@ def _commit(t: _Target, c: Commit, made: list[tuple[int, FileId]], gone_dbs: set
         t.findings.append(finding)
         if successor:  # the table lives on in a new file: follow it, and check whether data was copied
             t.heap.add(successor[1])
-            t.files.add(successor[1])
+            t.files.update(f for _lsn, f in made if f.db in dbs)  # its new index and TOAST files too
             t.checks.append((finding, successor[1], successor[0], c.lsn))
     elif gone_dbs & t.db_oids:
         t.findings.append(Finding(t.table, 0, c.xid, c.lsn, c.time, c.timeline, DROP_DATABASE,
