@@ -40,7 +40,7 @@ def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, A
     rows = []
     for b in catalog.list_backups(store, layout, with_status=False):
         if b.referenced_bytes is None:  # an older manifest: its summary lacks these, so read it
-            b = catalog.info_of(mf.load(store, layout, b.backup_id))
+            b = catalog.info_of(mf.load_header(store, layout, b.backup_id))
         history = catalog.statuses(store, layout, b.backup_id)
         latest = history[-1] if history else None
         rows.append({
@@ -75,7 +75,7 @@ def resolve_id(store: ObjectStore, layout: Layout, backup_id: str | None) -> str
 def show(cfg: Config, backup_id: str, store: ObjectStore | None = None) -> dict[str, Any]:
     store, layout = _open(cfg, store)
     bid = resolve_id(store, layout, backup_id)
-    m = mf.load(store, layout, bid)
+    m = mf.load_header(store, layout, bid)
     history = catalog.statuses(store, layout, bid)
     latest = history[-1] if history else None
     return {
@@ -92,7 +92,7 @@ def show(cfg: Config, backup_id: str, store: ObjectStore | None = None) -> dict[
         "system_identifier": m.pg.system_identifier,
         "data_checksums": m.pg.data_checksums,
         "dbops_version": m.dbops_version,
-        "files": len(m.files),
+        "files": m.entry_count if m.entry_count is not None else sum(1 for _ in m.entries()),
         "logical_size": m.logical_size,
         "stored_size": m.referenced_bytes(),
         "new_bytes": m.stored_bytes,
@@ -135,7 +135,7 @@ def prune(cfg: Config, *, confirm: bool, store: ObjectStore | None = None, now: 
         p = retention.build_plan(store, layout, policy, now=now)
         seg_size = 16 * 1024 * 1024
         if p.keep:
-            seg_size = mf.load(store, layout, p.keep[0]).pg.wal_segment_size
+            seg_size = mf.load_header(store, layout, p.keep[0]).pg.wal_segment_size
         return p, _wal_to_remove(store, layout, p.oldest_wal, seg_size)
 
     if not confirm:

@@ -184,7 +184,7 @@ def list_backups(store: ObjectStore, layout: Layout, *, with_status: bool = True
         info = _info_from_metadata(backup_id, head.metadata)
         if info is None:
             try:
-                info = info_of(mf.load(store, layout, backup_id))
+                info = info_of(mf.load_header(store, layout, backup_id))
             except NotFoundError:
                 continue
         if with_status and backup_id in status_keys:

@@ -1,142 +1,139 @@
 """The backup manifest: everything needed to restore one backup on its own.
 
-Stored zstd-compressed JSON at ``Layout.manifest(id)``, written last and with
-``if_absent``: a backup exists exactly when its manifest does.
+Stored at ``Layout.manifest(id)``, written last and with ``if_absent``: a backup exists
+exactly when its manifest does. Encodings: :mod:`dbops.repo.mformat` (format 3 written,
+formats 1 and 2 read).
 
-A file's content is a list of fixed-size chunks (``chunk_size``; the last one
-may be shorter), each identified by the sha256 of its raw content. New chunks are
-stored together in frames (several chunks compressed as one zstd frame), so a
-chunk ref names its frame: ``pack`` (id), ``offset`` and ``length`` of the frame
-inside that pack object, ``frame_raw`` (the frame's uncompressed length), and the
-chunk's place in the decompressed frame: ``at`` and ``raw`` (its length).
+A file's content is a list of fixed-size blocks (``FileEntry.block``, chosen by file size:
+see :func:`dbops.repo.blocks.block_size`; the last one may be shorter), each identified by
+the sha256 of its raw content. Blocks are stored in frames (several blocks compressed as one
+zstd frame), so a block ref names its frame: ``pack`` (id), ``offset`` and ``length`` of the
+frame inside that pack object, ``frame_raw`` (its uncompressed length), and the block's place
+in the decompressed frame: ``at`` and ``raw`` (its length).
 
-* ``pack is None``: an all-zero chunk, never stored (restored as a hole);
+* ``pack is None``: an all-zero block, never stored (restored as a hole);
 * ``length == frame_raw``: the frame is stored uncompressed; shorter: a zstd frame.
 
-Format 2 (written): ``MAGIC``, then a 4-byte length and the zstd-compressed JSON
-document (files without chunks, plus the ``packs`` id table), then the zstd-compressed
-binary chunk table of every file's chunks in file order, column by column:
-sha256 digests (32 bytes), pack numbers (u32, ``NO_PACK`` for zero chunks), frame
-offsets (u64), frame lengths, frame raw lengths, offsets in the frame (u32 each);
-chunk counts and raw lengths follow from file sizes and ``chunk_size``.
-Format 1 (read only): zstd-compressed JSON, chunk refs as
-``[sha256_hex, pack_id | null, offset, length, raw]`` (one chunk per frame).
+A manifest read from storage keeps its entries in a local file and hands them out one at a
+time (:meth:`Manifest.entries`): memory stays flat in the size of the database.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
-import sys
+import tempfile
 import time
-from array import array
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import zstandard
 
 import dbops
 from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.pg.lsn import format_lsn, parse_lsn
+from dbops.repo import mformat
+from dbops.repo.model import DIR, FILE, SYMLINK, ChunkRef, FileEntry, PgState, path_key
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
-MAGIC = b"DBOPSMF2"
-NO_PACK = 0xFFFFFFFF
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+MAGIC = mformat.MAGIC2
+NO_PACK = mformat.NO_PACK
 
-FILE, DIR, SYMLINK = "file", "dir", "symlink"
-
-
-class ChunkRef(NamedTuple):
-    """One chunk of a file and the stored frame holding it (a tuple: hundreds of thousands per manifest)."""
-
-    hash: str  # sha256 hex of the raw chunk
-    pack: str | None  # None: all zeros, not stored
-    offset: int  # the frame's offset in the pack
-    length: int  # the frame's stored length
-    raw: int  # the chunk's length
-    at: int = 0  # the chunk's offset in the decompressed frame
-    frame_raw: int = 0  # the frame's uncompressed length
-
-    @property
-    def is_zero(self) -> bool:
-        return self.pack is None
-
-    @property
-    def compressed(self) -> bool:
-        return self.length < self.frame_raw
+__all__ = ["DIR", "FILE", "SYMLINK", "ChunkRef", "FileEntry", "Manifest", "PgState", "load", "save", "path_key"]
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    path: str  # relative to the data folder, "/"-separated; "." is the folder itself
-    type: str  # file | dir | symlink
-    mode: int  # permission bits (stat.S_IMODE)
-    mtime_ns: int
-    size: int = 0
-    target: str | None = None  # symlinks only
-    chunks: tuple[ChunkRef, ...] = ()
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
-@dataclass(frozen=True)
-class PgState:
-    """What PostgreSQL's control data says about the snapshot."""
-
-    pg_version: str  # PG_VERSION, e.g. "15"
-    system_identifier: str
-    timeline: int
-    redo_lsn: int  # checkpoint REDO: WAL from here on is needed to start
-    consistent_lsn: int  # the snapshot is consistent once WAL up to here is replayed
-    consistent_time: float  # epoch seconds the snapshot's contents correspond to
-    wal_segment_size: int = 16 * 1024 * 1024
-    data_checksums: bool = False
-
-
-@dataclass
 class Manifest:
-    backup_id: str
-    pg: PgState
-    chunk_size: int
-    compression: dict[str, Any]  # {"algorithm": "zstd", "level": 3}
-    files: list[FileEntry]
-    parent_id: str | None = None
-    created: float = field(default_factory=time.time)
-    dbops_version: str = dbops.__version__
-    logical_size: int = 0  # bytes of regular-file content
-    stored_bytes: int = 0  # bytes of pack objects this backup added
-    counts: dict[str, int] = field(default_factory=dict)  # chunks, new_chunks, reused_chunks, zero_chunks, packs
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    meta: dict[str, Any] = field(default_factory=dict)  # free-form, filled by the workflow
-    format: int = FORMAT_VERSION
+    """One backup's manifest: the header fields, and its entries (in memory, or in a local file)."""
 
-    # ------------------------------------------------------------------ derived
+    def __init__(self, backup_id: str, pg: PgState, chunk_size: int, compression: dict[str, Any],
+                 files: list[FileEntry] | None = None, parent_id: str | None = None, created: float | None = None,
+                 dbops_version: str = dbops.__version__, logical_size: int = 0, stored_bytes: int = 0,
+                 counts: dict[str, int] | None = None, timings: dict[str, float] | None = None,
+                 meta: dict[str, Any] | None = None, format: int = FORMAT_VERSION):
+        self.backup_id, self.pg, self.chunk_size, self.compression = backup_id, pg, chunk_size, compression
+        self.parent_id = parent_id
+        self.created = time.time() if created is None else created
+        self.dbops_version = dbops_version
+        self.logical_size, self.stored_bytes = logical_size, stored_bytes
+        self.counts = dict(counts or {})  # blocks, new, reused, zero, packs, frames
+        self.timings = dict(timings or {})  # seconds per phase
+        self.meta = dict(meta or {})  # free-form, filled by the workflow
+        self.format = format
+        self._files = list(files) if files is not None else None
+        self._source: tuple[str, int] | None = None  # (local file, offset of the entry stream): format 3
+        self._packs: list[str] | None = None  # format 3: the pack table
+        self._referenced: int | None = None
+        self.entry_count: int | None = None
+
+    # ------------------------------------------------------------------ entries
+
+    def _attach(self, path: str, offset: int, packs: list[str], referenced: int, entries: int) -> None:
+        """Back the entries by a local format-3 file, removed when this object goes."""
+        self._files, self._source = None, (path, offset)
+        self._packs, self._referenced, self.entry_count = list(packs), referenced, entries
+        weakref.finalize(self, _unlink, path)
+
+    def header_only(self, *, packs: list[str], referenced: int, entries: int) -> None:
+        """Mark as read without entries (see :func:`load_header`): asking for them is a bug."""
+        self._files, self._source = None, None
+        self._packs, self._referenced, self.entry_count = packs, referenced, entries
+
+    def entries(self) -> Iterator[FileEntry]:
+        """Every entry, in walk order, one at a time (each checked for consistency)."""
+        if self._source is None and self._files is None and self._packs is not None:
+            raise RuntimeError(f"manifest of backup {self.backup_id} was read without its entries")
+        if self._source is not None:
+            yield from mformat.read_entries(self._source[0], self._source[1], self._packs or [],
+                                            self.entry_count or 0, f"manifest of backup {self.backup_id}")
+            return
+        for f in self._files or ():
+            if f.type == FILE and not f.block:
+                f = FileEntry(f.path, f.type, f.mode, f.mtime_ns, f.size, f.target, f.chunks, self.chunk_size)
+            yield f
+
+    @property
+    def files(self) -> list[FileEntry]:
+        """Every entry in a list: for small manifests and tests; the workflows use :meth:`entries`."""
+        return list(self.entries())
 
     def packs(self) -> set[str]:
         """Every pack id this backup's files point into."""
-        return {c.pack for f in self.files for c in f.chunks if c.pack is not None}
+        if self._packs is not None:
+            return set(self._packs)
+        return {c.pack for f in self.entries() for c in f.chunks if c.pack is not None}
 
     def check(self) -> None:
-        """Structural consistency: every file's chunks cover exactly its size."""
-        for f in self.files:
-            if f.type != FILE:
-                continue
-            expected = -(-f.size // self.chunk_size) if f.size else 0
-            total = sum(c.raw for c in f.chunks)
-            if len(f.chunks) != expected or total != f.size or any(
-                c.raw != self.chunk_size for c in f.chunks[:-1]
-            ):
-                raise ValidationError(
-                    f"backup {self.backup_id}: manifest entry for {f.path} is inconsistent",
-                    detail=f"size {f.size}, {len(f.chunks)} chunks covering {total} bytes "
-                    f"(chunk size {self.chunk_size})",
-                )
+        """Structural consistency: every file's blocks cover exactly its size."""
+        for f in self.entries():
+            mformat.check_entry(f, f"backup {self.backup_id}")
 
-    # ------------------------------------------------------------------ (de)serialisation
+    def referenced_bytes(self) -> int:
+        """Bytes in storage this backup reads: every stored frame it points into, once."""
+        if self._referenced is not None:
+            return self._referenced
+        seen: dict[tuple[str, int], int] = {}  # several blocks may share one frame
+        for f in self.entries():
+            for c in f.chunks:
+                if c.pack is not None:
+                    seen[(c.pack, c.offset)] = c.length
+        return sum(seen.values())
+
+    # ------------------------------------------------------------------ header
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": self.format,
             "backup_id": self.backup_id,
             "parent_id": self.parent_id,
@@ -159,8 +156,12 @@ class Manifest:
             "counts": self.counts,
             "timings": self.timings,
             "meta": self.meta,
-            "files": [_file_to_json(f, with_chunks=self.format == 1) for f in self.files],
         }
+        if self.format == 1:  # only for tests that make an old manifest
+            d["files"] = [{**mformat.entry_meta(f), **({"chunks": [[c.hash, c.pack, c.offset, c.length, c.raw]
+                                                                   for c in f.chunks]} if f.type == FILE else {})}
+                          for f in self.entries()]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -194,42 +195,84 @@ class Manifest:
             counts=dict(d.get("counts") or {}),
             timings=dict(d.get("timings") or {}),
             meta=dict(d.get("meta") or {}),
-            files=[_file_from_json(f) for f in d["files"]],
         )
 
-    def to_bytes(self) -> bytes:
-        """Format 2 (see the module docstring); a manifest read from format 1 is written as 2."""
+    def header(self, writer: mformat.Writer) -> dict[str, Any]:
+        d = self.to_dict()
+        d["format"] = FORMAT_VERSION
+        d.update(packs=list(writer.packs), referenced_bytes=writer.referenced_bytes, entries=writer.entries)
+        return d
+
+    # ------------------------------------------------------------------ files and bytes
+
+    def write_file(self, path: str) -> None:
+        """Encode as format 3 into a local file (entries streamed from wherever they are now)."""
+        w = mformat.Writer(path)
+        try:
+            for f in self.entries():
+                w.add(f)
+            w.finish(self.header(w))
+        except BaseException:
+            w.abort()
+            raise
+        self._files = None if self._source else self._files
         self.format = FORMAT_VERSION
-        doc = self.to_dict()
-        doc["packs"], table = _encode_table(self.files)
-        head = zstandard.ZstdCompressor(level=9).compress(json.dumps(doc, separators=(",", ":")).encode())
-        return MAGIC + struct.pack("<I", len(head)) + head + zstandard.ZstdCompressor(level=3).compress(table)
+        self._packs, self._referenced, self.entry_count = list(w.packs), w.referenced_bytes, w.entries
+
+    @classmethod
+    def from_file(cls, path: str, *, what: str = "manifest", own: bool = True) -> Manifest:
+        """Read a stored manifest from a local file; format 3 entries stay there (``own``: the
+        file is removed with the object), older formats are read whole."""
+        try:
+            with open(path, "rb") as f:
+                fmt, doc, offset = mformat.read_header(f)
+            doc.setdefault("format", fmt)
+            m = cls.from_dict(doc)
+            if fmt == 1:
+                m._files = mformat.old_files_from_json(doc)
+            elif fmt == 2:
+                m._files = doc["files"]
+            else:
+                m._attach(path, offset, [str(p) for p in doc["packs"]], int(doc["referenced_bytes"]),
+                          int(doc["entries"]))
+                return m
+        except ValidationError:
+            if own:
+                _unlink(path)
+            raise
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zstandard.ZstdError, struct.error) as e:
+            if own:
+                _unlink(path)
+            raise ValidationError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
+        if own:
+            _unlink(path)
+        return m
+
+    def to_bytes(self) -> bytes:
+        """The stored form (format 3) in memory: for small manifests and tests."""
+        fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
+        os.close(fd)
+        try:
+            self.write_file(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            _unlink(path)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, what: str = "manifest") -> Manifest:
+        """Parse a stored manifest held in memory (entries read into memory too)."""
+        fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         try:
-            dz = zstandard.ZstdDecompressor()
-            if not data.startswith(MAGIC):
-                return cls.from_dict(json.loads(dz.decompress(data)))  # format 1
-            at = len(MAGIC) + 4
-            (n,) = struct.unpack_from("<I", data, len(MAGIC))
-            d = json.loads(dz.decompress(data[at:at + n]))
-            m = cls.from_dict(d)
-            m.files = _decode_table(m.files, m.chunk_size, d["packs"], dz.decompress(data[at + n:]))
+            m = cls.from_file(path, what=what, own=False)
+            if m._source is not None:
+                files = list(m.entries())
+                m._source, m._files = None, files
             return m
-        except ValidationError:
-            raise
-        except (zstandard.ZstdError, ValueError, KeyError, TypeError, struct.error) as e:
-            raise ValidationError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
-
-    def referenced_bytes(self) -> int:
-        """Bytes in storage this backup reads: every stored frame it points into, once."""
-        seen: dict[tuple[str, int], int] = {}  # several chunks may share one frame
-        for f in self.files:
-            for c in f.chunks:
-                if c.pack is not None:
-                    seen[(c.pack, c.offset)] = c.length
-        return sum(seen.values())
+        finally:
+            _unlink(path)
 
     def summary_metadata(self) -> dict[str, str]:
         """Small object metadata so a catalog listing needs a HEAD, not a download."""
@@ -248,111 +291,77 @@ class Manifest:
         }
 
 
-def _file_to_json(f: FileEntry, *, with_chunks: bool) -> dict[str, Any]:
-    d: dict[str, Any] = {"path": f.path, "type": f.type, "mode": f.mode, "mtime_ns": f.mtime_ns}
-    if f.type == FILE:
-        d["size"] = f.size
-        if with_chunks:
-            d["chunks"] = [[c.hash, c.pack, c.offset, c.length, c.raw] for c in f.chunks]
-    elif f.type == SYMLINK:
-        d["target"] = f.target
-    return d
-
-
-def _file_from_json(d: dict[str, Any]) -> FileEntry:
-    return FileEntry(
-        path=d["path"],
-        type=d["type"],
-        mode=int(d["mode"]),
-        mtime_ns=int(d["mtime_ns"]),
-        size=int(d.get("size", 0)),
-        target=d.get("target"),
-        chunks=tuple(ChunkRef(h, p, int(o), int(n), int(r), 0, int(r) if p else 0)  # format 1: a frame per chunk
-                     for h, p, o, n, r in d.get("chunks", ())),
-    )
-
-
-_COLUMNS = ("I", "Q", "I", "I", "I")  # pack number, frame offset, frame length, frame raw length, offset in frame
-
-
-def _encode_table(files: list[FileEntry]) -> tuple[list[str], bytes]:
-    """(pack id table, binary chunk table) of every file's chunks, in file order."""
-    chunks = [c for f in files if f.type == FILE for c in f.chunks]
-    numbers: dict[str | None, int] = {None: NO_PACK}
-    for c in chunks:
-        if c.pack not in numbers:
-            numbers[c.pack] = len(numbers) - 1
-    cols = [array(t) for t in _COLUMNS]
-    cols[0].extend(map(numbers.__getitem__, (c.pack for c in chunks)))
-    cols[1].extend(c.offset for c in chunks)
-    cols[2].extend(c.length for c in chunks)
-    cols[3].extend(c.frame_raw for c in chunks)
-    cols[4].extend(c.at for c in chunks)
-    if sys.byteorder == "big":
-        for col in cols:
-            col.byteswap()
-    digests = bytes.fromhex("".join(c.hash for c in chunks))
-    return [p for p in numbers if p is not None], b"".join([digests, *(col.tobytes() for col in cols)])
-
-
-def _decode_table(files: list[FileEntry], chunk_size: int, packs: list[str], table: bytes) -> list[FileEntry]:
-    """The files with their chunks from a binary chunk table (inverse of :func:`_encode_table`)."""
-    counts = [-(-f.size // chunk_size) if f.type == FILE else 0 for f in files]
-    n = sum(counts)
-    width = 32 + sum(array(t).itemsize for t in _COLUMNS)
-    if len(table) != n * width:
-        raise ValueError(f"chunk table has {len(table)} bytes, {n} chunks need {n * width}")
-    hx = table[:32 * n].hex()
-    hashes = [hx[i:i + 64] for i in range(0, 64 * n, 64)]
-    pos, cols = 32 * n, []
-    for t in _COLUMNS:
-        col = array(t)
-        col.frombytes(table[pos:pos + n * col.itemsize])
-        if sys.byteorder == "big":
-            col.byteswap()
-        cols.append(col)
-        pos += n * col.itemsize
-    names: dict[int, str | None] = dict(enumerate(packs))
-    names[NO_PACK] = None
-    pack_of = list(map(names.__getitem__, cols[0]))
-    raws: list[int] = []
-    for f, k in zip(files, counts, strict=True):
-        if k:
-            raws.extend([chunk_size] * (k - 1))
-            raws.append(f.size - (k - 1) * chunk_size)
-    refs = list(map(ChunkRef, hashes, pack_of, cols[1], cols[2], raws, cols[4], cols[3]))
-    out, i = [], 0
-    for f, k in zip(files, counts, strict=True):
-        out.append(FileEntry(f.path, f.type, f.mode, f.mtime_ns, f.size, f.target, tuple(refs[i:i + k])) if k else f)
-        i += k
-    return out
-
-
 # ---------------------------------------------------------------------- storage
 
 
-def save(store: ObjectStore, layout: Layout, manifest: Manifest) -> None:
-    """Write the manifest (the act that makes the backup exist). Never replaces one."""
+def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | None = None) -> None:
+    """Write the manifest (the act that makes the backup exist). Never replaces one.
+    ``path``: the manifest already encoded there (format 3)."""
     key = layout.manifest(manifest.backup_id)
-    if not store.put(key, manifest.to_bytes(), metadata=manifest.summary_metadata(), if_absent=True):
+    own = path is None
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
+        os.close(fd)
+        manifest.write_file(path)
+    try:
+        ok = store.put_file(key, path, metadata=manifest.summary_metadata(), if_absent=True)
+    finally:
+        if own:
+            _unlink(path)
+    if not ok:
         raise ConflictError(
             f"backup {manifest.backup_id} already exists ({key})",
             hint="backup ids are unique per run; this is a bug or a clock far in the past",
         )
 
 
-def load(store: ObjectStore, layout: Layout, backup_id: str) -> Manifest:
-    """Read one backup's manifest; NotFoundError when the backup does not exist."""
+def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | None = None) -> Manifest:
+    """Read one backup's manifest; NotFoundError when the backup does not exist. A format-3
+    manifest is downloaded to a local file (in ``tmp_dir``) that its entries are read from."""
     key = layout.manifest(backup_id)
+    fd, path = tempfile.mkstemp(prefix="dbops-manifest-", dir=tmp_dir)
+    os.close(fd)
     try:
-        data = store.get(key)
+        store.get_to_file(key, path)
     except NotFoundError:
+        _unlink(path)
         raise NotFoundError(
             f"backup {backup_id} does not exist",
             detail=f"no manifest at {key}",
             hint="`dbops backup list` shows the backups there are",
         ) from None
-    m = Manifest.from_bytes(data, what=f"manifest of backup {backup_id} ({key})")
+    except BaseException:
+        _unlink(path)
+        raise
+    m = Manifest.from_file(path, what=f"manifest of backup {backup_id} ({key})")
+    if m.backup_id != backup_id:
+        raise ValidationError(f"manifest at {key} names backup {m.backup_id}, not {backup_id}")
+    return m
+
+
+def load_header(store: ObjectStore, layout: Layout, backup_id: str) -> Manifest:
+    """One backup's manifest without its entries where the format allows (format 3: two ranged
+    reads of the header; pack table, sizes and counts included): for the catalog and retention.
+    Older formats are loaded whole."""
+    key = layout.manifest(backup_id)
+    try:
+        start = store.get_range(key, 0, len(mformat.MAGIC3) + 4)
+    except NotFoundError:
+        start = b""
+    if not start.startswith(mformat.MAGIC3) or len(start) < len(mformat.MAGIC3) + 4:
+        return load(store, layout, backup_id)
+    (n,) = struct.unpack_from("<I", start, len(mformat.MAGIC3))
+    what = f"manifest of backup {backup_id} ({key})"
+    try:
+        doc = json.loads(zstandard.ZstdDecompressor().decompress(store.get_range(key, len(start), n)))
+        doc.setdefault("format", 3)
+        m = Manifest.from_dict(doc)
+        m.header_only(packs=[str(p) for p in doc["packs"]], referenced=int(doc["referenced_bytes"]),
+                      entries=int(doc["entries"]))
+    except ValidationError:
+        raise
+    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as e:
+        raise ValidationError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
     if m.backup_id != backup_id:
         raise ValidationError(f"manifest at {key} names backup {m.backup_id}, not {backup_id}")
     return m

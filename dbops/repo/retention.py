@@ -164,7 +164,7 @@ def build_plan(
 ) -> RetentionPlan:
     """Read the catalog, every manifest and the pack listing; then :func:`plan`."""
     backups = catalog.list_backups(store, layout)
-    manifests = {b.backup_id: mf.load(store, layout, b.backup_id) for b in backups}
+    manifests = {b.backup_id: mf.load_header(store, layout, b.backup_id) for b in backups}
     return plan(
         backups,
         lambda i: manifests[i].packs(),

@@ -1,21 +1,23 @@
-"""Store side: a stopped data folder into content-addressed chunks, packed and uploaded.
+"""Store side: a stopped data folder into blocks, packed and uploaded, with a streamed manifest.
 
-Pipeline (all threads; sha256, zstd and file reads release the GIL):
+Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in database size:
 
-* the walk yields files; every file is cut into work units of up to ``UNIT_BYTES``;
-* ``parallel`` workers take a unit each, read it chunk by chunk (fixed, page-aligned
-  offsets), hash every chunk and look it up: all-zero chunks are not stored, chunks
-  the parent manifests (or this run) already hold are referenced where they are;
-  new chunks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new
-  chunks, in file order) and each frame is compressed as one zstd frame - the ratio
-  of large blocks with the dedupe of small chunks - and appended to one of
-  ``parallel`` open packs;
-* a pack reaching ``pack_size`` is sealed and uploaded (pack, then its index) by an
-  upload pool, at most ``parallel`` in flight (memory stays bounded);
-* the manifest is written last, only once every pack is stored.
-
-A unit's new frames stay contiguous in one pack, so a restore reads a file's run of
-frames with one ranged GET.
+* the walk yields entries in path order; each file gets a block size by its size
+  (:func:`blocks.block_size`) and is cut into work units of up to ``UNIT_BYTES``;
+* the parent manifest is read alongside, entry by entry (positional reuse: block i of a file
+  is compared with block i of the same file in the parent, never looked up in a dictionary);
+* ``parallel`` workers take a unit each and read it block by block. A block of a relation's
+  main fork whose pages are all no newer than ``unchanged_lsn`` keeps the parent's reference
+  unread beyond its page headers (see :mod:`dbops.repo.blocks`); every other block is hashed:
+  all-zero blocks are not stored, a block equal to the parent's is referenced where it is,
+  new blocks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new blocks, in
+  file order) and each frame is compressed as one zstd frame into one of ``parallel`` open
+  packs, written to local files (``tmp_dir``), not held in memory;
+* a pack reaching ``pack_size`` is sealed and uploaded (pack, then its index) by an upload
+  pool, at most ``parallel`` in flight;
+* at most ``WINDOW`` units per worker are in flight; a file's entry goes to the manifest file
+  as soon as its units are done, in walk order; the manifest is uploaded last, once every pack
+  is stored.
 """
 
 from __future__ import annotations
@@ -24,23 +26,26 @@ import json
 import os
 import queue
 import secrets as pysecrets
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
 
 from dbops import log
-from dbops.repo import codec
-from dbops.repo import walk
-from dbops.repo import manifest as mf
-from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState
 from dbops.config import CompressionSettings
 from dbops.errors import ConflictError, PreconditionError
-from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE, parse_segment_name, segment_of_lsn
+from dbops.pg.lsn import segment_of_lsn
+from dbops.repo import blocks, codec, mformat, walk
+from dbops.repo.walk import wal_needed
+from dbops.repo import manifest as mf
+from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState, path_key
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -48,93 +53,94 @@ _log = log.get("backup.store")
 
 UNIT_BYTES = 32 * 1024 * 1024
 READ_BLOCK = 4 * 1024 * 1024
-FRAME_BYTES = 128 * 1024  # raw bytes of new chunks compressed together
+FRAME_BYTES = 128 * 1024  # raw bytes of new blocks compressed together
+WINDOW = 4  # units in flight per worker
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
 
 
 @dataclass
 class _Pack:
+    tmp_dir: str
     pack_id: str = field(default_factory=lambda: pysecrets.token_hex(16))
-    parts: list[bytes] = field(default_factory=list)
     size: int = 0
-    index: list[list[Any]] = field(default_factory=list)  # [offset, length, raw length, [chunk hashes]]
+    index: list[list[Any]] = field(default_factory=list)  # [offset, length, raw length, [block hashes]]
+    _f: Any = None
 
     def append(self, payload: bytes, raw: int, hashes: list[str]) -> int:
         """Add one frame; returns its offset in the pack."""
+        if self._f is None:
+            self._f = open(os.path.join(self.tmp_dir, f"pack-{self.pack_id}"), "wb")
         offset = self.size
-        self.parts.append(payload)
+        self._f.write(payload)
         self.index.append([offset, len(payload), raw, hashes])
         self.size += len(payload)
         return offset
 
+    def close(self) -> str | None:
+        if self._f is None:
+            return None
+        self._f.close()
+        return self._f.name
 
-class _Claim:
-    """Placeholder while the worker that first met a hash stores it."""
+    def discard(self) -> None:
+        path = self.close()
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 @dataclass(frozen=True)
 class _Unit:
-    file_no: int
     path: str
     start: int
     end: int
-
-
-def parent_index(parents: Iterable[Manifest]) -> dict[str, ChunkRef]:
-    """hash -> a parent's ref to where it is stored (zero chunks excluded)."""
-    out: dict[str, ChunkRef] = {}
-    for m in parents:
-        for f in m.files:
-            for c in f.chunks:
-                if c.pack is not None and c.hash not in out:
-                    out[c.hash] = c
-    return out
+    block: int
+    parent: tuple[ChunkRef, ...]  # the parent's blocks of this file (same block size), or ()
+    main_fork: bool
 
 
 class _Snapshot:
-    def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, known: dict[str, ChunkRef],
-                 encoder: codec.Encoder, chunk_size: int, pack_size: int, workers: int, uploads: int,
-                 progress: Progress | None, total: int):
+    def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, encoder: codec.Encoder,
+                 pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
+                 unchanged_lsn: int | None, tmp_dir: str):
         self.store, self.layout, self.backup_id = store, layout, backup_id
-        self.known = known
-        self.new: dict[str, ChunkRef | _Claim] = {}  # _Claim: being stored by another worker right now
-        self.encoder = encoder
-        self.chunk_size, self.pack_size = chunk_size, pack_size
+        self.encoder, self.pack_size, self.tmp_dir = encoder, pack_size, tmp_dir
+        self.unchanged_lsn = unchanged_lsn
         self.lock = threading.Lock()
         self.local = threading.local()
         self.open_packs: queue.Queue[_Pack] = queue.Queue()
         for _ in range(workers):
-            self.open_packs.put(_Pack())
+            self.open_packs.put(_Pack(tmp_dir))
         self.uploads = ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="dbops-upload")
         self.in_flight = threading.BoundedSemaphore(uploads)
         self.upload_futures: list[Future] = []
         self.upload_error: BaseException | None = None
         self.stored_bytes = 0
         self.packs = self.frames = 0
-        self.zero_chunks = self.reused_chunks = 0
+        self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "hashed_bytes": 0}
         self.progress, self.total, self.done = progress, total, 0
 
-    # ------------------------------------------------------------------ chunking
+    # ------------------------------------------------------------------ blocks
 
-    def process(self, unit: _Unit) -> list[str]:
-        """Hash (and store when new) every chunk of one unit; returns their hashes in order
-        ("" for an all-zero chunk). Reads in blocks of whole chunks to keep per-chunk work small."""
-        hashes: list[str] = []
-        zero = reused = 0
-        cs = self.chunk_size
-        zero_cs = codec.zero_hash(cs)
+    def process(self, unit: _Unit) -> list[ChunkRef]:
+        """The refs of every block of one unit, in order (new blocks stored on the way)."""
+        refs: list[ChunkRef | None] = []
+        c = dict.fromkeys(self.c, 0)
+        bs = unit.block
         sha256 = codec.sha256
-        known, new = self.known, self.new
-        block = max(cs, READ_BLOCK - READ_BLOCK % cs)
+        parent, lsn = unit.parent, self.unchanged_lsn if unit.main_fork else None
+        step = max(bs, READ_BLOCK - READ_BLOCK % bs)
         buf = getattr(self.local, "buf", None)
-        if buf is None or len(buf) != block:
-            buf = self.local.buf = bytearray(block)  # reused: a fresh 4 MiB per read costs page faults
+        if buf is None or len(buf) != step:
+            buf = self.local.buf = bytearray(step)  # reused: a fresh 4 MiB per read costs page faults
         pack = self.open_packs.get()
         try:
             with open(unit.path, "rb") as f:
-                for pos in range(unit.start, unit.end, block):
-                    want = min(block, unit.end - pos)
+                for pos in range(unit.start, unit.end, step):
+                    want = min(step, unit.end - pos)
                     mv = memoryview(buf)[:want]
                     got = os.preadv(f.fileno(), [mv], pos)
                     if got != want:
@@ -142,65 +148,77 @@ class _Snapshot:
                             f"{unit.path} changed while it was read (expected {want} bytes at offset {pos})",
                             hint="a snapshot needs a stopped data folder",
                         )
-                    run: list[tuple[str, memoryview]] = []  # new chunks for the next frame
+                    run: list[tuple[int, str, memoryview]] = []  # new blocks for the next frame
                     run_bytes = 0
-                    for off in range(0, want, cs):
-                        chunk = mv[off:off + cs]
-                        h = sha256(chunk)
-                        if h == zero_cs or (len(chunk) != cs and h == codec.zero_hash(len(chunk))):
-                            hashes.append("")
-                            zero += 1
+                    for off in range(0, want, bs):
+                        block = mv[off:off + bs]
+                        i = (pos + off) // bs
+                        pref = parent[i] if i < len(parent) else None
+                        if pref is not None and pref.raw != len(block):
+                            pref = None
+                        if (lsn is not None and pref is not None and pref.pack is not None
+                                and blocks.pages_not_newer(block, lsn)):
+                            refs.append(pref)
+                            c["lsn_reused"] += 1
                             continue
-                        hashes.append(h)
-                        # dict.setdefault is atomic: exactly one worker claims a new hash.
-                        claim = _Claim()
-                        if h in known or new.setdefault(h, claim) is not claim:
-                            reused += 1
-                            continue
-                        run.append((h, chunk))
-                        run_bytes += len(chunk)
-                        if run_bytes >= FRAME_BYTES:
-                            pack = self.put_frame(pack, run)
-                            run, run_bytes = [], 0
+                        h = sha256(block)
+                        c["hashed_bytes"] += len(block)
+                        if h == codec.zero_hash(len(block)):
+                            refs.append(ChunkRef(h, None, 0, 0, len(block)))
+                            c["zero"] += 1
+                        elif pref is not None and pref.hash == h:
+                            refs.append(pref)
+                            c["reused"] += 1
+                        else:
+                            run.append((len(refs), h, block))
+                            refs.append(None)
+                            run_bytes += len(block)
+                            if run_bytes >= FRAME_BYTES:
+                                pack = self.put_frame(pack, run, refs)
+                                run, run_bytes = [], 0
                     if run:  # the buffer is refilled by the next read: the frame goes now
-                        pack = self.put_frame(pack, run)
+                        pack = self.put_frame(pack, run, refs)
         finally:
             self.open_packs.put(pack)
         with self.lock:
-            self.zero_chunks += zero
-            self.reused_chunks += reused
+            for k, v in c.items():
+                self.c[k] += v
             self.done += unit.end - unit.start
             if self.progress:
                 self.progress(self.done, self.total)
-        return hashes
+        return refs  # type: ignore[return-value]  # every None was filled by put_frame
 
-    def put_frame(self, pack: _Pack, run: list[tuple[str, memoryview]]) -> _Pack:
-        """Compress a run of new chunks as one frame into the pack; returns the pack to go on with."""
-        raw = b"".join(c for _, c in run)
+    def put_frame(self, pack: _Pack, run: list[tuple[int, str, memoryview]], refs: list[ChunkRef | None]) -> _Pack:
+        """Compress a run of new blocks as one frame into the pack; returns the pack to go on with."""
+        raw = b"".join(b for _, _, b in run)
         stored = self.encoder.encode(raw)
-        hashes = [h for h, _ in run]
-        offset = pack.append(stored, len(raw), hashes)
+        offset = pack.append(stored, len(raw), [h for _, h, _ in run])
         at = 0
-        for h, c in run:
-            self.new[h] = ChunkRef(h, pack.pack_id, offset, len(stored), len(c), at, len(raw))
-            at += len(c)
+        for i, h, b in run:
+            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), len(b), at, len(raw))
+            at += len(b)
+        with self.lock:
+            self.c["new"] += len(run)
         if pack.size >= self.pack_size:
             self.seal(pack)
-            return _Pack()
+            return _Pack(self.tmp_dir)
         return pack
 
     # ------------------------------------------------------------------ packs
 
     def seal(self, pack: _Pack) -> None:
-        if not pack.parts:
+        if not pack.index:
+            pack.discard()
             return
-        if self.upload_error is not None:  # fail fast: stop chunking once an upload failed
+        if self.upload_error is not None:  # fail fast: stop reading once an upload failed
+            pack.discard()
             raise self.upload_error
         self.in_flight.acquire()
         try:
             fut = self.uploads.submit(self._upload, pack)
         except BaseException:
             self.in_flight.release()
+            pack.discard()
             raise
         fut.add_done_callback(self._uploaded)
         with self.lock:
@@ -212,17 +230,20 @@ class _Snapshot:
         self.in_flight.release()
 
     def _upload(self, pack: _Pack) -> None:
-        data = b"".join(pack.parts)
-        pack.parts.clear()
-        meta = {"backup-id": self.backup_id, "frames": str(len(pack.index))}
-        if not self.store.put(self.layout.pack(pack.pack_id), data, metadata=meta, if_absent=True):
-            raise ConflictError(f"pack {pack.pack_id} already exists ({self.layout.pack(pack.pack_id)})")
-        index = {"format": 2, "pack": pack.pack_id, "backup_id": self.backup_id, "size": len(data),
+        path = pack.close()
+        assert path is not None
+        try:
+            meta = {"backup-id": self.backup_id, "frames": str(len(pack.index))}
+            if not self.store.put_file(self.layout.pack(pack.pack_id), path, metadata=meta, if_absent=True):
+                raise ConflictError(f"pack {pack.pack_id} already exists ({self.layout.pack(pack.pack_id)})")
+        finally:
+            os.unlink(path)
+        index = {"format": 2, "pack": pack.pack_id, "backup_id": self.backup_id, "size": pack.size,
                  "frames": pack.index}
         idx = zstandard.ZstdCompressor(level=3).compress(json.dumps(index, separators=(",", ":")).encode())
         self.store.put(self.layout.pack_index(pack.pack_id), idx, metadata=meta, if_absent=True)
         with self.lock:
-            self.stored_bytes += len(data)
+            self.stored_bytes += pack.size
             self.packs += 1
             self.frames += len(pack.index)
 
@@ -236,49 +257,69 @@ class _Snapshot:
 
     def abort(self) -> None:
         self.uploads.shutdown(wait=True, cancel_futures=True)
-
-    def ref(self, h: str, raw: int) -> ChunkRef:
-        if not h:
-            return ChunkRef(codec.zero_hash(raw), None, 0, 0, raw)
-        ref = self.known.get(h) or self.new[h]
-        assert isinstance(ref, ChunkRef), "every new chunk is placed before finish()"
-        return ref
+        while not self.open_packs.empty():
+            self.open_packs.get_nowait().discard()
 
 
-def wal_needed(pg: PgState) -> Callable[[str], bool]:
-    """Which pg_wal files a snapshot must carry to start on its own: every timeline history
-    file, and the segments (any timeline) from the checkpoint's REDO point through the
-    consistent point; the next one too when that point is in a segment's last page (a
-    record starting there may continue into it)."""
-    seg = pg.wal_segment_size
-    lo, hi = pg.redo_lsn // seg, pg.consistent_lsn // seg
-    if pg.consistent_lsn % seg > seg - 8192:
-        hi += 1
+class _ParentCursor:
+    """The parent's entries read alongside the walk (both in path order)."""
 
-    def keep(name: str) -> bool:
-        if HISTORY_RE.match(name):
-            return True
-        if SEGMENT_RE.match(name):
-            return lo <= parse_segment_name(name, seg)[1] <= hi
-        return False
+    def __init__(self, entries: Iterator[FileEntry]):
+        self.it = entries
+        self.cur = next(self.it, None)
 
-    return keep
+    def find(self, path: str) -> FileEntry | None:
+        k = path_key(path)
+        while self.cur is not None and path_key(self.cur.path) < k:
+            self.cur = next(self.it, None)
+        return self.cur if self.cur is not None and self.cur.path == path else None
 
 
-def _unit_step(chunk_size: int) -> int:
-    return max(chunk_size, UNIT_BYTES - UNIT_BYTES % chunk_size)
+def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir: str, chunk_size: int,
+                   parent: Manifest | None, writer: mformat.Writer, workers: int) -> None:
+    """Process every file in walk order with at most WINDOW units per worker in flight; each entry
+    goes to the manifest writer once its units are done."""
+    cursor = _ParentCursor(parent.entries() if parent is not None else iter(()))
+    window: deque[tuple[walk.WalkEntry, int, list[Future]]] = deque()
+    in_flight = [0]
+    limit = WINDOW * workers
 
+    def emit_head() -> None:
+        e, bs, futs = window.popleft()
+        refs: list[ChunkRef] = []
+        for f in futs:
+            refs.extend(f.result())
+        in_flight[0] -= len(futs)
+        writer.add(FileEntry(e.path, e.type, e.mode, e.mtime_ns, e.size, e.target, tuple(refs), bs))
 
-def _units(entries: Sequence[walk.WalkEntry], data_dir: str, chunk_size: int) -> list[_Unit]:
-    step = _unit_step(chunk_size)
-    units = []
-    for i, e in enumerate(entries):
-        if e.type == FILE and e.size:
-            path = os.path.join(data_dir, e.path)
-            units.extend(_Unit(i, path, s, min(s + step, e.size)) for s in range(0, e.size, step))
-    # Big files first: the pool then ends on small units and finishes evenly.
-    units.sort(key=lambda u: u.end - u.start, reverse=True)
-    return units
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk") as pool:
+        try:
+            for e in entries:
+                pe = cursor.find(e.path)
+                if e.type != FILE:
+                    window.append((e, 0, []))
+                else:
+                    bs = blocks.block_size(e.size, chunk_size)
+                    prefs = pe.chunks if pe is not None and pe.type == FILE and pe.block == bs else ()
+                    main = blocks.is_main_fork(e.path)
+                    path = os.path.join(data_dir, e.path)
+                    futs: list[Future] = []
+                    window.append((e, bs, futs))
+                    step = max(bs, UNIT_BYTES - UNIT_BYTES % bs)
+                    for s in range(0, e.size, step):
+                        while in_flight[0] >= limit:
+                            emit_head()
+                        futs.append(pool.submit(snap.process, _Unit(path, s, min(s + step, e.size), bs, prefs, main)))
+                        in_flight[0] += 1
+                while window and all(f.done() for f in window[0][2]):
+                    emit_head()
+            while window:
+                emit_head()
+        except BaseException:
+            for _e, _bs, futs in window:
+                for f in futs:
+                    f.cancel()
+            raise
 
 
 def store_snapshot(
@@ -299,84 +340,80 @@ def store_snapshot(
     include_wal: bool = True,
     timings: Mapping[str, float] | None = None,
     progress: Progress | None = None,
+    unchanged_lsn: int | None = None,
+    tmp_dir: str | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
+    ``parent_manifests``: the first one is the parent; its blocks are reused where they are equal.
     ``pg``: the snapshot's PostgreSQL state; read from the folder (pg_controldata) when None.
     ``parent_id``: recorded as the parent; defaults to the first of ``parent_manifests``.
     ``include_wal``: carry the WAL segments needed to reach consistency (see :func:`wal_needed`),
     so the restored folder starts without an archive; pg_wal is otherwise left empty.
     ``timings``: earlier phases of the run (merged into the manifest's timings).
+    ``unchanged_lsn``: only when data_dir is the parent restored and then WAL replayed from the
+    parent's REDO point by a server that wrote no hint bits: main-fork blocks whose pages are
+    all no newer than this LSN take the parent's reference without being hashed.
+    ``tmp_dir``: where open packs and the manifest are spooled (default: the system's).
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
         raise PreconditionError(f"chunk size {chunk_size} is not a positive multiple of 8192")
     t0 = time.monotonic()
     if pg is None:
-        from dbops.repo import (
-            pgstate,  # runs pg_controldata; synthetic folders pass pg
-        )
+        from dbops.repo import pgstate  # runs pg_controldata; synthetic folders pass pg
 
         pg = pgstate.read(data_dir)
-    entries = walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None)
+    entries = sorted(walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None),
+                     key=lambda e: path_key(e.path))
     redo_segment = segment_of_lsn(pg.timeline, pg.redo_lsn, pg.wal_segment_size)
     if include_wal and not any(e.path == f"pg_wal/{redo_segment}" for e in entries):
         _log.warning("%s has no pg_wal/%s: the restored copy will need the WAL archive to start",
                      data_dir, redo_segment)
-    t_walk = time.monotonic()
-    units = _units(entries, data_dir, chunk_size)
-    total = sum(u.end - u.start for u in units)
+    parent = parent_manifests[0] if parent_manifests else None
+    total = sum(e.size for e in entries if e.type == FILE)
     # Hashing and compression are CPU work: more threads than cores only contend for the GIL.
     workers = max(1, min(parallel, os.cpu_count() or 1))
-    snap = _Snapshot(store, layout, backup_id, known=parent_index(parent_manifests),
-                     encoder=codec.Encoder(compression.algorithm, compression.level), chunk_size=chunk_size,
+    spool = tempfile.mkdtemp(prefix=f"dbops-store-{backup_id}-", dir=tmp_dir)
+    snap = _Snapshot(store, layout, backup_id, encoder=codec.Encoder(compression.algorithm, compression.level),
                      pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
-                     total=total)
-    hashes: dict[tuple[int, int], list[str]] = {}
+                     total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool)
+    fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
+    os.close(fd)
+    writer = mformat.Writer(mpath)
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk") as pool:
-            futs = {pool.submit(snap.process, u): u for u in units}
-            done, _ = wait(futs, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    for other in futs:
-                        other.cancel()
-                    raise f.exception()  # type: ignore[misc]
-            for f, u in futs.items():
-                hashes[(u.file_no, u.start)] = f.result()
-        t_chunk = time.monotonic()
-        snap.finish()
-    except BaseException:
-        snap.abort()
-        raise
-    t_upload = time.monotonic()
-
-    files: list[FileEntry] = []
-    step = _unit_step(chunk_size)
-    for i, e in enumerate(entries):
-        chunks: tuple[ChunkRef, ...] = ()
-        if e.type == FILE and e.size:
-            hs = [h for s in range(0, e.size, step) for h in hashes[(i, s)]]
-            chunks = tuple(snap.ref(h, min(chunk_size, e.size - n * chunk_size)) for n, h in enumerate(hs))
-        files.append(FileEntry(e.path, e.type, e.mode, e.mtime_ns, e.size, e.target, chunks))
-    n_chunks = sum(len(f.chunks) for f in files)
-    m = Manifest(
-        backup_id=backup_id,
-        pg=pg,
-        chunk_size=chunk_size,
-        compression={"algorithm": compression.algorithm, "level": compression.level},
-        files=files,
-        parent_id=parent_id if parent_id is not None else (parent_manifests[0].backup_id if parent_manifests else None),
-        logical_size=total,
-        stored_bytes=snap.stored_bytes,
-        counts={"files": sum(1 for f in files if f.type == FILE), "chunks": n_chunks,
-                "new_chunks": len(snap.new), "reused_chunks": snap.reused_chunks,
-                "zero_chunks": snap.zero_chunks, "packs": snap.packs, "frames": snap.frames},
-        meta=dict(meta or {}),
-    )
-    m.timings = {**(timings or {}), "walk": round(t_walk - t0, 3), "chunk": round(t_chunk - t_walk, 3),
-                 "upload_wait": round(t_upload - t_chunk, 3), "store": round(time.monotonic() - t0, 3)}
-    mf.save(store, layout, m)
+        try:
+            _write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
+            t_chunk = time.monotonic()
+            snap.finish()
+        except BaseException:
+            snap.abort()
+            writer.abort()
+            raise
+        t_upload = time.monotonic()
+        c = snap.c
+        m = Manifest(
+            backup_id=backup_id,
+            pg=pg,
+            chunk_size=chunk_size,
+            compression={"algorithm": compression.algorithm, "level": compression.level},
+            parent_id=parent_id if parent_id is not None else (parent.backup_id if parent else None),
+            logical_size=total,
+            stored_bytes=snap.stored_bytes,
+            counts={"files": sum(1 for e in entries if e.type == FILE),
+                    "chunks": c["new"] + c["reused"] + c["lsn_reused"] + c["zero"], "new_chunks": c["new"],
+                    "reused_chunks": c["reused"] + c["lsn_reused"], "lsn_reused_chunks": c["lsn_reused"],
+                    "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"], "packs": snap.packs,
+                    "frames": snap.frames},
+            meta=dict(meta or {}),
+        )
+        m.timings = {**(timings or {}), "walk_chunk": round(t_chunk - t0, 3),
+                     "upload_wait": round(t_upload - t_chunk, 3), "store": round(time.monotonic() - t0, 3)}
+        # The returned manifest reads its entries from the written file (removed with it).
+        m = Manifest.from_file(writer.finish(m.header(writer)), what=f"manifest of backup {backup_id}")
+        mf.save(store, layout, m, path=mpath)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
     _log.info("stored backup %s: %d files, %d bytes, %d new bytes in %d packs, %.1f s", backup_id,
               m.counts["files"], total, snap.stored_bytes, snap.packs, m.timings["store"])
     return m

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dbops import log
-from dbops.repo.manifest import DIR, FILE, SYMLINK
+from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE, parse_segment_name
+from dbops.repo.manifest import DIR, FILE, SYMLINK, PgState
 
 _log = log.get("backup.walk")
 
@@ -128,3 +129,23 @@ def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[W
             out.append(WalkEntry(rel, FILE, mode, st.st_mtime_ns, size=st.st_size))
         else:
             _log.warning("skipping %s: not a regular file, folder or symlink", rel)
+
+
+def wal_needed(pg: PgState) -> Callable[[str], bool]:
+    """Which pg_wal files a snapshot must carry to start on its own: every timeline history
+    file, and the segments (any timeline) from the checkpoint's REDO point through the
+    consistent point; the next one too when that point is in a segment's last page (a
+    record starting there may continue into it)."""
+    seg = pg.wal_segment_size
+    lo, hi = pg.redo_lsn // seg, pg.consistent_lsn // seg
+    if pg.consistent_lsn % seg > seg - 8192:
+        hi += 1
+
+    def keep(name: str) -> bool:
+        if HISTORY_RE.match(name):
+            return True
+        if SEGMENT_RE.match(name):
+            return lo <= parse_segment_name(name, seg)[1] <= hi
+        return False
+
+    return keep

@@ -36,6 +36,10 @@ class CountingStore(LocalStore):
         self.puts.append(key)
         return super().put(key, data, **kw)
 
+    def put_file(self, key, path, **kw):
+        self.puts.append(key)
+        return super().put_file(key, path, **kw)
+
     def get_range(self, key, start, length):
         self.ranges.append((key, start, length))
         return super().get_range(key, start, length)
@@ -222,14 +226,27 @@ def test_second_snapshot_stores_only_changed_chunks(env, tmp_path):
     assert (tmp_path / "r1/base/1/1259").read_bytes() == pages(4, 4)
 
 
-def test_identical_content_within_one_snapshot_is_stored_once(env):
+def test_blocks_grow_with_file_size_and_reuse_is_by_position(env, tmp_path):
     store, layout, d = env
-    (d / "base/5/copy1").write_bytes(pages(11, 6))
-    (d / "base/5/copy2").write_bytes(pages(11, 6))
-    m = snapshot(store, layout, d, "b1")
-    c1 = next(f for f in m.files if f.path == "base/5/copy1").chunks
-    c2 = next(f for f in m.files if f.path == "base/5/copy2").chunks
-    assert c1 == c2
+    (d / "base/5/30000").write_bytes(pages(11, 256))  # 2 MiB: 32 KiB blocks
+    (d / "base/5/copy").write_bytes(pages(11, 256))  # the same content under another name
+    m1 = snapshot(store, layout, d, "b1")
+    f = next(f for f in m1.files if f.path == "base/5/30000")
+    assert f.block == 32 * 1024 and len(f.chunks) == 64
+    assert next(f for f in m1.files if f.path == "base/1/1259").block == CS  # small files: the chunk size
+    # No dictionary of every hash: equal content elsewhere is stored again (positional reuse only).
+    copy = next(f for f in m1.files if f.path == "base/5/copy")
+    assert (copy.chunks[0].pack, copy.chunks[0].offset) != (f.chunks[0].pack, f.chunks[0].offset)
+    # Change one page: only its block is stored again, the rest is the parent's, by position.
+    data = bytearray((d / "base/5/30000").read_bytes())
+    data[8192 * 100 + 50] ^= 1
+    (d / "base/5/30000").write_bytes(bytes(data))
+    m2 = snapshot(store, layout, d, "b2", parents=[m1])
+    g = next(f for f in m2.files if f.path == "base/5/30000")
+    changed = [i for i, (a, b) in enumerate(zip(f.chunks, g.chunks)) if a != b]
+    assert changed == [100 * 8192 // (32 * 1024)] and m2.counts["new_chunks"] == 1
+    restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=2)
+    assert (tmp_path / "r/base/5/30000").read_bytes() == bytes(data)
 
 
 def _first_pack_key(layout, m, path):
@@ -377,8 +394,106 @@ def test_manifest_chunk_table_is_compact_and_damage_is_named(env):
     m = store_snapshot(store, layout, str(d), backup_id="b1", chunk_size=8192, pack_size=1 << 20, parallel=2,
                        pg=PG)
     data = store.get(layout.manifest("b1"))
-    assert m.counts["chunks"] > 600
-    assert len(data) < 40 * m.counts["chunks"]  # ~32 bytes of sha256 per chunk, the rest compresses away
+    assert 150 <= m.counts["chunks"] < 600 // 3  # a 4.7 MiB file in 32 KiB blocks
+    assert len(data) < 40 * m.counts["chunks"] + 2000  # ~32 bytes of sha256 per block, the rest compresses away
     with pytest.raises(ValidationError) as ei:
         mf.Manifest.from_bytes(data[:-20], what="manifest of backup b1")
+    assert "b1" in ei.value.message and "unreadable" in ei.value.message
+
+
+def _format_2_bytes(m) -> bytes:
+    """A manifest as the format-2 writer (dbops before format 3) stored it: header with every
+    entry, then one chunk table for all files."""
+    import json
+    import struct
+
+    import zstandard
+
+    from dbops.repo import mformat
+
+    doc = m.to_dict()
+    doc["format"] = 2
+    files = m.files
+    doc["files"] = [{k: v for k, v in mformat.entry_meta(f).items() if k != "block"} for f in files]
+    numbers: dict = {None: mformat.NO_PACK}
+    for f in files:
+        for c in f.chunks:
+            numbers.setdefault(c.pack, len(numbers) - 1)
+    doc["packs"] = [p for p in numbers if p is not None]
+    table = mformat.encode_table([c for f in files for c in f.chunks], numbers.__getitem__)
+    head = zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
+    return mf.MAGIC + struct.pack("<I", len(head)) + head + zstandard.ZstdCompressor().compress(table)
+
+
+def test_format_2_backup_restores_and_a_format_3_backup_continues_its_chain(env, tmp_path):
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(15, 200))  # 1.6 MiB: its block size changes with format 3
+    m = snapshot(store, layout, d, "b1")
+    assert all(f.block == CS for f in m.files if f.type == "file" and f.path != "base/5/big")
+    # Rewrite b1's manifest as the old writer did, all in chunk-size blocks.
+    store.delete(layout.manifest("b1"))
+    old_files = [f for f in m.files]
+    old = mf.Manifest(backup_id="b1", pg=m.pg, chunk_size=m.chunk_size, compression=m.compression,
+                      files=[f if f.path != "base/5/big" else
+                             mf.FileEntry(f.path, f.type, f.mode, f.mtime_ns, f.size, f.target,
+                                          tuple(mf.ChunkRef(x.hash, x.pack, x.offset, x.length, x.raw, x.at,
+                                                            x.frame_raw) for x in f.chunks), f.block)
+                             for f in old_files if f.path != "base/5/big"], counts=m.counts, meta=m.meta)
+    store.put(layout.manifest("b1"), _format_2_bytes(old), metadata=old.summary_metadata(), if_absent=True)
+    loaded = mf.load(store, layout, "b1")
+    assert loaded.format == 2 and [f.path for f in loaded.files] == [f.path for f in old.files]
+    restore_snapshot(store, layout, loaded, str(tmp_path / "r1"), parallel=2)
+    assert (tmp_path / "r1/base/1/1259").read_bytes() == (d / "base/1/1259").read_bytes()
+    # The next backup (format 3) reuses the old backup's blocks where the block size is the same.
+    m2 = snapshot(store, layout, d, "b2", parents=[loaded])
+    assert m2.format == 3 and mf.load(store, layout, "b2").format == 3
+    reused = next(f for f in m2.files if f.path == "base/1/1259").chunks
+    assert reused == next(f for f in loaded.files if f.path == "base/1/1259").chunks
+    restore_snapshot(store, layout, mf.load(store, layout, "b2"), str(tmp_path / "r2"), parallel=2)
+    assert (tmp_path / "r2/base/5/big").read_bytes() == pages(15, 200)
+    assert (tmp_path / "r2/base/5/16384").read_bytes() == (d / "base/5/16384").read_bytes()
+
+
+def _lsn_pages(n: int, lsn: int, seed: int) -> bytes:
+    import struct
+
+    return b"".join(struct.pack("=II", lsn >> 32, lsn & 0xFFFFFFFF) + (f"p{seed}:{i} ".encode() * 2000)[:8184]
+                    for i in range(n))
+
+
+def test_page_lsn_rule_reuses_old_main_fork_blocks_without_hashing(env, tmp_path):
+    store, layout, d = env
+    rel = d / "base/5/40000"
+    rel.write_bytes(_lsn_pages(256, 0x2000000, 1))  # 2 MiB of pages older than the parent's REDO
+    (d / "base/5/40000_fsm").write_bytes(_lsn_pages(4, 0x2000000, 2))
+    m1 = snapshot(store, layout, d, "b1")
+    redo = PG.redo_lsn
+    # Pages 10..11 rewritten by "replay" (a new LSN); the FSM changes without a new LSN.
+    data = bytearray(rel.read_bytes())
+    data[8192 * 10:8192 * 12] = _lsn_pages(2, redo + 0x1000, 3)
+    rel.write_bytes(bytes(data))
+    (d / "base/5/40000_fsm").write_bytes(_lsn_pages(4, 0x2000000, 4))
+    fast = snapshot(store, layout, d, "b2", parents=[m1], unchanged_lsn=redo)
+    full = snapshot(store, layout, d, "b3", parents=[m1])
+    blocks_in_rel = 256 * 8192 // (32 * 1024)
+    assert fast.counts["lsn_reused_chunks"] == blocks_in_rel - 1  # every block but the one with new pages
+    assert full.counts["lsn_reused_chunks"] == 0
+    assert fast.counts["hashed_bytes"] < full.counts["hashed_bytes"] - 60 * 32 * 1024
+    assert fast.counts["new_chunks"] == full.counts["new_chunks"]
+    for m in (fast, full):
+        restore_snapshot(store, layout, m, str(tmp_path / m.backup_id), parallel=2)
+    assert tree(tmp_path / "b2") == tree(tmp_path / "b3")
+    assert (tmp_path / "b2/base/5/40000").read_bytes() == bytes(data)
+    assert (tmp_path / "b2/base/5/40000_fsm").read_bytes() == (d / "base/5/40000_fsm").read_bytes()
+
+
+def test_damaged_format_3_entry_stream_is_named(env):
+    store, layout, d = env
+    snapshot(store, layout, d, "b1")
+    data = store.get(layout.manifest("b1"))
+    store.delete(layout.manifest("b1"))
+    store.put(layout.manifest("b1"), data[:-12])
+    m = mf.load(store, layout, "b1")  # the header reads; the damage shows when entries are read
+    with pytest.raises(ValidationError) as ei:
+        list(m.entries())
     assert "b1" in ei.value.message and "unreadable" in ei.value.message

@@ -389,6 +389,11 @@ RECOVERY_SETTINGS_BASE = {
     # bound by the CPU, not by the disk's flush rate.
     "fsync": "off",
     "maintenance_io_concurrency": "32",
+    # Hint bits set by the checks must not reach the stored pages: with this on, a server in
+    # recovery never writes a page only for its hint bits, so a page whose LSN is not newer
+    # than the previous backup's REDO point is byte for byte what that backup stored (the
+    # store reuses it without hashing; see dbops/repo/blocks.py).
+    "wal_log_hints": "on",
 }
 RECOVERY_SETTINGS_PG15 = {"recovery_prefetch": "try"}  # PostgreSQL 15+
 
@@ -719,7 +724,7 @@ class BackupRun:
             val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}")
             val.backup_id = prev.backup_id
             manifest = self._store(data, target, val, phases, parents=(prev_m,), parent_id=prev.backup_id,
-                                   kind="incremental")
+                                   kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn)
         val.timings = {k: v for k, v in phases.t.items() if k in ("download", "wal_fetch", "start", "replay",
                                                                   "checks", "stop", "checksums")}
         catalog.record_status(self.store, self.layout, prev.backup_id, catalog.VALIDATED, run_id=self.run_id,
@@ -740,7 +745,7 @@ class BackupRun:
             _chown_pg(f)
 
     def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
-               kind: str) -> mf.Manifest:
+               kind: str, unchanged_lsn: int | None = None) -> mf.Manifest:
         cfg = self.cfg
         backup_id = catalog.new_backup_id()
         # Consistent at the captured target: everything before it is in the snapshot, and the
@@ -753,6 +758,7 @@ class BackupRun:
                 self.store, self.layout, str(data), backup_id=backup_id, parent_manifests=parents,
                 compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,
                 parallel=cfg.backup.parallel, pg=pg, parent_id=parent_id, timings=dict(phases.t),
+                unchanged_lsn=unchanged_lsn, tmp_dir=str(data.parent),
                 meta={"kind": kind, "run_id": self.run_id, "target_lsn": format_lsn(target.lsn),
                       "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,

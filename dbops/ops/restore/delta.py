@@ -10,6 +10,7 @@ plus downloading what changed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
 import shutil
@@ -24,16 +25,8 @@ from typing import Any
 from dbops import log
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
-from dbops.repo.restore import (
-    _chunks_of,
-    _fetch,
-    _finish_tree,
-    finish_files,
-    _mark_wal_archived,
-    _Range,
-    _reset_unlogged,
-    plan_ranges,
-)
+from dbops.repo.ranges import Range, batches, chunks_of, fetch_range, plan_ranges
+from dbops.repo.restore import finish_files, finish_tree, mark_wal_archived, reset_unlogged
 from dbops.errors import NotFoundError, ValidationError
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
@@ -41,17 +34,17 @@ from dbops.storage.layout import Layout
 _log = log.get("restore.delta")
 
 
-def _remove_extra(target: Path, wanted: dict[str, FileEntry]) -> int:
+def _remove_extra(target: Path, wanted: dict[str, str]) -> int:
     """Remove every entry the backup does not list (or lists as another type); deepest first."""
     removed = 0
     for root, dirs, files in os.walk(target, topdown=False):
         for name in files + dirs:
             p = Path(root) / name
             rel = p.relative_to(target).as_posix()
-            e = wanted.get(rel)
+            want = wanted.get(rel)
             st = p.lstat()
             kind = SYMLINK if stat.S_ISLNK(st.st_mode) else DIR if stat.S_ISDIR(st.st_mode) else FILE
-            if e is not None and e.type == kind:
+            if want == kind:
                 continue
             if kind == DIR:
                 shutil.rmtree(p)
@@ -61,7 +54,7 @@ def _remove_extra(target: Path, wanted: dict[str, FileEntry]) -> int:
     return removed
 
 
-def _compare(target: Path, f: FileEntry, chunk_size: int) -> tuple[FileEntry, int, int]:
+def _compare(target: Path, f: FileEntry) -> tuple[FileEntry, int, int]:
     """(the entry with matching chunks marked as not to fetch, bytes kept, bytes zeroed)."""
     p = target / f.path
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
@@ -71,10 +64,10 @@ def _compare(target: Path, f: FileEntry, chunk_size: int) -> tuple[FileEntry, in
         if os.fstat(fd).st_size != f.size:
             os.ftruncate(fd, f.size)
         for n, c in enumerate(f.chunks):
-            block = os.pread(fd, c.raw, n * chunk_size)
+            block = os.pread(fd, c.raw, n * f.block)
             if c.is_zero:
                 if block.count(0) != len(block):
-                    os.pwrite(fd, bytes(c.raw), n * chunk_size)
+                    os.pwrite(fd, bytes(c.raw), n * f.block)
                     zeroed += c.raw
                 chunks.append(c)
             elif len(block) == c.raw and codec.sha256(block) == c.hash:
@@ -90,12 +83,11 @@ def _compare(target: Path, f: FileEntry, chunk_size: int) -> tuple[FileEntry, in
 def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, *, parallel: int,
                   owner: str | None = None) -> dict[str, Any]:
     """Make `target` hold exactly the backup's content; returns what it kept and fetched."""
-    t0 = time.monotonic()
     manifest.check()
     ids = (pwd.getpwnam(owner).pw_uid, pwd.getpwnam(owner).pw_gid) if owner else None
-    wanted = {e.path: e for e in manifest.files}
+    wanted = {e.path: e.type for e in manifest.entries()}
     removed = _remove_extra(target, wanted)
-    for e in manifest.files:
+    for e in manifest.entries():
         if e.type == DIR and e.path != ".":
             (target / e.path).mkdir(mode=0o700, exist_ok=True)
         elif e.type == SYMLINK and not (target / e.path).is_symlink():
@@ -103,21 +95,32 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
         elif e.type == SYMLINK and os.readlink(target / e.path) != e.target:
             (target / e.path).unlink()
             os.symlink(e.target or "", target / e.path)
-    files = [f for f in manifest.files if f.type == FILE]
+    totals = {"files": 0, "logical_bytes": 0, "kept_bytes": 0, "zeroed_bytes": 0, "fetched_bytes": 0,
+              "requests": 0, "compare_seconds": 0.0}
+    for f in manifest.entries():  # files without content: created or emptied here
+        if f.type == FILE and not f.chunks:
+            _compare(target, f)
+    # Batch by batch: compare (in parallel), then fetch what differs; memory stays bounded.
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-delta") as pool:
-        compared = list(pool.map(lambda f: _compare(target, f, manifest.chunk_size), files))
-    patched = [c[0] for c in compared]
-    t_fetch = time.monotonic()
-    fetched, requests = _fetch_into(store, layout, manifest, target, patched, parallel)
+        for files in batches(manifest):
+            t = time.monotonic()
+            compared = list(pool.map(lambda f: _compare(target, f), files))
+            totals["compare_seconds"] += time.monotonic() - t
+            fetched, requests = _fetch_into(store, layout, manifest, target, [c[0] for c in compared], parallel)
+            totals["fetched_bytes"] += fetched
+            totals["requests"] += requests
+            totals["kept_bytes"] += sum(c[1] for c in compared)
+            totals["zeroed_bytes"] += sum(c[2] for c in compared)
+    for f in manifest.entries():
+        if f.type == FILE:
+            totals["files"] += 1
+            totals["logical_bytes"] += f.size
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
-    extra = _mark_wal_archived(target, manifest) + _reset_unlogged(target, manifest)
+    extra = mark_wal_archived(target, manifest) + reset_unlogged(target, manifest)
 
-    finish_files(target, files + extra, ids, parallel)
-    _finish_tree(target, manifest, ids)
-    d = {"mode": "delta", "files": len(files), "logical_bytes": sum(f.size for f in files),
-         "kept_bytes": sum(c[1] for c in compared), "zeroed_bytes": sum(c[2] for c in compared),
-         "fetched_bytes": fetched, "requests": requests, "removed": removed,
-         "compare_seconds": round(t_fetch - t0, 3)}
+    finish_files(target, itertools.chain((f for f in manifest.entries() if f.type == FILE), extra), ids, parallel)
+    finish_tree(target, manifest, ids)
+    d = {"mode": "delta", **totals, "removed": removed, "compare_seconds": round(totals["compare_seconds"], 3)}
     _log.info("delta restore of %s into %s: kept %d bytes, fetched %d bytes", manifest.backup_id, target,
               d["kept_bytes"], fetched)
     return d
@@ -130,10 +133,10 @@ def _fetch_into(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     lock = threading.Lock()
     totals = [0, 0]
 
-    def fetch(rng: _Range) -> None:
+    def fetch(rng: Range) -> None:
         key = layout.pack(rng.pack)
         try:
-            data = _fetch(store, key, rng)
+            data = fetch_range(store, key, rng)
         except NotFoundError:
             raise ValidationError(f"backup {manifest.backup_id}: pack object {key} is missing",
                                   detail=f"needed for {files[rng.first_file].path}",
@@ -141,7 +144,7 @@ def _fetch_into(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                                   ) from None
         fds: dict[int, int] = {}
         try:
-            for run, raw, why in _chunks_of(decoder, data, rng):
+            for run, raw, why in chunks_of(decoder, data, rng):
                 if raw is None:
                     raise ValidationError(
                         f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",

@@ -164,7 +164,7 @@ class _Backups:
 
     def manifest(self, backup_id: str) -> mf.Manifest:
         if backup_id not in self._manifests:
-            self._manifests[backup_id] = mf.load(self.store, self.layout, backup_id)
+            self._manifests[backup_id] = mf.load_header(self.store, self.layout, backup_id)
         return self._manifests[backup_id]
 
     def choice(self, b: catalog.BackupInfo) -> BackupChoice:

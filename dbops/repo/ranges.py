@@ -1,0 +1,200 @@
+"""Reading stored frames: which ranged GETs a set of files needs, fetching them, checking each block.
+
+Every stored frame the files need is read once: frames are grouped by pack, sorted by offset
+and coalesced into ranged GETs (adjacent, or separated by less than ``MAX_GAP``, up to
+``MAX_RANGE`` bytes each), decompressed once each; every block needed from a frame is checked
+against its sha256. A backup is planned ``BATCH_BLOCKS`` blocks at a time, so memory stays flat
+in the size of the backup.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zstandard
+
+from dbops.errors import NotFoundError, StorageError
+from dbops.repo import codec
+from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest
+from dbops.storage.base import ObjectStore
+
+MAX_GAP = 256 * 1024
+MAX_RANGE = 16 * 1024 * 1024
+BATCH_BLOCKS = 32768  # blocks planned at a time
+
+
+@dataclass
+class Run:
+    """Consecutive chunks of one frame that are also consecutive in one file: one pwrite."""
+
+    file_no: int
+    offset: int  # in the file
+    refs: list[ChunkRef]
+
+    @property
+    def at(self) -> int:
+        return self.refs[0].at
+
+    @property
+    def size(self) -> int:
+        return self.refs[-1].at + self.refs[-1].raw - self.refs[0].at
+
+
+@dataclass
+class Frame:
+    """One stored frame (located by its first needed chunk's ref) and where its chunks go."""
+
+    ref: ChunkRef
+    runs: list[Run] = field(default_factory=list)
+
+    def chunks(self) -> int:
+        """Distinct chunks needed from the frame."""
+        if len(self.runs) == 1:
+            return len(self.runs[0].refs)
+        return len({c.at for run in self.runs for c in run.refs})
+
+
+@dataclass
+class Range:
+    pack: str
+    start: int
+    end: int
+    frames: list[Frame]
+
+    @property
+    def first_file(self) -> int:
+        return self.frames[0].runs[0].file_no
+
+
+def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[Range]:
+    """Coalesced ranged reads covering every stored frame the files need, each frame once."""
+    frames: dict[tuple[str, int], Frame] = {}
+    for i, f in enumerate(files):
+        cs = f.block or manifest.chunk_size
+        run: Run | None = None
+        run_pack, run_offset, run_end = "", -1, -1
+        for n, c in enumerate(f.chunks):
+            pack = c.pack
+            if pack is None:
+                run = None
+            elif run is not None and c.offset == run_offset and c.at == run_end and pack == run_pack:
+                run.refs.append(c)
+                run_end += c.raw
+            else:
+                fr = frames.get((pack, c.offset))
+                if fr is None:
+                    fr = frames[(pack, c.offset)] = Frame(c)
+                run = Run(i, n * cs, [c])
+                fr.runs.append(run)
+                run_pack, run_offset, run_end = pack, c.offset, c.at + c.raw
+    by_pack: dict[str, list[Frame]] = defaultdict(list)
+    for (pack, _off), fr in frames.items():
+        by_pack[pack].append(fr)
+    ranges: list[Range] = []
+    for pack, frs in by_pack.items():
+        frs.sort(key=lambda x: x.ref.offset)
+        cur: Range | None = None
+        for fr in frs:
+            r = fr.ref
+            if cur and r.offset <= cur.end + MAX_GAP and r.offset + r.length - cur.start <= MAX_RANGE:
+                cur.end = max(cur.end, r.offset + r.length)
+                cur.frames.append(fr)
+            else:
+                cur = Range(pack, r.offset, r.offset + r.length, [fr])
+                ranges.append(cur)
+    # Largest first so the pool finishes evenly.
+    ranges.sort(key=lambda r: r.end - r.start, reverse=True)
+    return ranges
+
+
+def fetch_range(store: ObjectStore, key: str, rng: Range) -> bytes:
+    """The range's bytes; short (or empty) when the object is truncated; NotFoundError when absent."""
+    try:
+        return store.get_range(key, rng.start, rng.end - rng.start)
+    except StorageError:
+        # S3 refuses a range that starts past the end (InvalidRange): a truncated object.
+        info = store.head(key)
+        if info is None:
+            raise NotFoundError(f"object {key} not found") from None
+        if info.size <= rng.start:
+            return b""
+        raise
+
+
+def chunks_of(decoder: codec.Decoder, data: bytes, rng: Range) -> Iterator[tuple[Run, memoryview | None, str]]:
+    """(run, its content, "") for every run of chunks the range's frames hold, each chunk checked
+    against its sha256; (run, None, why) for a run with a damaged chunk (or frame)."""
+    sha256 = codec.sha256
+    for fr in rng.frames:
+        r = fr.ref
+        lo = r.offset - rng.start
+        raw, why = open_frame(decoder, r, data[lo:lo + r.length])
+        for run in fr.runs:
+            if raw is None:
+                yield run, None, why
+                continue
+            why = ""
+            for c in run.refs:
+                if sha256(raw[c.at:c.at + c.raw]) != c.hash:
+                    why = (f"chunk at offset {c.at} of the frame at offset {r.offset} fails its sha256 check "
+                           f"(expected {c.hash[:16]}...)")
+                    break
+            yield (run, None, why) if why else (run, raw[run.at:run.at + run.size], "")
+
+
+def open_frame(decoder: codec.Decoder, r: ChunkRef, stored: bytes) -> tuple[memoryview | None, str]:
+    """(the frame's raw content, "") when it reads back, else (None, why)."""
+    if len(stored) != r.length:
+        return None, f"object too short: frame at offset {r.offset} has {len(stored)} of {r.length} bytes"
+    try:
+        raw = decoder.decode(stored, r.frame_raw)
+    except zstandard.ZstdError as e:
+        return None, f"frame at offset {r.offset} does not decompress: {e}"
+    if len(raw) != r.frame_raw:
+        return None, f"frame at offset {r.offset} decompresses to {len(raw)} of {r.frame_raw} bytes"
+    return memoryview(raw), ""
+
+
+def batches(manifest: Manifest) -> Iterator[list[FileEntry]]:
+    """The backup's files with stored content, a bounded number of blocks at a time, in order."""
+    batch: list[FileEntry] = []
+    n = 0
+    for f in manifest.entries():
+        if f.type == FILE and f.chunks:
+            batch.append(f)
+            n += len(f.chunks)
+            if n >= BATCH_BLOCKS:
+                yield batch
+                batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def planned(manifest: Manifest) -> Iterator[tuple[list[FileEntry], Range]]:
+    """(the batch's files, one ranged read) for every range the backup needs, batch by batch."""
+    for files in batches(manifest):
+        for rng in plan_ranges(manifest, files):
+            yield files, rng
+
+
+def run_bounded(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, limit: int) -> None:
+    """fn(item) for every item on the pool, at most ``limit`` queued at a time; the first error raises."""
+    slots = threading.Semaphore(limit)
+    futs: deque[Future] = deque()
+    try:
+        for item in items:
+            slots.acquire()
+            fut = pool.submit(fn, item)
+            fut.add_done_callback(lambda _f: slots.release())
+            futs.append(fut)
+            while futs and futs[0].done():
+                futs.popleft().result()
+        while futs:
+            futs.popleft().result()
+    finally:
+        for fut in futs:
+            fut.cancel()
