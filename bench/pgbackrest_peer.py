@@ -118,10 +118,26 @@ class Peer:
     conf: Path
     env: dict[str, str]
 
-    def run(self, *args: str, timeout: float = 3600) -> proc.Result:
-        """Run `pgbackrest --config=... --stanza=bench ARGS` as postgres."""
-        return proc.run(["pgbackrest", f"--config={self.conf}", f"--stanza={STANZA}", *args],
-                        user=PG_USER, env=self.env, timeout=timeout, what="pgbackrest " + args[0])
+    def run(self, *args: str, timeout: float = 3600, rss: list[int] | None = None) -> proc.Result:
+        """Run `pgbackrest --config=... --stanza=bench ARGS` as postgres. With ``rss``, under GNU time:
+        the peak resident set (KiB) of its process tree is appended to that list."""
+        argv = ["pgbackrest", f"--config={self.conf}", f"--stanza={STANZA}", *args]
+        if rss is None:
+            return proc.run(argv, user=PG_USER, env=self.env, timeout=timeout, what="pgbackrest " + args[0])
+        out = self.private / "rss"
+        r = proc.run(["/usr/bin/time", "-f", "%M", "-o", str(out), *argv], user=PG_USER, env=self.env,
+                     timeout=timeout, what="pgbackrest " + args[0])
+        rss.append(int(out.read_text().split()[-1]))
+        return r
+
+    def manifest_bytes(self, label: str) -> int | None:
+        """Size of a backup's manifest in the repository (None when it cannot be listed)."""
+        try:
+            out = json.loads(self.run("repo-ls", "--output=json", f"backup/{STANZA}/{label}", timeout=120).stdout)
+        except (CommandError, ValueError):
+            return None
+        sizes = [v.get("size", 0) for k, v in out.items() if k.startswith("backup.manifest") and not k.endswith("copy")]
+        return sizes[0] if sizes else None
 
     def info(self) -> dict:
         out = json.loads(self.run("info", "--output=json", timeout=120).stdout)
@@ -200,6 +216,16 @@ def _wait_repo(peer: Peer, server, timeout: float = 60.0) -> None:
                      detail=str(last), hint=f"see {peer.root / 's3.log'} and {peer.private / 'log'}")
 
 
+def session(lab: labmod.LabInfo):
+    """The peer (S3 server running, pgBackRest configured) for a `with` block."""
+    return _peer(lab)
+
+
+def backup(peer: Peer, kind: str, rss: list[int] | None = None) -> tuple[float, dict]:
+    """(wall seconds, pgBackRest's info record) of one backup of the given type."""
+    return _backup(peer, kind, rss)
+
+
 @contextmanager
 def _peer(lab: labmod.LabInfo) -> Iterator[Peer]:
     """The peer's S3 server running and pgBackRest configured against it and the lab's primary."""
@@ -231,9 +257,9 @@ def _settings() -> dict:
 # --------------------------------------------------------------------------- backup
 
 
-def _backup(peer: Peer, kind: str) -> tuple[float, dict]:
+def _backup(peer: Peer, kind: str, rss: list[int] | None = None) -> tuple[float, dict]:
     t0 = time.monotonic()
-    peer.run("backup", f"--type={kind}")
+    peer.run("backup", f"--type={kind}", rss=rss)
     wall = time.monotonic() - t0
     backups = peer.info().get("backup") or []
     if not backups or backups[-1].get("type") != kind:
@@ -290,7 +316,7 @@ def _wait_promoted(peer: Peer, data: Path, port: int, log: Path, timeout: float 
     raise DbopsError(f"the restored pgBackRest copy was not promoted within {timeout:.0f} s", hint=f"see {log}")
 
 
-def bench_restore(lab: labmod.LabInfo, target_time: float | None = None) -> dict:
+def bench_restore(lab: labmod.LabInfo, target_time: float | None = None, rss: list[int] | None = None) -> dict:
     """Restore the latest pgBackRest backup (or, with target_time, the one pgBackRest picks for it)
     into a fresh folder, start it on a free port and wait until it is promoted.
 
@@ -311,7 +337,7 @@ def bench_restore(lab: labmod.LabInfo, target_time: float | None = None) -> dict
         started = False
         try:
             t0 = time.monotonic()
-            peer.run(*args)
+            peer.run(*args, rss=rss)
             download = time.monotonic() - t0
             port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
             # A private copy: its own port and socket folder, and it must never archive into the lab.
