@@ -50,7 +50,7 @@ from dbops.nodes import NodeController, open_controller
 from dbops.ops.failover import replication as repl
 from dbops.ops.failover.candidate import CandidateTuning
 from dbops.ops.failover.plan import FAIL, Finding, Options, Plan, make_plan
-from dbops.ops.failover import verify
+from dbops.ops.failover.verify import verify
 from dbops.ops.failover.pgbouncer import PgBouncer, paused
 from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
 
