@@ -109,6 +109,42 @@ def start_pgbouncer(d: Path, lab: Any) -> Bouncer:
     return Bouncer(d, port, ini, pid)
 
 
+def kill9(data_dir: str | Path) -> list[int]:
+    """kill -9 a PostgreSQL server and every process it started (as a dying host would); returns the pids."""
+    data_dir = Path(data_dir)
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:  # ppid
+            pids.append(int(stat.parent.name))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def make_unreachable(data_dir: str | Path) -> None:
+    """The data folder can no longer be read by its owner (a dead disk, an unreachable host)."""
+    os.chmod(data_dir, 0)
+
+
+def make_reachable(data_dir: str | Path) -> None:
+    os.chmod(data_dir, 0o700)
+
+
+# A fence hook that succeeds only when nothing answers on the old primary's port any more.
+FENCE_CHECK_HOOK = "sh -c '! pg_isready -q -t 2 -h \"$DBOPS_OLD_PRIMARY_HOST\" -p \"$DBOPS_OLD_PRIMARY_PORT\"'"
+
+
 def failover_config(lab: Any, bouncer: Bouncer | None = None, *, extra: dict | None = None,
                     name: str = "dbops-failover.yaml") -> str:
     """Write the lab's configuration plus a failover section (PgBouncer, hooks, ...); returns its path."""

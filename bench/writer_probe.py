@@ -43,6 +43,7 @@ class Writer(threading.Thread):
         self.next_id = start_id
         self.retry_pause = retry_pause
         self.acked: list[tuple[int, float]] = []  # (id, monotonic time of the acknowledgement)
+        self.acked_wall: list[float] = []  # wall-clock time of each acknowledgement (same order as acked)
         self.errors: list[tuple[float, str]] = []
         self._halt = threading.Event()
 
@@ -59,6 +60,7 @@ class Writer(threading.Thread):
                 self.next_id += 1
                 conn.execute(f"insert into {TABLE} (id) values (%s)", (i,))
                 self.acked.append((i, time.monotonic()))
+                self.acked_wall.append(time.time())
             except psycopg.Error as e:
                 self.errors.append((time.monotonic(), str(e).strip().splitlines()[0] if str(e).strip() else
                                     type(e).__name__))

@@ -196,6 +196,7 @@ class FailoverSettings:
     max_xact_age: float = 300.0
     pre_hooks: tuple[str, ...] = ()
     post_hooks: tuple[str, ...] = ()
+    fence_hooks: tuple[str, ...] = ()  # --primary-lost: commands that make sure the old primary cannot write
     pgbouncer: PgBouncerSettings | None = None
 
 
@@ -604,7 +605,8 @@ def parse(raw: Any, env: dict[str, str] | None = None, path: str | None = None) 
         c.bad("backup.source", f"no node named {backup.source!r} (known: {', '.join(n.name for n in nodes)})")
 
     fraw = c.mapping(raw.get("failover"), "failover")
-    c.unknown(fraw, "failover", {"max_lag", "timeout", "max_xact_age", "pre_hooks", "post_hooks", "pgbouncer"})
+    c.unknown(fraw, "failover", {"max_lag", "timeout", "max_xact_age", "pre_hooks", "post_hooks", "fence_hooks",
+                                      "pgbouncer"})
     pgb = None
     if fraw.get("pgbouncer") is not None:
         praw = c.mapping(fraw["pgbouncer"], "failover.pgbouncer")
@@ -624,6 +626,7 @@ def parse(raw: Any, env: dict[str, str] | None = None, path: str | None = None) 
         max_xact_age=c.float_(fraw, "max_xact_age", "failover", 300.0, 0.0),
         pre_hooks=c.str_list(fraw, "pre_hooks", "failover"),
         post_hooks=c.str_list(fraw, "post_hooks", "failover"),
+        fence_hooks=c.str_list(fraw, "fence_hooks", "failover"),
         pgbouncer=pgb,
     )
 

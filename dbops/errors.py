@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     ROLLED_BACK = 12  # a failover failed and was rolled back: the old primary is primary again
     CONFLICT = 13  # the archive holds different content under this name, or belongs to another cluster
     INTERRUPTED = 14  # interrupted by a signal (Ctrl-C / SIGTERM); cleaned up
+    LOSS_POSSIBLE = 15  # failover --primary-lost promoted a standby, but WAL known to exist was not recovered
 
 
 EXIT_CODE_DOC: dict[ExitCode, str] = {
@@ -48,6 +49,8 @@ EXIT_CODE_DOC: dict[ExitCode, str] = {
     ExitCode.ROLLED_BACK: "failover failed and was rolled back; the old primary is primary again",
     ExitCode.CONFLICT: "archive conflict: different content under the same name, or another cluster's archive",
     ExitCode.INTERRUPTED: "interrupted by a signal; work in progress was cleaned up",
+    ExitCode.LOSS_POSSIBLE: "failover --primary-lost: the new primary is up, but WAL the old primary is known to have "
+                            "written was not recovered (or the archive could not be read): commits may be lost",
 }
 
 
@@ -136,6 +139,10 @@ class ConflictError(DbopsError):
 
 class InterruptedError_(DbopsError):
     exit_code = ExitCode.INTERRUPTED
+
+
+class LossPossibleError(DbopsError):
+    exit_code = ExitCode.LOSS_POSSIBLE
 
 
 class CommandError(DbopsError):

@@ -25,11 +25,18 @@ def failover(
     json_: Annotated[bool, typer.Option("--json", help="Print the plan and the report as JSON")] = False,
     metrics_file: Annotated[str | None, typer.Option("--metrics-file", help="Write Prometheus textfile "
                                                         "metrics of this run here")] = None,
+    primary_lost: Annotated[bool, typer.Option("--primary-lost", help="The primary is gone: fence it, recover "
+                                               "what the archive holds, promote the most advanced standby, "
+                                               "report what may be lost (refused while the primary answers)")] = False,
+    no_fence: Annotated[bool, typer.Option("--no-fence", help="With --primary-lost: promote even when the old "
+                                           "primary could not be fenced (there may then be two primaries)")] = False,
 ) -> None:
     """Move the primary role to a standby: zero lost commits, a write gap counted in milliseconds.
 
     Exit codes: 0 done and verified; 11 refused by preflight (nothing changed); 12 failed and
     rolled back (the old primary is primary again); 8 outcome could not be confirmed.
+    With --primary-lost: 0 promoted, nothing known lost; 15 promoted, commits may be lost;
+    11 refused (the primary answers, or it could not be fenced): nothing promoted.
     """
     from dbops import config as cfgmod
     from dbops.ops.failover import switchover as fo
@@ -37,6 +44,17 @@ def failover(
 
     st = state_of(ctx)
     st.json_output = json_
+    if no_fence and not primary_lost:
+        raise UsageError("--no-fence goes with --primary-lost (a planned switchover always stops the old primary)")
+    if primary_lost:
+        if max_lag is not None:
+            raise UsageError("--max-lag is for the planned switchover; --primary-lost promotes the most advanced "
+                             "standby whatever its lag, after replaying the archive")
+        from dbops.cli.failover_lost import run_lost
+
+        run_lost(st, to=to, dry_run=dry_run, yes=yes, timeout=timeout, json_=json_, metrics_file=metrics_file,
+                 no_fence=no_fence)
+        return
     start_line("failover", to=to, dry_run=dry_run)
     cfg = st.config()
     lag = None

@@ -132,12 +132,20 @@ class NodeController(Protocol):
     def remove_standby_signal(self) -> None:
         ...
 
+    def add_standby_signal(self) -> None:
+        """Leave standby.signal in the data folder (a fenced primary then starts as a standby)."""
+        ...
+
     def has_standby_signal(self) -> bool:
         ...
 
     def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
-               timeout: float = 3600.0) -> None:
-        """pg_rewind the (stopped) data folder onto the source server's timeline."""
+               timeout: float = 3600.0) -> proc.Result:
+        """pg_rewind the (stopped) data folder onto the source server's timeline; its output (``--progress``)."""
+        ...
+
+    def waldump(self, *args: str, timeout: float = 300.0) -> proc.Result:
+        """pg_waldump over the node's pg_wal (``-p`` added; TZ=UTC, LANG=C); never raises for its exit status."""
         ...
 
     def setting(self, name: str) -> str:
@@ -290,19 +298,27 @@ class ShellController:
     def remove_standby_signal(self) -> None:
         self.remove_file(STANDBY_SIGNAL)
 
+    def add_standby_signal(self) -> None:
+        self.write_file(STANDBY_SIGNAL, "")
+
     def has_standby_signal(self) -> bool:
         res = self._exec(["test", "-f", self._path(STANDBY_SIGNAL)], timeout=30, input=None, env=None, check=False)
         return res.returncode == 0
 
     def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
-               timeout: float = 3600.0) -> None:
+               timeout: float = 3600.0) -> proc.Result:
         if "password" in source_conninfo.lower():
             raise UsageError("pass the password separately, never inside the conninfo (it would show in argv)")
         env = {"PGPASSWORD": password} if password else None
         argv = [self._bin("pg_rewind"), "-D", self.data_dir, f"--source-server={source_conninfo}", "--progress"]
         if restore_target_wal:  # WAL the target needs but no longer has comes from its restore_command
             argv.append("--restore-target-wal")
-        self._exec(argv, timeout=timeout, input=None, env=env, check=True, what=f"pg_rewind on {self.node.name}")
+        return self._exec(argv, timeout=timeout, input=None, env=env, check=True, what=f"pg_rewind on {self.node.name}")
+
+    def waldump(self, *args: str, timeout: float = 300.0) -> proc.Result:
+        return self._exec([self._bin("pg_waldump"), "-p", self._path("pg_wal"), *args], timeout=timeout, input=None,
+                          env={"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}, check=False,
+                          what=f"pg_waldump on {self.node.name}")
 
     def setting(self, name: str) -> str:
         res = self._exec([self._bin("postgres"), "-D", self.data_dir, "-C", name], timeout=30, input=None,

@@ -36,17 +36,19 @@ class CandidateTuning:
         self.node = node
         self.saved: dict[str, _Saved] = {}
 
-    def apply(self, conn: Any, *, suspend_restore_command: bool) -> str:
-        """Set the temporary values on an open connection; returns what was done."""
+    def apply(self, conn: Any, *, suspend_restore_command: bool, extra: dict[str, str] | None = None) -> str:
+        """Set the temporary values (plus `extra` settings) on an open connection; returns what was done.
+        Applied again, it keeps the values saved first, so :meth:`undo` still restores the originals."""
         from psycopg import sql
 
-        changes = {"wal_retrieve_retry_interval": RETRY_INTERVAL}
+        changes = {"wal_retrieve_retry_interval": RETRY_INTERVAL, **(extra or {})}
         if suspend_restore_command:
             changes["restore_command"] = ""
         rows = conn.execute("select name, current_setting(name), coalesce(sourcefile, '') from pg_settings"
                             " where name = any(%s)", (list(changes),)).fetchall()
         for name, value, sourcefile in rows:
-            self.saved[name] = _Saved(value, sourcefile.endswith("postgresql.auto.conf"))
+            if name not in self.saved:
+                self.saved[name] = _Saved(value, sourcefile.endswith("postgresql.auto.conf"))
         for name, value in changes.items():
             conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value)))
         conn.execute("select pg_reload_conf()")

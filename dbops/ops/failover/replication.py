@@ -94,15 +94,18 @@ def needs_rewind(old: ControlData, history_text: str | None, new_timeline: int) 
 
 
 def rejoin(ctl: NodeController, primary: Node, *, conninfo_template: str | None, slot: str | None,
-           history: str | None, new_timeline: int, timeout: float) -> RewindDecision:
+           history: str | None, new_timeline: int, timeout: float,
+           decision: RewindDecision | None = None) -> RewindDecision:
     """Make a former primary (stopped, or still exiting) a streaming standby of `primary`.
 
     pg_rewind runs only when :func:`needs_rewind` says its WAL diverged from the new timeline;
     `primary` must have checkpointed since its promotion (pg_rewind reads its timeline from
-    the control file). Then standby.signal and primary_conninfo, and a start.
+    the control file). Then standby.signal and primary_conninfo, and a start. A `decision` made by
+    the caller (e.g. from a standby's received LSN, which its control file does not record) is used as is.
     """
     ctl.stop("fast", timeout=timeout)  # a fenced postmaster may still be archiving its last segment
-    decision = needs_rewind(ctl.controldata(), history, new_timeline)
+    if decision is None:
+        decision = needs_rewind(ctl.controldata(), history, new_timeline)
     if decision.needed:
         # pg_rewind copies the source's configuration files too (port, conninfo, ...): keep the node's own.
         saved = {name: ctl.read_file(name) for name in NODE_CONFIG_FILES}

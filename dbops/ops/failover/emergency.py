@@ -1,0 +1,403 @@
+"""`dbops failover --primary-lost`: promote a standby when the primary is gone.
+
+The sequence (each phase timed; the plan is :mod:`dbops.ops.failover.assess`):
+
+1. fence the old primary: through its node controller when it reaches the host (stop
+   immediate, leave ``standby.signal``), and always the ``failover.fence_hooks``. A failing
+   hook, or no way to fence at all, stops here (exit 11) unless ``--no-fence``;
+2. the candidate stops trying to stream (``primary_conninfo = ''``), retries every 10 ms, and
+   gets a ``restore_command`` (``dbops wal-fetch``, derived from its ``archive_command``) when
+   it has none; everything is reloaded, nothing restarted;
+3. catch up: wait until it has replayed what it received and, from the archive, the last
+   record of the newest archived segment of its timeline (read again after the fence);
+4. promote (``restore_command`` suspended first, so the promotion runs no archive client);
+5. PgBouncer repointed; tuning undone; slots, CHECKPOINT; post-hooks; the other standbys
+   repointed (``pg_rewind`` only for one that received WAL past the switch point); verify;
+6. report what may be lost (:mod:`dbops.ops.failover.loss`).
+
+The old primary is not touched further: ``dbops rejoin OLD`` rewinds it once it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dbops import log, proc
+from dbops.config import Config, Node
+from dbops.errors import DbopsError, LossPossibleError, PostgresError, PreconditionError, UnknownOutcomeError
+from dbops.nodes import open_controller
+from dbops.ops.failover import replication as repl
+from dbops.ops.failover.assess import ArchiveEnd, LostOptions, LostPlan, has_lsn, read_archive
+from dbops.ops.failover.candidate import CandidateTuning
+from dbops.ops.failover.hooks import env_for, run_hooks
+from dbops.ops.failover.loss import ARCHIVE, Loss, compute, iso, last_recovered_commit
+from dbops.ops.failover.plan import FAIL, Finding
+from dbops.ops.failover.switchover import Phase, cluster_lock
+from dbops.ops.failover.verify import verify
+from dbops.pg import conn
+from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
+
+_log = log.get("failover")
+
+POLL = 0.01
+SETTLE = 0.3  # seconds replay must stand still below the received LSN (an incomplete last record)
+
+
+@dataclass
+class LostReport:
+    old_primary: str
+    new_primary: str
+    outcome: str = "running"  # promoted | cancelled | unknown | running
+    old_timeline: int | None = None
+    timeline: int | None = None
+    fence: dict[str, Any] = field(default_factory=dict)
+    restore_command_set: bool = False
+    seconds_to_writable: float | None = None
+    total_seconds: float | None = None
+    loss: Loss | None = None
+    repointed: dict[str, str] = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
+    verification: list[Finding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # steps that failed after promotion: outcome unknown
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.outcome == "promoted" and not (self.loss and self.loss.possible)
+        return d
+
+
+def _attach(err: DbopsError, report: LostReport) -> DbopsError:
+    err.report = report  # type: ignore[attr-defined]
+    return err
+
+
+def restore_command_for(archive_command: str) -> str | None:
+    """`dbops ... wal-fetch %f %p` from a node's `dbops ... wal-push %p` archive_command (same binary, config)."""
+    if "wal-push %p" not in archive_command:
+        return None
+    return archive_command.replace("wal-push %p", "wal-fetch %f %p")
+
+
+class Emergency:
+    def __init__(self, cfg: Config, plan: LostPlan, opts: LostOptions, observer: Callable[[str, str], None] | None = None):
+        assert plan.old_primary is not None and plan.candidate is not None
+        self.cfg, self.plan, self.opts, self.observer = cfg, plan, opts, observer
+        self.old: Node = plan.old_primary.node
+        self.new: Node = plan.candidate.node
+        self.others: list[Node] = [s.node for s in plan.others]
+        self.report = LostReport(self.old.name, self.new.name, old_timeline=plan.candidate.timeline)
+        self.tuning = CandidateTuning(self.new)
+        self.archive: ArchiveEnd = plan.archive
+        self.uses_slots = bool(plan.candidate.settings.get("primary_slot_name"))
+        self._t0 = time.monotonic()
+        self._history: str | None = None
+        self._switch: int | None = None
+        self._replayed_ts: float | None = None
+        self._cand_conninfo: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-archive")
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[Phase]:
+        ph = Phase(name, 0.0)
+        if self.observer:
+            self.observer(name, "start")
+        t0 = time.monotonic()
+        try:
+            yield ph
+        except BaseException as e:
+            ph.ok = False
+            ph.detail = ph.detail or (e.message if isinstance(e, DbopsError) else type(e).__name__)
+            raise
+        finally:
+            ph.seconds = round(time.monotonic() - t0, 4)
+            self.report.phases.append(ph)
+            log.event(_log, logging.INFO, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
+            if self.observer:
+                self.observer(name, "end")
+
+    def _guarded(self, name: str, fn: Callable[[], str | None]) -> None:
+        """A step after promotion (returns its detail): a failure is recorded, never stops the others."""
+        try:
+            with self.phase(name) as ph:
+                ph.detail = fn()
+        except DbopsError as e:
+            self.report.warnings.append(f"{name}: {e.message}" + (f" ({e.detail.strip()})" if e.detail else ""))
+
+    # -- the run ----------------------------------------------------------------------------------------
+
+    def run(self) -> LostReport:
+        try:
+            try:
+                self._fence()
+                archive: Future[ArchiveEnd] | None = None
+                if self.archive.dbops:  # read the archive's end again, after the fence
+                    archive = self._pool.submit(read_archive, self.cfg, self.archive.timeline or 1)
+                self._tune()
+                self._catch_up(archive)
+                self._promote()
+            except BaseException:
+                if self.report.outcome == "running":
+                    self.report.outcome = "cancelled"
+                    self._untune()
+                raise
+            self._after()
+        finally:
+            self._pool.shutdown(wait=False)
+            self.report.total_seconds = round(time.monotonic() - self._t0, 3)
+        return self.report
+
+    def _untune(self) -> None:
+        try:
+            self.tuning.undo()
+        except DbopsError as e:
+            self.report.warnings.append(f"undo candidate settings: {e.message}")
+
+    def _fence(self) -> None:
+        with self.phase("fence old primary") as ph:
+            ctl_ok, ctl_detail = self._fence_controller()
+            hooks = self.cfg.failover.fence_hooks
+            env = env_for(self.cfg.cluster, self.old, self.new)
+            failed = run_hooks("fence", hooks, env, self.opts.timeout) if hooks else []
+            fenced = not failed and (ctl_ok or bool(hooks))
+            self.report.fence = {"controller_ok": ctl_ok, "controller": ctl_detail, "hooks": len(hooks),
+                                 "hook_failure": failed[0] if failed else None, "fenced": fenced,
+                                 "no_fence": self.opts.no_fence}
+            ph.detail = f"controller: {ctl_detail}; hooks: " + (failed[0] if failed else f"{len(hooks)} ok")
+            if fenced:
+                return
+            why = f"fence hook {failed[0]}" if failed else f"its controller could not stop it ({ctl_detail}) and " \
+                                                            "no fence hooks are configured"
+            if not self.opts.no_fence:
+                raise PreconditionError(f"promotion stopped: {self.old.name} could not be fenced: {why}",
+                                        detail=f"nothing was promoted; {self.new.name} is still a standby",
+                                        hint="fix the fence (make sure the old primary cannot write), then run again; "
+                                             "--no-fence promotes anyway, and then there may be two primaries")
+            self.report.notes.append(f"{self.old.name} was NOT fenced ({why}; --no-fence): if it comes back it "
+                                     f"may accept writes next to {self.new.name}")
+
+    def _fence_controller(self) -> tuple[bool, str]:
+        try:
+            ctl = open_controller(self.old)
+            ctl.stop("immediate", timeout=min(self.opts.timeout, 30.0))
+            if ctl.is_running():
+                return False, "still running after an immediate stop"
+            ctl.add_standby_signal()
+            return True, "stopped (immediate); standby.signal left"
+        except DbopsError as e:
+            detail = (e.detail or "").strip().splitlines()
+            return False, e.message + (f": {detail[-1]}" if detail else "")
+
+    def _tune(self) -> None:
+        with self.phase("candidate: replay from the archive") as ph, conn.session(self.new) as c:
+            restore, version, archive_cmd, self._cand_conninfo = c.execute(
+                "select current_setting('restore_command'), current_setting('server_version_num')::int, "
+                "current_setting('archive_command'), current_setting('primary_conninfo')").fetchone()
+            extra = {"primary_conninfo": ""}
+            if not restore:
+                derived = restore_command_for(archive_cmd or "")
+                if derived and version >= 140000:
+                    extra["restore_command"] = derived
+                    self.report.restore_command_set = True
+                else:
+                    self.report.notes.append(
+                        f"{self.new.name} has no restore_command" + ("" if derived else " and its archive_command is "
+                                                                     "not `dbops wal-push`") +
+                        ": it cannot replay WAL from the archive" + (" (PostgreSQL < 14 needs a restart)"
+                                                                     if derived else ""))
+            ph.detail = self.tuning.apply(c, suspend_restore_command=False, extra=extra)
+
+    def _catch_up(self, archive: Future[ArchiveEnd] | None) -> None:
+        with self.phase("catch up") as ph:
+            if archive is not None:
+                self.archive = archive.result(timeout=self.opts.timeout)
+            target = self.archive.last_record_lsn
+            deadline = time.monotonic() + self.opts.timeout
+            last, still_since, state = None, time.monotonic(), "no answer"
+            while True:
+                try:
+                    with conn.session(self.new, connect_timeout=2) as c:
+                        while True:
+                            recv_s, replay_s, ts = c.execute(
+                                "select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, "
+                                "extract(epoch from pg_last_xact_replay_timestamp())::float8").fetchone()
+                            recv = parse_lsn(recv_s) if recv_s else None
+                            replay = parse_lsn(replay_s) if replay_s else 0
+                            now = time.monotonic()
+                            if replay != last:
+                                last, still_since = replay, now
+                            state = f"received {recv_s}, replayed {replay_s}"
+                            archive_ok = target is None or replay > target
+                            own_ok = recv is None or replay >= recv or now - still_since >= SETTLE
+                            if archive_ok and own_ok:
+                                self._replayed_ts = ts
+                                ph.detail = state + (f"; archive's last record {format_lsn(target)}" if target else "")
+                                return
+                            if now >= deadline:
+                                break
+                            time.sleep(POLL)
+                except PostgresError as e:
+                    state = f"{self.new.name} unreachable: {e.message}"
+                if time.monotonic() >= deadline:
+                    raise PreconditionError(
+                        f"promotion stopped: {self.new.name} did not replay the archive's last record "
+                        f"{format_lsn(target) if target else '-'} within {self.opts.timeout:.0f} s ({state})",
+                        detail=f"nothing was promoted; newest archived segment {self.archive.segment}",
+                        hint=f"check {self.new.name}'s server log (restore_command, dbops wal-fetch); "
+                             "raise --timeout for a long archive; then run again")
+                time.sleep(0.2)
+
+    def _promote(self) -> None:
+        with self.phase("promote") as ph:
+            try:
+                with conn.session(self.new) as c:
+                    # Every restore_command run (an archive client) would hold the promotion up; safe to drop
+                    # when the archive holds no later timeline's history (promotion probes for one).
+                    if (self.archive.checked and not self.archive.later_timelines and int(c.execute(
+                            "select current_setting('server_version_num')").fetchone()[0]) >= 140000):
+                        self.tuning.apply(c, suspend_restore_command=True)
+                    c.execute("select pg_promote(false)")
+                    deadline = time.monotonic() + self.opts.timeout
+                    while c.execute("select pg_is_in_recovery()").fetchone()[0]:
+                        if time.monotonic() >= deadline:
+                            raise PostgresError(f"{self.new.name} still in recovery after {self.opts.timeout:.0f} s")
+                        time.sleep(POLL)
+                    self.report.seconds_to_writable = round(time.monotonic() - self._t0, 3)
+                    self.report.timeline = int(c.execute(
+                        "select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+                ph.detail = f"timeline {self.report.timeline}"
+                self.report.outcome = "promoted"
+            except DbopsError as e:
+                self.report.outcome = "unknown"
+                self._untune()
+                raise _attach(UnknownOutcomeError(
+                    f"promotion of {self.new.name} requested, outcome unknown: {e.message}", detail=e.detail,
+                    hint=f"run `dbops status`: if {self.new.name} is primary, continue by hand (repoint the "
+                         "standbys); if it is still a standby, run `dbops failover --primary-lost` again"),
+                    self.report) from None
+
+    # -- after writes resumed -----------------------------------------------------------------------------
+
+    def _after(self) -> None:
+        fo = self.cfg.failover
+        if fo.pgbouncer:
+            from dbops.ops.failover.pgbouncer import PgBouncer
+
+            bouncer = PgBouncer(fo.pgbouncer)
+            self._guarded("pgbouncer repoint",
+                          lambda: "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing"))
+        self._guarded("untune candidate", lambda: self.tuning.undo())
+        self._guarded("new primary: slots, checkpoint", self._settle)
+        if fo.post_hooks:
+            with self.phase("post-hooks") as ph:
+                env = env_for(self.cfg.cluster, self.old, self.new, timeline=str(self.report.timeline or ""),
+                              switch_lsn=format_lsn(self._switch) if self._switch else "")
+                failed = run_hooks("post", fo.post_hooks, env, self.opts.timeout)
+                if failed:
+                    ph.ok, ph.detail = False, failed[0]
+                    self.report.warnings.append(f"post-hook {failed[0]}")
+        for n in self.others:
+            self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
+        with self.phase("verify"):
+            cand = self.plan.candidate
+            self.report.verification = verify(
+                self.cfg, self.new, self.others, timeline=self.report.timeline or 0,
+                old_timeline=self.report.old_timeline or 0, timeout=self.opts.timeout,
+                archive_command=cand.settings.get("archive_command", "") if cand else "")
+        self._guarded("loss report", self._loss)
+        bad = [f for f in self.report.verification if f.status == FAIL]
+        if bad or self.report.warnings:
+            self.report.outcome = "unknown"
+            lines = [f"{f.check}: {f.message}" for f in bad] + self.report.warnings
+            raise _attach(UnknownOutcomeError(
+                f"{self.new.name} is primary on timeline {self.report.timeline}, but not everything could be "
+                "confirmed", detail="\n  " + "\n  ".join(lines),
+                hint="see each item; `dbops status` shows the topology now"), self.report)
+        loss = self.report.loss
+        if loss is not None and loss.possible:
+            raise _attach(LossPossibleError(
+                f"{self.new.name} is primary on timeline {self.report.timeline}; commits may be lost",
+                detail="\n  " + "\n  ".join(loss.reasons),
+                hint=f"the report names the LSNs; when {self.old.name} is back, `dbops rejoin {self.old.name}` "
+                     "lists the commits only it had"), self.report)
+
+    def _settle(self) -> None:
+        with conn.session(self.new) as c:
+            if self.uses_slots:
+                for s in self.plan.others:
+                    repl.ensure_slot(c, repl.slot_name_for(s.name, s.settings.get("primary_slot_name")))
+            c.execute("checkpoint")
+            repl.clear_upstream(c)
+            self._history = repl.read_history(c, self.report.timeline or 0)
+        entries = parse_history(self._history) if self._history else []
+        if entries:
+            self._switch = entries[-1][1]
+
+    def _repoint(self, node: Node) -> None:
+        st = self.plan.topology.get(node.name)
+        slot = repl.slot_name_for(node.name, st.settings.get("primary_slot_name")) if self.uses_slots else None
+        had = has_lsn(st)
+        cand_had = has_lsn(self.plan.candidate) if self.plan.candidate else None
+        # WAL past the switch point that the candidate did not hold too (the same incomplete last record is
+        # overwritten by the new timeline's stream), or replayed past it: only pg_rewind makes it follow
+        beyond = self._switch is not None and had is not None and had > max(self._switch, cand_had or 0)
+        replayed_past = self._switch is not None and (st.replay_lsn or 0) > self._switch
+        if beyond or replayed_past:
+            decision = repl.RewindDecision(True, f"received WAL up to {format_lsn(had)}, past the switch point "
+                                                 f"{format_lsn(self._switch)}")
+            repl.rejoin(open_controller(node), self.new, conninfo_template=self._cand_conninfo, slot=slot,
+                        history=self._history, new_timeline=self.report.timeline or 0, timeout=self.opts.timeout,
+                        decision=decision)
+            self.report.repointed[node.name] = f"pg_rewind: {decision.reason}"
+            return
+        with conn.session(node) as c:
+            current = c.execute("select current_setting('primary_conninfo')").fetchone()[0]
+            repl.set_upstream(c, repl.follow_conninfo(current or self._cand_conninfo, self.new, node.name), slot)
+            version = int(c.execute("select current_setting('server_version_num')").fetchone()[0])
+        if version < 130000:  # primary_conninfo became reloadable in PostgreSQL 13
+            open_controller(node).restart("fast", timeout=self.opts.timeout)
+        self.report.repointed[node.name] = "primary_conninfo (reload)"
+
+    def _loss(self) -> None:
+        cand = self.plan.candidate
+        assert cand is not None
+        switch = self._switch
+        if switch is None:
+            with conn.session(self.new) as c:  # no history file readable: the end of the replayed WAL
+                switch = parse_lsn(c.execute("select pg_current_wal_lsn()::text").fetchone()[0])
+        ends = {s.name: v for s in self.plan.standbys if (v := has_lsn(s)) is not None}
+        if self.archive.end_lsn is not None:
+            ends[ARCHIVE] = self.archive.end_lsn
+        loss = compute(switch=switch, candidate=cand.name, candidate_had=has_lsn(cand), ends=ends,
+                       archive_checked=self.archive.checked, archive_expected=self.archive.dbops,
+                       archive_last_record=self.archive.last_record_lsn)
+        loss.last_commit_time = iso(self._replayed_ts)
+        self.report.loss = loss
+        try:
+            found = last_recovered_commit(open_controller(self.new), switch, old_timeline=self.report.old_timeline or 1,
+                                          new_timeline=self.report.timeline or 2, seg_size=self.archive.seg_size)
+        except DbopsError as e:
+            self.report.notes.append(f"last recovered commit not read with pg_waldump: {e.message}")
+            return
+        if found is not None:
+            loss.last_commit_lsn, loss.last_commit_time = format_lsn(found.lsn), iso(found.time)
+
+
+def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Callable[[str, str], None] | None = None,
+            lock: Callable[[], Any] | None = None) -> LostReport:
+    """Run a --primary-lost failover under the cluster lock. Raises with ``.report`` attached when it
+    did not end with "promoted, nothing known lost"."""
+    if not plan.ok:
+        raise plan.refuse()
+    em = Emergency(cfg, plan, opts, observer)
+    with proc.sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))():
+        return em.run()
+
+
+__all__ = ["Emergency", "LostReport", "execute", "restore_command_for"]

@@ -1,0 +1,118 @@
+"""Reading ``pg_waldump`` output: records, transaction ends with their times, where the WAL ends.
+
+Pure parsing (the caller runs ``pg_waldump`` wherever the WAL is, with ``TZ=UTC LANG=C``).
+A record line looks like::
+
+    rmgr: Transaction len (rec/tot):     34/    34, tx:        735, lsn: 0/03000148, prev 0/03000110,
+    desc: COMMIT 2026-11-29 20:01:02.123456 UTC
+
+and the run ends with an error naming where the valid WAL stops, e.g.
+``error in WAL record at 0/3000148: invalid record length at 0/3000180: wanted 24, got 0``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from dbops.pg.lsn import parse_lsn
+
+ENV = {"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}
+
+_RECORD_RE = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), "
+                        r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)\s?(.*)$")
+_XACT_TIME_RE = re.compile(r"^(?:\d+: )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+_ERROR_RE = re.compile(r"error in WAL record at ([0-9A-F]+/[0-9A-F]+): (.*)$")
+_LSN_IN_TEXT_RE = re.compile(r"\bat ([0-9A-F]+/[0-9A-F]+)")
+XACT_ENDS = ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED")
+
+
+@dataclass(frozen=True)
+class Record:
+    rmgr: str
+    total_len: int
+    xid: int
+    lsn: int
+    kind: str
+    desc: str
+
+    @property
+    def end_guess(self) -> int:
+        """Start plus length: the record's end unless it crosses a page header (then a little more)."""
+        return self.lsn + self.total_len
+
+
+@dataclass(frozen=True)
+class XactEnd:
+    """A transaction's commit (or abort) record."""
+
+    lsn: int
+    xid: int
+    kind: str  # COMMIT | ABORT | COMMIT_PREPARED | ABORT_PREPARED
+    time: float  # epoch seconds (the record's own timestamp)
+
+    @property
+    def committed(self) -> bool:
+        return self.kind.startswith("COMMIT")
+
+
+@dataclass(frozen=True)
+class Dump:
+    records: list[Record]
+    last_valid_lsn: int | None  # start of the last record read (from the closing error), if any
+    stop_lsn: int | None  # where reading stopped: the first position holding no valid record
+    error: str | None  # the closing error message (normal at the end of the WAL)
+
+
+def parse(text: str) -> Dump:
+    """Records and the closing error of a ``pg_waldump`` run (stdout and stderr concatenated)."""
+    records: list[Record] = []
+    last_valid = stop = None
+    error = None
+    for line in text.splitlines():
+        m = _RECORD_RE.search(line)
+        if m:
+            records.append(Record(m.group(1), int(m.group(2)), int(m.group(3)), parse_lsn(m.group(4)),
+                                  m.group(5), m.group(6)))
+            continue
+        e = _ERROR_RE.search(line)
+        if e:
+            last_valid = parse_lsn(e.group(1))
+            error = e.group(2).strip()
+            inner = _LSN_IN_TEXT_RE.search(error)
+            stop = parse_lsn(inner.group(1)) if inner else None
+        elif "error:" in line and error is None:
+            error = line.split("error:", 1)[1].strip()
+    return Dump(records, last_valid, stop, error)
+
+
+def xact_end(rec: Record) -> XactEnd | None:
+    """The transaction end a record stands for (with its time), else None."""
+    if rec.rmgr != "Transaction" or rec.kind not in XACT_ENDS:
+        return None
+    m = _XACT_TIME_RE.match(rec.desc)
+    if not m:
+        return None
+    text = m.group(1)
+    fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S"
+    when = datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
+    return XactEnd(rec.lsn, rec.xid, rec.kind, when)
+
+
+def xact_ends(records: list[Record]) -> list[XactEnd]:
+    return [x for x in (xact_end(r) for r in records) if x is not None]
+
+
+def last_commit(records: list[Record], before: int | None = None) -> XactEnd | None:
+    """The last commit record (starting before `before`, when given)."""
+    for rec in reversed(records):
+        if before is not None and rec.lsn >= before:
+            continue
+        x = xact_end(rec)
+        if x is not None and x.committed:
+            return x
+    return None
+
+
+__all__ = ["ENV", "Dump", "Record", "XACT_ENDS", "XactEnd", "last_commit", "parse", "xact_end", "xact_ends"]
