@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from dbops.lab import harness as labmod  # noqa: E402
 
-BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_dropfind"]
+BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind"]
 
 
 def emit(rec: dict) -> None:
@@ -52,8 +52,8 @@ def main() -> int:
                 continue
             print(f"== {name}", file=sys.stderr, flush=True)
             try:
-                if name == "bench_failover":  # builds its own lab: two replicas and PgBouncer
-                    fdir = d.parent / "failover"
+                if name in ("bench_failover", "bench_lost"):  # each builds its own lab with two replicas
+                    fdir = d.parent / name.removeprefix("bench_")
                     fdir.mkdir(exist_ok=True)
                     os.chmod(fdir, 0o755)
                     records = [mod.run(fdir, runs=int(os.environ.get("BENCH_FAILOVER_RUNS", "5")))]

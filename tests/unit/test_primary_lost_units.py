@@ -200,3 +200,14 @@ def test_cli_usage_errors(cli, tmp_path, args, needle):
     cfg.write_text("cluster: c\nstorage: {bucket: b}\nnodes: [{name: pg1, port: 5432, data_dir: /d}]\n")
     r = cli(["-c", str(cfg), *args])
     assert r.exit_code == 2 and needle in r.stderr, r
+
+
+def test_walgap_expands_archive_command_and_lists_the_segments_only_standbys_had():
+    from dbops.ops.failover.walgap import command_for, segments_between
+
+    cmd = command_for("/v/dbops -c /e/d.yaml wal-push %p # 100%% %f", "/d/pg 1/pg_wal/X", "X")
+    assert cmd == "/v/dbops -c /e/d.yaml wal-push '/d/pg 1/pg_wal/X' # 100% X"
+    seg = 16 * 1024 * 1024
+    assert segments_between(1, "000000010000000000000004", parse_lsn("0/7000100"), seg) == [
+        "000000010000000000000005", "000000010000000000000006"]
+    assert segments_between(1, "000000010000000000000004", parse_lsn("0/5000100"), seg) == []

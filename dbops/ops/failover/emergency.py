@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dbops import log, proc
@@ -36,7 +35,8 @@ from dbops.ops.failover import replication as repl
 from dbops.ops.failover.assess import ArchiveEnd, LostOptions, LostPlan, has_lsn, read_archive
 from dbops.ops.failover.candidate import CandidateTuning
 from dbops.ops.failover.hooks import env_for, run_hooks
-from dbops.ops.failover.loss import ARCHIVE, Loss, compute, iso, last_recovered_commit
+from dbops.ops.failover.loss import ARCHIVE, LostReport, compute, iso, last_recovered_commit
+from dbops.ops.failover.walgap import archive_received, restore_command_for, segments_between
 from dbops.ops.failover.plan import FAIL, Finding
 from dbops.ops.failover.switchover import Phase, cluster_lock
 from dbops.ops.failover.verify import verify
@@ -49,40 +49,9 @@ POLL = 0.01
 SETTLE = 0.3  # seconds replay must stand still below the received LSN (an incomplete last record)
 
 
-@dataclass
-class LostReport:
-    old_primary: str
-    new_primary: str
-    outcome: str = "running"  # promoted | cancelled | unknown | running
-    old_timeline: int | None = None
-    timeline: int | None = None
-    fence: dict[str, Any] = field(default_factory=dict)
-    restore_command_set: bool = False
-    seconds_to_writable: float | None = None
-    total_seconds: float | None = None
-    loss: Loss | None = None
-    repointed: dict[str, str] = field(default_factory=dict)
-    phases: list[Phase] = field(default_factory=list)
-    verification: list[Finding] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # steps that failed after promotion: outcome unknown
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.outcome == "promoted" and not (self.loss and self.loss.possible)
-        return d
-
-
 def _attach(err: DbopsError, report: LostReport) -> DbopsError:
     err.report = report  # type: ignore[attr-defined]
     return err
-
-
-def restore_command_for(archive_command: str) -> str | None:
-    """`dbops ... wal-fetch %f %p` from a node's `dbops ... wal-push %p` archive_command (same binary, config)."""
-    if "wal-push %p" not in archive_command:
-        return None
-    return archive_command.replace("wal-push %p", "wal-fetch %f %p")
 
 
 class Emergency:
@@ -294,6 +263,7 @@ class Emergency:
                           lambda: "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing"))
         self._guarded("untune candidate", lambda: self.tuning.undo())
         self._guarded("new primary: slots, checkpoint", self._settle)
+        self._guarded("archive WAL only the standbys had", self._archive_gap)
         if fo.post_hooks:
             with self.phase("post-hooks") as ph:
                 env = env_for(self.cfg.cluster, self.old, self.new, timeline=str(self.report.timeline or ""),
@@ -338,6 +308,22 @@ class Emergency:
         entries = parse_history(self._history) if self._history else []
         if entries:
             self._switch = entries[-1][1]
+
+    def _archive_gap(self) -> str:
+        a, cmd = self.archive, (self.plan.candidate.settings.get("archive_command") or "") if self.plan.candidate else ""
+        if not (a.checked and a.segment and self._switch and "wal-push" in cmd and self.new.data_dir):
+            return "skipped: " + ("the archive was not read" if not a.checked else "no archived segment to start "
+                                  "from" if not a.segment else "no dbops archive_command or switch point")
+        names = segments_between(self.report.old_timeline or 1, a.segment, self._switch, a.seg_size)
+        res = archive_received(open_controller(self.new), self.new.data_dir, cmd, names, self.opts.timeout)
+        self.report.archived_from_standby = res.pushed
+        for name in res.missing:
+            self.report.notes.append(f"! {name} is neither in the archive nor in {self.new.name}'s pg_wal: the "
+                                     "archive has a gap before the new timeline; take a full backup (`dbops backup "
+                                     "--full`)")
+        for why in res.failed:
+            self.report.warnings.append(f"archiving {why}")
+        return f"{len(res.pushed)} of {len(names)} segment(s) archived" if names else "nothing missing"
 
     def _repoint(self, node: Node) -> None:
         st = self.plan.topology.get(node.name)

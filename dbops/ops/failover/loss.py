@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dbops.nodes import NodeController
+from dbops.ops.failover.plan import Finding
+from dbops.ops.failover.switchover import Phase
 from dbops.pg import waldump
 from dbops.pg.lsn import format_lsn
 
@@ -40,6 +42,31 @@ class Loss:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class LostReport:
+    old_primary: str
+    new_primary: str
+    outcome: str = "running"  # promoted | cancelled | unknown | running
+    old_timeline: int | None = None
+    timeline: int | None = None
+    fence: dict[str, Any] = field(default_factory=dict)
+    restore_command_set: bool = False
+    archived_from_standby: list[str] = field(default_factory=list)  # old-timeline segments pushed after promotion
+    seconds_to_writable: float | None = None
+    total_seconds: float | None = None
+    loss: Loss | None = None
+    repointed: dict[str, str] = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
+    verification: list[Finding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # steps that failed after promotion: outcome unknown
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.outcome == "promoted" and not (self.loss and self.loss.possible)
+        return d
 
 
 def compute(*, switch: int, candidate: str, candidate_had: int | None, ends: dict[str, int],
@@ -131,4 +158,4 @@ def metrics(report: Any) -> dict[str, tuple[float | int | None, str]]:
     }
 
 
-__all__ = ["ARCHIVE", "Loss", "compute", "iso", "last_recovered_commit", "metrics"]
+__all__ = ["ARCHIVE", "LostReport", "Loss", "compute", "iso", "last_recovered_commit", "metrics"]
