@@ -111,10 +111,12 @@ class Emergency:
                 self._tune()
                 self._catch_up(archive)
                 self._promote()
-            except BaseException:
+            except BaseException as e:
                 if self.report.outcome == "running":
                     self.report.outcome = "cancelled"
                     self._untune()
+                if isinstance(e, DbopsError):
+                    _attach(e, self.report)
                 raise
             self._after()
         finally:
