@@ -46,7 +46,8 @@ def _json(r: subprocess.CompletedProcess) -> dict:
 
 def _one(node, query: str, *args):
     with conn.session(node) as c:
-        return c.execute(query, args or None).fetchone()
+        cur = c.execute(query, args or None)
+        return cur.fetchone() if cur.description else None
 
 
 def _wait_streaming(cfg_path: str, name: str, upstream: str, timeout: float = 60) -> None:
