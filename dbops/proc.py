@@ -220,3 +220,26 @@ def dbops_executable() -> str:
         return found
     raise DbopsError("cannot find the dbops command to put into archive_command / restore_command",
                      hint="install dbops into this Python's environment, or put `dbops` on PATH")
+
+
+def chown_to(path: str | os.PathLike, user: str, *, recursive: bool = False) -> None:
+    """Give path (and with recursive, everything below it) to an OS user; a no-op unless we are root."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    if recursive:
+        for root, dirs, files in os.walk(path):
+            for n in (*dirs, *files):
+                os.chown(os.path.join(root, n), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now (for a throwaway server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Iterable, Sequence
 
 from dbops import secrets
+from dbops.units import human_bytes  # noqa: F401  (rendered here; defined once in units)
 
 
 def emit_json(obj: Any) -> None:
@@ -35,17 +36,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     for r in rows:
         lines.append("  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip())
     return "\n".join(lines)
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def human_seconds(s: float | None) -> str:

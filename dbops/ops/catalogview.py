@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from dbops import log
 from dbops.repo import catalog
 from dbops.repo import retention
 from dbops.repo import manifest as mf
-from dbops.repo.restore import restore_snapshot, verify_backup
+from dbops.repo.restore import verify_backup
 from dbops.config import Config
+from dbops.ops.backup.validate import prove, restore_seconds
+from dbops.phases import Phases
 from dbops.errors import NotFoundError, UsageError, ValidationError
 from dbops.storage.lock import ClusterLock
-from dbops.pg.lsn import format_lsn, parse_segment_name, segment_of_lsn
+from dbops.pg.lsn import format_lsn, parse_segment_name
 from dbops.storage import ObjectStore, open_store
 from dbops.storage.layout import Layout
 
@@ -27,8 +28,6 @@ def _open(cfg: Config, store: ObjectStore | None = None) -> tuple[ObjectStore, L
 
 
 def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.StatusRecord] | None = None) -> float | None:
-    from dbops.ops.backup.run import restore_seconds
-
     for rec in reversed(history or ([status] if status else [])):
         if rec and rec.state == catalog.VALIDATED and rec.timings:
             return restore_seconds(rec.timings)
@@ -178,29 +177,13 @@ def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
 
 
 def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest) -> tuple[float, list]:
-    """Restore a backup into scratch, start it, replay to its own consistent point, check, stop."""
-    from dbops.ops.backup import run as bk
-
-    phases = bk.Phases()
+    """Prove a backup the way `dbops backup` does (restore into scratch, replay to its own consistent
+    point, check, stop) and record it validated."""
+    phases = Phases()
     run_id = catalog.new_backup_id().split("-", 1)[1]
-    with bk.scratch_folder(Path(cfg.backup.scratch_dir), run_id) as scratch:
-        data, wal = scratch / "data", scratch / "wal"
-        wal.mkdir()
-        bk._chown_pg(wal)
-        with phases("download"):
-            restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=bk.PG_OS_USER)
-        seg_size = m.pg.wal_segment_size
-        target = bk.Target(lsn=m.pg.consistent_lsn, time=m.pg.consistent_time, timeline=m.pg.timeline,
-                           segment=segment_of_lsn(m.pg.timeline, m.pg.consistent_lsn, seg_size))
-        with phases("wal_fetch"):
-            from dbops.ops.wal import archive as arch
-
-            arch.fetch_range(store, layout, segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, seg_size), target.segment,
-                             wal, parallel=max(2, cfg.archive.parallel))
-            for f in wal.iterdir():
-                bk._chown_pg(f)
-        val = bk.recover_to_target(cfg, data, wal, target, phases, name=f"verify-{run_id}")
+    with prove(cfg, store, layout, m, phases, run_id=run_id, name=f"verify-{run_id}") as proof:
+        val = proof.validation
     catalog.record_status(store, layout, m.backup_id, catalog.VALIDATED, run_id=run_id, phase="verify",
                           timings=dict(phases.t), detail={"checks": val.checks, "by": "dbops verify --restore"},
                           now=time.time())
-    return bk.restore_seconds(phases.t), val.checks
+    return restore_seconds(phases.t), val.checks

@@ -47,3 +47,15 @@ def scalar(conn: Any, sql: str, params: tuple | None = None) -> Any:
 
 def rows(conn: Any, sql: str, params: tuple | None = None) -> list[tuple]:
     return conn.execute(sql, params).fetchall()
+
+
+def libpq_env(node: Node) -> dict[str, str]:
+    """libpq environment for a child process (pg_basebackup, pg_rewind): the password travels here, never in argv."""
+    env = {"PGCONNECT_TIMEOUT": "10"}
+    if node.password:
+        env["PGPASSWORD"] = node.password
+    if node.passfile:
+        env["PGPASSFILE"] = node.passfile
+    if node.sslmode:
+        env["PGSSLMODE"] = node.sslmode
+    return env

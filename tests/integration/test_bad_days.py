@@ -32,6 +32,7 @@ from dbops import proc
 from dbops.errors import DbopsError, ExitCode
 from dbops.storage.lock import LockOwner, read_owner
 from dbops.ops.backup import run as bk
+from dbops.runtime import scratch as scratch_policy
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 from dbops.storage import open_store
@@ -104,7 +105,7 @@ def containers() -> set[str]:
 
 
 def run_dirs(scratch: Path) -> list[Path]:
-    return list(scratch.glob(f"{bk.SCRATCH_PREFIX}*"))
+    return list(scratch.glob(f"{scratch_policy.SCRATCH_PREFIX}*"))
 
 
 def in_process_backup(config: str, hook: Callable[[str], None], *, full: bool = False) -> DbopsError | None:
@@ -185,7 +186,7 @@ def test_scratch_filling_up_mid_run(blab, env, dbops_bin, tmp_path):
     write_wal(blab.primary)
     first = take_backup(dbops_bin, env)
     size = int(sql(blab.primary, "SELECT sum(pg_database_size(oid)) FROM pg_database")[0][0])
-    needed = bk.scratch_needed(max(size, first["logical_size"]))
+    needed = scratch_policy.scratch_needed(max(size, first["logical_size"]))
     with tmpfs(blab.dir / "tmpfs-scratch", needed + 32 * 2**20) as scratch:
         config = config_copy(blab, tmp_path, backup={"scratch_dir": str(scratch)})
         for phase, full in (("basebackup", True), ("download", False), ("start", False), ("replay", False)):

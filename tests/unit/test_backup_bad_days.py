@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dbops.errors import CommandError, ExitCode, PreconditionError, ValidationError
-from dbops.ops.backup import run as bk
+from dbops.runtime import scratch as bk
 
 
 def test_out_of_space_is_recognised_in_every_form():

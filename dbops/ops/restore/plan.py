@@ -48,7 +48,8 @@ from dbops.ops.restore import conf as rconf
 from dbops.ops.restore import wal as rwal
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive
-from dbops.ops.backup.run import Phases, scratch_folder
+from dbops.phases import Phases
+from dbops.runtime.scratch import scratch_folder
 from dbops.ops.restore.target import FINAL_STATES, LATEST, LSN, TIME, XID, RestoreTarget, iso_utc
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
 from dbops.storage import ObjectStore, open_store

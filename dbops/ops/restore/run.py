@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,7 +30,7 @@ from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.runtime import InstanceSpec, LocalRuntime
 
 if TYPE_CHECKING:
-    from dbops.ops.backup.run import Phases
+    from dbops.phases import Phases
     from dbops.ops.restore.plan import Options, Plan
 
 _log = log.get("restore")
@@ -44,12 +43,6 @@ def bin_dir(cfg: Config, pg_version: str) -> str:
     configured = cfg.runtime.bin_dir if cfg.runtime.engine == "none" else None
     major = int(pg_version.split(".")[0]) if pg_version.split(".")[0].isdigit() else None
     return binaries.bindir(configured, major)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def instance_settings(cfg: Config, plan: "Plan", opts: "Options", cache: Path) -> dict[str, str]:
@@ -71,7 +64,7 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
     rt = LocalRuntime(bin_dir=bins, db_user=cfg.runtime.user)
     timeout = cfg.backup.validation.start_timeout
     run_dir = cache.parent / "run"
-    spec = InstanceSpec(data_dir=data, port=_free_port(), settings=instance_settings(cfg, plan, opts, cache),
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(), settings=instance_settings(cfg, plan, opts, cache),
                         name=f"restore-{data.name}", run_dir=run_dir)
     with phases("start"):
         inst = rt.start(spec)

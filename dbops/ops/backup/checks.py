@@ -1,0 +1,70 @@
+"""The checks run on a restored backup while its throwaway instance is up (paused at the target).
+
+A new check goes here: it gets the configuration, the running instance and the list of check
+records, appends its record, and raises ValidationError when the backup fails it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dbops.config import Config, Node
+from dbops.errors import PostgresError, ValidationError
+from dbops.pg import binaries
+from dbops.pg import conn as pgconn
+
+
+def _databases(node: Node) -> list[str]:
+    with pgconn.session(node) as c:
+        return [r[0] for r in c.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")]
+
+
+def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
+    """Connect to every database, read every table (pg_amcheck where amcheck is installed), run assertions."""
+    v = cfg.backup.validation
+    for db in _databases(inst.node()):
+        node = inst.node(db)
+        try:
+            with pgconn.session(node, db) as c:
+                has_amcheck = bool(pgconn.scalar(c, "SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'"))
+                tables = [r[0] for r in c.execute(
+                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p' ORDER BY 1")]
+                if not (v.amcheck and has_amcheck):
+                    rows = 0
+                    for t in tables:
+                        rows += int(pgconn.scalar(c, f"SELECT count(*) FROM {t}"))
+                    checks.append({"check": "read_tables", "database": db, "ok": True, "tables": len(tables),
+                                   "rows": rows})
+        except PostgresError as e:
+            checks.append({"check": "read_tables", "database": db, "ok": False, "error": e.detail or e.message})
+            raise ValidationError(f"database {db} of the restored backup cannot be read",
+                                  detail=e.detail or e.message) from None
+        if v.amcheck and has_amcheck:
+            r = inst.run_tool([tool_path(cfg, "pg_amcheck"), "-d", db, "--no-strict-names"], check=False, timeout=24 * 3600)
+            ok = r.returncode == 0
+            checks.append({"check": "pg_amcheck", "database": db, "ok": ok, "tables": len(tables)})
+            if not ok:
+                raise ValidationError(f"pg_amcheck found corruption in database {db} of the restored backup",
+                                      detail=(r.stdout + r.stderr)[-2000:])
+    for a in v.assertions:
+        try:
+            with pgconn.session(inst.node(a.database), a.database) as c:
+                val = pgconn.scalar(c, a.sql)
+        except PostgresError as e:
+            checks.append({"check": "assertion", "name": a.name, "ok": False, "error": e.detail or e.message})
+            raise ValidationError(f"assertion {a.name!r} failed with an error", detail=e.detail or e.message) from None
+        ok = val is True
+        checks.append({"check": "assertion", "name": a.name, "ok": ok, "value": repr(val)})
+        if not ok:
+            raise ValidationError(f"assertion {a.name!r} did not hold on the restored backup",
+                                  detail=f"{a.sql} returned {val!r}, expected true")
+
+
+def tool_path(cfg: Config, name: str) -> str:
+    """A PostgreSQL tool's path as the runtime sees it (host bin dir for rootfs/none, PATH in an image)."""
+    if cfg.runtime.engine != "none" and cfg.runtime.image:
+        return os.path.join(cfg.runtime.bin_dir, name) if cfg.runtime.bin_dir else name
+    return binaries.binary(name, cfg.runtime.bin_dir)

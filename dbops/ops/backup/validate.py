@@ -1,0 +1,352 @@
+"""Proving a backup: restore it into scratch, replay the archive to a target in a throwaway
+PostgreSQL, check it, stop it in recovery.
+
+``prove(...)`` is the one way a stored backup is proved, used by `dbops backup` (before it
+builds the next link from the proved copy) and by `dbops verify --restore`. A fresh base
+backup (the first run) goes through ``recover_to_target`` the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from dbops import log, proc
+from dbops.config import Config, Node
+from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError, ValidationError
+from dbops.ops.backup.checks import run_checks, tool_path
+from dbops.ops.wal import archive as arch
+from dbops.pg import controldata
+from dbops.pg import relmap as relmap_reader
+from dbops.pg import conn as pgconn
+from dbops.pg.inspect import find_primary
+from dbops.pg.lsn import format_lsn, parse_lsn, segment_of_lsn
+from dbops.phases import Phases
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot
+from dbops.runtime import InstanceSpec, open_runtime
+from dbops.runtime.scratch import NO_SPACE, PG_OS_USER, free_bytes, scratch_folder
+from dbops.storage import ObjectStore
+from dbops.storage.layout import Layout
+from dbops.storage.lock import ClusterLock
+
+_log = log.get("backup")
+
+
+@dataclass
+class Target:
+    lsn: int
+    time: float
+    timeline: int
+    segment: str
+
+
+@dataclass
+class Validation:
+    backup_id: str
+    ok: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None
+    replayed_lsn: int | None = None
+    last_commit_time: float | None = None
+    relation_map: dict[str, Any] | None = None  # read at the target; stored with the backup taken there
+
+
+def restore_seconds(t: dict[str, float]) -> float:
+    """The measured restore time: download + WAL fetch + start + replay."""
+    return round(sum(t.get(k, 0.0) for k in ("download", "wal_fetch", "start", "replay")), 3)
+
+
+# --------------------------------------------------------------------------- the target on the primary
+
+
+SWITCH_LOCK = "switch"  # also taken by `dbops failover`: a capture never interleaves with a switchover
+PRIMARY_PROBE_INTERVAL = 5.0  # while waiting for the target's segment: is the primary still there?
+
+
+class ArchiveStalledError(ValidationError):
+    """The target's segment did not reach the archive: archiving is stuck (exit 7), which says nothing
+    against the previous backup, so it is not marked failed."""
+
+
+def _require_primary_up(primary: Node, segment: str) -> None:
+    try:
+        with pgconn.session(primary) as c:
+            c.execute("SELECT 1")
+    except PostgresError as e:
+        raise PostgresError(
+            f"the primary {primary.name} went away while dbops waited for WAL segment {segment} to be archived",
+            detail=e.detail or e.message,
+            hint="start the primary again (its archiver then archives the segment) and run dbops backup again; "
+                 "nothing was stored by this run",
+        ) from None
+
+
+def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
+    """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
+    time, switch WAL; then wait until that segment is archived."""
+    with ClusterLock(store, layout, SWITCH_LOCK, command="backup (target capture)"):
+        try:
+            primary = find_primary(cfg.nodes)
+        except PostgresError as e:  # it was there when the run began
+            raise PostgresError(f"cannot capture the backup's target: {e.message}", detail=e.detail,
+                                hint="the primary went away mid-run; start it again and run dbops backup again "
+                                     "(nothing was stored by this run)") from None
+        with pgconn.session(primary) as c:
+            c.execute("CHECKPOINT")
+            row = c.execute("SELECT pg_current_wal_insert_lsn()::text, extract(epoch from clock_timestamp())::float8, "
+                            "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+            c.execute("SELECT pg_switch_wal()")
+    lsn, t, tli = parse_lsn(row[0]), float(row[1]), int(row[2])
+    seg = segment_of_lsn(tli, lsn)
+    key = layout.wal_key(seg)
+    deadline = time.monotonic() + archive_wait
+    next_probe = time.monotonic() + PRIMARY_PROBE_INTERVAL
+    while store.head(key) is None:
+        now = time.monotonic()
+        if now > deadline:
+            raise ArchiveStalledError(
+                f"WAL segment {seg} (holding the backup's target {format_lsn(lsn)}) did not reach the archive "
+                f"within {archive_wait:.0f} s",
+                hint="is archiving working? `dbops wal status` and the primary's log show why not",
+            )
+        if now > next_probe:
+            _require_primary_up(primary, seg)
+            next_probe = now + PRIMARY_PROBE_INTERVAL
+        time.sleep(0.2)
+    log.event(_log, logging.INFO, "target captured", lsn=format_lsn(lsn), timeline=tli, segment=seg)
+    return Target(lsn=lsn, time=t, timeline=tli, segment=seg)
+
+
+def own_target(m: mf.Manifest) -> Target:
+    """A stored backup's own consistent point, as a replay target."""
+    seg = segment_of_lsn(m.pg.timeline, m.pg.consistent_lsn, m.pg.wal_segment_size)
+    return Target(lsn=m.pg.consistent_lsn, time=m.pg.consistent_time, timeline=m.pg.timeline, segment=seg)
+
+
+def fetch_wal(cfg: Config, store: ObjectStore, layout: Layout, start_segment: str, target: Target,
+              wal: Path) -> None:
+    """The archived WAL from start_segment to the target's segment, verified, into wal (for replay)."""
+    try:
+        arch.fetch_range(store, layout, start_segment, target.segment, wal, parallel=max(2, cfg.archive.parallel))
+    except NotFoundError as e:
+        raise ValidationError(f"WAL needed for replay is missing from the archive: {e.message}",
+                              detail=e.detail) from None
+    for f in wal.iterdir():
+        proc.chown_to(f, PG_OS_USER)
+# --------------------------------------------------------------------------- validation run
+
+
+RECOVERY_SETTINGS_BASE = {
+    "hot_standby": "on",
+    "recovery_target_action": "pause",
+    "recovery_target_inclusive": "on",
+    # A copy of production must not need production's memory or extensions.
+    "shared_buffers": "256MB",
+    "huge_pages": "off",
+    "shared_preload_libraries": "",
+    "max_wal_size": "4GB",  # no restartpoints forced by WAL volume while replaying
+    # The scratch copy is thrown away if the host crashes mid-run; what is stored is read after a
+    # clean shutdown, from the page cache. So no fsync: replay and the shutdown restartpoint are
+    # bound by the CPU, not by the disk's flush rate.
+    "fsync": "off",
+    "maintenance_io_concurrency": "32",
+    # Hint bits set by the checks must not reach the stored pages: with this on, a server in
+    # recovery never writes a page only for its hint bits, so a page whose LSN is not newer
+    # than the previous backup's REDO point is byte for byte what that backup stored (the
+    # store reuses it without hashing; see dbops/repo/blocks.py).
+    "wal_log_hints": "on",
+}
+RECOVERY_SETTINGS_PG15 = {"recovery_prefetch": "try"}  # PostgreSQL 15+
+
+
+# Hot standby refuses to start when these are below the source's values (pg_control keeps them).
+_STANDBY_MINIMUMS = {
+    "max_connections": "max_connections setting",
+    "max_worker_processes": "max_worker_processes setting",
+    "max_wal_senders": "max_wal_senders setting",
+    "max_prepared_transactions": "max_prepared_xacts setting",
+    "max_locks_per_transaction": "max_locks_per_xact setting",
+}
+
+
+def standby_minimums(data: Path) -> dict[str, str]:
+    """Settings a throwaway hot standby needs from the source, read from the copy's pg_control.
+
+    They matter when the source keeps its configuration outside the data folder (Debian's
+    /etc/postgresql), so the copy would otherwise start on defaults. Messages and formats in
+    the C locale, which every image has."""
+    cd = controldata.read(str(data))
+    out = {k: cd.raw[v] for k, v in _STANDBY_MINIMUMS.items() if cd.raw.get(v, "").isdigit()}
+    out.update({"lc_messages": "C", "lc_monetary": "C", "lc_numeric": "C", "lc_time": "C"})
+    return out
+
+
+def _pg_major(data: Path) -> int:
+    try:
+        return int((data / "PG_VERSION").read_text().strip().split(".")[0])
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_recovery_signal(data: Path) -> None:
+    p = data / "recovery.signal"
+    p.write_text("")
+    proc.chown_to(p, PG_OS_USER)
+    for stale in ("standby.signal", "backup_label.old"):
+        (data / stale).unlink(missing_ok=True)
+
+
+LOG_CHECK_INTERVAL = 2.0
+# Connections fail with this when the relcache init file cannot be written; with the disk (nearly)
+# full that is ENOSPC too, though the log line does not say so.
+INIT_FILE_FAILED = "could not write init file"
+NEARLY_FULL = 16 * 2**20  # less than a WAL segment: recovery cannot go on
+
+
+def _fail_on_full_disk(inst, data: Path) -> None:
+    """A full scratch disk makes recovery wait for ever (restore_command cannot copy a segment, every
+    connection fails): raise ENOSPC at once instead of waiting for the start timeout."""
+    lines = inst.logs(200).splitlines()
+    hits = [line for line in lines if NO_SPACE in line]
+    if not hits and free_bytes(data) < NEARLY_FULL:
+        hits = [line for line in lines if INIT_FILE_FAILED in line]
+    if hits:
+        raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ran out of disk space: {hits[-1].strip()}")
+
+
+def _wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, float | None]:
+    """Wait until replay paused at the target; return (replayed LSN, last replayed commit time)."""
+    deadline = time.monotonic() + timeout
+    node = inst.node()
+    last_err: str | None = None
+    next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
+    while time.monotonic() < deadline:
+        if time.monotonic() > next_log_check:
+            _fail_on_full_disk(inst, data)
+            next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
+        if not inst.is_running():
+            raise ValidationError("PostgreSQL stopped during recovery before reaching the target",
+                                  detail=inst.logs(30))
+        try:
+            with pgconn.session(node) as c:
+                row = c.execute("SELECT pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()::text, "
+                                "extract(epoch from pg_last_xact_replay_timestamp())::float8, "
+                                "pg_is_in_recovery()").fetchone()
+            state, replayed, commit_ts, in_rec = row
+            if not in_rec:
+                raise ValidationError("the throwaway instance left recovery instead of pausing at the target")
+            if state == "paused" and replayed and parse_lsn(replayed) >= target.lsn:
+                return parse_lsn(replayed), commit_ts
+        except PostgresError as e:
+            last_err = e.detail or e.message
+        time.sleep(0.1)
+    raise ValidationError(f"replay did not reach the target {format_lsn(target.lsn)} within {timeout:.0f} s",
+                          detail=(last_err + "\n" if last_err else "") + inst.logs(30))
+
+
+def read_relation_map(inst) -> dict[str, Any] | None:
+    """Which relfilenodes are which tables at the target (for `restore --before-drop`); a failure to
+    read it costs that feature for this backup, never the backup."""
+    try:
+        return relmap_reader.read(inst.node, inst.node())
+    except DbopsError as e:
+        log.event(_log, logging.WARNING, "could not read the relation map", error=e.message, detail=e.detail)
+        return None
+
+
+def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
+                      name: str) -> Validation:
+    """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly."""
+    val = Validation(backup_id="", ok=False)
+    settings = dict(RECOVERY_SETTINGS_BASE)
+    if _pg_major(data) >= 15:
+        settings.update(RECOVERY_SETTINGS_PG15)
+    settings.update(standby_minimums(data))
+    settings["recovery_target_lsn"] = format_lsn(target.lsn)
+    settings["recovery_target_timeline"] = str(target.timeline)
+    _write_recovery_signal(data)
+    rt = open_runtime(cfg.runtime)
+    timeout = cfg.backup.validation.start_timeout
+    with phases("start"):
+        inst = rt.start(InstanceSpec(data_dir=data, port=proc.free_port(), wal_dir=wal_dir, settings=settings, name=name))
+    with inst:
+        with phases("start"):
+            try:
+                inst.wait_ready(timeout)
+            except DbopsError as e:
+                raise ValidationError("PostgreSQL did not start on the restored backup",
+                                      detail=(e.detail or e.message) + "\n" + inst.logs(30)) from None
+        with phases("replay"):
+            val.replayed_lsn, val.last_commit_time = _wait_paused(inst, data, target, timeout)
+        val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
+        with phases("checks"):
+            run_checks(cfg, inst, val.checks)
+            val.relation_map = read_relation_map(inst)
+        with phases("stop"):
+            inst.stop("fast", timeout=timeout)
+        cd = controldata.read(str(data), bin_dir=None)
+        if cd.state != "shut down in recovery":
+            raise ValidationError(f"the throwaway instance did not stop in recovery (state: {cd.state})",
+                                  detail=inst.logs(30))
+        if cfg.backup.validation.checksums and cd.data_checksums:
+            with phases("checksums"):
+                r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", inst.data_path], check=False,
+                                  timeout=24 * 3600)
+            ok = r.returncode == 0
+            val.checks.append({"check": "pg_checksums", "ok": ok})
+            if not ok:
+                raise ValidationError("pg_checksums found bad pages in the restored backup",
+                                      detail=(r.stdout + r.stderr)[-2000:])
+    val.ok = True
+    return val
+
+
+# --------------------------------------------------------------------------- proving a stored backup
+
+
+@dataclass
+class Proof:
+    data: Path  # the proved copy, stopped in recovery at the target (removed when prove() ends)
+    target: Target
+    validation: Validation
+
+
+@contextmanager
+def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phases: Phases, *, run_id: str,
+          name: str, target: Target | None = None) -> Iterator[Proof]:
+    """Restore backup m into a scratch folder (every chunk checked against its hash) while the archived
+    WAL from its redo point to the target downloads, replay to the target (default: the backup's own
+    consistent point) in a throwaway instance, run the checks, stop it in recovery.
+
+    Yields the proof while the scratch folder still holds the proved copy. A backup that cannot be
+    restored, missing WAL and failed checks raise ValidationError."""
+    target = target or own_target(m)
+    with scratch_folder(Path(cfg.backup.scratch_dir), run_id) as scratch:
+        data, wal = scratch / "data", scratch / "wal"
+        wal.mkdir()
+        proc.chown_to(wal, PG_OS_USER)
+        start_segment = segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, m.pg.wal_segment_size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
+            t_wal = time.monotonic()
+            wal_job = pool.submit(fetch_wal, cfg, store, layout, start_segment, target, wal)
+            wal_job.add_done_callback(lambda _f: phases.t.__setitem__("wal_fetch", round(time.monotonic() - t_wal, 3)))
+            with phases("download"):
+                try:
+                    restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=PG_OS_USER)
+                except (NotFoundError, StorageError) as e:
+                    if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
+                        raise
+                    raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
+                                          detail=e.detail) from None
+            wal_job.result()  # a gap or a storage error in the WAL download surfaces here
+        val = recover_to_target(cfg, data, wal, target, phases, name=name)
+        val.backup_id = m.backup_id
+        yield Proof(data, target, val)

@@ -1,0 +1,106 @@
+"""The scratch folder where a throwaway copy of a backup is restored and started.
+
+The policy: one folder per run (``run-PID-RUNID``), owned by PostgreSQL's OS user and removed
+when the run ends; folders of runs killed with SIGKILL are removed by the next run; a run
+refuses to start when the folder's filesystem cannot hold the copy, and a disk that fills up
+mid-run is reported as that (ENOSPC), not as a broken backup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from dbops import proc
+from dbops.errors import DbopsError, PreconditionError
+from dbops.units import human_bytes
+
+SCRATCH_PREFIX = "run-"
+PG_OS_USER = "postgres"  # owns the scratch copy: PostgreSQL refuses to run as root
+SCRATCH_MARGIN = 256 * 2**20  # WAL replayed into the copy, the server's own files
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as programs and PostgreSQL's log print it
+
+
+def clean_stale_scratch(scratch_root: Path) -> list[str]:
+    """Remove scratch folders of runs whose process is gone (a run killed with SIGKILL)."""
+    removed: list[str] = []
+    if not scratch_root.is_dir():
+        return removed
+    for d in scratch_root.iterdir():
+        if not d.name.startswith(SCRATCH_PREFIX):
+            continue
+        try:
+            pid = int(d.name[len(SCRATCH_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not proc.pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+@contextmanager
+def scratch_folder(root: Path, run_id: str) -> Iterator[Path]:
+    """This run's own folder under root, owned by PostgreSQL's OS user, removed at the end."""
+    root.mkdir(parents=True, exist_ok=True)
+    d = root / f"{SCRATCH_PREFIX}{os.getpid()}-{run_id}"
+    d.mkdir(mode=0o700)
+    proc.chown_to(d, PG_OS_USER)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def scratch_needed(data_size: int) -> int:
+    """What a run needs in the scratch folder for a copy of data_size bytes."""
+    return int(data_size * 1.1) + SCRATCH_MARGIN
+
+
+def check_scratch_space(scratch_root: Path, data_size: int) -> None:
+    """Refuse before any work when the scratch folder cannot hold the copy (exit 11)."""
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    free, needed = free_bytes(scratch_root), scratch_needed(data_size)
+    if free < needed:
+        raise PreconditionError(
+            f"not enough free space in the scratch folder {scratch_root}: {human_bytes(free)} free, "
+            f"about {human_bytes(needed)} needed",
+            detail=f"free {free} bytes; needed {needed} bytes = the data to restore ({data_size} bytes) + 10 % "
+                   f"+ {human_bytes(SCRATCH_MARGIN)} for the WAL replayed into it; nothing was done",
+            hint="free space there, or point backup.scratch_dir at a larger filesystem",
+        )
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Did e come from a full disk (ENOSPC), directly or as a program's or PostgreSQL's message?"""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    if isinstance(e, DbopsError):
+        return any(NO_SPACE in (t or "") for t in (e.message, e.detail, getattr(e, "stderr", None)))
+    return False
+
+
+def scratch_full_error(scratch_root: Path, phase: str | None, e: BaseException) -> DbopsError:
+    """The one message for a scratch folder that filled up mid-run (the run's own folder is already gone)."""
+    cause = e.message + ("\n" + e.detail if e.detail else "") if isinstance(e, DbopsError) else str(e)
+    try:
+        free = f"{human_bytes(free_bytes(scratch_root))} free there now"
+    except OSError:
+        free = "free space unknown"
+    return DbopsError(
+        f"the scratch folder {scratch_root} ran out of space (ENOSPC: {NO_SPACE})"
+        + (f" during phase {phase}" if phase else ""),
+        detail=f"{free}; this run's scratch folder and container were removed, nothing was stored and no "
+               f"backup was marked failed\n" + cause[-1500:],
+        hint="free space there (other files may have filled it), or point backup.scratch_dir at a larger "
+             "filesystem, then run again",
+    )
