@@ -158,7 +158,7 @@ def env_example() -> dict[str, str]:
 
 def config_vars(text: str) -> set[str]:
     """Variables a dbops configuration needs from the environment (those without a default)."""
-    return {m.group(1) for m in cfgmod._ENV_RE.finditer(text) if m.group(2) is None}
+    return {m.group(1) for m in cfgmod.ENV_RE.finditer(text) if m.group(2) is None}
 
 
 def mounts(service: dict) -> dict[str, str]:

@@ -1,0 +1,20 @@
+"""Configuration: ``model`` (the typed, frozen settings, each default on its field) and ``parse``
+(YAML with ${ENV} references into a Config, every problem reported at once).
+
+Everything is importable from here: ``from dbops.config import Config, Node, load``.
+"""
+
+from dbops.config.model import (ArchiveSettings, Assertion, BackupSettings, CompressionSettings, Config,
+                                ContainerNodeSettings, FailoverSettings, Node, PgBouncerSettings, RetentionSettings,
+                                RuntimeSettings, SshSettings, StorageSettings, ValidationSettings)
+from dbops.config.parse import (DEFAULT_PATHS, ENV_CONFIG, load, parse, redacted, register_secrets,
+                                resolve_path)
+from dbops.config.values import ENV_RE, interpolate, parse_duration, parse_size
+
+__all__ = [
+    "ArchiveSettings", "Assertion", "BackupSettings", "CompressionSettings", "Config", "ContainerNodeSettings",
+    "FailoverSettings", "Node", "PgBouncerSettings", "RetentionSettings", "RuntimeSettings", "SshSettings",
+    "StorageSettings", "ValidationSettings",
+    "DEFAULT_PATHS", "ENV_CONFIG", "load", "parse", "redacted", "register_secrets", "resolve_path",
+    "ENV_RE", "interpolate", "parse_duration", "parse_size",
+]
