@@ -31,6 +31,7 @@ class ExitCode(IntEnum):
     CONFLICT = 13  # the archive holds different content under this name, or belongs to another cluster
     INTERRUPTED = 14  # interrupted by a signal (Ctrl-C / SIGTERM); cleaned up
     LOSS_POSSIBLE = 15  # failover --primary-lost promoted a standby, but WAL known to exist was not recovered
+    ENCRYPTION = 16  # encryption key missing or wrong, or the archive's encryption differs from the configuration
 
 
 EXIT_CODE_DOC: dict[ExitCode, str] = {
@@ -51,6 +52,8 @@ EXIT_CODE_DOC: dict[ExitCode, str] = {
     ExitCode.INTERRUPTED: "interrupted by a signal; work in progress was cleaned up",
     ExitCode.LOSS_POSSIBLE: "failover --primary-lost: the new primary is up, but WAL the old primary is known to have "
                             "written was not recovered (or the archive could not be read): commits may be lost",
+    ExitCode.ENCRYPTION: "encryption key missing or wrong (the key ID needed is named), or an encrypted/plain "
+                         "archive does not match storage.encryption",
 }
 
 
@@ -115,6 +118,16 @@ class LockedError(DbopsError):
 
 class ValidationError(DbopsError):
     exit_code = ExitCode.VALIDATION
+
+
+class DamagedObjectError(ValidationError):
+    """A stored object fails its authentication tag or framing: tampered or damaged, like a hash mismatch."""
+
+
+class EncryptionError(DbopsError):
+    """A key is missing or wrong, or an object's encryption does not match the configuration."""
+
+    exit_code = ExitCode.ENCRYPTION
 
 
 class UnknownOutcomeError(DbopsError):

@@ -50,11 +50,11 @@ class LabFactory:
         self.base = base
         self.labs: list[Path] = []
 
-    def create(self, name: str, replicas: int = 1, archive: bool = True) -> labmod.LabInfo:
+    def create(self, name: str, replicas: int = 1, archive: bool = True, encrypt: bool | None = None) -> labmod.LabInfo:
         d = self.base / name
         if d not in self.labs:
             self.labs.append(d)  # before up(): a half-built lab is torn down too
-        return labmod.up(d, replicas=replicas, archive=archive)
+        return labmod.up(d, replicas=replicas, archive=archive, encrypt=encrypt)
 
     def destroy(self, d: Path) -> None:
         try:
@@ -88,10 +88,10 @@ def make_lab(lab_factory, request):
     made: list[Path] = []
     counter = {"n": 0}
 
-    def make(replicas: int = 1, archive: bool = True) -> labmod.LabInfo:
+    def make(replicas: int = 1, archive: bool = True, encrypt: bool | None = None) -> labmod.LabInfo:
         counter["n"] += 1
         name = f"{request.node.name[:40]}-{counter['n']}".replace("[", "-").replace("]", "").replace("/", "-")
-        info = lab_factory.create(name, replicas=replicas, archive=archive)
+        info = lab_factory.create(name, replicas=replicas, archive=archive, encrypt=encrypt)
         made.append(info.dir)
         return info
 

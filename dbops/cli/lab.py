@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,10 +23,13 @@ def up(
     dir: DirOpt = Path(labmod.DEFAULT_DIR),
     replicas: Annotated[int, typer.Option("--replicas", min=0, max=5, help="Streaming replicas")] = 1,
     json_: Annotated[bool, typer.Option("--json")] = False,
+    encryption: Annotated[Optional[bool], typer.Option(
+        "--encryption/--no-encryption",
+        help="Encrypt the lab's archive with a key file DIR/encryption.key [default: on for a new lab]")] = None,
 ) -> None:
     """Start the lab (idempotent) and write DIR/dbops.yaml describing it."""
     state_of(ctx).json_output = json_
-    info = labmod.up(dir, replicas=replicas)
+    info = labmod.up(dir, replicas=replicas, encrypt=encryption)
     if json_:
         output.emit_json(labmod.status(info.dir))
         return

@@ -5,15 +5,15 @@ Everything is importable from here: ``from dbops.config import Config, Node, loa
 """
 
 from dbops.config.model import (ArchiveSettings, Assertion, BackupSettings, CompressionSettings, Config,
-                                ContainerNodeSettings, FailoverSettings, Node, PgBouncerSettings, RetentionSettings,
-                                RuntimeSettings, SshSettings, StorageSettings, ValidationSettings)
+                                ContainerNodeSettings, EncryptionSettings, FailoverSettings, Node,
+                                PgBouncerSettings, RetentionSettings, RuntimeSettings, SshSettings, StorageSettings, ValidationSettings)
 from dbops.config.parse import (DEFAULT_PATHS, ENV_CONFIG, load, parse, redacted, register_secrets,
                                 resolve_path)
 from dbops.config.values import ENV_RE, interpolate, parse_duration, parse_size
 
 __all__ = [
     "ArchiveSettings", "Assertion", "BackupSettings", "CompressionSettings", "Config", "ContainerNodeSettings",
-    "FailoverSettings", "Node", "PgBouncerSettings", "RetentionSettings", "RuntimeSettings", "SshSettings",
+    "EncryptionSettings", "FailoverSettings", "Node", "PgBouncerSettings", "RetentionSettings", "RuntimeSettings", "SshSettings",
     "StorageSettings", "ValidationSettings",
     "DEFAULT_PATHS", "ENV_CONFIG", "load", "parse", "redacted", "register_secrets", "resolve_path",
     "ENV_RE", "interpolate", "parse_duration", "parse_size",

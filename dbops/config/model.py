@@ -104,6 +104,21 @@ class Node:
 
 
 @dataclass(frozen=True)
+class EncryptionSettings:
+    """storage.encryption: client-side AES-256-GCM of every object (docs/encryption.md)."""
+
+    key: str | None = setting(None, secret=True)  # 32 random bytes, base64: the current key (new objects use it)
+    key_file: str | None = setting(None)  # a file holding the current key (mode 0600)
+    old_keys: tuple[str, ...] = setting(kind="list", secret=True)  # earlier keys, still readable
+    old_key_files: tuple[str, ...] = setting(kind="list")
+    allow_plaintext: bool = setting(False, "bool")  # migration: read objects stored without encryption
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key or self.key_file)
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     bucket: str = setting(required=True)
     endpoint: str | None = setting(None)
@@ -119,6 +134,7 @@ class StorageSettings:
     connect_timeout: float = setting(5.0, "float")
     read_timeout: float = setting(30.0, "float")
     retry_deadline: float = setting(60.0, "float")
+    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 from dbops import secrets
 from dbops.config.model import (ENGINE_OF_A_RUNTIME_SECTION, SPEC, ArchiveSettings, Assertion, BackupSettings,
-                                CompressionSettings, Config, ContainerNodeSettings, FailoverSettings, Node,
+                                CompressionSettings, Config, ContainerNodeSettings, EncryptionSettings,
+                                FailoverSettings, Node,
                                 PgBouncerSettings, RetentionSettings, Rule, RuntimeSettings, SshSettings,
                                 StorageSettings, ValidationSettings)
 from dbops.config.values import Collector, interpolate, parse_duration
@@ -141,10 +142,31 @@ def _parse_storage(c: Collector, raw: dict) -> StorageSettings:
     bucket = c.str_(sraw, "bucket", "storage", required="storage" in raw)
     if bucket and not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
         c.bad("storage.bucket", f"invalid bucket name {bucket!r}")
-    storage = StorageSettings(bucket=bucket or "", **v)
+    storage = StorageSettings(bucket=bucket or "", **v, encryption=_parse_encryption(c, sraw))
     if bool(storage.access_key) != bool(storage.secret_key):
         c.bad("storage", "access_key and secret_key go together (or leave both out to use boto3's credential chain)")
     return storage
+
+
+def _parse_encryption(c: Collector, sraw: dict) -> EncryptionSettings:
+    path = "storage.encryption"
+    eraw = _section(c, sraw, "encryption", path, EncryptionSettings)
+    enc = EncryptionSettings(**read_values(c, EncryptionSettings, eraw, path))
+    for v in (enc.key, *enc.old_keys):
+        secrets.register(v)
+    if enc.key and enc.key_file:
+        c.bad(path, "set either key or key_file, not both")
+    for where, v in [("key", enc.key)] + [(f"old_keys[{i}]", k) for i, k in enumerate(enc.old_keys)]:
+        if v:
+            from dbops.storage import keys  # only when a key is inline: the wal-push fast path parses this too
+
+            problem = keys.key_problem(v)
+            if problem:
+                c.bad(f"{path}.{where}", problem)
+    if (enc.old_keys or enc.old_key_files) and not enc.enabled and not enc.allow_plaintext:
+        c.bad(path, "old_keys without a current key would write new objects unencrypted into an encrypted "
+                    "archive; set key (or key_file), or allow_plaintext: true to decrypt-migrate on purpose")
+    return enc
 
 
 def _parse_compression(c: Collector, raw: dict) -> CompressionSettings:
@@ -263,7 +285,9 @@ def _secret_values(obj: Any) -> Iterator[str]:
         for f in fields(obj):
             v = getattr(obj, f.name)
             if (r := _rule(f)) and r.secret:
-                if v:
+                if isinstance(v, (list, tuple)):
+                    yield from (x for x in v if x)
+                elif v:
                     yield v
             else:
                 yield from _secret_values(v)

@@ -337,6 +337,10 @@ def _config_yaml(d: Path, state: dict, nodes: list[Node], engine: str) -> str:
         "  region: us-east-1",
         "  path_style: true",
         f"  credentials_file: {d / 's3-credentials'}",
+    ]
+    if state.get("encrypt", True):
+        lines += ["  encryption:", f"    key_file: {d / 'encryption.key'}"]
+    lines += [
         "compression:",
         "  algorithm: zstd",
         "  level: 3",
@@ -368,8 +372,9 @@ def _restore_command(d: Path) -> str:
     return f"{dbops_executable()} -c {d / 'dbops.yaml'} wal-fetch %f %p"
 
 
-def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True) -> LabInfo:
-    """Start (or resume) the lab under d. Idempotent."""
+def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True, encrypt: bool | None = None) -> LabInfo:
+    """Start (or resume) the lab under d. Idempotent. ``encrypt`` (default: on for a new lab, else as
+    before): storage.encryption with a key file DIR/encryption.key (mode 0600)."""
     d = Path(d).resolve()
     if replicas < 0 or replicas > 5:
         raise DbopsError("replicas must be between 0 and 5")
@@ -407,6 +412,14 @@ def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True) -> 
         nodes.append(_node(name, ns["port"], d))
     _save_state(d, state)
 
+    if encrypt is None:
+        encrypt = bool(state.get("encrypt", True))
+    state["encrypt"] = encrypt
+    key_file = d / "encryption.key"
+    if encrypt and not key_file.exists():
+        from dbops.storage import keys
+
+        _write_private(key_file, keys.generate() + "\n")
     engine = _engine()
     cfg_path = d / "dbops.yaml"
     cfg_path.write_text(_config_yaml(d, state, nodes, engine))

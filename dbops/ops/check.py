@@ -13,7 +13,7 @@ from typing import Any
 
 from dbops import log
 from dbops.config import Config, Node
-from dbops.errors import DbopsError
+from dbops.errors import DbopsError, NotFoundError
 
 _log = log.get("check")
 
@@ -252,6 +252,7 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
         report.add("storage", "probe", FAIL, f"{where}: probe object failed: {e.message}",
                    e.hint or "the keys need s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket")
         return
+    _check_encryption(s, store, report)
     try:
         server = store.server_time()
     except DbopsError:
@@ -267,6 +268,54 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
                        "synchronise this host's clock (NTP); restore targets are times")
         else:
             report.add("storage", "clock", OK, f"clock skew against the storage server {skew:+.1f} s")
+
+
+def _check_encryption(s, store, report: CheckReport) -> None:
+    """Whether the archive is encrypted (its identity object's header), and with which key ID."""
+    from dbops.storage.layout import Layout
+
+    enc = s.encryption
+    key_id_of = getattr(store, "key_id_of", None)
+    current = getattr(getattr(store, "keys", None), "current_id", None)
+    info: dict = {"configured": enc.enabled, "key_id": current, "archive_encrypted": None, "archive_key_id": None}
+    report.storage["encryption"] = info
+    if key_id_of is None:
+        return
+    try:
+        archive_kid = key_id_of(Layout(s.prefix).identity())
+    except NotFoundError:
+        archive_kid = ""
+    except DbopsError as e:
+        report.add("storage", "encryption", FAIL, f"cannot read the archive's identity object: {e.message}", e.hint)
+        return
+    known = getattr(store.keys, "by_id", {})
+    if archive_kid == "":
+        report.add("storage", "encryption", OK if enc.enabled else WARN,
+                   f"archive empty; new objects will be encrypted with key ID {current}" if enc.enabled
+                   else "archive empty; objects will be stored unencrypted (storage.encryption not set)",
+                   None if enc.enabled else "see docs/encryption.md to encrypt the archive")
+        return
+    info["archive_encrypted"] = archive_kid is not None
+    info["archive_key_id"] = archive_kid
+    if archive_kid is None:
+        if enc.enabled and not enc.allow_plaintext:
+            report.add("storage", "encryption", FAIL, "the archive is not encrypted but storage.encryption is set",
+                       "set storage.encryption.allow_plaintext: true to migrate it, or check storage.prefix")
+        elif enc.enabled:
+            report.add("storage", "encryption", WARN, f"migrating: the archive holds unencrypted objects; "
+                       f"new ones are encrypted with key ID {current}")
+        else:
+            report.add("storage", "encryption", WARN, "the archive is not encrypted: whoever reads the bucket "
+                       "reads the database", "see docs/encryption.md")
+    elif archive_kid not in known:
+        report.add("storage", "encryption", FAIL,
+                   f"the archive is encrypted with key ID {archive_kid}, which is not configured",
+                   "configure that key (storage.encryption.key_file, or old_keys after a rotation)")
+    else:
+        how = f"with key ID {current}" if archive_kid == current else \
+            f"with key ID {current} (identity object sealed with the older key ID {archive_kid})"
+        report.add("storage", "encryption", OK, "archive encrypted (AES-256-GCM) " + how if current
+                   else f"archive encrypted with key ID {archive_kid}; new objects are stored unencrypted (migration)")
 
 
 # --------------------------------------------------------------------------- runtime

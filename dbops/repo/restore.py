@@ -26,7 +26,7 @@ from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
 from dbops.repo.ranges import Range, chunks_of, fetch_range, planned, run_bounded
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
-from dbops.errors import NotFoundError, PreconditionError, ValidationError
+from dbops.errors import DamagedObjectError, NotFoundError, PreconditionError, ValidationError
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -130,6 +130,12 @@ def restore_snapshot(
             raise ValidationError(
                 f"backup {manifest.backup_id}: pack object {key} is missing",
                 detail=f"needed for {files[rng.first_file].path}",
+                hint="the backup cannot be restored; run `dbops verify` and take a new backup",
+            ) from None
+        except DamagedObjectError as e:  # an encrypted segment failed its authentication tag
+            raise ValidationError(
+                f"backup {manifest.backup_id}: {files[rng.first_file].path} is damaged in storage",
+                detail=e.message,
                 hint="the backup cannot be restored; run `dbops verify` and take a new backup",
             ) from None
         fds: dict[int, int] = {}

@@ -45,7 +45,9 @@ _COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)|:?\?)?[^}]*\}")
 NODE_KEYS_ONLY_IN_COMPOSE = {"password", "container"}
 NODE_KEYS_ONLY_IN_LAB = {"passfile", "log_file"}  # log_file: pg_ctl -l for local nodes; containers log to the engine
 STORAGE_KEYS_ONLY_IN_COMPOSE = {"access_key", "secret_key"}
-STORAGE_KEYS_ONLY_IN_LAB = {"credentials_file"}
+# encryption: the lab makes its own key file; a compose user sets storage.encryption themselves
+# (docs/encryption.md), since a key shipped in .env.example would be the same for everyone.
+STORAGE_KEYS_ONLY_IN_LAB = {"credentials_file", "encryption"}
 
 S3_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket", "s3:GetBucketLocation"}
 

@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         fd = spool.try_lock(args.which)
         if fd is None:
             return 0  # another one runs for this data folder
-        watch = Watch([Path(args.config)] + ([Path(cfg.storage.credentials_file)]
-                                             if cfg.storage.credentials_file else []))
+        enc = cfg.storage.encryption
+        files = [cfg.storage.credentials_file, enc.key_file, *enc.old_key_files]
+        watch = Watch([Path(args.config)] + [Path(f) for f in files if f])  # a change (key rotation): restart
         archive = WalArchive(open_store(cfg.storage), Layout(cfg.storage.prefix), compression=cfg.compression,
                              cluster_name=cfg.cluster)
         if args.which == PUSHER:

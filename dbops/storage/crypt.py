@@ -1,0 +1,282 @@
+"""Client-side encryption of every object, as a layer around any ObjectStore.
+
+Object format v1 (see docs/encryption.md for the argument)::
+
+    header (56 bytes): b"DBOPSENC" | version 1 | algorithm 1 | segment shift 16 | 0 |
+                       key ID (8 bytes) | salt (32 random bytes) | 4 zero bytes
+    then the plaintext in segments of 64 KiB, each sealed with AES-256-GCM (ciphertext + 16-byte tag)
+
+* every object gets its own AES-256 key: HKDF-SHA256(master key, salt, info) with a fresh random
+  256-bit salt, so no two objects share a key (a collision needs ~2^128 objects);
+* under that per-object key the nonce of segment i is i (88 bits, big-endian) followed by a
+  byte that is 1 for the last segment and 0 otherwise: nonces never repeat within an object,
+  and a truncated or extended object fails (STREAM construction);
+* every segment authenticates the header and the object's name (relative to storage.prefix) as
+  associated data: an object moved to another name, or given another header, fails to open.
+
+Ranged reads stay possible: plaintext offset o lies in segment o // 64 KiB, whose ciphertext sits
+at a fixed position; the layer reads the header once per object (cached) and then exactly the
+segments covering the range. Object names, sizes and the metadata dbops lists by stay plain.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Iterator
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from dbops.errors import DamagedObjectError, EncryptionError, NotFoundError, StorageError
+from dbops.storage.base import ObjectInfo, ObjectStore
+from dbops.storage.keys import Keyring
+
+MAGIC = b"DBOPSENC"
+VERSION = 1
+ALGORITHM = 1  # AES-256-GCM, per-object key from HKDF-SHA256, 64 KiB segments
+SHIFT = 16
+SEGMENT = 1 << SHIFT
+TAG = 16
+HEADER = 56
+_INFO = b"dbops object key v1"
+META_KEY_ID = "enc-key-id"  # object metadata: which key sealed it (not secret)
+
+
+def is_encrypted(data: bytes) -> bool:
+    return data[:len(MAGIC)] == MAGIC
+
+
+def header_key_id(data: bytes) -> str | None:
+    """The key ID in an object's first bytes, or None for a plain object."""
+    if not is_encrypted(data) or len(data) < HEADER:
+        return None
+    return data[12:20].hex()
+
+
+def _nonce(i: int, last: bool) -> bytes:
+    return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def _object_key(master: bytes, salt: bytes) -> AESGCM:
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_INFO).derive(master))
+
+
+class _Opened:
+    """An encrypted object's header, checked, with its per-object cipher."""
+
+    __slots__ = ("aes", "aad")
+
+    def __init__(self, aes: AESGCM, aad: bytes):
+        self.aes, self.aad = aes, aad
+
+    def segment(self, i: int, ct: bytes | memoryview, key: str, *, last: bool | None) -> bytes:
+        """Open segment i; last=None: either (for ranged reads, which cannot know)."""
+        for flag in ((False, True) if last is None else (last,)):
+            try:
+                return self.aes.decrypt(_nonce(i, flag), ct, self.aad)
+            except InvalidTag:
+                continue
+        raise DamagedObjectError(
+            f"object {key} fails its authentication check (segment {i}): tampered with or damaged in storage",
+            hint="its content cannot be trusted; `dbops verify` lists what it affects, a new backup replaces it",
+        )
+
+
+class EncryptedStore:
+    """Wraps an ObjectStore: seals what is written, opens what is read (see the module doc)."""
+
+    def __init__(self, inner: ObjectStore, keyring: Keyring, prefix: str = ""):
+        self.inner = inner
+        self.keys = keyring
+        self.prefix = prefix.strip("/")
+        self._headers: dict[str, _Opened | None] = {}  # ranged reads: key -> opened header (None: plain)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ format
+
+    def _name(self, key: str) -> bytes:
+        p = self.prefix + "/"
+        return (key[len(p):] if self.prefix and key.startswith(p) else key).encode()
+
+    def seal(self, key: str, data: bytes | memoryview) -> bytes:
+        master = self.keys.current
+        assert master is not None
+        salt = os.urandom(32)
+        header = (MAGIC + bytes([VERSION, ALGORITHM, SHIFT, 0]) + bytes.fromhex(self.keys.current_id or "")
+                  + salt + bytes(4))
+        aes, aad = _object_key(master, salt), header + self._name(key)
+        mv = memoryview(data)
+        n = max(1, -(-len(mv) // SEGMENT))
+        out = [header]
+        for i in range(n):
+            out.append(aes.encrypt(_nonce(i, i == n - 1), mv[i * SEGMENT:(i + 1) * SEGMENT], aad))
+        return b"".join(out)
+
+    def _open_header(self, key: str, head: bytes) -> _Opened:
+        if len(head) < HEADER:
+            raise DamagedObjectError(f"object {key} is truncated inside its encryption header")
+        if head[8] != VERSION or head[9] != ALGORITHM or head[10] != SHIFT:
+            raise DamagedObjectError(
+                f"object {key} has an unknown encryption format (version {head[8]}, algorithm {head[9]})",
+                hint="written by a newer dbops, or damaged")
+        kid = head[12:20].hex()
+        master = self.keys.by_id.get(kid)
+        if master is None:
+            raise self._key_error(key, kid)
+        return _Opened(_object_key(master, head[20:52]), head[:HEADER] + self._name(key))
+
+    def _key_error(self, key: str, kid: str) -> EncryptionError:
+        if not self.keys.by_id:
+            return EncryptionError(
+                f"the archive is encrypted (object {key} needs key ID {kid}) and no encryption key is configured",
+                hint="set storage.encryption.key_file (or key) to the archive's key; without it the data cannot be read")
+        return EncryptionError(
+            f"wrong encryption key: object {key} needs key ID {kid}",
+            detail="configured key IDs: " + ", ".join(self.keys.ids),
+            hint="configure the key with that ID (storage.encryption.key, or old_keys after a rotation)")
+
+    def _plain(self, key: str) -> None:
+        """A plain object was read: fine without encryption, refused with it unless migrating."""
+        if self.keys.current is not None and not self.keys.allow_plaintext:
+            raise EncryptionError(
+                f"object {key} is not encrypted, but storage.encryption is configured",
+                detail="this archive (or part of it) was written without encryption",
+                hint="to migrate an existing plain archive set storage.encryption.allow_plaintext: true "
+                     "(new objects are encrypted, old ones stay readable); otherwise check storage.prefix")
+
+    def open(self, key: str, data: bytes) -> bytes:
+        """The plaintext of a whole stored object."""
+        if not is_encrypted(data):
+            self._plain(key)
+            return data
+        o = self._open_header(key, data[:HEADER])
+        mv = memoryview(data)[HEADER:]
+        step = SEGMENT + TAG
+        n = max(1, -(-len(mv) // step))
+        if len(mv) < TAG or len(mv) % step and len(mv) % step < TAG:
+            raise DamagedObjectError(f"object {key} is truncated ({len(data)} bytes)")
+        return b"".join(o.segment(i, mv[i * step:(i + 1) * step], key, last=(i == n - 1)) for i in range(n))
+
+    # ------------------------------------------------------------------ protocol: writes
+
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+        if self.keys.current is None:
+            return self.inner.put(key, data, metadata=metadata, if_absent=if_absent)
+        meta = dict(metadata or {})
+        meta[META_KEY_ID] = self.keys.current_id or ""
+        return self.inner.put(key, self.seal(key, data), metadata=meta, if_absent=if_absent)
+
+    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+        if self.keys.current is None:
+            return self.inner.put_file(key, path, metadata=metadata, if_absent=if_absent)
+        with open(path, "rb") as f:
+            return self.put(key, f.read(), metadata=metadata, if_absent=if_absent)
+
+    # ------------------------------------------------------------------ protocol: reads
+
+    def get(self, key: str) -> bytes:
+        return self.open(key, self.inner.get(key))
+
+    def get_to_file(self, key: str, path: str) -> ObjectInfo:
+        info = self.inner.get_to_file(key, path)
+        with open(path, "rb") as f:
+            stored = f.read()
+        if not is_encrypted(stored):
+            self._plain(key)
+            return info
+        data = self.open(key, stored)
+        with open(path, "wb") as f:
+            f.write(data)
+        return ObjectInfo(key=info.key, size=len(data), etag=info.etag, last_modified=info.last_modified,
+                          metadata=info.metadata)
+
+    def _header_of(self, key: str) -> _Opened | None:
+        with self._lock:
+            if key in self._headers:
+                return self._headers[key]
+        head = self.inner.get_range(key, 0, HEADER)
+        opened = self._open_header(key, head) if is_encrypted(head) else None
+        if opened is None:
+            self._plain(key)
+        with self._lock:
+            if len(self._headers) > 4096:
+                self._headers.clear()
+            self._headers[key] = opened
+        return opened
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if self.keys.current is None and not self.keys.by_id:
+            # Nothing to decrypt with: a plain archive (the manifests and catalog, read whole first,
+            # already refused an encrypted one).
+            return self.inner.get_range(key, start, length)
+        if length <= 0:
+            return b""
+        o = self._header_of(key)
+        if o is None:
+            return self.inner.get_range(key, start, length)
+        step = SEGMENT + TAG
+        i0, i1 = start // SEGMENT, (start + length - 1) // SEGMENT
+        ct_start = HEADER + i0 * step
+        try:
+            blob = self.inner.get_range(key, ct_start, (i1 - i0 + 1) * step)
+        except NotFoundError:
+            raise
+        except StorageError:
+            info = self.inner.head(key)  # S3 refuses a range starting past the end: a truncated object
+            if info is None:
+                raise NotFoundError(f"object {key} not found") from None
+            if info.size <= ct_start:
+                return b""
+            raise
+        mv = memoryview(blob)
+        parts = []
+        for j in range(i1 - i0 + 1):
+            ct = mv[j * step:(j + 1) * step]
+            if not len(ct):
+                break
+            more = len(mv) > (j + 1) * step
+            # A short piece is the object's last segment; a full one may be (the object ends there).
+            last = True if len(ct) < step else (False if more else None)
+            parts.append(o.segment(i0 + j, ct, key, last=last))
+        out = b"".join(parts)
+        lo = start - i0 * SEGMENT
+        return out[lo:lo + length]
+
+    def head(self, key: str) -> ObjectInfo | None:
+        return self.inner.head(key)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._headers.pop(key, None)
+        self.inner.delete(key)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        with self._lock:
+            for k in keys:
+                self._headers.pop(k, None)
+        self.inner.delete_many(keys)
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def server_time(self) -> float | None:
+        return self.inner.server_time()
+
+    # ------------------------------------------------------------------ reporting
+
+    def key_id_of(self, key: str) -> str | None:
+        """The key ID an object was sealed with (None: stored plain). NotFoundError when absent."""
+        try:
+            head = self.inner.get_range(key, 0, HEADER)
+        except StorageError:
+            if self.inner.head(key) is None:
+                raise NotFoundError(f"object {key} not found") from None
+            raise
+        return header_key_id(head)
