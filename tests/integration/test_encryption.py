@@ -22,11 +22,50 @@ from dbops.storage.crypt import HEADER, SEGMENT, TAG, header_key_id
 from dbops.storage.layout import Layout
 from dbops.storage.s3 import S3Store
 
-from tests.integration.test_restore import now_on, restored, rows, sql, stop, switch_and_archive
+from dataclasses import replace
+
+from dbops import proc
+from dbops.pg import binaries
+from dbops.pg import conn as pgconn
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
 MARKER = "ZEBRA-CRYPT-MARKER-4f1d9a"
+
+
+def sql(node, statement: str):
+    with pgconn.session(node, options="-c statement_timeout=30000") as c:
+        cur = c.execute(statement)
+        return cur.fetchall() if cur.description else None
+
+
+def now_on(node) -> datetime:
+    return sql(node, "SELECT clock_timestamp()")[0][0]
+
+
+def switch_and_archive(lab, timeout: float = 60) -> str:
+    """Close the current segment and wait until it is in the archive."""
+    name = sql(lab.primary, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    cfg = cfgmod.load(lab.config_path)  # the file, as rewritten by a rotation
+    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+    deadline = time.monotonic() + timeout
+    while store.head(layout.wal_key(name)) is None:
+        assert time.monotonic() < deadline, f"{name} was not archived within {timeout} s"
+        time.sleep(0.2)
+    return name
+
+
+def rows(node, table: str) -> list[str]:
+    return [r[0] for r in sql(node, f"SELECT note FROM {table} ORDER BY id")]
+
+
+def restored(lab, port: int):
+    return replace(lab.primary, name="restored", port=port)
+
+
+def stop(data: Path) -> None:
+    proc.run([binaries.binary("pg_ctl"), "-D", str(data), "stop", "-m", "fast", "-w"], user="postgres",
+             timeout=120, check=False)
 
 
 def put_marker(node, table: str, tag: str, n: int = 300) -> None:
@@ -92,20 +131,20 @@ def test_plain_archive_shows_the_marker_and_refuses_an_encrypted_configuration(m
     configuration pointed at this plain archive is refused (exit 15), not silently mixed."""
     lab = make_lab(replicas=0, encrypt=False)
     put_marker(lab.primary, "plain_marks", "plain")
-    switch_and_archive(lab)
+    seg = switch_and_archive(lab)
     found = holding_marker(raw_objects(lab))
     assert any("/wal/" in k for k in found), found
 
     kf, kid = key_file(lab, "other.key")
     enc_cfg = with_config(lab, "enc.yaml", key_file=kf)
-    r = cli(["-c", enc_cfg, "wal-fetch", "000000010000000000000001", str(lab.dir / "seg")])
+    r = cli(["-c", enc_cfg, "wal-fetch", seg, str(lab.dir / "seg")])
     assert r.exit_code == 15, r.output
     assert "not encrypted" in r.stderr and "allow_plaintext" in r.stderr
     r = cli(["-c", enc_cfg, "check", "--skip-runtime", "--json"])
     enc = json.loads(r.stdout)["storage"]["encryption"]
     assert enc["archive_encrypted"] is False and enc["key_id"] == kid
     mig_cfg = with_config(lab, "mig.yaml", key_file=kf, allow_plaintext=True)
-    r = cli(["-c", mig_cfg, "wal-fetch", "000000010000000000000001", str(lab.dir / "seg")])
+    r = cli(["-c", mig_cfg, "wal-fetch", seg, str(lab.dir / "seg")])
     assert r.exit_code == 0, r.output
 
 

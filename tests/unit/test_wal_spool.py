@@ -223,7 +223,7 @@ def test_fast_path_answers_a_stored_segment_without_typer_or_boto3(env, tmp_path
     pusher_for(env).run()
     code = ("import json, sys; from dbops.cli import fastpath; "
             f"rc = fastpath.try_fast(['-c', {str(cfg_file)!r}, 'wal-push', 'pg_wal/{SEGS[0]}']); "
-            "print(json.dumps([rc, [m for m in ('typer', 'click', 'boto3', 'botocore') if m in sys.modules]]))")
+            "print(json.dumps([rc, [m for m in ('typer', 'click', 'boto3', 'botocore', 'cryptography') if m in sys.modules]]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=data, capture_output=True, text=True, timeout=60,
                          check=False)
     assert json.loads(out.stdout) == [0, []], out.stdout + out.stderr
