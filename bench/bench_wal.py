@@ -79,7 +79,7 @@ def _scratch(lab, tag: str, names: list[str], ready: bool) -> Path:
     return d
 
 
-def _kept_segments(lab) -> list[str]:
+def kept_segments(lab) -> list[str]:
     """Archived segments PostgreSQL still keeps in pg_wal (it marked them .done)."""
     st = Path(lab.primary.data_dir) / "pg_wal" / "archive_status"
     return sorted(n[:-5] for n in os.listdir(st) if n.endswith(".done") and SEGMENT_RE.match(n[:-5])
@@ -216,7 +216,7 @@ def compression(lab, names: list[str]) -> list[dict]:
 
 def run(lab, scale: int = 100) -> list[dict]:
     out = [archive_under_load(lab, scale)]
-    kept = _kept_segments(lab)
+    kept = kept_segments(lab)
     sample = kept[-16:]
     out.append(push_capacity(lab, sample))
     out += push_latency(lab, sample)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from dbops.lab import harness as labmod  # noqa: E402
 
-BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind"]
+BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind",
+           "bench_encryption"]
 
 
 def emit(rec: dict) -> None:
@@ -57,6 +58,11 @@ def main() -> int:
                     fdir.mkdir(exist_ok=True)
                     os.chmod(fdir, 0o755)
                     records = [mod.run(fdir, runs=int(os.environ.get("BENCH_FAILOVER_RUNS", "5")))]
+                elif name == "bench_encryption":  # two labs of its own: encryption on and off
+                    edir = d.parent / "encryption"
+                    edir.mkdir(exist_ok=True)
+                    os.chmod(edir, 0o755)
+                    records = mod.run(edir, scale=a.scale)
                 else:
                     records = mod.run(lab, scale=a.scale)
                 for rec in records:

@@ -252,7 +252,7 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
         report.add("storage", "probe", FAIL, f"{where}: probe object failed: {e.message}",
                    e.hint or "the keys need s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket")
         return
-    _check_encryption(s, store, report)
+    check_encryption(s, store, report)
     try:
         server = store.server_time()
     except DbopsError:
@@ -270,7 +270,7 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
             report.add("storage", "clock", OK, f"clock skew against the storage server {skew:+.1f} s")
 
 
-def _check_encryption(s, store, report: CheckReport) -> None:
+def check_encryption(s, store, report: CheckReport) -> None:
     """Whether the archive is encrypted (its identity object's header), and with which key ID."""
     from dbops.storage.layout import Layout
 

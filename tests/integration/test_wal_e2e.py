@@ -344,7 +344,9 @@ def test_wrong_credentials_and_unreachable_endpoint_exit_4(archived, dbops_bin, 
 
 def test_seaweedfs_verifies_content_md5_with_when_required_checksums(archived):
     lab, _ = archived
-    store = open_store(lab.config.storage)
+    from dbops.storage.s3 import S3Store
+
+    store = S3Store(lab.config.storage)  # the S3 client itself, below the encryption layer
     cfg = store.client.meta.config
     assert (cfg.request_checksum_calculation, cfg.response_checksum_validation) == ("when_required",) * 2
     key = archive_of(lab).layout.probe("md5-check")

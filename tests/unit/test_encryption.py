@@ -160,3 +160,35 @@ def test_key_file_must_be_private(tmp_path):
     assert len(keys.read_key_file(str(f), "x")) == 32
     r = keys.load(cfgmod.EncryptionSettings(key_file=str(f)))
     assert r.current_id and r.current_id in repr(r) and "current=" in repr(r)
+
+
+def test_key_generate_prints_or_writes_a_private_file(cli, tmp_path):
+    r = cli(["key", "generate"])
+    assert r.exit_code == 0 and keys.decode_key(r.stdout.strip()) is not None
+    assert keys.key_id(keys.decode_key(r.stdout.strip())) in r.stderr
+    out = tmp_path / "k"
+    r = cli(["key", "generate", "--out", str(out)])
+    assert r.exit_code == 0 and r.stdout == "" and os.stat(out).st_mode & 0o777 == 0o600
+    assert keys.key_id(keys.read_key_file(str(out), "x")) in r.stderr
+    before = out.read_text()
+    r = cli(["key", "generate", "--out", str(out)])
+    assert r.exit_code == ExitCode.PRECONDITION and out.read_text() == before
+
+
+def test_check_reports_encryption_of_the_archive(raw):
+    from dbops.ops.check import CheckReport, check_encryption
+    from dbops.config import EncryptionSettings, StorageSettings
+
+    k = new_key()
+    text = keys.generate()
+    EncryptedStore(raw, ring(k)).put("dbops-v1/identity.json", b"{}")
+    s = StorageSettings(bucket="b", encryption=EncryptionSettings(key=text))
+    rep = CheckReport()
+    rep.storage = {}
+    check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text), k)), rep)
+    assert rep.storage["encryption"]["archive_key_id"] == keys.key_id(k)
+    assert rep.findings[-1].status == "ok" and keys.key_id(k) in rep.findings[-1].message
+    rep = CheckReport()
+    rep.storage = {}
+    check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text))), rep)
+    assert rep.findings[-1].status == "fail" and "not configured" in rep.findings[-1].message

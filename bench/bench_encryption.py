@@ -1,0 +1,147 @@
+"""Benchmark: encryption at rest on against off, on two otherwise identical labs at one scale.
+
+For each lab (storage.encryption with a key file, and none): WAL archiving under `pgbench -i -s
+SCALE`, the pusher's capacity (16 ready segments), the fast-path wal-push latency, a full backup,
+30 s of pgbench, a validated incremental backup, and a PITR restore (started and promoted). Prints
+one record per lab and a comparison with the overhead of encryption per figure (goal: <= 10 %,
+fast-path p50 unchanged). Single runs: differences of a few percent are within run-to-run noise.
+
+    python bench/bench_encryption.py --dir DIR [--scale 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dbops import proc
+from dbops.lab import harness as labmod
+from dbops.ops.backup import run as bk
+from dbops.ops.restore import run as rs
+from dbops.ops.restore.target import from_options
+from dbops.pg import binaries
+from dbops.pg import conn as pgconn
+from dbops.storage import open_store
+from dbops.storage.layout import Layout
+
+try:
+    from bench import bench_backup, bench_wal
+except ImportError:  # run as a script from bench/
+    import bench_backup  # type: ignore[no-redef]
+    import bench_wal  # type: ignore[no-redef]
+
+
+def _archived_now(lab: labmod.LabInfo, timeout: float = 300) -> None:
+    with pgconn.session(lab.primary) as c:
+        name = pgconn.scalar(c, "SELECT pg_walfile_name(pg_switch_wal())")
+    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
+    deadline = time.monotonic() + timeout
+    while store.head(layout.wal_key(name)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} was not archived within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _stop(data: Path) -> None:
+    proc.run([binaries.binary("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user="postgres",
+             timeout=60, check=False)
+
+
+def measure(lab: labmod.LabInfo, scale: int, pgbench_seconds: int = 30) -> dict:
+    cfg = lab.config
+    load = bench_wal.archive_under_load(lab, scale)
+    sample = bench_wal.kept_segments(lab)[-16:]
+    capacity = bench_wal.push_capacity(lab, sample)
+    fast = bench_wal.push_latency(lab, sample, calls=30)[0]
+    t0 = time.monotonic()
+    full = bk.run_backup(cfg, full=True)
+    full_s = time.monotonic() - t0
+    bench_backup.pgbench(lab, "-c", "4", "-j", "2", "-T", str(pgbench_seconds), "-n")
+    t0 = time.monotonic()
+    incr = bk.run_backup(cfg)
+    incr_s = time.monotonic() - t0
+    with pgconn.session(lab.primary) as c:
+        target_time = float(pgconn.scalar(c, "SELECT extract(epoch FROM clock_timestamp())")) - 2.0
+    _archived_now(lab)
+    data = lab.dir / "bench-restore"
+    shutil.rmtree(data, ignore_errors=True)
+    port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
+    target = from_options(to=datetime.fromtimestamp(target_time, UTC).isoformat())
+    t0 = time.monotonic()
+    try:
+        res = rs.restore(cfg, rs.Options(target=target, target_dir=data, start=True, port=port))
+        restore_s = time.monotonic() - t0
+    finally:
+        _stop(data)
+        shutil.rmtree(data, ignore_errors=True)
+    return {
+        "encryption": cfg.storage.encryption.enabled,
+        "archive_load_seconds_until_none_ready": round(load["load_seconds"] + load["seconds_until_none_ready"], 2),
+        "archive_ready_max_seen": load["ready_max_seen"],
+        "push_capacity_segments_per_s": capacity["segments_per_s"],
+        "push_fast_p50_ms": fast["p50_ms"],
+        "backup_full_seconds": round(full_s, 2),
+        "backup_full_store_seconds": full.timings.get("store"),
+        "backup_incremental_validated_seconds": round(incr_s, 2),
+        "backup_incremental_download_seconds": incr.timings.get("download"),
+        "restore_seconds": round(restore_s, 2),
+        "restore_download_seconds": res.timings.get("download"),
+        "logical_bytes": full.manifest.logical_size,
+        "stored_bytes_full": full.manifest.stored_bytes,
+    }
+
+
+def compare(on: dict, off: dict) -> dict:
+    def overhead(k: str, higher_is_better: bool = False) -> float | None:
+        a, b = on.get(k), off.get(k)
+        if not a or not b:
+            return None
+        return round(100.0 * ((b / a - 1) if higher_is_better else (a / b - 1)), 1)
+
+    return {
+        "bench": "encryption_overhead",
+        "overhead_pct": {
+            "backup_full": overhead("backup_full_seconds"),
+            "backup_incremental_validated": overhead("backup_incremental_validated_seconds"),
+            "restore": overhead("restore_seconds"),
+            "wal_push_capacity": overhead("push_capacity_segments_per_s", higher_is_better=True),
+            "archive_under_load": overhead("archive_load_seconds_until_none_ready"),
+        },
+        "push_fast_p50_ms": {"on": on["push_fast_p50_ms"], "off": off["push_fast_p50_ms"]},
+        "goal": "<= 10 % each; fast-path p50 unchanged",
+        "note": "one run each; a few percent either way is run-to-run noise",
+    }
+
+
+def run(base: Path, scale: int = 100) -> list[dict]:
+    out: list[dict] = []
+    results: dict[bool, dict] = {}
+    for encrypt in (False, True):
+        d = base / ("encrypted" if encrypt else "plain")
+        labmod.down(d, purge=d.exists() and (d / "lab.json").exists())
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            lab = labmod.up(d, replicas=0, encrypt=encrypt)
+            results[encrypt] = measure(lab, scale)
+        finally:
+            labmod.down(d, purge=True)
+        out.append({"bench": "encryption_run", "scale": scale, **results[encrypt]})
+    out.append(compare(results[True], results[False]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True, help="an empty folder for the two labs")
+    ap.add_argument("--scale", type=int, default=100)
+    a = ap.parse_args()
+    for rec in run(Path(a.dir), scale=a.scale):
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
