@@ -389,6 +389,7 @@ def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True, enc
     if not cc.exists():
         cc.write_text(CONTAINERS_CONF)
     state = _load_state(d)
+    fresh = not state  # a lab from before encryption existed keeps its plain archive
     taken: set[int] = set()
     for s in (state.get("s3", {}), *state.get("nodes", {}).values()):
         if isinstance(s, dict) and s.get("port"):
@@ -413,7 +414,7 @@ def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True, enc
     _save_state(d, state)
 
     if encrypt is None:
-        encrypt = bool(state.get("encrypt", True))
+        encrypt = bool(state.get("encrypt", fresh))
     state["encrypt"] = encrypt
     key_file = d / "encryption.key"
     if encrypt and not key_file.exists():

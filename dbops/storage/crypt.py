@@ -162,18 +162,28 @@ class EncryptedStore:
 
     # ------------------------------------------------------------------ protocol: writes
 
-    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, **kw) -> bool:
+        """kw: the store's conditions (if_absent, if_match), passed on unchanged."""
+        with self._lock:
+            self._headers.pop(key, None)
         if self.keys.current is None:
-            return self.inner.put(key, data, metadata=metadata, if_absent=if_absent)
+            return self.inner.put(key, data, metadata=metadata, **kw)
         meta = dict(metadata or {})
         meta[META_KEY_ID] = self.keys.current_id or ""
-        return self.inner.put(key, self.seal(key, data), metadata=meta, if_absent=if_absent)
+        return self.inner.put(key, self.seal(key, data), metadata=meta, **kw)
 
-    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, **kw) -> bool:
         if self.keys.current is None:
-            return self.inner.put_file(key, path, metadata=metadata, if_absent=if_absent)
+            return self.inner.put_file(key, path, metadata=metadata, **kw)
         with open(path, "rb") as f:
-            return self.put(key, f.read(), metadata=metadata, if_absent=if_absent)
+            return self.put(key, f.read(), metadata=metadata, **kw)
+
+    def __getattr__(self, name: str):
+        # Only the attributes that name the store in messages (dbops.storage.probe); never a data
+        # path, so no read or write can go around the encryption.
+        if name in ("s", "bucket", "root"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
 
     # ------------------------------------------------------------------ protocol: reads
 
