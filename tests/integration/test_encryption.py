@@ -236,10 +236,10 @@ def test_encrypted_archive_end_to_end(make_lab, cli):
         stop(target)
     assert "restored log file" in logfile.read_text()
 
-    # -- backup B (key 2) restores with everything
+    # -- backup B (key 2) restores too (named: a restore prefers the validated A by default)
     port, target = free_port(), lab.dir / "latest"
-    r = cli(["-c", cfg_path, "restore", "--to", "latest", "--target-dir", str(target), "--start", "--port",
-             str(port), "--json"])
+    r = cli(["-c", cfg_path, "restore", "--to", "latest", "--backup", b["backup_id"], "--target-dir", str(target),
+             "--start", "--port", str(port), "--json"])
     assert r.exit_code == 0, r.output
     try:
         assert json.loads(r.stdout)["backup_id"] == b["backup_id"]
