@@ -22,8 +22,9 @@ segments covering the range. Object names, sizes and the metadata dbops lists by
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -101,19 +102,35 @@ class EncryptedStore:
         p = self.prefix + "/"
         return (key[len(p):] if self.prefix and key.startswith(p) else key).encode()
 
-    def seal(self, key: str, data: bytes | memoryview) -> bytes:
+    def _sealer(self, key: str) -> tuple[bytes, AESGCM, bytes]:
+        """(header, the object's cipher, associated data) for a new object: a fresh salt, so a fresh key."""
         master = self.keys.current
         assert master is not None
         salt = os.urandom(32)
         header = (MAGIC + bytes([VERSION, ALGORITHM, SHIFT, 0]) + bytes.fromhex(self.keys.current_id or "")
                   + salt + bytes(4))
-        aes, aad = _object_key(master, salt), header + self._name(key)
+        return header, _object_key(master, salt), header + self._name(key)
+
+    def seal(self, key: str, data: bytes | memoryview) -> bytes:
+        header, aes, aad = self._sealer(key)
         mv = memoryview(data)
         n = max(1, -(-len(mv) // SEGMENT))
         out = [header]
         for i in range(n):
             out.append(aes.encrypt(_nonce(i, i == n - 1), mv[i * SEGMENT:(i + 1) * SEGMENT], aad))
         return b"".join(out)
+
+    def seal_file(self, key: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """seal() from file to file, one segment in memory at a time."""
+        header, aes, aad = self._sealer(key)
+        dst.write(header)
+        i, cur = 0, src.read(SEGMENT)
+        while True:
+            nxt = src.read(SEGMENT) if len(cur) == SEGMENT else b""
+            dst.write(aes.encrypt(_nonce(i, not nxt), cur, aad))
+            if not nxt:
+                return
+            i, cur = i + 1, nxt
 
     def _open_header(self, key: str, head: bytes) -> _Opened:
         if len(head) < HEADER:
@@ -173,10 +190,20 @@ class EncryptedStore:
         return self.inner.put(key, self.seal(key, data), metadata=meta, **kw)
 
     def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, **kw) -> bool:
+        """Sealed into a temporary file beside path (packs and manifests are spooled there), then stored."""
         if self.keys.current is None:
             return self.inner.put_file(key, path, metadata=metadata, **kw)
-        with open(path, "rb") as f:
-            return self.put(key, f.read(), metadata=metadata, **kw)
+        with self._lock:
+            self._headers.pop(key, None)
+        meta = dict(metadata or {})
+        meta[META_KEY_ID] = self.keys.current_id or ""
+        fd, sealed = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sealed-")
+        try:
+            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                self.seal_file(key, src, dst)
+            return self.inner.put_file(key, sealed, metadata=meta, **kw)
+        finally:
+            os.unlink(sealed)
 
     def __getattr__(self, name: str):
         # Only the attributes that name the store in messages (dbops.storage.probe); never a data

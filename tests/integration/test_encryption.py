@@ -130,7 +130,7 @@ def iso(t: datetime) -> str:
 
 def test_plain_archive_shows_the_marker_and_refuses_an_encrypted_configuration(make_lab, cli):
     """The scan can fail: without encryption the marker is found in the bucket. And an encrypted
-    configuration pointed at this plain archive is refused (exit 15), not silently mixed."""
+    configuration pointed at this plain archive is refused (exit 16), not silently mixed."""
     lab = make_lab(replicas=0, encrypt=False)
     put_marker(lab.primary, "plain_marks", "plain")
     seg = switch_and_archive(lab)
@@ -140,7 +140,7 @@ def test_plain_archive_shows_the_marker_and_refuses_an_encrypted_configuration(m
     kf, kid = key_file(lab, "other.key")
     enc_cfg = with_config(lab, "enc.yaml", key_file=kf)
     r = cli(["-c", enc_cfg, "wal-fetch", seg, str(lab.dir / "seg")])
-    assert r.exit_code == 15, r.output
+    assert r.exit_code == 16, r.output
     assert "not encrypted" in r.stderr and "allow_plaintext" in r.stderr
     r = cli(["-c", enc_cfg, "check", "--skip-runtime", "--json"])
     enc = json.loads(r.stdout)["storage"]["encryption"]
@@ -163,17 +163,17 @@ def test_encrypted_archive_end_to_end(make_lab, cli):
     ra, a = backup(cli, cfg_path)
     assert ra.exit_code == 0, ra.output
 
-    # -- `dbops check` names the key; a wrong and a missing key are refused with exit 15
+    # -- `dbops check` names the key; a wrong and a missing key are refused with exit 16
     r = cli(["-c", cfg_path, "check", "--skip-runtime", "--json"])
     enc = json.loads(r.stdout)["storage"]["encryption"]
     assert enc == {"configured": True, "key_id": k1, "archive_encrypted": True, "archive_key_id": k1}
     wrong_file, wrong_id = key_file(lab, "wrong.key")
     r = cli(["-c", with_config(lab, "wrong.yaml", key_file=wrong_file), "restore", "--to", "latest",
              "--target-dir", str(lab.dir / "never")])
-    assert r.exit_code == 15, r.output
+    assert r.exit_code == 16, r.output
     assert f"needs key ID {k1}" in r.stderr and wrong_id in r.stderr
     r = cli(["-c", with_config(lab, "nokey.yaml"), "backup", "list"])
-    assert r.exit_code == 15 and "no encryption key is configured" in r.stderr, r.output
+    assert r.exit_code == 16 and "no encryption key is configured" in r.stderr, r.output
     assert not (lab.dir / "never").exists() or not any((lab.dir / "never").iterdir())
 
     # -- rotate to key 2 (key 1 stays readable), then rows on both sides of a time t_mid

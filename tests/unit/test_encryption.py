@@ -192,3 +192,15 @@ def test_check_reports_encryption_of_the_archive(raw):
     rep.storage = {}
     check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text))), rep)
     assert rep.findings[-1].status == "fail" and "not configured" in rep.findings[-1].message
+
+
+def test_put_file_seals_segment_by_segment(raw, tmp_path):
+    s = EncryptedStore(raw, ring(new_key()), "pre")
+    for n in (0, 5, SEGMENT, 2 * SEGMENT, 2 * SEGMENT + 1):
+        src = tmp_path / f"f{n}"
+        data = os.urandom(n)
+        src.write_bytes(data)
+        assert s.put_file("pre/f", str(src), metadata={"a": "b"})
+        assert s.get("pre/f") == data and raw.head("pre/f").metadata["a"] == "b"
+        assert len(raw.get("pre/f")) == HEADER + max(1, -(-n // SEGMENT)) * TAG + n
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".sealed-")) == []
