@@ -218,16 +218,34 @@ class EncryptedStore:
         return self.open(key, self.inner.get(key))
 
     def get_to_file(self, key: str, path: str) -> ObjectInfo:
-        info = self.inner.get_to_file(key, path)
-        with open(path, "rb") as f:
-            stored = f.read()
-        if not is_encrypted(stored):
-            self._plain(key)
-            return info
-        data = self.open(key, stored)
-        with open(path, "wb") as f:
-            f.write(data)
-        return ObjectInfo(key=info.key, size=len(data), etag=info.etag, last_modified=info.last_modified,
+        """Downloaded to a temporary file beside path, then opened into path segment by segment."""
+        fd, stored = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sealed-")
+        os.close(fd)
+        try:
+            info = self.inner.get_to_file(key, stored)
+            with open(stored, "rb") as src:
+                head = src.read(HEADER)
+                if not is_encrypted(head):
+                    self._plain(key)
+                    os.replace(stored, path)
+                    return info
+                o = self._open_header(key, head)
+                size = 0
+                with open(path, "wb") as dst:
+                    step = SEGMENT + TAG
+                    i, cur = 0, src.read(step)
+                    while True:
+                        nxt = src.read(step) if len(cur) == step else b""
+                        plain = o.segment(i, cur, key, last=not nxt)
+                        dst.write(plain)
+                        size += len(plain)
+                        if not nxt:
+                            break
+                        i, cur = i + 1, nxt
+        finally:
+            if os.path.exists(stored):
+                os.unlink(stored)
+        return ObjectInfo(key=info.key, size=size, etag=info.etag, last_modified=info.last_modified,
                           metadata=info.metadata)
 
     def _header_of(self, key: str) -> _Opened | None:

@@ -125,11 +125,20 @@ def test_rotation_old_keys_read_new_key_writes(raw):
 
 def test_get_to_file_decrypts(raw, tmp_path):
     s = EncryptedStore(raw, ring(new_key()))
-    data = os.urandom(SEGMENT * 2 + 3)
-    s.put("w", data, metadata={"sha256": "x"})
-    info = s.get_to_file("w", str(tmp_path / "out"))
-    assert (tmp_path / "out").read_bytes() == data and info.size == len(data)
+    for n in (0, 3, SEGMENT, SEGMENT * 2 + 3):
+        data = os.urandom(n)
+        s.put("w", data, metadata={"sha256": "x"})
+        info = s.get_to_file("w", str(tmp_path / "out"))
+        assert (tmp_path / "out").read_bytes() == data and info.size == len(data)
     assert raw.head("w").metadata["sha256"] == "x"
+    stored = bytearray(raw.get("w"))
+    raw.put("w", bytes(stored[:HEADER + SEGMENT + TAG]))  # cut at a segment boundary
+    with pytest.raises(DamagedObjectError):
+        s.get_to_file("w", str(tmp_path / "out"))
+    raw.put("p", b"plain")
+    with pytest.raises(EncryptionError):
+        s.get_to_file("p", str(tmp_path / "out2"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sealed-")]
 
 
 def test_config_keys_are_validated_secret_and_redacted(tmp_path):
