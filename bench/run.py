@@ -1,4 +1,6 @@
-"""`make bench`: every benchmark on one lab at pgbench scale BENCH_SCALE (default 100).
+"""`make bench`: every benchmark on one lab at pgbench scale BENCH_SCALE (default 100), then the
+scale sweep (bench_scale: dbops and pgBackRest side by side on a fresh lab per scale in
+BENCH_SCALES, default "100 400").
 
 Prints one JSON object per line on stdout; progress goes to stderr. Each benchmark module has
 `run(lab, **kw) -> list[dict]`. Order matters: WAL archiving under `pgbench -i` fills the
@@ -22,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from dbops.lab import harness as labmod  # noqa: E402
 
 BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind",
-           "bench_encryption"]
+           "bench_encryption", "bench_scale"]
 
 
 def emit(rec: dict) -> None:
@@ -53,6 +55,10 @@ def main() -> int:
                 continue
             print(f"== {name}", file=sys.stderr, flush=True)
             try:
+                if name == "bench_scale":  # the sweep: a fresh lab per scale in BENCH_SCALES (default "100 400")
+                    scales = [int(x) for x in os.environ.get("BENCH_SCALES", "100 400").split()]
+                    failed += mod.run_sweep(d.parent / "sweep", scales, emit)
+                    continue
                 if name in ("bench_failover", "bench_lost"):  # each builds its own lab with two replicas
                     fdir = d.parent / name.removeprefix("bench_")
                     fdir.mkdir(exist_ok=True)

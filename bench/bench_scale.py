@@ -1,0 +1,223 @@
+"""Benchmark: the scale sweep. For each pgbench scale in BENCH_SCALES (default "100 400"), on a
+fresh lab: dbops and pgBackRest side by side on the same data and the same machine.
+
+Sequence per scale: `pgbench -i`; dbops full backup; pgBackRest full; 30 s of pgbench; dbops
+validated incremental; pgBackRest incremental; dbops restore (latest, started and promoted);
+pgBackRest restore (latest, started and promoted, replaying the same archive).
+
+Every command runs as a child under GNU time: ``rss_kib`` is its peak resident set (the largest
+process of the tree it waits for: dbops itself, pg_basebackup, pgBackRest's workers; not the
+throwaway PostgreSQL server, which is not its child). ``manifest_bytes``: the stored manifest.
+``primary_read_bytes``: bytes read through the primary's own processes during the command
+(/proc/PID/io rchar, sampled; autovacuum workers left out): the data a full backup streams, and
+for dbops' incremental only its few queries, since it restores the previous backup from storage
+instead of reading the primary. For pgBackRest's incremental: the bytes of the files it copied
+(``info.delta``: it reads every changed file whole).
+
+    python bench/bench_scale.py --dir DIR [--scales "100 400"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from dbops import proc
+from dbops.lab import harness as labmod
+from dbops.pg import binaries
+from dbops.storage import open_store
+from dbops.storage.layout import Layout
+
+try:
+    from bench import pgbackrest_peer
+except ImportError:  # run as a script from bench/
+    import pgbackrest_peer  # type: ignore[no-redef]
+
+PGBENCH_SECONDS = 30
+
+
+def _pgbench(lab: labmod.LabInfo, *args: str) -> None:
+    env = {"PGPASSFILE": str(lab.dir / "pgpass"), "PGHOST": "127.0.0.1", "PGPORT": str(lab.primary.port),
+           "PGUSER": "postgres"}
+    proc.run([binaries.binary("pgbench"), *args, "postgres"], env=env, user="postgres", timeout=7200)
+
+
+class PrimaryReads:
+    """Sum of rchar over the primary's processes (not autovacuum workers), sampled while it runs."""
+
+    def __init__(self, data_dir: str):
+        self.pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.stop = threading.Event()
+
+    def _sample(self) -> None:
+        pids = [self.pid]
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    stat = Path(f"/proc/{d}/stat").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
+                        if b"autovacuum" not in Path(f"/proc/{d}/cmdline").read_bytes():
+                            pids.append(int(d))
+                except (OSError, ValueError, IndexError):
+                    continue
+        for pid in pids:
+            try:
+                rchar = int(next(x for x in Path(f"/proc/{pid}/io").read_text().splitlines()
+                                 if x.startswith("rchar:")).split()[1])
+            except (OSError, StopIteration, ValueError):
+                continue
+            self.first.setdefault(pid, rchar if self.started else 0)
+            self.last[pid] = rchar
+
+    def __enter__(self) -> PrimaryReads:
+        self.started = True
+        self._sample()
+        self.started = False  # processes seen later started during the command: count from 0
+        self.t = threading.Thread(target=self._loop, daemon=True)
+        self.t.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.2):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.t.join()
+        self._sample()
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.last[p] - self.first.get(p, 0) for p in self.last)
+
+
+def _timed(argv: list[str], *, timeout: float = 7200) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS KiB, stdout) of a command run under GNU time."""
+    fd, out = tempfile.mkstemp(prefix="bench-rss-")
+    os.close(fd)
+    try:
+        t0 = time.monotonic()
+        r = proc.run(["/usr/bin/time", "-f", "%M", "-o", out, *argv], timeout=timeout)
+        wall = time.monotonic() - t0
+        return wall, int(Path(out).read_text().split()[-1]), r.stdout
+    finally:
+        os.unlink(out)
+
+
+def _dbops(lab: labmod.LabInfo, *args: str) -> tuple[float, int, dict]:
+    wall, rss, out = _timed([labmod.dbops_executable(), "-c", lab.config_path, *args, "--json"])
+    return wall, rss, json.loads(out)
+
+
+def _db_size(lab: labmod.LabInfo) -> int:
+    from dbops.pg import conn as pgconn
+
+    with pgconn.session(lab.primary) as c:
+        return int(pgconn.scalar(c, "SELECT sum(pg_database_size(oid))::bigint FROM pg_database"))
+
+
+def _stop(data: Path) -> None:
+    proc.run([binaries.binary("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user="postgres",
+             timeout=60, check=False)
+
+
+def sweep_one(lab: labmod.LabInfo, scale: int) -> list[dict]:
+    out: list[dict] = []
+    _pgbench(lab, "-i", "-s", str(scale), "-q")
+    size = _db_size(lab)
+    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
+    base = {"scale": scale, "database_bytes": size}
+
+    def dbops_backup(bench: str, *args: str) -> None:
+        with PrimaryReads(lab.primary.data_dir) as reads:
+            wall, rss, res = _dbops(lab, "backup", *args)
+        head = store.head(layout.manifest(res["backup_id"]))
+        out.append({**base, "bench": bench, "tool": "dbops", "wall_seconds": round(wall, 2), "rss_kib": rss,
+                    "manifest_bytes": head.size if head else None, "stored_bytes": res["stored_bytes"],
+                    "logical_bytes": res["logical_size"], "primary_read_bytes": reads.bytes,
+                    "counts": res.get("counts"), "timings": res.get("timings")})
+
+    peer = pgbackrest_peer.available()
+    dbops_backup("scale_backup_full", "--full")
+    if peer:
+        with pgbackrest_peer.session(lab) as p:
+            rss: list[int] = []
+            wall, b = pgbackrest_peer.backup(p, "full", rss)
+            out.append({**base, "bench": "scale_backup_full", "tool": "pgbackrest", "wall_seconds": round(wall, 2),
+                        "rss_kib": rss[0], "manifest_bytes": p.manifest_bytes(b["label"]),
+                        "stored_bytes": b["info"]["repository"]["delta"], "logical_bytes": b["info"]["size"],
+                        "primary_read_bytes": b["info"]["delta"]})
+    _pgbench(lab, "-c", "4", "-j", "2", "-T", str(PGBENCH_SECONDS), "-n")
+    dbops_backup("scale_backup_incremental", )
+    if peer:
+        with pgbackrest_peer.session(lab) as p:
+            rss = []
+            wall, b = pgbackrest_peer.backup(p, "incr", rss)
+            out.append({**base, "bench": "scale_backup_incremental", "tool": "pgbackrest",
+                        "wall_seconds": round(wall, 2), "rss_kib": rss[0], "manifest_bytes": p.manifest_bytes(b["label"]),
+                        "stored_bytes": b["info"]["repository"]["delta"], "logical_bytes": b["info"]["size"],
+                        "primary_read_bytes": b["info"]["delta"]})
+
+    data = lab.dir / "bench-scale-restore"
+    shutil.rmtree(data, ignore_errors=True)
+    port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
+    try:
+        wall, rss_kib, res = _dbops(lab, "restore", "--to", "latest", "--target-dir", str(data), "--start",
+                                    "--port", str(port))
+    finally:
+        _stop(data)
+        shutil.rmtree(data, ignore_errors=True)
+    out.append({**base, "bench": "scale_restore", "tool": "dbops", "wall_seconds": round(wall, 2),
+                "rss_kib": rss_kib, "timings": res.get("timings"), "download": res.get("download")})
+    if peer:
+        rss = []
+        try:
+            r = pgbackrest_peer.bench_restore(lab, rss=rss)
+            out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wall_seconds": r["wall_seconds"],
+                        "rss_kib": rss[0] if rss else None, "phases": r["phases"]})
+        except Exception as e:  # the peer's figures are optional; ours stand
+            out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "error": f"{type(e).__name__}: {e}"})
+    return out
+
+
+def run_sweep(root: Path, scales: list[int], emit) -> int:
+    """One fresh lab per scale under root; emit(record) for every measurement. Returns failures."""
+    failed = 0
+    for scale in scales:
+        d = root / f"scale-{scale}"
+        labmod.down(d, purge=d.exists() and (d / "lab.json").exists())
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(d.parent, 0o755)
+        print(f"== bench_scale {scale}", file=sys.stderr, flush=True)
+        lab = labmod.up(d, replicas=0)
+        try:
+            for rec in sweep_one(lab, scale):
+                emit(rec)
+        except Exception as e:  # report and go on with the next scale
+            failed += 1
+            emit({"bench": "scale", "scale": scale, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            labmod.down(d, purge=True)
+    return failed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / ".bench" / "sweep"))
+    ap.add_argument("--scales", default=os.environ.get("BENCH_SCALES", "100 400"))
+    a = ap.parse_args()
+    return 1 if run_sweep(Path(a.dir), [int(s) for s in a.scales.split()],
+                          lambda r: print(json.dumps(r), flush=True)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
