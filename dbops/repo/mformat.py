@@ -48,7 +48,9 @@ def blocks_of(size: int, block: int) -> int:
 
 
 def check_entry(e: FileEntry, what: str) -> FileEntry:
-    """Structural consistency of one entry read from storage: its blocks cover exactly its size."""
+    """Every entry read from storage passes here (all formats, via ``Manifest.entries``): the one
+    place to validate what the bucket says about a file. Checks its type and that its blocks cover
+    exactly its size."""
     if e.type not in TYPES:
         raise ValidationError(f"{what}: entry {e.path!r} has an unknown type {e.type!r}")
     if e.type != FILE:
