@@ -22,10 +22,7 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import secrets as pysecrets
 import shutil
 import tempfile
 import threading
@@ -33,16 +30,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import zstandard
 
 from dbops import log
 from dbops.config import CompressionSettings
-from dbops.errors import ConflictError, PreconditionError
+from dbops.errors import PreconditionError
 from dbops.pg.lsn import segment_of_lsn
 from dbops.repo import blocks, codec, mformat, walk
+from dbops.repo.packs import Pack, Uploader
 from dbops.repo.walk import wal_needed
 from dbops.repo import manifest as mf
 from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState, path_key
@@ -59,39 +55,6 @@ WINDOW = 4  # units in flight per worker
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
 
 
-@dataclass
-class _Pack:
-    tmp_dir: str
-    pack_id: str = field(default_factory=lambda: pysecrets.token_hex(16))
-    size: int = 0
-    index: list[list[Any]] = field(default_factory=list)  # [offset, length, raw length, [block hashes]]
-    _f: Any = None
-
-    def append(self, payload: bytes, raw: int, hashes: list[str]) -> int:
-        """Add one frame; returns its offset in the pack."""
-        if self._f is None:
-            self._f = open(os.path.join(self.tmp_dir, f"pack-{self.pack_id}"), "wb")
-        offset = self.size
-        self._f.write(payload)
-        self.index.append([offset, len(payload), raw, hashes])
-        self.size += len(payload)
-        return offset
-
-    def close(self) -> str | None:
-        if self._f is None:
-            return None
-        self._f.close()
-        return self._f.name
-
-    def discard(self) -> None:
-        path = self.close()
-        if path:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-
 @dataclass(frozen=True)
 class _Unit:
     path: str
@@ -102,24 +65,25 @@ class _Unit:
     main_fork: bool
 
 
+class Changed(Exception):
+    """A file changed or vanished while a live folder was read (see ``live``)."""
+
+
+class Cancelled(Exception):
+    """``cancel`` was set: the store stopped (its packs become orphans that retention removes)."""
+
+
 class _Snapshot:
     def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, encoder: codec.Encoder,
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
-                 unchanged_lsn: int | None, tmp_dir: str):
+                 unchanged_lsn: int | None, tmp_dir: str, live: bool = False,
+                 cancel: threading.Event | None = None):
         self.store, self.layout, self.backup_id = store, layout, backup_id
         self.encoder, self.pack_size, self.tmp_dir = encoder, pack_size, tmp_dir
-        self.unchanged_lsn = unchanged_lsn
+        self.unchanged_lsn, self.live, self.cancel = unchanged_lsn, live, cancel
         self.lock = threading.Lock()
         self.local = threading.local()
-        self.open_packs: queue.Queue[_Pack] = queue.Queue()
-        for _ in range(workers):
-            self.open_packs.put(_Pack(tmp_dir))
-        self.uploads = ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="dbops-upload")
-        self.in_flight = threading.BoundedSemaphore(uploads)
-        self.upload_futures: list[Future] = []
-        self.upload_error: BaseException | None = None
-        self.stored_bytes = 0
-        self.packs = self.frames = 0
+        self.up = Uploader(store, layout, backup_id, tmp_dir=tmp_dir, workers=workers, uploads=uploads)
         self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "hashed_bytes": 0}
         self.progress, self.total, self.done = progress, total, 0
 
@@ -136,14 +100,24 @@ class _Snapshot:
         buf = getattr(self.local, "buf", None)
         if buf is None or len(buf) != step:
             buf = self.local.buf = bytearray(step)  # reused: a fresh 4 MiB per read costs page faults
-        pack = self.open_packs.get()
+        pack = self.up.open_packs.get()
         try:
-            with open(unit.path, "rb") as f:
+            try:
+                f = open(unit.path, "rb")
+            except FileNotFoundError:
+                if self.live:
+                    raise Changed(unit.path) from None
+                raise
+            with f:
                 for pos in range(unit.start, unit.end, step):
+                    if self.cancel is not None and self.cancel.is_set():
+                        raise Cancelled(f"storing {unit.path} was cancelled")
                     want = min(step, unit.end - pos)
                     mv = memoryview(buf)[:want]
                     got = os.preadv(f.fileno(), [mv], pos)
                     if got != want:
+                        if self.live:
+                            raise Changed(unit.path)
                         raise PreconditionError(
                             f"{unit.path} changed while it was read (expected {want} bytes at offset {pos})",
                             hint="a snapshot needs a stopped data folder",
@@ -179,7 +153,7 @@ class _Snapshot:
                     if run:  # the buffer is refilled by the next read: the frame goes now
                         pack = self.put_frame(pack, run, refs)
         finally:
-            self.open_packs.put(pack)
+            self.up.open_packs.put(pack)
         with self.lock:
             for k, v in c.items():
                 self.c[k] += v
@@ -188,7 +162,7 @@ class _Snapshot:
                 self.progress(self.done, self.total)
         return refs  # type: ignore[return-value]  # every None was filled by put_frame
 
-    def put_frame(self, pack: _Pack, run: list[tuple[int, str, memoryview]], refs: list[ChunkRef | None]) -> _Pack:
+    def put_frame(self, pack: Pack, run: list[tuple[int, str, memoryview]], refs: list[ChunkRef | None]) -> Pack:
         """Compress a run of new blocks as one frame into the pack; returns the pack to go on with."""
         raw = b"".join(b for _, _, b in run)
         stored = self.encoder.encode(raw)
@@ -200,66 +174,9 @@ class _Snapshot:
         with self.lock:
             self.c["new"] += len(run)
         if pack.size >= self.pack_size:
-            self.seal(pack)
-            return _Pack(self.tmp_dir)
+            self.up.seal(pack)
+            return Pack(self.tmp_dir)
         return pack
-
-    # ------------------------------------------------------------------ packs
-
-    def seal(self, pack: _Pack) -> None:
-        if not pack.index:
-            pack.discard()
-            return
-        if self.upload_error is not None:  # fail fast: stop reading once an upload failed
-            pack.discard()
-            raise self.upload_error
-        self.in_flight.acquire()
-        try:
-            fut = self.uploads.submit(self._upload, pack)
-        except BaseException:
-            self.in_flight.release()
-            pack.discard()
-            raise
-        fut.add_done_callback(self._uploaded)
-        with self.lock:
-            self.upload_futures.append(fut)
-
-    def _uploaded(self, fut: Future) -> None:
-        if not fut.cancelled() and fut.exception() is not None and self.upload_error is None:
-            self.upload_error = fut.exception()
-        self.in_flight.release()
-
-    def _upload(self, pack: _Pack) -> None:
-        path = pack.close()
-        assert path is not None
-        try:
-            meta = {"backup-id": self.backup_id, "frames": str(len(pack.index))}
-            if not self.store.put_file(self.layout.pack(pack.pack_id), path, metadata=meta, if_absent=True):
-                raise ConflictError(f"pack {pack.pack_id} already exists ({self.layout.pack(pack.pack_id)})")
-        finally:
-            os.unlink(path)
-        index = {"format": 2, "pack": pack.pack_id, "backup_id": self.backup_id, "size": pack.size,
-                 "frames": pack.index}
-        idx = zstandard.ZstdCompressor(level=3).compress(json.dumps(index, separators=(",", ":")).encode())
-        self.store.put(self.layout.pack_index(pack.pack_id), idx, metadata=meta, if_absent=True)
-        with self.lock:
-            self.stored_bytes += pack.size
-            self.packs += 1
-            self.frames += len(pack.index)
-
-    def finish(self) -> None:
-        """Seal the packs still open and wait for every upload (raising the first failure)."""
-        while not self.open_packs.empty():
-            self.seal(self.open_packs.get_nowait())
-        self.uploads.shutdown(wait=True)
-        for fut in self.upload_futures:
-            fut.result()
-
-    def abort(self) -> None:
-        self.uploads.shutdown(wait=True, cancel_futures=True)
-        while not self.open_packs.empty():
-            self.open_packs.get_nowait().discard()
-
 
 class _ParentCursor:
     """The parent's entries read alongside the walk (both in path order)."""
@@ -287,10 +204,14 @@ def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir:
     def emit_head() -> None:
         e, bs, futs = window.popleft()
         refs: list[ChunkRef] = []
-        for f in futs:
-            refs.extend(f.result())
+        size = e.size
         in_flight[0] -= len(futs)
-        writer.add(FileEntry(e.path, e.type, e.mode, e.mtime_ns, e.size, e.target, tuple(refs), bs))
+        try:
+            for f in futs:
+                refs.extend(f.result())
+        except Changed:  # a live folder: recorded empty, so nothing is ever reused from it
+            refs, size = [], 0
+        writer.add(FileEntry(e.path, e.type, e.mode, e.mtime_ns, size, e.target, tuple(refs), bs))
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk") as pool:
         try:
@@ -342,6 +263,10 @@ def store_snapshot(
     progress: Progress | None = None,
     unchanged_lsn: int | None = None,
     tmp_dir: str | None = None,
+    reuse: Manifest | None = None,
+    live: bool = False,
+    save: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -355,6 +280,12 @@ def store_snapshot(
     parent's REDO point by a server that wrote no hint bits: main-fork blocks whose pages are
     all no newer than this LSN take the parent's reference without being hashed.
     ``tmp_dir``: where open packs and the manifest are spooled (default: the system's).
+    ``reuse``: instead of a parent, a local manifest of this same backup stored earlier from the
+    folder (see ``live``), not recorded as parent; its stored bytes and packs count as this one's.
+    ``live``: the folder may change while it is read (a server replays WAL into it): a file that
+    changes size or vanishes is recorded empty, never failing the run; with ``save=False`` the
+    manifest is only written locally (for ``reuse`` by the final store of the stopped folder).
+    ``cancel``: set it to stop early (raises :class:`Cancelled`).
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -370,14 +301,15 @@ def store_snapshot(
     if include_wal and not any(e.path == f"pg_wal/{redo_segment}" for e in entries):
         _log.warning("%s has no pg_wal/%s: the restored copy will need the WAL archive to start",
                      data_dir, redo_segment)
-    parent = parent_manifests[0] if parent_manifests else None
+    parent = parent_manifests[0] if parent_manifests else reuse
     total = sum(e.size for e in entries if e.type == FILE)
     # Hashing and compression are CPU work: more threads than cores only contend for the GIL.
     workers = max(1, min(parallel, os.cpu_count() or 1))
     spool = tempfile.mkdtemp(prefix=f"dbops-store-{backup_id}-", dir=tmp_dir)
     snap = _Snapshot(store, layout, backup_id, encoder=codec.Encoder(compression.algorithm, compression.level),
                      pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
-                     total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool)
+                     total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool,
+                     live=live, cancel=cancel)
     fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
     os.close(fd)
     writer = mformat.Writer(mpath)
@@ -385,9 +317,9 @@ def store_snapshot(
         try:
             _write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
             t_chunk = time.monotonic()
-            snap.finish()
+            snap.up.finish()
         except BaseException:
-            snap.abort()
+            snap.up.abort()
             writer.abort()
             raise
         t_upload = time.monotonic()
@@ -397,23 +329,26 @@ def store_snapshot(
             pg=pg,
             chunk_size=chunk_size,
             compression={"algorithm": compression.algorithm, "level": compression.level},
-            parent_id=parent_id if parent_id is not None else (parent.backup_id if parent else None),
+            parent_id=parent_id if parent_id is not None else (
+                parent_manifests[0].backup_id if parent_manifests else None),
             logical_size=total,
-            stored_bytes=snap.stored_bytes,
+            stored_bytes=snap.up.stored_bytes + (reuse.stored_bytes if reuse else 0),
             counts={"files": sum(1 for e in entries if e.type == FILE),
                     "chunks": c["new"] + c["reused"] + c["lsn_reused"] + c["zero"], "new_chunks": c["new"],
                     "reused_chunks": c["reused"] + c["lsn_reused"], "lsn_reused_chunks": c["lsn_reused"],
-                    "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"], "packs": snap.packs,
-                    "frames": snap.frames},
+                    "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"],
+                    "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),
+                    "frames": snap.up.frames + (reuse.counts.get("frames", 0) if reuse else 0)},
             meta=dict(meta or {}),
         )
         m.timings = {**(timings or {}), "walk_chunk": round(t_chunk - t0, 3),
                      "upload_wait": round(t_upload - t_chunk, 3), "store": round(time.monotonic() - t0, 3)}
         # The returned manifest reads its entries from the written file (removed with it).
         m = Manifest.from_file(writer.finish(m.header(writer)), what=f"manifest of backup {backup_id}")
-        mf.save(store, layout, m, path=mpath)
+        if save:
+            mf.save(store, layout, m, path=mpath)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
     _log.info("stored backup %s: %d files, %d bytes, %d new bytes in %d packs, %.1f s", backup_id,
-              m.counts["files"], total, snap.stored_bytes, snap.packs, m.timings["store"])
+              m.counts["files"], total, snap.up.stored_bytes, snap.up.packs, m.timings["store"])
     return m

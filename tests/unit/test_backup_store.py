@@ -497,3 +497,29 @@ def test_damaged_format_3_entry_stream_is_named(env):
     with pytest.raises(ValidationError) as ei:
         list(m.entries())
     assert "b1" in ei.value.message and "unreadable" in ei.value.message
+
+
+def test_full_backup_stored_while_live_then_reused_by_the_final_store(env, tmp_path):
+    store, layout, d = env
+    rel = d / "base/5/40000"
+    rel.write_bytes(_lsn_pages(256, 0x2000000, 1))
+    (d / "base/5/zz_dropped").write_bytes(pages(16, 2))
+
+    def drop_later(done, total):  # a relation dropped by replay while the folder is being read
+        (d / "base/5/zz_dropped").unlink(missing_ok=True)
+
+    pre = snapshot(store, layout, d, "b1", live=True, save=False, parallel=1, progress=drop_later)
+    assert store.head(layout.manifest("b1")) is None  # only a local manifest
+    assert next(f for f in pre.files if f.path == "base/5/zz_dropped").size == 0  # recorded empty, no error
+    # Replay rewrites two pages (with a new LSN); then the stopped folder is stored for real.
+    data = bytearray(rel.read_bytes())
+    data[8192 * 40:8192 * 42] = _lsn_pages(2, PG.redo_lsn + 0x100, 2)
+    rel.write_bytes(bytes(data))
+    final = snapshot(store, layout, d, "b1", reuse=pre, unchanged_lsn=PG.redo_lsn)
+    hashed = snapshot(store, layout, d, "b2")
+    assert final.parent_id is None and final.counts["lsn_reused_chunks"] == 256 * 8192 // (32 * 1024) - 1
+    assert final.stored_bytes > pre.stored_bytes and final.counts["packs"] > pre.counts["packs"]
+    for m in (final, hashed):
+        restore_snapshot(store, layout, mf.load(store, layout, m.backup_id), str(tmp_path / m.backup_id), parallel=2)
+    assert tree(tmp_path / "b1") == tree(tmp_path / "b2")
+    assert (tmp_path / "b1/base/5/40000").read_bytes() == bytes(data)

@@ -33,6 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +54,7 @@ from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
-from dbops.repo.store import store_snapshot
+from dbops.repo.store import Cancelled, store_snapshot
 from dbops.runtime.scratch import (PG_OS_USER, check_scratch_space, clean_stale_scratch, out_of_space,
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_store
@@ -117,6 +120,24 @@ def base_backup(source: Node, data: Path, *, timeout: float = 24 * 3600) -> None
             f"pg_basebackup from {source.name} ({source.host}:{source.port}) failed: {e.message}", detail=e.detail,
             hint="its own message (detail) says why: the source down or unreachable, access refused, ...",
         ) from None
+
+
+def backup_label_lsn(data: Path) -> int | None:
+    """The REDO point a fresh base backup starts from (backup_label's START WAL LOCATION); None when
+    unreadable (then nothing is reused without hashing)."""
+    from dbops.pg.lsn import parse_lsn
+
+    try:
+        text = (data / "backup_label").read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("START WAL LOCATION:"):
+            try:
+                return parse_lsn(line.split(":", 1)[1].split("(")[0].strip())
+            except ValueError:
+                return None
+    return None
 
 
 def backup_label_start(data: Path) -> str:
@@ -198,14 +219,29 @@ class BackupRun:
             proc.chown_to(wal, PG_OS_USER)
             with phases("basebackup"):
                 base_backup(source, data)
-            start_segment = backup_label_start(data)
+            start_segment, start_lsn = backup_label_start(data), backup_label_lsn(data)
             with phases("capture"):
                 target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
                                         layout=self.layout)
             with phases("wal_fetch"):
                 fetch_wal(cfg, self.store, self.layout, start_segment, target, wal)
-            val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}")
-            manifest = self._store(data, target, val, phases, parents=(), parent_id=None, kind="full")
+            backup_id = catalog.new_backup_id()
+            # Copy and store overlap: the base backup is stored while the throwaway server replays,
+            # checks and stops; the final store then reuses every block recovery did not touch.
+            cancel = threading.Event()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-prestore") as pool:
+                t_pre = time.monotonic()
+                pre = pool.submit(self._prestore, data, backup_id, cancel)
+                pre.add_done_callback(lambda _f: phases.t.__setitem__("prestore", round(time.monotonic() - t_pre, 3)))
+                try:
+                    val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}")
+                except BaseException:
+                    cancel.set()
+                    raise
+                finally:
+                    reuse = pre.result()
+            manifest = self._store(data, target, val, phases, parents=(), parent_id=None, kind="full",
+                                   backup_id=backup_id, reuse=reuse, unchanged_lsn=start_lsn)
         # Started and checked before it was stored; `validated` comes when a later run restores it from storage.
         catalog.record_status(self.store, self.layout, manifest.backup_id, catalog.STORED, run_id=self.run_id,
                               phase="first-start", timings=dict(phases.t),
@@ -235,10 +271,26 @@ class BackupRun:
                                       "replayed_to": format_lsn(val.replayed_lsn or 0)})
         return BackupResult(manifest.backup_id, "incremental", prev.backup_id, self.run_id, val, manifest, phases.t)
 
-    def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
-               kind: str, unchanged_lsn: int | None = None) -> mf.Manifest:
+    def _prestore(self, data: Path, backup_id: str, cancel: threading.Event) -> mf.Manifest | None:
+        """Store the base backup as it is while a server replays into it (one worker: the server needs
+        the other core). Best effort: on any failure the final store simply hashes everything."""
         cfg = self.cfg
-        backup_id = catalog.new_backup_id()
+        try:
+            return store_snapshot(
+                self.store, self.layout, str(data), backup_id=backup_id, compression=cfg.compression,
+                chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size, parallel=1,
+                pg=mf.PgState("", "", 1, 0, 0, 0.0), include_wal=False, tmp_dir=str(data.parent), live=True,
+                save=False, cancel=cancel)
+        except (OSError, DbopsError, Cancelled) as e:
+            log.event(_log, logging.WARNING, "storing the base backup during validation failed; the store "
+                      "after it reads everything", error=str(e))
+            return None
+
+    def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
+               kind: str, unchanged_lsn: int | None = None, backup_id: str | None = None,
+               reuse: mf.Manifest | None = None) -> mf.Manifest:
+        cfg = self.cfg
+        backup_id = backup_id or catalog.new_backup_id()
         # Consistent at the captured target: everything before it is in the snapshot, and the
         # segment holding it is archived (the replay went on to the end of the switch record).
         pg = pgstate.read(str(data), consistent_lsn=target.lsn, consistent_time=target.time)
@@ -249,7 +301,7 @@ class BackupRun:
                 self.store, self.layout, str(data), backup_id=backup_id, parent_manifests=parents,
                 compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,
                 parallel=cfg.backup.parallel, pg=pg, parent_id=parent_id, timings=dict(phases.t),
-                unchanged_lsn=unchanged_lsn, tmp_dir=str(data.parent),
+                unchanged_lsn=unchanged_lsn if (parents or reuse) else None, tmp_dir=str(data.parent), reuse=reuse,
                 meta={"kind": kind, "run_id": self.run_id, "target_lsn": format_lsn(target.lsn),
                       "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
