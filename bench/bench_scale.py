@@ -204,7 +204,8 @@ def run_sweep(root: Path, scales: list[int], emit) -> int:
                 emit(rec)
         except Exception as e:  # report and go on with the next scale
             failed += 1
-            emit({"bench": "scale", "scale": scale, "error": f"{type(e).__name__}: {e}"})
+            emit({"bench": "scale", "scale": scale, "error": f"{type(e).__name__}: {e}",
+                  "detail": (getattr(e, "detail", None) or "")[-3000:]})
         finally:
             labmod.down(d, purge=True)
     return failed
