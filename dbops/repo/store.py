@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,18 +194,18 @@ class _ParentCursor:
 
 def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir: str, chunk_size: int,
                    parent: Manifest | None, writer: mformat.Writer, workers: int) -> None:
-    """Process every file in walk order with at most WINDOW units per worker in flight; each entry
-    goes to the manifest writer once its units are done."""
+    """Process every file in walk order with at most WINDOW units per worker running or queued; each
+    entry goes to the manifest writer once all its units are done (at most 2 x that many entries
+    wait for the oldest one)."""
     cursor = _ParentCursor(parent.entries() if parent is not None else iter(()))
     window: deque[tuple[walk.WalkEntry, int, list[Future]]] = deque()
-    in_flight = [0]
+    pending: set[Future] = set()
     limit = WINDOW * workers
 
     def emit_head() -> None:
         e, bs, futs = window.popleft()
         refs: list[ChunkRef] = []
         size = e.size
-        in_flight[0] -= len(futs)
         try:
             for f in futs:
                 refs.extend(f.result())
@@ -217,29 +217,29 @@ def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir:
         try:
             for e in entries:
                 pe = cursor.find(e.path)
-                if e.type != FILE:
-                    window.append((e, 0, []))
-                else:
+                futs: list[Future] = []
+                bs = 0
+                if e.type == FILE:
                     bs = blocks.block_size(e.size, chunk_size)
                     prefs = pe.chunks if pe is not None and pe.type == FILE and pe.block == bs else ()
                     main = blocks.is_main_fork(e.path)
                     path = os.path.join(data_dir, e.path)
-                    futs: list[Future] = []
-                    window.append((e, bs, futs))
                     step = max(bs, UNIT_BYTES - UNIT_BYTES % bs)
                     for s in range(0, e.size, step):
-                        while in_flight[0] >= limit:
-                            emit_head()
-                        futs.append(pool.submit(snap.process, _Unit(path, s, min(s + step, e.size), bs, prefs, main)))
-                        in_flight[0] += 1
-                while window and all(f.done() for f in window[0][2]):
+                        while len(pending) >= limit:  # errors surface when their entry is written
+                            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                            pending.difference_update(done)
+                        f = pool.submit(snap.process, _Unit(path, s, min(s + step, e.size), bs, prefs, main))
+                        futs.append(f)
+                        pending.add(f)
+                window.append((e, bs, futs))  # only once every unit of the file is submitted
+                while window and (len(window) > 2 * limit or all(f.done() for f in window[0][2])):
                     emit_head()
             while window:
                 emit_head()
         except BaseException:
-            for _e, _bs, futs in window:
-                for f in futs:
-                    f.cancel()
+            for f in pending:
+                f.cancel()
             raise
 
 

@@ -523,3 +523,20 @@ def test_full_backup_stored_while_live_then_reused_by_the_final_store(env, tmp_p
         restore_snapshot(store, layout, mf.load(store, layout, m.backup_id), str(tmp_path / m.backup_id), parallel=2)
     assert tree(tmp_path / "b1") == tree(tmp_path / "b2")
     assert (tmp_path / "b1/base/5/40000").read_bytes() == bytes(data)
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_files_of_many_units_with_a_small_window(env, tmp_path, monkeypatch, parallel):
+    """Units in flight are bounded (WINDOW per worker); a file of many more units than that, and
+    many files behind it, are written whole and in order."""
+    store, layout, d = env
+    monkeypatch.setattr(store_mod, "UNIT_BYTES", 64 * 1024)
+    monkeypatch.setattr(store_mod, "WINDOW", 1)
+    (d / "base/5/big").write_bytes(pages(17, 400))  # 3.2 MiB: 32 KiB blocks, 50 units
+    for i in range(12):
+        (d / f"base/5/{50000 + i}").write_bytes(pages(18 + i, 20 + i))
+    m = snapshot(store, layout, d, "b1", parallel=parallel)
+    assert [f.path for f in m.files] == sorted((f.path for f in m.files), key=mf.path_key)
+    restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(tmp_path / "r"), parallel=2)
+    assert (tmp_path / "r/base/5/big").read_bytes() == pages(17, 400)
+    assert all((tmp_path / f"r/base/5/{50000 + i}").read_bytes() == pages(18 + i, 20 + i) for i in range(12))
