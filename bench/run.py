@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from dbops.lab import harness as labmod  # noqa: E402
 
 BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind",
-           "bench_encryption", "bench_scale"]
+           "bench_encryption", "bench_scale", "bench_tablespaces"]
 
 
 def emit(rec: dict) -> None:
@@ -69,6 +69,8 @@ def main() -> int:
                     edir.mkdir(exist_ok=True)
                     os.chmod(edir, 0o755)
                     records = mod.run(edir, scale=a.scale)
+                elif name == "bench_tablespaces":  # its own lab without replicas (they would share the folder)
+                    records = mod.run(d.parent / "tablespaces", scale=max(1, a.scale // 3))
                 else:
                     records = mod.run(lab, scale=a.scale)
                 for rec in records:

@@ -143,6 +143,9 @@ def show(ctx: typer.Context, backup_id: Annotated[str, typer.Argument(help="Back
     output.out(f"{'logical_size':<18} {output.human_bytes(d['logical_size'])} in {d['files']} files")
     output.out(f"{'new_bytes':<18} {output.human_bytes(d['new_bytes'])}")
     output.out(f"{'timings':<18} " + ", ".join(f"{k} {v:.1f}s" for k, v in d["timings"].items()))
+    for t in d.get("tablespaces", []):
+        output.out(f"{'tablespace':<18} {t['name']} (OID {t['oid']}): {output.human_bytes(t['size'])}, "
+                   f"from {t['location']}")
     output.out("history:")
     for h in d["history"]:
         line = f"  {_ts(h['at'])} {h['state']:<9} run {h['run_id']}"

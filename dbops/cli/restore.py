@@ -39,14 +39,22 @@ def restore(
         "--keep-archiving", help="Keep the backup's archive_mode (default: off, so the copy never archives)")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty target folder")] = False,
     delta: Annotated[bool, typer.Option("--delta", help="Reuse the data folder there; fetch what differs")] = False,
+    tablespace_map: Annotated[Optional[list[str]], typer.Option(
+        "--tablespace-map", metavar="NAME=DIR",
+        help="Restore tablespace NAME (or OID) into DIR (repeatable)")] = None,
+    tablespace_map_all: Annotated[Optional[str], typer.Option(
+        "--tablespace-map-all", metavar="DIR", help="Restore every tablespace not mapped one by one into DIR/<name>")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout")] = False,
 ) -> None:
     """Restore to a point in time: pick the backup, download it verified, replay the archive to the target,
     report what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing
-    segment or a damaged stored object; 11: target folder not empty (without --force)."""
+    segment or a damaged stored object; 11: target folder not empty (without --force), or a tablespace's
+    folder not empty or used by a running server (map it elsewhere with --tablespace-map)."""
     from dbops.errors import UsageError
     from dbops.ops.restore import plan as rs
+    from dbops.ops.restore.tablespaces import parse_map
     from dbops.ops.restore.target import from_options, parse_timeline
 
     st = state_of(ctx)
@@ -71,7 +79,9 @@ def restore(
         target = from_options(to=to, to_lsn=to_lsn, to_xid=to_xid, to_name=to_name, exclusive=exclusive)
     opts = rs.Options(target=target, target_dir=Path(target_dir).absolute(), timeline=parse_timeline(timeline),
                       backup_id=backup_id, final=finals[0] if finals else "promote", start=start, port=port,
-                      keep_archiving=keep_archiving, force=force, delta=delta)
+                      keep_archiving=keep_archiving, force=force, delta=delta,
+                      tablespace_map=parse_map(tablespace_map or ()),
+                      tablespace_map_all=Path(tablespace_map_all).absolute() if tablespace_map_all else None)
     cfg = st.config()
     start_line("restore", cluster=cfg.cluster, target=target.describe(), dry_run=dry_run)
     if dry_run:
@@ -128,11 +138,19 @@ def render_plan(p: dict[str, Any]) -> str:
         f"the archive ends at {p['archive_end']['segment']} (LSN {p['archive_end']['lsn']})",
         "estimate  " + (f"{output.human_seconds(est['seconds'])} ({est['basis']})" if est["seconds"] is not None
                         else est["basis"]),
+        *(f"tblspc    {t['name']} (OID {t['oid']}, {output.human_bytes(t['size'])}) -> {t['folder']} "
+          f"({_how(t)})" for t in p.get("tablespaces", [])),
         "settings  (postgresql.auto.conf of the restored folder)",
         *(f"  {k} = '{v}'" for k, v in p["settings"].items()),
         *(f"note: {n}" for n in p["notes"]),
     ]
     return "\n".join(lines)
+
+
+def _how(t: dict[str, Any]) -> str:
+    how = {"mapped": "--tablespace-map", "map-all": "--tablespace-map-all", "reused": "the folder it links to now",
+           "original": "its original location"}[t["how"]]
+    return f"{how}, {t['state']}"
 
 
 def _target(t: dict[str, Any]) -> str:

@@ -308,13 +308,28 @@ def _init_primary(d: Path, name: str, port: int, password: str, archive_cmd: str
         f.write("host replication all 127.0.0.1/32 scram-sha-256\n")
 
 
+def _tablespace_mapping(d: Path, name: str, primary: Node) -> list[str]:
+    """A replica on the same host keeps each tablespace of the primary in its own folder,
+    tblspc/<replica>/<OID> in the lab (two servers must never share one)."""
+    from dbops.ops.backup.tablespaces import query
+
+    out = []
+    for t in query(primary):
+        folder = d / "tblspc" / name / str(t.oid)
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in (folder.parent.parent, folder.parent, folder):
+            _chown(p)
+        out.append(f"--tablespace-mapping={t.location}={folder}")
+    return out
+
+
 def _init_replica(d: Path, name: str, primary: Node, port: int) -> None:
     data = d / "pg" / name
     slot = f"slot_{name}"
     env = {"PGPASSFILE": str(d / "pgpass")}
     proc.run([binaries.binary("pg_basebackup"), "-h", primary.host, "-p", str(primary.port), "-U", PG_USER,
-              "-D", str(data), "-X", "stream", "-R", "-C", "-S", slot, "--checkpoint=fast", "-w"],
-             user=_run_user(), env=env, timeout=600)
+              "-D", str(data), "-X", "stream", "-R", "-C", "-S", slot, "--checkpoint=fast", "-w",
+              *_tablespace_mapping(d, name, primary)], user=_run_user(), env=env, timeout=600)
     auto = data / "postgresql.auto.conf"
     text = auto.read_text()
     with open(auto, "a") as f:

@@ -99,6 +99,7 @@ def show(cfg: Config, backup_id: str, store: ObjectStore | None = None) -> dict[
         "timings": m.timings,
         "meta": m.meta,
         "restore_seconds": _restore_seconds(latest, history),
+        "tablespaces": [t.to_dict() for t in m.tablespaces],
         "history": [h.to_dict() for h in history],
     }
 

@@ -58,6 +58,7 @@ class CheckReport:
     nodes: list[NodeReport] = field(default_factory=list)
     storage: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
+    tablespaces: list[dict[str, Any]] = field(default_factory=list)  # the primary's, and the newest backup's cover
 
     def add(self, area: str, check: str, status: str, message: str, fix: str | None = None) -> None:
         self.findings.append(Finding(area, check, status, message, fix))
@@ -73,6 +74,7 @@ class CheckReport:
             "nodes": [asdict(n) for n in self.nodes],
             "storage": self.storage,
             "runtime": self.runtime,
+            "tablespaces": self.tablespaces,
         }
 
 
@@ -349,6 +351,10 @@ def run_check(cfg: Config, *, nodes: bool = True, storage: bool = True, runtime:
         _check_nodes(cfg, report)
     if storage:
         _check_storage(cfg, report)
+    if nodes and storage and report.storage.get("reachable"):
+        from dbops.ops import check_tablespaces
+
+        check_tablespaces.check(cfg, report)
     if runtime:
         _check_runtime(cfg, report)
     return report

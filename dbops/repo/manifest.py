@@ -36,6 +36,7 @@ from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.repo import mformat
 from dbops.repo.model import DIR, FILE, SYMLINK, ChunkRef, FileEntry, PgState, path_key
+from dbops.repo.tblspc import Tablespace, check_entry
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -61,7 +62,8 @@ class Manifest:
                  files: list[FileEntry] | None = None, parent_id: str | None = None, created: float | None = None,
                  dbops_version: str = dbops.__version__, logical_size: int = 0, stored_bytes: int = 0,
                  counts: dict[str, int] | None = None, timings: dict[str, float] | None = None,
-                 meta: dict[str, Any] | None = None, format: int = FORMAT_VERSION):
+                 meta: dict[str, Any] | None = None, format: int = FORMAT_VERSION,
+                 tablespaces: list[Tablespace] | None = None):
         self.backup_id, self.pg, self.chunk_size, self.compression = backup_id, pg, chunk_size, compression
         self.parent_id = parent_id
         self.created = time.time() if created is None else created
@@ -71,6 +73,7 @@ class Manifest:
         self.timings = dict(timings or {})  # seconds per phase
         self.meta = dict(meta or {})  # free-form, filled by the workflow
         self.format = format
+        self.tablespaces = list(tablespaces or ())  # user tablespaces (see dbops.repo.tblspc)
         self._files = list(files) if files is not None else None
         self._source: tuple[str, int] | None = None  # (local file, offset of the entry stream): format 3
         self._packs: list[str] | None = None  # format 3: the pack table
@@ -115,9 +118,12 @@ class Manifest:
         return {c.pack for f in self.entries() for c in f.chunks if c.pack is not None}
 
     def check(self) -> None:
-        """Structural consistency: every file's blocks cover exactly its size."""
+        """Structural consistency: every file's blocks cover exactly its size; every entry under
+        pg_tblspc belongs to a listed tablespace."""
+        oids = {t.oid for t in self.tablespaces}
         for f in self.entries():
             mformat.check_entry(f, f"backup {self.backup_id}")
+            check_entry(oids, f.path, f.type)
 
     def referenced_bytes(self) -> int:
         """Bytes in storage this backup reads: every stored frame it points into, once."""
@@ -156,6 +162,7 @@ class Manifest:
             "counts": self.counts,
             "timings": self.timings,
             "meta": self.meta,
+            "tablespaces": [t.to_dict() for t in self.tablespaces],
         }
         if self.format == 1:  # only for tests that make an old manifest
             d["files"] = [{**mformat.entry_meta(f), **({"chunks": [[c.hash, c.pack, c.offset, c.length, c.raw]
@@ -195,6 +202,7 @@ class Manifest:
             counts=dict(d.get("counts") or {}),
             timings=dict(d.get("timings") or {}),
             meta=dict(d.get("meta") or {}),
+            tablespaces=[Tablespace.from_dict(t) for t in d.get("tablespaces") or ()],
         )
 
     def header(self, writer: mformat.Writer) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from dbops import log
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
 from dbops.repo.ranges import Range, chunks_of, fetch_range, planned, run_bounded
+from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
 from dbops.errors import DamagedObjectError, NotFoundError, PreconditionError, ValidationError
 from dbops.storage.base import ObjectStore
@@ -32,7 +33,7 @@ from dbops.storage.layout import Layout
 
 _log = log.get("backup.restore")
 
-_INIT_FORK_RE = re.compile(r"^(base/\d+/\d+)_init$")
+_INIT_FORK_RE = re.compile(r"^((?:base/\d+|pg_tblspc/\d+/PG_[^/]+/\d+)/\d+)_init$")
 
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
@@ -65,11 +66,11 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
-def _prepare_target(target: Path) -> None:
+def _prepare_target(target: Path, what: str | None = None) -> None:
     if target.exists():
         if not target.is_dir() or any(target.iterdir()):
             raise PreconditionError(
-                f"restore target {target} exists and is not an empty folder",
+                f"restore target {what or target} exists and is not an empty folder",
                 hint="restore into a new or empty folder",
             )
     else:
@@ -85,10 +86,13 @@ def restore_snapshot(
     parallel: int,
     progress: Progress | None = None,
     owner: str | None = None,
+    tablespace_dirs: Mapping[int, str] | None = None,
 ) -> RestoreStats:
     """Restore one backup into target_dir (new or empty), verified block by block, then fsynced.
 
     ``owner``: OS user to own every restored entry (e.g. "postgres" when running as root).
+    ``tablespace_dirs``: {OID: folder (new or empty)} for every tablespace the backup lists; its
+    link in pg_tblspc points there and its contents go there.
     Raises ValidationError naming the backup, file and object key on a bad or missing object.
     The manifest's entries are read in passes, never all held at once.
     """
@@ -96,7 +100,11 @@ def restore_snapshot(
     manifest.check()
     ids = _owner_ids(owner)
     target = Path(target_dir)
+    dests = tablespace_folders(manifest, tablespace_dirs)
     _prepare_target(target)
+    for t in manifest.tablespaces:
+        _prepare_target(dests[t.oid], what=f"folder {dests[t.oid]} for tablespace {t.name} (OID {t.oid})")
+    link_tablespaces(target, manifest, dests)
     stats = RestoreStats(manifest.backup_id)
 
     # 1. folders (writable for now), then every file created at its full size.
@@ -172,10 +180,10 @@ def restore_snapshot(
 
     t_finish = time.monotonic()
     # 3. symlinks, the WAL folder PostgreSQL expects, then modes, times, owner, fsync.
-    for e in manifest.entries():
-        if e.type == SYMLINK:
-            os.symlink(e.target or "", target / e.path)
-            stats.symlinks += 1
+    for e in restored_links(manifest):
+        os.symlink(e.target or "", target / e.path)
+        stats.symlinks += 1
+    stats.symlinks += len(dests)
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
     status = mark_wal_archived(target, manifest)
     unlogged = reset_unlogged(target, manifest)
@@ -183,6 +191,7 @@ def restore_snapshot(
     finish_files(target, itertools.chain((e for e in manifest.entries() if e.type == FILE), unlogged, status),
                  ids, parallel)
     finish_tree(target, manifest, ids)
+    finish_tablespace_roots(dests, ids)
     t_end = time.monotonic()
     stats.seconds = round(t_end - t0, 3)
     stats.timings = {"create": round(t_fetch - t0, 3), "fetch": round(t_finish - t_fetch, 3),
@@ -243,7 +252,7 @@ def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None) -
     for e in manifest.entries():
         if e.type == DIR:
             recorded[e.path] = e
-        elif e.type == SYMLINK and ids:
+        elif e.type == SYMLINK and ids and (target / e.path).is_symlink():
             os.lchown(target / e.path, *ids)
     dirs = sorted(set(recorded) | {"pg_wal", "pg_wal/archive_status"},
                   key=lambda p: (p.count("/"), p) if p != "." else (-1, p), reverse=True)

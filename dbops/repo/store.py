@@ -22,6 +22,7 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -42,6 +43,8 @@ from dbops.repo.packs import Pack, Uploader
 from dbops.repo.walk import wal_needed
 from dbops.repo import manifest as mf
 from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState, path_key
+from dbops.repo import tblspc
+from dbops.repo.tblspc import Tablespace
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -223,7 +226,7 @@ def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir:
                     bs = blocks.block_size(e.size, chunk_size)
                     prefs = pe.chunks if pe is not None and pe.type == FILE and pe.block == bs else ()
                     main = blocks.is_main_fork(e.path)
-                    path = os.path.join(data_dir, e.path)
+                    path = e.src or os.path.join(data_dir, e.path)
                     step = max(bs, UNIT_BYTES - UNIT_BYTES % bs)
                     for s in range(0, e.size, step):
                         while len(pending) >= limit:  # errors surface when their entry is written
@@ -267,6 +270,7 @@ def store_snapshot(
     live: bool = False,
     save: bool = True,
     cancel: threading.Event | None = None,
+    tablespaces: Mapping[Tablespace, str] | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -286,6 +290,8 @@ def store_snapshot(
     changes size or vanishes is recorded empty, never failing the run; with ``save=False`` the
     manifest is only written locally (for ``reuse`` by the final store of the stopped folder).
     ``cancel``: set it to stop early (raises :class:`Cancelled`).
+    ``tablespaces``: {tablespace: folder holding its contents}; every link in pg_tblspc must be
+    one of them (see :func:`dbops.repo.walk.walk`). None: links are recorded without contents.
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -295,7 +301,9 @@ def store_snapshot(
         from dbops.repo import pgstate  # runs pg_controldata; synthetic folders pass pg
 
         pg = pgstate.read(data_dir)
-    entries = sorted(walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None),
+    ts_map = None if tablespaces is None else {t.oid: (d, t.location) for t, d in tablespaces.items()}
+    ts_list = sorted(tablespaces or (), key=lambda t: t.oid)
+    entries = sorted(walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None, ts_map),
                      key=lambda e: path_key(e.path))
     redo_segment = segment_of_lsn(pg.timeline, pg.redo_lsn, pg.wal_segment_size)
     if include_wal and not any(e.path == f"pg_wal/{redo_segment}" for e in entries):
@@ -340,6 +348,8 @@ def store_snapshot(
                     "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),
                     "frames": snap.up.frames + (reuse.counts.get("frames", 0) if reuse else 0)},
             meta=dict(meta or {}),
+            tablespaces=[dataclasses.replace(t, size=s) for t, s in
+                         zip(ts_list, tblspc.sizes(ts_list, entries).values())],
         )
         m.timings = {**(timings or {}), "walk_chunk": round(t_chunk - t0, 3),
                      "upload_wait": round(t_upload - t_chunk, 3), "store": round(time.monotonic() - t0, 3)}

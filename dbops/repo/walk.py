@@ -11,9 +11,13 @@ Excluded like pg_basebackup does (src/backend/backup/basebackup.c):
 * every fork but ``_init`` of unlogged relations (recovery rebuilds them from ``_init``);
 * plus caller-given glob patterns (matched against the relative path).
 
-Symlinks are recorded as links (pg_tblspc entries; their targets are not followed).
-A symlinked pg_wal becomes an ordinary empty folder: the restored copy must not
-point at another machine's WAL folder.
+Symlinks are recorded as links; their targets are never followed. A tablespace's link
+``pg_tblspc/<OID>`` named in ``tablespaces`` is recorded with its original location as the
+target, and the folder given for it there (a scratch copy, never the live location) is
+walked as ``pg_tblspc/<OID>/...``; its entries carry that folder's path in ``src``. Any other
+link in pg_tblspc is an error when ``tablespaces`` is given (its contents would be missing),
+a warning otherwise. A symlinked pg_wal becomes an ordinary empty folder: the restored copy
+must not point at another machine's WAL folder.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import fnmatch
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from dbops import log
+from dbops.errors import PreconditionError
 from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE, parse_segment_name
 from dbops.repo.manifest import DIR, FILE, SYMLINK, PgState
+from dbops.repo.tblspc import TBLSPC_DIR, oid_of_link
 
 _log = log.get("backup.walk")
 
@@ -53,16 +59,19 @@ class WalkEntry:
     mtime_ns: int
     size: int = 0
     target: str | None = None
+    src: str | None = None  # where the content is read from when not data_dir/path (tablespaces)
 
 
-def walk(data_dir: str, exclude: Iterable[str] = (), keep_wal: Callable[[str], bool] | None = None
-         ) -> list[WalkEntry]:
-    """Every entry to back up, parents before children, sorted by path."""
+def walk(data_dir: str, exclude: Iterable[str] = (), keep_wal: Callable[[str], bool] | None = None,
+         tablespaces: Mapping[int, tuple[str, str]] | None = None) -> list[WalkEntry]:
+    """Every entry to back up, parents before children, sorted by path.
+
+    ``tablespaces``: {OID: (folder holding its contents, original location)}."""
     patterns = tuple(exclude)
     root = os.path.abspath(data_dir)
     st = os.stat(root)
     out = [WalkEntry(".", DIR, stat.S_IMODE(st.st_mode), st.st_mtime_ns)]
-    _walk_dir(root, "", patterns, out)
+    _walk_dir(root, "", patterns, out, tablespaces)
     if keep_wal is not None:
         _add_wal(os.path.join(root, "pg_wal"), keep_wal, out)
     return out
@@ -103,10 +112,36 @@ def _unlogged_forks(names: list[str]) -> set[str]:
     return skip
 
 
-def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[WalkEntry]) -> None:
+def _tablespace(e: os.DirEntry, rel: str, st: os.stat_result, patterns: tuple[str, ...], out: list[WalkEntry],
+                tablespaces: Mapping[int, tuple[str, str]] | None) -> bool:
+    """Record a pg_tblspc link; True when handled here."""
+    oid = oid_of_link(rel)
+    if tablespaces is None:
+        if stat.S_ISLNK(st.st_mode):
+            _log.warning("tablespace %s links outside the data folder; its contents are not backed up", rel)
+        return False
+    if stat.S_ISDIR(st.st_mode) and (oid is None or oid not in tablespaces):
+        return False  # an in-place tablespace (allow_in_place_tablespaces): a folder inside the data folder
+    if oid is None or oid not in tablespaces:
+        what = f"-> {os.readlink(e.path)}" if stat.S_ISLNK(st.st_mode) else "(a folder)"
+        raise PreconditionError(f"the snapshot has a tablespace entry {rel} {what} that dbops does not know",
+                                hint="its contents would be missing from the backup; report this as a bug")
+    folder, location = tablespaces[oid]
+    out.append(WalkEntry(rel, SYMLINK, 0o777, st.st_mtime_ns, target=location))
+    sub: list[WalkEntry] = []
+    _walk_dir(folder, "", patterns, sub, None)
+    for w in sub:
+        out.append(WalkEntry(f"{rel}/{w.path}", w.type, w.mode, w.mtime_ns, w.size, w.target,
+                             os.path.join(folder, w.path)))
+    return True
+
+
+def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[WalkEntry],
+              tablespaces: Mapping[int, tuple[str, str]] | None = None) -> None:
     with os.scandir(abs_dir) as it:
         entries = sorted(it, key=lambda e: e.name)
-    in_database_dir = rel_dir.startswith("base/") and rel_dir.count("/") == 2
+    # base/<db>/, or <PG_version>/<db>/ when walking a tablespace's folder
+    in_database_dir = rel_dir.startswith(("base/", "PG_")) and rel_dir.count("/") == 2
     skip = _unlogged_forks([e.name for e in entries]) if in_database_dir else set()
     for e in entries:
         rel = f"{rel_dir}{e.name}"
@@ -117,14 +152,14 @@ def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[W
         if rel == "pg_wal" and stat.S_ISLNK(st.st_mode):
             out.append(WalkEntry(rel, DIR, 0o700, st.st_mtime_ns))
             continue
+        if rel_dir == TBLSPC_DIR + "/" and _tablespace(e, rel, st, patterns, out, tablespaces):
+            continue
         if stat.S_ISLNK(st.st_mode):
             out.append(WalkEntry(rel, SYMLINK, mode, st.st_mtime_ns, target=os.readlink(e.path)))
-            if rel_dir == "pg_tblspc/":
-                _log.warning("tablespace %s links outside the data folder; its contents are not backed up", rel)
         elif stat.S_ISDIR(st.st_mode):
             out.append(WalkEntry(rel, DIR, mode, st.st_mtime_ns))
             if rel not in EXCLUDE_DIR_CONTENTS:
-                _walk_dir(e.path, rel + "/", patterns, out)
+                _walk_dir(e.path, rel + "/", patterns, out, tablespaces)
         elif stat.S_ISREG(st.st_mode):
             out.append(WalkEntry(rel, FILE, mode, st.st_mtime_ns, size=st.st_size))
         else:

@@ -75,6 +75,11 @@ class InstanceSpec:
     run_dir   host folder for the generated configuration files and the local server log;
               default: a private folder created next to ``data_dir`` and removed with the instance
     trust_local  admit loopback connections without a password (a generated ``pg_hba.conf``)
+    mounts    (host folder, path the server sees it at) pairs, read-write: tablespace folders. A
+              container mounts each at its path; a local server sees host folders where they are,
+              and a folder that must appear at another path (a tablespace created during replay,
+              whose recorded location may be a live folder on this host) gets a private mount
+              namespace (root only)
     """
 
     data_dir: Path
@@ -84,6 +89,7 @@ class InstanceSpec:
     name: str = "instance"
     run_dir: Path | None = None
     trust_local: bool = True
+    mounts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         bad = sorted(OWNED_SETTINGS & set(self.settings))

@@ -11,7 +11,9 @@ Two ways to get PostgreSQL into the container:
 
 Either way the server runs as the uid:gid that owns the data folder (PostgreSQL insists that
 its user owns it), with ``postgres -D /data -c ...``; the data folder is mounted at /data, the
-WAL folder read-only at /wal, the run folder (generated pg_hba.conf, ...) at /dbops-run.
+WAL folder read-only at /wal, the run folder (generated pg_hba.conf, ...) at /dbops-run, and
+each tablespace folder of the spec's ``mounts`` at its path (a scratch copy at its own host
+path; a tablespace created during replay at its recorded location, hiding whatever is there).
 
 Networking, as found with podman 4.3 (rootful, netavark, runc) on Debian 12:
 
@@ -237,6 +239,8 @@ class ContainerRuntime:
         out = ["-v", f"{Path(spec.data_dir).resolve()}:{DATA_PATH}", "-v", f"{run_dir.resolve()}:{RUN_PATH}"]
         if spec.wal_dir is not None:
             out += ["-v", f"{Path(spec.wal_dir).resolve()}:{WAL_PATH}:ro"]
+        for host, inside in spec.mounts:
+            out += ["-v", f"{Path(host).resolve()}:{inside}"]
         return out
 
     def inner_port(self, spec: InstanceSpec) -> int:

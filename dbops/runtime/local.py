@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 from dbops import log, proc
 from dbops.errors import CommandError, PostgresError
 from dbops.pg import binaries
+from dbops.runtime import mountns
 from dbops.runtime.base import (
     LOOPBACK,
     InstanceBase,
@@ -47,22 +48,30 @@ class LocalRuntime:
 
     def start(self, spec: InstanceSpec) -> "LocalInstance":
         owner = Owner.of(Path(spec.data_dir))
+        moved = mountns.moved(spec.mounts)
+        points = mountns.prepare(moved)
         run_dir, created = prepare_run_dir(spec, owner)
         try:
             wal_path = str(Path(spec.wal_dir).resolve()) if spec.wal_dir is not None else None
             settings = server_settings(spec, run_dir, wal_path=wal_path, run_path=str(run_dir), owner=owner)
             log_path = run_dir / LOG_FILE
+            argv = [binaries.binary("postgres", self.bin_dir), "-D", str(spec.data_dir), *setting_args(settings)]
+            user: str | None = owner.user_name
+            if moved:  # tablespaces created during replay: their recorded locations become private mounts
+                argv, user = mountns.wrap(argv, moved, owner.user_name), None
             with open(log_path, "ab") as logf:
                 owner.chown(log_path)
-                popen = proc.spawn(
-                    [binaries.binary("postgres", self.bin_dir), "-D", str(spec.data_dir), *setting_args(settings)],
-                    user=owner.user_name, stdout=logf, stderr=subprocess.STDOUT, env={"LANG": "C", "LC_ALL": "C"},
-                )
+                popen = proc.spawn(argv, user=user, stdout=logf, stderr=subprocess.STDOUT,
+                                   env={"LANG": "C", "LC_ALL": "C"})
         except BaseException:
             remove_run_dir(run_dir, created)
+            mountns.cleanup(points)
             raise
-        log.event(_log, logging.INFO, "local instance started", name=spec.name, port=spec.port, pid=popen.pid)
-        return LocalInstance(spec, owner, run_dir, created, popen, self.bin_dir, self.db_user)
+        log.event(_log, logging.INFO, "local instance started", name=spec.name, port=spec.port, pid=popen.pid,
+                  private_mounts=len(moved))
+        inst = LocalInstance(spec, owner, run_dir, created, popen, self.bin_dir, self.db_user)
+        inst.mount_points = points
+        return inst
 
 
 class LocalInstance(InstanceBase):
@@ -80,6 +89,7 @@ class LocalInstance(InstanceBase):
         self._popen = popen
         self._bin_dir = bin_dir
         self._removed = False
+        self.mount_points: list[Path] = []  # created for private mounts; removed with the instance
 
     @property
     def log_file(self) -> Path:
@@ -140,6 +150,7 @@ class LocalInstance(InstanceBase):
             if self.is_running():
                 proc.stop(self._popen)
         remove_run_dir(self.run_dir, self._created)
+        mountns.cleanup(self.mount_points)
         self._removed = True
 
     def _pg_ctl(self) -> str:

@@ -43,6 +43,7 @@ from typing import Any, Callable
 from dbops import __version__, log, proc
 from dbops.config import Config, Node
 from dbops.errors import CommandError, DbopsError, PostgresError, ValidationError
+from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.validate import (ArchiveStalledError, Target, Validation, capture_target, fetch_wal,
                                        prove, recover_to_target, restore_seconds)
 from dbops.pg import binaries
@@ -106,19 +107,24 @@ def source_node(cfg: Config, primary: Node) -> Node:
     return cfg.node(cfg.backup.source) if cfg.backup.source else primary
 
 
-def base_backup(source: Node, data: Path, *, timeout: float = 24 * 3600) -> None:
-    """pg_basebackup from the source into data (with the WAL it needs), as the postgres OS user."""
+def base_backup(source: Node, data: Path, *, timeout: float = 24 * 3600,
+                tablespaces: tbs.ScratchTablespaces | None = None) -> None:
+    """pg_basebackup from the source into data (with the WAL it needs), as the postgres OS user;
+    every tablespace mapped into the run's scratch folder (never written at its live location)."""
     data.parent.mkdir(parents=True, exist_ok=True)
+    mapping = tablespaces.mapping_args() if tablespaces else []
     try:
         proc.run([binaries.binary("pg_basebackup", source.bin_dir), "-h", source.host, "-p", str(source.port),
                   "-U", source.user, "-D", str(data), "-X", "stream", "-c", "fast", "--no-sync", "--no-manifest",
-                  "-w"], user=PG_OS_USER, env=pgconn.libpq_env(source), timeout=timeout, what="pg_basebackup")
+                  *mapping, "-w"], user=PG_OS_USER, env=pgconn.libpq_env(source), timeout=timeout,
+                 what="pg_basebackup")
     except CommandError as e:
         if out_of_space(e):
             raise  # the scratch disk, not PostgreSQL: BackupRun says so
         raise PostgresError(
             f"pg_basebackup from {source.name} ({source.host}:{source.port}) failed: {e.message}", detail=e.detail,
-            hint="its own message (detail) says why: the source down or unreachable, access refused, ...",
+            hint="its own message (detail) says why: the source down or unreachable, access refused, a tablespace "
+                 "created while the backup started (run again), ...",
         ) from None
 
 
@@ -217,8 +223,11 @@ class BackupRun:
             data, wal = scratch / "data", scratch / "wal"
             wal.mkdir()
             proc.chown_to(wal, PG_OS_USER)
+            ts = tbs.ScratchTablespaces(scratch, known={t.oid: t for t in tbs.query(source)})
+            ts.prepare(PG_OS_USER)
             with phases("basebackup"):
-                base_backup(source, data)
+                base_backup(source, data, tablespaces=ts)
+            ts.relink(data)  # a tablespace created since the query went elsewhere: refused here
             start_segment, start_lsn = backup_label_start(data), backup_label_lsn(data)
             with phases("capture"):
                 target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
@@ -231,17 +240,19 @@ class BackupRun:
             cancel = threading.Event()
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-prestore") as pool:
                 t_pre = time.monotonic()
-                pre = pool.submit(self._prestore, data, backup_id, cancel)
+                pre = pool.submit(self._prestore, data, backup_id, cancel, ts)
                 pre.add_done_callback(lambda _f: phases.t.__setitem__("prestore", round(time.monotonic() - t_pre, 3)))
                 try:
-                    val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}")
+                    val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}",
+                                            tablespaces=ts)
                 except BaseException:
                     cancel.set()
                     raise
                 finally:
                     reuse = pre.result()
             manifest = self._store(data, target, val, phases, parents=(), parent_id=None, kind="full",
-                                   backup_id=backup_id, reuse=reuse, unchanged_lsn=start_lsn)
+                                   backup_id=backup_id, reuse=reuse, unchanged_lsn=start_lsn,
+                                   tablespaces=ts.snapshot(data, val.tablespace_names))
         # Started and checked before it was stored; `validated` comes when a later run restores it from storage.
         catalog.record_status(self.store, self.layout, manifest.backup_id, catalog.STORED, run_id=self.run_id,
                               phase="first-start", timings=dict(phases.t),
@@ -260,8 +271,13 @@ class BackupRun:
         with prove(cfg, self.store, self.layout, prev_m, phases, run_id=self.run_id, name=f"backup-{self.run_id}",
                    target=target) as proof:
             val = proof.validation
+            try:  # after a failover the new primary may keep a tablespace elsewhere: record where
+                proof.tablespaces.current = {t.oid: t for t in tbs.query(primary)}
+            except PostgresError:  # gone since the run began: the locations already recorded stay
+                pass
             manifest = self._store(proof.data, target, val, phases, parents=(prev_m,), parent_id=prev.backup_id,
-                                   kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn)
+                                   kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn,
+                                   tablespaces=proof.tablespaces.snapshot(proof.data, val.tablespace_names))
         val.timings = {k: v for k, v in phases.t.items() if k in ("download", "wal_fetch", "start", "replay",
                                                                   "checks", "stop", "checksums")}
         catalog.record_status(self.store, self.layout, prev.backup_id, catalog.VALIDATED, run_id=self.run_id,
@@ -271,7 +287,8 @@ class BackupRun:
                                       "replayed_to": format_lsn(val.replayed_lsn or 0)})
         return BackupResult(manifest.backup_id, "incremental", prev.backup_id, self.run_id, val, manifest, phases.t)
 
-    def _prestore(self, data: Path, backup_id: str, cancel: threading.Event) -> mf.Manifest | None:
+    def _prestore(self, data: Path, backup_id: str, cancel: threading.Event,
+                  ts: tbs.ScratchTablespaces) -> mf.Manifest | None:
         """Store the base backup as it is while a server replays into it (one worker: the server needs
         the other core). Best effort: on any failure the final store simply hashes everything."""
         cfg = self.cfg
@@ -280,14 +297,14 @@ class BackupRun:
                 self.store, self.layout, str(data), backup_id=backup_id, compression=cfg.compression,
                 chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size, parallel=1,
                 pg=mf.PgState("", "", 1, 0, 0, 0.0), include_wal=False, tmp_dir=str(data.parent), live=True,
-                save=False, cancel=cancel)
+                save=False, cancel=cancel, tablespaces={t: str(ts.folder(t.oid)) for t in ts.known.values()})
         except (OSError, DbopsError, Cancelled) as e:
             log.event(_log, logging.WARNING, "storing the base backup during validation failed; the store "
                       "after it reads everything", error=str(e))
             return None
 
     def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
-               kind: str, unchanged_lsn: int | None = None, backup_id: str | None = None,
+               kind: str, tablespaces: dict, unchanged_lsn: int | None = None, backup_id: str | None = None,
                reuse: mf.Manifest | None = None) -> mf.Manifest:
         cfg = self.cfg
         backup_id = backup_id or catalog.new_backup_id()
@@ -306,6 +323,7 @@ class BackupRun:
                       "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
                       "host": socket.gethostname(), "dbops_version": __version__, "checks": val.checks},
+                tablespaces=tablespaces,
             )
         log.event(_log, logging.INFO, "backup stored", backup=backup_id, kind=kind,
                   stored_bytes=manifest.stored_bytes, logical_size=manifest.logical_size)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from dbops import log, proc
 from dbops.config import Config, Node
 from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError, ValidationError
+from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.wal import archive as arch
 from dbops.pg import controldata
@@ -57,6 +58,7 @@ class Validation:
     replayed_lsn: int | None = None
     last_commit_time: float | None = None
     relation_map: dict[str, Any] | None = None  # read at the target; stored with the backup taken there
+    tablespace_names: dict[int, str] = field(default_factory=dict)  # OID -> name, read at the target
 
 
 def restore_seconds(t: dict[str, float]) -> float:
@@ -164,7 +166,9 @@ RECOVERY_SETTINGS_BASE = {
     # store reuses it without hashing; see dbops/repo/blocks.py).
     "wal_log_hints": "on",
 }
-RECOVERY_SETTINGS_PG15 = {"recovery_prefetch": "try"}  # PostgreSQL 15+
+# PostgreSQL 15+. allow_in_place_tablespaces: replaying a CREATE DATABASE in a tablespace that a later
+# DROP removed makes recovery create the folder inside pg_tblspc; without it that stops recovery.
+RECOVERY_SETTINGS_PG15 = {"recovery_prefetch": "try", "allow_in_place_tablespaces": "on"}
 
 
 # Hot standby refuses to start when these are below the source's values (pg_control keeps them).
@@ -263,9 +267,15 @@ def read_relation_map(inst) -> dict[str, Any] | None:
 
 
 def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
-                      name: str) -> Validation:
-    """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly."""
+                      name: str, tablespaces: tbs.ScratchTablespaces | None = None) -> Validation:
+    """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly.
+    Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces)."""
     val = Validation(backup_id="", ok=False)
+    mounts: tuple[tuple[str, str], ...] = ()
+    if tablespaces is not None:
+        with phases("wal_scan"):  # CREATE TABLESPACE records replay will meet
+            tablespaces.read_wal(wal_dir, PG_OS_USER, None if cfg.runtime.image else cfg.runtime.bin_dir)
+        mounts = tablespaces.mounts(cfg.runtime.engine)
     settings = dict(RECOVERY_SETTINGS_BASE)
     if _pg_major(data) >= 15:
         settings.update(RECOVERY_SETTINGS_PG15)
@@ -276,7 +286,8 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     rt = open_runtime(cfg.runtime)
     timeout = cfg.backup.validation.start_timeout
     with phases("start"):
-        inst = rt.start(InstanceSpec(data_dir=data, port=proc.free_port(), wal_dir=wal_dir, settings=settings, name=name))
+        inst = rt.start(InstanceSpec(data_dir=data, port=proc.free_port(), wal_dir=wal_dir, settings=settings, name=name,
+                                     mounts=mounts))
     with inst:
         with phases("start"):
             try:
@@ -290,8 +301,11 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         with phases("checks"):
             run_checks(cfg, inst, val.checks)
             val.relation_map = read_relation_map(inst)
+            val.tablespace_names = tbs.names(inst.node())
         with phases("stop"):
             inst.stop("fast", timeout=timeout)
+        if tablespaces is not None:
+            tablespaces.relink(data)
         cd = controldata.read(str(data), bin_dir=None)
         if cd.state != "shut down in recovery":
             raise ValidationError(f"the throwaway instance did not stop in recovery (state: {cd.state})",
@@ -317,6 +331,7 @@ class Proof:
     data: Path  # the proved copy, stopped in recovery at the target (removed when prove() ends)
     target: Target
     validation: Validation
+    tablespaces: tbs.ScratchTablespaces  # the copy's tablespace folders (in the scratch folder)
 
 
 @contextmanager
@@ -333,6 +348,8 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
         data, wal = scratch / "data", scratch / "wal"
         wal.mkdir()
         proc.chown_to(wal, PG_OS_USER)
+        ts = tbs.ScratchTablespaces(scratch, known={t.oid: t for t in m.tablespaces})
+        ts.prepare(PG_OS_USER)
         start_segment = segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, m.pg.wal_segment_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
             t_wal = time.monotonic()
@@ -340,13 +357,14 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             wal_job.add_done_callback(lambda _f: phases.t.__setitem__("wal_fetch", round(time.monotonic() - t_wal, 3)))
             with phases("download"):
                 try:
-                    restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=PG_OS_USER)
+                    restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=PG_OS_USER,
+                                     tablespace_dirs=ts.dirs())
                 except (NotFoundError, StorageError) as e:
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
                         raise
                     raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
             wal_job.result()  # a gap or a storage error in the WAL download surfaces here
-        val = recover_to_target(cfg, data, wal, target, phases, name=name)
+        val = recover_to_target(cfg, data, wal, target, phases, name=name, tablespaces=ts)
         val.backup_id = m.backup_id
-        yield Proof(data, target, val)
+        yield Proof(data, target, val, ts)

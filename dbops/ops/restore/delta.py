@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from dbops import log
 from dbops.repo import codec
@@ -28,19 +28,21 @@ from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifes
 from dbops.repo.ranges import Range, batches, chunks_of, fetch_range, plan_ranges
 from dbops.repo.restore import finish_files, finish_tree, mark_wal_archived, reset_unlogged
 from dbops.errors import NotFoundError, ValidationError
+from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
 _log = log.get("restore.delta")
 
 
-def _remove_extra(target: Path, wanted: dict[str, str]) -> int:
-    """Remove every entry the backup does not list (or lists as another type); deepest first."""
+def _remove_extra(target: Path, wanted: dict[str, str], prefix: str = "") -> int:
+    """Remove every entry the backup does not list (or lists as another type); deepest first.
+    ``prefix``: what the backup's paths of this folder start with (a tablespace's pg_tblspc/<OID>/)."""
     removed = 0
     for root, dirs, files in os.walk(target, topdown=False):
         for name in files + dirs:
             p = Path(root) / name
-            rel = p.relative_to(target).as_posix()
+            rel = prefix + p.relative_to(target).as_posix()
             want = wanted.get(rel)
             st = p.lstat()
             kind = SYMLINK if stat.S_ISLNK(st.st_mode) else DIR if stat.S_ISDIR(st.st_mode) else FILE
@@ -81,18 +83,27 @@ def _compare(target: Path, f: FileEntry) -> tuple[FileEntry, int, int]:
 
 
 def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, *, parallel: int,
-                  owner: str | None = None) -> dict[str, Any]:
-    """Make `target` hold exactly the backup's content; returns what it kept and fetched."""
+                  owner: str | None = None, tablespace_dirs: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """Make `target` (and each tablespace's folder) hold exactly the backup's content; returns what
+    it kept and fetched. ``tablespace_dirs``: {OID: folder} for every tablespace the backup lists."""
     manifest.check()
     ids = (pwd.getpwnam(owner).pw_uid, pwd.getpwnam(owner).pw_gid) if owner else None
+    dests = tablespace_folders(manifest, tablespace_dirs)
     wanted = {e.path: e.type for e in manifest.entries()}
     removed = _remove_extra(target, wanted)
+    for t in manifest.tablespaces:
+        dests[t.oid].mkdir(parents=True, mode=0o700, exist_ok=True)
+        removed += _remove_extra(dests[t.oid], wanted, prefix=t.link + "/")
+    link_tablespaces(target, manifest, dests)
+    links = {e.path for e in restored_links(manifest)}
     for e in manifest.entries():
         if e.type == DIR and e.path != ".":
             (target / e.path).mkdir(mode=0o700, exist_ok=True)
-        elif e.type == SYMLINK and not (target / e.path).is_symlink():
+        elif e.type != SYMLINK or e.path not in links:
+            continue
+        elif not (target / e.path).is_symlink():
             os.symlink(e.target or "", target / e.path)
-        elif e.type == SYMLINK and os.readlink(target / e.path) != e.target:
+        elif os.readlink(target / e.path) != e.target:
             (target / e.path).unlink()
             os.symlink(e.target or "", target / e.path)
     totals = {"files": 0, "logical_bytes": 0, "kept_bytes": 0, "zeroed_bytes": 0, "fetched_bytes": 0,
@@ -120,6 +131,7 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
 
     finish_files(target, itertools.chain((f for f in manifest.entries() if f.type == FILE), extra), ids, parallel)
     finish_tree(target, manifest, ids)
+    finish_tablespace_roots(dests, ids)
     d = {"mode": "delta", **totals, "removed": removed, "compare_seconds": round(totals["compare_seconds"], 3)}
     _log.info("delta restore of %s into %s: kept %d bytes, fetched %d bytes", manifest.backup_id, target,
               d["kept_bytes"], fetched)

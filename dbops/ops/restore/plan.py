@@ -45,6 +45,7 @@ from dbops.repo.restore import restore_snapshot
 from dbops.config import Config
 from dbops.errors import NotFoundError, PreconditionError, TargetError, UsageError, ValidationError
 from dbops.ops.restore import conf as rconf
+from dbops.ops.restore import tablespaces as rts
 from dbops.ops.restore import wal as rwal
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive
@@ -74,6 +75,8 @@ class Options:
     keep_archiving: bool = False
     force: bool = False
     delta: bool = False
+    tablespace_map: tuple[tuple[str, str], ...] = ()  # (name or OID, folder)
+    tablespace_map_all: Path | None = None
 
     def check(self) -> None:
         if self.final not in FINAL_STATES:
@@ -132,6 +135,7 @@ class Plan:
     estimate: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     holes: list[str] = field(default_factory=list)
+    tablespaces: list[rts.Destination] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +150,7 @@ class Plan:
                     "histories": [f"{t:08X}.history" for t in self.histories]},
             "archive_end": self.archive_end, "earliest": self.earliest, "newest": self.newest,
             "estimate": self.estimate, "settings": self.settings, "notes": self.notes,
+            "tablespaces": [d.as_dict() for d in self.tablespaces],
         }
 
     seg_size: int = 16 * 1024 * 1024
@@ -281,6 +286,9 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
                           detail="timelines there: " + ", ".join(map(str, sorted(inv.timelines()))))
     spans = rwal.chain(arc, tli)
     chosen, oldest, notes = _pick(bk, spans, opts)
+    m = bk.manifest(chosen.backup_id)
+    dests = rts.destinations(m.tablespaces, target_dir=opts.target_dir, mapping=opts.tablespace_map,
+                             map_all=opts.tablespace_map_all, delta=opts.delta, force=opts.force)
 
     start_seg = segment_of_lsn(chosen.timeline, chosen.redo_lsn, seg_size)
     wr = rwal.wal_range(inv, spans, start_seg)
@@ -319,7 +327,7 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
                 histories=sorted(inv.histories), remote=wr.contiguous[len(ahead):], archive_end=archive_end,
                 earliest=_earliest(oldest), newest=newest,
                 estimate=estimate(bk.infos, chosen, len(replay), seg_size), notes=notes, holes=wr.holes,
-                seg_size=seg_size, spans=spans)
+                seg_size=seg_size, spans=spans, tablespaces=dests)
 
 
 def _check_reachable(target: RestoreTarget, b: BackupChoice, end: rwal.WalEnd, last_commit: rwal.Commit | None,
@@ -538,6 +546,9 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
         created = not target.exists()
         if opts.force and target.is_dir():
             _empty(target)
+        for d in plan.tablespaces:
+            if opts.force and d.state == "not empty":
+                rts.empty_folder(d.folder)
         ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
                               owner=ids)
         remote = cache / rconf.REMOTE_DIR
@@ -553,17 +564,39 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
                         download = _download(cfg, store, layout, manifest, plan, opts.delta, ids)
                     with phases("configure"):
                         configure(cfg, target, plan, opts)
-                    reached, final_state, running = restore_run.run(cfg, plan, opts, cache, phases,
-                                                                    manifest.pg.pg_version, ahead.check)
+                    with phases("tablespaces"):
+                        wal_job.result()  # the WAL to replay is here: its CREATE TABLESPACE records
+                        created = _created_tablespaces(cache, manifest, opts, ids)
+                    reached, final_state, running = restore_run.run(
+                        cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,
+                        mounts=tuple((str(f), loc) for loc, f in created.values() if str(f) != loc),
+                        relink={oid: f for oid, (_loc, f) in created.items()})
                 finally:
                     ahead.stop()  # what replay did not ask for is not needed any more
                 stats = wal_job.result()
         except BaseException as e:
             discard(target, created=created, delta=opts.delta, reason=getattr(e, "message", None) or repr(e))
+            if not opts.delta:
+                for d in plan.tablespaces:
+                    discard(d.folder, created=d.state == "absent", delta=False, reason="")
             raise
     wal = {"fetched_ahead": stats.segments, "bytes": stats.bytes, "seconds": stats.seconds,
            "not_archived": stats.missing, "failed": {n: e.message for n, e in ahead.failed.items()}}
     return RestoreResult(plan, reached, final_state, running, dict(phases.t), download, wal)
+
+
+def _created_tablespaces(cache: Path, manifest: mf.Manifest, opts: Options,
+                         ids: tuple[int, int] | None) -> dict[int, tuple[str, Path]]:
+    """Tablespaces created in the WAL replayed after the backup: {OID: (location, folder)}, folders made."""
+    from dbops.ops.backup.tablespaces import wal_creates
+
+    created = rts.created_destinations(wal_creates(cache), manifest.tablespaces, mapping=opts.tablespace_map,
+                                       map_all=opts.tablespace_map_all)
+    for _loc, folder in created.values():
+        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if ids:
+            os.chown(folder, *ids)
+    return created
 
 
 def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,
@@ -573,11 +606,13 @@ def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Mani
 
     t0 = time.monotonic()
     owner = PG_OS_USER if ids else None
+    dirs = {d.tablespace.oid: str(d.folder) for d in plan.tablespaces}
     if delta and (Path(plan.target_dir) / "PG_VERSION").exists():
         d = restore_delta.restore_delta(store, layout, manifest, Path(plan.target_dir), parallel=cfg.backup.parallel,
-                                        owner=owner)
+                                        owner=owner, tablespace_dirs=dirs)
     else:
-        st = restore_snapshot(store, layout, manifest, plan.target_dir, parallel=cfg.backup.parallel, owner=owner)
+        st = restore_snapshot(store, layout, manifest, plan.target_dir, parallel=cfg.backup.parallel, owner=owner,
+                              tablespace_dirs=dirs)
         d = {"mode": "full", "files": st.files, "logical_bytes": st.logical_bytes,
              "fetched_bytes": st.fetched_bytes, "requests": st.requests}
     d["seconds"] = round(time.monotonic() - t0, 3)

@@ -56,16 +56,19 @@ def instance_settings(cfg: Config, plan: "Plan", opts: "Options", cache: Path) -
 
 
 def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases", pg_version: str,
-        check_wal: Callable[[], None]) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
+        check_wal: Callable[[], None], *, mounts: tuple[tuple[str, str], ...] = (),
+        relink: dict[int, Path] | None = None) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
     """(what was reached, the final state, where it runs with --start). check_wal raises when fetching
-    the WAL ahead failed (a damaged segment): that error, not the server's view of it, is reported."""
+    the WAL ahead failed (a damaged segment): that error, not the server's view of it, is reported.
+    ``mounts``: (folder, recorded location) of tablespaces created during replay, mapped elsewhere: the
+    server sees the folder there; ``relink``: their links, pointed at their folders once it stopped."""
     data = Path(plan.target_dir)
     bins = bin_dir(cfg, pg_version)
     rt = LocalRuntime(bin_dir=bins, db_user=cfg.runtime.user)
     timeout = cfg.backup.validation.start_timeout
     run_dir = cache.parent / "run"
     spec = InstanceSpec(data_dir=data, port=proc.free_port(), settings=instance_settings(cfg, plan, opts, cache),
-                        name=f"restore-{data.name}", run_dir=run_dir)
+                        name=f"restore-{data.name}", run_dir=run_dir, mounts=mounts)
     with phases("start"):
         inst = rt.start(spec)
     with inst:
@@ -82,6 +85,11 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
                 reached["promoted_timeline"] = _promote(inst, timeout)
         with phases("stop"):
             inst.stop("fast", timeout=timeout)
+    for oid, folder in (relink or {}).items():
+        link = data / "pg_tblspc" / str(oid)
+        if link.is_symlink() and os.readlink(link) != str(folder):
+            link.unlink()
+            os.symlink(str(folder), link)
     cd = controldata.read(str(data), bin_dir=bins)
     expected = "shut down" if opts.final == "promote" else "shut down in recovery"
     if cd.state != expected:
