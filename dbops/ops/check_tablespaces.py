@@ -32,7 +32,7 @@ def check(cfg: Config, report: Any) -> None:
         usable = [b for b in catalog.list_backups(store, layout) if b.usable]
         if usable:
             newest = usable[-1].backup_id
-            covered = {t.oid for t in mf.load(store, layout, newest).tablespaces}
+            covered = {t.oid for t in mf.load_header(store, layout, newest).tablespaces}
     except DbopsError:
         newest = None  # the storage findings say why
     report.tablespaces = [{**t.to_dict(), "in_newest_backup": t.oid in covered} for t in spaces]
