@@ -9,7 +9,8 @@ Every command runs as a child under GNU time: ``rss_kib`` is its peak resident s
 process of the tree it waits for: dbops itself, pg_basebackup, pgBackRest's workers; not the
 throwaway PostgreSQL server, which is not its child). ``manifest_bytes``: the stored manifest.
 ``primary_read_bytes``: bytes read through the primary's own processes during the command
-(/proc/PID/io rchar, sampled; autovacuum workers left out): the data a full backup streams, and
+(/proc/PID/io rchar, sampled; autovacuum workers and the archiver, whose archive_command reads
+every WAL segment anyway, left out): the data a full backup streams, and
 for dbops' incremental only its few queries, since it restores the previous backup from storage
 instead of reading the primary. For pgBackRest's incremental: the bytes of the files it copied
 (``info.delta``: it reads every changed file whole).
@@ -65,7 +66,8 @@ class PrimaryReads:
                 try:
                     stat = Path(f"/proc/{d}/stat").read_text()
                     if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
-                        if b"autovacuum" not in Path(f"/proc/{d}/cmdline").read_bytes():
+                        cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+                        if b"autovacuum" not in cmd and b"archiver" not in cmd:
                             pids.append(int(d))
                 except (OSError, ValueError, IndexError):
                     continue

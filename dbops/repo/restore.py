@@ -87,12 +87,15 @@ def restore_snapshot(
     progress: Progress | None = None,
     owner: str | None = None,
     tablespace_dirs: Mapping[int, str] | None = None,
+    durable: bool = True,
 ) -> RestoreStats:
     """Restore one backup into target_dir (new or empty), verified block by block, then fsynced.
 
     ``owner``: OS user to own every restored entry (e.g. "postgres" when running as root).
     ``tablespace_dirs``: {OID: folder (new or empty)} for every tablespace the backup lists; its
     link in pg_tblspc points there and its contents go there.
+    ``durable=False``: no fsync, for a scratch copy that a crash would throw away anyway (the
+    validation's copy, which its server replays into with ``fsync = off`` too).
     Raises ValidationError naming the backup, file and object key on a bad or missing object.
     The manifest's entries are read in passes, never all held at once.
     """
@@ -189,8 +192,8 @@ def restore_snapshot(
     unlogged = reset_unlogged(target, manifest)
 
     finish_files(target, itertools.chain((e for e in manifest.entries() if e.type == FILE), unlogged, status),
-                 ids, parallel)
-    finish_tree(target, manifest, ids)
+                 ids, parallel, durable)
+    finish_tree(target, manifest, ids, durable)
     finish_tablespace_roots(dests, ids)
     t_end = time.monotonic()
     stats.seconds = round(t_end - t0, 3)
@@ -227,16 +230,18 @@ def reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
     return made
 
 
-def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] | None, parallel: int) -> None:
-    """fsync each restored file, then set its mode, owner and mtime (in parallel)."""
+def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] | None, parallel: int,
+                 durable: bool = True) -> None:
+    """fsync each restored file (when durable), then set its mode, owner and mtime (in parallel)."""
 
     def finish_file(f: FileEntry) -> None:
         p = target / f.path
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(p, f.mode)
         if ids:
             os.chown(p, *ids)
@@ -246,7 +251,7 @@ def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] 
         run_bounded(pool, finish_file, files, 4 * max(1, parallel))
 
 
-def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None) -> None:
+def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, durable: bool = True) -> None:
     """Symlink owners, folder modes/times (deepest first, so parents' times stick), fsync folders."""
     recorded = {}
     for e in manifest.entries():
@@ -262,13 +267,16 @@ def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None) -
         if ids:
             os.chown(p, *ids)
         os.chmod(p, e.mode if e else 0o700)
-        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if e:
             os.utime(p, ns=(e.mtime_ns, e.mtime_ns))
+    if not durable:
+        return
     parent = target.resolve().parent
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

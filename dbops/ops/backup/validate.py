@@ -358,7 +358,7 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=PG_OS_USER,
-                                     tablespace_dirs=ts.dirs())
+                                     tablespace_dirs=ts.dirs(), durable=False)  # a scratch copy: a crash throws it away
                 except (NotFoundError, StorageError) as e:
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
                         raise
