@@ -543,3 +543,12 @@ def test_files_of_many_units_with_a_small_window(env, tmp_path, monkeypatch, par
     restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(tmp_path / "r"), parallel=2)
     assert (tmp_path / "r/base/5/big").read_bytes() == pages(17, 400)
     assert all((tmp_path / f"r/base/5/{50000 + i}").read_bytes() == pages(18 + i, 20 + i) for i in range(12))
+
+
+def test_a_scratch_restore_without_fsync_is_the_same_folder(env, tmp_path):
+    store, layout, d = env
+    m = snapshot(store, layout, d, "b1")
+    restore_snapshot(store, layout, m, str(tmp_path / "durable"), parallel=2)
+    restore_snapshot(store, layout, m, str(tmp_path / "scratch"), parallel=2, durable=False)
+    assert tree(tmp_path / "scratch") == tree(tmp_path / "durable")
+    assert (tmp_path / "scratch/base/1/1259").stat().st_mtime_ns == 1_600_000_000_123_456_789
