@@ -20,7 +20,7 @@ deps:
 
 # The virtualenv uses the system Python so the postgres OS user can run dbops
 # (archive_command / restore_command run as postgres).
-$(BIN)/dbops: pyproject.toml $(shell find dbops -name "*.py") | deps
+$(BIN)/dbops: pyproject.toml constraints.txt $(shell find dbops -name "*.py") | deps
 	@PYTHON=$(PYTHON) bash scripts/venv.sh
 	@touch $(BIN)/dbops
 

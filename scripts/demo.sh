@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a local lab (S3 + primary + replica), then dbops end to end with a short summary:
 # check, a validated backup chain, an accident and a point-in-time restore, a planned failover
-# and back, backups carrying on across the timeline switch, and a retention preview.
+# and back, backups carrying on across the timeline switch, automatic retention, and
+# `dbops status` with the RPO and RTO.
 set -euo pipefail
 LAB=${LAB:-.lab}
 BIN=${BIN:-.venv/bin}
@@ -20,7 +21,10 @@ t=$(now)
 "$DBOPS" lab up --dir "$LAB"
 eval "$("$DBOPS" lab env --dir "$LAB")"
 LAB_ABS=$(cd "$LAB" && pwd)
-note "lab up in $LAB ($(since "$t"))"
+# The lab keeps 7 backups and prunes automatically (backup.retention.auto); the demo keeps 2, so
+# its third backup shows retention at work.
+sed -i 's/^    keep_last: 7$/    keep_last: 2/' "$LAB_ABS/dbops.yaml"
+note "lab up in $LAB ($(since "$t")); retention: keep_last 2, auto (prune after each backup)"
 
 bold "dbops check"
 "$DBOPS" check
@@ -79,18 +83,29 @@ for n in cfg.nodes:
             print(n.port)")
 sql "INSERT INTO orders SELECT g, 'after failover ' || g FROM generate_series(1001, 1100) g"
 t=$(now)
-"$DBOPS" -v backup 2>/dev/null
+out=$("$DBOPS" -v backup 2>/dev/null)
+echo "$out"
 note "backup 3 validated backup 2 across the timeline switch ($(since "$t"))"
+note "automatic $(grep '^retention:' <<<"$out")"
 
 bold "failover back to pg1"
 t=$(now)
 "$DBOPS" failover --to pg1 --yes
 note "failover back to pg1 in $(since "$t")"
 
-bold "status and retention preview"
+bold "status: topology, backups, archive, RPO (what a loss now would lose) and RTO (the newest measured restore)"
 "$DBOPS" status
 "$DBOPS" backup list
-"$DBOPS" backup prune
+"$DBOPS" status --json > "$LAB_ABS/status.json"
+rpo_rto=$("$BIN/python" - "$LAB_ABS/status.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+rpo, rto = d["rpo"], d["rto"]
+print(f"RPO {rpo['bytes']} bytes / {rpo['seconds']} s not archived; "
+      f"RTO {rto['seconds']} s, measured restoring {rto['backup_id']}")
+PY
+)
+note "dbops status: $rpo_rto"
 
 bold "summary"
 for line in "${summary[@]}"; do echo "  - $line"; done

@@ -5,10 +5,24 @@
 # able to run the venv's dbops and read the package. When it can read this checkout, .venv is
 # a normal venv with an editable install. When it cannot (a checkout under /root, say), the
 # venv lives in /var/tmp with a regular install, and .venv is a symlink to it.
+#
+# Every package comes at the version constraints.txt pins (what the test suite passed with), so a
+# fresh machine gets the same versions. After upgrading on purpose and passing `make test`:
+#   scripts/venv.sh --update-constraints   (rewrites constraints.txt from the venv)
 set -euo pipefail
 PYTHON=${PYTHON:-/usr/bin/python3}
 here=$(pwd)
 extras='.[test]'
+constraints="$here/constraints.txt"
+if [ "${1:-}" = "--update-constraints" ]; then
+  {
+    echo "# The versions \`make\` (scripts/venv.sh) and the images install: what the test suite last passed with."
+    echo "# Regenerate after an upgrade that passed \`make test\`: scripts/venv.sh --update-constraints"
+    "$here/.venv/bin/pip" list --disable-pip-version-check --format=freeze | grep -v -E '^(dbops|pip|setuptools)=='
+  } > "$constraints.tmp"
+  mv "$constraints.tmp" "$constraints"
+  exit 0
+fi
 if id postgres >/dev/null 2>&1 && runuser -u postgres -- test -r "$here/pyproject.toml" 2>/dev/null; then
   target="$here/.venv"
   editable=1
@@ -22,10 +36,10 @@ if [ "$target" != "$here/.venv" ]; then
 fi
 [ -x "$target/bin/python" ] || "$PYTHON" -m venv "$target"
 if [ "$editable" = 1 ]; then
-  "$target/bin/pip" install -q --disable-pip-version-check -e "$extras" pytest-timeout
+  "$target/bin/pip" install -q --disable-pip-version-check -c "$constraints" -e "$extras"
 else
   echo "note: the postgres OS user cannot read $here; installing a copy into $target" >&2
   "$target/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps .
-  "$target/bin/pip" install -q --disable-pip-version-check "$extras" pytest-timeout
+  "$target/bin/pip" install -q --disable-pip-version-check -c "$constraints" "$extras"
 fi
 chmod 755 "$target"

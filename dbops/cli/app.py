@@ -79,7 +79,7 @@ app = typer.Typer(
     help="Keeps PostgreSQL recoverable: validated incremental backups, WAL archiving to S3, "
     "point-in-time restore, planned switchover.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (docs/installation.md)
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,

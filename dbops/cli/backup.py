@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dbops.cli import output
+from dbops.cli.progress import ProgressOpt, display
 from dbops.cli.state import start_line, state_of
 from dbops.errors import DbopsError, ValidationError
 
@@ -30,6 +31,7 @@ def backup(
     full: Annotated[bool, typer.Option("--full", help="Take a fresh full base backup instead of the next link")] = False,
     json_: JsonOpt = False,
     metrics_file: Annotated[Optional[str], typer.Option("--metrics-file", help="Write Prometheus textfile metrics")] = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """Take the next backup: restore + start + replay the previous one in a throwaway container, then store
     the new snapshot incrementally. Silent on success unless -v (cron-friendly)."""
@@ -42,22 +44,26 @@ def backup(
     cfg = st.config()
     start_line("backup", cluster=cfg.cluster, full=full)
     t0 = time.time()
+    shown = display(progress)
     try:
-        res = bk.run_backup(cfg, full=full, progress=output.progress_printer())
-    except DbopsError as e:
-        if metrics_file:
+        res = bk.run_backup(cfg, full=full, progress=shown.phase if shown else None,
+                            byte_progress=shown.bytes if shown else None)
+    except BaseException as e:
+        if shown:
+            shown.close(ok=False)
+        if metrics_file and isinstance(e, DbopsError):
             _write_backup_metrics(metrics_file, cfg.cluster, ok=False, duration=time.time() - t0,
                                   validation_ok=0 if isinstance(e, ValidationError) else None)
         raise
-    finally:
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\033[K")
+    if shown:
+        shown.close()
     if metrics_file:
         v = res.validated
         _write_backup_metrics(metrics_file, cfg.cluster, ok=True, duration=time.time() - t0,
                               stored=res.manifest.stored_bytes, logical=res.manifest.logical_size,
                               validation_ok=1 if v is not None else None,
-                              restore_seconds=bk.restore_seconds(v.timings) if v else None)
+                              restore_seconds=bk.restore_seconds(v.timings) if v else None,
+                              pruned=res.pruned, s3_requests=res.s3_requests)
     d = res.as_dict()
     if json_:
         output.emit_json(d)
@@ -69,12 +75,25 @@ def backup(
                        f"({', '.join(dict.fromkeys(c['check'] for c in res.validated.checks))})")
         output.out(f"stored {res.kind} backup {res.backup_id}: {output.human_bytes(res.manifest.logical_size)} "
                    f"logical, {output.human_bytes(res.manifest.stored_bytes)} new in storage, "
-                   f"consistent at {d['consistent_lsn']} ({_ts(d['consistent_time'])})")
+                   f"consistent at {d['consistent_lsn']} ({_ts(d['consistent_time'])})"
+                   + (f"; {res.s3_requests['total']} S3 requests" if res.s3_requests else ""))
+        if res.pruned is not None:
+            output.out(pruned_line(res.pruned))
+
+
+def pruned_line(p: dict) -> str:
+    """One line on what retention removed (backup.retention.auto)."""
+    if not p["remove"] and not p["packs"] and not p["wal_segments"]:
+        return f"retention: nothing to remove ({len(p['keep'])} backup(s) kept)"
+    return (f"retention: removed {len(p['remove'])} backup(s)" + (f" ({', '.join(p['remove'])})" if p["remove"] else "")
+            + f", {p['packs']} pack(s) ({output.human_bytes(p['freed_bytes'])}) and {p['wal_segments']} WAL file(s) "
+              f"older than {p['oldest_wal'] or '-'}; {len(p['keep'])} backup(s) kept")
 
 
 def _write_backup_metrics(path: str, cluster: str, *, ok: bool, duration: float, stored: int | None = None,
                           logical: int | None = None, validation_ok: int | None = None,
-                          restore_seconds: float | None = None) -> None:
+                          restore_seconds: float | None = None, pruned: dict | None = None,
+                          s3_requests: dict | None = None) -> None:
     from dbops import metrics
 
     prev = metrics.read_values(path)
@@ -92,6 +111,18 @@ def _write_backup_metrics(path: str, cluster: str, *, ok: bool, duration: float,
         "dbops_backup_validation_ok": (validation_ok, "1 if the last validation of the previous backup passed"),
         "dbops_backup_restore_seconds": (restore_seconds if ok else prev.get("dbops_backup_restore_seconds"),
                                          "Measured restore time of the last validated backup"),
+        "dbops_backup_s3_requests": ((s3_requests or {}).get("total"),
+                                     "S3 requests the last successful backup run sent (S3 bills per request)"),
+        "dbops_backup_s3_write_class_requests": ((s3_requests or {}).get("write_class"),
+                                                 "Of those, PUT/LIST-class requests (the dearer class)"),
+        "dbops_backup_s3_read_class_requests": ((s3_requests or {}).get("read_class"),
+                                                "Of those, GET/HEAD-class requests"),
+        "dbops_backup_pruned_backups": (len(pruned["remove"]) if pruned else None,
+                                        "Backups the last run's automatic retention removed"),
+        "dbops_backup_pruned_bytes": (pruned["freed_bytes"] if pruned else None,
+                                      "Pack bytes the last run's automatic retention freed"),
+        "dbops_backup_retained_backups": (len(pruned["keep"]) if pruned else None,
+                                          "Backups kept after the last run's automatic retention"),
     }, {"cluster": cluster})
 
 
@@ -195,6 +226,7 @@ def verify(
     all_: Annotated[bool, typer.Option("--all", help="Every backup")] = False,
     restore: Annotated[bool, typer.Option("--restore", help="Also restore and start it in a throwaway container")] = False,
     json_: JsonOpt = False,
+    progress: ProgressOpt = None,
 ) -> None:
     """Re-read and hash every stored object a backup needs; with --restore, also start it. Exit 7 if broken."""
     from dbops.ops import catalogview
@@ -203,7 +235,17 @@ def verify(
     st.json_output = json_
     cfg = st.config()
     start_line("verify", cluster=cfg.cluster)
-    reports = catalogview.verify(cfg, backup_id=backup_id, all_=all_, restore=restore)
+    shown = display(progress)
+    try:
+        reports = catalogview.verify(cfg, backup_id=backup_id, all_=all_, restore=restore,
+                                     progress=shown.phase if shown else None,
+                                     byte_progress=shown.bytes if shown else None)
+    except BaseException:
+        if shown:
+            shown.close(ok=False)
+        raise
+    if shown:
+        shown.close()
     bad = [r for r in reports if not r["ok"]]
     if json_:
         output.emit_json({"ok": not bad, "backups": reports})

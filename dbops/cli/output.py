@@ -46,15 +46,3 @@ def human_seconds(s: float | None) -> str:
     if s < 3600:
         return f"{int(s // 60)}m{int(s % 60):02d}s"
     return f"{int(s // 3600)}h{int((s % 3600) // 60):02d}m"
-
-
-def progress_printer():
-    """A one-line phase display on stderr when it is a terminal (cron and pipes get nothing)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(phase: str) -> None:
-        sys.stderr.write(f"\r\033[K  ... {phase}")
-        sys.stderr.flush()
-
-    return show

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from dbops.cli import output
+from dbops.cli.progress import ProgressOpt, display
 from dbops.cli.state import start_line, state_of
 
 
@@ -47,6 +47,7 @@ def restore(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout")] = False,
+    progress: ProgressOpt = None,
 ) -> None:
     """Restore to a point in time: pick the backup, download it verified, replay the archive to the target,
     report what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing
@@ -93,11 +94,16 @@ def restore(
             output.out(render_plan(plan.as_dict()))
             output.out("dry run: nothing was changed")
         return
+    shown = display(progress)
     try:
-        res = rs.restore(cfg, opts, progress=output.progress_printer())
-    finally:
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\033[K")
+        res = rs.restore(cfg, opts, progress=shown.phase if shown else None,
+                         byte_progress=shown.bytes if shown else None)
+    except BaseException:
+        if shown:
+            shown.close(ok=False)
+        raise
+    if shown:
+        shown.close()
     d = res.as_dict()
     if found:
         d["before_drop"] = found.as_dict()

@@ -90,10 +90,14 @@ def status(
         with open(tmp, "w") as f:
             f.write(walstatus.metrics_text(st, cfg.cluster))
         os.replace(tmp, metrics_file)
+    from dbops.ops import recovery
+
+    rpo = recovery.rpo(st, st.archiver)
     if json_:
-        output.emit_json(st.as_dict())
+        output.emit_json({**st.as_dict(), "rpo": rpo})
     else:
         output.out(_render(st, layout.root))
+        output.out(rpo_line(rpo))
     walstatus.require_no_gaps(st)
 
 
@@ -133,6 +137,16 @@ def render_search(s) -> str:
         return head
     return head + "\n" + output.table(["#", "xid", "commit time", "commit LSN", "timeline", "operation",
                                         "also dropped"], rows)
+
+
+def rpo_line(r: dict) -> str:
+    """The RPO in one line (text of `wal status`)."""
+    if r["bytes"] is None and r["seconds"] is None:
+        return f"RPO: unknown ({r['note']})"
+    what = "-" if r["bytes"] is None else output.human_bytes(r["bytes"])
+    return (f"RPO: {what} of WAL not archived yet, {output.human_seconds(r['seconds'])} "
+            + (f"(primary {r['node']} at {r['current_lsn']}, archived to {r['archived_lsn']})" if r["current_lsn"]
+               else f"({r['note']})"))
 
 
 def _ago(epoch: float | None) -> str:

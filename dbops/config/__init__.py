@@ -4,7 +4,7 @@
 Everything is importable from here: ``from dbops.config import Config, Node, load``.
 """
 
-from dbops.config.model import (ArchiveSettings, Assertion, BackupSettings, CompressionSettings, Config,
+from dbops.config.model import (MAX_PACK_SIZE, ArchiveSettings, Assertion, BackupSettings, CompressionSettings, Config,
                                 ContainerNodeSettings, EncryptionSettings, FailoverSettings, Node,
                                 PgBouncerSettings, RetentionSettings, RuntimeSettings, SshSettings, StorageSettings, ValidationSettings)
 from dbops.config.parse import (DEFAULT_PATHS, ENV_CONFIG, load, parse, redacted, register_secrets,
@@ -14,7 +14,7 @@ from dbops.config.values import ENV_RE, interpolate, parse_duration, parse_size
 __all__ = [
     "ArchiveSettings", "Assertion", "BackupSettings", "CompressionSettings", "Config", "ContainerNodeSettings",
     "EncryptionSettings", "FailoverSettings", "Node", "PgBouncerSettings", "RetentionSettings", "RuntimeSettings", "SshSettings",
-    "StorageSettings", "ValidationSettings",
+    "StorageSettings", "ValidationSettings", "MAX_PACK_SIZE",
     "DEFAULT_PATHS", "ENV_CONFIG", "load", "parse", "redacted", "register_secrets", "resolve_path",
     "ENV_RE", "interpolate", "parse_duration", "parse_size",
 ]

@@ -14,6 +14,8 @@ from typing import Any
 from dbops.errors import ConfigError
 
 SPEC = "dbops"  # the field-metadata key holding a setting's rules
+# S3 refuses a single PUT above 5 GiB; a pack can outgrow pack_size by one compressed frame.
+MAX_PACK_SIZE = 4 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class ValidationSettings:
 class RetentionSettings:
     keep_last: int | None = setting(None, "int", minimum=1)
     keep_within: int | None = None  # seconds; a duration like 14d in the YAML
+    auto: bool = setting(False, "bool")  # prune right after every successful backup, under the same lock
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,10 @@ class BackupSettings:
     # Dedupe granularity: one PostgreSQL page. New chunks are compressed together in frames, so small
     # chunks no longer cost compression ratio (bench/bench_backup_store.py, pgbench scale 100).
     chunk_size: int = setting(8192, "size", minimum=8192)
-    pack_size: int = setting(64 * 1024 * 1024, "size", minimum=1024 * 1024)
+    pack_size: int = setting(64 * 1024 * 1024, "size", minimum=1024 * 1024)  # at most MAX_PACK_SIZE
     parallel: int = setting(4, "int", minimum=1, maximum=64)
+    # The most scratch_dir may hold when a limit the filesystem does not show applies (an emptyDir's sizeLimit).
+    scratch_limit: int | None = setting(None, "size", minimum=1024 * 1024)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dbops import secrets
-from dbops.config.model import (ENGINE_OF_A_RUNTIME_SECTION, SPEC, ArchiveSettings, Assertion, BackupSettings,
+from dbops.config.model import (ENGINE_OF_A_RUNTIME_SECTION, MAX_PACK_SIZE, SPEC, ArchiveSettings, Assertion,
+                                BackupSettings,
                                 CompressionSettings, Config, ContainerNodeSettings, EncryptionSettings,
                                 FailoverSettings, Node,
                                 PgBouncerSettings, RetentionSettings, Rule, RuntimeSettings, SshSettings,
@@ -216,7 +217,10 @@ def _parse_retention(c: Collector, braw: dict) -> RetentionSettings:
         keep_within = parse_duration(traw["keep_within"])
         if keep_within is None:
             c.bad("backup.retention.keep_within", f"expected a duration like 14d or 12h, got {traw['keep_within']!r}")
-    return RetentionSettings(keep_within=keep_within, **read_values(c, RetentionSettings, traw, "backup.retention"))
+    retention = RetentionSettings(keep_within=keep_within, **read_values(c, RetentionSettings, traw, "backup.retention"))
+    if retention.auto and retention.keep_last is None and retention.keep_within is None:
+        c.bad("backup.retention.auto", "needs a policy to apply: set keep_last and/or keep_within")
+    return retention
 
 
 def _parse_backup(c: Collector, raw: dict, nodes: list[Node]) -> BackupSettings:
@@ -226,6 +230,9 @@ def _parse_backup(c: Collector, raw: dict, nodes: list[Node]) -> BackupSettings:
     v = read_values(c, BackupSettings, braw, "backup")
     if v["chunk_size"] % 8192:
         c.bad("backup.chunk_size", "must be a multiple of 8192 (PostgreSQL's page size)")
+    if v["pack_size"] > MAX_PACK_SIZE:
+        c.bad("backup.pack_size", f"must be at most 4GiB ({MAX_PACK_SIZE} bytes): S3 stores a pack with one PUT, "
+                                  "which it refuses above 5 GiB")
     backup = BackupSettings(validation=validation, retention=retention, **v)
     if backup.source and nodes and backup.source not in {n.name for n in nodes}:
         c.bad("backup.source", f"no node named {backup.source!r} (known: {', '.join(n.name for n in nodes)})")

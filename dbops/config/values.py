@@ -9,10 +9,10 @@ from typing import Any
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")  # ${VAR} and ${VAR:-default}
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhdw])$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_RE = re.compile(r"^(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
-    "gb": 1000**3, "gib": 1024**3, "tb": 1000**4, "tib": 1024**4,
+_SIZE_RE = re.compile(r"^(\d+)\s*(B|KB|KiB|Ki|MB|MiB|Mi|GB|GiB|Gi|TB|TiB|Ti)?$", re.IGNORECASE)
+_SIZE_UNITS = {  # Ki, Mi, Gi, Ti: Kubernetes' spelling (an emptyDir's sizeLimit), copied as is
+    "b": 1, "kb": 1000, "kib": 1024, "ki": 1024, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+    "gb": 1000**3, "gib": 1024**3, "gi": 1024**3, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
 }
 
 

@@ -371,6 +371,7 @@ def _config_yaml(d: Path, state: dict, nodes: list[Node], engine: str) -> str:
         f"  scratch_dir: {d / 'scratch'}",
         "  retention:",
         "    keep_last: 7",
+        "    auto: true",
     ]
     return "\n".join(lines) + "\n"
 

@@ -6,13 +6,18 @@
   writing its shutdown checkpoint once the engine's grace period ends.
 * commands run with ``ENGINE exec -u OWNER`` while the container runs; while it is
   stopped (reading the control file after a stop, writing standby.signal, pg_rewind)
-  they run in a throwaway container sharing its volumes (``--volumes-from``).
+  they run in a throwaway container sharing its volumes (``--volumes-from``), without
+  network - except pg_rewind, which must reach the new primary (and, with
+  ``--restore-target-wal``, the object store through the node's restore_command): it runs on
+  the node container's own network, with the node container's environment (the variables
+  its dbops configuration names), so it connects exactly as the node itself would.
 * environment values are passed as ``-e NAME`` (the engine copies the value from its own
   environment), so a secret never appears on a command line.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 
@@ -36,6 +41,10 @@ class ContainerController(ShellController):
         self.engine = node.container.engine
         self.name = node.container.name
         self._image: list[str] | None = None
+        # What a helper container gets: no network and nothing of the node's environment,
+        # except while pg_rewind runs (see rewind()).
+        self._helper_network = "none"
+        self._helper_env: dict[str, str] = {}
 
     # -- argv builders (pure, unit-tested) ------------------------------------------------------
 
@@ -51,10 +60,10 @@ class ContainerController(ShellController):
                 *self._env_flags(env), self.name, *argv]
 
     def helper_argv(self, argv: Sequence[str], image: Sequence[str], *, env: Mapping[str, str] | None = None,
-                    interactive: bool = False) -> list[str]:
-        """A throwaway container on the stopped node's volumes, without network."""
+                    interactive: bool = False, network: str = "none") -> list[str]:
+        """A throwaway container on the stopped node's volumes (without network unless given one)."""
         return [self.engine, "run", "--rm", *(["-i"] if interactive else []), "--user", self.node.os_user,
-                "--volumes-from", self.name, "--network", "none", *self._env_flags(env), *image, *argv]
+                "--volumes-from", self.name, "--network", network, *self._env_flags(env), *image, *argv]
 
     def kill_argv(self, mode: str) -> list[str]:
         return [self.engine, "kill", "--signal", SIGNALS[mode], self.name]
@@ -85,9 +94,27 @@ class ContainerController(ShellController):
         if self.status().running:
             full = self.exec_argv(argv, env=env, interactive=interactive)
         else:
-            full = self.helper_argv(argv, self._image_args(), env=env, interactive=interactive)
+            env = {**self._helper_env, **(env or {})} or None
+            full = self.helper_argv(argv, self._image_args(), env=env, interactive=interactive,
+                                    network=self._helper_network)
         return proc.run(full, timeout=timeout, input=input, env=env, check=check,
                         what=what or f"{argv[0]} in {self.name}")
+
+    def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
+               timeout: float = 3600.0) -> None:
+        """pg_rewind in a helper on the node's network and with its environment (see the module doc)."""
+        if not self.status().running:
+            out = self._engine("inspect", self.name).stdout
+            try:
+                info = json.loads(out)
+                info = info[0] if isinstance(info, list) else info
+            except (ValueError, IndexError) as e:
+                raise PostgresError(f"cannot read `{self.engine} inspect {self.name}`: {e}") from None
+            self._helper_network, self._helper_env = helper_context(info)
+        try:
+            super().rewind(source_conninfo, password=password, restore_target_wal=restore_target_wal, timeout=timeout)
+        finally:
+            self._helper_network, self._helper_env = "none", {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -138,3 +165,25 @@ class ContainerController(ShellController):
         except CommandError as e:
             if self.status().running:
                 raise PostgresError(f"container {self.name} did not stop ({mode})", detail=e.detail) from None
+
+
+# Variables that describe one container, not the node's configuration.
+_PER_CONTAINER_ENV = frozenset({"HOSTNAME", "HOME"})
+
+
+def helper_context(inspect: Mapping) -> tuple[str, dict[str, str]]:
+    """From ``ENGINE inspect`` of the node container: the network a helper joins to act like the
+    node (its network mode, or with a bridge its first named network) and its environment."""
+    host = inspect.get("HostConfig") or {}
+    mode = str(host.get("NetworkMode") or "")
+    networks = list(((inspect.get("NetworkSettings") or {}).get("Networks") or {}).keys())
+    if mode in ("", "default", "bridge") and networks:
+        network = networks[0]
+    else:
+        network = mode or "bridge"
+    env: dict[str, str] = {}
+    for item in (inspect.get("Config") or {}).get("Env") or []:
+        name, sep, value = str(item).partition("=")
+        if sep and name and name not in _PER_CONTAINER_ENV:
+            env[name] = value
+    return network, env

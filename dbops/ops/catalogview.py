@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dbops import log
@@ -27,11 +28,18 @@ def _open(cfg: Config, store: ObjectStore | None = None) -> tuple[ObjectStore, L
     return store or open_store(cfg.storage), Layout(cfg.storage.prefix)
 
 
-def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.StatusRecord] | None = None) -> float | None:
+def _measured(status: catalog.StatusRecord | None,
+              history: list[catalog.StatusRecord] | None = None) -> catalog.StatusRecord | None:
+    """The newest validation record with timings: the newest measured restore of this backup."""
     for rec in reversed(history or ([status] if status else [])):
         if rec and rec.state == catalog.VALIDATED and rec.timings:
-            return restore_seconds(rec.timings)
+            return rec
     return None
+
+
+def _restore_seconds(status: catalog.StatusRecord | None, history: list[catalog.StatusRecord] | None = None) -> float | None:
+    rec = _measured(status, history)
+    return restore_seconds(rec.timings) if rec else None
 
 
 def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, Any]]:
@@ -42,6 +50,7 @@ def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, A
             b = catalog.info_of(mf.load_header(store, layout, b.backup_id))
         history = catalog.statuses(store, layout, b.backup_id)
         latest = history[-1] if history else None
+        measured = _measured(latest, history)
         rows.append({
             "backup_id": b.backup_id,
             "kind": b.kind,
@@ -56,6 +65,7 @@ def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, A
             "status": latest.state if latest else catalog.STORED,
             "status_reason": latest.reason if latest else None,
             "restore_seconds": _restore_seconds(latest, history),
+            "restore_measured_at": measured.at if measured else None,
         })
     return rows
 
@@ -124,35 +134,50 @@ def _wal_to_remove(store: ObjectStore, layout: Layout, oldest: str | None, seg_s
     return out
 
 
+def _plan_with_wal(store: ObjectStore, layout: Layout, policy, now: float | None):
+    p = retention.build_plan(store, layout, policy, now=now)
+    seg_size = 16 * 1024 * 1024
+    if p.keep:
+        seg_size = mf.load_header(store, layout, p.keep[0]).pg.wal_segment_size
+    return p, _wal_to_remove(store, layout, p.oldest_wal, seg_size)
+
+
+def _summary(p: retention.RetentionPlan, wal: list[str], *, confirmed: bool) -> dict[str, Any]:
+    return {"confirmed": confirmed, "keep": list(p.keep), "remove": list(p.remove), "reasons": p.reasons,
+            "packs": len(p.remove_packs), "freed_bytes": p.freed_bytes, "oldest_wal": p.oldest_wal,
+            "wal_segments": len(wal)}
+
+
+def apply_retention(store: ObjectStore, layout: Layout, policy, *, now: float | None = None) -> dict[str, Any]:
+    """Plan and delete what the retention policy lets go; the caller holds the backup lock.
+
+    Used by `backup prune --confirm` and, with backup.retention.auto, by every successful backup
+    right after it stored its snapshot. Returns what was removed (the shape of `prune --json`)."""
+    p, wal = _plan_with_wal(store, layout, policy, now)
+    retention.execute(store, layout, p)
+    store.delete_many(wal)
+    log.event(_log, logging.INFO, "pruned", backups=len(p.remove), packs=len(p.remove_packs), wal=len(wal),
+              freed_bytes=p.freed_bytes)
+    return _summary(p, wal, confirmed=True)
+
+
 def prune(cfg: Config, *, confirm: bool, store: ObjectStore | None = None, now: float | None = None) -> dict[str, Any]:
     store, layout = _open(cfg, store)
     policy = cfg.backup.retention
     if policy.keep_last is None and policy.keep_within is None:
         raise UsageError("no retention policy configured",
                          hint="set backup.retention.keep_last and/or keep_within in the configuration")
-
-    def make_plan():
-        p = retention.build_plan(store, layout, policy, now=now)
-        seg_size = 16 * 1024 * 1024
-        if p.keep:
-            seg_size = mf.load_header(store, layout, p.keep[0]).pg.wal_segment_size
-        return p, _wal_to_remove(store, layout, p.oldest_wal, seg_size)
-
     if not confirm:
-        p, wal = make_plan()
-    else:
-        with ClusterLock(store, layout, "backup", command="backup prune"):
-            p, wal = make_plan()
-            retention.execute(store, layout, p)
-            store.delete_many(wal)
-            log.event(_log, logging.INFO, "pruned", backups=len(p.remove), packs=len(p.remove_packs), wal=len(wal))
-    return {"confirmed": confirm, "keep": list(p.keep), "remove": list(p.remove), "reasons": p.reasons,
-            "packs": len(p.remove_packs), "freed_bytes": p.freed_bytes, "oldest_wal": p.oldest_wal,
-            "wal_segments": len(wal)}
+        p, wal = _plan_with_wal(store, layout, policy, now)
+        return _summary(p, wal, confirmed=False)
+    with ClusterLock(store, layout, "backup", command="backup prune"):
+        return apply_retention(store, layout, policy, now=now)
 
 
 def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
-           store: ObjectStore | None = None) -> list[dict[str, Any]]:
+           store: ObjectStore | None = None, progress: Callable[[str], None] | None = None,
+           byte_progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """``progress(phase)``, ``byte_progress(done, total)``: for a progress display."""
     store, layout = _open(cfg, store)
     if all_:
         ids = [b.backup_id for b in catalog.list_backups(store, layout, with_status=False)]
@@ -163,13 +188,16 @@ def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
     out = []
     for bid in ids:
         m = mf.load(store, layout, bid)
-        rep = verify_backup(store, layout, m, cfg.backup.parallel)
+        if progress:
+            progress("verify" if len(ids) == 1 else f"verify {bid}")
+        rep = verify_backup(store, layout, m, cfg.backup.parallel, progress=byte_progress)
         d = {"backup_id": bid, "ok": rep.ok, "objects": rep.objects, "chunks": rep.chunks,
              "fetched_bytes": rep.fetched_bytes, "seconds": round(rep.seconds, 3),
              "problems": [{"key": p.key, "reason": p.reason, "files": list(p.files)} for p in rep.problems]}
         if rep.ok and restore:
             try:
-                d["restore_seconds"], d["checks"] = restore_and_start(cfg, store, layout, m)
+                d["restore_seconds"], d["checks"] = restore_and_start(cfg, store, layout, m, progress=progress,
+                                                                      byte_progress=byte_progress)
             except ValidationError as e:
                 d["ok"] = False
                 d["problems"].append({"key": bid, "reason": e.message, "files": []})
@@ -177,12 +205,15 @@ def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
     return out
 
 
-def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest) -> tuple[float, list]:
+def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, *,
+                      progress: Callable[[str], None] | None = None,
+                      byte_progress: Callable[[int, int], None] | None = None) -> tuple[float, list]:
     """Prove a backup the way `dbops backup` does (restore into scratch, replay to its own consistent
     point, check, stop) and record it validated."""
-    phases = Phases()
+    phases = Phases(progress)
     run_id = catalog.new_backup_id().split("-", 1)[1]
-    with prove(cfg, store, layout, m, phases, run_id=run_id, name=f"verify-{run_id}") as proof:
+    with prove(cfg, store, layout, m, phases, run_id=run_id, name=f"verify-{run_id}",
+               byte_progress=byte_progress) as proof:
         val = proof.validation
     catalog.record_status(store, layout, m.backup_id, catalog.VALIDATED, run_id=run_id, phase="verify",
                           timings=dict(phases.t), detail={"checks": val.checks, "by": "dbops verify --restore"},

@@ -357,4 +357,9 @@ def run_check(cfg: Config, *, nodes: bool = True, storage: bool = True, runtime:
         check_tablespaces.check(cfg, report)
     if runtime:
         _check_runtime(cfg, report)
+        if report.runtime.get("ok"):
+            from dbops.ops import localecheck
+
+            primary = next((n for n in report.nodes if n.reachable and n.role == "primary"), None)
+            localecheck.check(cfg, report, cfg.node(primary.name) if primary else None)
     return report

@@ -121,5 +121,46 @@ def archive_section(cfg: Config) -> Section:
     return sec
 
 
+def rpo_section(cfg: Config) -> Section:
+    """RPO: WAL written on the primary and not yet archived, in bytes and seconds."""
+    from dbops.ops import recovery
+    from dbops.ops.wal import status as walstatus
+    from dbops.storage import open_store
+    from dbops.storage.layout import Layout
+    from dbops.units import human_bytes
+
+    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+    st = walstatus.archive_status(store, layout)
+    r = recovery.rpo(st, walstatus.archiver_state(cfg.nodes))
+    sec = Section(title="rpo (what a loss of the primary would lose now)",
+                  headers=["SECONDS", "BYTES", "PRIMARY AT", "ARCHIVED TO", "NEWEST ARCHIVED SEGMENT"], data=r)
+    sec.rows.append(["-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                     "-" if r["bytes"] is None else f"{r['bytes']} ({human_bytes(r['bytes'])})",
+                     f"{r['current_lsn']} on {r['node']} (timeline {r['timeline']})" if r["current_lsn"] else "-",
+                     r["archived_lsn"] or "-", r["newest_segment"] or "-"])
+    if r["note"]:
+        sec.notes.append(r["note"])
+    return sec
+
+
+def rto_section(cfg: Config) -> Section:
+    """RTO: the newest measured restore time and the backup it belongs to."""
+    import datetime as _dt
+
+    from dbops.ops import catalogview, recovery
+
+    r = recovery.rto(catalogview.list_rows(cfg))
+    sec = Section(title="rto (the newest measured restore)", headers=["SECONDS", "BACKUP", "MEASURED"], data=r)
+    if r["seconds"] is not None:
+        when = (_dt.datetime.fromtimestamp(r["measured_at"], _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+                if r["measured_at"] else "-")
+        sec.rows.append([f"{r['seconds']:.1f}", r["backup_id"], when])
+    if r["note"]:
+        sec.notes.append(r["note"])
+    return sec
+
+
 register("backups", backups_section)
 register("archive", archive_section)
+register("rpo", rpo_section)
+register("rto", rto_section)

@@ -180,7 +180,8 @@ def build_plan(
 
 def execute(store: ObjectStore, layout: Layout, p: RetentionPlan) -> RetentionResult:
     """Delete what the plan removes: every manifest first (the backups cease to exist),
-    then the rest of those backups' objects, then the packs (data before index).
+    then the rest of those backups' objects, then the packs (data and index). Each step is one
+    ``delete_many`` (S3: DeleteObjects, 1,000 keys a request).
 
     Refuses (ConflictError) when a backup appeared since the plan was made: its manifest
     may reference packs the plan would delete."""
@@ -192,17 +193,17 @@ def execute(store: ObjectStore, layout: Layout, p: RetentionPlan) -> RetentionRe
             hint="plan again, under the cluster lock",
         )
     res = RetentionResult()
+    # Deletes go in batches (DeleteObjects: up to 1,000 keys a request), in this order.
+    manifests = [layout.manifest(b) for b in p.remove]
+    store.delete_many(manifests)
+    res.deleted_objects += len(manifests)
     for backup_id in p.remove:
-        store.delete(layout.manifest(backup_id))
-        res.deleted_objects += 1
         res.removed_backups.append(backup_id)
         _log.info("removed backup %s (%s)", backup_id, p.reasons.get(backup_id, ""))
-    for backup_id in p.remove:
-        rest = [o.key for o in store.list(layout.backup_prefix(backup_id))]
-        store.delete_many(rest)
-        res.deleted_objects += len(rest)
-    for pack_id in p.remove_packs:
-        store.delete_many([layout.pack(pack_id), layout.pack_index(pack_id)])
-        res.deleted_objects += 2
-        res.removed_packs.append(pack_id)
+    rest = [o.key for backup_id in p.remove for o in store.list(layout.backup_prefix(backup_id))]
+    store.delete_many(rest)
+    res.deleted_objects += len(rest)
+    store.delete_many([k for pack_id in p.remove_packs for k in (layout.pack(pack_id), layout.pack_index(pack_id))])
+    res.deleted_objects += 2 * len(p.remove_packs)
+    res.removed_packs.extend(p.remove_packs)
     return res

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,8 +38,10 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parallel: int) -> VerifyReport:
-    """Re-read and hash every stored block the backup needs; report every bad object found."""
+def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parallel: int,
+                  progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Re-read and hash every stored block the backup needs; report every bad object found.
+    ``progress(done, total)``: stored bytes read so far, of about the backup's stored size."""
     t0 = time.monotonic()
     report = VerifyReport(manifest.backup_id)
     try:
@@ -49,6 +51,7 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
         return report
     decoder = codec.Decoder()
     lock = threading.Lock()
+    total = manifest.referenced_bytes() if progress else 0
     objects: set[str] = set()  # one id per pack: small
     missing: set[str] = set()
     bad: dict[str, list[str]] = defaultdict(list)
@@ -83,6 +86,8 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
         with lock:
             report.chunks += sum(fr.chunks() for fr in rng.frames)
             report.fetched_bytes += len(data)
+            if progress:
+                progress(report.fetched_bytes, max(total, report.fetched_bytes))
             for run, why in bad_runs:
                 bad[key].append(why)
                 note(key, [files[run.file_no].path])

@@ -269,9 +269,12 @@ class ContainerRuntime:
 
     def probe_argv(self) -> list[str]:
         """``run --rm ... postgres --version``: can this engine start a throwaway container here?"""
+        return self.oneshot_argv(["postgres", "--version"])
+
+    def oneshot_argv(self, argv: Sequence[str]) -> list[str]:
+        """``run --rm ...`` of one program as a throwaway instance would see it (its image or rootfs)."""
         labels = creator_labels(uuid.uuid4().hex[:12], "probe")
-        return ["run", "--rm", *_label_args(labels), "--network", "host", *self.extra_args,
-                *self._payload(["postgres", "--version"])]
+        return ["run", "--rm", *_label_args(labels), "--network", "host", *self.extra_args, *self._payload(argv)]
 
     # ---- lifecycle
 

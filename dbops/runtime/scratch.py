@@ -66,10 +66,37 @@ def scratch_needed(data_size: int) -> int:
     return int(data_size * 1.1) + SCRATCH_MARGIN
 
 
-def check_scratch_space(scratch_root: Path, data_size: int) -> None:
-    """Refuse before any work when the scratch folder cannot hold the copy (exit 11)."""
+def tree_bytes(root: Path) -> int:
+    """Bytes the files under root occupy (what counts against an emptyDir's sizeLimit)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = None) -> None:
+    """Refuse before any work when the scratch folder cannot hold the copy (exit 11).
+
+    ``limit`` (backup.scratch_limit): a cap the filesystem does not show, such as a Kubernetes
+    emptyDir's sizeLimit (the kubelet evicts the pod beyond it); what the folder holds counts."""
     scratch_root.mkdir(parents=True, exist_ok=True)
     free, needed = free_bytes(scratch_root), scratch_needed(data_size)
+    if limit is not None:
+        used = tree_bytes(scratch_root)
+        if limit - used < needed:
+            raise PreconditionError(
+                f"backup.scratch_limit is too small: {human_bytes(limit)} allowed in {scratch_root} "
+                f"({human_bytes(used)} in use), about {human_bytes(needed)} needed",
+                detail=f"limit {limit} bytes, in use {used} bytes; needed {needed} bytes = the data to restore "
+                       f"({data_size} bytes) + 10 % + {human_bytes(SCRATCH_MARGIN)} for the WAL replayed into it; "
+                       "nothing was done",
+                hint="raise the scratch volume's size (a Kubernetes emptyDir's sizeLimit) and backup.scratch_limit "
+                     "with it",
+            )
     if free < needed:
         raise PreconditionError(
             f"not enough free space in the scratch folder {scratch_root}: {human_bytes(free)} free, "

@@ -27,4 +27,26 @@ def encrypted(store: ObjectStore, settings: "StorageSettings") -> ObjectStore:
     return EncryptedStore(store, keys.load(settings.encryption), settings.prefix)
 
 
-__all__ = ["ObjectInfo", "ObjectStore", "encrypted", "open_store"]
+# S3's two price classes: writes and listings cost more than reads; deletes are free.
+WRITE_CLASS = frozenset({"PutObject", "CopyObject", "ListObjectsV2", "ListObjects", "CreateMultipartUpload",
+                         "UploadPart", "CompleteMultipartUpload"})
+READ_CLASS = frozenset({"GetObject", "HeadObject", "HeadBucket"})
+
+
+def request_counts(store: ObjectStore) -> dict[str, int]:
+    """Requests a store has sent so far, by operation ({} for a store that does not count)."""
+    counts = getattr(store, "requests", None)
+    return dict(counts()) if callable(counts) else {}
+
+
+def requests_since(store: ObjectStore, before: dict[str, int]) -> dict[str, object]:
+    """Requests sent since ``before`` (a :func:`request_counts` result): total, per price class, per operation."""
+    now = request_counts(store)
+    ops = {k: now[k] - before.get(k, 0) for k in sorted(now) if now[k] - before.get(k, 0)}
+    return {"total": sum(ops.values()),
+            "write_class": sum(v for k, v in ops.items() if k in WRITE_CLASS),
+            "read_class": sum(v for k, v in ops.items() if k in READ_CLASS),
+            "by_operation": ops}
+
+
+__all__ = ["ObjectInfo", "ObjectStore", "encrypted", "open_store", "request_counts", "requests_since"]

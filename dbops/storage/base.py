@@ -52,6 +52,12 @@ class ObjectStore(Protocol):
         ...
 
     def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete every key (a key already gone is fine). S3: DeleteObjects, in batches of
+        1,000 keys (one request each) instead of one request per object."""
+        ...
+
+    def requests(self) -> dict[str, int]:
+        """Requests sent to the store so far, by operation (S3 bills per request)."""
         ...
 
     def check(self) -> None:

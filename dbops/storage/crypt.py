@@ -324,6 +324,10 @@ class EncryptedStore:
     def server_time(self) -> float | None:
         return self.inner.server_time()
 
+    def requests(self) -> dict[str, int]:
+        """The requests the store below has sent (ObjectStore.requests)."""
+        return self.inner.requests()
+
     # ------------------------------------------------------------------ reporting
 
     def key_id_of(self, key: str) -> str | None:

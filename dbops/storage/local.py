@@ -20,6 +20,14 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._counts: dict[str, int] = {}
+
+    def _count(self, op: str) -> None:
+        self._counts[op] = self._counts.get(op, 0) + 1
+
+    def requests(self) -> dict[str, int]:
+        """Calls so far by the S3 operation they stand for (no network here; for the same report)."""
+        return dict(self._counts)
 
     def _p(self, key: str) -> Path:
         if ".." in key.split("/"):
@@ -30,6 +38,7 @@ class LocalStore:
         return self.root / "meta" / (key + ".json")
 
     def _write(self, key: str, data: bytes, metadata: dict[str, str] | None, if_absent: bool) -> bool:
+        self._count("PutObject")
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
@@ -59,12 +68,14 @@ class LocalStore:
         return self._write(key, Path(path).read_bytes(), metadata, if_absent)
 
     def get(self, key: str) -> bytes:
+        self._count("GetObject")
         try:
             return self._p(key).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"object {key} not found") from None
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
+        self._count("GetObject")
         try:
             with open(self._p(key), "rb") as f:
                 f.seek(start)
@@ -80,6 +91,7 @@ class LocalStore:
         return info
 
     def head(self, key: str) -> ObjectInfo | None:
+        self._count("HeadObject")
         p = self._p(key)
         try:
             st = p.stat()
@@ -92,6 +104,7 @@ class LocalStore:
         return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime, metadata=meta)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        self._count("ListObjectsV2")
         base = self.root / "objects"
         out = []
         for dirpath, _dirs, files in os.walk(base):
@@ -106,6 +119,10 @@ class LocalStore:
         yield from sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
+        self._count("DeleteObject")
+        self._unlink(key)
+
+    def _unlink(self, key: str) -> None:
         for p in (self._p(key), self._meta(key)):
             try:
                 p.unlink()
@@ -113,8 +130,20 @@ class LocalStore:
                 pass
 
     def delete_many(self, keys: Iterable[str]) -> None:
+        """Like S3's DeleteObjects: batches of up to 1,000 keys, one counted request each."""
+        batch: list[str] = []
         for k in keys:
-            self.delete(k)
+            batch.append(k)
+            if len(batch) == 1000:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, keys: list[str]) -> None:
+        self._count("DeleteObjects")
+        for k in keys:
+            self._unlink(k)
 
     def check(self) -> None:
         return None

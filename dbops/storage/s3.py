@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
+from collections import Counter
 from email.utils import parsedate_to_datetime
 from typing import Iterable, Iterator
 
@@ -25,6 +27,12 @@ _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 
 def _md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _add_content_md5(request=None, **_kw) -> None:
+    body = request.body if request is not None else None
+    if isinstance(body, (bytes, bytearray)) and "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = _md5_b64(bytes(body))
 
 
 def _code(e: BaseException) -> str:
@@ -85,6 +93,24 @@ class S3Store:
             kw["verify"] = settings.ca_file if settings.ca_file else settings.verify_tls
         self.client = session.client("s3", **kw)
         self.bucket = settings.bucket
+        # Every HTTP request sent, by operation (S3 bills per request): see requests().
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self.client.meta.events.register("before-send.s3", self._count_request)
+        # DeleteObjects needs a body checksum; botocore >= 1.36 sends CRC32 only, which several
+        # S3-compatible stores do not accept: send Content-MD5 as well.
+        self.client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+
+    def _count_request(self, request=None, event_name: str = "", **_kw) -> None:
+        op = event_name.rsplit(".", 1)[-1] or "unknown"
+        with self._counts_lock:
+            self._counts[op] += 1
+        return None  # go on and send it
+
+    def requests(self) -> dict[str, int]:
+        """HTTP requests sent so far, by S3 operation (PutObject, GetObject, ...)."""
+        with self._counts_lock:
+            return dict(self._counts)
 
     # ------------------------------------------------------------------ error mapping
 
@@ -242,10 +268,20 @@ class S3Store:
             self._delete_batch(batch)
 
     def _delete_batch(self, keys: list[str]) -> None:
-        # One DELETE per key: multi-object delete needs Content-MD5 handling that
-        # several S3-compatible stores get wrong, and correctness matters more here.
-        for k in keys:
-            self.delete(k)
+        """One DeleteObjects request for up to 1,000 keys; a key already gone is not an error."""
+        delete = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
+        r = self._call(lambda: self.client.delete_objects(Bucket=self.bucket, Delete=delete), keys[0],
+                       f"delete ({len(keys)} objects)")
+        failed = [e for e in (r.get("Errors") or []) if str(e.get("Code", "")) not in _NOT_FOUND]
+        if failed:
+            first = failed[0]
+            code = first.get("Code") or "error"
+            raise StorageError(
+                f"storage refused to delete {len(failed)} of {len(keys)} objects: {code} ({first.get('Key')})",
+                detail=secrets.redact("; ".join(f"{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}"
+                                                for e in failed[:10])),
+                hint="the keys need s3:DeleteObject on the prefix" if code in _AUTH_CODES else None,
+            )
 
     def check(self) -> None:
         # A GET (not HEAD) so an auth failure comes with its error code (SignatureDoesNotMatch, ...).

@@ -6,7 +6,9 @@
 # 2. With CLONE_FROM_HOST set and no cluster in PGDATA yet (a replica's first start): waits for
 #    that server, then `pg_basebackup -R` from it (WAL streamed, standby.signal and
 #    primary_conninfo written, replication slot REPLICATION_SLOT created when missing).
-# 3. Hands over to the official entrypoint, which starts PostgreSQL as user postgres.
+# 3. Makes an existing cluster's postgresql.conf include /etc/postgresql/dbops.conf (new
+#    clusters get it from the initdb hook), so the settings come from a file, not `-c`.
+# 4. Hands over to the official entrypoint, which starts PostgreSQL as user postgres.
 set -eu
 
 : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}"
@@ -36,6 +38,10 @@ if [ -n "${CLONE_FROM_HOST:-}" ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
     echo "cloning $CLONE_FROM_HOST:$port into $PGDATA (slot $slot)" >&2
     gosu postgres pg_basebackup -w -h "$CLONE_FROM_HOST" -p "$port" -U postgres -D "$PGDATA" \
         -X stream -R $create -S "$slot" --checkpoint=fast
+fi
+
+if [ -s "$PGDATA/PG_VERSION" ]; then
+    gosu postgres /usr/local/bin/dbops-include-conf.sh
 fi
 
 exec docker-entrypoint.sh "$@"

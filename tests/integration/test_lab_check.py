@@ -79,3 +79,34 @@ def test_check_names_each_problem(make_lab, cli, tmp_path):
     assert ("node:pg2", "reachable") in fails and "start PostgreSQL" in fails[("node:pg2", "reachable")]["fix"]
     assert ("node:pg1", "archive_mode") in fails and "archive_mode = on" in fails[("node:pg1", "archive_mode")]["fix"]
     assert report["ok"] is False
+
+
+def test_check_names_a_database_locale_the_throwaway_instance_lacks(make_lab, cli, monkeypatch):
+    """A database created with en_US.UTF-8 (the primary has it through LOCPATH, as another host
+    would have it installed); the throwaway instance (this host's root filesystem in podman, which
+    has only C/POSIX) lacks it: `dbops check` fails and names the locale and the database."""
+    from dbops.nodes import open_controller
+    from dbops.pg import conn as pgconn
+
+    lab = make_lab(replicas=0)
+    locdir = lab.dir / "locales"  # the lab's folder: the postgres OS user can reach it
+    locdir.mkdir(mode=0o755)
+    subprocess.run(["localedef", "-i", "en_US", "-f", "UTF-8", str(locdir / "en_US.UTF-8")], check=True,
+                   capture_output=True, timeout=120)
+    r = cli(["-c", lab.config_path, "check", "--json"])
+    findings = {(f["area"], f["check"]): f for f in json.loads(r.stdout)["findings"]}
+    assert findings[("runtime", "locales")]["status"] == "ok", findings[("runtime", "locales")]
+
+    monkeypatch.setenv("LOCPATH", str(locdir))
+    ctl = open_controller(lab.primary)
+    ctl.restart("fast", timeout=60)  # the server now finds en_US.UTF-8
+    monkeypatch.delenv("LOCPATH")
+    with pgconn.session(lab.primary) as c:
+        c.execute("CREATE DATABASE shop TEMPLATE template0 LC_COLLATE 'en_US.UTF-8' LC_CTYPE 'en_US.UTF-8'")
+    r = cli(["-c", lab.config_path, "check", "--json"])
+    assert r.exit_code == 11, r
+    report = json.loads(r.stdout)
+    f = {(x["area"], x["check"]): x for x in report["findings"]}[("runtime", "locales")]
+    assert f["status"] == "fail" and "en_US.UTF-8 (database shop)" in f["message"], f
+    assert "locales-all" in f["fix"]
+    assert report["runtime"]["locales"]["missing"] == {"en_US.UTF-8": ["shop"]}

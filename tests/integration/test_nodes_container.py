@@ -5,6 +5,7 @@ operated through the controller: exec while running, a helper container while st
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from dataclasses import replace
 
@@ -63,3 +64,50 @@ def test_container_controller_operations(podman_standby):
     ctl.start(timeout=60)
     st = topology.probe(node, info.config.nodes)
     assert st.role == "standby"
+
+
+def test_a_diverged_old_primary_in_a_container_is_rewound_and_follows(make_lab, monkeypatch):
+    """The rejoin of a failover that needs pg_rewind, with the old primary in a podman container:
+    pg_rewind runs in a helper container that must reach the new primary (and the archive, for
+    --restore-target-wal). With `--network none` it could not connect at all."""
+    from dbops.ops.failover import replication as repl
+    from dbops.pg import conn
+
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed")
+    info = make_lab(replicas=1)
+    monkeypatch.setenv("CONTAINERS_CONF", str(info.dir / "containers.conf"))
+    old, new = info.primary, info.replicas[0]
+    open_controller(old).stop("fast")
+    name = f"dbops-test-{uuid.uuid4().hex[:8]}"
+    proc.run(["podman", "run", "-d", "--name", name, "--user", "postgres", "--network", "host",
+              "-v", f"{info.dir}:{info.dir}", "--rootfs", "/:O", binaries.binary("postgres"), "-D", old.data_dir],
+             timeout=120)
+    cold = replace(old, controller="container", container=ContainerNodeSettings(engine="podman", name=name))
+    ctl = ContainerController(cold)
+    try:
+        ctl.start(timeout=60)
+        # Split brain on purpose: the replica is promoted while the old primary keeps writing.
+        with conn.session(new) as c:
+            c.execute("select pg_promote(true)")
+            c.execute("checkpoint")
+            tli = int(c.execute("select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+            history = repl.read_history(c, tli)
+        with conn.session(cold) as c:
+            c.execute("create table diverged as select g from generate_series(1, 1000) g")
+            c.execute("checkpoint")
+        decision = repl.rejoin(ctl, new, conninfo_template=None, slot=None, history=history, new_timeline=tli,
+                               timeout=60)
+        assert decision.needed, decision
+        deadline = time.monotonic() + 30
+        while True:
+            st = topology.probe(cold, info.config.nodes)
+            if st.streaming and st.upstream == new.name and st.timeline == tli:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        with conn.session(cold) as c:
+            assert c.execute("select to_regclass('diverged')").fetchone()[0] is None
+    finally:
+        ctl.stop("fast", timeout=60)
+        proc.run(["podman", "rm", "-f", "-t", "5", name], timeout=120, check=False)

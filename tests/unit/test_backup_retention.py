@@ -130,12 +130,18 @@ def test_execute_deletes_manifests_then_the_rest_then_packs(tmp_path):
     p = retention.build_plan(store, L, RetentionSettings(keep_last=1), now=now)
     assert p.remove == ("zz-old",) and p.remove_packs == ("p1",)
 
-    deleted: list[str] = []
-    real_delete = store.delete
-    store.delete = lambda k: (deleted.append(k), real_delete(k))[1]
+    batches: list[list[str]] = []
+    real_delete_many = store.delete_many
+    store.delete_many = lambda keys: (batches.append(list(keys)), real_delete_many(batches[-1]))[1]
+    before = store.requests()
     res = retention.execute(store, L, p)
-    assert deleted[0] == L.manifest("zz-old")
+    deleted = [k for b in batches for k in b]
+    assert batches[0] == [L.manifest("zz-old")]  # the backup ceases to exist first
     assert deleted.index(L.pack("p1")) > max(i for i, k in enumerate(deleted) if "/backups/" in k)
+    # One request per batch, not one per object.
+    after = store.requests()
+    assert after.get("DeleteObjects", 0) - before.get("DeleteObjects", 0) == len([b for b in batches if b]) == 3
+    assert after.get("DeleteObject", 0) == before.get("DeleteObject", 0)
     assert res.removed_backups == ["zz-old"] and res.removed_packs == ["p1"]
     assert [b.backup_id for b in catalog.list_backups(store, L)] == ["aa-new"]
     assert list(store.list(L.backup_prefix("zz-old"))) == []
@@ -153,3 +159,13 @@ def test_execute_refuses_when_a_backup_appeared_after_planning(tmp_path):
         retention.execute(store, L, p)
     assert store.head(L.pack("p1")) is not None
     assert os.path.exists(store._p(L.manifest("b1")))
+
+
+def test_delete_many_sends_batches_of_1000(tmp_path):
+    store = LocalStore(tmp_path)
+    keys = [f"x/{i:05d}" for i in range(2345)]
+    for k in keys[:3]:
+        store.put(k, b"x")
+    store.delete_many(iter(keys))  # a generator, and most keys never existed: not an error
+    assert store.requests()["DeleteObjects"] == 3
+    assert list(store.list("x/")) == []

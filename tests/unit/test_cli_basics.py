@@ -66,3 +66,24 @@ def test_config_show_redacts(cli, tmp_path):
 def test_version(cli):
     r = cli(["--version"])
     assert r.exit_code == 0 and r.stdout.startswith("dbops ")
+
+
+def test_shell_completion_completes_commands_and_options(dbops_bin):
+    """Completion is on: the real console script answers bash's completion protocol and prints
+    the script `--install-completion` would install."""
+    import os
+    import subprocess
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_DBOPS_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+        r = subprocess.run([dbops_bin], env=env, capture_output=True, text=True, timeout=60, check=True)
+        return r.stdout.split()
+
+    assert complete("dbops ba") == ["backup"]
+    assert {"list", "show", "prune"} <= set(complete("dbops backup "))
+    assert complete("dbops backup --fu") == ["--full"]
+    assert {"--progress", "--no-progress"} <= set(complete("dbops restore --"))
+    r = subprocess.run([dbops_bin, "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
+                       check=True)
+    assert "_DBOPS_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout

@@ -124,3 +124,45 @@ def test_durations(text, seconds):
 @pytest.mark.parametrize("text,n", [("16MiB", 16 * 1024 * 1024), ("64KiB", 65536), ("1GB", 10**9), (4096, 4096)])
 def test_sizes(text, n):
     assert cfgmod.parse_size(text) == n
+
+
+def test_retention_auto_scratch_limit_and_the_pack_size_cap():
+    raw = json.loads(json.dumps(GOOD))
+    raw["backup"]["retention"]["auto"] = True
+    raw["backup"]["scratch_limit"] = "20Gi"  # Kubernetes' spelling, copied from an emptyDir
+    cfg = cfgmod.parse(raw, env=ENV)
+    assert cfg.backup.retention.auto is True
+    assert cfg.backup.scratch_limit == 20 * 1024**3
+    assert cfgmod.parse(GOOD, env=ENV).backup.retention.auto is False
+    assert cfgmod.parse(GOOD, env=ENV).backup.scratch_limit is None
+
+    raw["backup"]["retention"] = {"auto": True}  # nothing to apply
+    raw["backup"]["pack_size"] = "5GiB"  # S3 refuses a single PUT above 5 GiB
+    raw["backup"]["scratch_limit"] = "lots"
+    with pytest.raises(ConfigError) as ei:
+        cfgmod.parse(raw, env=ENV)
+    joined = "\n".join(ei.value.problems)
+    assert len(ei.value.problems) == 3, ei.value.problems
+    assert "backup.retention.auto: needs a policy" in joined
+    assert "backup.pack_size: must be at most 4GiB" in joined
+    assert "backup.scratch_limit: expected a size" in joined
+    raw["backup"]["pack_size"] = "4GiB"
+    raw["backup"]["scratch_limit"] = "512MiB"
+    raw["backup"]["retention"] = {"auto": "yes", "keep_last": 2}
+    cfg = cfgmod.parse(raw, env=ENV)
+    assert cfg.backup.pack_size == cfgmod.MAX_PACK_SIZE and cfg.backup.retention.auto
+
+
+def test_a_restore_target_built_with_gnu_date_is_accepted():
+    """docs/restore.md: `date -d 'yesterday 15:46' -Iseconds` names the time with its zone."""
+    import subprocess
+    from datetime import datetime, timedelta
+
+    from dbops.ops.restore.target import from_options
+
+    text = subprocess.run(["date", "-d", "yesterday 15:46", "-Iseconds"], env={"TZ": "Europe/Paris"},
+                          capture_output=True, text=True, check=True).stdout.strip()
+    t = from_options(to=text, to_lsn=None, to_xid=None, to_name=None, exclusive=False)
+    local = datetime.fromisoformat(text)
+    assert local.utcoffset() in (timedelta(hours=1), timedelta(hours=2)) and local.hour == 15 and local.minute == 46
+    assert t.kind == "time" and abs(t.epoch - local.timestamp()) < 1e-6

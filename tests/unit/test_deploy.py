@@ -136,17 +136,25 @@ def conf_settings(path: Path) -> dict[str, str]:
     return out
 
 
-def cron_job(path: Path) -> tuple[list[str], str, str]:
-    """The one job line of an /etc/cron.d file: (five time fields, user, command)."""
+def cron_jobs(path: Path) -> list[tuple[list[str], str, str]]:
+    """The job lines of an /etc/cron.d file: [(five time fields, user, command)]."""
     jobs = []
     for line in path.read_text().splitlines():
         s = line.strip()
         if not s or s.startswith("#") or re.match(r"^[A-Z_]+=", s):
             continue
-        jobs.append(s)
-    assert len(jobs) == 1, jobs
-    fields = jobs[0].split(None, 6)
-    return fields[:5], fields[5], fields[6]
+        fields = s.split(None, 6)
+        jobs.append((fields[:5], fields[5], fields[6]))
+    return jobs
+
+
+def cron_job(path: Path, command: str = "backup") -> tuple[list[str], str, str]:
+    """The one job of an /etc/cron.d file that runs `dbops COMMAND`."""
+    found = [j for j in cron_jobs(path)
+             if parse_cli(dbops_argv(shlex.split(j[2].split("||", 1)[0].split(">", 1)[0])))[:len(command.split())]
+             == command.split()]
+    assert len(found) == 1, (command, found)
+    return found[0]
 
 
 def env_example() -> dict[str, str]:
@@ -191,6 +199,41 @@ def strings(value) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
+def dockerfile_images(path: Path) -> list[str]:
+    """Every image a Dockerfile builds from or copies out of (FROM, COPY --from), ARG defaults applied."""
+    text = path.read_text().replace("\\\n", " ")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
+    stages: set[str] = set()
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if m:
+            out.append(re.sub(r"\$\{(\w+)\}", lambda v: args[v.group(1)], m.group(1)))
+            if m.group(2):
+                stages.add(m.group(2))
+        m = re.match(r"^COPY\s+--from=(\S+)", line)
+        if m and m.group(1) not in stages:
+            out.append(m.group(1))
+    return out
+
+
+# A tag that names one release: MAJOR.MINOR.PATCH (27.5.1, 3.11.13; PostgreSQL's own releases are
+# MAJOR.MINOR, 15.18), optionally with a variant (-slim-bookworm), or MinIO's RELEASE.<date>.
+_RELEASE_TAG = re.compile(r"^(RELEASE\.\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z|\d+\.\d+\.\d+(-[a-z0-9.-]+)?)$")
+_PG_RELEASE_TAG = re.compile(r"^\d+\.\d+(-[a-z0-9.-]+)?$")
+_PG_IMAGES = {"postgres", "dbops-postgres"}
+
+
+def pinned(image: str) -> bool:
+    """IMAGE:TAG with a release tag (never latest, never a series like postgres:15 or python:3.11), or a digest."""
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:
+        return False
+    return bool((_PG_RELEASE_TAG if name.rsplit("/", 1)[-1] in _PG_IMAGES else _RELEASE_TAG).match(tag))
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -226,11 +269,49 @@ def test_compose_services_and_images(services):
     assert services["dbops"]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert services["pg1"]["build"]["dockerfile"] == "deploy/Dockerfile.postgres"
     assert services["pg2"]["image"] == services["pg1"]["image"]
-    assert "FROM postgres:15" in (DEPLOY / "Dockerfile.postgres").read_text()
+    assert dockerfile_images(DEPLOY / "Dockerfile.postgres") == ["postgres:15.18-bookworm"]
     for name, s in services.items():
         for source in mounts(s).values():
             if source.startswith("./"):
                 assert (ROOT / source).is_file(), f"{name} mounts {source}, which is missing"
+
+
+def test_every_image_is_pinned_to_a_release(services, compose_cfg):
+    """Compose, both Dockerfiles, the images dbops itself starts: a release tag, never `latest`."""
+    for bad in ("minio/minio:latest", "minio/minio", "postgres:15", "postgres:15-bookworm", "python:3.11-slim",
+                "docker:27-cli"):
+        assert not pinned(bad), bad
+    images = {f"compose {n}": s["image"] for n, s in services.items() if "image" in s}
+    for df in ("Dockerfile", "Dockerfile.postgres"):
+        for i, img in enumerate(dockerfile_images(DEPLOY / df)):
+            images[f"{df} #{i}"] = img
+    images["deploy/compose/dbops.yaml runtime.image"] = compose_cfg.runtime.image
+    for where, img in images.items():
+        assert pinned(img), f"{where}: {img} is not pinned to a release"
+    # MinIO moved to quay.io (Docker Hub's minio/minio and minio/mc were removed); the last
+    # community release of both.
+    assert services["minio"]["image"] == "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
+    assert services["minio-setup"]["image"] == "quay.io/minio/mc:RELEASE.2025-09-07T16-13-09Z"
+    # Images built here carry the version they were built from.
+    assert services["pg1"]["image"] == "dbops-postgres:" + dockerfile_images(DEPLOY / "Dockerfile.postgres")[0].split(
+        ":")[1].split("-")[0]
+
+
+def test_the_dbops_image_and_the_docs_agree_on_postgresql_majors():
+    """One image per major (--build-arg PG_MAJOR); the majors it accepts are the ones the docs
+    and `dbops check` call supported; locales for databases created with any of them."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    accepted = re.search(r'case "\$PG_MAJOR" in ([0-9|]+)\)', text).group(1).split("|")
+    assert accepted == ["13", "14", "15", "16", "17"]
+    default = re.search(r"^ARG PG_MAJOR=(\d+)$", text, re.MULTILINE).group(1)
+    assert default == "15" and "/usr/lib/postgresql/${PG_MAJOR}/bin" in text
+    assert '"postgresql-$PG_MAJOR"' in text
+    install = (ROOT / "docs" / "installation.md").read_text()
+    assert f"PostgreSQL {accepted[0]} to {accepted[-1]}" in install
+    assert "PG_MAJOR" in install
+    check = (ROOT / "dbops" / "ops" / "check.py").read_text()
+    assert f"130000 <= rep.version_num < {int(accepted[-1]) + 1}0000" in check
+    assert "locales-all" in text  # a database created with en_US.UTF-8 (or any locale) can start
 
 
 def test_every_config_variable_reaches_each_container_that_loads_the_config(services):
@@ -299,7 +380,8 @@ def test_compose_config_parses_and_names_the_compose_services(services, compose_
     assert dbops["network_mode"] == "host"
     hosts = dict(h.split(":", 1) for h in dbops["extra_hosts"])
     assert hosts == {n: "127.0.0.1" for n in {ep.hostname, *(node.host for node in cfg.nodes)}}
-    assert cfg.runtime.engine == "docker" and cfg.runtime.image == "postgres:15" and cfg.runtime.network == "host"
+    assert cfg.runtime.engine == "docker" and cfg.runtime.network == "host"
+    assert cfg.runtime.image.startswith("postgres:15.") and pinned(cfg.runtime.image)
     dm = mounts(dbops)
     assert dm["/var/run/docker.sock"] == "/var/run/docker.sock"
     assert dm[cfg.backup.scratch_dir] == cfg.backup.scratch_dir
@@ -330,14 +412,67 @@ def test_compose_config_has_the_lab_layout(compose_cfg):
     assert compose_cfg.compression == cfgmod.parse(lab_raw, env={}).compression
 
 
-def test_compose_postgres_settings_match_deploy_postgresql(services):
-    conf = conf_settings(DEPLOY / "postgresql" / "dbops.conf")
+def test_compose_postgres_settings_come_from_deploy_postgresql_as_a_file(services):
+    """No `-c` options (they outrank postgresql.auto.conf, so ALTER SYSTEM would not work): the
+    servers read deploy/postgresql/dbops.conf, mounted where the image's include points."""
+    include = (DEPLOY / "compose" / "include-dbops-conf.sh").read_text()
+    target = re.search(r"include = '([^']+)'", include).group(1)
+    dockerfile = (DEPLOY / "Dockerfile.postgres").read_text()
+    assert "COPY deploy/compose/include-dbops-conf.sh /docker-entrypoint-initdb.d/" in dockerfile
+    assert "dbops-include-conf.sh" in (DEPLOY / "compose" / "postgres-entrypoint.sh").read_text()
     for name in ("pg1", "pg2"):
         cmd = services[name]["command"]
-        assert cmd[0] == "postgres"
-        opts = dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "-c")
-        for key, value in conf.items():
-            assert opts.get(key) == value, f"{name}: {key} differs from deploy/postgresql/dbops.conf"
+        assert cmd == ["postgres"], f"{name}: settings belong in deploy/postgresql/dbops.conf, not {cmd}"
+        assert f"./deploy/postgresql/dbops.conf:{target}:ro" in services[name]["volumes"]
+
+
+@pytest.fixture
+def pg_owned_dir():
+    """A folder the postgres OS user owns (pytest's tmp_path is private to root)."""
+    import os
+    import pwd
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="dbops-deploy-", dir="/tmp"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    yield d, as_pg
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_include_script_adds_the_line_once_and_alter_system_still_wins(pg_owned_dir):
+    """Run the image's include script on a real PostgreSQL configuration, twice, then ask
+    `postgres -C` which values win (it reads the files without starting a server)."""
+    import os
+
+    from dbops.pg import binaries
+
+    tmp_path, as_pg = pg_owned_dir
+    data = tmp_path / "data"
+    subprocess.run([*as_pg, binaries.binary("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, timeout=120)
+    script = (DEPLOY / "compose" / "include-dbops-conf.sh").read_text()
+    conf_copy = tmp_path / "dbops.conf"
+    conf_copy.write_text((DEPLOY / "postgresql" / "dbops.conf").read_text())
+    script = script.replace("/etc/postgresql/dbops.conf", str(conf_copy))
+    for _ in range(2):
+        subprocess.run([*as_pg, "sh", "-c", script], env={**os.environ, "PGDATA": str(data)}, check=True, timeout=30)
+    assert (data / "postgresql.conf").read_text().count(f"include = '{conf_copy}'") == 1
+
+    def setting(name: str) -> str:
+        return subprocess.run([*as_pg, binaries.binary("postgres"), "-D", str(data), "-C", name], check=True,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+
+    conf = conf_settings(DEPLOY / "postgresql" / "dbops.conf")
+    for key in ("archive_mode", "wal_log_hints", "archive_command", "restore_command"):
+        assert setting(key) == conf[key]
+    subprocess.run([*as_pg, "sh", "-c", f"echo \"archive_command = '/bin/true'\" >> {data}/postgresql.auto.conf"],
+                   check=True, timeout=30)  # what ALTER SYSTEM writes
+    assert setting("archive_command") == "/bin/true"
 
 
 # --------------------------------------------------------------------------- deploy/
@@ -403,6 +538,32 @@ def test_systemd_service_and_timer():
     t = timer["Timer"]
     assert t["Persistent"] == ["true"] and t["OnCalendar"]
     assert timer["Install"]["WantedBy"] == ["timers.target"]
+    # flock's exit 75 (another run holds the lock) is not a failure of this unit.
+    conflict = argv[argv.index("--conflict-exit-code") + 1]
+    assert s["SuccessExitStatus"] == [conflict] == ["75"]
+
+
+def test_wal_status_is_scheduled_with_metrics_in_every_deployment():
+    """cron, systemd and Kubernetes all run `wal status --metrics-file` (RPO, gaps, archiver)."""
+    _, user, command = cron_job(DEPLOY / "cron" / "dbops", "wal status")
+    assert user == "root"
+    subprocess.run(["sh", "-n", "-c", command], check=True)
+    assert command.rstrip().endswith(">/dev/null"), "the status table must not mail every 5 minutes"
+    args = dbops_argv(shlex.split(command.split(">", 1)[0]))
+    assert "-q" in global_options(args)
+    assert args[args.index("--metrics-file") + 1] == f"{METRICS_DIR}/dbops_wal.prom"
+
+    svc = unit_file(DEPLOY / "systemd" / "dbops-wal-status.service")
+    timer = unit_file(DEPLOY / "systemd" / "dbops-wal-status.timer")
+    (exec_start,) = svc["Service"]["ExecStart"]
+    assert dbops_argv(shlex.split(exec_start)) == args
+    assert parse_cli(args) == ["wal", "status"]
+    assert timer["Timer"]["OnCalendar"] and timer["Install"]["WantedBy"] == ["timers.target"]
+
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "cronjob.yaml").read_text()))
+    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CronJob"}
+    (c,) = jobs["dbops-wal-status"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert parse_cli(c["args"]) == ["wal", "status"] and "--metrics-file" in c["args"]
 
 
 def test_kubernetes_cronjob():
@@ -410,7 +571,8 @@ def test_kubernetes_cronjob():
     kinds = {d["kind"]: d for d in docs}
     text = kinds["ConfigMap"]["data"]["dbops.yaml"]
     cfg = cfgmod.parse(yaml.safe_load(text), env={v: "x" * 12 for v in config_vars(text)})
-    job = kinds["CronJob"]["spec"]
+    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CronJob"}
+    job = jobs["dbops-backup"]["spec"]
     assert job["concurrencyPolicy"] == "Forbid"
     pod = job["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -422,6 +584,13 @@ def test_kubernetes_cronjob():
     assert vm["scratch"] == cfg.backup.scratch_dir
     assert cfg.runtime.engine == "none"  # no container engine inside a pod
     assert pod["securityContext"]["runAsUser"] != 0
+    # The scratch emptyDir's sizeLimit is invisible to statvfs: backup.scratch_limit says it.
+    (scratch,) = [v for v in pod["volumes"] if v["name"] == "scratch"]
+    assert cfg.backup.scratch_limit == cfgmod.parse_size(scratch["emptyDir"]["sizeLimit"])
+    assert cfg.backup.retention.auto
+    assert "--metrics-file" in args
+    # The image is one built from deploy/Dockerfile for one PostgreSQL major.
+    assert re.fullmatch(r"dbops:[0-9.]+-pg1[3-7]", container["image"])
 
 
 def test_s3_policies_grant_what_dbops_needs_on_its_prefix_only(compose_cfg):

@@ -251,3 +251,28 @@ def test_container_argv():
         "-e", "PGPASSWORD", "--entrypoint", "", "postgres:15", "pg_rewind"]
     assert ctl.kill_argv("fast") == ["docker", "kill", "--signal", "SIGINT", "pg-1"]
     assert ctl.kill_argv("smart")[3] == "SIGTERM" and ctl.kill_argv("immediate")[3] == "SIGQUIT"
+
+
+def test_container_rewind_helper_joins_the_node_network_with_its_environment():
+    """pg_rewind's helper must reach the new primary (and S3 for --restore-target-wal): the node
+    container's network and environment, never --network none; secrets as -e NAME only."""
+    from dbops.nodes.container import helper_context
+
+    compose = {"HostConfig": {"NetworkMode": "dbops_default"},
+               "NetworkSettings": {"Networks": {"dbops_default": {}}},
+               "Config": {"Env": ["POSTGRES_PASSWORD=s3cret", "PGDATA=/var/lib/postgresql/data",
+                                  "HOSTNAME=abc", "EMPTY="]}}
+    network, env = helper_context(compose)
+    assert network == "dbops_default"
+    assert env == {"POSTGRES_PASSWORD": "s3cret", "PGDATA": "/var/lib/postgresql/data", "EMPTY": ""}
+    assert helper_context({"HostConfig": {"NetworkMode": "host"}})[0] == "host"
+    podman_named = {"HostConfig": {"NetworkMode": "bridge"}, "NetworkSettings": {"Networks": {"appnet": {}}}}
+    assert helper_context(podman_named)[0] == "appnet"
+    assert helper_context({"HostConfig": {"NetworkMode": "bridge"}})[0] == "bridge"
+
+    node = cfgmod.Node(name="pg1", data_dir="/data", controller="container",
+                       container=cfgmod.ContainerNodeSettings(engine="docker", name="pg-1"))
+    argv = ContainerController(node).helper_argv(["pg_rewind"], ["--entrypoint", "", "img"], env=env,
+                                                 network=network)
+    assert argv[argv.index("--network") + 1] == "dbops_default"
+    assert "s3cret" not in " ".join(argv) and argv[argv.index("--network") + 2:][:2] == ["-e", "POSTGRES_PASSWORD"]

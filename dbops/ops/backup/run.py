@@ -58,7 +58,7 @@ from dbops.repo import relmap as relmap_store
 from dbops.repo.store import Cancelled, store_snapshot
 from dbops.runtime.scratch import (PG_OS_USER, check_scratch_space, clean_stale_scratch, out_of_space,
                                    scratch_folder, scratch_full_error)
-from dbops.storage import ObjectStore, open_store
+from dbops.storage import ObjectStore, open_store, request_counts, requests_since
 from dbops.storage.layout import Layout
 from dbops.storage.lock import ClusterLock
 
@@ -75,6 +75,8 @@ class BackupResult:
     manifest: mf.Manifest
     timings: dict[str, float]
     healed_after: str | None = None  # set when this full backup healed a failed validation
+    pruned: dict[str, Any] | None = None  # what backup.retention.auto removed after this backup
+    s3_requests: dict[str, Any] | None = None  # requests this run sent to the store (S3 bills per request)
 
     def as_dict(self) -> dict[str, Any]:
         m = self.manifest
@@ -97,6 +99,8 @@ class BackupResult:
                 "restore_seconds": restore_seconds(self.validated.timings),
             },
             "healed_after": self.healed_after,
+            "pruned": self.pruned,
+            "s3_requests": self.s3_requests,
         }
 
 
@@ -162,18 +166,26 @@ def backup_label_start(data: Path) -> str:
 
 
 class BackupRun:
-    def __init__(self, cfg: Config, *, store: ObjectStore | None = None, progress: Callable[[str], None] | None = None):
+    def __init__(self, cfg: Config, *, store: ObjectStore | None = None, progress: Callable[[str], None] | None = None,
+                 byte_progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
         self.store = store or open_store(cfg.storage)
         self.layout = Layout(cfg.storage.prefix)
         self.run_id = catalog.new_backup_id().split("-", 1)[1] + f"{os.getpid():x}"
         self.progress = progress
+        self.byte_progress = byte_progress  # (done, total) bytes of the phase running now (download, store)
         self.scratch_root = Path(cfg.backup.scratch_dir)
         self.phases: Phases | None = None  # of the part running now (full or incremental)
 
     # -- public
 
     def run(self, *, full: bool = False) -> BackupResult:
+        requests_before = request_counts(self.store)
+        res = self._run(full=full)
+        res.s3_requests = requests_since(self.store, requests_before)  # the lock's release included
+        return res
+
+    def _run(self, *, full: bool) -> BackupResult:
         with proc.sigterm_as_interrupt(), ClusterLock(self.store, self.layout, "backup", command="backup"):
             clean_stale_scratch(self.scratch_root)
             primary = find_primary(self.cfg.nodes)
@@ -181,12 +193,29 @@ class BackupRun:
             prev = next((b for b in reversed(backups) if b.usable), None)
             try:
                 if prev is None or full:
-                    return self._full(primary, reason="first backup" if prev is None else "--full requested")
-                return self._validate_and_build(primary, prev)
+                    res = self._full(primary, reason="first backup" if prev is None else "--full requested")
+                else:
+                    res = self._validate_and_build(primary, prev)
             except (OSError, DbopsError) as e:
                 if out_of_space(e):
                     raise scratch_full_error(self.scratch_root, self.phases and self.phases.current, e) from None
                 raise
+            if self.cfg.backup.retention.auto:
+                res.pruned = self._auto_prune(res)
+            return res
+
+    def _auto_prune(self, res: BackupResult) -> dict[str, Any]:
+        """backup.retention.auto: apply the policy now, under the lock this run holds."""
+        from dbops.ops.catalogview import apply_retention
+
+        if self.progress:
+            self.progress("prune")
+        try:
+            return apply_retention(self.store, self.layout, self.cfg.backup.retention)
+        except DbopsError as e:
+            e.message = f"backup {res.backup_id} was stored, but applying the retention policy failed: {e.message}"
+            e.hint = e.hint or "the backup is fine; `dbops backup prune --confirm` applies the policy once fixed"
+            raise
 
     def _validate_and_build(self, primary: Node, prev: catalog.BackupInfo) -> BackupResult:
         """The next link; a failed validation marks prev failed and (with heal) takes a fresh full backup."""
@@ -217,7 +246,7 @@ class BackupRun:
         phases = self.phases = Phases(self.progress)
         with pgconn.session(source) as c:
             size = int(pgconn.scalar(c, "SELECT sum(pg_database_size(oid))::bigint FROM pg_database") or 0)
-        check_scratch_space(self.scratch_root, size)
+        check_scratch_space(self.scratch_root, size, cfg.backup.scratch_limit)
         log.event(_log, logging.INFO, "full backup", reason=reason, source=source.name)
         with scratch_folder(self.scratch_root, self.run_id) as scratch:
             data, wal = scratch / "data", scratch / "wal"
@@ -263,13 +292,13 @@ class BackupRun:
         cfg = self.cfg
         phases = self.phases = Phases(self.progress)
         prev_m = mf.load(self.store, self.layout, prev.backup_id)
-        check_scratch_space(self.scratch_root, prev_m.logical_size)
+        check_scratch_space(self.scratch_root, prev_m.logical_size, cfg.backup.scratch_limit)
         # The target first, so the WAL up to it downloads while the backup does.
         with phases("capture"):
             target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
                                     layout=self.layout)
         with prove(cfg, self.store, self.layout, prev_m, phases, run_id=self.run_id, name=f"backup-{self.run_id}",
-                   target=target) as proof:
+                   target=target, byte_progress=self.byte_progress) as proof:
             val = proof.validation
             try:  # after a failover the new primary may keep a tablespace elsewhere: record where
                 proof.tablespaces.current = {t.oid: t for t in tbs.query(primary)}
@@ -319,6 +348,7 @@ class BackupRun:
                 compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,
                 parallel=cfg.backup.parallel, pg=pg, parent_id=parent_id, timings=dict(phases.t),
                 unchanged_lsn=unchanged_lsn if (parents or reuse) else None, tmp_dir=str(data.parent), reuse=reuse,
+                progress=self.byte_progress,
                 meta={"kind": kind, "run_id": self.run_id, "target_lsn": format_lsn(target.lsn),
                       "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
@@ -338,5 +368,5 @@ class BackupRun:
 
 
 def run_backup(cfg: Config, *, full: bool = False, progress: Callable[[str], None] | None = None,
-               store: ObjectStore | None = None) -> BackupResult:
-    return BackupRun(cfg, store=store, progress=progress).run(full=full)
+               store: ObjectStore | None = None, byte_progress: Callable[[int, int], None] | None = None) -> BackupResult:
+    return BackupRun(cfg, store=store, progress=progress, byte_progress=byte_progress).run(full=full)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from dbops import log, proc
 from dbops.config import Config, Node
@@ -336,13 +336,15 @@ class Proof:
 
 @contextmanager
 def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phases: Phases, *, run_id: str,
-          name: str, target: Target | None = None) -> Iterator[Proof]:
+          name: str, target: Target | None = None,
+          byte_progress: Callable[[int, int], None] | None = None) -> Iterator[Proof]:
     """Restore backup m into a scratch folder (every chunk checked against its hash) while the archived
     WAL from its redo point to the target downloads, replay to the target (default: the backup's own
     consistent point) in a throwaway instance, run the checks, stop it in recovery.
 
     Yields the proof while the scratch folder still holds the proved copy. A backup that cannot be
-    restored, missing WAL and failed checks raise ValidationError."""
+    restored, missing WAL and failed checks raise ValidationError. ``byte_progress(done, total)``:
+    the download's bytes, for a progress display."""
     target = target or own_target(m)
     with scratch_folder(Path(cfg.backup.scratch_dir), run_id) as scratch:
         data, wal = scratch / "data", scratch / "wal"
@@ -358,7 +360,8 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=PG_OS_USER,
-                                     tablespace_dirs=ts.dirs(), durable=False)  # a scratch copy: a crash throws it away
+                                     tablespace_dirs=ts.dirs(), durable=False,
+                                     progress=byte_progress)  # durable=False: a scratch copy, a crash throws it away
                 except (NotFoundError, StorageError) as e:
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
                         raise

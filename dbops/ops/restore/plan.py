@@ -521,8 +521,10 @@ class RestoreResult:
 
 
 def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
-            progress: Callable[[str], None] | None = None) -> RestoreResult:
-    """Plan, then carry the plan out (see the module docstring)."""
+            progress: Callable[[str], None] | None = None,
+            byte_progress: Callable[[int, int], None] | None = None) -> RestoreResult:
+    """Plan, then carry the plan out (see the module docstring). ``progress(phase)`` and
+    ``byte_progress(done, total)`` (the download's bytes) feed a progress display."""
     from dbops.ops.restore import run as restore_run
 
     opts.check()
@@ -561,7 +563,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
                 wal_job = pool.submit(ahead.run)
                 try:
                     with phases("download"):
-                        download = _download(cfg, store, layout, manifest, plan, opts.delta, ids)
+                        download = _download(cfg, store, layout, manifest, plan, opts.delta, ids, byte_progress)
                     with phases("configure"):
                         configure(cfg, target, plan, opts)
                     with phases("tablespaces"):
@@ -600,7 +602,7 @@ def _created_tablespaces(cache: Path, manifest: mf.Manifest, opts: Options,
 
 
 def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,
-              ids: tuple[int, int] | None) -> dict[str, Any]:
+              ids: tuple[int, int] | None, byte_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The backup into the target folder (verified), or only what differs with --delta."""
     from dbops.ops.restore import delta as restore_delta
 
@@ -612,7 +614,7 @@ def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Mani
                                         owner=owner, tablespace_dirs=dirs)
     else:
         st = restore_snapshot(store, layout, manifest, plan.target_dir, parallel=cfg.backup.parallel, owner=owner,
-                              tablespace_dirs=dirs)
+                              tablespace_dirs=dirs, progress=byte_progress)
         d = {"mode": "full", "files": st.files, "logical_bytes": st.logical_bytes,
              "fetched_bytes": st.fetched_bytes, "requests": st.requests}
     d["seconds"] = round(time.monotonic() - t0, 3)

@@ -182,14 +182,14 @@ def archiver_state(nodes: tuple[Node, ...] | list[Node]) -> dict[str, Any] | Non
                     SELECT archived_count, last_archived_wal, extract(epoch FROM last_archived_time),
                            failed_count, last_failed_wal, extract(epoch FROM last_failed_time),
                            current_setting('archive_mode'), current_setting('archive_command'),
-                           pg_walfile_name(pg_current_wal_lsn())
+                           pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text
                     FROM pg_stat_archiver""")[0]
                 row = (*row, _ready_count(c))
         except DbopsError as e:
             _log.debug("archiver state from %s: %s", node.name, e.message)
             continue
         keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-                "last_failed_time", "archive_mode", "archive_command", "current_wal", "ready_count")
+                "last_failed_time", "archive_mode", "archive_command", "current_wal", "current_lsn", "ready_count")
         d = dict(zip(keys, row))
         for k in ("last_archived_time", "last_failed_time"):
             d[k] = float(d[k]) if d[k] is not None else None
@@ -243,6 +243,12 @@ def metrics_text(st: ArchiveStatus, cluster: str) -> str:
                     [(f'timeline="{t.timeline}"', t.newest_age) for t in st.timelines if t.newest_age is not None])
     lines += metric("dbops_wal_segments", "archived segments per timeline",
                     [(f'timeline="{t.timeline}"', t.segments) for t in st.timelines])
+    from dbops.ops import recovery
+
+    rpo = recovery.rpo(st, st.archiver)
+    for name, (value, help_) in recovery.metrics(rpo, None).items():
+        if value is not None:
+            lines += metric(name, help_, [("", value)])
     a = st.archiver
     if a:
         lines += metric("dbops_wal_archiver_archived_count", "WAL files archived (pg_stat_archiver)",
