@@ -17,11 +17,12 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Iterator
 
 from dbops import proc
 from dbops.lab import harness as labmod
 from dbops.ops.backup import run as bk
-from dbops.ops.restore import run as rs
+from dbops.ops.restore import plan as rs
 from dbops.ops.restore.target import from_options
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
@@ -118,7 +119,11 @@ def compare(on: dict, off: dict) -> dict:
 
 
 def run(base: Path, scale: int = 100) -> list[dict]:
-    out: list[dict] = []
+    return list(records(base, scale))
+
+
+def records(base: Path, scale: int = 100) -> Iterator[dict]:
+    """One record per lab as soon as it is measured, then the comparison."""
     results: dict[bool, dict] = {}
     for encrypt in (False, True):
         d = base / ("encrypted" if encrypt else "plain")
@@ -129,9 +134,8 @@ def run(base: Path, scale: int = 100) -> list[dict]:
             results[encrypt] = measure(lab, scale)
         finally:
             labmod.down(d, purge=True)
-        out.append({"bench": "encryption_run", "scale": scale, **results[encrypt]})
-    out.append(compare(results[True], results[False]))
-    return out
+        yield {"bench": "encryption_run", "scale": scale, **results[encrypt]}
+    yield compare(results[True], results[False])
 
 
 def main() -> None:
@@ -139,7 +143,7 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="an empty folder for the two labs")
     ap.add_argument("--scale", type=int, default=100)
     a = ap.parse_args()
-    for rec in run(Path(a.dir), scale=a.scale):
+    for rec in records(Path(a.dir), scale=a.scale):
         print(json.dumps(rec), flush=True)
 
 
