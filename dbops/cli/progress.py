@@ -82,6 +82,8 @@ class Display:
         if not self._started:
             self._progress.start()
             self._started = True
+        if self._task is not None and self._progress.tasks[-1].description == name:
+            return  # the same phase entered again (e.g. start, then waiting until ready): one line
         self._finish_current()
         self._task = self._progress.add_task(name, total=None, bytes=False)
 

@@ -50,6 +50,7 @@ SCRIPT = textwrap.dedent("""
         d.bytes(i * 2_000_000, 20_000_000)
         time.sleep(0.05)
     d.phase("replay")
+    d.phase("replay")  # entered again: still one line
     time.sleep(0.2)
     d.close()
     print("END")
@@ -61,6 +62,7 @@ def test_on_a_terminal_it_shows_phases_bytes_rate_and_time():
     assert "END" in shown
     assert re.search(r"capture\s+done|done\s+capture", shown), shown
     assert "download" in shown and "replay" in shown
+    assert len(re.findall(r"done\s+replay", shown)) == 1, shown
     assert "20.0 MB/20.0 MB" in shown  # bytes done of the total, once finished
     assert re.search(r"\d+(\.\d+)? MB/s", shown)  # the rate while it ran
     assert re.search(r"eta \d+:\d\d", shown)  # time left while it ran
