@@ -74,13 +74,13 @@ def one_run(cfg_path: str, passfile: str, start_id: int) -> tuple[dict, int]:
         failover_lab.make_unreachable(old.data_dir)
         code, out = _dbops(cfg_path, "failover", "--primary-lost", "--yes", "--json")
         t_cmd = time.monotonic() - t_kill
+        if code not in (0, 15):
+            raise RuntimeError(f"failover --primary-lost exited {code}: {json.dumps(out)[-6000:]}")
         w.wait_for_commits(50)
     finally:
         w.stop()
         failover_lab.make_reachable(old.data_dir)
     rep = out.get("report") or {}
-    if code not in (0, 15):
-        raise RuntimeError(f"failover --primary-lost exited {code}: {out.get('message')} {out.get('detail')}")
     first = next((t for _, t in w.acked if t > t_kill), None)
     before = [i for i, t in w.acked if t < t_kill]
     new = cfg.node(rep["new_primary"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import typer
@@ -17,9 +18,10 @@ def run_lost(st: State, *, to: str | None, dry_run: bool, yes: bool, timeout: fl
     from dbops.ops.failover import emergency
     from dbops.ops.failover.assess import LostOptions, assess
 
+    started = time.monotonic()
     start_line("failover", mode="primary-lost", to=to, dry_run=dry_run, no_fence=no_fence)
     cfg = st.config()
-    opts = LostOptions.from_config(cfg, to=to, timeout=timeout, no_fence=no_fence)
+    opts = LostOptions.from_config(cfg, to=to, timeout=timeout, no_fence=no_fence, started=started)
     plan = assess(cfg, opts)
     if not json_:
         print_plan(plan)

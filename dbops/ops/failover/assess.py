@@ -39,11 +39,13 @@ class LostOptions:
     to: str | None = None
     timeout: float = 60.0
     no_fence: bool = False
+    started: float | None = None  # time.monotonic() when the command started (the report's clock)
 
     @classmethod
     def from_config(cls, cfg: Config, *, to: str | None = None, timeout: float | None = None,
-                    no_fence: bool = False) -> LostOptions:
-        return cls(to=to, timeout=cfg.failover.timeout if timeout is None else timeout, no_fence=no_fence)
+                    no_fence: bool = False, started: float | None = None) -> LostOptions:
+        return cls(to=to, timeout=cfg.failover.timeout if timeout is None else timeout, no_fence=no_fence,
+                   started=started)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class LostPlan:
     findings: list[Finding]
     fence_controller: str | None = None  # why the controller cannot fence, or None when it can
     steps: list[str] = field(default_factory=list)
+    store: Any = field(default=None, repr=False)  # the object store, opened once (archive reads, the lock)
 
     @property
     def others(self) -> list[NodeState]:
@@ -168,19 +171,23 @@ def choose(standbys: list[NodeState], to: str | None) -> NodeState | None:
     return max(standbys, key=lambda s: (s.timeline or 0, has_lsn(s) or 0, s.replay_lsn or 0, -order.index(s.name)))
 
 
-def read_archive(cfg: Config, timeline: int) -> ArchiveEnd:
-    """The newest archived segment on `timeline` and its last valid record; later timelines' history files."""
+def read_archive(cfg: Config, timeline: int, *, store: Any = None, previous: ArchiveEnd | None = None) -> ArchiveEnd:
+    """The newest archived segment on `timeline` and its last valid record; later timelines' history files.
+    With `previous` (an earlier read), the segment is fetched and read only when a newer one appeared."""
     from dbops.ops.restore import wal as rwal
     from dbops.ops.wal.archive import WalArchive
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 
     try:
-        store = open_store(cfg.storage)
+        store = store if store is not None else open_store(cfg.storage)
         layout = Layout(cfg.storage.prefix)
         arc = WalArchive(store, layout)
-        ident = arc.read_identity()
-        seg = ident.wal_segment_size if ident else DEFAULT_SEGMENT_SIZE
+        if previous is not None and previous.checked:
+            seg = previous.seg_size
+        else:
+            ident = arc.read_identity()
+            seg = ident.wal_segment_size if ident else DEFAULT_SEGMENT_SIZE
         later = sorted(int(n[:8], 16) for o in store.list(layout.history_prefix())
                        if HISTORY_RE.match(n := o.key.rsplit("/", 1)[-1]) and int(n[:8], 16) > timeline)
         names = [n for o in store.list(layout.wal_prefix(timeline)) if SEGMENT_RE.match(n := o.key.rsplit("/", 1)[-1])]
@@ -188,6 +195,9 @@ def read_archive(cfg: Config, timeline: int) -> ArchiveEnd:
         if not names:
             return end
         end.segment = max(names)
+        if previous is not None and previous.checked and previous.segment == end.segment:
+            end.last_record_lsn, end.end_lsn = previous.last_record_lsn, previous.end_lsn
+            return end
         with tempfile.TemporaryDirectory(prefix="dbops-lost-") as tmp:
             found = rwal.scan_end(arc, [end.segment], Path(tmp), seg_size=seg)
         if found is not None:
@@ -220,7 +230,17 @@ def assess(cfg: Config, opts: LostOptions, *, topo: Topology | None = None, arch
            reach: Callable[[Config, NodeState], str | None] = fence_reach) -> LostPlan:
     """The plan; `topo`, `archive` and `reach` (can the controller fence? None = yes) come from the
     cluster unless given."""
-    topo = topo or topo_mod.discover(cfg)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dbops.storage import open_store
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-store") as pool:
+        store_f = pool.submit(open_store, cfg.storage)  # boto3's import and client: beside the topology probes
+        topo = topo or topo_mod.discover(cfg)
+        try:
+            store = store_f.result()
+        except DbopsError:
+            store = None
     f: list[Finding] = []
     for p in topo.primaries:
         f.append(Finding("primary answers", FAIL, f"{p.name} accepts connections and writes (timeline {p.timeline}):"
@@ -267,7 +287,7 @@ def assess(cfg: Config, opts: LostOptions, *, topo: Topology | None = None, arch
                              "the difference", f"leave out --to to promote {best.name}", cand.name))
     if archive is None:
         if cand is not None and archive_is_dbops(standbys):
-            archive = read_archive(cfg, cand.timeline or 1)
+            archive = read_archive(cfg, cand.timeline or 1, store=store)
         else:
             archive = ArchiveEnd(False, cand.timeline if cand else None, dbops=False,
                                  error="archive_command is not `dbops wal-push`: the archive is not read")
@@ -279,7 +299,7 @@ def assess(cfg: Config, opts: LostOptions, *, topo: Topology | None = None, arch
         f.append(Finding("archive", WARN, f"the WAL archive cannot be read: {archive.error}; WAL archived beyond "
                          "the candidate cannot be recovered, and the loss cannot be measured",
                          "check storage settings and the S3 endpoint"))
-    plan = LostPlan(topo, old, cand, standbys, archive, f)
+    plan = LostPlan(topo, old, cand, standbys, archive, f, store=store)
     if old is not None:
         plan.fence_controller = reach(cfg, old)
         hooks = cfg.failover.fence_hooks

@@ -65,7 +65,10 @@ class Emergency:
         self.tuning = CandidateTuning(self.new)
         self.archive: ArchiveEnd = plan.archive
         self.uses_slots = bool(plan.candidate.settings.get("primary_slot_name"))
-        self._t0 = time.monotonic()
+        self._t0 = opts.started if opts.started is not None else time.monotonic()
+        self._restore_cmd: str | None = None  # the restore_command that replays the archive, when there is one
+        self._restore_suspended = False
+        self._version = 0
         self._history: str | None = None
         self._switch: int | None = None
         self._replayed_ts: float | None = None
@@ -107,7 +110,8 @@ class Emergency:
                 self._fence()
                 archive: Future[ArchiveEnd] | None = None
                 if self.archive.dbops:  # read the archive's end again, after the fence
-                    archive = self._pool.submit(read_archive, self.cfg, self.archive.timeline or 1)
+                    archive = self._pool.submit(read_archive, self.cfg, self.archive.timeline or 1,
+                                                store=self.plan.store, previous=self.plan.archive)
                 self._tune()
                 self._catch_up(archive)
                 self._promote()
@@ -170,11 +174,12 @@ class Emergency:
             restore, version, archive_cmd, self._cand_conninfo = c.execute(
                 "select current_setting('restore_command'), current_setting('server_version_num')::int, "
                 "current_setting('archive_command'), current_setting('primary_conninfo')").fetchone()
-            extra = {"primary_conninfo": ""}
+            self._version = version
+            self._restore_cmd = restore or None
             if not restore:
                 derived = restore_command_for(archive_cmd or "")
                 if derived and version >= 140000:
-                    extra["restore_command"] = derived
+                    self._restore_cmd = derived
                     self.report.restore_command_set = True
                 else:
                     self.report.notes.append(
@@ -182,12 +187,38 @@ class Emergency:
                                                                      "not `dbops wal-push`") +
                         ": it cannot replay WAL from the archive" + (" (PostgreSQL < 14 needs a restart)"
                                                                      if derived else ""))
+            extra = {"primary_conninfo": ""}
+            # An archive client run per retry would only delay the promotion when the archive holds nothing new
+            if version >= 140000 and self._archive_needed(self.archive) is False:
+                extra["restore_command"] = ""
+                self._restore_suspended = True
+            elif self._restore_cmd and self._restore_cmd != restore:
+                extra["restore_command"] = self._restore_cmd
             ph.detail = self.tuning.apply(c, suspend_restore_command=False, extra=extra)
+
+    def _archive_needed(self, a: ArchiveEnd) -> bool | None:
+        """Does the archive hold a record the candidate has not? None: cannot tell (it keeps restore_command)."""
+        if not a.dbops:
+            return False
+        if not a.checked or a.later_timelines:
+            return None
+        if a.last_record_lsn is None:
+            return False
+        cand = self.plan.candidate
+        return a.last_record_lsn >= max(cand.receive_lsn or 0, cand.replay_lsn or 0) if cand else None
+
+    def _resume_archive(self) -> None:
+        """The archive grew past the candidate after all: let it replay from there."""
+        if self._restore_suspended and self._restore_cmd and self._archive_needed(self.archive):
+            with conn.session(self.new) as c:
+                self.tuning.apply(c, suspend_restore_command=False, extra={"restore_command": self._restore_cmd})
+            self._restore_suspended = False
 
     def _catch_up(self, archive: Future[ArchiveEnd] | None) -> None:
         with self.phase("catch up") as ph:
             if archive is not None:
                 self.archive = archive.result(timeout=self.opts.timeout)
+                self._resume_archive()
             target = self.archive.last_record_lsn
             deadline = time.monotonic() + self.opts.timeout
             last, still_since, state = None, time.monotonic(), "no answer"
@@ -230,8 +261,8 @@ class Emergency:
                 with conn.session(self.new) as c:
                     # Every restore_command run (an archive client) would hold the promotion up; safe to drop
                     # when the archive holds no later timeline's history (promotion probes for one).
-                    if (self.archive.checked and not self.archive.later_timelines and int(c.execute(
-                            "select current_setting('server_version_num')").fetchone()[0]) >= 140000):
+                    if self.archive.checked and not self.archive.later_timelines and not self._restore_suspended \
+                            and self._version >= 140000:
                         self.tuning.apply(c, suspend_restore_command=True)
                     c.execute("select pg_promote(false)")
                     deadline = time.monotonic() + self.opts.timeout
@@ -377,6 +408,17 @@ class Emergency:
             loss.last_commit_lsn, loss.last_commit_time = format_lsn(found.lsn), iso(found.time)
 
 
+def _cluster_lock(cfg: Config, store: Any) -> Any:
+    """The planned switchover's lock (see switchover.cluster_lock), on the store the plan opened."""
+    if store is None:
+        return cluster_lock(cfg)
+    from dbops.ops.failover.switchover import LOCK_NAME
+    from dbops.storage.layout import Layout
+    from dbops.storage.lock import ClusterLock
+
+    return ClusterLock(store, Layout(cfg.storage.prefix), LOCK_NAME, command="failover --primary-lost")
+
+
 def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Callable[[str, str], None] | None = None,
             lock: Callable[[], Any] | None = None) -> LostReport:
     """Run a --primary-lost failover under the cluster lock. Raises with ``.report`` attached when it
@@ -384,7 +426,7 @@ def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Callabl
     if not plan.ok:
         raise plan.refuse()
     em = Emergency(cfg, plan, opts, observer)
-    with proc.sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))():
+    with proc.sigterm_as_interrupt(), (lock or (lambda: _cluster_lock(cfg, plan.store)))():
         return em.run()
 
 
