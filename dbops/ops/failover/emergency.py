@@ -5,12 +5,14 @@ The sequence (each phase timed; the plan is :mod:`dbops.ops.failover.assess`):
 1. fence the old primary: through its node controller when it reaches the host (stop
    immediate, leave ``standby.signal``), and always the ``failover.fence_hooks``. A failing
    hook, or no way to fence at all, stops here (exit 11) unless ``--no-fence``;
-2. the candidate stops trying to stream (``primary_conninfo = ''``), retries every 10 ms, and
-   gets a ``restore_command`` (``dbops wal-fetch``, derived from its ``archive_command``) when
-   it has none; everything is reloaded, nothing restarted;
+2. the candidate stops trying to stream (``primary_conninfo = ''``) and retries every 10 ms.
+   When the archive holds WAL it has not received, it replays from there (its own
+   ``restore_command``, else ``dbops wal-fetch`` derived from its ``archive_command``); when it
+   does not, ``restore_command`` is suspended (an archive client per retry would only delay
+   the promotion). Everything is reloaded, nothing restarted;
 3. catch up: wait until it has replayed what it received and, from the archive, the last
    record of the newest archived segment of its timeline (read again after the fence);
-4. promote (``restore_command`` suspended first, so the promotion runs no archive client);
+4. promote (``restore_command`` suspended, so the promotion runs no archive client);
 5. PgBouncer repointed; tuning undone; slots, CHECKPOINT; post-hooks; the other standbys
    repointed (``pg_rewind`` only for one that received WAL past the switch point); verify;
 6. report what may be lost (:mod:`dbops.ops.failover.loss`).
@@ -20,14 +22,12 @@ The old primary is not touched further: ``dbops rejoin OLD`` rewinds it once it 
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
-from dbops import log, proc
+from dbops import proc
 from dbops.config import Config, Node
 from dbops.errors import DbopsError, LossPossibleError, PostgresError, PreconditionError, UnknownOutcomeError
 from dbops.nodes import open_controller
@@ -37,13 +37,12 @@ from dbops.ops.failover.candidate import CandidateTuning
 from dbops.ops.failover.hooks import env_for, run_hooks
 from dbops.ops.failover.loss import ARCHIVE, LostReport, compute, iso, last_recovered_commit
 from dbops.ops.failover.walgap import archive_received, restore_command_for, segments_between
-from dbops.ops.failover.plan import FAIL, Finding
-from dbops.ops.failover.switchover import Phase, cluster_lock
+from dbops.ops.failover.phases import Observer, Phases
+from dbops.ops.failover.plan import FAIL
+from dbops.ops.failover.switchover import cluster_lock
 from dbops.ops.failover.verify import verify
 from dbops.pg import conn
 from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
-
-_log = log.get("failover")
 
 POLL = 0.01
 SETTLE = 0.3  # seconds replay must stand still below the received LSN (an incomplete last record)
@@ -55,7 +54,7 @@ def _attach(err: DbopsError, report: LostReport) -> DbopsError:
 
 
 class Emergency:
-    def __init__(self, cfg: Config, plan: LostPlan, opts: LostOptions, observer: Callable[[str, str], None] | None = None):
+    def __init__(self, cfg: Config, plan: LostPlan, opts: LostOptions, observer: Observer | None = None):
         assert plan.old_primary is not None and plan.candidate is not None
         self.cfg, self.plan, self.opts, self.observer = cfg, plan, opts, observer
         self.old: Node = plan.old_primary.node
@@ -74,33 +73,7 @@ class Emergency:
         self._replayed_ts: float | None = None
         self._cand_conninfo: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-archive")
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[Phase]:
-        ph = Phase(name, 0.0)
-        if self.observer:
-            self.observer(name, "start")
-        t0 = time.monotonic()
-        try:
-            yield ph
-        except BaseException as e:
-            ph.ok = False
-            ph.detail = ph.detail or (e.message if isinstance(e, DbopsError) else type(e).__name__)
-            raise
-        finally:
-            ph.seconds = round(time.monotonic() - t0, 4)
-            self.report.phases.append(ph)
-            log.event(_log, logging.INFO, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
-            if self.observer:
-                self.observer(name, "end")
-
-    def _guarded(self, name: str, fn: Callable[[], str | None]) -> None:
-        """A step after promotion (returns its detail): a failure is recorded, never stops the others."""
-        try:
-            with self.phase(name) as ph:
-                ph.detail = fn()
-        except DbopsError as e:
-            self.report.warnings.append(f"{name}: {e.message}" + (f" ({e.detail.strip()})" if e.detail else ""))
+        self.ph = Phases(self.report.phases, self.report.warnings, observer)
 
     # -- the run ----------------------------------------------------------------------------------------
 
@@ -135,7 +108,7 @@ class Emergency:
             self.report.warnings.append(f"undo candidate settings: {e.message}")
 
     def _fence(self) -> None:
-        with self.phase("fence old primary") as ph:
+        with self.ph.phase("fence old primary") as ph:
             ctl_ok, ctl_detail = self._fence_controller()
             hooks = self.cfg.failover.fence_hooks
             env = env_for(self.cfg.cluster, self.old, self.new)
@@ -170,7 +143,7 @@ class Emergency:
             return False, e.message + (f": {detail[-1]}" if detail else "")
 
     def _tune(self) -> None:
-        with self.phase("candidate: replay from the archive") as ph, conn.session(self.new) as c:
+        with self.ph.phase("candidate: replay from the archive") as ph, conn.session(self.new) as c:
             restore, version, archive_cmd, self._cand_conninfo = c.execute(
                 "select current_setting('restore_command'), current_setting('server_version_num')::int, "
                 "current_setting('archive_command'), current_setting('primary_conninfo')").fetchone()
@@ -215,7 +188,7 @@ class Emergency:
             self._restore_suspended = False
 
     def _catch_up(self, archive: Future[ArchiveEnd] | None) -> None:
-        with self.phase("catch up") as ph:
+        with self.ph.phase("catch up") as ph:
             if archive is not None:
                 self.archive = archive.result(timeout=self.opts.timeout)
                 self._resume_archive()
@@ -256,7 +229,7 @@ class Emergency:
                 time.sleep(0.2)
 
     def _promote(self) -> None:
-        with self.phase("promote") as ph:
+        with self.ph.phase("promote") as ph:
             try:
                 with conn.session(self.new) as c:
                     # Every restore_command run (an archive client) would hold the promotion up; safe to drop
@@ -292,13 +265,13 @@ class Emergency:
             from dbops.ops.failover.pgbouncer import PgBouncer
 
             bouncer = PgBouncer(fo.pgbouncer)
-            self._guarded("pgbouncer repoint",
+            self.ph.guarded("pgbouncer repoint",
                           lambda: "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing"))
-        self._guarded("untune candidate", lambda: self.tuning.undo())
-        self._guarded("new primary: slots, checkpoint", self._settle)
-        self._guarded("archive WAL only the standbys had", self._archive_gap)
+        self.ph.guarded("untune candidate", lambda: self.tuning.undo())
+        self.ph.guarded("new primary: slots, checkpoint", self._settle)
+        self.ph.guarded("archive WAL only the standbys had", self._archive_gap)
         if fo.post_hooks:
-            with self.phase("post-hooks") as ph:
+            with self.ph.phase("post-hooks") as ph:
                 env = env_for(self.cfg.cluster, self.old, self.new, timeline=str(self.report.timeline or ""),
                               switch_lsn=format_lsn(self._switch) if self._switch else "")
                 failed = run_hooks("post", fo.post_hooks, env, self.opts.timeout)
@@ -306,14 +279,14 @@ class Emergency:
                     ph.ok, ph.detail = False, failed[0]
                     self.report.warnings.append(f"post-hook {failed[0]}")
         for n in self.others:
-            self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
-        with self.phase("verify"):
+            self.ph.guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
+        with self.ph.phase("verify"):
             cand = self.plan.candidate
             self.report.verification = verify(
                 self.cfg, self.new, self.others, timeline=self.report.timeline or 0,
                 old_timeline=self.report.old_timeline or 0, timeout=self.opts.timeout,
                 archive_command=cand.settings.get("archive_command", "") if cand else "")
-        self._guarded("loss report", self._loss)
+        self.ph.guarded("loss report", self._loss)
         bad = [f for f in self.report.verification if f.status == FAIL]
         if bad or self.report.warnings:
             self.report.outcome = "unknown"
@@ -419,7 +392,7 @@ def _cluster_lock(cfg: Config, store: Any) -> Any:
     return ClusterLock(store, Layout(cfg.storage.prefix), LOCK_NAME, command="failover --primary-lost")
 
 
-def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Callable[[str, str], None] | None = None,
+def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Observer | None = None,
             lock: Callable[[], Any] | None = None) -> LostReport:
     """Run a --primary-lost failover under the cluster lock. Raises with ``.report`` attached when it
     did not end with "promoted, nothing known lost"."""

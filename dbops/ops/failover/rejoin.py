@@ -15,18 +15,17 @@ primary's.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dbops import log
 from dbops.config import Config
 from dbops.errors import DbopsError, PreconditionError, UnknownOutcomeError, UsageError
 from dbops.nodes import NodeController, open_controller
 from dbops.ops import topology as topo_mod
 from dbops.ops.failover import replication as repl
+from dbops.ops.failover.phases import Phases
 from dbops.ops.failover.plan import FAIL, OK, WARN, Finding
 from dbops.ops.failover.switchover import Phase
 from dbops.ops.topology import PRIMARY, STANDBY, NodeState, Topology
@@ -34,7 +33,6 @@ from dbops.pg import conn, waldump
 from dbops.pg.controldata import ControlData
 from dbops.pg.lsn import format_lsn, parse_history
 
-_log = log.get("failover")
 
 MAX_LISTED = 1000  # transaction ends listed one by one; all are counted
 _DIVERGED_RE = re.compile(r"servers diverged at WAL location ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
@@ -166,19 +164,11 @@ class Rejoin:
         self.node, self.primary = p.node.node, p.primary.node
         self.ctl = open_controller(self.node)
         self.report = RejoinReport(self.node.name, self.primary.name, timeline=p.primary.timeline)
+        self.ph = Phases(self.report.phases, [])
 
     def phase(self, name: str, fn: Any) -> Any:
-        ph = Phase(name, 0.0)
-        t0 = time.monotonic()
-        try:
+        with self.ph.phase(name) as ph:
             return fn(ph)
-        except BaseException as e:
-            ph.ok, ph.detail = False, ph.detail or (e.message if isinstance(e, DbopsError) else type(e).__name__)
-            raise
-        finally:
-            ph.seconds = round(time.monotonic() - t0, 4)
-            self.report.phases.append(ph)
-            log.event(_log, logging.INFO, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
 
     def run(self) -> RejoinReport:
         tli = self.report.timeline or 0
