@@ -266,7 +266,7 @@ class Emergency:
 
             bouncer = PgBouncer(fo.pgbouncer)
             self.ph.guarded("pgbouncer repoint",
-                          lambda: "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing"))
+                            lambda: "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing"))
         self.ph.guarded("untune candidate", lambda: self.tuning.undo())
         self.ph.guarded("new primary: slots, checkpoint", self._settle)
         self.ph.guarded("archive WAL only the standbys had", self._archive_gap)
