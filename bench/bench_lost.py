@@ -81,7 +81,10 @@ def one_run(cfg_path: str, passfile: str, start_id: int) -> tuple[dict, int]:
         w.stop()
         failover_lab.make_reachable(old.data_dir)
     rep = out.get("report") or {}
-    first = next((t for _, t in w.acked if t > t_kill), None)
+    # an acknowledgement already on its way when the server died may arrive just after the kill: the first
+    # write on the new primary is the first acknowledgement after the writer's first error
+    t_err = next((t for t, _ in w.errors if t >= t_kill), t_kill)
+    first = next((t for _, t in w.acked if t > t_err), None)
     before = [i for i, t in w.acked if t < t_kill]
     new = cfg.node(rep["new_primary"])
     with conn.session(new) as c:
@@ -96,6 +99,7 @@ def one_run(cfg_path: str, passfile: str, start_id: int) -> tuple[dict, int]:
         "kill_to_first_write_seconds": round(first - t_kill, 3) if first else None,
         "command_seconds": round(t_cmd, 3),
         "seconds_to_writable_in_command": rep.get("seconds_to_writable"),
+        "plan_seconds_in_command": rep.get("plan_seconds"),
         "exit_code": code,
         "probe_acked_before_kill": len(before),
         "probe_lost": len(lost),

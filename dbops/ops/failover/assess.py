@@ -226,6 +226,33 @@ def fence_reach(cfg: Config, old: NodeState) -> str | None:
         return why
 
 
+_TIMELINE_SQL = r"""
+select max(('x' || substr(name, 1, 8))::bit(32)::int) from pg_ls_waldir() where name ~ '^[0-9A-F]{8}\.history$'
+"""
+
+
+def with_recovery_timelines(topo: Topology) -> Topology:
+    """Standbys' timelines as far as they know them: with no WAL receiver left, the topology falls back
+    on the last restartpoint's timeline, which lags a timeline switch until the next restartpoint; the
+    newest history file in pg_wal is the timeline recovery follows."""
+    from dataclasses import replace
+
+    from dbops.pg import conn
+
+    out = []
+    for s in topo.nodes:
+        if s.role == topo_mod.STANDBY:
+            try:
+                with conn.session(s.node, connect_timeout=topo_mod.CONNECT_TIMEOUT) as c:
+                    newest = c.execute(_TIMELINE_SQL).fetchone()[0]
+                if newest and newest > (s.timeline or 0):
+                    s = replace(s, timeline=newest)
+            except DbopsError:
+                pass
+        out.append(s)
+    return Topology(tuple(out))
+
+
 def assess(cfg: Config, opts: LostOptions, *, topo: Topology | None = None, archive: ArchiveEnd | None = None,
            reach: Callable[[Config, NodeState], str | None] = fence_reach) -> LostPlan:
     """The plan; `topo`, `archive` and `reach` (can the controller fence? None = yes) come from the
@@ -236,7 +263,7 @@ def assess(cfg: Config, opts: LostOptions, *, topo: Topology | None = None, arch
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-store") as pool:
         store_f = pool.submit(open_store, cfg.storage)  # boto3's import and client: beside the topology probes
-        topo = topo or topo_mod.discover(cfg)
+        topo = topo or with_recovery_timelines(topo_mod.discover(cfg))
         try:
             store = store_f.result()
         except DbopsError:
@@ -363,4 +390,4 @@ def describe(cfg: Config, plan: LostPlan, opts: LostOptions) -> list[str]:
 
 
 __all__ = ["ArchiveEnd", "LostOptions", "LostPlan", "archive_is_dbops", "assess", "choose", "describe", "has_lsn",
-           "lost_primary", "read_archive"]
+           "lost_primary", "read_archive", "with_recovery_timelines"]

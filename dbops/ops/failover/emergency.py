@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 from dbops import proc
@@ -35,8 +36,8 @@ from dbops.ops.failover import replication as repl
 from dbops.ops.failover.assess import ArchiveEnd, LostOptions, LostPlan, has_lsn, read_archive
 from dbops.ops.failover.candidate import CandidateTuning
 from dbops.ops.failover.hooks import env_for, run_hooks
-from dbops.ops.failover.loss import ARCHIVE, LostReport, compute, iso, last_recovered_commit
-from dbops.ops.failover.walgap import archive_received, restore_command_for, segments_between
+from dbops.ops.failover.loss import LostReport, for_plan, iso, last_recovered_commit
+from dbops.ops.failover.walgap import archive_gap, restore_command_for
 from dbops.ops.failover.phases import Observer, Phases
 from dbops.ops.failover.plan import FAIL
 from dbops.ops.failover.switchover import cluster_lock
@@ -77,25 +78,29 @@ class Emergency:
 
     # -- the run ----------------------------------------------------------------------------------------
 
-    def run(self) -> LostReport:
+    def run(self, lock: Callable[[], Any]) -> LostReport:
+        self.report.plan_seconds = round(time.monotonic() - self._t0, 3)
         try:
-            try:
-                self._fence()
-                archive: Future[ArchiveEnd] | None = None
-                if self.archive.dbops:  # read the archive's end again, after the fence
-                    archive = self._pool.submit(read_archive, self.cfg, self.archive.timeline or 1,
-                                                store=self.plan.store, previous=self.plan.archive)
-                self._tune()
-                self._catch_up(archive)
-                self._promote()
-            except BaseException as e:
-                if self.report.outcome == "running":
-                    self.report.outcome = "cancelled"
-                    self._untune()
-                if isinstance(e, DbopsError):
-                    _attach(e, self.report)
-                raise
-            self._after()
+            with ExitStack() as held:
+                try:
+                    with self.ph.phase("lock"):
+                        held.enter_context(lock())
+                    self._fence()
+                    archive: Future[ArchiveEnd] | None = None
+                    if self.archive.dbops:  # read the archive's end again, after the fence
+                        archive = self._pool.submit(read_archive, self.cfg, self.archive.timeline or 1,
+                                                    store=self.plan.store, previous=self.plan.archive)
+                    self._tune()
+                    self._catch_up(archive)
+                    self._promote()
+                except BaseException as e:
+                    if self.report.outcome == "running":
+                        self.report.outcome = "cancelled"
+                        self._untune()
+                    if isinstance(e, DbopsError):
+                        _attach(e, self.report)
+                    raise
+                self._after()
         finally:
             self._pool.shutdown(wait=False)
             self.report.total_seconds = round(time.monotonic() - self._t0, 3)
@@ -237,6 +242,9 @@ class Emergency:
                     if self.archive.checked and not self.archive.later_timelines and not self._restore_suspended \
                             and self._version >= 140000:
                         self.tuning.apply(c, suspend_restore_command=True)
+                        self._restore_suspended = True
+                    if self._restore_suspended:
+                        ph.detail = self._wait_restore_idle(c)
                     c.execute("select pg_promote(false)")
                     deadline = time.monotonic() + self.opts.timeout
                     while c.execute("select pg_is_in_recovery()").fetchone()[0]:
@@ -246,7 +254,7 @@ class Emergency:
                     self.report.seconds_to_writable = round(time.monotonic() - self._t0, 3)
                     self.report.timeline = int(c.execute(
                         "select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-                ph.detail = f"timeline {self.report.timeline}"
+                ph.detail = f"timeline {self.report.timeline}" + (f" ({ph.detail})" if ph.detail else "")
                 self.report.outcome = "promoted"
             except DbopsError as e:
                 self.report.outcome = "unknown"
@@ -256,6 +264,23 @@ class Emergency:
                     hint=f"run `dbops status`: if {self.new.name} is primary, continue by hand (repoint the "
                          "standbys); if it is still a standby, run `dbops failover --primary-lost` again"),
                     self.report) from None
+
+    def _wait_restore_idle(self, c: Any) -> str | None:
+        """Until the startup process is out of a restore_command run begun before the reload.
+
+        It rereads its configuration only between retries; a promote request seen first would end
+        recovery with the old restore_command, probing the archive for history files (an archive
+        client each, seconds in all).
+        """
+        deadline, waited = time.monotonic() + min(self.opts.timeout, 10.0), False
+        while c.execute("select count(*) from pg_stat_activity where backend_type = 'startup' "
+                        "and wait_event = 'RestoreCommand'").fetchone()[0] and time.monotonic() < deadline:
+            waited = True
+            time.sleep(POLL)
+        if waited:
+            time.sleep(3 * POLL)  # one retry round (wal_retrieve_retry_interval = 10ms) rereads the configuration
+            return "waited for a restore_command run to end"
+        return None
 
     # -- after writes resumed -----------------------------------------------------------------------------
 
@@ -316,20 +341,15 @@ class Emergency:
             self._switch = entries[-1][1]
 
     def _archive_gap(self) -> str:
-        a, cmd = self.archive, (self.plan.candidate.settings.get("archive_command") or "") if self.plan.candidate else ""
-        if not (a.checked and a.segment and self._switch and "wal-push" in cmd and self.new.data_dir):
-            return "skipped: " + ("the archive was not read" if not a.checked else "no archived segment to start "
-                                  "from" if not a.segment else "no dbops archive_command or switch point")
-        names = segments_between(self.report.old_timeline or 1, a.segment, self._switch, a.seg_size)
-        res = archive_received(open_controller(self.new), self.new.data_dir, cmd, names, self.opts.timeout)
+        cand = self.plan.candidate
+        res, detail = archive_gap(self.archive, (cand.settings.get("archive_command") or "") if cand else "",
+                                  self.new, self._switch, self.report.old_timeline or 1, self.opts.timeout)
         self.report.archived_from_standby = res.pushed
-        for name in res.missing:
-            self.report.notes.append(f"! {name} is neither in the archive nor in {self.new.name}'s pg_wal: the "
-                                     "archive has a gap before the new timeline; take a full backup (`dbops backup "
-                                     "--full`)")
-        for why in res.failed:
-            self.report.warnings.append(f"archiving {why}")
-        return f"{len(res.pushed)} of {len(names)} segment(s) archived" if names else "nothing missing"
+        self.report.notes += [f"! {name} is neither in the archive nor in {self.new.name}'s pg_wal: the archive has "
+                              "a gap before the new timeline; take a full backup (`dbops backup --full`)"
+                              for name in res.missing]
+        self.report.warnings += [f"archiving {why}" for why in res.failed]
+        return detail
 
     def _repoint(self, node: Node) -> None:
         st = self.plan.topology.get(node.name)
@@ -357,20 +377,12 @@ class Emergency:
         self.report.repointed[node.name] = "primary_conninfo (reload)"
 
     def _loss(self) -> None:
-        cand = self.plan.candidate
-        assert cand is not None
         switch = self._switch
         if switch is None:
             with conn.session(self.new) as c:  # no history file readable: the end of the replayed WAL
                 switch = parse_lsn(c.execute("select pg_current_wal_lsn()::text").fetchone()[0])
-        ends = {s.name: v for s in self.plan.standbys if (v := has_lsn(s)) is not None}
-        if self.archive.end_lsn is not None:
-            ends[ARCHIVE] = self.archive.end_lsn
-        loss = compute(switch=switch, candidate=cand.name, candidate_had=has_lsn(cand), ends=ends,
-                       archive_checked=self.archive.checked, archive_expected=self.archive.dbops,
-                       archive_last_record=self.archive.last_record_lsn)
+        self.report.loss = loss = for_plan(self.plan, self.archive, switch)
         loss.last_commit_time = iso(self._replayed_ts)
-        self.report.loss = loss
         try:
             found = last_recovered_commit(open_controller(self.new), switch, old_timeline=self.report.old_timeline or 1,
                                           new_timeline=self.report.timeline or 2, seg_size=self.archive.seg_size)
@@ -378,7 +390,8 @@ class Emergency:
             self.report.notes.append(f"last recovered commit not read with pg_waldump: {e.message}")
             return
         if found is not None:
-            loss.last_commit_lsn, loss.last_commit_time = format_lsn(found.lsn), iso(found.time)
+            loss.last_commit_lsn, loss.last_commit_xid, loss.last_commit_time = (format_lsn(found.lsn), found.xid,
+                                                                                 iso(found.time))
 
 
 def _cluster_lock(cfg: Config, store: Any) -> Any:
@@ -399,8 +412,8 @@ def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Observe
     if not plan.ok:
         raise plan.refuse()
     em = Emergency(cfg, plan, opts, observer)
-    with proc.sigterm_as_interrupt(), (lock or (lambda: _cluster_lock(cfg, plan.store)))():
-        return em.run()
+    with proc.sigterm_as_interrupt():
+        return em.run(lock or (lambda: _cluster_lock(cfg, plan.store)))
 
 
 __all__ = ["Emergency", "LostReport", "execute", "restore_command_for"]

@@ -30,6 +30,7 @@ class Loss:
     last_commit_lsn: str | None  # the last recovered commit record
     last_commit_time: str | None  # its commit time (UTC, ISO 8601)
     known_end_lsn: str | None  # the last LSN the old primary is known to have reached
+    last_commit_xid: int | None = None
     known_end_sources: list[str] = field(default_factory=list)  # who knew it (standby names, "archive")
     behind_known_end_bytes: int | None = None  # known end minus switch point
     known_lost_bytes: int = 0  # WAL known to exist elsewhere (another standby, the archive) and not recovered
@@ -54,7 +55,8 @@ class LostReport:
     fence: dict[str, Any] = field(default_factory=dict)
     restore_command_set: bool = False
     archived_from_standby: list[str] = field(default_factory=list)  # old-timeline segments pushed after promotion
-    seconds_to_writable: float | None = None
+    plan_seconds: float | None = None  # from the command's start to the end of the assessment
+    seconds_to_writable: float | None = None  # from the command's start
     total_seconds: float | None = None
     loss: Loss | None = None
     repointed: dict[str, str] = field(default_factory=dict)
@@ -112,6 +114,19 @@ def compute(*, switch: int, candidate: str, candidate_had: int | None, ends: dic
     return loss
 
 
+def for_plan(plan: Any, archive: Any, switch: int) -> Loss:
+    """:func:`compute` from a LostPlan (the standbys as assessed) and the archive's end as last read."""
+    from dbops.ops.failover.assess import has_lsn
+
+    cand = plan.candidate
+    ends = {s.name: v for s in plan.standbys if (v := has_lsn(s)) is not None}
+    if archive.end_lsn is not None:
+        ends[ARCHIVE] = archive.end_lsn
+    return compute(switch=switch, candidate=cand.name, candidate_had=has_lsn(cand), ends=ends,
+                   archive_checked=archive.checked, archive_expected=archive.dbops,
+                   archive_last_record=archive.last_record_lsn)
+
+
 def last_recovered_commit(ctl: NodeController, switch: int, *, old_timeline: int, new_timeline: int,
                           seg_size: int, segments: int = 4) -> waldump.XactEnd | None:
     """The last commit before the switch point, read with pg_waldump from the new primary's pg_wal.
@@ -158,4 +173,4 @@ def metrics(report: Any) -> dict[str, tuple[float | int | None, str]]:
     }
 
 
-__all__ = ["ARCHIVE", "LostReport", "Loss", "compute", "iso", "last_recovered_commit", "metrics"]
+__all__ = ["ARCHIVE", "LostReport", "Loss", "compute", "for_plan", "iso", "last_recovered_commit", "metrics"]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
+from dbops.config import Node
 from dbops.errors import DbopsError
 from dbops.nodes import NodeController
 from dbops.pg.lsn import parse_segment_name, segment_name
@@ -78,4 +80,19 @@ def archive_received(ctl: NodeController, data_dir: str, archive_command: str, n
     return res
 
 
-__all__ = ["GapResult", "archive_received", "command_for", "restore_command_for", "segments_between"]
+def archive_gap(archive: Any, archive_command: str, node: Node, switch: int | None, old_timeline: int,
+                timeout: float) -> tuple[GapResult, str]:
+    """Push the segments between the archive's newest one (as read before the promotion) and the
+    switch point from the new primary; returns what happened and a one-line summary."""
+    from dbops.nodes import open_controller
+
+    a = archive
+    if not (a.checked and a.segment and switch and "wal-push" in archive_command and node.data_dir):
+        return GapResult(), "skipped: " + ("the archive was not read" if not a.checked else "no archived segment to "
+                                           "start from" if not a.segment else "no dbops archive_command or switch point")
+    names = segments_between(old_timeline, a.segment, switch, a.seg_size)
+    res = archive_received(open_controller(node), node.data_dir, archive_command, names, timeout)
+    return res, (f"{len(res.pushed)} of {len(names)} segment(s) archived" if names else "nothing missing")
+
+
+__all__ = ["GapResult", "archive_gap", "archive_received", "command_for", "restore_command_for", "segments_between"]
