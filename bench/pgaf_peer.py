@@ -157,7 +157,8 @@ def run(d: Path, runs: int) -> dict:
                 w.wait_for_commits(50, timeout=300)
             finally:
                 w.stop()
-            first = next(t for _, t in w.acked if t > t_kill)
+            t_err = next((t for t, _ in w.errors if t >= t_kill), t_kill)  # an ack in flight at the kill
+            first = next(t for _, t in w.acked if t > t_err)
             with psycopg.connect(c.conninfo(), autocommit=True) as conn:
                 lost = len(w.lost(conn))
             results.append({"kill_to_first_write_seconds": round(first - t_kill, 3), "lost": lost,

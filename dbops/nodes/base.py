@@ -64,6 +64,15 @@ _FENCE_SH = (
     'if [ ! -f "$pidfile" ]; then printf "%s\\n" "$out"; exit 0; fi; '
     'sleep "$5"; done'
 )
+# Remove a postmaster.pid no live postmaster of this folder holds (a crash left it; its pid may belong to
+# another process by now, which pg_ctl would signal). Every postgres process's working directory is its
+# data folder. Without /proc nothing is removed.
+_STALE_PID_SH = (
+    'pidfile="$1/postmaster.pid"; [ -f "$pidfile" ] || exit 0; [ -d /proc/self ] || exit 0; '
+    'pid=$(head -n 1 "$pidfile"); dir=$(cd "$1" && pwd -P) || exit 0; '
+    'if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$dir" ]; then exit 0; fi; '
+    'rm -f "$pidfile" && echo "removed stale postmaster.pid (pid $pid)"'
+)
 # Atomic replace of a file in the data folder, content on stdin.
 _WRITE_SH = 'umask 077; cat > "$1.dbops-tmp" && mv -f "$1.dbops-tmp" "$1"'
 # Print a file, or exit 3 when it does not exist.
@@ -134,6 +143,10 @@ class NodeController(Protocol):
 
     def add_standby_signal(self) -> None:
         """Leave standby.signal in the data folder (a fenced primary then starts as a standby)."""
+        ...
+
+    def clear_stale_pidfile(self) -> str | None:
+        """Remove a postmaster.pid left by a crash (no live postmaster of this folder has that pid)."""
         ...
 
     def has_standby_signal(self) -> bool:
@@ -300,6 +313,10 @@ class ShellController:
 
     def add_standby_signal(self) -> None:
         self.write_file(STANDBY_SIGNAL, "")
+
+    def clear_stale_pidfile(self) -> str | None:
+        res = self._sh(_STALE_PID_SH, self.data_dir, check=False, what=f"stale postmaster.pid on {self.node.name}")
+        return res.stdout.strip() or None
 
     def has_standby_signal(self) -> bool:
         res = self._exec(["test", "-f", self._path(STANDBY_SIGNAL)], timeout=30, input=None, env=None, check=False)

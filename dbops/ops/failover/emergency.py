@@ -138,6 +138,7 @@ class Emergency:
     def _fence_controller(self) -> tuple[bool, str]:
         try:
             ctl = open_controller(self.old)
+            ctl.clear_stale_pidfile()  # after a crash its pid may be another process's: never signal that one
             ctl.stop("immediate", timeout=min(self.opts.timeout, 30.0))
             if ctl.is_running():
                 return False, "still running after an immediate stop"

@@ -172,7 +172,7 @@ class Rejoin:
 
     def run(self) -> RejoinReport:
         tli = self.report.timeline or 0
-        self.phase("stop", lambda ph: self.ctl.stop("fast", timeout=self.timeout))
+        self.phase("stop", lambda ph: (self.ctl.clear_stale_pidfile(), self.ctl.stop("fast", timeout=self.timeout)))
         cd: ControlData = self.ctl.controldata()
         history, template, followers = self._from_primary(tli)
         entries = {t: lsn for t, lsn, _ in parse_history(history)} if history else {}
