@@ -139,11 +139,24 @@ def run(d: Path, runs: int) -> dict:
             "lost_after_failover": sum(r["probe_lost_after_failover"] for r in results),
             "details": results,
             "goal": {"kill_to_first_write_max_seconds": 5.0},
-            "pg_auto_failover": "not measured here; issue #16 gives 50.1-51.1 s from kill -9 to the first "
-                                "accepted write (3 runs, pg_auto_failover 2.0, same machine kind)",
         }
     finally:
         labmod.down(d / "lab")
+
+
+def with_peer(d: Path, runs: int) -> dict:
+    """bench_lost's record plus pg_auto_failover's automatic failover measured the same way (see pgaf_peer)."""
+    rec = run(d, runs)
+    import pgaf_peer
+
+    peer_dir = d / "pgaf"
+    peer_dir.mkdir(exist_ok=True)
+    os.chmod(peer_dir, 0o755)
+    try:
+        rec["pg_auto_failover"] = pgaf_peer.run(peer_dir, min(runs, 3))
+    except Exception as e:  # the peer is a comparison; its failure must not hide dbops' figures
+        rec["pg_auto_failover"] = {"error": f"{type(e).__name__}: {e}"}
+    return rec
 
 
 def main() -> None:
@@ -151,12 +164,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", help="work folder (default: a new one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--peer", action="store_true", help="also measure pg_auto_failover (bench/pgaf_peer.py)")
     a = ap.parse_args()
     d = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="dbops-bench-lost-", dir="/tmp"))
     os.chmod(d, 0o755)
     os.environ.setdefault("DBOPS_LOCK_DIR", str(d))
     try:
-        print(json.dumps(run(d, a.runs)))
+        print(json.dumps(with_peer(d, a.runs) if a.peer else run(d, a.runs)))
     finally:
         if not a.keep and not a.dir:
             import shutil

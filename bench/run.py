@@ -63,7 +63,8 @@ def main() -> int:
                     fdir = d.parent / name.removeprefix("bench_")
                     fdir.mkdir(exist_ok=True)
                     os.chmod(fdir, 0o755)
-                    records = [mod.run(fdir, runs=int(os.environ.get("BENCH_FAILOVER_RUNS", "5")))]
+                    runner = getattr(mod, "with_peer", mod.run)  # bench_lost: pg_auto_failover beside it
+                    records = [runner(fdir, runs=int(os.environ.get("BENCH_FAILOVER_RUNS", "5")))]
                 elif name == "bench_encryption":  # two labs of its own: encryption on and off
                     edir = d.parent / "encryption"
                     edir.mkdir(exist_ok=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dbops needs for the demo and the tests, only when missing.
 set -euo pipefail
-PKGS=(postgresql-15 postgresql-contrib python3-venv podman runc uidmap pgbouncer openssh-server openssh-client pgbackrest)
+PKGS=(postgresql-15 postgresql-contrib python3-venv podman runc uidmap pgbouncer openssh-server openssh-client pgbackrest
+      pg-auto-failover-cli postgresql-15-auto-failover)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
