@@ -107,10 +107,7 @@ class Emergency:
         return self.report
 
     def _untune(self) -> None:
-        try:
-            self.tuning.undo()
-        except DbopsError as e:
-            self.report.warnings.append(f"undo candidate settings: {e.message}")
+        self.ph.guarded("untune candidate", lambda: self.tuning.undo())
 
     def _fence(self) -> None:
         with self.ph.phase("fence old primary") as ph:
@@ -161,11 +158,8 @@ class Emergency:
                     self._restore_cmd = derived
                     self.report.restore_command_set = True
                 else:
-                    self.report.notes.append(
-                        f"{self.new.name} has no restore_command" + ("" if derived else " and its archive_command is "
-                                                                     "not `dbops wal-push`") +
-                        ": it cannot replay WAL from the archive" + (" (PostgreSQL < 14 needs a restart)"
-                                                                     if derived else ""))
+                    why = "PostgreSQL < 14 needs a restart for it" if derived else "archive_command is not dbops'"
+                    self.report.notes.append(f"{self.new.name} has no restore_command ({why}): no archive replay")
             extra = {"primary_conninfo": ""}
             # An archive client run per retry would only delay the promotion when the archive holds nothing new
             if version >= 140000 and self._archive_needed(self.archive) is False:
@@ -267,12 +261,8 @@ class Emergency:
                     self.report) from None
 
     def _wait_restore_idle(self, c: Any) -> str | None:
-        """Until the startup process is out of a restore_command run begun before the reload.
-
-        It rereads its configuration only between retries; a promote request seen first would end
-        recovery with the old restore_command, probing the archive for history files (an archive
-        client each, seconds in all).
-        """
+        """Until the startup process is out of a restore_command run begun before the reload: it rereads its
+        configuration between retries, and promoting first would probe the archive with the old one (seconds)."""
         deadline, waited = time.monotonic() + min(self.opts.timeout, 10.0), False
         while c.execute("select count(*) from pg_stat_activity where backend_type = 'startup' "
                         "and wait_event = 'RestoreCommand'").fetchone()[0] and time.monotonic() < deadline:
