@@ -261,11 +261,13 @@ def assess(cfg: Config, opts: LostOptions, *, topo: Topology | None = None, arch
 
     from dbops.storage import open_store
 
+    store = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-store") as pool:
-        store_f = pool.submit(open_store, cfg.storage)  # boto3's import and client: beside the topology probes
+        # boto3's import and client, beside the topology probes (not when the archive's end is given)
+        store_f = pool.submit(open_store, cfg.storage) if archive is None else None
         topo = topo or with_recovery_timelines(topo_mod.discover(cfg))
         try:
-            store = store_f.result()
+            store = store_f.result() if store_f is not None else None
         except DbopsError:
             store = None
     f: list[Finding] = []
