@@ -101,7 +101,7 @@ class ContainerController(ShellController):
                         what=what or f"{argv[0]} in {self.name}")
 
     def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
-               timeout: float = 3600.0) -> None:
+               timeout: float = 3600.0) -> proc.Result:
         """pg_rewind in a helper on the node's network and with its environment (see the module doc)."""
         if not self.status().running:
             out = self._engine("inspect", self.name).stdout
@@ -112,7 +112,8 @@ class ContainerController(ShellController):
                 raise PostgresError(f"cannot read `{self.engine} inspect {self.name}`: {e}") from None
             self._helper_network, self._helper_env = helper_context(info)
         try:
-            super().rewind(source_conninfo, password=password, restore_target_wal=restore_target_wal, timeout=timeout)
+            return super().rewind(source_conninfo, password=password, restore_target_wal=restore_target_wal,
+                                  timeout=timeout)
         finally:
             self._helper_network, self._helper_env = "none", {}
 
