@@ -264,3 +264,35 @@ def test_failover_then_a_backup_across_the_timeline_with_a_tablespace(lab_factor
     assert b2["validated"]["backup_id"] == b1["backup_id"] and b2["validated"]["ok"] and b2["timeline"] == 2
     m2 = t.manifest(b2["backup_id"])
     assert [(x.name, x.location) for x in m2.tablespaces] == [("ts", replica_loc[0][0])]
+
+
+def test_local_runtime_replays_create_tablespace_in_a_private_mount_namespace(lab_factory):
+    """runtime.engine none: the throwaway server is a local process; the CREATE TABLESPACE it replays
+    gets a scratch folder bind-mounted over the live location in a private mount namespace."""
+    import dataclasses
+
+    from dbops.ops.backup.run import run_backup
+
+    lab = lab_factory.create("tblspc-local", replicas=0)
+    cfg = dataclasses.replace(lab.config, runtime=dataclasses.replace(lab.config.runtime, engine="none"))
+    live = lab.dir / "live" / "loc"
+    live.mkdir(parents=True, mode=0o700)
+    proc.run(["chown", "postgres:postgres", str(live)])
+    os.chmod(lab.dir / "live", 0o755)
+    os.environ["DBOPS_LOCK_DIR"] = str(lab.dir / "run")
+    try:
+        b1 = run_backup(cfg)
+        sql(lab.primary, f"CREATE TABLESPACE loc LOCATION '{live}'")
+        sql(lab.primary, "CREATE TABLE t (id int PRIMARY KEY) WITH (autovacuum_enabled = off) TABLESPACE loc")
+        sql(lab.primary, "INSERT INTO t SELECT generate_series(1, 500)")
+        sql(lab.primary, "CHECKPOINT")
+        before = live_state(live)
+        b2 = run_backup(cfg)  # validates b1, replaying the CREATE
+        assert b2.validated is not None and b2.validated.ok and b2.parent_id == b1.backup_id
+        assert live_state(live) == before
+        assert [(t.name, t.location) for t in b2.manifest.tablespaces] == [("loc", str(live))]
+        b3 = run_backup(cfg)  # validates b2: the tablespace restored from storage into scratch
+        assert b3.validated is not None and b3.validated.ok
+        assert live_state(live) == before
+    finally:
+        os.environ.pop("DBOPS_LOCK_DIR", None)
