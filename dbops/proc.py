@@ -92,12 +92,16 @@ def run(
     check: bool = True,
     what: str | None = None,
     text: bool = True,
+    inherit_env: bool = True,
 ) -> Result:
-    """Run a program to completion. Raises CommandError on non-zero exit (when check) or timeout."""
+    """Run a program to completion. Raises CommandError on non-zero exit (when check) or timeout.
+
+    The program gets this process's environment plus `env`; only `env` with ``inherit_env=False``.
+    """
     argv = [str(a) for a in argv]
     argv[0] = which(argv[0])
     full = as_user(argv, user)
-    run_env = dict(os.environ)
+    run_env = dict(os.environ) if inherit_env else {}
     if env:
         run_env.update(env)
     label = what or Path(argv[0]).name
@@ -148,12 +152,16 @@ def spawn(
     cwd: str | os.PathLike | None = None,
     stdout=None,
     stderr=None,
+    inherit_env: bool = True,
 ) -> subprocess.Popen:
-    """Start a long-running program in its own session (for servers and background workers)."""
+    """Start a long-running program in its own session (for servers and background workers).
+
+    The program gets this process's environment plus `env`; only `env` with ``inherit_env=False``.
+    """
     argv = [str(a) for a in argv]
     argv[0] = which(argv[0])
     full = as_user(argv, user)
-    run_env = dict(os.environ)
+    run_env = dict(os.environ) if inherit_env else {}
     if env:
         run_env.update(env)
     _log.debug("spawn %s", secrets.redact(" ".join(full)))
@@ -185,22 +193,53 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+_INTERRUPTING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+_unwind = {"depth": 0, "received": None}
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd stop, kill) unwinds like Ctrl-C, so cleanup in `finally` blocks runs."""
+    """SIGTERM (systemd stop, kill), SIGHUP (the SSH session or terminal went away) and SIGINT unwind
+    like Ctrl-C, so cleanup in ``except`` / ``finally`` blocks runs (a rollback, a PgBouncer RESUME).
+
+    Only the first signal interrupts: later ones, and any that arrive inside :func:`unwinding`,
+    are logged and ignored, so the cleanup itself runs to its end. (SIGKILL cannot be caught;
+    docs/bad-days.md says what each workflow leaves behind then.)
+    """
 
     def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if _unwind["received"] is not None or _unwind["depth"] > 0:
+            _log.warning("%s ignored: cleaning up%s", name,
+                         f" after {_unwind['received']}" if _unwind["received"] else "")
+            return
+        _unwind["received"] = name
+        _log.warning("%s received: stopping and cleaning up", name)
         raise KeyboardInterrupt
 
+    old: dict[int, object] = {}
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        for sig in _INTERRUPTING:
+            old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)  # type: ignore[arg-type]
+        _unwind["received"] = None
+
+
+@contextlib.contextmanager
+def unwinding() -> Iterator[None]:
+    """Cleanup that must not be cut short: signals that would interrupt are ignored within."""
+    _unwind["depth"] += 1
+    try:
+        yield
+    finally:
+        _unwind["depth"] -= 1
 
 
 def installed_program(name: str) -> str | None:

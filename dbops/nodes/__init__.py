@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dbops.config import Node
 from dbops.errors import ConfigError
-from dbops.nodes.base import STOP_MODES, NodeController, RunState
+from dbops.nodes.base import STOP_MODES, Fence, NodeController, RunState
 
 
 def open_controller(node: Node) -> NodeController:
@@ -30,4 +30,4 @@ def open_controller(node: Node) -> NodeController:
                       hint="use local, ssh or container")
 
 
-__all__ = ["STOP_MODES", "NodeController", "RunState", "open_controller"]
+__all__ = ["STOP_MODES", "Fence", "NodeController", "RunState", "open_controller"]

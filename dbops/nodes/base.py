@@ -75,6 +75,14 @@ _STALE_PID_SH = (
 )
 # Atomic replace of a file in the data folder, content on stdin.
 _WRITE_SH = 'umask 077; cat > "$1.dbops-tmp" && mv -f "$1.dbops-tmp" "$1"'
+# Fence a stopped (or still exiting) former primary: the new postgresql.auto.conf from stdin, no
+# recovery.signal, a standby.signal, all fsynced; then print postmaster.pid (empty when there is none).
+_FENCE_STANDBY_SH = (
+    'umask 077; cat > "$1/postgresql.auto.conf.dbops-tmp" && sync "$1/postgresql.auto.conf.dbops-tmp" && '
+    'mv -f "$1/postgresql.auto.conf.dbops-tmp" "$1/postgresql.auto.conf" && rm -f "$1/recovery.signal" && '
+    ': > "$1/standby.signal" && sync "$1/standby.signal" "$1/postgresql.auto.conf" "$1" && '
+    '{ [ ! -f "$1/postmaster.pid" ] || cat "$1/postmaster.pid"; }'
+)
 # Print a file, or exit 3 when it does not exist.
 _READ_SH = '[ -f "$1" ] || exit 3; exec cat "$1"'
 # On a node whose binaries are not configured: the bin folder matching the data folder's major version.
@@ -86,6 +94,29 @@ _FIND_BIN_SH = (
 )
 # Programs every controller runs by name (found on the node's PATH).
 PLAIN_PROGRAMS = frozenset({"sh", "rm", "test", "mkdir", "cat"})
+POSTMASTER_PID = "postmaster.pid"
+
+
+def postmaster_identity(pid_file: str | None) -> str | None:
+    """Which postmaster a postmaster.pid names: its pid and start time (lines 1 and 3), or None.
+
+    A container's postmaster is always pid 1; the start time tells two of them apart.
+    """
+    if not pid_file:
+        return None
+    lines = pid_file.splitlines()
+    if not lines or not lines[0].strip():
+        return None
+    return f"pid {lines[0].strip()}, started {lines[2].strip() if len(lines) > 2 else '?'}"
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What :meth:`NodeController.fence_as_standby` changed: the previous postgresql.auto.conf (None:
+    there was none), and the postmaster that ran when the fence was in place (None: none ran)."""
+
+    saved_auto_conf: str | None
+    postmaster: str | None
 
 
 @dataclass(frozen=True)
@@ -149,7 +180,31 @@ class NodeController(Protocol):
         """Remove a postmaster.pid left by a crash (no live postmaster of this folder has that pid)."""
         ...
 
+    def fence_as_standby(self, primary_conninfo: str, slot: str | None) -> Fence:
+        """Durably turn a stopped (or still exiting) primary into a standby of another node: any later
+        start, by anyone, comes up in recovery. Returns what :meth:`unfence` needs, and the
+        postmaster found running once the fence was in place (see :class:`Fence`)."""
+        ...
+
+    def unfence(self, fence: Fence) -> None:
+        """Undo :meth:`fence_as_standby` (server stopped): standby.signal removed, auto.conf restored."""
+        ...
+
+    def read_file(self, rel: str) -> str | None:
+        """A file of the data folder, or None when it does not exist."""
+        ...
+
+    def write_file(self, rel: str, text: str) -> None:
+        ...
+
+    def remove_file(self, rel: str) -> None:
+        ...
+
     def has_standby_signal(self) -> bool:
+        ...
+
+    def postmaster(self) -> str | None:
+        """The identity (pid, start time) of the postmaster named in postmaster.pid, or None."""
         ...
 
     def rewind(self, source_conninfo: str, *, password: str | None = None, restore_target_wal: bool = False,
@@ -317,6 +372,23 @@ class ShellController:
     def clear_stale_pidfile(self) -> str | None:
         res = self._sh(_STALE_PID_SH, self.data_dir, check=False, what=f"stale postmaster.pid on {self.node.name}")
         return res.stdout.strip() or None
+
+    def fence_as_standby(self, primary_conninfo: str, slot: str | None) -> Fence:
+        saved = self.read_file(AUTO_CONF)
+        text = pgconf.set_params(saved or "", {"primary_conninfo": primary_conninfo, "primary_slot_name": slot})
+        res = self._sh(_FENCE_STANDBY_SH, self.data_dir, input=text, what=f"fence {self.node.name} as a standby")
+        return Fence(saved, postmaster_identity(res.stdout))
+
+    def unfence(self, fence: Fence) -> None:
+        self.remove_file(STANDBY_SIGNAL)
+        if fence.saved_auto_conf is None:
+            self.remove_file(AUTO_CONF)
+        else:
+            self.write_file(AUTO_CONF, fence.saved_auto_conf)
+
+    def postmaster(self) -> str | None:
+        """The running (or last) postmaster's identity from postmaster.pid, or None."""
+        return postmaster_identity(self.read_file(POSTMASTER_PID))
 
     def has_standby_signal(self) -> bool:
         res = self._exec(["test", "-f", self._path(STANDBY_SIGNAL)], timeout=30, input=None, env=None, check=False)

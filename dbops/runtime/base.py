@@ -4,15 +4,18 @@ A *throwaway instance* is PostgreSQL started on a scratch data folder (a restore
 replay WAL, be checked, and be stopped cleanly again. Where it runs is the runtime's business
 (a container, or a plain local process); what it runs with is decided here, once:
 
-* the server listens on loopback only (``127.0.0.1``, the spec's port) and on no Unix socket;
+* the server listens on no TCP address at all: only on a Unix socket in its run folder (mode
+  0700, owned by the server's OS user; a short private folder under the temp folder when that
+  path would be too long for a socket), so no other local user can reach a copy of production;
 * ``archive_mode=off`` and ``primary_conninfo=''`` by default, so a copy of production never
   pushes WAL into the production archive nor streams from the production primary;
 * ``restore_command`` copies from the read-only WAL folder (``cp /wal/%f "%p"`` in a
   container): the host fetches the WAL the instance needs into that folder ahead of time,
   so the server's environment needs nothing but ``cp`` (a stock ``postgres:15`` image works);
-* with ``trust_local`` (the default) a generated ``pg_hba.conf`` admits loopback connections
-  without a password: dbops owns no password for a restored cluster, and only processes on
-  this host reach a loopback port;
+* with ``trust_local`` (the default) a generated ``pg_hba.conf`` admits connections on that
+  socket without a password (dbops owns no password for a restored cluster) and nothing else;
+* the server runs with a minimal environment (``PATH``, ``LANG``, ``LC_ALL``): nothing of
+  dbops' own environment (S3 keys, ``PGPASSWORD``) is visible to it;
 * a data folder without ``postgresql.conf`` (Debian keeps it in /etc) gets an empty one, so the
   server starts on built-in defaults plus the ``-c`` settings;
 * ``logging_collector=off``: the server log goes to stderr, which the runtime keeps
@@ -45,6 +48,9 @@ _log = log.get("runtime")
 DATA_PATH = "/data"
 WAL_PATH = "/wal"
 RUN_PATH = "/dbops-run"
+SOCKET_PATH = "/dbops-sock"
+SOCKET_PATH_MAX = 90  # a Unix socket path has room for 107 bytes; ".s.PGSQL.65535" takes 15 of them
+MINIMAL_ENV: Mapping[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "LC_ALL": "C"}
 
 LOOPBACK = "127.0.0.1"
 HBA_FILE = "pg_hba.conf"
@@ -53,7 +59,8 @@ CONF_FILE = "postgresql.conf"
 
 # Settings the runtime decides; a spec may not set them.
 OWNED_SETTINGS = frozenset({
-    "port", "listen_addresses", "unix_socket_directories", "logging_collector", "log_destination",
+    "port", "listen_addresses", "unix_socket_directories", "unix_socket_permissions", "unix_socket_group",
+    "logging_collector", "log_destination",
     "hba_file", "ident_file", "config_file", "data_directory",
 })
 
@@ -107,7 +114,7 @@ class Instance(Protocol):
     (exceptions and Ctrl-C included). A process killed outright leaves a container behind
     until the next container run on this host (see ``container.cleanup_stale``)."""
 
-    host: str  # where the host connects: always 127.0.0.1
+    host: str  # where the host connects: the folder holding the server's Unix socket
     port: int
     spec: InstanceSpec
     data_path: str  # the data folder as the server and run_tool see it (/data in a container)
@@ -218,13 +225,27 @@ def prepare_run_dir(spec: InstanceSpec, owner: Owner) -> tuple[Path, bool]:
     return run_dir, created
 
 
-def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, run_path: str, owner: Owner, listen: str = LOOPBACK, port: int | None = None,
-                    extra_hba: Sequence[str] = ()) -> dict[str, str]:
+def socket_dir(run_dir: Path, owner: Owner) -> tuple[Path, bool]:
+    """The private folder for the server's Unix socket: run_dir (mode 0700, the server user's) when its
+    path is short enough for a socket, else a new private folder under the temp folder.
+
+    Returns (path, created): a folder created here is removed with the instance.
+    """
+    run_dir = run_dir.resolve()
+    if len(str(run_dir)) <= SOCKET_PATH_MAX:
+        return run_dir, False
+    d = Path(tempfile.mkdtemp(prefix="dbops-sock-"))
+    os.chmod(d, 0o700)
+    owner.chown(d)
+    return d, True
+
+
+def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, run_path: str, owner: Owner,
+                    socket_path: str, port: int | None = None) -> dict[str, str]:
     """Every ``-c`` setting for the server, writing the generated files into run_dir.
 
-    ``wal_path`` / ``run_path`` are the folders as the server sees them; ``port``
-    is the port inside (default: the spec's). ``extra_hba`` adds trusted address ranges (a
-    container behind a port mapping sees connections from its network's gateway).
+    ``wal_path`` / ``run_path`` / ``socket_path`` are the folders as the server sees them; ``port``
+    is the port inside (default: the spec's), which names the socket file.
     """
     settings: dict[str, str] = dict(SAFE_DEFAULTS)
     if wal_path is not None:
@@ -232,8 +253,9 @@ def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, 
     settings.update(spec.settings)
     settings.update({
         "port": str(port or spec.port),
-        "listen_addresses": listen,
-        "unix_socket_directories": "",
+        "listen_addresses": "",
+        "unix_socket_directories": socket_path,
+        "unix_socket_permissions": "0700",
         "logging_collector": "off",
         "log_destination": "stderr",
     })
@@ -242,8 +264,8 @@ def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, 
         _write(run_dir / CONF_FILE, "# dbops: the data folder has no postgresql.conf; built-in defaults apply\n", owner)
         settings["config_file"] = f"{run_path}/{CONF_FILE}"
     if spec.trust_local:
-        lines = ["# dbops: a throwaway instance, reachable on loopback only", "host all all 127.0.0.1/32 trust",
-                 "host all all ::1/128 trust", *(f"host all all {a} trust" for a in extra_hba)]
+        lines = ["# dbops: a throwaway instance, reachable only on its Unix socket in a private folder",
+                 "local all all trust"]
         _write(run_dir / HBA_FILE, "\n".join(lines) + "\n", owner)
         settings["hba_file"] = f"{run_path}/{HBA_FILE}"
         if not (data_dir / IDENT_FILE).exists():
@@ -260,9 +282,11 @@ def setting_args(settings: Mapping[str, str]) -> list[str]:
     return out
 
 
-def remove_run_dir(run_dir: Path, created: bool) -> None:
+def remove_run_dir(run_dir: Path, created: bool, sock_dir: Path | None = None, sock_created: bool = False) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
+    if sock_dir is not None and sock_created:
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 # postmaster.pid line 8: the postmaster's status once it accepts connections (what pg_ctl -w reads).

@@ -11,19 +11,18 @@ Two ways to get PostgreSQL into the container:
 
 Either way the server runs as the uid:gid that owns the data folder (PostgreSQL insists that
 its user owns it), with ``postgres -D /data -c ...``; the data folder is mounted at /data, the
-WAL folder read-only at /wal, the run folder (generated pg_hba.conf, ...) at /dbops-run, and
-each tablespace folder of the spec's ``mounts`` at its path (a scratch copy at its own host
-path; a tablespace created during replay at its recorded location, hiding whatever is there).
+WAL folder read-only at /wal, the run folder (generated pg_hba.conf, ...) at /dbops-run, the
+private folder of its Unix socket at /dbops-sock (the server listens on no TCP address, the host
+connects through that socket: see :mod:`dbops.runtime.base`), and each tablespace folder of the
+spec's ``mounts`` at its path (a scratch copy at its own host path; a tablespace created during
+replay at its recorded location, hiding whatever is there).
 
 Networking, as found with podman 4.3 (rootful, netavark, runc) on Debian 12:
 
-* ``--network host`` (the default, ``network="host"``) works: the server binds
-  127.0.0.1:PORT in the host's network namespace, connections arrive from 127.0.0.1, and the
-  port is the same inside and out. Nothing else on the machine can reach it.
-* ``-p 127.0.0.1:PORT:5432`` (``network="publish"``) works too: the server listens on 5432 on
-  the container's bridge address and connections arrive from the bridge gateway
-  (10.88.0.1 here), so the generated pg_hba.conf also trusts ``samenet`` (which lets other
-  containers on that bridge in as well). Use it only where host networking is unavailable.
+* ``--network host`` (the default, ``network="host"``): the container shares the host's network
+  namespace (the server itself listens on no TCP port); the socket is named after the spec's port.
+* ``network="publish"``: the container gets its own network namespace and the socket is named
+  after port 5432. (The name is kept from when the server listened on TCP behind ``-p``.)
 
 Every container carries labels: ``dbops=1``, the run id, the instance name, the creating
 process (pid and its start time, so a reused pid does not count) and host name.
@@ -49,8 +48,8 @@ from dbops.errors import CommandError, ConfigError, DbopsError, PostgresError
 from dbops.pg import binaries
 from dbops.runtime.base import (
     DATA_PATH,
-    LOOPBACK,
     RUN_PATH,
+    SOCKET_PATH,
     WAL_PATH,
     InstanceBase,
     InstanceSpec,
@@ -60,6 +59,7 @@ from dbops.runtime.base import (
     remove_run_dir,
     server_settings,
     setting_args,
+    socket_dir,
 )
 
 _log = log.get("runtime.container")
@@ -235,8 +235,9 @@ class ContainerRuntime:
             return ["--rootfs", rootfs, prog, *argv[1:]]
         return ["--entrypoint", prog, str(self.image), *argv[1:]]
 
-    def _mounts(self, spec: InstanceSpec, run_dir: Path) -> list[str]:
-        out = ["-v", f"{Path(spec.data_dir).resolve()}:{DATA_PATH}", "-v", f"{run_dir.resolve()}:{RUN_PATH}"]
+    def _mounts(self, spec: InstanceSpec, run_dir: Path, sock_dir: Path | None = None) -> list[str]:
+        out = ["-v", f"{Path(spec.data_dir).resolve()}:{DATA_PATH}", "-v", f"{run_dir.resolve()}:{RUN_PATH}",
+               "-v", f"{(sock_dir or run_dir).resolve()}:{SOCKET_PATH}"]
         if spec.wal_dir is not None:
             out += ["-v", f"{Path(spec.wal_dir).resolve()}:{WAL_PATH}:ro"]
         for host, inside in spec.mounts:
@@ -247,20 +248,20 @@ class ContainerRuntime:
         return spec.port if self.network == "host" else CONTAINER_PORT
 
     def server_argv(self, spec: InstanceSpec, *, name: str, owner: Owner, run_dir: Path,
-                    settings: Mapping[str, str], labels: Mapping[str, str]) -> list[str]:
+                    settings: Mapping[str, str], labels: Mapping[str, str], sock_dir: Path | None = None) -> list[str]:
         """``run -d ...`` for the server."""
-        net = ["--network", "host"] if self.network == "host" else ["-p", f"{LOOPBACK}:{spec.port}:{CONTAINER_PORT}"]
+        net = ["--network", "host"] if self.network == "host" else []
         return ["run", "-d", "--name", name, *_label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
-                "--stop-signal", "SIGINT", *net, *self._mounts(spec, run_dir), *self.extra_args,
+                "--stop-signal", "SIGINT", *net, *self._mounts(spec, run_dir, sock_dir), *self.extra_args,
                 *self._payload(["postgres", "-D", DATA_PATH, *setting_args(settings)])]
 
     def tool_argv(self, argv: Sequence[str], spec: InstanceSpec, *, name: str, owner: Owner, run_dir: Path,
-                  env_names: Sequence[str], labels: Mapping[str, str]) -> list[str]:
+                  env_names: Sequence[str], labels: Mapping[str, str], sock_dir: Path | None = None) -> list[str]:
         """``run --rm ...`` for a one-shot tool with the instance's mounts (the server is not running)."""
         net = ["--network", "host"] if self.network == "host" else []
         envs = [a for n in env_names for a in ("-e", n)]
         return ["run", "--rm", "--name", name, *_label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
-                *net, *envs, *self._mounts(spec, run_dir), *self.extra_args, *self._payload(argv)]
+                *net, *envs, *self._mounts(spec, run_dir, sock_dir), *self.extra_args, *self._payload(argv)]
 
     def exec_argv(self, argv: Sequence[str], *, container: str, owner: Owner, env_names: Sequence[str]) -> list[str]:
         """``exec ...`` for a tool inside the running server's container."""
@@ -290,33 +291,35 @@ class ContainerRuntime:
         name = f"dbops-{_slug(spec.name)}-{run_id}"
         labels = creator_labels(run_id, spec.name)
         run_dir, created = prepare_run_dir(spec, owner)
-        publish = self.network == "publish"
+        sock, sock_created = run_dir, False
         try:
+            sock, sock_created = socket_dir(run_dir, owner)
             settings = server_settings(
                 spec, run_dir, wal_path=WAL_PATH if spec.wal_dir is not None else None, run_path=RUN_PATH,
-                owner=owner, listen="*" if publish else LOOPBACK, port=self.inner_port(spec),
-                extra_hba=("samenet",) if publish else (),
+                owner=owner, socket_path=SOCKET_PATH, port=self.inner_port(spec),
             )
-            argv = self.server_argv(spec, name=name, owner=owner, run_dir=run_dir, settings=settings, labels=labels)
+            argv = self.server_argv(spec, name=name, owner=owner, run_dir=run_dir, settings=settings, labels=labels,
+                                    sock_dir=sock)
             self.cli.run(argv, timeout=600)  # may pull the image
         except BaseException:
             # Interrupted or failed after the engine may have created it: it goes, by name.
             try:
                 _force_remove(self.cli, name)
             finally:
-                remove_run_dir(run_dir, created)
+                remove_run_dir(run_dir, created, sock, sock_created)
             raise
         log.event(_log, logging.INFO, "container started", engine=self.engine, container=name, port=spec.port)
-        return ContainerInstance(self, spec, name, owner, run_dir, created, labels)
+        return ContainerInstance(self, spec, name, owner, run_dir, created, labels, (sock, sock_created))
 
 
 class ContainerInstance(InstanceBase):
     def __init__(self, rt: ContainerRuntime, spec: InstanceSpec, name: str, owner: Owner,
-                 run_dir: Path, created: bool, labels: Mapping[str, str]) -> None:
+                 run_dir: Path, created: bool, labels: Mapping[str, str], sock: tuple[Path, bool]) -> None:
         self.spec = spec
         self.name = name
-        self.host = LOOPBACK
-        self.port = spec.port
+        self.host = str(sock[0])  # the host folder of the server's Unix socket
+        self._sock_created = sock[1]
+        self.port = rt.inner_port(spec)  # names the socket file
         self.data_path = DATA_PATH
         self.wal_path = WAL_PATH if spec.wal_dir is not None else None
         self.db_user = rt.db_user
@@ -372,14 +375,14 @@ class ContainerInstance(InstanceBase):
         PGUSER and PGDATA point at this instance; environment values travel as ``-e NAME``
         (taken from the engine client's environment), never on a command line.
         """
-        tool_env = {"PGHOST": LOOPBACK, "PGPORT": str(self._rt.inner_port(self.spec)), "PGUSER": self.db_user,
+        tool_env = {"PGHOST": SOCKET_PATH, "PGPORT": str(self._rt.inner_port(self.spec)), "PGUSER": self.db_user,
                     "PGDATA": DATA_PATH, "LANG": "C", "LC_ALL": "C", **(env or {})}
         if self.is_running():
             args = self._rt.exec_argv(argv, container=self.name, owner=self._owner, env_names=list(tool_env))
         else:
             name = f"{self.name}-tool{next(self._tools)}"
             args = self._rt.tool_argv(argv, self.spec, name=name, owner=self._owner, run_dir=self.run_dir,
-                                      env_names=list(tool_env), labels=self._labels)
+                                      env_names=list(tool_env), labels=self._labels, sock_dir=Path(self.host))
             try:
                 return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
             except BaseException:
@@ -392,7 +395,7 @@ class ContainerInstance(InstanceBase):
         if self._removed:
             return
         _force_remove(self._engine, self.name)
-        remove_run_dir(self.run_dir, self._created)
+        remove_run_dir(self.run_dir, self._created, Path(self.host), self._sock_created)
         self._removed = True
         log.event(_log, logging.INFO, "container removed", container=self.name)
 

@@ -1,7 +1,8 @@
 """Engine ``none``: the throwaway server is a plain local process on this host.
 
 The server runs as the OS user that owns the data folder (``runuser`` when dbops runs as
-root), listens on loopback, and logs to ``postgres.log`` in the run folder. It is started as
+root), listens only on a Unix socket in its private run folder, with a minimal environment, and
+logs to ``postgres.log`` in the run folder. It is started as
 a direct child (``postgres -D ...``) rather than through ``pg_ctl start``: ``pg_ctl start -W``
 hands back no process to watch, so a server that dies during start-up would look like one
 that has not written its pid file yet. It is stopped with ``pg_ctl stop -m MODE``, which
@@ -21,7 +22,7 @@ from dbops.errors import CommandError, PostgresError
 from dbops.pg import binaries
 from dbops.runtime import mountns
 from dbops.runtime.base import (
-    LOOPBACK,
+    MINIMAL_ENV,
     InstanceBase,
     InstanceSpec,
     Owner,
@@ -30,6 +31,7 @@ from dbops.runtime.base import (
     remove_run_dir,
     server_settings,
     setting_args,
+    socket_dir,
 )
 
 _log = log.get("runtime.local")
@@ -51,9 +53,12 @@ class LocalRuntime:
         moved = mountns.moved(spec.mounts)
         points = mountns.prepare(moved)
         run_dir, created = prepare_run_dir(spec, owner)
+        sock, sock_created = run_dir, False
         try:
+            sock, sock_created = socket_dir(run_dir, owner)
             wal_path = str(Path(spec.wal_dir).resolve()) if spec.wal_dir is not None else None
-            settings = server_settings(spec, run_dir, wal_path=wal_path, run_path=str(run_dir), owner=owner)
+            settings = server_settings(spec, run_dir, wal_path=wal_path, run_path=str(run_dir), owner=owner,
+                                       socket_path=str(sock))
             log_path = run_dir / LOG_FILE
             argv = [binaries.binary("postgres", self.bin_dir), "-D", str(spec.data_dir), *setting_args(settings)]
             user: str | None = owner.user_name
@@ -61,24 +66,25 @@ class LocalRuntime:
                 argv, user = mountns.wrap(argv, moved, owner.user_name), None
             with open(log_path, "ab") as logf:
                 owner.chown(log_path)
-                popen = proc.spawn(argv, user=user, stdout=logf, stderr=subprocess.STDOUT,
-                                   env={"LANG": "C", "LC_ALL": "C"})
+                popen = proc.spawn(argv, user=user, stdout=logf, stderr=subprocess.STDOUT, env=MINIMAL_ENV,
+                                   inherit_env=False)
         except BaseException:
-            remove_run_dir(run_dir, created)
+            remove_run_dir(run_dir, created, sock, sock_created)
             mountns.cleanup(points)
             raise
         log.event(_log, logging.INFO, "local instance started", name=spec.name, port=spec.port, pid=popen.pid,
                   private_mounts=len(moved))
-        inst = LocalInstance(spec, owner, run_dir, created, popen, self.bin_dir, self.db_user)
+        inst = LocalInstance(spec, owner, run_dir, created, popen, self.bin_dir, self.db_user, (sock, sock_created))
         inst.mount_points = points
         return inst
 
 
 class LocalInstance(InstanceBase):
     def __init__(self, spec: InstanceSpec, owner: Owner, run_dir: Path, created: bool,
-                 popen: subprocess.Popen, bin_dir: str | None, db_user: str) -> None:
+                 popen: subprocess.Popen, bin_dir: str | None, db_user: str, sock: tuple[Path, bool]) -> None:
         self.spec = spec
-        self.host = LOOPBACK
+        self.host = str(sock[0])  # the folder of the server's Unix socket
+        self._sock_created = sock[1]
         self.port = spec.port
         self.data_path = str(spec.data_dir)
         self.wal_path = str(Path(spec.wal_dir).resolve()) if spec.wal_dir is not None else None
@@ -136,9 +142,10 @@ class LocalInstance(InstanceBase):
         candidate = os.path.join(binaries.bindir(self._bin_dir), argv[0])
         if os.sep not in argv[0] and os.path.isfile(candidate):
             argv[0] = candidate
-        tool_env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db_user,
-                    "PGDATA": self.data_path, "LANG": "C", "LC_ALL": "C", **(env or {})}
-        return proc.run(argv, user=self._owner.user_name, env=tool_env, timeout=timeout, check=check)
+        tool_env = {**MINIMAL_ENV, "PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db_user,
+                    "PGDATA": self.data_path, **(env or {})}
+        return proc.run(argv, user=self._owner.user_name, env=tool_env, inherit_env=False, timeout=timeout,
+                        check=check)
 
     def remove(self) -> None:
         """Stop the server at once if it still runs (immediate mode, then SIGKILL), and forget it."""
@@ -149,7 +156,7 @@ class LocalInstance(InstanceBase):
                      user=self._owner.user_name, timeout=60, check=False, what="pg_ctl stop")
             if self.is_running():
                 proc.stop(self._popen)
-        remove_run_dir(self.run_dir, self._created)
+        remove_run_dir(self.run_dir, self._created, Path(self.host), self._sock_created)
         mountns.cleanup(self.mount_points)
         self._removed = True
 

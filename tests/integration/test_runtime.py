@@ -370,3 +370,30 @@ def test_probe(settings):
     assert "ran postgres --version" in probe(settings["podman"])
     assert "PostgreSQL) 15" in probe(settings["podman"])
     assert "engine none" in probe(settings["none"])
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+def test_no_other_local_user_gets_in_and_no_secret_in_the_environment(engine, settings, small_cluster, work,
+                                                                       monkeypatch):
+    """Issue #13 item 10: a throwaway copy of production trusts no TCP login, its socket sits in a
+    0700 folder, and the server's environment carries none of dbops' secrets."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "leak-me-Qx81")
+    monkeypatch.setenv("PGPASSWORD", "leak-me-too-Qx81")
+    data = _copy_cluster(small_cluster, work / f"isolated-{engine}")
+    port = _free_port()
+    with open_runtime(settings[engine]).start(InstanceSpec(data_dir=data, port=port, name=f"iso-{engine}")) as inst:
+        inst.wait_ready(60)
+        sock_dir = Path(inst.host)
+        assert sock_dir.is_dir() and (sock_dir.stat().st_mode & 0o777) == 0o700
+        psql = _pg("psql")
+        for host in ("127.0.0.1", str(sock_dir)):  # as another local user: neither TCP nor the socket
+            r = proc.run(["runuser", "-u", "nobody", "--", psql, "-h", host, "-p", str(inst.port), "-U", "postgres",
+                          "-d", "postgres", "-Atc", "select 1"], check=False, timeout=30,
+                         env={"PGCONNECT_TIMEOUT": "3"})
+            assert r.returncode != 0 and r.stdout.strip() != "1", (host, r)
+        with conn.session(inst.node()) as c:  # dbops itself gets in, through the socket
+            c.execute("create temp table e (line text)")
+            c.execute("copy e from program 'env'")
+            env = [row[0] for row in c.execute("select line from e").fetchall()]
+        assert env and not [line for line in env if "leak-me" in line], env
+        assert not [line for line in env if line.startswith(("AWS_", "PGPASSWORD="))], env

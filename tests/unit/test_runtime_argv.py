@@ -34,10 +34,8 @@ def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def _server_argv(rt: ContainerRuntime, spec: InstanceSpec, run: Path) -> list[str]:
-    publish = rt.network == "publish"
     settings = base.server_settings(spec, run, wal_path=base.WAL_PATH, run_path=base.RUN_PATH, owner=OWNER,
-                                    listen="*" if publish else base.LOOPBACK, port=rt.inner_port(spec),
-                                    extra_hba=("samenet",) if publish else ())
+                                    socket_path=base.SOCKET_PATH, port=rt.inner_port(spec))
     return rt.server_argv(spec, name="dbops-x-1", owner=OWNER, run_dir=run, settings=settings,
                           labels=creator_labels("1", "x"))
 
@@ -56,7 +54,7 @@ def test_docker_image_server_argv(dirs):
     assert "--rootfs" not in argv
     assert _pairs(argv, "--user") == ["999:998"]
     assert _pairs(argv, "--network") == ["host"] and "-p" not in argv
-    assert _pairs(argv, "-v") == [f"{data}:/data", f"{run}:/dbops-run", f"{wal}:/wal:ro"]
+    assert _pairs(argv, "-v") == [f"{data}:/data", f"{run}:/dbops-run", f"{run}:/dbops-sock", f"{wal}:/wal:ro"]
     labels = _pairs(argv, "--label")
     assert "dbops=1" in labels and f"dbops.pid={os.getpid()}" in labels and "dbops.run=1" in labels
     # extra args before the image; the image's entrypoint script is bypassed
@@ -64,7 +62,9 @@ def test_docker_image_server_argv(dirs):
     assert argv[i - 2:i] == ["--shm-size", "256m"]
     assert argv[i + 1:i + 5] == ["postgres", "postgres:15", "-D", "/data"]
     settings = _pairs(argv, "-c")
-    assert "port=5433" in settings and "listen_addresses=127.0.0.1" in settings
+    # no TCP at all: a Unix socket in a private folder, reachable only by its owner (and root)
+    assert "port=5433" in settings and "listen_addresses=" in settings
+    assert "unix_socket_directories=/dbops-sock" in settings and "unix_socket_permissions=0700" in settings
     assert 'restore_command=cp /wal/%f "%p"' in settings
     assert "recovery_target_lsn=0/3000060" in settings
     assert "archive_mode=off" in settings and "primary_conninfo=" in settings
@@ -76,11 +76,11 @@ def test_docker_publish_network(dirs):
     data, wal, run = dirs
     rt = ContainerRuntime(Engine("docker"), image="postgres:15", network="publish")
     argv = _server_argv(rt, InstanceSpec(data_dir=data, port=6001, wal_dir=wal), run)
-    assert _pairs(argv, "-p") == ["127.0.0.1:6001:5432"] and "--network" not in argv
+    assert "-p" not in argv and "--network" not in argv
     settings = _pairs(argv, "-c")
-    assert "port=5432" in settings and "listen_addresses=*" in settings
+    assert "port=5432" in settings and "listen_addresses=" in settings
     hba = (run / "pg_hba.conf").read_text()
-    assert "host all all samenet trust" in hba and "127.0.0.1/32 trust" in hba
+    assert "local all all trust" in hba and "host" not in hba.replace("# dbops", "")
 
 
 def test_docker_image_tool_and_exec_argv(dirs):
@@ -131,14 +131,28 @@ def test_settings_for_a_data_folder_without_config_files(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     data.mkdir(), run.mkdir()
     spec = InstanceSpec(data_dir=data, port=5433, settings={"archive_mode": "on", "hot_standby": "on"})
-    s = base.server_settings(spec, run, wal_path=None, run_path="/r", owner=OWNER)
+    s = base.server_settings(spec, run, wal_path=None, run_path="/r", owner=OWNER, socket_path="/s")
     assert s["archive_mode"] == "on"  # the caller may override the safe defaults
     assert "restore_command" not in s  # no WAL folder
     assert s["config_file"] == "/r/postgresql.conf" and (run / "postgresql.conf").exists()
     assert s["ident_file"] == "/r/pg_ident.conf" and (run / "pg_ident.conf").read_text() == ""
-    assert s["unix_socket_directories"] == "" and s["logging_collector"] == "off"
+    assert s["unix_socket_directories"] == "/s" and s["listen_addresses"] == "" and s["logging_collector"] == "off"
     no_trust = InstanceSpec(data_dir=data, port=5433, trust_local=False)
-    assert "hba_file" not in base.server_settings(no_trust, run, wal_path=None, run_path="/r", owner=OWNER)
+    assert "hba_file" not in base.server_settings(no_trust, run, wal_path=None, run_path="/r", owner=OWNER,
+                                                  socket_path="/s")
+
+
+def test_a_long_run_folder_gets_a_short_private_socket_folder(tmp_path):
+    short, created = base.socket_dir(tmp_path, Owner(os.getuid(), os.getgid()))
+    assert short == tmp_path.resolve() and not created
+    deep = tmp_path / ("x" * 100)
+    deep.mkdir()
+    sock, created = base.socket_dir(deep, Owner(os.getuid(), os.getgid()))
+    try:
+        assert created and len(str(sock)) <= base.SOCKET_PATH_MAX and (sock.stat().st_mode & 0o777) == 0o700
+    finally:
+        base.remove_run_dir(deep, False, sock, created)
+    assert not sock.exists()
 
 
 def test_restore_command_quotes_host_paths():

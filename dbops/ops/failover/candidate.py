@@ -13,14 +13,27 @@ interval and, when it is safe (see the caller), an empty ``restore_command``; bo
 reloadable (``restore_command`` since PostgreSQL 14). :meth:`CandidateTuning.undo` puts back
 exactly what was there: a value from ``postgresql.auto.conf`` is set again, anything else
 is reset so ``postgresql.conf`` rules again.
+
+What was there is also written to ``dbops-switchover-tuning.json`` in the node's data folder
+(through its node controller) before anything changes, and removed by the undo: a dbops killed
+outright (kill -9) leaves that file behind, and the next switchover puts those values back
+(:func:`put_back_leftover`) on every node it touches before it tunes anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from dbops import log
 from dbops.config import Node
+from dbops.nodes import NodeController
+
+_log = log.get("failover")
+MARKER = "dbops-switchover-tuning.json"
 
 RETRY_INTERVAL = "10ms"
 
@@ -32,8 +45,9 @@ class _Saved:
 
 
 class CandidateTuning:
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, ctl: NodeController | None = None):
         self.node = node
+        self.ctl = ctl
         self.saved: dict[str, _Saved] = {}
 
     def apply(self, conn: Any, *, suspend_restore_command: bool, extra: dict[str, str] | None = None) -> str:
@@ -49,6 +63,8 @@ class CandidateTuning:
         for name, value, sourcefile in rows:
             if name not in self.saved:
                 self.saved[name] = _Saved(value, sourcefile.endswith("postgresql.auto.conf"))
+        if self.ctl is not None:  # before anything changes: a killed run leaves it for the next one
+            self.ctl.write_file(MARKER, json.dumps({k: [v.value, v.in_auto_conf] for k, v in self.saved.items()}))
         for name, value in changes.items():
             conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value)))
         conn.execute("select pg_reload_conf()")
@@ -58,16 +74,38 @@ class CandidateTuning:
         """Put the saved values back (idempotent)."""
         if not self.saved:
             return
-        from psycopg import sql
-
-        from dbops.pg import conn
-
-        with conn.session(self.node) as c:
-            for name, saved in self.saved.items():
-                if saved.in_auto_conf:
-                    c.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name),
-                                                                          sql.Literal(saved.value)))
-                else:
-                    c.execute(sql.SQL("alter system reset {}").format(sql.Identifier(name)))
-            c.execute("select pg_reload_conf()")
+        _restore(self.node, self.saved)
+        if self.ctl is not None:
+            self.ctl.remove_file(MARKER)
         self.saved.clear()
+
+
+def _restore(node: Node, saved: dict[str, _Saved]) -> None:
+    from psycopg import sql
+
+    from dbops.pg import conn
+
+    with conn.session(node) as c:
+        for name, value in saved.items():
+            if value.in_auto_conf:
+                c.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value.value)))
+            else:
+                c.execute(sql.SQL("alter system reset {}").format(sql.Identifier(name)))
+        c.execute("select pg_reload_conf()")
+
+
+def put_back_leftover(node: Node, ctl: NodeController) -> str | None:
+    """Undo the tuning a killed switchover left on `node` (see the module docstring); what was done, or None."""
+    text = ctl.read_file(MARKER)
+    if text is None:
+        return None
+    try:
+        saved = {str(k): _Saved(str(v[0]), bool(v[1])) for k, v in json.loads(text).items()
+                 if re.fullmatch(r"[a-z_]{1,63}", str(k))}
+    except (ValueError, TypeError, AttributeError, IndexError):
+        saved = {}
+    _restore(node, saved)
+    ctl.remove_file(MARKER)
+    log.event(_log, logging.WARNING, "put back the settings an interrupted switchover left", node=node.name,
+              settings=", ".join(saved) or "none")
+    return f"{node.name}: put back {', '.join(saved) or 'nothing'} left by an interrupted switchover"

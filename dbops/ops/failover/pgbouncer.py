@@ -8,6 +8,7 @@ outage of its own.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -16,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dbops import log
+from dbops import log, proc
 from dbops.config import Node, PgBouncerSettings
-from dbops.errors import PostgresError, PreconditionError
+from dbops.errors import DbopsError, PostgresError, PreconditionError
 
 _log = log.get("pgbouncer")
 
@@ -143,9 +144,27 @@ def paused(bouncer: PgBouncer | None, timeout: float) -> Iterator[PgBouncer | No
     bouncer.pause(timeout)
     try:
         yield bouncer
-    finally:
+    except BaseException as e:
         if bouncer.paused:
+            with proc.unwinding():
+                try:
+                    bouncer.resume()
+                except PostgresError as failed:  # keep the original error (and its exit code), add this one
+                    chain_resume_failure(e, failed)
+        raise
+    if bouncer.paused:
+        with proc.unwinding():
             bouncer.resume()
+
+
+def chain_resume_failure(err: BaseException, failed: PostgresError) -> None:
+    """Attach a failed RESUME to the error that ended the switch, without replacing it."""
+    if isinstance(err, DbopsError):
+        err.detail = ((err.detail + "\n") if err.detail else "") + f"also: {failed.message}" + (
+            f" ({failed.detail})" if failed.detail else "")
+        err.hint = f"{failed.hint}; then: {err.hint}" if err.hint else failed.hint
+    err.__context__ = failed
+    log.event(_log, logging.ERROR, failed.message, detail=failed.detail, hint=failed.hint)
 
 
 def _kv(conn: str) -> dict[str, str]:

@@ -7,12 +7,16 @@ The sequence (each phase timed; see :func:`dbops.ops.failover.plan.describe`):
    suspended, so its promotion is not held up by archive clients or a 5 s retry sleep);
 2. CHECKPOINT on the old primary *while it still takes writes*, so the shutdown
    checkpoint has little to flush; PgBouncer PAUSE;
-3. fence: fast stop of the old primary through its node controller, returning as soon as
+3. stop: fast stop of the old primary through its node controller, returning as soon as
    its control file records the shutdown checkpoint: no WAL follows it, and its
    walsenders stream it out; the postmaster may still be archiving its last segment;
+   fence: at once, ``standby.signal`` and a ``primary_conninfo`` naming the candidate are
+   written into its data folder, so whoever starts it from now on gets a standby
+   (:mod:`dbops.ops.failover.fencing`); a postmaster that raced the fence rolls back;
 4. gate: the candidate must have received *and* replayed past that checkpoint within the
-   timeout, else the old primary is started again as primary (rolled back, exit 12).
-   Until promotion nothing is lost by rolling back;
+   timeout, else the fence is undone and the old primary is started again as primary
+   (rolled back, exit 12), once the candidate is confirmed to be still in recovery
+   (else exit 8, nothing started). Until promotion nothing is lost by rolling back;
 5. promote (``pg_promote(wait => false)`` and a 10 ms poll of ``pg_is_in_recovery()``:
    ``pg_promote``'s own wait loop sleeps 100 ms). Writes resume here;
 6. PgBouncer repoint + RESUME, then everything that need not hold writes back:
@@ -24,7 +28,9 @@ The sequence (each phase timed; see :func:`dbops.ops.failover.plan.describe`):
 
 After the fence the outcome is never reported as "failed": it is rolled back (exit 12),
 succeeded, or :class:`UnknownOutcomeError` (exit 8) when it cannot be confirmed.
-SIGTERM unwinds like Ctrl-C, so a PgBouncer PAUSE is always followed by RESUME.
+SIGTERM and SIGHUP unwind like Ctrl-C (further signals are ignored while unwinding), so a
+PgBouncer PAUSE is always followed by RESUME. A dbops killed outright (kill -9) leaves at most
+one writer: see docs/bad-days.md for what each phase leaves behind.
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ from dbops.errors import (
     RolledBackError,
     UnknownOutcomeError,
 )
-from dbops.nodes import NodeController, open_controller
+from dbops.nodes import Fence, NodeController, open_controller
 from dbops.ops.failover import replication as repl
-from dbops.ops.failover.candidate import CandidateTuning
+from dbops.ops.failover.candidate import CandidateTuning, put_back_leftover
+from dbops.ops.failover import fencing
 from dbops.ops.failover.plan import FAIL, Finding, Options, Plan, make_plan
 from dbops.ops.failover.verify import verify
 from dbops.ops.failover.pgbouncer import PgBouncer, paused
@@ -116,7 +123,9 @@ class Switchover:
         self._checkpoint_lsn: int | None = None
         self._t_fence: float | None = None
         self._history: str | None = None
-        self.tuning = CandidateTuning(self.new)
+        self._postmaster: str | None = None  # the old primary's postmaster before the stop (postmaster.pid)
+        self._fence: Fence | None = None
+        self.tuning = CandidateTuning(self.new, open_controller(self.new))
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -177,7 +186,8 @@ class Switchover:
             if self.report.outcome == "running":
                 if self._t_fence is None:
                     self.report.outcome = "cancelled"
-                    self._guarded("untune candidate", self.tuning.undo)
+                    with proc.unwinding():
+                        self._guarded("untune candidate", self.tuning.undo)
                 else:  # an unforeseen error after the fence: never call that "failed"
                     self.report.outcome = "unknown"
                     e = UnknownOutcomeError(f"switchover interrupted, outcome unknown: {e.message}",
@@ -186,7 +196,8 @@ class Switchover:
         except KeyboardInterrupt:
             if self._t_fence is None:  # nothing changed yet but the candidate's tuning
                 self.report.outcome = "cancelled"
-                self._guarded("untune candidate", self.tuning.undo)
+                with proc.unwinding():
+                    self._guarded("untune candidate", self.tuning.undo)
                 raise
             if self.report.outcome != "running":
                 raise  # rolled back already
@@ -228,9 +239,12 @@ class Switchover:
         self._cand = conn.connect(self.new, connect_timeout=5)
         self._cand_conninfo = self._cand.execute("select current_setting('primary_conninfo')").fetchone()[0]
         with self.phase("tune candidate") as ph:
-            ph.detail = self._tune_candidate()
+            done = [d for d in (put_back_leftover(self.old, self.ctl_old), put_back_leftover(self.new, self.tuning.ctl))
+                    if d]
+            ph.detail = "; ".join([*done, self._tune_candidate()])
         with self.phase("checkpoint old primary"), conn.session(self.old) as c:
             c.execute("checkpoint")
+            self._postmaster = self.ctl_old.postmaster()
 
     def _tune_candidate(self) -> str:
         """Short retry interval and (when safe) no restore_command until promotion; see dbops.ops.failover.candidate."""
@@ -285,6 +299,14 @@ class Switchover:
                 self._checkpoint_lsn = cd.checkpoint_lsn
                 self.report.shutdown_checkpoint_lsn = format_lsn(cd.checkpoint_lsn)
                 ph.detail = f"shutdown checkpoint {self.report.shutdown_checkpoint_lsn}"
+            with self.phase("fence old primary") as ph:
+                # no slot yet: the new primary creates it after promotion (the rejoin sets it)
+                self._fence = fencing.fence_old_primary(self.ctl_old, self.new,
+                                                        conninfo_template=self._cand_conninfo, slot=None)
+                if fencing.raced(self._fence, self._postmaster):
+                    raise PreconditionError(f"{self.old.name} was started again by someone else during the "
+                                            f"switchover ({self._fence.postmaster}); not promoting {self.new.name}")
+                ph.detail = f"standby.signal, primary_conninfo -> {self.new.name}"
             with self.phase("candidate caught up") as ph:
                 ph.detail = self._wait_caught_up()
         except BaseException as e:
@@ -325,11 +347,26 @@ class Switchover:
     def _rollback(self, cause: BaseException) -> None:
         """Before promotion: bring the old primary back as primary (it holds every commit)."""
         why = cause.message if isinstance(cause, DbopsError) else f"interrupted ({type(cause).__name__})"
-        with self.phase("rollback") as ph:
+        with proc.unwinding(), self.phase("rollback") as ph:
+            not_confirmed = fencing.candidate_still_standby(self.new)
+            if not_confirmed:
+                ph.ok, ph.detail = False, not_confirmed
+                self.report.outcome = "unknown"
+                fenced = "fenced as a standby" if self._fence else "stopped"
+                raise _attach(UnknownOutcomeError(
+                    f"switchover failed ({why}); rollback refused: cannot confirm {self.new.name} is still a "
+                    f"standby", detail=f"{not_confirmed}; {self.old.name} was left {fenced}, not restarted "
+                    "(two primaries are worse than none)",
+                    hint=f"run `dbops status`: if {self.new.name} is primary, start {self.old.name} (it follows "
+                         f"{self.new.name}); if not, remove standby.signal from {self.old.name} and start it"),
+                    self.report) from None
             try:
                 if self.ctl_old.is_running():
                     self.ctl_old.stop("fast", timeout=self.opts.timeout)  # a stop may still be in progress
-                self.ctl_old.remove_standby_signal()
+                if self._fence is not None:
+                    self.ctl_old.unfence(self._fence)
+                else:
+                    self.ctl_old.remove_standby_signal()
                 self.ctl_old.start(timeout=self.opts.timeout)
                 self._assert_writable(self.old)
                 self._guarded("untune candidate", self.tuning.undo)
@@ -376,10 +413,11 @@ class Switchover:
                 self._guarded("untune candidate", self.tuning.undo)
                 raise _attach(UnknownOutcomeError(
                     f"promotion of {self.new.name} requested, outcome unknown: {msg}",
-                    detail=f"{self.old.name} is stopped (clean shutdown at {self.report.shutdown_checkpoint_lsn}); "
-                           f"{self.new.name} may be promoting",
-                    hint=f"run `dbops status`: if {self.new.name} is primary, rejoin {self.old.name} as its standby; "
-                         f"if it is still a standby, start {self.old.name} again"), self.report) from None
+                    detail=f"{self.old.name} is stopped (clean shutdown at {self.report.shutdown_checkpoint_lsn}) "
+                           f"and fenced as a standby of {self.new.name}; {self.new.name} may be promoting",
+                    hint=f"run `dbops status`: if {self.new.name} is primary, start {self.old.name} (it follows "
+                         f"{self.new.name}); if it is still a standby, remove standby.signal from {self.old.name} "
+                         "and start it again"), self.report) from None
 
     # -- after writes resumed -----------------------------------------------------------------------------
 

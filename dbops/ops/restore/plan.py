@@ -52,6 +52,7 @@ from dbops.ops.wal.archive import WalArchive
 from dbops.phases import Phases
 from dbops.runtime.scratch import scratch_folder
 from dbops.ops.restore.target import FINAL_STATES, LATEST, LSN, TIME, XID, RestoreTarget, iso_utc
+from dbops.pg import running
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
 from dbops.storage import ObjectStore, open_store
 from dbops.storage.layout import Layout
@@ -445,9 +446,12 @@ def preflight(opts: Options) -> None:
     d = opts.target_dir
     if d.exists() and not d.is_dir():
         raise PreconditionError(f"target {d} exists and is not a folder")
-    pid = server_running(d) if d.is_dir() else None
-    if pid:
-        raise PreconditionError(f"PostgreSQL (pid {pid}) is running on {d}", hint="stop it before restoring there")
+    in_the_way = running.cluster_in_the_way(d)
+    if in_the_way:
+        data, pid, how = in_the_way
+        where = "on it" if how == "is" else f"on {data}, which it {how}"
+        raise PreconditionError(f"{d}: PostgreSQL (pid {pid}) is running {where}",
+                                hint="restore somewhere else, or stop that server first")
     if d.is_dir() and any(d.iterdir()) and not (opts.force or opts.delta):
         raise PreconditionError(f"target folder {d} is not empty",
                                 hint="restore into a new or empty folder; --force replaces its contents, "
