@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import failover_lab  # noqa: E402
 from oneprimary import OnePrimaryWatch  # noqa: E402
-from writer_probe import Writer, multi_host, prepare  # noqa: E402
+from writer_probe import prepare  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

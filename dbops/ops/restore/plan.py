@@ -426,21 +426,6 @@ def _pg_ids() -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def server_running(data: Path) -> int | None:
-    """The pid in data/postmaster.pid when that process is alive."""
-    try:
-        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid
-
-
 def preflight(opts: Options) -> None:
     """Refuse a folder that is in use, not empty (without --force / --delta), or out of postgres's reach."""
     d = opts.target_dir
