@@ -24,7 +24,7 @@ class Window:
     last: float
 
 
-@dataclass
+@dataclass(eq=False)
 class OnePrimaryWatch(threading.Thread):
     nodes: list[Node]
     interval: float = 0.005
