@@ -65,8 +65,9 @@ def settled(cfg_path: str, timeout: float = 60.0) -> topology.Topology:
 
 def hand_start(node) -> None:
     """What an operator (or an enabled systemd unit) does: pg_ctl start on the data folder."""
-    proc.run([binaries.binary("pg_ctl"), "-D", node.data_dir, "-w", "-t", "60", "-l",
-              str(Path(node.data_dir) / "log" / "hand-start.log"), "start"], user="postgres", timeout=90)
+    r = proc.run([binaries.binary("pg_ctl"), "-D", node.data_dir, "-w", "-t", "60", "-l",
+                  str(Path(node.data_dir) / "hand-start.log"), "start"], user="postgres", timeout=90, check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
 
 
 def test_old_primary_started_by_hand_during_the_post_hook_comes_up_as_a_standby(slab, dbops_bin, tmp_path):
