@@ -32,6 +32,7 @@ class ExitCode(IntEnum):
     INTERRUPTED = 14  # interrupted by a signal (Ctrl-C / SIGTERM); cleaned up
     LOSS_POSSIBLE = 15  # failover --primary-lost promoted a standby, but WAL known to exist was not recovered
     ENCRYPTION = 16  # encryption key missing or wrong, or the archive's encryption differs from the configuration
+    VALIDATION_ENVIRONMENT = 17  # validation could not run (start timeout, OOM kill, connections, runtime): not the backup's fault
 
 
 EXIT_CODE_DOC: dict[ExitCode, str] = {
@@ -54,6 +55,9 @@ EXIT_CODE_DOC: dict[ExitCode, str] = {
                             "written was not recovered (or the archive could not be read): commits may be lost",
     ExitCode.ENCRYPTION: "encryption key missing or wrong (the key ID needed is named), or an encrypted/plain "
                          "archive does not match storage.encryption",
+    ExitCode.VALIDATION_ENVIRONMENT: "validation could not run: the throwaway PostgreSQL timed out, was killed (OOM), "
+                                     "ran out of connections or the container runtime failed; the backup is not "
+                                     "suspected and stays usable",
 }
 
 
@@ -144,6 +148,12 @@ class PreconditionError(DbopsError):
 
 class RolledBackError(DbopsError):
     exit_code = ExitCode.ROLLED_BACK
+
+
+class ValidationEnvironmentError(DbopsError):
+    """Validation could not run for a reason outside the backup: never marks a backup failed."""
+
+    exit_code = ExitCode.VALIDATION_ENVIRONMENT
 
 
 class ConflictError(DbopsError):

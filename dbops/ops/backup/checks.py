@@ -11,6 +11,7 @@ from typing import Any
 
 from dbops.config import Config, Node
 from dbops.errors import PostgresError, ValidationError
+from dbops.ops.backup.environment import environment_cause, environment_error
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 
@@ -40,6 +41,10 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
                                    "rows": rows})
         except PostgresError as e:
             checks.append({"check": "read_tables", "database": db, "ok": False, "error": e.detail or e.message})
+            cause = environment_cause(e.detail or e.message)
+            if cause:
+                raise environment_error(f"database {db} of the restored backup could not be read", cause,
+                                        e.detail or e.message) from None
             raise ValidationError(f"database {db} of the restored backup cannot be read",
                                   detail=e.detail or e.message) from None
         if v.amcheck and has_amcheck:

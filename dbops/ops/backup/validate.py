@@ -22,6 +22,7 @@ from dbops.config import Config, Node
 from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError, ValidationError
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
+from dbops.ops.backup.environment import environment_cause, environment_error
 from dbops.ops.wal import archive as arch
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
@@ -237,8 +238,11 @@ def _wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int,
             _fail_on_full_disk(inst, data)
             next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
         if not inst.is_running():
-            raise ValidationError("PostgreSQL stopped during recovery before reaching the target",
-                                  detail=inst.logs(30))
+            logs = inst.logs(30)
+            cause = environment_cause(logs)
+            if cause:
+                raise environment_error("PostgreSQL stopped during recovery", cause, logs)
+            raise ValidationError("PostgreSQL stopped during recovery before reaching the target", detail=logs)
         try:
             with pgconn.session(node) as c:
                 row = c.execute("SELECT pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()::text, "
@@ -252,8 +256,10 @@ def _wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int,
         except PostgresError as e:
             last_err = e.detail or e.message
         time.sleep(0.1)
-    raise ValidationError(f"replay did not reach the target {format_lsn(target.lsn)} within {timeout:.0f} s",
-                          detail=(last_err + "\n" if last_err else "") + inst.logs(30))
+    # every segment replay needs was fetched and verified before the start: a slow replay is the machine's
+    raise environment_error(f"replay did not reach the target {format_lsn(target.lsn)} within {timeout:.0f} s",
+                            "backup.validation.start_timeout too short for this machine",
+                            (last_err + "\n" if last_err else "") + inst.logs(30))
 
 
 def read_relation_map(inst) -> dict[str, Any] | None:
@@ -286,15 +292,26 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     rt = open_runtime(cfg.runtime)
     timeout = cfg.backup.validation.start_timeout
     with phases("start"):
-        inst = rt.start(InstanceSpec(data_dir=data, port=proc.free_port(), wal_dir=wal_dir, settings=settings, name=name,
-                                     mounts=mounts))
+        try:
+            inst = rt.start(InstanceSpec(data_dir=data, port=proc.free_port(), wal_dir=wal_dir, settings=settings,
+                                         name=name, mounts=mounts))
+        except DbopsError as e:
+            raise environment_error(f"the {rt.engine} runtime could not start the throwaway PostgreSQL",
+                                    "container runtime or host failure", e.detail or e.message) from None
     with inst:
         with phases("start"):
             try:
                 inst.wait_ready(timeout)
             except DbopsError as e:
-                raise ValidationError("PostgreSQL did not start on the restored backup",
-                                      detail=(e.detail or e.message) + "\n" + inst.logs(30)) from None
+                detail = (e.detail or e.message) + "\n" + inst.logs(30)
+                if inst.is_running():  # alive but not ready in time: the start timeout, not the backup
+                    raise environment_error(f"PostgreSQL did not accept connections within {timeout:.0f} s",
+                                            "backup.validation.start_timeout too short for this machine",
+                                            detail) from None
+                cause = environment_cause(detail)
+                if cause:
+                    raise environment_error("PostgreSQL exited while starting", cause, detail) from None
+                raise ValidationError("PostgreSQL did not start on the restored backup", detail=detail) from None
         with phases("replay"):
             val.replayed_lsn, val.last_commit_time = _wait_paused(inst, data, target, timeout)
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})

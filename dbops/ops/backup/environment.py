@@ -1,0 +1,45 @@
+"""Telling a bad backup from a bad environment when validation fails.
+
+Only a fault in the backup's own content marks it ``failed`` (and lets the next prune delete
+it): a hash mismatch, a missing object, WAL missing from the archive, a server that reports
+its data inconsistent or corrupt, failed checks. The environment failing while it proves the
+backup says nothing about the backup: the throwaway server not ready within the start timeout,
+killed by the OOM killer, out of connection slots or shared memory, the container runtime
+failing. Those raise :class:`~dbops.errors.ValidationEnvironmentError` (exit 17) and the backup
+keeps its status. (A full scratch disk has its own error: see dbops.runtime.scratch.)
+"""
+
+from __future__ import annotations
+
+import re
+
+from dbops.errors import ValidationEnvironmentError
+
+# Server log / libpq lines that blame the machine, not the data (PostgreSQL's own wording).
+_ENVIRONMENT = [
+    (re.compile(r"terminated by signal 9|was terminated by signal 9: Killed", re.I), "a server process was killed "
+                                                                                   "(signal 9: the OOM killer?)"),
+    (re.compile(r"out of memory|could not fork|Cannot allocate memory", re.I), "out of memory"),
+    (re.compile(r"could not (map anonymous|create) shared memory|could not create semaphores", re.I),
+     "no shared memory for the server"),
+    (re.compile(r"too many connections|remaining connection slots are reserved|sorry, too many clients", re.I),
+     "no connection slot free"),
+    (re.compile(r"could not create lock file|could not bind|Address already in use", re.I),
+     "the server could not claim its socket"),
+    (re.compile(r"Resource temporarily unavailable|Too many open files", re.I), "an operating-system limit"),
+]
+
+
+def environment_cause(text: str | None) -> str | None:
+    """Why the environment (not the backup) failed, judging by a server log or error text; else None."""
+    for pattern, cause in _ENVIRONMENT:
+        if text and pattern.search(text):
+            return cause
+    return None
+
+
+def environment_error(what: str, cause: str, detail: str | None) -> ValidationEnvironmentError:
+    return ValidationEnvironmentError(
+        f"validation could not run: {what} ({cause})", detail=detail,
+        hint="this says nothing against the backup, which keeps its status; fix the cause (memory, "
+             "backup.validation.start_timeout, max_connections, the container engine) and run again")
