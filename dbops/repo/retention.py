@@ -8,9 +8,6 @@ Policy (``RetentionSettings``), applied to usable (not failed) backups in consis
 * with both set, a backup either rule keeps is kept; with neither, everything is kept;
 * the newest usable backup is always kept, and so is the newest *validated* one (restored from
   storage and checked by a later run): a run of merely stored backups never pushes it out;
-* a backup recorded as the newest point before a gap in the WAL archive (its status detail
-  ``archive_complete_to``: "restores; archive complete up to segment X") is kept while no
-  newer backup reaches the same point: it is the only way back to the time before the gap;
 * failed backups are removed unless ``keep_failed``.
 
 A pack is removed only when no kept manifest references it. Packs no manifest references
@@ -99,13 +96,6 @@ def plan(
     validated = [b for b in usable if b.state == catalog.VALIDATED]
     if validated:
         mark(validated[-1], "newest validated backup")
-    before_gap: dict[str, BackupInfo] = {}
-    for b in usable:  # oldest first: the last one per gap is the newest point before it
-        end = (b.status.detail or {}).get("archive_complete_to") if b.status else None
-        if end:
-            before_gap[str(end)] = b
-    for end, b in before_gap.items():
-        mark(b, f"newest point before the archive gap after segment {end}")
     if policy.keep_last is None and policy.keep_within is None:
         for b in usable:
             mark(b, "no retention policy set")

@@ -185,29 +185,3 @@ def test_the_newest_validated_backup_is_never_removed():
     assert p.keep == ("c", "a") and p.remove == ("d", "b")
     assert p.reasons["c"] == "newest validated backup"
 
-
-def test_the_newest_point_before_an_archive_gap_is_kept():
-    """Issue #13 item 6: a backup proven to restore, after which the archive has a gap, is the only
-    way back to the time before the gap: kept while no newer backup reaches that point."""
-    from dbops.repo.catalog import VALIDATED
-
-    gap = StatusRecord("c", VALIDATED, NOW, "r", detail={"archive_complete_to": "000000010000000000000004"})
-    older = StatusRecord("d", VALIDATED, NOW, "r", detail={"archive_complete_to": "000000010000000000000004"})
-    backups = [BackupInfo(*[getattr(BACKUPS[0], f) for f in ("backup_id", "consistent_time", "consistent_lsn",
-                                                             "redo_lsn", "timeline", "parent_id", "logical_size",
-                                                             "stored_bytes")], older),
-               BackupInfo(*[getattr(BACKUPS[1], f) for f in ("backup_id", "consistent_time", "consistent_lsn",
-                                                             "redo_lsn", "timeline", "parent_id", "logical_size",
-                                                             "stored_bytes")], gap),
-               BACKUPS[2], BACKUPS[3]]
-    p = plan(RetentionSettings(keep_last=1), backups=backups)
-    assert p.keep == ("c", "a") and p.remove == ("d", "b")
-    assert p.reasons["c"] in ("newest validated backup", "newest point before the archive gap after segment "
-                              "000000010000000000000004")
-    # with a newer validated backup (b) the gap alone keeps c
-    backups[2] = BackupInfo(*[getattr(BACKUPS[2], f) for f in ("backup_id", "consistent_time", "consistent_lsn",
-                                                               "redo_lsn", "timeline", "parent_id", "logical_size",
-                                                               "stored_bytes")], StatusRecord("b", VALIDATED, NOW, "r"))
-    p = plan(RetentionSettings(keep_last=1), backups=backups)
-    assert p.keep == ("c", "b", "a") and p.remove == ("d",)
-    assert "archive gap after segment 000000010000000000000004" in p.reasons["c"]
