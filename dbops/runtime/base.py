@@ -50,7 +50,8 @@ WAL_PATH = "/wal"
 RUN_PATH = "/dbops-run"
 SOCKET_PATH = "/dbops-sock"
 SOCKET_PATH_MAX = 90  # a Unix socket path has room for 107 bytes; ".s.PGSQL.65535" takes 15 of them
-MINIMAL_ENV: Mapping[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "LC_ALL": "C"}
+MINIMAL_ENV: Mapping[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                  "LANG": "C", "LC_ALL": "C"}
 
 LOOPBACK = "127.0.0.1"
 HBA_FILE = "pg_hba.conf"
