@@ -137,6 +137,7 @@ class StorageSettings:
     read_timeout: float = setting(30.0, "float")
     retry_deadline: float = setting(60.0, "float")
     encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+    lock_ttl: float = setting(120.0, "float", minimum=3.0)  # a lock not renewed for this long is taken over
 
 
 @dataclass(frozen=True)

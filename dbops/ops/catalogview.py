@@ -16,6 +16,7 @@ from dbops.config import Config
 from dbops.ops.backup.validate import prove, restore_seconds
 from dbops.phases import Phases
 from dbops.errors import NotFoundError, UsageError, ValidationError
+from dbops.storage.guard import GuardedStore
 from dbops.storage.lock import ClusterLock
 from dbops.pg.lsn import format_lsn, parse_segment_name
 from dbops.storage import ObjectStore, open_store
@@ -122,8 +123,8 @@ def _wal_to_remove(store: ObjectStore, layout: Layout, oldest: str | None, seg_s
     _, oldest_no = parse_segment_name(oldest[:24], seg_size)
     out = []
     for o in store.list(layout.wal_prefix()):
-        name = o.key.rsplit("/", 1)[1]
-        if name.endswith(".history") or len(name) < 24:
+        name = layout.wal_name_of(o.key)
+        if name is None or name.endswith(".history"):
             continue
         try:
             _, segno = parse_segment_name(name[:24], seg_size)
@@ -170,8 +171,9 @@ def prune(cfg: Config, *, confirm: bool, store: ObjectStore | None = None, now: 
     if not confirm:
         p, wal = _plan_with_wal(store, layout, policy, now)
         return _summary(p, wal, confirmed=False)
-    with ClusterLock(store, layout, "backup", command="backup prune"):
-        return apply_retention(store, layout, policy, now=now)
+    with ClusterLock(store, layout, "backup", command="backup prune", ttl=cfg.storage.lock_ttl) as lock:
+        # each deletion first checks the lock is still ours
+        return apply_retention(GuardedStore(store, lock), layout, policy, now=now)
 
 
 def verify(cfg: Config, *, backup_id: str | None, all_: bool, restore: bool,
@@ -216,6 +218,5 @@ def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Man
                byte_progress=byte_progress) as proof:
         val = proof.validation
     catalog.record_status(store, layout, m.backup_id, catalog.VALIDATED, run_id=run_id, phase="verify",
-                          timings=dict(phases.t), detail={"checks": val.checks, "by": "dbops verify --restore"},
-                          now=time.time())
+                          timings=dict(phases.t), detail={"checks": val.checks, "by": "dbops verify --restore"})
     return restore_seconds(phases.t), val.checks

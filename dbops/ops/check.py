@@ -255,6 +255,17 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
                    e.hint or "the keys need s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket")
         return
     check_encryption(s, store, report)
+    from dbops.storage.probe import conditional_writes_refused
+
+    try:
+        if conditional_writes_refused(store, Layout(s.prefix)):
+            report.add("storage", "conditional", OK, f"{where}: a second conditional put (If-None-Match) is refused")
+        else:
+            report.add("storage", "conditional", FAIL, f"{where} ignores conditional writes (If-None-Match: *)",
+                       "dbops needs a store that honours If-None-Match (archived WAL is never overwritten, locks "
+                       "and backups rely on it); check for a proxy or gateway that drops the header")
+    except DbopsError as e:
+        report.add("storage", "conditional", FAIL, f"{where}: conditional put probe failed: {e.message}", e.hint)
     try:
         server = store.server_time()
     except DbopsError:

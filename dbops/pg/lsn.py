@@ -62,14 +62,31 @@ def next_segment(name: str, seg_size: int = DEFAULT_SEGMENT_SIZE) -> str:
 
 
 def parse_history(text: str) -> list[tuple[int, int, str]]:
-    """Parse a timeline history file: [(parent_tli, switchpoint_lsn, reason), ...]."""
-    out = []
-    for line in text.splitlines():
+    """Parse a timeline history file: [(parent_tli, switchpoint_lsn, reason), ...].
+
+    The content comes from the archive (untrusted): a line that is not `<timeline> <LSN> [reason]`,
+    a timeline of 0 or beyond 32 bits, timelines that do not increase or switch points that go
+    back raise ValidationError (exit 7) naming the line.
+    """
+    from dbops.errors import ValidationError
+
+    out: list[tuple[int, int, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split(None, 2)
-        if len(parts) < 2:
-            continue
-        out.append((int(parts[0]), parse_lsn(parts[1]), parts[2] if len(parts) > 2 else ""))
+        try:
+            if len(parts) < 2:
+                raise ValueError("fewer than two fields")
+            tli, lsn = int(parts[0], 10), parse_lsn(parts[1])
+            if not 0 < tli < 1 << 32:
+                raise ValueError(f"timeline {tli} out of range")
+            if out and (tli <= out[-1][0] or lsn < out[-1][1]):
+                raise ValueError("timelines must increase and switch points must not go back")
+        except ValueError as e:
+            raise ValidationError(f"timeline history line {n} is malformed: {e}",
+                                  detail=repr(line[:200]),
+                                  hint="the archived history file is damaged or not PostgreSQL's") from None
+        out.append((tli, lsn, parts[2] if len(parts) > 2 else ""))
     return out

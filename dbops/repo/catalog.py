@@ -5,7 +5,9 @@
 * Order is by consistent time (then LSN), never by name.
 * Status records are append-only small JSON objects under ``Layout.status_prefix(id)``,
   named ``<epoch ns, 20 digits>-<random>.json`` so key order is time order; the latest
-  one is the backup's current status. Nothing is ever rewritten.
+  one is the backup's current status. Nothing is ever rewritten. The time is the storage
+  server's (its Date), and a new record is always named after every existing one, so hosts
+  with skewed clocks still append in order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.pg.lsn import parse_lsn
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
+from dbops.storage.probe import put_once
 
 STORED, VALIDATED, FAILED = "stored", "validated", "failed"
 STATES = (STORED, VALIDATED, FAILED)
@@ -108,11 +111,18 @@ def record_status(
         raise ValueError("a failed status needs a reason")
     if store.head(layout.manifest(backup_id)) is None:
         raise NotFoundError(f"backup {backup_id} does not exist", detail=f"no manifest at {layout.manifest(backup_id)}")
-    at = time.time() if now is None else now
-    seq = f"{int(at * 1e9):020d}-{pysecrets.token_hex(4)}"
+    if now is None:
+        now = store.server_time() or time.time()
+        now += time.time() % 1.0 if now == int(now) else 0.0  # the Date header has whole seconds
+    newest = max((o.key for o in store.list(layout.status_prefix(backup_id)) if o.key.endswith(".json")),
+                 default="")
+    after = newest.rsplit("/", 1)[-1].split("-", 1)[0]
+    ns = max(int(now * 1e9), int(after) + 1 if after.isdigit() else 0)
+    at = ns / 1e9
+    seq = f"{ns:020d}-{pysecrets.token_hex(4)}"
     key = layout.status(backup_id, seq)
     rec = StatusRecord(backup_id, state, at, run_id, phase, dict(timings or {}), reason, dict(detail or {}), key)
-    if not store.put(key, json.dumps(rec.to_dict()).encode(), if_absent=True):
+    if not put_once(store, key, json.dumps(rec.to_dict()).encode()):
         raise ConflictError(f"status record {key} already exists")
     return rec
 

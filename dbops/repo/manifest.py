@@ -35,10 +35,12 @@ import dbops
 from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.repo import mformat
+from dbops.repo.untrusted import PathGuard
 from dbops.repo.model import DIR, FILE, SYMLINK, ChunkRef, FileEntry, PgState, path_key
 from dbops.repo.tblspc import Tablespace, check_entry
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
+from dbops.storage.probe import put_file_once
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
@@ -97,14 +99,16 @@ class Manifest:
         """Every entry, in walk order, one at a time (each checked for consistency)."""
         if self._source is None and self._files is None and self._packs is not None:
             raise RuntimeError(f"manifest of backup {self.backup_id} was read without its entries")
+        guard = PathGuard(f"manifest of backup {self.backup_id}")  # every entry, whatever the format
         if self._source is not None:
-            yield from mformat.read_entries(self._source[0], self._source[1], self._packs or [],
-                                            self.entry_count or 0, f"manifest of backup {self.backup_id}")
+            for f in mformat.read_entries(self._source[0], self._source[1], self._packs or [],
+                                          self.entry_count or 0, f"manifest of backup {self.backup_id}"):
+                yield guard.check(f)
             return
         for f in self._files or ():
             if f.type == FILE and not f.block:
                 f = FileEntry(f.path, f.type, f.mode, f.mtime_ns, f.size, f.target, f.chunks, self.chunk_size)
-            yield f
+            yield guard.check(f)
 
     @property
     def files(self) -> list[FileEntry]:
@@ -312,7 +316,8 @@ def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | 
         os.close(fd)
         manifest.write_file(path)
     try:
-        ok = store.put_file(key, path, metadata=manifest.summary_metadata(), if_absent=True)
+        # a refused put meeting its own identical object is success (the answer was lost)
+        ok = put_file_once(store, key, path, metadata=manifest.summary_metadata())
     finally:
         if own:
             _unlink(path)
@@ -344,6 +349,8 @@ def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | N
     m = Manifest.from_file(path, what=f"manifest of backup {backup_id} ({key})")
     if m.backup_id != backup_id:
         raise ValidationError(f"manifest at {key} names backup {m.backup_id}, not {backup_id}")
+    for _ in m.entries():  # every entry checked once (dbops.repo.untrusted) before anyone acts on one
+        pass
     return m
 
 

@@ -22,6 +22,7 @@ import zstandard
 from dbops.errors import ConflictError
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
+from dbops.storage.probe import put_file_once
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Uploader:
         assert path is not None
         try:
             meta = {"backup-id": self.backup_id, "frames": str(len(pack.index))}
-            if not self.store.put_file(self.layout.pack(pack.pack_id), path, metadata=meta, if_absent=True):
+            if not put_file_once(self.store, self.layout.pack(pack.pack_id), path, metadata=meta):  # lost answer: ok
                 raise ConflictError(f"pack {pack.pack_id} already exists ({self.layout.pack(pack.pack_id)})")
         finally:
             os.unlink(path)

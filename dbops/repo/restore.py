@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbops import log
+from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
 from dbops.repo.ranges import Range, chunks_of, fetch_range, planned, run_bounded
@@ -64,6 +65,25 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     except KeyError:
         raise PreconditionError(f"no OS user named {owner!r} to own the restored files") from None
     return pw.pw_uid, pw.pw_gid
+
+
+def as_restored(e: FileEntry) -> FileEntry:
+    """An entry as a restore creates it: a symlinked pg_wal becomes an empty folder of its own
+    (a restored copy must not point at another machine's WAL folder, as the walk does at backup time)."""
+    return FileEntry(e.path, DIR, 0o700, e.mtime_ns) if e.type == SYMLINK and e.path == "pg_wal" else e
+
+
+def make_links(target: Path, links: Iterable[FileEntry], ids: tuple[int, int] | None) -> int:
+    """Create the recorded symbolic links other than tablespaces' (those point at the folders the
+    restore chose, made first), after every file is written: nothing is written through them."""
+    n = 0
+    for e in links:
+        if e.type == SYMLINK and e.path != "pg_wal":
+            os.symlink(e.target or "", target / e.path)
+            if ids:
+                os.lchown(target / e.path, *ids)
+            n += 1
+    return n
 
 
 def _prepare_target(target: Path, what: str | None = None) -> None:
@@ -110,13 +130,15 @@ def restore_snapshot(
     link_tablespaces(target, manifest, dests)
     stats = RestoreStats(manifest.backup_id)
 
-    # 1. folders (writable for now), then every file created at its full size.
-    for e in manifest.entries():
+    # 1. folders (writable for now), then every file created at its full size; never through a link
+    # the bucket names (every entry was checked when the manifest was read, dbops.repo.untrusted;
+    # the only links written through are the tablespaces', made above to folders chosen here).
+    for e in map(as_restored, manifest.entries()):
         if e.type == DIR and e.path != ".":
             (target / e.path).mkdir(mode=0o700, exist_ok=True)
             stats.dirs += 1
         elif e.type == FILE:
-            fd = os.open(target / e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(target / e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
             try:
                 os.ftruncate(fd, e.size)
             finally:
@@ -162,7 +184,7 @@ def restore_snapshot(
                         )
                     fd = fds.get(run.file_no)
                     if fd is None:
-                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY)
+                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
                     os.pwrite(fd, raw, run.offset)
                     written += len(raw)
             finally:
@@ -182,10 +204,7 @@ def restore_snapshot(
         run_bounded(pool, fetch, planned(manifest), 2 * workers)
 
     t_finish = time.monotonic()
-    # 3. symlinks, the WAL folder PostgreSQL expects, then modes, times, owner, fsync.
-    for e in restored_links(manifest):
-        os.symlink(e.target or "", target / e.path)
-        stats.symlinks += 1
+    # 3. the WAL folder PostgreSQL expects, modes, times, owner, fsync; the other links last.
     stats.symlinks += len(dests)
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
     status = mark_wal_archived(target, manifest)
@@ -193,6 +212,7 @@ def restore_snapshot(
 
     finish_files(target, itertools.chain((e for e in manifest.entries() if e.type == FILE), unlogged, status),
                  ids, parallel, durable)
+    stats.symlinks += make_links(target, restored_links(manifest), ids)
     finish_tree(target, manifest, ids, durable)
     finish_tablespace_roots(dests, ids)
     t_end = time.monotonic()
@@ -235,26 +255,26 @@ def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] 
     """fsync each restored file (when durable), then set its mode, owner and mtime (in parallel)."""
 
     def finish_file(f: FileEntry) -> None:
-        p = target / f.path
-        if durable:
-            fd = os.open(p, os.O_RDONLY)
-            try:
+        fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
+        try:
+            if durable:
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.chmod(p, f.mode)
-        if ids:
-            os.chown(p, *ids)
-        os.utime(p, ns=(f.mtime_ns, f.mtime_ns))
+            os.fchmod(fd, f.mode)
+            if ids:
+                os.fchown(fd, *ids)
+            os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
+        finally:
+            os.close(fd)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         run_bounded(pool, finish_file, files, 4 * max(1, parallel))
 
 
 def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, durable: bool = True) -> None:
-    """Symlink owners, folder modes/times (deepest first, so parents' times stick), fsync folders."""
+    """Link owners, folder modes/times (deepest first, so parents' times stick), fsync folders;
+    each folder opened without following a link."""
     recorded = {}
-    for e in manifest.entries():
+    for e in map(as_restored, manifest.entries()):
         if e.type == DIR:
             recorded[e.path] = e
         elif e.type == SYMLINK and ids and (target / e.path).is_symlink():
@@ -262,19 +282,18 @@ def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, d
     dirs = sorted(set(recorded) | {"pg_wal", "pg_wal/archive_status"},
                   key=lambda p: (p.count("/"), p) if p != "." else (-1, p), reverse=True)
     for rel in dirs:
-        p = target / rel
         e = recorded.get(rel)
-        if ids:
-            os.chown(p, *ids)
-        os.chmod(p, e.mode if e else 0o700)
-        if durable:
-            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-            try:
+        fd = os.open(target / rel, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+        try:
+            if ids:
+                os.fchown(fd, *ids)
+            os.fchmod(fd, e.mode if e else 0o700)
+            if durable:
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-        if e:
-            os.utime(p, ns=(e.mtime_ns, e.mtime_ns))
+            if e:
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
     if not durable:
         return
     parent = target.resolve().parent

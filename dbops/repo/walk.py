@@ -18,6 +18,8 @@ walked as ``pg_tblspc/<OID>/...``; its entries carry that folder's path in ``src
 link in pg_tblspc is an error when ``tablespaces`` is given (its contents would be missing),
 a warning otherwise. A symlinked pg_wal becomes an ordinary empty folder: the restored copy
 must not point at another machine's WAL folder.
+Any link outside pg_tblspc is skipped with a warning: a restore accepts links only where
+PostgreSQL makes them (the bucket is untrusted input, dbops.repo.untrusted).
 """
 
 from __future__ import annotations
@@ -155,6 +157,10 @@ def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[W
         if rel_dir == TBLSPC_DIR + "/" and _tablespace(e, rel, st, patterns, out, tablespaces):
             continue
         if stat.S_ISLNK(st.st_mode):
+            if rel_dir != "pg_tblspc/" or not e.name.isdigit():
+                # a restore accepts links only where PostgreSQL makes them (the bucket is untrusted input)
+                _log.warning("skipping %s: a symbolic link where PostgreSQL makes none", rel)
+                continue
             out.append(WalkEntry(rel, SYMLINK, mode, st.st_mtime_ns, target=os.readlink(e.path)))
         elif stat.S_ISDIR(st.st_mode):
             out.append(WalkEntry(rel, DIR, mode, st.st_mtime_ns))

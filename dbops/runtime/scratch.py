@@ -3,7 +3,8 @@
 The policy: one folder per run (``run-PID-RUNID``), owned by PostgreSQL's OS user and removed
 when the run ends; folders of runs killed with SIGKILL are removed by the next run; a run
 refuses to start when the folder's filesystem cannot hold the copy, and a disk that fills up
-mid-run is reported as that (ENOSPC), not as a broken backup.
+mid-run is reported as that (ENOSPC), not as a broken backup. The folder itself is checked
+(dbops.fsafe): another local user cannot have created it first or made it a link.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Iterator
 
 from dbops import proc
 from dbops.errors import DbopsError, PreconditionError
+from dbops.fsafe import private_dir
 from dbops.units import human_bytes
 
 SCRATCH_PREFIX = "run-"
@@ -45,8 +47,10 @@ def clean_stale_scratch(scratch_root: Path) -> list[str]:
 
 @contextmanager
 def scratch_folder(root: Path, run_id: str) -> Iterator[Path]:
-    """This run's own folder under root, owned by PostgreSQL's OS user, removed at the end."""
-    root.mkdir(parents=True, exist_ok=True)
+    """This run's own folder under root, owned by PostgreSQL's OS user, removed at the end.
+    root must be this user's, root's or PostgreSQL's, writable by no one else and not a link
+    (0755: the throwaway instance's user must reach its run folder inside)."""
+    private_dir(root, create=True, mode=0o755, also_user=PG_OS_USER)
     d = root / f"{SCRATCH_PREFIX}{os.getpid()}-{run_id}"
     d.mkdir(mode=0o700)
     proc.chown_to(d, PG_OS_USER)
@@ -83,7 +87,7 @@ def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = 
 
     ``limit`` (backup.scratch_limit): a cap the filesystem does not show, such as a Kubernetes
     emptyDir's sizeLimit (the kubelet evicts the pod beyond it); what the folder holds counts."""
-    scratch_root.mkdir(parents=True, exist_ok=True)
+    private_dir(scratch_root, create=True, mode=0o755, also_user=PG_OS_USER)
     free, needed = free_bytes(scratch_root), scratch_needed(data_size)
     if limit is not None:
         used = tree_bytes(scratch_root)

@@ -3,7 +3,9 @@
 Atomicity a store must provide (S3 and MinIO/SeaweedFS do):
 * ``put`` is all-or-nothing: a reader sees the old object, nothing, or the whole new one;
 * ``put`` verifies a content checksum server-side (Content-MD5) before it returns;
-* ``put(..., if_absent=True)`` never replaces an existing object (returns False instead).
+* ``put(..., if_absent=True)`` never replaces an existing object (returns False instead);
+* ``put(..., if_match=etag)`` replaces the object only while its ETag is still ``etag``
+  (returns False otherwise). Both are proven on first use (dbops.storage.probe).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ class ObjectInfo:
 
 
 class ObjectStore(Protocol):
-    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
-        """Store data. With if_absent, returns False (and changes nothing) when the key exists."""
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False,
+            if_match: str | None = None) -> bool:
+        """Store data. With if_absent, returns False (and changes nothing) when the key exists; with
+        if_match, returns False (and changes nothing) unless the object's ETag is still if_match."""
         ...
 
     def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:

@@ -39,6 +39,18 @@ class Layout:
             return self.root + f"wal/{name[:8]}/{name}"
         raise ValueError(f"not a WAL file name: {name!r}")
 
+    def wal_name_of(self, key: str) -> str | None:
+        """The WAL file name a listed key holds, only when the key is exactly where dbops stores that
+        name (listings come from the bucket: anything else under wal/ is ignored, never parsed)."""
+        name = key.rsplit("/", 1)[-1]
+        try:
+            expected = self.wal_key(name)
+        except ValueError:
+            return None
+        if key != expected or (not HISTORY_RE.match(name) and name[:8] == "00000000"):
+            return None
+        return name
+
     def history_prefix(self) -> str:
         return self.root + "wal/history/"
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from dbops.errors import NotFoundError
 from dbops.storage.base import ObjectInfo
+
+_MATCH_LOCK = threading.Lock()  # if_match compares and replaces as one step (within this process)
 
 
 class LocalStore:
@@ -37,7 +40,8 @@ class LocalStore:
     def _meta(self, key: str) -> Path:
         return self.root / "meta" / (key + ".json")
 
-    def _write(self, key: str, data: bytes, metadata: dict[str, str] | None, if_absent: bool) -> bool:
+    def _write(self, key: str, data: bytes, metadata: dict[str, str] | None, if_absent: bool,
+               if_match: str | None = None) -> bool:
         self._count("PutObject")
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -57,15 +61,23 @@ class LocalStore:
             os.unlink(tmp)
             m.write_text(json.dumps(metadata or {}))
             return True
-        m.write_text(json.dumps(metadata or {}))
-        os.replace(tmp, p)
+        with _MATCH_LOCK:
+            if if_match is not None:
+                cur = self.head(key)
+                if cur is None or cur.etag != if_match:
+                    os.unlink(tmp)
+                    return False
+            m.write_text(json.dumps(metadata or {}))
+            os.replace(tmp, p)
         return True
 
-    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
-        return self._write(key, bytes(data), metadata, if_absent)
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False,
+            if_match: str | None = None) -> bool:
+        return self._write(key, bytes(data), metadata, if_absent, if_match)
 
-    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
-        return self._write(key, Path(path).read_bytes(), metadata, if_absent)
+    def put_file(self, key: str, path: str, *, metadata: dict[str, str] | None = None, if_absent: bool = False,
+                 if_match: str | None = None) -> bool:
+        return self._write(key, Path(path).read_bytes(), metadata, if_absent, if_match)
 
     def get(self, key: str) -> bytes:
         self._count("GetObject")
@@ -101,7 +113,8 @@ class LocalStore:
             meta = json.loads(self._meta(key).read_text())
         except (FileNotFoundError, ValueError):
             meta = {}
-        return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime, metadata=meta)
+        return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}",
+                          last_modified=st.st_mtime, metadata=meta)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         self._count("ListObjectsV2")

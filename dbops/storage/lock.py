@@ -9,11 +9,17 @@ Protocol, using only what every S3-compatible store offers (conditional create):
   that generation, the one whose ``put(takeover marker for the old token, if_absent=True)``
   succeeds. It re-reads the lock (still the expired generation?), overwrites it, waits
   ``settle`` seconds, and re-reads to confirm it is the owner; anything else backs off.
-* heartbeat: a thread re-reads (still ours?) and rewrites the lock every ``ttl/3``; when
-  the lock was lost, :meth:`ClusterLock.check` raises.
+* heartbeat: a thread re-reads (still ours?) and rewrites the lock every ``ttl/3``, conditionally
+  (``If-Match`` the ETag it read), so a renewal can never overwrite a takeover.
+* :meth:`ClusterLock.check` raises once the lock is lost, and renews synchronously first when the
+  last renewal is older than the heartbeat (a process stopped past the TTL and continued finds out
+  before its next step). :class:`dbops.storage.guard.GuardedStore` calls it before every write and delete of a run.
+* same host: an owner whose boot ID differs (the host rebooted) or whose PID is gone is stale.
 * release: delete, only if the lock still carries our token.
 
-A host-local ``flock`` is taken first, so two runs on one host never race at all.
+Before the first lock a process takes on a store, the store must prove it honours conditional
+writes (dbops.storage.probe). A host-local ``flock`` is taken first, in a folder owned by the
+running user (dbops.fsafe), so two runs of one user on one host never race at all.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import json
 import os
 import secrets as pysecrets
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,14 +40,25 @@ from typing import Self
 
 from dbops import log, proc
 from dbops.errors import DbopsError, LockedError, NotFoundError
+from dbops.fsafe import open_nofollow, private_dir
 from dbops.storage.base import ObjectInfo, ObjectStore
 from dbops.storage.layout import Layout
+from dbops.storage.probe import require_conditional_writes
 
 _log = log.get("lock")
 
 DEFAULT_TTL = 120.0
 CLOCK_MARGIN = 1.0  # S3 timestamps have one-second resolution
 _ATTEMPTS = 5
+
+
+def boot_id() -> str:
+    """This boot of this host (Linux); empty where unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _iso(t: float) -> str:
@@ -58,6 +74,7 @@ class LockOwner:
     expires: float  # owner's clock; informational (staleness is judged on the server's clock)
     ttl: float
     token: str
+    boot_id: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -67,7 +84,7 @@ class LockOwner:
         try:
             d = json.loads(data)
             return cls(str(d["host"]), int(d["pid"]), str(d["command"]), float(d["started"]),
-                       float(d["expires"]), float(d["ttl"]), str(d["token"]))
+                       float(d["expires"]), float(d["ttl"]), str(d["token"]), str(d.get("boot_id", "")))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -84,15 +101,21 @@ def read_owner(store: ObjectStore, layout: Layout, name: str) -> LockOwner | Non
 
 
 def _default_local_dir() -> str:
+    """A folder of this user's own: /run/lock/dbops for root, else $XDG_RUNTIME_DIR/dbops or
+    ~/.dbops/locks (never a file in a world-writable folder another user could plant)."""
     env = os.environ.get("DBOPS_LOCK_DIR")
     if env:
         return env
-    if os.path.isdir("/run/lock") and os.access("/run/lock", os.W_OK):
-        return "/run/lock"
-    return tempfile.gettempdir()
+    if os.geteuid() == 0 and os.path.isdir("/run/lock"):
+        return "/run/lock/dbops"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "dbops")
+    return os.path.join(os.path.expanduser("~"), ".dbops", "locks")
 
 
 def _store_identity(store: ObjectStore) -> str:
+    store = getattr(store, "inner", store)  # a GuardedStore: the store it guards
     settings = getattr(store, "s", None)
     endpoint = getattr(settings, "endpoint", None) or ""
     return f"{type(store).__name__}:{endpoint}:{getattr(store, 'bucket', '') or getattr(store, 'root', '')}"
@@ -128,6 +151,9 @@ class ClusterLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: str | None = None
+        self._renew_lock = threading.Lock()
+        self._renewed = 0.0  # monotonic time of the last confirmed renewal (or acquisition)
+        self._boot_id = boot_id()
 
     # ------------------------------------------------------------------ context manager
 
@@ -150,26 +176,57 @@ class ClusterLock:
     def acquire(self) -> LockOwner:
         self._lock_local()
         try:
-            return self._acquire_remote()
+            require_conditional_writes(self.store, self.layout)
+            owner = self._acquire_remote()
+            self._renewed = time.monotonic()
+            return owner
         except BaseException:
             self._unlock_local()
             raise
 
     def refresh(self) -> None:
-        """Renew our lock; LockedError when it is no longer ours."""
+        """Renew our lock, only while it is still the object we read (If-Match its ETag);
+        LockedError when it is no longer ours."""
         assert self.owner is not None, "refresh() before acquire()"
-        cur, _ = self._read()
-        if cur is None or cur.token != self.owner.token:
-            self._lost = f"now held by {cur.describe()}" if cur else "the lock object is gone"
-            raise self._lost_error()
-        renewed = dataclasses.replace(self.owner, expires=time.time() + self.ttl)
-        self.store.put(self.key, renewed.to_bytes())
-        self.owner = renewed
+        with self._renew_lock:
+            if self._lost:
+                raise self._lost_error()
+            cur, info = self._read()
+            if cur is None or info is None or cur.token != self.owner.token:
+                self._lost = f"now held by {cur.describe()}" if cur else "the lock object is gone"
+                raise self._lost_error()
+            renewed = dataclasses.replace(self.owner, expires=time.time() + self.ttl)
+            if not self.store.put(self.key, renewed.to_bytes(), if_match=info.etag):
+                cur, _ = self._read()
+                if cur == renewed:  # our renewal was stored and its answer lost (the retry met it)
+                    self.owner = renewed
+                    self._renewed = time.monotonic()
+                    return
+                self._lost = (f"replaced while it was being renewed, now held by {cur.describe()}" if cur
+                              else "replaced while it was being renewed")
+                raise self._lost_error()
+            self.owner = renewed
+            self._renewed = time.monotonic()
 
     def check(self) -> None:
-        """Raise LockedError if the heartbeat found the lock lost (call between phases)."""
+        """Raise LockedError once the lock is lost. Call before every destructive step: when the
+        last renewal is older than the heartbeat (this process may have been stopped), it renews
+        first, so a run that lost the lock while it was not running stops before acting."""
         if self._lost:
             raise self._lost_error()
+        if self.owner is None:
+            return
+        age = time.monotonic() - self._renewed
+        if age <= self.heartbeat * 1.5:
+            return
+        try:
+            self.refresh()
+        except LockedError:
+            raise
+        except DbopsError as e:
+            if age > self.ttl:
+                self._lost = f"not renewed for {age:.0f} s ({e.message})"
+                raise self._lost_error() from None
 
     def release(self) -> None:
         try:
@@ -186,7 +243,7 @@ class ClusterLock:
     def _new_owner(self) -> LockOwner:
         now = time.time()
         return LockOwner(self.host, os.getpid(), self.command, now, now + self.ttl, self.ttl,
-                         pysecrets.token_hex(16))
+                         pysecrets.token_hex(16), self._boot_id)
 
     def _read(self) -> tuple[LockOwner | None, ObjectInfo | None]:
         info = self.store.head(self.key)
@@ -199,9 +256,12 @@ class ClusterLock:
         return LockOwner.from_bytes(data), info
 
     def _stale(self, cur: LockOwner | None, info: ObjectInfo) -> bool:
-        if cur is not None and cur.host == self.host and cur.pid != os.getpid() and not proc.pid_alive(cur.pid):
-            # Same host, and we already hold the host-local flock: its owner died (SIGKILL, crash).
-            return True
+        if cur is not None and cur.host == self.host:
+            if cur.boot_id and self._boot_id and cur.boot_id != self._boot_id:
+                return True  # taken before this host rebooted: its owner cannot be running
+            if cur.pid != os.getpid() and not proc.pid_alive(cur.pid) and (
+                    not cur.boot_id or cur.boot_id == self._boot_id):
+                return True  # same boot, and that process is gone (SIGKILL, crash)
         now = self.store.server_time() or time.time()
         ttl = cur.ttl if cur else self.ttl
         return now > info.last_modified + ttl + CLOCK_MARGIN
@@ -221,6 +281,9 @@ class ClusterLock:
             cur, info = self._read()
             if info is None:
                 continue  # released between our put and our read
+            if cur is not None and cur.token == me.token:  # our put was stored, its answer lost
+                self.owner = me
+                return me
             if not self._stale(cur, info):
                 raise self._held_error(cur)
             taken = self._take_over(cur, info)
@@ -243,7 +306,8 @@ class ClusterLock:
             if (cur.token if cur else None) != (stale.token if stale else None):
                 return None  # replaced since we looked
             _log.warning("taking over expired lock %s%s", self.key, f" from {stale.describe()}" if stale else "")
-            self.store.put(self.key, me.to_bytes())
+            if not self.store.put(self.key, me.to_bytes(), if_match=info2.etag):
+                return None  # renewed or replaced between our read and our write
             time.sleep(self.settle)
             if not self._confirm(me):
                 return None
@@ -272,13 +336,8 @@ class ClusterLock:
     # ------------------------------------------------------------------ local flock
 
     def _lock_local(self) -> None:
-        self.local_path.parent.mkdir(parents=True, exist_ok=True)
-        # 0666 (umask aside): runs as root and as postgres share the same host lock file.
-        fd = os.open(self.local_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            os.fchmod(fd, 0o666)
-        except PermissionError:
-            pass
+        private_dir(self.local_path.parent, create=True)
+        fd = open_nofollow(self.local_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

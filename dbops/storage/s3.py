@@ -22,7 +22,10 @@ from dbops.storage.base import ObjectInfo
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken",
                "ExpiredToken", "AuthorizationHeaderMalformed", "InvalidSecurity", "Forbidden", "403"}
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_PRECONDITION = {"PreconditionFailed", "412"}
+# 409 ConditionalRequestConflict: a concurrent conditional write to the same key was in flight.
+# It is not a refusal (nothing was compared yet): retried like any transient fault.
+_CONFLICT_RETRY = {"ConditionalRequestConflict", "OperationAborted"}
 
 
 def _md5_b64(data: bytes) -> str:
@@ -54,7 +57,7 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, bexc.ClientError):
         st = _status(e)
         return st >= 500 or st == 429 or _code(e) in {"SlowDown", "RequestTimeout", "InternalError",
-                                                     "ServiceUnavailable", "BadDigest"}
+                                                     "ServiceUnavailable", "BadDigest", *_CONFLICT_RETRY}
     return isinstance(e, (ConnectionError, TimeoutError))
 
 
@@ -158,16 +161,20 @@ class S3Store:
 
     # ------------------------------------------------------------------ protocol
 
-    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False,
+            if_match: str | None = None) -> bool:
         kw = {"Bucket": self.bucket, "Key": key, "Body": data, "ContentMD5": _md5_b64(data),
               "Metadata": dict(metadata or {})}
         if if_absent:
             kw["IfNoneMatch"] = "*"
+        if if_match:
+            kw["IfMatch"] = f'"{if_match.strip(chr(34))}"'
         return self._call(lambda: self._conditional(lambda: self.client.put_object(**kw)), key, "put")
 
     @staticmethod
     def _conditional(fn) -> bool:
-        """Run a put; an If-None-Match refusal becomes False instead of an error."""
+        """Run a put; an If-None-Match / If-Match refusal becomes False instead of an error (and a
+        412 to a retry whose first attempt took effect with its answer lost is told apart by callers)."""
         try:
             fn()
         except bexc.ClientError as e:

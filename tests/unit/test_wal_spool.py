@@ -48,7 +48,7 @@ def env(tmp_path):
     cfg = make_cfg(tmp_path, data)
     store = LocalStore(tmp_path / "store")
     layout = Layout("p")
-    spool = spool_for(cfg.archive, data).ensure()
+    spool = spool_for(cfg.archive, data, cfg.storage).ensure()
     return cfg, data, store, layout, spool
 
 
@@ -71,7 +71,7 @@ class ThreadChild:
 def test_spool_is_per_data_folder_and_cluster(tmp_path, env):
     cfg, data, *_ = env
     other = make_data_dir(tmp_path / "other", sysid=5)
-    a, b = spool_for(cfg.archive, data), spool_for(cfg.archive, other)
+    a, b = spool_for(cfg.archive, data, cfg.storage), spool_for(cfg.archive, other, cfg.storage)
     assert a.root != b.root and a.root.parent == b.root.parent == tmp_path / "spool"
     assert a.root.name.startswith("7312345678901234567-")
 
@@ -216,7 +216,7 @@ def test_fast_path_answers_a_stored_segment_without_typer_or_boto3(env, tmp_path
     _cfg, data, *_ = env
     cfg_file = tmp_path / "dbops.yaml"
     cfg_file.write_text(json.dumps({"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
-                                    "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9"},
+                                    "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9", "prefix": "p"},
                                     "runtime": {"engine": "none"},
                                     "archive": {"spool_dir": str(tmp_path / "spool")}}))
     write_segment(data, SEGS[0])
@@ -251,7 +251,7 @@ def test_prefetcher_keeps_the_next_segments_verified_in_the_spool(env, tmp_path)
     # wal-fetch of the next one is served from the spool (restore target folder: another data dir)
     target = make_data_dir(tmp_path / "restored")
     (tmp_path / "spool").mkdir(exist_ok=True)
-    tspool = spool_for(cfg.archive, target).ensure()
+    tspool = spool_for(cfg.archive, target, cfg.storage).ensure()
     tfolder = tspool.prefetch_dir(cfg.storage)
     tfolder.mkdir(parents=True, exist_ok=True)
     os.replace(folder / SEGS[1], tfolder / SEGS[1])
@@ -307,3 +307,83 @@ def test_workers_do_not_outlive_a_stopped_server(env):
     t0 = time.monotonic()
     assert Prefetcher(WalArchive(store, layout), spool, folder, depth=2, seg_size=1024 * 1024).run() == 0
     assert time.monotonic() - t0 < 6
+
+
+def test_completions_are_per_archive_not_per_data_folder(tmp_path, env):
+    """Issue 13 item 1: `wal-push` to archive a, then to archive b (another prefix), must not be
+    answered for b from a's record; and a record naming another archive never counts."""
+    cfg, data, store, layout, spool = env
+    cfg_b = cfgmod.parse({"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
+                          "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9", "prefix": "other"},
+                          "runtime": {"engine": "none"}, "archive": {"spool_dir": str(tmp_path / "spool")}})
+    p = write_segment(data, SEGS[0])
+    pusher_for(env).run()
+    assert spool.is_stored(SEGS[0], p)
+    spool_b = spool_for(cfg_b.archive, data, cfg_b.storage).ensure()
+    assert spool_b.root != spool.root
+    assert not spool_b.is_stored(SEGS[0], p)
+    # the stored key is compared: a's record copied into b's spool is not b's completion
+    (spool_b.done / SEGS[0]).write_text((spool.done / SEGS[0]).read_text())
+    assert not spool_b.is_stored(SEGS[0], p)
+    # bucket and endpoint count too
+    for change in ({"bucket": "bkt2"}, {"endpoint": "http://127.0.0.2:9"}):
+        raw = {"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
+               "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9", "prefix": "p", **change},
+               "runtime": {"engine": "none"}, "archive": {"spool_dir": str(tmp_path / "spool")}}
+        c = cfgmod.parse(raw)
+        assert not spool_for(c.archive, data, c.storage).ensure().is_stored(SEGS[0], p)
+
+
+def test_a_backlog_is_pushed_again_after_the_prefix_changes(tmp_path, env):
+    """Issue 13 item 1: .ready files waiting while storage.prefix changes all reach the new prefix."""
+    cfg, data, store, layout, spool = env
+    for n in SEGS[:3]:
+        write_segment(data, n)
+    pusher_for(env).run()
+    new_layout = Layout("moved")
+    cfg_b = cfgmod.parse({"cluster": "t", "nodes": [{"name": "pg1", "data_dir": str(data)}],
+                          "storage": {"bucket": "bkt", "endpoint": "http://127.0.0.1:9", "prefix": "moved"},
+                          "runtime": {"engine": "none"}, "archive": {"spool_dir": str(tmp_path / "spool")}})
+    spool_b = spool_for(cfg_b.archive, data, cfg_b.storage).ensure()
+    for n in SEGS[3:]:
+        write_segment(data, n)
+    Pusher(WalArchive(store, new_layout), spool_b, cluster_identity(data), parallel=3, idle_exit=0.3).run()
+    for n in SEGS:
+        assert store.head(new_layout.wal_key(n)) is not None, n
+        assert spool_b.is_stored(n, data / "pg_wal" / n)
+
+
+def test_spool_folders_planted_by_another_user_are_refused(tmp_path, env):
+    """Issue 13 item 11: a spool folder that is a link, or writable by others, is not used."""
+    from dbops.errors import PreconditionError
+
+    cfg, data, *_ = env
+    sp = spool_for(cfg.archive, data, cfg.storage)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import shutil
+
+    shutil.rmtree(sp.root, ignore_errors=True)
+    sp.root.symlink_to(elsewhere)
+    with pytest.raises(PreconditionError, match="symbolic link"):
+        sp.ensure()
+    sp.root.unlink()
+    sp.root.mkdir(mode=0o700)
+    os.chmod(sp.root, 0o777)
+    with pytest.raises(PreconditionError, match="writable by other users"):
+        sp.ensure()
+    os.chmod(sp.root, 0o700)
+    sp.ensure()
+
+
+def test_the_default_spool_is_never_a_shared_temporary_folder(tmp_path):
+    from dbops.config import ArchiveSettings
+
+    data = make_data_dir(tmp_path / "ro" / "data")
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        root = walspool.spool_root(ArchiveSettings(), data)
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    if os.geteuid() != 0:  # root may write anywhere: the folder beside the data folder is used
+        assert not str(root).startswith("/tmp") and ".dbops" in str(root)

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from dbops import __version__, log, proc
 from dbops.config import Config, Node
-from dbops.errors import CommandError, DbopsError, PostgresError, ValidationError
+from dbops.errors import CommandError, DbopsError, LockedError, PostgresError, ValidationError
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.validate import (ArchiveStalledError, Target, Validation, capture_target, fetch_wal,
                                        prove, recover_to_target, restore_seconds)
@@ -59,6 +59,7 @@ from dbops.repo.store import Cancelled, store_snapshot
 from dbops.runtime.scratch import (PG_OS_USER, check_scratch_space, clean_stale_scratch, out_of_space,
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_store, request_counts, requests_since
+from dbops.storage.guard import GuardedStore
 from dbops.storage.layout import Layout
 from dbops.storage.lock import ClusterLock
 
@@ -165,6 +166,7 @@ def backup_label_start(data: Path) -> str:
 # --------------------------------------------------------------------------- the run
 
 
+
 class BackupRun:
     def __init__(self, cfg: Config, *, store: ObjectStore | None = None, progress: Callable[[str], None] | None = None,
                  byte_progress: Callable[[int, int], None] | None = None):
@@ -186,23 +188,32 @@ class BackupRun:
         return res
 
     def _run(self, *, full: bool) -> BackupResult:
-        with proc.sigterm_as_interrupt(), ClusterLock(self.store, self.layout, "backup", command="backup"):
-            clean_stale_scratch(self.scratch_root)
-            primary = find_primary(self.cfg.nodes)
-            backups = catalog.list_backups(self.store, self.layout)
-            prev = next((b for b in reversed(backups) if b.usable), None)
+        raw = self.store
+        with proc.sigterm_as_interrupt(), ClusterLock(raw, self.layout, "backup", command="backup",
+                                                      ttl=self.cfg.storage.lock_ttl) as lock:
+            self.store = GuardedStore(raw, lock)  # every write and delete checks the lock is still ours
             try:
-                if prev is None or full:
-                    res = self._full(primary, reason="first backup" if prev is None else "--full requested")
-                else:
-                    res = self._validate_and_build(primary, prev)
-            except (OSError, DbopsError) as e:
-                if out_of_space(e):
-                    raise scratch_full_error(self.scratch_root, self.phases and self.phases.current, e) from None
-                raise
-            if self.cfg.backup.retention.auto:
-                res.pruned = self._auto_prune(res)
-            return res
+                return self._locked(full)
+            finally:
+                self.store = raw
+
+    def _locked(self, full: bool) -> BackupResult:
+        clean_stale_scratch(self.scratch_root)
+        primary = find_primary(self.cfg.nodes)
+        backups = catalog.list_backups(self.store, self.layout)
+        prev = next((b for b in reversed(backups) if b.usable), None)
+        try:
+            if prev is None or full:
+                res = self._full(primary, reason="first backup" if prev is None else "--full requested")
+            else:
+                res = self._validate_and_build(primary, prev)
+        except (OSError, DbopsError) as e:
+            if out_of_space(e):
+                raise scratch_full_error(self.scratch_root, self.phases and self.phases.current, e) from None
+            raise
+        if self.cfg.backup.retention.auto:
+            res.pruned = self._auto_prune(res)
+        return res
 
     def _auto_prune(self, res: BackupResult) -> dict[str, Any]:
         """backup.retention.auto: apply the policy now, under the lock this run holds."""
@@ -363,6 +374,8 @@ class BackupRun:
         try:
             catalog.record_status(self.store, self.layout, backup_id, catalog.FAILED, run_id=self.run_id,
                                   phase="validate", reason=e.message, detail={"detail": (e.detail or "")[-4000:]})
+        except LockedError:
+            raise  # the lock is gone: stop here, write nothing more
         except DbopsError as e2:  # the validation error is what matters; say that recording failed too
             log.event(_log, logging.ERROR, "could not record the failed validation", error=e2.message)
 

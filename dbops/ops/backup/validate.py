@@ -92,10 +92,26 @@ def _require_primary_up(primary: Node, segment: str) -> None:
         ) from None
 
 
+def _archiver_passed(primary: Node, seg: str) -> bool:
+    """PostgreSQL's archiver acknowledged seg, so every segment before it too (it archives in order,
+    and retries one until it succeeds). The target's object alone is not enough: with an async
+    pusher a later segment can be stored while an earlier one is still being retried."""
+    from dbops.pg.lsn import SEGMENT_RE
+
+    try:
+        with pgconn.session(primary) as c:
+            last = c.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
+    except PostgresError:
+        return False  # the probe in the loop names a primary that went away
+    if not last or not SEGMENT_RE.match(last):
+        return False
+    return last[:8] > seg[:8] or (last[:8] == seg[:8] and last[8:] >= seg[8:])
+
+
 def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
     """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
     time, switch WAL; then wait until that segment is archived."""
-    with ClusterLock(store, layout, SWITCH_LOCK, command="backup (target capture)"):
+    with ClusterLock(store, layout, SWITCH_LOCK, command="backup (target capture)", ttl=cfg.storage.lock_ttl):
         try:
             primary = find_primary(cfg.nodes)
         except PostgresError as e:  # it was there when the run began
@@ -112,7 +128,7 @@ def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layo
     key = layout.wal_key(seg)
     deadline = time.monotonic() + archive_wait
     next_probe = time.monotonic() + PRIMARY_PROBE_INTERVAL
-    while store.head(key) is None:
+    while store.head(key) is None or not _archiver_passed(primary, seg):
         now = time.monotonic()
         if now > deadline:
             raise ArchiveStalledError(

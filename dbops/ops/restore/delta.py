@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dbops import log
+from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
 from dbops.repo.ranges import Range, batches, chunks_of, fetch_range, plan_ranges
-from dbops.repo.restore import finish_files, finish_tree, mark_wal_archived, reset_unlogged
+from dbops.repo.restore import as_restored, finish_files, finish_tree, make_links, mark_wal_archived, reset_unlogged
 from dbops.errors import NotFoundError, ValidationError
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.storage.base import ObjectStore
@@ -59,7 +60,7 @@ def _remove_extra(target: Path, wanted: dict[str, str], prefix: str = "") -> int
 def _compare(target: Path, f: FileEntry) -> tuple[FileEntry, int, int]:
     """(the entry with matching chunks marked as not to fetch, bytes kept, bytes zeroed)."""
     p = target / f.path
-    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
     kept = zeroed = 0
     chunks: list[ChunkRef] = []
     try:
@@ -89,23 +90,24 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
     manifest.check()
     ids = (pwd.getpwnam(owner).pw_uid, pwd.getpwnam(owner).pw_gid) if owner else None
     dests = tablespace_folders(manifest, tablespace_dirs)
-    wanted = {e.path: e.type for e in manifest.entries()}
+    wanted = {e.path: e.type for e in map(as_restored, manifest.entries())}
     removed = _remove_extra(target, wanted)
     for t in manifest.tablespaces:
         dests[t.oid].mkdir(parents=True, mode=0o700, exist_ok=True)
         removed += _remove_extra(dests[t.oid], wanted, prefix=t.link + "/")
     link_tablespaces(target, manifest, dests)
     links = {e.path for e in restored_links(manifest)}
-    for e in manifest.entries():
+    late = []  # links made last, after every file is written: nothing is ever written through them
+    for e in map(as_restored, manifest.entries()):
         if e.type == DIR and e.path != ".":
             (target / e.path).mkdir(mode=0o700, exist_ok=True)
         elif e.type != SYMLINK or e.path not in links:
             continue
         elif not (target / e.path).is_symlink():
-            os.symlink(e.target or "", target / e.path)
+            late.append(e)
         elif os.readlink(target / e.path) != e.target:
             (target / e.path).unlink()
-            os.symlink(e.target or "", target / e.path)
+            late.append(e)
     totals = {"files": 0, "logical_bytes": 0, "kept_bytes": 0, "zeroed_bytes": 0, "fetched_bytes": 0,
               "requests": 0, "compare_seconds": 0.0}
     for f in manifest.entries():  # files without content: created or emptied here
@@ -130,6 +132,7 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
     extra = mark_wal_archived(target, manifest) + reset_unlogged(target, manifest)
 
     finish_files(target, itertools.chain((f for f in manifest.entries() if f.type == FILE), extra), ids, parallel)
+    make_links(target, late, ids)
     finish_tree(target, manifest, ids)
     finish_tablespace_roots(dests, ids)
     d = {"mode": "delta", **totals, "removed": removed, "compare_seconds": round(totals["compare_seconds"], 3)}
@@ -164,7 +167,7 @@ def _fetch_into(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                         hint="the backup cannot be restored; run `dbops verify` and take a new backup")
                 fd = fds.get(run.file_no)
                 if fd is None:
-                    fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY)
+                    fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
                 os.pwrite(fd, raw, run.offset)
         finally:
             for fd in fds.values():

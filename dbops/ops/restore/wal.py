@@ -72,7 +72,7 @@ class Inventory:
 def inventory(store: ObjectStore, layout: Layout, seg_size: int) -> Inventory:
     inv = Inventory(seg_size)
     for o in store.list(layout.wal_prefix()):
-        name = o.key.rsplit("/", 1)[-1]
+        name = layout.wal_name_of(o.key) or ""
         if SEGMENT_RE.match(name):
             inv.segments[name] = o
         elif HISTORY_RE.match(name):
@@ -85,7 +85,7 @@ def chain(arc: WalArchive, timeline: int) -> list[walchain.Span]:
     if timeline <= 1:
         return walchain.chain(1, [])
     try:
-        history = parse_history(arc.read_small(walchain.history_name(timeline)).decode())
+        history = parse_history(arc.read_small(walchain.history_name(timeline)).decode(errors="replace"))
     except NotFoundError:
         raise ValidationError(f"timeline {timeline}'s history file {walchain.history_name(timeline)} is missing "
                               "from the archive", hint="replay cannot follow the timeline switch without it") from None

@@ -40,6 +40,7 @@ from dbops.pg.lsn import (
 )
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
+from dbops.storage.probe import require_conditional_writes
 
 _log = log.get("archive")
 
@@ -137,6 +138,8 @@ class WalArchive:
             key = self.layout.identity()
             owner = self.read_identity()
             if owner is None:
+                # first use of this archive: never overwriting a segment rests on If-None-Match
+                require_conditional_writes(self.store, self.layout)
                 if self.store.put(key, identity_to_bytes(ident, self.cluster_name), if_absent=True):
                     _log.info("archive claimed for system identifier %s", ident.system_identifier)
                     owner = ident
@@ -243,7 +246,7 @@ class WalArchive:
         if timeline <= 1:
             return []
         name = walchain.history_name(timeline)
-        return parse_history(self.read_small(name).decode())
+        return parse_history(self.read_small(name).decode(errors="replace"))
 
     def read_small(self, name: str) -> bytes:
         """A small WAL file (history, .backup) verified, into memory."""
@@ -331,7 +334,7 @@ def fetch_range(store: ObjectStore, layout: Layout, start_segment: str, end: str
                                   hint="replay cannot follow the timeline switch without it") from None
         _write_verified(dest / hist_name, data)
         histories.append(hist_name)
-        spans = walchain.chain(end_tli, parse_history(data.decode()))
+        spans = walchain.chain(end_tli, parse_history(data.decode(errors="replace")))
     names = walchain.needed_segments(start_segment, end_name, spans, seg_size)
     todo = [n for n in names if not (dest / n).exists()]
 

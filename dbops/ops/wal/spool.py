@@ -1,18 +1,23 @@
 """Asynchronous WAL push and restore prefetch, coordinated through a spool folder.
 
-One spool per data folder: ``<archive.spool_dir>/<system identifier>-<hash of the data folder>/``
+One spool per data folder and archive:
+``<archive.spool_dir>/<system identifier>-<hash of the data folder>-<hash of the archive>/``, the
+archive being (endpoint, bucket, prefix). Two archives of one cluster (an archive_command that runs
+`wal-push` once per configuration) have separate completions and separate pushers, so a segment
+stored in one archive is never acknowledged for the other.
 
-    pusher.lock      flock held by the running pusher (one per data folder); holds its pid
+    archive          the archive this spool serves (endpoint|bucket|prefix)
+    pusher.lock      flock held by the running pusher (one per data folder and archive); holds its pid
     pusher.beat      touched by the pusher's loop, so a wedged pusher is noticed
     pusher.log       the background workers' log
-    done/NAME        a verified upload: sha256, key, and size/inode/mtime of the file pushed
+    done/NAME        a verified upload: archive, sha256, key, and size/inode/mtime of the file pushed
     failed/NAME      the last failed attempt: time, exit code, message
     wants/NAME       a waiting `wal-push` (holds the file's path); wakes the pusher for it
     prefetch/<tag>/NAME   verified segments fetched ahead of `wal-fetch` (one folder per archive)
     prefetch.lock, prefetch.want
 
-`wal-push` returns 0 only when done/NAME matches the very file PostgreSQL handed it, and
-done/NAME is written only after the object is stored with a server-verified checksum.
+`wal-push` returns 0 only when done/NAME matches the very file PostgreSQL handed it and names
+this archive, and done/NAME is written only after the object is stored with a server-verified checksum.
 The pusher never writes into pg_wal/archive_status (PostgreSQL owns it); it only reads
 which segments are ready. This module imports neither typer nor boto3: the archive_command
 fast path goes through it.
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dbops.errors import DbopsError, PreconditionError, UnknownOutcomeError
+from dbops.fsafe import private_dir
 from dbops.pg.walfile import data_dir_of, read_system_identifier
 from dbops.pg.lsn import HISTORY_RE, SEGMENT_RE
 
@@ -51,23 +57,30 @@ _LOG_MAX = 8 * 1024 * 1024
 
 
 def spool_root(settings: ArchiveSettings, data_dir: Path) -> Path:
-    """The configured spool folder, or `dbops-spool` next to the data folder, or a private temp one."""
+    """The configured spool folder, or `dbops-spool` next to the data folder, or ~/.dbops/spool.
+
+    Never a shared temporary folder: another local user could create it first (issue 13 item 11).
+    """
     if settings.spool_dir:
         return Path(settings.spool_dir)
     parent = data_dir.resolve().parent
     beside = parent / "dbops-spool"
     if beside.is_dir() or os.access(parent, os.W_OK):
         return beside
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / f"dbops-spool-{os.getuid()}"
+    return Path(os.path.expanduser("~")) / ".dbops" / "spool"
 
 
-def spool_for(settings: ArchiveSettings, data_dir: Path) -> Spool:
+def archive_id(storage: StorageSettings) -> str:
+    """The archive a spool serves: endpoint, bucket and prefix (two archives never share records)."""
+    endpoint = (storage.endpoint or "s3").rstrip("/")
+    return f"{endpoint}|{storage.bucket}|{storage.prefix.strip('/')}"
+
+
+def spool_for(settings: ArchiveSettings, data_dir: Path, storage: StorageSettings) -> Spool:
     real = os.path.realpath(data_dir)
-    tag = _tag(real)
     sysid = read_system_identifier(data_dir)
-    return Spool(spool_root(settings, data_dir) / f"{sysid}-{tag}", Path(real))
+    archive = archive_id(storage)
+    return Spool(spool_root(settings, data_dir) / f"{sysid}-{_tag(real)}-{_tag(archive)}", Path(real), archive)
 
 
 def _tag(text: str) -> str:
@@ -115,26 +128,30 @@ def _read_json(path: Path) -> dict | None:
 
 
 class Spool:
-    def __init__(self, root: Path, data_dir: Path):
+    def __init__(self, root: Path, data_dir: Path, archive: str):
         self.root = root
         self.data_dir = data_dir
+        self.archive = archive
         self.done = root / "done"
         self.failed = root / "failed"
         self.wants = root / "wants"
         self.log_path = root / "pusher.log"
 
     def ensure(self) -> Spool:
+        private_dir(self.root.parent, create=True)
         for d in (self.root, self.done, self.failed, self.wants, self.root / "prefetch"):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        marker = self.root / "data_dir"
-        if not marker.exists():
-            _write_atomic(marker, str(self.data_dir) + "\n")
+            private_dir(d, create=True)
+        for name, text in (("data_dir", str(self.data_dir)), ("archive", self.archive)):
+            marker = self.root / name
+            if not marker.exists():
+                _write_atomic(marker, text + "\n")
         return self
 
     # -- completions
     def is_stored(self, name: str, path: str | os.PathLike) -> bool:
+        """done/NAME records this very file stored in this spool's archive."""
         rec = _read_json(self.done / name)
-        if rec is None:
+        if rec is None or rec.get("archive") != self.archive:
             return False
         try:
             st = os.stat(path)
@@ -144,8 +161,8 @@ class Spool:
 
     def record_stored(self, name: str, st: os.stat_result, sha256: str, key: str) -> None:
         _write_atomic(self.done / name, json.dumps({
-            "sha256": sha256, "key": key, "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns,
-            "at": time.time()}))
+            "archive": self.archive, "sha256": sha256, "key": key, "size": st.st_size, "ino": st.st_ino,
+            "mtime_ns": st.st_mtime_ns, "at": time.time()}))
         (self.failed / name).unlink(missing_ok=True)
 
     def record_failure(self, name: str, err: DbopsError) -> None:
@@ -251,7 +268,7 @@ class Spool:
 
     # -- prefetch
     def prefetch_dir(self, storage: StorageSettings) -> Path:
-        return self.root / "prefetch" / _tag(f"{storage.endpoint}|{storage.bucket}|{storage.prefix}")
+        return self.root / "prefetch" / _tag(archive_id(storage))
 
     def set_prefetch_want(self, name: str) -> None:
         _write_atomic(self.root / "prefetch.want", name)
@@ -312,17 +329,17 @@ def push(cfg: Config, wal_path: str, *, sync: bool = False,
                  "`runuser -u postgres -- dbops wal-push ...` (or --sync)",
         )
     try:
-        spool = spool_for(cfg.archive, data_dir).ensure()
-    except OSError as e:
+        spool = spool_for(cfg.archive, data_dir, cfg.storage).ensure()
+        if spool.is_stored(name, wal_path):
+            return "spool"
+        starter = start_pusher or (lambda sp: spawn_worker(cfg, PUSHER, data_dir, sp))
+        if await_pusher(spool, name, wal_path, timeout=cfg.archive.push_timeout, start_pusher=starter,
+                        config=cfg.path):
+            return "pusher"
+    except OSError as e:  # e.g. the spool's filesystem is full: archiving must go on without it
         _warn("spool unusable (%s); pushing %s synchronously", e, name)
         push_sync(cfg, wal_path)
         return "sync"
-    if spool.is_stored(name, wal_path):
-        return "spool"
-    starter = start_pusher or (lambda sp: spawn_worker(cfg, PUSHER, data_dir, sp))
-    if await_pusher(spool, name, wal_path, timeout=cfg.archive.push_timeout, start_pusher=starter,
-                    config=cfg.path):
-        return "pusher"
     _warn("the background pusher could not be kept running; pushing %s synchronously (see %s)",
           name, spool.log_path)
     push_sync(cfg, wal_path, spool=spool)
@@ -421,7 +438,7 @@ def _fetch_spool(cfg: Config, dest: str) -> Spool | None:
         data_dir = data_dir_of(dest)
         if os.geteuid() == 0 and data_dir.stat().st_uid != 0:
             return None
-        return spool_for(cfg.archive, data_dir)
+        return spool_for(cfg.archive, data_dir, cfg.storage)
     except (DbopsError, OSError):
         return None
 

@@ -72,10 +72,6 @@ class ArchiveStatus:
         return d
 
 
-def _name(key: str) -> str:
-    return key.rsplit("/", 1)[-1]
-
-
 def archive_status(store: ObjectStore, layout: Layout, *, start_segment: str | None = None,
                    start_source: str | None = None) -> ArchiveStatus:
     """Inventory of the archive and its gaps from start_segment (default: oldest archived) to the newest."""
@@ -88,7 +84,7 @@ def archive_status(store: ObjectStore, layout: Layout, *, start_segment: str | N
     histories: list[str] = []
     labels = 0
     for obj in store.list(layout.wal_prefix()):
-        name = _name(obj.key)
+        name = layout.wal_name_of(obj.key) or ""
         if SEGMENT_RE.match(name):
             tli, segno = parse_segment_name(name, seg_size)
             segs.setdefault(tli, {})[segno] = (name, obj.last_modified)
@@ -122,7 +118,8 @@ def archive_status(store: ObjectStore, layout: Layout, *, start_segment: str | N
         spans = walchain.chain(end_tli, [])
         if end_tli > 1:
             try:
-                spans = walchain.chain(end_tli, parse_history(arc.read_small(walchain.history_name(end_tli)).decode()))
+                text = arc.read_small(walchain.history_name(end_tli)).decode(errors="replace")
+                spans = walchain.chain(end_tli, parse_history(text))
             except NotFoundError:
                 gaps.append(walchain.history_name(end_tli))
         chain_tlis = {sp.timeline for sp in spans}
@@ -220,7 +217,7 @@ def spool_state(cfg: Config, data_dir: str | None) -> dict[str, Any] | None:
     if not data_dir:
         return None
     try:
-        return spool_for(cfg.archive, Path(data_dir)).state()
+        return spool_for(cfg.archive, Path(data_dir), cfg.storage).state()
     except (DbopsError, OSError):
         return None
 

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data_dir)
     try:
         cfg = cfgmod.load(args.config)
-        spool = spool_for(cfg.archive, data_dir).ensure()
+        spool = spool_for(cfg.archive, data_dir, cfg.storage).ensure()
         fd = spool.try_lock(args.which)
         if fd is None:
             return 0  # another one runs for this data folder
