@@ -270,7 +270,8 @@ def test_a_planted_hostile_backup_is_refused_and_nothing_outside_changes(flab, e
     bid = plant(flab, hostile)
     before = (os.stat(victim).st_uid, os.stat(victim).st_mode, sorted(os.listdir(victim)))
     try:
-        r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target))
+        # --backup: a restore prefers a validated backup to a newer stored one (the planted one is "stored")
+        r = run(dbops_bin, env, "restore", "--to", "latest", "--backup", bid, "--target-dir", str(target))
         assert r.returncode == 7, r.stderr
         assert "refusing a hostile or damaged entry" in r.stderr and bid in r.stderr
         no_heal = config_copy(flab, "no-heal", backup={"validation": {"heal": False}})

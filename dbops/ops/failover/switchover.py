@@ -118,6 +118,7 @@ class Switchover:
         self.bouncer = PgBouncer(cfg.failover.pgbouncer) if cfg.failover.pgbouncer else None
         self.uses_slots = bool(plan.candidate.settings.get("primary_slot_name"))
         self.candidate_slot = plan.candidate.settings.get("primary_slot_name") or None
+        self.lock_check: Callable[[], None] = lambda: None  # ClusterLock.check of the switch lock (execute)
         self._cand: Any = None  # connection to the candidate, open from before the fence to the end
         self._cand_conninfo: str | None = None
         self._checkpoint_lsn: int | None = None
@@ -397,6 +398,7 @@ class Switchover:
         import psycopg
 
         with self.phase("promote") as ph:
+            self.lock_check()  # a run that lost the switch lock (stopped past its TTL) never promotes
             try:
                 self._cand.execute("select pg_promote(false)")
                 deadline = time.monotonic() + self.opts.timeout
@@ -514,7 +516,8 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
     if not plan.ok:
         raise plan.refuse()
     sw = Switchover(cfg, plan, opts, observer)
-    with proc.sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))():
+    with proc.sigterm_as_interrupt(), (lock or (lambda: cluster_lock(cfg)))() as held:
+        sw.lock_check = getattr(held, "check", None) or sw.lock_check  # before promoting: still ours?
         return sw.run()
 
 
@@ -525,7 +528,8 @@ def cluster_lock(cfg: Config) -> Any:
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 
-    return ClusterLock(open_store(cfg.storage), Layout(cfg.storage.prefix), LOCK_NAME, command="failover")
+    return ClusterLock(open_store(cfg.storage), Layout(cfg.storage.prefix), LOCK_NAME, command="failover",
+                       ttl=cfg.storage.lock_ttl)
 
 
 def metrics(report: Report) -> dict[str, tuple[float | int | None, str]]:
