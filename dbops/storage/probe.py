@@ -10,7 +10,6 @@ once per process and store, the first time a run uses it (lock, first WAL push, 
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 
@@ -80,9 +79,6 @@ def put_file_once(store: ObjectStore, key: str, path: str, *, metadata: dict[str
     holds exactly the file's bytes is success (its first upload was stored, the answer lost)."""
     if store.put_file(key, path, metadata=metadata, if_absent=True):
         return True
-    info = store.head(key)
-    if info is None or info.size != os.path.getsize(path):
-        return False
     try:
         body = store.get(key)
     except NotFoundError:
