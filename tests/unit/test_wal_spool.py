@@ -387,3 +387,17 @@ def test_the_default_spool_is_never_a_shared_temporary_folder(tmp_path):
         os.chmod(tmp_path / "ro", 0o755)
     if os.geteuid() != 0:  # root may write anywhere: the folder beside the data folder is used
         assert not str(root).startswith("/tmp") and ".dbops" in str(root)
+
+
+def test_an_untrusted_spool_is_bypassed_and_the_file_still_stored_before_the_answer(tmp_path, env, monkeypatch):
+    """Issue 13 item 11: wal-push does not use a spool folder another user could control; it stores
+    the segment itself (archiving goes on) instead of failing."""
+    cfg, data, store, layout, _spool = env
+    root = tmp_path / "spool"
+    os.chmod(root, 0o777)
+    p = write_segment(data, SEGS[0])
+    pushed = []
+    monkeypatch.setattr(walspool, "push_sync", lambda c, path, **kw: pushed.append(path))
+    assert walspool.push(cfg, str(p), start_pusher=lambda sp: None) == "sync"
+    assert pushed == [str(p)]
+    os.chmod(root, 0o700)

@@ -336,8 +336,8 @@ def push(cfg: Config, wal_path: str, *, sync: bool = False,
         if await_pusher(spool, name, wal_path, timeout=cfg.archive.push_timeout, start_pusher=starter,
                         config=cfg.path):
             return "pusher"
-    except OSError as e:  # e.g. the spool's filesystem is full: archiving must go on without it
-        _warn("spool unusable (%s); pushing %s synchronously", e, name)
+    except (OSError, PreconditionError) as e:  # full, or not a folder of ours: archive on without it
+        _warn("spool unusable (%s); pushing %s synchronously", getattr(e, "message", e), name)
         push_sync(cfg, wal_path)
         return "sync"
     _warn("the background pusher could not be kept running; pushing %s synchronously (see %s)",
