@@ -148,6 +148,7 @@ class ClusterLock:
         self.local_path = Path(local_dir or _default_local_dir()) / f"dbops-{name}-{digest}.lock"
         self.owner: LockOwner | None = None
         self._local_fd: int | None = None
+        self._local_rw = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: str | None = None
@@ -336,8 +337,15 @@ class ClusterLock:
     # ------------------------------------------------------------------ local flock
 
     def _lock_local(self) -> None:
-        private_dir(self.local_path.parent, create=True)
-        fd = open_nofollow(self.local_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # The folder may be shared by runs as root and as the PostgreSQL user (both own it safely);
+        # a lock file the other one created is flocked read-only (flock needs no write access).
+        private_dir(self.local_path.parent, create=True, also_user="postgres")
+        try:
+            fd = open_nofollow(self.local_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._local_rw = True
+        except PermissionError:
+            fd = open_nofollow(self.local_path, os.O_RDONLY)
+            self._local_rw = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -352,13 +360,15 @@ class ClusterLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, self._new_owner().to_bytes(), 0)
+        if self._local_rw:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._new_owner().to_bytes(), 0)
         self._local_fd = fd
 
     def _unlock_local(self) -> None:
         if self._local_fd is not None:
-            os.ftruncate(self._local_fd, 0)
+            if self._local_rw:
+                os.ftruncate(self._local_fd, 0)
             os.close(self._local_fd)  # closing releases the flock; the file stays (unlinking would race)
             self._local_fd = None
 

@@ -162,7 +162,7 @@ def test_a_409_conditional_conflict_is_retried_not_reported_as_split_brain(flab,
                  cwd=flab.primary.data_dir, check=False, timeout=120)
     assert r.returncode == 0, r.stderr
     assert proxy.stats["failed_409"] == 2
-    store = open_store(flab.config.storage)
+    store = open_store(dataclasses.replace(flab.config.storage, prefix="lab-409"))
     assert store.head(Layout("lab-409").wal_key(seg)) is not None
 
 

@@ -4,6 +4,7 @@ added. Every segment PostgreSQL was told is archived is in both archives, byte f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -46,8 +47,9 @@ def test_two_archives_each_get_every_segment(make_lab, dbops_bin, tmp_path):
     b_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     os.chmod(b_path, 0o644)
     a_path = lab.config_path
-    store = open_store(lab.config.storage)
-    arc_a, arc_b = WalArchive(store, Layout("lab")), WalArchive(store, Layout("lab-b"))
+    # one store per prefix: with storage.encryption, objects are bound to their prefix
+    arc_a = WalArchive(open_store(lab.config.storage), Layout("lab"))
+    arc_b = WalArchive(open_store(dataclasses.replace(lab.config.storage, prefix="lab-b")), Layout("lab-b"))
 
     # a backlog first: archiving fails, three segments wait as .ready
     set_archive_command(node, "/bin/false")
