@@ -557,11 +557,11 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
                         configure(cfg, target, plan, opts)
                     with phases("tablespaces"):
                         wal_job.result()  # the WAL to replay is here: its CREATE TABLESPACE records
-                        created = _created_tablespaces(cache, manifest, opts, ids)
+                        new_tablespaces = _created_tablespaces(cache, manifest, opts, ids)
                     reached, final_state, running = restore_run.run(
                         cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,
-                        mounts=tuple((str(f), loc) for loc, f in created.values() if str(f) != loc),
-                        relink={oid: f for oid, (_loc, f) in created.items()})
+                        mounts=tuple((str(f), loc) for loc, f in new_tablespaces.values() if str(f) != loc),
+                        relink={oid: f for oid, (_loc, f) in new_tablespaces.items()})
                 finally:
                     ahead.stop()  # what replay did not ask for is not needed any more
                 stats = wal_job.result()
