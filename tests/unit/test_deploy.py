@@ -565,6 +565,13 @@ def test_wal_status_is_scheduled_with_metrics_in_every_deployment():
     (c,) = jobs["dbops-wal-status"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert parse_cli(c["args"]) == ["wal", "status"] and "--metrics-file" in c["args"]
 
+    compose_svc = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["dbops-wal-status"]
+    script = compose_svc["entrypoint"][-1]
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+    words = shlex.split(script.split(";")[1].split(">", 1)[0])  # `do dbops ARGS >/dev/null`, in the image
+    loop_args = words[words.index("dbops") + 1:]
+    assert parse_cli(loop_args) == ["wal", "status"] and "--metrics-file" in loop_args and "sleep 300" in script
+
 
 def test_kubernetes_cronjob():
     docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "cronjob.yaml").read_text()))
