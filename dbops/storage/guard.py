@@ -32,8 +32,17 @@ class GuardedStore:
         self.inner.delete(key)
 
     def delete_many(self, keys) -> None:
+        """DeleteObjects batches (S3 bills per request), the lock checked before each one."""
+        batch: list[str] = []
         for k in keys:
-            self.delete(k)
+            batch.append(k)
+            if len(batch) == 1000:
+                self.lock.check()
+                self.inner.delete_many(batch)
+                batch = []
+        if batch:
+            self.lock.check()
+            self.inner.delete_many(batch)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

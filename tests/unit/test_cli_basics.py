@@ -68,14 +68,17 @@ def test_version(cli):
     assert r.exit_code == 0 and r.stdout.startswith("dbops ")
 
 
-def test_shell_completion_completes_commands_and_options(dbops_bin):
+def test_shell_completion_completes_commands_and_options(dbops_bin, tmp_path):
     """Completion is on: the real console script answers bash's completion protocol and prints
     the script `--install-completion` would install."""
     import os
     import subprocess
 
+    # a clean environment: what earlier tests of the session left in os.environ is not the user's shell
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "LANG": "C.UTF-8", "SHELL": "/bin/bash"}
+
     def complete(words: str) -> list[str]:
-        env = {**os.environ, "_DBOPS_COMPLETE": "complete_bash", "COMP_WORDS": words,
+        env = {**base, "_DBOPS_COMPLETE": "complete_bash", "COMP_WORDS": words,
                "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
         r = subprocess.run([dbops_bin], env=env, capture_output=True, text=True, timeout=60, check=True)
         return r.stdout.split()
@@ -85,5 +88,6 @@ def test_shell_completion_completes_commands_and_options(dbops_bin):
     assert complete("dbops backup --fu") == ["--full"]
     assert {"--progress", "--no-progress"} <= set(complete("dbops restore --"))
     r = subprocess.run([dbops_bin, "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
-                       check=True)
+                       env=base, check=False)
+    assert r.returncode == 0, r.stderr
     assert "_DBOPS_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
