@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from dbops import proc
 from dbops.errors import ValidationError
-from dbops.pg import binaries
-from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name
+from dbops.pg import binaries, waldump
+from dbops.pg.lsn import format_lsn, parse_segment_name
 
 RMGRS = ("Transaction", "Storage", "Database")
-_LINE_RE = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*\d+, tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), "
-                      r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)\s?(.*)$")
 _PATH_RE = re.compile(r"(?:base/(\d+)/(\d+)|global/(\d+)|pg_tblspc/(\d+)/[^/\s]+/(\d+)/(\d+))(?:_(fsm|vm|init))?")
-_TIME_RE = re.compile(r"^(?:(\d+): )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 _DIR_RE = re.compile(r"(\d+)/(\d+)")
 DEFAULT_TABLESPACE, GLOBAL_TABLESPACE = 1663, 1664
 
@@ -80,11 +76,8 @@ def _section(desc: str, name: str) -> list[str]:
 
 def parse_lines(name: str, timeline: int, text: str) -> SegmentFacts:
     facts = SegmentFacts(name)
-    for line in text.splitlines():
-        m = _LINE_RE.search(line)
-        if not m:
-            continue
-        rmgr, xid, lsn, kind, desc = m.group(1), int(m.group(2)), parse_lsn(m.group(3)), m.group(4), m.group(5)
+    for rec in waldump.records(text):
+        rmgr, xid, lsn, kind, desc = rec.rmgr, rec.xid, rec.lsn, rec.kind, rec.desc
         if rmgr == "Storage" and kind == "CREATE":
             p = parse_path(desc.strip())
             if p and p[1] is None:
@@ -94,14 +87,12 @@ def parse_lines(name: str, timeline: int, text: str) -> SegmentFacts:
             if dirs:
                 facts.db_drops.append((lsn, xid, dirs))
         elif rmgr == "Transaction" and kind in ("COMMIT", "COMMIT_PREPARED"):
-            t = _TIME_RE.match(desc)
-            if not t:
+            t = waldump.xact_time(desc)
+            if t is None:
                 continue
-            if t.group(1):  # COMMIT_PREPARED names its transaction in the description
-                xid = int(t.group(1))
-            stamp = t.group(2)
-            fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in stamp else "%Y-%m-%d %H:%M:%S"
-            when = datetime.strptime(stamp, fmt).replace(tzinfo=timezone.utc).timestamp()
+            prepared_xid, when = t
+            if prepared_xid is not None:  # COMMIT_PREPARED names its transaction in the description
+                xid = prepared_xid
             dropped = []
             for rel in _section(desc, "rels"):
                 p = parse_path(rel)
@@ -123,7 +114,7 @@ def read_segment(folder: Path, name: str, next_name: str | None, *, seg_size: in
         argv += ["-e", format_lsn(start + seg_size)]
     for r in RMGRS:
         argv += ["-r", r]
-    res = proc.run(argv, env={"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}, check=False, timeout=600, what="pg_waldump")
+    res = proc.run(argv, env=waldump.ENV, check=False, timeout=600, what="pg_waldump")
     if res.returncode != 0 and "rmgr:" not in res.stdout and next_name is not None:
         raise ValidationError(f"pg_waldump cannot read archived segment {name}",
                               detail=(res.stderr or res.stdout)[-1500:])
@@ -134,5 +125,5 @@ def wrote_to(folder: Path, timeline: int, start: int, end: int, fid: FileId, *, 
     """Whether any record between start and end (LSNs) modified a block of the relation file."""
     argv = [binaries.binary("pg_waldump", bin_dir), "-p", str(folder), "-t", str(timeline), "-s", format_lsn(start),
             "-e", format_lsn(end), "-R", fid.path()]
-    res = proc.run(argv, env={"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}, check=False, timeout=600, what="pg_waldump")
+    res = proc.run(argv, env=waldump.ENV, check=False, timeout=600, what="pg_waldump")
     return "rmgr:" in res.stdout

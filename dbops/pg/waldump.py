@@ -1,6 +1,9 @@
 """Reading ``pg_waldump`` output: records, transaction ends with their times, where the WAL ends.
 
-Pure parsing (the caller runs ``pg_waldump`` wherever the WAL is, with ``TZ=UTC LANG=C``).
+Pure parsing, and the one place that reads ``pg_waldump``'s record lines: the primary-lost
+assessment, ``--before-drop`` (:mod:`dbops.pg.waldrops`) and the restore's end-of-archive scan all
+use :func:`records` and :func:`xact_time`. The caller runs ``pg_waldump`` wherever the WAL is,
+with :data:`ENV` (``TZ=UTC LANG=C``).
 A record line looks like::
 
     rmgr: Transaction len (rec/tot):     34/    34, tx:        735, lsn: 0/03000148, prev 0/03000110,
@@ -22,7 +25,7 @@ ENV = {"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}
 
 _RECORD_RE = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), "
                         r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)\s?(.*)$")
-_XACT_TIME_RE = re.compile(r"^(?:\d+: )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+_XACT_TIME_RE = re.compile(r"^(?:(\d+): )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 _ERROR_RE = re.compile(r"error in WAL record at ([0-9A-F]+/[0-9A-F]+): (.*)$")
 _LSN_IN_TEXT_RE = re.compile(r"\bat ([0-9A-F]+/[0-9A-F]+)")
 XACT_ENDS = ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED")
@@ -65,16 +68,40 @@ class Dump:
     error: str | None  # the closing error message (normal at the end of the WAL)
 
 
+def parse_record(line: str) -> Record | None:
+    """The record one ``pg_waldump`` line describes, or None for any other line."""
+    m = _RECORD_RE.search(line)
+    if not m:
+        return None
+    return Record(m.group(1), int(m.group(2)), int(m.group(3)), parse_lsn(m.group(4)), m.group(5), m.group(6))
+
+
+def records(text: str) -> list[Record]:
+    """Every record line of a ``pg_waldump`` output, in order."""
+    return [r for r in (parse_record(line) for line in text.splitlines()) if r is not None]
+
+
+def xact_time(desc: str) -> tuple[int | None, float] | None:
+    """(prepared transaction's xid or None, epoch seconds) from a transaction end's description
+    (``2026-11-29 20:01:02.123456 UTC ...``, or ``731: 2026-... UTC`` for COMMIT/ABORT_PREPARED)."""
+    m = _XACT_TIME_RE.match(desc)
+    if not m:
+        return None
+    text = m.group(2)
+    fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S"
+    when = datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
+    return (int(m.group(1)) if m.group(1) else None), when
+
+
 def parse(text: str) -> Dump:
     """Records and the closing error of a ``pg_waldump`` run (stdout and stderr concatenated)."""
-    records: list[Record] = []
+    found: list[Record] = []
     last_valid = stop = None
     error = None
     for line in text.splitlines():
-        m = _RECORD_RE.search(line)
-        if m:
-            records.append(Record(m.group(1), int(m.group(2)), int(m.group(3)), parse_lsn(m.group(4)),
-                                  m.group(5), m.group(6)))
+        rec = parse_record(line)
+        if rec is not None:
+            found.append(rec)
             continue
         e = _ERROR_RE.search(line)
         if e:
@@ -84,20 +111,17 @@ def parse(text: str) -> Dump:
             stop = parse_lsn(inner.group(1)) if inner else None
         elif "error:" in line and error is None:
             error = line.split("error:", 1)[1].strip()
-    return Dump(records, last_valid, stop, error)
+    return Dump(found, last_valid, stop, error)
 
 
 def xact_end(rec: Record) -> XactEnd | None:
     """The transaction end a record stands for (with its time), else None."""
     if rec.rmgr != "Transaction" or rec.kind not in XACT_ENDS:
         return None
-    m = _XACT_TIME_RE.match(rec.desc)
-    if not m:
+    t = xact_time(rec.desc)
+    if t is None:
         return None
-    text = m.group(1)
-    fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S"
-    when = datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
-    return XactEnd(rec.lsn, rec.xid, rec.kind, when)
+    return XactEnd(rec.lsn, rec.xid, rec.kind, t[1])
 
 
 def xact_ends(records: list[Record]) -> list[XactEnd]:
@@ -115,4 +139,5 @@ def last_commit(records: list[Record], before: int | None = None) -> XactEnd | N
     return None
 
 
-__all__ = ["ENV", "Dump", "Record", "XACT_ENDS", "XactEnd", "last_commit", "parse", "xact_end", "xact_ends"]
+__all__ = ["ENV", "Dump", "Record", "XACT_ENDS", "XactEnd", "last_commit", "parse", "parse_record", "records",
+           "xact_end", "xact_ends", "xact_time"]

@@ -211,3 +211,23 @@ def test_walgap_expands_archive_command_and_lists_the_segments_only_standbys_had
     assert segments_between(1, "000000010000000000000004", parse_lsn("0/7000100"), seg) == [
         "000000010000000000000005", "000000010000000000000006"]
     assert segments_between(1, "000000010000000000000004", parse_lsn("0/5000100"), seg) == []
+
+
+def test_one_waldump_record_parser_serves_primary_lost_before_drop_and_restore():
+    """pg/waldump.records reads every record line; waldrops and the restore's end scan read through it."""
+    from dbops.ops.restore import wal as rwal
+    from dbops.pg import waldrops
+
+    line = ("rmgr: Transaction len (rec/tot):     82/    82, tx:          0, lsn: 0/03000150, prev 0/03000118, "
+            "desc: COMMIT_PREPARED 731: 2026-11-29 20:01:04 UTC; rels: base/5/16384")
+    recs = waldump.records(DUMP + line + "\n")
+    assert [(r.rmgr, r.kind, r.xid) for r in recs] == [("Heap", "INSERT", 735), ("Transaction", "COMMIT", 735),
+                                                       ("Transaction", "ABORT", 736), ("Standby", "RUNNING_XACTS", 0),
+                                                       ("Transaction", "COMMIT_PREPARED", 0)]
+    assert recs[0].lsn == parse_lsn("0/3000060") and recs[0].total_len == 54 and recs[0].desc == "off 2"
+    assert waldump.parse_record("pg_waldump: error: whatever") is None
+    assert waldump.xact_time(recs[-1].desc) == (731, waldump.xact_time("2026-11-29 20:01:04 UTC")[1])
+    facts = waldrops.parse_lines("000000010000000000000003", 1, DUMP + line)
+    assert [(c.xid, [f.path() for f in c.dropped]) for c in facts.commits] == [(735, []), (731, ["1663/5/16384"])]
+    last = rwal.last_xact_end(recs[:4], "000000010000000000000003")
+    assert last.lsn == parse_lsn("0/30000C0") and floss.iso(last.time) == "2026-11-29T20:01:03.500000+00:00"

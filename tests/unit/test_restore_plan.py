@@ -13,6 +13,7 @@ from dbops.pg import walchain
 from dbops.ops.restore.plan import BackupChoice, fits
 from dbops.ops.restore.target import LATEST, LSN, TIME, XID, from_options, parse_time, parse_timeline
 from dbops.pg.lsn import parse_lsn
+from dbops.pg.waldump import Record, parse_record
 from dbops.storage.base import ObjectInfo
 
 SEG = 16 * 1024 * 1024
@@ -106,17 +107,17 @@ def test_wal_run_follows_the_timeline_switch():
 
 
 def test_last_commit_is_read_from_pg_waldump_lines():
-    lines = [("Heap", 61, parse_lsn("0/6002608"), "INSERT+INIT", "off 1 flags 0x00"),
-             ("Transaction", 34, parse_lsn("0/6002648"), "COMMIT", "2026-11-25 20:13:47.138891 UTC"),
-             ("XLOG", 24, parse_lsn("0/6002670"), "SWITCH", "")]
-    c = rwal._last_commit(lines, "000000010000000000000006")
+    lines = [Record("Heap", 61, 0, parse_lsn("0/6002608"), "INSERT+INIT", "off 1 flags 0x00"),
+             Record("Transaction", 34, 726, parse_lsn("0/6002648"), "COMMIT", "2026-11-25 20:13:47.138891 UTC"),
+             Record("XLOG", 24, 0, parse_lsn("0/6002670"), "SWITCH", "")]
+    c = rwal.last_xact_end(lines, "000000010000000000000006")
     assert c.lsn == parse_lsn("0/6002648")
     assert c.time == datetime(2026, 11, 25, 20, 13, 47, 138891, tzinfo=timezone.utc).timestamp()
-    prepared = [("Transaction", 40, 1, "COMMIT_PREPARED", "731: 2026-11-25 20:13:47 UTC; inval msgs: 1")]
-    assert rwal._last_commit(prepared, "x").time == datetime(2026, 11, 25, 20, 13, 47, tzinfo=timezone.utc).timestamp()
-    m = rwal._RECORD_RE.search("rmgr: Transaction len (rec/tot):     34/    34, tx:        726, lsn: 0/06002648, "
-                               "prev 0/06002608, desc: COMMIT 2026-11-25 20:13:47.138891 UTC")
-    assert m and m.group(1) == "Transaction" and m.group(4) == "COMMIT"
+    prepared = [Record("Transaction", 40, 0, 1, "COMMIT_PREPARED", "731: 2026-11-25 20:13:47 UTC; inval msgs: 1")]
+    assert rwal.last_xact_end(prepared, "x").time == datetime(2026, 11, 25, 20, 13, 47, tzinfo=timezone.utc).timestamp()
+    m = parse_record("rmgr: Transaction len (rec/tot):     34/    34, tx:        726, lsn: 0/06002648, "
+                     "prev 0/06002608, desc: COMMIT 2026-11-25 20:13:47.138891 UTC")
+    assert m and m.rmgr == "Transaction" and m.kind == "COMMIT"
 
 
 # --------------------------------------------------------------------------- the folder's settings

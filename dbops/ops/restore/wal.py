@@ -13,12 +13,10 @@
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -27,12 +25,11 @@ from dbops.errors import DbopsError, NotFoundError, ValidationError
 from dbops.ops.restore import conf as rconf
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive, decode_verified
-from dbops.pg import binaries
+from dbops.pg import binaries, waldump
 from dbops.pg.lsn import (
     HISTORY_RE,
     SEGMENT_RE,
     parse_history,
-    parse_lsn,
     parse_segment_name,
     segment_name,
     segno_of_lsn,
@@ -42,10 +39,6 @@ from dbops.storage.layout import Layout
 
 SCAN_LIMIT = 32  # segments read back from the end of the archive looking for the last commit
 
-_RECORD_RE = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*\d+, lsn: ([0-9A-F]+/[0-9A-F]+), "
-                        r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)\s?(.*)$")
-_XACT_TIME_RE = re.compile(r"^(?:\d+: )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
-_XACT_END = ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED")
 
 
 @dataclass
@@ -164,30 +157,23 @@ class WalEnd:
     commit: Commit | None  # the last commit (or abort) found reading back from the end
 
 
-def _records(path: Path, bin_dir: str | None) -> list[tuple[str, int, int, str, str]]:
-    """(rmgr, total length, lsn, record kind, description) of every valid record in one segment."""
-    res = proc.run([binaries.binary("pg_waldump", bin_dir), str(path)], env={"TZ": "UTC", "LANG": "C", "LC_ALL": "C"},
+def _records(path: Path, bin_dir: str | None) -> list[waldump.Record]:
+    """Every valid record in one segment."""
+    res = proc.run([binaries.binary("pg_waldump", bin_dir), str(path)], env=waldump.ENV,
                    check=False, timeout=300, what="pg_waldump")
-    out = []
-    for line in res.stdout.splitlines():
-        m = _RECORD_RE.search(line)
-        if m:
-            out.append((m.group(1), int(m.group(2)), parse_lsn(m.group(3)), m.group(4), m.group(5)))
+    out = waldump.records(res.stdout)
     if not out and res.returncode != 0:
         raise ValidationError(f"pg_waldump cannot read archived segment {path.name}",
                               detail=(res.stderr or res.stdout)[-1500:])
     return out
 
 
-def _last_commit(records: list[tuple[str, int, int, str, str]], segment: str) -> Commit | None:
-    for rmgr, _tot, lsn, kind, desc in reversed(records):
-        if rmgr == "Transaction" and kind in _XACT_END:
-            m = _XACT_TIME_RE.match(desc)
-            if m:
-                text = m.group(1)
-                fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S"
-                when = datetime.strptime(text, fmt).replace(tzinfo=timezone.utc)
-                return Commit(lsn, when.timestamp(), segment)
+def last_xact_end(records: list[waldump.Record], segment: str) -> Commit | None:
+    """The last transaction end (commit or abort) among a segment's records, with its time."""
+    for rec in reversed(records):
+        x = waldump.xact_end(rec)
+        if x is not None:
+            return Commit(x.lsn, x.time, segment)
     return None
 
 
@@ -209,9 +195,9 @@ def scan_end(arc: WalArchive, run: list[str], cache: Path, *, seg_size: int, sto
         if end is None:
             if not records:
                 raise ValidationError(f"archived segment {name} holds no valid WAL record")
-            _rmgr, tot, lsn, _kind, _desc = records[-1]
-            end = WalEnd(name, lsn, lsn + tot, None)
-        commit = _last_commit(records, name)
+            last = records[-1]
+            end = WalEnd(name, last.lsn, last.end_guess, None)
+        commit = last_xact_end(records, name)
         if commit:
             return WalEnd(end.segment, end.last_lsn, end.end_lsn, commit)
     return end
