@@ -68,14 +68,12 @@ def status(
 ) -> None:
     """Newest segment per timeline, the primary's archiver, and gaps (exit 7 when a segment is missing)."""
     from dbops.ops.wal import status as walstatus
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
     cfg = state_of(ctx).config()
     start_line("wal status")
-    store = open_store(cfg.storage)
+    store, layout = open_archive(cfg.storage)
     store.check()  # a clear "unreachable" / "refused" before anything else
-    layout = Layout(cfg.storage.prefix)
     source = "given"
     if start is None:
         start = walstatus.oldest_backup_start(store, layout)

@@ -19,14 +19,14 @@ from dbops.errors import NotFoundError, UsageError, ValidationError
 from dbops.storage.guard import GuardedStore
 from dbops.storage.lock import ClusterLock
 from dbops.pg.lsn import format_lsn, parse_segment_name
-from dbops.storage import ObjectStore, open_store
+from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
 
 _log = log.get("catalog")
 
 
 def _open(cfg: Config, store: ObjectStore | None = None) -> tuple[ObjectStore, Layout]:
-    return store or open_store(cfg.storage), Layout(cfg.storage.prefix)
+    return open_archive(cfg.storage, store)
 
 
 def _measured(status: catalog.StatusRecord | None,

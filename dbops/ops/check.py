@@ -220,21 +220,20 @@ def _check_nodes(cfg: Config, report: CheckReport) -> None:
 
 
 def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
     s = cfg.storage
     where = f"{s.endpoint or 'AWS S3'} bucket {s.bucket}"
     report.storage = {"endpoint": s.endpoint, "bucket": s.bucket, "prefix": s.prefix}
     try:
-        store = store or open_store(s)
+        store, layout = open_archive(s, store)
         store.check()
     except DbopsError as e:
         report.storage["reachable"] = False
         report.add("storage", "reachable", FAIL, f"{where}: {e.message}", e.hint)
         return
     report.storage["reachable"] = True
-    key = Layout(s.prefix).probe(f"check-{pysecrets.token_hex(8)}")
+    key = layout.probe(f"check-{pysecrets.token_hex(8)}")
     payload = pysecrets.token_bytes(64)
     try:
         t0 = time.monotonic()
@@ -258,7 +257,7 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
     from dbops.storage.probe import conditional_writes_refused
 
     try:
-        if conditional_writes_refused(store, Layout(s.prefix)):
+        if conditional_writes_refused(store, layout):
             report.add("storage", "conditional", OK, f"{where}: a second conditional put (If-None-Match) is refused")
         else:
             report.add("storage", "conditional", FAIL, f"{where} ignores conditional writes (If-None-Match: *)",

@@ -13,8 +13,7 @@ def check(cfg: Config, report: Any) -> None:
     from dbops.ops.backup import tablespaces as tbs
     from dbops.repo import catalog
     from dbops.repo import manifest as mf
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
     primary = next((n for n in report.nodes if n.reachable and n.role == "primary"), None)
     if primary is None:
@@ -28,7 +27,7 @@ def check(cfg: Config, report: Any) -> None:
     covered: set[int] = set()
     newest = None
     try:
-        store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+        store, layout = open_archive(cfg.storage)
         usable = [b for b in catalog.list_backups(store, layout) if b.usable]
         if usable:
             newest = usable[-1].backup_id

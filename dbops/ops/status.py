@@ -105,10 +105,9 @@ def backups_section(cfg: Config) -> Section:
 def archive_section(cfg: Config) -> Section:
     """Newest archived segment per timeline and its age; gaps since the oldest backup."""
     from dbops.ops.wal import status as walstatus
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
-    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+    store, layout = open_archive(cfg.storage)
     start = walstatus.oldest_backup_start(store, layout)
     st = walstatus.archive_status(store, layout, start_segment=start, start_source="oldest backup" if start else None)
     sec = Section(title="archive", headers=["TIMELINE", "SEGMENTS", "NEWEST", "AGE"],
@@ -125,11 +124,10 @@ def rpo_section(cfg: Config) -> Section:
     """RPO: WAL written on the primary and not yet archived, in bytes and seconds."""
     from dbops.ops import recovery
     from dbops.ops.wal import status as walstatus
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
     from dbops.units import human_bytes
 
-    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+    store, layout = open_archive(cfg.storage)
     st = walstatus.archive_status(store, layout)
     r = recovery.rpo(st, walstatus.archiver_state(cfg.nodes))
     sec = Section(title="rpo (what a loss of the primary would lose now)",

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dbops.storage.base import ObjectInfo, ObjectStore
+from dbops.storage.layout import Layout
 
 if TYPE_CHECKING:
     from dbops.config import StorageSettings
+
+
+class Archive(NamedTuple):
+    """An opened archive: the store and the names of its keys (``store, layout = open_archive(...)``)."""
+
+    store: ObjectStore
+    layout: Layout
 
 
 def open_store(settings: "StorageSettings") -> ObjectStore:
@@ -17,6 +25,12 @@ def open_store(settings: "StorageSettings") -> ObjectStore:
     from dbops.storage.s3 import S3Store
 
     return encrypted(S3Store(settings), settings)
+
+
+def open_archive(settings: "StorageSettings", store: ObjectStore | None = None) -> Archive:
+    """The one place a configuration's archive is opened: its store (or `store`, when the caller
+    already holds one open) and the key layout under its prefix."""
+    return Archive(store if store is not None else open_store(settings), Layout(settings.prefix))
 
 
 def encrypted(store: ObjectStore, settings: "StorageSettings") -> ObjectStore:
@@ -49,4 +63,4 @@ def requests_since(store: ObjectStore, before: dict[str, int]) -> dict[str, obje
             "by_operation": ops}
 
 
-__all__ = ["ObjectInfo", "ObjectStore", "encrypted", "open_store", "request_counts", "requests_since"]
+__all__ = ["Archive", "Layout", "ObjectInfo", "ObjectStore", "encrypted", "open_archive", "open_store", "request_counts", "requests_since"]

@@ -58,9 +58,8 @@ from dbops.repo import relmap as relmap_store
 from dbops.repo.store import Cancelled, store_snapshot
 from dbops.runtime.scratch import (PG_OS_USER, check_scratch_space, clean_stale_scratch, out_of_space,
                                    scratch_folder, scratch_full_error)
-from dbops.storage import ObjectStore, open_store, request_counts, requests_since
+from dbops.storage import ObjectStore, open_archive, request_counts, requests_since
 from dbops.storage.guard import GuardedStore
-from dbops.storage.layout import Layout
 from dbops.storage.lock import ClusterLock
 
 _log = log.get("backup")
@@ -171,8 +170,7 @@ class BackupRun:
     def __init__(self, cfg: Config, *, store: ObjectStore | None = None, progress: Callable[[str], None] | None = None,
                  byte_progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
-        self.store = store or open_store(cfg.storage)
-        self.layout = Layout(cfg.storage.prefix)
+        self.store, self.layout = open_archive(cfg.storage, store)
         self.run_id = catalog.new_backup_id().split("-", 1)[1] + f"{os.getpid():x}"
         self.progress = progress
         self.byte_progress = byte_progress  # (done, total) bytes of the phase running now (download, store)

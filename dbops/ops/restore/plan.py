@@ -54,7 +54,7 @@ from dbops.runtime.scratch import scratch_folder
 from dbops.ops.restore.target import FINAL_STATES, LATEST, LSN, TIME, XID, RestoreTarget, iso_utc
 from dbops.pg import running
 from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_of_lsn, segno_of_lsn
-from dbops.storage import ObjectStore, open_store
+from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
 
 _log = log.get("restore")
@@ -269,8 +269,7 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
     """
     opts.check()
     preflight(opts)
-    store = store or open_store(cfg.storage)
-    layout = Layout(cfg.storage.prefix)
+    store, layout = open_archive(cfg.storage, store)
     arc = WalArchive(store, layout)
     ident = arc.read_identity()
     if ident is None:
@@ -518,8 +517,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
 
     opts.check()
     preflight(opts)  # before the scratch folder and the plan; the plan checks again
-    store = store or open_store(cfg.storage)
-    layout = Layout(cfg.storage.prefix)
+    store, layout = open_archive(cfg.storage, store)
     phases = Phases(progress)
     run_id = catalog.new_backup_id().split("-", 1)[1]
     target = opts.target_dir

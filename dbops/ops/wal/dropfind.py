@@ -25,7 +25,7 @@ from dbops.pg import waldrops
 from dbops.pg.lsn import format_lsn, parse_segment_name, segment_of_lsn
 from dbops.pg.waldrops import Commit, FileId, SegmentFacts
 from dbops.repo import catalog, relmap
-from dbops.storage import ObjectStore, open_store
+from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
 
 WINDOW = 32  # segments on local disk at once (512 MiB at the default size)
@@ -125,8 +125,7 @@ def _target(maps: list[relmap.RelMap], asked: str) -> _Target:
 
 def tables_of(cfg: Config, backup_id: str, *, store: ObjectStore | None = None) -> list[dict[str, Any]] | None:
     """The tables a backup's relation map knows; None when it has no map."""
-    store = store or open_store(cfg.storage)
-    m = relmap.load(store, Layout(cfg.storage.prefix), backup_id)
+    m = relmap.load(*open_archive(cfg.storage, store), backup_id)
     if m is None:
         return None
     return [{"table": t.qualified, "oid": t.oid, "kind": t.kind, "file": t.file.path() if t.file else None,
@@ -136,8 +135,7 @@ def tables_of(cfg: Config, backup_id: str, *, store: ObjectStore | None = None) 
 def find(cfg: Config, names: list[str], *, store: ObjectStore | None = None,
          parallel: int | None = None) -> list[Search]:
     t0 = time.monotonic()
-    store = store or open_store(cfg.storage)
-    layout = Layout(cfg.storage.prefix)
+    store, layout = open_archive(cfg.storage, store)
     arc = WalArchive(store, layout)
     ident = arc.read_identity()
     if ident is None:

@@ -302,10 +302,9 @@ class Spool:
 
 def _archive(cfg: Config):
     from dbops.ops.wal.archive import WalArchive
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
-    return WalArchive(open_store(cfg.storage), Layout(cfg.storage.prefix), compression=cfg.compression,
+    return WalArchive(*open_archive(cfg.storage), compression=cfg.compression,
                       cluster_name=cfg.cluster)
 
 

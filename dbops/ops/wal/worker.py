@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from dbops import config as cfgmod
     from dbops.pg.walfile import cluster_identity
     from dbops.ops.wal.spool import spool_for
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
     ap = argparse.ArgumentParser(prog="dbops-walworker")
     ap.add_argument("which", choices=(PUSHER, PREFETCHER))
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = cfg.storage.encryption
         files = [cfg.storage.credentials_file, enc.key_file, *enc.old_key_files]
         watch = Watch([Path(args.config)] + [Path(f) for f in files if f])  # a change (key rotation): restart
-        archive = WalArchive(open_store(cfg.storage), Layout(cfg.storage.prefix), compression=cfg.compression,
+        archive = WalArchive(*open_archive(cfg.storage), compression=cfg.compression,
                              cluster_name=cfg.cluster)
         if args.which == PUSHER:
             s = cfg.storage
