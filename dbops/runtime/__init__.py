@@ -19,7 +19,8 @@ from dbops.config import RuntimeSettings
 from dbops.errors import CommandError, DbopsError, PreconditionError
 from dbops.pg import binaries
 from dbops.runtime.base import Instance, InstanceSpec, Runtime
-from dbops.runtime.container import ContainerRuntime, Engine, cleanup_stale, ensure_containers_conf
+from dbops.runtime.container import ContainerRuntime
+from dbops.runtime.engine import Engine, cleanup_stale, ensure_containers_conf
 from dbops.runtime.local import LocalRuntime
 
 __all__ = ["Instance", "InstanceSpec", "Runtime", "ContainerRuntime", "LocalRuntime", "Engine", "open_runtime",

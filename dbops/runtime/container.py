@@ -24,27 +24,22 @@ Networking, as found with podman 4.3 (rootful, netavark, runc) on Debian 12:
 * ``network="publish"``: the container gets its own network namespace and the socket is named
   after port 5432. (The name is kept from when the server listened on TCP behind ``-p``.)
 
-Every container carries labels: ``dbops=1``, the run id, the instance name, the creating
-process (pid and its start time, so a reused pid does not count) and host name.
-:func:`cleanup_stale` removes those whose creating process is gone: a run killed with SIGKILL
-leaves a container behind until the next run on this host starts.
+The engine CLI, containers.conf and the labels that let a later run remove a killed run's
+containers live in :mod:`dbops.runtime.engine`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
-import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from dbops import log, proc
-from dbops.errors import CommandError, ConfigError, DbopsError, PostgresError
+from dbops.errors import CommandError, ConfigError, PostgresError
 from dbops.pg import binaries
 from dbops.runtime.base import (
     DATA_PATH,
@@ -61,134 +56,13 @@ from dbops.runtime.base import (
     setting_args,
     socket_dir,
 )
+from dbops.runtime.engine import Engine, cleanup_stale, creator_labels, force_remove, label_args
 
 _log = log.get("runtime.container")
 
-ENGINES = ("podman", "docker")
 NETWORKS = ("host", "publish")
 CONTAINER_PORT = 5432
 STOP_SIGNALS = {"smart": "TERM", "fast": "INT", "immediate": "QUIT"}
-
-LABEL = "dbops"
-LABEL_RUN = "dbops.run"
-LABEL_NAME = "dbops.name"
-LABEL_PID = "dbops.pid"
-LABEL_PID_START = "dbops.pid_start"
-LABEL_HOST = "dbops.host"
-
-# The settings /work/shared/ENVIRONMENT.md found necessary for podman on VMs like this one:
-# cgroupfs (no systemd cgroup delegation), runc, and rlimits PostgreSQL can live with.
-CONTAINERS_CONF = """\
-# written by dbops (runtime.containers_conf): podman settings for throwaway PostgreSQL containers
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-"""
-
-
-def ensure_containers_conf(path: str | os.PathLike) -> Path:
-    """Write the containers.conf podman needs here to `path` unless a file is already there."""
-    p = Path(path)
-    if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        tmp.write_text(CONTAINERS_CONF)
-        os.replace(tmp, p)
-        log.event(_log, logging.INFO, "wrote containers.conf", path=str(p))
-    return p
-
-
-@dataclass(frozen=True)
-class Engine:
-    """A container engine CLI (``podman`` or ``docker``) and the environment its calls need."""
-
-    name: str
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.name not in ENGINES:
-            raise ConfigError(f"unknown container engine {self.name!r}", hint="one of " + ", ".join(ENGINES))
-
-    def run(self, args: Sequence[str], *, timeout: float | None = 120, check: bool = True,
-            env: Mapping[str, str] | None = None) -> proc.Result:
-        return proc.run([self.name, *args], env={**self.env, **(env or {})}, timeout=timeout, check=check,
-                        what=f"{self.name} {args[0]}")
-
-
-# --------------------------------------------------------------------------- labels / stale containers
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of a process (clock ticks since boot, /proc/PID/stat field 22), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def creator_labels(run_id: str, name: str) -> dict[str, str]:
-    pid = os.getpid()
-    return {LABEL: "1", LABEL_RUN: run_id, LABEL_NAME: name, LABEL_PID: str(pid),
-            LABEL_PID_START: _process_start(pid) or "", LABEL_HOST: socket.gethostname()}
-
-
-def _creator_alive(labels: Mapping[str, str]) -> bool:
-    try:
-        pid = int(labels.get(LABEL_PID, ""))
-    except ValueError:
-        return False
-    start = _process_start(pid)
-    if start is None:
-        return False
-    return not labels.get(LABEL_PID_START) or labels[LABEL_PID_START] == start
-
-
-def _label_args(labels: Mapping[str, str]) -> list[str]:
-    out: list[str] = []
-    for k, v in labels.items():
-        out += ["--label", f"{k}={v}"]
-    return out
-
-
-def _force_remove(engine: Engine, name: str) -> None:
-    """Kill and remove a container (and its anonymous volumes) whatever its state; a missing one is fine.
-
-    SIGKILL first, on both engines alike (``podman rm -f`` would send the stop signal and wait,
-    ``docker rm -f`` kills): a removed server is gone at once, its data folder left as after a crash.
-    """
-    engine.run(["kill", "--signal", "KILL", name], check=False, timeout=60)
-    res = engine.run(["rm", "-f", "-v", name], check=False, timeout=120)
-    if res.returncode != 0 and "no such container" not in (res.stderr + res.stdout).lower():
-        raise DbopsError(f"could not remove container {name}", detail=res.stderr.strip()[-1000:],
-                         hint=f"remove it by hand: {engine.name} rm -f {name}")
-
-
-def cleanup_stale(engine: Engine) -> list[str]:
-    """Remove dbops containers on this host whose creating process is gone; returns their names."""
-    ids = engine.run(["ps", "-a", "-q", "--filter", f"label={LABEL}=1"], timeout=60).stdout.split()
-    if not ids:
-        return []
-    # check=False: a container may vanish between ps and inspect; inspect still prints the others.
-    res = engine.run(["inspect", "--format", "{{.Name}} {{json .Config.Labels}}", *ids], check=False, timeout=60)
-    host = socket.gethostname()
-    removed: list[str] = []
-    for line in res.stdout.splitlines():
-        name, _, raw = line.strip().partition(" ")
-        try:
-            labels = json.loads(raw) or {}
-        except json.JSONDecodeError:
-            continue
-        name = name.lstrip("/")  # docker prints "/name"
-        if labels.get(LABEL_HOST) != host or _creator_alive(labels):
-            continue
-        _force_remove(engine, name)
-        log.event(_log, logging.WARNING, "removed a stale dbops container", container=name,
-                  creator_pid=labels.get(LABEL_PID))
-        removed.append(name)
-    return removed
 
 
 # --------------------------------------------------------------------------- runtime
@@ -251,7 +125,7 @@ class ContainerRuntime:
                     settings: Mapping[str, str], labels: Mapping[str, str], sock_dir: Path | None = None) -> list[str]:
         """``run -d ...`` for the server."""
         net = ["--network", "host"] if self.network == "host" else []
-        return ["run", "-d", "--name", name, *_label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
+        return ["run", "-d", "--name", name, *label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
                 "--stop-signal", "SIGINT", *net, *self._mounts(spec, run_dir, sock_dir), *self.extra_args,
                 *self._payload(["postgres", "-D", DATA_PATH, *setting_args(settings)])]
 
@@ -260,7 +134,7 @@ class ContainerRuntime:
         """``run --rm ...`` for a one-shot tool with the instance's mounts (the server is not running)."""
         net = ["--network", "host"] if self.network == "host" else []
         envs = [a for n in env_names for a in ("-e", n)]
-        return ["run", "--rm", "--name", name, *_label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
+        return ["run", "--rm", "--name", name, *label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
                 *net, *envs, *self._mounts(spec, run_dir, sock_dir), *self.extra_args, *self._payload(argv)]
 
     def exec_argv(self, argv: Sequence[str], *, container: str, owner: Owner, env_names: Sequence[str]) -> list[str]:
@@ -275,7 +149,7 @@ class ContainerRuntime:
     def oneshot_argv(self, argv: Sequence[str]) -> list[str]:
         """``run --rm ...`` of one program as a throwaway instance would see it (its image or rootfs)."""
         labels = creator_labels(uuid.uuid4().hex[:12], "probe")
-        return ["run", "--rm", *_label_args(labels), "--network", "host", *self.extra_args, *self._payload(argv)]
+        return ["run", "--rm", *label_args(labels), "--network", "host", *self.extra_args, *self._payload(argv)]
 
     # ---- lifecycle
 
@@ -304,7 +178,7 @@ class ContainerRuntime:
         except BaseException:
             # Interrupted or failed after the engine may have created it: it goes, by name.
             try:
-                _force_remove(self.cli, name)
+                force_remove(self.cli, name)
             finally:
                 remove_run_dir(run_dir, created, sock, sock_created)
             raise
@@ -386,7 +260,7 @@ class ContainerInstance(InstanceBase):
             try:
                 return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
             except BaseException:
-                _force_remove(self._engine, name)  # --rm does not fire when the client is killed
+                force_remove(self._engine, name)  # --rm does not fire when the client is killed
                 raise
         return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
 
@@ -394,7 +268,7 @@ class ContainerInstance(InstanceBase):
         """Force-remove the container (killing the server if it runs) and the run folder. Idempotent."""
         if self._removed:
             return
-        _force_remove(self._engine, self.name)
+        force_remove(self._engine, self.name)
         remove_run_dir(self.run_dir, self._created, Path(self.host), self._sock_created)
         self._removed = True
         log.event(_log, logging.INFO, "container removed", container=self.name)

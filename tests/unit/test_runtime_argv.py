@@ -11,14 +11,14 @@ import pytest
 from dbops.errors import ConfigError, UsageError
 from dbops.runtime import base
 from dbops.runtime.base import InstanceSpec, Owner
-from dbops.runtime.container import (
+from dbops.runtime.container import ContainerRuntime
+from dbops.runtime.engine import (
     CONTAINERS_CONF,
-    ContainerRuntime,
     Engine,
-    _creator_alive,
-    _process_start,
+    creator_alive,
     creator_labels,
     ensure_containers_conf,
+    process_start,
 )
 
 OWNER = Owner(999, 998)
@@ -176,10 +176,10 @@ def test_ensure_containers_conf_writes_once(tmp_path):
 
 def test_creator_alive_checks_pid_and_start_time():
     me = creator_labels("r", "n")
-    assert _creator_alive(me)
-    assert not _creator_alive({**me, "dbops.pid_start": str(int(_process_start(os.getpid())) + 1)})  # pid reused
-    assert not _creator_alive({**me, "dbops.pid": "999999999"})
-    assert not _creator_alive({"dbops": "1"})
+    assert creator_alive(me)
+    assert not creator_alive({**me, "dbops.pid_start": str(int(process_start(os.getpid())) + 1)})  # pid reused
+    assert not creator_alive({**me, "dbops.pid": "999999999"})
+    assert not creator_alive({"dbops": "1"})
 
 
 def test_pid_file_status(tmp_path):

@@ -104,7 +104,8 @@ from dbops.ops.backup.tablespaces import ScratchTablespaces  # noqa: E402
 from dbops.ops.restore import tablespaces as rts  # noqa: E402
 from dbops.runtime import mountns  # noqa: E402
 from dbops.runtime.base import InstanceSpec, Owner  # noqa: E402
-from dbops.runtime.container import ContainerRuntime, Engine  # noqa: E402
+from dbops.runtime.container import ContainerRuntime  # noqa: E402
+from dbops.runtime.engine import Engine  # noqa: E402
 
 
 def spaces(tmp_path):
