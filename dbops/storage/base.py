@@ -13,6 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
+DELETE_BATCH = 1000  # S3's DeleteObjects takes at most this many keys a request
+
+
+def batches(keys: Iterable[str], size: int = DELETE_BATCH) -> Iterator[list[str]]:
+    """`keys` in lists of at most `size` (the batches of :meth:`ObjectStore.delete_many`)."""
+    batch: list[str] = []
+    for k in keys:
+        batch.append(k)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
 
 @dataclass(frozen=True)
 class ObjectInfo:

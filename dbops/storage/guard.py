@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dbops.storage.base import ObjectStore
+from dbops.storage.base import ObjectStore, batches
 
 if TYPE_CHECKING:
     from dbops.storage.lock import ClusterLock
@@ -33,14 +33,7 @@ class GuardedStore:
 
     def delete_many(self, keys) -> None:
         """DeleteObjects batches (S3 bills per request), the lock checked before each one."""
-        batch: list[str] = []
-        for k in keys:
-            batch.append(k)
-            if len(batch) == 1000:
-                self.lock.check()
-                self.inner.delete_many(batch)
-                batch = []
-        if batch:
+        for batch in batches(keys):
             self.lock.check()
             self.inner.delete_many(batch)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from dbops.errors import NotFoundError
-from dbops.storage.base import ObjectInfo
+from dbops.storage.base import ObjectInfo, batches
 
 _MATCH_LOCK = threading.Lock()  # if_match compares and replaces as one step (within this process)
 
@@ -32,7 +32,8 @@ class LocalStore:
         """Calls so far by the S3 operation they stand for (no network here; for the same report)."""
         return dict(self._counts)
 
-    def _p(self, key: str) -> Path:
+    def path_of(self, key: str) -> Path:
+        """The file that holds the object `key` (a key with a '..' part is refused)."""
         if ".." in key.split("/"):
             raise ValueError(f"bad key {key!r}")
         return self.root / "objects" / key
@@ -43,7 +44,7 @@ class LocalStore:
     def _write(self, key: str, data: bytes, metadata: dict[str, str] | None, if_absent: bool,
                if_match: str | None = None) -> bool:
         self._count("PutObject")
-        p = self._p(key)
+        p = self.path_of(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
@@ -82,14 +83,14 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         self._count("GetObject")
         try:
-            return self._p(key).read_bytes()
+            return self.path_of(key).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"object {key} not found") from None
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         self._count("GetObject")
         try:
-            with open(self._p(key), "rb") as f:
+            with open(self.path_of(key), "rb") as f:
                 f.seek(start)
                 return f.read(length)
         except FileNotFoundError:
@@ -104,7 +105,7 @@ class LocalStore:
 
     def head(self, key: str) -> ObjectInfo | None:
         self._count("HeadObject")
-        p = self._p(key)
+        p = self.path_of(key)
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -136,7 +137,7 @@ class LocalStore:
         self._unlink(key)
 
     def _unlink(self, key: str) -> None:
-        for p in (self._p(key), self._meta(key)):
+        for p in (self.path_of(key), self._meta(key)):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -144,13 +145,7 @@ class LocalStore:
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Like S3's DeleteObjects: batches of up to 1,000 keys, one counted request each."""
-        batch: list[str] = []
-        for k in keys:
-            batch.append(k)
-            if len(batch) == 1000:
-                self._delete_batch(batch)
-                batch = []
-        if batch:
+        for batch in batches(keys):
             self._delete_batch(batch)
 
     def _delete_batch(self, keys: list[str]) -> None:

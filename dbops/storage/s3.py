@@ -17,7 +17,7 @@ from botocore.config import Config as BotoConfig
 from dbops import retry, secrets
 from dbops.config import StorageSettings
 from dbops.errors import NotFoundError, StorageError
-from dbops.storage.base import ObjectInfo
+from dbops.storage.base import ObjectInfo, batches
 
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken",
                "ExpiredToken", "AuthorizationHeaderMalformed", "InvalidSecurity", "Forbidden", "403"}
@@ -265,13 +265,7 @@ class S3Store:
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), key, "delete")
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        batch: list[str] = []
-        for k in keys:
-            batch.append(k)
-            if len(batch) == 1000:
-                self._delete_batch(batch)
-                batch = []
-        if batch:
+        for batch in batches(keys):
             self._delete_batch(batch)
 
     def _delete_batch(self, keys: list[str]) -> None:

@@ -33,7 +33,7 @@ def plant_stale(env, age: float = 600.0, ttl: float = 60.0) -> LockOwner:
     dead = LockOwner("deadhost", 4242, "backup", t, t + ttl, ttl, "dead" * 8)
     key = layout.lock("cluster")
     store.put(key, dead.to_bytes())
-    os.utime(store._p(key), (t, t))
+    os.utime(store.path_of(key), (t, t))
     return dead
 
 

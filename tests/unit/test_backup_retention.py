@@ -158,7 +158,7 @@ def test_execute_refuses_when_a_backup_appeared_after_planning(tmp_path):
     with pytest.raises(ConflictError):
         retention.execute(store, L, p)
     assert store.head(L.pack("p1")) is not None
-    assert os.path.exists(store._p(L.manifest("b1")))
+    assert os.path.exists(store.path_of(L.manifest("b1")))
 
 
 def test_delete_many_sends_batches_of_1000(tmp_path):

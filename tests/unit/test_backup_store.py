@@ -262,7 +262,7 @@ def test_corrupt_pack_byte_is_detected_and_named(env, tmp_path):
     store, layout, d = env
     m = snapshot(store, layout, d, "b1", parallel=1)
     key, c = _first_pack_key(layout, m, "base/1/1259")
-    p = store._p(key)
+    p = store.path_of(key)
     raw = bytearray(p.read_bytes())
     raw[c.offset + c.length // 2] ^= 0xFF
     p.write_bytes(bytes(raw))
@@ -292,7 +292,7 @@ def test_verify_reports_every_bad_object(env, tmp_path):
     assert ok.ok and ok.chunks == m.counts["new_chunks"] and ok.objects == len(keys)
 
     store.delete(keys[0])  # missing
-    p = store._p(keys[1])
+    p = store.path_of(keys[1])
     p.write_bytes(p.read_bytes()[:-10])  # truncated
     report = verify_backup(store, layout, m, parallel=2)
     assert sorted(p.key for p in report.problems) == keys[:2]

@@ -89,7 +89,7 @@ def test_a_paused_run_finds_out_before_its_next_write(env):
     guarded.put("p/x", b"allowed while held")
     key = layout.lock("cluster")
     t = time.time() - 10
-    os.utime(store._p(key), (t, t))  # expired
+    os.utime(store.path_of(key), (t, t))  # expired
     b = ClusterLock(store, layout, command="backup B", local_dir=str(tmp / "lb"), host="B", ttl=3, settle=0)
     b.acquire()
     a._renewed -= 5  # it was stopped for longer than the heartbeat
