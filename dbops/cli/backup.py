@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dbops.cli import output
-from dbops.cli.progress import ProgressOpt, display
+from dbops.cli.progress import ProgressOpt, shown
 from dbops.cli.state import start_line, state_of
 from dbops.errors import DbopsError, ValidationError
 
@@ -44,19 +44,14 @@ def backup(
     cfg = st.config()
     start_line("backup", cluster=cfg.cluster, full=full)
     t0 = time.time()
-    shown = display(progress)
     try:
-        res = bk.run_backup(cfg, full=full, progress=shown.phase if shown else None,
-                            byte_progress=shown.bytes if shown else None)
+        with shown(progress) as (phase, nbytes):
+            res = bk.run_backup(cfg, full=full, progress=phase, byte_progress=nbytes)
     except BaseException as e:
-        if shown:
-            shown.close(ok=False)
         if metrics_file and isinstance(e, DbopsError):
             _write_backup_metrics(metrics_file, cfg.cluster, ok=False, duration=time.time() - t0,
                                   validation_ok=0 if isinstance(e, ValidationError) else None)
         raise
-    if shown:
-        shown.close()
     if metrics_file:
         v = res.validated
         _write_backup_metrics(metrics_file, cfg.cluster, ok=True, duration=time.time() - t0,
@@ -235,17 +230,9 @@ def verify(
     st.json_output = json_
     cfg = st.config()
     start_line("verify", cluster=cfg.cluster)
-    shown = display(progress)
-    try:
-        reports = catalogview.verify(cfg, backup_id=backup_id, all_=all_, restore=restore,
-                                     progress=shown.phase if shown else None,
-                                     byte_progress=shown.bytes if shown else None)
-    except BaseException:
-        if shown:
-            shown.close(ok=False)
-        raise
-    if shown:
-        shown.close()
+    with shown(progress) as (phase, nbytes):
+        reports = catalogview.verify(cfg, backup_id=backup_id, all_=all_, restore=restore, progress=phase,
+                                     byte_progress=nbytes)
     bad = [r for r in reports if not r["ok"]]
     if json_:
         output.emit_json({"ok": not bad, "backups": reports})

@@ -16,6 +16,8 @@ The workflows see two callables: ``phase(name)`` (a phase starts) and ``bytes(do
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -117,3 +119,22 @@ def display(enabled: bool | None) -> Display | None:
     if enabled is False or (enabled is None and not sys.stderr.isatty()):
         return None
     return Display(force=bool(enabled))
+
+
+PhaseFn = Optional[Callable[[str], None]]
+BytesFn = Optional[Callable[[int, int], None]]
+
+
+@contextmanager
+def shown(enabled: bool | None) -> Iterator[tuple[PhaseFn, BytesFn]]:
+    """The (phase, bytes) callables to hand a workflow: the display's, or (None, None) when none is
+    drawn. The display closes with the block, marked failed when the block raises."""
+    d = display(enabled)
+    try:
+        yield (d.phase, d.bytes) if d else (None, None)
+    except BaseException:
+        if d:
+            d.close(ok=False)
+        raise
+    if d:
+        d.close()

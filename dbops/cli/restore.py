@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from dbops.cli import output
-from dbops.cli.progress import ProgressOpt, display
+from dbops.cli.progress import ProgressOpt, shown
 from dbops.cli.state import start_line, state_of
 
 
@@ -94,16 +94,8 @@ def restore(
             output.out(render_plan(plan.as_dict()))
             output.out("dry run: nothing was changed")
         return
-    shown = display(progress)
-    try:
-        res = rs.restore(cfg, opts, progress=shown.phase if shown else None,
-                         byte_progress=shown.bytes if shown else None)
-    except BaseException:
-        if shown:
-            shown.close(ok=False)
-        raise
-    if shown:
-        shown.close()
+    with shown(progress) as (phase, nbytes):
+        res = rs.restore(cfg, opts, progress=phase, byte_progress=nbytes)
     d = res.as_dict()
     if found:
         d["before_drop"] = found.as_dict()

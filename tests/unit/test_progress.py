@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from dbops.cli import progress
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
@@ -78,3 +80,18 @@ def test_without_a_terminal_nothing_and_the_options_decide(capsys):
     forced.bytes(5, 10)
     forced.close()
     assert "store" in capsys.readouterr().err
+
+
+def test_shown_hands_out_the_callables_and_closes_the_display(capsys):
+    """backup, verify and restore wire their progress through progress.shown."""
+    with progress.shown(False) as (phase, nbytes):
+        assert phase is None and nbytes is None
+    with progress.shown(True) as (phase, nbytes):
+        phase("store")
+        nbytes(10, 10)
+    assert "store" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        with progress.shown(True) as (phase, nbytes):
+            phase("download")
+            raise RuntimeError("stopped")
+    assert "download" in capsys.readouterr().err
