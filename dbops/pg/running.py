@@ -14,17 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dbops.proc import pid_alive
+
 PROC = Path("/proc")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _data_dir_of(pid_dir: Path) -> Path | None:
@@ -72,7 +64,7 @@ def live_pid_file(folder: Path) -> int | None:
         pid = int((folder / "postmaster.pid").read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if pid > 0 and _alive(pid) else None
+    return pid if pid > 0 and pid_alive(pid) else None
 
 
 def cluster_in_the_way(target: Path) -> tuple[Path, int, str] | None:
