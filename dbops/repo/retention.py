@@ -17,6 +17,7 @@ backup still uploading is never robbed. Plan and execute under the cluster lock.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class RetentionPlan:
     oldest_wal: str | None  # oldest WAL segment any kept usable backup needs (None: no such backup)
     oldest_wal_timeline: int | None = None
     oldest_wal_lsn: int | None = None
+    # objects of backups without a manifest: what a prune killed after deleting the manifests left,
+    # or (older than orphan_grace) what a backup killed before writing its manifest left
+    leftovers: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -169,17 +173,38 @@ def build_plan(
     """Read the catalog, every manifest and the pack listing; then :func:`plan`."""
     backups = catalog.list_backups(store, layout)
     manifests = {b.backup_id: mf.load_header(store, layout, b.backup_id) for b in backups}
-    return plan(
+    now = time.time() if now is None else now
+    p = plan(
         backups,
         lambda i: manifests[i].packs(),
         list(store.list(layout.packs_prefix())),
         layout,
         policy,
-        now=time.time() if now is None else now,
+        now=now,
         keep_failed=keep_failed,
         wal_segment_size={i: m.pg.wal_segment_size for i, m in manifests.items()},
         orphan_grace=orphan_grace,
     )
+    return dataclasses.replace(p, leftovers=leftovers(store, layout, set(manifests), now, orphan_grace))
+
+
+def leftovers(store: ObjectStore, layout: Layout, listed: set[str], now: float, orphan_grace: float) -> tuple[str, ...]:
+    """Keys under backups/ of a backup that has no manifest: at once when it has status records (a
+    prune deleted its manifest and was killed: status records are written only once a manifest is
+    stored), else once its newest object is older than orphan_grace (a backup killed before its
+    manifest; never a run still writing one)."""
+    base = layout.backups_prefix()
+    by_id: dict[str, list[ObjectInfo]] = {}
+    for o in store.list(base):
+        backup_id = o.key[len(base):].split("/", 1)[0]
+        if backup_id not in listed:
+            by_id.setdefault(backup_id, []).append(o)
+    out: list[str] = []
+    for backup_id, objs in sorted(by_id.items()):
+        has_status = any(o.key.startswith(layout.status_prefix(backup_id)) for o in objs)
+        if has_status or now - max(o.last_modified for o in objs) > orphan_grace:
+            out += [o.key for o in objs]
+    return tuple(out)
 
 
 def execute(store: ObjectStore, layout: Layout, p: RetentionPlan) -> RetentionResult:
@@ -205,9 +230,12 @@ def execute(store: ObjectStore, layout: Layout, p: RetentionPlan) -> RetentionRe
         res.removed_backups.append(backup_id)
         _log.info("removed backup %s (%s)", backup_id, p.reasons.get(backup_id, ""))
     rest = [o.key for backup_id in p.remove for o in store.list(layout.backup_prefix(backup_id))]
+    rest += [k for k in p.leftovers if k not in set(rest)]
     store.delete_many(rest)
     res.deleted_objects += len(rest)
+    _log.debug("deleted the other objects of the removed backups: %d", len(rest))
     store.delete_many([k for pack_id in p.remove_packs for k in (layout.pack(pack_id), layout.pack_index(pack_id))])
     res.deleted_objects += 2 * len(p.remove_packs)
+    _log.debug("deleted the packs of the removed backups: %d", len(p.remove_packs))
     res.removed_packs.extend(p.remove_packs)
     return res

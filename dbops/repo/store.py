@@ -356,6 +356,7 @@ def store_snapshot(
         # The returned manifest reads its entries from the written file (removed with it).
         m = Manifest.from_file(writer.finish(m.header(writer)), what=f"manifest of backup {backup_id}")
         if save:
+            _log.debug("packs of backup %s stored (%d); writing its manifest", backup_id, snap.up.packs)
             mf.save(store, layout, m, path=mpath)
     finally:
         shutil.rmtree(spool, ignore_errors=True)

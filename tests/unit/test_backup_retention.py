@@ -185,3 +185,23 @@ def test_the_newest_validated_backup_is_never_removed():
     assert p.keep == ("c", "a") and p.remove == ("d", "b")
     assert p.reasons["c"] == "newest validated backup"
 
+
+
+def test_a_prune_killed_after_the_manifests_leaves_nothing_the_next_prune_keeps(tmp_path):
+    """kill -9 between deleting the manifests and the rest (issue 13): the next prune removes the rest;
+    a backup killed before its manifest (only its relation map stored) goes once older than orphan_grace."""
+    store = LocalStore(tmp_path)
+    now = time.time()
+    store_backup(store, "zz-old", now - 10 * DAY, ["p1", "p2"])
+    store_backup(store, "aa-new", now - DAY, ["p2", "p3"])
+    store.delete_many([L.manifest("zz-old")])  # the killed prune got this far
+    store.put(L.relation_map("unfinished"), b"relmap")  # a backup killed before its manifest
+    p = retention.build_plan(store, L, RetentionSettings(keep_last=1), now=now)
+    assert p.remove == () and set(p.leftovers) == {o.key for o in store.list(L.backup_prefix("zz-old"))}
+    assert p.leftovers and not [k for k in p.leftovers if "unfinished" in k]
+    retention.execute(store, L, p)
+    assert list(store.list(L.backup_prefix("zz-old"))) == []
+    assert store.head(L.relation_map("unfinished")) is not None  # may be a run still writing: grace
+    later = retention.build_plan(store, L, RetentionSettings(keep_last=1), now=now + 2 * DAY)
+    assert later.leftovers == (L.relation_map("unfinished"),)
+    assert later.remove_packs == ("p1",)  # no manifest names it any more: an orphan past its grace
