@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from dbops import log, secrets
-from dbops.errors import CommandError, DbopsError
+from dbops.errors import CommandError, DbopsError, PreconditionError
 
 _log = log.get("proc")
 
@@ -267,7 +267,14 @@ def chown_to(path: str | os.PathLike, user: str, *, recursive: bool = False) -> 
         return
     import pwd
 
-    pw = pwd.getpwnam(user)
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise PreconditionError(
+            f"OS user {user!r} does not exist",
+            hint="install PostgreSQL (Debian: apt-get install postgresql-15), which creates it, or set "
+                 "nodes[].os_user to the OS user PostgreSQL runs as",
+        ) from None
     os.chown(path, pw.pw_uid, pw.pw_gid)
     if recursive:
         for root, dirs, files in os.walk(path):
@@ -275,10 +282,33 @@ def chown_to(path: str | os.PathLike, user: str, *, recursive: bool = False) -> 
                 os.chown(os.path.join(root, n), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
 
 
-def free_port() -> int:
-    """A TCP port on loopback that is free now (for a throwaway server)."""
+def port_free(port: int) -> bool:
+    """Whether a TCP port on loopback can be bound now."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int | None = None, taken: set[int] | None = None, below: int = 65536) -> int:
+    """A TCP port on loopback that is free now (for a throwaway server): the preferred one if free, else
+    any free port below `below` and not in `taken` (a port returned is added to `taken`)."""
+    import socket
+
+    taken = taken if taken is not None else set()
+    if preferred and preferred not in taken and port_free(preferred):
+        taken.add(preferred)
+        return preferred
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p < below and p not in taken and port_free(p):
+            taken.add(p)
+            return p
+    raise DbopsError("no free TCP port found on 127.0.0.1")

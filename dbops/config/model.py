@@ -245,6 +245,13 @@ class Config:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     path: str | None = None
 
+    @property
+    def os_user(self) -> str:
+        """The OS user PostgreSQL runs as on this host (it owns scratch copies and restored folders):
+        the first local node's ``os_user``, else that field's default."""
+        local = [n for n in self.nodes if n.controller == "local"]
+        return local[0].os_user if local else Node.__dataclass_fields__["os_user"].default
+
     def node(self, name: str) -> Node:
         for n in self.nodes:
             if n.name == name:

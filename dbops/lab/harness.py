@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import secrets as pysecrets
 import shutil
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,55 +66,15 @@ class LabInfo:
 # --------------------------------------------------------------------------- ports
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+PORT_CEILING = 55000  # lab ports stay below it, so the +10000 grpc offsets stay valid
 
 
-def free_port(preferred: int | None = None, taken: set[int] | None = None, below: int = 55000) -> int:
+def free_port(preferred: int | None = None, taken: set[int] | None = None, below: int = PORT_CEILING) -> int:
     """The preferred port if free, else any free port below `below` (so +10000 grpc offsets stay valid)."""
-    taken = taken if taken is not None else set()
-    if preferred and preferred not in taken and _port_free(preferred):
-        taken.add(preferred)
-        return preferred
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p < below and p not in taken and _port_free(p):
-            taken.add(p)
-            return p
-    raise DbopsError("no free TCP port found on 127.0.0.1")
+    return proc.free_port(preferred, taken, below)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _pg_uid_gid() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(PG_USER)
-    except KeyError:
-        raise PreconditionError(
-            f"OS user {PG_USER!r} does not exist",
-            hint="install PostgreSQL (Debian: apt-get install postgresql-15), which creates it",
-        ) from None
-    return pw.pw_uid, pw.pw_gid
-
-
-def _chown(path: Path, recursive: bool = False) -> None:
-    if os.geteuid() != 0:
-        return
-    uid, gid = _pg_uid_gid()
-    os.chown(path, uid, gid)
-    if recursive:
-        for root, dirs, files in os.walk(path):
-            for n in dirs + files:
-                os.lchown(os.path.join(root, n), uid, gid)
 
 
 def _run_user() -> str | None:
@@ -169,7 +127,7 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, 0o600)
-    _chown(path)
+    proc.chown_to(path, PG_USER)
 
 
 # --------------------------------------------------------------------------- S3 (SeaweedFS)
@@ -192,7 +150,7 @@ def _start_s3(d: Path, state: dict, taken: set[int]) -> None:
         creds = ("lab" + pysecrets.token_hex(6), pysecrets.token_urlsafe(24))
         _write_private(d / "s3-credentials",
                        f"[default]\naws_access_key_id = {creds[0]}\naws_secret_access_key = {creds[1]}\n")
-    port = s3.get("port") if s3.get("port") and _port_free(s3["port"]) else free_port(DEFAULT_S3_PORT, taken)
+    port = s3.get("port") if s3.get("port") and proc.port_free(s3["port"]) else free_port(DEFAULT_S3_PORT, taken)
     taken.add(port)
     ports = {"s3.port": port}
     for k in ("master.port", "volume.port", "filer.port", "webdav.port", "admin.port", "s3.port.iceberg",
@@ -318,7 +276,7 @@ def _tablespace_mapping(d: Path, name: str, primary: Node) -> list[str]:
         folder = d / "tblspc" / name / str(t.oid)
         folder.mkdir(parents=True, exist_ok=True)
         for p in (folder.parent.parent, folder.parent, folder):
-            _chown(p)
+            proc.chown_to(p, PG_USER)
         out.append(f"--tablespace-mapping={t.location}={folder}")
     return out
 
@@ -398,7 +356,7 @@ def up(d: Path | str = DEFAULT_DIR, replicas: int = 1, archive: bool = True, enc
         (d / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o755)
     for sub in ("run", "pg", "spool", "scratch"):
-        _chown(d / sub)
+        proc.chown_to(d / sub, PG_USER)
     # The logs folder is written by the servers too (pg_ctl -l runs as postgres).
     os.chmod(d / "logs", 0o777)
     cc = d / "containers.conf"

@@ -32,7 +32,7 @@ from dbops.errors import (
     PostgresError,
     UsageError,
 )
-from dbops.nodes import pgconf
+from dbops.pg import autoconf as pgconf
 from dbops.pg import controldata as cdmod
 from dbops.pg.controldata import ControlData
 

@@ -22,7 +22,6 @@ from dbops.fsafe import private_dir
 from dbops.units import human_bytes
 
 SCRATCH_PREFIX = "run-"
-PG_OS_USER = "postgres"  # owns the scratch copy: PostgreSQL refuses to run as root
 SCRATCH_MARGIN = 256 * 2**20  # WAL replayed into the copy, the server's own files
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as programs and PostgreSQL's log print it
 
@@ -46,14 +45,14 @@ def clean_stale_scratch(scratch_root: Path) -> list[str]:
 
 
 @contextmanager
-def scratch_folder(root: Path, run_id: str) -> Iterator[Path]:
-    """This run's own folder under root, owned by PostgreSQL's OS user, removed at the end.
-    root must be this user's, root's or PostgreSQL's, writable by no one else and not a link
+def scratch_folder(root: Path, run_id: str, owner: str) -> Iterator[Path]:
+    """This run's own folder under root, owned by PostgreSQL's OS user (owner), removed at the end.
+    root must be this user's, root's or owner's, writable by no one else and not a link
     (0755: the throwaway instance's user must reach its run folder inside)."""
-    private_dir(root, create=True, mode=0o755, also_user=PG_OS_USER)
+    private_dir(root, create=True, mode=0o755, also_user=owner)
     d = root / f"{SCRATCH_PREFIX}{os.getpid()}-{run_id}"
     d.mkdir(mode=0o700)
-    proc.chown_to(d, PG_OS_USER)
+    proc.chown_to(d, owner)
     try:
         yield d
     finally:
@@ -82,12 +81,12 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
-def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = None) -> None:
+def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = None, *, owner: str) -> None:
     """Refuse before any work when the scratch folder cannot hold the copy (exit 11).
 
     ``limit`` (backup.scratch_limit): a cap the filesystem does not show, such as a Kubernetes
     emptyDir's sizeLimit (the kubelet evicts the pod beyond it); what the folder holds counts."""
-    private_dir(scratch_root, create=True, mode=0o755, also_user=PG_OS_USER)
+    private_dir(scratch_root, create=True, mode=0o755, also_user=owner)
     free, needed = free_bytes(scratch_root), scratch_needed(data_size)
     if limit is not None:
         used = tree_bytes(scratch_root)

@@ -30,9 +30,9 @@ def test_scratch_full_error_names_folder_phase_and_cause(tmp_path: Path):
 
 
 def test_check_scratch_space_refuses_with_free_and_needed(tmp_path: Path):
-    bk.check_scratch_space(tmp_path, 0)  # a temp folder has room for the margin alone
+    bk.check_scratch_space(tmp_path, 0, owner="postgres")  # a temp folder has room for the margin alone
     with pytest.raises(PreconditionError) as ei:
-        bk.check_scratch_space(tmp_path, 2**60)
+        bk.check_scratch_space(tmp_path, 2**60, owner="postgres")
     e = ei.value
     assert e.exit_code == ExitCode.PRECONDITION
     assert str(tmp_path) in e.message and "free" in e.message and "needed" in e.message

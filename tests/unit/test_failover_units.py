@@ -10,7 +10,8 @@ import pytest
 from dbops import config as cfgmod
 from dbops.config import ContainerNodeSettings, Node, SshSettings
 from dbops.errors import ConfigError, UsageError
-from dbops.nodes import open_controller, pgconf
+from dbops.nodes import open_controller
+from dbops.pg import autoconf as pgconf
 from dbops.nodes.base import remote_command
 from dbops.nodes.container import ContainerController
 from dbops.nodes.ssh import SshController

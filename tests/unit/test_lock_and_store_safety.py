@@ -169,16 +169,16 @@ def test_a_scratch_folder_planted_by_another_user_is_refused(tmp_path):
     planted.mkdir()
     os.chmod(planted, 0o777)
     with pytest.raises(PreconditionError, match="writable by other users"):
-        with scratch_folder(planted, "r1"):
+        with scratch_folder(planted, "r1", "postgres"):
             pass
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(PreconditionError, match="symbolic link"):
-        with scratch_folder(link, "r1"):
+        with scratch_folder(link, "r1", "postgres"):
             pass
     assert not list((tmp_path / "elsewhere").iterdir())
     fresh = tmp_path / "fresh" / "scratch"
-    with scratch_folder(fresh, "r1") as d:
+    with scratch_folder(fresh, "r1", "postgres") as d:
         assert d.parent == fresh and os.stat(fresh).st_mode & 0o022 == 0
     assert not list(fresh.iterdir())

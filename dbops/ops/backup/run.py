@@ -56,7 +56,7 @@ from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
 from dbops.repo.store import Cancelled, store_snapshot
-from dbops.runtime.scratch import (PG_OS_USER, check_scratch_space, clean_stale_scratch, out_of_space,
+from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, out_of_space,
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_archive, request_counts, requests_since
 from dbops.storage.guard import GuardedStore
@@ -111,7 +111,7 @@ def source_node(cfg: Config, primary: Node) -> Node:
     return cfg.node(cfg.backup.source) if cfg.backup.source else primary
 
 
-def base_backup(source: Node, data: Path, *, timeout: float = 24 * 3600,
+def base_backup(source: Node, data: Path, *, os_user: str, timeout: float = 24 * 3600,
                 tablespaces: tbs.ScratchTablespaces | None = None) -> None:
     """pg_basebackup from the source into data (with the WAL it needs), as the postgres OS user;
     every tablespace mapped into the run's scratch folder (never written at its live location)."""
@@ -120,7 +120,7 @@ def base_backup(source: Node, data: Path, *, timeout: float = 24 * 3600,
     try:
         proc.run([binaries.binary("pg_basebackup", source.bin_dir), "-h", source.host, "-p", str(source.port),
                   "-U", source.user, "-D", str(data), "-X", "stream", "-c", "fast", "--no-sync", "--no-manifest",
-                  *mapping, "-w"], user=PG_OS_USER, env=pgconn.libpq_env(source), timeout=timeout,
+                  *mapping, "-w"], user=os_user, env=pgconn.libpq_env(source), timeout=timeout,
                  what="pg_basebackup")
     except CommandError as e:
         if out_of_space(e):
@@ -255,16 +255,16 @@ class BackupRun:
         phases = self.phases = Phases(self.progress)
         with pgconn.session(source) as c:
             size = int(pgconn.scalar(c, "SELECT sum(pg_database_size(oid))::bigint FROM pg_database") or 0)
-        check_scratch_space(self.scratch_root, size, cfg.backup.scratch_limit)
+        check_scratch_space(self.scratch_root, size, cfg.backup.scratch_limit, owner=cfg.os_user)
         log.event(_log, logging.INFO, "full backup", reason=reason, source=source.name)
-        with scratch_folder(self.scratch_root, self.run_id) as scratch:
+        with scratch_folder(self.scratch_root, self.run_id, cfg.os_user) as scratch:
             data, wal = scratch / "data", scratch / "wal"
             wal.mkdir()
-            proc.chown_to(wal, PG_OS_USER)
+            proc.chown_to(wal, cfg.os_user)
             ts = tbs.ScratchTablespaces(scratch, known={t.oid: t for t in tbs.query(source)})
-            ts.prepare(PG_OS_USER)
+            ts.prepare(cfg.os_user)
             with phases("basebackup"):
-                base_backup(source, data, tablespaces=ts)
+                base_backup(source, data, os_user=cfg.os_user, tablespaces=ts)
             ts.relink(data)  # a tablespace created since the query went elsewhere: refused here
             start_segment, start_lsn = backup_label_start(data), backup_label_lsn(data)
             with phases("capture"):
@@ -301,7 +301,8 @@ class BackupRun:
         cfg = self.cfg
         phases = self.phases = Phases(self.progress)
         prev_m = mf.load(self.store, self.layout, prev.backup_id)
-        check_scratch_space(self.scratch_root, prev_m.logical_size, cfg.backup.scratch_limit)
+        check_scratch_space(self.scratch_root, prev_m.logical_size, cfg.backup.scratch_limit,
+                            owner=cfg.os_user)
         # The target first, so the WAL up to it downloads while the backup does.
         with phases("capture"):
             target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,

@@ -33,7 +33,7 @@ from dbops.phases import Phases
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
 from dbops.runtime import InstanceSpec, open_runtime
-from dbops.runtime.scratch import NO_SPACE, PG_OS_USER, free_bytes, scratch_folder
+from dbops.runtime.scratch import NO_SPACE, free_bytes, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
 from dbops.storage.lock import ClusterLock
@@ -159,7 +159,7 @@ def fetch_wal(cfg: Config, store: ObjectStore, layout: Layout, start_segment: st
         raise ValidationError(f"WAL needed for replay is missing from the archive: {e.message}",
                               detail=e.detail) from None
     for f in wal.iterdir():
-        proc.chown_to(f, PG_OS_USER)
+        proc.chown_to(f, cfg.os_user)
 # --------------------------------------------------------------------------- validation run
 
 
@@ -217,10 +217,10 @@ def _pg_major(data: Path) -> int:
         return 0
 
 
-def _write_recovery_signal(data: Path) -> None:
+def _write_recovery_signal(data: Path, owner: str) -> None:
     p = data / "recovery.signal"
     p.write_text("")
-    proc.chown_to(p, PG_OS_USER)
+    proc.chown_to(p, owner)
     for stale in ("standby.signal", "backup_label.old"):
         (data / stale).unlink(missing_ok=True)
 
@@ -296,7 +296,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     mounts: tuple[tuple[str, str], ...] = ()
     if tablespaces is not None:
         with phases("wal_scan"):  # CREATE TABLESPACE records replay will meet
-            tablespaces.read_wal(wal_dir, PG_OS_USER, None if cfg.runtime.image else cfg.runtime.bin_dir)
+            tablespaces.read_wal(wal_dir, cfg.os_user, None if cfg.runtime.image else cfg.runtime.bin_dir)
         mounts = tablespaces.mounts(cfg.runtime.engine)
     settings = dict(RECOVERY_SETTINGS_BASE)
     if _pg_major(data) >= 15:
@@ -304,7 +304,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     settings.update(standby_minimums(data))
     settings["recovery_target_lsn"] = format_lsn(target.lsn)
     settings["recovery_target_timeline"] = str(target.timeline)
-    _write_recovery_signal(data)
+    _write_recovery_signal(data, cfg.os_user)
     rt = open_runtime(cfg.runtime)
     timeout = cfg.backup.validation.start_timeout
     with phases("start"):
@@ -379,12 +379,12 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
     restored, missing WAL and failed checks raise ValidationError. ``byte_progress(done, total)``:
     the download's bytes, for a progress display."""
     target = target or own_target(m)
-    with scratch_folder(Path(cfg.backup.scratch_dir), run_id) as scratch:
+    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user) as scratch:
         data, wal = scratch / "data", scratch / "wal"
         wal.mkdir()
-        proc.chown_to(wal, PG_OS_USER)
+        proc.chown_to(wal, cfg.os_user)
         ts = tbs.ScratchTablespaces(scratch, known={t.oid: t for t in m.tablespaces})
-        ts.prepare(PG_OS_USER)
+        ts.prepare(cfg.os_user)
         start_segment = segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, m.pg.wal_segment_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
             t_wal = time.monotonic()
@@ -392,7 +392,7 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             wal_job.add_done_callback(lambda _f: phases.t.__setitem__("wal_fetch", round(time.monotonic() - t_wal, 3)))
             with phases("download"):
                 try:
-                    restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=PG_OS_USER,
+                    restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
                                      tablespace_dirs=ts.dirs(), durable=False,
                                      progress=byte_progress)  # durable=False: a scratch copy, a crash throws it away
                 except (NotFoundError, StorageError) as e:

@@ -29,7 +29,6 @@ import logging
 import os
 import pwd
 import shutil
-import socket
 import stat
 import tempfile
 import time
@@ -59,7 +58,6 @@ from dbops.storage.layout import Layout
 
 _log = log.get("restore")
 
-PG_OS_USER = "postgres"
 TIME_SLACK = 30.0  # seconds: segments archived this long after a time target are fetched ahead too
 INCOMPLETE_MARK = "DBOPS_RESTORE_INCOMPLETE"
 
@@ -268,7 +266,7 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
     replays them next); without it they go to a temporary folder removed afterwards.
     """
     opts.check()
-    preflight(opts)
+    preflight(opts, cfg.os_user)
     store, layout = open_archive(cfg.storage, store)
     arc = WalArchive(store, layout)
     ident = arc.read_identity()
@@ -420,12 +418,12 @@ def estimate(infos: list[catalog.BackupInfo], chosen: BackupChoice, replay_segme
 # --------------------------------------------------------------------------- the target folder
 
 
-def _pg_ids() -> tuple[int, int]:
-    pw = pwd.getpwnam(PG_OS_USER)
+def _pg_ids(os_user: str) -> tuple[int, int]:
+    pw = pwd.getpwnam(os_user)
     return pw.pw_uid, pw.pw_gid
 
 
-def preflight(opts: Options) -> None:
+def preflight(opts: Options, os_user: str) -> None:
     """Refuse a folder that is in use, not empty (without --force / --delta), or out of postgres's reach."""
     d = opts.target_dir
     if d.exists() and not d.is_dir():
@@ -443,23 +441,18 @@ def preflight(opts: Options) -> None:
     if opts.delta and d.is_dir() and any(d.iterdir()) and not (d / "PG_VERSION").exists():
         raise PreconditionError(f"--delta: {d} is not a PostgreSQL data folder (no PG_VERSION)")
     if os.geteuid() == 0:
-        uid, gid = _pg_ids()
+        uid, gid = _pg_ids(os_user)
         for parent in d.resolve().parents:
             st = parent.stat() if parent.exists() else None
             reachable = st is None or st.st_mode & stat.S_IXOTH or st.st_uid == uid or (
                 st.st_gid == gid and st.st_mode & stat.S_IXGRP)
             if not reachable:
-                raise PreconditionError(f"the {PG_OS_USER} OS user cannot reach {d}: {parent} is mode "
+                raise PreconditionError(f"the {os_user} OS user cannot reach {d}: {parent} is mode "
                                         f"{stat.S_IMODE(st.st_mode):04o}",
-                                        hint=f"restore under a folder {PG_OS_USER} can traverse")
-    if opts.start and opts.port is not None:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as PostgreSQL binds
-            try:
-                s.bind(("127.0.0.1", opts.port))
-            except OSError:
-                raise PreconditionError(f"port {opts.port} is in use on this host",
-                                        hint="choose a free port for the restored server") from None
+                                        hint=f"restore under a folder {os_user} can traverse")
+    if opts.start and opts.port is not None and not proc.port_free(opts.port):
+        raise PreconditionError(f"port {opts.port} is in use on this host",
+                                hint="choose a free port for the restored server")
 
 
 def _empty(d: Path) -> None:
@@ -516,13 +509,13 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
     from dbops.ops.restore import run as restore_run
 
     opts.check()
-    preflight(opts)  # before the scratch folder and the plan; the plan checks again
+    preflight(opts, cfg.os_user)  # before the scratch folder and the plan; the plan checks again
     store, layout = open_archive(cfg.storage, store)
     phases = Phases(progress)
     run_id = catalog.new_backup_id().split("-", 1)[1]
     target = opts.target_dir
-    ids = _pg_ids() if os.geteuid() == 0 else None
-    with proc.sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}") as scratch:
+    ids = _pg_ids(cfg.os_user) if os.geteuid() == 0 else None
+    with proc.sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}", cfg.os_user) as scratch:
         cache = scratch / "wal"
         cache.mkdir(mode=0o700)
         if ids:
@@ -594,7 +587,7 @@ def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Mani
     from dbops.ops.restore import delta as restore_delta
 
     t0 = time.monotonic()
-    owner = PG_OS_USER if ids else None
+    owner = cfg.os_user if ids else None
     dirs = {d.tablespace.oid: str(d.folder) for d in plan.tablespaces}
     if delta and (Path(plan.target_dir) / "PG_VERSION").exists():
         d = restore_delta.restore_delta(store, layout, manifest, Path(plan.target_dir), parallel=cfg.backup.parallel,
