@@ -17,7 +17,7 @@ from dbops.ops.backup.validate import prove, restore_seconds
 from dbops.phases import Phases
 from dbops.errors import NotFoundError, UsageError, ValidationError
 from dbops.storage.guard import GuardedStore
-from dbops.storage.lock import ClusterLock
+from dbops.storage.lock import BACKUP, ClusterLock
 from dbops.pg.lsn import format_lsn, parse_segment_name
 from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
@@ -171,7 +171,7 @@ def prune(cfg: Config, *, confirm: bool, store: ObjectStore | None = None, now: 
     if not confirm:
         p, wal = _plan_with_wal(store, layout, policy, now)
         return _summary(p, wal, confirmed=False)
-    with ClusterLock(store, layout, "backup", command="backup prune", ttl=cfg.storage.lock_ttl) as lock:
+    with ClusterLock(store, layout, BACKUP, command="backup prune", ttl=cfg.storage.lock_ttl) as lock:
         # each deletion first checks the lock is still ours
         return apply_retention(GuardedStore(store, lock), layout, policy, now=now)
 

@@ -45,6 +45,10 @@ from dbops.storage.base import ObjectInfo, ObjectStore
 from dbops.storage.layout import Layout
 from dbops.storage.probe import require_conditional_writes
 
+# The cluster's locks, by name.
+BACKUP = "backup"  # `dbops backup` and `backup prune`: one catalog writer at a time
+SWITCH = "switch"  # `dbops failover`, and a backup while it captures its target: they never interleave
+
 _log = log.get("lock")
 
 DEFAULT_TTL = 120.0

@@ -60,7 +60,7 @@ from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, out
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_archive, request_counts, requests_since
 from dbops.storage.guard import GuardedStore
-from dbops.storage.lock import ClusterLock
+from dbops.storage.lock import BACKUP, ClusterLock
 
 _log = log.get("backup")
 
@@ -187,7 +187,7 @@ class BackupRun:
 
     def _run(self, *, full: bool) -> BackupResult:
         raw = self.store
-        with proc.sigterm_as_interrupt(), ClusterLock(raw, self.layout, "backup", command="backup",
+        with proc.sigterm_as_interrupt(), ClusterLock(raw, self.layout, BACKUP, command="backup",
                                                       ttl=self.cfg.storage.lock_ttl) as lock:
             self.store = GuardedStore(raw, lock)  # every write and delete checks the lock is still ours
             try:

@@ -36,7 +36,7 @@ from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.scratch import NO_SPACE, free_bytes, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
-from dbops.storage.lock import ClusterLock
+from dbops.storage.lock import SWITCH, ClusterLock
 
 _log = log.get("backup")
 
@@ -70,7 +70,6 @@ def restore_seconds(t: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- the target on the primary
 
 
-SWITCH_LOCK = "switch"  # also taken by `dbops failover`: a capture never interleaves with a switchover
 PRIMARY_PROBE_INTERVAL = 5.0  # while waiting for the target's segment: is the primary still there?
 
 
@@ -111,7 +110,7 @@ def _archiver_passed(primary: Node, seg: str) -> bool:
 def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
     """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
     time, switch WAL; then wait until that segment is archived."""
-    with ClusterLock(store, layout, SWITCH_LOCK, command="backup (target capture)", ttl=cfg.storage.lock_ttl):
+    with ClusterLock(store, layout, SWITCH, command="backup (target capture)", ttl=cfg.storage.lock_ttl):
         try:
             primary = find_primary(cfg.nodes)
         except PostgresError as e:  # it was there when the run began

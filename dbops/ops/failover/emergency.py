@@ -389,11 +389,10 @@ def _cluster_lock(cfg: Config, store: Any) -> Any:
     """The planned switchover's lock (see switchover.cluster_lock), on the store the plan opened."""
     if store is None:
         return cluster_lock(cfg)
-    from dbops.ops.failover.switchover import LOCK_NAME
     from dbops.storage.layout import Layout
-    from dbops.storage.lock import ClusterLock
+    from dbops.storage.lock import SWITCH, ClusterLock
 
-    return ClusterLock(store, Layout(cfg.storage.prefix), LOCK_NAME, command="failover --primary-lost")
+    return ClusterLock(store, Layout(cfg.storage.prefix), SWITCH, command="failover --primary-lost")
 
 
 def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Observer | None = None,

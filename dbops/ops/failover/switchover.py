@@ -504,10 +504,6 @@ class Switchover:
         if version < 130000:  # primary_conninfo became reloadable in PostgreSQL 13
             open_controller(node).restart("fast", timeout=self.opts.timeout)
 
-    # -- verification ---------------------------------------------------------------------------------------
-
-
-LOCK_NAME = "switch"  # held by a failover, and by a backup while it captures its target: they never interleave
 
 
 def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None = None,
@@ -524,11 +520,11 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
 
 
 def cluster_lock(cfg: Config) -> Any:
-    from dbops.storage.lock import ClusterLock
+    from dbops.storage.lock import SWITCH, ClusterLock
     from dbops.storage import open_store
     from dbops.storage.layout import Layout
 
-    return ClusterLock(open_store(cfg.storage), Layout(cfg.storage.prefix), LOCK_NAME, command="failover",
+    return ClusterLock(open_store(cfg.storage), Layout(cfg.storage.prefix), SWITCH, command="failover",
                        ttl=cfg.storage.lock_ttl)
 
 
