@@ -114,6 +114,11 @@ class NotFoundError(DbopsError):
 
 class PostgresError(DbopsError):
     exit_code = ExitCode.POSTGRES
+    sqlstate: str | None = None  # the server's error code, when the server sent one
+
+
+class QueryError(PostgresError):
+    """A statement failed on an open connection (the driver's or the server's own words in detail)."""
 
 
 class LockedError(DbopsError):

@@ -16,7 +16,7 @@ from typing import Any
 
 from dbops import log
 from dbops.config import Config, Node
-from dbops.errors import DbopsError
+from dbops.errors import DbopsError, QueryError
 from dbops.pg.lsn import format_lsn, parse_lsn
 
 _log = log.get("topology")
@@ -236,12 +236,11 @@ def conninfo_endpoint(conninfo: str | None) -> tuple[str, int] | None:
     """(host, port) of a primary_conninfo; nothing else of it is kept (it may hold a password)."""
     if not conninfo:
         return None
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
+    from dbops.pg import conninfo as ci
 
     try:
-        d = conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
+        d = ci.parse(conninfo)
+    except ci.ConninfoError:
         return None
     host = str(d.get("host") or "").split(",")[0]
     try:
@@ -272,13 +271,11 @@ def probe(node: Node, nodes: tuple[Node, ...] = ()) -> NodeState:
         c = conn.connect(node, connect_timeout=CONNECT_TIMEOUT)
     except DbopsError as e:
         return NodeState(node=node, role=UNREACHABLE, error=(e.detail or e.message).strip().splitlines()[0])
-    import psycopg
-
     try:
         return _probe(c, node, nodes)
-    except psycopg.Error as e:  # a query failing mid-way: report the node as unreachable, with why
+    except QueryError as e:  # a query failing mid-way: report the node as unreachable, with why
         _log.debug("probe of %s failed", node.name, exc_info=True)
-        return NodeState(node=node, role=UNREACHABLE, error=str(e).strip() or type(e).__name__)
+        return NodeState(node=node, role=UNREACHABLE, error=e.detail or e.message)
     finally:
         c.close()
 

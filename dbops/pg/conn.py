@@ -1,4 +1,12 @@
-"""Connections to PostgreSQL nodes (psycopg 3). Passwords never go into a DSN string or a log."""
+"""The one way dbops talks to PostgreSQL (psycopg 3), and the only module that imports psycopg's
+connection API. Every psycopg error becomes a :class:`PostgresError` here (secrets redacted), so
+workflows catch dbops errors only. Passwords never go into a DSN string or a log.
+
+    with session(node) as c:                 # connect, run, close; errors are PostgresError
+        scalar(c, "SELECT pg_is_in_recovery()")
+    c = connect(node, connect_timeout=2)     # a connection kept open (a switchover's candidate)
+    alter_system(c, "primary_slot_name", None); reload(c)
+"""
 
 from __future__ import annotations
 
@@ -7,16 +15,50 @@ from typing import Any, Iterator
 
 from dbops import secrets
 from dbops.config import Node
-from dbops.errors import PostgresError
+from dbops.errors import PostgresError, QueryError
 
 
-def connect(node: Node, dbname: str | None = None, *, autocommit: bool = True, **extra: Any):
+class Connection:
+    """A psycopg connection (autocommit) whose errors are PostgresError."""
+
+    def __init__(self, raw: Any, name: str) -> None:
+        self.raw = raw
+        self.name = name
+
+    def error(self, e: BaseException) -> QueryError:
+        err = QueryError(f"PostgreSQL error on node {self.name}", detail=secrets.redact(str(e).strip()))
+        err.sqlstate = getattr(e, "sqlstate", None)
+        return err
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        import psycopg
+
+        try:
+            return self.raw.execute(query, params)
+        except psycopg.Error as e:
+            raise self.error(e) from None
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(node: Node, dbname: str | None = None, *, autocommit: bool = True, **extra: Any) -> Connection:
     import psycopg
 
     kw = node.conninfo(dbname, **extra)
     try:
-        return psycopg.connect(autocommit=autocommit, **kw)
-    except psycopg.OperationalError as e:
+        return Connection(psycopg.connect(autocommit=autocommit, **kw), node.name)
+    except psycopg.Error as e:
         raise PostgresError(
             f"cannot connect to node {node.name} ({node.host}:{node.port})",
             detail=secrets.redact(str(e).strip()),
@@ -24,18 +66,31 @@ def connect(node: Node, dbname: str | None = None, *, autocommit: bool = True, *
         ) from None
 
 
+def connect_console(host: str, port: int, user: str, dbname: str, password: str | None, *, what: str,
+                    hint: str) -> Connection:
+    """A connection to an admin console that speaks the simple query protocol only (PgBouncer's)."""
+    import psycopg
+
+    kw: dict[str, Any] = {"host": host, "port": port, "user": user, "dbname": dbname, "connect_timeout": 5,
+                          "autocommit": True, "cursor_factory": psycopg.ClientCursor, "application_name": "dbops"}
+    if password:
+        kw["password"] = password
+    try:
+        return Connection(psycopg.connect(**kw), what)
+    except psycopg.Error as e:
+        raise PostgresError(f"cannot reach the {what} at {host}:{port}", detail=secrets.redact(str(e).strip()),
+                            hint=hint) from None
+
+
 @contextmanager
-def session(node: Node, dbname: str | None = None, **extra: Any) -> Iterator[Any]:
+def session(node: Node, dbname: str | None = None, **extra: Any) -> Iterator[Connection]:
     import psycopg
 
     c = connect(node, dbname, **extra)
     try:
         yield c
     except psycopg.Error as e:
-        raise PostgresError(
-            f"PostgreSQL error on node {node.name}",
-            detail=secrets.redact(str(e).strip()),
-        ) from None
+        raise c.error(e) from None
     finally:
         c.close()
 
@@ -47,6 +102,28 @@ def scalar(conn: Any, sql: str, params: tuple | None = None) -> Any:
 
 def rows(conn: Any, sql: str, params: tuple | None = None) -> list[tuple]:
     return conn.execute(sql, params).fetchall()
+
+
+def alter_system(conn: Connection, name: str, value: str | None) -> None:
+    """ALTER SYSTEM SET name = 'value' (quoted by the driver), or RESET name for None."""
+    from psycopg import sql
+
+    if value is None:
+        conn.execute(sql.SQL("alter system reset {}").format(sql.Identifier(name)))
+    else:
+        conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+
+
+def reload(conn: Connection) -> None:
+    conn.execute("select pg_reload_conf()")
+
+
+def ping(host: str, port: int) -> bool:
+    """Whether a server accepts connections there (libpq's PQping: no login, no password needed)."""
+    from psycopg import pq
+
+    conninfo = f"host={host} port={port} dbname=postgres connect_timeout=2".encode()
+    return pq.PGconn.ping(conninfo) == pq.Ping.OK
 
 
 def libpq_env(node: Node) -> dict[str, str]:

@@ -330,12 +330,11 @@ class InstanceBase:
         ``recovery_target_action`` is 'shutdown' exits instead of becoming ready: read its
         control data rather than calling this.
         """
-        from psycopg import pq
+        from dbops.pg.conn import ping
 
-        conninfo = f"host={self.host} port={self.port} dbname=postgres connect_timeout=2".encode()
         deadline = time.monotonic() + timeout
         while True:
-            if pid_file_status(self.spec.data_dir) in _READY_STATUSES and pq.PGconn.ping(conninfo) == pq.Ping.OK:
+            if pid_file_status(self.spec.data_dir) in _READY_STATUSES and ping(self.host, self.port):
                 log.event(_log, logging.INFO, "instance ready", name=self.spec.name, port=self.port)
                 return
             if not self.is_running():

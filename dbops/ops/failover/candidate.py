@@ -31,6 +31,7 @@ from typing import Any
 from dbops import log
 from dbops.config import Node
 from dbops.nodes import NodeController
+from dbops.pg import conn as pgconn
 
 _log = log.get("failover")
 MARKER = "dbops-switchover-tuning.json"
@@ -53,8 +54,6 @@ class CandidateTuning:
     def apply(self, conn: Any, *, suspend_restore_command: bool, extra: dict[str, str] | None = None) -> str:
         """Set the temporary values (plus `extra` settings) on an open connection; returns what was done.
         Applied again, it keeps the values saved first, so :meth:`undo` still restores the originals."""
-        from psycopg import sql
-
         changes = {"wal_retrieve_retry_interval": RETRY_INTERVAL, **(extra or {})}
         if suspend_restore_command:
             changes["restore_command"] = ""
@@ -66,8 +65,8 @@ class CandidateTuning:
         if self.ctl is not None:  # before anything changes: a killed run leaves it for the next one
             self.ctl.write_file(MARKER, json.dumps({k: [v.value, v.in_auto_conf] for k, v in self.saved.items()}))
         for name, value in changes.items():
-            conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value)))
-        conn.execute("select pg_reload_conf()")
+            pgconn.alter_system(conn, name, value)
+        pgconn.reload(conn)
         return ", ".join(f"{k}={v!r}" for k, v in changes.items())
 
     def undo(self) -> None:
@@ -81,17 +80,10 @@ class CandidateTuning:
 
 
 def _restore(node: Node, saved: dict[str, _Saved]) -> None:
-    from psycopg import sql
-
-    from dbops.pg import conn
-
-    with conn.session(node) as c:
+    with pgconn.session(node) as c:
         for name, value in saved.items():
-            if value.in_auto_conf:
-                c.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value.value)))
-            else:
-                c.execute(sql.SQL("alter system reset {}").format(sql.Identifier(name)))
-        c.execute("select pg_reload_conf()")
+            pgconn.alter_system(c, name, value.value if value.in_auto_conf else None)
+        pgconn.reload(c)
 
 
 def put_back_leftover(node: Node, ctl: NodeController) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 from dbops import log, proc
 from dbops.config import Node, PgBouncerSettings
 from dbops.errors import DbopsError, PostgresError, PreconditionError
+from dbops.pg import conn as pgconn
 
 _log = log.get("pgbouncer")
 
@@ -34,29 +35,17 @@ class PgBouncer:
         self.paused = False
 
     def _connect(self) -> Any:
-        import psycopg
-
         s = self.settings
-        kw: dict[str, Any] = {"host": s.host, "port": s.port, "user": s.user, "dbname": s.database,
-                              "connect_timeout": 5, "autocommit": True, "cursor_factory": psycopg.ClientCursor,
-                              "application_name": "dbops"}
-        if s.password:
-            kw["password"] = s.password
-        try:
-            return psycopg.connect(**kw)
-        except psycopg.Error as e:
-            raise PostgresError(f"cannot reach the PgBouncer admin console at {s.host}:{s.port}",
-                                detail=str(e).strip(),
-                                hint="check failover.pgbouncer (host, port, user in admin_users, password)") from None
+        return pgconn.connect_console(s.host, s.port, s.user, s.database, s.password,
+                                      what="PgBouncer admin console",
+                                      hint="check failover.pgbouncer (host, port, user in admin_users, password)")
 
     def command(self, stmt: str) -> str:
-        import psycopg
-
         c = self._connect()
         try:
             return c.execute(stmt).statusmessage or ""
-        except psycopg.Error as e:
-            raise PostgresError(f"PgBouncer refused {stmt}", detail=str(e).strip()) from None
+        except PostgresError as e:
+            raise PostgresError(f"PgBouncer refused {stmt}", detail=e.detail) from None
         finally:
             c.close()
 
@@ -72,8 +61,6 @@ class PgBouncer:
 
     def pause(self, timeout: float) -> None:
         """PAUSE (the configured databases, else all); undone with RESUME when it takes too long."""
-        import psycopg
-
         errors: list[BaseException] = []
         done = threading.Event()
         conn = self._connect()
@@ -82,7 +69,7 @@ class PgBouncer:
             try:
                 for db in self._targets():
                     conn.execute(f"PAUSE {db}".strip())
-            except (psycopg.Error, PreconditionError) as e:  # reported to the caller below
+            except (PostgresError, PreconditionError) as e:  # reported to the caller below
                 errors.append(e)
             finally:
                 done.set()
@@ -98,7 +85,9 @@ class PgBouncer:
                 raise PreconditionError(
                     f"PgBouncer could not pause within {timeout:.0f} s (transactions still running)",
                     hint="long transactions or session pooling keep server connections busy; retry when quiet")
-            raise PostgresError("PgBouncer PAUSE failed", detail=str(errors[0]).strip())
+            e = errors[0]
+            raise PostgresError("PgBouncer PAUSE failed",
+                                detail=e.detail if isinstance(e, PostgresError) else str(e).strip())
         conn.close()
 
     def resume(self, attempts: int = 5) -> None:

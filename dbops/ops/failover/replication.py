@@ -13,6 +13,7 @@ from typing import Any
 
 from dbops import secrets
 from dbops.config import Node
+from dbops.errors import PostgresError
 from dbops.nodes import NodeController
 from dbops.pg.controldata import ControlData
 from dbops.pg.lsn import format_lsn, parse_history
@@ -31,28 +32,28 @@ def slot_name_for(node_name: str, current: str | None = None) -> str:
 def follow_conninfo(template: str | None, primary: Node, application_name: str) -> str:
     """A primary_conninfo for following `primary`: the template's settings (user, passfile,
     sslmode, ...) kept, host and port replaced, application_name set to the follower's name."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from dbops.pg import conninfo
 
     params: dict[str, Any] = {}
     if template:
-        params = {k: v for k, v in conninfo_to_dict(template).items() if v is not None}
+        params = {k: v for k, v in conninfo.parse(template).items() if v is not None}
     else:
-        params = conninfo_to_dict(primary.public_conninfo_string())
+        params = conninfo.parse(primary.public_conninfo_string())
     params.pop("hostaddr", None)
     params.pop("dbname", None)
     params.update({"host": primary.host, "port": str(primary.port), "application_name": application_name})
     if params.get("password"):
         secrets.register(str(params["password"]))
-    return make_conninfo(**params)
+    return conninfo.make(**params)
 
 
 def split_password(conninfo: str) -> tuple[str, str | None]:
     """(conninfo without password, the password) so the password can travel in the environment."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from dbops.pg import conninfo as ci
 
-    params = conninfo_to_dict(conninfo)
+    params = ci.parse(conninfo)
     password = params.pop("password", None)
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None}), password
+    return ci.make(**{k: v for k, v in params.items() if v is not None}), password
 
 
 def rewind_source(primary: Node) -> tuple[str, str | None]:
@@ -145,14 +146,11 @@ def drop_inactive_slots(conn: Any, names: set[str]) -> list[str]:
 def set_upstream(conn: Any, conninfo: str, slot: str | None) -> None:
     """ALTER SYSTEM primary_conninfo / primary_slot_name on a running standby, then reload
     (both are reloadable since PostgreSQL 13; older servers need a restart)."""
-    from psycopg import sql
+    from dbops.pg import conn as pgconn
 
-    conn.execute(sql.SQL("alter system set primary_conninfo = {}").format(sql.Literal(conninfo)))
-    if slot:
-        conn.execute(sql.SQL("alter system set primary_slot_name = {}").format(sql.Literal(slot)))
-    else:
-        conn.execute("alter system reset primary_slot_name")
-    conn.execute("select pg_reload_conf()")
+    pgconn.alter_system(conn, "primary_conninfo", conninfo)
+    pgconn.alter_system(conn, "primary_slot_name", slot or None)
+    pgconn.reload(conn)
 
 
 def clear_upstream(conn: Any) -> None:
@@ -164,9 +162,7 @@ def clear_upstream(conn: Any) -> None:
 
 def read_history(conn: Any, timeline: int) -> str | None:
     """The timeline history file from the server's pg_wal (superuser or pg_read_server_files)."""
-    import psycopg
-
     try:
         return conn.execute("select pg_read_file(%s)", (f"pg_wal/{timeline:08X}.history",)).fetchone()[0]
-    except psycopg.Error:  # no privilege or no file: the caller decides (rewind when unsure)
+    except PostgresError:  # no privilege or no file: the caller decides (rewind when unsure)
         return None

@@ -48,6 +48,7 @@ from dbops.config import Config, Node
 from dbops.errors import (
     DbopsError,
     PostgresError,
+    QueryError,
     PreconditionError,
     RolledBackError,
     UnknownOutcomeError,
@@ -316,8 +317,6 @@ class Switchover:
 
     def _wait_caught_up(self) -> str:
         """Poll the candidate until it has received and replayed past the shutdown checkpoint."""
-        import psycopg
-
         from dbops.pg import conn
 
         target = self._checkpoint_lsn
@@ -335,8 +334,8 @@ class Switchover:
                 last = f"received {recv}, replayed {replay}"
                 if recv_i > target and replay_i > target:
                     return last
-            except (psycopg.Error, DbopsError) as e:
-                last = f"candidate unreachable: {getattr(e, 'message', None) or str(e).strip()}"
+            except DbopsError as e:
+                last = f"candidate unreachable: {_why(e)}"
                 if self._cand is not None and not self._cand.closed:
                     self._cand.close()
                 self._cand = None
@@ -395,8 +394,6 @@ class Switchover:
                 raise PostgresError(f"{node.name} is in recovery, not writable")
 
     def _promote(self) -> None:
-        import psycopg
-
         with self.phase("promote") as ph:
             self.lock_check()  # a run that lost the switch lock (stopped past its TTL) never promotes
             try:
@@ -409,9 +406,9 @@ class Switchover:
                 self.report.timeline = int(self._cand.execute(
                     "select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
                 ph.detail = f"timeline {self.report.timeline}"
-            except (psycopg.Error, DbopsError) as e:
+            except DbopsError as e:
                 self.report.outcome = "unknown"
-                msg = getattr(e, "message", None) or str(e).strip()
+                msg = _why(e)
                 self._guarded("untune candidate", self.tuning.undo)
                 raise _attach(UnknownOutcomeError(
                     f"promotion of {self.new.name} requested, outcome unknown: {msg}",
@@ -453,16 +450,13 @@ class Switchover:
         self.report.outcome = "succeeded"
 
     def _guarded(self, name: str, fn: Callable[[], None]) -> None:
-        """A post-promotion step: a failure is recorded (and shows in verification), never stops the others."""
-        import psycopg
-
+        """A post-promotion step: a failure is recorded (and shows in verification), never stops the others
+        (a connection lost included: it comes as a PostgresError)."""
         try:
             with self.phase(name):
                 fn()
         except DbopsError as e:
             self.report.warnings.append(f"{name}: {e.message}" + (f" ({e.detail})" if e.detail else ""))
-        except psycopg.Error as e:  # a connection lost: the steps after promotion must all get their turn
-            self.report.warnings.append(f"{name}: {type(e).__name__}: {str(e).strip()}")
 
     def _settle_new_primary(self, followers: list[Node]) -> None:
         """Slots for the followers (before the checkpoint, so they keep the WAL since the switch), CHECKPOINT
@@ -517,6 +511,11 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
         return sw.run()
 
 
+
+
+def _why(e: DbopsError) -> str:
+    """The server's (or driver's) own words for a failed statement, else the message."""
+    return e.detail.strip() if isinstance(e, QueryError) and e.detail else e.message
 
 
 def cluster_lock(cfg: Config) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 from dbops import log
 from dbops.config import Config, Node
-from dbops.errors import DbopsError, NotFoundError, ValidationError
+from dbops.errors import DbopsError, NotFoundError, PostgresError, ValidationError
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive
 from dbops.pg.lsn import (
@@ -198,13 +198,11 @@ def archiver_state(nodes: tuple[Node, ...] | list[Node]) -> dict[str, Any] | Non
 
 def _ready_count(c: Any) -> int | None:
     """.ready files on the primary (needs superuser or pg_monitor; None without)."""
-    import psycopg
-
     from dbops.pg import conn
 
     try:
         return conn.scalar(c, "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")
-    except psycopg.Error:
+    except PostgresError:
         return None
 
 
