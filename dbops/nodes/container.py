@@ -26,6 +26,7 @@ from dbops.config import Node
 from dbops.errors import CommandError, ConfigError, PostgresError, UsageError
 from dbops.nodes.base import POLL_SECONDS, STOP_MODES, RunState, ShellController
 from dbops.pg.controldata import ControlData
+from dbops.runtime.engine import Engine
 
 SIGNALS = {"smart": "SIGTERM", "fast": "SIGINT", "immediate": "SIGQUIT"}
 
@@ -39,6 +40,7 @@ class ContainerController(ShellController):
                               hint="add nodes[].container.engine (podman|docker) and nodes[].container.name")
         super().__init__(node)
         self.engine = node.container.engine
+        self.cli = Engine(self.engine)
         self.name = node.container.name
         self._image: list[str] | None = None
         # What a helper container gets: no network and nothing of the node's environment,
@@ -71,8 +73,7 @@ class ContainerController(ShellController):
     # -- engine calls -----------------------------------------------------------------------------
 
     def _engine(self, *args: str, timeout: float = 60.0, check: bool = True) -> proc.Result:
-        return proc.run([self.engine, *args], timeout=timeout, check=check,
-                        what=f"{self.engine} {args[0]} {self.name}")
+        return self.cli.run(args, timeout=timeout, check=check, what=f"{self.engine} {args[0]} {self.name}")
 
     def _image_args(self) -> list[str]:
         """How to start a helper from the node's own image (or root filesystem, podman --rootfs)."""

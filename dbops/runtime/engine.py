@@ -67,9 +67,10 @@ class Engine:
             raise ConfigError(f"unknown container engine {self.name!r}", hint="one of " + ", ".join(ENGINES))
 
     def run(self, args: Sequence[str], *, timeout: float | None = 120, check: bool = True,
-            env: Mapping[str, str] | None = None) -> proc.Result:
+            env: Mapping[str, str] | None = None, what: str | None = None) -> proc.Result:
+        """``ENGINE ARGS`` through proc.run; `what` names the call in errors (default ``ENGINE SUBCOMMAND``)."""
         return proc.run([self.name, *args], env={**self.env, **(env or {})}, timeout=timeout, check=check,
-                        what=f"{self.name} {args[0]}")
+                        what=what or f"{self.name} {args[0]}")
 
 
 # --------------------------------------------------------------------------- labels / stale containers
