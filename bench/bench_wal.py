@@ -135,13 +135,15 @@ def archive_under_load(lab, scale: int) -> dict:
 def push_capacity(lab, names: list[str]) -> dict:
     d = _scratch(lab, "capacity", names, ready=True)
     cfg = lab.dir / "scratch" / "walbench-capacity.yaml"
-    text = Path(lab.config_path).read_text().replace("prefix: lab", f"prefix: walbench-{int(time.time())}")
+    prefix = f"walbench-{time.time_ns()}"  # a fresh archive (and so a fresh spool) per run
+    text = Path(lab.config_path).read_text().replace("prefix: lab", f"prefix: {prefix}")
     cfg.write_text(text)
     os.chmod(cfg, 0o644)
     t0 = time.perf_counter()
     _dbops(lab, "wal-push", f"pg_wal/{names[-1]}", cwd=d, config=cfg)  # starts the pusher
     spools = list((lab.dir / "spool").glob("*/data_dir"))
-    spool = next(p.parent for p in spools if p.read_text().strip() == str(d.resolve()))
+    spool = next(p.parent for p in spools if p.read_text().strip() == str(d.resolve())
+                 and (p.parent / "archive").read_text().strip().endswith("|" + prefix))
     while len(list((spool / "done").iterdir())) < len(names) and time.perf_counter() - t0 < 300:
         time.sleep(0.02)
     secs = time.perf_counter() - t0
