@@ -173,7 +173,7 @@ def test_choose_candidate_prefers_most_replayed_then_config_order():
 
 def test_preflight_passes_and_plans_every_step():
     cfg = _cfg(pre_hooks=["true"])
-    plan = fp.preflight(cfg, _topology(cfg), fp.Options(), controllers=False)
+    plan = fp.preflight(cfg, _topology(cfg), fp.Options())
     assert plan.ok, plan.findings
     assert plan.candidate.name == "pg2" and [s.name for s in plan.others] == ["pg3"]
     steps = "\n".join(plan.steps)
@@ -189,7 +189,7 @@ def test_preflight_passes_and_plans_every_step():
 ])
 def test_preflight_refuses_with_a_fix(kwargs, opts, check):
     cfg = _cfg()
-    plan = fp.preflight(cfg, _topology(cfg, **kwargs), opts, controllers=False)
+    plan = fp.preflight(cfg, _topology(cfg, **kwargs), opts)
     assert not plan.ok
     assert check in [f.check for f in plan.blocking]
     assert all(f.fix for f in plan.blocking)
@@ -203,7 +203,7 @@ def test_preflight_findings_for_primary_settings():
     p = topo.nodes[0]
     bad = replace(p, settings={**p.settings, "data_checksums": "off", "wal_log_hints": "off"},
                   archiver=Archiver(10, "a", 1.0, 3, "b", 5.0, 0), oldest_xact=(123, "app", 9999.0))
-    plan = fp.preflight(cfg, Topology((bad, *topo.nodes[1:])), fp.Options(), controllers=False)
+    plan = fp.preflight(cfg, Topology((bad, *topo.nodes[1:])), fp.Options())
     assert {"rewind possible", "archiver", "long transaction"} <= {f.check for f in plan.blocking}
 
 
@@ -211,7 +211,7 @@ def test_preflight_needs_exactly_one_primary():
     cfg = _cfg()
     topo = _topology(cfg)
     two = Topology((topo.nodes[0], replace(topo.nodes[1], role="primary"), topo.nodes[2]))
-    plan = fp.preflight(cfg, two, fp.Options(), controllers=False)
+    plan = fp.preflight(cfg, two, fp.Options())
     assert [f.check for f in plan.blocking] == ["one primary"]
 
 

@@ -7,6 +7,7 @@ was seen and how to fix it; any ``fail`` finding blocks the switch (exit 11).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from dbops import log
@@ -14,6 +15,7 @@ from dbops.config import Config
 from dbops.errors import DbopsError, PreconditionError
 from dbops.ops import topology as topo_mod
 from dbops.ops.topology import STANDBY, NodeState, Topology
+from dbops.pg.controldata import ControlData
 from dbops.pg.lsn import format_lsn
 
 _log = log.get("failover")
@@ -110,8 +112,11 @@ def _others(topo: Topology, primary: NodeState, candidate: NodeState) -> list[No
             and (s.upstream == primary.name or topo_mod.points_at(s.configured_upstream, primary.node))]
 
 
-def preflight(cfg: Config, topo: Topology, opts: Options, *, controllers: bool = True) -> Plan:
-    """Every check the switch needs, as findings; nothing is changed."""
+def preflight(cfg: Config, topo: Topology, opts: Options,
+              control: Mapping[str, ControlData | DbopsError] | None = None) -> Plan:
+    """Every check the switch needs, as findings, judged from what was observed: the topology (the
+    servers' answers) and the control files read through the node controllers (`control`, by node
+    name: see read_control); nothing is read or changed here."""
     f: list[Finding] = []
     prims = topo.primaries
     if len(prims) != 1:
@@ -138,8 +143,8 @@ def preflight(cfg: Config, topo: Topology, opts: Options, *, controllers: bool =
     others = _others(topo, primary, cand) if cand.role == STANDBY else []
     for s in others:
         f += _other_checks(topo, primary, s)
-    if controllers and cand.role == STANDBY:
-        f += _controller_checks(primary, cand)
+    if cand.role == STANDBY:
+        f += _controller_checks(primary, cand, control or {})
     if cfg.failover.pgbouncer is not None:
         f += _pgbouncer_checks(cfg, primary)
     if not any(x.status != OK for x in f):
@@ -231,15 +236,32 @@ def _other_checks(topo: Topology, p: NodeState, s: NodeState) -> list[Finding]:
     return f
 
 
-def _controller_checks(p: NodeState, c: NodeState) -> list[Finding]:
-    """The controllers must reach the nodes and read the very clusters the connections see."""
+def read_control(topo: Topology, opts: Options) -> dict[str, ControlData | DbopsError]:
+    """The control files of the primary and the candidate standby, read through their node controllers
+    (or the error each read raised), for preflight."""
     from dbops.nodes import open_controller
 
+    p, c = topo.primary, choose_candidate(topo, opts.to)
+    out: dict[str, ControlData | DbopsError] = {}
+    if p is None or c is None or c.role != STANDBY:
+        return out
+    for s in (p, c):
+        try:
+            out[s.name] = open_controller(s.node).controldata()
+        except DbopsError as e:
+            out[s.name] = e
+    return out
+
+
+def _controller_checks(p: NodeState, c: NodeState, control: Mapping[str, ControlData | DbopsError]) -> list[Finding]:
+    """The controllers must reach the nodes and read the very clusters the connections see."""
     f: list[Finding] = []
     for s, state in ((p, "in production"), (c, "in archive recovery")):
-        try:
-            cd = open_controller(s.node).controldata()
-        except DbopsError as e:
+        cd = control.get(s.name)
+        if cd is None:  # not read
+            continue
+        if isinstance(cd, DbopsError):
+            e = cd
             f.append(Finding("node controller", FAIL, f"{s.node.controller} controller cannot read {s.name}'s "
                              f"control file: {e.message}", e.hint or "check data_dir and the controller settings",
                              s.name))
@@ -316,7 +338,7 @@ def describe(cfg: Config, plan: Plan, opts: Options) -> list[str]:
 def make_plan(cfg: Config, opts: Options) -> Plan:
     """Discover the topology, choose the candidate, run preflight."""
     topo = topo_mod.discover(cfg)
-    plan = preflight(cfg, topo, opts)
+    plan = preflight(cfg, topo, opts, read_control(topo, opts))
     if plan.candidate and plan.old_primary:
         lag = topo.replay_lag(plan.candidate)
         _log.info("plan: %s -> %s (replay lag %s bytes at %s)", plan.old_primary.name, plan.candidate.name, lag,
@@ -324,4 +346,4 @@ def make_plan(cfg: Config, opts: Options) -> Plan:
     return plan
 
 
-__all__ = ["FAIL", "OK", "WARN", "Finding", "Options", "Plan", "choose_candidate", "make_plan", "preflight"]
+__all__ = ["FAIL", "OK", "WARN", "Finding", "Options", "Plan", "choose_candidate", "make_plan", "preflight", "read_control"]
