@@ -65,6 +65,8 @@ class DbopsError(Exception):
     """Base error: message, detail, hint, and the exit code it maps to."""
 
     exit_code: ExitCode = ExitCode.FAILED
+    quiet: bool = False  # an outcome the caller expects (wal-fetch: not archived): exit code only, no message
+    extra: dict | None = None  # more for the JSON error object (a failover's plan and report)
 
     def __init__(self, message: str, *, detail: str | None = None, hint: str | None = None):
         super().__init__(message)
@@ -165,10 +167,6 @@ class ConflictError(DbopsError):
     exit_code = ExitCode.CONFLICT
 
 
-class InterruptedError_(DbopsError):
-    exit_code = ExitCode.INTERRUPTED
-
-
 class LossPossibleError(DbopsError):
     exit_code = ExitCode.LOSS_POSSIBLE
 
@@ -184,3 +182,12 @@ class CommandError(DbopsError):
         if stderr and "detail" not in kw:
             kw["detail"] = stderr.strip()[-2000:]
         super().__init__(message, **kw)
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The documented exit code of an exception that ends a command (the CLI's and the WAL fast path's)."""
+    if isinstance(e, DbopsError):
+        return int(e.exit_code)
+    if isinstance(e, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED)
+    return int(ExitCode.FAILED)

@@ -9,10 +9,6 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 T = TypeVar("T")
 
 
-class TransientError(Exception):
-    """Raised by adapters for faults worth retrying (timeouts, 5xx, connection resets)."""
-
-
 def call(fn: Callable[[], T], *, deadline: float, is_transient: Callable[[BaseException], bool]) -> T:
     """Call fn, retrying transient failures until deadline seconds have passed; re-raise the last."""
     for attempt in Retrying(

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from dbops import __version__, log, secrets
 from dbops.cli import output
 from dbops.cli.state import State
-from dbops.errors import DbopsError, ExitCode
+from dbops.errors import DbopsError, exit_code_of
 
 _log = log.get("cli")
 
@@ -42,27 +42,31 @@ class DbopsGroup(TyperGroup):
             raise
         except DbopsError as e:
             state = ctx.obj if isinstance(ctx.obj, State) else None
+            if e.quiet:
+                _log.debug("%s", e.message)
+                _result(command or ctx.invoked_subcommand, t0, exit_code_of(e))
+                raise typer.Exit(exit_code_of(e)) from None
             if state is not None and state.json_output:
-                output.emit_json({"ok": False, **e.as_dict()})
+                output.emit_json({"ok": False, **e.as_dict(), **(e.extra or {})})
             if state is not None and state.log_format == "json":
                 log.event(_log, logging.ERROR, e.message, error=type(e).__name__, detail=e.detail, hint=e.hint,
                           exit_code=int(e.exit_code))
             else:
                 output.err(e.render())
             _log.debug("error %s", type(e).__name__, exc_info=True)
-            _result(command or ctx.invoked_subcommand, t0, int(e.exit_code))
-            raise typer.Exit(int(e.exit_code)) from None
-        except KeyboardInterrupt:
+            _result(command or ctx.invoked_subcommand, t0, exit_code_of(e))
+            raise typer.Exit(exit_code_of(e)) from None
+        except KeyboardInterrupt as e:
             output.err("error: interrupted; work in progress was cleaned up")
-            _result(command or ctx.invoked_subcommand, t0, int(ExitCode.INTERRUPTED))
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+            _result(command or ctx.invoked_subcommand, t0, exit_code_of(e))
+            raise typer.Exit(exit_code_of(e)) from None
         except Exception as e:  # a bug: say so, without leaking secrets
             tb = secrets.redact("".join(traceback.format_exception(type(e), e, e.__traceback__)))
             output.err(f"error: internal error: {secrets.redact(str(e)) or type(e).__name__}")
             output.err("hint: this is a bug in dbops; the traceback follows (secrets redacted)")
             output.err(tb)
-            _result(command or ctx.invoked_subcommand, t0, int(ExitCode.FAILED))
-            raise typer.Exit(int(ExitCode.FAILED)) from None
+            _result(command or ctx.invoked_subcommand, t0, exit_code_of(e))
+            raise typer.Exit(exit_code_of(e)) from None
         _result(command or ctx.invoked_subcommand, t0, 0)
         return rv
 

@@ -67,7 +67,7 @@ def failover(
     if not json_:
         _print_plan(plan)
     if not plan.ok:
-        _fail(plan.refuse(), json_, plan=plan)
+        raise _with_context(plan.refuse(), plan=plan)
     if dry_run:
         if json_:
             output.emit_json({"ok": True, "dry_run": True, "plan": plan.as_dict()})
@@ -89,7 +89,7 @@ def failover(
             _write_metrics(metrics_file, fo.metrics(rep), cfg.cluster)
         if not json_ and rep is not None:
             _print_report(rep)
-        _fail(e, json_, plan=plan, report=rep)
+        raise _with_context(e, plan=plan, report=rep)
     if metrics_file:
         _write_metrics(metrics_file, fo.metrics(report), cfg.cluster)
     if json_:
@@ -98,12 +98,10 @@ def failover(
         _print_report(report)
 
 
-def _fail(e: DbopsError, json_: bool, *, plan: Any = None, report: Any = None) -> None:
-    if json_:
-        output.emit_json({"ok": False, **e.as_dict(), "plan": plan.as_dict() if plan else None,
-                          "report": report.as_dict() if report else None})
-    output.err(e.render())
-    raise typer.Exit(int(e.exit_code))
+def _with_context(e: DbopsError, *, plan: Any = None, report: Any = None) -> DbopsError:
+    """The error, carrying the plan and the report for its JSON object (rendered by dbops.cli.app)."""
+    e.extra = {"plan": plan.as_dict() if plan else None, "report": report.as_dict() if report else None}
+    return e
 
 
 def _write_metrics(path: str, values: dict, cluster: str) -> None:

@@ -42,7 +42,7 @@ def try_fast(args: list[str]) -> int | None:
     config_path, verb, operands = parsed
     from dbops import config as cfgmod
     from dbops import secrets
-    from dbops.errors import DbopsError
+    from dbops.errors import DbopsError, exit_code_of
     from dbops.ops.wal import spool as walspool
 
     try:
@@ -58,8 +58,8 @@ def try_fast(args: list[str]) -> int | None:
         return 0 if walspool.fetch_prefetched(cfg, operands[0], operands[1]) else None
     except DbopsError as e:
         sys.stderr.write(secrets.redact(e.render()) + "\n")
-        return int(e.exit_code)
-    except KeyboardInterrupt:
-        return 14
+        return exit_code_of(e)
+    except KeyboardInterrupt as e:
+        return exit_code_of(e)
     except Exception:  # noqa: BLE001  a bug or an unexpected OS error: the CLI runs it again and reports it
         return None

@@ -52,8 +52,8 @@ def wal_fetch(
     try:
         how = walspool.fetch(cfg, name, path)
     except NotFoundError as e:
-        _log.debug("%s", e.message)  # PostgreSQL probes for files that do not exist: not an alarm
-        raise typer.Exit(int(e.exit_code)) from None
+        e.quiet = True  # PostgreSQL probes for files that do not exist: not an alarm (exit 9, no message)
+        raise
     log.event(_log, logging.INFO, f"restored {name}", via=how)
 
 
