@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dbops.cli import output
+from dbops.cli.failover_view import with_context
 from dbops.cli.state import start_line, state_of
 from dbops.errors import DbopsError, ExitCode, UsageError
 
@@ -67,7 +68,7 @@ def failover(
     if not json_:
         _print_plan(plan)
     if not plan.ok:
-        raise _with_context(plan.refuse(), plan=plan)
+        raise with_context(plan.refuse(), plan=plan)
     if dry_run:
         if json_:
             output.emit_json({"ok": True, "dry_run": True, "plan": plan.as_dict()})
@@ -89,19 +90,13 @@ def failover(
             _write_metrics(metrics_file, fo.metrics(rep), cfg.cluster)
         if not json_ and rep is not None:
             _print_report(rep)
-        raise _with_context(e, plan=plan, report=rep)
+        raise with_context(e, plan=plan, report=rep)
     if metrics_file:
         _write_metrics(metrics_file, fo.metrics(report), cfg.cluster)
     if json_:
         output.emit_json({"ok": True, "plan": plan.as_dict(), "report": report.as_dict()})
     else:
         _print_report(report)
-
-
-def _with_context(e: DbopsError, *, plan: Any = None, report: Any = None) -> DbopsError:
-    """The error, carrying the plan and the report for its JSON object (rendered by dbops.cli.app)."""
-    e.extra = {"plan": plan.as_dict() if plan else None, "report": report.as_dict() if report else None}
-    return e
 
 
 def _write_metrics(path: str, values: dict, cluster: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from dbops.cli import output
+from dbops.cli.failover_view import with_context
 from dbops.cli.state import State, start_line
 from dbops.errors import DbopsError, ExitCode, UsageError
 
@@ -26,7 +27,7 @@ def run_lost(st: State, *, to: str | None, dry_run: bool, yes: bool, timeout: fl
     if not json_:
         print_plan(plan)
     if not plan.ok:
-        _fail(plan.refuse(), json_, plan=plan)
+        raise with_context(plan.refuse(), plan=plan)
     if dry_run:
         if json_:
             output.emit_json({"ok": True, "dry_run": True, "plan": plan.as_dict()})
@@ -48,21 +49,13 @@ def run_lost(st: State, *, to: str | None, dry_run: bool, yes: bool, timeout: fl
                 _write_metrics(metrics_file, rep, cfg.cluster)
             if not json_:
                 print_report(rep)
-        _fail(e, json_, plan=plan, report=rep)
+        raise with_context(e, plan=plan, report=rep)
     if metrics_file:
         _write_metrics(metrics_file, report, cfg.cluster)
     if json_:
         output.emit_json({"ok": True, "plan": plan.as_dict(), "report": report.as_dict()})
     else:
         print_report(report)
-
-
-def _fail(e: DbopsError, json_: bool, *, plan: Any = None, report: Any = None) -> None:
-    if json_:
-        output.emit_json({"ok": False, **e.as_dict(), "plan": plan.as_dict() if plan else None,
-                          "report": report.as_dict() if report else None})
-    output.err(e.render())
-    raise typer.Exit(int(e.exit_code))
 
 
 def _write_metrics(path: str, report: Any, cluster: str) -> None:

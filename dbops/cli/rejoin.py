@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dbops.cli import output
+from dbops.cli.failover_view import with_context
 from dbops.cli.state import start_line, state_of
 from dbops.errors import DbopsError, ExitCode, UsageError
 
@@ -42,7 +43,7 @@ def rejoin(
             output.out(f"  {f.status.upper():<4}  {f.check}: {f.message}" + (f"\n        fix: {f.fix}" if f.fix and
                                                                                f.status != "ok" else ""))
     if not p.ok:
-        _fail(p.refuse(), json_, plan=p)
+        raise with_context(p.refuse(), plan=p)
     if dry_run or p.already:
         if json_:
             output.emit_json({"ok": True, "dry_run": dry_run, "plan": p.as_dict()})
@@ -61,19 +62,11 @@ def rejoin(
         rep = getattr(e, "report", None)
         if rep is not None and not json_:
             _print(rep)
-        _fail(e, json_, plan=p, report=rep)
+        raise with_context(e, plan=p, report=rep)
     if json_:
         output.emit_json({"ok": True, "plan": p.as_dict(), "report": report.as_dict()})
     else:
         _print(report)
-
-
-def _fail(e: DbopsError, json_: bool, *, plan: Any = None, report: Any = None) -> None:
-    if json_:
-        output.emit_json({"ok": False, **e.as_dict(), "plan": plan.as_dict() if plan else None,
-                          "report": report.as_dict() if report else None})
-    output.err(e.render())
-    raise typer.Exit(int(e.exit_code))
 
 
 def _print(rep: Any) -> None:
