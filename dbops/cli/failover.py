@@ -40,6 +40,7 @@ def failover(
     11 refused (the primary answers, or it could not be fenced): nothing promoted.
     """
     from dbops import config as cfgmod
+    from dbops.ops.failover import report as fo_report
     from dbops.ops.failover import switchover as fo
     from dbops.ops.failover.plan import Options, make_plan
 
@@ -87,12 +88,12 @@ def failover(
     except DbopsError as e:
         rep = getattr(e, "report", None)
         if metrics_file and rep is not None:
-            _write_metrics(metrics_file, fo.metrics(rep), cfg.cluster)
+            _write_metrics(metrics_file, fo_report.metrics(rep), cfg.cluster)
         if not json_ and rep is not None:
             _print_report(rep)
         raise with_context(e, plan=plan, report=rep)
     if metrics_file:
-        _write_metrics(metrics_file, fo.metrics(report), cfg.cluster)
+        _write_metrics(metrics_file, fo_report.metrics(report), cfg.cluster)
     if json_:
         output.emit_json({"ok": True, "plan": plan.as_dict(), "report": report.as_dict()})
     else:

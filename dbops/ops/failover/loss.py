@@ -17,7 +17,7 @@ from typing import Any
 
 from dbops.nodes import NodeController
 from dbops.ops.failover.plan import Finding
-from dbops.ops.failover.switchover import Phase
+from dbops.ops.failover.report import Phase
 from dbops.pg import waldump
 from dbops.pg.lsn import format_lsn
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from dbops import log
 from dbops.errors import DbopsError
-from dbops.ops.failover.switchover import Phase
+from dbops.ops.failover.report import Phase
 
 _log = log.get("failover")
 

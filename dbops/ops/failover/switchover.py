@@ -40,7 +40,6 @@ import shlex
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dbops import log, proc
@@ -54,13 +53,13 @@ from dbops.errors import (
     UnknownOutcomeError,
 )
 from dbops.nodes import Fence, NodeController, open_controller
-from dbops.ops.failover import replication as repl
 from dbops.ops.failover.candidate import CandidateTuning, put_back_leftover
 from dbops.ops.failover import fencing
-from dbops.ops.failover.plan import FAIL, Finding, Options, Plan, make_plan
-from dbops.ops.failover.verify import verify
+from dbops.ops.failover.plan import Options, Plan, make_plan
 from dbops.ops.failover.pgbouncer import PgBouncer, paused
-from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
+from dbops.ops.failover.after import AfterPromotion
+from dbops.ops.failover.report import Phase, Report, attach
+from dbops.pg.lsn import format_lsn, parse_lsn
 
 _log = log.get("failover")
 
@@ -68,42 +67,7 @@ POLL = 0.01  # seconds between polls on the critical path
 Observer = Callable[[str, str], None]  # (phase, "start" | "end")
 
 
-@dataclass
-class Phase:
-    name: str
-    seconds: float
-    ok: bool = True
-    detail: str | None = None
-
-
-@dataclass
-class Report:
-    old_primary: str
-    new_primary: str
-    outcome: str = "running"  # succeeded | rolled_back | unknown | cancelled | running
-    old_timeline: int | None = None
-    timeline: int | None = None
-    shutdown_checkpoint_lsn: str | None = None
-    switch_lsn: str | None = None
-    write_unavailable_seconds: float | None = None
-    total_seconds: float | None = None
-    rewind: dict[str, Any] | None = None
-    phases: list[Phase] = field(default_factory=list)
-    verification: list[Finding] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.outcome == "succeeded"
-        return d
-
-
-def _attach(err: DbopsError, report: Report) -> DbopsError:
-    err.report = report  # type: ignore[attr-defined]
-    return err
-
-
-class Switchover:
+class Switchover(AfterPromotion):
     """One switchover run. Holds the connections it keeps open on the critical path."""
 
     def __init__(self, cfg: Config, plan: Plan, opts: Options, observer: Observer | None = None):
@@ -194,7 +158,7 @@ class Switchover:
                     self.report.outcome = "unknown"
                     e = UnknownOutcomeError(f"switchover interrupted, outcome unknown: {e.message}",
                                             detail=e.detail, hint="run `dbops status` before acting again")
-            raise _attach(e, self.report) from None
+            raise attach(e, self.report) from None
         except KeyboardInterrupt:
             if self._t_fence is None:  # nothing changed yet but the candidate's tuning
                 self.report.outcome = "cancelled"
@@ -204,7 +168,7 @@ class Switchover:
             if self.report.outcome != "running":
                 raise  # rolled back already
             self.report.outcome = "unknown"
-            raise _attach(UnknownOutcomeError(
+            raise attach(UnknownOutcomeError(
                 "interrupted after the old primary was stopped: outcome unknown",
                 hint="run `dbops status`; the new primary may be promoted"), self.report) from None
         finally:
@@ -225,7 +189,7 @@ class Switchover:
                 if failed:
                     ph.ok, ph.detail = False, failed[0]
                     self.report.outcome = "cancelled"
-                    raise _attach(PreconditionError(f"pre-hook {failed[0]}; switchover cancelled, nothing changed",
+                    raise attach(PreconditionError(f"pre-hook {failed[0]}; switchover cancelled, nothing changed",
                                                     hint="fix what the hook reported, then run again"), self.report)
         with self.phase("recheck"):
             plan = make_plan(self.cfg, Options(to=self.new.name, max_lag=self.opts.max_lag,
@@ -234,7 +198,7 @@ class Switchover:
                 self.report.outcome = "cancelled"
                 err = plan.refuse() if not plan.ok else PreconditionError(
                     "the primary changed since the plan; nothing changed")
-                raise _attach(err, self.report)
+                raise attach(err, self.report)
             self.plan = plan
         from dbops.pg import conn
 
@@ -353,7 +317,7 @@ class Switchover:
                 ph.ok, ph.detail = False, not_confirmed
                 self.report.outcome = "unknown"
                 fenced = "fenced as a standby" if self._fence else "stopped"
-                raise _attach(UnknownOutcomeError(
+                raise attach(UnknownOutcomeError(
                     f"switchover failed ({why}); rollback refused: cannot confirm {self.new.name} is still a "
                     f"standby", detail=f"{not_confirmed}; {self.old.name} was left {fenced}, not restarted "
                     "(two primaries are worse than none)",
@@ -373,14 +337,14 @@ class Switchover:
             except DbopsError as e:
                 ph.ok, ph.detail = False, e.message
                 self.report.outcome = "unknown"
-                raise _attach(UnknownOutcomeError(
+                raise attach(UnknownOutcomeError(
                     f"switchover failed ({why}) and the rollback failed too: {e.message}",
                     detail=e.detail, hint=f"{self.new.name} was NOT promoted; start {self.old.name} as primary "
                     f"(its data is complete) and check its server log"), self.report) from None
         self.report.outcome = "rolled_back"
         if not isinstance(cause, DbopsError):
             raise cause
-        raise _attach(RolledBackError(f"switchover failed, rolled back: {why}",
+        raise attach(RolledBackError(f"switchover failed, rolled back: {why}",
                                       detail=f"{self.old.name} is primary again and takes writes; "
                                              f"{self.new.name} was not promoted",
                                       hint=f"check {self.new.name} (dbops status, its server log), then retry"),
@@ -410,7 +374,7 @@ class Switchover:
                 self.report.outcome = "unknown"
                 msg = _why(e)
                 self._guarded("untune candidate", self.tuning.undo)
-                raise _attach(UnknownOutcomeError(
+                raise attach(UnknownOutcomeError(
                     f"promotion of {self.new.name} requested, outcome unknown: {msg}",
                     detail=f"{self.old.name} is stopped (clean shutdown at {self.report.shutdown_checkpoint_lsn}) "
                            f"and fenced as a standby of {self.new.name}; {self.new.name} may be promoting",
@@ -418,85 +382,6 @@ class Switchover:
                          f"{self.new.name}); if it is still a standby, remove standby.signal from {self.old.name} "
                          "and start it again"), self.report) from None
 
-    # -- after writes resumed -----------------------------------------------------------------------------
-
-    def _after(self) -> None:
-        followers = [self.old, *self.others]
-        self._guarded("untune candidate", self.tuning.undo)
-        self._guarded("new primary: slots, checkpoint", lambda: self._settle_new_primary(followers))
-        if self.cfg.failover.post_hooks:  # early: a VIP or DNS record should follow the writes at once
-            with self.phase("post-hooks") as ph:
-                failed = self.run_hooks("post", self.cfg.failover.post_hooks)
-                if failed:
-                    ph.ok, ph.detail = False, failed[0]
-                    self.report.warnings.append(f"post-hook {failed[0]}")
-        for n in self.others:
-            self._guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
-        self._guarded("rejoin old primary", self._rejoin_old)
-        with self.phase("verify"):
-            cand = self.plan.candidate
-            self.report.verification = verify(
-                self.cfg, self.new, followers, timeline=self.report.timeline or 0,
-                old_timeline=self.report.old_timeline or 0, timeout=self.opts.timeout,
-                archive_command=cand.settings.get("archive_command", "") if cand else "")
-        bad = [f for f in self.report.verification if f.status == FAIL]
-        if bad or self.report.warnings:
-            self.report.outcome = "unknown"
-            lines = [f"{f.check}: {f.message}" for f in bad] + self.report.warnings
-            raise _attach(UnknownOutcomeError(
-                f"{self.new.name} is primary on timeline {self.report.timeline}, but not everything could be "
-                f"confirmed", detail="\n  " + "\n  ".join(lines),
-                hint="see each item; `dbops status` shows the topology now"), self.report)
-        self.report.outcome = "succeeded"
-
-    def _guarded(self, name: str, fn: Callable[[], None]) -> None:
-        """A post-promotion step: a failure is recorded (and shows in verification), never stops the others
-        (a connection lost included: it comes as a PostgresError)."""
-        try:
-            with self.phase(name):
-                fn()
-        except DbopsError as e:
-            self.report.warnings.append(f"{name}: {e.message}" + (f" ({e.detail})" if e.detail else ""))
-
-    def _settle_new_primary(self, followers: list[Node]) -> None:
-        """Slots for the followers (before the checkpoint, so they keep the WAL since the switch), CHECKPOINT
-        (pg_rewind must see the new timeline in the control file), forget the old upstream, read the history."""
-        if self.uses_slots:
-            for n in followers:
-                repl.ensure_slot(self._cand, self._slot_of(n))
-        self._cand.execute("checkpoint")
-        repl.clear_upstream(self._cand)
-        self._history = repl.read_history(self._cand, self.report.timeline or 0)
-        entries = parse_history(self._history) if self._history else []
-        if entries:
-            self.report.switch_lsn = format_lsn(entries[-1][1])
-
-    def _slot_of(self, node: Node) -> str:
-        st = self.plan.topology.get(node.name)
-        return repl.slot_name_for(node.name, st.settings.get("primary_slot_name"))
-
-    def _rejoin_old(self) -> None:
-        from dbops.pg import conn
-
-        decision = repl.rejoin(self.ctl_old, self.new, conninfo_template=self._cand_conninfo,
-                               slot=self._slot_of(self.old) if self.uses_slots else None, history=self._history,
-                               new_timeline=self.report.timeline or 0, timeout=self.opts.timeout)
-        self.report.rewind = {"needed": decision.needed, "reason": decision.reason}
-        stale = {self._slot_of(n) for n in self.others} | ({self.candidate_slot} if self.candidate_slot else set())
-        if stale:
-            with conn.session(self.old) as c:
-                repl.drop_inactive_slots(c, stale)
-
-    def _repoint(self, node: Node) -> None:
-        from dbops.pg import conn
-
-        slot = self._slot_of(node) if self.uses_slots else None
-        with conn.session(node) as c:
-            current = c.execute("select current_setting('primary_conninfo')").fetchone()[0]
-            repl.set_upstream(c, repl.follow_conninfo(current or self._cand_conninfo, self.new, node.name), slot)
-            version = int(c.execute("select current_setting('server_version_num')").fetchone()[0])
-        if version < 130000:  # primary_conninfo became reloadable in PostgreSQL 13
-            open_controller(node).restart("fast", timeout=self.opts.timeout)
 
 
 
@@ -527,17 +412,4 @@ def cluster_lock(cfg: Config) -> Any:
                        ttl=cfg.storage.lock_ttl)
 
 
-def metrics(report: Report) -> dict[str, tuple[float | int | None, str]]:
-    """Prometheus textfile values for the last switchover (see dbops.metrics.write)."""
-    return {
-        "dbops_failover_last_run_timestamp_seconds": (time.time(), "When the last switchover finished."),
-        "dbops_failover_success": (1 if report.outcome == "succeeded" else 0,
-                                   "Whether the last switchover succeeded (1) or not (0)."),
-        "dbops_failover_write_unavailable_seconds": (report.write_unavailable_seconds,
-                                                     "Write-unavailability window of the last switchover."),
-        "dbops_failover_duration_seconds": (report.total_seconds, "Duration of the last switchover."),
-        "dbops_failover_timeline": (report.timeline, "Timeline of the new primary after the last switchover."),
-    }
-
-
-__all__ = ["Options", "Plan", "Report", "Switchover", "cluster_lock", "execute", "make_plan", "metrics"]
+__all__ = ["Options", "Plan", "Report", "Switchover", "cluster_lock", "execute", "make_plan"]
