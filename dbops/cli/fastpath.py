@@ -43,7 +43,7 @@ def try_fast(args: list[str]) -> int | None:
     from dbops import config as cfgmod
     from dbops import secrets
     from dbops.errors import DbopsError, exit_code_of
-    from dbops.ops.wal import spool as walspool
+    from dbops.ops.wal import commands as walcmd
 
     try:
         cfg = cfgmod.load(config_path)
@@ -53,9 +53,9 @@ def try_fast(args: list[str]) -> int | None:
         if verb == "wal-push":
             if not cfg.archive.async_push:
                 return None
-            walspool.push(cfg, operands[0])
+            walcmd.push(cfg, operands[0])
             return 0
-        return 0 if walspool.fetch_prefetched(cfg, operands[0], operands[1]) else None
+        return 0 if walcmd.fetch_prefetched(cfg, operands[0], operands[1]) else None
     except DbopsError as e:
         sys.stderr.write(secrets.redact(e.render()) + "\n")
         return exit_code_of(e)

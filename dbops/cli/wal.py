@@ -30,10 +30,10 @@ def wal_push(
     Set archive_command = 'dbops -c /etc/dbops/dbops.yaml wal-push %p'. Exit 13 when the archive
     holds different content under this name or belongs to another cluster; 4 when storage fails.
     """
-    from dbops.ops.wal import spool as walspool
+    from dbops.ops.wal import commands as walcmd
 
     cfg = state_of(ctx).config()
-    how = walspool.push(cfg, path, sync=sync)
+    how = walcmd.push(cfg, path, sync=sync)
     log.event(_log, logging.INFO, f"archived {os.path.basename(path)}", via=how)
 
 
@@ -46,11 +46,11 @@ def wal_fetch(
 
     Set restore_command = 'dbops -c /etc/dbops/dbops.yaml wal-fetch %f %p'.
     """
-    from dbops.ops.wal import spool as walspool
+    from dbops.ops.wal import commands as walcmd
 
     cfg = state_of(ctx).config()
     try:
-        how = walspool.fetch(cfg, name, path)
+        how = walcmd.fetch(cfg, name, path)
     except NotFoundError as e:
         e.quiet = True  # PostgreSQL probes for files that do not exist: not an alarm (exit 9, no message)
         raise

@@ -23,10 +23,11 @@ from walfake import (
 from dbops import config as cfgmod
 from dbops.errors import DbopsError, UnknownOutcomeError
 from dbops.cli import fastpath
-from dbops.ops.wal import spool as walspool
+from dbops.ops.wal import commands as walcmd
 from dbops.ops.wal.archive import WalArchive
 from dbops.pg.walfile import cluster_identity
-from dbops.ops.wal.spool import PUSHER, await_pusher, spool_for
+from dbops.ops.wal.commands import await_pusher
+from dbops.ops.wal.spool import PUSHER, spool_for, spool_root
 from dbops.ops.wal.worker import Prefetcher, Pusher
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
@@ -193,7 +194,7 @@ def test_push_answers_from_the_spool(env):
     cfg, data, *_ = env
     p = write_segment(data, SEGS[0])
     pusher_for(env).run()
-    assert walspool.push(cfg, str(p), start_pusher=lambda sp: pytest.fail("no pusher needed")) == "spool"
+    assert walcmd.push(cfg, str(p), start_pusher=lambda sp: pytest.fail("no pusher needed")) == "spool"
 
 
 # --------------------------------------------------------------------------- fast path
@@ -256,7 +257,7 @@ def test_prefetcher_keeps_the_next_segments_verified_in_the_spool(env, tmp_path)
     tfolder.mkdir(parents=True, exist_ok=True)
     os.replace(folder / SEGS[1], tfolder / SEGS[1])
     dest = target / "pg_wal" / "RECOVERYXLOG"
-    assert walspool.fetch_prefetched(cfg, SEGS[1], str(dest))
+    assert walcmd.fetch_prefetched(cfg, SEGS[1], str(dest))
     assert dest.read_bytes() == (data / "pg_wal" / SEGS[1]).read_bytes()
     assert tspool.prefetch_want() == SEGS[1] and not (tfolder / SEGS[1]).exists()
     # the window moves on: files before it are dropped, the end of the archive is not an error
@@ -270,8 +271,8 @@ def test_prefetcher_keeps_the_next_segments_verified_in_the_spool(env, tmp_path)
 
 def test_fetch_prefetched_misses_quietly(env):
     cfg, data, *_ = env
-    assert not walspool.fetch_prefetched(cfg, SEGS[0], str(data / "pg_wal" / "RECOVERYXLOG"))
-    assert not walspool.fetch_prefetched(cfg, "00000002.history", str(data / "pg_wal" / "RECOVERYHISTORY"))
+    assert not walcmd.fetch_prefetched(cfg, SEGS[0], str(data / "pg_wal" / "RECOVERYXLOG"))
+    assert not walcmd.fetch_prefetched(cfg, "00000002.history", str(data / "pg_wal" / "RECOVERYHISTORY"))
 
 
 
@@ -382,7 +383,7 @@ def test_the_default_spool_is_never_a_shared_temporary_folder(tmp_path):
     data = make_data_dir(tmp_path / "ro" / "data")
     os.chmod(tmp_path / "ro", 0o555)
     try:
-        root = walspool.spool_root(ArchiveSettings(), data)
+        root = spool_root(ArchiveSettings(), data)
     finally:
         os.chmod(tmp_path / "ro", 0o755)
     if os.geteuid() != 0:  # root may write anywhere: the folder beside the data folder is used
@@ -397,7 +398,7 @@ def test_an_untrusted_spool_is_bypassed_and_the_file_still_stored_before_the_ans
     os.chmod(root, 0o777)
     p = write_segment(data, SEGS[0])
     pushed = []
-    monkeypatch.setattr(walspool, "push_sync", lambda c, path, **kw: pushed.append(path))
-    assert walspool.push(cfg, str(p), start_pusher=lambda sp: None) == "sync"
+    monkeypatch.setattr(walcmd, "push_sync", lambda c, path, **kw: pushed.append(path))
+    assert walcmd.push(cfg, str(p), start_pusher=lambda sp: None) == "sync"
     assert pushed == [str(p)]
     os.chmod(root, 0o700)
