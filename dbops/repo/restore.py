@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from dbops import log
@@ -156,42 +158,9 @@ def restore_snapshot(
 
     def fetch(item: tuple[list[FileEntry], Range]) -> None:
         files, rng = item
-        key = layout.pack(rng.pack)
-        try:
-            data = fetch_range(store, key, rng)
-        except NotFoundError:
-            raise ValidationError(
-                f"backup {manifest.backup_id}: pack object {key} is missing",
-                detail=f"needed for {files[rng.first_file].path}",
-                hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-            ) from None
-        except DamagedObjectError as e:  # an encrypted segment failed its authentication tag
-            raise ValidationError(
-                f"backup {manifest.backup_id}: {files[rng.first_file].path} is damaged in storage",
-                detail=e.message,
-                hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-            ) from None
-        fds: dict[int, int] = {}
-        written = 0
-        with cpu_slots:
-            try:
-                for run, raw, why in chunks_of(decoder, data, rng):
-                    if raw is None:
-                        raise ValidationError(
-                            f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
-                            detail=f"object {key}: {why}",
-                            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-                        )
-                    fd = fds.get(run.file_no)
-                    if fd is None:
-                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
-                    os.pwrite(fd, raw, run.offset)
-                    written += len(raw)
-            finally:
-                for fd in fds.values():
-                    os.close(fd)
+        fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, cpu=cpu_slots)
         with lock:
-            stats.fetched_bytes += len(data)
+            stats.fetched_bytes += fetched
             stats.chunks += sum(fr.chunks() for fr in rng.frames)
             stats.requests += 1
             done[0] += written
@@ -222,6 +191,49 @@ def restore_snapshot(
     _log.info("restored backup %s into %s: %d files, %d bytes, %d requests, %.1f s", manifest.backup_id,
               target, stats.files, stats.logical_bytes, stats.requests, stats.seconds)
     return stats
+
+
+def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, files: list[FileEntry],
+                rng: Range, decoder: codec.Decoder, *, cpu: AbstractContextManager[Any] | None = None) -> tuple[int, int]:
+    """Fetch one coalesced range (see dbops.repo.ranges), check every chunk against its sha256 and write
+    it into the files, which exist at their size. Returns (bytes fetched, bytes written). Raises
+    ValidationError naming the backup, file and object on a missing or damaged object. `cpu`, when
+    given, is held while decompressing, hashing and writing (not while fetching)."""
+    key = layout.pack(rng.pack)
+    try:
+        data = fetch_range(store, key, rng)
+    except NotFoundError:
+        raise ValidationError(
+            f"backup {manifest.backup_id}: pack object {key} is missing",
+            detail=f"needed for {files[rng.first_file].path}",
+            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
+        ) from None
+    except DamagedObjectError as e:  # an encrypted segment failed its authentication tag
+        raise ValidationError(
+            f"backup {manifest.backup_id}: {files[rng.first_file].path} is damaged in storage",
+            detail=e.message,
+            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
+        ) from None
+    fds: dict[int, int] = {}
+    written = 0
+    with cpu or nullcontext():
+        try:
+            for run, raw, why in chunks_of(decoder, data, rng):
+                if raw is None:
+                    raise ValidationError(
+                        f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
+                        detail=f"object {key}: {why}",
+                        hint="the backup cannot be restored; run `dbops verify` and take a new backup",
+                    )
+                fd = fds.get(run.file_no)
+                if fd is None:
+                    fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
+                os.pwrite(fd, raw, run.offset)
+                written += len(raw)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+    return len(data), written
 
 
 def mark_wal_archived(target: Path, manifest: Manifest) -> list[FileEntry]:

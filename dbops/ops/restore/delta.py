@@ -26,9 +26,9 @@ from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
-from dbops.repo.ranges import Range, batches, chunks_of, fetch_range, plan_ranges
-from dbops.repo.restore import as_restored, finish_files, finish_tree, make_links, mark_wal_archived, reset_unlogged
-from dbops.errors import NotFoundError, ValidationError
+from dbops.repo.ranges import Range, batches, plan_ranges
+from dbops.repo.restore import (as_restored, finish_files, finish_tree, make_links, mark_wal_archived, reset_unlogged,
+                                write_range)
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
@@ -149,31 +149,9 @@ def _fetch_into(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     totals = [0, 0]
 
     def fetch(rng: Range) -> None:
-        key = layout.pack(rng.pack)
-        try:
-            data = fetch_range(store, key, rng)
-        except NotFoundError:
-            raise ValidationError(f"backup {manifest.backup_id}: pack object {key} is missing",
-                                  detail=f"needed for {files[rng.first_file].path}",
-                                  hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-                                  ) from None
-        fds: dict[int, int] = {}
-        try:
-            for run, raw, why in chunks_of(decoder, data, rng):
-                if raw is None:
-                    raise ValidationError(
-                        f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
-                        detail=f"object {key}: {why}",
-                        hint="the backup cannot be restored; run `dbops verify` and take a new backup")
-                fd = fds.get(run.file_no)
-                if fd is None:
-                    fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
-                os.pwrite(fd, raw, run.offset)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+        fetched, _written = write_range(store, layout, manifest, target, files, rng, decoder)
         with lock:
-            totals[0] += len(data)
+            totals[0] += fetched
             totals[1] += 1
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-delta-fetch") as pool:
