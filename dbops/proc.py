@@ -81,6 +81,17 @@ def _kill_group(p: subprocess.Popen) -> None:
         p.wait()
 
 
+def _prepare(argv: Sequence[str], user: str | None, env: Mapping[str, str] | None,
+             inherit_env: bool) -> tuple[list[str], list[str], dict[str, str]]:
+    """(argv with the binary resolved, the full argv with runuser when needed, the environment)."""
+    argv = [str(a) for a in argv]
+    argv[0] = which(argv[0])
+    run_env = dict(os.environ) if inherit_env else {}
+    if env:
+        run_env.update(env)
+    return argv, as_user(argv, user), run_env
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -98,12 +109,7 @@ def run(
 
     The program gets this process's environment plus `env`; only `env` with ``inherit_env=False``.
     """
-    argv = [str(a) for a in argv]
-    argv[0] = which(argv[0])
-    full = as_user(argv, user)
-    run_env = dict(os.environ) if inherit_env else {}
-    if env:
-        run_env.update(env)
+    argv, full, run_env = _prepare(argv, user, env, inherit_env)
     label = what or Path(argv[0]).name
     _log.debug("run %s", secrets.redact(" ".join(full)))
     t0 = time.monotonic()
@@ -158,12 +164,7 @@ def spawn(
 
     The program gets this process's environment plus `env`; only `env` with ``inherit_env=False``.
     """
-    argv = [str(a) for a in argv]
-    argv[0] = which(argv[0])
-    full = as_user(argv, user)
-    run_env = dict(os.environ) if inherit_env else {}
-    if env:
-        run_env.update(env)
+    argv, full, run_env = _prepare(argv, user, env, inherit_env)
     _log.debug("spawn %s", secrets.redact(" ".join(full)))
     return subprocess.Popen(
         full,
