@@ -141,6 +141,9 @@ def list_(ctx: typer.Context, json_: JsonOpt = False) -> None:
           output.human_bytes(r["logical_size"]), output.human_bytes(r["stored_size"]),
           output.human_bytes(r["new_bytes"]), r["status"], output.human_seconds(r["restore_seconds"])]
          for r in rows]))
+    cut = [(r["backup_id"], catalogview.pitr_note(r)) for r in rows if r.get("pitr_until")]
+    for backup_id, note in cut:
+        output.out(f"{backup_id}: {note} (restore --to a later point before the next backup exits 7)")
 
 
 @backup_app.command("show")

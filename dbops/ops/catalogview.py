@@ -18,7 +18,7 @@ from dbops.phases import Phases
 from dbops.errors import NotFoundError, UsageError, ValidationError
 from dbops.storage.guard import GuardedStore
 from dbops.storage.lock import BACKUP, ClusterLock
-from dbops.pg.lsn import format_lsn, parse_segment_name
+from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name
 from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
 
@@ -67,8 +67,32 @@ def list_rows(cfg: Config, store: ObjectStore | None = None) -> list[dict[str, A
             "status_reason": latest.reason if latest else None,
             "restore_seconds": _restore_seconds(latest, history),
             "restore_measured_at": measured.at if measured else None,
+            "wal_gap": (g.to_dict() if (g := catalog.wal_gap_of(latest)) else None),
         })
+    _cut_off(rows)
     return rows
+
+
+def _cut_off(rows: list[dict[str, Any]]) -> None:
+    """pitr_until on every backup whose point-in-time range a recorded WAL gap cuts off: how far
+    replay from it gets (the gap found after the newest of them applies to all older ones too)."""
+    gaps = sorted((r["wal_gap"] for r in rows if r["wal_gap"]), key=lambda g: parse_lsn(g["lsn"]))
+    for r in rows:
+        lsn = parse_lsn(r["consistent_lsn"])
+        g = next((g for g in gaps if parse_lsn(g["lsn"]) >= lsn), None)
+        r["pitr_until"] = None if g is None else {
+            "segment": g["complete_until"], "lsn": g["lsn"], "time": g["time"], "gap_from": g["missing"]}
+
+
+def pitr_note(row: dict[str, Any]) -> str | None:
+    """'PITR to 2026-11-29T23:10:02Z (LSN 0/3000120), gap from segment X' for a cut-off backup."""
+    from dbops.ops.restore.target import iso_utc
+
+    u = row.get("pitr_until")
+    if not u:
+        return None
+    when = iso_utc(u["time"]) if u["time"] is not None else "its consistent point"
+    return f"PITR to {when} (LSN {u['lsn']}), gap from segment {u['gap_from']}"
 
 
 def resolve_id(store: ObjectStore, layout: Layout, backup_id: str | None) -> str:
@@ -217,6 +241,10 @@ def restore_and_start(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Man
     with prove(cfg, store, layout, m, phases, run_id=run_id, name=f"verify-{run_id}",
                byte_progress=byte_progress) as proof:
         val = proof.validation
+    detail: dict[str, Any] = {"checks": val.checks, "by": "dbops verify --restore"}
+    gap = catalog.wal_gap_of(catalog.latest_status(store, layout, m.backup_id))
+    if gap is not None:  # proving the backup again says nothing about the archive after it
+        detail["wal_gap"] = gap.to_dict()
     catalog.record_status(store, layout, m.backup_id, catalog.VALIDATED, run_id=run_id, phase="verify",
-                          timings=dict(phases.t), detail={"checks": val.checks, "by": "dbops verify --restore"})
+                          timings=dict(phases.t), detail=detail)
     return restore_seconds(phases.t), val.checks

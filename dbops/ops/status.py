@@ -99,6 +99,12 @@ def backups_section(cfg: Config) -> Section:
         sec.notes.append("no backups yet: run `dbops backup`")
     elif sec.data["failed"]:
         sec.notes.append("failed validation: " + ", ".join(sec.data["failed"]))
+    cut = [r for r in rows if r.get("pitr_until")]
+    sec.data["pitr_cut_off"] = [{"backup_id": r["backup_id"], **r["pitr_until"],
+                                 "note": catalogview.pitr_note(r)} for r in cut]
+    for r in cut[-1:]:  # the newest backup before the newest gap: how far back-in-time restores reach there
+        sec.notes.append(f"WAL gap: backup {r['backup_id']}: {catalogview.pitr_note(r)}; points inside the gap "
+                         "cannot be restored (restore exits 7)")
     return sec
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from dbops.repo import manifest as mf
 from dbops.errors import ConflictError, NotFoundError, ValidationError
-from dbops.pg.lsn import parse_lsn
+from dbops.pg.lsn import SEGMENT_RE, format_lsn, parse_lsn
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 from dbops.storage.probe import put_once
@@ -86,6 +86,49 @@ class BackupInfo:
     @property
     def usable(self) -> bool:
         return self.state != FAILED
+
+    @property
+    def wal_gap(self) -> WalGap | None:
+        """Validated, but the archive has a gap after it (see :func:`wal_gap_of`)."""
+        return wal_gap_of(self.status)
+
+
+@dataclass(frozen=True)
+class WalGap:
+    """What a validation proved about a backup when the archive has a gap after it: the backup
+    restores and is consistent, and the archive is complete from it up to ``complete_until``
+    (then ``missing`` is missing, with later segments archived). Point-in-time restore from it
+    reaches ``lsn`` (the end of the last record before the gap), whose last commit is at ``time``."""
+
+    missing: str
+    complete_until: str
+    lsn: int
+    time: float | None = None
+    commit_lsn: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"missing": self.missing, "complete_until": self.complete_until, "lsn": format_lsn(self.lsn),
+                "time": self.time, "commit_lsn": None if self.commit_lsn is None else format_lsn(self.commit_lsn)}
+
+
+def wal_gap_of(status: StatusRecord | None) -> WalGap | None:
+    """The gap a validated status record names, read strictly (the record comes from the bucket:
+    anything malformed counts as no gap record, and the backup as plainly validated)."""
+    if status is None or status.state != VALIDATED:
+        return None
+    g = (status.detail or {}).get("wal_gap")
+    if not isinstance(g, dict):
+        return None
+    try:
+        missing, until = str(g["missing"]), str(g["complete_until"])
+        if not (SEGMENT_RE.match(missing) and SEGMENT_RE.match(until)):
+            return None
+        t = g.get("time")
+        c = g.get("commit_lsn")
+        return WalGap(missing, until, parse_lsn(str(g["lsn"])), None if t is None else float(t),
+                      None if c is None else parse_lsn(str(c)))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------- status records

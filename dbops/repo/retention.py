@@ -8,6 +8,9 @@ Policy (``RetentionSettings``), applied to usable (not failed) backups in consis
 * with both set, a backup either rule keeps is kept; with neither, everything is kept;
 * the newest usable backup is always kept, and so is the newest *validated* one (restored from
   storage and checked by a later run): a run of merely stored backups never pushes it out;
+* the newest backup before a gap in the WAL archive (recorded by the validation that found the
+  gap) is kept: it is the only way back to the times before the gap. With ``keep_within`` this
+  holds while the last point it reaches before the gap is inside the window;
 * failed backups are removed unless ``keep_failed``.
 
 A pack is removed only when no kept manifest references it. Packs no manifest references
@@ -114,6 +117,15 @@ def plan(
                 mark(b, f"within the last {policy.keep_within} s")
         if older:
             mark(older[-1], "newest before the keep_within window (restores its start)")
+    for b in usable:  # the newest backup before a WAL gap is the only way back to the times before it
+        g = b.wal_gap
+        if g is None:
+            continue
+        before = [u for u in usable if u.consistent_lsn <= g.lsn]
+        reach = g.time if g.time is not None else b.consistent_time
+        if before and (policy.keep_within is None or reach >= now - policy.keep_within):
+            mark(before[-1], f"newest backup before the WAL gap at {g.missing} (the only way back to the times "
+                             "before it)")
     for b in ordered:
         if not b.usable:
             if keep_failed:

@@ -205,3 +205,37 @@ def test_a_prune_killed_after_the_manifests_leaves_nothing_the_next_prune_keeps(
     later = retention.build_plan(store, L, RetentionSettings(keep_last=1), now=now + 2 * DAY)
     assert later.leftovers == (L.relation_map("unfinished"),)
     assert later.remove_packs == ("p1",)  # no manifest names it any more: an orphan past its grace
+
+
+def _gap_record(backup_id, gap: dict) -> StatusRecord:
+    return StatusRecord(backup_id, catalog.VALIDATED, NOW, "r", detail={"wal_gap": gap})
+
+
+GAP = {"missing": "000000010000000000000004", "complete_until": "000000010000000000000003",
+       "lsn": "0/3FFFF00", "time": NOW - 4 * DAY, "commit_lsn": "0/3FFF000"}
+
+
+def test_the_newest_backup_before_a_wal_gap_is_kept():
+    c = info("c", 5, 0x3000000)
+    c = BackupInfo(**{**c.__dict__, "status": _gap_record("c", GAP)})
+    b = info("b", 2, 0x5000000)
+    b = BackupInfo(**{**b.__dict__, "status": StatusRecord("b", catalog.VALIDATED, NOW, "r")})
+    backups = [info("d", 10, 0x1000000), c, b, info("a", 0.5, 0x7000000)]
+    p = plan(RetentionSettings(keep_last=1), backups=backups)
+    assert p.keep == ("c", "b", "a") and p.remove == ("d",)  # b: the newest validated
+    assert "WAL gap at 000000010000000000000004" in p.reasons["c"]
+    assert p.oldest_wal == "000000010000000000000003"  # c's WAL stays
+    # With keep_within, only while the times it alone reaches are inside the window.
+    assert "c" not in plan(RetentionSettings(keep_within=int(1 * DAY)), backups=backups).keep
+
+
+@pytest.mark.parametrize("bad", [
+    "not a dict", {"missing": "../../x", "complete_until": "000000010000000000000003", "lsn": "0/1"},
+    {**GAP, "lsn": "nonsense"}, {**GAP, "time": "soon"}, {k: v for k, v in GAP.items() if k != "missing"},
+])
+def test_a_malformed_gap_record_from_the_bucket_counts_as_none(bad):
+    assert catalog.wal_gap_of(_gap_record("c", bad)) is None
+    good = catalog.wal_gap_of(_gap_record("c", GAP))
+    assert good is not None and good.lsn == 0x3FFFF00 and good.missing == GAP["missing"]
+    failed = StatusRecord("c", FAILED, NOW, "r", reason="x", detail={"wal_gap": GAP})
+    assert catalog.wal_gap_of(failed) is None

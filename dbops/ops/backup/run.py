@@ -25,7 +25,8 @@ and checked.
 When validation fails, the previous backup is marked ``failed`` with the reason. With
 ``heal`` (the default), a fresh full backup follows at once, storing all of its content
 again, so the next good backup does not depend on a broken one. The run still exits with
-the validation code.
+the validation code. A gap in the WAL archive after the previous backup is the archive's
+fault, not the backup's: see :mod:`dbops.ops.backup.gap`.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ from typing import Any, Callable
 from dbops import __version__, log, proc
 from dbops.config import Config, Node
 from dbops.errors import CommandError, DbopsError, LockedError, PostgresError, ValidationError
+from dbops.ops.backup import gap as walgap
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.validate import (ArchiveStalledError, Target, Validation, capture_target, fetch_wal,
                                        prove, recover_to_target, restore_seconds)
+from dbops.ops.wal.archive import WalGapError
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 from dbops.pg.inspect import find_primary
@@ -230,22 +233,39 @@ class BackupRun:
         """The next link; a failed validation marks prev failed and (with heal) takes a fresh full backup."""
         try:
             return self._incremental(primary, prev)
+        except WalGapError as gap:  # the archive's fault: prove what the backup itself can do
+            try:
+                val, reach, timings = walgap.prove_before_gap(self.cfg, self.store, self.layout, prev.backup_id, gap,
+                                                              run_id=self.run_id, progress=self.progress,
+                                                              byte_progress=self.byte_progress)
+            except ValidationError as e:
+                return self._failed(primary, prev, e)
+            walgap.record(self.store, self.layout, prev.backup_id, val, reach, timings, run_id=self.run_id)
+            healed = None
+            if self.cfg.backup.validation.heal:
+                healed = self._full(primary, reason=f"the WAL archive has a gap after {prev.backup_id} "
+                                                    f"({reach.missing} missing)").backup_id
+            raise walgap.gap_error(prev.backup_id, reach, healed) from None
         except ValidationError as e:
-            if isinstance(e, ArchiveStalledError) or out_of_space(e):
-                raise  # not the previous backup's fault
-            self._mark_failed(prev.backup_id, e)
-            if not self.cfg.backup.validation.heal:
-                raise
-            log.event(_log, logging.WARNING, "validation failed; healing with a fresh full backup",
-                      backup=prev.backup_id, reason=e.message)
-            healed = self._full(primary, reason=f"healing after {prev.backup_id} failed validation")
-            healed.healed_after = prev.backup_id
-            raise ValidationError(
-                f"backup {prev.backup_id} failed validation: {e.message}",
-                detail=(e.detail + "\n" if e.detail else "")
-                + f"the chain was healed: new full backup {healed.backup_id} stored and validated at start",
-                hint="the failed backup stays listed as failed; investigate the storage or archive it names",
-            ) from None
+            return self._failed(primary, prev, e)
+
+    def _failed(self, primary: Node, prev: catalog.BackupInfo, e: ValidationError) -> BackupResult:
+        """prev failed validation: mark it failed and (with heal) take a fresh full backup; raises."""
+        if isinstance(e, ArchiveStalledError) or out_of_space(e):
+            raise e  # not the previous backup's fault
+        self._mark_failed(prev.backup_id, e)
+        if not self.cfg.backup.validation.heal:
+            raise e
+        log.event(_log, logging.WARNING, "validation failed; healing with a fresh full backup",
+                  backup=prev.backup_id, reason=e.message)
+        healed = self._full(primary, reason=f"healing after {prev.backup_id} failed validation")
+        healed.healed_after = prev.backup_id
+        raise ValidationError(
+            f"backup {prev.backup_id} failed validation: {e.message}",
+            detail=(e.detail + "\n" if e.detail else "")
+            + f"the chain was healed: new full backup {healed.backup_id} stored and validated at start",
+            hint="the failed backup stays listed as failed; investigate the storage or archive it names",
+        ) from None
 
     # -- phases
 

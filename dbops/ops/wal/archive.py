@@ -300,6 +300,19 @@ def decode_verified(src: Path, dst: Path, metadata: dict[str, str], what: str, *
 # ---------------------------------------------------------------------- ranges
 
 
+class WalGapError(ValidationError):
+    """A segment is missing from the archive with later ones archived after it: a hole, not the end.
+
+    ``missing``: the first missing segment; ``complete``: the segments of the range before it (all
+    archived), oldest first."""
+
+    def __init__(self, message: str, *, missing: str, complete: list[str], detail: str | None = None,
+                 hint: str | None = None):
+        super().__init__(message, detail=detail, hint=hint)
+        self.missing = missing
+        self.complete = list(complete)
+
+
 def fetch_range(store: ObjectStore, layout: Layout, start_segment: str, end: str | int, dest_dir: str | os.PathLike,
                 *, timeline: int | None = None, parallel: int = 4, seg_size: int | None = None) -> RangeResult:
     """Download every segment replay needs from start_segment to end into dest_dir, verified.
@@ -354,8 +367,10 @@ def fetch_range(store: ObjectStore, layout: Layout, start_segment: str, end: str
         shown = holes or missing
         listed = ", ".join(shown[:10]) + (f" and {len(shown) - 10} more" if len(shown) > 10 else "")
         if holes:
-            raise ValidationError(f"the WAL archive has a gap: {listed} missing",
-                                  detail=f"needed {names[0]} .. {names[-1]}")
+            first = names.index(holes[0])
+            raise WalGapError(f"the WAL archive has a gap: {listed} missing",
+                              detail=f"needed {names[0]} .. {names[-1]}", missing=holes[0],
+                              complete=names[:first])
         raise NotFoundError(f"WAL not archived (yet): {listed}", detail=f"needed {names[0]} .. {names[-1]}",
                             hint="the range runs past the newest archived segment")
     total = sum(s for s in sizes.values() if s > 0)
