@@ -27,7 +27,8 @@ def restore(
         "--occurrence", help="With --before-drop: the N-th drop of the table (1 = the oldest; default: the "
                              "latest)")] = None,
     exclusive: Annotated[bool, typer.Option("--exclusive", help="Stop just before the target, not after it")] = False,
-    timeline: Annotated[str, typer.Option("--timeline", help="'latest' or a timeline number")] = "latest",
+    timeline: Annotated[str, typer.Option("--timeline", help=(
+        "'auto' (the newest timeline whose history holds the target), 'latest' (the highest) or a number"))] = "auto",
     backup_id: Annotated[Optional[str], typer.Option("--backup", help="Restore this backup (checked against the "
                                                                       "target) instead of picking one")] = None,
     promote: Annotated[bool, typer.Option("--promote", help="At the target, end recovery (default)")] = False,

@@ -51,7 +51,7 @@ def test_target_options():
         from_options(to_lsn="nonsense")
     with pytest.raises(UsageError):
         from_options(to="latest", exclusive=True)
-    assert parse_timeline("latest") is None and parse_timeline("3") == 3
+    assert parse_timeline("auto") is None and parse_timeline("latest") == 0 and parse_timeline("3") == 3
     with pytest.raises(UsageError):
         parse_timeline("zero")
 
@@ -175,3 +175,48 @@ def test_pick_prefers_validated_over_one_newer_stored_backup():
     with pytest.raises(TargetError) as e:
         pick([("b1", "validated", 10), ("b2", "stored", 30)], 5)
     assert "before the oldest usable backup" in e.value.message
+
+
+# --------------------------------------------------------------------------- the default timeline
+
+
+def _archive_with_branches(tmp_path):
+    """Timeline 2 forks from 1 at 0/5000000 (made at t=1000), timeline 3 from 1 at 0/3000000 (t=2000)."""
+    import hashlib
+
+    from dbops.ops.restore import wal as rwal
+    from dbops.ops.wal.archive import META_SHA256, WalArchive
+    from dbops.storage.layout import Layout
+    from dbops.storage.local import LocalStore
+
+    store, layout = LocalStore(tmp_path / "s"), Layout("p")
+    for tli, text in ((2, "1\t0/5000000\tno recovery target specified\n"),
+                      (3, "1\t0/3000000\tbefore 2026-11-29 23:00:00+00\n")):
+        data = text.encode()
+        store.put(layout.wal_key(f"{tli:08X}.history"), data, metadata={META_SHA256: hashlib.sha256(data).hexdigest()})
+    inv = rwal.Inventory(16 * 2**20, histories={2, 3}, history_times={2: 1000.0, 3: 2000.0})
+    inv.segments["000000010000000000000001"] = None
+    return WalArchive(store, layout), inv
+
+
+def _backup_at(tli: int, lsn: int, t: float):
+    from dbops.repo.catalog import BackupInfo
+
+    return BackupInfo("b", t, lsn, lsn - 0x100, tli, None, 1, 1)
+
+
+def test_default_timeline_is_the_newest_that_held_the_time(tmp_path):
+    from dbops.ops.restore.target import RestoreTarget
+    from dbops.ops.restore.timeline import default_timeline
+
+    arc, inv = _archive_with_branches(tmp_path)
+    infos = [_backup_at(1, 0x2000000, 500.0)]
+    at = lambda t: RestoreTarget(TIME, str(t), epoch=t)  # noqa: E731
+    assert default_timeline(arc, inv, infos, at(900.0))[0] == 1  # before both branches: timeline 1 itself
+    tli, spans, notes = default_timeline(arc, inv, infos, at(1500.0))  # timeline 3 not made yet
+    assert tli == 2 and [s.timeline for s in spans] == [1, 2] and "timeline 3" in notes[0]
+    assert default_timeline(arc, inv, infos, at(2500.0))[0] == 3  # both made: the newest, as PostgreSQL
+    # A backup only on timeline 2's history beyond 3's fork: timeline 3 cannot reach it.
+    assert default_timeline(arc, inv, [_backup_at(2, 0x6000000, 1200.0)], at(2500.0))[0] == 2
+    # Other targets follow the newest timeline.
+    assert default_timeline(arc, inv, infos, RestoreTarget(LATEST, "latest"))[0] == 3

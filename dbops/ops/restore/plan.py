@@ -46,6 +46,7 @@ from dbops.errors import NotFoundError, PreconditionError, TargetError, UsageErr
 from dbops.ops.restore import conf as rconf
 from dbops.ops.restore import tablespaces as rts
 from dbops.ops.restore import wal as rwal
+from dbops.ops.restore.timeline import default_timeline
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive
 from dbops.phases import Phases
@@ -66,7 +67,7 @@ INCOMPLETE_MARK = "DBOPS_RESTORE_INCOMPLETE"
 class Options:
     target: RestoreTarget
     target_dir: Path
-    timeline: int | None = None  # None: the latest timeline in the archive
+    timeline: int | None = None  # None: see ops.restore.timeline (time targets: the newest holding the target)
     backup_id: str | None = None
     final: str = "promote"  # promote | pause | shutdown
     start: bool = False
@@ -278,12 +279,16 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
     if not bk.infos:
         raise NotFoundError("there are no backups to restore from", hint="run `dbops backup`")
     inv = rwal.inventory(store, layout, seg_size)
-    tli = opts.timeline or inv.latest_timeline() or bk.infos[-1].timeline
-    if tli not in inv.timelines() and tli != 1:
-        raise TargetError(f"timeline {tli} is not in the archive",
-                          detail="timelines there: " + ", ".join(map(str, sorted(inv.timelines()))))
-    spans = rwal.chain(arc, tli)
+    if opts.timeline is not None:
+        tli = opts.timeline or inv.latest_timeline() or bk.infos[-1].timeline  # 0: --timeline latest
+        if tli not in inv.timelines() and tli != 1:
+            raise TargetError(f"timeline {tli} is not in the archive",
+                              detail="timelines there: " + ", ".join(map(str, sorted(inv.timelines()))))
+        spans, tl_notes = rwal.chain(arc, tli), []
+    else:  # the newest timeline whose history holds the target, not merely the highest
+        tli, spans, tl_notes = default_timeline(arc, inv, bk.infos, opts.target)
     chosen, oldest, notes = _pick(bk, spans, opts)
+    notes = tl_notes + notes
     m = bk.manifest(chosen.backup_id)
     dests = rts.destinations(m.tablespaces, target_dir=opts.target_dir, mapping=opts.tablespace_map,
                              map_all=opts.tablespace_map_all, delta=opts.delta, force=opts.force)

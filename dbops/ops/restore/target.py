@@ -111,15 +111,20 @@ def from_options(*, to: str | None = None, to_lsn: str | None = None, to_xid: st
     return RestoreTarget(NAME, name, inclusive=inclusive)
 
 
+LATEST_TIMELINE = 0  # --timeline latest: the numerically highest timeline, as PostgreSQL's 'latest'
+
+
 def parse_timeline(text: str | None) -> int | None:
-    """--timeline: None for latest, else a timeline number."""
-    if text is None or text.strip().lower() in ("", "latest"):
+    """--timeline: None for auto (see ops.restore.timeline), LATEST_TIMELINE for latest, else a number."""
+    if text is None or text.strip().lower() in ("", "auto"):
         return None
+    if text.strip().lower() == "latest":
+        return LATEST_TIMELINE
     t = text.strip()
     try:
         n = int(t, 16) if t.lower().startswith("0x") else int(t)
     except ValueError:
-        raise UsageError(f"--timeline takes 'latest' or a timeline number, got {text!r}") from None
+        raise UsageError(f"--timeline takes 'auto', 'latest' or a timeline number, got {text!r}") from None
     if n < 1:
         raise UsageError(f"timeline numbers start at 1, got {n}")
     return n

@@ -48,6 +48,7 @@ class Inventory:
     seg_size: int
     segments: dict[str, ObjectInfo] = field(default_factory=dict)
     histories: set[int] = field(default_factory=set)
+    history_times: dict[int, float] = field(default_factory=dict)  # timeline -> its history file's Last-Modified
 
     def timelines(self) -> set[int]:
         return {int(n[:8], 16) for n in self.segments} | self.histories | ({1} if self.segments else set())
@@ -70,6 +71,7 @@ def inventory(store: ObjectStore, layout: Layout, seg_size: int) -> Inventory:
             inv.segments[name] = o
         elif HISTORY_RE.match(name):
             inv.histories.add(int(name[:8], 16))
+            inv.history_times[int(name[:8], 16)] = o.last_modified
     return inv
 
 
