@@ -1,9 +1,12 @@
 """Benchmark: the scale sweep. For each pgbench scale in BENCH_SCALES (default "100 400"), on a
 fresh lab: dbops and pgBackRest side by side on the same data and the same machine.
 
-Sequence per scale: `pgbench -i`; dbops full backup; pgBackRest full; 30 s of pgbench; dbops
-validated incremental; pgBackRest incremental; dbops restore (latest, started and promoted);
-pgBackRest restore (latest, started and promoted, replaying the same archive).
+Sequence per scale: `pgbench -i`; the primary's archive_command also pushes to pgBackRest (its own
+async archive-push, after `dbops wal-push`); dbops full backup; pgBackRest full; 30 s of pgbench;
+dbops validated incremental; pgBackRest incremental; 10 s more of pgbench, the target time 2 s
+before its end, that WAL archived by both; then a point-in-time restore to that target, started
+and promoted: dbops (`restore --to TIME --start`), pgBackRest (its own async archive-get), and as
+a second line pgBackRest replaying the dbops archive through `dbops wal-fetch` (``wal: dbops``).
 
 Every command runs as a child under GNU time: ``rss_kib`` is its peak resident set (the largest
 process of the tree it waits for: dbops itself, pg_basebackup, pgBackRest's workers; not the
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dbops import proc
@@ -42,6 +46,7 @@ except ImportError:  # run as a script from bench/
     import pgbackrest_peer  # type: ignore[no-redef]
 
 PGBENCH_SECONDS = 30
+PITR_PGBENCH_SECONDS = 10  # WAL after the incremental that a restore to the target replays
 
 
 def _pgbench(lab: labmod.LabInfo, *args: str) -> None:
@@ -133,9 +138,37 @@ def _stop(data: Path) -> None:
              timeout=60, check=False)
 
 
+def _archived_through_now(lab: labmod.LabInfo, timeout: float = 600) -> None:
+    """Switch WAL and wait until the primary reports that segment archived (by every command in
+    its archive_command: dbops and, while it is attached, pgBackRest)."""
+    from dbops.pg import conn as pgconn
+
+    with pgconn.session(lab.primary) as c:
+        name = pgconn.scalar(c, "SELECT pg_walfile_name(pg_switch_wal())")
+        deadline = time.monotonic() + timeout
+        while (pgconn.scalar(c, "SELECT last_archived_wal FROM pg_stat_archiver") or "") < name:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not archived within {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+def _now(lab: labmod.LabInfo) -> float:
+    from dbops.pg import conn as pgconn
+
+    with pgconn.session(lab.primary) as c:
+        return float(pgconn.scalar(c, "SELECT extract(epoch FROM clock_timestamp())"))
+
+
 def sweep_one(lab: labmod.LabInfo, scale: int) -> list[dict]:
-    out: list[dict] = []
     _pgbench(lab, "-i", "-s", str(scale), "-q")
+    if not pgbackrest_peer.available():
+        return _sweep(lab, scale, None)
+    with pgbackrest_peer.session(lab, own_wal=True) as p, pgbackrest_peer.archiving(lab, p):
+        return _sweep(lab, scale, p)
+
+
+def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> list[dict]:
+    out: list[dict] = []
     size = _db_size(lab)
     store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
     base = {"scale": scale, "database_bytes": size}
@@ -151,18 +184,17 @@ def sweep_one(lab: labmod.LabInfo, scale: int) -> list[dict]:
 
     def peer_backup(bench: str, kind: str) -> None:
         try:
-            with pgbackrest_peer.session(lab) as p:
-                rss: list[int] = []
-                wall, b = pgbackrest_peer.backup(p, kind, rss)
-                out.append({**base, "bench": bench, "tool": "pgbackrest", "wall_seconds": round(wall, 2),
-                            "rss_kib": rss[0], "manifest_bytes": p.manifest_bytes(b["label"]),
-                            "stored_bytes": b["info"]["repository"]["delta"], "logical_bytes": b["info"]["size"],
-                            "primary_read_bytes": b["info"]["delta"]})
+            rss: list[int] = []
+            wall, b = pgbackrest_peer.backup(p, kind, rss)
+            out.append({**base, "bench": bench, "tool": "pgbackrest", "wall_seconds": round(wall, 2),
+                        "rss_kib": rss[0], "manifest_bytes": p.manifest_bytes(b["label"]),
+                        "stored_bytes": b["info"]["repository"]["delta"], "logical_bytes": b["info"]["size"],
+                        "primary_read_bytes": b["info"]["delta"]})
         except Exception as e:  # the peer's figures are optional; ours stand
             out.append({**base, "bench": bench, "tool": "pgbackrest", "error": f"{type(e).__name__}: {e}",
                         "detail": (getattr(e, "detail", None) or "")[-2000:]})
 
-    peer = pgbackrest_peer.available()
+    peer = p is not None
     dbops_backup("scale_backup_full", "--full")
     if peer:
         peer_backup("scale_backup_full", "full")
@@ -171,25 +203,33 @@ def sweep_one(lab: labmod.LabInfo, scale: int) -> list[dict]:
     if peer:
         peer_backup("scale_backup_incremental", "incr")
 
+    # A point-in-time target after some more WAL, archived by both tools.
+    _pgbench(lab, "-c", "4", "-j", "2", "-T", str(PITR_PGBENCH_SECONDS), "-n")
+    target_time = _now(lab) - 2.0
+    _archived_through_now(lab)
+    target = datetime.fromtimestamp(target_time, UTC).isoformat()
+    base = {**base, "target_time": target}
+
     data = lab.dir / "bench-scale-restore"
     shutil.rmtree(data, ignore_errors=True)
     port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
     try:
-        wall, rss_kib, res = _dbops(lab, "restore", "--to", "latest", "--target-dir", str(data), "--start",
+        wall, rss_kib, res = _dbops(lab, "restore", "--to", target, "--target-dir", str(data), "--start",
                                     "--port", str(port))
     finally:
         _stop(data)
         shutil.rmtree(data, ignore_errors=True)
     out.append({**base, "bench": "scale_restore", "tool": "dbops", "wall_seconds": round(wall, 2),
                 "rss_kib": rss_kib, "timings": res.get("timings"), "download": res.get("download")})
-    if peer:
+    for wal in ("pgbackrest", "dbops") if peer else ():
         rss = []
         try:
-            r = pgbackrest_peer.bench_restore(lab, rss=rss)
-            out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wall_seconds": r["wall_seconds"],
-                        "rss_kib": rss[0] if rss else None, "phases": r["phases"]})
+            r = pgbackrest_peer.restore(p, lab, target_time, rss=rss, wal=wal)
+            out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wal": wal,
+                        "wall_seconds": r["wall_seconds"], "rss_kib": rss[0] if rss else None, "phases": r["phases"]})
         except Exception as e:  # the peer's figures are optional; ours stand
-            out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "error": f"{type(e).__name__}: {e}"})
+            out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wal": wal,
+                        "error": f"{type(e).__name__}: {e}", "detail": (getattr(e, "detail", None) or "")[-2000:]})
     return out
 
 

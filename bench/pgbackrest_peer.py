@@ -7,9 +7,16 @@ data folder and keys stay, so `bench_restore` finds what `bench_backup` stored.
 
 pgBackRest runs as the `postgres` OS user with zstd level 3, process-max 2 and start-fast. Its
 configuration (with the S3 keys: never in argv) is a 0600 file owned by postgres in a private
-0700 folder. The lab archives WAL with `dbops wal-push`, so pgBackRest neither checks nor copies
-WAL (archive-check=n, archive-copy=n), and a restore replays from the same dbops archive through
-`dbops wal-fetch` as restore_command: both tools replay the same WAL.
+0700 folder. Two ways to feed it WAL:
+
+- ``own_wal=True`` (as its users run it; the scale sweep): with ``archiving(lab, peer)`` the
+  primary's archive_command runs `dbops wal-push %p && pgbackrest archive-push %p`, pgBackRest's
+  push asynchronous (archive-async=y, its spool folder), its backups check that their WAL arrived
+  (archive-check=y), and its restores fetch WAL with its own asynchronous `archive-get` (the
+  restore_command pgBackRest writes itself);
+- ``own_wal=False`` (the second line): the lab's `dbops wal-push` archive only; pgBackRest neither
+  checks nor copies WAL (archive-check=n, archive-copy=n) and a restore replays the dbops archive
+  through `dbops wal-fetch`: both tools replay the same WAL.
 """
 
 from __future__ import annotations
@@ -45,10 +52,13 @@ SETTINGS = {
     "compress-level": 3,
     "process-max": 2,
     "start-fast": True,
-    "archive-check": False,
     "archive-copy": False,
-    "wal": "archived by the lab's dbops wal-push; restores replay it through dbops wal-fetch",
 }
+OWN_WAL = {"archive-async": True, "archive-check": True,
+           "wal": "its own async archive-push (after dbops wal-push in archive_command); restores use its own "
+                  "async archive-get"}
+DBOPS_WAL = {"archive-check": False,
+             "wal": "archived by the lab's dbops wal-push; restores replay it through dbops wal-fetch"}
 
 PgbenchFn = Callable[..., str]
 
@@ -117,6 +127,7 @@ class Peer:
     private: Path  # postgres-owned, 0700: pgbackrest.conf, pgpass, logs, locks
     conf: Path
     env: dict[str, str]
+    own_wal: bool = False
 
     def run(self, *args: str, timeout: float = 3600, rss: list[int] | None = None) -> proc.Result:
         """Run `pgbackrest --config=... --stanza=bench ARGS` as postgres. With ``rss``, under GNU time:
@@ -144,8 +155,9 @@ class Peer:
         return next((s for s in out if s.get("name") == STANZA), {})
 
 
-def _conf_text(lab: labmod.LabInfo, private: Path, port: int, keys: tuple[str, str]) -> str:
+def _conf_text(lab: labmod.LabInfo, private: Path, port: int, keys: tuple[str, str], own_wal: bool = False) -> str:
     p = lab.primary
+    wal = "archive-async=y\narchive-check=y\n" if own_wal else "archive-check=n\n"
     return f"""[global]
 repo1-type=s3
 repo1-path={REPO_PATH}
@@ -162,8 +174,7 @@ compress-type=zst
 compress-level=3
 process-max=2
 start-fast=y
-archive-check=n
-archive-copy=n
+{wal}archive-copy=n
 log-path={private / "log"}
 lock-path={private / "lock"}
 spool-path={private / "spool"}
@@ -216,9 +227,29 @@ def _wait_repo(peer: Peer, server, timeout: float = 60.0) -> None:
                      detail=str(last), hint=f"see {peer.root / 's3.log'} and {peer.private / 'log'}")
 
 
-def session(lab: labmod.LabInfo):
+def session(lab: labmod.LabInfo, own_wal: bool = False):
     """The peer (S3 server running, pgBackRest configured) for a `with` block."""
-    return _peer(lab)
+    return _peer(lab, own_wal)
+
+
+@contextmanager
+def archiving(lab: labmod.LabInfo, peer: Peer) -> Iterator[None]:
+    """The primary's archive_command also pushes every segment to pgBackRest (after dbops has it),
+    as long as the block runs; the lab's own command is put back afterwards."""
+    from dbops.pg import conn as pgconn
+
+    push = f"pgbackrest --config={peer.conf} --stanza={STANZA} archive-push %p"
+    with pgconn.session(lab.primary) as c:
+        before = pgconn.scalar(c, "SHOW archive_command")
+        both = f"{before} && {push}".replace("'", "''")
+        c.execute(f"ALTER SYSTEM SET archive_command = '{both}'")
+        pgconn.scalar(c, "SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with pgconn.session(lab.primary) as c:
+            c.execute("ALTER SYSTEM RESET archive_command")
+            pgconn.scalar(c, "SELECT pg_reload_conf()")
 
 
 def backup(peer: Peer, kind: str, rss: list[int] | None = None) -> tuple[float, dict]:
@@ -227,7 +258,7 @@ def backup(peer: Peer, kind: str, rss: list[int] | None = None) -> tuple[float, 
 
 
 @contextmanager
-def _peer(lab: labmod.LabInfo) -> Iterator[Peer]:
+def _peer(lab: labmod.LabInfo, own_wal: bool = False) -> Iterator[Peer]:
     """The peer's S3 server running and pgBackRest configured against it and the lab's primary."""
     root = _mkdir(lab.dir / PEER_DIR, 0o755, postgres=False)
     private = _mkdir(root / "pgbackrest", 0o700, postgres=True)
@@ -238,11 +269,11 @@ def _peer(lab: labmod.LabInfo) -> Iterator[Peer]:
     server, port = _start_s3(root, keys, taken)
     try:
         conf = private / "pgbackrest.conf"
-        _write_private(conf, _conf_text(lab, private, port, keys), postgres=True)
+        _write_private(conf, _conf_text(lab, private, port, keys, own_wal), postgres=True)
         # libpq matches a socket connection in a non-default folder by its path: a wildcard line.
         pgpass = private / "pgpass"
         _write_private(pgpass, f"*:*:*:{lab.primary.user}:{_lab_password(lab)}\n", postgres=True)
-        peer = Peer(root=root, private=private, conf=conf, env={"PGPASSFILE": str(pgpass)})
+        peer = Peer(root=root, private=private, conf=conf, env={"PGPASSFILE": str(pgpass)}, own_wal=own_wal)
         _wait_repo(peer, server)
         peer.run("stanza-create", timeout=300)
         yield peer
@@ -250,8 +281,9 @@ def _peer(lab: labmod.LabInfo) -> Iterator[Peer]:
         proc.stop(server)
 
 
-def _settings() -> dict:
-    return {"version": proc.run(["pgbackrest", "version"], timeout=30).stdout.strip(), **SETTINGS}
+def _settings(own_wal: bool = False) -> dict:
+    return {"version": proc.run(["pgbackrest", "version"], timeout=30).stdout.strip(), **SETTINGS,
+            **(OWN_WAL if own_wal else DBOPS_WAL)}
 
 
 # --------------------------------------------------------------------------- backup
@@ -318,41 +350,52 @@ def _wait_promoted(peer: Peer, data: Path, port: int, log: Path, timeout: float 
 
 def bench_restore(lab: labmod.LabInfo, target_time: float | None = None, rss: list[int] | None = None) -> dict:
     """Restore the latest pgBackRest backup (or, with target_time, the one pgBackRest picks for it)
-    into a fresh folder, start it on a free port and wait until it is promoted.
-
-    Phases: `download` is `pgbackrest restore`; `start_replay` is start, WAL replay through
-    `dbops wal-fetch` and promotion. The copy is stopped and removed afterwards.
-    """
-    settings = _settings()
-    restore_cmd = f"{labmod.dbops_executable()} -c {lab.config_path} wal-fetch %f %p"
+    into a fresh folder, start it on a free port and wait until it is promoted, replaying the dbops
+    archive through `dbops wal-fetch` (a peer session of its own; see ``restore``)."""
     with _peer(lab) as peer:
-        data = peer.private / "restore"
+        return restore(peer, lab, target_time, rss)
+
+
+def restore(peer: Peer, lab: labmod.LabInfo, target_time: float | None = None, rss: list[int] | None = None,
+            wal: str | None = None) -> dict:
+    """Restore with a running peer; started and promoted, then stopped and removed.
+
+    ``wal``: "pgbackrest" (its own async archive-get, the restore_command it writes itself; the
+    default for a peer with its own WAL) or "dbops" (`dbops wal-fetch` from the lab's archive).
+    Phases: `download` is `pgbackrest restore`; `start_replay` is start, WAL replay and promotion.
+    """
+    wal = wal or ("pgbackrest" if peer.own_wal else "dbops")
+    settings = _settings(wal == "pgbackrest")
+    data = peer.private / "restore"
+    shutil.rmtree(data, ignore_errors=True)
+    _mkdir(data, 0o700, postgres=True)
+    args = ["restore", f"--pg1-path={data}"]
+    if wal == "dbops":
+        args.append(f"--recovery-option=restore_command={labmod.dbops_executable()} -c {lab.config_path} "
+                    "wal-fetch %f %p")
+    if target_time is not None:
+        args += ["--type=time", f"--target={_target(target_time)}", "--target-action=promote"]
+    log = peer.private / "restore.log"
+    log.unlink(missing_ok=True)
+    started = False
+    try:
+        t0 = time.monotonic()
+        peer.run(*args, rss=rss)
+        download = time.monotonic() - t0
+        port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
+        # A private copy: its own port and socket folder, and it must never archive into the lab.
+        with open(data / "postgresql.auto.conf", "a") as f:
+            f.write(f"port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{peer.private}'\n"
+                    "archive_mode = off\nhot_standby = on\n")
+        t1 = time.monotonic()
+        _pg_ctl(data, "-l", str(log), "-W", "start")
+        started = True
+        _wait_promoted(peer, data, port, log)
+        start_replay = time.monotonic() - t1
+    finally:
+        if started:
+            _pg_ctl(data, "-m", "immediate", "-w", "stop", timeout=60)
         shutil.rmtree(data, ignore_errors=True)
-        _mkdir(data, 0o700, postgres=True)
-        args = ["restore", f"--pg1-path={data}", f"--recovery-option=restore_command={restore_cmd}"]
-        if target_time is not None:
-            args += ["--type=time", f"--target={_target(target_time)}", "--target-action=promote"]
-        log = peer.private / "restore.log"
-        log.unlink(missing_ok=True)
-        started = False
-        try:
-            t0 = time.monotonic()
-            peer.run(*args, rss=rss)
-            download = time.monotonic() - t0
-            port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
-            # A private copy: its own port and socket folder, and it must never archive into the lab.
-            with open(data / "postgresql.auto.conf", "a") as f:
-                f.write(f"port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{peer.private}'\n"
-                        "archive_mode = off\nhot_standby = on\n")
-            t1 = time.monotonic()
-            _pg_ctl(data, "-l", str(log), "-W", "start")
-            started = True
-            _wait_promoted(peer, data, port, log)
-            start_replay = time.monotonic() - t1
-        finally:
-            if started:
-                _pg_ctl(data, "-m", "immediate", "-w", "stop", timeout=60)
-            shutil.rmtree(data, ignore_errors=True)
     return {"bench": "restore", "tool": "pgbackrest", "wall_seconds": round(download + start_replay, 2),
-            "phases": {"download": round(download, 2), "start_replay": round(start_replay, 2)},
+            "phases": {"download": round(download, 2), "start_replay": round(start_replay, 2)}, "wal": wal,
             "target_time": _target(target_time) if target_time is not None else None, "config": settings}

@@ -2,7 +2,8 @@
 
 Every stored frame the files need is read once: frames are grouped by pack, sorted by offset
 and coalesced into ranged GETs (adjacent, or separated by less than ``MAX_GAP``, up to
-``MAX_RANGE`` bytes each), decompressed once each; every block needed from a frame is checked
+``MAX_RANGE`` stored bytes and ``MAX_RANGE_RAW`` decompressed bytes each: well-compressed data
+still splits into many pieces of work, so every core stays busy to the end), decompressed once each; every block needed from a frame is checked
 against its sha256. A backup is planned ``BATCH_BLOCKS`` blocks at a time, so memory stays flat
 in the size of the backup.
 """
@@ -24,6 +25,7 @@ from dbops.storage.base import ObjectStore
 
 MAX_GAP = 256 * 1024
 MAX_RANGE = 16 * 1024 * 1024
+MAX_RANGE_RAW = 32 * 1024 * 1024
 BATCH_BLOCKS = 32768  # blocks planned at a time
 
 
@@ -64,10 +66,15 @@ class Range:
     start: int
     end: int
     frames: list[Frame]
+    raw: int = 0  # decompressed bytes of its frames
 
     @property
     def first_file(self) -> int:
         return self.frames[0].runs[0].file_no
+
+    def files(self) -> set[int]:
+        """The batch's file numbers the range writes into."""
+        return {run.file_no for fr in self.frames for run in fr.runs}
 
 
 def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[Range]:
@@ -100,14 +107,16 @@ def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[Range]:
         cur: Range | None = None
         for fr in frs:
             r = fr.ref
-            if cur and r.offset <= cur.end + MAX_GAP and r.offset + r.length - cur.start <= MAX_RANGE:
+            if (cur and r.offset <= cur.end + MAX_GAP and r.offset + r.length - cur.start <= MAX_RANGE
+                    and cur.raw + r.frame_raw <= MAX_RANGE_RAW):
                 cur.end = max(cur.end, r.offset + r.length)
                 cur.frames.append(fr)
+                cur.raw += r.frame_raw
             else:
-                cur = Range(pack, r.offset, r.offset + r.length, [fr])
+                cur = Range(pack, r.offset, r.offset + r.length, [fr], r.frame_raw)
                 ranges.append(cur)
-    # Largest first so the pool finishes evenly.
-    ranges.sort(key=lambda r: r.end - r.start, reverse=True)
+    # Most work first so the pool finishes evenly.
+    ranges.sort(key=lambda r: (r.raw, r.end - r.start), reverse=True)
     return ranges
 
 
@@ -179,6 +188,40 @@ def planned(manifest: Manifest) -> Iterator[tuple[list[FileEntry], Range]]:
     for files in batches(manifest):
         for rng in plan_ranges(manifest, files):
             yield files, rng
+
+
+class Completion:
+    """Which files of the backup are complete while ranges are still being written: for each batch,
+    the number of its ranges still to write into each file. ``on_complete(entry)`` is called once
+    per file with stored content, as soon as its last range is written (a file whose blocks are all
+    zeros: when its batch is planned); from the planning thread or from a worker (serialised)."""
+
+    def __init__(self, on_complete: Callable[[FileEntry], None]):
+        self.on_complete = on_complete
+        self.lock = threading.Lock()
+
+    def planned(self, manifest: Manifest) -> Iterator[tuple[list[FileEntry], Range, list[int]]]:
+        """(the batch's files, one ranged read, the batch's counts) for every range, batch by batch."""
+        for files in batches(manifest):
+            ranges = plan_ranges(manifest, files)
+            left = [0] * len(files)
+            for rng in ranges:
+                for i in rng.files():
+                    left[i] += 1
+            with self.lock:
+                for i, n in enumerate(left):
+                    if n == 0:
+                        self.on_complete(files[i])
+            for rng in ranges:
+                yield files, rng, left
+
+    def written(self, files: list[FileEntry], rng: Range, left: list[int]) -> None:
+        """The range is written: every file it completes goes to ``on_complete``."""
+        with self.lock:
+            for i in rng.files():
+                left[i] -= 1
+                if left[i] == 0:
+                    self.on_complete(files[i])
 
 
 def run_bounded(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, limit: int) -> None:

@@ -4,7 +4,9 @@ The manifest's entries are read in passes (folders and files, content, links and
 never all held at once. Content comes through :mod:`dbops.repo.ranges`: coalesced ranged GETs,
 fetched in parallel (a bounded number in flight), every block checked against its sha256 and
 written with ``pwrite``. All-zero blocks are never fetched: files are created at full size
-(sparse) and those blocks stay holes. Verification: :mod:`dbops.repo.verify`.
+(sparse) and those blocks stay holes. A file is finished (fsynced, mode, owner, time) as soon as its
+last range is written, by its own pool, while later ranges still download: the flush to disk
+overlaps the download instead of following it. Verification: :mod:`dbops.repo.verify`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +29,7 @@ from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
-from dbops.repo.ranges import Range, chunks_of, fetch_range, planned, run_bounded
+from dbops.repo.ranges import Completion, Range, chunks_of, fetch_range, run_bounded
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
 from dbops.errors import DamagedObjectError, NotFoundError, PreconditionError, ValidationError
@@ -156,9 +158,14 @@ def restore_snapshot(
     cpu_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
     done = [0]
 
-    def fetch(item: tuple[list[FileEntry], Range]) -> None:
-        files, rng = item
+    finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
+    finishing: list[Future] = []
+    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)))
+
+    def fetch(item: tuple[list[FileEntry], Range, list[int]]) -> None:
+        files, rng, left = item
         fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, cpu=cpu_slots)
+        completion.written(files, rng, left)
         with lock:
             stats.fetched_bytes += fetched
             stats.chunks += sum(fr.chunks() for fr in rng.frames)
@@ -169,8 +176,13 @@ def restore_snapshot(
 
     t_fetch = time.monotonic()
     workers = max(1, parallel)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-restore") as pool:
-        run_bounded(pool, fetch, planned(manifest), 2 * workers)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-restore") as pool:
+            run_bounded(pool, fetch, completion.planned(manifest), 2 * workers)
+        for fut in finishing:
+            fut.result()
+    finally:
+        finisher.shutdown(cancel_futures=True)
 
     t_finish = time.monotonic()
     # 3. the WAL folder PostgreSQL expects, modes, times, owner, fsync; the other links last.
@@ -179,8 +191,9 @@ def restore_snapshot(
     status = mark_wal_archived(target, manifest)
     unlogged = reset_unlogged(target, manifest)
 
-    finish_files(target, itertools.chain((e for e in manifest.entries() if e.type == FILE), unlogged, status),
-                 ids, parallel, durable)
+    # The files with stored content were finished as they completed (above).
+    finish_files(target, itertools.chain((e for e in manifest.entries() if e.type == FILE and not e.chunks),
+                                         unlogged, status), ids, parallel, durable)
     stats.symlinks += make_links(target, restored_links(manifest), ids)
     finish_tree(target, manifest, ids, durable)
     finish_tablespace_roots(dests, ids)
@@ -264,22 +277,23 @@ def reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
 
 def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] | None, parallel: int,
                  durable: bool = True) -> None:
-    """fsync each restored file (when durable), then set its mode, owner and mtime (in parallel)."""
-
-    def finish_file(f: FileEntry) -> None:
-        fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
-        try:
-            if durable:
-                os.fsync(fd)
-            os.fchmod(fd, f.mode)
-            if ids:
-                os.fchown(fd, *ids)
-            os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
-        finally:
-            os.close(fd)
-
+    """finish_file for each (in parallel)."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        run_bounded(pool, finish_file, files, 4 * max(1, parallel))
+        run_bounded(pool, lambda f: finish_file(target, f, ids, durable), files, 4 * max(1, parallel))
+
+
+def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True) -> None:
+    """fsync a restored file (when durable), then set its mode, owner and mtime."""
+    fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
+    try:
+        if durable:
+            os.fsync(fd)
+        os.fchmod(fd, f.mode)
+        if ids:
+            os.fchown(fd, *ids)
+        os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
+    finally:
+        os.close(fd)
 
 
 def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, durable: bool = True) -> None:

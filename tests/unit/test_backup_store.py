@@ -551,3 +551,43 @@ def test_a_scratch_restore_without_fsync_is_the_same_folder(env, tmp_path):
     restore_snapshot(store, layout, m, str(tmp_path / "scratch"), parallel=2, durable=False)
     assert tree(tmp_path / "scratch") == tree(tmp_path / "durable")
     assert (tmp_path / "scratch/base/1/1259").stat().st_mtime_ns == 1_600_000_000_123_456_789
+
+
+def test_ranges_are_capped_by_decompressed_size_so_work_splits(env, tmp_path, monkeypatch):
+    from dbops.repo import ranges
+
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(9, 200))  # 1.6 MB that compresses to a few KB
+    m = snapshot(store, layout, d, "b1", parallel=1)
+    monkeypatch.setattr(ranges, "MAX_RANGE_RAW", 256 * 1024)
+    store.ranges.clear()
+    stats = restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    assert stats.requests == len(store.ranges) > len(m.packs())
+    assert all(r.raw <= 256 * 1024 for _f, r in ranges.planned(m))
+    assert (tmp_path / "r/base/5/big").read_bytes() == (d / "base/5/big").read_bytes()
+
+
+def test_each_file_completes_once_and_only_after_its_last_range(env, monkeypatch):
+    from dbops.repo import ranges
+
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(9, 100))
+    (d / "base/5/zeros").write_bytes(bytes(3 * CS))  # stored content: only all-zero blocks
+    m = snapshot(store, layout, d, "b1", parallel=1)
+    monkeypatch.setattr(ranges, "MAX_RANGE_RAW", 128 * 1024)
+    done: list[str] = []
+    completion = ranges.Completion(lambda f: done.append(f.path))
+    pending: dict[str, int] = {}
+    items = list(completion.planned(m))
+    assert done == ["base/5/zeros"]  # nothing to fetch: complete once its batch is planned
+    for files, rng, _left in items:
+        for i in rng.files():
+            pending[files[i].path] = pending.get(files[i].path, 0) + 1
+    assert pending["base/5/big"] > 1
+    for files, rng, left in items:
+        completion.written(files, rng, left)
+        for i in rng.files():
+            pending[files[i].path] -= 1
+        assert {p for p in done if p != "base/5/zeros"} == {p for p, n in pending.items() if n == 0}
+    with_content = [e.path for e in m.entries() if e.type == mf.FILE and e.chunks]
+    assert sorted(done) == sorted(with_content)
