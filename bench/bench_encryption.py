@@ -7,6 +7,8 @@ one record per lab and a comparison with the overhead of encryption per figure (
 fast-path p50 unchanged). The pusher's capacity and the restore vary by 20-50 % from one run to
 the next on a shared 2-core machine, so each is measured `repeat` times per lab (default 3,
 BENCH_ENCRYPTION_REPEAT) and compared by the median; the backups run once (each changes the chain).
+Two labs are minutes apart, so the pusher's capacity is also compared inside the encrypted lab:
+runs with its configuration and with the same one without the key, alternated (`capacity_ab`).
 
     python bench/bench_encryption.py --dir DIR [--scale 100] [--repeat 3]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import time
@@ -70,6 +73,24 @@ def _restore(lab: labmod.LabInfo) -> tuple[float, float | None]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+def capacity_ab(lab: labmod.LabInfo, names: list[str], rounds: int) -> dict:
+    """The pusher's capacity with the lab's configuration (encrypted) and without its key, in
+    alternating order, into fresh prefixes of one S3 server: the same segments, minutes closer
+    together than two labs are."""
+    enc = Path(lab.config_path).read_text()
+    plain = re.sub(r"(?m)^  encryption:\n(    .*\n)+", "", enc)
+    if plain == enc:
+        raise ValueError(f"{lab.config_path} has no storage.encryption section to leave out")
+    runs: dict[str, list[float]] = {"encrypted": [], "plain": []}
+    for r in range(rounds):
+        for label in (("plain", "encrypted") if r % 2 == 0 else ("encrypted", "plain")):
+            text = plain if label == "plain" else enc
+            runs[label].append(bench_wal.push_capacity(lab, names, config_text=text)["segments_per_s"])
+    on, off = _median(runs["encrypted"]), _median(runs["plain"])
+    return {"on_segments_per_s": on, "off_segments_per_s": off, "overhead_pct": round(100.0 * (off / on - 1), 1),
+            "runs": runs}
+
+
 def _median(xs: list[float]) -> float:
     return round(statistics.median(xs), 2)
 
@@ -91,6 +112,7 @@ def measure(lab: labmod.LabInfo, scale: int, pgbench_seconds: int = 30, repeat: 
     incr_s = time.monotonic() - t0
     _archived_now(lab)
     restores = [_restore(lab) for _ in range(repeat)]
+    same_lab = capacity_ab(lab, sample, repeat) if cfg.storage.encryption.enabled else None
     return {
         "encryption": cfg.storage.encryption.enabled,
         "archive_load_seconds_until_none_ready": round(load["load_seconds"] + load["seconds_until_none_ready"], 2),
@@ -107,6 +129,7 @@ def measure(lab: labmod.LabInfo, scale: int, pgbench_seconds: int = 30, repeat: 
         "restore_runs": [round(r[0], 2) for r in restores],
         "logical_bytes": full.manifest.logical_size,
         "stored_bytes_full": full.manifest.stored_bytes,
+        **({"push_capacity_same_lab": same_lab} if same_lab else {}),
     }
 
 
@@ -124,6 +147,7 @@ def compare(on: dict, off: dict) -> dict:
             "backup_incremental_validated": overhead("backup_incremental_validated_seconds"),
             "restore": overhead("restore_seconds"),
             "wal_push_capacity": overhead("push_capacity_segments_per_s", higher_is_better=True),
+            "wal_push_capacity_same_lab": (on.get("push_capacity_same_lab") or {}).get("overhead_pct"),
             "archive_under_load": overhead("archive_load_seconds_until_none_ready"),
         },
         "push_fast_p50_ms": {"on": on["push_fast_p50_ms"], "off": off["push_fast_p50_ms"]},

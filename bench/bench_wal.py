@@ -132,11 +132,12 @@ def archive_under_load(lab, scale: int) -> dict:
             "seconds_until_none_ready": round(drained - load_s, 2), "failed_count": failed, "last_segment": last}
 
 
-def push_capacity(lab, names: list[str]) -> dict:
+def push_capacity(lab, names: list[str], config_text: str | None = None) -> dict:
+    """config_text: the configuration to push with (default: the lab's), into a fresh prefix."""
     d = _scratch(lab, "capacity", names, ready=True)
     cfg = lab.dir / "scratch" / "walbench-capacity.yaml"
     prefix = f"walbench-{time.time_ns()}"  # a fresh archive (and so a fresh spool) per run
-    text = Path(lab.config_path).read_text().replace("prefix: lab", f"prefix: {prefix}")
+    text = (config_text or Path(lab.config_path).read_text()).replace("prefix: lab", f"prefix: {prefix}")
     cfg.write_text(text)
     os.chmod(cfg, 0o644)
     t0 = time.perf_counter()
