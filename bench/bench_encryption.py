@@ -102,6 +102,8 @@ def measure(lab: labmod.LabInfo, scale: int, pgbench_seconds: int = 30, repeat: 
     capacities = []
     for _ in range(repeat):
         capacities.append(bench_wal.push_capacity(lab, sample)["segments_per_s"])  # a fresh prefix each
+    # while PostgreSQL still keeps the sample (later checkpoints recycle it)
+    same_lab = capacity_ab(lab, sample, repeat) if cfg.storage.encryption.enabled else None
     fast = bench_wal.push_latency(lab, sample, calls=30)[0]
     t0 = time.monotonic()
     full = bk.run_backup(cfg, full=True)
@@ -112,7 +114,6 @@ def measure(lab: labmod.LabInfo, scale: int, pgbench_seconds: int = 30, repeat: 
     incr_s = time.monotonic() - t0
     _archived_now(lab)
     restores = [_restore(lab) for _ in range(repeat)]
-    same_lab = capacity_ab(lab, sample, repeat) if cfg.storage.encryption.enabled else None
     return {
         "encryption": cfg.storage.encryption.enabled,
         "archive_load_seconds_until_none_ready": round(load["load_seconds"] + load["seconds_until_none_ready"], 2),
