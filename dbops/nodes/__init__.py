@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dbops.config import Node
 from dbops.errors import ConfigError
-from dbops.nodes.base import STOP_MODES, Fence, NodeController, RunState
+from dbops.nodes.protocol import STOP_MODES, Fence, NodeController, RunState
 
 
 def open_controller(node: Node) -> NodeController:

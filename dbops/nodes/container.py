@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from dbops import proc
 from dbops.config import Node
 from dbops.errors import CommandError, ConfigError, PostgresError, UsageError
-from dbops.nodes.base import POLL_SECONDS, STOP_MODES, RunState, ShellController
+from dbops.nodes.base import POLL_SECONDS, ShellController
+from dbops.nodes.protocol import STOP_MODES, RunState
 from dbops.pg.controldata import ControlData
 from dbops.runtime.engine import Engine
 
