@@ -9,11 +9,13 @@ from __future__ import annotations
 import secrets as pysecrets
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from dbops import log
-from dbops.config import Config, Node
+from dbops.config import Config
 from dbops.errors import DbopsError, NotFoundError
+from dbops.pg.inspect import STANDBY, NodeState, probe_all
 
 _log = log.get("check")
 
@@ -81,71 +83,58 @@ class CheckReport:
 # --------------------------------------------------------------------------- nodes
 
 
-def inspect_node(node: Node) -> tuple[NodeReport, DbopsError | None]:
-    """Connect to one node and read what check needs. Never raises for an unreachable node."""
-    from dbops.pg import conn as pgconn
+def node_report(st: NodeState) -> NodeReport:
+    """What check shows of one node, from its probe (:func:`dbops.pg.inspect.probe`)."""
+    rep = NodeReport(name=st.name)
+    if not st.reachable:
+        return rep
+    settings = st.settings
+    rep.reachable = True
+    rep.role = st.role
+    rep.version, rep.version_num = st.version, st.version_num
+    rep.system_identifier = st.system_identifier
+    rep.timeline = st.timeline
+    rep.wal_level = settings.get("wal_level")
+    rep.archive_mode = settings.get("archive_mode")
+    rep.archive_command = settings.get("archive_command")
+    rep.archive_uses_dbops = bool(rep.archive_command and "dbops" in rep.archive_command
+                                  and "wal-push" in rep.archive_command)
+    rep.data_checksums = settings.get("data_checksums") == "on"
+    rep.wal_log_hints = settings.get("wal_log_hints") == "on"
+    if st.role == STANDBY:
+        r = st.receiver
+        if r:
+            rep.receiver = {"status": r.status, "sender_host": r.sender_host, "sender_port": r.sender_port,
+                            "received_tli": r.timeline}
+        rep.replay_paused = st.replay_paused
+        if st.receive_lsn is not None and st.replay_lsn is not None:
+            rep.replay_lag_bytes = st.receive_lsn - st.replay_lsn
+    else:
+        for x in st.senders:
+            lag = st.current_lsn - x.replay_lsn if st.current_lsn is not None and x.replay_lsn is not None else None
+            rep.replication.append({"application_name": x.application_name, "client_addr": x.client_addr,
+                                    "state": x.state, "sync_state": x.sync_state, "replay_lag_bytes": lag})
+        a = st.archiver
+        if a is not None:
+            rep.archiver = {"archived_count": a.archived_count, "last_archived_wal": a.last_archived_wal,
+                            "last_archived_time": _iso(a.last_archived_time), "failed_count": a.failed_count,
+                            "last_failed_wal": a.last_failed_wal, "last_failed_time": _iso(a.last_failed_time),
+                            "failing": a.failing}
+    return rep
 
-    rep = NodeReport(name=node.name)
-    try:
-        c = pgconn.connect(node)
-    except DbopsError as e:
-        return rep, e
-    try:
-        rep.reachable = True
 
-        def one(sql: str) -> Any:
-            row = c.execute(sql).fetchone()
-            return row[0] if row else None
-
-        rep.version = one("SHOW server_version")
-        rep.version_num = int(one("SHOW server_version_num"))
-        rep.system_identifier = str(one("SELECT system_identifier FROM pg_control_system()"))
-        in_recovery = bool(one("SELECT pg_is_in_recovery()"))
-        rep.role = "standby" if in_recovery else "primary"
-        rep.wal_level = one("SHOW wal_level")
-        rep.archive_mode = one("SHOW archive_mode")
-        rep.archive_command = one("SHOW archive_command")
-        rep.archive_uses_dbops = bool(rep.archive_command and "dbops" in rep.archive_command
-                                      and "wal-push" in rep.archive_command)
-        rep.data_checksums = one("SHOW data_checksums") == "on"
-        rep.wal_log_hints = one("SHOW wal_log_hints") == "on"
-        rep.timeline = int(one("SELECT timeline_id FROM pg_control_checkpoint()"))
-        if in_recovery:
-            r = c.execute(
-                "SELECT status, sender_host, sender_port, received_tli, "
-                "pg_wal_lsn_diff(latest_end_lsn, pg_last_wal_replay_lsn())::bigint "
-                "FROM pg_stat_wal_receiver").fetchone()
-            if r:
-                rep.receiver = {"status": r[0], "sender_host": r[1], "sender_port": r[2], "received_tli": r[3]}
-            rep.replay_paused = one("SELECT pg_get_wal_replay_pause_state() <> 'not paused'")
-            lag = one("SELECT pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint")
-            rep.replay_lag_bytes = int(lag) if lag is not None else None
-        else:
-            for r in c.execute(
-                "SELECT application_name, client_addr::text, state, sync_state, "
-                "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint FROM pg_stat_replication").fetchall():
-                rep.replication.append({"application_name": r[0], "client_addr": r[1], "state": r[2],
-                                        "sync_state": r[3], "replay_lag_bytes": r[4]})
-            a = c.execute("SELECT archived_count, last_archived_wal, last_archived_time, failed_count, "
-                          "last_failed_wal, last_failed_time FROM pg_stat_archiver").fetchone()
-            rep.archiver = {"archived_count": a[0], "last_archived_wal": a[1],
-                            "last_archived_time": a[2].isoformat() if a[2] else None,
-                            "failed_count": a[3], "last_failed_wal": a[4],
-                            "last_failed_time": a[5].isoformat() if a[5] else None,
-                            "failing": bool(a[5] and (not a[2] or a[5] > a[2]))}
-    finally:
-        c.close()
-    return rep, None
+def _iso(epoch: float | None) -> str | None:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat() if epoch else None
 
 
 def _check_nodes(cfg: Config, report: CheckReport) -> None:
-    by_addr = {(n.host, n.port): n.name for n in cfg.nodes}
-    for node in cfg.nodes:
+    for st in probe_all(cfg.nodes):
+        node = st.node
         area = f"node:{node.name}"
-        rep, err = inspect_node(node)
+        rep = node_report(st)
         report.nodes.append(rep)
-        if err is not None:
-            report.add(area, "reachable", FAIL, f"cannot connect to {node.host}:{node.port}: {err.detail or err.message}",
+        if not st.reachable:
+            report.add(area, "reachable", FAIL, f"cannot connect to {node.host}:{node.port}: {st.error}",
                        f"start PostgreSQL on node {node.name} (e.g. pg_ctl start -D {node.data_dir or 'PGDATA'}), "
                        "or fix its host/port/user/password in the configuration")
             continue
@@ -187,8 +176,7 @@ def _check_nodes(cfg: Config, report: CheckReport) -> None:
                            + (f" (receiver {recv['status']})" if recv else ""),
                            "check primary_conninfo and that the primary is reachable; see the standby's log")
             else:
-                up = by_addr.get((recv.get("sender_host"), recv.get("sender_port")))
-                rep.upstream = up or f"{recv.get('sender_host')}:{recv.get('sender_port')}"
+                rep.upstream = st.upstream
                 report.add(area, "streaming", OK, f"streaming from {rep.upstream}, replay lag "
                            f"{rep.replay_lag_bytes or 0} bytes")
             if rep.replay_paused:

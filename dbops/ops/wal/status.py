@@ -15,7 +15,7 @@ from typing import Any
 
 from dbops import log
 from dbops.config import Config, Node
-from dbops.errors import DbopsError, NotFoundError, PostgresError, ValidationError
+from dbops.errors import DbopsError, NotFoundError, ValidationError
 from dbops.pg import walchain
 from dbops.ops.wal.archive import WalArchive
 from dbops.pg.lsn import (
@@ -24,6 +24,7 @@ from dbops.pg.lsn import (
     HISTORY_RE,
     PARTIAL_RE,
     SEGMENT_RE,
+    format_lsn,
     parse_history,
     parse_segment_name,
     segment_of_lsn,
@@ -168,42 +169,23 @@ def require_no_gaps(st: ArchiveStatus) -> None:
 
 def archiver_state(nodes: tuple[Node, ...] | list[Node]) -> dict[str, Any] | None:
     """pg_stat_archiver of the first reachable node that is not in recovery (None when none is)."""
-    from dbops.pg import conn
+    from dbops.pg.inspect import PRIMARY, probe
 
     for node in nodes:
-        try:
-            with conn.session(node) as c:
-                if conn.scalar(c, "SELECT pg_is_in_recovery()"):
-                    continue
-                row = conn.rows(c, """
-                    SELECT archived_count, last_archived_wal, extract(epoch FROM last_archived_time),
-                           failed_count, last_failed_wal, extract(epoch FROM last_failed_time),
-                           current_setting('archive_mode'), current_setting('archive_command'),
-                           pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text
-                    FROM pg_stat_archiver""")[0]
-                row = (*row, _ready_count(c))
-        except DbopsError as e:
-            _log.debug("archiver state from %s: %s", node.name, e.message)
+        st = probe(node, tuple(nodes))
+        if st.role != PRIMARY or st.archiver is None:
+            if st.error:
+                _log.debug("archiver state from %s: %s", node.name, st.error)
             continue
-        keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-                "last_failed_time", "archive_mode", "archive_command", "current_wal", "current_lsn", "ready_count")
-        d = dict(zip(keys, row))
-        for k in ("last_archived_time", "last_failed_time"):
-            d[k] = float(d[k]) if d[k] is not None else None
-        d["node"] = node.name
-        d["data_dir"] = node.data_dir
-        return d
+        a = st.archiver
+        return {"archived_count": a.archived_count, "last_archived_wal": a.last_archived_wal,
+                "last_archived_time": a.last_archived_time, "failed_count": a.failed_count,
+                "last_failed_wal": a.last_failed_wal, "last_failed_time": a.last_failed_time,
+                "archive_mode": st.settings.get("archive_mode"), "archive_command": st.settings.get("archive_command"),
+                "current_wal": st.current_wal,
+                "current_lsn": format_lsn(st.current_lsn) if st.current_lsn is not None else None,
+                "ready_count": a.ready_count, "node": node.name, "data_dir": node.data_dir}
     return None
-
-
-def _ready_count(c: Any) -> int | None:
-    """.ready files on the primary (needs superuser or pg_monitor; None without)."""
-    from dbops.pg import conn
-
-    try:
-        return conn.scalar(c, "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")
-    except PostgresError:
-        return None
 
 
 def spool_state(cfg: Config, data_dir: str | None) -> dict[str, Any] | None:
