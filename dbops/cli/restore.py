@@ -56,6 +56,7 @@ def restore(
     folder not empty or used by a running server (map it elsewhere with --tablespace-map)."""
     from dbops.errors import UsageError
     from dbops.ops.restore import plan as rs
+    from dbops.ops.restore import run as restore_run
     from dbops.ops.restore.tablespaces import parse_map
     from dbops.ops.restore.target import from_options, parse_timeline
 
@@ -96,7 +97,7 @@ def restore(
             output.out("dry run: nothing was changed")
         return
     with shown(progress) as (phase, nbytes):
-        res = rs.restore(cfg, opts, progress=phase, byte_progress=nbytes)
+        res = restore_run.restore(cfg, opts, progress=phase, byte_progress=nbytes)
     d = res.as_dict()
     if found:
         d["before_drop"] = found.as_dict()

@@ -10,7 +10,7 @@ from dbops.errors import UsageError
 from dbops.ops.restore import conf as rconf
 from dbops.ops.restore import wal as rwal
 from dbops.pg import walchain
-from dbops.ops.restore.plan import BackupChoice, fits
+from dbops.ops.restore.choose import BackupChoice, fits
 from dbops.ops.restore.target import LATEST, LSN, TIME, XID, from_options, parse_time, parse_timeline
 from dbops.pg.lsn import parse_lsn
 from dbops.pg.waldump import Record, parse_record
@@ -158,13 +158,14 @@ class _FakeBackups:
 
 def test_pick_prefers_validated_over_one_newer_stored_backup():
     from dbops.errors import TargetError
-    from dbops.ops.restore.plan import Options, _pick
+    from dbops.ops.restore.choose import pick as pick_backup
+    from dbops.ops.restore.plan import Options
 
     spans = walchain.chain(1, [])
 
     def pick(rows, at):
         opts = Options(target=from_options(to=f"1970-01-01T00:00:{at:02d}Z"), target_dir=None)
-        return _pick(_FakeBackups(rows), spans, opts)
+        return pick_backup(_FakeBackups(rows), spans, opts.target, opts.backup_id)
 
     chosen, oldest, notes = pick([("b1", "validated", 10), ("b2", "validated", 20), ("b3", "stored", 30)], 40)
     assert chosen.backup_id == "b2" and oldest.backup_id == "b1" and "b3" in notes[0]

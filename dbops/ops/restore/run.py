@@ -1,228 +1,157 @@
-"""Run the recovery of a restored folder and leave it in the state asked for.
-
-A local PostgreSQL (the folder owner's OS user, the binaries of the backup's major version)
-starts on the folder with the folder's own configuration plus, for this run only: a free
-loopback port, no Unix socket, a generated ``pg_hba.conf`` admitting dbops on loopback,
-``restore_command`` serving the WAL fetched ahead with a plain copy (anything else through
-``dbops wal-fetch``) and ``recovery_target_action = pause``. dbops waits until replay pauses
-at the target and reads what it reached, then promotes it (``--promote``) or leaves it in
-recovery (``--pause``, ``--shutdown``), stops it cleanly, rewrites the folder's settings for
-that final state and, with ``--start``, starts the server for the user with ``pg_ctl``.
-"""
+"""`dbops restore` carried out: the plan (:mod:`dbops.ops.restore.plan`), then the download of the
+backup into the target folder while the WAL replay needs is fetched ahead, the folder's recovery
+settings, and the recovery itself (:mod:`dbops.ops.restore.recover`). Any failure leaves nothing
+that looks like a restored database (:func:`dbops.ops.restore.folder.discard`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from dbops import log, proc
 from dbops.config import Config
-from dbops.errors import DbopsError, PostgresError, TargetError, ValidationError
 from dbops.ops.restore import conf as rconf
+from dbops.ops.restore import recover
+from dbops.ops.restore import tablespaces as rts
 from dbops.ops.restore import wal as rwal
-from dbops.ops.restore.target import iso_utc
-from dbops.pg import binaries, controldata
-from dbops.pg import conn as pgconn
-from dbops.pg.lsn import format_lsn, parse_lsn
-from dbops.runtime import InstanceSpec, LocalRuntime
-
-if TYPE_CHECKING:
-    from dbops.phases import Phases
-    from dbops.ops.restore.plan import Options, Plan
+from dbops.ops.restore.folder import discard, empty, pg_ids, preflight
+from dbops.ops.restore.plan import Options, Plan, plan_restore
+from dbops.phases import Phases
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot
+from dbops.runtime.scratch import scratch_folder
+from dbops.storage import ObjectStore, open_archive
+from dbops.storage.layout import Layout
 
 _log = log.get("restore")
 
-FINAL_STATE = {"promote": "promoted", "pause": "paused at the target", "shutdown": "shut down at the target"}
+
+@dataclass
+class RestoreResult:
+    plan: Plan
+    reached: dict[str, Any]
+    final_state: str  # promoted | paused | shut down at target
+    running: dict[str, Any] | None
+    timings: dict[str, float]
+    download: dict[str, Any]
+    wal: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.timings
+        return {"ok": True, "target_dir": self.plan.target_dir, "backup_id": self.plan.backup.backup_id,
+                "reached": self.reached, "final_state": self.final_state, "running": self.running,
+                "timings": t, "seconds": round(sum(t.values()), 3), "download": self.download, "wal": self.wal,
+                "plan": self.plan.as_dict()}
 
 
-def bin_dir(cfg: Config, pg_version: str) -> str:
-    """PostgreSQL binaries of the backup's major version on this host."""
-    configured = cfg.runtime.bin_dir if cfg.runtime.engine == "none" else None
-    major = int(pg_version.split(".")[0]) if pg_version.split(".")[0].isdigit() else None
-    return binaries.bindir(configured, major)
-
-
-def instance_settings(cfg: Config, plan: "Plan", opts: "Options", cache: Path) -> dict[str, str]:
-    """The folder's settings, adjusted for dbops' own run: pause at the target, WAL from the cache first."""
-    s = {k: v for k, v in plan.settings.items() if k != "port"}
-    s["restore_command"] = rconf.run_command(cache, cfg)
-    s["recovery_target_action"] = "pause"
-    s["hot_standby"] = "on"
-    s["archive_mode"] = "on" if opts.keep_archiving else "off"
-    return s
-
-
-def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases", pg_version: str,
-        check_wal: Callable[[], None], *, mounts: tuple[tuple[str, str], ...] = (),
-        relink: dict[int, Path] | None = None) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
-    """(what was reached, the final state, where it runs with --start). check_wal raises when fetching
-    the WAL ahead failed (a damaged segment): that error, not the server's view of it, is reported.
-    ``mounts``: (folder, recorded location) of tablespaces created during replay, mapped elsewhere: the
-    server sees the folder there; ``relink``: their links, pointed at their folders once it stopped."""
-    data = Path(plan.target_dir)
-    bins = bin_dir(cfg, pg_version)
-    rt = LocalRuntime(bin_dir=bins, db_user=cfg.runtime.user)
-    timeout = cfg.backup.validation.start_timeout
-    run_dir = cache.parent / "run"
-    spec = InstanceSpec(data_dir=data, port=proc.free_port(), settings=instance_settings(cfg, plan, opts, cache),
-                        name=f"restore-{data.name}", run_dir=run_dir, mounts=mounts)
-    with phases("start"):
-        inst = rt.start(spec)
-    with inst:
-        with phases("start"):
-            try:
-                inst.wait_ready(timeout)
-            except PostgresError:
-                check_wal()
-                raise _explain(inst.logs(80), plan) from None
-        with phases("replay"):
-            reached = _wait_paused(inst, plan, timeout, check_wal)
-        if opts.final == "promote":
-            with phases("promote"):
-                reached["promoted_timeline"] = _promote(inst, timeout)
-        with phases("stop"):
-            inst.stop("fast", timeout=timeout)
-    for oid, folder in (relink or {}).items():
-        link = data / "pg_tblspc" / str(oid)
-        if link.is_symlink() and os.readlink(link) != str(folder):
-            link.unlink()
-            os.symlink(str(folder), link)
-    cd = controldata.read(str(data), bin_dir=bins)
-    expected = "shut down" if opts.final == "promote" else "shut down in recovery"
-    if cd.state != expected:
-        raise PostgresError(f"the restored server did not stop cleanly (state {cd.state!r}, expected {expected!r})")
-    _finalize_settings(data, plan, reached)
-    running = None
-    if opts.start:
-        with phases("start_final"):
-            running = start_server(data, bins, opts.port, timeout)
-    log.event(_log, logging.INFO, "restore reached its target", lsn=reached["lsn"],
-              last_commit=reached["last_commit_time"], timeline=reached["timeline"], final=opts.final)
-    return reached, FINAL_STATE[opts.final], running
-
-
-def _wait_paused(inst, plan: "Plan", stall_timeout: float, check_wal: Callable[[], None]) -> dict[str, Any]:
-    """Wait until replay pauses at the target (progress must not stall); what it reached."""
-    node = inst.node()
-    last_lsn, last_move = None, time.monotonic()
-    while True:
-        check_wal()
-        if not inst.is_running():
-            check_wal()
-            raise _explain(inst.logs(80), plan)
+def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
+            progress: Callable[[str], None] | None = None,
+            byte_progress: Callable[[int, int], None] | None = None) -> RestoreResult:
+    """Plan, then carry the plan out (see the module docstring). ``progress(phase)`` and
+    ``byte_progress(done, total)`` (the download's bytes) feed a progress display."""
+    opts.check()
+    preflight(opts, cfg.os_user)  # before the scratch folder and the plan; the plan checks again
+    store, layout = open_archive(cfg.storage, store)
+    phases = Phases(progress)
+    run_id = catalog.new_backup_id().split("-", 1)[1]
+    target = opts.target_dir
+    ids = pg_ids(cfg.os_user) if os.geteuid() == 0 else None
+    with proc.sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}",
+                                                     cfg.os_user) as scratch:
+        cache = scratch / "wal"
+        cache.mkdir(mode=0o700)
+        if ids:
+            os.chown(cache, *ids)
+        with phases("plan"):
+            plan = plan_restore(cfg, opts, store=store, cache=cache)
+        log.event(_log, logging.INFO, "restore planned", backup=plan.backup.backup_id, target=plan.target.describe(),
+                  timeline=plan.timeline, segments=len(plan.replay_segments))
+        manifest = mf.load(store, layout, plan.backup.backup_id)
+        created = not target.exists()
+        if opts.force and target.is_dir():
+            empty(target)
+        for d in plan.tablespaces:
+            if opts.force and d.state == "not empty":
+                rts.empty_folder(d.folder)
+        ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
+                              owner=ids)
+        remote = cache / rconf.REMOTE_DIR
+        remote.mkdir()
+        for name in plan.remote:
+            (remote / name).touch()
         try:
-            with pgconn.session(node) as c:
-                state, replayed, commit_ts, in_rec = c.execute(
-                    "SELECT pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()::text, "
-                    "extract(epoch from pg_last_xact_replay_timestamp())::float8, pg_is_in_recovery()").fetchone()
-        except PostgresError:
-            if not inst.is_running():
-                raise _explain(inst.logs(80), plan) from None
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-walahead") as pool:
+                ahead.prepare(plan.histories)
+                wal_job = pool.submit(ahead.run)
+                try:
+                    with phases("download"):
+                        download = _download(cfg, store, layout, manifest, plan, opts.delta, ids, byte_progress)
+                    with phases("configure"):
+                        configure(cfg, target, plan, opts)
+                    with phases("tablespaces"):
+                        wal_job.result()  # the WAL to replay is here: its CREATE TABLESPACE records
+                        new_tablespaces = _created_tablespaces(cache, manifest, opts, ids)
+                    reached, final_state, running = recover.run(
+                        cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,
+                        mounts=tuple((str(f), loc) for loc, f in new_tablespaces.values() if str(f) != loc),
+                        relink={oid: f for oid, (_loc, f) in new_tablespaces.items()})
+                finally:
+                    ahead.stop()  # what replay did not ask for is not needed any more
+                stats = wal_job.result()
+        except BaseException as e:
+            discard(target, created=created, delta=opts.delta, reason=getattr(e, "message", None) or repr(e))
+            if not opts.delta:
+                for d in plan.tablespaces:
+                    discard(d.folder, created=d.state == "absent", delta=False, reason="")
             raise
-        if not in_rec:
-            raise PostgresError("the restored server left recovery instead of pausing at the target",
-                                detail=inst.logs(30))
-        if state == "paused":
-            lsn = parse_lsn(replayed)
-            return {"lsn": format_lsn(lsn), "last_commit_time": iso_utc(commit_ts),
-                    "timeline": rwal.timeline_at(plan.spans, lsn), "locked": _locked_tables(inst)}
-        if replayed != last_lsn:
-            last_lsn, last_move = replayed, time.monotonic()
-        elif time.monotonic() - last_move > stall_timeout:
-            raise ValidationError(f"replay made no progress for {stall_timeout:.0f} s (at {replayed})",
-                                  detail=inst.logs(30), hint="the server log says what it waits for")
-        time.sleep(0.1)
+    wal = {"fetched_ahead": stats.segments, "bytes": stats.bytes, "seconds": stats.seconds,
+           "not_archived": stats.missing, "failed": {n: e.message for n, e in ahead.failed.items()}}
+    return RestoreResult(plan, reached, final_state, running, dict(phases.t), download, wal)
 
 
-def _locked_tables(inst) -> list[str]:
-    """Tables an unfinished transaction locks exclusively at the target (a DROP, TRUNCATE, ALTER that
-    committed after it): paused there, reading them waits forever; promotion releases them."""
-    with pgconn.session(inst.node()) as c:
-        held = c.execute("SELECT d.datname, l.relation FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                         "WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' "
-                         "ORDER BY 1, 2").fetchall()
-    out = []
-    for db in sorted({h[0] for h in held}):
-        oids = [h[1] for h in held if h[0] == db]
-        try:
-            with pgconn.session(inst.node(db), db) as c:
-                names = [r[0] for r in c.execute(
-                    "SELECT oid::regclass::text FROM pg_class WHERE oid = ANY(%s::oid[]) AND relkind IN "
-                    "('r', 'p', 'm', 'v', 'S') ORDER BY 1", (oids,))]
-            out += [f"{db}: {n}" for n in names] or [f"{db}: {len(oids)} relation(s) created after the target"]
-        except PostgresError:
-            out += [f"{db}: relation {o}" for o in oids]
-    return out
+def _created_tablespaces(cache: Path, manifest: mf.Manifest, opts: Options,
+                         ids: tuple[int, int] | None) -> dict[int, tuple[str, Path]]:
+    """Tablespaces created in the WAL replayed after the backup: {OID: (location, folder)}, folders made."""
+    from dbops.ops.backup.tablespaces import wal_creates
+
+    created = rts.created_destinations(wal_creates(cache), manifest.tablespaces, mapping=opts.tablespace_map,
+                                       map_all=opts.tablespace_map_all)
+    for _loc, folder in created.values():
+        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if ids:
+            os.chown(folder, *ids)
+    return created
 
 
-def _promote(inst, timeout: float) -> int:
-    """End recovery at the target (resuming from the pause promotes at once); the new timeline."""
-    deadline = time.monotonic() + timeout
-    with pgconn.session(inst.node()) as c:
-        c.execute("SELECT pg_wal_replay_resume()")
-        while pgconn.scalar(c, "SELECT pg_is_in_recovery()"):
-            if time.monotonic() > deadline or not inst.is_running():
-                raise PostgresError(f"the restored server did not finish promotion within {timeout:.0f} s",
-                                    detail=inst.logs(30))
-            time.sleep(0.05)
-        name = pgconn.scalar(c, "SELECT pg_walfile_name(pg_current_wal_lsn())")
-    return int(name[:8], 16)
+def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,
+              ids: tuple[int, int] | None, byte_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The backup into the target folder (verified), or only what differs with --delta."""
+    from dbops.ops.restore import delta as restore_delta
+
+    t0 = time.monotonic()
+    owner = cfg.os_user if ids else None
+    dirs = {d.tablespace.oid: str(d.folder) for d in plan.tablespaces}
+    if delta and (Path(plan.target_dir) / "PG_VERSION").exists():
+        d = restore_delta.restore_delta(store, layout, manifest, Path(plan.target_dir), parallel=cfg.backup.parallel,
+                                        owner=owner, tablespace_dirs=dirs)
+    else:
+        st = restore_snapshot(store, layout, manifest, plan.target_dir, parallel=cfg.backup.parallel, owner=owner,
+                              tablespace_dirs=dirs, progress=byte_progress)
+        d = {"mode": "full", "files": st.files, "logical_bytes": st.logical_bytes,
+             "fetched_bytes": st.fetched_bytes, "requests": st.requests}
+    d["seconds"] = round(time.monotonic() - t0, 3)
+    return d
 
 
-def _finalize_settings(data: Path, plan: "Plan", reached: dict[str, Any]) -> None:
-    """After promotion the recovery target settings go (a later standby must not stop there)."""
-    comments = [f"restored backup {plan.backup.backup_id} to {plan.target.describe()} on timeline {plan.timeline}",
-                f"reached LSN {reached['lsn']}, last commit {reached['last_commit_time'] or '-'}"]
-    settings = dict(plan.settings)
-    if "promoted_timeline" in reached:
-        comments.append(f"promoted: timeline {reached['promoted_timeline']}")
-        settings = {k: v for k, v in settings.items() if k not in rconf.RECOVERY_KEYS and k != "hot_standby"}
-        rconf.write_signal(data, recovery=False)
-    rconf.write_settings(data, settings, comments)
-
-
-def start_server(data: Path, bins: str, port: int, timeout: float) -> dict[str, Any]:
-    """pg_ctl start as the folder's owner with its own configuration; wait until it accepts connections."""
-    import pwd
-
-    owner = pwd.getpwuid(data.stat().st_uid).pw_name
-    logdir = data / "log"
-    logdir.mkdir(exist_ok=True)
-    if os.geteuid() == 0:
-        st = data.stat()
-        os.chown(logdir, st.st_uid, st.st_gid)
-    logfile = logdir / "dbops-restore-start.log"
-    try:
-        proc.run([os.path.join(bins, "pg_ctl"), "start", "-D", str(data), "-l", str(logfile), "-w",
-                  "-t", str(int(timeout))], user=owner, timeout=timeout + 30, what="pg_ctl start",
-                 env={"LANG": "C", "LC_ALL": "C"})
-    except DbopsError as e:
-        tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
-        raise PostgresError(f"the restored server did not start on port {port}",
-                            detail=(e.detail or e.message) + "\n" + tail,
-                            hint=f"the folder is restored and stopped cleanly; see {logfile}") from None
-    pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-    return {"port": port, "pid": pid, "log": str(logfile)}
-
-
-def _explain(logs: str, plan: "Plan") -> DbopsError:
-    """Why the server stopped during recovery, as the error the user can act on."""
-    text = logs.lower()
-    logs = "\n".join(logs.strip().splitlines()[-15:])
-    ends = f"the archive ends at {plan.archive_end['segment']} (LSN {plan.archive_end['lsn']})"
-    if "recovery ended before configured recovery target was reached" in text:
-        if plan.holes:
-            return ValidationError(f"WAL segment {', '.join(plan.holes[:5])} is missing from the archive, on the way "
-                                   f"to the target", detail=logs)
-        return TargetError(f"replay reached the end of the archive without meeting the target "
-                           f"{plan.target.describe()}: {ends}", detail=logs,
-                           hint="check the transaction id / restore point name; it may not be archived yet")
-    if "before consistent recovery point" in text:
-        return TargetError(f"the target {plan.target.describe()} lies before backup {plan.backup.backup_id} "
-                           "is consistent", detail=logs,
-                           hint="choose an older backup with --backup ID (`dbops backup list`)")
-    return PostgresError("PostgreSQL stopped during recovery of the restored folder", detail=logs,
-                         hint="the server log above says why")
+def configure(cfg: Config, data: Path, plan: Plan, opts: Options) -> None:
+    """The folder's own recovery settings, recovery.signal, and a postgresql.conf if it had none."""
+    rconf.ensure_main_conf(data)
+    rconf.write_settings(data, plan.settings, [f"restore of backup {plan.backup.backup_id} to "
+                                               f"{plan.target.describe()} on timeline {plan.timeline}"])
+    rconf.write_signal(data, recovery=True)
