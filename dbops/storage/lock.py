@@ -260,7 +260,8 @@ class ClusterLock:
             return None, None
         return LockOwner.from_bytes(data), info
 
-    def _stale(self, cur: LockOwner | None, info: ObjectInfo) -> bool:
+    def stale(self, cur: LockOwner | None, info: ObjectInfo) -> bool:
+        """Whether a lock held by `cur` (stored as `info`) may be taken over: its owner is gone, or it expired."""
         if cur is not None and cur.host == self.host:
             if cur.boot_id and self._boot_id and cur.boot_id != self._boot_id:
                 return True  # taken before this host rebooted: its owner cannot be running
@@ -289,7 +290,7 @@ class ClusterLock:
             if cur is not None and cur.token == me.token:  # our put was stored, its answer lost
                 self.owner = me
                 return me
-            if not self._stale(cur, info):
+            if not self.stale(cur, info):
                 raise self._held_error(cur)
             taken = self._take_over(cur, info)
             if taken:

@@ -61,29 +61,36 @@ def test_a_store_that_ignores_conditional_writes_is_refused_with_exit_11(tmp_pat
 
 def test_a_renewal_never_overwrites_a_takeover(env):
     store, layout, tmp = env
-    a = ClusterLock(store, layout, command="backup A", local_dir=str(tmp / "la"), host="A")
-    a.acquire()
     key = layout.lock("cluster")
-    info = store.head(key)
-    # B takes over between A's read and A's write: A's conditional put must be refused
     b_owner = LockOwner("B", 1, "backup B", time.time(), time.time() + 60, 60, "b" * 32)
-    real_read = a._read
 
-    def read_then_takeover():
-        cur, inf = real_read()
-        store.put(key, b_owner.to_bytes())
-        return cur, inf
+    class TakeoverBeforeRenewal:
+        """The store as A sees it: B takes over between A's read and A's (conditional) write."""
 
-    a._read = read_then_takeover
+        armed = False
+
+        def put(self, k, data, **kw):
+            if self.armed and k == key and kw.get("if_match"):
+                store.put(key, b_owner.to_bytes())
+            return store.put(k, data, **kw)
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+    seen = TakeoverBeforeRenewal()
+    a = ClusterLock(seen, layout, command="backup A", local_dir=str(tmp / "la"), host="A")
+    a.acquire()
+    info = store.head(key)
+    seen.armed = True  # A's conditional put must be refused
     with pytest.raises(LockedError):
         a.refresh()
-    a._read = real_read
+    seen.armed = False
     assert read_owner(store, layout, "cluster").token == b_owner.token and info is not None
 
 
 def test_a_paused_run_finds_out_before_its_next_write(env):
     store, layout, tmp = env
-    a = ClusterLock(store, layout, command="backup A", local_dir=str(tmp / "la"), host="A", ttl=3, heartbeat=1)
+    a = ClusterLock(store, layout, command="backup A", local_dir=str(tmp / "la"), host="A", ttl=3, heartbeat=0.2)
     a.acquire()  # no heartbeat thread: as if the process had been stopped
     guarded = GuardedStore(store, a)
     guarded.put("p/x", b"allowed while held")
@@ -92,7 +99,7 @@ def test_a_paused_run_finds_out_before_its_next_write(env):
     os.utime(store.path_of(key), (t, t))  # expired
     b = ClusterLock(store, layout, command="backup B", local_dir=str(tmp / "lb"), host="B", ttl=3, settle=0)
     b.acquire()
-    a._renewed -= 5  # it was stopped for longer than the heartbeat
+    time.sleep(0.35)  # it was stopped for longer than the heartbeat
     with pytest.raises(LockedError) as ei:
         guarded.put("p/y", b"must not be written")
     assert "backup B" in ei.value.message and store.head("p/y") is None
@@ -106,9 +113,9 @@ def test_same_host_stale_check_compares_the_boot_id(env):
     me = ClusterLock(store, layout, command="backup", local_dir=str(tmp / "l"), host="H")
     alive = LockOwner("H", os.getppid(), "backup", time.time(), time.time() + 60, 60, "t" * 32, "another-boot")
     info = store.head(layout.lock("cluster")) or type("I", (), {"last_modified": time.time()})()
-    assert me._stale(alive, info)  # a PID from before a reboot means nothing
+    assert me.stale(alive, info)  # a PID from before a reboot means nothing
     same_boot = LockOwner("H", os.getppid(), "backup", time.time(), time.time() + 60, 60, "t" * 32, boot_id())
-    assert not me._stale(same_boot, info)
+    assert not me.stale(same_boot, info)
 
 
 def test_the_host_lock_file_is_private_and_never_followed(env):
