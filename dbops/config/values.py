@@ -136,15 +136,20 @@ class Collector:
         return tuple(str(x) for x in v)
 
 
-def parse_duration(v: Any) -> int | None:
-    """'30s', '5m', '12h', '14d', '2w' or a plain integer of seconds."""
+def _count_or_text(v: Any) -> int | str | None:
+    """A non-negative integer as it is, a string stripped, anything else (a bool too) None."""
     if isinstance(v, bool):
         return None
     if isinstance(v, int):
         return v if v >= 0 else None
-    if not isinstance(v, str):
-        return None
-    s = v.strip()
+    return v.strip() if isinstance(v, str) else None
+
+
+def parse_duration(v: Any) -> int | None:
+    """'30s', '5m', '12h', '14d', '2w' or a plain integer of seconds."""
+    s = _count_or_text(v)
+    if s is None or isinstance(s, int):
+        return s
     if s.isdigit():
         return int(s)
     m = _DURATION_RE.match(s)
@@ -154,13 +159,10 @@ def parse_duration(v: Any) -> int | None:
 
 
 def parse_size(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v if v >= 0 else None
-    if not isinstance(v, str):
-        return None
-    m = _SIZE_RE.match(v.strip())
+    s = _count_or_text(v)
+    if s is None or isinstance(s, int):
+        return s
+    m = _SIZE_RE.match(s)
     if not m:
         return None
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
