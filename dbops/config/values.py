@@ -38,12 +38,18 @@ class Collector:
             if k not in allowed:
                 self.bad(f"{path}.{k}" if path else str(k), "unknown key (allowed: " + ", ".join(sorted(allowed)) + ")")
 
+    def _absent(self, raw: dict, key: str, p: str, required: bool) -> bool:
+        """Whether the key is missing (or null); a required one is reported."""
+        if key in raw and raw[key] is not None:
+            return False
+        if required:
+            self.bad(p, "required, missing")
+        return True
+
     def str_(self, raw: dict, key: str, path: str, default: Any = None, required: bool = False,
              choices: tuple[str, ...] | None = None) -> Any:
         p = f"{path}.{key}" if path else key
-        if key not in raw or raw[key] is None:
-            if required:
-                self.bad(p, "required, missing")
+        if self._absent(raw, key, p, required):
             return default
         v = raw[key]
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
@@ -58,9 +64,7 @@ class Collector:
     def int_(self, raw: dict, key: str, path: str, default: Any = None, minimum: int | None = None,
              maximum: int | None = None, required: bool = False) -> Any:
         p = f"{path}.{key}" if path else key
-        if key not in raw or raw[key] is None:
-            if required:
-                self.bad(p, "required, missing")
+        if self._absent(raw, key, p, required):
             return default
         v = raw[key]
         if isinstance(v, str) and v.strip().lstrip("-").isdigit():

@@ -78,7 +78,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
             empty(target)
         for d in plan.tablespaces:
             if opts.force and d.state == "not empty":
-                rts.empty_folder(d.folder)
+                empty(d.folder)
         ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
                               owner=ids)
         remote = cache / rconf.REMOTE_DIR

@@ -116,17 +116,6 @@ def destinations(tablespaces: Sequence[Tablespace], *, target_dir: Path,
     return out
 
 
-def empty_folder(folder: Path) -> None:
-    """--force: remove what a tablespace folder holds (never the folder itself)."""
-    import shutil
-
-    for p in folder.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-
-
 def created_destinations(creates: dict[int, str], known: Sequence[Tablespace], *,
                          mapping: Sequence[tuple[str, str]] = (), map_all: Path | None = None
                          ) -> dict[int, tuple[str, Path]]:
