@@ -46,8 +46,8 @@ from dbops.config import Config, Node
 from dbops.errors import CommandError, DbopsError, LockedError, PostgresError, ValidationError
 from dbops.ops.backup import gap as walgap
 from dbops.ops.backup import tablespaces as tbs
-from dbops.ops.backup.validate import (ArchiveStalledError, Target, Validation, capture_target, fetch_wal,
-                                       prove, recover_to_target, restore_seconds)
+from dbops.ops.backup.target import ArchiveStalledError, Target, capture_target, fetch_wal
+from dbops.ops.backup.validate import Validation, prove, recover_to_target, restore_seconds
 from dbops.ops.wal.archive import WalGapError
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn

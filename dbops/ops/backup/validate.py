@@ -3,7 +3,8 @@ PostgreSQL, check it, stop it in recovery.
 
 ``prove(...)`` is the one way a stored backup is proved, used by `dbops backup` (before it
 builds the next link from the proved copy) and by `dbops verify --restore`. A fresh base
-backup (the first run) goes through ``recover_to_target`` the same way.
+backup (the first run) goes through ``recover_to_target`` the same way. The target itself (captured
+on the primary, or a backup's own point) and the WAL up to it come from :mod:`dbops.ops.backup.target`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dbops import log, proc
-from dbops.config import Config, Node
+from dbops.config import Config
 from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError, ValidationError
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.backup.environment import environment_cause, environment_error
-from dbops.ops.wal import archive as arch
+from dbops.ops.backup.target import Target, fetch_wal, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
 from dbops.pg import conn as pgconn
-from dbops.pg.inspect import find_primary
 from dbops.pg.lsn import format_lsn, parse_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
@@ -36,17 +36,8 @@ from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.scratch import NO_SPACE, free_bytes, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
-from dbops.storage.lock import SWITCH, ClusterLock
 
 _log = log.get("backup")
-
-
-@dataclass
-class Target:
-    lsn: int
-    time: float
-    timeline: int
-    segment: str
 
 
 @dataclass
@@ -67,98 +58,6 @@ def restore_seconds(t: dict[str, float]) -> float:
     return round(sum(t.get(k, 0.0) for k in ("download", "wal_fetch", "start", "replay")), 3)
 
 
-# --------------------------------------------------------------------------- the target on the primary
-
-
-PRIMARY_PROBE_INTERVAL = 5.0  # while waiting for the target's segment: is the primary still there?
-
-
-class ArchiveStalledError(ValidationError):
-    """The target's segment did not reach the archive: archiving is stuck (exit 7), which says nothing
-    against the previous backup, so it is not marked failed."""
-
-
-def _require_primary_up(primary: Node, segment: str) -> None:
-    try:
-        with pgconn.session(primary) as c:
-            c.execute("SELECT 1")
-    except PostgresError as e:
-        raise PostgresError(
-            f"the primary {primary.name} went away while dbops waited for WAL segment {segment} to be archived",
-            detail=e.detail or e.message,
-            hint="start the primary again (its archiver then archives the segment) and run dbops backup again; "
-                 "nothing was stored by this run",
-        ) from None
-
-
-def _archiver_passed(primary: Node, seg: str) -> bool:
-    """PostgreSQL's archiver acknowledged seg, so every segment before it too (it archives in order,
-    and retries one until it succeeds). The target's object alone is not enough: with an async
-    pusher a later segment can be stored while an earlier one is still being retried."""
-    from dbops.pg.lsn import SEGMENT_RE
-
-    try:
-        with pgconn.session(primary) as c:
-            last = c.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
-    except PostgresError:
-        return False  # the probe in the loop names a primary that went away
-    if not last or not SEGMENT_RE.match(last):
-        return False
-    return last[:8] > seg[:8] or (last[:8] == seg[:8] and last[8:] >= seg[8:])
-
-
-def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
-    """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
-    time, switch WAL; then wait until that segment is archived."""
-    with ClusterLock(store, layout, SWITCH, command="backup (target capture)", ttl=cfg.storage.lock_ttl):
-        try:
-            primary = find_primary(cfg.nodes)
-        except PostgresError as e:  # it was there when the run began
-            raise PostgresError(f"cannot capture the backup's target: {e.message}", detail=e.detail,
-                                hint="the primary went away mid-run; start it again and run dbops backup again "
-                                     "(nothing was stored by this run)") from None
-        with pgconn.session(primary) as c:
-            c.execute("CHECKPOINT")
-            row = c.execute("SELECT pg_current_wal_insert_lsn()::text, extract(epoch from clock_timestamp())::float8, "
-                            "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
-            c.execute("SELECT pg_switch_wal()")
-    lsn, t, tli = parse_lsn(row[0]), float(row[1]), int(row[2])
-    seg = segment_of_lsn(tli, lsn)
-    key = layout.wal_key(seg)
-    deadline = time.monotonic() + archive_wait
-    next_probe = time.monotonic() + PRIMARY_PROBE_INTERVAL
-    while store.head(key) is None or not _archiver_passed(primary, seg):
-        now = time.monotonic()
-        if now > deadline:
-            raise ArchiveStalledError(
-                f"WAL segment {seg} (holding the backup's target {format_lsn(lsn)}) did not reach the archive "
-                f"within {archive_wait:.0f} s",
-                hint="is archiving working? `dbops wal status` and the primary's log show why not",
-            )
-        if now > next_probe:
-            _require_primary_up(primary, seg)
-            next_probe = now + PRIMARY_PROBE_INTERVAL
-        time.sleep(0.2)
-    log.event(_log, logging.INFO, "target captured", lsn=format_lsn(lsn), timeline=tli, segment=seg)
-    return Target(lsn=lsn, time=t, timeline=tli, segment=seg)
-
-
-def own_target(m: mf.Manifest) -> Target:
-    """A stored backup's own consistent point, as a replay target."""
-    seg = segment_of_lsn(m.pg.timeline, m.pg.consistent_lsn, m.pg.wal_segment_size)
-    return Target(lsn=m.pg.consistent_lsn, time=m.pg.consistent_time, timeline=m.pg.timeline, segment=seg)
-
-
-def fetch_wal(cfg: Config, store: ObjectStore, layout: Layout, start_segment: str, target: Target,
-              wal: Path) -> None:
-    """The archived WAL from start_segment to the target's segment, verified, into wal (for replay)."""
-    try:
-        arch.fetch_range(store, layout, start_segment, target.segment, wal, parallel=max(2, cfg.archive.parallel))
-    except NotFoundError as e:
-        raise ValidationError(f"WAL needed for replay is missing from the archive: {e.message}",
-                              detail=e.detail) from None
-    for f in wal.iterdir():
-        proc.chown_to(f, cfg.os_user)
 # --------------------------------------------------------------------------- validation run
 
 
