@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dbops.lab import common as labcommon
 from dbops.lab import harness as labmod
 from dbops import proc
 from dbops.config import Node
@@ -115,7 +116,7 @@ def stop_pid(pid: int) -> None:
                 return True
         except ChildProcessError:
             pass
-        return not labmod._alive(pid)
+        return not proc.pid_alive(pid)
 
     wait_until(gone, 30, f"process {pid} to stop")
 
@@ -214,7 +215,7 @@ def test_a_killed_pusher_is_replaced_and_nothing_is_lost(make_lab, dbops_bin, tm
         while time.monotonic() < deadline and len(killed) < 3:
             try:
                 pid = int(lock.read_text().split()[0])
-                if pid not in killed and "dbops.ops.wal.worker" in labmod._cmdline(pid):
+                if pid not in killed and "dbops.ops.wal.worker" in labcommon.cmdline(pid):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             except (OSError, ValueError, IndexError):

@@ -22,6 +22,7 @@ from typer.main import get_command
 
 from dbops import config as cfgmod
 from dbops.lab import harness as lab
+from dbops.lab import postgres as labpg
 from dbops.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -393,8 +394,8 @@ def test_compose_config_parses_and_names_the_compose_services(services, compose_
 
 
 def test_compose_config_has_the_lab_layout(compose_cfg):
-    nodes = [lab._node("pg1", 15432, Path("/lab")), lab._node("pg2", 15433, Path("/lab"))]
-    lab_text = lab._config_yaml(Path("/lab"), {"s3": {"endpoint": "http://127.0.0.1:18333"}}, nodes, "podman")
+    nodes = [labpg.node("pg1", 15432, Path("/lab")), labpg.node("pg2", 15433, Path("/lab"))]
+    lab_text = lab.config_yaml(Path("/lab"), {"s3": {"endpoint": "http://127.0.0.1:18333"}}, nodes, "podman")
     lab_raw = yaml.safe_load(lab_text)
     cfgmod.parse(lab_raw, env={})  # the reference is itself valid
     raw = yaml.safe_load(COMPOSE_CONFIG.read_text())
