@@ -28,9 +28,9 @@ from dbops.errors import DbopsError
 from dbops.lab import common
 from dbops.lab import postgres as labpg
 from dbops.lab import s3 as labs3
-from dbops.lab.common import PG_USER, STATE_FILE, free_port  # noqa: F401  (the lab's public names)
-from dbops.lab.postgres import DEFAULT_PG_PORT  # noqa: F401
-from dbops.lab.s3 import BUCKET, DEFAULT_S3_PORT  # noqa: F401
+from dbops.lab.common import PG_USER, STATE_FILE, free_port
+from dbops.lab.postgres import DEFAULT_PG_PORT
+from dbops.lab.s3 import BUCKET, DEFAULT_S3_PORT
 
 _log = log.get("lab")
 
@@ -275,3 +275,7 @@ def down(d: Path | str = DEFAULT_DIR, purge: bool = False) -> list[str]:
 
 def shell_exports(lab: LabInfo) -> str:
     return "\n".join(f"export {k}={v}" for k, v in lab.env.items())
+
+
+__all__ = ["BUCKET", "DEFAULT_DIR", "DEFAULT_PG_PORT", "DEFAULT_S3_PORT", "PG_USER", "STATE_FILE", "LabInfo",
+           "config_yaml", "down", "free_port", "info", "shell_exports", "status", "up"]

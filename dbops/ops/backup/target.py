@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbops import log
+from dbops import log, proc
 from dbops.config import Config, Node
 from dbops.errors import NotFoundError, PostgresError, ValidationError
 from dbops.ops.wal import archive as arch
