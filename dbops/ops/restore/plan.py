@@ -4,9 +4,9 @@ what it reached.
 :func:`plan_restore` decides everything a restore will do and changes nothing (``--dry-run``
 prints it); :func:`dbops.ops.restore.run.restore` computes the same plan and carries it out:
 
-1. pick the backup (:mod:`dbops.ops.restore.choose`): the newest one that holds no commit after the target (time targets) or
-   is consistent at or before it (LSN targets), whose timeline leads to the target timeline,
-   not marked failed, a validated one preferred over a newer merely stored one;
+1. pick the backup (:mod:`dbops.ops.restore.choose`): the newest one that holds no commit after
+   the target (time targets) or is consistent at or before it (LSN targets), whose timeline leads
+   to the target timeline, not marked failed, a validated one preferred over a newer merely stored one;
 2. check the archive from that backup's redo point: where its run of segments ends or breaks,
    and (``pg_waldump`` on the last segments) the last archived commit, so that a target past
    the end of the archive, or behind a missing segment, is refused before anything is
@@ -20,7 +20,8 @@ prints it); :func:`dbops.ops.restore.run.restore` computes the same plan and car
    shut down, stopped cleanly, and started for the user with ``--start``.
 
 Any failure leaves nothing that looks like a restored database (:mod:`dbops.ops.restore.folder`):
-a folder dbops filled is emptied again (a ``--delta`` folder is marked unusable instead, to be reused by the next run).
+a folder dbops filled is emptied again (a ``--delta`` folder is marked unusable instead, to be
+reused by the next run).
 """
 
 from __future__ import annotations
