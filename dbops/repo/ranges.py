@@ -2,8 +2,8 @@
 
 Every stored frame the files need is read once: frames are grouped by pack, sorted by offset
 and coalesced into ranged GETs (adjacent, or separated by less than ``MAX_GAP``, up to
-``MAX_RANGE`` stored bytes and ``MAX_RANGE_RAW`` decompressed bytes each: well-compressed data
-still splits into many pieces of work, so every core stays busy to the end), decompressed once each; every block needed from a frame is checked
+``MAX_RANGE`` stored bytes and ``MAX_RANGE_RAW`` decompressed bytes each: very well compressed
+data still splits into several pieces of work), decompressed once each; every block needed from a frame is checked
 against its sha256. A backup is planned ``BATCH_BLOCKS`` blocks at a time, so memory stays flat
 in the size of the backup.
 """
@@ -25,7 +25,7 @@ from dbops.storage.base import ObjectStore
 
 MAX_GAP = 256 * 1024
 MAX_RANGE = 16 * 1024 * 1024
-MAX_RANGE_RAW = 32 * 1024 * 1024
+MAX_RANGE_RAW = 256 * 1024 * 1024  # smaller pieces measured slower (more ranges racing for the GIL)
 BATCH_BLOCKS = 32768  # blocks planned at a time
 
 
