@@ -34,24 +34,19 @@ from dbops.errors import DbopsError, LossPossibleError, PostgresError, Precondit
 from dbops.nodes import open_controller
 from dbops.ops.failover import replication as repl
 from dbops.ops.failover.assess import ArchiveEnd, LostOptions, LostPlan, has_lsn, read_archive
+from dbops.ops.failover.after import post_hooks, repoint, settle_new_primary, unconfirmed, verify_new_primary
 from dbops.ops.failover.candidate import CandidateTuning
 from dbops.ops.failover.hooks import env_for, run_hooks
 from dbops.ops.failover.loss import LostReport, for_plan, iso, last_recovered_commit
 from dbops.ops.failover.walgap import archive_gap, restore_command_for
 from dbops.ops.failover.phases import Observer, Phases
-from dbops.ops.failover.plan import FAIL
+from dbops.ops.failover.report import attach
 from dbops.ops.failover.switchover import cluster_lock
-from dbops.ops.failover.verify import verify
 from dbops.pg import conn
-from dbops.pg.lsn import format_lsn, parse_history, parse_lsn
+from dbops.pg.lsn import format_lsn, parse_lsn
 
 POLL = 0.01
 SETTLE = 0.3  # seconds replay must stand still below the received LSN (an incomplete last record)
-
-
-def _attach(err: DbopsError, report: LostReport) -> DbopsError:
-    err.report = report  # type: ignore[attr-defined]
-    return err
 
 
 class Emergency:
@@ -98,7 +93,7 @@ class Emergency:
                         self.report.outcome = "cancelled"
                         self._untune()
                     if isinstance(e, DbopsError):
-                        _attach(e, self.report)
+                        attach(e, self.report)
                     raise
                 self._after()
         finally:
@@ -254,7 +249,7 @@ class Emergency:
             except DbopsError as e:
                 self.report.outcome = "unknown"
                 self._untune()
-                raise _attach(UnknownOutcomeError(
+                raise attach(UnknownOutcomeError(
                     f"promotion of {self.new.name} requested, outcome unknown: {e.message}", detail=e.detail,
                     hint=f"run `dbops status`: if {self.new.name} is primary, continue by hand (repoint the "
                          "standbys); if it is still a standby, run `dbops failover --primary-lost` again"),
@@ -286,50 +281,29 @@ class Emergency:
         self.ph.guarded("untune candidate", lambda: self.tuning.undo())
         self.ph.guarded("new primary: slots, checkpoint", self._settle)
         self.ph.guarded("archive WAL only the standbys had", self._archive_gap)
-        if fo.post_hooks:
-            with self.ph.phase("post-hooks") as ph:
-                env = env_for(self.cfg.cluster, self.old, self.new, timeline=str(self.report.timeline or ""),
-                              switch_lsn=format_lsn(self._switch) if self._switch else "")
-                failed = run_hooks("post", fo.post_hooks, env, self.opts.timeout)
-                if failed:
-                    ph.ok, ph.detail = False, failed[0]
-                    self.report.warnings.append(f"post-hook {failed[0]}")
+        post_hooks(self.ph, self.cfg, self.old, self.new, timeline=self.report.timeline, switch_lsn=self._switch,
+                   timeout=self.opts.timeout)
         for n in self.others:
             self.ph.guarded(f"repoint {n.name}", lambda n=n: self._repoint(n))
-        with self.ph.phase("verify"):
-            cand = self.plan.candidate
-            self.report.verification = verify(
-                self.cfg, self.new, self.others, timeline=self.report.timeline or 0,
-                old_timeline=self.report.old_timeline or 0, timeout=self.opts.timeout,
-                archive_command=cand.settings.get("archive_command", "") if cand else "")
+        verify_new_primary(self.ph, self.cfg, self.report, self.new, self.others, self.plan.candidate,
+                           self.opts.timeout)
         self.ph.guarded("loss report", self._loss)
-        bad = [f for f in self.report.verification if f.status == FAIL]
-        if bad or self.report.warnings:
-            self.report.outcome = "unknown"
-            lines = [f"{f.check}: {f.message}" for f in bad] + self.report.warnings
-            raise _attach(UnknownOutcomeError(
-                f"{self.new.name} is primary on timeline {self.report.timeline}, but not everything could be "
-                "confirmed", detail="\n  " + "\n  ".join(lines),
-                hint="see each item; `dbops status` shows the topology now"), self.report)
+        err = unconfirmed(self.report)
+        if err is not None:
+            raise err
         loss = self.report.loss
         if loss is not None and loss.possible:
-            raise _attach(LossPossibleError(
+            raise attach(LossPossibleError(
                 f"{self.new.name} is primary on timeline {self.report.timeline}; commits may be lost",
                 detail="\n  " + "\n  ".join(loss.reasons),
                 hint=f"the report names the LSNs; when {self.old.name} is back, `dbops rejoin {self.old.name}` "
                      "lists the commits only it had"), self.report)
 
     def _settle(self) -> None:
+        slots = [repl.slot_name_for(s.name, s.settings.get("primary_slot_name")) for s in self.plan.others] \
+            if self.uses_slots else []
         with conn.session(self.new) as c:
-            if self.uses_slots:
-                for s in self.plan.others:
-                    repl.ensure_slot(c, repl.slot_name_for(s.name, s.settings.get("primary_slot_name")))
-            c.execute("checkpoint")
-            repl.clear_upstream(c)
-            self._history = repl.read_history(c, self.report.timeline or 0)
-        entries = parse_history(self._history) if self._history else []
-        if entries:
-            self._switch = entries[-1][1]
+            self._history, self._switch = settle_new_primary(c, slots, self.report.timeline or 0)
 
     def _archive_gap(self) -> str:
         cand = self.plan.candidate
@@ -359,12 +333,7 @@ class Emergency:
                         decision=decision)
             self.report.repointed[node.name] = f"pg_rewind: {decision.reason}"
             return
-        with conn.session(node) as c:
-            current = c.execute("select current_setting('primary_conninfo')").fetchone()[0]
-            repl.set_upstream(c, repl.follow_conninfo(current or self._cand_conninfo, self.new, node.name), slot)
-            version = int(c.execute("select current_setting('server_version_num')").fetchone()[0])
-        if version < 130000:  # primary_conninfo became reloadable in PostgreSQL 13
-            open_controller(node).restart("fast", timeout=self.opts.timeout)
+        repoint(node, self.new, conninfo_template=self._cand_conninfo, slot=slot, timeout=self.opts.timeout)
         self.report.repointed[node.name] = "primary_conninfo (reload)"
 
     def _loss(self) -> None:
@@ -385,16 +354,6 @@ class Emergency:
                                                                                  iso(found.time))
 
 
-def _cluster_lock(cfg: Config, store: Any) -> Any:
-    """The planned switchover's lock (see switchover.cluster_lock), on the store the plan opened."""
-    if store is None:
-        return cluster_lock(cfg)
-    from dbops.storage.layout import Layout
-    from dbops.storage.lock import SWITCH, ClusterLock
-
-    return ClusterLock(store, Layout(cfg.storage.prefix), SWITCH, command="failover --primary-lost")
-
-
 def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Observer | None = None,
             lock: Callable[[], Any] | None = None) -> LostReport:
     """Run a --primary-lost failover under the cluster lock. Raises with ``.report`` attached when it
@@ -403,7 +362,7 @@ def execute(cfg: Config, plan: LostPlan, opts: LostOptions, *, observer: Observe
         raise plan.refuse()
     em = Emergency(cfg, plan, opts, observer)
     with proc.sigterm_as_interrupt():
-        return em.run(lock or (lambda: _cluster_lock(cfg, plan.store)))
+        return em.run(lock or (lambda: cluster_lock(cfg, plan.store, command="failover --primary-lost")))
 
 
 __all__ = ["Emergency", "LostReport", "execute", "restore_command_for"]

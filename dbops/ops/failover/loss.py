@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dbops.nodes import NodeController
+from dbops.ops.failover.phases import Phase
 from dbops.ops.failover.plan import Finding
-from dbops.ops.failover.report import Phase
 from dbops.pg import waldump
 from dbops.pg.lsn import format_lsn
 

@@ -1,4 +1,5 @@
-"""Timed phases of a failover run: each one logged and recorded, with its outcome and detail."""
+"""Timed phases of a failover run (switchover, --primary-lost, rejoin): each one logged and recorded in
+its report, with its outcome and detail."""
 
 from __future__ import annotations
 
@@ -6,14 +7,22 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from dbops import log
 from dbops.errors import DbopsError
-from dbops.ops.failover.report import Phase
 
 _log = log.get("failover")
 
 Observer = Callable[[str, str], None]  # (phase, "start" | "end")
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    ok: bool = True
+    detail: str | None = None
 
 
 class Phases:
@@ -50,4 +59,4 @@ class Phases:
             self.warnings.append(f"{name}: {e.message}" + (f" ({e.detail.strip()})" if e.detail else ""))
 
 
-__all__ = ["Observer", "Phases"]
+__all__ = ["Observer", "Phase", "Phases"]

@@ -25,9 +25,8 @@ from dbops.errors import DbopsError, PreconditionError, UnknownOutcomeError, Usa
 from dbops.nodes import NodeController, open_controller
 from dbops.ops import topology as topo_mod
 from dbops.ops.failover import replication as repl
-from dbops.ops.failover.phases import Phases
+from dbops.ops.failover.phases import Phase, Phases
 from dbops.ops.failover.plan import FAIL, OK, WARN, Finding
-from dbops.ops.failover.report import Phase
 from dbops.ops.topology import PRIMARY, STANDBY, NodeState, Topology
 from dbops.pg import conn, waldump
 from dbops.pg.controldata import ControlData

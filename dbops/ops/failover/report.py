@@ -8,15 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dbops.errors import DbopsError
+from dbops.ops.failover.phases import Phase
 from dbops.ops.failover.plan import Finding
-
-
-@dataclass
-class Phase:
-    name: str
-    seconds: float
-    ok: bool = True
-    detail: str | None = None
 
 
 @dataclass
@@ -41,8 +34,9 @@ class Report:
         return d
 
 
-def attach(err: DbopsError, report: Report) -> DbopsError:
-    """The error, carrying the report (the CLI prints it and puts it into the JSON error object)."""
+def attach(err: DbopsError, report: Any) -> DbopsError:
+    """The error, carrying the run's report (a switchover's, --primary-lost's, rejoin's): the CLI prints it
+    and puts it into the JSON error object."""
     err.report = report  # type: ignore[attr-defined]
     return err
 

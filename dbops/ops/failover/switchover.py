@@ -35,14 +35,11 @@ one writer: see docs/bad-days.md for what each phase leaves behind.
 
 from __future__ import annotations
 
-import logging
-import shlex
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-from dbops import log, proc
+from dbops import proc
 from dbops.config import Config, Node
 from dbops.errors import (
     DbopsError,
@@ -58,13 +55,13 @@ from dbops.ops.failover import fencing
 from dbops.ops.failover.plan import Options, Plan, make_plan
 from dbops.ops.failover.pgbouncer import PgBouncer, paused
 from dbops.ops.failover.after import AfterPromotion
-from dbops.ops.failover.report import Phase, Report, attach
+from dbops.ops.failover.hooks import env_for, run_hooks
+from dbops.ops.failover.phases import Observer, Phase, Phases
+from dbops.ops.failover.report import Report, attach
 from dbops.pg.lsn import format_lsn, parse_lsn
 
-_log = log.get("failover")
 
 POLL = 0.01  # seconds between polls on the critical path
-Observer = Callable[[str, str], None]  # (phase, "start" | "end")
 
 
 class Switchover(AfterPromotion):
@@ -76,9 +73,10 @@ class Switchover(AfterPromotion):
         self.old: Node = plan.old_primary.node
         self.new: Node = plan.candidate.node
         self.others: list[Node] = [s.node for s in plan.others]
-        self.observer = observer
         self.report = Report(old_primary=self.old.name, new_primary=self.new.name,
                              old_timeline=plan.old_primary.timeline)
+        self.ph = Phases(self.report.phases, self.report.warnings, observer)
+        self.phase = self.ph.phase
         self.ctl_old: NodeController = open_controller(self.old)
         self.bouncer = PgBouncer(cfg.failover.pgbouncer) if cfg.failover.pgbouncer else None
         self.uses_slots = bool(plan.candidate.settings.get("primary_slot_name"))
@@ -89,56 +87,10 @@ class Switchover(AfterPromotion):
         self._checkpoint_lsn: int | None = None
         self._t_fence: float | None = None
         self._history: str | None = None
+        self._switch_lsn: int | None = None
         self._postmaster: str | None = None  # the old primary's postmaster before the stop (postmaster.pid)
         self._fence: Fence | None = None
         self.tuning = CandidateTuning(self.new, open_controller(self.new))
-
-    # -- bookkeeping ----------------------------------------------------------------------------------
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[Phase]:
-        ph = Phase(name, 0.0)
-        if self.observer:
-            self.observer(name, "start")
-        t0 = time.monotonic()
-        try:
-            yield ph
-        except BaseException as e:
-            ph.ok = False
-            ph.detail = ph.detail or (e.message if isinstance(e, DbopsError) else type(e).__name__)
-            raise
-        finally:
-            ph.seconds = round(time.monotonic() - t0, 4)
-            self.report.phases.append(ph)
-            log.event(_log, logging.INFO, f"phase {name}", seconds=ph.seconds, ok=ph.ok, detail=ph.detail)
-            if self.observer:
-                self.observer(name, "end")
-
-    def hook_env(self) -> dict[str, str]:
-        r = self.report
-        return {
-            "DBOPS_CLUSTER": self.cfg.cluster,
-            "DBOPS_OLD_PRIMARY": self.old.name, "DBOPS_OLD_PRIMARY_HOST": self.old.host,
-            "DBOPS_OLD_PRIMARY_PORT": str(self.old.port),
-            "DBOPS_NEW_PRIMARY": self.new.name, "DBOPS_NEW_PRIMARY_HOST": self.new.host,
-            "DBOPS_NEW_PRIMARY_PORT": str(self.new.port),
-            "DBOPS_TIMELINE": str(r.timeline or ""), "DBOPS_SWITCH_LSN": r.switch_lsn or "",
-        }
-
-    def run_hooks(self, kind: str, hooks: tuple[str, ...]) -> list[str]:
-        """Run hooks in order; returns failures ("hook: status") and stops at the first one."""
-        env = {**self.hook_env(), "DBOPS_HOOK": kind}
-        for hook in hooks:  # no shell: split like a shell would (write `sh -c '...'` for pipes and such)
-            try:
-                res = proc.run(shlex.split(hook), env=env, timeout=self.opts.timeout, check=False,
-                               what=f"{kind}-hook")
-            except (DbopsError, ValueError) as e:  # not found, timed out, unbalanced quotes
-                return [f"{hook!r} failed: {getattr(e, 'message', None) or e}"]
-            log.event(_log, logging.INFO, f"{kind}-hook finished", hook=hook, status=res.returncode)
-            if res.returncode != 0:
-                tail = (res.stderr or res.stdout or "").strip()[-500:]
-                return [f"{hook!r} exited with status {res.returncode}" + (f": {tail}" if tail else "")]
-        return []
 
     # -- the run ----------------------------------------------------------------------------------------
 
@@ -153,7 +105,7 @@ class Switchover(AfterPromotion):
                 if self._t_fence is None:
                     self.report.outcome = "cancelled"
                     with proc.unwinding():
-                        self._guarded("untune candidate", self.tuning.undo)
+                        self.ph.guarded("untune candidate", self.tuning.undo)
                 else:  # an unforeseen error after the fence: never call that "failed"
                     self.report.outcome = "unknown"
                     e = UnknownOutcomeError(f"switchover interrupted, outcome unknown: {e.message}",
@@ -163,7 +115,7 @@ class Switchover(AfterPromotion):
             if self._t_fence is None:  # nothing changed yet but the candidate's tuning
                 self.report.outcome = "cancelled"
                 with proc.unwinding():
-                    self._guarded("untune candidate", self.tuning.undo)
+                    self.ph.guarded("untune candidate", self.tuning.undo)
                 raise
             if self.report.outcome != "running":
                 raise  # rolled back already
@@ -185,7 +137,8 @@ class Switchover(AfterPromotion):
         fo = self.cfg.failover
         if fo.pre_hooks:
             with self.phase("pre-hooks") as ph:
-                failed = self.run_hooks("pre", fo.pre_hooks)
+                failed = run_hooks("pre", fo.pre_hooks, env_for(self.cfg.cluster, self.old, self.new, timeline="",
+                                                                switch_lsn=""), self.opts.timeout)
                 if failed:
                     ph.ok, ph.detail = False, failed[0]
                     self.report.outcome = "cancelled"
@@ -246,13 +199,12 @@ class Switchover(AfterPromotion):
             self._fence_and_gate()
             self._promote()
             if bouncer is not None:
-                self._guarded("pgbouncer repoint", lambda: self._repoint_bouncer(bouncer))
-                self._guarded("pgbouncer resume", bouncer.resume)
+                self.ph.guarded("pgbouncer repoint", lambda: self._repoint_bouncer(bouncer))
+                self.ph.guarded("pgbouncer resume", bouncer.resume)
         self.report.write_unavailable_seconds = round(time.monotonic() - t_pause, 4)
 
-    def _repoint_bouncer(self, bouncer: PgBouncer) -> None:
-        changed = bouncer.repoint(self.old, self.new)
-        self.report.phases[-1].detail = "repointed " + (", ".join(changed) or "nothing")
+    def _repoint_bouncer(self, bouncer: PgBouncer) -> str:
+        return "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing")
 
     def _fence_and_gate(self) -> None:
         try:
@@ -333,7 +285,7 @@ class Switchover(AfterPromotion):
                     self.ctl_old.remove_standby_signal()
                 self.ctl_old.start(timeout=self.opts.timeout)
                 self._assert_writable(self.old)
-                self._guarded("untune candidate", self.tuning.undo)
+                self.ph.guarded("untune candidate", self.tuning.undo)
             except DbopsError as e:
                 ph.ok, ph.detail = False, e.message
                 self.report.outcome = "unknown"
@@ -373,7 +325,7 @@ class Switchover(AfterPromotion):
             except DbopsError as e:
                 self.report.outcome = "unknown"
                 msg = _why(e)
-                self._guarded("untune candidate", self.tuning.undo)
+                self.ph.guarded("untune candidate", self.tuning.undo)
                 raise attach(UnknownOutcomeError(
                     f"promotion of {self.new.name} requested, outcome unknown: {msg}",
                     detail=f"{self.old.name} is stopped (clean shutdown at {self.report.shutdown_checkpoint_lsn}) "
@@ -381,8 +333,6 @@ class Switchover(AfterPromotion):
                     hint=f"run `dbops status`: if {self.new.name} is primary, start {self.old.name} (it follows "
                          f"{self.new.name}); if it is still a standby, remove standby.signal from {self.old.name} "
                          "and start it again"), self.report) from None
-
-
 
 
 def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None = None,
@@ -396,20 +346,18 @@ def execute(cfg: Config, plan: Plan, opts: Options, *, observer: Observer | None
         return sw.run()
 
 
-
-
 def _why(e: DbopsError) -> str:
     """The server's (or driver's) own words for a failed statement, else the message."""
     return e.detail.strip() if isinstance(e, QueryError) and e.detail else e.message
 
 
-def cluster_lock(cfg: Config) -> Any:
+def cluster_lock(cfg: Config, store: Any = None, *, command: str = "failover") -> Any:
+    """The switch lock (a failover of either kind, a rejoin, a backup's target capture), on `store` when the
+    caller opened it already."""
+    from dbops.storage import open_archive
     from dbops.storage.lock import SWITCH, ClusterLock
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
 
-    return ClusterLock(open_store(cfg.storage), Layout(cfg.storage.prefix), SWITCH, command="failover",
-                       ttl=cfg.storage.lock_ttl)
+    return ClusterLock(*open_archive(cfg.storage, store), SWITCH, command=command, ttl=cfg.storage.lock_ttl)
 
 
 __all__ = ["Options", "Plan", "Report", "Switchover", "cluster_lock", "execute", "make_plan"]
