@@ -27,7 +27,7 @@ from dbops import log
 from dbops.config import Config
 from dbops.errors import DbopsError, PreconditionError
 from dbops.ops import topology as topo_mod
-from dbops.ops.failover.plan import FAIL, OK, WARN, Finding
+from dbops.ops.failover.plan import FAIL, OK, WARN, Finding, Judged
 from dbops.ops.topology import NodeState, Topology
 from dbops.pg.lsn import DEFAULT_SEGMENT_SIZE, HISTORY_RE, SEGMENT_RE, format_lsn
 
@@ -70,7 +70,7 @@ class ArchiveEnd:
 
 
 @dataclass
-class LostPlan:
+class LostPlan(Judged):
     topology: Topology
     old_primary: NodeState | None
     candidate: NodeState | None
@@ -84,14 +84,6 @@ class LostPlan:
     @property
     def others(self) -> list[NodeState]:
         return [s for s in self.standbys if self.candidate is None or s.name != self.candidate.name]
-
-    @property
-    def blocking(self) -> list[Finding]:
-        return [f for f in self.findings if f.status == FAIL]
-
-    @property
-    def ok(self) -> bool:
-        return not self.blocking
 
     def known_ends(self) -> dict[str, int]:
         """Every place the old primary's WAL is known to have reached: standbys and the archive."""
@@ -129,12 +121,8 @@ class LostPlan:
         }
 
     def refuse(self) -> PreconditionError:
-        lines = [f"[{f.node or '-'}] {f.check}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else "")
-                 for f in self.blocking]
-        err = PreconditionError(f"failover --primary-lost refused: {len(lines)} check(s) failed; nothing changed",
-                                detail="\n  " + "\n  ".join(lines), hint="fix each finding, then run it again")
-        err.plan = self  # type: ignore[attr-defined]
-        return err
+        return self.refusal(f"failover --primary-lost refused: {len(self.blocking)} check(s) failed; nothing changed",
+                            "fix each finding, then run it again")
 
 
 def _fmt(v: int | None) -> str | None:

@@ -47,14 +47,11 @@ class Finding:
     node: str | None = None
 
 
-@dataclass
-class Plan:
-    topology: Topology
-    old_primary: NodeState | None
-    candidate: NodeState | None
-    others: list[NodeState]  # standbys to repoint from the old primary to the candidate
+class Judged:
+    """A plan judged by its findings (a switchover's, --primary-lost's, a rejoin's): any ``fail``
+    finding blocks it (exit 11)."""
+
     findings: list[Finding]
-    steps: list[str] = field(default_factory=list)
 
     @property
     def blocking(self) -> list[Finding]:
@@ -63,6 +60,24 @@ class Plan:
     @property
     def ok(self) -> bool:
         return not self.blocking
+
+    def refusal(self, message: str, hint: str, *, nodes: bool = True) -> PreconditionError:
+        """The error listing each blocking finding ([node] check: message, and its fix), the plan attached."""
+        lines = [(f"[{f.node or '-'}] " if nodes else "") + f"{f.check}: {f.message}"
+                 + (f"\n    fix: {f.fix}" if f.fix else "") for f in self.blocking]
+        err = PreconditionError(message, detail="\n  " + "\n  ".join(lines), hint=hint)
+        err.plan = self  # type: ignore[attr-defined]
+        return err
+
+
+@dataclass
+class Plan(Judged):
+    topology: Topology
+    old_primary: NodeState | None
+    candidate: NodeState | None
+    others: list[NodeState]  # standbys to repoint from the old primary to the candidate
+    findings: list[Finding]
+    steps: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -76,13 +91,8 @@ class Plan:
         }
 
     def refuse(self) -> PreconditionError:
-        lines = [f"[{f.node or '-'}] {f.check}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else "")
-                 for f in self.blocking]
-        err = PreconditionError(f"switchover refused: {len(lines)} preflight check(s) failed",
-                                detail="\n  " + "\n  ".join(lines),
-                                hint="fix each finding, then run `dbops failover` again")
-        err.plan = self  # type: ignore[attr-defined]
-        return err
+        return self.refusal(f"switchover refused: {len(self.blocking)} preflight check(s) failed",
+                            "fix each finding, then run `dbops failover` again")
 
 
 def choose_candidate(topo: Topology, to: str | None) -> NodeState | None:
@@ -346,4 +356,4 @@ def make_plan(cfg: Config, opts: Options) -> Plan:
     return plan
 
 
-__all__ = ["FAIL", "OK", "WARN", "Finding", "Options", "Plan", "choose_candidate", "make_plan", "preflight", "read_control"]
+__all__ = ["FAIL", "OK", "WARN", "Finding", "Judged", "Options", "Plan", "choose_candidate", "make_plan", "preflight", "read_control"]

@@ -26,7 +26,7 @@ from dbops.nodes import NodeController, open_controller
 from dbops.ops import topology as topo_mod
 from dbops.ops.failover import replication as repl
 from dbops.ops.failover.phases import Phase, Phases
-from dbops.ops.failover.plan import FAIL, OK, WARN, Finding
+from dbops.ops.failover.plan import FAIL, OK, WARN, Finding, Judged
 from dbops.ops.topology import PRIMARY, STANDBY, NodeState, Topology
 from dbops.pg import conn, waldump
 from dbops.pg.controldata import ControlData
@@ -54,21 +54,15 @@ class Divergence:
 
 
 @dataclass
-class RejoinPlan:
+class RejoinPlan(Judged):
     node: NodeState
     primary: NodeState | None
     findings: list[Finding]
     already: bool = False  # streaming from the primary on its timeline already
 
-    @property
-    def ok(self) -> bool:
-        return not any(f.status == FAIL for f in self.findings)
-
     def refuse(self) -> PreconditionError:
-        lines = [f"{f.check}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else "")
-                 for f in self.findings if f.status == FAIL]
-        return PreconditionError(f"rejoin of {self.node.name} refused; nothing changed",
-                                 detail="\n  " + "\n  ".join(lines), hint="fix each finding, then run it again")
+        return self.refusal(f"rejoin of {self.node.name} refused; nothing changed", "fix each finding, then run it again",
+                            nodes=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node.name, "primary": self.primary.name if self.primary else None,
