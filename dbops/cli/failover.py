@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Any
 
 import typer
 
 from dbops.cli import output
-from dbops.cli.failover_view import with_context
+from dbops.cli.failover_view import print_checks, print_phases, print_steps, print_verification, run_planned
 from dbops.cli.state import start_line, state_of
-from dbops.errors import DbopsError, ExitCode, UsageError
+from dbops.errors import UsageError
 
 
 def failover(
@@ -68,42 +67,12 @@ def failover(
     plan = make_plan(cfg, opts)
     if not json_:
         _print_plan(plan)
-    if not plan.ok:
-        raise with_context(plan.refuse(), plan=plan)
-    if dry_run:
-        if json_:
-            output.emit_json({"ok": True, "dry_run": True, "plan": plan.as_dict()})
-        else:
-            output.out("\ndry run: nothing was changed")
-        return
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("confirmation needed: pass --yes to switch over without a terminal")
-        if not typer.confirm(f"Switch the primary from {plan.old_primary.name} to {plan.candidate.name}?",
-                             err=True):
-            output.err("not confirmed: nothing was changed")
-            raise typer.Exit(int(ExitCode.FAILED))
-    try:
-        report = fo.execute(cfg, plan, opts)
-    except DbopsError as e:
-        rep = getattr(e, "report", None)
-        if metrics_file and rep is not None:
-            _write_metrics(metrics_file, fo_report.metrics(rep), cfg.cluster)
-        if not json_ and rep is not None:
-            _print_report(rep)
-        raise with_context(e, plan=plan, report=rep)
-    if metrics_file:
-        _write_metrics(metrics_file, fo_report.metrics(report), cfg.cluster)
-    if json_:
-        output.emit_json({"ok": True, "plan": plan.as_dict(), "report": report.as_dict()})
-    else:
-        _print_report(report)
-
-
-def _write_metrics(path: str, values: dict, cluster: str) -> None:
-    from dbops import metrics
-
-    metrics.write(path, values, {"cluster": cluster})
+    run_planned(plan, json_=json_, dry_run=dry_run, yes=yes,
+                question=f"Switch the primary from {plan.old_primary.name if plan.old_primary else '?'} to "
+                         f"{plan.candidate.name if plan.candidate else '?'}?",
+                no_tty="confirmation needed: pass --yes to switch over without a terminal",
+                execute=lambda: fo.execute(cfg, plan, opts), print_report=_print_report,
+                metrics_file=metrics_file, metrics=fo_report.metrics, cluster=cfg.cluster)
 
 
 def _print_plan(plan: Any) -> None:
@@ -117,14 +86,8 @@ def _print_plan(plan: Any) -> None:
                      (s.error or "")[:60]])
     output.out(output.table(["NODE", "ROLE", "UPSTREAM", "TIMELINE", "REPLAY LAG", "NOTE"], rows))
     output.out("\npreflight:")
-    for f in plan.findings:
-        output.out(f"  {f.status.upper():<4}  " + (f"[{f.node}] " if f.node else "") + f"{f.check}: {f.message}")
-        if f.fix and f.status != "ok":
-            output.out(f"        fix: {f.fix}")
-    if plan.ok:
-        output.out("\nsteps:")
-        for i, step in enumerate(plan.steps, 1):
-            output.out(f"  {i:>2}. {step}")
+    print_checks(plan.findings)
+    print_steps(plan)
 
 
 def _print_report(rep: Any) -> None:
@@ -143,13 +106,10 @@ def _print_report(rep: Any) -> None:
     if rep.rewind:
         output.out(f"  pg_rewind {'run' if rep.rewind['needed'] else 'not needed'}: {rep.rewind['reason']}")
     output.out("phases:")
-    for ph in rep.phases:
-        output.out(f"  {'ok ' if ph.ok else 'ERR'} {ph.name:<32} {ph.seconds:8.3f} s" +
-                   (f"  {ph.detail}" if ph.detail else ""))
+    print_phases(rep.phases, 32)
     if rep.verification:
         output.out("verification:")
-        for f in rep.verification:
-            output.out(f"  {f.status.upper():<4}  {f.check}: {f.message}")
+        print_verification(rep.verification)
     for w in rep.warnings:
         output.out(f"  ! {w}")
 

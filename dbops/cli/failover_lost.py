@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
-import typer
-
 from dbops.cli import output
-from dbops.cli.failover_view import with_context
+from dbops.cli.failover_view import print_checks, print_phases, print_steps, print_verification, run_planned
 from dbops.cli.state import State, start_line
-from dbops.errors import DbopsError, ExitCode, UsageError
 
 
 def run_lost(st: State, *, to: str | None, dry_run: bool, yes: bool, timeout: float | None, json_: bool,
              metrics_file: str | None, no_fence: bool) -> None:
     from dbops.ops.failover import emergency
     from dbops.ops.failover.assess import LostOptions, assess
+    from dbops.ops.failover.loss import metrics as loss_metrics
 
     started = time.monotonic()
     start_line("failover", mode="primary-lost", to=to, dry_run=dry_run, no_fence=no_fence)
@@ -26,43 +23,12 @@ def run_lost(st: State, *, to: str | None, dry_run: bool, yes: bool, timeout: fl
     plan = assess(cfg, opts)
     if not json_:
         print_plan(plan)
-    if not plan.ok:
-        raise with_context(plan.refuse(), plan=plan)
-    if dry_run:
-        if json_:
-            output.emit_json({"ok": True, "dry_run": True, "plan": plan.as_dict()})
-        else:
-            output.out("\ndry run: nothing was changed")
-        return
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("confirmation needed: pass --yes to promote without a terminal")
-        if not typer.confirm(f"{plan.old_primary.name} is lost: promote {plan.candidate.name}?", err=True):
-            output.err("not confirmed: nothing was changed")
-            raise typer.Exit(int(ExitCode.FAILED))
-    try:
-        report = emergency.execute(cfg, plan, opts)
-    except DbopsError as e:
-        rep = getattr(e, "report", None)
-        if rep is not None:
-            if metrics_file:
-                _write_metrics(metrics_file, rep, cfg.cluster)
-            if not json_:
-                print_report(rep)
-        raise with_context(e, plan=plan, report=rep)
-    if metrics_file:
-        _write_metrics(metrics_file, report, cfg.cluster)
-    if json_:
-        output.emit_json({"ok": True, "plan": plan.as_dict(), "report": report.as_dict()})
-    else:
-        print_report(report)
-
-
-def _write_metrics(path: str, report: Any, cluster: str) -> None:
-    from dbops import metrics
-    from dbops.ops.failover.loss import metrics as loss_metrics
-
-    metrics.write(path, loss_metrics(report), {"cluster": cluster})
+    run_planned(plan, json_=json_, dry_run=dry_run, yes=yes,
+                question=f"{plan.old_primary.name if plan.old_primary else '?'} is lost: promote "
+                         f"{plan.candidate.name if plan.candidate else '?'}?",
+                no_tty="confirmation needed: pass --yes to promote without a terminal",
+                execute=lambda: emergency.execute(cfg, plan, opts), print_report=print_report,
+                metrics_file=metrics_file, metrics=loss_metrics, cluster=cfg.cluster)
 
 
 def print_plan(plan: Any) -> None:
@@ -85,14 +51,8 @@ def print_plan(plan: Any) -> None:
         output.out(f"the old primary is known to have reached {_lsn(best)} ("
                    + ", ".join(k for k, v in ends.items() if v == best) + ")")
     output.out("\nchecks:")
-    for f in plan.findings:
-        output.out(f"  {f.status.upper():<4}  " + (f"[{f.node}] " if f.node else "") + f"{f.check}: {f.message}")
-        if f.fix and f.status != "ok":
-            output.out(f"        fix: {f.fix}")
-    if plan.ok:
-        output.out("\nsteps:")
-        for i, step in enumerate(plan.steps, 1):
-            output.out(f"  {i:>2}. {step}")
+    print_checks(plan.findings)
+    print_steps(plan)
 
 
 def _lsn(v: int | None) -> str:
@@ -138,12 +98,10 @@ def print_report(rep: Any) -> None:
     for name, how in rep.repointed.items():
         output.out(f"  repointed {name}: {how}")
     output.out("phases:")
-    for ph in rep.phases:
-        output.out(f"  {'ok ' if ph.ok else 'ERR'} {ph.name:<34} {ph.seconds:8.3f} s" + (f"  {ph.detail}" if ph.detail else ""))
+    print_phases(rep.phases, 34)
     if rep.verification:
         output.out("verification:")
-        for f in rep.verification:
-            output.out(f"  {f.status.upper():<4}  {f.check}: {f.message}")
+        print_verification(rep.verification)
     for n in rep.notes:
         output.out(f"  note: {n}")
     for w in rep.warnings:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Any
 
 import typer
 
 from dbops.cli import output
-from dbops.cli.failover_view import with_context
+from dbops.cli.failover_view import print_checks, print_phases, print_verification, run_planned
 from dbops.cli.state import start_line, state_of
-from dbops.errors import DbopsError, ExitCode, UsageError
 
 
 def rejoin(
@@ -39,34 +37,12 @@ def rejoin(
     p = rj.plan(cfg, node)
     if not json_:
         output.out(f"rejoin {node} as a standby of {p.primary.name if p.primary else '?'}")
-        for f in p.findings:
-            output.out(f"  {f.status.upper():<4}  {f.check}: {f.message}" + (f"\n        fix: {f.fix}" if f.fix and
-                                                                               f.status != "ok" else ""))
-    if not p.ok:
-        raise with_context(p.refuse(), plan=p)
-    if dry_run or p.already:
-        if json_:
-            output.emit_json({"ok": True, "dry_run": dry_run, "plan": p.as_dict()})
-        elif dry_run:
-            output.out("\ndry run: nothing was changed")
-        return
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("confirmation needed: pass --yes to rejoin without a terminal")
-        if not typer.confirm(f"Rewind {node} if needed and make it a standby of {p.primary.name}?", err=True):
-            output.err("not confirmed: nothing was changed")
-            raise typer.Exit(int(ExitCode.FAILED))
-    try:
-        report = rj.execute(cfg, p, timeout=timeout if timeout is not None else cfg.failover.timeout)
-    except DbopsError as e:
-        rep = getattr(e, "report", None)
-        if rep is not None and not json_:
-            _print(rep)
-        raise with_context(e, plan=p, report=rep)
-    if json_:
-        output.emit_json({"ok": True, "plan": p.as_dict(), "report": report.as_dict()})
-    else:
-        _print(report)
+        print_checks(p.findings, nodes=False)
+    run_planned(p, json_=json_, dry_run=dry_run, yes=yes, settled=p.already,
+                question=f"Rewind {node} if needed and make it a standby of {p.primary.name if p.primary else '?'}?",
+                no_tty="confirmation needed: pass --yes to rejoin without a terminal",
+                execute=lambda: rj.execute(cfg, p, timeout=timeout if timeout is not None else cfg.failover.timeout),
+                print_report=_print)
 
 
 def _print(rep: Any) -> None:
@@ -87,10 +63,8 @@ def _print(rep: Any) -> None:
             output.out(f"  note: {d.note}")
     output.out(f"  pg_rewind: {'ran' if rep.rewound else 'not needed'} ({rep.rewind_reason})"
                + (f"; servers diverged at {rep.rewind_diverged_at}" if rep.rewind_diverged_at else ""))
-    for ph in rep.phases:
-        output.out(f"  {'ok ' if ph.ok else 'ERR'} {ph.name:<20} {ph.seconds:8.3f} s" + (f"  {ph.detail}" if ph.detail else ""))
-    for f in rep.verification:
-        output.out(f"  {f.status.upper():<4}  {f.check}: {f.message}")
+    print_phases(rep.phases, 20)
+    print_verification(rep.verification)
 
 
 def register(app: typer.Typer) -> None:
