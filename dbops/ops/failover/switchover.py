@@ -352,7 +352,7 @@ def _why(e: DbopsError) -> str:
 
 
 def cluster_lock(cfg: Config, store: Any = None, *, command: str = "failover") -> Any:
-    """The switch lock (a failover of either kind, a rejoin, a backup's target capture), on `store` when the
+    """The switch lock (a failover of either kind, a rejoin), on `store` when the
     caller opened it already."""
     from dbops.storage import open_archive
     from dbops.storage.lock import SWITCH, ClusterLock
