@@ -6,6 +6,8 @@
   refuse it with exit 11 naming the store;
 * 409 ConditionalRequestConflict is retried, not reported as a conflicting archive;
 * the spool filesystem full: archive_command still stores every segment before exit 0;
+* the scratch filesystem filling up while a run proves the previous backup: exit 1 naming ENOSPC,
+  the previous backup keeps its status, scratch left empty; the next run with room validates it;
 * a backup planted in the bucket (a real one copied under a newer ID with a hostile entry):
   restore and backup refuse it (exit 7) and touch nothing outside their target;
 * a backup stopped (SIGSTOP) past the lock's TTL while a prune takes the lock over: continued,
@@ -21,6 +23,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ from s3proxy import S3FaultProxy
 
 from dbops import proc
 from dbops.repo import catalog
+from dbops.runtime import scratch as scratch_policy
 from dbops.repo import manifest as mf
 from dbops.repo import mformat
 from dbops.repo.manifest import DIR, FileEntry
@@ -228,6 +232,81 @@ def _pg_ids() -> tuple[int, int]:
 
     pw = pwd.getpwnam("postgres")
     return pw.pw_uid, pw.pw_gid
+
+
+# --------------------------------------------------------------------------- scratch full
+
+VALIDATION_PHASES = ("download", "wal_fetch", "start", "replay", "checks", "stop")
+
+
+def fill_when_a_run_starts(scratch: Path, stop: threading.Event) -> threading.Thread:
+    """Fill the filesystem the moment a run makes its folder there (just before it restores the previous
+    backup): what another process writing to the same disk might do."""
+
+    def watch() -> None:
+        while not stop.is_set():
+            if any(scratch.glob(f"{scratch_policy.SCRATCH_PREFIX}*")):
+                fd = os.open(scratch / "ballast", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                try:
+                    for block in (1 << 20, 4096, 512):
+                        try:
+                            while True:
+                                os.write(fd, b"\0" * block)
+                        except OSError:
+                            pass
+                finally:
+                    os.close(fd)
+                return
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def status_of(dbops_bin, env, backup_id: str):
+    r = run(dbops_bin, env, "backup", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return {b["backup_id"]: b["status"] for b in json.loads(r.stdout)}.get(backup_id)
+
+
+def test_the_scratch_filesystem_filling_up_during_validation(flab, env, dbops_bin, tmp_path):
+    store, layout = open_store(flab.config.storage), Layout(flab.config.storage.prefix)
+    if not [b for b in catalog.list_backups(store, layout) if b.usable]:
+        r = run(dbops_bin, env, "backup", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+    prev = [b for b in catalog.list_backups(store, layout) if b.usable][-1]
+    before = status_of(dbops_bin, env, prev.backup_id)
+    listed = run(dbops_bin, env, "backup", "list", "--json").stdout
+    needed = scratch_policy.scratch_needed(mf.load(store, layout, prev.backup_id).logical_size)
+    with tmpfs(flab.dir / "tmpfs-scratch", needed + 32 * 2**20) as scratch:
+        cfg = config_copy(flab, "small-scratch", backup={"scratch_dir": str(scratch)})
+        names = [switch(flab)]
+        stop = threading.Event()
+        filler = fill_when_a_run_starts(scratch, stop)
+        try:
+            r = run(dbops_bin, env, "-c", cfg, "backup")
+        finally:
+            stop.set()
+            filler.join(timeout=30)
+        assert (scratch / "ballast").exists(), "the run never made its scratch folder"
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert f"the scratch folder {scratch} ran out of space (ENOSPC" in r.stderr, r.stderr[-3000:]
+        phase = r.stderr.split("during phase ", 1)[1].split()[0] if "during phase " in r.stderr else None
+        assert phase in VALIDATION_PHASES, r.stderr[-3000:]
+        assert "no backup was marked failed" in r.stderr and "backup.scratch_dir" in r.stderr
+        assert status_of(dbops_bin, env, prev.backup_id) == before  # a full disk is not the backup's fault
+        assert run(dbops_bin, env, "backup", "list", "--json").stdout == listed  # nothing stored
+        (scratch / "ballast").unlink()
+        scratch_is_empty(scratch)  # the run's folder removed; the container too (no mount left in use)
+
+        r = run(dbops_bin, env, "-c", cfg, "backup", "--json")  # the next normal run, with room
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout)["validated"]["backup_id"] == prev.backup_id
+        assert status_of(dbops_bin, env, prev.backup_id) == "validated"
+        wait_archived(flab, names)
+        scratch_is_empty(scratch)
+    invariants(flab, dbops_bin, env, tmp_path)
 
 
 # --------------------------------------------------------------------------- the bucket is untrusted
