@@ -132,6 +132,11 @@ class Instance(Protocol):
         """The last lines of the server log (for error messages)."""
         ...
 
+    def ended_by(self) -> str | None:
+        """How the host ended the server, when it did (the OOM killer, SIGKILL); None otherwise or while
+        it runs. The server log cannot say so when its postmaster itself was killed."""
+        ...
+
     def stop(self, mode: str = "fast", timeout: float = 600.0) -> None:
         """Clean shutdown; a server in recovery is left "shut down in recovery" (a consistent snapshot)."""
         ...
@@ -317,6 +322,9 @@ class InstanceBase:
 
     def logs(self, tail: int = 50) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def ended_by(self) -> str | None:
+        return None
 
     def remove(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -214,6 +214,19 @@ class ContainerInstance(InstanceBase):
         res = self._engine.run(["logs", "--tail", str(tail), self.name], check=False, timeout=60)
         return res.stdout + res.stderr if res.returncode == 0 else ""
 
+    def ended_by(self) -> str | None:
+        res = self._engine.run(["inspect", "--format", "{{.State.Running}} {{.State.OOMKilled}} {{.State.ExitCode}}",
+                                self.name], check=False, timeout=60)
+        running, oom, code = (res.stdout.split() + ["", "", ""])[:3] if res.returncode == 0 else ("", "", "")
+        if running != "false":
+            return None
+        if oom == "true":
+            return f"the container {self.name} was killed by the OOM killer (its memory limit): " \
+                   f"its main process was terminated by signal 9"
+        if code == "137":  # 128 + SIGKILL: a memory cgroup's OOM kill where the engine does not flag it
+            return f"the container {self.name} ended with status 137: its main process was terminated by signal 9"
+        return None
+
     def stop(self, mode: str = "fast", timeout: float = 600.0) -> None:
         """Signal the server (smart: TERM, fast: INT, immediate: QUIT) and wait for it to exit.
 

@@ -104,6 +104,11 @@ class LocalInstance(InstanceBase):
     def is_running(self) -> bool:
         return self._popen.poll() is None
 
+    def ended_by(self) -> str | None:
+        if self._popen.poll() == -9:
+            return f"the server (pid {self._popen.pid}) was terminated by signal 9"
+        return None
+
     def logs(self, tail: int = 50) -> str:
         try:
             lines = self.log_file.read_text(errors="replace").splitlines()

@@ -1,8 +1,10 @@
 """Issue #13 item 6: an environment failure during validation is not a bad backup.
 
-The container runtime failing (here: podman given a root filesystem that does not exist) while a
-run proves the previous backup exits 17 and leaves that backup `stored`, not `failed`; the next
-run with a working runtime validates it."""
+While a run proves the previous backup, the environment fails: the container runtime (podman given
+a root filesystem that does not exist), or the OOM killer (the throwaway container given a 16 MiB
+memory limit: the kernel kills PostgreSQL while it starts, log and all). Each time the run exits 17
+and leaves that backup `stored`, not `failed` (no healing full backup either); the next run with a
+working environment validates it. One lab for the module."""
 
 from __future__ import annotations
 
@@ -13,6 +15,16 @@ import pytest
 import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+
+@pytest.fixture(scope="module")
+def vlab(lab_factory):
+    info = lab_factory.create("validation-env", replicas=0)
+    raw = yaml.safe_load(Path(info.config_path).read_text())
+    if raw["runtime"]["engine"] == "none":
+        pytest.fail("this lab validates without containers; the test needs podman")
+    yield info
+    lab_factory.destroy(info.dir)
 
 
 def _backup(cli, cfg_path: str):
@@ -26,23 +38,37 @@ def _states(cli, cfg_path: str) -> dict[str, str]:
     return {row["backup_id"]: row["status"] for row in json.loads(r.stdout)}
 
 
-def test_a_runtime_failure_during_validation_leaves_the_previous_backup_usable(make_lab, cli):
-    lab = make_lab(replicas=0)
+def _broken(lab, name: str, **runtime) -> str:
     raw = yaml.safe_load(Path(lab.config_path).read_text())
-    if raw["runtime"]["engine"] == "none":
-        pytest.fail("this lab validates without containers; the test needs podman")
+    raw["runtime"].update(runtime)
+    path = Path(lab.dir) / f"dbops-{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def _environment_fails_then_recovers(cli, lab, broken: str, cause: str) -> None:
     r1, b1 = _backup(cli, lab.config_path)
     assert r1.exit_code == 0, r1
-    raw["runtime"]["rootfs"] = "/dbops-no-such-rootfs"
-    broken = Path(lab.dir) / "dbops-broken-runtime.yaml"
-    broken.write_text(yaml.safe_dump(raw, sort_keys=False))
+    before = _states(cli, lab.config_path)
+    assert before[b1["backup_id"]] == "stored"
 
-    r2, _ = _backup(cli, str(broken))
+    r2, _ = _backup(cli, broken)
     assert r2.exit_code == 17, r2
-    assert "validation could not run" in r2.stderr and "says nothing against the backup" in r2.stderr
-    assert _states(cli, lab.config_path) == {b1["backup_id"]: "stored"}  # not failed, nothing new stored
+    assert "validation could not run" in r2.stderr and "says nothing against the backup" in r2.stderr, r2.stderr
+    assert cause in r2.stderr, r2.stderr
+    assert _states(cli, lab.config_path) == before  # not failed, no healing full backup, nothing new stored
 
     r3, b3 = _backup(cli, lab.config_path)
     assert r3.exit_code == 0, r3
     assert b3["validated"]["backup_id"] == b1["backup_id"]
     assert _states(cli, lab.config_path)[b1["backup_id"]] == "validated"
+
+
+def test_a_runtime_failure_during_validation_leaves_the_previous_backup_usable(vlab, cli):
+    broken = _broken(vlab, "broken-runtime", rootfs="/dbops-no-such-rootfs")
+    _environment_fails_then_recovers(cli, vlab, broken, "container runtime or host failure")
+
+
+def test_an_oom_kill_during_validation_leaves_the_previous_backup_usable(vlab, cli):
+    small = _broken(vlab, "16m", extra_args=["--memory", "16m"])  # podman run ... --memory 16m
+    _environment_fails_then_recovers(cli, vlab, small, "signal 9")

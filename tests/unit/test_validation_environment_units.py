@@ -15,6 +15,9 @@ from dbops.ops.backup.environment import environment_cause, environment_error
     "connection failed: FATAL:  sorry, too many clients already",
     "FATAL:  remaining connection slots are reserved for non-replication superuser connections",
     "LOG:  could not fork new process for connection: Resource temporarily unavailable",
+    "the container dbops-backup-1 was killed by the OOM killer (its memory limit): its main process was terminated "
+    "by signal 9",
+    "the container dbops-backup-1 ended with status 137: its main process was terminated by signal 9",
 ])
 def test_environment_failures_are_recognised(line):
     assert environment_cause(line)

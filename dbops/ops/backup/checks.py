@@ -11,7 +11,7 @@ from typing import Any
 
 from dbops.config import Config, Node
 from dbops.errors import PostgresError, ValidationError
-from dbops.ops.backup.environment import environment_cause, environment_error
+from dbops.ops.backup.environment import environment_cause, environment_error, killed_cause
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 
@@ -41,7 +41,7 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
                                    "rows": rows})
         except PostgresError as e:
             checks.append({"check": "read_tables", "database": db, "ok": False, "error": e.detail or e.message})
-            cause = environment_cause(e.detail or e.message)
+            cause = environment_cause(e.detail or e.message) or killed_cause(inst)
             if cause:
                 raise environment_error(f"database {db} of the restored backup could not be read", cause,
                                         e.detail or e.message) from None
@@ -51,6 +51,9 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
             r = inst.run_tool([tool_path(cfg, "pg_amcheck"), "-d", db, "--no-strict-names"], check=False, timeout=24 * 3600)
             ok = r.returncode == 0
             checks.append({"check": "pg_amcheck", "database": db, "ok": ok, "tables": len(tables)})
+            if not ok and (cause := killed_cause(inst)):
+                raise environment_error(f"pg_amcheck on database {db} of the restored backup was cut short", cause,
+                                        (r.stdout + r.stderr)[-1000:] + "\n" + inst.logs(20))
             if not ok:
                 raise ValidationError(f"pg_amcheck found corruption in database {db} of the restored backup",
                                       detail=(r.stdout + r.stderr)[-2000:])

@@ -17,6 +17,7 @@ from dbops.errors import ValidationEnvironmentError
 
 # Server log / libpq lines that blame the machine, not the data (PostgreSQL's own wording).
 _ENVIRONMENT = [
+    (re.compile(r"killed by the OOM killer", re.I), "killed by the OOM killer: the memory limit is too low"),
     (re.compile(r"terminated by signal 9|was terminated by signal 9: Killed", re.I), "a server process was killed "
                                                                                    "(signal 9: the OOM killer?)"),
     (re.compile(r"out of memory|could not fork|Cannot allocate memory", re.I), "out of memory"),
@@ -36,6 +37,22 @@ def environment_cause(text: str | None) -> str | None:
         if text and pattern.search(text):
             return cause
     return None
+
+
+_KILLED = re.compile(r"terminated by signal 9|killed by the OOM killer", re.I)
+
+
+def server_detail(inst, tail: int = 30) -> str:
+    """The server log's tail, and how the host ended the server when it did (the OOM killer kills the
+    postmaster too, and then nothing in the log says so)."""
+    ended = inst.ended_by()
+    return inst.logs(tail) + (f"\n{ended}" if ended else "")
+
+
+def killed_cause(inst) -> str | None:
+    """A check failed: was it because the host killed the server or one of its processes (OOM)?"""
+    text = server_detail(inst, 50)
+    return environment_cause(text) if _KILLED.search(text) else None
 
 
 def environment_error(what: str, cause: str, detail: str | None) -> ValidationEnvironmentError:

@@ -23,7 +23,7 @@ from dbops.config import Config
 from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError, ValidationError
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
-from dbops.ops.backup.environment import environment_cause, environment_error
+from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
 from dbops.ops.backup.target import Target, fetch_wal, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
@@ -152,7 +152,7 @@ def _wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int,
             _fail_on_full_disk(inst, data)
             next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
         if not inst.is_running():
-            logs = inst.logs(30)
+            logs = server_detail(inst)
             cause = environment_cause(logs)
             if cause:
                 raise environment_error("PostgreSQL stopped during recovery", cause, logs)
@@ -217,7 +217,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             try:
                 inst.wait_ready(timeout)
             except DbopsError as e:
-                detail = (e.detail or e.message) + "\n" + inst.logs(30)
+                detail = (e.detail or e.message) + "\n" + server_detail(inst)
                 if inst.is_running():  # alive but not ready in time: the start timeout, not the backup
                     raise environment_error(f"PostgreSQL did not accept connections within {timeout:.0f} s",
                                             "backup.validation.start_timeout too short for this machine",
