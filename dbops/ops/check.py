@@ -351,8 +351,10 @@ def run_check(cfg: Config, *, nodes: bool = True, storage: bool = True, runtime:
         _check_storage(cfg, report)
     if nodes and storage and report.storage.get("reachable"):
         from dbops.ops import check_tablespaces
+        from dbops.ops.failover import poolerpause
 
         check_tablespaces.check(cfg, report)
+        poolerpause.check(cfg, report)
     if runtime:
         _check_runtime(cfg, report)
         if report.runtime.get("ok"):

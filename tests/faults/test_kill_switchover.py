@@ -9,7 +9,10 @@ through a read-write multi-host string. After each kill the documented recovery 
 * afterwards exactly one node accepts writes and the other streams from it;
 * no acknowledged commit is lost;
 * the next `dbops failover` (the following normal run) takes over the dead run's lock and works,
-  and the candidate's temporary tuning left by a killed run is put back.
+  and the candidate's temporary tuning left by a killed run is put back;
+* PgBouncer (a real one in front of the lab, named in failover.pgbouncer) is not left paused: a kill
+  between PAUSE and RESUME leaves the pause record, and `dbops check` (after every other kill) or the
+  next `dbops failover` (the others) repoints it at the writer and resumes it.
 """
 
 from __future__ import annotations
@@ -27,15 +30,22 @@ import pytest
 from dbops import config as cfgmod
 from dbops.nodes import open_controller
 from dbops.ops import topology
+from dbops.ops.failover.pgbouncer import PgBouncer
+from dbops.ops.failover.poolerpause import read_record
 from dbops.pg import conn
+from dbops.storage import open_store
+from dbops.storage.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import failover_lab  # noqa: E402
 from oneprimary import OnePrimaryWatch  # noqa: E402
 from writer_probe import Writer, multi_host, prepare  # noqa: E402
 
 pytestmark = pytest.mark.integration
+
+LEFT_PAUSED = "left paused by an interrupted switchover"
 
 # Killed right after these phases end: before the stop, stopped but not fenced, fenced but not
 # promoted, promotion requested, promoted but not settled, settled but the old primary not rejoined.
@@ -49,6 +59,35 @@ def klab(lab_factory):
     with conn.session(info.primary) as c:
         prepare(c)
     return info
+
+
+@pytest.fixture(scope="module")
+def bouncer(klab):
+    """A real PgBouncer in front of the lab, named in failover.pgbouncer (dbops pauses and repoints it)."""
+    b = failover_lab.start_pgbouncer(Path(klab.dir) / "pgbouncer", klab)
+    yield b
+    b.stop()
+
+
+def pooler_serves_writes(bouncer, timeout: float = 10.0) -> bool:
+    """A query through PgBouncer reaches a writable node within seconds (a paused pooler holds it)."""
+    import threading
+
+    import psycopg
+
+    answer: list[bool] = []
+
+    def ask() -> None:
+        try:
+            with psycopg.connect(bouncer.conninfo(), autocommit=True) as c:
+                answer.append(bool(c.execute("select not pg_is_in_recovery()").fetchone()[0]))
+        except psycopg.Error:
+            answer.append(False)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout)
+    return answer == [True]
 
 
 def _settled(cfg, timeout: float = 60.0) -> topology.Topology:
@@ -108,9 +147,11 @@ def recover(cfg) -> str:
     return old.name
 
 
-def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, dbops_bin, tmp_path):
-    cfg_path = klab.config_path
+def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, bouncer, dbops_bin, tmp_path):
+    cfg_path = failover_lab.failover_config(klab, bouncer, name="dbops-kill-bouncer.yaml")
     cfg = cfgmod.load(cfg_path)
+    pooler = PgBouncer(cfg.failover.pgbouncer)
+    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
     _settled(cfg)
     watch = OnePrimaryWatch(list(cfg.nodes))
     writer = Writer(multi_host(list(cfg.nodes), passfile=str(Path(klab.dir) / "pgpass")),
@@ -118,16 +159,31 @@ def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, d
     watch.start()
     writer.start()
     results = {}
+    resume_due = None  # a kill left PgBouncer paused; the next `dbops failover` must resume it
     try:
         writer.wait_for_commits(20)
-        for phase in KILL_AFTER:
+        for i, phase in enumerate(KILL_AFTER):
             before = _settled(cfg).primary.name
             code, out, err = _failover(dbops_bin, cfg_path, tmp_path, phase)
             assert code == -signal.SIGKILL, (phase, code, err[-3000:])
+            if resume_due:
+                assert LEFT_PAUSED in err, (resume_due, err[-3000:])
+                resume_due = None
             primary = recover(cfg)
             topo = _settled(cfg, timeout=90)
             assert topo.primary.name == primary
             results[phase] = ("switched" if primary != before else "not switched")
+            if pooler.paused_databases():  # dbops paused it and died: its record says so
+                assert read_record(store, layout) is not None, phase
+                if i % 2 == 0:  # the following normal run: `dbops check` resumes it
+                    r = subprocess.run([dbops_bin, "-c", cfg_path, "check", "--skip-runtime"], capture_output=True,
+                                       text=True, timeout=120, env={**os.environ, "DBOPS_LOCK_DIR": str(tmp_path)})
+                    assert LEFT_PAUSED in r.stdout, (phase, r.stdout, r.stderr[-2000:])
+                    assert pooler.paused_databases() == [] and pooler_serves_writes(bouncer), phase
+                    results[phase] += "; PgBouncer left paused, resumed by dbops check"
+                else:  # or the next `dbops failover`, first thing
+                    resume_due = phase
+                    results[phase] += "; PgBouncer left paused, resumed by the next dbops failover"
             writer.wait_for_commits(20)
             assert watch.overlaps() == [], (phase, watch.overlaps())
         # the following normal run: takes over the dead run's lock, switches, verifies
@@ -135,12 +191,16 @@ def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, d
         code, out, err = _failover(dbops_bin, cfg_path, tmp_path, None)
         assert code == 0, err[-3000:]
         assert json.loads(out)["report"]["new_primary"] != before
+        if resume_due:
+            assert LEFT_PAUSED in err, (resume_due, err[-3000:])
         writer.wait_for_commits(20)
     finally:
         writer.stop()
         watch.stop()
     assert watch.overlaps() == [], watch.overlaps()
     assert watch.writers_now() == [_settled(cfg).primary.name]
+    assert pooler.paused_databases() == [] and read_record(store, layout) is None
+    assert pooler_serves_writes(bouncer)  # not paused, and pointed at the primary
     with conn.session(_settled(cfg).primary.node) as c:
         assert writer.lost(c) == []
         # no tuning left behind by the killed runs on any node

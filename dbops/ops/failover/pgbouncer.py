@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,6 +58,24 @@ class PgBouncer:
     def check(self) -> None:
         """Reachable, and the admin user may run commands."""
         self.command("SHOW VERSION")
+
+    def paused_databases(self) -> list[str]:
+        """The [databases] entries PgBouncer holds paused now (SHOW DATABASES, column ``paused``)."""
+        import psycopg
+
+        c = self._connect()
+        try:
+            cur = c.execute("SHOW DATABASES")
+            cols = [d.name for d in cur.description or ()]
+            rows = cur.fetchall()
+        except psycopg.Error as e:
+            raise PostgresError("PgBouncer refused SHOW DATABASES", detail=str(e).strip()) from None
+        finally:
+            c.close()
+        if "paused" not in cols:
+            return []
+        i, n = cols.index("paused"), cols.index("name")
+        return [str(r[n]) for r in rows if str(r[i]) in ("1", "True", "true")]
 
     def pause(self, timeout: float) -> None:
         """PAUSE (the configured databases, else all); undone with RESUME when it takes too long."""
@@ -125,12 +143,19 @@ class PgBouncer:
 
 
 @contextmanager
-def paused(bouncer: PgBouncer | None, timeout: float) -> Iterator[PgBouncer | None]:
-    """PAUSE on entry (when configured) and a guaranteed RESUME on the way out."""
+def paused(bouncer: PgBouncer | None, timeout: float,
+           on_resumed: Callable[[], None] | None = None) -> Iterator[PgBouncer | None]:
+    """PAUSE on entry (when configured) and a guaranteed RESUME on the way out; ``on_resumed`` once
+    the pooler is no longer paused (the pause record is deleted then)."""
     if bouncer is None:
         yield None
         return
-    bouncer.pause(timeout)
+    try:
+        bouncer.pause(timeout)
+    except BaseException:
+        if not bouncer.paused and on_resumed:
+            on_resumed()
+        raise
     try:
         yield bouncer
     except BaseException as e:
@@ -140,10 +165,14 @@ def paused(bouncer: PgBouncer | None, timeout: float) -> Iterator[PgBouncer | No
                     bouncer.resume()
                 except PostgresError as failed:  # keep the original error (and its exit code), add this one
                     chain_resume_failure(e, failed)
+        if not bouncer.paused and on_resumed:
+            on_resumed()
         raise
     if bouncer.paused:
         with proc.unwinding():
             bouncer.resume()
+    if on_resumed:
+        on_resumed()
 
 
 def chain_resume_failure(err: BaseException, failed: PostgresError) -> None:

@@ -57,6 +57,7 @@ from dbops.ops.failover.pgbouncer import PgBouncer, paused
 from dbops.ops.failover.after import AfterPromotion
 from dbops.ops.failover.hooks import env_for, run_hooks
 from dbops.ops.failover.phases import Observer, Phase, Phases
+from dbops.ops.failover.poolerpause import PauseRecord, resume_leftover
 from dbops.ops.failover.report import Report, attach
 from dbops.pg.lsn import format_lsn, parse_lsn
 
@@ -79,6 +80,7 @@ class Switchover(AfterPromotion):
         self.phase = self.ph.phase
         self.ctl_old: NodeController = open_controller(self.old)
         self.bouncer = PgBouncer(cfg.failover.pgbouncer) if cfg.failover.pgbouncer else None
+        self._store_layout: tuple[Any, Any] | None = None
         self.uses_slots = bool(plan.candidate.settings.get("primary_slot_name"))
         self.candidate_slot = plan.candidate.settings.get("primary_slot_name") or None
         self.lock_check: Callable[[], None] = lambda: None  # ClusterLock.check of the switch lock (execute)
@@ -158,12 +160,20 @@ class Switchover(AfterPromotion):
         self._cand = conn.connect(self.new, connect_timeout=5)
         self._cand_conninfo = self._cand.execute("select current_setting('primary_conninfo')").fetchone()[0]
         with self.phase("tune candidate") as ph:
-            done = [d for d in (put_back_leftover(self.old, self.ctl_old), put_back_leftover(self.new, self.tuning.ctl))
-                    if d]
+            done = [d for d in (put_back_leftover(self.old, self.ctl_old), put_back_leftover(self.new, self.tuning.ctl),
+                                resume_leftover(self.cfg, *self._store())) if d]
             ph.detail = "; ".join([*done, self._tune_candidate()])
         with self.phase("checkpoint old primary"), conn.session(self.old) as c:
             c.execute("checkpoint")
             self._postmaster = self.ctl_old.postmaster()
+
+    def _store(self) -> tuple[Any, Any]:
+        from dbops.storage import open_store
+        from dbops.storage.layout import Layout
+
+        if self._store_layout is None:
+            self._store_layout = (open_store(self.cfg.storage), Layout(self.cfg.storage.prefix))
+        return self._store_layout
 
     def _tune_candidate(self) -> str:
         """Short retry interval and (when safe) no restore_command until promotion; see dbops.ops.failover.candidate."""
@@ -191,8 +201,11 @@ class Switchover(AfterPromotion):
 
     def _switch(self) -> None:
         """From PAUSE to RESUME: the part that holds writes back."""
+        record = PauseRecord(*self._store(), self.bouncer, self.old, self.new) if self.bouncer else None
+        if record is not None:
+            record.mark()  # a run killed from now on leaves it: the next failover or check resumes the pooler
         t_pause = time.monotonic()
-        with paused(self.bouncer, self.opts.timeout) as bouncer:
+        with paused(self.bouncer, self.opts.timeout, on_resumed=record.clear if record else None) as bouncer:
             self._t_fence = t_pause
             if bouncer is not None:
                 self.report.phases.append(Phase("pgbouncer pause", round(time.monotonic() - t_pause, 4)))
