@@ -82,3 +82,27 @@ def cluster_in_the_way(target: Path) -> tuple[Path, int, str] | None:
         if pid:
             return folder, pid, "is" if folder == t else "lies inside"
     return None
+
+
+def postmasters_naming(folder: Path) -> list[int]:
+    """Pids of this host's PostgreSQL postmasters whose command line names a path inside `folder`
+    (a throwaway server dbops started: its ``-D``, socket folder, hba file or restore_command lie
+    in the run's scratch folder). Child processes rewrite their command line, so only postmasters match."""
+    needle = os.fsencode(str(folder.resolve())) + b"/"
+    found: list[int] = []
+    try:
+        entries = list(PROC.iterdir())
+    except OSError:
+        return found
+    for d in entries:
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().strip() != "postgres":
+                continue
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(needle in a or a == needle[:-1] for a in argv):
+            found.append(int(d.name))
+    return sorted(found)

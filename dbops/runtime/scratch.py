@@ -10,20 +10,26 @@ mid-run is reported as that (ENOSPC), not as a broken backup. The folder itself 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from dbops import proc
+from dbops import log, proc
 from dbops.errors import DbopsError, PreconditionError
 from dbops.fsafe import private_dir
+from dbops.pg import running
 from dbops.units import human_bytes
 
 SCRATCH_PREFIX = "run-"
 SCRATCH_MARGIN = 256 * 2**20  # WAL replayed into the copy, the server's own files
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as programs and PostgreSQL's log print it
+
+_log = log.get("runtime")
 
 
 def clean_stale_scratch(scratch_root: Path) -> list[str]:
@@ -39,9 +45,34 @@ def clean_stale_scratch(scratch_root: Path) -> list[str]:
         except ValueError:
             continue
         if pid != os.getpid() and not proc.pid_alive(pid):
+            stop_left_servers(d)
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
     return removed
+
+
+def stop_left_servers(folder: Path, timeout: float = 30.0) -> list[int]:
+    """Stop (immediate shutdown: SIGQUIT, then SIGKILL) the PostgreSQL servers a killed run started
+    with its settings in `folder`: a restore's server on its target, a local validation server.
+    Nothing of theirs is kept: a restore killed mid-way is done again (--force or --delta)."""
+    pids = running.postmasters_naming(folder)
+    for pid in pids:
+        log.event(_log, logging.WARNING, "stopping a PostgreSQL server left running by a killed dbops run",
+                  server_pid=pid, folder=str(folder))
+        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                log.event(_log, logging.ERROR, "cannot stop it: not allowed", server_pid=pid)
+                break
+            deadline = time.monotonic() + wait
+            while proc.pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not proc.pid_alive(pid):
+                break
+    return pids
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from dbops.phases import Phases
 from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
-from dbops.runtime.scratch import scratch_folder
+from dbops.runtime.scratch import clean_stale_scratch, scratch_folder
 from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
 
@@ -56,6 +56,7 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
     """Plan, then carry the plan out (see the module docstring). ``progress(phase)`` and
     ``byte_progress(done, total)`` (the download's bytes) feed a progress display."""
     opts.check()
+    clean_stale_scratch(Path(cfg.backup.scratch_dir))  # a killed restore's server on its target stops here
     preflight(opts, cfg.os_user)  # before the scratch folder and the plan; the plan checks again
     store, layout = open_archive(cfg.storage, store)
     phases = Phases(progress)
