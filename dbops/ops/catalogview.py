@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,7 @@ from dbops import log
 from dbops.repo import catalog
 from dbops.repo import retention
 from dbops.repo import manifest as mf
-from dbops.repo.restore import verify_backup
+from dbops.repo.verify import verify_backup
 from dbops.config import Config
 from dbops.ops.backup.validate import prove, restore_seconds
 from dbops.phases import Phases

@@ -61,15 +61,13 @@ class PgBouncer:
 
     def paused_databases(self) -> list[str]:
         """The [databases] entries PgBouncer holds paused now (SHOW DATABASES, column ``paused``)."""
-        import psycopg
-
         c = self._connect()
         try:
             cur = c.execute("SHOW DATABASES")
             cols = [d.name for d in cur.description or ()]
             rows = cur.fetchall()
-        except psycopg.Error as e:
-            raise PostgresError("PgBouncer refused SHOW DATABASES", detail=str(e).strip()) from None
+        except PostgresError as e:
+            raise PostgresError("PgBouncer refused SHOW DATABASES", detail=e.detail) from None
         finally:
             c.close()
         if "paused" not in cols:

@@ -102,7 +102,7 @@ def destinations(tablespaces: Sequence[Tablespace], *, target_dir: Path,
             raise PreconditionError(
                 f"tablespace {t.name} (OID {t.oid}) would be restored into {where} {folder}, which is not empty",
                 detail="nothing was written",
-                hint=fix if how == "original" else f"choose an empty folder, or add --force to replace what is there")
+                hint=fix if how == "original" else "choose an empty folder, or add --force to replace what is there")
         out.append(Destination(t, folder, how, state, t.size))
     folders = [os.path.realpath(d.folder) for d in out]
     twice = sorted({f for f in folders if folders.count(f) > 1})
