@@ -194,7 +194,8 @@ def prune(cfg: Config, *, confirm: bool, store: ObjectStore | None = None, now: 
     if not confirm:
         p, wal = _plan_with_wal(store, layout, policy, now)
         return _summary(p, wal, confirmed=False)
-    with ClusterLock(store, layout, BACKUP, command="backup prune", ttl=cfg.storage.lock_ttl) as lock:
+    with ClusterLock(store, layout, BACKUP, command="backup prune", ttl=cfg.storage.lock_ttl,
+                     os_user=cfg.os_user) as lock:
         # each deletion first checks the lock is still ours
         return apply_retention(GuardedStore(store, lock), layout, policy, now=now)
 

@@ -140,6 +140,7 @@ class ClusterLock:
         settle: float = 2.0,
         local_dir: str | None = None,
         host: str | None = None,
+        os_user: str = "postgres",
     ):
         self.store, self.layout, self.name = store, layout, name
         self.key = layout.lock(name)
@@ -148,6 +149,7 @@ class ClusterLock:
         self.heartbeat = heartbeat if heartbeat is not None else ttl / 3
         self.settle = settle
         self.host = host or socket.gethostname()
+        self.os_user = os_user  # the PostgreSQL OS user, who may share the host lock folder with root
         digest = hashlib.sha256(f"{_store_identity(store)}|{self.key}".encode()).hexdigest()[:16]
         self.local_path = Path(local_dir or _default_local_dir()) / f"dbops-{name}-{digest}.lock"
         self.owner: LockOwner | None = None
@@ -344,7 +346,7 @@ class ClusterLock:
     def _lock_local(self) -> None:
         # The folder may be shared by runs as root and as the PostgreSQL user (both own it safely);
         # a lock file the other one created is flocked read-only (flock needs no write access).
-        private_dir(self.local_path.parent, create=True, also_user="postgres")
+        private_dir(self.local_path.parent, create=True, also_user=self.os_user)
         try:
             fd = open_nofollow(self.local_path, os.O_RDWR | os.O_CREAT, 0o644)
             self._local_rw = True

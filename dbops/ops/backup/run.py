@@ -191,7 +191,7 @@ class BackupRun:
     def _run(self, *, full: bool) -> BackupResult:
         raw = self.store
         with proc.sigterm_as_interrupt(), ClusterLock(raw, self.layout, BACKUP, command="backup",
-                                                      ttl=self.cfg.storage.lock_ttl) as lock:
+                                                      ttl=self.cfg.storage.lock_ttl, os_user=self.cfg.os_user) as lock:
             self.store = GuardedStore(raw, lock)  # every write and delete checks the lock is still ours
             try:
                 return self._locked(full)

@@ -72,7 +72,8 @@ def archiver_passed(primary: Node, seg: str) -> bool:
 def capture_target(cfg: Config, *, archive_wait: float, store: ObjectStore, layout: Layout) -> Target:
     """On the current primary (found under the switch lock): CHECKPOINT, note the insert LSN and
     time, switch WAL; then wait until that segment is archived."""
-    with ClusterLock(store, layout, SWITCH, command="backup (target capture)", ttl=cfg.storage.lock_ttl):
+    with ClusterLock(store, layout, SWITCH, command="backup (target capture)", ttl=cfg.storage.lock_ttl,
+                     os_user=cfg.os_user):
         try:
             primary = find_primary(cfg.nodes)
         except PostgresError as e:  # it was there when the run began

@@ -370,7 +370,8 @@ def cluster_lock(cfg: Config, store: Any = None, *, command: str = "failover") -
     from dbops.storage import open_archive
     from dbops.storage.lock import SWITCH, ClusterLock
 
-    return ClusterLock(*open_archive(cfg.storage, store), SWITCH, command=command, ttl=cfg.storage.lock_ttl)
+    return ClusterLock(*open_archive(cfg.storage, store), SWITCH, command=command, ttl=cfg.storage.lock_ttl,
+                       os_user=cfg.os_user)
 
 
 __all__ = ["Options", "Plan", "Report", "Switchover", "cluster_lock", "execute", "make_plan"]
