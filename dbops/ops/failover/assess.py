@@ -164,12 +164,10 @@ def read_archive(cfg: Config, timeline: int, *, store: Any = None, previous: Arc
     With `previous` (an earlier read), the segment is fetched and read only when a newer one appeared."""
     from dbops.ops.restore import wal as rwal
     from dbops.ops.wal.archive import WalArchive
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
     try:
-        store = store if store is not None else open_store(cfg.storage)
-        layout = Layout(cfg.storage.prefix)
+        store, layout = open_archive(cfg.storage, store)
         arc = WalArchive(store, layout)
         if previous is not None and previous.checked:
             seg = previous.seg_size

@@ -97,14 +97,14 @@ def resume_leftover(cfg: Config, store: ObjectStore, layout: Layout) -> str | No
 def check(cfg: Config, report: Any) -> None:
     """`dbops check`: resume a pooler a killed switchover left paused; report one paused otherwise."""
     from dbops.ops.check import FAIL, OK, WARN
-    from dbops.storage import open_store
+    from dbops.storage import open_archive
 
     if cfg.failover.pgbouncer is None:
         return
     s = cfg.failover.pgbouncer
     where = f"PgBouncer {s.host}:{s.port}"
     try:
-        done = resume_leftover(cfg, open_store(cfg.storage), Layout(cfg.storage.prefix))
+        done = resume_leftover(cfg, *open_archive(cfg.storage))
         held = PgBouncer(s).paused_databases()
     except DbopsError as e:
         report.add("pgbouncer", "paused", FAIL, f"{where}: {e.message}", e.hint)

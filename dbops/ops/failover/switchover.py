@@ -168,11 +168,10 @@ class Switchover(AfterPromotion):
             self._postmaster = self.ctl_old.postmaster()
 
     def _store(self) -> tuple[Any, Any]:
-        from dbops.storage import open_store
-        from dbops.storage.layout import Layout
+        from dbops.storage import open_archive
 
         if self._store_layout is None:
-            self._store_layout = (open_store(self.cfg.storage), Layout(self.cfg.storage.prefix))
+            self._store_layout = open_archive(self.cfg.storage)
         return self._store_layout
 
     def _tune_candidate(self) -> str:
@@ -190,12 +189,10 @@ class Switchover(AfterPromotion):
         cmd = self.plan.candidate.settings.get("archive_command", "") if self.plan.candidate else ""
         if "wal-push" not in cmd:
             return False
-        from dbops.storage import open_store
-        from dbops.storage.layout import Layout
-
         name = f"{(self.report.old_timeline or 1) + 1:08X}.history"
         try:
-            return open_store(self.cfg.storage).head(Layout(self.cfg.storage.prefix).wal_key(name)) is None
+            store, layout = self._store()
+            return store.head(layout.wal_key(name)) is None
         except DbopsError:
             return False
 

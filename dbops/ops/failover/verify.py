@@ -85,12 +85,11 @@ def archived(cfg: Config, new: Node, timeline: int, archive_command: str, deadli
                        f"check archive_command and pg_stat_archiver on {new.name}", new.name)
     if "wal-push" not in archive_command:
         return Finding("history archived", OK, f"{name} archived by {new.name} (archive_command)", node=new.name)
-    from dbops.storage import open_store
-    from dbops.storage.layout import Layout
+    from dbops.storage import open_archive
 
-    key = Layout(cfg.storage.prefix).wal_key(name)
     try:
-        found = open_store(cfg.storage).head(key) is not None
+        store, layout = open_archive(cfg.storage)
+        found = store.head(layout.wal_key(name)) is not None
     except DbopsError as e:
         return Finding("history archived", FAIL, f"cannot check the archive for {name}: {e.message}", e.hint)
     return Finding("history archived", OK if found else FAIL, f"{name} {'is' if found else 'is NOT'} in the "
