@@ -34,21 +34,28 @@ def _data_dir_of(pid_dir: Path) -> Path | None:
     return None
 
 
-def running_data_dirs() -> dict[Path, int]:
-    """{data folder (resolved): a pid of a server running on it} for this host's PostgreSQL servers."""
-    found: dict[Path, int] = {}
+def _postgres_processes() -> list[Path]:
+    """/proc entries of this host's processes named ``postgres`` (postmasters and their children)."""
     try:
         entries = list(PROC.iterdir())
     except OSError:
-        return found
+        return []
+    out = []
     for d in entries:
         if not d.name.isdigit():
             continue
         try:
-            if (d / "comm").read_text().strip() != "postgres":
-                continue
+            if (d / "comm").read_text().strip() == "postgres":
+                out.append(d)
         except OSError:
             continue
+    return out
+
+
+def running_data_dirs() -> dict[Path, int]:
+    """{data folder (resolved): a pid of a server running on it} for this host's PostgreSQL servers."""
+    found: dict[Path, int] = {}
+    for d in _postgres_processes():
         data = _data_dir_of(d)
         if data is None or not (data / "PG_VERSION").exists():
             continue
@@ -90,16 +97,8 @@ def postmasters_naming(folder: Path) -> list[int]:
     in the run's scratch folder). Child processes rewrite their command line, so only postmasters match."""
     needle = os.fsencode(str(folder.resolve())) + b"/"
     found: list[int] = []
-    try:
-        entries = list(PROC.iterdir())
-    except OSError:
-        return found
-    for d in entries:
-        if not d.name.isdigit():
-            continue
+    for d in _postgres_processes():
         try:
-            if (d / "comm").read_text().strip() != "postgres":
-                continue
             argv = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
