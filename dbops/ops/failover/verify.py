@@ -89,7 +89,8 @@ def archived(cfg: Config, new: Node, timeline: int, archive_command: str, deadli
 
     try:
         store, layout = open_archive(cfg.storage)
-        found = store.head(layout.wal_key(name)) is not None
+        key = layout.wal_key(name)
+        found = store.head(key) is not None
     except DbopsError as e:
         return Finding("history archived", FAIL, f"cannot check the archive for {name}: {e.message}", e.hint)
     return Finding("history archived", OK if found else FAIL, f"{name} {'is' if found else 'is NOT'} in the "
