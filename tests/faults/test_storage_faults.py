@@ -278,8 +278,12 @@ def test_the_scratch_filesystem_filling_up_during_validation(flab, env, dbops_bi
     prev = [b for b in catalog.list_backups(store, layout) if b.usable][-1]
     before = status_of(dbops_bin, env, prev.backup_id)
     listed = run(dbops_bin, env, "backup", "list", "--json").stdout
-    needed = scratch_policy.scratch_needed(mf.load(store, layout, prev.backup_id).logical_size)
-    with tmpfs(flab.dir / "tmpfs-scratch", needed + 32 * 2**20) as scratch:
+    # Room for the next normal run: the copy grows to the primary's size while it replays, and the
+    # module's earlier tests may have written a lot since the previous backup.
+    base = Path(flab.primary.data_dir) / "base"
+    needed = scratch_policy.scratch_needed(max(mf.load(store, layout, prev.backup_id).logical_size,
+                                               scratch_policy.tree_bytes(base)))
+    with tmpfs(flab.dir / "tmpfs-scratch", needed + 128 * 2**20) as scratch:
         cfg = config_copy(flab, "small-scratch", backup={"scratch_dir": str(scratch)})
         names = [switch(flab)]
         stop = threading.Event()
