@@ -85,7 +85,7 @@ def one_run(cfg_path: str, passfile: str, start_id: int) -> tuple[dict, int]:
     # write on the new primary is the first acknowledgement after the writer's first error
     t_err = next((t for t, _ in w.errors if t >= t_kill), t_kill)
     first = next((t for _, t in w.acked if t > t_err), None)
-    before = [i for i, t in w.acked if t < t_kill]
+    before = [i for (i, _), sent in zip(w.acked, w.sent) if sent < t_kill]  # sent while the old primary lived
     new = cfg.node(rep["new_primary"])
     with conn.session(new) as c:
         missing = set(w.lost(c))

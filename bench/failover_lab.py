@@ -129,7 +129,18 @@ def kill9(data_dir: str | Path) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: wait until they are gone
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.005)
     return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def make_unreachable(data_dir: str | Path) -> None:

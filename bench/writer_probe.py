@@ -44,6 +44,7 @@ class Writer(threading.Thread):
         self.retry_pause = retry_pause
         self.acked: list[tuple[int, float]] = []  # (id, monotonic time of the acknowledgement)
         self.acked_wall: list[float] = []  # wall-clock time of each acknowledgement (same order as acked)
+        self.sent: list[float] = []  # monotonic time each acknowledged commit was sent (same order as acked)
         self.errors: list[tuple[float, str]] = []
         self._halt = threading.Event()
 
@@ -58,8 +59,10 @@ class Writer(threading.Thread):
                     conn = psycopg.connect(self.conninfo, autocommit=True, prepare_threshold=None)
                 i = self.next_id
                 self.next_id += 1
+                sent = time.monotonic()
                 conn.execute(f"insert into {TABLE} (id) values (%s)", (i,))
                 self.acked.append((i, time.monotonic()))
+                self.sent.append(sent)
                 self.acked_wall.append(time.time())
             except psycopg.Error as e:
                 self.errors.append((time.monotonic(), str(e).strip().splitlines()[0] if str(e).strip() else
