@@ -379,6 +379,15 @@ def test_restore_to_a_point_after_a_failover_on_the_new_timeline(make_lab, cli):
     time.sleep(0.05)
     sql(new, "INSERT INTO orders VALUES (4, 'after the target')")
     switch_and_archive(lab, new)
+    # The archiver uploads 00000002.history a moment after the promotion, so its Last-Modified (the
+    # time the timeline counts as made) can come after a commit on timeline 2, as it did on a loaded
+    # CI machine: make it so here, and the restore must still find the target on timeline 2.
+    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
+    key = layout.wal_key("00000002.history")
+    info, body = store.head(key), store.get(key)
+    time.sleep(1.1)  # Last-Modified has whole seconds
+    store.put(key, body, metadata=info.metadata)
+    assert store.head(key).last_modified > t.timestamp()
 
     port, target = free_port(), lab.dir / "restored-tl2"
     r = restore(cli, lab, "--to", iso(t), "--target-dir", target, "--start", "--port", port, "--json")

@@ -213,11 +213,28 @@ def test_default_timeline_is_the_newest_that_held_the_time(tmp_path):
     arc, inv = _archive_with_branches(tmp_path)
     infos = [_backup_at(1, 0x2000000, 500.0)]
     at = lambda t: RestoreTarget(TIME, str(t), epoch=t)  # noqa: E731
-    assert default_timeline(arc, inv, infos, at(900.0))[0] == 1  # before both branches: timeline 1 itself
-    tli, spans, notes = default_timeline(arc, inv, infos, at(1500.0))  # timeline 3 not made yet
+    choice = lambda target, backups=infos: default_timeline(arc, inv, backups, target)[0][0]  # noqa: E731
+    assert choice(at(900.0)) == 1  # before both branches: timeline 1 itself
+    (tli, spans, notes), later = default_timeline(arc, inv, infos, at(1500.0))  # timeline 3 not made yet
     assert tli == 2 and [s.timeline for s in spans] == [1, 2] and "timeline 3" in notes[0]
-    assert default_timeline(arc, inv, infos, at(2500.0))[0] == 3  # both made: the newest, as PostgreSQL
+    assert later == []  # timeline 3 does not branch from timeline 2
+    assert choice(at(2500.0)) == 3  # both made: the newest, as PostgreSQL
     # A backup only on timeline 2's history beyond 3's fork: timeline 3 cannot reach it.
-    assert default_timeline(arc, inv, [_backup_at(2, 0x6000000, 1200.0)], at(2500.0))[0] == 2
+    assert choice(at(2500.0), [_backup_at(2, 0x6000000, 1200.0)]) == 2
     # Other targets follow the newest timeline.
-    assert default_timeline(arc, inv, infos, RestoreTarget(LATEST, "latest"))[0] == 3
+    assert choice(RestoreTarget(LATEST, "latest")) == 3
+
+
+def test_default_timeline_offers_the_branches_it_skipped_for_their_history_time(tmp_path):
+    """A history file is archived a moment after its promotion: a commit made on the new timeline
+    within that moment looks older than the branch, so the branch comes second, to try when the
+    parent's archive ends before the target."""
+    from dbops.ops.restore.target import RestoreTarget
+    from dbops.ops.restore.timeline import default_timeline
+
+    arc, inv = _archive_with_branches(tmp_path)
+    (tli, _, _), later = default_timeline(arc, inv, [_backup_at(1, 0x2000000, 500.0)],
+                                          RestoreTarget(TIME, "t", epoch=900.0))
+    assert tli == 1
+    assert [t for t, _, _ in later] == [2, 3]  # the nearest branch first; both fork from timeline 1
+    assert all("ends before the target" in n[0] for _, _, n in later)

@@ -127,6 +127,10 @@ class Plan:
 # --------------------------------------------------------------------------- planning
 
 
+class PastEndError(TargetError):
+    """The target lies past the end of the archive along the chosen timeline."""
+
+
 def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
                  cache: Path | None = None) -> Plan:
     """Everything the restore will do, checked against the catalog and the archive; changes nothing.
@@ -152,9 +156,23 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
         if tli not in inv.timelines() and tli != 1:
             raise TargetError(f"timeline {tli} is not in the archive",
                               detail="timelines there: " + ", ".join(map(str, sorted(inv.timelines()))))
-        spans, tl_notes = rwal.chain(arc, tli), []
+        choices = [(tli, rwal.chain(arc, tli), [])]
     else:  # the newest timeline whose history holds the target, not merely the highest
-        tli, spans, tl_notes = default_timeline(arc, inv, bk.infos, opts.target)
+        first, later = default_timeline(arc, inv, bk.infos, opts.target)
+        choices = [first, *later]
+    failed: PastEndError | None = None
+    for tli, spans, tl_notes in choices:
+        try:
+            return _plan_on(cfg, opts, bk, arc, inv, tli, spans, tl_notes, seg_size, cache)
+        except PastEndError as e:  # a later choice may hold it; the first choice's error is the one to show
+            failed = failed or e
+    assert failed is not None
+    raise failed
+
+
+def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal.Inventory, tli: int,
+             spans: list[walchain.Span], tl_notes: list[str], seg_size: int, cache: Path | None) -> Plan:
+    """The plan along one timeline's chain."""
     chosen, oldest, notes = pick(bk, spans, opts.target, opts.backup_id)
     notes = tl_notes + notes
     m = bk.manifest(chosen.backup_id)
@@ -228,7 +246,7 @@ def _check_reachable(target: RestoreTarget, b: BackupChoice, end: rwal.WalEnd, l
                                      f"reachable before the gap is {newest['time'] or newest['lsn']}",
                               hint="restore to a point before the gap (--to-lsn / --to), or find the segment "
                                    "(the primary's pg_wal may still hold it) and archive it")
-    raise TargetError(f"the target {target.describe()} is past the end of the archive: {ends}; {reachable}",
+    raise PastEndError(f"the target {target.describe()} is past the end of the archive: {ends}; {reachable}",
                       hint="if the target is recent, the segment holding it may not be archived yet: "
                            "SELECT pg_switch_wal() on the primary, then try again")
 
