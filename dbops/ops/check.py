@@ -241,7 +241,7 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
         report.add("storage", "probe", FAIL, f"{where}: probe object failed: {e.message}",
                    e.hint or "the keys need s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket")
         return
-    check_encryption(s, store, report)
+    check_encryption(s, store, layout, report)
     from dbops.storage.probe import conditional_writes_refused
 
     try:
@@ -270,10 +270,8 @@ def _check_storage(cfg: Config, report: CheckReport, store=None) -> None:
             report.add("storage", "clock", OK, f"clock skew against the storage server {skew:+.1f} s")
 
 
-def check_encryption(s, store, report: CheckReport) -> None:
+def check_encryption(s, store, layout, report: CheckReport) -> None:
     """Whether the archive is encrypted (its identity object's header), and with which key ID."""
-    from dbops.storage.layout import Layout
-
     enc = s.encryption
     key_id_of = getattr(store, "key_id_of", None)
     current = getattr(getattr(store, "keys", None), "current_id", None)
@@ -282,7 +280,7 @@ def check_encryption(s, store, report: CheckReport) -> None:
     if key_id_of is None:
         return
     try:
-        archive_kid = key_id_of(Layout(s.prefix).identity())
+        archive_kid = key_id_of(layout.identity())
     except NotFoundError:
         archive_kid = ""
     except DbopsError as e:

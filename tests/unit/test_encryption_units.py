@@ -185,8 +185,9 @@ def test_key_generate_prints_or_writes_a_private_file(cli, tmp_path):
 
 
 def test_check_reports_encryption_of_the_archive(raw):
-    from dbops.ops.check import CheckReport, check_encryption
     from dbops.config import EncryptionSettings, StorageSettings
+    from dbops.ops.check import CheckReport, check_encryption
+    from dbops.storage.layout import Layout
 
     k = new_key()
     text = keys.generate()
@@ -194,12 +195,12 @@ def test_check_reports_encryption_of_the_archive(raw):
     s = StorageSettings(bucket="b", encryption=EncryptionSettings(key=text))
     rep = CheckReport()
     rep.storage = {}
-    check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text), k)), rep)
+    check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text), k)), Layout(s.prefix), rep)
     assert rep.storage["encryption"]["archive_key_id"] == keys.key_id(k)
     assert rep.findings[-1].status == "ok" and keys.key_id(k) in rep.findings[-1].message
     rep = CheckReport()
     rep.storage = {}
-    check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text))), rep)
+    check_encryption(s, EncryptedStore(raw, ring(keys.decode_key(text))), Layout(s.prefix), rep)
     assert rep.findings[-1].status == "fail" and "not configured" in rep.findings[-1].message
 
 

@@ -27,6 +27,7 @@ from dbops.ops import topology as topo_mod
 from dbops.ops.failover import replication as repl
 from dbops.ops.failover.phases import Phase, Phases
 from dbops.ops.failover.plan import FAIL, OK, WARN, Finding, Judged
+from dbops.ops.failover.report import attach
 from dbops.ops.topology import PRIMARY, STANDBY, NodeState, Topology
 from dbops.pg import conn, waldump
 from dbops.pg.controldata import ControlData
@@ -189,11 +190,9 @@ class Rejoin:
             "verify", lambda ph: streaming(self.cfg, self.primary, [self.node], tli, time.monotonic() + self.timeout))
         if any(f.status == FAIL for f in self.report.verification):
             self.report.outcome = "unknown"
-            err = UnknownOutcomeError(f"{self.node.name} was started as a standby of {self.primary.name} but does not "
-                                      "stream from it", detail=self.report.verification[0].message,
-                                      hint=f"check {self.node.name}'s server log")
-            err.report = self.report
-            raise err
+            raise attach(UnknownOutcomeError(
+                f"{self.node.name} was started as a standby of {self.primary.name} but does not stream from it",
+                detail=self.report.verification[0].message, hint=f"check {self.node.name}'s server log"), self.report)
         self.report.outcome = "rejoined"
         return self.report
 
