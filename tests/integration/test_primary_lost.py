@@ -18,7 +18,10 @@ import pytest
 
 from dbops import config as cfgmod
 from dbops.ops import topology
+from dbops.ops.failover.pgbouncer import PgBouncer
+from dbops.ops.failover.poolerpause import PauseRecord, read_record
 from dbops.pg import conn
+from dbops.storage import open_archive
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import failover_lab
@@ -151,6 +154,12 @@ def test_kill9_under_load_promotes_the_most_advanced_standby_then_rejoin_and_bac
         r = _dbops(dbops_bin, cfg_path, "backup", tmp_path=tmp_path, timeout=600)  # on timeline 1
         assert r.returncode == 0, r.stderr
         cfg = cfgmod.load(cfg_path)
+        # A planned switchover killed while PgBouncer was paused left it so, with its record in the bucket:
+        # the emergency failover must resume it (the writer below connects to the nodes directly).
+        pooler, (store, layout) = PgBouncer(cfg.failover.pgbouncer), open_archive(cfg.storage)
+        PauseRecord(store, layout, pooler, old, lab.replicas[0]).mark()
+        pooler.pause(30)
+        assert pooler.paused_databases()
         w = Writer(multi_host(list(cfg.nodes), passfile=str(Path(lab.dir) / "pgpass")), start_id=1)
         w.start()
         try:
@@ -174,6 +183,8 @@ def test_kill9_under_load_promotes_the_most_advanced_standby_then_rejoin_and_bac
         assert not loss["possible"] and loss["known_lost_bytes"] == 0
         assert "dbops_failover_loss_possible{cluster=\"lab\"} 0" in (tmp_path / "fo.prom").read_text()
         assert f"port={new.port}" in bouncer.ini.read_text()
+        assert pooler.paused_databases() == [] and read_record(store, layout) is None
+        assert "RESUME" in next(p["detail"] for p in rep["phases"] if p["name"] == "pgbouncer resume")
         other = next(n for n in lab.replicas if n.name != new.name)
         _wait_streaming(cfg_path, other.name, new.name)
 

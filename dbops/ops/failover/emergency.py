@@ -13,7 +13,7 @@ The sequence (each phase timed; the plan is :mod:`dbops.ops.failover.assess`):
 3. catch up: wait until it has replayed what it received and, from the archive, the last
    record of the newest archived segment of its timeline (read again after the fence);
 4. promote (``restore_command`` suspended, so the promotion runs no archive client);
-5. PgBouncer repointed; tuning undone; slots, CHECKPOINT; post-hooks; the other standbys
+5. PgBouncer repointed (and resumed, when a killed switchover left it paused); tuning undone; slots, CHECKPOINT; post-hooks; the other standbys
    repointed (``pg_rewind`` only for one that received WAL past the switch point); verify;
 6. report what may be lost (:mod:`dbops.ops.failover.loss`).
 
@@ -278,6 +278,7 @@ class Emergency:
             bouncer = PgBouncer(fo.pgbouncer)
             self.ph.guarded("pgbouncer repoint",
                             lambda: "repointed " + (", ".join(bouncer.repoint(self.old, self.new)) or "nothing"))
+            self.ph.guarded("pgbouncer resume", self._resume_pooler)
         self.ph.guarded("untune candidate", lambda: self.tuning.undo())
         self.ph.guarded("new primary: slots, checkpoint", self._settle)
         self.ph.guarded("archive WAL only the standbys had", self._archive_gap)
@@ -315,6 +316,14 @@ class Emergency:
                               for name in res.missing]
         self.report.warnings += [f"archiving {why}" for why in res.failed]
         return detail
+
+    def _resume_pooler(self) -> str:
+        """RESUME a pooler that a killed planned switchover left paused (its record in the bucket):
+        clients held by that PAUSE would otherwise wait on the new primary forever."""
+        from dbops.ops.failover.poolerpause import resume_leftover
+        from dbops.storage import open_archive
+
+        return resume_leftover(self.cfg, *open_archive(self.cfg.storage, self.plan.store)) or "not left paused"
 
     def _repoint(self, node: Node) -> None:
         st = self.plan.topology.get(node.name)

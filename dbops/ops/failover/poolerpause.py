@@ -6,6 +6,7 @@ killed in between cannot resume, so the record stays, and:
 
 * the next ``dbops failover`` (it takes the dead run's switch lock over) repoints the pooler at
   whichever node accepts writes now and runs RESUME before anything else, and says so;
+  ``dbops failover --primary-lost`` does it right after repointing the pooler at its new primary;
 * ``dbops check`` does the same, as finding ``pgbouncer paused`` (it also reports a pooler that
   is paused with no such record, without touching it: someone paused it on purpose).
 """
