@@ -135,6 +135,21 @@ class DamagedObjectError(ValidationError):
     """A stored object fails its authentication tag or framing: tampered or damaged, like a hash mismatch."""
 
 
+class BackupDamagedError(ValidationError):
+    """The backup being restored is damaged in storage: its manifest is unreadable, or a pack object
+    is missing or fails its hash or authentication. A restore that picked the backup itself may
+    start over from its fallback (dbops.ops.restore.run); the error keeps the original's words."""
+
+    def __init__(self, backup_id: str, cause: ValidationError):
+        super().__init__(cause.message, detail=cause.detail, hint=cause.hint)
+        self.backup_id = backup_id
+
+    @property
+    def reason(self) -> str:
+        """The message with its detail (which names the damaged object where the message does not)."""
+        return self.message + (f" ({self.detail})" if self.detail else "")
+
+
 class EncryptionError(DbopsError):
     """A key is missing or wrong, or an object's encryption does not match the configuration."""
 

@@ -30,7 +30,8 @@ def restore(
     timeline: Annotated[str, typer.Option("--timeline", help=(
         "'auto' (the newest timeline whose history holds the target), 'latest' (the highest) or a number"))] = "auto",
     backup_id: Annotated[Optional[str], typer.Option("--backup", help="Restore this backup (checked against the "
-                                                                      "target) instead of picking one")] = None,
+                                                                      "target) instead of picking one; no "
+                                                                      "fallback")] = None,
     promote: Annotated[bool, typer.Option("--promote", help="At the target, end recovery (default)")] = False,
     pause: Annotated[bool, typer.Option("--pause", help="At the target, stay paused in recovery, to inspect")] = False,
     shutdown: Annotated[bool, typer.Option("--shutdown", help="At the target, stay stopped in recovery")] = False,
@@ -50,10 +51,12 @@ def restore(
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout")] = False,
     progress: ProgressOpt = None,
 ) -> None:
-    """Restore to a point in time: pick the backup, download it verified, replay the archive to the target,
-    report what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing
-    segment or a damaged stored object; 11: target folder not empty (without --force), or a tablespace's
-    folder not empty or used by a running server (map it elsewhere with --tablespace-map)."""
+    """Restore to a point in time: pick the backup (the newest that fits; an older validated one is the
+    fallback if it turns out damaged), download it verified, replay the archive to the target, report
+    what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing segment
+    or a damaged stored object (of the backup and of its fallback); 11: target folder not empty (without
+    --force), or a tablespace's folder not empty or used by a running server (map it elsewhere with
+    --tablespace-map)."""
     from dbops.errors import UsageError
     from dbops.ops.restore import plan as rs
     from dbops.ops.restore import run as restore_run
@@ -128,6 +131,9 @@ def render_plan(p: dict[str, Any]) -> str:
         f"backup    {b['backup_id']} ({b['state']}): consistent at {b['consistent_lsn']} ({b['consistent_time']}), "
         f"last commit {b['last_commit_time'] or '-'}, timeline {b['timeline']}, "
         f"{output.human_bytes(b['logical_size'])}",
+        *([f"fallback  {p['fallback']['backup_id']} ({p['fallback']['state']}): consistent at "
+           f"{p['fallback']['consistent_lsn']} ({p['fallback']['consistent_time']}), restored instead if "
+           f"{b['backup_id']} turns out damaged in storage"] if p.get("fallback") else []),
         f"target    {_target(t)} on timeline {p['timeline']}, then {p['final']}"
         + (f" and start on port {p['port']}" if p["start"] else ""),
         f"into      {p['target_dir']}",
@@ -163,7 +169,9 @@ def _target(t: dict[str, Any]) -> str:
 
 def render_result(d: dict[str, Any]) -> str:
     r = d["reached"]
+    fb = d.get("fell_back_from")
     lines = [f"restored backup {d['backup_id']} into {d['target_dir']}",
+             *([f"fell back from backup {fb['backup_id']}, damaged in storage: {fb['reason']}"] if fb else []),
              f"reached   LSN {r['lsn']}, last commit {r['last_commit_time'] or '-'}, timeline {r['timeline']}",
              f"state     {d['final_state']}" + (f" (new timeline {r['promoted_timeline']})"
                                                  if r.get("promoted_timeline") else ""),

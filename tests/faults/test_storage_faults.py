@@ -353,7 +353,8 @@ def test_a_planted_hostile_backup_is_refused_and_nothing_outside_changes(flab, e
     bid = plant(flab, hostile)
     before = (os.stat(victim).st_uid, os.stat(victim).st_mode, sorted(os.listdir(victim)))
     try:
-        # --backup: a restore prefers a validated backup to a newer stored one (the planted one is "stored")
+        # --backup: exactly the planted one, with no fallback (left to choose, a restore would take it as the
+        # newest and, finding it damaged, fall back to the validated backup)
         r = run(dbops_bin, env, "restore", "--to", "latest", "--backup", bid, "--target-dir", str(target))
         assert r.returncode == 7, r.stderr
         assert "refusing a hostile or damaged entry" in r.stderr and bid in r.stderr

@@ -177,7 +177,9 @@ def test_before_truncate_brings_back_the_rows(drops, cli):
 def test_occurrence_picks_the_drop_latest_by_default(drops, cli):
     d, node, target = restore_before(cli, drops, "churn")
     try:
-        assert d["before_drop"]["stop_before"]["occurrence"] == 2  # from b1 (validated) or b2: both fit
+        assert d["before_drop"]["stop_before"]["occurrence"] == 2
+        # b1 (validated) and b2 (stored) both fit: the newest is restored, the validated one is its fallback
+        assert d["backup_id"] == drops.b2 and d["plan"]["fallback"]["backup_id"] == drops.b1
         assert [r[0] for r in sql(node, "SELECT note FROM churn ORDER BY id")] == ["second life", "second life"]
         assert events(node)[-1] == "e5 after the drop"
     finally:

@@ -236,7 +236,7 @@ def test_encrypted_archive_end_to_end(make_lab, cli):
         stop(target)
     assert "restored log file" in logfile.read_text()
 
-    # -- backup B (key 2) restores too (named: a restore prefers the validated A by default)
+    # -- backup B (key 2) restores too (named with --backup: exactly B, no fallback to the validated A)
     port, target = free_port(), lab.dir / "latest"
     r = cli(["-c", cfg_path, "restore", "--to", "latest", "--backup", b["backup_id"], "--target-dir", str(target),
              "--start", "--port", str(port), "--json"])

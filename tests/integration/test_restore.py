@@ -90,13 +90,15 @@ def iso(t: datetime, tz: timezone = timezone.utc) -> str:
 @dataclass
 class Scenario:
     lab: object
-    backup_id: str
+    backup_id: str  # the full backup, validated by the incremental's run
     t0: datetime  # before the backup's last commit
     t1: datetime  # A committed, B not yet
     t2: datetime  # B committed
     t3: datetime  # just before DROP TABLE orders
     segment_b: str  # the archived segment that holds B's commit
     dirs: Path
+    incr_id: str  # the incremental taken after the drop: the newest backup, stored (not validated)
+    t4: datetime  # D committed (after the incremental), E not yet
 
     def target(self, name: str) -> Path:
         return self.dirs / name
@@ -108,6 +110,7 @@ def scn(lab_factory) -> Scenario:
     p = lab.primary
     sql(p, "CREATE TABLE orders (id int PRIMARY KEY, note text)")
     sql(p, "CREATE TABLE after_drop (id int PRIMARY KEY, note text)")
+    sql(p, "CREATE TABLE after_incr (id int PRIMARY KEY, note text)")
     sql(p, "INSERT INTO orders VALUES (0, 'before the backup')")
     t0 = now_on(p)
     time.sleep(0.05)
@@ -129,9 +132,15 @@ def scn(lab_factory) -> Scenario:
     sql(p, "DROP TABLE orders")
     sql(p, "INSERT INTO after_drop VALUES (1, 'after the drop')")
     switch_and_archive(lab)
+    incr_id = backup(lab)  # validates the full backup
+    sql(p, "INSERT INTO after_incr VALUES (1, 'D')")
+    t4 = now_on(p)
+    time.sleep(0.05)
+    sql(p, "INSERT INTO after_incr VALUES (2, 'E')")
+    switch_and_archive(lab)
     dirs = lab.dir / "restores"
     dirs.mkdir(exist_ok=True)
-    return Scenario(lab, backup_id, t0, t1, t2, t3, segment_b, dirs)
+    return Scenario(lab, backup_id, t0, t1, t2, t3, segment_b, dirs, incr_id, t4)
 
 
 # --------------------------------------------------------------------------- restores that succeed
@@ -221,6 +230,7 @@ def test_latest_gives_everything_and_the_folder_starts_as_left(scn, cli):
         node = restored(scn.lab, port)
         assert rows(node, "orders") is None  # the drop replayed
         assert rows(node, "after_drop") == ["after the drop"]
+        assert rows(node, "after_incr") == ["D", "E"]
     finally:
         stop(target)
 
@@ -233,7 +243,8 @@ def test_dry_run_leaves_nothing_and_matches_the_real_run(scn, cli):
     assert r.exit_code == 0, r
     plan = json.loads(r.stdout)
     assert not target.exists() and set(os.listdir(scratch)) == before
-    assert plan["dry_run"] and plan["backup"]["backup_id"] == scn.backup_id
+    assert plan["dry_run"] and plan["backup"]["backup_id"] == scn.backup_id  # the incremental holds C
+    assert plan["backup"]["state"] == "validated" and plan["fallback"] is None
     assert plan["wal"]["segments"] >= 2 and plan["newest"]["time"] and plan["earliest"]["time"]
     r = restore(cli, scn.lab, "--to", iso(scn.t2), "--target-dir", target, "--shutdown", "--json")
     assert r.exit_code == 0, r
@@ -332,6 +343,92 @@ def test_corrupted_stored_object_exit_7_names_it_and_leaves_nothing(scn, cli):
         assert r.exit_code == 7, r
         assert key in r.stderr and "damaged" in r.stderr
         assert list(target.iterdir()) == []
+    finally:
+        store.put(key, body, metadata=info.metadata)
+
+
+def test_a_time_after_the_stored_incremental_starts_from_it_with_the_validated_full_as_fallback(scn, cli):
+    r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", scn.target("t4"), "--dry-run")
+    assert r.exit_code == 0, r
+    assert f"backup    {scn.incr_id} (stored)" in r.stdout and f"fallback  {scn.backup_id} (validated)" in r.stdout
+    port, target = free_port(), scn.target("t4")
+    r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", target, "--start", "--port", port, "--json")
+    assert r.exit_code == 0, r
+    try:
+        d = json.loads(r.stdout)
+        assert d["backup_id"] == scn.incr_id and d["fell_back_from"] is None
+        assert d["plan"]["backup"]["state"] == "stored"
+        assert d["plan"]["fallback"]["backup_id"] == scn.backup_id and d["plan"]["fallback"]["state"] == "validated"
+        assert any(n.startswith(f"fallback: validated backup {scn.backup_id}") for n in d["plan"]["notes"])
+        node = restored(scn.lab, port)
+        assert rows(node, "orders") is None and rows(node, "after_drop") == ["after the drop"]
+        assert rows(node, "after_incr") == ["D"]
+    finally:
+        stop(target)
+
+
+def damage_own_frame(scn, backup_id: str, other_id: str) -> tuple[str, bytes, object]:
+    """Flip a byte inside a stored frame that `backup_id` holds and `other_id` does not point to;
+    returns (key, original body, object info) to put it back."""
+    from dbops.repo import manifest as mf
+
+    store, layout = open_store(scn.lab.config.storage), Layout(scn.lab.config.storage.prefix)
+    shared = {(c.pack, c.offset) for f in mf.load(store, layout, other_id).files for c in f.chunks}
+    m = mf.load(store, layout, backup_id)
+    ref = max((c for f in m.files for c in f.chunks if c.pack and (c.pack, c.offset) not in shared),
+              key=lambda c: c.length)
+    key = layout.pack(ref.pack)
+    info, body = store.head(key), store.get(key)
+    off = ref.offset + ref.length // 2
+    store.put(key, body[:off] + bytes([body[off] ^ 0xFF]) + body[off + 1:], metadata=info.metadata)
+    return key, body, info
+
+
+def test_a_damaged_stored_incremental_falls_back_to_the_validated_full(scn, cli):
+    store = open_store(scn.lab.config.storage)
+    key, body, info = damage_own_frame(scn, scn.incr_id, scn.backup_id)
+    port, target = free_port(), scn.target("fallback")
+    try:
+        r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", target, "--start", "--port", port, "--json")
+        assert r.exit_code == 0, r
+        try:
+            d = json.loads(r.stdout)
+            assert d["backup_id"] == scn.backup_id and d["fell_back_from"]["backup_id"] == scn.incr_id
+            assert key in d["fell_back_from"]["reason"] and "damaged" in d["fell_back_from"]["reason"]
+            assert d["plan"]["backup"]["state"] == "validated" and d["plan"]["fallback"] is None
+            assert any("is the fallback" in n for n in d["plan"]["notes"])
+            assert key in r.stderr and f"restoring the validated backup {scn.backup_id} instead" in r.stderr
+            node = restored(scn.lab, port)
+            assert rows(node, "after_drop") == ["after the drop"] and rows(node, "after_incr") == ["D"]
+            sql(node, "INSERT INTO after_incr VALUES (99, 'written after the restore')")
+        finally:
+            stop(target)
+        # --delta into that folder: the same fallback, then only what differs from the full backup
+        port = free_port()
+        r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", target, "--delta", "--start", "--port", port,
+                    "--json")
+        assert r.exit_code == 0, r
+        try:
+            d = json.loads(r.stdout)
+            assert d["backup_id"] == scn.backup_id and d["fell_back_from"]["backup_id"] == scn.incr_id
+            assert d["download"]["mode"] == "delta" and d["download"]["kept_bytes"] > 0
+            assert rows(restored(scn.lab, port), "after_incr") == ["D"]
+        finally:
+            stop(target)
+        # --backup names exactly one backup: no fallback, exit 7, nothing left behind
+        r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", scn.target("no-fallback"),
+                    "--backup", scn.incr_id)
+        assert r.exit_code == 7, r
+        assert key in r.stderr and "instead" not in r.stderr and not scn.target("no-fallback").exists()
+        # the fallback damaged too: exit 7 naming both, nothing left behind
+        full_key, full_body, full_info = damage_own_frame(scn, scn.backup_id, scn.incr_id)
+        try:
+            r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", scn.target("both"))
+            assert r.exit_code == 7, r
+            assert f"backup {scn.incr_id} and its fallback, backup {scn.backup_id}, are both damaged" in r.stderr
+            assert key in r.stderr and full_key in r.stderr and not scn.target("both").exists()
+        finally:
+            store.put(full_key, full_body, metadata=full_info.metadata)
     finally:
         store.put(key, body, metadata=info.metadata)
 

@@ -157,14 +157,18 @@ def test_pitr_restore_on_the_primarys_host_with_a_map_row_for_row(ts):
     before = ts.quiet_live_state()
     target, maps = ts.lab.dir / "restored", ts.lab.dir / "restored-ts"
     port = free_port()
+    # The older, validated backup, named: it holds tablespace one only; two is created by the WAL
+    # replayed after it, so --tablespace-map-all puts it in DIR/<OID> (its name is not known yet).
+    # (Left to choose, a restore takes the newest backup, which holds both: see the dry run below.)
+    listed = json.loads(ts.cli(["-c", ts.lab.config_path, "backup", "list", "--json"]).stdout)
+    first = listed[0]["backup_id"]
+    assert listed[0]["status"] == "validated" and len(listed) == 2, listed
     r = ts.restore("--to-lsn", lsn, "--target-dir", target, "--tablespace-map", f"one={maps / 'first'}",
-                   "--tablespace-map-all", maps, "--start", "--port", port, "--json")
+                   "--tablespace-map-all", maps, "--backup", first, "--start", "--port", port, "--json")
     assert r.exit_code == 0, r
     try:
         d = json.loads(r.stdout)
-        # The validated backup is preferred: it holds tablespace one only; two is created by the WAL
-        # replayed after it, so --tablespace-map-all puts it in DIR/<OID> (its name is not known yet).
-        assert d["plan"]["backup"]["state"] == "validated"
+        assert d["backup_id"] == first and d["plan"]["fallback"] is None
         where = {t["name"]: (t["folder"], t["how"]) for t in d["plan"]["tablespaces"]}
         assert where == {"one": (str(maps / "first"), "mapped")}
         oid_two = sql(p, "SELECT oid FROM pg_tablespace WHERE spcname = 'two'")[0][0]
@@ -195,9 +199,11 @@ def test_restore_without_a_map_onto_live_locations_is_refused_and_writes_nothing
     r = ts.restore("--to", "latest", "--target-dir", target, "--tablespace-map-all", ts.lab.dir / "elsewhere",
                    "--dry-run")
     assert r.exit_code == 0, r
-    # (the validated backup is chosen: it has tablespace one; two comes from the WAL replayed after it)
+    # (the newest backup is chosen, stored, with the validated one as its fallback: it has both tablespaces)
     assert f"tblspc    one (OID " in r.stdout and f"-> {ts.lab.dir / 'elsewhere/one'} (--tablespace-map-all, absent)" \
         in r.stdout, r
+    assert f"-> {ts.lab.dir / 'elsewhere/two'} (--tablespace-map-all, absent)" in r.stdout, r
+    assert "(stored)" in r.stdout and "fallback  " in r.stdout, r
     assert not target.exists() and not (ts.lab.dir / "elsewhere").exists()
 
 

@@ -156,26 +156,70 @@ class _FakeBackups:
         return self._c[b.backup_id]
 
 
-def test_pick_prefers_validated_over_one_newer_stored_backup():
+def _pick(rows, at, backup_id=None):
+    from dbops.ops.restore.choose import pick
+
+    target = from_options(to=f"1970-01-01T00:00:{at:02d}Z")
+    return pick(_FakeBackups(rows), walchain.chain(1, []), target, backup_id)
+
+
+def test_pick_takes_the_newest_fitting_backup_and_an_older_validated_one_as_fallback():
+    p = _pick([("b1", "validated", 10), ("b2", "validated", 20), ("b3", "stored", 30)], 40)
+    assert (p.chosen.backup_id, p.fallback.backup_id, p.oldest.backup_id) == ("b3", "b2", "b1")
+    assert "b3" in p.notes[0] and "not yet validated" in p.notes[0]
+    assert p.notes[1].startswith("fallback: validated backup b2")
+    # the stored backups between are skipped: only a validated backup is a fallback
+    p = _pick([("b1", "validated", 10), ("b2", "stored", 20), ("b3", "stored", 30)], 40)
+    assert (p.chosen.backup_id, p.fallback.backup_id) == ("b3", "b1")
+    # the newest that fits the target, not the newest there is
+    p = _pick([("b1", "validated", 10), ("b2", "stored", 20), ("b3", "stored", 30)], 25)
+    assert (p.chosen.backup_id, p.fallback.backup_id) == ("b2", "b1")
+
+
+def test_pick_of_a_validated_backup_has_no_fallback():
+    p = _pick([("b1", "validated", 10), ("b2", "validated", 20)], 40)
+    assert p.chosen.backup_id == "b2" and p.fallback is None and p.notes == []
+    p = _pick([("b1", "validated", 10), ("b2", "failed", 20), ("b3", "stored", 30)], 25)
+    assert p.chosen.backup_id == "b1" and p.fallback is None  # b2 failed, b3 holds commits after the target
+
+
+def test_pick_without_a_validated_backup_that_fits_says_there_is_no_fallback():
+    p = _pick([("b1", "stored", 10), ("b2", "stored", 20)], 40)
+    assert p.chosen.backup_id == "b2" and p.fallback is None and "no fallback" in p.notes[-1]
+    p = _pick([("b1", "failed", 10), ("b2", "stored", 20)], 40)
+    assert p.chosen.backup_id == "b2" and p.fallback is None  # a failed backup is never the fallback
+
+
+def test_pick_with_backup_id_takes_exactly_that_one_without_fallback():
+    p = _pick([("b1", "validated", 10), ("b2", "stored", 20)], 40, backup_id="b2")
+    assert p.chosen.backup_id == "b2" and p.fallback is None and p.notes == ["backup b2 chosen with --backup"]
+    p = _pick([("b1", "validated", 10), ("b2", "stored", 20)], 40, backup_id="b1")
+    assert p.chosen.backup_id == "b1" and p.fallback is None
+
+
+def test_pick_refuses_a_target_before_the_oldest_backup():
     from dbops.errors import TargetError
-    from dbops.ops.restore.choose import pick as pick_backup
-    from dbops.ops.restore.plan import Options
+
+    with pytest.raises(TargetError) as e:
+        _pick([("b1", "validated", 10), ("b2", "stored", 30)], 5)
+    assert "before the oldest usable backup" in e.value.message
+
+
+def test_a_fallback_whose_wal_is_not_archived_is_dropped_with_a_note():
+    from dbops.ops.restore.plan import fallback_reaches
+    from dbops.pg.lsn import segment_of_lsn
 
     spans = walchain.chain(1, [])
-
-    def pick(rows, at):
-        opts = Options(target=from_options(to=f"1970-01-01T00:00:{at:02d}Z"), target_dir=None)
-        return pick_backup(_FakeBackups(rows), spans, opts.target, opts.backup_id)
-
-    chosen, oldest, notes = pick([("b1", "validated", 10), ("b2", "validated", 20), ("b3", "stored", 30)], 40)
-    assert chosen.backup_id == "b2" and oldest.backup_id == "b1" and "b3" in notes[0]
-    chosen, _, _ = pick([("b1", "validated", 10), ("b2", "stored", 20), ("b3", "stored", 30)], 40)
-    assert chosen.backup_id == "b3"  # the chain is not validating: recency wins
-    chosen, _, _ = pick([("b1", "validated", 10), ("b2", "failed", 20), ("b3", "stored", 30)], 25)
-    assert chosen.backup_id == "b1"  # b2 failed, b3 holds commits after the target
-    with pytest.raises(TargetError) as e:
-        pick([("b1", "validated", 10), ("b2", "stored", 30)], 5)
-    assert "before the oldest usable backup" in e.value.message
+    fb = BackupChoice("b1", "validated", 1, parse_lsn("0/3000028"), parse_lsn("0/3000100"), 10.0, 10.0, 1, "15")
+    names = [f"0000000100000000000000{n:02X}" for n in range(3, 9)]
+    chosen_run = rwal.wal_range(inv(names), spans, segment_of_lsn(1, parse_lsn("0/6000028"), SEG))
+    notes = ["fallback: validated backup b1, restored instead if b2 turns out damaged in storage"]
+    assert fallback_reaches(fb, chosen_run, inv(names), spans, SEG, notes) is fb and len(notes) == 1
+    holed = [n for n in names if not n.endswith("04")]
+    chosen_run = rwal.wal_range(inv(holed), spans, segment_of_lsn(1, parse_lsn("0/6000028"), SEG))
+    assert fallback_reaches(fb, chosen_run, inv(holed), spans, SEG, notes) is None
+    assert notes == ["no fallback: validated backup b1 cannot be restored to the target, WAL segment "
+                     "000000010000000000000004 is missing from the archive"]
 
 
 # --------------------------------------------------------------------------- the default timeline

@@ -1,6 +1,14 @@
-"""Which backup a restore starts from: the newest one that holds no commit after the target (time
-targets) or is consistent at or before it (LSN targets), whose timeline leads to the target
-timeline, not marked failed, a validated one preferred over a newer merely stored one."""
+"""Which backup a restore starts from: the newest usable one (stored or validated, not marked
+failed) that holds no commit after the target (time targets) or is consistent at or before it (LSN
+targets), and whose timeline leads to the target timeline.
+
+Every stored backup was built from an instance that was started and checked (a first full in its
+own run; an incremental is the previous backup restored, caught up by replay and checked), so the
+newest fitting one is chosen: it leaves the least WAL to replay. What a stored backup has not yet
+proven is the round trip through storage, and a restore verifies every block's hash anyway. When
+the chosen backup is not validated, the newest older validated one that fits is the *fallback*: the
+restore starts over from it when the chosen one turns out damaged in storage
+(:mod:`dbops.ops.restore.run`). ``--backup ID`` picks exactly that backup, with no fallback."""
 
 from __future__ import annotations
 
@@ -79,9 +87,18 @@ def earliest(b: BackupChoice) -> dict[str, Any]:
     return {"backup_id": b.backup_id, "time": iso_utc(newest_commit_bound(b)), "lsn": format_lsn(b.consistent_lsn)}
 
 
-def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget,
-         backup_id: str | None = None) -> tuple[BackupChoice, BackupChoice, list[str]]:
-    """(chosen backup, oldest usable backup on the chain, notes); `backup_id`: the one asked for (--backup)."""
+@dataclass(frozen=True)
+class Picked:
+    chosen: BackupChoice
+    oldest: BackupChoice  # the oldest usable backup on the chain (the earliest reachable point)
+    fallback: BackupChoice | None  # an older validated backup that fits, when `chosen` is not validated
+    notes: list[str]
+
+
+def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget, backup_id: str | None = None, *,
+         fallback_from: str | None = None) -> Picked:
+    """The backup to restore (see the module docstring); `backup_id`: the one asked for (--backup),
+    or with `fallback_from` (the damaged backup's ID) the fallback a restore is starting over from."""
     on_chain = [b for b in bk.infos if rwal.on_chain(spans, b.timeline, b.consistent_lsn)]
     usable = [b for b in on_chain if b.usable]
     tli = spans[-1].timeline
@@ -103,21 +120,31 @@ def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget,
                                      f"{format_lsn(c.consistent_lsn)} ({iso_utc(c.consistent_time)})",
                               hint="choose an older backup, or leave out --backup")
         oldest = bk.choice(usable[0]) if usable else c
-        return c, oldest, [f"backup {b.backup_id} chosen with --backup"]
+        note = (f"backup {b.backup_id} ({b.state}) is the fallback: backup {fallback_from} is damaged in storage"
+                if fallback_from else f"backup {b.backup_id} chosen with --backup")
+        return Picked(c, oldest, None, [note])
     if not usable:
         failed = [b.backup_id for b in on_chain if not b.usable]
         raise TargetError(f"no usable backup on the history of timeline {tli}",
                           detail=f"failed backups: {', '.join(failed)}" if failed else "no backup at all there",
                           hint="run `dbops backup` (it heals a failed chain with a fresh full backup)")
     oldest = bk.choice(usable[0])
-    fitting: list[BackupChoice] = []  # newest first; a validated one is preferred over one newer stored one
-    for b in reversed(usable):
+    chosen: BackupChoice | None = None
+    fallback: BackupChoice | None = None
+    for b in reversed(usable):  # newest first
+        if chosen is not None and b.state != catalog.VALIDATED:
+            continue  # only a validated backup serves as the fallback
         c = bk.choice(b)
-        if fits(c, target):
-            fitting.append(c)
-            if c.state == catalog.VALIDATED or len(fitting) == 2:
+        if not fits(c, target):
+            continue
+        if chosen is None:
+            chosen = c
+            if c.state == catalog.VALIDATED:
                 break
-    if not fitting:
+        else:
+            fallback = c
+            break
+    if chosen is None:
         raise TargetError(
             f"the target {target.describe()} is before the oldest usable backup",
             detail=f"the oldest backup {oldest.backup_id} is consistent at {format_lsn(oldest.consistent_lsn)} "
@@ -126,11 +153,10 @@ def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget,
                    f"the earliest reachable point is {earliest(oldest)['time']} (LSN {earliest(oldest)['lsn']})",
             hint="restore to a later point, or keep backups longer (backup.retention)")
     notes = []
-    chosen = next((c for c in fitting if c.state == catalog.VALIDATED), fitting[0])
-    if chosen is not fitting[0]:
-        notes.append(f"the newest fitting backup {fitting[0].backup_id} is not validated yet: preferring validated "
-                     f"{chosen.backup_id} (choose the other with --backup ID)")
-    elif chosen.state != catalog.VALIDATED:
-        notes.append(f"backup {chosen.backup_id} is stored (started and checked when taken) but not yet validated "
-                     "by a restore from storage")
-    return chosen, oldest, notes
+    if chosen.state != catalog.VALIDATED:
+        notes.append(f"backup {chosen.backup_id} is the newest that fits: stored (started and checked when taken), "
+                     "not yet validated by a restore from storage; every block is verified as it is downloaded")
+        notes.append(f"fallback: validated backup {fallback.backup_id}, restored instead if {chosen.backup_id} "
+                     "turns out damaged in storage" if fallback else
+                     "no validated backup fits the target: there is no fallback if this one is damaged")
+    return Picked(chosen, oldest, fallback, notes)

@@ -6,7 +6,9 @@ prints it); :func:`dbops.ops.restore.run.restore` computes the same plan and car
 
 1. pick the backup (:mod:`dbops.ops.restore.choose`): the newest one that holds no commit after
    the target (time targets) or is consistent at or before it (LSN targets), whose timeline leads
-   to the target timeline, not marked failed, a validated one preferred over a newer merely stored one;
+   to the target timeline, not marked failed, stored or validated; when it is not validated yet,
+   the newest older validated one that fits (its WAL archived) is the fallback, restored instead
+   if the chosen one turns out damaged in storage;
 2. check the archive from that backup's redo point: where its run of segments ends or breaks,
    and (``pg_waldump`` on the last segments) the last archived commit, so that a target past
    the end of the archive, or behind a missing segment, is refused before anything is
@@ -103,10 +105,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     holes: list[str] = field(default_factory=list)
     tablespaces: list[rts.Destination] = field(default_factory=list)
+    fallback: BackupChoice | None = None  # restored instead if `backup` is damaged in storage
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "target": self.target.as_dict(), "timeline": self.timeline, "backup": self.backup.as_dict(),
+            "fallback": self.fallback.as_dict() if self.fallback else None,
             "target_dir": self.target_dir, "final": self.final, "start": self.start, "port": self.port,
             "wal": {"first": self.first_segment,
                     "last": self.replay_segments[-1] if self.replay_segments else None,
@@ -132,11 +136,12 @@ class PastEndError(TargetError):
 
 
 def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
-                 cache: Path | None = None) -> Plan:
+                 cache: Path | None = None, fallback_from: str | None = None) -> Plan:
     """Everything the restore will do, checked against the catalog and the archive; changes nothing.
 
     `cache`: a folder to keep the segments read while checking the end of the archive (a restore
     replays them next); without it they go to a temporary folder removed afterwards.
+    `fallback_from`: the damaged backup a restore starts over from ``opts.backup_id`` instead of.
     """
     opts.check()
     preflight(opts, cfg.os_user)
@@ -163,7 +168,7 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
     failed: PastEndError | None = None
     for tli, spans, tl_notes in choices:
         try:
-            return _plan_on(cfg, opts, bk, arc, inv, tli, spans, tl_notes, seg_size, cache)
+            return _plan_on(cfg, opts, bk, arc, inv, tli, spans, tl_notes, seg_size, cache, fallback_from)
         except PastEndError as e:  # a later choice may hold it; the first choice's error is the one to show
             failed = failed or e
     assert failed is not None
@@ -171,10 +176,12 @@ def plan_restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None
 
 
 def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal.Inventory, tli: int,
-             spans: list[walchain.Span], tl_notes: list[str], seg_size: int, cache: Path | None) -> Plan:
+             spans: list[walchain.Span], tl_notes: list[str], seg_size: int, cache: Path | None,
+             fallback_from: str | None = None) -> Plan:
     """The plan along one timeline's chain."""
-    chosen, oldest, notes = pick(bk, spans, opts.target, opts.backup_id)
-    notes = tl_notes + notes
+    picked = pick(bk, spans, opts.target, opts.backup_id, fallback_from=fallback_from)
+    chosen, oldest, fallback = picked.chosen, picked.oldest, picked.fallback
+    notes = tl_notes + picked.notes
     m = bk.manifest(chosen.backup_id)
     dests = rts.destinations(m.tablespaces, target_dir=opts.target_dir, mapping=opts.tablespace_map,
                              map_all=opts.tablespace_map_all, delta=opts.delta, force=opts.force)
@@ -188,6 +195,8 @@ def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal
                               detail=f"backup {chosen.backup_id} needs {start_seg} .. "
                                      f"{segment_of_lsn(chosen.timeline, chosen.consistent_lsn, seg_size)} to start",
                               hint="`dbops wal status` lists the gaps; restore from another backup with --backup")
+    if fallback is not None:
+        fallback = fallback_reaches(fallback, wr, inv, spans, seg_size, notes)
 
     def scan(where: Path) -> rwal.WalEnd | None:
         return rwal.scan_end(arc, wr.contiguous, where, stop_before=consistent_no, seg_size=seg_size)
@@ -216,7 +225,22 @@ def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal
                 histories=sorted(inv.histories), remote=wr.contiguous[len(ahead):], archive_end=archive_end,
                 earliest=earliest(oldest), newest=newest,
                 estimate=estimate(bk.infos, chosen, len(replay), seg_size), notes=notes, holes=wr.holes,
-                seg_size=seg_size, spans=spans, tablespaces=dests)
+                seg_size=seg_size, spans=spans, tablespaces=dests, fallback=fallback)
+
+
+def fallback_reaches(fallback: BackupChoice, wr: rwal.WalRange, inv: rwal.Inventory, spans: list[walchain.Span],
+                      seg_size: int, notes: list[str]) -> BackupChoice | None:
+    """The fallback when the archive holds every segment from its redo point to where the chosen
+    backup's run starts (from there both replay the same WAL); else None, said in the notes."""
+    run = rwal.wal_range(inv, spans, segment_of_lsn(fallback.timeline, fallback.redo_lsn, seg_size))
+    before = run.needed[:max(0, len(run.needed) - len(wr.needed))]
+    missing = [n for n in before if n not in inv.segments]
+    if not missing:
+        return fallback
+    notes[:] = [n for n in notes if not n.startswith("fallback: ")]
+    notes.append(f"no fallback: validated backup {fallback.backup_id} cannot be restored to the target, WAL segment "
+                 f"{missing[0]} is missing from the archive")
+    return None
 
 
 def _check_reachable(target: RestoreTarget, b: BackupChoice, end: rwal.WalEnd, last_commit: rwal.Commit | None,

@@ -1,7 +1,8 @@
 """`dbops restore` carried out: the plan (:mod:`dbops.ops.restore.plan`), then the download of the
 backup into the target folder while the WAL replay needs is fetched ahead, the folder's recovery
 settings, and the recovery itself (:mod:`dbops.ops.restore.recover`). Any failure leaves nothing
-that looks like a restored database (:func:`dbops.ops.restore.folder.discard`)."""
+that looks like a restored database (:func:`dbops.ops.restore.folder.discard`). A chosen backup
+found damaged in storage gives way to the plan's fallback, an older validated backup."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from dbops import log, proc
 from dbops.config import Config
+from dbops.errors import BackupDamagedError, DbopsError, ValidationError
 from dbops.ops.restore import conf as rconf
 from dbops.ops.restore import recover
 from dbops.ops.restore import tablespaces as rts
@@ -41,27 +43,48 @@ class RestoreResult:
     timings: dict[str, float]
     download: dict[str, Any]
     wal: dict[str, Any]
+    fell_back_from: dict[str, Any] | None = None  # the chosen backup, found damaged: {backup_id, reason}
 
     def as_dict(self) -> dict[str, Any]:
         t = self.timings
         return {"ok": True, "target_dir": self.plan.target_dir, "backup_id": self.plan.backup.backup_id,
+                "fell_back_from": self.fell_back_from,
                 "reached": self.reached, "final_state": self.final_state, "running": self.running,
                 "timings": t, "seconds": round(sum(t.values()), 3), "download": self.download, "wal": self.wal,
                 "plan": self.plan.as_dict()}
+
+
+@dataclass
+class _Run:
+    """What every attempt of one restore shares (the fallback's attempt reuses the WAL cache)."""
+
+    cfg: Config
+    opts: Options
+    store: ObjectStore
+    layout: Layout
+    cache: Path
+    ids: tuple[int, int] | None
+    phases: Phases
+    delta: bool  # --delta into a data folder (not into an empty one, which gets a full restore)
+    byte_progress: Callable[[int, int], None] | None
 
 
 def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
             progress: Callable[[str], None] | None = None,
             byte_progress: Callable[[int, int], None] | None = None) -> RestoreResult:
     """Plan, then carry the plan out (see the module docstring). ``progress(phase)`` and
-    ``byte_progress(done, total)`` (the download's bytes) feed a progress display."""
+    ``byte_progress(done, total)`` (the download's bytes) feed a progress display.
+
+    When the backup the plan picked turns out damaged in storage (its manifest, a pack object or
+    frame) and the plan has a fallback (an older validated backup), what was written is cleaned
+    up and the restore starts over from the fallback; the result names the damaged backup
+    (``fell_back_from``). With ``--backup`` there is no fallback."""
     opts.check()
     clean_stale_scratch(Path(cfg.backup.scratch_dir))  # a killed restore's server on its target stops here
     preflight(opts, cfg.os_user)  # before the scratch folder and the plan; the plan checks again
     store, layout = open_archive(cfg.storage, store)
     phases = Phases(progress)
     run_id = catalog.new_backup_id().split("-", 1)[1]
-    target = opts.target_dir
     ids = pg_ids(cfg.os_user) if os.geteuid() == 0 else None
     with proc.sigterm_as_interrupt(), scratch_folder(Path(cfg.backup.scratch_dir), f"restore-{run_id}",
                                                      cfg.os_user) as scratch:
@@ -69,48 +92,92 @@ def restore(cfg: Config, opts: Options, *, store: ObjectStore | None = None,
         cache.mkdir(mode=0o700)
         if ids:
             os.chown(cache, *ids)
+        run = _Run(cfg, opts, store, layout, cache, ids, phases,
+                   opts.delta and (opts.target_dir / "PG_VERSION").exists(), byte_progress)
         with phases("plan"):
             plan = plan_restore(cfg, opts, store=store, cache=cache)
-        log.event(_log, logging.INFO, "restore planned", backup=plan.backup.backup_id, target=plan.target.describe(),
-                  timeline=plan.timeline, segments=len(plan.replay_segments))
-        manifest = mf.load(store, layout, plan.backup.backup_id)
-        created = not target.exists()
-        if opts.force and target.is_dir():
-            empty(target)
-        for d in plan.tablespaces:
-            if opts.force and d.state == "not empty":
-                empty(d.folder)
-        ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
-                              owner=ids)
-        remote = cache / rconf.REMOTE_DIR
-        remote.mkdir()
-        for name in plan.remote:
-            (remote / name).touch()
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-walahead") as pool:
-                ahead.prepare(plan.histories)
-                wal_job = pool.submit(ahead.run)
-                try:
-                    with phases("download"):
-                        download = _download(cfg, store, layout, manifest, plan, opts.delta, ids, byte_progress)
-                    with phases("configure"):
-                        configure(cfg, target, plan, opts)
-                    with phases("tablespaces"):
-                        wal_job.result()  # the WAL to replay is here: its CREATE TABLESPACE records
-                        new_tablespaces = _created_tablespaces(cache, manifest, opts, ids)
-                    reached, final_state, running = recover.run(
-                        cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,
-                        mounts=tuple((str(f), loc) for loc, f in new_tablespaces.values() if str(f) != loc),
-                        relink={oid: f for oid, (_loc, f) in new_tablespaces.items()})
-                finally:
-                    ahead.stop()  # what replay did not ask for is not needed any more
-                stats = wal_job.result()
-        except BaseException as e:
-            discard(target, created=created, delta=opts.delta, reason=getattr(e, "message", None) or repr(e))
-            if not opts.delta:
-                for d in plan.tablespaces:
-                    discard(d.folder, created=d.state == "absent", delta=False, reason="")
+            return _attempt(run, plan)
+        except BackupDamagedError as e:
+            if plan.fallback is None:
+                raise
+            damaged = e
+        fb = plan.fallback.backup_id
+        log.event(_log, logging.WARNING, f"backup {damaged.backup_id} is damaged in storage: {damaged.reason}; "
+                  f"what it wrote is removed, restoring the validated backup {fb} instead",
+                  damaged=damaged.backup_id, fallback=fb)
+        with phases("plan"):
+            plan = plan_restore(cfg, replace(opts, backup_id=fb, timeline=plan.timeline), store=store, cache=cache,
+                                fallback_from=damaged.backup_id)
+        try:
+            res = _attempt(run, plan)
+        except BackupDamagedError as e:
+            raise ValidationError(f"backup {damaged.backup_id} and its fallback, backup {fb}, are both damaged "
+                                  "in storage", detail=f"{damaged.backup_id}: {damaged.reason}; {fb}: {e.reason}",
+                                  hint="restore another backup with --backup ID (`dbops backup list`); run "
+                                       "`dbops verify` and take a new backup") from e
+        except DbopsError as e:  # the fallback failed for a reason of its own: still say why it was tried
+            e.detail = ((e.detail + "; ") if e.detail else "") + (
+                f"this was the fallback backup {fb}: backup {damaged.backup_id} is damaged in storage: "
+                f"{damaged.reason}")
             raise
+        res.fell_back_from = {"backup_id": damaged.backup_id, "reason": damaged.reason}
+        return res
+
+
+def _attempt(run: _Run, plan: Plan) -> RestoreResult:
+    """The plan's backup restored and recovered. On any failure the target folder and the
+    tablespaces' are cleaned up (:func:`discard`) before the error goes on; the backup's own
+    damage is raised as BackupDamagedError."""
+    cfg, opts, store, layout, cache, ids, phases = (run.cfg, run.opts, run.store, run.layout, run.cache, run.ids,
+                                                    run.phases)
+    log.event(_log, logging.INFO, "restore planned", backup=plan.backup.backup_id, target=plan.target.describe(),
+              timeline=plan.timeline, segments=len(plan.replay_segments))
+    try:
+        manifest = mf.load(store, layout, plan.backup.backup_id)
+    except ValidationError as e:
+        raise BackupDamagedError(plan.backup.backup_id, e) from e
+    target = opts.target_dir
+    created = not target.exists()
+    if opts.force and target.is_dir():
+        empty(target)
+    for d in plan.tablespaces:
+        if opts.force and d.state == "not empty":
+            empty(d.folder)
+    ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
+                          owner=ids)
+    remote = cache / rconf.REMOTE_DIR
+    remote.mkdir(exist_ok=True)
+    for name in plan.remote:
+        (remote / name).touch()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-walahead") as pool:
+            ahead.prepare(plan.histories)
+            wal_job = pool.submit(ahead.run)
+            try:
+                with phases("download"):
+                    try:
+                        download = _download(cfg, store, layout, manifest, plan, run.delta, ids, run.byte_progress)
+                    except ValidationError as e:
+                        raise BackupDamagedError(plan.backup.backup_id, e) from e
+                with phases("configure"):
+                    configure(cfg, target, plan, opts)
+                with phases("tablespaces"):
+                    wal_job.result()  # the WAL to replay is here: its CREATE TABLESPACE records
+                    new_tablespaces = _created_tablespaces(cache, manifest, opts, ids)
+                reached, final_state, running = recover.run(
+                    cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,
+                    mounts=tuple((str(f), loc) for loc, f in new_tablespaces.values() if str(f) != loc),
+                    relink={oid: f for oid, (_loc, f) in new_tablespaces.items()})
+            finally:
+                ahead.stop()  # what replay did not ask for is not needed any more
+            stats = wal_job.result()
+    except BaseException as e:
+        discard(target, created=created, delta=run.delta, reason=getattr(e, "message", None) or repr(e))
+        if not run.delta:
+            for d in plan.tablespaces:
+                discard(d.folder, created=d.state == "absent", delta=False, reason="")
+        raise
     wal = {"fetched_ahead": stats.segments, "bytes": stats.bytes, "seconds": stats.seconds,
            "not_archived": stats.missing, "failed": {n: e.message for n, e in ahead.failed.items()}}
     return RestoreResult(plan, reached, final_state, running, dict(phases.t), download, wal)
@@ -138,7 +205,7 @@ def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Mani
     t0 = time.monotonic()
     owner = cfg.os_user if ids else None
     dirs = {d.tablespace.oid: str(d.folder) for d in plan.tablespaces}
-    if delta and (Path(plan.target_dir) / "PG_VERSION").exists():
+    if delta:
         d = restore_delta.restore_delta(store, layout, manifest, Path(plan.target_dir), parallel=cfg.backup.parallel,
                                         owner=owner, tablespace_dirs=dirs)
     else:
