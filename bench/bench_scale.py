@@ -219,8 +219,11 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     finally:
         _stop(data)
         shutil.rmtree(data, ignore_errors=True)
+    plan = res.get("plan") or {}
     out.append({**base, "bench": "scale_restore", "tool": "dbops", "wall_seconds": round(wall, 2),
-                "rss_kib": rss_kib, "timings": res.get("timings"), "download": res.get("download")})
+                "rss_kib": rss_kib, "timings": res.get("timings"), "download": res.get("download"),
+                "backup_state": (plan.get("backup") or {}).get("state"),
+                "wal_segments": (plan.get("wal") or {}).get("segments"), "fell_back_from": res.get("fell_back_from")})
     for wal in ("pgbackrest", "dbops") if peer else ():
         rss = []
         try:
