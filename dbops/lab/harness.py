@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 import secrets as pysecrets
 import shutil
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,7 +215,7 @@ def status(d: Path | str = DEFAULT_DIR) -> dict:
     s3 = state.get("s3", {})
     out = {"dir": str(d), "config": str(d / "dbops.yaml"),
            "s3": {"endpoint": s3.get("endpoint"), "pid": s3.get("pid"),
-                  "running": proc.pid_alive(s3.get("pid")) and "weed" in common.cmdline(s3.get("pid") or 0)},
+                  "running": labs3.running(s3.get("pid"))},
            "nodes": []}
     for name, ns in sorted(state.get("nodes", {}).items()):
         data = d / "pg" / name
@@ -245,25 +243,7 @@ def down(d: Path | str = DEFAULT_DIR, purge: bool = False) -> list[str]:
                 except DbopsError:
                     labpg.pg_ctl(data, "-m", "immediate", "-w", "stop", timeout=60)
                 stopped.append(f"postgresql {data.name}")
-    pid = state.get("s3", {}).get("pid")
-    if pid and proc.pid_alive(pid) and "weed" in common.cmdline(pid):
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            try:  # reap it when it is our own child (tests start the lab in-process)
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if not proc.pid_alive(pid):
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    if labs3.stop_s3(state.get("s3", {}).get("pid")):
         stopped.append("s3 (seaweedfs)")
     if purge and d.exists():
         if not (d / common.STATE_FILE).exists() and not (d / "dbops.yaml").exists():

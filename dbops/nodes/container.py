@@ -2,7 +2,8 @@
 
 * start / stop are the container's own lifecycle: ``ENGINE start``; ``ENGINE kill
   --signal`` with PostgreSQL's shutdown signal for the mode (smart SIGTERM, fast SIGINT,
-  immediate SIGQUIT), then ``ENGINE wait``. A plain ``stop`` would SIGKILL a server still
+  immediate SIGQUIT), then ``ENGINE wait`` and ``ENGINE inspect`` until it shows the container
+  stopped (``wait`` can return while it still runs). A plain ``stop`` would SIGKILL a server still
   writing its shutdown checkpoint once the engine's grace period ends.
 * commands run with ``ENGINE exec -u OWNER`` while the container runs; while it is
   stopped (reading the control file after a stop, writing standby.signal, pg_rewind)
@@ -162,12 +163,20 @@ class ContainerController(ShellController):
             raise UsageError(f"unknown stop mode {mode!r} (expected one of {', '.join(STOP_MODES)})")
         if not self.status().running:
             return
+        deadline = time.monotonic() + timeout
         self._engine(*self.kill_argv(mode)[1:], timeout=30, check=False)
+        detail = None
         try:
             self._engine("wait", self.name, timeout=timeout)
         except CommandError as e:
-            if self.status().running:
-                raise PostgresError(f"container {self.name} did not stop ({mode})", detail=e.detail) from None
+            detail = e.detail
+        # `ENGINE wait` can return while the container still runs (a loaded machine, podman's own
+        # races): a fence that read the control file then would read a server still shutting down.
+        while self.status().running:
+            if time.monotonic() >= deadline:
+                raise PostgresError(f"container {self.name} did not stop ({mode}) within {timeout:.0f} s",
+                                    detail=detail)
+            time.sleep(POLL_SECONDS * 5)
 
 
 # Variables that describe one container, not the node's configuration.

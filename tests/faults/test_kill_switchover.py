@@ -69,8 +69,9 @@ def bouncer(klab):
     b.stop()
 
 
-def pooler_serves_writes(bouncer, timeout: float = 10.0) -> bool:
-    """A query through PgBouncer reaches a writable node within seconds (a paused pooler holds it)."""
+def pooler_serves_writes(bouncer, timeout: float = 60.0) -> bool:
+    """A query through PgBouncer reaches a writable node (a paused pooler holds it until the timeout; a
+    loaded machine may need many seconds to connect)."""
     import threading
 
     import psycopg
@@ -104,7 +105,7 @@ def _settled(cfg, timeout: float = 60.0) -> topology.Topology:
 def _failover(dbops_bin: str, cfg_path: str, lock_dir: Path, kill_after: str | None) -> tuple[int, str, str]:
     """Run `dbops failover`; SIGKILL it as soon as it logs the end of phase `kill_after`."""
     p = subprocess.Popen([dbops_bin, "-c", cfg_path, "--log-format", "json", "-v", "failover", "--yes", "--json",
-                          "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "DBOPS_LOCK_DIR": str(lock_dir)})
     seen = []
     assert p.stderr is not None
@@ -128,8 +129,9 @@ def recover(cfg) -> str:
     assert len(writers) <= 1, topo.as_dict()
     for n in cfg.nodes:
         ctl = open_controller(n)
-        deadline = time.monotonic() + 30  # a killed run's helpers (a stop in progress) finish on their own
-        while ctl.is_running() and not topology.probe(n, cfg.nodes).reachable and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # a killed run's helpers (a stop in progress) finish on their own
+        while ctl.is_running() and not topology.probe(n, cfg.nodes).reachable:
+            assert time.monotonic() < deadline, f"{n.name} neither stopped nor reachable within 120 s"
             time.sleep(0.2)
     topo = topology.discover(cfg)
     writers = [s.name for s in topo.nodes if s.role == "primary"]

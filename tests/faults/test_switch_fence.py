@@ -37,6 +37,10 @@ from writer_probe import prepare  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
+# failover --timeout for the runs whose candidate dies mid-switch: the catch-up wait runs out after it
+# (the test's cost), and the old primary's stop and restart must fit in it on a loaded machine.
+STEP_TIMEOUT = 15
+
 
 @pytest.fixture(scope="module")
 def slab(lab_factory):
@@ -143,7 +147,7 @@ def test_rollback_refuses_to_restart_the_old_primary_once_the_candidate_is_promo
     cfg = cfgmod.load(slab.config_path)
     start = settled(slab.config_path)
     old, cand = start.primary.node, start.standbys[0].node
-    opts = failover_plan.Options.from_config(cfg, timeout=3)
+    opts = failover_plan.Options.from_config(cfg, timeout=STEP_TIMEOUT)
     plan = failover_plan.make_plan(cfg, opts)
     assert plan.ok, plan.findings
 
@@ -211,7 +215,7 @@ def test_failing_pgbouncer_resume_keeps_the_rollback_exit_code(slab, tmp_path):
     try:
         cfg_path = failover_lab.failover_config(slab, bouncer, name="dbops-bouncer-dies.yaml")
         cfg = cfgmod.load(cfg_path)
-        opts = failover_plan.Options.from_config(cfg, timeout=3)
+        opts = failover_plan.Options.from_config(cfg, timeout=STEP_TIMEOUT)
         plan = failover_plan.make_plan(cfg, opts)
         assert plan.ok, plan.findings
 

@@ -28,6 +28,7 @@ import yaml
 
 from dbops import config as cfgmod
 from dbops.lab import harness as labmod
+from dbops.lab import s3 as labs3
 from dbops import proc
 from dbops.errors import DbopsError, ExitCode
 from dbops.storage.lock import LockOwner, read_owner
@@ -98,10 +99,19 @@ def take_backup(dbops_bin: str, env: dict[str, str], config: str | None = None) 
     return json.loads(r.stdout)
 
 
-def containers() -> set[str]:
+def containers(scratch: Path) -> set[str]:
+    """dbops' throwaway containers whose folders lie in `scratch` (other test runs on this machine, in
+    the other test lane, have theirs elsewhere)."""
     r = subprocess.run(["podman", "ps", "-a", "-q", "--filter", "label=dbops=1"], capture_output=True, text=True,
                        check=False)
-    return set(r.stdout.split())
+    if not r.stdout.split():
+        return set()
+    # check=False: a container may be removed between the two calls (inspect still prints the others)
+    r = subprocess.run(["podman", "inspect", "--format", "{{.Id}} {{range .Mounts}}{{.Source}} {{end}}",
+                        *r.stdout.split()], capture_output=True, text=True, check=False)
+    root = str(Path(scratch).resolve()) + "/"
+    return {line.split()[0][:12] for line in r.stdout.splitlines()
+            if any(src.startswith(root) for src in line.split()[1:])}
 
 
 def run_dirs(scratch: Path) -> list[Path]:
@@ -131,7 +141,7 @@ def once_at(phase: str, action: Callable[[], None]) -> Callable[[str], None]:
 
 def assert_left_nothing(scratch: Path, before_containers: set[str]) -> None:
     assert not run_dirs(scratch), f"scratch left behind: {run_dirs(scratch)}"
-    assert not (containers() - before_containers), "a throwaway container was left behind"
+    assert not (containers(scratch) - before_containers), "a throwaway container was left behind"
 
 
 # --------------------------------------------------------------------------- scratch disk
@@ -191,7 +201,7 @@ def test_scratch_filling_up_mid_run(blab, env, dbops_bin, tmp_path):
         config = config_copy(blab, tmp_path, backup={"scratch_dir": str(scratch)})
         for phase, full in (("basebackup", True), ("download", False), ("start", False), ("replay", False)):
             listed = backups(dbops_bin, env)
-            before = containers()
+            before = containers(scratch)
             err = in_process_backup(config, once_at(phase, lambda: fill(scratch)), full=full)
             assert err is not None, f"a full disk in phase {phase} went unnoticed"
             text = err.render()
@@ -213,19 +223,7 @@ def test_scratch_filling_up_mid_run(blab, env, dbops_bin, tmp_path):
 
 def stop_s3(lab) -> None:
     pid = json.loads((lab.dir / labmod.STATE_FILE).read_text())["s3"]["pid"]
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child: the lab was started in this process
-                return
-        except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    assert labs3.stop_s3(pid)  # returns once it is gone: its port and data folder are free again
 
 
 def archiver(node) -> dict:
@@ -314,10 +312,10 @@ def test_sigterm_mid_run_cleans_up_and_releases_the_lock(blab, env, dbops_bin):
     take_backup(dbops_bin, env)
     scratch = Path(blab.config.backup.scratch_dir)
     listed = backups(dbops_bin, env)
-    before = containers()
+    before = containers(scratch)
     p = subprocess.Popen([dbops_bin, "backup"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for("the run's container", lambda: bool(containers() - before) or p.poll() is not None, 60, 0.05)
+        wait_for("the run's container", lambda: bool(containers(scratch) - before) or p.poll() is not None, 60, 0.05)
         assert p.poll() is None, "the run ended before its container could be seen"
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=120)
@@ -346,7 +344,7 @@ def test_primary_gone_before_target_capture(blab, env, dbops_bin):
     prev = take_backup(dbops_bin, env)
     scratch = Path(blab.config.backup.scratch_dir)
     listed = backups(dbops_bin, env)
-    before = containers()
+    before = containers(scratch)
     try:
         err = in_process_backup(blab.config_path,
                                 once_at("capture", lambda: pg_ctl(blab, "-m", "immediate", "-w", "stop")))

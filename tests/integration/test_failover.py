@@ -32,6 +32,10 @@ from writer_probe import Writer, multi_host, prepare
 
 pytestmark = pytest.mark.integration
 
+# failover --timeout for the runs whose candidate dies mid-switch: the catch-up wait runs out after it
+# (the test's cost), and the old primary's stop and restart must fit in it on a loaded machine.
+STEP_TIMEOUT = 15
+
 
 @pytest.fixture(scope="module")
 def flab(lab_factory, tmp_path_factory):
@@ -190,7 +194,7 @@ def test_switchover_and_failback_lose_no_commit(flab, dbops_bin, tmp_path):
 def test_candidate_killed_in_the_switch_rolls_back(flab, tmp_path):
     cfg = cfgmod.load(flab.config_path)
     start = _wait_settled(flab.config_path)
-    opts = failover_plan.Options.from_config(cfg, timeout=3)
+    opts = failover_plan.Options.from_config(cfg, timeout=STEP_TIMEOUT)
     plan = failover_plan.make_plan(cfg, opts)
     assert plan.ok, plan.findings
     cand = plan.candidate.node

@@ -110,3 +110,31 @@ def test_check_names_a_database_locale_the_throwaway_instance_lacks(make_lab, cl
     assert f["status"] == "fail" and "en_US.UTF-8 (database shop)" in f["message"], f
     assert "locales-all" in f["fix"]
     assert report["runtime"]["locales"]["missing"] == {"en_US.UTF-8": ["shop"]}
+
+
+def test_lab_s3_started_again_on_other_ports_when_its_port_is_taken_meanwhile(base_dir, monkeypatch, caplog):
+    """The race behind "the S3 server exited with status 1": a port found free is taken before weed binds
+    it (weed checks its ports and exits). The lab starts it again on fresh ports, says so, and stop_s3
+    returns only once the server is gone."""
+    import socket
+
+    from dbops.lab import s3 as labs3
+
+    d = base_dir / "s3-port-race"
+    (d / "logs").mkdir(parents=True)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        real = proc.port_free
+        monkeypatch.setattr(proc, "port_free", lambda p: True if p == port else real(p))  # free when checked
+        state = {"s3": {"port": port}}
+        with caplog.at_level("WARNING", logger="dbops.lab"):
+            labs3.start_s3(d, state, set())
+    pid = state["s3"]["pid"]
+    try:
+        assert state["s3"]["port"] != port and labs3.running(pid)
+        assert "exited while starting (attempt 1 of 3" in caplog.text and str(port) in caplog.text, caplog.text
+    finally:
+        assert labs3.stop_s3(pid)
+    assert not labs3.running(pid) and real(state["s3"]["port"])
