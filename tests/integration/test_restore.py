@@ -431,6 +431,22 @@ def test_a_damaged_stored_incremental_falls_back_to_the_validated_full(scn, cli)
             store.put(full_key, full_body, metadata=full_info.metadata)
     finally:
         store.put(key, body, metadata=info.metadata)
+    # A damaged (cut short) manifest: passed over when its header does not read (the plan's notes say
+    # so), or found when the restore reads it whole (the restore falls back); either way the full
+    # backup is restored and the object is named.
+    mkey = Layout(scn.lab.config.storage.prefix).manifest(scn.incr_id)
+    minfo, mbody = store.head(mkey), store.get(mkey)
+    store.put(mkey, mbody[:len(mbody) // 2], metadata=minfo.metadata)  # cut short
+    try:
+        r = restore(cli, scn.lab, "--to", iso(scn.t4), "--target-dir", scn.target("bad-manifest"), "--shutdown",
+                    "--json")
+        assert r.exit_code == 0, r
+        d = json.loads(r.stdout)
+        assert d["backup_id"] == scn.backup_id and mkey in r.stderr
+        assert (d["fell_back_from"] or {}).get("backup_id") == scn.incr_id or any(
+            n.startswith(f"backup {scn.incr_id} is passed over: its manifest is damaged") for n in d["plan"]["notes"])
+    finally:
+        store.put(mkey, mbody, metadata=minfo.metadata)
 
 
 def test_target_folder_not_empty_exit_11_unless_force(scn, cli):

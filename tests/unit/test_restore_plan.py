@@ -142,10 +142,14 @@ def test_auto_conf_block_replaces_earlier_settings(tmp_path):
 class _FakeBackups:
     """Stands in for the catalog: BackupInfo rows, and choices built from them."""
 
-    def __init__(self, rows: list[tuple[str, str, float]]):  # (id, state, last commit = consistent time)
+    from dbops.ops.restore.choose import Backups
+
+    readable = Backups.readable  # the real method: a damaged manifest is passed over
+
+    def __init__(self, rows: list[tuple[str, str, float]], damaged: tuple[str, ...] = ()):
         from dbops.repo import catalog
 
-        self.infos, self._c = [], {}
+        self.infos, self._c, self.damaged, self._bad = [], {}, {}, damaged  # rows: (id, state, last commit)
         for i, (bid, state, t) in enumerate(rows):
             status = catalog.StatusRecord(bid, state, t, "run") if state != catalog.STORED else None
             lsn = parse_lsn(f"0/{i + 5:X}000000")
@@ -153,14 +157,18 @@ class _FakeBackups:
             self._c[bid] = BackupChoice(bid, state, 1, lsn - 0x100000, lsn, t, t, 10, "15")
 
     def choice(self, b):
+        from dbops.errors import ValidationError
+
+        if b.backup_id in self._bad:
+            raise ValidationError(f"manifest of backup {b.backup_id} (k/{b.backup_id}) is unreadable: ZstdError")
         return self._c[b.backup_id]
 
 
-def _pick(rows, at, backup_id=None):
+def _pick(rows, at, backup_id=None, damaged=()):
     from dbops.ops.restore.choose import pick
 
     target = from_options(to=f"1970-01-01T00:00:{at:02d}Z")
-    return pick(_FakeBackups(rows), walchain.chain(1, []), target, backup_id)
+    return pick(_FakeBackups(rows, damaged), walchain.chain(1, []), target, backup_id)
 
 
 def test_pick_takes_the_newest_fitting_backup_and_an_older_validated_one_as_fallback():
@@ -203,6 +211,23 @@ def test_pick_refuses_a_target_before_the_oldest_backup():
     with pytest.raises(TargetError) as e:
         _pick([("b1", "validated", 10), ("b2", "stored", 30)], 5)
     assert "before the oldest usable backup" in e.value.message
+
+
+def test_pick_passes_over_a_backup_whose_manifest_is_damaged_and_says_so():
+    from dbops.errors import ValidationError
+
+    rows = [("b1", "validated", 10), ("b2", "validated", 20), ("b3", "stored", 30)]
+    p = _pick(rows, 40, damaged=("b3",))
+    assert p.chosen.backup_id == "b2" and p.fallback is None
+    assert p.notes == ["backup b3 is passed over: its manifest is damaged in storage: manifest of backup b3 (k/b3) "
+                       "is unreadable: ZstdError"]
+    p = _pick(rows, 40, damaged=("b1",))  # the oldest unreadable: the earliest point is the next one's
+    assert (p.chosen.backup_id, p.fallback.backup_id, p.oldest.backup_id) == ("b3", "b2", "b2")
+    with pytest.raises(ValidationError) as e:  # every backup that fits is unreadable
+        _pick(rows, 25, damaged=("b1", "b2"))
+    assert "no readable backup fits" in e.value.message and "b1" in e.value.detail and "b2" in e.value.detail
+    with pytest.raises(ValidationError):  # named with --backup: its error as it is
+        _pick(rows, 40, backup_id="b3", damaged=("b3",))
 
 
 def test_a_fallback_whose_wal_is_not_archived_is_dropped_with_a_note():

@@ -8,14 +8,16 @@ newest fitting one is chosen: it leaves the least WAL to replay. What a stored b
 proven is the round trip through storage, and a restore verifies every block's hash anyway. When
 the chosen backup is not validated, the newest older validated one that fits is the *fallback*: the
 restore starts over from it when the chosen one turns out damaged in storage
-(:mod:`dbops.ops.restore.run`). ``--backup ID`` picks exactly that backup, with no fallback."""
+(:mod:`dbops.ops.restore.run`). A backup whose manifest header cannot be read is passed over here
+already, and the plan's notes say so. ``--backup ID`` picks exactly that backup, with no fallback."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from dbops.errors import NotFoundError, PreconditionError, TargetError
+from dbops import log
+from dbops.errors import NotFoundError, PreconditionError, TargetError, ValidationError
 from dbops.ops.restore import wal as rwal
 from dbops.ops.restore.target import LSN, TIME, XID, RestoreTarget, iso_utc
 from dbops.pg import walchain
@@ -52,6 +54,19 @@ class Backups:
         self.store, self.layout = store, layout
         self.infos = catalog.list_backups(store, layout)
         self._manifests: dict[str, mf.Manifest] = {}
+        self.damaged: dict[str, ValidationError] = {}  # backups whose manifest header did not read
+
+    def readable(self, b: catalog.BackupInfo) -> BackupChoice | None:
+        """The backup's choice, or None when its manifest is damaged in storage (kept in `damaged`)."""
+        if b.backup_id in self.damaged:
+            return None
+        try:
+            return self.choice(b)
+        except ValidationError as e:
+            self.damaged[b.backup_id] = e
+            log.get("restore").warning("backup %s is passed over: its manifest is damaged in storage: %s",
+                                       b.backup_id, e.message + (f" ({e.detail})" if e.detail else ""))
+            return None
 
     def manifest(self, backup_id: str) -> mf.Manifest:
         if backup_id not in self._manifests:
@@ -119,7 +134,7 @@ def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget, backup_
                               detail=f"its last commit is at {iso_utc(newest_commit_bound(c))}, consistent at "
                                      f"{format_lsn(c.consistent_lsn)} ({iso_utc(c.consistent_time)})",
                               hint="choose an older backup, or leave out --backup")
-        oldest = bk.choice(usable[0]) if usable else c
+        oldest = next((x for x in map(bk.readable, usable) if x is not None), c)
         note = (f"backup {b.backup_id} ({b.state}) is the fallback: backup {fallback_from} is damaged in storage"
                 if fallback_from else f"backup {b.backup_id} chosen with --backup")
         return Picked(c, oldest, None, [note])
@@ -128,14 +143,13 @@ def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget, backup_
         raise TargetError(f"no usable backup on the history of timeline {tli}",
                           detail=f"failed backups: {', '.join(failed)}" if failed else "no backup at all there",
                           hint="run `dbops backup` (it heals a failed chain with a fresh full backup)")
-    oldest = bk.choice(usable[0])
     chosen: BackupChoice | None = None
     fallback: BackupChoice | None = None
     for b in reversed(usable):  # newest first
         if chosen is not None and b.state != catalog.VALIDATED:
             continue  # only a validated backup serves as the fallback
-        c = bk.choice(b)
-        if not fits(c, target):
+        c = bk.readable(b)
+        if c is None or not fits(c, target):
             continue
         if chosen is None:
             chosen = c
@@ -144,6 +158,14 @@ def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget, backup_
         else:
             fallback = c
             break
+    oldest = next((x for x in map(bk.readable, usable) if x is not None), None)
+    damaged = [f"backup {i} is passed over: its manifest is damaged in storage: {e.message}"
+               + (f" ({e.detail})" if e.detail else "") for i, e in bk.damaged.items()]
+    if oldest is None or (chosen is None and damaged):
+        raise ValidationError(f"no readable backup fits the target {target.describe()}",
+                              detail="; ".join(damaged),
+                              hint="run `dbops verify` and `dbops backup` (it heals a failed chain with a fresh "
+                                   "full backup)")
     if chosen is None:
         raise TargetError(
             f"the target {target.describe()} is before the oldest usable backup",
@@ -152,7 +174,7 @@ def pick(bk: Backups, spans: list[walchain.Span], target: RestoreTarget, backup_
                    f"{iso_utc(oldest.last_commit_time) or 'an unrecorded time before that'}; "
                    f"the earliest reachable point is {earliest(oldest)['time']} (LSN {earliest(oldest)['lsn']})",
             hint="restore to a later point, or keep backups longer (backup.retention)")
-    notes = []
+    notes = damaged
     if chosen.state != catalog.VALIDATED:
         notes.append(f"backup {chosen.backup_id} is the newest that fits: stored (started and checked when taken), "
                      "not yet validated by a restore from storage; every block is verified as it is downloaded")

@@ -136,7 +136,11 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
     try:
         manifest = mf.load(store, layout, plan.backup.backup_id)
     except ValidationError as e:
-        raise BackupDamagedError(plan.backup.backup_id, e) from e
+        damaged = BackupDamagedError(plan.backup.backup_id, e)
+        key = layout.manifest(plan.backup.backup_id)
+        if key not in damaged.reason:  # name the object, as a damaged pack's error does
+            damaged.detail = (damaged.detail + "; " if damaged.detail else "") + f"object {key}"
+        raise damaged from e
     target = opts.target_dir
     created = not target.exists()
     if opts.force and target.is_dir():
