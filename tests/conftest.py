@@ -6,6 +6,9 @@
                  lab that lives until the session ends (use in a module-scoped fixture).
 * `make_lab`     function-scoped factory; its labs are torn down after the test.
 * `cli`          runs `dbops ARGS` in-process through typer's CliRunner: `cli(["check"], env=...)`.
+                 Shared helpers (SQL, archive waits, backup/restore, failover labs) live in labkit.py
+                 and switchkit.py beside this file: `from labkit import sql`.
+* `private_lock_dir` DBOPS_LOCK_DIR set to the test's tmp_path (labs share one bucket name).
 * `dbops_bin`    the installed console script, for tests that need a real process (exit codes,
                  process listing, signals).
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from dbops.lab import harness as labmod
+from labkit import make_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,30 +104,17 @@ def make_lab(lab_factory, request):
         lab_factory.destroy(d)
 
 
-class CliResult:
-    def __init__(self, exit_code: int, stdout: str, stderr: str):
-        self.exit_code = exit_code
-        self.stdout = stdout
-        self.stderr = stderr
-        self.output = stdout + stderr
-
-    def __repr__(self) -> str:
-        return f"CliResult(exit_code={self.exit_code}, stdout={self.stdout[-500:]!r}, stderr={self.stderr[-1500:]!r})"
+@pytest.fixture
+def private_lock_dir(tmp_path, monkeypatch):
+    """DBOPS_LOCK_DIR in this test's own folder: the host-local flock is named after the bucket, which
+    every lab on this machine shares (use with pytest.mark.usefixtures)."""
+    monkeypatch.setenv("DBOPS_LOCK_DIR", str(tmp_path))
+    return tmp_path
 
 
 @pytest.fixture
 def cli():
-    from typer.testing import CliRunner
-
-    from dbops.cli.app import app
-
-    runner = CliRunner()
-
-    def run(args: list[str], env: dict[str, str] | None = None, input: str | None = None) -> CliResult:
-        r = runner.invoke(app, [str(a) for a in args], env=env, input=input, catch_exceptions=False)
-        return CliResult(r.exit_code, r.stdout, r.stderr)
-
-    return run
+    return make_cli()
 
 
 @pytest.fixture(scope="session")

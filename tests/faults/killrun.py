@@ -27,8 +27,10 @@ class Killed:
         return self.returncode == -signal.SIGKILL
 
 
-def run_killed(dbops_bin: str, env: dict[str, str], args: list[str], after: str, *, timeout: float = 300) -> Killed:
-    """`dbops -vv --log-format json ARGS`, SIGKILLed as soon as a log line starts with `after`."""
+def run_killed(dbops_bin: str, env: dict[str, str], args: list[str], after: str | None, *, exact: bool = False,
+               timeout: float = 300) -> Killed:
+    """`dbops -vv --log-format json ARGS`, SIGKILLed as soon as a log line starts with `after` (is `after`,
+    with `exact`); with `after` None it runs to its end (the normal run that follows the killed ones)."""
     p = subprocess.Popen([dbops_bin, "-vv", "--log-format", "json", *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     msgs: list[str] = []
@@ -41,7 +43,7 @@ def run_killed(dbops_bin: str, env: dict[str, str], args: list[str], after: str,
         except ValueError:
             continue
         msgs.append(msg)
-        if msg.startswith(after):
+        if after is not None and (msg == after if exact else msg.startswith(after)):
             os.kill(p.pid, signal.SIGKILL)
             break
     out, rest = p.communicate(timeout=timeout)

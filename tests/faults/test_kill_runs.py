@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from labkit import own_lab
 from invariants import archived_segments_are_in_the_archive, every_listed_backup_restores, scratch_is_empty, sql
 from killrun import run_killed
 
@@ -49,9 +50,7 @@ RESTORE_KILLS = ["restore planned", "restored backup", "phase configure done", "
 
 @pytest.fixture(scope="module")
 def klab(lab_factory):
-    info = lab_factory.create("faults-killruns", replicas=0)
-    yield info
-    lab_factory.destroy(info.dir)
+    yield from own_lab(lab_factory, "faults-killruns")
 
 
 @pytest.fixture(scope="module")

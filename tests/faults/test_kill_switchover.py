@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import failover_lab  # noqa: E402
+from killrun import run_killed  # noqa: E402
 from oneprimary import OnePrimaryWatch  # noqa: E402
-from writer_probe import Writer, multi_host, prepare  # noqa: E402
+from switchkit import settled, writer_lab  # noqa: E402
+from writer_probe import Writer, multi_host  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +57,7 @@ KILL_AFTER = ["tune candidate", "checkpoint old primary", "stop old primary", "f
 
 @pytest.fixture(scope="module")
 def klab(lab_factory):
-    info = lab_factory.create("faults-kill", replicas=1)
-    with conn.session(info.primary) as c:
-        prepare(c)
-    return info
+    return writer_lab(lab_factory, "faults-kill", replicas=1)
 
 
 @pytest.fixture(scope="module")
@@ -91,35 +90,12 @@ def pooler_serves_writes(bouncer, timeout: float = 60.0) -> bool:
     return answer == [True]
 
 
-def _settled(cfg, timeout: float = 60.0) -> topology.Topology:
-    deadline = time.monotonic() + timeout
-    while True:
-        topo = topology.discover(cfg)
-        p = topo.primary
-        if p and len(topo.standbys) == 1 and all(s.streaming and s.upstream == p.name for s in topo.standbys):
-            return topo
-        assert time.monotonic() < deadline, f"not settled: {topo.as_dict()}"
-        time.sleep(0.2)
-
-
 def _failover(dbops_bin: str, cfg_path: str, lock_dir: Path, kill_after: str | None) -> tuple[int, str, str]:
     """Run `dbops failover`; SIGKILL it as soon as it logs the end of phase `kill_after`."""
-    p = subprocess.Popen([dbops_bin, "-c", cfg_path, "--log-format", "json", "-v", "failover", "--yes", "--json",
-                          "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "DBOPS_LOCK_DIR": str(lock_dir)})
-    seen = []
-    assert p.stderr is not None
-    for line in p.stderr:
-        seen.append(line)
-        try:
-            msg = json.loads(line).get("msg", "")
-        except ValueError:
-            continue
-        if kill_after is not None and msg == f"phase {kill_after}":
-            p.send_signal(signal.SIGKILL)
-            break
-    out, rest = p.communicate(timeout=120)
-    return p.returncode, out, "".join(seen) + rest
+    k = run_killed(dbops_bin, {**os.environ, "DBOPS_LOCK_DIR": str(lock_dir)},
+                   ["-c", cfg_path, "failover", "--yes", "--json", "--timeout", "120"],
+                   None if kill_after is None else f"phase {kill_after}", exact=True, timeout=120)
+    return k.returncode, k.stdout, k.stderr
 
 
 def recover(cfg) -> str:
@@ -154,7 +130,7 @@ def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, b
     cfg = cfgmod.load(cfg_path)
     pooler = PgBouncer(cfg.failover.pgbouncer)
     store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
-    _settled(cfg)
+    settled(cfg)
     watch = OnePrimaryWatch(list(cfg.nodes))
     writer = Writer(multi_host(list(cfg.nodes), passfile=str(Path(klab.dir) / "pgpass")),
                     start_id=int(time.time() * 1000) * 1000)
@@ -165,14 +141,14 @@ def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, b
     try:
         writer.wait_for_commits(20)
         for i, phase in enumerate(KILL_AFTER):
-            before = _settled(cfg).primary.name
+            before = settled(cfg).primary.name
             code, out, err = _failover(dbops_bin, cfg_path, tmp_path, phase)
             assert code == -signal.SIGKILL, (phase, code, err[-3000:])
             if resume_due:
                 assert LEFT_PAUSED in err, (resume_due, err[-3000:])
                 resume_due = None
             primary = recover(cfg)
-            topo = _settled(cfg, timeout=90)
+            topo = settled(cfg, timeout=90)
             assert topo.primary.name == primary
             results[phase] = ("switched" if primary != before else "not switched")
             if pooler.paused_databases():  # dbops paused it and died: its record says so
@@ -189,7 +165,7 @@ def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, b
             writer.wait_for_commits(20)
             assert watch.overlaps() == [], (phase, watch.overlaps())
         # the following normal run: takes over the dead run's lock, switches, verifies
-        before = _settled(cfg).primary.name
+        before = settled(cfg).primary.name
         code, out, err = _failover(dbops_bin, cfg_path, tmp_path, None)
         assert code == 0, err[-3000:]
         assert json.loads(out)["report"]["new_primary"] != before
@@ -200,10 +176,10 @@ def test_kill_9_at_every_phase_of_a_switchover_leaves_at_most_one_writer(klab, b
         writer.stop()
         watch.stop()
     assert watch.overlaps() == [], watch.overlaps()
-    assert watch.writers_now() == [_settled(cfg).primary.name]
+    assert watch.writers_now() == [settled(cfg).primary.name]
     assert pooler.paused_databases() == [] and read_record(store, layout) is None
     assert pooler_serves_writes(bouncer)  # not paused, and pointed at the primary
-    with conn.session(_settled(cfg).primary.node) as c:
+    with conn.session(settled(cfg).primary.node) as c:
         assert writer.lost(c) == []
         # no tuning left behind by the killed runs on any node
         for n in cfg.nodes:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from labkit import own_lab
 from invariants import archived_segments_are_in_the_archive, every_listed_backup_restores, scratch_is_empty, sql
 from s3proxy import S3FaultProxy
 
@@ -49,9 +50,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.container, pytest.mark.timeou
 
 @pytest.fixture(scope="module")
 def flab(lab_factory):
-    info = lab_factory.create("faults-storage", replicas=0)
-    yield info
-    lab_factory.destroy(info.dir)
+    yield from own_lab(lab_factory, "faults-storage")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from dbops import config as cfgmod
 from dbops import proc
 from dbops.errors import RolledBackError, UnknownOutcomeError
 from dbops.nodes import open_controller
-from dbops.ops import topology
 from dbops.ops.failover import plan as failover_plan
 from dbops.ops.failover import switchover
 from dbops.pg import binaries, conn
@@ -33,38 +32,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import failover_lab  # noqa: E402
 from oneprimary import OnePrimaryWatch  # noqa: E402
-from writer_probe import prepare  # noqa: E402
+from switchkit import STEP_TIMEOUT, PrimaryView, settled, writer_lab  # noqa: E402
 
-pytestmark = pytest.mark.integration
-
-# failover --timeout for the runs whose candidate dies mid-switch: the catch-up wait runs out after it
-# (the test's cost), and the old primary's stop and restart must fit in it on a loaded machine.
-STEP_TIMEOUT = 15
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("private_lock_dir")]
 
 
 @pytest.fixture(scope="module")
 def slab(lab_factory):
-    info = lab_factory.create("faults-fence", replicas=1)
-    with conn.session(info.primary) as c:
-        prepare(c)
-    return info
-
-
-@pytest.fixture(autouse=True)
-def _private_lock_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("DBOPS_LOCK_DIR", str(tmp_path))
-
-
-def settled(cfg_path: str, timeout: float = 60.0) -> topology.Topology:
-    """One primary, the other node streaming from it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        topo = topology.discover(cfgmod.load(cfg_path))
-        p = topo.primary
-        if p and len(topo.standbys) == 1 and all(s.streaming and s.upstream == p.name for s in topo.standbys):
-            return topo
-        assert time.monotonic() < deadline, f"lab not settled: {topo.as_dict()}"
-        time.sleep(0.2)
+    return writer_lab(lab_factory, "faults-fence", replicas=1)
 
 
 def hand_start(node) -> None:
@@ -211,7 +186,7 @@ def test_sighup_cancels_like_sigterm(slab, dbops_bin, tmp_path):
 def test_failing_pgbouncer_resume_keeps_the_rollback_exit_code(slab, tmp_path):
     start = settled(slab.config_path)
     cand = start.standbys[0].node
-    bouncer = failover_lab.start_pgbouncer(Path(slab.dir) / "pgbouncer", _Primary(slab, start.primary.node))
+    bouncer = failover_lab.start_pgbouncer(Path(slab.dir) / "pgbouncer", PrimaryView(slab, start.primary.node))
     try:
         cfg_path = failover_lab.failover_config(slab, bouncer, name="dbops-bouncer-dies.yaml")
         cfg = cfgmod.load(cfg_path)
@@ -233,8 +208,3 @@ def test_failing_pgbouncer_resume_keeps_the_rollback_exit_code(slab, tmp_path):
         bouncer.stop()
         open_controller(cand).start(timeout=60)
     assert settled(slab.config_path).primary.name == start.primary.name
-
-
-class _Primary:
-    def __init__(self, lab, primary):
-        self.dir, self.primary = lab.dir, primary

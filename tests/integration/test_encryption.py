@@ -9,8 +9,6 @@ import os
 import pwd
 import re
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import zstandard
@@ -22,51 +20,13 @@ from dbops.storage import keys, open_store
 from dbops.storage.crypt import HEADER, SEGMENT, TAG, header_key_id
 from dbops.storage.layout import Layout
 from dbops.storage.s3 import S3Store
-
-from dataclasses import replace
-
 from dbops import proc
 from dbops.pg import binaries
-from dbops.pg import conn as pgconn
+from labkit import backup_cli, iso, now_on, restored, rows, sql, stop, switch_and_archive
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
 MARKER = "ZEBRA-CRYPT-MARKER-4f1d9a"
-
-
-def sql(node, statement: str):
-    with pgconn.session(node, options="-c statement_timeout=30000") as c:
-        cur = c.execute(statement)
-        return cur.fetchall() if cur.description else None
-
-
-def now_on(node) -> datetime:
-    return sql(node, "SELECT clock_timestamp()")[0][0]
-
-
-def switch_and_archive(lab, timeout: float = 60) -> str:
-    """Close the current segment and wait until it is in the archive."""
-    name = sql(lab.primary, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    cfg = cfgmod.load(lab.config_path)  # the file, as rewritten by a rotation
-    store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
-    deadline = time.monotonic() + timeout
-    while store.head(layout.wal_key(name)) is None:
-        assert time.monotonic() < deadline, f"{name} was not archived within {timeout} s"
-        time.sleep(0.2)
-    return name
-
-
-def rows(node, table: str) -> list[str]:
-    return [r[0] for r in sql(node, f"SELECT note FROM {table} ORDER BY id")]
-
-
-def restored(lab, port: int):
-    return replace(lab.primary, name="restored", port=port)
-
-
-def stop(data: Path) -> None:
-    proc.run([binaries.binary("pg_ctl"), "-D", str(data), "stop", "-m", "fast", "-w"], user="postgres",
-             timeout=120, check=False)
 
 
 def put_marker(node, table: str, tag: str, n: int = 300) -> None:
@@ -119,15 +79,6 @@ def key_file(lab, name: str) -> tuple[str, str]:
     return str(p), keys.key_id(keys.decode_key(text))
 
 
-def backup(cli, config: str, *extra):
-    r = cli(["-c", config, "backup", "--json", *extra])
-    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat()
-
-
 def test_plain_archive_shows_the_marker_and_refuses_an_encrypted_configuration(make_lab, cli):
     """The scan can fail: without encryption the marker is found in the bucket. And an encrypted
     configuration pointed at this plain archive is refused (exit 16), not silently mixed."""
@@ -160,7 +111,7 @@ def test_encrypted_archive_end_to_end(make_lab, cli):
     # -- backup A under key 1
     put_marker(p, "marks", "one")
     switch_and_archive(lab)
-    ra, a = backup(cli, cfg_path)
+    ra, a = backup_cli(cli, cfg_path)
     assert ra.exit_code == 0, ra.output
 
     # -- `dbops check` names the key; a wrong and a missing key are refused with exit 16
@@ -189,7 +140,7 @@ def test_encrypted_archive_end_to_end(make_lab, cli):
     time.sleep(0.05)
     put_marker(p, "marks", "three", 7)
     switch_and_archive(lab)
-    rb, b = backup(cli, cfg_path)  # validates A (key 1) replaying WAL sealed with both keys
+    rb, b = backup_cli(cli, cfg_path)  # validates A (key 1) replaying WAL sealed with both keys
     assert rb.exit_code == 0, rb.output
     assert b["validated"]["backup_id"] == a["backup_id"] and b["validated"]["ok"]
 

@@ -28,27 +28,15 @@ from dbops.storage.layout import Layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import failover_lab
-from writer_probe import Writer, multi_host, prepare
+from switchkit import STEP_TIMEOUT, PrimaryView, settled, writer_lab
+from writer_probe import Writer, multi_host
 
-pytestmark = pytest.mark.integration
-
-# failover --timeout for the runs whose candidate dies mid-switch: the catch-up wait runs out after it
-# (the test's cost), and the old primary's stop and restart must fit in it on a loaded machine.
-STEP_TIMEOUT = 15
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("private_lock_dir")]
 
 
 @pytest.fixture(scope="module")
-def flab(lab_factory, tmp_path_factory):
-    info = lab_factory.create("failover", replicas=2)
-    with conn.session(info.primary) as c:
-        prepare(c)
-    return info
-
-
-@pytest.fixture(autouse=True)
-def _private_lock_dir(tmp_path, monkeypatch):
-    # The host-local flock is named after the bucket, which every lab on this machine shares.
-    monkeypatch.setenv("DBOPS_LOCK_DIR", str(tmp_path))
+def flab(lab_factory):
+    return writer_lab(lab_factory, "failover", replicas=2)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -65,21 +53,8 @@ def _shape(cfg_path: str) -> dict[str, tuple]:
     return {s.name: (s.role, s.upstream, s.timeline, s.streaming) for s in topo.nodes}
 
 
-def _wait_settled(cfg_path: str, timeout: float = 30.0) -> topology.Topology:
-    """One primary and every other node streaming from it (after a test broke or moved things)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        topo = topology.discover(cfgmod.load(cfg_path))
-        p = topo.primary
-        if p and all(s.streaming and s.upstream == p.name for s in topo.standbys) and len(topo.standbys) == 2:
-            return topo
-        if time.monotonic() > deadline:
-            raise AssertionError(f"lab not settled: {topo.as_dict()}")
-        time.sleep(0.2)
-
-
 def test_status_shows_the_topology(flab, cli):
-    _wait_settled(flab.config_path)
+    settled(flab.config_path, standbys=2)
     r = cli(["-c", flab.config_path, "status", "--json"])
     assert r.exit_code == 0, r
     data = json.loads(r.stdout)["topology"]
@@ -92,7 +67,7 @@ def test_status_shows_the_topology(flab, cli):
 
 
 def test_dry_run_changes_nothing(flab, dbops_bin, tmp_path):
-    _wait_settled(flab.config_path)
+    settled(flab.config_path, standbys=2)
     before = _shape(flab.config_path)
     r = _dbops(dbops_bin, flab.config_path, "failover", "--dry-run", "--json", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -102,7 +77,7 @@ def test_dry_run_changes_nothing(flab, dbops_bin, tmp_path):
 
 
 def test_without_yes_and_without_a_terminal_it_asks_for_yes(flab, dbops_bin, tmp_path):
-    _wait_settled(flab.config_path)
+    settled(flab.config_path, standbys=2)
     before = _shape(flab.config_path)
     r = _dbops(dbops_bin, flab.config_path, "failover", tmp_path=tmp_path)
     assert r.returncode == 2 and "--yes" in r.stderr, r.stderr
@@ -115,7 +90,7 @@ def test_a_failing_pre_hook_cancels_before_anything_changes(flab, dbops_bin, tmp
     marker = tmp_path / "pre-hook-ran"
     cfg_path = failover_lab.failover_config(flab, extra={"pre_hooks": [f"sh -c 'touch {marker}; exit 3'"]},
                                             name="dbops-prehook.yaml")
-    _wait_settled(cfg_path)
+    settled(cfg_path, standbys=2)
     before = _shape(cfg_path)
     r = _dbops(dbops_bin, cfg_path, "failover", "--yes", tmp_path=tmp_path)
     assert r.returncode == 11, r.stderr
@@ -124,7 +99,7 @@ def test_a_failing_pre_hook_cancels_before_anything_changes(flab, dbops_bin, tmp
 
 
 def test_a_lagging_candidate_is_refused(flab, dbops_bin, tmp_path):
-    topo = _wait_settled(flab.config_path)
+    topo = settled(flab.config_path, standbys=2)
     cand = topo.standbys[0]
     with conn.session(cand.node) as c:
         c.execute("select pg_wal_replay_pause()")
@@ -164,10 +139,10 @@ def test_switchover_and_failback_lose_no_commit(flab, dbops_bin, tmp_path):
     post_env = tmp_path / "post.env"
     cfg_path = failover_lab.failover_config(
         flab, extra={"post_hooks": [f"sh -c 'env | grep ^DBOPS_ | sort > {post_env}'"]}, name="dbops-hooks.yaml")
-    first = _wait_settled(cfg_path).primary.name
+    first = settled(cfg_path, standbys=2).primary.name
     store = open_store(cfgmod.load(cfg_path).storage)
     for to in (None, first):  # switch over to the best standby, then fail back to the first primary
-        start = _wait_settled(cfg_path)
+        start = settled(cfg_path, standbys=2)
         report, w = _switch_with_writer(flab, dbops_bin, tmp_path, cfg_path, to)
         new = report["new_primary"]
         assert report["outcome"] == "succeeded" and report["old_primary"] == start.primary.name
@@ -179,7 +154,7 @@ def test_switchover_and_failback_lose_no_commit(flab, dbops_bin, tmp_path):
             assert w.lost(c) == []
         assert w.max_gap() < 3.0, w.max_gap()
         # the old primary and the other replica stream from the new one, on the new timeline
-        topo = _wait_settled(cfg_path)
+        topo = settled(cfg_path, standbys=2)
         assert topo.primary.name == new and topo.primary.timeline == report["timeline"]
         assert {s.name for s in topo.standbys} == {n.name for n in flab.nodes} - {new}
         # the new timeline's history file reached the archive
@@ -188,12 +163,12 @@ def test_switchover_and_failback_lose_no_commit(flab, dbops_bin, tmp_path):
         assert env["DBOPS_NEW_PRIMARY"] == new and env["DBOPS_OLD_PRIMARY"] == start.primary.name
         assert env["DBOPS_TIMELINE"] == str(report["timeline"]) and env["DBOPS_SWITCH_LSN"] == report["switch_lsn"]
         assert "dbops_failover_success" in (tmp_path / "fo.prom").read_text()
-    assert _wait_settled(cfg_path).primary.name == first
+    assert settled(cfg_path, standbys=2).primary.name == first
 
 
 def test_candidate_killed_in_the_switch_rolls_back(flab, tmp_path):
     cfg = cfgmod.load(flab.config_path)
-    start = _wait_settled(flab.config_path)
+    start = settled(flab.config_path, standbys=2)
     opts = failover_plan.Options.from_config(cfg, timeout=STEP_TIMEOUT)
     plan = failover_plan.make_plan(cfg, opts)
     assert plan.ok, plan.findings
@@ -220,14 +195,14 @@ def test_candidate_killed_in_the_switch_rolls_back(flab, tmp_path):
     with conn.session(start.primary.node) as c:
         assert c.execute("select pg_is_in_recovery()").fetchone()[0] is False
         assert w.lost(c) == []
-    topo = _wait_settled(flab.config_path)
+    topo = settled(flab.config_path, standbys=2)
     assert topo.primary.name == start.primary.name and topo.primary.timeline == start.primary.timeline
 
 
 def test_pgbouncer_clients_see_a_pause_and_no_errors(flab, dbops_bin, tmp_path):
-    start = _wait_settled(flab.config_path)
+    start = settled(flab.config_path, standbys=2)
     # under the lab's folder: PgBouncer runs as the postgres OS user, pytest's tmp_path is private to root
-    bouncer = failover_lab.start_pgbouncer(Path(flab.dir) / "pgbouncer", _Primary(flab, start.primary.node))
+    bouncer = failover_lab.start_pgbouncer(Path(flab.dir) / "pgbouncer", PrimaryView(flab, start.primary.node))
     try:
         cfg_path = failover_lab.failover_config(flab, bouncer, name="dbops-pgbouncer.yaml")
         w = Writer(bouncer.conninfo(), start_id=int(time.time() * 1000) * 1000)
@@ -250,14 +225,7 @@ def test_pgbouncer_clients_see_a_pause_and_no_errors(flab, dbops_bin, tmp_path):
             assert w.lost(c) == []
     finally:
         bouncer.stop()
-    _wait_settled(flab.config_path)
-
-
-class _Primary:
-    """The lab as failover_lab.start_pgbouncer sees it, with the current primary."""
-
-    def __init__(self, lab, primary):
-        self.dir, self.primary = lab.dir, primary
+    settled(flab.config_path, standbys=2)
 
 
 def test_a_diverged_old_primary_is_rewound_and_follows(make_lab):

@@ -27,12 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import failover_lab
 from writer_probe import Writer, multi_host, prepare
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-def _private_lock_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("DBOPS_LOCK_DIR", str(tmp_path))
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("private_lock_dir")]
 
 
 def _dbops(dbops_bin: str, cfg_path: str, *args: str, tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:

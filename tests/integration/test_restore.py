@@ -6,82 +6,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from dbops import proc
 from dbops.lab.harness import free_port
-from dbops.pg import binaries, controldata
-from dbops.pg import conn as pgconn
+from dbops.pg import controldata
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
 
+from labkit import backup, iso, now_on, pg_ctl, restore, restored, rows, sql, stop, switch_and_archive
+
 pytestmark = [pytest.mark.integration, pytest.mark.container]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def sql(node, statement: str, params: tuple | None = None):
-    with pgconn.session(node, options="-c statement_timeout=30000") as c:
-        cur = c.execute(statement, params)
-        return cur.fetchall() if cur.description else None
-
-
-def now_on(node) -> datetime:
-    return sql(node, "SELECT clock_timestamp()")[0][0]
-
-
-def switch_and_archive(lab, node=None, timeout: float = 60) -> str:
-    """Close the current segment and wait until it is in the archive."""
-    node = node or lab.primary
-    name = sql(node, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
-    deadline = time.monotonic() + timeout
-    while store.head(layout.wal_key(name)) is None:
-        assert time.monotonic() < deadline, f"{name} was not archived within {timeout} s"
-        time.sleep(0.2)
-    return name
-
-
-def backup(lab) -> str:
-    from dbops.ops.backup.run import run_backup
-
-    os.environ["DBOPS_LOCK_DIR"] = str(lab.dir / "run")  # labs share bucket names: keep host locks apart
-    try:
-        return run_backup(lab.config).backup_id
-    finally:
-        os.environ.pop("DBOPS_LOCK_DIR", None)
-
-
-def restore(cli, lab, *args):
-    return cli(["-c", lab.config_path, "restore", *map(str, args)])
-
-
-def restored(lab, port: int):
-    return replace(lab.primary, name="restored", port=port)
-
-
-def pg_ctl(data: Path, *args: str) -> None:
-    proc.run([binaries.binary("pg_ctl"), "-D", str(data), *args], user="postgres", timeout=120, check=False)
-
-
-def stop(data: Path) -> None:
-    pg_ctl(data, "stop", "-m", "fast", "-w")
-
-
-def rows(node, table: str) -> list[str] | None:
-    """The notes in `table`, or None when the table does not exist."""
-    if not sql(node, "SELECT to_regclass(%s) IS NOT NULL", (table,))[0][0]:
-        return None
-    return [r[0] for r in sql(node, f"SELECT note FROM {table} ORDER BY id")]
-
-
-def iso(t: datetime, tz: timezone = timezone.utc) -> str:
-    return t.astimezone(tz).isoformat()
 
 
 # --------------------------------------------------------------------------- the scenario

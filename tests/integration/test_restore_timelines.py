@@ -19,41 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from dbops import proc
 from dbops.lab.harness import free_port
-from dbops.pg import binaries
-from dbops.pg import conn as pgconn
-from dbops.storage import open_store
-from dbops.storage.layout import Layout
+from labkit import now_on, rows, sql, stop, switch_and_archive, wait_archived
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
-
-
-def sql(node, statement: str):
-    with pgconn.session(node) as c:
-        cur = c.execute(statement)
-        return cur.fetchall() if cur.description else None
-
-
-def now_on(node) -> datetime:
-    return sql(node, "SELECT clock_timestamp()")[0][0]
-
-
-def wait_archived(lab, name: str, timeout: float = 60) -> None:
-    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
-    deadline = time.monotonic() + timeout
-    while store.head(layout.wal_key(name)) is None:
-        assert time.monotonic() < deadline, f"{name} was not archived within {timeout} s"
-        time.sleep(0.2)
-
-
-def switch(lab, node) -> None:
-    wait_archived(lab, sql(node, "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
-
-
-def stop(data: Path) -> None:
-    proc.run([binaries.binary("pg_ctl"), "-D", str(data), "stop", "-m", "fast", "-w"], user="postgres",
-             timeout=120, check=False)
 
 
 def commit(node, note: str) -> datetime:
@@ -76,7 +45,7 @@ def test_restore_follows_the_branch_that_holds_the_target(make_lab, cli):
     t_x2 = commit(p, "x2")
     t_x3 = commit(p, "x3")
     commit(p, "x4")
-    switch(lab, p)
+    switch_and_archive(lab, p)
     dirs = Path(lab.dir)
 
     def restore(name: str, *args: str):
@@ -86,9 +55,6 @@ def test_restore_follows_the_branch_that_holds_the_target(make_lab, cli):
         assert res.exit_code == 0, res
         return json.loads(res.stdout), replace(p, name=name, port=port), dirs / name
 
-    def notes(node) -> list[str]:
-        return [r[0] for r in sql(node, "SELECT note FROM t ORDER BY id")]
-
     # Timeline 2: a copy restored to x1, promoted, archiving into the same archive.
     d2, n2, dir2 = restore("tl2", "--to", t_x1.isoformat(), "--keep-archiving")
     try:
@@ -97,7 +63,7 @@ def test_restore_follows_the_branch_that_holds_the_target(make_lab, cli):
         time.sleep(1.1)  # Last-Modified has whole seconds
         t_2 = commit(n2, "tl2-a")
         commit(n2, "tl2-b")
-        switch(lab, n2)
+        switch_and_archive(lab, n2)
     finally:
         stop(dir2)
     time.sleep(1.1)
@@ -107,7 +73,7 @@ def test_restore_follows_the_branch_that_holds_the_target(make_lab, cli):
         assert d3["reached"]["promoted_timeline"] == 3, d3["reached"]
         wait_archived(lab, "00000003.history")
         commit(n3, "tl3-a")
-        switch(lab, n3)
+        switch_and_archive(lab, n3)
     finally:
         stop(dir3)
 
@@ -115,14 +81,14 @@ def test_restore_follows_the_branch_that_holds_the_target(make_lab, cli):
     d, node, data = restore("on-tl1", "--to", t_x3.isoformat())
     try:
         assert d["plan"]["timeline"] == 1, d["plan"]["notes"]
-        assert notes(node) == ["base", "x1", "x2", "x3"]
+        assert rows(node, "t") == ["base", "x1", "x2", "x3"]
     finally:
         stop(data)
     # A time on timeline 2: timeline 2's rows.
     d, node, data = restore("on-tl2", "--to", t_2.isoformat())
     try:
         assert d["plan"]["timeline"] == 2, d["plan"]["notes"]
-        assert notes(node) == ["base", "x1", "tl2-a"]
+        assert rows(node, "t") == ["base", "x1", "tl2-a"]
     finally:
         stop(data)
     # --timeline latest is PostgreSQL's 'latest': the highest timeline (3), whose history leaves
@@ -130,6 +96,6 @@ def test_restore_follows_the_branch_that_holds_the_target(make_lab, cli):
     d, node, data = restore("latest", "--to", t_x3.isoformat(), "--timeline", "latest")
     try:
         assert d["plan"]["timeline"] == 3
-        assert notes(node) == ["base", "x1", "x2"]
+        assert rows(node, "t") == ["base", "x1", "x2"]
     finally:
         stop(data)

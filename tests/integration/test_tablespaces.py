@@ -7,31 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from dbops import proc
-from dbops.errors import PostgresError
 from dbops.lab.harness import free_port
-from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 from dbops.repo import manifest as mf
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
 
+from labkit import backup_cli, make_cli, restore, sql, stop, switch_and_archive
+
 pytestmark = [pytest.mark.integration, pytest.mark.container]
-
-
-def sql(node, statement: str, params: tuple | None = None):
-    try:
-        with pgconn.session(node, options="-c statement_timeout=30000") as c:
-            cur = c.execute(statement, params)
-            return cur.fetchall() if cur.description else None
-    except PostgresError as e:
-        raise AssertionError(f"{statement}: {e.detail or e.message}") from None
 
 
 def live_state(folder: Path) -> dict[str, tuple[int, int]]:
@@ -45,15 +35,6 @@ def live_state(folder: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def switch_and_archive(lab, timeout: float = 60) -> None:
-    name = sql(lab.primary, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
-    deadline = time.monotonic() + timeout
-    while store.head(layout.wal_key(name)) is None:
-        assert time.monotonic() < deadline, f"{name} was not archived within {timeout} s"
-        time.sleep(0.2)
-
-
 class TsLab:
     def __init__(self, lab, cli):
         self.lab, self.cli = lab, cli
@@ -61,8 +42,7 @@ class TsLab:
         self.env = {"DBOPS_LOCK_DIR": str(lab.dir / "run")}
 
     def backup(self):
-        r = self.cli(["-c", self.lab.config_path, "backup", "--json"], env=self.env)
-        return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+        return backup_cli(self.cli, self.lab.config_path, env=self.env)
 
     def manifest(self, backup_id: str) -> mf.Manifest:
         return mf.load(open_store(self.lab.config.storage), Layout(self.lab.config.storage.prefix), backup_id)
@@ -72,29 +52,13 @@ class TsLab:
         return live_state(self.live)
 
     def restore(self, *args):
-        return self.cli(["-c", self.lab.config_path, "restore", *map(str, args)], env=self.env)
-
-
-def _cli():
-    from typer.testing import CliRunner
-
-    from dbops.cli.app import app
-
-    class R:
-        def __init__(self, r):
-            self.exit_code, self.stdout, self.stderr = r.exit_code, r.stdout, r.stderr
-
-        def __repr__(self) -> str:
-            return f"R(exit_code={self.exit_code}, stdout={self.stdout[-800:]!r}, stderr={self.stderr[-2500:]!r})"
-
-    runner = CliRunner()
-    return lambda args, env=None: R(runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False))
+        return restore(self.cli, self.lab, *args, env=self.env)
 
 
 @pytest.fixture(scope="module")
 def ts(lab_factory) -> TsLab:
     lab = lab_factory.create("tblspc", replicas=0)
-    t = TsLab(lab, _cli())
+    t = TsLab(lab, make_cli())  # module scope: the cli fixture is per test
     for name in ("one", "two"):
         (t.live / name).mkdir(parents=True, mode=0o700)
         proc.run(["chown", "postgres:postgres", str(t.live / name)])
@@ -182,8 +146,7 @@ def test_pitr_restore_on_the_primarys_host_with_a_map_row_for_row(ts):
             plan = "\n".join(r[0] for r in c.execute("EXPLAIN SELECT count(*) FROM m WHERE note = 'm77'"))
             assert "m_note" in plan and c.execute("SELECT count(*) FROM m WHERE note = 'm77'").fetchone()[0] == 1
     finally:
-        proc.run([binaries.binary("pg_ctl"), "-D", str(target), "stop", "-m", "fast", "-w"], user="postgres",
-                 check=False)
+        stop(target)
     assert ts.quiet_live_state() == before
 
 
@@ -246,7 +209,7 @@ def test_drop_tablespace_between_backups_then_a_damaged_tablespace_object_heals(
 
 def test_failover_then_a_backup_across_the_timeline_with_a_tablespace(lab_factory):
     lab = lab_factory.create("tblspc-failover", replicas=0)
-    t = TsLab(lab, _cli())
+    t = TsLab(lab, make_cli())  # module scope: the cli fixture is per test
     (t.live / "ts").mkdir(parents=True, mode=0o700)
     proc.run(["chown", "postgres:postgres", str(t.live / "ts")])
     os.chmod(t.live, 0o755)

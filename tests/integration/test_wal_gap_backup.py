@@ -12,40 +12,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from dbops import proc
 from dbops.lab.harness import free_port
-from dbops.pg import binaries
-from dbops.pg import conn as pgconn
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
+from labkit import now_on, restored, rows, sql, stop, switch_and_archive
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
-
-
-def sql(node, statement: str):
-    with pgconn.session(node) as c:
-        cur = c.execute(statement)
-        return cur.fetchall() if cur.description else None
-
-
-def now_on(node) -> datetime:
-    return sql(node, "SELECT clock_timestamp()")[0][0]
-
-
-def switch_and_archive(lab, timeout: float = 60) -> str:
-    name = sql(lab.primary, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
-    deadline = time.monotonic() + timeout
-    while store.head(layout.wal_key(name)) is None:
-        assert time.monotonic() < deadline, f"{name} was not archived within {timeout} s"
-        time.sleep(0.2)
-    return name
 
 
 def test_a_wal_gap_after_a_backup_keeps_it_restorable_up_to_the_gap(make_lab, cli, tmp_path):
@@ -111,11 +87,9 @@ def test_a_wal_gap_after_a_backup_keeps_it_restorable_up_to_the_gap(make_lab, cl
     assert r.exit_code == 0, r
     try:
         assert json.loads(r.stdout)["backup_id"] == b1
-        got = sql(replace(p, name="restored", port=port), "SELECT note FROM orders ORDER BY id")
-        assert [g[0] for g in got] == ["base", "A"]
+        assert rows(restored(lab, port), "orders") == ["base", "A"]
     finally:
-        proc.run([binaries.binary("pg_ctl"), "-D", str(target), "stop", "-m", "fast", "-w"], user="postgres",
-                 timeout=120, check=False)
+        stop(target)
 
     # A point inside the gap (B committed, its segment lost; before b2): exit 7 naming the gap.
     r = cli(["-c", str(cfg_path), "restore", "--to", t_b.isoformat(), "--target-dir", str(Path(lab.dir) / "in-gap")])
