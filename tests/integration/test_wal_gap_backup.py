@@ -6,7 +6,8 @@ proves the previous backup: that backup restores and is consistent, so it is rec
 `failed`; the run takes a fresh full backup (the new one cannot be proven through the gap) and
 exits 7 naming the gap. The earlier backup is listed with its cut-off PITR range, survives
 prune, restores to a point before the gap with the right rows; a restore to a point inside the
-gap exits 7 naming the missing segment."""
+gap exits 7 naming the missing segment. (It covers what test_backup_chain's
+test_wal_gap_is_reported_by_name asserted, which it replaced: exit 7, the missing segment named, "gap".)"""
 
 from __future__ import annotations
 
