@@ -51,6 +51,10 @@ class _Counting:
         self.gets += 1
         return self.inner.get_range(key, start, length)
 
+    def open_range(self, key, start, length):
+        self.gets += 1
+        return self.inner.open_range(key, start, length)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

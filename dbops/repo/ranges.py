@@ -6,6 +6,11 @@ and coalesced into ranged GETs (adjacent, or separated by less than ``MAX_GAP``,
 data still splits into several pieces of work), decompressed once each; every block needed from a frame is checked
 against its sha256. A backup is planned ``BATCH_BLOCKS`` blocks at a time, so memory stays flat
 in the size of the backup.
+
+A range is read as a stream (:meth:`ObjectStore.open_range`), one frame at a time: memory holds
+the frames being checked, not the ranges in flight. Those frames' stored and decompressed bytes
+are held against a :class:`ByteBudget` (``IN_FLIGHT_BYTES`` for a restore or a verify), so the
+memory a download needs is fixed, whatever the size of the database, of its ranges or of its frames.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import zstandard
 from dbops.errors import NotFoundError, StorageError
 from dbops.repo import codec
 from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest
-from dbops.storage.base import ObjectStore
+from dbops.storage.base import BytesRange, ObjectStore, RangeReader
 
 MAX_GAP = 256 * 1024
 MAX_RANGE = 16 * 1024 * 1024
 MAX_RANGE_RAW = 256 * 1024 * 1024  # smaller pieces measured slower (more ranges racing for the GIL)
+IN_FLIGHT_BYTES = 32 * 1024 * 1024  # stored + decompressed bytes of the frames being checked, at most
+READ_AHEAD = 1024 * 1024  # a range's stream is read this much at a time (one buffer per range in flight)
 BATCH_BLOCKS = 32768  # blocks planned at a time
 
 
@@ -120,42 +127,128 @@ def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[Range]:
     return ranges
 
 
-def fetch_range(store: ObjectStore, key: str, rng: Range) -> bytes:
-    """The range's bytes; short (or empty) when the object is truncated; NotFoundError when absent."""
+def open_range(store: ObjectStore, key: str, rng: Range) -> RangeReader:
+    """The range as a stream; short (or empty) when the object is truncated; NotFoundError when absent."""
     try:
-        return store.get_range(key, rng.start, rng.end - rng.start)
+        return store.open_range(key, rng.start, rng.end - rng.start)
+    except NotFoundError:
+        raise
     except StorageError:
         # S3 refuses a range that starts past the end (InvalidRange): a truncated object.
         info = store.head(key)
         if info is None:
             raise NotFoundError(f"object {key} not found") from None
         if info.size <= rng.start:
-            return b""
+            return BytesRange(b"")
         raise
 
 
-def chunks_of(decoder: codec.Decoder, data: bytes, rng: Range) -> Iterator[tuple[Run, memoryview | None, str]]:
-    """(run, its content, "") for every run of chunks the range's frames hold, each chunk checked
-    against its sha256; (run, None, why) for a run with a damaged chunk (or frame)."""
-    sha256 = codec.sha256
+def fetch_range(store: ObjectStore, key: str, rng: Range) -> bytes:
+    """The range's bytes; short (or empty) when the object is truncated; NotFoundError when absent."""
+    with open_range(store, key, rng) as src:
+        return src.read(rng.end - rng.start)
+
+
+class ByteBudget:
+    """At most ``limit`` bytes held at once, across threads, granted in the order asked (FIFO, so a
+    large request is not starved by small ones). A request larger than the limit is granted the
+    whole limit once nothing else is held: it still proceeds, alone."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.held = self.peak = 0
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+
+    def acquire(self, n: int) -> int:
+        """Block until n bytes (at most the limit) are granted; returns what was granted."""
+        n = min(max(0, n), self.limit)
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            self._cond.wait_for(lambda: self._queue[0] is me and self.held + n <= self.limit)
+            self._queue.popleft()
+            self.held += n
+            self.peak = max(self.peak, self.held)
+            self._cond.notify_all()
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+
+def frames_read(src: RangeReader, rng: Range,
+                budget: ByteBudget | None = None) -> Iterator[tuple[Frame, bytes | memoryview]]:
+    """(frame, its stored bytes) for every frame of the range, read from the stream in order (the
+    gaps between them read and dropped); a frame's bytes are short when the object ends early.
+    With a budget, each frame's stored and decompressed size is held from before it is read until
+    the next one is asked for: close the generator (``contextlib.closing``) when stopping early."""
+    ahead = ReadAhead(src)
+    pos = rng.start
     for fr in rng.frames:
         r = fr.ref
-        lo = r.offset - rng.start
-        raw, why = open_frame(decoder, r, data[lo:lo + r.length])
-        for run in fr.runs:
-            if raw is None:
-                yield run, None, why
-                continue
-            why = ""
-            for c in run.refs:
-                if sha256(raw[c.at:c.at + c.raw]) != c.hash:
-                    why = (f"chunk at offset {c.at} of the frame at offset {r.offset} fails its sha256 check "
-                           f"(expected {c.hash[:16]}...)")
-                    break
-            yield (run, None, why) if why else (run, raw[run.at:run.at + run.size], "")
+        granted = budget.acquire(r.length + r.frame_raw) if budget else 0
+        try:
+            if pos < r.offset:
+                pos += len(ahead.take(r.offset - pos))
+            stored = ahead.take(r.length) if pos == r.offset else b""
+            pos += len(stored)
+            yield fr, stored
+        finally:
+            if budget:
+                budget.release(granted)
 
 
-def open_frame(decoder: codec.Decoder, r: ChunkRef, stored: bytes) -> tuple[memoryview | None, str]:
+class ReadAhead:
+    """A stream read ``READ_AHEAD`` bytes at a time (one call per MiB, not one per small frame),
+    handed out in pieces of the size asked for, without copying a piece that lies in one read."""
+
+    def __init__(self, src: RangeReader):
+        self.src = src
+        self.buf, self.at = memoryview(b""), 0
+
+    def take(self, n: int) -> bytes | memoryview:
+        """The next n bytes (fewer at the end of the stream)."""
+        if len(self.buf) - self.at >= n:
+            self.at += n
+            return self.buf[self.at - n:self.at]
+        rest = bytes(self.buf[self.at:])
+        more = self.src.read(max(READ_AHEAD, n - len(rest)))
+        if len(rest) + len(more) <= n:  # at most what was asked for: hand it all out
+            self.buf, self.at = memoryview(b""), 0
+            return rest + more if rest else more
+        self.buf, self.at = memoryview(rest + more if rest else more), n
+        return self.buf[:n]
+
+
+def frame_chunks(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview) -> Iterator[tuple[Run, memoryview | None, str]]:
+    """(run, its content, "") for every run of chunks the frame holds, each chunk checked against
+    its sha256; (run, None, why) for a run with a damaged chunk (or frame)."""
+    sha256 = codec.sha256
+    r = fr.ref
+    raw, why = open_frame(decoder, r, stored)
+    for run in fr.runs:
+        if raw is None:
+            yield run, None, why
+            continue
+        why = ""
+        for c in run.refs:
+            if sha256(raw[c.at:c.at + c.raw]) != c.hash:
+                why = (f"chunk at offset {c.at} of the frame at offset {r.offset} fails its sha256 check "
+                       f"(expected {c.hash[:16]}...)")
+                break
+        yield (run, None, why) if why else (run, raw[run.at:run.at + run.size], "")
+
+
+def chunks_of(decoder: codec.Decoder, data: bytes, rng: Range) -> Iterator[tuple[Run, memoryview | None, str]]:
+    """frame_chunks for every frame of a range already in memory."""
+    for fr, stored in frames_read(BytesRange(data), rng):
+        yield from frame_chunks(decoder, fr, stored)
+
+
+def open_frame(decoder: codec.Decoder, r: ChunkRef, stored: bytes | memoryview) -> tuple[memoryview | None, str]:
     """(the frame's raw content, "") when it reads back, else (None, why)."""
     if len(stored) != r.length:
         return None, f"object too short: frame at offset {r.offset} has {len(stored)} of {r.length} bytes"

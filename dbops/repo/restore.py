@@ -2,8 +2,9 @@
 
 The manifest's entries are read in passes (folders and files, content, links and finishing),
 never all held at once. Content comes through :mod:`dbops.repo.ranges`: coalesced ranged GETs,
-fetched in parallel (a bounded number in flight), every block checked against its sha256 and
-written with ``pwrite``. All-zero blocks are never fetched: files are created at full size
+fetched in parallel (a bounded number in flight), each read as a stream one frame at a time, the
+frames being checked held against a fixed byte budget (``IN_FLIGHT_BYTES``: memory does not grow
+with the database or its ranges), every block checked against its sha256 and written with ``pwrite``. All-zero blocks are never fetched: files are created at full size
 (sparse) and those blocks stay holes. A file is finished (fsynced, mode, owner, time) as soon as its
 last range is written, by its own pool, while later ranges still download: the flush to disk
 overlaps the download instead of following it. Verification: :mod:`dbops.repo.verify`.
@@ -20,16 +21,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
 
 from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
-from dbops.repo.ranges import Completion, Range, chunks_of, fetch_range, run_bounded
+from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Completion, Range, frame_chunks, frames_read, open_range,
+                               run_bounded)
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
 from dbops.errors import DamagedObjectError, NotFoundError, PreconditionError, ValidationError
@@ -40,6 +41,9 @@ _log = log.get("backup.restore")
 
 _INIT_FORK_RE = re.compile(r"^((?:base/\d+|pg_tblspc/\d+/PG_[^/]+/\d+)/\d+)_init$")
 
+
+FLUSH_BYTES = 8 * 1024 * 1024  # a durable restore starts the disk writes of each file every this many bytes
+_FADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
 
@@ -153,9 +157,7 @@ def restore_snapshot(
     # 2. content: parallel ranged GETs, verified, written where it belongs.
     decoder = codec.Decoder()
     lock = threading.Lock()
-    # Fetches overlap freely; decompressing, hashing and writing run at most one per core:
-    # more threads only fight over the GIL between those short calls.
-    cpu_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+    budget = ByteBudget(IN_FLIGHT_BYTES)  # the frames being checked: memory flat in database size
     done = [0]
 
     finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
@@ -164,7 +166,8 @@ def restore_snapshot(
 
     def fetch(item: tuple[list[FileEntry], Range, list[int]]) -> None:
         files, rng, left = item
-        fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, cpu=cpu_slots)
+        fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
+                                       flush=durable)
         completion.written(files, rng, left)
         with lock:
             stats.fetched_bytes += fetched
@@ -207,14 +210,37 @@ def restore_snapshot(
 
 
 def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, files: list[FileEntry],
-                rng: Range, decoder: codec.Decoder, *, cpu: AbstractContextManager[Any] | None = None) -> tuple[int, int]:
-    """Fetch one coalesced range (see dbops.repo.ranges), check every chunk against its sha256 and write
-    it into the files, which exist at their size. Returns (bytes fetched, bytes written). Raises
-    ValidationError naming the backup, file and object on a missing or damaged object. `cpu`, when
-    given, is held while decompressing, hashing and writing (not while fetching)."""
+                rng: Range, decoder: codec.Decoder, *, budget: ByteBudget | None = None,
+                flush: bool = False) -> tuple[int, int]:
+    """Read one coalesced range (see dbops.repo.ranges) as it arrives, frame by frame, check every
+    chunk against its sha256 and write it into the files, which exist at their size. Returns
+    (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
+    missing or damaged object. ``budget``: held for each frame's bytes while it is checked and written.
+    ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``_Flusher``)."""
     key = layout.pack(rng.pack)
+    fds: dict[int, int] = {}
+    flusher = _Flusher() if flush else None
+    fetched = written = 0
     try:
-        data = fetch_range(store, key, rng)
+        with open_range(store, key, rng) as src, closing(frames_read(src, rng, budget)) as frames:
+            for fr, stored in frames:
+                fetched += len(stored)
+                for run, raw, why in frame_chunks(decoder, fr, stored):
+                    if raw is None:
+                        raise ValidationError(
+                            f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
+                            detail=f"object {key}: {why}",
+                            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
+                        )
+                    fd = fds.get(run.file_no)
+                    if fd is None:
+                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
+                    os.pwrite(fd, raw, run.offset)
+                    written += len(raw)
+                    if flusher:
+                        flusher.wrote(fd, run.offset, len(raw))
+            if flusher:
+                flusher.all()
     except NotFoundError:
         raise ValidationError(
             f"backup {manifest.backup_id}: pack object {key} is missing",
@@ -227,26 +253,40 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
             detail=e.message,
             hint="the backup cannot be restored; run `dbops verify` and take a new backup",
         ) from None
-    fds: dict[int, int] = {}
-    written = 0
-    with cpu or nullcontext():
-        try:
-            for run, raw, why in chunks_of(decoder, data, rng):
-                if raw is None:
-                    raise ValidationError(
-                        f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
-                        detail=f"object {key}: {why}",
-                        hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-                    )
-                fd = fds.get(run.file_no)
-                if fd is None:
-                    fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
-                os.pwrite(fd, raw, run.offset)
-                written += len(raw)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-    return len(data), written
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return fetched, written
+
+
+class _Flusher:
+    """Starts the disk writes of what a range wrote, every ``FLUSH_BYTES`` per file, without waiting
+    for them (as PostgreSQL's own writeback flushing does): the disk is kept busy from the first
+    range on, instead of idling until the page cache holds its dirty-page limit, and the fsync
+    when a file is complete has little left to write. ``posix_fadvise(DONTNEED)`` on pages just
+    written starts their writeback (Linux); pages still being written stay cached."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[int, int]] = {}  # fd -> (lowest, highest) offset written since
+
+    def wrote(self, fd: int, offset: int, n: int) -> None:
+        lo, hi = self.pending.get(fd, (offset, offset))
+        lo, hi = min(lo, offset), max(hi, offset + n)
+        if hi - lo >= FLUSH_BYTES:
+            self.flush(fd, lo, hi)
+            self.pending.pop(fd, None)
+        else:
+            self.pending[fd] = (lo, hi)
+
+    def all(self) -> None:
+        for fd, (lo, hi) in self.pending.items():
+            self.flush(fd, lo, hi)
+        self.pending.clear()
+
+    @staticmethod
+    def flush(fd: int, lo: int, hi: int) -> None:
+        if _FADVISE is not None and hi > lo:
+            os.posix_fadvise(fd, lo, hi - lo, _FADVISE)
 
 
 def mark_wal_archived(target: Path, manifest: Manifest) -> list[FileEntry]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from contextlib import closing
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from dbops.errors import DamagedObjectError, NotFoundError, ValidationError
 from dbops.repo import codec
 from dbops.repo.manifest import FileEntry, Manifest
-from dbops.repo.ranges import Range, chunks_of, fetch_range, planned, run_bounded
+from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Range, Run, frame_chunks, frames_read, open_range, planned,
+                               run_bounded)
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -51,6 +53,7 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
         return report
     decoder = codec.Decoder()
     lock = threading.Lock()
+    budget = ByteBudget(IN_FLIGHT_BYTES)
     total = manifest.referenced_bytes() if progress else 0
     objects: set[str] = set()  # one id per pack: small
     missing: set[str] = set()
@@ -71,21 +74,23 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
             if key in missing:
                 note(key, (files[run.file_no].path for fr in rng.frames for run in fr.runs))
                 return
+        fetched = 0
+        bad_runs: list[tuple[Run, str]] = []
         try:
-            data = fetch_range(store, key, rng)
+            with open_range(store, key, rng) as src, closing(frames_read(src, rng, budget)) as frames:
+                for fr, stored in frames:
+                    fetched += len(stored)
+                    bad_runs += [(run, why) for run, raw, why in frame_chunks(decoder, fr, stored) if raw is None]
         except NotFoundError:
             with lock:
                 missing.add(key)
                 note(key, (files[run.file_no].path for fr in rng.frames for run in fr.runs))
             return
         except DamagedObjectError as e:  # an encrypted segment failed its authentication tag
-            data = b""
             bad_runs = [(run, e.message) for fr in rng.frames for run in fr.runs]
-        else:
-            bad_runs = [(run, why) for run, raw, why in chunks_of(decoder, data, rng) if raw is None]
         with lock:
             report.chunks += sum(fr.chunks() for fr in rng.frames)
-            report.fetched_bytes += len(data)
+            report.fetched_bytes += fetched
             if progress:
                 progress(report.fetched_bytes, max(total, report.fetched_bytes))
             for run, why in bad_runs:

@@ -37,6 +37,44 @@ class ObjectInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+class RangeReader(Protocol):
+    """A ranged read in progress: ``read(n)`` returns exactly n bytes unless the range (or the
+    object, when it is shorter) ends first; b"" at the end. Close it (or use it in ``with``)."""
+
+    def read(self, n: int) -> bytes:
+        ...
+
+    def close(self) -> None:
+        ...
+
+    def __enter__(self) -> RangeReader:
+        ...
+
+    def __exit__(self, *exc: object) -> None:
+        ...
+
+
+class BytesRange:
+    """A RangeReader over bytes already in memory (a store that reads whole ranges)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = memoryview(data), 0
+
+    def read(self, n: int) -> bytes:
+        out = bytes(self.data[self.pos:self.pos + max(0, n)])
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self.data = memoryview(b"")
+
+    def __enter__(self) -> BytesRange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, if_absent: bool = False,
             if_match: str | None = None) -> bool:
@@ -52,6 +90,12 @@ class ObjectStore(Protocol):
         ...
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
+        ...
+
+    def open_range(self, key: str, start: int, length: int) -> RangeReader:
+        """The same bytes as get_range, read as they arrive (memory: what the reader asks for,
+        not the range); NotFoundError when the object is absent. A transient fault while the body
+        is read resumes from where it stopped."""
         ...
 
     def get_to_file(self, key: str, path: str) -> ObjectInfo:

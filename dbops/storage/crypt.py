@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dbops.errors import DamagedObjectError, EncryptionError, NotFoundError, StorageError
-from dbops.storage.base import ObjectInfo, ObjectStore
+from dbops.storage.base import BytesRange, ObjectInfo, ObjectStore, RangeReader
 from dbops.storage.keys import Keyring
 
 MAGIC = b"DBOPSENC"
@@ -322,19 +322,23 @@ class EncryptedStore:
         return opened
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
+        with self.open_range(key, start, length) as src:
+            return src.read(length)
+
+    def open_range(self, key: str, start: int, length: int) -> RangeReader:
+        """get_range's plaintext as it arrives: the sealed segments covering the range are read
+        ``BATCH`` at a time and each is opened (checked) before any of its bytes is handed out."""
         if self.keys.current is None and not self.keys.by_id:
-            # Nothing to decrypt with: a plain archive (the manifests and catalog, read whole first,
-            # already refused an encrypted one).
-            return self.inner.get_range(key, start, length)
+            return self.inner.open_range(key, start, length)
         if length <= 0:
-            return b""
+            return BytesRange(b"")
         o = self._header_of(key)
         if o is None:
-            return self.inner.get_range(key, start, length)
+            return self.inner.open_range(key, start, length)
         i0, i1 = start // SEGMENT, (start + length - 1) // SEGMENT
         ct_start = HEADER + i0 * STEP
         try:
-            blob = self.inner.get_range(key, ct_start, (i1 - i0 + 1) * STEP)
+            src = self.inner.open_range(key, ct_start, (i1 - i0 + 1) * STEP)
         except NotFoundError:
             raise
         except StorageError:
@@ -342,19 +346,11 @@ class EncryptedStore:
             if info is None:
                 raise NotFoundError(f"object {key} not found") from None
             if info.size <= ct_start:
-                return b""
+                return BytesRange(b"")
             raise
-        mv = memoryview(blob)
-        n = -(-len(mv) // STEP)
-        out = bytearray(n * SEGMENT)
-        om, w = memoryview(out), 0
-        for j in range(n):
-            ct = mv[j * STEP:(j + 1) * STEP]
-            # A short piece is the object's last segment; a full one may be (the object ends there).
-            last = True if len(ct) < STEP else (False if len(mv) > (j + 1) * STEP else None)
-            w += o.segment_into(i0 + j, ct, om[w:], key, last=last)
-        lo = start - i0 * SEGMENT
-        return bytes(om[lo:min(w, lo + length)])
+        from dbops.storage.cryptrange import OpenedRange
+
+        return OpenedRange(o, key, src, i0, start - i0 * SEGMENT, length)
 
     def head(self, key: str) -> ObjectInfo | None:
         return self.inner.head(key)
@@ -395,3 +391,4 @@ class EncryptedStore:
                 raise NotFoundError(f"object {key} not found") from None
             raise
         return header_key_id(head)
+

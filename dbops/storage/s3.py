@@ -224,6 +224,14 @@ class S3Store:
 
         return self._call(do, key, "get")
 
+    def open_range(self, key: str, start: int, length: int) -> _S3Range:
+        return _S3Range(self, key, start, length)
+
+    def _open_body(self, key: str, start: int, end: int):
+        """The body of a ranged GET of [start, end) (the request retried on transient faults)."""
+        return self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=key,
+                                                         Range=f"bytes={start}-{end - 1}")["Body"], key, "get")
+
     def get_to_file(self, key: str, path: str) -> ObjectInfo:
         def do():
             r = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -298,3 +306,50 @@ class S3Store:
             return parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError):
             return None
+
+
+RESUMES = 10  # a ranged read resumes this many times in a row without progress, then fails
+
+
+class _S3Range:
+    """A ranged GET read as it arrives. A transient fault while the body is read (a dropped
+    connection, a read timeout, a body cut short) resumes with a new ranged GET from the first
+    byte not yet read, as long as each attempt makes progress."""
+
+    def __init__(self, s3: S3Store, key: str, start: int, length: int):
+        self.s3, self.key, self.pos, self.end = s3, key, start, start + length
+        self.body = s3._open_body(key, start, self.end) if length > 0 else None
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.end - self.pos)
+        parts: list[bytes] = []
+        got = failures = 0
+        while got < n and self.body is not None:
+            try:
+                b = self.body.read(n - got)
+            except (bexc.BotoCoreError, ConnectionError, TimeoutError) as e:
+                if not (is_transient(e) or isinstance(e, bexc.IncompleteReadError)) or failures >= RESUMES:
+                    self.s3._raise(e, self.key, "get")
+                failures += 1
+                self.body.close()
+                self.body = None
+                self.body = self.s3._open_body(self.key, self.pos, self.end)
+                continue
+            if not b:
+                break  # the object ends before the range does
+            failures = 0
+            parts.append(b)
+            got += len(b)
+            self.pos += len(b)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+
+    def __enter__(self) -> _S3Range:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -44,6 +44,10 @@ class CountingStore(LocalStore):
         self.ranges.append((key, start, length))
         return super().get_range(key, start, length)
 
+    def open_range(self, key, start, length):
+        self.ranges.append((key, start, length))
+        return super().open_range(key, start, length)
+
 
 def pages(seed: int, n: int) -> bytes:
     """n distinct, compressible 8 KiB pages."""
