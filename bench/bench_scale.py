@@ -7,6 +7,8 @@ dbops validated incremental; pgBackRest incremental; 10 s more of pgbench, the t
 before its end, that WAL archived by both; then a point-in-time restore to that target, started
 and promoted: dbops (`restore --to TIME --start`), pgBackRest (its own async archive-get), and as
 a second line pgBackRest replaying the dbops archive through `dbops wal-fetch` (``wal: dbops``).
+Before each restore the disk is synced (not timed): the one that runs first would otherwise also
+pay for the writes pgbench and the backups left in the page cache.
 
 Every command runs as a child under GNU time: ``rss_kib`` is its peak resident set (the largest
 process of the tree it waits for: dbops itself, pg_basebackup, pgBackRest's workers; not the
@@ -213,6 +215,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     data = lab.dir / "bench-scale-restore"
     shutil.rmtree(data, ignore_errors=True)
     port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
+    os.sync()  # each restore starts with no other writes pending (the first would pay for pgbench's)
     try:
         wall, rss_kib, res = _dbops(lab, "restore", "--to", target, "--target-dir", str(data), "--start",
                                     "--port", str(port))
@@ -226,6 +229,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
                 "wal_segments": (plan.get("wal") or {}).get("segments"), "fell_back_from": res.get("fell_back_from")})
     for wal in ("pgbackrest", "dbops") if peer else ():
         rss = []
+        os.sync()
         try:
             r = pgbackrest_peer.restore(p, lab, target_time, rss=rss, wal=wal)
             out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wal": wal,
