@@ -33,7 +33,7 @@ MAX_RANGE = 16 * 1024 * 1024
 MAX_RANGE_RAW = 256 * 1024 * 1024  # smaller pieces measured slower (more ranges racing for the GIL)
 IN_FLIGHT_BYTES = 32 * 1024 * 1024  # stored + decompressed bytes of the frames being checked, at most
 READ_AHEAD = 1024 * 1024  # a range's stream is read this much at a time (one buffer per range in flight)
-BATCH_BLOCKS = 32768  # blocks planned at a time
+BATCH_BLOCKS = 8192  # blocks planned at a time: one batch planned is about 5 MB of Python objects
 
 
 @dataclass
