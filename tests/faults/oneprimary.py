@@ -84,13 +84,14 @@ class OnePrimaryWatch(threading.Thread):
         return out
 
     def writers_now(self) -> list[str]:
-        """Nodes that accept writes now (a fresh connection to each)."""
+        """Nodes that accept writes now (a fresh connection to each; a loaded machine may need seconds to
+        answer, and a node missed here would read as no writer)."""
         import psycopg
 
         out = []
         for n in self.nodes:
             try:
-                with psycopg.connect(**n.conninfo(None, connect_timeout=2), autocommit=True) as c:
+                with psycopg.connect(**n.conninfo(None, connect_timeout=10), autocommit=True) as c:
                     if not c.execute("select pg_is_in_recovery()").fetchone()[0]:
                         out.append(n.name)
             except psycopg.Error:
