@@ -8,6 +8,8 @@ Faults (attributes, changeable while it runs):
   ConditionalRequestConflict) without forwarding it;
 * ``drop_every``: close every n-th connection without an answer, before forwarding (``drop_after``
   False) or after the server handled it (True: the response is lost, the request took effect);
+* ``cut_every``: for every n-th request, send the answer's headers and only the first half of
+  its body, then close the connection (a body cut short mid-transfer);
 * ``latency``: seconds to wait before forwarding each request;
 * ``only``: a predicate (method, path) choosing which requests faults apply to.
 
@@ -43,6 +45,7 @@ class S3FaultProxy:
         self.fail_status = 503
         self.drop_every = 0
         self.drop_after = False
+        self.cut_every = 0
         self.latency = 0.0
         self.only: Callable[[str, str], bool] | None = None
         self.stats: Counter[str] = Counter()
@@ -70,7 +73,7 @@ class S3FaultProxy:
 
     def reset(self) -> None:
         self.strip_if_none_match = False
-        self.fail_every = self.drop_every = 0
+        self.fail_every = self.drop_every = self.cut_every = 0
         self.fail_status = 503
         self.drop_after = False
         self.latency = 0.0
@@ -120,6 +123,12 @@ class S3FaultProxy:
                 h.send_header(k, v)
         h.send_header("Content-Length", str(len(rbody) if h.command != "HEAD" else _len(rheaders)))
         h.end_headers()
+        if applies and self.cut_every and n % self.cut_every == 0 and h.command != "HEAD" and len(rbody) > 1:
+            self.stats["cut"] += 1
+            h.wfile.write(rbody[:len(rbody) // 2])
+            h.wfile.flush()
+            self._drop(h)
+            return
         if h.command != "HEAD" and rbody:
             h.wfile.write(rbody)
         self.stats["forwarded"] += 1
