@@ -18,7 +18,10 @@ throwaway PostgreSQL server, which is not its child). ``manifest_bytes``: the st
 every WAL segment anyway, left out): the data a full backup streams, and
 for dbops' incremental only its few queries, since it restores the previous backup from storage
 instead of reading the primary. For pgBackRest's incremental: the bytes of the files it copied
-(``info.delta``: it reads every changed file whole).
+(``info.delta``: it reads every changed file whole). ``stored_by``: a dbops backup's new stored
+bytes by kind of block (WAL, main-fork page deltas, main-fork whole blocks, the rest).
+``scale_restore_files``: each dbops backup's files restored on their own in this process (fetch,
+check, write, fsync; the incremental's page deltas over their bases), no server started.
 
     python bench/bench_scale.py --dir DIR [--scales "100 400"]
 """
@@ -128,6 +131,39 @@ def _dbops(lab: labmod.LabInfo, *args: str) -> tuple[float, int, dict]:
     return wall, rss, json.loads(out)
 
 
+def stored_by(store, layout: Layout, backup_id: str, parent_id: str | None) -> dict[str, int]:
+    """The backup's new stored bytes by kind of block (a frame's bytes shared by its blocks in
+    proportion to their raw bytes): WAL, main-fork page deltas, main-fork whole blocks, the rest."""
+    from dbops.repo import blocks
+    from dbops.repo import manifest as mf
+
+    old = mf.load_header(store, layout, parent_id).packs() if parent_id else set()
+    out = {"pg_wal": 0, "main_fork_deltas": 0, "main_fork_whole": 0, "other": 0}
+    for e in mf.load(store, layout, backup_id).entries():
+        kind = ("pg_wal" if e.path.startswith("pg_wal/") else
+                "main_fork_" if blocks.is_main_fork(e.path) else "other")
+        for c in e.chunks:
+            if c.pack is None or c.pack in old or not c.frame_raw:
+                continue
+            k = kind + ("deltas" if c.mask else "whole") if kind == "main_fork_" else kind
+            out[k] += c.length * c.stored_raw // c.frame_raw
+    return out
+
+
+def restore_download(store, layout: Layout, backup_id: str, folder: Path) -> dict:
+    """Seconds to restore the backup's files (fetch, check, write, fsync) in this process."""
+    from dbops.repo import manifest as mf
+    from dbops.repo.restore import restore_snapshot
+
+    shutil.rmtree(folder, ignore_errors=True)
+    t = time.monotonic()
+    st = restore_snapshot(store, layout, mf.load(store, layout, backup_id), str(folder), parallel=4)
+    wall = time.monotonic() - t
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"wall_seconds": round(wall, 2), "fetched_bytes": st.fetched_bytes, "requests": st.requests,
+            "logical_bytes": st.logical_bytes}
+
+
 def _db_size(lab: labmod.LabInfo) -> int:
     from dbops.pg import conn as pgconn
 
@@ -182,7 +218,9 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
         out.append({**base, "bench": bench, "tool": "dbops", "wall_seconds": round(wall, 2), "rss_kib": rss,
                     "manifest_bytes": head.size if head else None, "stored_bytes": res["stored_bytes"],
                     "logical_bytes": res["logical_size"], "primary_read_bytes": reads.bytes,
-                    "counts": res.get("counts"), "timings": res.get("timings")})
+                    "counts": res.get("counts"), "timings": res.get("timings"),
+                    "stored_by": stored_by(store, layout, res["backup_id"], res.get("parent_id"))})
+        ids.append(res["backup_id"])
 
     def peer_backup(bench: str, kind: str) -> None:
         try:
@@ -197,6 +235,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
                         "detail": (getattr(e, "detail", None) or "")[-2000:]})
 
     peer = p is not None
+    ids: list[str] = []
     dbops_backup("scale_backup_full", "--full")
     if peer:
         peer_backup("scale_backup_full", "full")
@@ -204,6 +243,10 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     dbops_backup("scale_backup_incremental")
     if peer:
         peer_backup("scale_backup_incremental", "incr")
+    # The files of each backup restored on their own (the incremental's page deltas over their bases).
+    for kind, backup_id in zip(("full", "incremental"), ids):
+        out.append({**base, "bench": "scale_restore_files", "tool": "dbops", "backup": kind,
+                    **restore_download(store, layout, backup_id, lab.dir / "bench-scale-files")})
 
     # A point-in-time target after some more WAL, archived by both tools.
     _pgbench(lab, "-c", "4", "-j", "2", "-T", str(PITR_PGBENCH_SECONDS), "-n")

@@ -14,11 +14,21 @@ fork of a relation qualifies (its pages carry the LSN of their last WAL-logged c
 free space map and visibility map forks change without a new page LSN, and other files have
 no page LSN at all, so they are always hashed. Pages with LSN 0 (new or unlogged pages) are
 hashed too.
+
+Page deltas (:func:`changed_mask`): the same rule page by page. In a main-fork block whose
+parent reference is a full block, the pages whose LSN is 0 or newer than the parent's REDO
+point are the changed ones; when at most half of the block's pages changed, the backup stores
+only those pages (a delta on the parent's block, its base). When the parent's reference is
+itself a delta, the new delta keeps that delta's base and covers the union of both masks
+(taken from the local block, which holds them all): depth is always one, and a union over the
+threshold stores the whole block again (a new base).
 """
 
 from __future__ import annotations
 
 import re
+
+from dbops.repo.model import ChunkRef
 
 PAGE = 8192
 SMALL_FILE = 1 << 20
@@ -28,6 +38,49 @@ LARGE_BLOCK = 64 * 1024
 
 _MAIN_FORK_RE = re.compile(r"^(?:base/\d+|global|pg_tblspc/\d+/[^/]+/\d+)/\d+(?:\.\d+)?$")
 _WORDS_PER_PAGE = PAGE // 4
+
+
+def changed_mask(block: memoryview, lsn: int) -> int:
+    """Bit i set when page i of the block has LSN 0 or an LSN newer than ``lsn``; -1 for a
+    block that is not whole pages."""
+    if not block or len(block) % PAGE:
+        return -1
+    words = block.cast("I")
+    mask = 0
+    for i, (hi, lo) in enumerate(zip(words[0::_WORDS_PER_PAGE], words[1::_WORDS_PER_PAGE])):
+        page_lsn = hi << 32 | lo
+        if page_lsn == 0 or page_lsn > lsn:
+            mask |= 1 << i
+    return mask
+
+
+def delta_allowed(mask: int, block_len: int) -> bool:
+    """A delta of these pages is worth storing: at most half of the block's pages, at least one."""
+    return 0 < mask.bit_count() <= block_len // PAGE // 2
+
+
+def delta_of(block: memoryview, mask: int, pref: ChunkRef) -> tuple[bytes, int, ChunkRef] | None:
+    """(payload, mask, base) of a page delta for a block whose changed pages are ``mask``, against
+    the parent's ref: a whole block (the base) or a delta (its base, the masks' union); None when
+    too many pages differ from the base (see :func:`delta_allowed`)."""
+    if pref.mask:
+        base, mask = pref.base, mask | pref.mask
+    else:
+        base = pref
+    if base is None or base.raw != len(block) or not delta_allowed(mask, len(block)):
+        return None
+    return b"".join(block[p * PAGE:(p + 1) * PAGE] for p in pages_of(mask)), mask, base
+
+
+def pages_of(mask: int) -> list[int]:
+    """The page numbers set in a mask, in increasing order (the order a delta stores them in)."""
+    out, i = [], 0
+    while mask:
+        if mask & 1:
+            out.append(i)
+        mask >>= 1
+        i += 1
+    return out
 
 
 def block_size(size: int, chunk_size: int) -> int:

@@ -1,8 +1,8 @@
 """The backup manifest: everything needed to restore one backup on its own.
 
 Stored at ``Layout.manifest(id)``, written last and with ``if_absent``: a backup exists
-exactly when its manifest does. Encodings: :mod:`dbops.repo.mformat` (format 3 written,
-formats 1 and 2 read).
+exactly when its manifest does. Encodings: :mod:`dbops.repo.mformat` (format 4 written,
+formats 1 to 3 read).
 
 A file's content is a list of fixed-size blocks (``FileEntry.block``, chosen by file size:
 see :func:`dbops.repo.blocks.block_size`; the last one may be shorter), each identified by
@@ -12,7 +12,9 @@ frame inside that pack object, ``frame_raw`` (its uncompressed length), and the 
 in the decompressed frame: ``at`` and ``raw`` (its length).
 
 * ``pack is None``: an all-zero block, never stored (restored as a hole);
-* ``length == frame_raw``: the frame is stored uncompressed; shorter: a zstd frame.
+* ``length == frame_raw``: the frame is stored uncompressed; shorter: a zstd frame;
+* ``mask != 0`` (format 4): a page delta: the frame holds only the block's pages set in the
+  mask, and ``base`` (a whole-block ref, in this backup's parent chain) holds the rest.
 
 A manifest read from storage keeps its entries in a local file and hands them out one at a
 time (:meth:`Manifest.entries`): memory stays flat in the size of the database.
@@ -42,8 +44,8 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 from dbops.storage.probe import put_file_once
 
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 MAGIC = mformat.MAGIC2
 NO_PACK = mformat.NO_PACK
 
@@ -77,16 +79,16 @@ class Manifest:
         self.format = format
         self.tablespaces = list(tablespaces or ())  # user tablespaces (see dbops.repo.tblspc)
         self._files = list(files) if files is not None else None
-        self._source: tuple[str, int] | None = None  # (local file, offset of the entry stream): format 3
-        self._packs: list[str] | None = None  # format 3: the pack table
+        self._source: tuple[str, int, int] | None = None  # (local file, offset of the entry stream, format): 3, 4
+        self._packs: list[str] | None = None  # formats 3 and 4: the pack table
         self._referenced: int | None = None
         self.entry_count: int | None = None
 
     # ------------------------------------------------------------------ entries
 
-    def _attach(self, path: str, offset: int, packs: list[str], referenced: int, entries: int) -> None:
-        """Back the entries by a local format-3 file, removed when this object goes."""
-        self._files, self._source = None, (path, offset)
+    def _attach(self, path: str, offset: int, packs: list[str], referenced: int, entries: int, fmt: int) -> None:
+        """Back the entries by a local format 3 or 4 file, removed when this object goes."""
+        self._files, self._source = None, (path, offset, fmt)
         self._packs, self._referenced, self.entry_count = list(packs), referenced, entries
         weakref.finalize(self, _unlink, path)
 
@@ -102,7 +104,8 @@ class Manifest:
         guard = PathGuard(f"manifest of backup {self.backup_id}")  # every entry, whatever the format
         if self._source is not None:
             for f in mformat.read_entries(self._source[0], self._source[1], self._packs or [],
-                                          self.entry_count or 0, f"manifest of backup {self.backup_id}"):
+                                          self.entry_count or 0, f"manifest of backup {self.backup_id}",
+                                          self._source[2]):
                 yield guard.check(f)
             return
         for f in self._files or ():
@@ -119,7 +122,7 @@ class Manifest:
         """Every pack id this backup's files point into."""
         if self._packs is not None:
             return set(self._packs)
-        return {c.pack for f in self.entries() for c in f.chunks if c.pack is not None}
+        return {r.pack for f in self.entries() for c in f.chunks for r in (c, c.base) if r is not None and r.pack}
 
     def check(self) -> None:
         """Structural consistency: every file's blocks cover exactly its size; every entry under
@@ -136,8 +139,9 @@ class Manifest:
         seen: dict[tuple[str, int], int] = {}  # several blocks may share one frame
         for f in self.entries():
             for c in f.chunks:
-                if c.pack is not None:
-                    seen[(c.pack, c.offset)] = c.length
+                for r in (c, c.base):  # a page delta reads its base block's frame too
+                    if r is not None and r.pack is not None:
+                        seen[(r.pack, r.offset)] = r.length
         return sum(seen.values())
 
     # ------------------------------------------------------------------ header
@@ -211,14 +215,14 @@ class Manifest:
 
     def header(self, writer: mformat.Writer) -> dict[str, Any]:
         d = self.to_dict()
-        d["format"] = FORMAT_VERSION
+        d["format"] = writer.format
         d.update(packs=list(writer.packs), referenced_bytes=writer.referenced_bytes, entries=writer.entries)
         return d
 
     # ------------------------------------------------------------------ files and bytes
 
     def write_file(self, path: str) -> None:
-        """Encode as format 3 into a local file (entries streamed from wherever they are now)."""
+        """Encode as format 4 into a local file (entries streamed from wherever they are now)."""
         w = mformat.Writer(path)
         try:
             for f in self.entries():
@@ -228,17 +232,19 @@ class Manifest:
             w.abort()
             raise
         self._files = None if self._source else self._files
-        self.format = FORMAT_VERSION
+        self.format = w.format
         self._packs, self._referenced, self.entry_count = list(w.packs), w.referenced_bytes, w.entries
 
     @classmethod
     def from_file(cls, path: str, *, what: str = "manifest", own: bool = True) -> Manifest:
-        """Read a stored manifest from a local file; format 3 entries stay there (``own``: the
+        """Read a stored manifest from a local file; format 3 and 4 entries stay there (``own``: the
         file is removed with the object), older formats are read whole."""
         try:
             with open(path, "rb") as f:
                 fmt, doc, offset = mformat.read_header(f)
             doc.setdefault("format", fmt)
+            if fmt >= 3:  # the entry stream's layout is the magic's, whatever the header says
+                doc["format"] = fmt
             m = cls.from_dict(doc)
             if fmt == 1:
                 m._files = mformat.old_files_from_json(doc)
@@ -246,7 +252,7 @@ class Manifest:
                 m._files = doc["files"]
             else:
                 m._attach(path, offset, [str(p) for p in doc["packs"]], int(doc["referenced_bytes"]),
-                          int(doc["entries"]))
+                          int(doc["entries"]), fmt)
                 return m
         except ValidationError:
             if own:
@@ -261,7 +267,7 @@ class Manifest:
         return m
 
     def to_bytes(self) -> bytes:
-        """The stored form (format 3) in memory: for small manifests and tests."""
+        """The stored form (format 4) in memory: for small manifests and tests."""
         fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
         os.close(fd)
         try:
@@ -308,7 +314,7 @@ class Manifest:
 
 def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | None = None) -> None:
     """Write the manifest (the act that makes the backup exist). Never replaces one.
-    ``path``: the manifest already encoded there (format 3)."""
+    ``path``: the manifest already encoded there (format 4)."""
     key = layout.manifest(manifest.backup_id)
     own = path is None
     if path is None:
@@ -329,7 +335,7 @@ def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | 
 
 
 def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | None = None) -> Manifest:
-    """Read one backup's manifest; NotFoundError when the backup does not exist. A format-3
+    """Read one backup's manifest; NotFoundError when the backup does not exist. A format 3 or 4
     manifest is downloaded to a local file (in ``tmp_dir``) that its entries are read from."""
     key = layout.manifest(backup_id)
     fd, path = tempfile.mkstemp(prefix="dbops-manifest-", dir=tmp_dir)
@@ -355,7 +361,7 @@ def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | N
 
 
 def load_header(store: ObjectStore, layout: Layout, backup_id: str) -> Manifest:
-    """One backup's manifest without its entries where the format allows (format 3: two ranged
+    """One backup's manifest without its entries where the format allows (formats 3 and 4: two ranged
     reads of the header; pack table, sizes and counts included): for the catalog and retention.
     Older formats are loaded whole."""
     key = layout.manifest(backup_id)
@@ -363,13 +369,13 @@ def load_header(store: ObjectStore, layout: Layout, backup_id: str) -> Manifest:
         start = store.get_range(key, 0, len(mformat.MAGIC3) + 4)
     except NotFoundError:
         start = b""
-    if not start.startswith(mformat.MAGIC3) or len(start) < len(mformat.MAGIC3) + 4:
+    if start[:len(mformat.MAGIC3)] not in mformat.MAGICS or len(start) < len(mformat.MAGIC3) + 4:
         return load(store, layout, backup_id)
     (n,) = struct.unpack_from("<I", start, len(mformat.MAGIC3))
     what = f"manifest of backup {backup_id} ({key})"
     try:
         doc = json.loads(zstandard.ZstdDecompressor().decompress(store.get_range(key, len(start), n)))
-        doc.setdefault("format", 3)
+        doc["format"] = mformat.MAGICS[start[:len(mformat.MAGIC3)]]
         m = Manifest.from_dict(doc)
         m.header_only(packs=[str(p) for p in doc["packs"]], referenced=int(doc["referenced_bytes"]),
                       entries=int(doc["entries"]))

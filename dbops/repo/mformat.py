@@ -1,4 +1,4 @@
-"""Manifest encodings: format 3 (written, streamed file by file) and formats 1 and 2 (read).
+"""Manifest encodings: format 4 (written, streamed file by file), formats 3, 2 and 1 (read).
 
 Format 3: ``MAGIC3``, a 4-byte length and the zstd-compressed JSON header (everything but the
 entries: PostgreSQL state, sizes, counts, the ``packs`` id table, ``referenced_bytes``), then
@@ -7,7 +7,15 @@ length and the entry's JSON (path, type, mode, mtime_ns, size, target, block), t
 entry's block table, column by column: sha256 digests (32 bytes), pack numbers (u32,
 ``NO_PACK`` for an all-zero block), frame offsets (u64), frame lengths, frame raw lengths,
 offsets in the frame (u32 each). Block counts and raw lengths follow from size and block.
-Writing and reading hold one entry at a time: memory does not grow with the database.
+
+Format 4 (``MAGIC4``, written): format 3 with more columns in each block table, after the
+others: the page mask (u64; 0 for a whole block), then the base block's columns in the same
+layout (its sha256's first 16 bytes, pack number, frame offset, frame length, frame raw length,
+offset in frame; all zeros for a whole block, so they compress away). A block with a mask is a
+page delta (see :mod:`dbops.repo.blocks`): its own columns locate the changed pages
+(concatenated, in page order; the sha256 is theirs), the base's locate the whole block they
+apply to (the base's raw length is the block's). Writing and reading hold one entry at a time:
+memory does not grow with the database.
 
 Format 2 (read only): ``MAGIC``, the header with every entry in it, then one chunk table for
 all files (the same columns); format 1 (read only): zstd-compressed JSON, chunk refs as
@@ -31,15 +39,21 @@ from typing import Any, BinaryIO
 import zstandard
 
 from dbops.errors import ValidationError
-from dbops.repo.model import DIR, FILE, SYMLINK, ChunkRef, FileEntry
+from dbops.repo.model import DIR, FILE, PAGE, SYMLINK, ChunkRef, FileEntry
 
 MAGIC2 = b"DBOPSMF2"
 MAGIC3 = b"DBOPSMF3"
+MAGIC4 = b"DBOPSMF4"
+MAGICS = {MAGIC3: 3, MAGIC4: 4}
 NO_PACK = 0xFFFFFFFF
 TYPES = (FILE, DIR, SYMLINK)
 
 _COLUMNS = ("I", "Q", "I", "I", "I")  # pack number, frame offset, frame length, frame raw length, offset in frame
 _WIDTH = 32 + sum(array(t).itemsize for t in _COLUMNS)
+_DELTA_COLUMNS = ("Q",)  # format 4: the page mask (0: a whole block)
+BASE_HASH = 16  # format 4: bytes of a base block's sha256 kept (the first 128 bits)
+_WIDTH4 = 2 * _WIDTH + 8 - (32 - BASE_HASH)  # the block's columns, the mask, its base's columns (zeros if none)
+_ZERO_HASH = "0" * 64
 _LEN = struct.Struct("<I")
 
 
@@ -66,7 +80,29 @@ def check_entry(e: FileEntry, what: str) -> FileEntry:
             f"{what}: manifest entry for {e.path} is inconsistent",
             detail=f"size {e.size}, {len(e.chunks)} blocks covering {total} bytes (block size {e.block})",
         )
+    for n, c in enumerate(e.chunks):
+        if c.mask or c.base is not None:
+            why = _delta_problem(c)
+            if why:
+                raise ValidationError(f"{what}: manifest entry for {e.path} has a bad page delta",
+                                      detail=f"block {n}: {why}")
     return e
+
+
+def _delta_problem(c: ChunkRef) -> str:
+    """Why a page-delta ref cannot be applied to its block ("" when it can)."""
+    b = c.base
+    if not c.mask or b is None or c.pack is None:
+        return "a delta needs a mask, a base and a stored frame"
+    if c.raw % PAGE or c.mask >> (c.raw // PAGE):
+        return f"mask {c.mask:#x} names pages beyond the block's {c.raw // PAGE}"
+    if c.at + c.stored_raw > c.frame_raw:
+        return f"its {c.stored_raw} bytes of pages do not fit its frame of {c.frame_raw} bytes at {c.at}"
+    if b.mask or b.base is not None or b.pack is None or len(b.hash) not in (2 * BASE_HASH, 64):
+        return "its base is not a stored whole block"
+    if b.raw != c.raw or b.at + b.raw > b.frame_raw:
+        return f"its base does not hold a block of {c.raw} bytes (base {b.raw} bytes at {b.at} of {b.frame_raw})"
+    return ""
 
 
 # ---------------------------------------------------------------------- entry <-> JSON
@@ -91,8 +127,7 @@ def entry_from_meta(d: dict[str, Any], chunks: tuple[ChunkRef, ...] = (), block:
 # ---------------------------------------------------------------------- block tables
 
 
-def encode_table(chunks: Iterable[ChunkRef], number: Callable[[str | None], int]) -> bytes:
-    chunks = list(chunks)
+def _columns(chunks: list[ChunkRef], number: Callable[[str | None], int], hash_bytes: int = 32) -> list[bytes]:
     cols = [array(t) for t in _COLUMNS]
     cols[0].extend(number(c.pack) for c in chunks)
     cols[1].extend(c.offset for c in chunks)
@@ -102,17 +137,32 @@ def encode_table(chunks: Iterable[ChunkRef], number: Callable[[str | None], int]
     if sys.byteorder == "big":
         for col in cols:
             col.byteswap()
-    return b"".join([bytes.fromhex("".join(c.hash for c in chunks)), *(col.tobytes() for col in cols)])
+    return [bytes.fromhex("".join(c.hash[:2 * hash_bytes] for c in chunks)), *(col.tobytes() for col in cols)]
 
 
-def decode_table(table: bytes | memoryview, raws: list[int], pack_name: Callable[[int], str | None]
-                 ) -> list[ChunkRef]:
-    n = len(raws)
-    if len(table) != n * _WIDTH:
-        raise ValueError(f"block table has {len(table)} bytes, {n} blocks need {n * _WIDTH}")
-    hx = bytes(table[:32 * n]).hex()
-    hashes = [hx[i:i + 64] for i in range(0, 64 * n, 64)]
-    pos, cols = 32 * n, []
+def encode_table(chunks: Iterable[ChunkRef], number: Callable[[str | None], int], fmt: int = 4) -> bytes:
+    """A file's block table. Format 4 adds, after format 3's columns, the page mask of each block
+    and its base's columns (all zeros for a block that is not a delta: they compress away)."""
+    chunks = list(chunks)
+    if fmt < 4:
+        if any(c.mask for c in chunks):
+            raise ValueError("format 3 cannot hold page deltas")
+        return b"".join(_columns(chunks, number))
+    masks = array("Q", (c.mask for c in chunks))
+    if sys.byteorder == "big":
+        masks.byteswap()
+    none = ChunkRef(_ZERO_HASH, None, 0, 0, 0)
+    bases = [c.base if c.mask and c.base is not None else none for c in chunks]
+    return b"".join([*_columns(chunks, number), masks.tobytes(),
+                     *_columns(bases, lambda p: 0 if p is None else number(p), BASE_HASH)])
+
+
+def _decode_columns(table: bytes | memoryview, raws: list[int], pack_name: Callable[[int], str | None],
+                    hash_bytes: int = 32) -> list[ChunkRef]:
+    n, w = len(raws), 2 * hash_bytes
+    hx = bytes(table[:hash_bytes * n]).hex()
+    hashes = [hx[i:i + w] for i in range(0, w * n, w)]
+    pos, cols = hash_bytes * n, []
     for t in _COLUMNS:
         col = array(t)
         col.frombytes(table[pos:pos + n * col.itemsize])
@@ -122,6 +172,25 @@ def decode_table(table: bytes | memoryview, raws: list[int], pack_name: Callable
         pos += n * col.itemsize
     packs = list(map(pack_name, cols[0]))
     return list(map(ChunkRef, hashes, packs, cols[1], cols[2], raws, cols[4], cols[3]))
+
+
+def decode_table(table: bytes | memoryview, raws: list[int], pack_name: Callable[[int], str | None],
+                 fmt: int = 3) -> list[ChunkRef]:
+    n = len(raws)
+    width = _WIDTH4 if fmt >= 4 else _WIDTH
+    if len(table) != n * width:
+        raise ValueError(f"block table has {len(table)} bytes, {n} blocks need {n * width}")
+    refs = _decode_columns(table[:n * _WIDTH], raws, pack_name)
+    if fmt < 4:
+        return refs
+    masks = array("Q")
+    masks.frombytes(table[n * _WIDTH:n * _WIDTH + 8 * n])
+    if sys.byteorder == "big":
+        masks.byteswap()
+    if not any(masks):
+        return refs
+    bases = _decode_columns(table[n * _WIDTH + 8 * n:], raws, pack_name, BASE_HASH)
+    return [r._replace(mask=m, base=b) if m else r for r, m, b in zip(refs, masks, bases)]
 
 
 def raw_lengths(size: int, block: int) -> list[int]:
@@ -139,8 +208,10 @@ class Writer:
 
     Keeps the pack id table (one id per pack: small) and totals; never the entries."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, fmt: int = 4):
+        if fmt not in (3, 4):
+            raise ValueError(f"cannot write manifest format {fmt}")
+        self.path, self.format = path, fmt
         self._body_path = path + ".entries"
         self._body = open(self._body_path, "wb")
         self._z = zstandard.ZstdCompressor(level=3).stream_writer(self._body, closefd=False)
@@ -158,9 +229,10 @@ class Writer:
 
     def add(self, e: FileEntry) -> None:
         meta = json.dumps(entry_meta(e), separators=(",", ":")).encode()
-        table = encode_table(e.chunks, self._number) if e.chunks else b""
+        table = encode_table(e.chunks, self._number, self.format) if e.chunks else b""
         self._z.write(_LEN.pack(4 + len(meta) + len(table)) + _LEN.pack(len(meta)) + meta + table)
         frames = {(c.pack, c.offset): c.length for c in e.chunks if c.pack is not None}
+        frames.update(((b.pack, b.offset), b.length) for c in e.chunks if (b := c.base) is not None and b.pack)
         self.referenced_bytes += sum(frames.values())
         self.entries += 1
 
@@ -170,7 +242,7 @@ class Writer:
         self._body.close()
         head = zstandard.ZstdCompressor(level=9).compress(json.dumps(header, separators=(",", ":")).encode())
         with open(self.path, "wb") as out, open(self._body_path, "rb") as body:
-            out.write(MAGIC3 + _LEN.pack(len(head)) + head)
+            out.write((MAGIC4 if self.format == 4 else MAGIC3) + _LEN.pack(len(head)) + head)
             while block := body.read(1 << 20):
                 out.write(block)
         os.unlink(self._body_path)
@@ -197,7 +269,7 @@ def read_header(f: BinaryIO) -> tuple[int, dict[str, Any], int]:
     Formats 1 and 2: the whole document, entries included."""
     magic = f.read(len(MAGIC3))
     dz = zstandard.ZstdDecompressor()
-    if magic not in (MAGIC2, MAGIC3):  # format 1: one zstd-compressed JSON document
+    if magic not in (MAGIC2, MAGIC3, MAGIC4):  # format 1: one zstd-compressed JSON document
         f.seek(0)
         with dz.stream_reader(f, read_across_frames=True) as r:
             return 1, json.loads(r.read()), -1
@@ -210,7 +282,7 @@ def read_header(f: BinaryIO) -> tuple[int, dict[str, Any], int]:
         table = dz.decompressobj().decompress(f.read())
         doc["files"] = old_files_from_table(doc, table)
         return 2, doc, -1
-    return 3, doc, len(MAGIC3) + 4 + n
+    return MAGICS[magic], doc, len(MAGIC3) + 4 + n
 
 
 def old_files_from_table(doc: dict[str, Any], table: bytes) -> list[FileEntry]:
@@ -253,8 +325,9 @@ def _read_exact(r: Any, n: int) -> bytes:
     return b"".join(parts)
 
 
-def read_entries(path: str, offset: int, packs: list[str], count: int, what: str) -> Iterator[FileEntry]:
-    """Every entry of a format-3 manifest stored at path (entry stream at offset), one at a time,
+def read_entries(path: str, offset: int, packs: list[str], count: int, what: str, fmt: int = 3
+                 ) -> Iterator[FileEntry]:
+    """Every entry of a format-3 or 4 manifest stored at path (entry stream at offset), one at a time,
     each checked by :func:`check_entry`; ``count`` of them. Raises ValidationError when the
     stream is damaged or ends early."""
     names: dict[int, str | None] = dict(enumerate(packs))
@@ -287,7 +360,7 @@ def read_entries(path: str, offset: int, packs: list[str], count: int, what: str
                     e = entry_from_meta(d)
                     if e.type == FILE and e.size:
                         e = e.with_chunks(tuple(decode_table(memoryview(rec)[4 + m:],
-                                                             raw_lengths(e.size, e.block), pack_name)))
+                                                             raw_lengths(e.size, e.block), pack_name, fmt)))
                     elif len(rec) != 4 + m:
                         raise ValueError(f"entry {e.path} carries a block table it cannot have")
                     yield check_entry(e, what)

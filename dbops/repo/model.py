@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
+PAGE = 8192  # PostgreSQL's page: the unit of a page delta
 
 
 class ChunkRef(NamedTuple):
@@ -19,10 +20,19 @@ class ChunkRef(NamedTuple):
     raw: int  # the block's length
     at: int = 0  # the block's offset in the decompressed frame
     frame_raw: int = 0  # the frame's uncompressed length
+    # A page delta (format 4): the frame holds only the pages set in ``mask`` (bit i: the block's
+    # page i), concatenated; ``hash`` is their sha256; the other pages are ``base``'s, a full block.
+    mask: int = 0
+    base: ChunkRef | None = None
 
     @property
     def is_zero(self) -> bool:
         return self.pack is None
+
+    @property
+    def stored_raw(self) -> int:
+        """The bytes this ref's frame holds for it: the block, or a delta's changed pages."""
+        return self.mask.bit_count() * PAGE if self.mask else self.raw
 
     @property
     def compressed(self) -> bool:

@@ -43,6 +43,7 @@ class Run:
     file_no: int
     offset: int  # in the file
     refs: list[ChunkRef]
+    mask: int = 0  # a page delta's pages: its content goes to those pages of the block at offset
 
     @property
     def at(self) -> int:
@@ -94,6 +95,12 @@ def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[Range]:
         for n, c in enumerate(f.chunks):
             pack = c.pack
             if pack is None:
+                run = None
+            elif c.mask:  # a page delta: its pages, checked against their sha256, scattered by one run
+                fr = frames.get((pack, c.offset))
+                if fr is None:
+                    fr = frames[(pack, c.offset)] = Frame(c)
+                fr.runs.append(Run(i, n * cs, [c._replace(raw=c.stored_raw, mask=0, base=None)], c.mask))
                 run = None
             elif run is not None and c.offset == run_offset and c.at == run_end and pack == run_pack:
                 run.refs.append(c)
@@ -234,8 +241,8 @@ def frame_chunks(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview) 
             yield run, None, why
             continue
         why = ""
-        for c in run.refs:
-            if sha256(raw[c.at:c.at + c.raw]) != c.hash:
+        for c in run.refs:  # a delta's base carries the first 128 bits of its sha256
+            if len(c.hash) < 32 or sha256(raw[c.at:c.at + c.raw])[:len(c.hash)] != c.hash:
                 why = (f"chunk at offset {c.at} of the frame at offset {r.offset} fails its sha256 check "
                        f"(expected {c.hash[:16]}...)")
                 break
@@ -261,13 +268,39 @@ def open_frame(decoder: codec.Decoder, r: ChunkRef, stored: bytes | memoryview) 
     return memoryview(raw), ""
 
 
-def batches(manifest: Manifest) -> Iterator[list[FileEntry]]:
-    """The backup's files with stored content, a bounded number of blocks at a time, in order."""
-    batch: list[FileEntry] = []
+View = Callable[[FileEntry], "FileEntry | None"]
+
+
+def base_view(f: FileEntry) -> FileEntry:
+    """The file as its whole blocks: each page delta replaced by its base block (restore phase 1)."""
+    if not any(c.mask for c in f.chunks):
+        return f
+    return f.with_chunks(tuple(c.base if c.mask and c.base is not None else c for c in f.chunks))
+
+
+def delta_view(f: FileEntry) -> FileEntry | None:
+    """The file's page deltas only, every other block left out (restore phase 2, after phase 1
+    wrote their bases); None for a file without deltas."""
+    if not any(c.mask for c in f.chunks):
+        return None
+    return f.with_chunks(tuple(c if c.mask else ChunkRef("", None, 0, 0, c.raw) for c in f.chunks))
+
+
+def has_deltas(f: FileEntry) -> bool:
+    return any(c.mask for c in f.chunks)
+
+
+def view_batches(manifest: Manifest, view: View | None = None) -> Iterator[list[tuple[FileEntry, FileEntry]]]:
+    """(entry, entry as ``view`` shows it) for the backup's files with stored content, a bounded
+    number of blocks at a time, in order; files the view maps to None are left out."""
+    batch: list[tuple[FileEntry, FileEntry]] = []
     n = 0
     for f in manifest.entries():
         if f.type == FILE and f.chunks:
-            batch.append(f)
+            v = view(f) if view is not None else f
+            if v is None:
+                continue
+            batch.append((f, v))
             n += len(f.chunks)
             if n >= BATCH_BLOCKS:
                 yield batch
@@ -276,11 +309,20 @@ def batches(manifest: Manifest) -> Iterator[list[FileEntry]]:
         yield batch
 
 
+def batches(manifest: Manifest, view: View | None = None) -> Iterator[list[FileEntry]]:
+    """The backup's files with stored content (as ``view`` shows them), a bounded number of blocks
+    at a time, in order."""
+    for batch in view_batches(manifest, view):
+        yield [v for _, v in batch]
+
+
 def planned(manifest: Manifest) -> Iterator[tuple[list[FileEntry], Range]]:
-    """(the batch's files, one ranged read) for every range the backup needs, batch by batch."""
-    for files in batches(manifest):
-        for rng in plan_ranges(manifest, files):
-            yield files, rng
+    """(the batch's files, one ranged read) for every range the backup needs, batch by batch:
+    every whole block (page deltas' bases included), then every page delta."""
+    for view in (base_view, delta_view):
+        for files in batches(manifest, view):
+            for rng in plan_ranges(manifest, files):
+                yield files, rng
 
 
 class Completion:
@@ -289,32 +331,49 @@ class Completion:
     per file with stored content, as soon as its last range is written (a file whose blocks are all
     zeros: when its batch is planned); from the planning thread or from a worker (serialised)."""
 
-    def __init__(self, on_complete: Callable[[FileEntry], None]):
-        self.on_complete = on_complete
+    def __init__(self, on_complete: Callable[[FileEntry], None],
+                 on_deferred: Callable[[FileEntry], None] | None = None):
+        self.on_complete, self.on_deferred = on_complete, on_deferred
         self.lock = threading.Lock()
 
-    def planned(self, manifest: Manifest) -> Iterator[tuple[list[FileEntry], Range, list[int]]]:
-        """(the batch's files, one ranged read, the batch's counts) for every range, batch by batch."""
-        for files in batches(manifest):
+    def planned(self, manifest: Manifest, view: View | None = None, defer: Callable[[FileEntry], bool] | None = None
+                ) -> Iterator[tuple[list[FileEntry], Range, list[int]]]:
+        """(the batch's files as ``view`` shows them, one ranged read, the batch's counts) for every
+        range, batch by batch. A file for which ``defer(entry)`` is true is not completed here (a
+        later pass writes more into it): its last range goes to ``on_deferred`` instead."""
+        for pairs in view_batches(manifest, view):
+            files = [v for _, v in pairs]
             ranges = plan_ranges(manifest, files)
-            left = [0] * len(files)
+            left = _Counts([0] * len(files))
             for rng in ranges:
                 for i in rng.files():
                     left[i] += 1
+            if defer is not None:
+                left.deferred = frozenset(i for i, (f, _) in enumerate(pairs) if defer(f))
             with self.lock:
                 for i, n in enumerate(left):
-                    if n == 0:
+                    if n == 0 and i not in left.deferred:
                         self.on_complete(files[i])
             for rng in ranges:
                 yield files, rng, left
 
     def written(self, files: list[FileEntry], rng: Range, left: list[int]) -> None:
-        """The range is written: every file it completes goes to ``on_complete``."""
+        """The range is written: every file it completes goes to ``on_complete`` (or ``on_deferred``)."""
+        deferred = getattr(left, "deferred", frozenset())
         with self.lock:
             for i in rng.files():
                 left[i] -= 1
                 if left[i] == 0:
-                    self.on_complete(files[i])
+                    if i not in deferred:
+                        self.on_complete(files[i])
+                    elif self.on_deferred is not None:
+                        self.on_deferred(files[i])
+
+
+class _Counts(list):
+    """A batch's ranges still to write per file, and the files a later pass completes."""
+
+    deferred: frozenset[int] = frozenset()
 
 
 def run_bounded(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, limit: int) -> None:

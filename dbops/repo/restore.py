@@ -7,7 +7,10 @@ frames being checked held against a fixed byte budget (``IN_FLIGHT_BYTES``: memo
 with the database or its ranges), every block checked against its sha256 and written with ``pwrite``. All-zero blocks are never fetched: files are created at full size
 (sparse) and those blocks stay holes. A file is finished (fsynced, mode, owner, time) as soon as its
 last range is written, by its own pool, while later ranges still download: the flush to disk
-overlaps the download instead of following it. Verification: :mod:`dbops.repo.verify`.
+overlaps the download instead of following it. Content comes in two passes: every whole block
+(a page delta's base block included), then, when the backup has page deltas, their pages,
+checked against their sha256 and written over those blocks; a file with deltas is finished
+after the second pass. Verification: :mod:`dbops.repo.verify`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
-from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Completion, Range, frame_chunks, frames_read, open_range,
-                               run_bounded)
+from dbops.repo.blocks import PAGE, pages_of
+from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Completion, Range, base_view, delta_view, frame_chunks,
+                               frames_read, has_deltas, open_range, run_bounded)
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
 from dbops.errors import DamagedObjectError, NotFoundError, PreconditionError, ValidationError
@@ -162,7 +166,10 @@ def restore_snapshot(
 
     finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
     finishing: list[Future] = []
-    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)))
+    # A file with page deltas gets its pages in the second pass; its whole blocks are flushed to
+    # disk as soon as the first pass is done with it, so the final fsync has little left to write.
+    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)),
+                            (lambda f: finishing.append(finisher.submit(flush_file, target, f))) if durable else None)
 
     def fetch(item: tuple[list[FileEntry], Range, list[int]]) -> None:
         files, rng, left = item
@@ -174,14 +181,25 @@ def restore_snapshot(
             stats.chunks += sum(fr.chunks() for fr in rng.frames)
             stats.requests += 1
             done[0] += written
-            if progress:
-                progress(done[0], stats.logical_bytes)
+            if progress:  # page deltas write some blocks twice
+                progress(min(done[0], stats.logical_bytes), stats.logical_bytes)
 
     t_fetch = time.monotonic()
     workers = max(1, parallel)
+    deltas = [False]
+
+    def defer(f: FileEntry) -> bool:  # a file with page deltas is finished by the second pass
+        if has_deltas(f):
+            deltas[0] = True
+            return True
+        return False
+
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-restore") as pool:
-            run_bounded(pool, fetch, completion.planned(manifest), 2 * workers)
+            # Whole blocks first (page deltas' bases included), then the deltas' pages over them.
+            run_bounded(pool, fetch, completion.planned(manifest, base_view, defer), 2 * workers)
+            if deltas[0]:
+                run_bounded(pool, fetch, completion.planned(manifest, delta_view), 2 * workers)
         for fut in finishing:
             fut.result()
     finally:
@@ -235,7 +253,11 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                     fd = fds.get(run.file_no)
                     if fd is None:
                         fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
-                    os.pwrite(fd, raw, run.offset)
+                    if run.mask:  # a page delta: its pages over the base block written before
+                        for k, page in enumerate(pages_of(run.mask)):
+                            os.pwrite(fd, raw[k * PAGE:(k + 1) * PAGE], run.offset + page * PAGE)
+                    else:
+                        os.pwrite(fd, raw, run.offset)
                     written += len(raw)
                     if flusher:
                         flusher.wrote(fd, run.offset, len(raw))
@@ -320,6 +342,15 @@ def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] 
     """finish_file for each (in parallel)."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         run_bounded(pool, lambda f: finish_file(target, f, ids, durable), files, 4 * max(1, parallel))
+
+
+def flush_file(target: Path, f: FileEntry) -> None:
+    """Write a restored file's data to disk (fdatasync) ahead of its finish."""
+    fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True) -> None:

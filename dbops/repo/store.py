@@ -8,7 +8,8 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
   is compared with block i of the same file in the parent, never looked up in a dictionary);
 * ``parallel`` workers take a unit each and read it block by block. A block of a relation's
   main fork whose pages are all no newer than ``unchanged_lsn`` keeps the parent's reference
-  unread beyond its page headers (see :mod:`dbops.repo.blocks`); every other block is hashed:
+  unread beyond its page headers (see :mod:`dbops.repo.blocks`); one with a few newer pages
+  (in an incremental) is stored as a page delta on the parent's block; every other block is hashed:
   all-zero blocks are not stored, a block equal to the parent's is referenced where it is,
   new blocks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new blocks, in
   file order) and each frame is compressed as one zstd frame into one of ``parallel`` open
@@ -68,6 +69,10 @@ class _Unit:
     main_fork: bool
 
 
+# A new frame member: (its place in the unit's refs, sha256, bytes, delta mask or 0, delta base or None).
+_New = tuple[int, str, "bytes | memoryview", int, "ChunkRef | None"]
+
+
 class Changed(Exception):
     """A file changed or vanished while a live folder was read (see ``live``)."""
 
@@ -80,14 +85,15 @@ class _Snapshot:
     def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, encoder: codec.Encoder,
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
                  unchanged_lsn: int | None, tmp_dir: str, live: bool = False,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, deltas: bool = False):
         self.store, self.layout, self.backup_id = store, layout, backup_id
+        self.deltas = deltas and unchanged_lsn is not None
         self.encoder, self.pack_size, self.tmp_dir = encoder, pack_size, tmp_dir
         self.unchanged_lsn, self.live, self.cancel = unchanged_lsn, live, cancel
         self.lock = threading.Lock()
         self.local = threading.local()
         self.up = Uploader(store, layout, backup_id, tmp_dir=tmp_dir, workers=workers, uploads=uploads)
-        self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "hashed_bytes": 0}
+        self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "delta": 0, "hashed_bytes": 0}
         self.progress, self.total, self.done = progress, total, 0
 
     # ------------------------------------------------------------------ blocks
@@ -125,7 +131,7 @@ class _Snapshot:
                             f"{unit.path} changed while it was read (expected {want} bytes at offset {pos})",
                             hint="a snapshot needs a stopped data folder",
                         )
-                    run: list[tuple[int, str, memoryview]] = []  # new blocks for the next frame
+                    run: list[_New] = []  # new blocks for the next frame
                     run_bytes = 0
                     for off in range(0, want, bs):
                         block = mv[off:off + bs]
@@ -133,11 +139,24 @@ class _Snapshot:
                         pref = parent[i] if i < len(parent) else None
                         if pref is not None and pref.raw != len(block):
                             pref = None
-                        if (lsn is not None and pref is not None and pref.pack is not None
-                                and blocks.pages_not_newer(block, lsn)):
-                            refs.append(pref)
-                            c["lsn_reused"] += 1
-                            continue
+                        if lsn is not None and pref is not None and pref.pack is not None:
+                            mask = blocks.changed_mask(block, lsn)
+                            if mask == 0:
+                                refs.append(pref)
+                                c["lsn_reused"] += 1
+                                continue
+                            if self.deltas and mask > 0:
+                                delta = blocks.delta_of(block, mask, pref)
+                                if delta is not None:
+                                    payload, dmask, base = delta
+                                    c["hashed_bytes"] += len(payload)
+                                    run.append((len(refs), sha256(payload), payload, dmask, base))
+                                    refs.append(None)
+                                    run_bytes += len(payload)
+                                    if run_bytes >= FRAME_BYTES:
+                                        pack = self.put_frame(pack, run, refs)
+                                        run, run_bytes = [], 0
+                                    continue
                         h = sha256(block)
                         c["hashed_bytes"] += len(block)
                         if h == codec.zero_hash(len(block)):
@@ -147,7 +166,7 @@ class _Snapshot:
                             refs.append(pref)
                             c["reused"] += 1
                         else:
-                            run.append((len(refs), h, block))
+                            run.append((len(refs), h, block, 0, None))
                             refs.append(None)
                             run_bytes += len(block)
                             if run_bytes >= FRAME_BYTES:
@@ -165,17 +184,21 @@ class _Snapshot:
                 self.progress(self.done, self.total)
         return refs  # type: ignore[return-value]  # every None was filled by put_frame
 
-    def put_frame(self, pack: Pack, run: list[tuple[int, str, memoryview]], refs: list[ChunkRef | None]) -> Pack:
-        """Compress a run of new blocks as one frame into the pack; returns the pack to go on with."""
-        raw = b"".join(b for _, _, b in run)
+    def put_frame(self, pack: Pack, run: list[_New], refs: list[ChunkRef | None]) -> Pack:
+        """Compress a run of new blocks (and page deltas) as one frame into the pack; returns the
+        pack to go on with."""
+        raw = b"".join(b for _, _, b, _, _ in run)
         stored = self.encoder.encode(raw)
-        offset = pack.append(stored, len(raw), [h for _, h, _ in run])
+        offset = pack.append(stored, len(raw), [h for _, h, _, _, _ in run])
         at = 0
-        for i, h, b in run:
-            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), len(b), at, len(raw))
+        for i, h, b, mask, base in run:
+            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw if base else len(b), at, len(raw),
+                               mask, base)
             at += len(b)
+        deltas = sum(1 for r in run if r[3])
         with self.lock:
-            self.c["new"] += len(run)
+            self.c["new"] += len(run) - deltas
+            self.c["delta"] += deltas
         if pack.size >= self.pack_size:
             self.up.seal(pack)
             return Pack(self.tmp_dir)
@@ -317,7 +340,7 @@ def store_snapshot(
     snap = _Snapshot(store, layout, backup_id, encoder=codec.Encoder(compression.algorithm, compression.level),
                      pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
                      total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool,
-                     live=live, cancel=cancel)
+                     live=live, cancel=cancel, deltas=bool(parent_manifests))
     fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
     os.close(fd)
     writer = mformat.Writer(mpath)
@@ -342,7 +365,8 @@ def store_snapshot(
             logical_size=total,
             stored_bytes=snap.up.stored_bytes + (reuse.stored_bytes if reuse else 0),
             counts={"files": sum(1 for e in entries if e.type == FILE),
-                    "chunks": c["new"] + c["reused"] + c["lsn_reused"] + c["zero"], "new_chunks": c["new"],
+                    "chunks": c["new"] + c["delta"] + c["reused"] + c["lsn_reused"] + c["zero"],
+                    "new_chunks": c["new"], "delta_chunks": c["delta"],
                     "reused_chunks": c["reused"] + c["lsn_reused"], "lsn_reused_chunks": c["lsn_reused"],
                     "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"],
                     "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),

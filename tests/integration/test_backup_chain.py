@@ -52,6 +52,21 @@ def backup(cli, lab, *extra):
     return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
 
 
+def make_wide(node) -> str:
+    """A 1.9 MB table of frozen rows (about 34 a page, so its file is stored in 32 KiB blocks of
+    4 pages) that only the test changes; returns its file's path in the data folder."""
+    sql(node, "CREATE TABLE wide (id int, pad text) WITH (fillfactor = 100, autovacuum_enabled = off)")
+    sql(node, "INSERT INTO wide SELECT g, repeat('w', 200) FROM generate_series(1, 8000) g")
+    sql(node, "VACUUM (FREEZE) wide")
+    sql(node, "CHECKPOINT")
+    return sql(node, "SELECT pg_relation_filepath('wide')")[0][0]
+
+
+def blocks_of(lab, backup_id: str, path: str) -> tuple:
+    store, layout = store_of(lab)
+    return next(e for e in mf.load(store, layout, backup_id).entries() if e.path == path).chunks
+
+
 def assert_backup_holds(lab, backup_id: str, sql_true: str) -> None:
     """Restore the backup on its own, start it, and check an assertion about its data."""
     cfg = lab.config
@@ -64,12 +79,14 @@ def assert_backup_holds(lab, backup_id: str, sql_true: str) -> None:
 def test_three_chained_runs_validate_each_previous(make_lab, cli):
     lab = make_lab(replicas=0)
     pgbench(lab, "-i", "-s", "1", "-q")
+    wide = make_wide(lab.primary)
     mark(lab.primary, 1)
     r1, b1 = backup(cli, lab)
     assert r1.exit_code == 0, r1
     assert b1["kind"] == "full" and b1["validated"] is None
 
     pgbench(lab, "-c", "2", "-t", "200", "-n")
+    sql(lab.primary, "UPDATE wide SET pad = 'changed 1' WHERE id = 1")  # page 0
     mark(lab.primary, 2)
     r2, b2 = backup(cli, lab)
     assert r2.exit_code == 0, r2
@@ -80,10 +97,18 @@ def test_three_chained_runs_validate_each_previous(make_lab, cli):
     assert b2["validated"]["timings"]["start"] > 0 and b2["validated"]["timings"]["replay"] >= 0
 
     pgbench(lab, "-c", "2", "-t", "10", "-n")
+    sql(lab.primary, "UPDATE wide SET pad = 'changed 40' WHERE id = 40")  # page 1
     mark(lab.primary, 3)
     r3, b3 = backup(cli, lab)
     assert r3.exit_code == 0, r3
     assert b3["validated"]["backup_id"] == b2["backup_id"]
+    # Page deltas: b2 stores page 0 of wide's first block on b1's block; b3 (validated b2, so b2's
+    # deltas were restored) stores pages 0 and 1 on that same base: depth one, the masks' union.
+    assert b2["counts"]["delta_chunks"] > 0 and b3["counts"]["delta_chunks"] > 0
+    w1, w2, w3 = (blocks_of(lab, b["backup_id"], wide) for b in (b1, b2, b3))
+    assert w1[0].mask == 0 and w2[0].mask == 0b01 and w3[0].mask == 0b11
+    assert w2[0].base == w3[0].base == w1[0]._replace(hash=w1[0].hash[:32])  # a base keeps 128 bits of sha256
+    assert w3[1:4] == w1[1:4]  # untouched blocks: b1's refs, taken unread
     # Incremental: after a few transactions the third stores far less than the whole database,
     # and most of its chunks are the second's.
     assert b3["stored_bytes"] < b1["stored_bytes"] / 2
@@ -103,13 +128,27 @@ def test_three_chained_runs_validate_each_previous(make_lab, cli):
     # Each backup restored on its own holds exactly the data written before it.
     assert_backup_holds(lab, b1["backup_id"], "SELECT count(*) = 10 AND max(batch) = 1 FROM marks")
     assert_backup_holds(lab, b2["backup_id"], "SELECT count(*) = 20 AND max(batch) = 2 FROM marks")
-    assert_backup_holds(lab, b3["backup_id"], "SELECT count(*) = 30 AND max(batch) = 3 FROM marks")
+    assert_backup_holds(lab, b3["backup_id"], "SELECT (SELECT count(*) = 30 AND max(batch) = 3 FROM marks) AND "
+                        "(SELECT string_agg(pad, ',' ORDER BY id) FROM wide WHERE id IN (1, 40)) = "
+                        "'changed 1,changed 40' AND (SELECT count(*) = 8000 FROM wide)")
     with pytest.raises(ValidationError):
         assert_backup_holds(lab, b1["backup_id"], "SELECT count(*) = 20 FROM marks")
 
     r = cli(["-c", lab.config_path, "backup", "show", b2["backup_id"], "--json"])
     shown = json.loads(r.stdout)
     assert shown["parent_id"] == b1["backup_id"] and shown["status"] == "validated"
+
+    # A damaged delta frame (b3's pack) and a damaged base frame (b1's pack) are both found and named.
+    for ref in (w3[0], w3[0].base):
+        key = layout.pack(ref.pack)
+        good = store.get(key)
+        bad = bytearray(good)
+        bad[ref.offset + ref.length // 2] ^= 0xFF
+        store.put(key, bytes(bad))
+        r = cli(["-c", lab.config_path, "verify", b3["backup_id"]])
+        store.put(key, good)
+        assert r.exit_code == 7 and key in r.stdout, r
+    assert cli(["-c", lab.config_path, "verify", b3["backup_id"]]).exit_code == 0
 
 
 def test_corrupted_pack_fails_validation_then_heals(make_lab, cli):
@@ -198,9 +237,12 @@ def test_concurrent_runs_and_sigkill(make_lab, cli, dbops_bin):
 
 def test_prune_keeps_what_kept_backups_need(make_lab, cli, tmp_path):
     lab = make_lab(replicas=0)
+    wide = make_wide(lab.primary)
     ids = []
     for i in range(4):
         mark(lab.primary, i, rows=500)
+        if i in (1, 2):  # pages 0, then 1 of wide's first block: the third backup's delta is on the first's block
+            sql(lab.primary, f"UPDATE wide SET pad = 'changed' WHERE id = {1 if i == 1 else 40}")
         r, b = backup(cli, lab)
         assert r.exit_code == 0, r
         ids.append(b["backup_id"])
@@ -208,6 +250,10 @@ def test_prune_keeps_what_kept_backups_need(make_lab, cli, tmp_path):
     cfg_path.write_text(Path(lab.config_path).read_text().replace("keep_last: 7", "keep_last: 2"))
     store, layout = store_of(lab)
     wal_before = {o.key for o in store.list(layout.wal_prefix())}
+    delta = blocks_of(lab, ids[2], wide)[0]
+    first = blocks_of(lab, ids[0], wide)[0]
+    assert delta.mask == 0b11 and delta.base == first._replace(hash=first.hash[:32])
+    assert store.head(layout.pack(delta.base.pack)).metadata.get("backup-id") == ids[0]
 
     r = cli(["-c", str(cfg_path), "backup", "prune", "--json"])
     preview = json.loads(r.stdout)
@@ -222,6 +268,8 @@ def test_prune_keeps_what_kept_backups_need(make_lab, cli, tmp_path):
     assert [x["backup_id"] for x in rows] == ids[2:]
     wal_after = {o.key for o in store.list(layout.wal_prefix())}
     assert wal_after < wal_before
+    # The pruned full backup's pack holding the base of a kept backup's page delta stays.
+    assert store.head(layout.pack(delta.base.pack)) is not None
     # What remains restores and starts, with the data it had; and the chain goes on.
     r = cli(["-c", str(cfg_path), "verify", "--all", "--restore"])
     assert r.exit_code == 0, r

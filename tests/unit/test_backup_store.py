@@ -427,12 +427,12 @@ def _format_2_bytes(m) -> bytes:
         for c in f.chunks:
             numbers.setdefault(c.pack, len(numbers) - 1)
     doc["packs"] = [p for p in numbers if p is not None]
-    table = mformat.encode_table([c for f in files for c in f.chunks], numbers.__getitem__)
+    table = mformat.encode_table([c for f in files for c in f.chunks], numbers.__getitem__, 3)
     head = zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
     return mf.MAGIC + struct.pack("<I", len(head)) + head + zstandard.ZstdCompressor().compress(table)
 
 
-def test_format_2_backup_restores_and_a_format_3_backup_continues_its_chain(env, tmp_path):
+def test_format_2_backup_restores_and_a_current_format_backup_continues_its_chain(env, tmp_path):
     store, layout, d = env
     (d / "base/5/big").write_bytes(pages(15, 200))  # 1.6 MiB: its block size changes with format 3
     m = snapshot(store, layout, d, "b1")
@@ -453,7 +453,7 @@ def test_format_2_backup_restores_and_a_format_3_backup_continues_its_chain(env,
     assert (tmp_path / "r1/base/1/1259").read_bytes() == (d / "base/1/1259").read_bytes()
     # The next backup (format 3) reuses the old backup's blocks where the block size is the same.
     m2 = snapshot(store, layout, d, "b2", parents=[loaded])
-    assert m2.format == 3 and mf.load(store, layout, "b2").format == 3
+    assert m2.format == mf.FORMAT_VERSION and mf.load(store, layout, "b2").format == mf.FORMAT_VERSION
     reused = next(f for f in m2.files if f.path == "base/1/1259").chunks
     assert reused == next(f for f in loaded.files if f.path == "base/1/1259").chunks
     restore_snapshot(store, layout, mf.load(store, layout, "b2"), str(tmp_path / "r2"), parallel=2)
@@ -486,7 +486,10 @@ def test_page_lsn_rule_reuses_old_main_fork_blocks_without_hashing(env, tmp_path
     assert fast.counts["lsn_reused_chunks"] == blocks_in_rel - 1  # every block but the one with new pages
     assert full.counts["lsn_reused_chunks"] == 0
     assert fast.counts["hashed_bytes"] < full.counts["hashed_bytes"] - 60 * 32 * 1024
-    assert fast.counts["new_chunks"] == full.counts["new_chunks"]
+    # the changed block (2 of its 4 pages new) is stored as a page delta on the parent's block
+    assert fast.counts["delta_chunks"] == 1 and full.counts["delta_chunks"] == 0
+    assert fast.counts["new_chunks"] + 1 == full.counts["new_chunks"]
+    assert fast.stored_bytes < full.stored_bytes
     for m in (fast, full):
         restore_snapshot(store, layout, m, str(tmp_path / m.backup_id), parallel=2)
     assert tree(tmp_path / "b2") == tree(tmp_path / "b3")

@@ -1,5 +1,7 @@
 """`dbops restore --delta`: bring an existing data folder to a backup's content, fetching only
 the chunks whose hash differs.
+A page delta (format 4) has no hash of its whole block: it is always fetched (its base block,
+then its pages).
 
 Every chunk of every file the backup lists is read locally and hashed (in parallel); a chunk
 that matches stays, one that differs or is missing is fetched (coalesced ranged GETs, verified
@@ -26,7 +28,7 @@ from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
-from dbops.repo.ranges import Range, batches, plan_ranges
+from dbops.repo.ranges import Range, base_view, batches, delta_view, plan_ranges
 from dbops.repo.restore import (as_restored, finish_files, finish_tree, make_links, mark_wal_archived, reset_unlogged,
                                 write_range)
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
@@ -67,6 +69,9 @@ def _compare(target: Path, f: FileEntry) -> tuple[FileEntry, int, int]:
         if os.fstat(fd).st_size != f.size:
             os.ftruncate(fd, f.size)
         for n, c in enumerate(f.chunks):
+            if c.mask:  # a page delta: no hash of the whole block to compare with; always fetched
+                chunks.append(c)
+                continue
             block = os.pread(fd, c.raw, n * f.block)
             if c.is_zero:
                 if block.count(0) != len(block):
@@ -155,6 +160,8 @@ def _fetch_into(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
             totals[1] += 1
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-delta-fetch") as pool:
-        for _ in pool.map(fetch, plan_ranges(manifest, files)):
-            pass
+        # whole blocks (page deltas' bases included) first, then the deltas' pages over them
+        for phase in ([base_view(f) for f in files], [delta_view(f) or f.with_chunks(()) for f in files]):
+            for _ in pool.map(fetch, plan_ranges(manifest, phase)):
+                pass
     return totals[0], totals[1]
