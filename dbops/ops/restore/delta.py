@@ -1,13 +1,12 @@
 """`dbops restore --delta`: bring an existing data folder to a backup's content, fetching only
 the chunks whose hash differs.
-A page delta (format 4) has no hash of its whole block: it is always fetched (its base block,
-then its pages).
 
 Every chunk of every file the backup lists is read locally and hashed (in parallel); a chunk
 that matches stays, one that differs or is missing is fetched (coalesced ranged GETs, verified
 like a full restore), an all-zero chunk is zeroed when it is not. Files, folders and links the
 backup does not have are removed. Restoring a big primary in place then costs reading it once
-plus downloading what changed.
+plus downloading what changed. A page delta (manifest format 4) has no hash of its whole block:
+it is always fetched (its base block, then its pages over it).
 """
 
 from __future__ import annotations
