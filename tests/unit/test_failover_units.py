@@ -254,6 +254,36 @@ def test_container_argv():
     assert ctl.kill_argv("smart")[3] == "SIGTERM" and ctl.kill_argv("immediate")[3] == "SIGQUIT"
 
 
+class _SettlingContainer(ContainerController):
+    """The engine says stopped; the control file shows the shutdown only on a later read."""
+
+    def __init__(self, node, states):
+        super().__init__(node)
+        self.states, self.reads = list(states), 0
+
+    def stop(self, mode="fast", *, timeout=120.0):
+        pass
+
+    def controldata(self):
+        self.reads += 1
+        return ControlData({"Database cluster state": self.states.pop(0) if len(self.states) > 1 else self.states[0]})
+
+
+def test_container_fence_reads_the_control_file_again_until_it_shows_the_shutdown(monkeypatch):
+    import dbops.nodes.container as cmod
+
+    monkeypatch.setattr(cmod.time, "sleep", lambda s: None)
+    node = Node(name="pg1", controller="container", data_dir="/data", os_user="postgres",
+                container=ContainerNodeSettings(engine="podman", name="pg-1"))
+    ctl = _SettlingContainer(node, ["in archive recovery", "in archive recovery", "shut down in recovery"])
+    assert ctl.fence("fast", timeout=60).state == "shut down in recovery" and ctl.reads == 3
+    ctl = _SettlingContainer(node, ["in archive recovery"])  # an immediate stop never writes a shutdown
+    assert ctl.fence("immediate", timeout=60).state == "in archive recovery" and ctl.reads == 1
+    monkeypatch.setattr(cmod, "FENCE_SETTLE", 0.0)  # a crash: what the file says, once the wait is over
+    ctl = _SettlingContainer(node, ["in production"])
+    assert ctl.fence("fast", timeout=60).state == "in production"
+
+
 def test_container_rewind_helper_joins_the_node_network_with_its_environment():
     """pg_rewind's helper must reach the new primary (and S3 for --restore-target-wal): the node
     container's network and environment, never --network none; secrets as -e NAME only."""
