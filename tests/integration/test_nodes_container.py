@@ -54,7 +54,10 @@ def test_container_controller_operations(podman_standby):
     res = ctl.run(["sh", "-c", 'printf %s "$DBOPS_TEST_VALUE"'], env={"DBOPS_TEST_VALUE": "from the environment"})
     assert res.stdout == "from the environment"
     cd = ctl.fence("fast", timeout=60)
-    assert cd.state == "shut down in recovery" and not ctl.is_running()
+    if cd.state != "shut down in recovery":  # say why: the server's own log is in the container's
+        logs = proc.run(["podman", "logs", "--tail", "40", node.container.name], timeout=60, check=False)
+        pytest.fail(f"fence left {cd.state!r}; the server's last lines:\n{logs.stdout}{logs.stderr}")
+    assert not ctl.is_running()
     # while stopped: a helper container on the same volumes
     assert ctl.controldata().checkpoint_lsn == cd.checkpoint_lsn
     ctl.write_file("dbops-test.txt", "line\n'q' $x\n")
