@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import re
 
-from dbops.repo.model import ChunkRef
+from dbops.repo.model import PAGE, ChunkRef
 
-PAGE = 8192
 SMALL_FILE = 1 << 20
 MEDIUM_FILE = 16 << 20
 MEDIUM_BLOCK = 32 * 1024

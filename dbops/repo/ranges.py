@@ -273,7 +273,7 @@ View = Callable[[FileEntry], "FileEntry | None"]
 
 def base_view(f: FileEntry) -> FileEntry:
     """The file as its whole blocks: each page delta replaced by its base block (restore phase 1)."""
-    if not any(c.mask for c in f.chunks):
+    if not has_deltas(f):
         return f
     return f.with_chunks(tuple(c.base if c.mask and c.base is not None else c for c in f.chunks))
 
@@ -281,7 +281,7 @@ def base_view(f: FileEntry) -> FileEntry:
 def delta_view(f: FileEntry) -> FileEntry | None:
     """The file's page deltas only, every other block left out (restore phase 2, after phase 1
     wrote their bases); None for a file without deltas."""
-    if not any(c.mask for c in f.chunks):
+    if not has_deltas(f):
         return None
     return f.with_chunks(tuple(c if c.mask else ChunkRef("", None, 0, 0, c.raw) for c in f.chunks))
 
