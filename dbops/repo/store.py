@@ -294,6 +294,7 @@ def store_snapshot(
     save: bool = True,
     cancel: threading.Event | None = None,
     tablespaces: Mapping[Tablespace, str] | None = None,
+    before_manifest: Callable[[], None] | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -315,6 +316,8 @@ def store_snapshot(
     ``cancel``: set it to stop early (raises :class:`Cancelled`).
     ``tablespaces``: {tablespace: folder holding its contents}; every link in pg_tblspc must be
     one of them (see :func:`dbops.repo.walk.walk`). None: links are recorded without contents.
+    ``before_manifest``: called once every pack is stored, before the manifest is made (a check
+    still running on the folder waits there); what it raises ends the store with nothing listed.
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -349,6 +352,8 @@ def store_snapshot(
             _write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
             t_chunk = time.monotonic()
             snap.up.finish()
+            if before_manifest is not None:
+                before_manifest()
         except BaseException:
             snap.up.abort()
             writer.abort()

@@ -4,10 +4,10 @@ Every run proves the previous backup before it builds the next one:
 
 1. restore the newest usable backup from storage into a scratch folder, with every chunk
    checked against its hash;
-2. capture a target on the primary: ``CHECKPOINT``, the WAL insert LSN and the time,
-   then ``pg_switch_wal()`` so that the segment holding the target reaches the archive;
-3. fetch the WAL from the backup's redo point to the target out of the archive, verified,
-   into a folder that is mounted into a throwaway PostgreSQL;
+2. meanwhile, capture a target on the primary: ``CHECKPOINT``, the WAL insert LSN and the
+   time, then ``pg_switch_wal()`` so that the segment holding the target reaches the archive;
+3. then (still beside the download) fetch the WAL from the backup's redo point to the target
+   out of the archive, verified, into a folder that is mounted into a throwaway PostgreSQL;
 4. start PostgreSQL on the restored copy in that throwaway instance, recovering up to the
    target in hot standby. Reaching consistency and replaying to the target proves both the
    backup and the archive between the two;
@@ -15,8 +15,9 @@ Every run proves the previous backup before it builds the next one:
    (or pg_amcheck it), and run the user's SQL assertions;
 6. stop it at the target. The server shuts down in recovery, and that stopped folder is the
    new snapshot. Run ``pg_checksums --check`` on it;
-7. store only the chunks that changed, write the manifest last, and record the previous
-   backup as ``validated`` together with the measured time of each phase.
+7. store only the chunks that changed (while pg_checksums reads the same folder), write the
+   manifest last, once pg_checksums passed, and record the previous backup as ``validated``
+   together with the measured time of each phase.
 
 The first run, with nothing in the catalog, takes a base backup from the source and carries
 it through steps 2 to 7 in the same way, so even the first stored snapshot has been started
@@ -323,17 +324,20 @@ class BackupRun:
         prev_m = mf.load(self.store, self.layout, prev.backup_id)
         check_scratch_space(self.scratch_root, prev_m.logical_size, cfg.backup.scratch_limit,
                             owner=cfg.os_user)
-        # The target first, so the WAL up to it downloads while the backup does.
-        with phases("capture"):
-            target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
-                                    layout=self.layout)
+        # Captured on the primary while the previous backup downloads (the WAL up to it follows).
+        def capture() -> Target:
+            return capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
+                                  layout=self.layout)
+
         with prove(cfg, self.store, self.layout, prev_m, phases, run_id=self.run_id, name=f"backup-{self.run_id}",
-                   target=target, byte_progress=self.byte_progress) as proof:
-            val = proof.validation
+                   target=capture, byte_progress=self.byte_progress, background_checksums=True) as proof:
+            val, target = proof.validation, proof.target
             try:  # after a failover the new primary may keep a tablespace elsewhere: record where
                 proof.tablespaces.current = {t.oid: t for t in tbs.query(primary)}
             except PostgresError:  # gone since the run began: the locations already recorded stay
                 pass
+            # pg_checksums reads the copy while it is stored: the manifest waits for it to pass, a failure
+            # stops the store (its packs, in no manifest, are orphans that retention removes).
             manifest = self._store(proof.data, target, val, phases, parents=(prev_m,), parent_id=prev.backup_id,
                                    kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn,
                                    tablespaces=proof.tablespaces.snapshot(proof.data, val.tablespace_names))
@@ -370,20 +374,21 @@ class BackupRun:
         # Consistent at the captured target: everything before it is in the snapshot, and the
         # segment holding it is archived (the replay went on to the end of the switch record).
         pg = pgstate.read(str(data), consistent_lsn=target.lsn, consistent_time=target.time)
-        with phases("store"):
+        checking = val.checksums  # still running: the store stops when it fails, the manifest waits for it
+        with phases("store"), val.verdict_first():
             if val.relation_map is not None:  # before the manifest: a listed backup has its map
                 relmap_store.save(self.store, self.layout, backup_id, val.relation_map)
             manifest = store_snapshot(
                 self.store, self.layout, str(data), backup_id=backup_id, parent_manifests=parents,
                 compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,
-                parallel=cfg.backup.parallel, pg=pg, parent_id=parent_id, timings=dict(phases.t),
+                parallel=cfg.backup.parallel, pg=pg, parent_id=parent_id, timings=phases.t,
                 unchanged_lsn=unchanged_lsn if (parents or reuse) else None, tmp_dir=str(data.parent), reuse=reuse,
                 progress=self.byte_progress,
                 meta={"kind": kind, "run_id": self.run_id, "target_lsn": format_lsn(target.lsn),
                       "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
                       "host": socket.gethostname(), "dbops_version": __version__, "checks": val.checks},
-                tablespaces=tablespaces,
+                tablespaces=tablespaces, cancel=checking.failed if checking else None, before_manifest=val.settle,
             )
         log.event(_log, logging.INFO, "backup stored", backup=backup_id, kind=kind,
                   stored_bytes=manifest.stored_bytes, logical_size=manifest.logical_size)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,6 +52,52 @@ class Validation:
     last_commit_time: float | None = None
     relation_map: dict[str, Any] | None = None  # read at the target; stored with the backup taken there
     tablespace_names: dict[int, str] = field(default_factory=dict)  # OID -> name, read at the target
+    checksums: Checksums | None = None  # pg_checksums still running (see recover_to_target's ``stack``)
+
+    def settle(self) -> None:
+        """Wait for a pg_checksums still running; ok once it passed (raises ValidationError if not)."""
+        if self.checksums is not None:
+            self.checksums.wait()
+        self.ok = True
+
+    @contextmanager
+    def verdict_first(self) -> Iterator[None]:
+        """Around work on the copy while pg_checksums still runs (the store): when that work fails,
+        the check's verdict comes first (its failure stopped the store, and it is the backup's fault)."""
+        try:
+            yield
+        except Exception:
+            if self.checksums is not None:
+                self.checksums.wait()  # raises the check's ValidationError
+            raise
+
+
+class Checksums:
+    """``pg_checksums --check`` over the stopped copy in a worker thread, while the caller reads the
+    copy (to store it). ``failed`` is set as soon as it fails; ``wait()`` raises its error."""
+
+    def __init__(self, check: Callable[[], None], timings: dict[str, float]) -> None:
+        self.failed = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-checksums")
+        t0 = time.monotonic()
+
+        def run() -> None:
+            try:
+                check()
+            except BaseException:
+                self.failed.set()
+                raise
+            finally:
+                timings["checksums"] = round(time.monotonic() - t0, 3)
+
+        self._job: Future = self._pool.submit(run)
+
+    def wait(self) -> None:
+        self._job.result()
+
+    def close(self) -> None:
+        """Wait for it to end (the instance and the copy it reads go after this); its error is wait()'s."""
+        self._pool.shutdown(wait=True)
 
 
 def restore_seconds(t: dict[str, float]) -> float:
@@ -187,9 +234,15 @@ def read_relation_map(inst) -> dict[str, Any] | None:
 
 
 def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
-                      name: str, tablespaces: tbs.ScratchTablespaces | None = None) -> Validation:
+                      name: str, tablespaces: tbs.ScratchTablespaces | None = None,
+                      stack: ExitStack | None = None) -> Validation:
     """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly.
-    Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces)."""
+    Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces).
+
+    With ``stack``, ``pg_checksums --check`` of the stopped copy runs on in the background once this
+    returns (``val.checksums``; the copy may be read meanwhile, never changed): the caller lists
+    nothing before ``val.settle()`` returned, and the instance stays until the stack closes. Without
+    it, the check has passed when this returns (``val.ok``)."""
     val = Validation(backup_id="", ok=False)
     mounts: tuple[tuple[str, str], ...] = ()
     if tablespaces is not None:
@@ -212,7 +265,8 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         except DbopsError as e:
             raise environment_error(f"the {rt.engine} runtime could not start the throwaway PostgreSQL",
                                     "container runtime or host failure", e.detail or e.message) from None
-    with inst:
+    with ExitStack() as own:
+        (stack if stack is not None else own).enter_context(inst)
         with phases("start"):
             try:
                 inst.wait_ready(timeout)
@@ -242,16 +296,27 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             raise ValidationError(f"the throwaway instance did not stop in recovery (state: {cd.state})",
                                   detail=inst.logs(30))
         if cfg.backup.validation.checksums and cd.data_checksums:
-            with phases("checksums"):
+            def check() -> None:
                 r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", inst.data_path], check=False,
                                   timeout=24 * 3600)
-            ok = r.returncode == 0
-            val.checks.append({"check": "pg_checksums", "ok": ok})
-            if not ok:
-                raise ValidationError("pg_checksums found bad pages in the restored backup",
-                                      detail=(r.stdout + r.stderr)[-2000:])
-    val.ok = True
+                ok = r.returncode == 0
+                val.checks.append({"check": "pg_checksums", "ok": ok})
+                if not ok:
+                    raise ValidationError("pg_checksums found bad pages in the restored backup",
+                                          detail=(r.stdout + r.stderr)[-2000:])
+
+            if stack is None:
+                with phases("checksums"):
+                    check()
+            else:  # entered after the instance, so it ends before the instance goes
+                val.checksums = Checksums(check, phases.t)
+                stack.callback(val.checksums.close)
+                log.event(_log, logging.INFO, "pg_checksums runs on while the copy is stored")
+    if val.checksums is None:
+        val.ok = True
     return val
+
+
 
 
 # --------------------------------------------------------------------------- proving a stored backup
@@ -267,27 +332,43 @@ class Proof:
 
 @contextmanager
 def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phases: Phases, *, run_id: str,
-          name: str, target: Target | None = None,
-          byte_progress: Callable[[int, int], None] | None = None) -> Iterator[Proof]:
+          name: str, target: Target | Callable[[], Target] | None = None,
+          byte_progress: Callable[[int, int], None] | None = None,
+          background_checksums: bool = False) -> Iterator[Proof]:
     """Restore backup m into a scratch folder (every chunk checked against its hash) while the archived
     WAL from its redo point to the target downloads, replay to the target (default: the backup's own
     consistent point) in a throwaway instance, run the checks, stop it in recovery.
 
-    Yields the proof while the scratch folder still holds the proved copy. A backup that cannot be
-    restored, missing WAL and failed checks raise ValidationError. ``byte_progress(done, total)``:
-    the download's bytes, for a progress display."""
-    target = target or own_target(m)
-    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user) as scratch:
+    ``target`` may be a function that captures it (on the primary): it runs while the backup
+    downloads (timed as ``capture``), and the WAL up to it downloads after it. Yields the proof
+    while the scratch folder still holds the proved copy. A backup that cannot be restored,
+    missing WAL and failed checks raise ValidationError; so does ``proof.validation.settle()``
+    when ``background_checksums`` let pg_checksums run on while the caller reads the copy.
+    ``byte_progress(done, total)``: the download's bytes, for a progress display."""
+    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user) as scratch, ExitStack() as stack:
         data, wal = scratch / "data", scratch / "wal"
         wal.mkdir()
         proc.chown_to(wal, cfg.os_user)
         ts = tbs.ScratchTablespaces(scratch, known={t.oid: t for t in m.tablespaces})
         ts.prepare(cfg.os_user)
         start_segment = segment_of_lsn(m.pg.timeline, m.pg.redo_lsn, m.pg.wal_segment_size)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
+        if callable(target) and phases.progress:
+            phases.progress("capture")
+
+        def target_and_wal() -> Target:
+            t0 = time.monotonic()
+            if callable(target):
+                t = target()
+                phases.t["capture"] = round(time.monotonic() - t0, 3)
+            else:
+                t = target or own_target(m)
             t_wal = time.monotonic()
-            wal_job = pool.submit(fetch_wal, cfg, store, layout, start_segment, target, wal)
-            wal_job.add_done_callback(lambda _f: phases.t.__setitem__("wal_fetch", round(time.monotonic() - t_wal, 3)))
+            fetch_wal(cfg, store, layout, start_segment, t, wal)
+            phases.t["wal_fetch"] = round(time.monotonic() - t_wal, 3)
+            return t
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
+            wal_job = pool.submit(target_and_wal)
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
@@ -298,7 +379,8 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                         raise
                     raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
-            wal_job.result()  # a gap or a storage error in the WAL download surfaces here
-        val = recover_to_target(cfg, data, wal, target, phases, name=name, tablespaces=ts)
+            reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
+        val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
+                                stack=stack if background_checksums else None)
         val.backup_id = m.backup_id
-        yield Proof(data, target, val, ts)
+        yield Proof(data, reached, val, ts)
