@@ -233,12 +233,18 @@ def read_relation_map(inst) -> dict[str, Any] | None:
         return None
 
 
+def scan_wal(cfg: Config, tablespaces: tbs.ScratchTablespaces, wal_dir: Path) -> None:
+    """The CREATE TABLESPACE records replay will meet: each gets a scratch folder."""
+    tablespaces.read_wal(wal_dir, cfg.os_user, None if cfg.runtime.image else cfg.runtime.bin_dir)
+
+
 def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
                       name: str, tablespaces: tbs.ScratchTablespaces | None = None,
-                      stack: ExitStack | None = None) -> Validation:
+                      stack: ExitStack | None = None, wal_scanned: bool = False) -> Validation:
     """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly.
     Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces).
 
+    ``wal_scanned``: the tablespaces already read the WAL folder (``scan_wal``).
     With ``stack``, ``pg_checksums --check`` of the stopped copy runs on in the background once this
     returns (``val.checksums``; the copy may be read meanwhile, never changed): the caller lists
     nothing before ``val.settle()`` returned, and the instance stays until the stack closes. Without
@@ -246,8 +252,9 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     val = Validation(backup_id="", ok=False)
     mounts: tuple[tuple[str, str], ...] = ()
     if tablespaces is not None:
-        with phases("wal_scan"):  # CREATE TABLESPACE records replay will meet
-            tablespaces.read_wal(wal_dir, cfg.os_user, None if cfg.runtime.image else cfg.runtime.bin_dir)
+        if not wal_scanned:
+            with phases("wal_scan"):
+                scan_wal(cfg, tablespaces, wal_dir)
         mounts = tablespaces.mounts(cfg.runtime.engine)
     settings = dict(RECOVERY_SETTINGS_BASE)
     if _pg_major(data) >= 15:
@@ -340,7 +347,8 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
     consistent point) in a throwaway instance, run the checks, stop it in recovery.
 
     ``target`` may be a function that captures it (on the primary): it runs while the backup
-    downloads (timed as ``capture``), and the WAL up to it downloads after it. Yields the proof
+    downloads (timed as ``capture``), and the WAL up to it downloads after it, then is scanned
+    for CREATE TABLESPACE (``wal_scan``), still beside the download. Yields the proof
     while the scratch folder still holds the proved copy. A backup that cannot be restored,
     missing WAL and failed checks raise ValidationError; so does ``proof.validation.settle()``
     when ``background_checksums`` let pg_checksums run on while the caller reads the copy.
@@ -364,7 +372,10 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                 t = target or own_target(m)
             t_wal = time.monotonic()
             fetch_wal(cfg, store, layout, start_segment, t, wal)
-            phases.t["wal_fetch"] = round(time.monotonic() - t_wal, 3)
+            t_scan = time.monotonic()
+            phases.t["wal_fetch"] = round(t_scan - t_wal, 3)
+            scan_wal(cfg, ts, wal)  # it needs the WAL only, not the download
+            phases.t["wal_scan"] = round(time.monotonic() - t_scan, 3)
             return t
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
@@ -381,6 +392,6 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                                           detail=e.detail) from None
             reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
-                                stack=stack if background_checksums else None)
+                                stack=stack if background_checksums else None, wal_scanned=True)
         val.backup_id = m.backup_id
         yield Proof(data, reached, val, ts)
