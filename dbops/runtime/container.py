@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -207,7 +208,8 @@ class ContainerInstance(InstanceBase):
         self._removed = False
         self._tools = itertools.count(1)
         self._waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-container-wait")
-        self._stopping: tuple[str, float, Future] | None = None  # a stop the engine has not reported yet
+        self._stopping: tuple[str, float, float, Future] | None = None  # a stop the engine has not reported yet
+        self._settling = threading.Lock()
 
     def is_running(self) -> bool:
         self._settle()
@@ -247,9 +249,8 @@ class ContainerInstance(InstanceBase):
         pid_file = Path(self.spec.data_dir) / "postmaster.pid"
         watch_pid = pid_file.exists()  # else only the engine can tell
         self._engine.run(["kill", "--signal", STOP_SIGNALS[mode], self.name], check=False, timeout=60)
-        self._stopping = (mode, time.monotonic(), self._waits.submit(self._engine.run, ["wait", self.name],
-                                                                     timeout=timeout))
-        waited = self._stopping[2]
+        waited = self._waits.submit(self._engine.run, ["wait", self.name], timeout=timeout)
+        self._stopping = (mode, time.monotonic(), timeout, waited)
         while not waited.done() and (not watch_pid or pid_file.exists()):
             time.sleep(0.02)
         if waited.done():
@@ -260,18 +261,19 @@ class ContainerInstance(InstanceBase):
 
     def _settle(self) -> None:
         """Wait for the engine's report of a stop begun by stop(); raise what that stop should raise."""
-        if self._stopping is None:
-            return
-        mode, t0, waited = self._stopping
-        self._stopping = None
-        try:
-            res = waited.result()
-        except CommandError as e:
-            raise PostgresError(
-                f"PostgreSQL ({self.spec.name}) did not stop ({mode}) in time",
-                detail=(e.detail or "") + "\n" + self.logs(20),
-                hint="it is still running; remove() kills it",
-            ) from None
+        with self._settling:  # a tool in another thread (pg_checksums) may ask at the same time
+            if self._stopping is None:
+                return
+            mode, t0, timeout, waited = self._stopping
+            self._stopping = None
+            try:
+                res = waited.result()
+            except CommandError as e:
+                raise PostgresError(
+                    f"PostgreSQL ({self.spec.name}) did not stop ({mode}) within {timeout:.0f} s",
+                    detail=(e.detail or "") + "\n" + self.logs(20),
+                    hint="it is still running; remove() kills it",
+                ) from None
         status = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "?"
         log.event(_log, logging.INFO, "container stopped", container=self.name, mode=mode, status=status,
                   seconds=round(time.monotonic() - t0, 2))
