@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,10 +77,16 @@ def stop_left_servers(folder: Path, timeout: float = 30.0) -> list[int]:
 
 
 @contextmanager
-def scratch_folder(root: Path, run_id: str, owner: str) -> Iterator[Path]:
+def scratch_folder(root: Path, run_id: str, owner: str, *,
+                   removals: list[threading.Thread] | None = None) -> Iterator[Path]:
     """This run's own folder under root, owned by PostgreSQL's OS user (owner), removed at the end.
     root must be this user's, root's or owner's, writable by no one else and not a link
-    (0755: the throwaway instance's user must reach its run folder inside)."""
+    (0755: the throwaway instance's user must reach its run folder inside).
+
+    ``removals``: the folder is removed in a thread appended there, which the caller joins before
+    it ends (see :func:`join_removals`): a copy of the database takes a while to unlink, and the run
+    has other work (its status record, retention) meanwhile. A run killed before that leaves it to
+    the next run's :func:`clean_stale_scratch`."""
     private_dir(root, create=True, mode=0o755, also_user=owner)
     d = root / f"{SCRATCH_PREFIX}{os.getpid()}-{run_id}"
     d.mkdir(mode=0o700)
@@ -87,7 +94,24 @@ def scratch_folder(root: Path, run_id: str, owner: str) -> Iterator[Path]:
     try:
         yield d
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if removals is None:
+            shutil.rmtree(d, ignore_errors=True)
+        else:  # renamed first: the name is free again at once (a healing full backup takes it)
+            gone = d.with_name(d.name + "-removing")
+            try:
+                d.rename(gone)
+            except OSError:
+                gone = d
+            t = threading.Thread(target=shutil.rmtree, args=(gone,), kwargs={"ignore_errors": True},
+                                 name="dbops-scratch-removal")
+            t.start()
+            removals.append(t)
+
+
+def join_removals(removals: list[threading.Thread]) -> None:
+    """Wait for the scratch folders being removed in the background (see scratch_folder)."""
+    while removals:
+        removals.pop().join()
 
 
 def free_bytes(path: Path) -> int:

@@ -60,7 +60,7 @@ from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
 from dbops.repo.store import Cancelled, store_snapshot
-from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, out_of_space,
+from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, join_removals, out_of_space,
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_archive, request_counts, requests_since
 from dbops.storage.guard import GuardedStore
@@ -180,12 +180,16 @@ class BackupRun:
         self.byte_progress = byte_progress  # (done, total) bytes of the phase running now (download, store)
         self.scratch_root = Path(cfg.backup.scratch_dir)
         self.phases: Phases | None = None  # of the part running now (full or incremental)
+        self.removals: list[threading.Thread] = []  # scratch folders being removed (joined before run() ends)
 
     # -- public
 
     def run(self, *, full: bool = False) -> BackupResult:
         requests_before = request_counts(self.store)
-        res = self._run(full=full)
+        try:
+            res = self._run(full=full)
+        finally:
+            join_removals(self.removals)
         res.s3_requests = requests_since(self.store, requests_before)  # the lock's release included
         return res
 
@@ -272,6 +276,7 @@ class BackupRun:
 
     def _full(self, primary: Node, *, reason: str) -> BackupResult:
         cfg = self.cfg
+        join_removals(self.removals)  # a failed validation's copy: its space is needed again
         source = source_node(cfg, primary)
         phases = self.phases = Phases(self.progress)
         with pgconn.session(source) as c:
@@ -330,7 +335,8 @@ class BackupRun:
                                   layout=self.layout)
 
         with prove(cfg, self.store, self.layout, prev_m, phases, run_id=self.run_id, name=f"backup-{self.run_id}",
-                   target=capture, byte_progress=self.byte_progress, background_checksums=True) as proof:
+                   target=capture, byte_progress=self.byte_progress, background_checksums=True,
+                   removals=self.removals) as proof:
             val, target = proof.validation, proof.target
             try:  # after a failover the new primary may keep a tablespace elsewhere: record where
                 proof.tablespaces.current = {t.oid: t for t in tbs.query(primary)}

@@ -341,7 +341,8 @@ class Proof:
 def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phases: Phases, *, run_id: str,
           name: str, target: Target | Callable[[], Target] | None = None,
           byte_progress: Callable[[int, int], None] | None = None,
-          background_checksums: bool = False) -> Iterator[Proof]:
+          background_checksums: bool = False,
+          removals: list[threading.Thread] | None = None) -> Iterator[Proof]:
     """Restore backup m into a scratch folder (every chunk checked against its hash) while the archived
     WAL from its redo point to the target downloads, replay to the target (default: the backup's own
     consistent point) in a throwaway instance, run the checks, stop it in recovery.
@@ -352,8 +353,10 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
     while the scratch folder still holds the proved copy. A backup that cannot be restored,
     missing WAL and failed checks raise ValidationError; so does ``proof.validation.settle()``
     when ``background_checksums`` let pg_checksums run on while the caller reads the copy.
-    ``byte_progress(done, total)``: the download's bytes, for a progress display."""
-    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user) as scratch, ExitStack() as stack:
+    ``byte_progress(done, total)``: the download's bytes, for a progress display. ``removals``: the
+    scratch folder is removed in a thread put there (see :func:`dbops.runtime.scratch.scratch_folder`)."""
+    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user, removals=removals) as scratch, \
+            ExitStack() as stack:
         data, wal = scratch / "data", scratch / "wal"
         wal.mkdir()
         proc.chown_to(wal, cfg.os_user)
