@@ -238,8 +238,8 @@ class ContainerInstance(InstanceBase):
 
         Returns once the server is down: its postmaster.pid (in the bind-mounted data folder) is
         gone, the postmaster's last act after every process of the server ended, so the folder is
-        final. The engine reports the container stopped a while later (about 0.7 s with podman 4.3):
-        run_tool, is_running and remove wait for that report first. Raises PostgresError when the
+        final. The engine reports the container stopped a while later (about 1 s with podman 4.3):
+        is_running waits for that report, run_tool and remove do not need it. Raises PostgresError when the
         server does not exit in time, or (here or at that report) exits non-zero from a smart/fast stop.
         """
         check_stop_mode(mode)
@@ -293,7 +293,9 @@ class ContainerInstance(InstanceBase):
         """
         tool_env = {"PGHOST": SOCKET_PATH, "PGPORT": str(self._rt.inner_port(self.spec)), "PGUSER": self.db_user,
                     "PGDATA": DATA_PATH, "LANG": "C", "LC_ALL": "C", **(env or {})}
-        if self.is_running():
+        # A stop whose report is pending: the server is down (its postmaster.pid is gone), a one-shot
+        # container may read the folder at once.
+        if self._stopping is None and self.is_running():
             args = self._rt.exec_argv(argv, container=self.name, owner=self._owner, env_names=list(tool_env))
         else:
             name = f"{self.name}-tool{next(self._tools)}"

@@ -167,8 +167,8 @@ def test_start_query_stop(engine, settings, small_cluster, work):
         assert out.strip() == "6"
         inst.stop("fast", timeout=60)
         # stop() returns once the server is down and its folder final (a container may not be reported
-        # stopped yet); a tool right after it waits for that, then runs in a fresh one-shot environment
-        # (pg_checksums needs the server stopped)
+        # stopped yet); a tool right after it runs in a fresh one-shot environment (pg_checksums needs
+        # the server stopped)
         assert _state(data) == "shut down" and not (data / "postmaster.pid").exists()
         res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
         assert "Bad checksums:  0" in res.stdout
