@@ -205,6 +205,10 @@ class BackupSettings:
     chunk_size: int = setting(8192, "size", minimum=8192)
     pack_size: int = setting(64 * 1024 * 1024, "size", minimum=1024 * 1024)  # at most MAX_PACK_SIZE
     parallel: int = setting(4, "int", minimum=1, maximum=64)
+    # How a full backup copies the source: direct (its data folder, read on this host, between
+    # pg_backup_start and pg_backup_stop), pg_basebackup (the replication protocol), or auto: direct
+    # when the folder proves to be this host's and readable, else pg_basebackup (docs/backups.md).
+    copy_method: str = setting("auto", choices=("auto", "direct", "pg_basebackup"))
     # The most scratch_dir may hold when a limit the filesystem does not show applies (an emptyDir's sizeLimit).
     scratch_limit: int | None = setting(None, "size", minimum=1024 * 1024)
     validation: ValidationSettings = field(default_factory=ValidationSettings)

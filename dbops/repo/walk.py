@@ -101,7 +101,7 @@ def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
 
 
-def _unlogged_forks(names: list[str]) -> set[str]:
+def unlogged_forks(names: list[str]) -> set[str]:
     """Files of unlogged relations (those with an _init fork) other than the _init fork itself."""
     unlogged = {m.group(1) for n in names if (m := _INIT_FORK_RE.match(n))}
     if not unlogged:
@@ -144,7 +144,7 @@ def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: list[W
         entries = sorted(it, key=lambda e: e.name)
     # base/<db>/, or <PG_version>/<db>/ when walking a tablespace's folder
     in_database_dir = rel_dir.startswith(("base/", "PG_")) and rel_dir.count("/") == 2
-    skip = _unlogged_forks([e.name for e in entries]) if in_database_dir else set()
+    skip = unlogged_forks([e.name for e in entries]) if in_database_dir else set()
     for e in entries:
         rel = f"{rel_dir}{e.name}"
         if e.name in skip or _excluded(rel, e.name, patterns):

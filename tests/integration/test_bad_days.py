@@ -190,7 +190,7 @@ def test_scratch_too_small_is_refused_before_any_work(blab, env, dbops_bin, tmp_
 
 
 def test_scratch_filling_up_mid_run(blab, env, dbops_bin, tmp_path):
-    """Space runs out after the up-front check passed: in pg_basebackup, while restoring the previous backup,
+    """Space runs out after the up-front check passed: in the full backup's copy, while restoring the previous backup,
     and under the throwaway PostgreSQL. Each time: ENOSPC named, scratch and container removed, nothing
     listed, and the previous backup is not blamed (not marked failed)."""
     write_wal(blab.primary)
@@ -199,7 +199,7 @@ def test_scratch_filling_up_mid_run(blab, env, dbops_bin, tmp_path):
     needed = scratch_policy.scratch_needed(max(size, first["logical_size"]))
     with tmpfs(blab.dir / "tmpfs-scratch", needed + 32 * 2**20) as scratch:
         config = config_copy(blab, tmp_path, backup={"scratch_dir": str(scratch)})
-        for phase, full in (("basebackup", True), ("download", False), ("start", False), ("replay", False)):
+        for phase, full in (("copy", True), ("download", False), ("start", False), ("replay", False)):
             listed = backups(dbops_bin, env)
             before = containers(scratch)
             err = in_process_backup(config, once_at(phase, lambda: fill(scratch)), full=full)

@@ -84,6 +84,7 @@ def test_chain_over_two_tablespaces_never_touches_the_live_folders(ts):
     sql(p, "CREATE INDEX m_note ON m (note) TABLESPACE one")
     r1, b1 = ts.backup()
     assert r1.exit_code == 0, r1
+    assert "copy" in b1["timings"], b1["timings"]  # the data folder and the tablespace's copied here
     m1 = ts.manifest(b1["backup_id"])
     oid_one = sql(p, "SELECT oid FROM pg_tablespace WHERE spcname = 'one'")[0][0]
     assert [(t.oid, t.name, t.location) for t in m1.tablespaces] == [(oid_one, "one", str(ts.live / "one"))]

@@ -44,13 +44,13 @@ from typing import Any, Callable
 
 from dbops import __version__, log, proc
 from dbops.config import Config, Node
-from dbops.errors import CommandError, DbopsError, LockedError, PostgresError, ValidationError
+from dbops.errors import DbopsError, LockedError, PostgresError, ValidationError
+from dbops.ops.backup import basecopy
 from dbops.ops.backup import gap as walgap
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.target import ArchiveStalledError, Target, capture_target, fetch_wal
 from dbops.ops.backup.validate import Validation, prove, recover_to_target, restore_seconds
 from dbops.ops.wal.archive import WalGapError
-from dbops.pg import binaries
 from dbops.pg import conn as pgconn
 from dbops.pg.inspect import find_primary
 from dbops.pg.lsn import format_lsn
@@ -113,57 +113,6 @@ class BackupResult:
 
 def source_node(cfg: Config, primary: Node) -> Node:
     return cfg.node(cfg.backup.source) if cfg.backup.source else primary
-
-
-def base_backup(source: Node, data: Path, *, os_user: str, timeout: float = 24 * 3600,
-                tablespaces: tbs.ScratchTablespaces | None = None) -> None:
-    """pg_basebackup from the source into data (with the WAL it needs), as the postgres OS user;
-    every tablespace mapped into the run's scratch folder (never written at its live location)."""
-    data.parent.mkdir(parents=True, exist_ok=True)
-    mapping = tablespaces.mapping_args() if tablespaces else []
-    try:
-        proc.run([binaries.binary("pg_basebackup", source.bin_dir), "-h", source.host, "-p", str(source.port),
-                  "-U", source.user, "-D", str(data), "-X", "stream", "-c", "fast", "--no-sync", "--no-manifest",
-                  *mapping, "-w"], user=os_user, env=pgconn.libpq_env(source), timeout=timeout,
-                 what="pg_basebackup")
-    except CommandError as e:
-        if out_of_space(e):
-            raise  # the scratch disk, not PostgreSQL: BackupRun says so
-        raise PostgresError(
-            f"pg_basebackup from {source.name} ({source.host}:{source.port}) failed: {e.message}", detail=e.detail,
-            hint="its own message (detail) says why: the source down or unreachable, access refused, a tablespace "
-                 "created while the backup started (run again), ...",
-        ) from None
-
-
-def backup_label_lsn(data: Path) -> int | None:
-    """The REDO point a fresh base backup starts from (backup_label's START WAL LOCATION); None when
-    unreadable (then nothing is reused without hashing)."""
-    from dbops.pg.lsn import parse_lsn
-
-    try:
-        text = (data / "backup_label").read_text()
-    except FileNotFoundError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("START WAL LOCATION:"):
-            try:
-                return parse_lsn(line.split(":", 1)[1].split("(")[0].strip())
-            except ValueError:
-                return None
-    return None
-
-
-def backup_label_start(data: Path) -> str:
-    """The WAL segment a fresh base backup starts from (backup_label's START WAL LOCATION)."""
-    try:
-        text = (data / "backup_label").read_text()
-    except FileNotFoundError:
-        raise DbopsError(f"the base backup in {data} has no backup_label") from None
-    for line in text.splitlines():
-        if line.startswith("START WAL LOCATION:") and "(file " in line:
-            return line.split("(file ", 1)[1].rstrip(")").strip()
-    raise DbopsError("cannot read START WAL LOCATION from backup_label", detail=text[:500])
 
 
 # --------------------------------------------------------------------------- the run
@@ -289,10 +238,9 @@ class BackupRun:
             proc.chown_to(wal, cfg.os_user)
             ts = tbs.ScratchTablespaces(scratch, known={t.oid: t for t in tbs.query(source)})
             ts.prepare(cfg.os_user)
-            with phases("basebackup"):
-                base_backup(source, data, os_user=cfg.os_user, tablespaces=ts)
+            basecopy.take(cfg, source, data, ts, phases, run_id=self.run_id)
             ts.relink(data)  # a tablespace created since the query went elsewhere: refused here
-            start_segment, start_lsn = backup_label_start(data), backup_label_lsn(data)
+            start_segment, start_lsn = basecopy.label_start_segment(data), basecopy.label_start_lsn(data)
             with phases("capture"):
                 target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
                                         layout=self.layout)

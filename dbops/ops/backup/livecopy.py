@@ -1,0 +1,244 @@
+"""The first backup's base copy, read straight from the source's data folder (as pgBackRest does),
+when that folder is on this host: ``backup.copy_method`` ``auto`` (the default) or ``direct``.
+
+Between ``pg_backup_start(label, fast)`` and ``pg_backup_stop()`` on one held connection
+(:mod:`dbops.pg.onlinebackup`), the data folder is copied into the run's scratch folder by
+several threads with the kernel's copy (``copy_file_range``, ``sendfile`` where that is refused;
+large files in ranges, so the threads share the big relations). The server runs on meanwhile:
+a page may be copied half old, half new, and files grow, shrink, appear or vanish. That is what
+a base backup is: full_page_writes is forced while the backup runs, so replaying the WAL from
+backup_label's REDO point (which the validation does before anything is stored) rewrites every
+page changed after it. A file gone before it is read is left out (its removal is in that WAL).
+
+Left out as pg_basebackup does (src/backend/backup/basebackup.c): the contents of pg_wal (its WAL
+comes from the archive), pg_replslot, pg_dynshmem, pg_notify, pg_serial, pg_snapshots,
+pg_stat_tmp and pg_subtrans; postmaster.pid/.opts, backup_label, tablespace_map, backup_manifest,
+the signal files and other top-level leftovers of :mod:`dbops.repo.walk`; pgsql_tmp* and
+pg_internal.init* anywhere; temporary relations (``t<N>_<relfilenode>``); every fork but
+``_init`` of an unlogged relation. global/pg_control is copied last.
+
+Each tablespace's version folder (``PG_15_<catversion>``) is copied into the run's scratch folder
+for it and ``pg_tblspc/<OID>`` points there, never at the live location (as with pg_basebackup's
+``--tablespace-mapping``; no tablespace_map is written, so recovery keeps those links).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbops import log
+from dbops.ops.backup import tablespaces as tbs
+from dbops.config import Node
+from dbops.pg.onlinebackup import OnlineBackup
+from dbops.repo import walk
+from dbops.repo.tblspc import TBLSPC_DIR, Tablespace
+
+_log = log.get("backup.copy")
+
+EXCLUDE_TOP = walk.EXCLUDE_TOP_FILES | {"backup_label", "tablespace_map", "backup_manifest"}
+_TEMP_REL = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
+RANGE = 64 * 2**20  # bytes one thread copies at a time: a 1 GiB segment is shared out in 16 parts
+PG_CONTROL = "global/pg_control"
+
+
+@dataclass
+class CopyPlan:
+    dirs: list[tuple[Path, int]] = field(default_factory=list)  # (destination, mode), parents first
+    links: list[tuple[Path, str]] = field(default_factory=list)  # (link in the copy, target)
+    files: list[tuple[str, Path, int, int]] = field(default_factory=list)  # (source, destination, size, mode)
+    control: tuple[str, Path, int, int] | None = None
+
+
+@dataclass
+class CopyStats:
+    files: int = 0
+    bytes: int = 0
+    vanished: int = 0
+    seconds: float = 0.0
+
+
+def _owner(user: str) -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    return pw.pw_uid, pw.pw_gid
+
+
+def plan_copy(backup: OnlineBackup, data: Path, ts: tbs.ScratchTablespaces, os_user: str) -> CopyPlan:
+    """What to copy from the live folder into data (and the tablespace folders of ts)."""
+    assert backup.data_dir is not None
+    p = CopyPlan()
+    src = backup.data_dir
+    p.dirs.append((data, 0o700))
+    _scan(str(src), data, "", p, backup, ts, os_user)
+    return p
+
+
+def _scan(src_dir: str, dst_dir: Path, rel_dir: str, p: CopyPlan, backup: OnlineBackup,
+          ts: tbs.ScratchTablespaces | None, os_user: str) -> None:
+    try:
+        with os.scandir(src_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:  # a database or relation folder dropped while the copy runs
+        return
+    in_db = rel_dir.startswith(("base/", "PG_")) and rel_dir.count("/") == 2
+    skip = walk.unlogged_forks([e.name for e in entries]) if in_db else set()
+    for e in entries:
+        rel, dst = rel_dir + e.name, dst_dir / e.name
+        if e.name in skip or (not rel_dir and e.name in EXCLUDE_TOP) or e.name.startswith(walk.EXCLUDE_PREFIXES) \
+                or (in_db and _TEMP_REL.match(e.name)):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if rel == "pg_wal":  # a folder or a link elsewhere: an empty folder here, the WAL comes from the archive
+            p.dirs += [(dst, 0o700), (dst / "archive_status", 0o700)]
+        elif rel_dir == TBLSPC_DIR + "/" and stat.S_ISLNK(st.st_mode) and ts is not None:
+            _tablespace(e, dst, p, backup, ts, os_user)
+        elif stat.S_ISLNK(st.st_mode):
+            _log.warning("skipping %s: a symbolic link where PostgreSQL makes none", rel)
+        elif stat.S_ISDIR(st.st_mode):
+            p.dirs.append((dst, mode))
+            if rel not in walk.EXCLUDE_DIR_CONTENTS:
+                _scan(e.path, dst, rel + "/", p, backup, ts, os_user)
+        elif stat.S_ISREG(st.st_mode):
+            item = (e.path, dst, st.st_size, mode)
+            if rel == PG_CONTROL:
+                p.control = item
+            else:
+                p.files.append(item)
+
+
+def _tablespace(e: os.DirEntry, link: Path, p: CopyPlan, backup: OnlineBackup, ts: tbs.ScratchTablespaces,
+                os_user: str) -> None:
+    """pg_tblspc/<OID>: a link to the run's folder for it; its version folder copied there."""
+    if not e.name.isdigit():
+        _log.warning("skipping %s/%s: not a tablespace OID", TBLSPC_DIR, e.name)
+        return
+    oid = int(e.name)
+    if oid not in ts.known:  # created after the run listed them: it gets its scratch folder too
+        ts.known[oid] = Tablespace(oid, str(oid), os.readlink(e.path))
+        ts.prepare(os_user)
+    folder = ts.folder(oid)
+    p.links.append((link, str(folder)))
+    version = backup.tablespace_dir
+    src = os.path.join(e.path, version)
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:  # dropped meanwhile (an empty location has nothing to copy)
+        return
+    p.dirs.append((folder / version, stat.S_IMODE(st.st_mode)))
+    _scan(src, folder / version, version + "/", p, backup, None, os_user)
+
+
+def _copy_range(src: str, dst: Path, offset: int, count: int) -> tuple[int, bool]:
+    """Copy [offset, offset+count) of src to the same place in dst (already created); (bytes, vanished)."""
+    try:
+        fin = os.open(src, os.O_RDONLY)
+    except FileNotFoundError:
+        if offset == 0:
+            dst.unlink(missing_ok=True)
+        return 0, True
+    try:
+        fout = os.open(dst, os.O_WRONLY)
+    except FileNotFoundError:  # the first range found the source gone and removed it
+        os.close(fin)
+        return 0, True
+    done = 0
+    try:
+        kernel = True
+        while done < count:
+            try:
+                if kernel:
+                    n = os.copy_file_range(fin, fout, count - done, offset + done, offset + done)
+                else:
+                    os.lseek(fout, offset + done, os.SEEK_SET)
+                    n = os.sendfile(fout, fin, offset + done, count - done)
+            except OSError as err:
+                if kernel and err.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    kernel = False  # another filesystem the kernel will not copy across
+                    continue
+                raise
+            if n == 0:  # the file shrank: what is missing is rewritten or truncated by replay
+                break
+            done += n
+    finally:
+        os.close(fin)
+        os.close(fout)
+    return done, False
+
+
+def execute(p: CopyPlan, *, os_user: str, workers: int) -> CopyStats:
+    """Make the folders and links, copy the files with `workers` threads, pg_control last."""
+    t0 = time.monotonic()
+    owner = _owner(os_user)
+    for d, mode in p.dirs:
+        d.mkdir(mode=mode, exist_ok=True)
+        os.chmod(d, mode)
+        if owner:
+            os.chown(d, *owner)
+    for link, target in p.links:
+        os.symlink(target, link)
+        if owner:
+            os.lchown(link, *owner)
+    stats = CopyStats()
+    jobs: list[tuple[str, Path, int, int]] = []
+    files = p.files + ([p.control] if p.control else [])
+    for src, dst, size, mode in files:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            if owner:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+        if (src, dst, size, mode) != p.control:
+            jobs += [(src, dst, off, min(RANGE, size - off)) for off in range(0, size, RANGE)]
+    jobs.sort(key=lambda j: -j[3])  # the largest first: the threads end together
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-copy") as pool:
+        for n, vanished in pool.map(lambda j: _copy_range(*j), jobs):
+            stats.bytes += n
+            stats.vanished += vanished
+    if p.control:
+        n, _ = _copy_range(p.control[0], p.control[1], 0, p.control[2])
+        stats.bytes += n
+    stats.files = len(files)
+    stats.seconds = round(time.monotonic() - t0, 3)
+    return stats
+
+
+def write_label(data: Path, label: str, os_user: str) -> None:
+    """The backup_label pg_backup_stop returned (tablespace_map is not written: the links are made)."""
+    path = data / "backup_label"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, label.encode())
+        owner = _owner(os_user)
+        if owner:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
+
+def direct_base_backup(source: Node, data: Path, *, os_user: str, tablespaces: tbs.ScratchTablespaces,
+                       workers: int, label: str) -> CopyStats:
+    """A base backup of source into data by copying its folder here. Raises
+    :class:`~dbops.pg.onlinebackup.NotLocal` before the backup starts when the folder is not this
+    host's to read (then nothing was written)."""
+    with OnlineBackup(source, label) as b:
+        stats = execute(plan_copy(b, data, tablespaces, os_user), os_user=os_user, workers=workers)
+        label_text, _ = b.stop()
+    write_label(data, label_text, os_user)
+    log.event(_log, 20, "base backup copied from the data folder", source=source.name, folder=str(b.data_dir),
+              files=stats.files, bytes=stats.bytes, vanished=stats.vanished, seconds=stats.seconds, workers=workers)
+    return stats

@@ -1,0 +1,138 @@
+"""The full backup's base copy: the source's data folder copied on this host between
+pg_backup_start and pg_backup_stop (backup.copy_method auto/direct), and pg_basebackup when the
+folder is not this host's to read. Real PostgreSQL, real S3, writes running during the copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dbops import proc
+from dbops.errors import ExitCode, PostgresError
+from dbops.pg import conn as pgconn
+from dbops.pg.lsn import parse_lsn
+from labkit import backup_cli, own_lab, restore, restored, sql, stop
+
+pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+
+@pytest.fixture(scope="module")
+def clab(lab_factory):
+    yield from own_lab(lab_factory, "livecopy")
+
+
+class Writer:
+    """Commits rows 1, 2, 3, ... one transaction each, remembering the WAL insert position after each
+    commit; a second connection keeps updating rows of a larger table (pages changing while copied)."""
+
+    def __init__(self, node) -> None:
+        self.node, self.done = node, threading.Event()
+        self.committed: list[tuple[int, int]] = []  # (id, WAL position after its commit)
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._insert), threading.Thread(target=self._update)]
+
+    def _insert(self) -> None:
+        try:
+            with pgconn.session(self.node) as c:
+                i = 0
+                while not self.done.is_set():
+                    i += 1
+                    c.execute("INSERT INTO w VALUES (%s, md5(%s::text))", (i, i))
+                    self.committed.append((i, parse_lsn(pgconn.scalar(c, "SELECT pg_current_wal_insert_lsn()::text"))))
+        except PostgresError as e:
+            self.errors.append(e.detail or e.message)
+
+    def _update(self) -> None:
+        try:
+            with pgconn.session(self.node) as c:
+                while not self.done.is_set():
+                    c.execute("UPDATE big SET n = n + 1 WHERE id % 97 = (random() * 96)::int")
+        except PostgresError as e:
+            self.errors.append(e.detail or e.message)
+
+    def __enter__(self) -> Writer:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def config_with(lab, folder: Path, *, backup: dict | None = None, data_dir: str | None = None) -> str:
+    raw = yaml.safe_load(Path(lab.config_path).read_text())
+    raw["backup"].update(backup or {})
+    if data_dir:
+        raw["nodes"][0]["data_dir"] = data_dir
+    path = folder / "dbops.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def test_direct_copy_under_writes_restores_every_committed_row(clab, cli, tmp_path):
+    p = clab.primary
+    env = {"DBOPS_LOCK_DIR": str(clab.dir / "run")}
+    sql(p, "CREATE TABLE w (id int PRIMARY KEY, note text)")
+    sql(p, "CREATE TABLE big (id int PRIMARY KEY, n int, pad text) WITH (fillfactor = 50)")
+    sql(p, "INSERT INTO big SELECT g, 0, repeat('b', 300) FROM generate_series(1, 60000) g")  # ~40 MB
+    sql(p, "CREATE UNLOGGED TABLE scratchpad AS SELECT g FROM generate_series(1, 1000) g")
+    with Writer(p) as w:
+        r, res = backup_cli(cli, clab.config_path, "--full", env=env)
+        assert r.exit_code == 0, r
+    assert not w.errors, w.errors
+    assert "copy" in res["timings"] and "basebackup" not in res["timings"], res["timings"]
+    consistent = parse_lsn(res["consistent_lsn"])
+    must = max((i for i, lsn in w.committed if lsn <= consistent), default=0)
+    assert must > 0, "no row was committed before the backup's consistent point"
+
+    # Restored to the backup's own point and started: every row committed before it, none missing.
+    target, port = clab.dir / "restored-direct", proc.free_port()
+    rr = restore(cli, clab, "--target-dir", target, "--to-lsn", res["consistent_lsn"], "--backup",
+                 res["backup_id"], "--start", "--port", port, env=env)
+    try:
+        assert rr.exit_code == 0, rr
+        node = restored(clab, port)
+        count, top = sql(node, "SELECT count(*), max(id) FROM w")[0]
+        assert count == top and top >= must, (count, top, must)
+        assert sql(node, "SELECT count(*) FROM big")[0][0] == 60000
+        assert sql(node, "SELECT count(*) FROM scratchpad")[0][0] == 0  # unlogged: its init fork only
+    finally:
+        stop(target)
+
+
+def test_folder_not_on_this_host_falls_back_to_pg_basebackup_or_is_refused(clab, cli, dbops_bin, tmp_path):
+    env = {**os.environ, "DBOPS_LOCK_DIR": str(clab.dir / "run")}
+
+    def run(config: str, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+        r = subprocess.run([dbops_bin, "-v", "-c", config, *args, "--json"], env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+        return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+
+    elsewhere = str(tmp_path / "not-the-data-folder")
+    auto = config_with(clab, tmp_path, data_dir=elsewhere)
+    r, res = run(auto, "backup", "--full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "basebackup" in res["timings"] and "copy" not in res["timings"], res["timings"]
+    assert "taking the base backup with pg_basebackup" in r.stderr and elsewhere in r.stderr
+
+    listed = run(auto, "backup", "list")[1]
+    (tmp_path / "direct").mkdir()
+    direct = config_with(clab, tmp_path / "direct", data_dir=elsewhere, backup={"copy_method": "direct"})
+    r, _ = run(direct, "backup", "--full")
+    assert r.returncode == ExitCode.PRECONDITION, r.stderr[-3000:]
+    assert "backup.copy_method is direct" in r.stderr and "cannot be copied from this host" in r.stderr
+    assert run(auto, "backup", "list")[1] == listed
+
+    (tmp_path / "basebackup").mkdir()
+    forced = config_with(clab, tmp_path / "basebackup", backup={"copy_method": "pg_basebackup"})
+    r, res = run(forced, "backup", "--full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "basebackup" in res["timings"] and "copy" not in res["timings"], res["timings"]
