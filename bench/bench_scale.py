@@ -23,7 +23,10 @@ bytes by kind of block (WAL, main-fork page deltas, main-fork whole blocks, the 
 ``scale_restore_files``: each dbops backup's files restored on their own in this process (fetch,
 check, write, fsync; the incremental's page deltas over their bases), no server started.
 
-    python bench/bench_scale.py --dir DIR [--scales "100 400"]
+``copy_method``: how a dbops full backup copied the source (auto: straight from its data folder
+here; pg_basebackup when the config says so).
+
+    python bench/bench_scale.py --dir DIR [--scales "100 400"]   (BENCH_SCALES, BENCH_ONLY=full)
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ except ImportError:  # run as a script from bench/
 
 PGBENCH_SECONDS = 30
 PITR_PGBENCH_SECONDS = 10  # WAL after the incremental that a restore to the target replays
+# BENCH_ONLY=full: only the full backups (dbops with its default copy, pgBackRest, dbops with
+# backup.copy_method pg_basebackup, dbops again): an A/B round on one lab.
+ONLY = os.environ.get("BENCH_ONLY", "")
 
 
 def _pgbench(lab: labmod.LabInfo, *args: str) -> None:
@@ -165,6 +171,17 @@ def restore_download(store, layout: Layout, backup_id: str, folder: Path) -> dic
             "logical_bytes": st.logical_bytes}
 
 
+def _config_with_copy(lab: labmod.LabInfo, method: str) -> str:
+    """The lab's configuration with backup.copy_method set (written beside it)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(lab.config_path).read_text())
+    raw.setdefault("backup", {})["copy_method"] = method
+    path = lab.dir / f"dbops-{method}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
 def _db_size(lab: labmod.LabInfo) -> int:
     from dbops.pg import conn as pgconn
 
@@ -212,11 +229,14 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
     base = {"scale": scale, "database_bytes": size}
 
-    def dbops_backup(bench: str, *args: str) -> None:
+    def dbops_backup(bench: str, *args: str, copy_method: str = "auto") -> None:
+        config = lab.config_path if copy_method == "auto" else _config_with_copy(lab, copy_method)
         with PrimaryReads(lab.primary.data_dir) as reads:
-            wall, rss, res = _dbops(lab, "backup", *args)
+            wall, rss, out_ = _timed([labmod.dbops_executable(), "-c", config, "backup", *args, "--json"])
+            res = json.loads(out_)
         head = store.head(layout.manifest(res["backup_id"]))
-        out.append({**base, "bench": bench, "tool": "dbops", "wall_seconds": round(wall, 2), "rss_kib": rss,
+        out.append({**base, "bench": bench, "tool": "dbops", "copy_method": copy_method,
+                    "wall_seconds": round(wall, 2), "rss_kib": rss,
                     "manifest_bytes": head.size if head else None, "stored_bytes": res["stored_bytes"],
                     "logical_bytes": res["logical_size"], "primary_read_bytes": reads.bytes,
                     "counts": res.get("counts"), "timings": res.get("timings"),
@@ -240,6 +260,10 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     dbops_backup("scale_backup_full", "--full")
     if peer:
         peer_backup("scale_backup_full", "full")
+    if ONLY == "full":  # A/B of the full backup alone: the base copy by pg_basebackup, then ours again
+        dbops_backup("scale_backup_full", "--full", copy_method="pg_basebackup")
+        dbops_backup("scale_backup_full", "--full")
+        return out
     _pgbench(lab, "-c", "4", "-j", "2", "-T", str(PGBENCH_SECONDS), "-n")
     dbops_backup("scale_backup_incremental")
     if peer:
