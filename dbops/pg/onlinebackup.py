@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dbops.config import Node
-from dbops.errors import PostgresError
+from dbops.errors import PostgresError, QueryError
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import parse_lsn
 
@@ -33,7 +33,8 @@ PROC = Path("/proc")
 
 
 class NotLocal(Exception):
-    """The source's data folder cannot be copied from this host (the reason is the message)."""
+    """The source's data folder cannot be copied from this host, or its server refuses the backup
+    functions to dbops' role (the reason is the message). Raised before any backup started."""
 
 
 def _parent_pid(pid: int) -> int:
@@ -98,6 +99,9 @@ class OnlineBackup:
             self.data_dir = local_data_dir(self.conn, self.node.data_dir)
             start = "pg_backup_start(%s, true)" if self.version >= 150000 else "pg_start_backup(%s, true, false)"
             self.start_lsn = parse_lsn(pgconn.scalar(self.conn, f"SELECT {start}::text", (self.label,)))
+        except QueryError as e:  # a role without the rights (pg_basebackup needs only REPLICATION)
+            self.conn.close()
+            raise NotLocal(f"the server refused the low-level backup functions: {e.detail or e.message}") from None
         except BaseException:
             self.conn.close()
             raise
