@@ -5,17 +5,19 @@ backup's own consistent point; and the archived WAL from a backup's start to it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from dbops import log, proc
 from dbops.config import Config, Node
-from dbops.errors import NotFoundError, PostgresError, ValidationError
+from dbops.errors import DbopsError, NotFoundError, PostgresError, ValidationError
 from dbops.ops.wal import archive as arch
 from dbops.pg import conn as pgconn
 from dbops.pg.inspect import find_primary
-from dbops.pg.lsn import format_lsn, parse_lsn, segment_of_lsn
+from dbops.pg.lsn import format_lsn, parse_lsn, parse_segment_name, segment_name, segment_of_lsn
 from dbops.repo import manifest as mf
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
@@ -114,11 +116,42 @@ def own_target(m: mf.Manifest) -> Target:
 
 def fetch_wal(cfg: Config, store: ObjectStore, layout: Layout, start_segment: str, target: Target,
               wal: Path) -> None:
-    """The archived WAL from start_segment to the target's segment, verified, into wal (for replay)."""
+    """The archived WAL from start_segment to the target's segment, verified, into wal (for replay).
+    Segments already there are kept (see fetch_wal_ahead); whatever else is there, removed."""
     try:
-        arch.fetch_range(store, layout, start_segment, target.segment, wal, parallel=max(2, cfg.archive.parallel))
+        got = arch.fetch_range(store, layout, start_segment, target.segment, wal,
+                               parallel=max(2, cfg.archive.parallel))
     except NotFoundError as e:
         raise ValidationError(f"WAL needed for replay is missing from the archive: {e.message}",
                               detail=e.detail) from None
+    needed = set(got.segments) | set(got.histories)
     for f in wal.iterdir():
-        proc.chown_to(f, cfg.os_user)
+        if f.name in needed:
+            proc.chown_to(f, cfg.os_user)
+        else:  # fetched ahead past the target, or on a timeline the target left
+            f.unlink()
+
+
+def fetch_wal_ahead(cfg: Config, store: ObjectStore, layout: Layout, start_segment: str, seg_size: int,
+                    wal: Path, enough: threading.Event) -> None:
+    """While the target is still being captured: the segments archived so far, from start_segment on
+    (its timeline), verified, into wal; until one is not archived (yet) or ``enough`` is set (a batch
+    already asked for still lands). Best effort: fetch_wal, once the target is known, fetches what is
+    missing and reports what is wrong."""
+    archive = arch.WalArchive(store, layout)
+    parallel = max(2, cfg.archive.parallel)
+    tli, segno = parse_segment_name(start_segment, seg_size)
+
+    def one(name: str) -> bool:
+        try:
+            archive.fetch(name, wal / name)
+        except DbopsError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dbops-wal-ahead") as pool:
+        while not enough.is_set():
+            batch = [segment_name(tli, segno + i, seg_size) for i in range(parallel)]
+            if not all(pool.map(one, [n for n in batch if not (wal / n).exists()])):
+                return
+            segno += parallel

@@ -25,7 +25,7 @@ from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError,
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
-from dbops.ops.backup.target import Target, fetch_wal, own_target
+from dbops.ops.backup.target import Target, fetch_wal, fetch_wal_ahead, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
 from dbops.pg import conn as pgconn
@@ -348,8 +348,9 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
     consistent point) in a throwaway instance, run the checks, stop it in recovery.
 
     ``target`` may be a function that captures it (on the primary): it runs while the backup
-    downloads (timed as ``capture``), and the WAL up to it downloads after it, then is scanned
-    for CREATE TABLESPACE (``wal_scan``), still beside the download. Yields the proof
+    downloads (timed as ``capture``, with the WAL archived so far downloading meanwhile), and the
+    rest of the WAL up to it downloads after it, then is scanned for CREATE TABLESPACE
+    (``wal_scan``), still beside the download. Yields the proof
     while the scratch folder still holds the proved copy. A backup that cannot be restored,
     missing WAL and failed checks raise ValidationError; so does ``proof.validation.settle()``
     when ``background_checksums`` let pg_checksums run on while the caller reads the copy.
@@ -368,8 +369,15 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
 
         def target_and_wal() -> Target:
             t0 = time.monotonic()
-            if callable(target):
-                t = target()
+            if callable(target):  # the WAL archived so far downloads while the target is captured
+                enough = threading.Event()
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal-ahead") as ahead:
+                    ahead.submit(fetch_wal_ahead, cfg, store, layout, start_segment, m.pg.wal_segment_size, wal,
+                                 enough)
+                    try:
+                        t = target()
+                    finally:
+                        enough.set()
                 phases.t["capture"] = round(time.monotonic() - t0, 3)
             else:
                 t = target or own_target(m)
