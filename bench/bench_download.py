@@ -1,8 +1,8 @@
 """Benchmark: the restore download alone (fetch, decompress, verify, write, fsync), dbops beside
 pgBackRest, on one lab kept between runs so a change can be measured again without rebuilding it.
 
-    python -m bench.bench_download setup --dir DIR --scale 400   # lab, pgbench -i, one full backup each
-    python -m bench.bench_download measure --dir DIR [--runs 2] [--tools dbops,dbops-enc,pgbackrest]
+    python -m bench.bench_download setup --dir DIR --scale 400 [--incremental]
+    python -m bench.bench_download measure --dir DIR [--runs 2] [--tools dbops,dbops-enc,pgbackrest,dbops-incr]
     python -m bench.bench_download down --dir DIR
 
 `setup` takes a dbops full backup (plain, as the sweep's lab) and copies it, object by object,
@@ -12,6 +12,9 @@ sealed), and a pgBackRest full backup (zstd-3, process-max 2, its own S3 server 
 restore and a validation run; durable: every file fsynced) in a child process, pgBackRest with
 `pgbackrest restore`; both under GNU time: wall seconds, peak RSS (KiB), user and system CPU.
 Nothing is started. The previous run's folder is removed and the disk synced before each run.
+``--incremental``: after the full backups, 30 s of pgbench (as the sweep) and a dbops incremental
+(page deltas over the full's blocks); ``dbops-incr`` restores it (its files only, like
+``scale_restore_files``).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _copy_encrypted(lab: labmod.LabInfo, backup_id: str) -> None:
             dst.put(dst_l.root + rel, data, metadata=info.metadata)
 
 
-def setup(d: Path, scale: int, resume: bool = False) -> None:
+def setup(d: Path, scale: int, resume: bool = False, incremental: bool = False) -> None:
     """``resume``: go on from the last step done (the lab kept)."""
     done = d / "bench-download-steps.json"
     steps = json.loads(done.read_text()) if resume and done.exists() else {}
@@ -95,7 +98,13 @@ def setup(d: Path, scale: int, resume: bool = False) -> None:
     if pgbackrest_peer.available():
         with pgbackrest_peer.session(lab) as p:
             pgbackrest_peer.backup(p, "full")
-    (d / "bench-download.json").write_text(json.dumps({"backup_id": backup_id, "scale": scale}))
+    if incremental and "incremental_id" not in steps:
+        _pgbench(lab, "-c", "4", "-j", "2", "-T", "30", "-n")
+        r = proc.run([labmod.dbops_executable(), "-c", lab.config_path, "backup", "--json"], timeout=7200)
+        steps["incremental_id"] = json.loads(r.stdout)["backup_id"]
+        done.write_text(json.dumps(steps))
+    (d / "bench-download.json").write_text(json.dumps({"backup_id": backup_id, "scale": scale,
+                                                       "incremental_id": steps.get("incremental_id")}))
 
 
 def _timed(argv: list[str], **kw) -> dict:
@@ -125,9 +134,10 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
     for n in range(runs):
         for tool in tools:
             _fresh(target)
-            if tool in ("dbops", "dbops-enc"):
-                cfg = lab.config_path if tool == "dbops" else str(d / "dbops-enc.yaml")
-                argv = [sys.executable, "-m", "bench.bench_download", "child", cfg, meta["backup_id"], str(target)]
+            if tool in ("dbops", "dbops-enc", "dbops-incr"):
+                cfg = str(d / "dbops-enc.yaml") if tool == "dbops-enc" else lab.config_path
+                backup_id = meta["incremental_id"] if tool == "dbops-incr" else meta["backup_id"]
+                argv = [sys.executable, "-m", "bench.bench_download", "child", cfg, backup_id, str(target)]
                 if code:  # another checkout's dbops (e.g. the code before a change), this bench
                     argv[1:3] = ["-c", "import runpy, sys; sys.meta_path = [f for f in sys.meta_path if 'editable' "
                                  f"not in repr(f)]; sys.path.insert(0, {code!r}); "
@@ -198,6 +208,7 @@ def main() -> int:
     s.add_argument("--dir", required=True)
     s.add_argument("--scale", type=int, default=400)
     s.add_argument("--resume", action="store_true", help="go on with a lab whose setup stopped")
+    s.add_argument("--incremental", action="store_true", help="also an incremental after 30 s of pgbench")
     m = sub.add_parser("measure")
     m.add_argument("--dir", required=True)
     m.add_argument("--runs", type=int, default=1)
@@ -213,7 +224,7 @@ def main() -> int:
     dn.add_argument("--dir", required=True)
     a = ap.parse_args()
     if a.cmd == "setup":
-        setup(Path(a.dir).resolve(), a.scale, a.resume)
+        setup(Path(a.dir).resolve(), a.scale, a.resume, a.incremental)
     elif a.cmd == "measure":
         measure(Path(a.dir).resolve(), a.runs, a.tools.split(","), a.profile, a.code)
     elif a.cmd == "child":

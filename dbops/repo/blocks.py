@@ -22,6 +22,9 @@ only those pages (a delta on the parent's block, its base). When the parent's re
 itself a delta, the new delta keeps that delta's base and covers the union of both masks
 (taken from the local block, which holds them all): depth is always one, and a union over the
 threshold stores the whole block again (a new base).
+
+A restore merges a delta into its block with :func:`apply_delta`, given the base block's bytes
+(already checked against the base's sha256) and the delta's pages (checked against theirs).
 """
 
 from __future__ import annotations
@@ -69,6 +72,21 @@ def delta_of(block: memoryview, mask: int, pref: ChunkRef) -> tuple[bytes, int, 
     if base is None or base.raw != len(block) or not delta_allowed(mask, len(block)):
         return None
     return b"".join(block[p * PAGE:(p + 1) * PAGE] for p in pages_of(mask)), mask, base
+
+
+def apply_delta(base: bytes | memoryview, pages: bytes | memoryview, mask: int) -> bytearray:
+    """The block: ``base`` with its pages set in ``mask`` replaced by ``pages`` (those pages'
+    content, concatenated in increasing page order, as :func:`delta_of` stores them). Raises
+    ValueError when they do not fit (a manifest's deltas are checked when it is read, so a restore
+    never gets here with a bad one)."""
+    numbers = pages_of(mask)
+    if len(base) % PAGE or not numbers or numbers[-1] >= len(base) // PAGE or len(pages) != len(numbers) * PAGE:
+        raise ValueError(f"a page delta of {len(pages)} bytes with mask {mask:#x} does not fit a block of "
+                         f"{len(base)} bytes")
+    block = bytearray(base)
+    for k, p in enumerate(numbers):
+        block[p * PAGE:(p + 1) * PAGE] = pages[k * PAGE:(k + 1) * PAGE]
+    return block
 
 
 def pages_of(mask: int) -> list[int]:

@@ -80,6 +80,11 @@ class Range:
     def first_file(self) -> int:
         return self.frames[0].runs[0].file_no
 
+    @property
+    def deltas(self) -> bool:
+        """A range of page deltas (planned from :func:`delta_view`: every run of it is one)."""
+        return bool(self.frames[0].runs[0].mask)
+
     def files(self) -> set[int]:
         """The batch's file numbers the range writes into."""
         return {run.file_no for fr in self.frames for run in fr.runs}
@@ -272,15 +277,15 @@ View = Callable[[FileEntry], "FileEntry | None"]
 
 
 def base_view(f: FileEntry) -> FileEntry:
-    """The file as its whole blocks: each page delta replaced by its base block (restore phase 1)."""
+    """The file as its whole blocks: each page delta replaced by its base block (written first)."""
     if not has_deltas(f):
         return f
     return f.with_chunks(tuple(c.base if c.mask and c.base is not None else c for c in f.chunks))
 
 
 def delta_view(f: FileEntry) -> FileEntry | None:
-    """The file's page deltas only, every other block left out (restore phase 2, after phase 1
-    wrote their bases); None for a file without deltas."""
+    """The file's page deltas only, every other block left out (written after their bases, see
+    :mod:`dbops.repo.schedule`); None for a file without deltas."""
     if not has_deltas(f):
         return None
     return f.with_chunks(tuple(c if c.mask else ChunkRef("", None, 0, 0, c.raw) for c in f.chunks))
@@ -323,57 +328,6 @@ def planned(manifest: Manifest) -> Iterator[tuple[list[FileEntry], Range]]:
         for files in batches(manifest, view):
             for rng in plan_ranges(manifest, files):
                 yield files, rng
-
-
-class Completion:
-    """Which files of the backup are complete while ranges are still being written: for each batch,
-    the number of its ranges still to write into each file. ``on_complete(entry)`` is called once
-    per file with stored content, as soon as its last range is written (a file whose blocks are all
-    zeros: when its batch is planned); from the planning thread or from a worker (serialised)."""
-
-    def __init__(self, on_complete: Callable[[FileEntry], None],
-                 on_deferred: Callable[[FileEntry], None] | None = None):
-        self.on_complete, self.on_deferred = on_complete, on_deferred
-        self.lock = threading.Lock()
-
-    def planned(self, manifest: Manifest, view: View | None = None, defer: Callable[[FileEntry], bool] | None = None
-                ) -> Iterator[tuple[list[FileEntry], Range, list[int]]]:
-        """(the batch's files as ``view`` shows them, one ranged read, the batch's counts) for every
-        range, batch by batch. A file for which ``defer(entry)`` is true is not completed here (a
-        later pass writes more into it): its last range goes to ``on_deferred`` instead."""
-        for pairs in view_batches(manifest, view):
-            files = [v for _, v in pairs]
-            ranges = plan_ranges(manifest, files)
-            left = _Counts([0] * len(files))
-            for rng in ranges:
-                for i in rng.files():
-                    left[i] += 1
-            if defer is not None:
-                left.deferred = frozenset(i for i, (f, _) in enumerate(pairs) if defer(f))
-            with self.lock:
-                for i, n in enumerate(left):
-                    if n == 0 and i not in left.deferred:
-                        self.on_complete(files[i])
-            for rng in ranges:
-                yield files, rng, left
-
-    def written(self, files: list[FileEntry], rng: Range, left: list[int]) -> None:
-        """The range is written: every file it completes goes to ``on_complete`` (or ``on_deferred``)."""
-        deferred = getattr(left, "deferred", frozenset())
-        with self.lock:
-            for i in rng.files():
-                left[i] -= 1
-                if left[i] == 0:
-                    if i not in deferred:
-                        self.on_complete(files[i])
-                    elif self.on_deferred is not None:
-                        self.on_deferred(files[i])
-
-
-class _Counts(list):
-    """A batch's ranges still to write per file, and the files a later pass completes."""
-
-    deferred: frozenset[int] = frozenset()
 
 
 def run_bounded(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, limit: int) -> None:

@@ -7,10 +7,12 @@ frames being checked held against a fixed byte budget (``IN_FLIGHT_BYTES``: memo
 with the database or its ranges), every block checked against its sha256 and written with ``pwrite``. All-zero blocks are never fetched: files are created at full size
 (sparse) and those blocks stay holes. A file is finished (fsynced, mode, owner, time) as soon as its
 last range is written, by its own pool, while later ranges still download: the flush to disk
-overlaps the download instead of following it. Content comes in two passes: every whole block
-(a page delta's base block included), then, when the backup has page deltas, their pages,
-checked against their sha256 and written over those blocks; a file with deltas is finished
-after the second pass. Verification: :mod:`dbops.repo.verify`.
+overlaps the download instead of following it. Page deltas (manifest format 4) are applied batch
+by batch in the same pass (:mod:`dbops.repo.schedule`): a batch's whole blocks (a delta's base
+block included), then its deltas, each checked against its sha256 and merged into its base block,
+read back from the file (:func:`dbops.repo.blocks.apply_delta`), while the next batch's whole
+blocks download; a file with deltas is finished as soon as its batch is written.
+Verification: :mod:`dbops.repo.verify`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
-from dbops.repo.blocks import PAGE, pages_of
-from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Completion, Range, base_view, delta_view, frame_chunks,
-                               frames_read, has_deltas, open_range, run_bounded)
+from dbops.repo.blocks import apply_delta
+from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget, Range, Run, frame_chunks, frames_read, open_range, run_bounded
+from dbops.repo.schedule import Batch, Completion
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
 from dbops.errors import DamagedObjectError, NotFoundError, PreconditionError, ValidationError
@@ -166,15 +168,16 @@ def restore_snapshot(
 
     finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
     finishing: list[Future] = []
-    # A file with page deltas gets its pages in the second pass; its whole blocks are flushed to
-    # disk as soon as the first pass is done with it, so the final fsync has little left to write.
-    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)),
-                            (lambda f: finishing.append(finisher.submit(flush_file, target, f))) if durable else None)
+    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)))
 
-    def fetch(item: tuple[list[FileEntry], Range, list[int]]) -> None:
+    def fetch(item: tuple[list[FileEntry], Range, Batch]) -> None:
         files, rng, left = item
-        fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
-                                       flush=durable)
+        try:
+            fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
+                                           flush=durable)
+        except BaseException:
+            completion.failed(left)
+            raise
         completion.written(files, rng, left)
         with lock:
             stats.fetched_bytes += fetched
@@ -186,20 +189,9 @@ def restore_snapshot(
 
     t_fetch = time.monotonic()
     workers = max(1, parallel)
-    deltas = [False]
-
-    def defer(f: FileEntry) -> bool:  # a file with page deltas is finished by the second pass
-        if has_deltas(f):
-            deltas[0] = True
-            return True
-        return False
-
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-restore") as pool:
-            # Whole blocks first (page deltas' bases included), then the deltas' pages over them.
-            run_bounded(pool, fetch, completion.planned(manifest, base_view, defer), 2 * workers)
-            if deltas[0]:
-                run_bounded(pool, fetch, completion.planned(manifest, delta_view), 2 * workers)
+            run_bounded(pool, fetch, completion.planned(manifest), 2 * workers)
         for fut in finishing:
             fut.result()
     finally:
@@ -252,10 +244,9 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                         )
                     fd = fds.get(run.file_no)
                     if fd is None:
-                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_WRONLY | NOFOLLOW)
-                    if run.mask:  # a page delta: its pages over the base block written before
-                        for k, page in enumerate(pages_of(run.mask)):
-                            os.pwrite(fd, raw[k * PAGE:(k + 1) * PAGE], run.offset + page * PAGE)
+                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_RDWR | NOFOLLOW)
+                    if run.mask:  # a page delta: merged into its base block, written (and checked) before
+                        os.pwrite(fd, apply_delta(base_block(fd, run, files[run.file_no]), raw, run.mask), run.offset)
                     else:
                         os.pwrite(fd, raw, run.offset)
                     written += len(raw)
@@ -279,6 +270,11 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
         for fd in fds.values():
             os.close(fd)
     return fetched, written
+
+
+def base_block(fd: int, run: Run, f: FileEntry) -> bytes:
+    """The base block of a page delta's run, as written (checked against its sha256) before it."""
+    return os.pread(fd, f.chunks[run.offset // f.block].raw, run.offset)
 
 
 class _Flusher:
@@ -342,15 +338,6 @@ def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] 
     """finish_file for each (in parallel)."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         run_bounded(pool, lambda f: finish_file(target, f, ids, durable), files, 4 * max(1, parallel))
-
-
-def flush_file(target: Path, f: FileEntry) -> None:
-    """Write a restored file's data to disk (fdatasync) ahead of its finish."""
-    fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True) -> None:

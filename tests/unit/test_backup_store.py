@@ -575,7 +575,7 @@ def test_ranges_are_capped_by_decompressed_size_so_work_splits(env, tmp_path, mo
 
 
 def test_each_file_completes_once_and_only_after_its_last_range(env, monkeypatch):
-    from dbops.repo import ranges
+    from dbops.repo import ranges, schedule
 
     store, layout, d = env
     (d / "base/5/big").write_bytes(pages(9, 100))
@@ -583,7 +583,7 @@ def test_each_file_completes_once_and_only_after_its_last_range(env, monkeypatch
     m = snapshot(store, layout, d, "b1", parallel=1)
     monkeypatch.setattr(ranges, "MAX_RANGE_RAW", 128 * 1024)
     done: list[str] = []
-    completion = ranges.Completion(lambda f: done.append(f.path))
+    completion = schedule.Completion(lambda f: done.append(f.path))
     pending: dict[str, int] = {}
     items = list(completion.planned(m))
     assert done == ["base/5/zeros"]  # nothing to fetch: complete once its batch is planned

@@ -222,20 +222,16 @@ def test_hostile_page_delta_is_refused_before_anything_is_written(chain, tmp_pat
             mf.Manifest.from_bytes(data, what="manifest of backup b3")
 
 
-def test_a_file_with_deltas_completes_once_after_its_second_pass(chain):
-    from dbops.repo import ranges
+def test_a_file_with_deltas_completes_once_after_its_deltas(chain):
+    from dbops.repo import schedule
 
     store, layout, f, (m1, m2, m3), copies = chain
     done: list[str] = []
-    flushed: list[str] = []
-    completion = ranges.Completion(lambda e: done.append(e.path), lambda e: flushed.append(e.path))
-    first = list(completion.planned(m3, ranges.base_view, ranges.has_deltas))
-    for files, rng, left in first:
+    completion = schedule.Completion(lambda e: done.append(e.path))
+    items = []
+    for files, rng, left in completion.planned(m3):
+        items.append(rng.deltas)
+        assert REL not in done or not rng.deltas
         completion.written(files, rng, left)
-    assert REL not in done and flushed == [REL] and "PG_VERSION" in done  # whole blocks written, flushed early
-    second = list(completion.planned(m3, ranges.delta_view))
-    assert second and all(files[0].path == REL for files, _, _ in second)
-    for files, rng, left in second:
-        assert REL not in done
-        completion.written(files, rng, left)
-    assert done.count(REL) == 1 and flushed == [REL]
+    assert items[-1] and not items[0]  # the deltas after their bases
+    assert done.count(REL) == 1 and done[-1] == REL and "PG_VERSION" in done

@@ -1,0 +1,132 @@
+"""Page deltas restored in one pipelined pass (dbops.repo.schedule): a batch's deltas are handed out
+once its whole blocks are written, the next batch's whole blocks meanwhile; each delta is merged
+into its base block (dbops.repo.blocks.apply_delta); files complete with their own batch; a
+failed range of whole blocks stops the handing out; bases and deltas spread over many ranges
+and batches restore byte for byte."""
+
+from __future__ import annotations
+
+import pytest
+
+from dbops.errors import ValidationError
+from dbops.ops.restore.delta import restore_delta
+from dbops.repo import blocks, ranges, schedule
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot
+from dbops.storage.layout import Layout
+from dbops.storage.local import LocalStore
+from test_page_deltas import PAGE, REL, Folder, _corrupt, files_of, page, snap
+
+OTHER = "base/5/40001"
+
+
+def test_apply_delta_replaces_exactly_the_masked_pages():
+    base = b"".join(bytes([i]) * PAGE for i in range(8))
+    pages = b"A" * PAGE + b"B" * PAGE
+    out = blocks.apply_delta(memoryview(base), pages, 0b1000_0010)
+    assert out == base[:PAGE] + b"A" * PAGE + base[2 * PAGE:7 * PAGE] + b"B" * PAGE
+    for pages, mask in ((pages, 0b1), (b"A" * PAGE, 1 << 8), (b"A" * PAGE, 0), (b"A" * 100, 1)):
+        with pytest.raises(ValueError):
+            blocks.apply_delta(base, pages, mask)
+    with pytest.raises(ValueError):
+        blocks.apply_delta(base[:100], b"A" * PAGE, 1)
+
+
+class TwoRelations(Folder):
+    """The test folder with a second relation (its own batch when batches are small)."""
+
+    def __init__(self, root):
+        self.other = [page(0x1000000, f"q{i}") for i in range(128)]
+        super().__init__(root)
+
+    def write(self) -> None:
+        super().write()
+        (self.d / OTHER).write_bytes(b"".join(self.other))
+
+    def change_other(self, lsn: int, *numbers: int) -> None:
+        for n in numbers:
+            self.other[n] = page(lsn, f"q{n}@{lsn:x}")
+        self.write()
+
+
+@pytest.fixture
+def two(tmp_path):
+    """b1 full; b2 with page deltas in both relations (their bases in b1's packs)."""
+    store, layout, f = LocalStore(tmp_path / "store"), Layout("c"), TwoRelations(tmp_path)
+    m1 = snap(store, layout, f, "b1", 0x2000000)
+    f.change(0x2000100, 1, 9, 30, 61, 200, 255)
+    f.change_other(0x2000100, 0, 5, 6, 70, 127)
+    m2 = snap(store, layout, f, "b2", 0x3000000, m1)
+    m2 = mf.load(store, layout, m2.backup_id)
+    assert sum(1 for e in m2.entries() for c in e.chunks if c.mask) >= 8
+    return store, layout, f, m2, files_of(f.d)
+
+
+def test_deltas_come_after_their_batch_and_files_complete_with_it(two, monkeypatch):
+    store, layout, f, m2, copy = two
+    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)  # one file a batch
+    monkeypatch.setattr(ranges, "MAX_RANGE_RAW", 64 * 1024)  # several ranges of whole blocks per relation
+    done: list[str] = []
+    completion = schedule.Completion(lambda e: done.append(e.path))
+    seen: list[tuple[int, str, bool]] = []  # (batch number, first file, a delta range)
+    batches: list[schedule.Batch] = []
+    for files, rng, left in completion.planned(m2):
+        if not any(b is left for b in batches):
+            batches.append(left)
+        n = next(i for i, b in enumerate(batches) if b is left)
+        path = files[rng.first_file].path
+        if rng.deltas:
+            assert left.bases_left == 0  # every whole block of its batch is written
+            assert path not in done
+        seen.append((n, path, rng.deltas))
+        completion.written(files, rng, left)  # written at once, in the order handed out
+    rel = [s for s in seen if s[1] == REL]
+    other = [s for s in seen if s[1] == OTHER]
+    assert sum(1 for s in rel if not s[2]) > 1 and any(s[2] for s in rel) and any(s[2] for s in other)
+    # the next batch's whole blocks are handed out before this batch's deltas (pipelined)
+    first_delta = next(i for i, s in enumerate(seen) if s[2])
+    assert any(s[0] > seen[first_delta][0] and not s[2] for s in seen[:first_delta])
+    with_content = sorted(e.path for e in m2.entries() if e.type == mf.FILE and e.chunks)
+    assert sorted(done) == with_content  # each once
+
+
+def test_a_failed_range_of_whole_blocks_stops_before_its_deltas(two, monkeypatch):
+    store, layout, f, m2, copy = two
+    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)
+    completion = schedule.Completion(lambda e: None)
+    handed = []
+    for files, rng, left in completion.planned(m2):
+        handed.append((files[rng.first_file].path, rng.deltas))
+        if files[rng.first_file].path == REL and not rng.deltas:
+            completion.failed(left)  # as a worker reports a damaged range
+        else:
+            completion.written(files, rng, left)
+    # the next batch's whole blocks were already handed out; no delta of either relation was
+    assert (REL, False) in handed and (OTHER, False) in handed and not any(d for _p, d in handed)
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_bases_and_deltas_in_many_ranges_and_batches_restore_byte_for_byte(two, tmp_path, monkeypatch, parallel):
+    store, layout, f, m2, copy = two
+    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)
+    monkeypatch.setattr(ranges, "MAX_GAP", 0)
+    monkeypatch.setattr(ranges, "MAX_RANGE", 1)  # one frame per range: bases and deltas each in their own
+    st = restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=parallel)
+    assert files_of(tmp_path / "r") == copy
+    assert st.requests > 2 * len(m2.packs())
+    # restore --delta over an older copy: the same merge
+    target = tmp_path / "d"
+    restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(target), parallel=parallel)
+    restore_delta(store, layout, m2, target, parallel=parallel)
+    assert files_of(target) == copy
+
+
+def test_a_damaged_base_frame_in_a_later_batch_is_named(two, tmp_path, monkeypatch):
+    store, layout, f, m2, copy = two
+    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)
+    c = next(c for e in m2.entries() if e.path == OTHER for c in e.chunks if c.mask)
+    key = layout.pack(c.base.pack)
+    _corrupt(store, key, c.base.offset + c.base.length // 2)
+    with pytest.raises(ValidationError) as ei:
+        restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=2)
+    assert key in (ei.value.detail or "") and "damaged" in ei.value.message
