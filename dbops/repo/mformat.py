@@ -325,11 +325,12 @@ def _read_exact(r: Any, n: int) -> bytes:
     return b"".join(parts)
 
 
-def read_entries(path: str, offset: int, packs: list[str], count: int, what: str, fmt: int = 3
-                 ) -> Iterator[FileEntry]:
+def read_entries(path: str, offset: int, packs: list[str], count: int, what: str, fmt: int = 3, *,
+                 tables: bool = True) -> Iterator[FileEntry]:
     """Every entry of a format-3 or 4 manifest stored at path (entry stream at offset), one at a time,
     each checked by :func:`check_entry`; ``count`` of them. Raises ValidationError when the
-    stream is damaged or ends early."""
+    stream is damaged or ends early. ``tables=False``: files come without their blocks (their
+    block tables are skipped, not decoded, and only their type is checked): a listing."""
     names: dict[int, str | None] = dict(enumerate(packs))
     names[NO_PACK] = None
 
@@ -358,6 +359,11 @@ def read_entries(path: str, offset: int, packs: list[str], count: int, what: str
                     (m,) = _LEN.unpack_from(rec, 0)
                     d = json.loads(rec[4:4 + m])
                     e = entry_from_meta(d)
+                    if not tables:
+                        if e.type != FILE and len(rec) != 4 + m:
+                            raise ValueError(f"entry {e.path} carries a block table it cannot have")
+                        yield e if e.type == FILE else check_entry(e, what)
+                        continue
                     if e.type == FILE and e.size:
                         e = e.with_chunks(tuple(decode_table(memoryview(rec)[4 + m:],
                                                              raw_lengths(e.size, e.block), pack_name, fmt)))

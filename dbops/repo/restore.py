@@ -147,7 +147,7 @@ def restore_snapshot(
     # 1. folders (writable for now), then every file created at its full size; never through a link
     # the bucket names (every entry was checked when the manifest was read, dbops.repo.untrusted;
     # the only links written through are the tablespaces', made above to folders chosen here).
-    for e in map(as_restored, manifest.entries()):
+    for e in map(as_restored, manifest.listing()):
         if e.type == DIR and e.path != ".":
             (target / e.path).mkdir(mode=0o700, exist_ok=True)
             stats.dirs += 1
@@ -205,7 +205,7 @@ def restore_snapshot(
     unlogged = reset_unlogged(target, manifest)
 
     # The files with stored content were finished as they completed (above).
-    finish_files(target, itertools.chain((e for e in manifest.entries() if e.type == FILE and not e.chunks),
+    finish_files(target, itertools.chain((e for e in manifest.listing() if e.type == FILE and not e.size),
                                          unlogged, status), ids, parallel, durable)
     stats.symlinks += make_links(target, restored_links(manifest), ids)
     finish_tree(target, manifest, ids, durable)
@@ -311,7 +311,7 @@ def mark_wal_archived(target: Path, manifest: Manifest) -> list[FileEntry]:
     """archive_status/<name>.done for every WAL file the backup carries (as pg_basebackup does):
     they came from, or belong in, the archive and must not be archived again from here."""
     made = []
-    for e in manifest.entries():
+    for e in manifest.listing():
         if e.type == FILE and e.path.startswith("pg_wal/") and e.path.count("/") == 1:
             rel = f"pg_wal/archive_status/{e.path[7:]}.done"
             (target / rel).touch(mode=0o600)
@@ -323,9 +323,9 @@ def reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
     """Give every unlogged relation its main fork as a copy of its _init fork, as PostgreSQL's
     recovery does: the snapshot left those forks out, and a start without recovery would not
     recreate them. Returns the created files (to be finished like the others)."""
-    paths = {e.path for e in manifest.entries()}
+    paths = {e.path for e in manifest.listing()}
     made = []
-    for e in manifest.entries():
+    for e in manifest.listing():
         m = _INIT_FORK_RE.match(e.path)
         if e.type == FILE and m and m.group(1) not in paths:
             shutil.copyfile(target / e.path, target / m.group(1))
@@ -358,7 +358,7 @@ def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, d
     """Link owners, folder modes/times (deepest first, so parents' times stick), fsync folders;
     each folder opened without following a link."""
     recorded = {}
-    for e in map(as_restored, manifest.entries()):
+    for e in map(as_restored, manifest.listing()):
         if e.type == DIR:
             recorded[e.path] = e
         elif e.type == SYMLINK and ids and (target / e.path).is_symlink():

@@ -181,7 +181,7 @@ def restored_links(manifest: "Manifest") -> list["FileEntry"]:
     folder chosen for the tablespace), and not links to tablespaces the manifest does not list
     (written before tablespace support; their contents were never backed up)."""
     out = []
-    for e in manifest.entries():
+    for e in manifest.listing():
         if e.type != "symlink":
             continue
         if oid_of_link(e.path) is not None:

@@ -94,7 +94,7 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
     manifest.check()
     ids = (pwd.getpwnam(owner).pw_uid, pwd.getpwnam(owner).pw_gid) if owner else None
     dests = tablespace_folders(manifest, tablespace_dirs)
-    wanted = {e.path: e.type for e in map(as_restored, manifest.entries())}
+    wanted = {e.path: e.type for e in map(as_restored, manifest.listing())}
     removed = _remove_extra(target, wanted)
     for t in manifest.tablespaces:
         dests[t.oid].mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -102,7 +102,7 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
     link_tablespaces(target, manifest, dests)
     links = {e.path for e in restored_links(manifest)}
     late = []  # links made last, after every file is written: nothing is ever written through them
-    for e in map(as_restored, manifest.entries()):
+    for e in map(as_restored, manifest.listing()):
         if e.type == DIR and e.path != ".":
             (target / e.path).mkdir(mode=0o700, exist_ok=True)
         elif e.type != SYMLINK or e.path not in links:
@@ -114,8 +114,8 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
             late.append(e)
     totals = {"files": 0, "logical_bytes": 0, "kept_bytes": 0, "zeroed_bytes": 0, "fetched_bytes": 0,
               "requests": 0, "compare_seconds": 0.0}
-    for f in manifest.entries():  # files without content: created or emptied here
-        if f.type == FILE and not f.chunks:
+    for f in manifest.listing():  # files without content: created or emptied here
+        if f.type == FILE and not f.size:
             _compare(target, f)
     # Batch by batch: compare (in parallel), then fetch what differs; memory stays bounded.
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-delta") as pool:
@@ -128,14 +128,14 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
             totals["requests"] += requests
             totals["kept_bytes"] += sum(c[1] for c in compared)
             totals["zeroed_bytes"] += sum(c[2] for c in compared)
-    for f in manifest.entries():
+    for f in manifest.listing():
         if f.type == FILE:
             totals["files"] += 1
             totals["logical_bytes"] += f.size
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
     extra = mark_wal_archived(target, manifest) + reset_unlogged(target, manifest)
 
-    finish_files(target, itertools.chain((f for f in manifest.entries() if f.type == FILE), extra), ids, parallel)
+    finish_files(target, itertools.chain((f for f in manifest.listing() if f.type == FILE), extra), ids, parallel)
     make_links(target, late, ids)
     finish_tree(target, manifest, ids)
     finish_tablespace_roots(dests, ids)
