@@ -34,8 +34,10 @@ from dbops.lab import harness as labmod
 
 try:
     from bench import pgbackrest_peer
+    from bench.bytecode import compile_dbops
 except ImportError:  # run as a script from bench/
     import pgbackrest_peer  # type: ignore[no-redef]
+    from bytecode import compile_dbops  # type: ignore[no-redef]
 
 ENC_PREFIX = "lab-enc"
 
@@ -130,6 +132,7 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
     lab = labmod.info(d)
     meta = json.loads((d / "bench-download.json").read_text())
     target = d / "bench-download-restore"
+    compile_dbops()
     out = []
     for n in range(runs):
         for tool in tools:

@@ -50,8 +50,10 @@ from dbops.storage.layout import Layout
 
 try:
     from bench import pgbackrest_peer
+    from bench.bytecode import compile_dbops
 except ImportError:  # run as a script from bench/
     import pgbackrest_peer  # type: ignore[no-redef]
+    from bytecode import compile_dbops  # type: ignore[no-redef]
 
 PGBENCH_SECONDS = 30
 PITR_PGBENCH_SECONDS = 10  # WAL after the incremental that a restore to the target replays
@@ -310,6 +312,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
 
 def run_sweep(root: Path, scales: list[int], emit) -> int:
     """One fresh lab per scale under root; emit(record) for every measurement. Returns failures."""
+    compile_dbops()  # the commands timed start as an installed dbops does
     failed = 0
     for scale in scales:
         d = root / f"scale-{scale}"

@@ -37,6 +37,9 @@ fi
 [ -x "$target/bin/python" ] || "$PYTHON" -m venv "$target"
 if [ "$editable" = 1 ]; then
   "$target/bin/pip" install -q --disable-pip-version-check -c "$constraints" -e "$extras"
+  # An editable install is not byte-compiled (a regular one is): without this, and with
+  # PYTHONDONTWRITEBYTECODE set, every command would compile the modules it imports from source.
+  "$target/bin/python" -m compileall -q dbops >/dev/null
 else
   echo "note: the postgres OS user cannot read $here; installing a copy into $target" >&2
   "$target/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps .
