@@ -130,3 +130,13 @@ def test_a_damaged_base_frame_in_a_later_batch_is_named(two, tmp_path, monkeypat
     with pytest.raises(ValidationError) as ei:
         restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=2)
     assert key in (ei.value.detail or "") and "damaged" in ei.value.message
+
+
+def test_a_listing_has_every_entry_without_decoding_block_tables(two):
+    store, layout, f, m2, copy = two
+    full = list(m2.entries())
+    listed = list(m2.listing())
+    assert [(e.path, e.type, e.mode, e.mtime_ns, e.size, e.target) for e in listed] == \
+        [(e.path, e.type, e.mode, e.mtime_ns, e.size, e.target) for e in full]
+    assert all(not e.chunks for e in listed) and any(e.chunks for e in full)
+    m2.check()  # loaded: its tables were checked then; the tablespace check runs on the listing
