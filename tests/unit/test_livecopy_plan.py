@@ -1,0 +1,79 @@
+"""The direct copy of a data folder (dbops.ops.backup.livecopy) on a folder laid out like one:
+what it leaves out, where tablespaces go, pg_control last, files copied in ranges and files that
+vanish. (With a live server, under writes: tests/integration/test_backup_livecopy.py.)"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbops.ops.backup import livecopy
+from dbops.ops.backup import tablespaces as tbs
+from dbops.repo.tblspc import Tablespace
+
+
+@dataclass
+class FakeBackup:  # what plan_copy reads of an OnlineBackup
+    data_dir: Path
+    tablespace_dir: str = "PG_15_202209061"
+
+
+def touch(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_plan_leaves_out_what_pg_basebackup_does_and_maps_tablespaces(tmp_path):
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    for name in ("PG_VERSION", "postgresql.auto.conf", "postmaster.pid", "postmaster.opts", "backup_label",
+                 "tablespace_map", "standby.signal", "global/pg_control", "global/1262", "global/pg_internal.init",
+                 "base/5/16384", "base/5/16384_fsm", "base/5/16390", "base/5/16390_init", "base/5/16390_vm",
+                 "base/5/t3_16400", "base/5/pgsql_tmp/pgsql_tmp123.0", "pg_wal/000000010000000000000001",
+                 "pg_wal/archive_status/000000010000000000000001.done", "pg_stat_tmp/global.stat",
+                 "pg_replslot/s1/state", "pg_xact/0000"):
+        touch(live / name)
+    ts_live = tmp_path / "ts1"
+    touch(ts_live / "PG_15_202209061" / "5" / "16500")
+    touch(ts_live / "PG_16_202307071" / "5" / "99")  # another major version's folder: not ours
+    (live / "pg_tblspc").mkdir()
+    os.symlink(ts_live, live / "pg_tblspc" / "16499")
+    scratch.mkdir()
+    ts = tbs.ScratchTablespaces(scratch, known={16499: Tablespace(16499, "one", str(ts_live))})
+    ts.prepare("postgres")
+    data = scratch / "data"
+
+    plan = livecopy.plan_copy(FakeBackup(live), data, ts, "postgres")
+    copied = sorted(str(dst.relative_to(scratch)) for _, dst, _, _ in plan.files)
+    assert copied == ["data/PG_VERSION", "data/base/5/16384", "data/base/5/16384_fsm", "data/base/5/16390_init",
+                      "data/global/1262", "data/pg_xact/0000", "data/postgresql.auto.conf",
+                      "tblspc/16499/PG_15_202209061/5/16500"]
+    assert plan.control is not None and plan.control[1] == data / "global" / "pg_control"
+    dirs = {str(d.relative_to(scratch)) for d, _ in plan.dirs}
+    assert {"data/pg_wal", "data/pg_wal/archive_status", "data/pg_stat_tmp", "data/pg_replslot"} <= dirs
+    assert "data/base/5/pgsql_tmp" not in dirs and "data/pg_replslot/s1" not in dirs
+    assert plan.links == [(data / "pg_tblspc" / "16499", str(ts.folder(16499)))]
+
+    stats = livecopy.execute(plan, os_user="postgres", workers=2)
+    assert stats.files == len(copied) + 1 and stats.vanished == 0
+    assert os.readlink(data / "pg_tblspc" / "16499") == str(ts.folder(16499))
+    assert (ts.folder(16499) / "PG_15_202209061" / "5" / "16500").read_bytes() == b"x"
+    assert not (ts_live / "PG_15_202209061" / "5" / "16500").is_symlink()
+
+
+def test_files_copied_in_ranges_and_a_vanished_file_left_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(livecopy, "RANGE", 8192)  # a 5-page file in 5 ranges shared by the threads
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    body = os.urandom(5 * 8192 + 100)
+    touch(live / "base" / "5" / "16384", body)
+    touch(live / "base" / "5" / "16385", b"gone")
+    touch(live / "global" / "pg_control", b"control")
+    scratch.mkdir()
+    ts = tbs.ScratchTablespaces(scratch)
+    plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", ts, "postgres")
+    (live / "base" / "5" / "16385").unlink()  # dropped between the listing and the copy
+    stats = livecopy.execute(plan, os_user="postgres", workers=2)
+    assert (scratch / "data" / "base" / "5" / "16384").read_bytes() == body
+    assert not (scratch / "data" / "base" / "5" / "16385").exists()
+    assert (scratch / "data" / "global" / "pg_control").read_bytes() == b"control"
+    assert stats.vanished == 1 and stats.bytes == len(body) + len(b"control")
