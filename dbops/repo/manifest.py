@@ -1,8 +1,8 @@
 """The backup manifest: everything needed to restore one backup on its own.
 
 Stored at ``Layout.manifest(id)``, written last and with ``if_absent``: a backup exists
-exactly when its manifest does. Encodings: :mod:`dbops.repo.mformat` (format 4 written,
-formats 1 to 3 read).
+exactly when its manifest does. Encodings: :mod:`dbops.repo.mformat` (format 5 written,
+formats 1 to 4 read).
 
 A file's content is a list of fixed-size blocks (``FileEntry.block``, chosen by file size:
 see :func:`dbops.repo.blocks.block_size`; the last one may be shorter), each identified by
@@ -14,7 +14,8 @@ in the decompressed frame: ``at`` and ``raw`` (its length).
 * ``pack is None``: an all-zero block, never stored (restored as a hole);
 * ``length == frame_raw``: the frame is stored uncompressed; shorter: a zstd frame;
 * ``mask != 0`` (format 4): a page delta: the frame holds only the block's pages set in the
-  mask, and ``base`` (a whole-block ref, in this backup's parent chain) holds the rest.
+  mask, and ``base`` (a whole-block ref, in this backup's parent chain) holds the rest;
+  ``on_base`` (format 5): the frame is compressed with the base block as zstd dictionary.
 
 A manifest read from storage keeps its entries in a local file and hands them out one at a
 time (:meth:`Manifest.entries`): memory stays flat in the size of the database.
@@ -44,8 +45,8 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 from dbops.storage.probe import put_file_once
 
-FORMAT_VERSION = 4
-READABLE_FORMATS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 MAGIC = mformat.MAGIC2
 NO_PACK = mformat.NO_PACK
 
@@ -80,7 +81,7 @@ class Manifest:
         self.tablespaces = list(tablespaces or ())  # user tablespaces (see dbops.repo.tblspc)
         self._files = list(files) if files is not None else None
         self._source: tuple[str, int, int] | None = None  # (local file, offset of the entry stream, format): 3, 4
-        self._packs: list[str] | None = None  # formats 3 and 4: the pack table
+        self._packs: list[str] | None = None  # formats 3 to 5: the pack table
         self._referenced: int | None = None
         self.entry_count: int | None = None
         self._tables_checked = False  # every entry's blocks read and checked once (see load)
@@ -88,7 +89,7 @@ class Manifest:
     # ------------------------------------------------------------------ entries
 
     def _attach(self, path: str, offset: int, packs: list[str], referenced: int, entries: int, fmt: int) -> None:
-        """Back the entries by a local format 3 or 4 file, removed when this object goes."""
+        """Back the entries by a local format 3, 4 or 5 file, removed when this object goes."""
         self._files, self._source = None, (path, offset, fmt)
         self._packs, self._referenced, self.entry_count = list(packs), referenced, entries
         weakref.finalize(self, _unlink, path)
@@ -236,7 +237,7 @@ class Manifest:
     # ------------------------------------------------------------------ files and bytes
 
     def write_file(self, path: str) -> None:
-        """Encode as format 4 into a local file (entries streamed from wherever they are now)."""
+        """Encode as format 5 into a local file (entries streamed from wherever they are now)."""
         w = mformat.Writer(path)
         try:
             for f in self.entries():
@@ -251,7 +252,7 @@ class Manifest:
 
     @classmethod
     def from_file(cls, path: str, *, what: str = "manifest", own: bool = True) -> Manifest:
-        """Read a stored manifest from a local file; format 3 and 4 entries stay there (``own``: the
+        """Read a stored manifest from a local file; format 3 to 5 entries stay there (``own``: the
         file is removed with the object), older formats are read whole."""
         try:
             with open(path, "rb") as f:
@@ -281,7 +282,7 @@ class Manifest:
         return m
 
     def to_bytes(self) -> bytes:
-        """The stored form (format 4) in memory: for small manifests and tests."""
+        """The stored form (format 5) in memory: for small manifests and tests."""
         fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
         os.close(fd)
         try:
@@ -328,7 +329,7 @@ class Manifest:
 
 def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | None = None) -> None:
     """Write the manifest (the act that makes the backup exist). Never replaces one.
-    ``path``: the manifest already encoded there (format 4)."""
+    ``path``: the manifest already encoded there (format 5)."""
     key = layout.manifest(manifest.backup_id)
     own = path is None
     if path is None:
@@ -349,7 +350,7 @@ def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | 
 
 
 def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | None = None) -> Manifest:
-    """Read one backup's manifest; NotFoundError when the backup does not exist. A format 3 or 4
+    """Read one backup's manifest; NotFoundError when the backup does not exist. A format 3 to 5
     manifest is downloaded to a local file (in ``tmp_dir``) that its entries are read from."""
     key = layout.manifest(backup_id)
     fd, path = tempfile.mkstemp(prefix="dbops-manifest-", dir=tmp_dir)
@@ -376,7 +377,7 @@ def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | N
 
 
 def load_header(store: ObjectStore, layout: Layout, backup_id: str) -> Manifest:
-    """One backup's manifest without its entries where the format allows (formats 3 and 4: two ranged
+    """One backup's manifest without its entries where the format allows (formats 3 to 5: two ranged
     reads of the header; pack table, sizes and counts included): for the catalog and retention.
     Older formats are loaded whole."""
     key = layout.manifest(backup_id)

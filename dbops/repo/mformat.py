@@ -1,4 +1,4 @@
-"""Manifest encodings: format 4 (written, streamed file by file), formats 3, 2 and 1 (read).
+"""Manifest encodings: format 5 (written, streamed file by file), formats 4, 3, 2 and 1 (read).
 
 Format 3: ``MAGIC3``, a 4-byte length and the zstd-compressed JSON header (everything but the
 entries: PostgreSQL state, sizes, counts, the ``packs`` id table, ``referenced_bytes``), then
@@ -8,7 +8,7 @@ entry's block table, column by column: sha256 digests (32 bytes), pack numbers (
 ``NO_PACK`` for an all-zero block), frame offsets (u64), frame lengths, frame raw lengths,
 offsets in the frame (u32 each). Block counts and raw lengths follow from size and block.
 
-Format 4 (``MAGIC4``, written): format 3 with more columns in each block table, after the
+Format 4 (``MAGIC4``, read): format 3 with more columns in each block table, after the
 others: the page mask (u64; 0 for a whole block), then the base block's columns in the same
 layout (its sha256's first 16 bytes, pack number, frame offset, frame length, frame raw length,
 offset in frame; all zeros for a whole block, so they compress away). A block with a mask is a
@@ -16,6 +16,13 @@ page delta (see :mod:`dbops.repo.blocks`): its own columns locate the changed pa
 (concatenated, in page order; the sha256 is theirs), the base's locate the whole block they
 apply to (the base's raw length is the block's). Writing and reading hold one entry at a time:
 memory does not grow with the database.
+
+Format 5 (``MAGIC5``, written): format 4's layout; bit 63 of a mask (``ON_BASE``) marks a delta
+whose frame holds only its pages, zstd-compressed with the base block's raw bytes as dictionary
+(see :meth:`dbops.repo.codec.Encoder.encode_on`): such a frame starts at offset 0 and its raw
+length is the delta's pages. A delta without the bit (one kept from a format 4 parent) is read as
+in format 4. The sha256 of a delta is always over its uncompressed pages: a verified base and a
+payload that decodes to the recorded hash give back the block.
 
 Format 2 (read only): ``MAGIC``, the header with every entry in it, then one chunk table for
 all files (the same columns); format 1 (read only): zstd-compressed JSON, chunk refs as
@@ -44,7 +51,10 @@ from dbops.repo.model import DIR, FILE, PAGE, SYMLINK, ChunkRef, FileEntry
 MAGIC2 = b"DBOPSMF2"
 MAGIC3 = b"DBOPSMF3"
 MAGIC4 = b"DBOPSMF4"
-MAGICS = {MAGIC3: 3, MAGIC4: 4}
+MAGIC5 = b"DBOPSMF5"
+MAGICS = {MAGIC3: 3, MAGIC4: 4, MAGIC5: 5}
+WRITERS = {3: MAGIC3, 4: MAGIC4, 5: MAGIC5}
+ON_BASE = 1 << 63  # format 5: in a mask, the delta's frame is compressed against its base
 NO_PACK = 0xFFFFFFFF
 TYPES = (FILE, DIR, SYMLINK)
 
@@ -81,7 +91,7 @@ def check_entry(e: FileEntry, what: str) -> FileEntry:
             detail=f"size {e.size}, {len(e.chunks)} blocks covering {total} bytes (block size {e.block})",
         )
     for n, c in enumerate(e.chunks):
-        if c.mask or c.base is not None:
+        if c.mask or c.base is not None or c.on_base:
             why = _delta_problem(c)
             if why:
                 raise ValidationError(f"{what}: manifest entry for {e.path} has a bad page delta",
@@ -102,6 +112,9 @@ def _delta_problem(c: ChunkRef) -> str:
         return "its base is not a stored whole block"
     if b.raw != c.raw or b.at + b.raw > b.frame_raw:
         return f"its base does not hold a block of {c.raw} bytes (base {b.raw} bytes at {b.at} of {b.frame_raw})"
+    if c.on_base and (c.at or c.frame_raw != c.stored_raw):
+        return (f"a delta compressed against its base must be its frame's only content "
+                f"({c.stored_raw} bytes at {c.at} of a frame of {c.frame_raw} bytes)")
     return ""
 
 
@@ -140,15 +153,18 @@ def _columns(chunks: list[ChunkRef], number: Callable[[str | None], int], hash_b
     return [bytes.fromhex("".join(c.hash[:2 * hash_bytes] for c in chunks)), *(col.tobytes() for col in cols)]
 
 
-def encode_table(chunks: Iterable[ChunkRef], number: Callable[[str | None], int], fmt: int = 4) -> bytes:
+def encode_table(chunks: Iterable[ChunkRef], number: Callable[[str | None], int], fmt: int = 5) -> bytes:
     """A file's block table. Format 4 adds, after format 3's columns, the page mask of each block
-    and its base's columns (all zeros for a block that is not a delta: they compress away)."""
+    and its base's columns (all zeros for a block that is not a delta: they compress away);
+    format 5 marks a delta compressed against its base with ``ON_BASE`` in its mask."""
     chunks = list(chunks)
     if fmt < 4:
         if any(c.mask for c in chunks):
             raise ValueError("format 3 cannot hold page deltas")
         return b"".join(_columns(chunks, number))
-    masks = array("Q", (c.mask for c in chunks))
+    if fmt < 5 and any(c.on_base for c in chunks):
+        raise ValueError("format 4 cannot hold page deltas compressed against their base")
+    masks = array("Q", (c.mask | ON_BASE if c.on_base else c.mask for c in chunks))
     if sys.byteorder == "big":
         masks.byteswap()
     none = ChunkRef(_ZERO_HASH, None, 0, 0, 0)
@@ -190,7 +206,10 @@ def decode_table(table: bytes | memoryview, raws: list[int], pack_name: Callable
     if not any(masks):
         return refs
     bases = _decode_columns(table[n * _WIDTH + 8 * n:], raws, pack_name, BASE_HASH)
-    return [r._replace(mask=m, base=b) if m else r for r, m, b in zip(refs, masks, bases)]
+    if fmt < 5:  # a set ON_BASE bit is a mask naming pages beyond any block: refused by check_entry
+        return [r._replace(mask=m, base=b) if m else r for r, m, b in zip(refs, masks, bases)]
+    return [r._replace(mask=m & ~ON_BASE, base=b, on_base=bool(m & ON_BASE)) if m else r
+            for r, m, b in zip(refs, masks, bases)]
 
 
 def raw_lengths(size: int, block: int) -> list[int]:
@@ -200,7 +219,7 @@ def raw_lengths(size: int, block: int) -> list[int]:
     return [block] * (k - 1) + [size - (k - 1) * block]
 
 
-# ---------------------------------------------------------------------- format 3: writer
+# ---------------------------------------------------------------------- formats 3 to 5: writer
 
 
 class Writer:
@@ -208,8 +227,8 @@ class Writer:
 
     Keeps the pack id table (one id per pack: small) and totals; never the entries."""
 
-    def __init__(self, path: str, fmt: int = 4):
-        if fmt not in (3, 4):
+    def __init__(self, path: str, fmt: int = 5):
+        if fmt not in WRITERS:
             raise ValueError(f"cannot write manifest format {fmt}")
         self.path, self.format = path, fmt
         self._body_path = path + ".entries"
@@ -242,7 +261,7 @@ class Writer:
         self._body.close()
         head = zstandard.ZstdCompressor(level=9).compress(json.dumps(header, separators=(",", ":")).encode())
         with open(self.path, "wb") as out, open(self._body_path, "rb") as body:
-            out.write((MAGIC4 if self.format == 4 else MAGIC3) + _LEN.pack(len(head)) + head)
+            out.write(WRITERS[self.format] + _LEN.pack(len(head)) + head)
             while block := body.read(1 << 20):
                 out.write(block)
         os.unlink(self._body_path)
@@ -269,7 +288,7 @@ def read_header(f: BinaryIO) -> tuple[int, dict[str, Any], int]:
     Formats 1 and 2: the whole document, entries included."""
     magic = f.read(len(MAGIC3))
     dz = zstandard.ZstdDecompressor()
-    if magic not in (MAGIC2, MAGIC3, MAGIC4):  # format 1: one zstd-compressed JSON document
+    if magic != MAGIC2 and magic not in MAGICS:  # format 1: one zstd-compressed JSON document
         f.seek(0)
         with dz.stream_reader(f, read_across_frames=True) as r:
             return 1, json.loads(r.read()), -1
@@ -327,7 +346,7 @@ def _read_exact(r: Any, n: int) -> bytes:
 
 def read_entries(path: str, offset: int, packs: list[str], count: int, what: str, fmt: int = 3, *,
                  tables: bool = True) -> Iterator[FileEntry]:
-    """Every entry of a format-3 or 4 manifest stored at path (entry stream at offset), one at a time,
+    """Every entry of a format 3, 4 or 5 manifest stored at path (entry stream at offset), one at a time,
     each checked by :func:`check_entry`; ``count`` of them. Raises ValidationError when the
     stream is damaged or ends early. ``tables=False``: files come without their blocks (their
     block tables are skipped, not decoded, and only their type is checked): a listing."""

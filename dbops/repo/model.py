@@ -24,6 +24,9 @@ class ChunkRef(NamedTuple):
     # page i), concatenated; ``hash`` is their sha256; the other pages are ``base``'s, a full block.
     mask: int = 0
     base: ChunkRef | None = None
+    # Format 5: the delta's frame holds only it, zstd-compressed with ``base``'s raw block as its
+    # dictionary: decoding it needs the base block's bytes (see codec.Decoder.decode_on).
+    on_base: bool = False
 
     @property
     def is_zero(self) -> bool:

@@ -21,10 +21,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import zstandard
-
 from dbops.errors import NotFoundError, StorageError
 from dbops.repo import codec
+from dbops.repo.frames import open_delta, open_frame
 from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest
 from dbops.storage.base import BytesRange, ObjectStore, RangeReader
 
@@ -90,11 +89,12 @@ class Range:
         return {run.file_no for fr in self.frames for run in fr.runs}
 
 
-def plan_ranges(manifest: Manifest, files: list[FileEntry]) -> list[Range]:
-    """Coalesced ranged reads covering every stored frame the files need, each frame once."""
+def plan_ranges(manifest: Manifest | None, files: list[FileEntry]) -> list[Range]:
+    """Coalesced ranged reads covering every stored frame the files need, each frame once
+    (``manifest``: for the block size of files that do not carry one)."""
     frames: dict[tuple[str, int], Frame] = {}
     for i, f in enumerate(files):
-        cs = f.block or manifest.chunk_size
+        cs = f.block or (manifest.chunk_size if manifest is not None else 0)
         run: Run | None = None
         run_pack, run_offset, run_end = "", -1, -1
         for n, c in enumerate(f.chunks):
@@ -235,13 +235,24 @@ class ReadAhead:
         return self.buf[:n]
 
 
-def frame_chunks(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview) -> Iterator[tuple[Run, memoryview | None, str]]:
+BaseOf = Callable[[Frame, Run], "bytes | memoryview | None"]
+
+
+def frame_chunks(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview,
+                 base_of: BaseOf | None = None) -> Iterator[tuple[Run, memoryview | None, str]]:
     """(run, its content, "") for every run of chunks the frame holds, each chunk checked against
-    its sha256; (run, None, why) for a run with a damaged chunk (or frame)."""
+    its sha256; (run, None, why) for a run with a damaged chunk (or frame). A page delta
+    compressed against its base (format 5) is decoded with ``base_of(frame, run)``: the raw bytes
+    of the frame's base block, for the run's block (None: not available, reported damaged)."""
     sha256 = codec.sha256
     r = fr.ref
-    raw, why = open_frame(decoder, r, stored)
+    if r.on_base:
+        raw, why = None, ""
+    else:
+        raw, why = open_frame(decoder, r, stored)
     for run in fr.runs:
+        if r.on_base:
+            raw, why = open_delta(decoder, r, stored, base_of(fr, run) if base_of is not None else None)
         if raw is None:
             yield run, None, why
             continue
@@ -258,19 +269,6 @@ def chunks_of(decoder: codec.Decoder, data: bytes, rng: Range) -> Iterator[tuple
     """frame_chunks for every frame of a range already in memory."""
     for fr, stored in frames_read(BytesRange(data), rng):
         yield from frame_chunks(decoder, fr, stored)
-
-
-def open_frame(decoder: codec.Decoder, r: ChunkRef, stored: bytes | memoryview) -> tuple[memoryview | None, str]:
-    """(the frame's raw content, "") when it reads back, else (None, why)."""
-    if len(stored) != r.length:
-        return None, f"object too short: frame at offset {r.offset} has {len(stored)} of {r.length} bytes"
-    try:
-        raw = decoder.decode(stored, r.frame_raw)
-    except zstandard.ZstdError as e:
-        return None, f"frame at offset {r.offset} does not decompress: {e}"
-    if len(raw) != r.frame_raw:
-        return None, f"frame at offset {r.offset} decompresses to {len(raw)} of {r.frame_raw} bytes"
-    return memoryview(raw), ""
 
 
 View = Callable[[FileEntry], "FileEntry | None"]

@@ -35,7 +35,8 @@ from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
 from dbops.repo.blocks import apply_delta
-from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget, Range, Run, frame_chunks, frames_read, open_range, run_bounded
+from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Frame, Range, Run, frame_chunks, frames_read, open_range,
+                               run_bounded)
 from dbops.repo.schedule import Batch, Completion
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.repo.verify import Problem, VerifyReport, verify_backup  # noqa: F401  (re-exported)
@@ -231,22 +232,34 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     fds: dict[int, int] = {}
     flusher = _Flusher() if flush else None
     fetched = written = 0
+
+    def fd_of(file_no: int) -> int:
+        fd = fds.get(file_no)
+        if fd is None:
+            fd = fds[file_no] = os.open(target / files[file_no].path, os.O_RDWR | NOFOLLOW)
+        return fd
+
+    last: list = [None, b""]  # (run, its base block): read once, to decode a format 5 delta and to merge it
+
+    def base_of(fr: Frame, run: Run) -> bytes:
+        """A format 5 delta's base block, written (and checked) at the block's place before it."""
+        last[:] = [run, base_block(fd_of(run.file_no), run, files[run.file_no])]
+        return last[1]
     try:
         with open_range(store, key, rng) as src, closing(frames_read(src, rng, budget)) as frames:
             for fr, stored in frames:
                 fetched += len(stored)
-                for run, raw, why in frame_chunks(decoder, fr, stored):
+                for run, raw, why in frame_chunks(decoder, fr, stored, base_of):
                     if raw is None:
                         raise ValidationError(
                             f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
                             detail=f"object {key}: {why}",
                             hint="the backup cannot be restored; run `dbops verify` and take a new backup",
                         )
-                    fd = fds.get(run.file_no)
-                    if fd is None:
-                        fd = fds[run.file_no] = os.open(target / files[run.file_no].path, os.O_RDWR | NOFOLLOW)
+                    fd = fd_of(run.file_no)
                     if run.mask:  # a page delta: merged into its base block, written (and checked) before
-                        os.pwrite(fd, apply_delta(base_block(fd, run, files[run.file_no]), raw, run.mask), run.offset)
+                        base = last[1] if last[0] is run else base_block(fd, run, files[run.file_no])
+                        os.pwrite(fd, apply_delta(base, raw, run.mask), run.offset)
                     else:
                         os.pwrite(fd, raw, run.offset)
                     written += len(raw)

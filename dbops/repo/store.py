@@ -8,8 +8,11 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
   is compared with block i of the same file in the parent, never looked up in a dictionary);
 * ``parallel`` workers take a unit each and read it block by block. A block of a relation's
   main fork whose pages are all no newer than ``unchanged_lsn`` keeps the parent's reference
-  unread beyond its page headers (see :mod:`dbops.repo.blocks`); one with a few newer pages
-  (in an incremental) is stored as a page delta on the parent's block; every other block is hashed:
+  unread beyond its page headers (see :mod:`dbops.repo.blocks`); one with newer pages (in an
+  incremental) is stored as a page delta on the parent's block, compressed with that base block
+  as dictionary: the bases of a unit's deltas are fetched from storage together, up to
+  ``bases.BATCH_BYTES`` at a time
+  (:mod:`dbops.repo.bases`, ranged GETs, checked), each delta is one frame; every other block is hashed:
   all-zero blocks are not stored, a block equal to the parent's is referenced where it is,
   new blocks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new blocks, in
   file order) and each frame is compressed as one zstd frame into one of ``parallel`` open
@@ -40,6 +43,8 @@ from dbops.config import CompressionSettings
 from dbops.errors import PreconditionError
 from dbops.pg.lsn import segment_of_lsn
 from dbops.repo import blocks, codec, mformat, walk
+from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta, encode_deltas
+from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
 from dbops.repo.packs import Pack, Uploader
 from dbops.repo.walk import wal_needed
 from dbops.repo import manifest as mf
@@ -69,8 +74,8 @@ class _Unit:
     main_fork: bool
 
 
-# A new frame member: (its place in the unit's refs, sha256, bytes, delta mask or 0, delta base or None).
-_New = tuple[int, str, "bytes | memoryview", int, "ChunkRef | None"]
+# A new frame member: (its place in the unit's refs, sha256, bytes).
+_New = tuple[int, str, "bytes | memoryview"]
 
 
 class Changed(Exception):
@@ -93,6 +98,7 @@ class _Snapshot:
         self.lock = threading.Lock()
         self.local = threading.local()
         self.up = Uploader(store, layout, backup_id, tmp_dir=tmp_dir, workers=workers, uploads=uploads)
+        self.bases = BaseReader(store, layout, ByteBudget(IN_FLIGHT_BYTES)) if self.deltas else None
         self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "delta": 0, "hashed_bytes": 0}
         self.progress, self.total, self.done = progress, total, 0
 
@@ -117,6 +123,7 @@ class _Snapshot:
                 if self.live:
                     raise Changed(unit.path) from None
                 raise
+            pending: list[Delta] = []  # page deltas (their pages copied), encoded once their bases are here
             with f:
                 for pos in range(unit.start, unit.end, step):
                     if self.cancel is not None and self.cancel.is_set():
@@ -145,17 +152,14 @@ class _Snapshot:
                                 refs.append(pref)
                                 c["lsn_reused"] += 1
                                 continue
-                            if self.deltas and mask > 0:
+                            if self.deltas and mask > 0 and not (mask + 1 == 1 << len(block) // blocks.PAGE
+                                                                 and blocks.all_new(block)):
                                 delta = blocks.delta_of(block, mask, pref)
                                 if delta is not None:
                                     payload, dmask, base = delta
                                     c["hashed_bytes"] += len(payload)
-                                    run.append((len(refs), sha256(payload), payload, dmask, base))
+                                    pending.append((len(refs), payload, dmask, base, pref))
                                     refs.append(None)
-                                    run_bytes += len(payload)
-                                    if run_bytes >= FRAME_BYTES:
-                                        pack = self.put_frame(pack, run, refs)
-                                        run, run_bytes = [], 0
                                     continue
                         h = sha256(block)
                         c["hashed_bytes"] += len(block)
@@ -166,7 +170,7 @@ class _Snapshot:
                             refs.append(pref)
                             c["reused"] += 1
                         else:
-                            run.append((len(refs), h, block, 0, None))
+                            run.append((len(refs), h, block))
                             refs.append(None)
                             run_bytes += len(block)
                             if run_bytes >= FRAME_BYTES:
@@ -174,6 +178,11 @@ class _Snapshot:
                                 run, run_bytes = [], 0
                     if run:  # the buffer is refilled by the next read: the frame goes now
                         pack = self.put_frame(pack, run, refs)
+                    if len(pending) * bs >= BATCH_BYTES:  # their bases fetched together, a batch at a time
+                        pack = self.put_deltas(pack, pending, refs, unit.path)
+                        pending = []
+                if pending:
+                    pack = self.put_deltas(pack, pending, refs, unit.path)
         finally:
             self.up.open_packs.put(pack)
         with self.lock:
@@ -185,24 +194,43 @@ class _Snapshot:
         return refs  # type: ignore[return-value]  # every None was filled by put_frame
 
     def put_frame(self, pack: Pack, run: list[_New], refs: list[ChunkRef | None]) -> Pack:
-        """Compress a run of new blocks (and page deltas) as one frame into the pack; returns the
-        pack to go on with."""
-        raw = b"".join(b for _, _, b, _, _ in run)
+        """Compress a run of new blocks as one frame into the pack; returns the pack to go on with."""
+        raw = b"".join(b for _, _, b in run)
         stored = self.encoder.encode(raw)
-        offset = pack.append(stored, len(raw), [h for _, h, _, _, _ in run])
+        offset = pack.append(stored, len(raw), [h for _, h, _ in run])
         at = 0
-        for i, h, b, mask, base in run:
-            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw if base else len(b), at, len(raw),
-                               mask, base)
+        for i, h, b in run:
+            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), len(b), at, len(raw))
             at += len(b)
-        deltas = sum(1 for r in run if r[3])
         with self.lock:
-            self.c["new"] += len(run) - deltas
-            self.c["delta"] += deltas
+            self.c["new"] += len(run)
         if pack.size >= self.pack_size:
             self.up.seal(pack)
             return Pack(self.tmp_dir)
         return pack
+
+    def put_deltas(self, pack: Pack, pending: list[Delta], refs: list[ChunkRef | None], path: str) -> Pack:
+        """Compress each page delta against its base block (see :func:`bases.encode_deltas`) as a
+        frame of its own into the pack; returns the pack to go on with."""
+        assert self.bases is not None
+        encoded = encode_deltas(self.bases, self.encoder, pending, f"backup {self.backup_id}: {path}")
+        same = 0
+        for (i, _, _, base, pref), enc in zip(pending, encoded):
+            if enc is None:  # the parent's whole block, unchanged
+                refs[i], same = pref, same + 1
+                continue
+            payload, mask, stored = enc
+            h = codec.sha256(payload)
+            offset = pack.append(stored, len(payload), [h])
+            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
+            if pack.size >= self.pack_size:
+                self.up.seal(pack)
+                pack = Pack(self.tmp_dir)
+        with self.lock:
+            self.c["delta"] += len(pending) - same
+            self.c["reused"] += same
+        return pack
+
 
 class _ParentCursor:
     """The parent's entries read alongside the walk (both in path order)."""
@@ -374,13 +402,16 @@ def store_snapshot(
                     "new_chunks": c["new"], "delta_chunks": c["delta"],
                     "reused_chunks": c["reused"] + c["lsn_reused"], "lsn_reused_chunks": c["lsn_reused"],
                     "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"],
+                    **({"base_blocks": snap.bases.blocks, "base_requests": snap.bases.requests,
+                        "base_fetched_bytes": snap.bases.fetched_bytes} if snap.bases is not None else {}),
                     "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),
                     "frames": snap.up.frames + (reuse.counts.get("frames", 0) if reuse else 0)},
             meta=dict(meta or {}),
             tablespaces=[dataclasses.replace(t, size=s) for t, s in
                          zip(ts_list, tblspc.sizes(ts_list, entries).values())],
         )
-        m.timings = {**(timings or {}), "walk_chunk": round(t_chunk - t0, 3),
+        m.timings = {**(timings or {}), **({"base_fetch": round(snap.bases.seconds, 3)} if snap.bases else {}),
+                     "walk_chunk": round(t_chunk - t0, 3),
                      "upload_wait": round(t_upload - t_chunk, 3), "store": round(time.monotonic() - t0, 3)}
         # The returned manifest reads its entries from the written file (removed with it).
         m = Manifest.from_file(writer.finish(m.header(writer)), what=f"manifest of backup {backup_id}")

@@ -108,6 +108,8 @@ def test_three_chained_runs_validate_each_previous(make_lab, cli):
     w1, w2, w3 = (blocks_of(lab, b["backup_id"], wide) for b in (b1, b2, b3))
     assert w1[0].mask == 0 and w2[0].mask == 0b01 and w3[0].mask == 0b11
     assert w2[0].base == w3[0].base == w1[0]._replace(hash=w1[0].hash[:32])  # a base keeps 128 bits of sha256
+    assert w2[0].on_base and w3[0].on_base  # compressed against that base, fetched back from storage
+    assert b3["counts"]["base_requests"] > 0 and b3["counts"]["base_blocks"] >= b3["counts"]["delta_chunks"]
     assert w3[1:4] == w1[1:4]  # untouched blocks: b1's refs, taken unread
     # Incremental: after a few transactions the third stores far less than the whole database,
     # and most of its chunks are the second's.
@@ -252,7 +254,7 @@ def test_prune_keeps_what_kept_backups_need(make_lab, cli, tmp_path):
     wal_before = {o.key for o in store.list(layout.wal_prefix())}
     delta = blocks_of(lab, ids[2], wide)[0]
     first = blocks_of(lab, ids[0], wide)[0]
-    assert delta.mask == 0b11 and delta.base == first._replace(hash=first.hash[:32])
+    assert delta.mask == 0b11 and delta.on_base and delta.base == first._replace(hash=first.hash[:32])
     assert store.head(layout.pack(delta.base.pack)).metadata.get("backup-id") == ids[0]
 
     r = cli(["-c", str(cfg_path), "backup", "prune", "--json"])

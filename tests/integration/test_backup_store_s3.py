@@ -218,6 +218,9 @@ def test_page_lsn_shortcut_stores_exactly_what_full_hashing_stores(lab, workdir)
     assert fast.stored_bytes < full.stored_bytes, (fast.stored_bytes, full.stored_bytes)
     deltas = [c for f in mf.load(store, layout, fast.backup_id).entries() for c in f.chunks if c.mask]
     assert deltas and all(c.base.pack in m1.packs() for c in deltas)
+    # Format 5: each delta compressed against its base, fetched back from the S3 server.
+    assert all(c.on_base and c.frame_raw == c.stored_raw for c in deltas)
+    assert fast.counts["base_blocks"] >= len(deltas) and 0 < fast.counts["base_requests"] <= fast.counts["base_blocks"]
 
     for name, m in (("fast", fast), ("full", full)):
         restore_snapshot(store, layout, mf.load(store, layout, m.backup_id), str(d / name), parallel=4, owner=PG)

@@ -5,8 +5,9 @@ Every chunk of every file the backup lists is read locally and hashed (in parall
 that matches stays, one that differs or is missing is fetched (coalesced ranged GETs, verified
 like a full restore), an all-zero chunk is zeroed when it is not. Files, folders and links the
 backup does not have are removed. Restoring a big primary in place then costs reading it once
-plus downloading what changed. A page delta (manifest format 4) has no hash of its whole block:
-it is always fetched (its base block, then its pages over it).
+plus downloading what changed. A page delta (manifest format 4 and 5) has no hash of its whole
+block: it is always fetched (its base block, then its pages over it; a format 5 delta is decoded
+with that base block, read back from the file: see :func:`dbops.repo.restore.write_range`).
 """
 
 from __future__ import annotations
