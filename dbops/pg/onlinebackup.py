@@ -96,6 +96,11 @@ class OnlineBackup:
                 "(SELECT catalog_version_no FROM pg_control_system())").fetchone()
             if in_recovery:  # from a standby the backup ends at minRecoveryPoint: pg_basebackup handles that
                 raise NotLocal("the source is a standby")
+            # The connection idles while the files are copied, and the start's checkpoint may take long:
+            # a role's or the server's timeouts must not end the session (that would abort the backup).
+            self.conn.execute("SET statement_timeout = 0")
+            if self.version >= 140000:
+                self.conn.execute("SET idle_session_timeout = 0")
             self.data_dir = local_data_dir(self.conn, self.node.data_dir)
             start = "pg_backup_start(%s, true)" if self.version >= 150000 else "pg_start_backup(%s, true, false)"
             self.start_lsn = parse_lsn(pgconn.scalar(self.conn, f"SELECT {start}::text", (self.label,)))
