@@ -227,7 +227,10 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     chunk against its sha256 and write it into the files, which exist at their size. Returns
     (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
     missing or damaged object. ``budget``: held for each frame's bytes while it is checked and written.
-    ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``_Flusher``)."""
+    ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``_Flusher``).
+    A page delta's run is merged into its base block, which is on disk when its range is read
+    (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written):
+    :func:`base_block` reads it back, :func:`dbops.repo.blocks.apply_delta` merges."""
     key = layout.pack(rng.pack)
     fds: dict[int, int] = {}
     flusher = _Flusher() if flush else None
