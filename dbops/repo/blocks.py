@@ -26,8 +26,8 @@ parent's reference is itself a delta, the new delta keeps that delta's base and 
 of both masks (taken from the local block, which holds them all): depth is always one, so a
 restore reads at most the base and one delta for a block.
 
-A restore merges a delta into its block with :func:`apply_delta`, given the base block's bytes
-(already checked against the base's sha256) and the delta's pages (checked against theirs).
+A restore writes a delta's pages (checked against their sha256) over its base block (written
+before, checked against its own) with :func:`delta_writes`: one write per run of consecutive pages.
 """
 
 from __future__ import annotations
@@ -85,19 +85,23 @@ def delta_of(block: memoryview, mask: int, pref: ChunkRef) -> tuple[bytes, int, 
     return b"".join(block[p * PAGE:(p + 1) * PAGE] for p in pages_of(mask)), mask, base
 
 
-def apply_delta(base: bytes | memoryview, pages: bytes | memoryview, mask: int) -> bytearray:
-    """The block: ``base`` with its pages set in ``mask`` replaced by ``pages`` (those pages'
-    content, concatenated in increasing page order, as :func:`delta_of` stores them). Raises
-    ValueError when they do not fit (a manifest's deltas are checked when it is read, so a restore
-    never gets here with a bad one)."""
+def delta_writes(pages: bytes | memoryview, mask: int, block_len: int) -> list[tuple[int, memoryview]]:
+    """Where a page delta's pages go in its block: (offset in the block, bytes) for each run of
+    consecutive pages (one write each); ``pages`` as :func:`delta_of` stores them (the pages set in
+    ``mask``, in increasing order). Raises ValueError when they do not fit a block of ``block_len``
+    bytes (a manifest's deltas are checked when it is read: a restore never gets here with a bad one)."""
     numbers = pages_of(mask)
-    if len(base) % PAGE or not numbers or numbers[-1] >= len(base) // PAGE or len(pages) != len(numbers) * PAGE:
+    if block_len % PAGE or not numbers or numbers[-1] >= block_len // PAGE or len(pages) != len(numbers) * PAGE:
         raise ValueError(f"a page delta of {len(pages)} bytes with mask {mask:#x} does not fit a block of "
-                         f"{len(base)} bytes")
-    block = bytearray(base)
-    for k, p in enumerate(numbers):
-        block[p * PAGE:(p + 1) * PAGE] = pages[k * PAGE:(k + 1) * PAGE]
-    return block
+                         f"{block_len} bytes")
+    view, out, k = memoryview(pages), [], 0
+    while k < len(numbers):
+        j = k
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append((numbers[k] * PAGE, view[k * PAGE:(j + 1) * PAGE]))
+        k = j + 1
+    return out
 
 
 def differing(payload: bytes, mask: int, base: bytes | memoryview) -> tuple[bytes, int]:

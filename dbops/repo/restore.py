@@ -9,9 +9,9 @@ with the database or its ranges), every block checked against its sha256 and wri
 last range is written, by its own pool, while later ranges still download: the flush to disk
 overlaps the download instead of following it. Page deltas (manifest format 4) are applied batch
 by batch in the same pass (:mod:`dbops.repo.schedule`): a batch's whole blocks (a delta's base
-block included), then its deltas, each checked against its sha256 and merged into its base block,
-read back from the file (:func:`dbops.repo.blocks.apply_delta`), while the next batch's whole
-blocks download; a file with deltas is finished as soon as its batch is written.
+block included), then its deltas, whose pages are checked against their sha256 and written over
+their base blocks (:func:`dbops.repo.blocks.delta_writes`), while the next batch's whole blocks
+download; a file with deltas is finished as soon as its batch is written.
 Verification: :mod:`dbops.repo.verify`.
 """
 
@@ -34,7 +34,7 @@ from dbops import log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
-from dbops.repo.blocks import apply_delta
+from dbops.repo.blocks import delta_writes
 from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Frame, Range, Run, frame_chunks, frames_read, open_range,
                                run_bounded)
 from dbops.repo.schedule import Batch, Completion
@@ -228,9 +228,9 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
     missing or damaged object. ``budget``: held for each frame's bytes while it is checked and written.
     ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``_Flusher``).
-    A page delta's run is merged into its base block, which is on disk when its range is read
-    (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written):
-    :func:`base_block` reads it back, :func:`dbops.repo.blocks.apply_delta` merges."""
+    A page delta's pages are written over its base block, which is on disk when its range is read
+    (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written): a
+    format 5 delta, compressed against its base, reads it back from the file to be decoded."""
     key = layout.pack(rng.pack)
     fds: dict[int, int] = {}
     flusher = _Flusher() if flush else None
@@ -242,12 +242,9 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
             fd = fds[file_no] = os.open(target / files[file_no].path, os.O_RDWR | NOFOLLOW)
         return fd
 
-    last: list = [None, b""]  # (run, its base block): read once, to decode a format 5 delta and to merge it
-
     def base_of(fr: Frame, run: Run) -> bytes:
-        """A format 5 delta's base block, written (and checked) at the block's place before it."""
-        last[:] = [run, base_block(fd_of(run.file_no), run, files[run.file_no])]
-        return last[1]
+        """A format 5 delta's base block (its zstd dictionary), written and checked at its place before it."""
+        return base_block(fd_of(run.file_no), run, files[run.file_no])
     try:
         with open_range(store, key, rng) as src, closing(frames_read(src, rng, budget)) as frames:
             for fr, stored in frames:
@@ -260,9 +257,10 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                             hint="the backup cannot be restored; run `dbops verify` and take a new backup",
                         )
                     fd = fd_of(run.file_no)
-                    if run.mask:  # a page delta: merged into its base block, written (and checked) before
-                        base = last[1] if last[0] is run else base_block(fd, run, files[run.file_no])
-                        os.pwrite(fd, apply_delta(base, raw, run.mask), run.offset)
+                    if run.mask:  # a page delta: its pages over its base block, written (and checked) before
+                        block_len = files[run.file_no].chunks[run.offset // files[run.file_no].block].raw
+                        for at, pages in delta_writes(raw, run.mask, block_len):
+                            os.pwrite(fd, pages, run.offset + at)
                     else:
                         os.pwrite(fd, raw, run.offset)
                     written += len(raw)

@@ -3,15 +3,16 @@
 A restore reads the backup one batch of files at a time (:func:`dbops.repo.ranges.view_batches`,
 ``BATCH_BLOCKS`` blocks). A batch without page deltas is one set of ranges. A batch with page deltas
 is two: its whole blocks (each delta's base block included: :func:`~dbops.repo.ranges.base_view`),
-then its deltas' pages (:func:`~dbops.repo.ranges.delta_view`), applied over the base blocks written
-before (:func:`dbops.repo.blocks.apply_delta`). The batches are pipelined, not the passes over the
+then its deltas' pages (:func:`~dbops.repo.ranges.delta_view`), written over the base blocks written
+before (:func:`dbops.repo.blocks.delta_writes`). The batches are pipelined, not the passes over the
 whole backup: the deltas of batch k are handed out as soon as batch k's whole blocks are written,
 while batch k+1's whole blocks are already being read; so a file with deltas is complete (and
 finished: fsynced, its mode and time set) as soon as its own batch is, not after the whole
 backup's whole blocks.
 
-Memory: nothing is held between the two ranges of a block (the base is on disk, read back when
-its delta arrives); at most two batches' plans are in memory.
+Memory: nothing is held between the two ranges of a block (the base is on disk when its delta is
+read: a delta payload that needed its base to be decoded would read it back from there); at most
+two batches' plans are in memory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Page deltas restored in one pipelined pass (dbops.repo.schedule): a batch's deltas are handed out
-once its whole blocks are written, the next batch's whole blocks meanwhile; each delta is merged
-into its base block (dbops.repo.blocks.apply_delta); files complete with their own batch; a
+once its whole blocks are written, the next batch's whole blocks meanwhile; each delta's pages go
+over its base block (dbops.repo.blocks.delta_writes); files complete with their own batch; a
 failed range of whole blocks stops the handing out; bases and deltas spread over many ranges
 and batches restore byte for byte."""
 
@@ -20,16 +20,14 @@ from test_page_deltas import PAGE, REL, Folder, _corrupt, files_of, page, snap
 OTHER = "base/5/40001"
 
 
-def test_apply_delta_replaces_exactly_the_masked_pages():
-    base = b"".join(bytes([i]) * PAGE for i in range(8))
-    pages = b"A" * PAGE + b"B" * PAGE
-    out = blocks.apply_delta(memoryview(base), pages, 0b1000_0010)
-    assert out == base[:PAGE] + b"A" * PAGE + base[2 * PAGE:7 * PAGE] + b"B" * PAGE
-    for pages, mask in ((pages, 0b1), (b"A" * PAGE, 1 << 8), (b"A" * PAGE, 0), (b"A" * 100, 1)):
+def test_delta_writes_put_exactly_the_masked_pages_in_runs():
+    pages = b"A" * PAGE + b"B" * PAGE + b"C" * PAGE
+    out = blocks.delta_writes(memoryview(pages), 0b1000_0110, 8 * PAGE)
+    assert [(at, bytes(b)) for at, b in out] == [(PAGE, b"A" * PAGE + b"B" * PAGE), (7 * PAGE, b"C" * PAGE)]
+    for data, mask, size in ((pages, 0b1, 8 * PAGE), (b"A" * PAGE, 1 << 8, 8 * PAGE), (b"A" * PAGE, 0, 8 * PAGE),
+                             (b"A" * 100, 1, 8 * PAGE), (b"A" * PAGE, 1, 100)):
         with pytest.raises(ValueError):
-            blocks.apply_delta(base, pages, mask)
-    with pytest.raises(ValueError):
-        blocks.apply_delta(base[:100], b"A" * PAGE, 1)
+            blocks.delta_writes(data, mask, size)
 
 
 class TwoRelations(Folder):
