@@ -20,6 +20,7 @@ from dbops.errors import ValidationError
 from dbops.ops import catalogview
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
+from dbops.runtime.engine import LABEL, LABEL_PID
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
 
@@ -188,10 +189,11 @@ def test_corrupted_pack_fails_validation_then_heals(make_lab, cli):
     assert b3["validated"]["backup_id"] == rows[1]["backup_id"]
 
 
-def _containers() -> list[str]:
-    env = dict(os.environ)
-    r = subprocess.run(["podman", "ps", "-a", "-q", "--filter", "label=dbops=1"], capture_output=True, text=True,
-                       env=env)
+def _containers(pid: int) -> list[str]:
+    """The containers a dbops process (pid) started: its own label, so another run's containers on
+    the same machine (another lab, another test run) never count."""
+    r = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"label={LABEL}=1", "--filter",
+                        f"label={LABEL_PID}={pid}"], capture_output=True, text=True, env=dict(os.environ))
     return r.stdout.split()
 
 
@@ -220,19 +222,18 @@ def test_concurrent_runs_and_sigkill(make_lab, cli, dbops_bin):
             a.wait()
 
     # A run killed with SIGKILL mid-way (while its container runs): the next run succeeds and cleans up.
-    before = set(_containers())
     k = subprocess.Popen([dbops_bin, "backup"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while time.time() < deadline and not (set(_containers()) - before):
+    while time.time() < deadline and not _containers(k.pid):
         time.sleep(0.05)
-    assert set(_containers()) - before, "the run never started its container"
+    assert _containers(k.pid), "the run never started its container"
     os.kill(k.pid, signal.SIGKILL)
     k.wait()
     assert any(scratch.glob("run-*")), "the killed run should have left its scratch folder"
     r = subprocess.run([dbops_bin, "backup", "--json"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert not list(scratch.glob("run-*"))
-    assert not (set(_containers()) - before)
+    assert not _containers(k.pid), "the next run should have removed the killed run's container"
     rows = json.loads(cli(["-c", lab.config_path, "backup", "list", "--json"]).stdout)
     assert len(rows) == 3
 
