@@ -258,8 +258,7 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                         )
                     fd = fd_of(run.file_no)
                     if run.mask:  # a page delta: its pages over its base block, written (and checked) before
-                        block_len = files[run.file_no].chunks[run.offset // files[run.file_no].block].raw
-                        for at, pages in delta_writes(raw, run.mask, block_len):
+                        for at, pages in delta_writes(raw, run.mask, block_len(files[run.file_no], run)):
                             os.pwrite(fd, pages, run.offset + at)
                     else:
                         os.pwrite(fd, raw, run.offset)
@@ -286,9 +285,14 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     return fetched, written
 
 
+def block_len(f: FileEntry, run: Run) -> int:
+    """The length of the block a page delta's run belongs to (its base's)."""
+    return f.chunks[run.offset // f.block].raw
+
+
 def base_block(fd: int, run: Run, f: FileEntry) -> bytes:
     """The base block of a page delta's run, as written (checked against its sha256) before it."""
-    return os.pread(fd, f.chunks[run.offset // f.block].raw, run.offset)
+    return os.pread(fd, block_len(f, run), run.offset)
 
 
 class _Flusher:
