@@ -42,7 +42,7 @@ class BaseReader:
 
     def fetch(self, refs: Sequence[ChunkRef]) -> list[memoryview | None]:
         """The raw bytes of every ref's block, in order; None for one whose object is missing or
-        damaged (its reason in :attr:`problems` of the call: see :meth:`fetch_checked`)."""
+        damaged (:meth:`fetch_checked` raises, naming the object and why, instead)."""
         return self._fetch(refs)[0]
 
     def fetch_checked(self, refs: Sequence[ChunkRef], what: str) -> list[memoryview]:
