@@ -11,7 +11,10 @@ replay WAL, be checked, and be stopped cleanly again. Where it runs is the runti
   pushes WAL into the production archive nor streams from the production primary;
 * ``restore_command`` copies from the read-only WAL folder (``cp /wal/%f "%p"`` in a
   container): the host fetches the WAL the instance needs into that folder ahead of time,
-  so the server's environment needs nothing but ``cp`` (a stock ``postgres:15`` image works);
+  so the server's environment needs nothing but ``cp`` (a stock ``postgres:15`` image works).
+  With ``wal_linked`` the host has also hard-linked those files into the data folder's
+  ``pg_wal`` (``link_wal``), and ``restore_command`` declines what is already there, so recovery
+  reads it in place: no 16 MiB copy per segment (measured: 20 ms each, a third of the replay);
 * with ``trust_local`` (the default) a generated ``pg_hba.conf`` admits connections on that
   socket without a password (dbops owns no password for a restored cluster) and nothing else;
 * the server runs with a minimal environment (``PATH``, ``LANG``, ``LC_ALL``): nothing of
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import shutil
 import tempfile
 import time
@@ -41,6 +43,7 @@ from typing import Mapping, Protocol, Sequence
 from dbops import log, proc
 from dbops.config import Node
 from dbops.errors import DbopsError, PostgresError, UsageError
+from dbops.runtime.walfolder import restore_command
 
 _log = log.get("runtime")
 
@@ -88,6 +91,9 @@ class InstanceSpec:
               and a folder that must appear at another path (a tablespace created during replay,
               whose recorded location may be a live folder on this host) gets a private mount
               namespace (root only)
+    wal_linked  every file of ``wal_dir`` is also hard-linked into ``data_dir/pg_wal`` (``link_wal``):
+              ``restore_command`` then fails ("not found") for a file that is there, and PostgreSQL
+              reads it from pg_wal, as it does with any file its restore_command does not supply
     """
 
     data_dir: Path
@@ -98,6 +104,7 @@ class InstanceSpec:
     run_dir: Path | None = None
     trust_local: bool = True
     mounts: tuple[tuple[str, str], ...] = ()
+    wal_linked: bool = False
 
     def __post_init__(self) -> None:
         bad = sorted(OWNED_SETTINGS & set(self.settings))
@@ -208,11 +215,6 @@ class Owner:
             os.chown(path, self.uid, self.gid)
 
 
-def restore_command(wal_path: str) -> str:
-    """A restore_command that copies from a local folder (a missing file makes cp fail: 'not found')."""
-    return f'cp {shlex.quote(wal_path + "/")}%f "%p"'
-
-
 def prepare_run_dir(spec: InstanceSpec, owner: Owner) -> tuple[Path, bool]:
     """The instance's run folder (created when the spec names none), owned by the server's user.
 
@@ -255,7 +257,7 @@ def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, 
     """
     settings: dict[str, str] = dict(SAFE_DEFAULTS)
     if wal_path is not None:
-        settings["restore_command"] = restore_command(wal_path)
+        settings["restore_command"] = restore_command(wal_path, spec.wal_linked)
     settings.update(spec.settings)
     settings.update({
         "port": str(port or spec.port),
@@ -298,6 +300,8 @@ def remove_run_dir(run_dir: Path, created: bool, sock_dir: Path | None = None, s
 # postmaster.pid line 8: the postmaster's status once it accepts connections (what pg_ctl -w reads).
 _PID_STATUS_LINE = 7
 _READY_STATUSES = ("ready", "standby")
+READY_POLL = 0.05  # the pid file and a libpq ping: cheap
+READY_ALIVE_INTERVAL = 1.0
 
 
 def pid_file_status(data_dir: Path) -> str | None:
@@ -341,11 +345,14 @@ class InstanceBase:
         from dbops.pg.conn import ping
 
         deadline = time.monotonic() + timeout
+        next_alive_check = 0.0
         while True:
             if pid_file_status(self.spec.data_dir) in _READY_STATUSES and ping(self.host, self.port):
                 log.event(_log, logging.INFO, "instance ready", name=self.spec.name, port=self.port)
                 return
-            if not self.is_running():
+            now = time.monotonic()
+            # is_running may ask a container engine (a process of its own): not at every poll
+            if (now >= next_alive_check or now >= deadline) and not self.is_running():
                 raise PostgresError(
                     f"PostgreSQL ({self.spec.name}) exited before accepting connections",
                     detail=self.logs(40).strip() or "(no server log)",
@@ -357,7 +364,9 @@ class InstanceBase:
                     detail=self.logs(40).strip() or "(no server log)",
                     hint="recovery may need longer (raise the start timeout) or wait for WAL that is not there",
                 )
-            time.sleep(0.2)
+            if now >= next_alive_check:
+                next_alive_check = now + READY_ALIVE_INTERVAL
+            time.sleep(READY_POLL)
 
     def node(self, dbname: str = "postgres") -> Node:
         """A config Node for this instance, for dbops.pg.conn (user: the runtime's database role)."""

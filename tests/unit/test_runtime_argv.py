@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dbops.errors import ConfigError, UsageError
-from dbops.runtime import base
+from dbops.runtime import base, walfolder
 from dbops.runtime.base import InstanceSpec, Owner
 from dbops.runtime.container import ContainerRuntime
 from dbops.runtime.engine import (
@@ -158,6 +158,42 @@ def test_a_long_run_folder_gets_a_short_private_socket_folder(tmp_path):
 def test_restore_command_quotes_host_paths():
     assert base.restore_command("/wal") == 'cp /wal/%f "%p"'
     assert base.restore_command("/tmp/my wal") == "cp '/tmp/my wal/'%f \"%p\""
+
+
+def test_restore_command_declines_what_is_linked_into_pg_wal(dirs):
+    assert base.restore_command("/wal", linked=True) == 'test -f pg_wal/%f && exit 1; cp /wal/%f "%p"'
+    data, wal, run = dirs
+    spec = InstanceSpec(data_dir=data, port=5433, wal_dir=wal, wal_linked=True)
+    settings = base.server_settings(spec, run, wal_path=base.WAL_PATH, run_path=base.RUN_PATH, owner=OWNER,
+                                    socket_path=base.SOCKET_PATH)
+    assert settings["restore_command"] == 'test -f pg_wal/%f && exit 1; cp /wal/%f "%p"'
+
+
+def test_link_wal_links_every_file_replacing_pg_wal_copies(dirs):
+    data, wal, _ = dirs
+    (data / "pg_wal").mkdir()
+    (data / "pg_wal" / "000000010000000000000003").write_bytes(b"partial")  # the snapshot's own, replaced
+    (data / "pg_wal" / "000000010000000000000002").write_bytes(b"older")  # not fetched: left alone
+    for name, body in (("000000010000000000000003", b"seg3"), ("000000010000000000000004", b"seg4"),
+                       ("00000002.history", b"1\t0/3000000\tno recovery target specified\n")):
+        (wal / name).write_bytes(body)
+    assert walfolder.link_wal(wal, data) is True
+    for f in wal.iterdir():
+        linked = data / "pg_wal" / f.name
+        assert linked.read_bytes() == f.read_bytes() and os.path.samefile(linked, f)
+    assert (data / "pg_wal" / "000000010000000000000002").read_bytes() == b"older"
+    assert not [p for p in (data / "pg_wal").iterdir() if p.name.startswith(walfolder.LINK_PREFIX)]
+
+
+def test_link_wal_declines_a_pg_wal_it_cannot_link_into(dirs, tmp_path):
+    data, wal, _ = dirs
+    (wal / "000000010000000000000003").write_bytes(b"seg3")
+    assert walfolder.link_wal(wal, data) is False  # no pg_wal at all
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (data / "pg_wal").symlink_to(elsewhere)  # pg_wal on another volume: restore_command copies instead
+    assert walfolder.link_wal(wal, data) is False
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_setting_args_are_stable():

@@ -9,7 +9,6 @@ on the primary, or a backup's own point) and the WAL up to it come from :mod:`db
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
@@ -21,20 +20,21 @@ from typing import Any, Callable, Iterator
 
 from dbops import log, proc
 from dbops.config import Config
-from dbops.errors import DbopsError, NotFoundError, PostgresError, StorageError, ValidationError
+from dbops.errors import DbopsError, NotFoundError, StorageError, ValidationError
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
+from dbops.ops.backup.replay import wait_paused
 from dbops.ops.backup.target import Target, fetch_wal, fetch_wal_ahead, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
-from dbops.pg import conn as pgconn
-from dbops.pg.lsn import format_lsn, parse_lsn, segment_of_lsn
+from dbops.pg.lsn import format_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
 from dbops.runtime import InstanceSpec, open_runtime
-from dbops.runtime.scratch import NO_SPACE, free_bytes, scratch_folder
+from dbops.runtime.walfolder import link_wal
+from dbops.runtime.scratch import scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -122,6 +122,8 @@ RECOVERY_SETTINGS_BASE = {
     # bound by the CPU, not by the disk's flush rate.
     "fsync": "off",
     "maintenance_io_concurrency": "32",
+    # The checks' table reads are plain scans: compiling them (JIT) costs more than it saves.
+    "jit": "off",
     # Hint bits set by the checks must not reach the stored pages: with this on, a server in
     # recovery never writes a page only for its hint bits, so a page whose LSN is not newer
     # than the previous backup's REDO point is byte for byte what that backup stored (the
@@ -170,59 +172,6 @@ def _write_recovery_signal(data: Path, owner: str) -> None:
         (data / stale).unlink(missing_ok=True)
 
 
-LOG_CHECK_INTERVAL = 2.0
-# Connections fail with this when the relcache init file cannot be written; with the disk (nearly)
-# full that is ENOSPC too, though the log line does not say so.
-INIT_FILE_FAILED = "could not write init file"
-NEARLY_FULL = 16 * 2**20  # less than a WAL segment: recovery cannot go on
-
-
-def _fail_on_full_disk(inst, data: Path) -> None:
-    """A full scratch disk makes recovery wait for ever (restore_command cannot copy a segment, every
-    connection fails): raise ENOSPC at once instead of waiting for the start timeout."""
-    lines = inst.logs(200).splitlines()
-    hits = [line for line in lines if NO_SPACE in line]
-    if not hits and free_bytes(data) < NEARLY_FULL:
-        hits = [line for line in lines if INIT_FILE_FAILED in line]
-    if hits:
-        raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ran out of disk space: {hits[-1].strip()}")
-
-
-def _wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, float | None]:
-    """Wait until replay paused at the target; return (replayed LSN, last replayed commit time)."""
-    deadline = time.monotonic() + timeout
-    node = inst.node()
-    last_err: str | None = None
-    next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
-    while time.monotonic() < deadline:
-        if time.monotonic() > next_log_check:
-            _fail_on_full_disk(inst, data)
-            next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
-        if not inst.is_running():
-            logs = server_detail(inst)
-            cause = environment_cause(logs)
-            if cause:
-                raise environment_error("PostgreSQL stopped during recovery", cause, logs)
-            raise ValidationError("PostgreSQL stopped during recovery before reaching the target", detail=logs)
-        try:
-            with pgconn.session(node) as c:
-                row = c.execute("SELECT pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()::text, "
-                                "extract(epoch from pg_last_xact_replay_timestamp())::float8, "
-                                "pg_is_in_recovery()").fetchone()
-            state, replayed, commit_ts, in_rec = row
-            if not in_rec:
-                raise ValidationError("the throwaway instance left recovery instead of pausing at the target")
-            if state == "paused" and replayed and parse_lsn(replayed) >= target.lsn:
-                return parse_lsn(replayed), commit_ts
-        except PostgresError as e:
-            last_err = e.detail or e.message
-        time.sleep(0.1)
-    # every segment replay needs was fetched and verified before the start: a slow replay is the machine's
-    raise environment_error(f"replay did not reach the target {format_lsn(target.lsn)} within {timeout:.0f} s",
-                            "backup.validation.start_timeout too short for this machine",
-                            (last_err + "\n" if last_err else "") + inst.logs(30))
-
-
 def read_relation_map(inst) -> dict[str, Any] | None:
     """Which relfilenodes are which tables at the target (for `restore --before-drop`); a failure to
     read it costs that feature for this backup, never the backup."""
@@ -263,12 +212,13 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     settings["recovery_target_lsn"] = format_lsn(target.lsn)
     settings["recovery_target_timeline"] = str(target.timeline)
     _write_recovery_signal(data, cfg.os_user)
+    linked = link_wal(wal_dir, data)  # recovery reads the fetched WAL in place rather than copying it
     rt = open_runtime(cfg.runtime)
     timeout = cfg.backup.validation.start_timeout
     with phases("start"):
         try:
             inst = rt.start(InstanceSpec(data_dir=data, port=proc.free_port(), wal_dir=wal_dir, settings=settings,
-                                         name=name, mounts=mounts))
+                                         name=name, mounts=mounts, wal_linked=linked))
         except DbopsError as e:
             raise environment_error(f"the {rt.engine} runtime could not start the throwaway PostgreSQL",
                                     "container runtime or host failure", e.detail or e.message) from None
@@ -288,7 +238,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
                     raise environment_error("PostgreSQL exited while starting", cause, detail) from None
                 raise ValidationError("PostgreSQL did not start on the restored backup", detail=detail) from None
         with phases("replay"):
-            val.replayed_lsn, val.last_commit_time = _wait_paused(inst, data, target, timeout)
+            val.replayed_lsn, val.last_commit_time = wait_paused(inst, data, target, timeout)
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
         with phases("checks"):
             run_checks(cfg, inst, val.checks)

@@ -1,0 +1,89 @@
+"""Waiting for a throwaway instance's replay to pause at its target (see :mod:`dbops.ops.backup.validate`).
+
+One connection stays open and asks for replay's state every ``PAUSE_POLL`` seconds; whether the
+server still runs is asked of the runtime (for a container: the engine, a process of its own)
+once a second, or at once when a query fails. A full scratch disk is looked for in the log."""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+
+from dbops.errors import PostgresError, ValidationError
+from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
+from dbops.ops.backup.target import Target
+from dbops.pg import conn as pgconn
+from dbops.pg.lsn import format_lsn, parse_lsn
+from dbops.runtime.scratch import NO_SPACE, free_bytes
+
+
+LOG_CHECK_INTERVAL = 2.0
+# Connections fail with this when the relcache init file cannot be written; with the disk (nearly)
+# full that is ENOSPC too, though the log line does not say so.
+INIT_FILE_FAILED = "could not write init file"
+NEARLY_FULL = 16 * 2**20  # less than a WAL segment: recovery cannot go on
+
+
+def fail_on_full_disk(inst, data: Path) -> None:
+    """A full scratch disk makes recovery wait for ever (restore_command cannot copy a segment, every
+    connection fails): raise ENOSPC at once instead of waiting for the start timeout."""
+    lines = inst.logs(200).splitlines()
+    hits = [line for line in lines if NO_SPACE in line]
+    if not hits and free_bytes(data) < NEARLY_FULL:
+        hits = [line for line in lines if INIT_FILE_FAILED in line]
+    if hits:
+        raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ran out of disk space: {hits[-1].strip()}")
+
+
+PAUSE_POLL = 0.05  # how often replay's progress is asked (on one open connection: a query, no new session)
+ALIVE_CHECK_INTERVAL = 1.0  # is_running asks the container engine (a process of its own): not every poll
+
+
+def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, float | None]:
+    """Wait until replay paused at the target; return (replayed LSN, last replayed commit time)."""
+    deadline = time.monotonic() + timeout
+    node = inst.node()
+    last_err: str | None = None
+    next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
+    next_alive_check = 0.0
+    conn = None
+    try:
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if now > next_log_check:
+                fail_on_full_disk(inst, data)
+                next_log_check = now + LOG_CHECK_INTERVAL
+            if conn is None or now >= next_alive_check:
+                if not inst.is_running():
+                    logs = server_detail(inst)
+                    cause = environment_cause(logs)
+                    if cause:
+                        raise environment_error("PostgreSQL stopped during recovery", cause, logs)
+                    raise ValidationError("PostgreSQL stopped during recovery before reaching the target",
+                                          detail=logs)
+                next_alive_check = now + ALIVE_CHECK_INTERVAL
+            try:
+                if conn is None:
+                    conn = pgconn.connect(node)
+                row = conn.execute("SELECT pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()::text, "
+                                   "extract(epoch from pg_last_xact_replay_timestamp())::float8, "
+                                   "pg_is_in_recovery()").fetchone()
+                state, replayed, commit_ts, in_rec = row
+                if not in_rec:
+                    raise ValidationError("the throwaway instance left recovery instead of pausing at the target")
+                if state == "paused" and replayed and parse_lsn(replayed) >= target.lsn:
+                    return parse_lsn(replayed), commit_ts
+            except PostgresError as e:
+                last_err = e.detail or e.message
+                if conn is not None:
+                    conn.close()
+                    conn = None
+            time.sleep(PAUSE_POLL)
+    finally:
+        if conn is not None:
+            conn.close()
+    # every segment replay needs was fetched and verified before the start: a slow replay is the machine's
+    raise environment_error(f"replay did not reach the target {format_lsn(target.lsn)} within {timeout:.0f} s",
+                            "backup.validation.start_timeout too short for this machine",
+                            (last_err + "\n" if last_err else "") + inst.logs(30))

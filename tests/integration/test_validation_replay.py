@@ -1,0 +1,132 @@
+"""The throwaway server's replay and checks, as validation runs them: WAL read in place from pg_wal
+(hard links to the fetched folder, which stays untouched), and table reads that read every heap
+page even where an index-only scan would answer count(*) from the visibility map."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbops import proc
+from dbops.config.parse import parse
+from dbops.errors import ValidationError
+from dbops.ops.backup.checks import run_checks
+from dbops.pg import conn
+from dbops.runtime import InstanceSpec, open_runtime
+from dbops.runtime.walfolder import link_wal
+
+from test_runtime import (PASSWORD, ROWS_BEFORE_TARGET, RUNTIMES, _copy_cluster, _free_port, _pg, _state,
+                          backup_scenario, no_leftovers, settings, work)
+
+pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+__all__ = ["backup_scenario", "no_leftovers", "settings", "work"]  # fixtures, shared with test_runtime
+
+PAGE = 8192
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, work):
+    data = _copy_cluster(backup_scenario["base"], work / f"linked-{engine}")
+    wal = _copy_cluster(backup_scenario["archive"], work / f"linked-wal-{engine}")
+    before = _digests(wal)
+    (data / "recovery.signal").touch()
+    shutil.chown(data / "recovery.signal", "postgres", "postgres")
+    assert link_wal(wal, data) is True
+    spec = InstanceSpec(
+        data_dir=data, port=_free_port(), wal_dir=wal, name=f"linked-{engine}", wal_linked=True,
+        settings={"recovery_target_lsn": backup_scenario["target"], "recovery_target_action": "pause",
+                  "hot_standby": "on"},
+    )
+    with open_runtime(settings[engine]).start(spec) as inst:
+        inst.wait_ready(120)
+        with conn.session(inst.node()) as c:
+            deadline = time.monotonic() + 60
+            while conn.scalar(c, "select pg_get_wal_replay_pause_state()") != "paused":
+                assert time.monotonic() < deadline, inst.logs(20)
+                time.sleep(0.1)
+            assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
+        logs = inst.logs(200)
+        assert "recovery stopping" in logs
+        assert "restored log file" not in logs, logs  # nothing copied: every file was read from pg_wal
+        inst.stop("fast", timeout=60)
+    assert _state(data) == "shut down in recovery"
+    assert _digests(wal) == before  # the fetched folder is as it was (the server only read the links)
+
+
+@pytest.fixture(scope="module")
+def wide_cluster(work) -> tuple[Path, str]:
+    """A stopped cluster whose table t (20,000 rows of 500 bytes, a primary key) is all-visible after
+    VACUUM: count(*) there is an index-only scan that reads no heap page. Returns (data, t's file)."""
+    data = work / "wide"
+    pwfile = work / "pw-wide"
+    pwfile.write_text(PASSWORD + "\n")
+    shutil.chown(pwfile, "postgres")
+    proc.run([_pg("initdb"), "-D", str(data), "-U", "postgres", "-k", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+             user="postgres", timeout=120)
+    port = _free_port()
+    proc.run([_pg("pg_ctl"), "start", "-w", "-D", str(data), "-l", str(work / "wide.log"),
+              "-o", f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="],
+             user="postgres", timeout=60)
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=PASSWORD, dbname="postgres",
+                             autocommit=True) as c:
+            c.execute("create table t (id int primary key, pad text)")
+            c.execute("insert into t select g, repeat('x', 500) from generate_series(1, 20000) g")
+            c.execute("vacuum (freeze, analyze) t")
+            rel = c.execute("select pg_relation_filepath('t')").fetchone()[0]
+    finally:
+        proc.run([_pg("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"], user="postgres", timeout=60)
+    return data, rel
+
+
+def _check_config(data: Path):
+    return parse({"cluster": "t", "nodes": [{"name": "n1", "host": "127.0.0.1", "port": 5432, "data_dir": str(data)}],
+                  "storage": {"bucket": "checks-test", "endpoint": "http://127.0.0.1:9"},
+                  "runtime": {"engine": "none"}})
+
+
+def test_checks_read_every_heap_page(settings, wide_cluster, work):
+    src, rel = wide_cluster
+    data = _copy_cluster(src, work / "wide-damaged")
+    f = data / rel
+    body = bytearray(f.read_bytes())
+    block = len(body) // PAGE // 2
+    body[block * PAGE + PAGE // 2] ^= 0xFF  # a tuple byte: the page's checksum no longer matches
+    f.write_bytes(bytes(body))
+    cfg = _check_config(data)
+    with open_runtime(settings["none"]).start(InstanceSpec(data_dir=data, port=_free_port(), name="checks")) as inst:
+        inst.wait_ready(60)
+        with conn.session(inst.node()) as c:
+            # the blind spot the checks must not have: count(*) from the index never reads the page
+            plan = "\n".join(r[0] for r in c.execute("explain select count(*) from t").fetchall())
+            assert "Index Only Scan" in plan, plan
+            assert conn.scalar(c, "select count(*) from t") == 20000
+        checks: list[dict] = []
+        with pytest.raises(ValidationError) as e:
+            run_checks(cfg, inst, checks)
+        assert "database postgres of the restored backup cannot be read" in e.value.message
+        assert f"invalid page in block {block}" in (e.value.detail or ""), e.value.detail
+        assert checks[-1]["check"] == "read_tables" and checks[-1]["ok"] is False
+        inst.stop("fast", timeout=60)
+
+
+def test_checks_pass_and_count_every_row(settings, wide_cluster, work):
+    data = _copy_cluster(wide_cluster[0], work / "wide-good")
+    with open_runtime(settings["none"]).start(InstanceSpec(data_dir=data, port=_free_port(), name="checks")) as inst:
+        inst.wait_ready(60)
+        checks: list[dict] = []
+        run_checks(_check_config(data), inst, checks)
+        inst.stop("fast", timeout=60)
+    reads = {c["database"]: c for c in checks if c["check"] == "read_tables"}
+    assert set(reads) == {"postgres", "template1"} and all(c["ok"] for c in reads.values())
+    assert reads["postgres"]["rows"] >= 20000
