@@ -13,6 +13,7 @@ from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
 from dbops.repo.store import store_snapshot
 
+from labkit import pg_ctl
 from test_backup_chain import backup, mark, sql, store_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
@@ -78,3 +79,19 @@ def test_checksum_failure_during_the_store_lists_nothing_and_fails_the_previous(
     r3, b3 = backup(cli, lab)
     assert r3.exit_code == 0, r3
     assert b3["validated"]["backup_id"] == healed
+
+
+def test_full_backup_with_a_bad_page_lists_nothing(make_lab, cli):
+    """A full backup's pg_checksums runs beside its final store too: a bad page on the source
+    (template0, which nothing reads or replays) stops it, and nothing is listed."""
+    lab = make_lab(replicas=0)
+    data = Path(lab.primary.data_dir)
+    pg_ctl(data, "stop", "-m", "fast", "-w")
+    flipped = flip_a_page(data)
+    pg_ctl(data, "start", "-w", "-l", str(lab.dir / "logs" / "pg1-restarted.log"))
+    r = cli(["-c", lab.config_path, "-v", "backup", "--full"])
+    assert r.exit_code == 7, r
+    assert "pg_checksums found bad pages" in r.stderr, r.stderr
+    assert "pg_checksums runs on while the copy is stored" in r.stderr  # the store ran meanwhile
+    assert Path(flipped).name in r.stderr
+    assert json.loads(cli(["-c", lab.config_path, "backup", "list", "--json"]).stdout) == []

@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -232,7 +233,9 @@ class BackupRun:
             size = int(pgconn.scalar(c, "SELECT sum(pg_database_size(oid))::bigint FROM pg_database") or 0)
         check_scratch_space(self.scratch_root, size, cfg.backup.scratch_limit, owner=cfg.os_user)
         log.event(_log, logging.INFO, "full backup", reason=reason, source=source.name)
-        with scratch_folder(self.scratch_root, self.run_id, cfg.os_user) as scratch:
+        # The copy is removed in a thread while the status is recorded (joined before run() returns).
+        with scratch_folder(self.scratch_root, self.run_id, cfg.os_user, removals=self.removals) as scratch, \
+                ExitStack() as stack:
             data, wal = scratch / "data", scratch / "wal"
             wal.mkdir()
             proc.chown_to(wal, cfg.os_user)
@@ -256,8 +259,9 @@ class BackupRun:
                                                 layout=self.layout)
                     with phases("wal_fetch"):
                         fetch_wal(cfg, self.store, self.layout, start_segment, target, wal)
+                    # pg_checksums runs on beside the final store (which lists nothing before it passed).
                     val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}",
-                                            tablespaces=ts)
+                                            tablespaces=ts, stack=stack)
                 except BaseException:
                     cancel.set()
                     raise
