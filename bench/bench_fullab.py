@@ -1,13 +1,14 @@
 """Benchmark: A/B rounds of the full backup alone on one lab kept between rounds.
 
     python -m bench.bench_fullab up --dir DIR --scale 100        # lab + pgbench -i (once)
-    python -m bench.bench_fullab run --dir DIR [--rounds 2] [--peer]   # dbops backup --full (x rounds)
+    python -m bench.bench_fullab run --dir DIR [--rounds 2] [--peer] [--bin B ...]   # dbops backup --full
     python -m bench.bench_fullab down --dir DIR
 
 ``run`` prints one JSON line per backup: wall seconds, peak RSS (KiB, GNU time), the run's phases
 (copy, prestore, capture, start, checks, stop, checksums, store ...), the stored bytes; with
 ``--peer``, a pgBackRest full on the same lab first (its own S3 server, zstd-3, process-max 2).
 The disk is synced before each backup (untimed), so a round does not pay for the last one's writes.
+``--bin``: dbops executables to compare (default: this installation's), run in turn in each round.
 """
 
 from __future__ import annotations
@@ -40,19 +41,26 @@ def up(d: Path, scale: int) -> None:
     print(json.dumps({"lab": str(d), "database_bytes": _db_size(lab)}), flush=True)
 
 
-def _dbops_full(lab: labmod.LabInfo) -> dict:
+def _dbops_full(lab: labmod.LabInfo, exe: str) -> dict:
     os.sync()
-    wall, rss, out = _timed([labmod.dbops_executable(), "-c", lab.config_path, "backup", "--full", "--json"])
+    wall, rss, out = _timed([exe, "-c", lab.config_path, "backup", "--full", "--json"])
     res = json.loads(out)
-    return {"bench": "full_ab", "tool": "dbops", "wall_seconds": round(wall, 2), "rss_kib": rss,
+    return {"bench": "full_ab", "tool": "dbops", "bin": exe, "wall_seconds": round(wall, 2), "rss_kib": rss,
             "stored_bytes": res["stored_bytes"], "logical_bytes": res["logical_size"],
             "timings": res.get("timings"), "counts": res.get("counts")}
 
 
-def run(d: Path, rounds: int, peer: bool) -> None:
+def run(d: Path, rounds: int, peer: bool, bins: list[str]) -> None:
     compile_dbops()
     lab = labmod.info(d)
     size = _db_size(lab)
+    exes = bins or [labmod.dbops_executable()]
+
+    def rounds_of_dbops() -> None:
+        for _ in range(rounds):
+            for exe in exes:
+                print(json.dumps({"database_bytes": size, **_dbops_full(lab, exe)}), flush=True)
+
     if peer and pgbackrest_peer.available():
         with pgbackrest_peer.session(lab, own_wal=True) as p, pgbackrest_peer.archiving(lab, p):
             os.sync()
@@ -61,11 +69,9 @@ def run(d: Path, rounds: int, peer: bool) -> None:
             print(json.dumps({"bench": "full_ab", "tool": "pgbackrest", "database_bytes": size,
                               "wall_seconds": round(wall, 2), "rss_kib": rss[0] if rss else None,
                               "stored_bytes": b["info"]["repository"]["delta"]}), flush=True)
-            for _ in range(rounds):
-                print(json.dumps({"database_bytes": size, **_dbops_full(lab)}), flush=True)
+            rounds_of_dbops()
         return
-    for _ in range(rounds):
-        print(json.dumps({"database_bytes": size, **_dbops_full(lab)}), flush=True)
+    rounds_of_dbops()
 
 
 def main() -> int:
@@ -75,12 +81,13 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peer", action="store_true")
+    ap.add_argument("--bin", action="append", default=[])
     a = ap.parse_args()
     d = Path(a.dir).resolve()
     if a.action == "up":
         up(d, a.scale)
     elif a.action == "run":
-        run(d, a.rounds, a.peer)
+        run(d, a.rounds, a.peer, a.bin)
     else:
         labmod.down(d, purge=True)
     return 0

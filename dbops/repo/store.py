@@ -90,8 +90,10 @@ class _Snapshot:
     def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, encoder: codec.Encoder,
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
                  unchanged_lsn: int | None, tmp_dir: str, live: bool = False,
-                 cancel: threading.Event | None = None, deltas: bool = False):
+                 cancel: threading.Event | None = None, deltas: bool = False,
+                 ready: Callable[[str, int, int], None] | None = None):
         self.store, self.layout, self.backup_id = store, layout, backup_id
+        self.ready = ready
         self.deltas = deltas and unchanged_lsn is not None
         self.encoder, self.pack_size, self.tmp_dir = encoder, pack_size, tmp_dir
         self.unchanged_lsn, self.live, self.cancel = unchanged_lsn, live, cancel
@@ -115,6 +117,8 @@ class _Snapshot:
         buf = getattr(self.local, "buf", None)
         if buf is None or len(buf) != step:
             buf = self.local.buf = bytearray(step)  # reused: a fresh 4 MiB per read costs page faults
+        if self.ready is not None:  # a copy still being made: wait for these bytes (before taking a pack)
+            self.ready(unit.path, unit.start, unit.end)
         pack = self.up.open_packs.get()
         try:
             try:
@@ -323,6 +327,8 @@ def store_snapshot(
     cancel: threading.Event | None = None,
     tablespaces: Mapping[Tablespace, str] | None = None,
     before_manifest: Callable[[], None] | None = None,
+    files: Sequence[walk.WalkEntry] | None = None,
+    ready: Callable[[str, int, int], None] | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -346,6 +352,10 @@ def store_snapshot(
     one of them (see :func:`dbops.repo.walk.walk`). None: links are recorded without contents.
     ``before_manifest``: called once every pack is stored, before the manifest is made (a check
     still running on the folder waits there); what it raises ends the store with nothing listed.
+    ``files``: the entries to store instead of walking data_dir (each read from its ``src``): the
+    files a copy is making (see :class:`dbops.ops.backup.livecopy.Copied`), with ``ready(path,
+    start, end)`` called before those bytes of a file are read, returning once they are there
+    (raising to stop the store).
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -357,8 +367,9 @@ def store_snapshot(
         pg = pgstate.read(data_dir)
     ts_map = None if tablespaces is None else {t.oid: (d, t.location) for t, d in tablespaces.items()}
     ts_list = sorted(tablespaces or (), key=lambda t: t.oid)
-    entries = sorted(walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None, ts_map),
-                     key=lambda e: path_key(e.path))
+    listed = files if files is not None else walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None,
+                                                       ts_map)
+    entries = sorted(listed, key=lambda e: path_key(e.path))
     redo_segment = segment_of_lsn(pg.timeline, pg.redo_lsn, pg.wal_segment_size)
     if include_wal and not any(e.path == f"pg_wal/{redo_segment}" for e in entries):
         _log.warning("%s has no pg_wal/%s: the restored copy will need the WAL archive to start",
@@ -371,7 +382,7 @@ def store_snapshot(
     snap = _Snapshot(store, layout, backup_id, encoder=codec.Encoder(compression.algorithm, compression.level),
                      pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
                      total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool,
-                     live=live, cancel=cancel, deltas=bool(parent_manifests))
+                     live=live, cancel=cancel, deltas=bool(parent_manifests), ready=ready)
     fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
     os.close(fd)
     writer = mformat.Writer(mpath)

@@ -77,3 +77,91 @@ def test_files_copied_in_ranges_and_a_vanished_file_left_out(tmp_path, monkeypat
     assert not (scratch / "data" / "base" / "5" / "16385").exists()
     assert (scratch / "data" / "global" / "pg_control").read_bytes() == b"control"
     assert stats.vanished == 1 and stats.bytes == len(body) + len(b"control")
+
+
+def test_plan_names_each_file_by_its_path_in_a_backup(tmp_path):
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    touch(live / "base" / "5" / "16384")
+    touch(live / "global" / "pg_control")
+    ts_live = tmp_path / "ts1"
+    touch(ts_live / "PG_15_202209061" / "5" / "16500")
+    (live / "pg_tblspc").mkdir()
+    os.symlink(ts_live, live / "pg_tblspc" / "16499")
+    scratch.mkdir()
+    ts = tbs.ScratchTablespaces(scratch, known={16499: Tablespace(16499, "one", str(ts_live))})
+    ts.prepare("postgres")
+    plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", ts, "postgres")
+    assert sorted(plan.paths[dst] for _, dst, _, _ in plan.files) == [
+        "base/5/16384", "pg_tblspc/16499/PG_15_202209061/5/16500"]
+    # Listed as the walk of the finished copy lists them: a manifest that reads back (parents first).
+    from dbops.repo.manifest import PgState
+    from dbops.repo.store import store_snapshot
+    from dbops.storage.layout import Layout
+    from dbops.storage.local import LocalStore
+
+    livecopy.execute(plan, os_user="postgres", workers=2)
+    m = store_snapshot(LocalStore(str(tmp_path / "repo")), Layout("t"), str(scratch / "data"), backup_id="b1",
+                       chunk_size=8192, pack_size=1 << 20, parallel=2, pg=PgState("15", "1", 1, 0, 0, 0.0),
+                       include_wal=False, files=plan.entries(), save=False)
+    assert [e.path for e in m.entries()] == [
+        ".", "base", "base/5", "base/5/16384", "global", "pg_tblspc", "pg_tblspc/16499",
+        "pg_tblspc/16499/PG_15_202209061", "pg_tblspc/16499/PG_15_202209061/5",
+        "pg_tblspc/16499/PG_15_202209061/5/16500"]
+
+
+def test_a_store_following_the_copy_stores_what_the_copy_wrote(tmp_path, monkeypatch):
+    """The store of the copy started with it (livecopy.Copied): each range read once the copy has
+    written it; the blocks it records are those of the finished copy, which restores byte for byte."""
+    import threading
+
+    from dbops.repo.manifest import FILE, PgState
+    from dbops.repo.restore import restore_snapshot
+    from dbops.repo.store import Cancelled, store_snapshot
+    from dbops.storage.layout import Layout
+    from dbops.storage.local import LocalStore
+
+    monkeypatch.setattr(livecopy, "RANGE", 64 * 1024)
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    bodies = {"base/5/16384": os.urandom(40 * 8192 + 100), "base/5/16385": bytes(3 * 8192) + b"tail",
+              "base/1/112": b"small", "PG_VERSION": b"15\n"}
+    for rel, body in bodies.items():
+        touch(live / rel, body)
+    touch(live / "global" / "pg_control", b"control")
+    scratch.mkdir()
+    plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", tbs.ScratchTablespaces(scratch), "postgres")
+    copied = livecopy.Copied()
+    files = plan.entries()
+    seen: list[tuple[str, int, int]] = []
+
+    def ready(path: str, start: int, end: int) -> None:
+        seen.append((path, start, end))
+        if not copied.wait(path, start, end):
+            raise Cancelled("copy failed")
+
+    store, layout = LocalStore(str(tmp_path / "repo")), Layout("t")
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(store_snapshot(
+        store, layout, str(scratch / "data"), backup_id="b1", chunk_size=8192, pack_size=1 << 20, parallel=2,
+        pg=PgState("15", "1", 1, 0, 0, 0.0), include_wal=False, live=True, files=files, ready=ready)))
+    t.start()
+    livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
+    t.join(30)
+    m = result[0]
+    assert {p for p, _, _ in seen} == {str(scratch / "data" / rel) for rel in bodies}
+    got = {e.path: e for e in m.entries() if e.type == FILE}
+    assert sorted(got) == sorted(bodies)
+    out = tmp_path / "restored"
+    restore_snapshot(store, layout, m, str(out), parallel=2, durable=False)
+    for rel, body in bodies.items():
+        assert (out / rel).read_bytes() == body == (scratch / "data" / rel).read_bytes()
+
+
+def test_a_failed_copy_releases_the_store_following_it():
+    copied = livecopy.Copied()
+    copied.mark("/x/a", 0)
+    assert copied.wait("/x/a", 0, 10)
+    copied.fail()
+    assert not copied.wait("/x/b", 0, 10)
+    cancel = __import__("threading").Event()
+    cancel.set()
+    assert not livecopy.Copied().wait("/x/a", 0, 10, cancel)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from dbops import log, proc
@@ -24,16 +25,18 @@ from dbops.runtime.scratch import out_of_space
 _log = log.get("backup")
 
 
-def take(cfg: Config, source: Node, data: Path, ts: tbs.ScratchTablespaces, phases: Phases, *, run_id: str) -> None:
+def take(cfg: Config, source: Node, data: Path, ts: tbs.ScratchTablespaces, phases: Phases, *, run_id: str,
+         follow: Callable[[livecopy.CopyPlan, livecopy.Copied], None] | None = None) -> None:
     """The base backup: its data folder copied here (phase ``copy``) when it is this host's to read,
-    else pg_basebackup (phase ``basebackup``); backup.copy_method chooses (docs/backups.md)."""
+    else pg_basebackup (phase ``basebackup``); backup.copy_method chooses (docs/backups.md).
+    ``follow``: see :func:`livecopy.direct_base_backup` (not called with pg_basebackup)."""
     method = cfg.backup.copy_method
     if method != "pg_basebackup":
         try:
             with phases("copy"):
                 livecopy.direct_base_backup(source, data, os_user=cfg.os_user, tablespaces=ts,
                                             workers=max(2, min(cfg.backup.parallel, os.cpu_count() or 2)),
-                                            label=f"dbops backup {run_id}")
+                                            label=f"dbops backup {run_id}", follow=follow)
             return
         except NotLocal as e:
             phases.t.pop("copy", None)

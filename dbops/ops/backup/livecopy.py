@@ -20,6 +20,11 @@ pg_internal.init* anywhere; temporary relations (``t<N>_<relfilenode>``); every 
 Each tablespace's version folder (``PG_15_<catversion>``) is copied into the run's scratch folder
 for it and ``pg_tblspc/<OID>`` points there, never at the live location (as with pg_basebackup's
 ``--tablespace-mapping``; no tablespace_map is written, so recovery keeps those links).
+
+The ranges are copied in the order a store walks the copy (by the path it has in a backup, see
+:attr:`CopyPlan.paths`), and :class:`Copied` tells a reader following the copy (the store of the
+copy, started with it) which ranges are complete: the store hashes and compresses what the copy
+has written while the copy goes on, instead of after it.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import errno
 import os
 import re
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +45,7 @@ from dbops.ops.backup import tablespaces as tbs
 from dbops.config import Node
 from dbops.pg.onlinebackup import OnlineBackup
 from dbops.repo import walk
+from dbops.repo.manifest import DIR, FILE, SYMLINK, path_key
 from dbops.repo.tblspc import TBLSPC_DIR, Tablespace
 
 _log = log.get("backup.copy")
@@ -54,6 +62,50 @@ class CopyPlan:
     links: list[tuple[Path, str]] = field(default_factory=list)  # (link in the copy, target)
     files: list[tuple[str, Path, int, int]] = field(default_factory=list)  # (source, destination, size, mode)
     control: tuple[str, Path, int, int] | None = None
+    paths: dict[Path, str] = field(default_factory=dict)  # destination -> its path in a backup of the copy
+
+    def entries(self) -> list[walk.WalkEntry]:
+        """What a store of the copy lists, from the plan (for a store that follows the copy): every
+        folder, tablespace link and file (read from its destination) but pg_control, by its path in
+        a backup. Sizes are the planned ones (a file that shrank reads short: the store records it empty)."""
+        out = [walk.WalkEntry(self.paths[d], DIR, mode, 0) for d, mode in self.dirs]
+        out += [walk.WalkEntry(self.paths[link], SYMLINK, 0o777, 0, target=target) for link, target in self.links]
+        return out + [walk.WalkEntry(self.paths[dst], FILE, mode, 0, size, src=str(dst))
+                      for _, dst, size, mode in self.files]
+
+
+class Copied:
+    """The ranges of each destination file that the copy has finished (or found vanished), for a
+    reader that follows the copy; :meth:`wait` blocks until a part of a file is complete."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._done: dict[str, set[int]] = {}
+        self._failed = False
+
+    def mark(self, dst: str, offset: int) -> None:
+        with self._cond:
+            self._done.setdefault(dst, set()).add(offset)
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        """The copy stopped: every waiter is released (and told so)."""
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def wait(self, dst: str, start: int, end: int, cancel: threading.Event | None = None) -> bool:
+        """True once every range of dst overlapping [start, end) is copied; False when the copy
+        failed or cancel was set first."""
+        want = range(start - start % RANGE, end, RANGE)
+        with self._cond:
+            while True:
+                done = self._done.get(dst, ())
+                if all(o in done for o in want):
+                    return True
+                if self._failed or (cancel is not None and cancel.is_set()):
+                    return False
+                self._cond.wait(0.2)
 
 
 @dataclass
@@ -79,12 +131,15 @@ def plan_copy(backup: OnlineBackup, data: Path, ts: tbs.ScratchTablespaces, os_u
     p = CopyPlan()
     src = backup.data_dir
     p.dirs.append((data, 0o700))
+    p.paths[data] = "."
     _scan(str(src), data, "", p, backup, ts, os_user)
     return p
 
 
 def _scan(src_dir: str, dst_dir: Path, rel_dir: str, p: CopyPlan, backup: OnlineBackup,
-          ts: tbs.ScratchTablespaces | None, os_user: str) -> None:
+          ts: tbs.ScratchTablespaces | None, os_user: str, prefix: str = "") -> None:
+    """Plan src_dir's entries (rel_dir: its path in the data folder or the tablespace's folder;
+    prefix + rel_dir: its path in a backup)."""
     try:
         with os.scandir(src_dir) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -104,16 +159,19 @@ def _scan(src_dir: str, dst_dir: Path, rel_dir: str, p: CopyPlan, backup: Online
         mode = stat.S_IMODE(st.st_mode)
         if rel == "pg_wal":  # a folder or a link elsewhere: an empty folder here, the WAL comes from the archive
             p.dirs += [(dst, 0o700), (dst / "archive_status", 0o700)]
+            p.paths.update({dst: rel, dst / "archive_status": rel + "/archive_status"})
         elif rel_dir == TBLSPC_DIR + "/" and stat.S_ISLNK(st.st_mode) and ts is not None:
             _tablespace(e, dst, p, backup, ts, os_user)
         elif stat.S_ISLNK(st.st_mode):
             _log.warning("skipping %s: a symbolic link where PostgreSQL makes none", rel)
         elif stat.S_ISDIR(st.st_mode):
             p.dirs.append((dst, mode))
+            p.paths[dst] = prefix + rel
             if rel not in walk.EXCLUDE_DIR_CONTENTS:
-                _scan(e.path, dst, rel + "/", p, backup, ts, os_user)
+                _scan(e.path, dst, rel + "/", p, backup, ts, os_user, prefix)
         elif stat.S_ISREG(st.st_mode):
             item = (e.path, dst, st.st_size, mode)
+            p.paths[dst] = prefix + rel
             if rel == PG_CONTROL:
                 p.control = item
             else:
@@ -132,6 +190,7 @@ def _tablespace(e: os.DirEntry, link: Path, p: CopyPlan, backup: OnlineBackup, t
         ts.prepare(os_user)
     folder = ts.folder(oid)
     p.links.append((link, str(folder)))
+    p.paths[link] = f"{TBLSPC_DIR}/{oid}"
     version = backup.tablespace_dir
     src = os.path.join(e.path, version)
     try:
@@ -139,7 +198,8 @@ def _tablespace(e: os.DirEntry, link: Path, p: CopyPlan, backup: OnlineBackup, t
     except FileNotFoundError:  # dropped meanwhile (an empty location has nothing to copy)
         return
     p.dirs.append((folder / version, stat.S_IMODE(st.st_mode)))
-    _scan(src, folder / version, version + "/", p, backup, None, os_user)
+    p.paths[folder / version] = f"{TBLSPC_DIR}/{oid}/{version}"
+    _scan(src, folder / version, version + "/", p, backup, None, os_user, f"{TBLSPC_DIR}/{oid}/")
 
 
 def _copy_range(src: str, dst: Path, offset: int, count: int) -> tuple[int, bool]:
@@ -179,8 +239,18 @@ def _copy_range(src: str, dst: Path, offset: int, count: int) -> tuple[int, bool
     return done, False
 
 
-def execute(p: CopyPlan, *, os_user: str, workers: int) -> CopyStats:
-    """Make the folders and links, copy the files with `workers` threads, pg_control last."""
+def execute(p: CopyPlan, *, os_user: str, workers: int, copied: Copied | None = None) -> CopyStats:
+    """Make the folders and links, copy the files with `workers` threads in the order of their paths in a
+    backup, pg_control last; each range done is marked in ``copied`` (failed there if the copy fails)."""
+    try:
+        return _execute(p, os_user, workers, copied)
+    except BaseException:
+        if copied is not None:
+            copied.fail()
+        raise
+
+
+def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> CopyStats:
     t0 = time.monotonic()
     owner = _owner(os_user)
     for d, mode in p.dirs:
@@ -204,9 +274,17 @@ def execute(p: CopyPlan, *, os_user: str, workers: int) -> CopyStats:
             os.close(fd)
         if (src, dst, size, mode) != p.control:
             jobs += [(src, dst, off, min(RANGE, size - off)) for off in range(0, size, RANGE)]
-    jobs.sort(key=lambda j: -j[3])  # the largest first: the threads end together
+    # In the order a store of the copy reads it (ranges of at most RANGE: the threads end together).
+    jobs.sort(key=lambda j: (path_key(p.paths.get(j[1], str(j[1]))), j[2]))
+
+    def job(j: tuple[str, Path, int, int]) -> tuple[int, bool]:
+        done = _copy_range(*j)
+        if copied is not None:
+            copied.mark(str(j[1]), j[2])
+        return done
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-copy") as pool:
-        for n, vanished in pool.map(lambda j: _copy_range(*j), jobs):
+        for n, vanished in pool.map(job, jobs):
             stats.bytes += n
             stats.vanished += vanished
     if p.control:
@@ -231,12 +309,17 @@ def write_label(data: Path, label: str, os_user: str) -> None:
 
 
 def direct_base_backup(source: Node, data: Path, *, os_user: str, tablespaces: tbs.ScratchTablespaces,
-                       workers: int, label: str) -> CopyStats:
+                       workers: int, label: str,
+                       follow: Callable[[CopyPlan, Copied], None] | None = None) -> CopyStats:
     """A base backup of source into data by copying its folder here. Raises
     :class:`~dbops.pg.onlinebackup.NotLocal` before the backup starts when the folder is not this
-    host's to read (then nothing was written)."""
+    host's to read (then nothing was written). ``follow(plan, copied)`` is called once the plan is
+    made, before the copy starts (to start a reader that follows it)."""
     with OnlineBackup(source, label) as b:
-        stats = execute(plan_copy(b, data, tablespaces, os_user), os_user=os_user, workers=workers)
+        plan, copied = plan_copy(b, data, tablespaces, os_user), Copied()
+        if follow is not None:
+            follow(plan, copied)
+        stats = execute(plan, os_user=os_user, workers=workers, copied=copied)
         label_text, _ = b.stop()
     write_label(data, label_text, os_user)
     log.event(_log, 20, "base backup copied from the data folder", source=source.name, folder=str(b.data_dir),
