@@ -11,7 +11,9 @@ overlaps the download instead of following it. Page deltas (manifest format 4) a
 by batch in the same pass (:mod:`dbops.repo.schedule`): a batch's whole blocks (a delta's base
 block included), then its deltas, whose pages are checked against their sha256 and written over
 their base blocks (:func:`dbops.repo.blocks.delta_writes`), while the next batch's whole blocks
-download; a file with deltas is finished as soon as its batch is written.
+download; a file with deltas is finished as soon as its batch is written. A batch whose deltas are
+small has them fetched first and held, each applied in memory over its base block as that is
+written (:mod:`dbops.repo.held`): one pass, every block written once.
 Verification: :mod:`dbops.repo.verify`.
 """
 
@@ -20,8 +22,6 @@ from __future__ import annotations
 import itertools
 import os
 import pwd
-import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +35,8 @@ from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
 from dbops.repo.blocks import delta_writes
+from dbops.repo.finish import as_restored, finish_file, finish_files, finish_tree, mark_wal_archived, reset_unlogged
+from dbops.repo.held import Held
 from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Frame, Range, Run, frame_chunks, frames_read, open_range,
                                run_bounded)
 from dbops.repo.schedule import Batch, Completion
@@ -46,11 +48,9 @@ from dbops.storage.layout import Layout
 
 _log = log.get("backup.restore")
 
-_INIT_FORK_RE = re.compile(r"^((?:base/\d+|pg_tblspc/\d+/PG_[^/]+/\d+)/\d+)_init$")
-
-
 FLUSH_BYTES = 8 * 1024 * 1024  # a durable restore starts the disk writes of each file every this many bytes
 _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
 
@@ -80,12 +80,6 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     except KeyError:
         raise PreconditionError(f"no OS user named {owner!r} to own the restored files") from None
     return pw.pw_uid, pw.pw_gid
-
-
-def as_restored(e: FileEntry) -> FileEntry:
-    """An entry as a restore creates it: a symlinked pg_wal becomes an empty folder of its own
-    (a restored copy must not point at another machine's WAL folder, as the walk does at backup time)."""
-    return FileEntry(e.path, DIR, 0o700, e.mtime_ns) if e.type == SYMLINK and e.path == "pg_wal" else e
 
 
 def make_links(target: Path, links: Iterable[FileEntry], ids: tuple[int, int] | None) -> int:
@@ -169,13 +163,22 @@ def restore_snapshot(
 
     finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
     finishing: list[Future] = []
-    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)))
+
+    def hold(files: list[FileEntry], rng: Range) -> tuple[str, list[tuple[Frame, bytes]]]:
+        frames = held_frames(store, layout, manifest, files, rng)
+        with lock:
+            stats.fetched_bytes += sum(len(s) for _fr, s in frames)
+            stats.requests += 1
+        return layout.pack(rng.pack), frames
+
+    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)),
+                            hold)
 
     def fetch(item: tuple[list[FileEntry], Range, Batch]) -> None:
         files, rng, left = item
         try:
             fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
-                                           flush=durable)
+                                           flush=durable, held=left.held)
         except BaseException:
             completion.failed(left)
             raise
@@ -220,9 +223,33 @@ def restore_snapshot(
     return stats
 
 
+def _damaged(manifest: Manifest, path: str, detail: str) -> ValidationError:
+    return ValidationError(f"backup {manifest.backup_id}: {path} is damaged in storage", detail=detail,
+                           hint="the backup cannot be restored; run `dbops verify` and take a new backup")
+
+
+def _missing(manifest: Manifest, key: str, path: str) -> ValidationError:
+    return ValidationError(f"backup {manifest.backup_id}: pack object {key} is missing", detail=f"needed for {path}",
+                           hint="the backup cannot be restored; run `dbops verify` and take a new backup")
+
+
+def held_frames(store: ObjectStore, layout: Layout, manifest: Manifest, files: list[FileEntry],
+                rng: Range) -> list[tuple[Frame, bytes]]:
+    """A range of page deltas read whole, (frame, stored bytes) each, to be held (:mod:`dbops.repo.held`);
+    checked as they are applied. Raises ValidationError for a missing or damaged (encrypted) object."""
+    key = layout.pack(rng.pack)
+    try:
+        with open_range(store, key, rng) as src:
+            return [(fr, bytes(stored)) for fr, stored in frames_read(src, rng)]
+    except NotFoundError:
+        raise _missing(manifest, key, files[rng.first_file].path) from None
+    except DamagedObjectError as e:
+        raise _damaged(manifest, files[rng.first_file].path, e.message) from None
+
+
 def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, files: list[FileEntry],
                 rng: Range, decoder: codec.Decoder, *, budget: ByteBudget | None = None,
-                flush: bool = False) -> tuple[int, int]:
+                flush: bool = False, held: Held | None = None) -> tuple[int, int]:
     """Read one coalesced range (see dbops.repo.ranges) as it arrives, frame by frame, check every
     chunk against its sha256 and write it into the files, which exist at their size. Returns
     (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
@@ -230,7 +257,8 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``_Flusher``).
     A page delta's pages are written over its base block, which is on disk when its range is read
     (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written): a
-    format 5 delta, compressed against its base, reads it back from the file to be decoded."""
+    format 5 delta, compressed against its base, reads it back from the file to be decoded.
+    ``held``: the batch's deltas held in memory, applied over their bases before those are written."""
     key = layout.pack(rng.pack)
     fds: dict[int, int] = {}
     flusher = _Flusher() if flush else None
@@ -251,15 +279,16 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                 fetched += len(stored)
                 for run, raw, why in frame_chunks(decoder, fr, stored, base_of):
                     if raw is None:
-                        raise ValidationError(
-                            f"backup {manifest.backup_id}: {files[run.file_no].path} is damaged in storage",
-                            detail=f"object {key}: {why}",
-                            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-                        )
+                        raise _damaged(manifest, files[run.file_no].path, f"object {key}: {why}")
                     fd = fd_of(run.file_no)
                     if run.mask:  # a page delta: its pages over its base block, written (and checked) before
                         for at, pages in delta_writes(raw, run.mask, block_len(files[run.file_no], run)):
                             os.pwrite(fd, pages, run.offset + at)
+                    elif held is not None and held.by_block:  # the held deltas of its blocks applied
+                        pieces, why = held.over(decoder, run, raw)
+                        if why:
+                            raise _damaged(manifest, files[run.file_no].path, why)
+                        write_pieces(fd, pieces, run.offset)
                     else:
                         os.pwrite(fd, raw, run.offset)
                     written += len(raw)
@@ -268,21 +297,23 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
             if flusher:
                 flusher.all()
     except NotFoundError:
-        raise ValidationError(
-            f"backup {manifest.backup_id}: pack object {key} is missing",
-            detail=f"needed for {files[rng.first_file].path}",
-            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-        ) from None
+        raise _missing(manifest, key, files[rng.first_file].path) from None
     except DamagedObjectError as e:  # an encrypted segment failed its authentication tag
-        raise ValidationError(
-            f"backup {manifest.backup_id}: {files[rng.first_file].path} is damaged in storage",
-            detail=e.message,
-            hint="the backup cannot be restored; run `dbops verify` and take a new backup",
-        ) from None
+        raise _damaged(manifest, files[rng.first_file].path, e.message) from None
     finally:
         for fd in fds.values():
             os.close(fd)
     return fetched, written
+
+
+def write_pieces(fd: int, pieces: list[memoryview], offset: int) -> None:
+    """Write the pieces one after the other from offset: ``pwritev`` (``IOV_MAX`` pieces a call)."""
+    for k in range(0, len(pieces), _IOV_MAX):
+        part = pieces[k:k + _IOV_MAX]
+        n = os.pwritev(fd, part, offset)
+        if n != sum(len(p) for p in part):
+            raise OSError(f"short write: {n} bytes at offset {offset}")
+        offset += n
 
 
 def block_len(f: FileEntry, run: Run) -> int:
@@ -323,84 +354,3 @@ class _Flusher:
     def flush(fd: int, lo: int, hi: int) -> None:
         if _FADVISE is not None and hi > lo:
             os.posix_fadvise(fd, lo, hi - lo, _FADVISE)
-
-
-def mark_wal_archived(target: Path, manifest: Manifest) -> list[FileEntry]:
-    """archive_status/<name>.done for every WAL file the backup carries (as pg_basebackup does):
-    they came from, or belong in, the archive and must not be archived again from here."""
-    made = []
-    for e in manifest.listing():
-        if e.type == FILE and e.path.startswith("pg_wal/") and e.path.count("/") == 1:
-            rel = f"pg_wal/archive_status/{e.path[7:]}.done"
-            (target / rel).touch(mode=0o600)
-            made.append(FileEntry(rel, FILE, 0o600, e.mtime_ns))
-    return made
-
-
-def reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
-    """Give every unlogged relation its main fork as a copy of its _init fork, as PostgreSQL's
-    recovery does: the snapshot left those forks out, and a start without recovery would not
-    recreate them. Returns the created files (to be finished like the others)."""
-    paths = {e.path for e in manifest.listing()}
-    made = []
-    for e in manifest.listing():
-        m = _INIT_FORK_RE.match(e.path)
-        if e.type == FILE and m and m.group(1) not in paths:
-            shutil.copyfile(target / e.path, target / m.group(1))
-            made.append(FileEntry(m.group(1), FILE, e.mode, e.mtime_ns, e.size))
-    return made
-
-
-def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] | None, parallel: int,
-                 durable: bool = True) -> None:
-    """finish_file for each (in parallel)."""
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        run_bounded(pool, lambda f: finish_file(target, f, ids, durable), files, 4 * max(1, parallel))
-
-
-def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True) -> None:
-    """fsync a restored file (when durable), then set its mode, owner and mtime."""
-    fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
-    try:
-        if durable:
-            os.fsync(fd)
-        os.fchmod(fd, f.mode)
-        if ids:
-            os.fchown(fd, *ids)
-        os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
-    finally:
-        os.close(fd)
-
-
-def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, durable: bool = True) -> None:
-    """Link owners, folder modes/times (deepest first, so parents' times stick), fsync folders;
-    each folder opened without following a link."""
-    recorded = {}
-    for e in map(as_restored, manifest.listing()):
-        if e.type == DIR:
-            recorded[e.path] = e
-        elif e.type == SYMLINK and ids and (target / e.path).is_symlink():
-            os.lchown(target / e.path, *ids)
-    dirs = sorted(set(recorded) | {"pg_wal", "pg_wal/archive_status"},
-                  key=lambda p: (p.count("/"), p) if p != "." else (-1, p), reverse=True)
-    for rel in dirs:
-        e = recorded.get(rel)
-        fd = os.open(target / rel, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
-        try:
-            if ids:
-                os.fchown(fd, *ids)
-            os.fchmod(fd, e.mode if e else 0o700)
-            if durable:
-                os.fsync(fd)
-            if e:
-                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-        finally:
-            os.close(fd)
-    if not durable:
-        return
-    parent = target.resolve().parent
-    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,28 +10,42 @@ while batch k+1's whole blocks are already being read; so a file with deltas is 
 finished: fsynced, its mode and time set) as soon as its own batch is, not after the whole
 backup's whole blocks.
 
-Memory: nothing is held between the two ranges of a block (the base is on disk when its delta is
-read: a delta payload that needed its base to be decoded would read it back from there); at most
-two batches' plans are in memory.
+A batch whose deltas are small (:data:`dbops.repo.held.HOLD_BYTES` of stored frames at most) is
+read in one pass instead, when the consumer can fetch them (``hold``): its deltas' frames are
+fetched when it is planned, held (:class:`dbops.repo.held.Held`) and applied over their bases in
+memory as the batch's whole blocks are written; the batch is then only its whole-block ranges,
+and nothing waits for its last base.
+
+Memory: at most two batches' plans, and their held deltas (``HOLD_BYTES`` each at most); in two
+passes nothing is held between the two ranges of a block (the base is on disk when its delta is
+read, and read back from there).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
+from dbops.repo import held as heldmod
+from dbops.repo.held import Held
 from dbops.repo.manifest import FileEntry, Manifest
-from dbops.repo.ranges import Range, base_view, delta_view, has_deltas, plan_ranges, view_batches
+from dbops.repo.ranges import Frame, Range, base_view, delta_view, has_deltas, plan_ranges, view_batches
+
+# hold(the batch's files as its delta ranges see them, a range of deltas) -> (its object's key, the
+# range's (frame, stored bytes)), fetched (raises the restore's error for a missing or damaged object).
+Hold = Callable[[list[FileEntry], Range], "tuple[str, Iterable[tuple[Frame, bytes | memoryview]]]"]
 
 
 class Batch(list):
     """One batch's ranges still to write, per file (indexed like the batch's files); the batch's
-    whole-block ranges not yet written (its deltas wait for them), and whether one failed."""
+    whole-block ranges not yet written (its deltas wait for them), and whether one failed;
+    its deltas when they are held, to be applied over their bases as those are written."""
 
     def __init__(self, files: int):
         super().__init__([0] * files)
         self.bases_left = 0
         self.failed = False
+        self.held: Held | None = None
 
 
 Item = tuple[list[FileEntry], Range, Batch]
@@ -44,8 +58,9 @@ class Completion:
     The consumer reports every range it was handed: :meth:`written` once it is written, or
     :meth:`failed` when it could not be."""
 
-    def __init__(self, on_complete: Callable[[FileEntry], None]):
+    def __init__(self, on_complete: Callable[[FileEntry], None], hold: Hold | None = None):
         self.on_complete = on_complete
+        self.hold = hold
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
 
@@ -59,7 +74,15 @@ class Completion:
         deltas: list[Item] = []
         if any(has_deltas(f) for f in entries):
             views = [delta_view(f) or f.with_chunks(()) for f in entries]
-            deltas = [(views, r, left) for r in plan_ranges(manifest, views)]
+            planned = plan_ranges(manifest, views)
+            if self.hold is not None and heldmod.held_bytes(planned) <= heldmod.HOLD_BYTES:
+                left.held = Held()
+                for r in planned:
+                    key, frames = self.hold(views, r)
+                    for fr, stored in frames:
+                        left.held.add(fr, stored, key)
+            else:
+                deltas = [(views, r, left) for r in planned]
         for _files, rng, _ in whole + deltas:
             for i in rng.files():
                 left[i] += 1

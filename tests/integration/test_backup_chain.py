@@ -23,6 +23,7 @@ from dbops.pg import conn as pgconn
 from dbops.runtime.engine import LABEL, LABEL_PID
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
+from labkit import switch_and_archive
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
@@ -152,6 +153,31 @@ def test_three_chained_runs_validate_each_previous(make_lab, cli):
         store.put(key, good)
         assert r.exit_code == 7 and key in r.stdout, r
     assert cli(["-c", lab.config_path, "verify", b3["backup_id"]]).exit_code == 0
+
+    # b4 (validating b3) stores a delta of wide's first block again; a restore meets it damaged as it
+    # applies the deltas it holds over their bases (dbops.repo.held): it names the object and falls
+    # back to the validated backup b3, every segment after it archived.
+    sql(lab.primary, "UPDATE wide SET pad = 'changed 2' WHERE id = 2")
+    r4, b4 = backup(cli, lab)
+    assert r4.exit_code == 0 and b4["validated"]["backup_id"] == b3["backup_id"], r4
+    w4 = blocks_of(lab, b4["backup_id"], wide)
+    assert w4[0].mask and w4[0].on_base
+    switch_and_archive(lab)
+    key = layout.pack(w4[0].pack)
+    good = store.get(key)
+    bad = bytearray(good)
+    bad[w4[0].offset + w4[0].length // 2] ^= 0xFF
+    store.put(key, bytes(bad))
+    try:
+        target = lab.dir / "restore-damaged-delta"
+        r = cli(["-c", lab.config_path, "restore", "--to", "latest", "--target-dir", str(target), "--json"])
+    finally:
+        store.put(key, good)
+    assert r.exit_code == 0, r
+    d = json.loads(r.stdout)
+    assert d["backup_id"] == b3["backup_id"] and d["fell_back_from"]["backup_id"] == b4["backup_id"]
+    assert key in d["fell_back_from"]["reason"] and "damaged" in d["fell_back_from"]["reason"]
+    assert (target / "PG_VERSION").exists()
 
 
 def test_corrupted_pack_fails_validation_then_heals(make_lab, cli):

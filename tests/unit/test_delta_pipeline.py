@@ -2,7 +2,9 @@
 once its whole blocks are written, the next batch's whole blocks meanwhile; each delta's pages go
 over its base block (dbops.repo.blocks.delta_writes); files complete with their own batch; a
 failed range of whole blocks stops the handing out; bases and deltas spread over many ranges
-and batches restore byte for byte."""
+and batches restore byte for byte. A batch whose deltas are small has them fetched first and
+held (dbops.repo.held), applied over their bases as those are written: the same bytes, the same
+errors; a batch over the bound is read in two passes."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 
 from dbops.errors import ValidationError
 from dbops.ops.restore.delta import restore_delta
-from dbops.repo import blocks, ranges, schedule
+from dbops.repo import blocks, held, ranges, schedule
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
 from dbops.storage.layout import Layout
@@ -103,15 +105,37 @@ def test_a_failed_range_of_whole_blocks_stops_before_its_deltas(two, monkeypatch
     assert (REL, False) in handed and (OTHER, False) in handed and not any(d for _p, d in handed)
 
 
+class SpyHeld(held.Held):
+    """Counts the deltas held and the pieces their runs were written in."""
+
+    added = applied = 0
+
+    def add(self, fr, stored, key):
+        SpyHeld.added += len(fr.runs)
+        super().add(fr, stored, key)
+
+    def over(self, decoder, run, raw):
+        pieces, why = super().over(decoder, run, raw)
+        SpyHeld.applied += len(pieces) > 1
+        return pieces, why
+
+
+@pytest.mark.parametrize("hold", [True, False])
 @pytest.mark.parametrize("parallel", [1, 4])
-def test_bases_and_deltas_in_many_ranges_and_batches_restore_byte_for_byte(two, tmp_path, monkeypatch, parallel):
+def test_bases_and_deltas_in_many_ranges_and_batches_restore_byte_for_byte(two, tmp_path, monkeypatch, parallel,
+                                                                           hold):
     store, layout, f, m2, copy = two
     monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)
     monkeypatch.setattr(ranges, "MAX_GAP", 0)
     monkeypatch.setattr(ranges, "MAX_RANGE", 1)  # one frame per range: bases and deltas each in their own
+    monkeypatch.setattr(held, "HOLD_BYTES", held.HOLD_BYTES if hold else 0)  # 0: every batch in two passes
+    monkeypatch.setattr(schedule, "Held", SpyHeld)
+    SpyHeld.added = SpyHeld.applied = 0
     st = restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=parallel)
     assert files_of(tmp_path / "r") == copy
     assert st.requests > 2 * len(m2.packs())
+    deltas = sum(1 for e in m2.entries() for c in e.chunks if c.mask)
+    assert (SpyHeld.added, SpyHeld.applied > 0) == ((deltas, True) if hold else (0, False))
     # restore --delta over an older copy: the same merge
     target = tmp_path / "d"
     restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(target), parallel=parallel)
@@ -138,3 +162,29 @@ def test_a_listing_has_every_entry_without_decoding_block_tables(two):
         [(e.path, e.type, e.mode, e.mtime_ns, e.size, e.target) for e in full]
     assert all(not e.chunks for e in listed) and any(e.chunks for e in full)
     m2.check()  # loaded: its tables were checked then; the tablespace check runs on the listing
+
+
+def test_a_batch_holds_its_deltas_within_the_bound_and_is_read_in_two_passes_over_it(two, monkeypatch):
+    store, layout, f, m2, copy = two
+    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)  # one relation a batch
+    sizes = {}
+    for e in m2.entries():
+        if any(c.mask for c in e.chunks):
+            sizes[e.path] = sum(c.length for c in e.chunks if c.mask)
+    assert set(sizes) == {REL, OTHER}
+    monkeypatch.setattr(held, "HOLD_BYTES", max(sizes.values()) - 1)  # the larger batch over the bound
+    fetched: list[str] = []
+
+    def hold(files, rng):
+        fetched.append(files[rng.first_file].path)
+        return layout.pack(rng.pack), [(fr, b"") for fr in rng.frames]
+
+    completion = schedule.Completion(lambda e: None, hold)
+    seen = []
+    for files, rng, left in completion.planned(m2):
+        seen.append((files[rng.first_file].path, rng.deltas, left.held is not None))
+        completion.written(files, rng, left)
+    small, large = sorted(sizes, key=sizes.get)
+    assert fetched and set(fetched) == {small}  # held: fetched when planned, never handed out as a range
+    assert not any(d for p, d, _h in seen if p == small) and all(h for p, _d, h in seen if p == small)
+    assert any(d for p, d, _h in seen if p == large) and not any(h for p, _d, h in seen if p == large)

@@ -178,8 +178,12 @@ def _corrupt(store: LocalStore, key: str, at: int) -> bytes:
     return data
 
 
+@pytest.mark.parametrize("hold", [True, False])
 @pytest.mark.parametrize("which", ["delta", "base"])
-def test_a_damaged_delta_or_base_frame_is_detected_and_named(chain, tmp_path, which):
+def test_a_damaged_delta_or_base_frame_is_detected_and_named(chain, tmp_path, which, hold, monkeypatch):
+    from dbops.repo import held
+
+    monkeypatch.setattr(held, "HOLD_BYTES", held.HOLD_BYTES if hold else 0)  # held in memory, or two passes
     store, layout, f, (m1, m2, m3), copies = chain
     c = refs(m3)[2]
     r = c if which == "delta" else c.base

@@ -29,8 +29,8 @@ from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
 from dbops.repo.ranges import Range, base_view, batches, delta_view, plan_ranges
-from dbops.repo.restore import (as_restored, finish_files, finish_tree, make_links, mark_wal_archived, reset_unlogged,
-                                write_range)
+from dbops.repo.finish import as_restored, finish_files, finish_tree, mark_wal_archived, reset_unlogged
+from dbops.repo.restore import make_links, write_range
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
