@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 
 from dbops.errors import DamagedObjectError, NotFoundError, ValidationError
@@ -31,24 +32,45 @@ Delta = tuple[int, bytes, int, ChunkRef, ChunkRef]
 
 
 class BaseReader:
-    """Fetches base blocks by their refs; counts the GETs, bytes and seconds it took (thread-safe)."""
+    """Fetches base blocks by their refs; counts the GETs, bytes and seconds it took (thread-safe).
+    ``ahead``: threads that fetch a batch while its caller goes on (:meth:`fetch_ahead`)."""
 
-    def __init__(self, store: ObjectStore, layout: Layout, budget: ByteBudget):
+    def __init__(self, store: ObjectStore, layout: Layout, budget: ByteBudget, ahead: int = 0):
         self.store, self.layout, self.budget = store, layout, budget
         self.decoder = codec.Decoder()
         self.lock = threading.Lock()
         self.requests = self.fetched_bytes = self.blocks = 0
         self.seconds = 0.0
+        self.pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="dbops-bases") if ahead else None
 
-    def fetch(self, refs: Sequence[ChunkRef]) -> list[memoryview | None]:
+    def fetch_ahead(self, refs: Sequence[ChunkRef], what: str,
+                    masks: Sequence[int] | None = None) -> Future[list[bytes | memoryview]]:
+        """:meth:`fetch_checked` on one of the ``ahead`` threads (in the caller's thread without them)."""
+        if self.pool is None:
+            done: Future[list[bytes | memoryview]] = Future()
+            try:
+                done.set_result(self.fetch_checked(refs, what, masks))
+            except Exception as e:
+                done.set_exception(e)
+            return done
+        return self.pool.submit(self.fetch_checked, refs, what, masks)
+
+    def close(self) -> None:
+        """Stop the ``ahead`` threads: a fetch not started is dropped, a running one finishes."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def fetch(self, refs: Sequence[ChunkRef]) -> list[bytes | memoryview | None]:
         """The raw bytes of every ref's block, in order; None for one whose object is missing or
         damaged (:meth:`fetch_checked` raises, naming the object and why, instead)."""
         return self._fetch(refs)[0]
 
-    def fetch_checked(self, refs: Sequence[ChunkRef], what: str) -> list[memoryview]:
+    def fetch_checked(self, refs: Sequence[ChunkRef], what: str,
+                      masks: Sequence[int] | None = None) -> list[bytes | memoryview]:
         """Like :meth:`fetch`, raising ValidationError (naming the object and ``what``) for a base
-        block that is missing or damaged."""
-        out, problems = self._fetch(refs)
+        block that is missing or damaged. ``masks``: of each block (checked whole), only its pages
+        in the mask are kept (:func:`blocks.same_pages`: what a delta needs of its base)."""
+        out, problems = self._fetch(refs, masks)
         if problems:
             key, why = problems[0]
             raise ValidationError(f"{what}: a base block of its page deltas is missing or damaged in storage",
@@ -57,10 +79,11 @@ class BaseReader:
                                        "a new full backup")
         return out  # type: ignore[return-value]  # no None without a problem
 
-    def _fetch(self, refs: Sequence[ChunkRef]) -> tuple[list[memoryview | None], list[tuple[str, str]]]:
+    def _fetch(self, refs: Sequence[ChunkRef], masks: Sequence[int] | None = None,
+               ) -> tuple[list[bytes | memoryview | None], list[tuple[str, str]]]:
         t0 = time.monotonic()
         files = [FileEntry(str(i), FILE, 0o600, 0, r.raw, None, (r,), r.raw) for i, r in enumerate(refs)]
-        out: list[memoryview | None] = [None] * len(refs)
+        out: list[bytes | memoryview | None] = [None] * len(refs)
         problems: list[tuple[str, str]] = []
         requests = fetched = 0
         for rng in plan_ranges(None, files):
@@ -74,6 +97,8 @@ class BaseReader:
                         for run, raw, why in frame_chunks(self.decoder, fr, stored):
                             if raw is None:
                                 problems.append((key, why))
+                            elif masks is not None:  # a copy of the pages wanted only (the frame is dropped)
+                                out[run.file_no] = blocks.same_pages(raw, masks[run.file_no])
                             else:
                                 out[run.file_no] = memoryview(bytes(raw))  # the frame's buffer is reused
             except NotFoundError:
@@ -88,19 +113,20 @@ class BaseReader:
         return out, problems
 
 
-def encode_deltas(reader: BaseReader, encoder: codec.Encoder, deltas: Sequence[Delta],
-                  what: str) -> list[tuple[bytes, int, bytes] | None]:
-    """(pages, mask, bytes to store) of each delta, compressed against its base block (fetched,
-    checked: ValidationError naming ``what`` when one cannot be read). Only the pages that differ
-    from the base are kept (a page can get a new LSN and its old content back); None: none
-    differs and the parent's ref is that whole block, to be reused as it is."""
+def encode_deltas(encoder: codec.Encoder, deltas: Sequence[Delta],
+                  bases: Sequence[bytes | memoryview]) -> list[tuple[bytes, int, bytes] | None]:
+    """(pages, mask, bytes to store) of each delta, compressed against its base's same pages
+    (``bases``: of each delta's base block, its pages in the delta's mask, in order, fetched and
+    checked by :meth:`BaseReader.fetch_checked` with the masks). Only the pages that differ from
+    the base are kept (a page can get a new LSN and its old content back); None: none differs and
+    the parent's ref is that whole block, to be reused as it is."""
     out: list[tuple[bytes, int, bytes] | None] = []
-    for (_, payload, mask, _, pref), base in zip(deltas, reader.fetch_checked([d[3] for d in deltas], what)):
-        fewer, less = blocks.differing(payload, mask, base)
+    for (_, payload, mask, _, pref), old in zip(deltas, bases, strict=True):
+        fewer, less, was = blocks.differing(payload, mask, old)
         if not less and not pref.mask:
             out.append(None)
             continue
         if less:
-            payload, mask = fewer, less
-        out.append((payload, mask, encoder.encode_on(payload, blocks.same_pages(base, mask))))
+            payload, mask, old = fewer, less, was
+        out.append((payload, mask, encoder.encode_on(payload, old)))
     return out

@@ -104,15 +104,17 @@ def delta_writes(pages: bytes | memoryview, mask: int, block_len: int) -> list[t
     return out
 
 
-def differing(payload: bytes, mask: int, base: bytes | memoryview) -> tuple[bytes, int]:
-    """(the pages of a delta's payload that differ from the base block's same pages, their mask)."""
-    keep, out = 0, []
+def differing(payload: bytes, mask: int, old: bytes | memoryview) -> tuple[bytes, int, bytes | memoryview]:
+    """(the pages of a delta's payload that differ from their previous versions, their mask, those
+    previous versions); ``old``: the base block's pages in ``mask`` (:func:`same_pages`)."""
+    keep, out, was = 0, [], []
     for k, p in enumerate(pages_of(mask)):
-        page = payload[k * PAGE:(k + 1) * PAGE]
-        if page != base[p * PAGE:(p + 1) * PAGE]:
+        page, before = payload[k * PAGE:(k + 1) * PAGE], old[k * PAGE:(k + 1) * PAGE]
+        if page != before:
             keep |= 1 << p
             out.append(page)
-    return (payload, mask) if keep == mask else (b"".join(out), keep)
+            was.append(before)
+    return (payload, mask, old) if keep == mask else (b"".join(out), keep, b"".join(was))
 
 
 def same_pages(block: bytes | memoryview, mask: int) -> bytes:

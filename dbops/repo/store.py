@@ -76,6 +76,8 @@ class _Unit:
 
 # A new frame member: (its place in the unit's refs, sha256, bytes).
 _New = tuple[int, str, "bytes | memoryview"]
+# A batch of page deltas and its bases being fetched.
+_Ahead = tuple[list[Delta], "Future[list[bytes | memoryview]]"]
 
 
 class Changed(Exception):
@@ -100,7 +102,7 @@ class _Snapshot:
         self.lock = threading.Lock()
         self.local = threading.local()
         self.up = Uploader(store, layout, backup_id, tmp_dir=tmp_dir, workers=workers, uploads=uploads)
-        self.bases = BaseReader(store, layout, ByteBudget(IN_FLIGHT_BYTES)) if self.deltas else None
+        self.bases = BaseReader(store, layout, ByteBudget(IN_FLIGHT_BYTES), ahead=workers) if self.deltas else None
         self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "delta": 0, "hashed_bytes": 0}
         self.progress, self.total, self.done = progress, total, 0
 
@@ -128,6 +130,7 @@ class _Snapshot:
                     raise Changed(unit.path) from None
                 raise
             pending: list[Delta] = []  # page deltas (their pages copied), encoded once their bases are here
+            ahead: _Ahead | None = None  # the batch before, its bases being fetched meanwhile
             with f:
                 for pos in range(unit.start, unit.end, step):
                     if self.cancel is not None and self.cancel.is_set():
@@ -183,10 +186,10 @@ class _Snapshot:
                     if run:  # the buffer is refilled by the next read: the frame goes now
                         pack = self.put_frame(pack, run, refs)
                     if len(pending) * bs >= BATCH_BYTES:  # their bases fetched together, a batch at a time
-                        pack = self.put_deltas(pack, pending, refs, unit.path)
+                        pack, ahead = self.put_deltas(pack, ahead, pending, refs, unit.path)
                         pending = []
-                if pending:
-                    pack = self.put_deltas(pack, pending, refs, unit.path)
+                if pending or ahead:
+                    pack, _ = self.put_deltas(pack, ahead, pending, refs, unit.path, last=True)
         finally:
             self.up.open_packs.put(pack)
         with self.lock:
@@ -213,27 +216,33 @@ class _Snapshot:
             return Pack(self.tmp_dir)
         return pack
 
-    def put_deltas(self, pack: Pack, pending: list[Delta], refs: list[ChunkRef | None], path: str) -> Pack:
-        """Compress each page delta against its base block (see :func:`bases.encode_deltas`) as a
-        frame of its own into the pack; returns the pack to go on with."""
+    def put_deltas(self, pack: Pack, ahead: _Ahead | None, pending: list[Delta], refs: list[ChunkRef | None],
+                   path: str, last: bool = False) -> tuple[Pack, _Ahead | None]:
+        """Start fetching the bases of ``pending`` (a batch), then store the batch ``ahead`` (fetched
+        meanwhile) and, when ``last``, this one too, each delta compressed against its base
+        (:func:`bases.encode_deltas`) as a frame of its own; returns the pack to go on with and the
+        batch still being fetched (memory: at most two batches per worker)."""
         assert self.bases is not None
-        encoded = encode_deltas(self.bases, self.encoder, pending, f"backup {self.backup_id}: {path}")
-        same = 0
-        for (i, _, _, base, pref), enc in zip(pending, encoded):
-            if enc is None:  # the parent's whole block, unchanged
-                refs[i], same = pref, same + 1
-                continue
-            payload, mask, stored = enc
-            h = codec.sha256(payload)
-            offset = pack.append(stored, len(payload), [h])
-            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
-            if pack.size >= self.pack_size:
-                self.up.seal(pack)
-                pack = Pack(self.tmp_dir)
+        fetching = (pending, self.bases.fetch_ahead([d[3] for d in pending], f"backup {self.backup_id}: {path}",
+                                                    [d[2] for d in pending])) if pending else None
+        done = same = 0
+        for batch, bases in filter(None, (ahead, fetching) if last else (ahead,)):
+            done += len(batch)
+            for (i, _, _, base, pref), enc in zip(batch, encode_deltas(self.encoder, batch, bases.result())):
+                if enc is None:  # the parent's whole block, unchanged
+                    refs[i], same = pref, same + 1
+                    continue
+                payload, mask, stored = enc
+                h = codec.sha256(payload)
+                offset = pack.append(stored, len(payload), [h])
+                refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
+                if pack.size >= self.pack_size:
+                    self.up.seal(pack)
+                    pack = Pack(self.tmp_dir)
         with self.lock:
-            self.c["delta"] += len(pending) - same
+            self.c["delta"] += done - same
             self.c["reused"] += same
-        return pack
+        return pack, None if last else fetching
 
 
 class _ParentCursor:
@@ -430,6 +439,8 @@ def store_snapshot(
             _log.debug("packs of backup %s stored (%d); writing its manifest", backup_id, snap.up.packs)
             mf.save(store, layout, m, path=mpath)
     finally:
+        if snap.bases is not None:
+            snap.bases.close()
         shutil.rmtree(spool, ignore_errors=True)
     _log.info("stored backup %s: %d files, %d bytes, %d new bytes in %d packs, %.1f s", backup_id,
               m.counts["files"], total, snap.up.stored_bytes, snap.up.packs, m.timings["store"])
