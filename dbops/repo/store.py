@@ -93,9 +93,9 @@ class _Snapshot:
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
                  unchanged_lsn: int | None, tmp_dir: str, live: bool = False,
                  cancel: threading.Event | None = None, deltas: bool = False,
-                 ready: Callable[[str, int, int], None] | None = None):
+                 ready: Callable[[str, int, int], None] | None = None, nice: int = 0):
         self.store, self.layout, self.backup_id = store, layout, backup_id
-        self.ready = ready
+        self.ready, self.nice = ready, nice
         self.deltas = deltas and unchanged_lsn is not None
         self.encoder, self.pack_size, self.tmp_dir = encoder, pack_size, tmp_dir
         self.unchanged_lsn, self.live, self.cancel = unchanged_lsn, live, cancel
@@ -245,6 +245,15 @@ class _Snapshot:
         return pack, None if last else fetching
 
 
+def _set_nice(nice: int) -> None:
+    """Lower this worker thread's CPU priority (Linux: per thread) by nice; best effort."""
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass
+
+
 class _ParentCursor:
     """The parent's entries read alongside the walk (both in path order)."""
 
@@ -280,7 +289,8 @@ def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir:
             refs, size = [], 0
         writer.add(FileEntry(e.path, e.type, e.mode, e.mtime_ns, size, e.target, tuple(refs), bs))
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk", initializer=_set_nice,
+                            initargs=(snap.nice,)) as pool:
         try:
             for e in entries:
                 pe = cursor.find(e.path)
@@ -338,6 +348,7 @@ def store_snapshot(
     before_manifest: Callable[[], None] | None = None,
     files: Sequence[walk.WalkEntry] | None = None,
     ready: Callable[[str, int, int], None] | None = None,
+    nice: int = 0,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -364,7 +375,8 @@ def store_snapshot(
     ``files``: the entries to store instead of walking data_dir (each read from its ``src``): the
     files a copy is making (see :class:`dbops.ops.backup.livecopy.Copied`), with ``ready(path,
     start, end)`` called before those bytes of a file are read, returning once they are there
-    (raising to stop the store).
+    (raising to stop the store). ``nice``: the hashing and compressing threads run at this lower CPU
+    priority (the copy they follow keeps the cores first).
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -391,7 +403,8 @@ def store_snapshot(
     snap = _Snapshot(store, layout, backup_id, encoder=codec.Encoder(compression.algorithm, compression.level),
                      pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
                      total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool,
-                     live=live, cancel=cancel, deltas=bool(parent_manifests), ready=ready)
+                     live=live, cancel=cancel, deltas=bool(parent_manifests), ready=ready,
+                     nice=nice)
     fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
     os.close(fd)
     writer = mformat.Writer(mpath)

@@ -49,10 +49,12 @@ from dbops.errors import DbopsError, LockedError, PostgresError, ValidationError
 from dbops.ops.backup import basecopy, livecopy
 from dbops.ops.backup import gap as walgap
 from dbops.ops.backup import tablespaces as tbs
-from dbops.ops.backup.target import ArchiveStalledError, Target, capture_target, fetch_wal
+from dbops.ops.backup.target import (ArchiveStalledError, Target, capture_fetching_ahead, capture_target,
+                                     fetch_wal)
 from dbops.ops.backup.validate import Validation, prove, recover_to_target, restore_seconds
 from dbops.ops.wal.archive import WalGapError
 from dbops.pg import conn as pgconn
+from dbops.pg import controldata
 from dbops.pg.inspect import find_primary
 from dbops.pg.lsn import format_lsn
 from dbops.phases import Phases
@@ -117,6 +119,8 @@ def source_node(cfg: Config, primary: Node) -> Node:
 
 
 # --------------------------------------------------------------------------- the run
+
+PRESTORE_NICE = 5  # the store that follows the direct copy yields the cores to the copy, which validation waits for
 
 
 
@@ -262,9 +266,9 @@ class BackupRun:
                     start_segment, start_lsn = basecopy.label_start_segment(data), basecopy.label_start_lsn(data)
                     if not pre:  # pg_basebackup: stored from the moment it is complete
                         prestore()
-                    with phases("capture"):
-                        target = capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
-                                                layout=self.layout)
+                    with phases("capture"):  # the WAL archived so far downloads meanwhile
+                        target = capture_fetching_ahead(cfg, self.store, self.layout, start_segment,
+                                                        controldata.read(str(data)).wal_segment_size, wal)
                     with phases("wal_fetch"):
                         fetch_wal(cfg, self.store, self.layout, start_segment, target, wal)
                     # pg_checksums runs on beside the final store (which lists nothing before it passed).
@@ -338,7 +342,7 @@ class BackupRun:
                 chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size, parallel=2,
                 pg=mf.PgState("", "", 1, 0, 0, 0.0), include_wal=False, tmp_dir=str(data.parent), live=True,
                 save=False, cancel=cancel, tablespaces={t: str(ts.folder(t.oid)) for t in ts.known.values()},
-                files=files, ready=ready)
+                files=files, ready=ready, nice=PRESTORE_NICE if files is not None else 0)
         except (OSError, DbopsError, Cancelled) as e:
             log.event(_log, logging.WARNING, "storing the base backup during validation failed; the store "
                       "after it reads everything", error=str(e))

@@ -155,3 +155,16 @@ def fetch_wal_ahead(cfg: Config, store: ObjectStore, layout: Layout, start_segme
             if not all(pool.map(one, [n for n in batch if not (wal / n).exists()])):
                 return
             segno += parallel
+
+
+def capture_fetching_ahead(cfg: Config, store: ObjectStore, layout: Layout, start_segment: str, seg_size: int,
+                           wal: Path) -> Target:
+    """:func:`capture_target`, while the segments archived so far from start_segment on are fetched
+    into wal (:func:`fetch_wal_ahead`): :func:`fetch_wal` then fetches only the rest."""
+    enough = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal-ahead") as ahead:
+        ahead.submit(fetch_wal_ahead, cfg, store, layout, start_segment, seg_size, wal, enough)
+        try:
+            return capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=store, layout=layout)
+        finally:
+            enough.set()
