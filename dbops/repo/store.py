@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -246,8 +247,9 @@ class _Snapshot:
 
 
 def _set_nice(nice: int) -> None:
-    """Lower this worker thread's CPU priority (Linux: per thread) by nice; best effort."""
-    if nice > 0:
+    """Lower this worker thread's CPU priority by nice; best effort. Only on Linux, where a thread's id
+    names that thread alone for setpriority (elsewhere it could name another process)."""
+    if nice > 0 and sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except OSError:
