@@ -133,8 +133,11 @@ def test_a_store_following_the_copy_stores_what_the_copy_wrote(tmp_path, monkeyp
     files = plan.entries()
     seen: list[tuple[str, int, int]] = []
 
-    def ready(path: str, start: int, end: int) -> None:
+    nice: set[int] = set()
+
+    def ready(path: str, start: int, end: int) -> None:  # called in the store's hashing threads
         seen.append((path, start, end))
+        nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         if not copied.wait(path, start, end):
             raise Cancelled("copy failed")
 
@@ -142,12 +145,14 @@ def test_a_store_following_the_copy_stores_what_the_copy_wrote(tmp_path, monkeyp
     result: list = []
     t = threading.Thread(target=lambda: result.append(store_snapshot(
         store, layout, str(scratch / "data"), backup_id="b1", chunk_size=8192, pack_size=1 << 20, parallel=2,
-        pg=PgState("15", "1", 1, 0, 0, 0.0), include_wal=False, live=True, files=files, ready=ready)))
+        pg=PgState("15", "1", 1, 0, 0, 0.0), include_wal=False, live=True, files=files, ready=ready,
+        nice=5)))
     t.start()
     livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
     t.join(30)
     m = result[0]
     assert {p for p, _, _ in seen} == {str(scratch / "data" / rel) for rel in bodies}
+    assert nice == {os.getpriority(os.PRIO_PROCESS, 0) + 5}  # its threads yield the cores to the copy
     got = {e.path: e for e in m.entries() if e.type == FILE}
     assert sorted(got) == sorted(bodies)
     out = tmp_path / "restored"
