@@ -152,7 +152,7 @@ def test_a_store_following_the_copy_stores_what_the_copy_wrote(tmp_path, monkeyp
     t.join(30)
     m = result[0]
     assert {p for p, _, _ in seen} == {str(scratch / "data" / rel) for rel in bodies}
-    assert nice == {os.getpriority(os.PRIO_PROCESS, 0) + 5}  # its threads yield the cores to the copy
+    assert nice == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)}  # its threads yield the cores to the copy
     got = {e.path: e for e in m.entries() if e.type == FILE}
     assert sorted(got) == sorted(bodies)
     out = tmp_path / "restored"
