@@ -30,7 +30,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbops import log
+from dbops import heap, log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
@@ -129,6 +129,7 @@ def restore_snapshot(
     The manifest's entries are read in passes, never all held at once.
     """
     t0 = time.monotonic()
+    heap.map_large_buffers()  # the ranges' 1 MiB read buffers given back when freed (dbops.heap)
     manifest.check()
     ids = _owner_ids(owner)
     target = Path(target_dir)

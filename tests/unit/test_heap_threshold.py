@@ -1,0 +1,36 @@
+"""dbops.heap: glibc's mmap threshold fixed for a restore (its 1 MiB buffers unmapped when freed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_large_buffers_are_mapped_on_their_own_after_a_larger_one_was_freed():
+    # Without the fixed threshold, freeing a 16 MiB buffer raises glibc's threshold to 16 MiB, and
+    # the 2 MiB buffers after it come from the heap: RSS keeps what they leave. With it, each
+    # 2 MiB buffer is a mapping of its own, gone when freed: no more heap than before.
+    probe = r"""
+import sys
+from dbops import heap
+fixed = sys.argv[1] == "fixed"
+if fixed:
+    assert heap.map_large_buffers() and heap.map_large_buffers()
+def heap_kib():
+    lines = open("/proc/self/smaps").read().split("\n")
+    for i, line in enumerate(lines):
+        if line.endswith("[heap]"):
+            return int(next(x for x in lines[i:] if x.startswith("Rss:")).split()[1])
+    return 0
+before = heap_kib()
+big = bytearray(16 << 20); del big
+keep = []
+for n in range(20):
+    buf = bytearray(2 << 20)
+    keep.append(bytearray(64))  # a small live block after each buffer: the heap cannot shrink past it
+    del buf
+print(heap_kib() - before)
+"""
+    grown = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
+                                      check=True).stdout) for mode in ("fixed", "dynamic")}
+    assert grown["fixed"] < 1024 <= grown["dynamic"], grown
