@@ -2,13 +2,15 @@
 
     python bench/bench_incr_store.py setup --dir DIR --scale 100
     python bench/bench_incr_store.py run --dir DIR [--repeat 2]
+    python bench/bench_incr_store.py verify --dir DIR [--repeat 2]
     python bench/bench_incr_store.py down --dir DIR
 
 ``setup``: a lab (no replica, no encryption, as bench_scale), ``pgbench -i``, the primary stopped
 and stored as a full backup, then started again for 30 s of pgbench (as bench_scale) and stopped.
 ``run``: the stopped primary's folder stored as an incremental on that full backup (page-LSN rule
 from the full's REDO point, as the validated incremental after its replay), ``--repeat`` times;
-nothing listed (the manifest is not saved; its packs are left as orphans). One JSON line a round:
+nothing listed (the manifest is not saved; its packs are left as orphans). ``verify``: `dbops
+verify` of such an incremental (stored and listed once, then kept), ``--repeat`` times. One JSON line a round:
 wall and CPU seconds, peak RSS, the store's timings and counts, the stored bytes. A/B: run it with
 PYTHONPATH pointing at another checkout's dbops (the lab stays the same).
 """
@@ -84,9 +86,34 @@ def run(d: Path, repeat: int) -> None:
                           "timings": m.timings, "counts": m.counts}), flush=True)
 
 
+def verify(d: Path, repeat: int) -> None:
+    from dbops.repo.verify import verify_backup
+
+    lab = labmod.info(d)
+    state = json.loads((d / "incr-store.json").read_text())
+    cfg = lab.config
+    st, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
+    if "incremental" not in state:
+        parent = mf.load(st, layout, state["full"])
+        state["incremental"] = _store(lab, catalog.new_backup_id(), [parent], parent.pg.redo_lsn).backup_id
+        (d / "incr-store.json").write_text(json.dumps(state))
+    m = mf.load(st, layout, state["incremental"])
+    for _ in range(repeat):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.monotonic()
+        rep = verify_backup(st, layout, m, cfg.backup.parallel)
+        wall = time.monotonic() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps({"bench": "incr_verify", "scale": state["scale"], "dbops": str(Path(store.__file__).parents[2]),
+                          "ok": rep.ok, "wall_seconds": round(wall, 2),
+                          "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),
+                          "rss_kib": r1.ru_maxrss, "fetched_bytes": rep.fetched_bytes,
+                          "requests": st.requests()}), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("setup", "run", "down"))
+    ap.add_argument("what", choices=("setup", "run", "verify", "down"))
     ap.add_argument("--dir", required=True)
     ap.add_argument("--scale", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=2)
@@ -96,6 +123,8 @@ def main() -> int:
         setup(d, a.scale)
     elif a.what == "run":
         run(d, a.repeat)
+    elif a.what == "verify":
+        verify(d, a.repeat)
     else:
         print(labmod.down(d, purge=True))
     return 0

@@ -1,8 +1,11 @@
 """`dbops verify`: re-read every stored block a backup needs and report every bad object.
 
-A page delta compressed against its base (format 5) is checked by decoding it with its base
-block, fetched again (:mod:`dbops.repo.bases`, a batch of deltas at a time); a base that is
-missing or damaged is reported once, by the check of the whole blocks (bases included)."""
+The backup is checked a batch of files at a time (``ranges.BATCH_BLOCKS`` blocks): its whole
+blocks (page deltas' bases included), then its page deltas. A page delta compressed against its
+base (format 5) is checked by decoding it with its base block's pages: kept from the batch's
+whole-block pass (up to ``KEEP_BYTES`` of them, only the pages each delta replaces), else fetched
+again (:mod:`dbops.repo.bases`, a batch of deltas at a time); a base that is missing or damaged
+is reported once, by the check of the whole blocks."""
 
 from __future__ import annotations
 
@@ -15,13 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dbops.errors import DamagedObjectError, NotFoundError, ValidationError
-from dbops.repo import codec
+from dbops.repo import blocks, codec
 from dbops.repo.bases import BATCH_BYTES, BaseReader
-from dbops.repo.manifest import FileEntry, Manifest
-from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Frame, Range, Run, frame_chunks, frames_read, open_range,
-                               planned, run_bounded)
+from dbops.repo.manifest import ChunkRef, FileEntry, Manifest
+from dbops.repo.ranges import (IN_FLIGHT_BYTES, ByteBudget, Frame, Range, Run, base_view, delta_view, frame_chunks,
+                               frames_read, open_range, plan_ranges, run_bounded, view_batches)
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
+
+KEEP_BYTES = 32 * 1024 * 1024  # base pages kept from a batch's whole blocks for its page deltas, at most
+
+# Where a stored block is (pack, frame offset, offset in the frame), and a page mask.
+_Place = tuple[str, int, int]
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,35 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
                 break
             affected[key].add(p)
 
+    # Of the batch being checked: the pages of bases its deltas need, kept as the whole blocks are read.
+    wanted: dict[_Place, set[int]] = {}
+    kept: dict[tuple[_Place, int], bytes] = {}
+    kept_bytes = 0
+
+    def keep(run: Run, raw: memoryview) -> None:
+        nonlocal kept_bytes
+        for c in run.refs:
+            masks = wanted.get((c.pack, c.offset, c.at)) if c.pack is not None else None
+            for mask in masks or ():
+                pages = blocks.same_pages(raw[c.at - run.at:c.at - run.at + c.raw], mask)
+                with lock:
+                    if kept_bytes + len(pages) <= KEEP_BYTES:
+                        kept[((c.pack, c.offset, c.at), mask)] = pages
+                        kept_bytes += len(pages)
+
+    def kept_base(ref: ChunkRef) -> bytes | None:
+        """A delta's base block rebuilt from its kept pages (only those pages are read), or None."""
+        assert ref.base is not None
+        b = ref.base
+        with lock:
+            pages = kept.pop(((b.pack, b.offset, b.at), ref.mask), None)  # type: ignore[arg-type]
+        if pages is None:
+            return None
+        block = bytearray(b.raw)
+        for at, part in blocks.delta_writes(pages, ref.mask, b.raw):
+            block[at:at + len(part)] = part
+        return bytes(block)
+
     def check(item: tuple[list[FileEntry], Range]) -> None:
         files, rng = item
         key = layout.pack(rng.pack)
@@ -90,11 +127,15 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
                     if fr.ref.on_base and fr.ref.base is not None:
                         deltas.append((fr, bytes(stored)))
                         if len(deltas) * fr.ref.base.raw >= BATCH_BYTES:
-                            bad_runs += _check_deltas(decoder, bases, deltas)
+                            bad_runs += _check_deltas(decoder, bases, deltas, kept_base)
                             deltas = []
                         continue
-                    bad_runs += [(run, why) for run, raw, why in frame_chunks(decoder, fr, stored) if raw is None]
-                bad_runs += _check_deltas(decoder, bases, deltas)
+                    for run, raw, why in frame_chunks(decoder, fr, stored):
+                        if raw is None:
+                            bad_runs.append((run, why))
+                        elif wanted:
+                            keep(run, raw)
+                bad_runs += _check_deltas(decoder, bases, deltas, kept_base)
         except NotFoundError:
             with lock:
                 missing.add(key)
@@ -113,7 +154,20 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
 
     workers = max(1, parallel)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-verify") as pool:
-        run_bounded(pool, check, planned(manifest), 2 * workers)
+        for batch in view_batches(manifest):  # a batch's whole blocks, then its deltas
+            entries = [f for f, _ in batch]
+            wanted.clear()
+            kept.clear()
+            kept_bytes = 0
+            for f in entries:
+                for c in f.chunks:
+                    if c.mask and c.on_base and c.base is not None and c.base.pack is not None:
+                        wanted.setdefault((c.base.pack, c.base.offset, c.base.at), set()).add(c.mask)
+            whole = [base_view(f) for f in entries]
+            run_bounded(pool, check, ((whole, r) for r in plan_ranges(manifest, whole)), 2 * workers)
+            wanted.clear()
+            with_deltas = [v for v in map(delta_view, entries) if v is not None]
+            run_bounded(pool, check, ((with_deltas, r) for r in plan_ranges(manifest, with_deltas)), 2 * workers)
     report.objects = len(objects)
     for key in sorted(missing):
         report.problems.append(Problem(key, "object is missing", tuple(sorted(affected[key]))))
@@ -125,12 +179,18 @@ def verify_backup(store: ObjectStore, layout: Layout, manifest: Manifest, parall
     return report
 
 
-def _check_deltas(decoder: codec.Decoder, bases: BaseReader, deltas: list[tuple[Frame, bytes]]) -> list[tuple[Run, str]]:
-    """(run, why) for every damaged page delta of these frames, decoded with their bases fetched
-    again; a delta whose base cannot be read is left to the check of the base's own frame."""
+def _check_deltas(decoder: codec.Decoder, bases: BaseReader, deltas: list[tuple[Frame, bytes]],
+                  kept_base: Callable[[ChunkRef], bytes | None]) -> list[tuple[Run, str]]:
+    """(run, why) for every damaged page delta of these frames, decoded with their bases (kept from
+    the whole-block pass, else fetched again); a delta whose base cannot be read is left to the
+    check of the base's own frame."""
     if not deltas:
         return []
-    got = bases.fetch([fr.ref.base for fr, _ in deltas])  # type: ignore[misc]  # on_base deltas have one
+    got: list[bytes | memoryview | None] = [kept_base(fr.ref) for fr, _ in deltas]
+    again = [i for i, b in enumerate(got) if b is None]
+    if again:
+        for i, b in zip(again, bases.fetch([deltas[i][0].ref.base for i in again])):  # type: ignore[misc]
+            got[i] = b
     bad = []
     for (fr, stored), base in zip(deltas, got):
         if base is not None:
