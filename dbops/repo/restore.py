@@ -24,6 +24,7 @@ import os
 import pwd
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -163,7 +164,12 @@ def restore_snapshot(
     done = [0]
 
     finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
-    finishing: list[Future] = []
+    finishing: deque[Future] = deque()  # not yet finished, or failed (raised at the end)
+
+    def finish_later(f: FileEntry) -> None:  # called serialised (dbops.repo.schedule.Completion)
+        finishing.append(finisher.submit(finish_file, target, f, ids, durable))
+        while finishing and finishing[0].done() and finishing[0].exception() is None:  # no record per file kept
+            finishing.popleft()
 
     def hold(files: list[FileEntry], rng: Range) -> tuple[str, list[tuple[Frame, bytes]]]:
         frames = held_frames(store, layout, manifest, files, rng)
@@ -172,8 +178,7 @@ def restore_snapshot(
             stats.requests += 1
         return layout.pack(rng.pack), frames
 
-    completion = Completion(lambda f: finishing.append(finisher.submit(finish_file, target, f, ids, durable)),
-                            hold)
+    completion = Completion(finish_later, hold)
 
     def fetch(item: tuple[list[FileEntry], Range, Batch]) -> None:
         files, rng, left = item
