@@ -75,16 +75,18 @@ def one_round(d: Path, settings: dict, label: str) -> dict:
     subprocess.run(["cp", "-a", str(d / "wal"), str(scratch / "wal")], check=True)
     ts = tbs.ScratchTablespaces(scratch)
     ts.prepare(cfg.os_user)
-    saved = dict(validate.RECOVERY_SETTINGS_BASE)
-    validate.RECOVERY_SETTINGS_BASE.update(settings)
+    saved = dict(validate.RECOVERY_SETTINGS_BASE), dict(validate.RECOVERY_SETTINGS_PG15)
+    for k, v in settings.items():  # a PostgreSQL 15 setting is applied after the base ones
+        (validate.RECOVERY_SETTINGS_PG15 if k in saved[1] else validate.RECOVERY_SETTINGS_BASE)[k] = v
     phases = Phases()
     t0 = time.monotonic()
     try:
         val = validate.recover_to_target(cfg, scratch / "data", scratch / "wal", target, phases,
                                          name="ab-validation", tablespaces=ts)
     finally:
-        validate.RECOVERY_SETTINGS_BASE.clear()
-        validate.RECOVERY_SETTINGS_BASE.update(saved)
+        for current, before in zip((validate.RECOVERY_SETTINGS_BASE, validate.RECOVERY_SETTINGS_PG15), saved):
+            current.clear()
+            current.update(before)
     wall = time.monotonic() - t0
     shutil.rmtree(scratch, ignore_errors=True)
     return {"variant": label, "settings": settings, "wall": round(wall, 2), "timings": phases.t,

@@ -244,11 +244,13 @@ class ContainerInstance(InstanceBase):
         """
         check_stop_mode(mode)
         self._settle()
-        if not self.is_running():
-            return
         pid_file = Path(self.spec.data_dir) / "postmaster.pid"
         watch_pid = pid_file.exists()  # else only the engine can tell
-        self._engine.run(["kill", "--signal", STOP_SIGNALS[mode], self.name], check=False, timeout=60)
+        # The signal at once (no `inspect` before it: one engine call fewer, ~0.1 s); the engine
+        # refuses to signal a container that is not running, and only then is it asked why.
+        sent = self._engine.run(["kill", "--signal", STOP_SIGNALS[mode], self.name], check=False, timeout=60)
+        if sent.returncode != 0 and not self.is_running():
+            return
         waited = self._waits.submit(self._engine.run, ["wait", self.name], timeout=timeout)
         self._stopping = (mode, time.monotonic(), timeout, waited)
         while not waited.done() and (not watch_pid or pid_file.exists()):

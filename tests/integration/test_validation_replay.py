@@ -1,6 +1,7 @@
 """The throwaway server's replay and checks, as validation runs them: WAL read in place from pg_wal
-(hard links to the fetched folder, which stays untouched), and table reads that read every heap
-page even where an index-only scan would answer count(*) from the visibility map."""
+(hard links to the fetched folder, which stays untouched), the restart point written beside the
+checks (the stop then writes nothing, and the stopped folder is complete), and table reads that
+read every heap page even where an index-only scan would answer count(*) from the visibility map."""
 
 from __future__ import annotations
 
@@ -16,18 +17,45 @@ from dbops import proc
 from dbops.config.parse import parse
 from dbops.errors import ValidationError
 from dbops.ops.backup.checks import run_checks
-from dbops.pg import conn
+from dbops.ops.backup.replay import restartpoint_beside
+from dbops.pg import binaries, conn, controldata
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
 
-from test_runtime import (PASSWORD, ROWS_BEFORE_TARGET, RUNTIMES, _copy_cluster, _free_port, _pg, _state,
-                          backup_scenario, no_leftovers, settings, work)
+from test_runtime import (PASSWORD, ROWS_AFTER_TARGET, ROWS_BEFORE_TARGET, RUNTIMES, backup_scenario, no_leftovers,
+                          settings)
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
-__all__ = ["backup_scenario", "no_leftovers", "settings", "work"]  # fixtures, shared with test_runtime
+__all__ = ["backup_scenario", "no_leftovers", "settings"]  # fixtures, shared with test_runtime (over this `work`)
+
+
+@pytest.fixture(scope="module")
+def work(base_dir) -> Path:
+    """This module's own folder (test_runtime's `work` makes base_dir/runtime, once per session)."""
+    d = base_dir / "validation-replay"
+    d.mkdir()
+    shutil.chown(d, "postgres", "postgres")
+    return d
 
 PAGE = 8192
+
+
+def _copy_cluster(src: Path, dst: Path) -> Path:
+    proc.run(["cp", "-a", str(src), str(dst)])
+    return dst
+
+
+def _free_port() -> int:
+    return proc.free_port()
+
+
+def _pg(name: str) -> str:
+    return binaries.binary(name)
+
+
+def _state(data: Path) -> str:
+    return controldata.read(str(data), user="postgres").state
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -55,12 +83,28 @@ def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, w
                 assert time.monotonic() < deadline, inst.logs(20)
                 time.sleep(0.1)
             assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
+        with restartpoint_beside(inst):  # as beside the checks: the stop then has nothing left to write
+            pass
         logs = inst.logs(200)
         assert "recovery stopping" in logs
         assert "restored log file" not in logs, logs  # nothing copied: every file was read from pg_wal
+        assert "restartpoint starting: immediate" in logs, logs
         inst.stop("fast", timeout=60)
+        assert "restartpoint starting: shutdown" not in inst.logs(200)
     assert _state(data) == "shut down in recovery"
     assert _digests(wal) == before  # the fetched folder is as it was (the server only read the links)
+    # The stopped folder is a complete snapshot: started again, it replays on to the end of the WAL.
+    again = InstanceSpec(data_dir=data, port=_free_port(), wal_dir=wal, name=f"linked-again-{engine}")
+    with open_runtime(settings[engine]).start(again) as inst:
+        inst.wait_ready(120)
+        with conn.session(inst.node()) as c:
+            deadline = time.monotonic() + 60
+            while conn.scalar(c, "select pg_is_in_recovery()"):
+                assert time.monotonic() < deadline, inst.logs(20)
+                time.sleep(0.1)
+            assert conn.rows(c, "select v, count(*) from t group by v order by v") == [
+                ("after", ROWS_AFTER_TARGET), ("before", ROWS_BEFORE_TARGET)]
+        inst.stop("fast", timeout=60)
 
 
 @pytest.fixture(scope="module")

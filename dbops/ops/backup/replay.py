@@ -1,21 +1,33 @@
-"""Waiting for a throwaway instance's replay to pause at its target (see :mod:`dbops.ops.backup.validate`).
+"""A throwaway instance's replay, as validation waits for it (see :mod:`dbops.ops.backup.validate`).
 
-One connection stays open and asks for replay's state every ``PAUSE_POLL`` seconds; whether the
-server still runs is asked of the runtime (for a container: the engine, a process of its own)
-once a second, or at once when a query fails. A full scratch disk is looked for in the log."""
+``wait_paused``: one connection stays open and asks for replay's state every ``PAUSE_POLL``
+seconds; whether the server still runs is asked of the runtime (for a container: the engine, a
+process of its own) once a second, or at once when a query fails. A full scratch disk is looked
+for in the log.
+
+``restartpoint_beside``: once paused, a ``CHECKPOINT`` (in recovery: a restart point at the last
+replayed checkpoint record, the one the target capture wrote) writes the pages replay dirtied
+while the checks run, instead of at the shutdown."""
 
 from __future__ import annotations
 
 import errno
+import logging
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from dbops import log
 from dbops.errors import PostgresError, ValidationError
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
 from dbops.ops.backup.target import Target
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.runtime.scratch import NO_SPACE, free_bytes
+
+_log = log.get("backup")
 
 
 LOG_CHECK_INTERVAL = 2.0
@@ -87,3 +99,32 @@ def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, 
     raise environment_error(f"replay did not reach the target {format_lsn(target.lsn)} within {timeout:.0f} s",
                             "backup.validation.start_timeout too short for this machine",
                             (last_err + "\n" if last_err else "") + inst.logs(30))
+
+
+@contextmanager
+def restartpoint_beside(inst) -> Iterator[None]:
+    """Run ``CHECKPOINT`` on its own connection while the block runs (the checks), and wait for it.
+
+    Paused at the target, replay changes nothing more and a server in recovery does not dirty a page
+    for its hint bits (``wal_log_hints``), so the restart point writes every page the stop would
+    have written. The shutdown then finds the restart point made ("skipping restartpoint, already
+    performed") and only records "shut down in recovery" with the replayed point as its minimum
+    recovery point: the same stopped folder, without up to shared_buffers of writes on the serial
+    path (0.33-0.5 s at scale 400, measured). When the last replayed checkpoint is the one the copy
+    started from (a backup replayed to its own consistent point), there is nothing to restart from:
+    the command does nothing, as the shutdown would. A failure only costs the overlap: the
+    shutdown's own restart point writes the pages then."""
+    def run() -> None:
+        try:
+            with pgconn.session(inst.node()) as c:
+                c.execute("CHECKPOINT")
+        except PostgresError as e:
+            log.event(_log, logging.WARNING, "CHECKPOINT beside the checks failed; the stop writes the pages",
+                      error=e.detail or e.message)
+
+    t = threading.Thread(target=run, name="dbops-restartpoint", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        t.join()

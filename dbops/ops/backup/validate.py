@@ -24,7 +24,7 @@ from dbops.errors import DbopsError, NotFoundError, StorageError, ValidationErro
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
-from dbops.ops.backup.replay import wait_paused
+from dbops.ops.backup.replay import restartpoint_beside, wait_paused
 from dbops.ops.backup.target import Target, fetch_wal, fetch_wal_ahead, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
@@ -240,7 +240,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         with phases("replay"):
             val.replayed_lsn, val.last_commit_time = wait_paused(inst, data, target, timeout)
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
-        with phases("checks"):
+        with phases("checks"), restartpoint_beside(inst):
             run_checks(cfg, inst, val.checks)
             val.relation_map = read_relation_map(inst)
             val.tablespace_names = tbs.names(inst.node())
