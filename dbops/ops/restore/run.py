@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dbops import log, proc
+from dbops import heap, log, proc
 from dbops.config import Config
 from dbops.errors import BackupDamagedError, DbopsError, ValidationError
 from dbops.ops.restore import conf as rconf
@@ -134,7 +134,8 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
     log.event(_log, logging.INFO, "restore planned", backup=plan.backup.backup_id, target=plan.target.describe(),
               timeline=plan.timeline, segments=len(plan.replay_segments))
     try:
-        manifest = mf.load(store, layout, plan.backup.backup_id)
+        with heap.fewer_collections():  # every block record decoded and checked (dbops.heap)
+            manifest = mf.load(store, layout, plan.backup.backup_id)
     except ValidationError as e:
         damaged = BackupDamagedError(plan.backup.backup_id, e)
         key = layout.manifest(plan.backup.backup_id)
