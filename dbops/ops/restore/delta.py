@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from dbops import log
+from dbops import heap, log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
@@ -119,7 +119,8 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
         if f.type == FILE and not f.size:
             _compare(target, f)
     # Batch by batch: compare (in parallel), then fetch what differs; memory stays bounded.
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-delta") as pool:
+    with heap.fewer_collections(), ThreadPoolExecutor(max_workers=max(1, parallel),
+                                                      thread_name_prefix="dbops-delta") as pool:
         for files in batches(manifest):
             t = time.monotonic()
             compared = list(pool.map(lambda f: _compare(target, f), files))
