@@ -247,11 +247,13 @@ class _Snapshot:
 
 
 def _set_nice(nice: int) -> None:
-    """Lower this worker thread's CPU priority by nice; best effort. Only on Linux, where a thread's id
-    names that thread alone for setpriority (elsewhere it could name another process)."""
+    """Lower this worker thread's CPU priority by nice more than it has (a dbops run under `nice -n
+    10` gets store threads at 15, never back up at 5); best effort. Only on Linux, where a thread's
+    id names that thread alone for setpriority (elsewhere it could name another process)."""
     if nice > 0 and sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
         except OSError:
             pass
 

@@ -143,16 +143,23 @@ def test_a_store_following_the_copy_stores_what_the_copy_wrote(tmp_path, monkeyp
 
     store, layout = LocalStore(str(tmp_path / "repo")), Layout("t")
     result: list = []
-    t = threading.Thread(target=lambda: result.append(store_snapshot(
-        store, layout, str(scratch / "data"), backup_id="b1", chunk_size=8192, pack_size=1 << 20, parallel=2,
-        pg=PgState("15", "1", 1, 0, 0, 0.0), include_wal=False, live=True, files=files, ready=ready,
-        nice=5)))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def run_store() -> None:  # as a dbops run started under `nice -n 4`: its threads inherit that
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, base + 4))
+        result.append(store_snapshot(
+            store, layout, str(scratch / "data"), backup_id="b1", chunk_size=8192, pack_size=1 << 20, parallel=2,
+            pg=PgState("15", "1", 1, 0, 0, 0.0), include_wal=False, live=True, files=files, ready=ready,
+            nice=5))
+
+    t = threading.Thread(target=run_store)
     t.start()
     livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
     t.join(30)
     m = result[0]
     assert {p for p, _, _ in seen} == {str(scratch / "data" / rel) for rel in bodies}
-    assert nice == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)}  # its threads yield the cores to the copy
+    # its threads yield the cores to the copy: 5 more than the run's own nice, never less than it
+    assert nice == {min(19, base + 4 + 5)}
     got = {e.path: e for e in m.entries() if e.type == FILE}
     assert sorted(got) == sorted(bodies)
     out = tmp_path / "restored"
