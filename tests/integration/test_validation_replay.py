@@ -83,7 +83,7 @@ def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, w
                 assert time.monotonic() < deadline, inst.logs(20)
                 time.sleep(0.1)
             assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
-        with restartpoint_beside(inst):  # as beside the checks: the stop then has nothing left to write
+        with restartpoint_beside(inst, 60):  # as beside the checks: the stop then has nothing left to write
             pass
         logs = inst.logs(200)
         assert "recovery stopping" in logs

@@ -102,7 +102,7 @@ def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, 
 
 
 @contextmanager
-def restartpoint_beside(inst) -> Iterator[None]:
+def restartpoint_beside(inst, timeout: float) -> Iterator[None]:
     """Run ``CHECKPOINT`` on its own connection while the block runs (the checks), and wait for it.
 
     Paused at the target, replay changes nothing more and a server in recovery does not dirty a page
@@ -113,7 +113,10 @@ def restartpoint_beside(inst) -> Iterator[None]:
     path (0.33-0.5 s at scale 400, measured). When the last replayed checkpoint is the one the copy
     started from (a backup replayed to its own consistent point), there is nothing to restart from:
     the command does nothing, as the shutdown would. A failure only costs the overlap: the
-    shutdown's own restart point writes the pages then."""
+    shutdown's own restart point writes the pages then. The wait after the block is bounded by
+    ``timeout`` (the validation's start_timeout): a restart point still running then (a stalled
+    scratch disk) is left to the shutdown, which waits for it and never skips its own, so the run
+    goes on to the stop and the throwaway's removal instead of hanging before them."""
     def run() -> None:
         try:
             with pgconn.session(inst.node()) as c:
@@ -127,4 +130,7 @@ def restartpoint_beside(inst) -> Iterator[None]:
     try:
         yield
     finally:
-        t.join()
+        t.join(timeout)
+        if t.is_alive():
+            log.event(_log, logging.WARNING, "CHECKPOINT beside the checks still running; the stop waits for it",
+                      seconds=timeout)

@@ -240,7 +240,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         with phases("replay"):
             val.replayed_lsn, val.last_commit_time = wait_paused(inst, data, target, timeout)
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
-        with phases("checks"), restartpoint_beside(inst):
+        with phases("checks"), restartpoint_beside(inst, timeout):
             run_checks(cfg, inst, val.checks)
             val.relation_map = read_relation_map(inst)
             val.tablespace_names = tbs.names(inst.node())
