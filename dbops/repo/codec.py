@@ -22,19 +22,28 @@ import threading
 
 import zstandard
 
-try:  # the standard library's zstd (Python 3.14): a prefix (single-use dictionary) for a page delta
-    from compression import zstd as stdzstd  # type: ignore[import-not-found]
-except ImportError:
-    try:
-        from backports import zstd as stdzstd  # type: ignore[no-redef]
-    except ImportError as e:  # a venv made before dbops needed it
-        raise ImportError("dbops needs the package backports.zstd before Python 3.14 (pyproject.toml): "
-                          "run `make venv`") from e
-
-from dbops.errors import ConfigError
+from dbops.errors import ConfigError, PreconditionError
 
 ALGORITHMS = ("zstd", "none")
 DELTA_LEVEL = 3
+
+
+@functools.lru_cache(maxsize=1)
+def prefix_zstd():
+    """The zstd module that compresses with a prefix (a single-use dictionary): the standard
+    library's ``compression.zstd`` (Python 3.14), its backport before. Imported on first use: only a
+    backup writing page deltas needs it, so a restore, ``verify`` or a WAL command still runs where
+    an upgrade left the environment without it."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[no-redef]
+        except ImportError as e:
+            raise PreconditionError(
+                "dbops needs the package backports.zstd before Python 3.14 to write page deltas "
+                "(pyproject.toml): reinstall dbops (pip install, or `make venv` in a checkout)") from e
+    return zstd
 
 
 def _base_dict(base: bytes | memoryview) -> zstandard.ZstdCompressionDict:
@@ -77,6 +86,7 @@ class Encoder:
         the pages' sha256), or raw when that is not shorter (or compression is off)."""
         if self.algorithm == "none":
             return bytes(raw)
+        stdzstd = prefix_zstd()
         prefix = stdzstd.ZstdDict(bytes(base), is_raw=True).as_prefix
         c = stdzstd.ZstdCompressor(level=max(self.level, DELTA_LEVEL), zstd_dict=prefix)
         out = c.compress(raw, stdzstd.ZstdCompressor.FLUSH_FRAME)

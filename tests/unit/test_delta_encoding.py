@@ -9,11 +9,12 @@ import pytest
 import zstandard
 
 from dbops.repo import blocks, codec
-from dbops.repo.codec import stdzstd
+from dbops.repo.codec import prefix_zstd
 from dbops.repo.frames import open_delta
 from dbops.repo.model import ChunkRef
 
 PAGE = 8192
+stdzstd = prefix_zstd()
 
 
 def heap_page(rng: random.Random, lsn: int) -> bytearray:
