@@ -3,7 +3,7 @@
 Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in database size:
 
 * the walk yields entries in path order; each file gets a block size by its size
-  (:func:`blocks.block_size`) and is cut into work units of up to ``UNIT_BYTES``;
+  (:func:`blocks.block_size`) and is cut into work units of up to ``storeorder.UNIT_BYTES``;
 * the parent manifest is read alongside, entry by entry (positional reuse: block i of a file
   is compared with block i of the same file in the parent, never looked up in a dictionary);
 * ``parallel`` workers take a unit each and read it block by block. A block of a relation's
@@ -19,7 +19,7 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
   packs, written to local files (``tmp_dir``), not held in memory;
 * a pack reaching ``pack_size`` is sealed and uploaded (pack, then its index) by an upload
   pool, at most ``parallel`` in flight;
-* at most ``WINDOW`` units per worker are in flight; a file's entry goes to the manifest file
+* at most ``storeorder.WINDOW`` units per worker are in flight; a file's entry goes to the manifest file
   as soon as its units are done, in walk order; the manifest is uploaded last, once every pack
   is stored.
 """
@@ -29,14 +29,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from dbops import log
@@ -48,8 +45,9 @@ from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta, encode_deltas
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
 from dbops.repo.packs import Pack, Uploader
 from dbops.repo.walk import wal_needed
+from dbops.repo.storeorder import Changed, Unit, write_entries
 from dbops.repo import manifest as mf
-from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest, PgState, path_key
+from dbops.repo.manifest import FILE, ChunkRef, Manifest, PgState, path_key
 from dbops.repo import tblspc
 from dbops.repo.tblspc import Tablespace
 from dbops.storage.base import ObjectStore
@@ -57,32 +55,16 @@ from dbops.storage.layout import Layout
 
 _log = log.get("backup.store")
 
-UNIT_BYTES = 32 * 1024 * 1024
 READ_BLOCK = 4 * 1024 * 1024
 FRAME_BYTES = 128 * 1024  # raw bytes of new blocks compressed together
-WINDOW = 4  # units in flight per worker
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
-
-
-@dataclass(frozen=True)
-class _Unit:
-    path: str
-    start: int
-    end: int
-    block: int
-    parent: tuple[ChunkRef, ...]  # the parent's blocks of this file (same block size), or ()
-    main_fork: bool
 
 
 # A new frame member: (its place in the unit's refs, sha256, bytes).
 _New = tuple[int, str, "bytes | memoryview"]
 # A batch of page deltas and its bases being fetched.
 _Ahead = tuple[list[Delta], "Future[list[bytes | memoryview]]"]
-
-
-class Changed(Exception):
-    """A file changed or vanished while a live folder was read (see ``live``)."""
 
 
 class Cancelled(Exception):
@@ -109,7 +91,7 @@ class _Snapshot:
 
     # ------------------------------------------------------------------ blocks
 
-    def process(self, unit: _Unit) -> list[ChunkRef]:
+    def process(self, unit: Unit) -> list[ChunkRef]:
         """The refs of every block of one unit, in order (new blocks stored on the way)."""
         refs: list[ChunkRef | None] = []
         c = dict.fromkeys(self.c, 0)
@@ -246,84 +228,6 @@ class _Snapshot:
         return pack, None if last else fetching
 
 
-def _set_nice(nice: int) -> None:
-    """Lower this worker thread's CPU priority by nice more than it has (a dbops run under `nice -n
-    10` gets store threads at 15, never back up at 5); best effort. Only on Linux, where a thread's
-    id names that thread alone for setpriority (elsewhere it could name another process)."""
-    if nice > 0 and sys.platform.startswith("linux"):
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except OSError:
-            pass
-
-
-class _ParentCursor:
-    """The parent's entries read alongside the walk (both in path order)."""
-
-    def __init__(self, entries: Iterator[FileEntry]):
-        self.it = entries
-        self.cur = next(self.it, None)
-
-    def find(self, path: str) -> FileEntry | None:
-        k = path_key(path)
-        while self.cur is not None and path_key(self.cur.path) < k:
-            self.cur = next(self.it, None)
-        return self.cur if self.cur is not None and self.cur.path == path else None
-
-
-def _write_entries(snap: _Snapshot, entries: Sequence[walk.WalkEntry], data_dir: str, chunk_size: int,
-                   parent: Manifest | None, writer: mformat.Writer, workers: int) -> None:
-    """Process every file in walk order with at most WINDOW units per worker running or queued; each
-    entry goes to the manifest writer once all its units are done (at most 2 x that many entries
-    wait for the oldest one)."""
-    cursor = _ParentCursor(parent.entries() if parent is not None else iter(()))
-    window: deque[tuple[walk.WalkEntry, int, list[Future]]] = deque()
-    pending: set[Future] = set()
-    limit = WINDOW * workers
-
-    def emit_head() -> None:
-        e, bs, futs = window.popleft()
-        refs: list[ChunkRef] = []
-        size = e.size
-        try:
-            for f in futs:
-                refs.extend(f.result())
-        except Changed:  # a live folder: recorded empty, so nothing is ever reused from it
-            refs, size = [], 0
-        writer.add(FileEntry(e.path, e.type, e.mode, e.mtime_ns, size, e.target, tuple(refs), bs))
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-chunk", initializer=_set_nice,
-                            initargs=(snap.nice,)) as pool:
-        try:
-            for e in entries:
-                pe = cursor.find(e.path)
-                futs: list[Future] = []
-                bs = 0
-                if e.type == FILE:
-                    bs = blocks.block_size(e.size, chunk_size)
-                    prefs = pe.chunks if pe is not None and pe.type == FILE and pe.block == bs else ()
-                    main = blocks.is_main_fork(e.path)
-                    path = e.src or os.path.join(data_dir, e.path)
-                    step = max(bs, UNIT_BYTES - UNIT_BYTES % bs)
-                    for s in range(0, e.size, step):
-                        while len(pending) >= limit:  # errors surface when their entry is written
-                            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                            pending.difference_update(done)
-                        f = pool.submit(snap.process, _Unit(path, s, min(s + step, e.size), bs, prefs, main))
-                        futs.append(f)
-                        pending.add(f)
-                window.append((e, bs, futs))  # only once every unit of the file is submitted
-                while window and (len(window) > 2 * limit or all(f.done() for f in window[0][2])):
-                    emit_head()
-            while window:
-                emit_head()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
-
-
 def store_snapshot(
     store: ObjectStore,
     layout: Layout,
@@ -414,7 +318,7 @@ def store_snapshot(
     writer = mformat.Writer(mpath)
     try:
         try:
-            _write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
+            write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
             t_chunk = time.monotonic()
             snap.up.finish()
             if before_manifest is not None:

@@ -12,6 +12,7 @@ import pytest
 
 from dbops.repo import manifest as mf
 from dbops.repo import store as store_mod
+from dbops.repo import storeorder
 from dbops.repo.manifest import PgState
 from dbops.repo.restore import restore_snapshot, verify_backup
 from dbops.repo.store import store_snapshot
@@ -542,8 +543,8 @@ def test_files_of_many_units_with_a_small_window(env, tmp_path, monkeypatch, par
     """Units in flight are bounded (WINDOW per worker); a file of many more units than that, and
     many files behind it, are written whole and in order."""
     store, layout, d = env
-    monkeypatch.setattr(store_mod, "UNIT_BYTES", 64 * 1024)
-    monkeypatch.setattr(store_mod, "WINDOW", 1)
+    monkeypatch.setattr(storeorder, "UNIT_BYTES", 64 * 1024)
+    monkeypatch.setattr(storeorder, "WINDOW", 1)
     (d / "base/5/big").write_bytes(pages(17, 400))  # 3.2 MiB: 32 KiB blocks, 50 units
     for i in range(12):
         (d / f"base/5/{50000 + i}").write_bytes(pages(18 + i, 20 + i))
