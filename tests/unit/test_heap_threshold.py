@@ -44,8 +44,9 @@ def test_fewer_collections_inside_and_the_thresholds_as_before_after():
 
     before = gc.get_threshold()
     with heap.fewer_collections():
-        assert gc.get_threshold() == tuple(max(a, b) for a, b in zip(heap.GC_THRESHOLDS, before))
-        assert gc.get_threshold()[0] >= 50_000
+        # the first (young generation) threshold: the one every collector version keeps (3.14's
+        # incremental collector reads the others differently and reports the third as 0)
+        assert gc.get_threshold()[0] == max(heap.GC_THRESHOLDS[0], before[0]) >= 50_000
     assert gc.get_threshold() == before
     try:
         with heap.fewer_collections():
