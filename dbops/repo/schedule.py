@@ -65,8 +65,9 @@ class Completion:
         self.cond = threading.Condition(self.lock)
 
     def _plan(self, manifest: Manifest, pairs: list[tuple[FileEntry, FileEntry]]
-              ) -> tuple[list[Item], list[Item]]:
-        """(whole-block items, page-delta items) of one batch; completes the files with nothing to read."""
+              ) -> tuple[list[Item], list[Item], Batch]:
+        """(whole-block items, page-delta items, the batch) of one batch; completes the files with
+        nothing to read."""
         entries = [f for f, _ in pairs]
         bases = [base_view(f) for f in entries]
         left = Batch(len(entries))
@@ -86,20 +87,29 @@ class Completion:
         for _files, rng, _ in whole + deltas:
             for i in rng.files():
                 left[i] += 1
-        left.bases_left = len(whole) if deltas else 0
+        left.bases_left = len(whole) if deltas or left.held is not None else 0
         with self.lock:
             for i, n in enumerate(left):
                 if n == 0:
                     self.on_complete(entries[i])
-        return whole, deltas
+        return whole, deltas, left
 
     def planned(self, manifest: Manifest) -> Iterator[Item]:
         """(the batch's files as the range sees them, one ranged read, the batch) for every range of the
         backup: a batch's page deltas once its whole blocks are written, the next batch's whole blocks
-        meanwhile. Stops early when a range of whole blocks failed (the consumer raises its error)."""
+        meanwhile. A batch holding its deltas is planned (its deltas fetched) only once the one two
+        batches before it is written: at most two batches hold theirs at once, whatever the number
+        of ranges in flight. Stops early when a range of whole blocks failed (the consumer raises
+        its error)."""
         waiting: list[Item] = []  # the previous batch's deltas
+        holding: list[Batch] = []  # the last two batches, when they hold their deltas
         for pairs in view_batches(manifest):
-            whole, deltas = self._plan(manifest, pairs)
+            if len(holding) == 2:
+                if holding[0].held is not None and not self._bases_written(holding[0]):
+                    return
+                holding.pop(0)
+            whole, deltas, batch = self._plan(manifest, pairs)
+            holding.append(batch)
             yield from whole
             if waiting and not self._bases_written(waiting[0][2]):
                 return

@@ -188,3 +188,59 @@ def test_a_batch_holds_its_deltas_within_the_bound_and_is_read_in_two_passes_ove
     assert fetched and set(fetched) == {small}  # held: fetched when planned, never handed out as a range
     assert not any(d for p, d, _h in seen if p == small) and all(h for p, _d, h in seen if p == small)
     assert any(d for p, d, _h in seen if p == large) and not any(h for p, _d, h in seen if p == large)
+
+
+def test_at_most_two_batches_hold_their_deltas_whatever_is_in_flight(tmp_path, monkeypatch):
+    """Held deltas are bounded by batches, not by ranges in flight: a batch is planned (its deltas
+    fetched and held) only once the one two batches before it is written, even when every range
+    handed out is still being written (here: held up until the planning stops asking)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = Folder(tmp_path)
+    extra = [f"base/5/{41000 + i}" for i in range(5)]
+    for rel in extra:
+        (f.d / rel).write_bytes(b"".join(page(0x1000000, f"{rel}:{n}") for n in range(16)))
+    store, layout = LocalStore(tmp_path / "store"), Layout("c")
+    m1 = snap(store, layout, f, "b1", 0x2000000)
+    f.change(0x2000100, 1, 30)
+    for rel in extra:
+        (f.d / rel).write_bytes(b"".join(page(0x2000100 if n == 3 else 0x1000000, f"{rel}:{n}:{n == 3}")
+                                         for n in range(16)))
+    m2 = mf.load(store, layout, snap(store, layout, f, "b2", 0x3000000, m1).backup_id)
+    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)  # one relation a batch: six batches with deltas
+    seen: list[schedule.Batch] = []
+    handed: dict[int, int] = {}  # id(batch): its ranges handed out, less those written
+    alive_at_hold: list[int] = []
+    third = threading.Event()
+    gate = threading.Event()
+    lock = threading.Lock()
+
+    def hold(files, rng):
+        alive_at_hold.append(sum(1 for b in seen if b.held is not None and handed[id(b)] > 0))
+        if len(alive_at_hold) >= 3:
+            third.set()
+        return layout.pack(rng.pack), [(fr, b"") for fr in rng.frames]
+
+    completion = schedule.Completion(lambda e: None, hold)
+
+    def items():
+        for item in completion.planned(m2):
+            if not any(b is item[2] for b in seen):
+                seen.append(item[2])
+            with lock:
+                handed[id(item[2])] = handed.get(id(item[2]), 0) + 1
+            yield item
+
+    def write(item):
+        gate.wait(30)
+        with lock:  # before the planning learns of it
+            handed[id(item[2])] -= 1
+        completion.written(*item)
+
+    # nothing is written until the planning has had every chance to run ahead (1 s), or did
+    threading.Thread(target=lambda: (third.wait(1.0), gate.set()), daemon=True).start()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        ranges.run_bounded(pool, write, items(), 16)
+    assert len(alive_at_hold) == 6  # every batch held its deltas
+    assert max(alive_at_hold) <= 1  # the batch being planned and at most one other hold theirs
