@@ -42,17 +42,22 @@ def _pg(name: str) -> str:
     return binaries.binary(name)
 
 
-def _copy_cluster(src: Path, dst: Path) -> Path:
+def copy_cluster(src: Path, dst: Path) -> Path:
     proc.run(["cp", "-a", str(src), str(dst)])
     return dst
 
 
-@pytest.fixture(scope="module")
-def work(base_dir) -> Path:
-    d = base_dir / "runtime"
+def own_folder(base_dir: Path, name: str) -> Path:
+    """A test module's own folder under base_dir, owned by postgres (made once per session)."""
+    d = base_dir / name
     d.mkdir()
     shutil.chown(d, "postgres", "postgres")
     return d
+
+
+@pytest.fixture(scope="module")
+def work(base_dir) -> Path:
+    return own_folder(base_dir, "runtime")
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +70,38 @@ def settings(work) -> dict[str, RuntimeSettings]:
     }
 
 
-@pytest.fixture(scope="module")
-def small_cluster(work) -> Path:
-    """A stopped cluster with a table of 5 rows, laid out like Debian's (no config files in it)."""
-    data = work / "small"
-    pwfile = work / "pw"
+def stopped_cluster(work: Path, name: str, statements: list[str], value: str | None = None) -> tuple[Path, object]:
+    """A cluster made by initdb in work/name (checksums on, scram passwords), started on a free port,
+    ``statements`` run, stopped. Returns (its data folder, the first column of ``value``'s first
+    row, or None)."""
+    data = work / name
+    pwfile = work / f"pw-{name}"
     pwfile.write_text(PASSWORD + "\n")
     shutil.chown(pwfile, "postgres")
     proc.run([_pg("initdb"), "-D", str(data), "-U", "postgres", "-k", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
              user="postgres", timeout=120)
     port = _free_port()
-    proc.run([_pg("pg_ctl"), "start", "-w", "-D", str(data), "-l", str(work / "small.log"),
+    proc.run([_pg("pg_ctl"), "start", "-w", "-D", str(data), "-l", str(work / f"{name}.log"),
               "-o", f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="],
              user="postgres", timeout=60)
+    got = None
     try:
         with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=PASSWORD, dbname="postgres",
                              autocommit=True) as c:
-            c.execute("create table t (id int primary key, v text)")
-            c.execute("insert into t select g, 'row ' || g from generate_series(1, 5) g")
+            for statement in statements:
+                c.execute(statement)
+            if value is not None:
+                got = c.execute(value).fetchone()[0]
     finally:
         proc.run([_pg("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"], user="postgres", timeout=60)
+    return data, got
+
+
+@pytest.fixture(scope="module")
+def small_cluster(work) -> Path:
+    """A stopped cluster with a table of 5 rows, laid out like Debian's (no config files in it)."""
+    data, _ = stopped_cluster(work, "small", ["create table t (id int primary key, v text)",
+                                              "insert into t select g, 'row ' || g from generate_series(1, 5) g"])
     for f in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
         (data / f).unlink()
     return data
@@ -153,7 +170,7 @@ def _state(data: Path) -> str:
 
 @pytest.mark.parametrize("engine", RUNTIMES)
 def test_start_query_stop(engine, settings, small_cluster, work):
-    data = _copy_cluster(small_cluster, work / f"start-{engine}")
+    data = copy_cluster(small_cluster, work / f"start-{engine}")
     rt = open_runtime(settings[engine])
     with rt.start(InstanceSpec(data_dir=data, port=_free_port(), name=f"start-{engine}")) as inst:
         assert isinstance(inst, ContainerInstance if engine == "podman" else LocalInstance)
@@ -177,23 +194,31 @@ def test_start_query_stop(engine, settings, small_cluster, work):
     assert not (data / "postmaster.pid").exists()
 
 
-@pytest.mark.parametrize("engine", RUNTIMES)
-def test_recovery_to_lsn_then_stop_in_recovery(engine, settings, backup_scenario, work):
-    data = _copy_cluster(backup_scenario["base"], work / f"recover-{engine}")
+def paused_recovery(data: Path, wal: Path, name: str, target: str, **kw) -> InstanceSpec:
+    """The spec of a server recovering ``data`` from ``wal`` to ``target``, paused there (recovery.signal made)."""
     (data / "recovery.signal").touch()
     shutil.chown(data / "recovery.signal", "postgres", "postgres")
-    spec = InstanceSpec(
-        data_dir=data, port=_free_port(), wal_dir=backup_scenario["archive"], name=f"recover-{engine}",
-        settings={"recovery_target_lsn": backup_scenario["target"], "recovery_target_action": "pause",
-                  "hot_standby": "on"},
-    )
+    return InstanceSpec(data_dir=data, port=_free_port(), wal_dir=wal, name=name, **kw,
+                        settings={"recovery_target_lsn": target, "recovery_target_action": "pause",
+                                  "hot_standby": "on"})
+
+
+def wait_for(inst, c, query: str, want: object, timeout: float = 60) -> None:
+    """Poll ``query`` on connection ``c`` until it returns ``want`` (the server's log when it never does)."""
+    deadline = time.monotonic() + timeout
+    while conn.scalar(c, query) != want:
+        assert time.monotonic() < deadline, inst.logs(20)
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("engine", RUNTIMES)
+def test_recovery_to_lsn_then_stop_in_recovery(engine, settings, backup_scenario, work):
+    data = copy_cluster(backup_scenario["base"], work / f"recover-{engine}")
+    spec = paused_recovery(data, backup_scenario["archive"], f"recover-{engine}", backup_scenario["target"])
     with open_runtime(settings[engine]).start(spec) as inst:
         inst.wait_ready(120)
         with conn.session(inst.node()) as c:
-            deadline = time.monotonic() + 60
-            while conn.scalar(c, "select pg_get_wal_replay_pause_state()") != "paused":
-                assert time.monotonic() < deadline, inst.logs(20)
-                time.sleep(0.2)
+            wait_for(inst, c, "select pg_get_wal_replay_pause_state()", "paused")
             assert conn.scalar(c, "select pg_is_in_recovery()") is True
             assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
             # the source's archive_command never ran here (it would have copied into the archive)
@@ -207,7 +232,7 @@ def test_recovery_to_lsn_then_stop_in_recovery(engine, settings, backup_scenario
 @pytest.mark.parametrize("engine", RUNTIMES)
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_removed_when_the_block_raises(engine, exc, settings, small_cluster, work):
-    data = _copy_cluster(small_cluster, work / f"raise-{engine}-{exc.__name__}")
+    data = copy_cluster(small_cluster, work / f"raise-{engine}-{exc.__name__}")
     rt = open_runtime(settings[engine])
     with pytest.raises(exc):
         with rt.start(InstanceSpec(data_dir=data, port=_free_port(), name="raise")) as inst:
@@ -224,7 +249,7 @@ def test_removed_when_the_block_raises(engine, exc, settings, small_cluster, wor
 
 @pytest.mark.parametrize("engine", RUNTIMES)
 def test_start_failure_reports_the_server_log(engine, settings, small_cluster, work):
-    data = _copy_cluster(small_cluster, work / f"fail-{engine}")
+    data = copy_cluster(small_cluster, work / f"fail-{engine}")
     spec = InstanceSpec(data_dir=data, port=_free_port(), name="fail", settings={"shared_buffers": "nonsense"})
     with open_runtime(settings[engine]).start(spec) as inst:
         with pytest.raises(PostgresError) as ei:
@@ -268,9 +293,9 @@ def test_cleanup_stale_after_a_killed_run(settings, small_cluster, work):
         res = engine.run(["inspect", "--format", "{{.State.Running}}", name], check=False)
         return res.stdout.strip() == "true"
 
-    live_data = _copy_cluster(small_cluster, work / "live")
+    live_data = copy_cluster(small_cluster, work / "live")
     with open_runtime(podman).start(InstanceSpec(data_dir=live_data, port=_free_port(), name="live")) as live:
-        data = _copy_cluster(small_cluster, work / "killed")
+        data = copy_cluster(small_cluster, work / "killed")
         name = _killed_run(podman, data)
         assert running(name)
         # the killed run's container goes; this process's (alive) one stays
@@ -282,10 +307,10 @@ def test_cleanup_stale_after_a_killed_run(settings, small_cluster, work):
     assert _state(data) == "in production"
 
     # and the next run cleans up by itself when it starts its first instance
-    data2 = _copy_cluster(small_cluster, work / "killed2")
+    data2 = copy_cluster(small_cluster, work / "killed2")
     name2 = _killed_run(podman, data2)
     assert running(name2)
-    next_data = _copy_cluster(small_cluster, work / "next")
+    next_data = copy_cluster(small_cluster, work / "next")
     with open_runtime(podman).start(InstanceSpec(data_dir=next_data, port=_free_port(), name="next")):
         assert engine.run(["ps", "-a", "-q", "--filter", f"name={name2}"]).stdout.strip() == ""
 
@@ -345,7 +370,7 @@ def image(settings, work):
 def test_image_mode_recovery(settings, image, backup_scenario, work):
     """The production path (an image, entrypoint bypassed, numeric uid) with podman."""
     rs = RuntimeSettings(engine="podman", image=image, containers_conf=settings["podman"].containers_conf)
-    data = _copy_cluster(backup_scenario["base"], work / "recover-image")
+    data = copy_cluster(backup_scenario["base"], work / "recover-image")
     (data / "recovery.signal").touch()
     shutil.chown(data / "recovery.signal", "postgres", "postgres")
     spec = InstanceSpec(
@@ -381,7 +406,7 @@ def test_no_other_local_user_gets_in_and_no_secret_in_the_environment(engine, se
     0700 folder, and the server's environment carries none of dbops' secrets."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "leak-me-Qx81")
     monkeypatch.setenv("PGPASSWORD", "leak-me-too-Qx81")
-    data = _copy_cluster(small_cluster, work / f"isolated-{engine}")
+    data = copy_cluster(small_cluster, work / f"isolated-{engine}")
     port = _free_port()
     with open_runtime(settings[engine]).start(InstanceSpec(data_dir=data, port=port, name=f"iso-{engine}")) as inst:
         inst.wait_ready(60)

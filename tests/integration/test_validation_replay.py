@@ -6,11 +6,8 @@ read every heap page even where an index-only scan would answer count(*) from th
 from __future__ import annotations
 
 import hashlib
-import shutil
-import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from dbops import proc
@@ -18,12 +15,12 @@ from dbops.config.parse import parse
 from dbops.errors import ValidationError
 from dbops.ops.backup.checks import run_checks
 from dbops.ops.backup.replay import restartpoint_beside
-from dbops.pg import binaries, conn, controldata
+from dbops.pg import conn, controldata
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
 
-from test_runtime import (PASSWORD, ROWS_AFTER_TARGET, ROWS_BEFORE_TARGET, RUNTIMES, backup_scenario, no_leftovers,
-                          settings)
+from test_runtime import (ROWS_AFTER_TARGET, ROWS_BEFORE_TARGET, RUNTIMES, backup_scenario, no_leftovers,
+                          copy_cluster, own_folder, paused_recovery, settings, stopped_cluster, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
@@ -33,25 +30,13 @@ __all__ = ["backup_scenario", "no_leftovers", "settings"]  # fixtures, shared wi
 @pytest.fixture(scope="module")
 def work(base_dir) -> Path:
     """This module's own folder (test_runtime's `work` makes base_dir/runtime, once per session)."""
-    d = base_dir / "validation-replay"
-    d.mkdir()
-    shutil.chown(d, "postgres", "postgres")
-    return d
+    return own_folder(base_dir, "validation-replay")
 
 PAGE = 8192
 
 
-def _copy_cluster(src: Path, dst: Path) -> Path:
-    proc.run(["cp", "-a", str(src), str(dst)])
-    return dst
-
-
 def _free_port() -> int:
     return proc.free_port()
-
-
-def _pg(name: str) -> str:
-    return binaries.binary(name)
 
 
 def _state(data: Path) -> str:
@@ -64,24 +49,15 @@ def _digests(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("engine", RUNTIMES)
 def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, work):
-    data = _copy_cluster(backup_scenario["base"], work / f"linked-{engine}")
-    wal = _copy_cluster(backup_scenario["archive"], work / f"linked-wal-{engine}")
+    data = copy_cluster(backup_scenario["base"], work / f"linked-{engine}")
+    wal = copy_cluster(backup_scenario["archive"], work / f"linked-wal-{engine}")
     before = _digests(wal)
-    (data / "recovery.signal").touch()
-    shutil.chown(data / "recovery.signal", "postgres", "postgres")
+    spec = paused_recovery(data, wal, f"linked-{engine}", backup_scenario["target"], wal_linked=True)
     assert link_wal(wal, data) is True
-    spec = InstanceSpec(
-        data_dir=data, port=_free_port(), wal_dir=wal, name=f"linked-{engine}", wal_linked=True,
-        settings={"recovery_target_lsn": backup_scenario["target"], "recovery_target_action": "pause",
-                  "hot_standby": "on"},
-    )
     with open_runtime(settings[engine]).start(spec) as inst:
         inst.wait_ready(120)
         with conn.session(inst.node()) as c:
-            deadline = time.monotonic() + 60
-            while conn.scalar(c, "select pg_get_wal_replay_pause_state()") != "paused":
-                assert time.monotonic() < deadline, inst.logs(20)
-                time.sleep(0.1)
+            wait_for(inst, c, "select pg_get_wal_replay_pause_state()", "paused")
             assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
         with restartpoint_beside(inst, 60):  # as beside the checks: the stop then has nothing left to write
             pass
@@ -98,10 +74,7 @@ def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, w
     with open_runtime(settings[engine]).start(again) as inst:
         inst.wait_ready(120)
         with conn.session(inst.node()) as c:
-            deadline = time.monotonic() + 60
-            while conn.scalar(c, "select pg_is_in_recovery()"):
-                assert time.monotonic() < deadline, inst.logs(20)
-                time.sleep(0.1)
+            wait_for(inst, c, "select pg_is_in_recovery()", False)
             assert conn.rows(c, "select v, count(*) from t group by v order by v") == [
                 ("after", ROWS_AFTER_TARGET), ("before", ROWS_BEFORE_TARGET)]
         inst.stop("fast", timeout=60)
@@ -111,26 +84,10 @@ def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, w
 def wide_cluster(work) -> tuple[Path, str]:
     """A stopped cluster whose table t (20,000 rows of 500 bytes, a primary key) is all-visible after
     VACUUM: count(*) there is an index-only scan that reads no heap page. Returns (data, t's file)."""
-    data = work / "wide"
-    pwfile = work / "pw-wide"
-    pwfile.write_text(PASSWORD + "\n")
-    shutil.chown(pwfile, "postgres")
-    proc.run([_pg("initdb"), "-D", str(data), "-U", "postgres", "-k", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
-             user="postgres", timeout=120)
-    port = _free_port()
-    proc.run([_pg("pg_ctl"), "start", "-w", "-D", str(data), "-l", str(work / "wide.log"),
-              "-o", f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="],
-             user="postgres", timeout=60)
-    try:
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=PASSWORD, dbname="postgres",
-                             autocommit=True) as c:
-            c.execute("create table t (id int primary key, pad text)")
-            c.execute("insert into t select g, repeat('x', 500) from generate_series(1, 20000) g")
-            c.execute("vacuum (freeze, analyze) t")
-            rel = c.execute("select pg_relation_filepath('t')").fetchone()[0]
-    finally:
-        proc.run([_pg("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"], user="postgres", timeout=60)
-    return data, rel
+    data, rel = stopped_cluster(work, "wide", ["create table t (id int primary key, pad text)",
+                                               "insert into t select g, repeat('x', 500) from generate_series(1, 20000) g",
+                                               "vacuum (freeze, analyze) t"], "select pg_relation_filepath('t')")
+    return data, str(rel)
 
 
 def _check_config(data: Path):
@@ -141,7 +98,7 @@ def _check_config(data: Path):
 
 def test_checks_read_every_heap_page(settings, wide_cluster, work):
     src, rel = wide_cluster
-    data = _copy_cluster(src, work / "wide-damaged")
+    data = copy_cluster(src, work / "wide-damaged")
     f = data / rel
     body = bytearray(f.read_bytes())
     block = len(body) // PAGE // 2
@@ -165,7 +122,7 @@ def test_checks_read_every_heap_page(settings, wide_cluster, work):
 
 
 def test_checks_pass_and_count_every_row(settings, wide_cluster, work):
-    data = _copy_cluster(wide_cluster[0], work / "wide-good")
+    data = copy_cluster(wide_cluster[0], work / "wide-good")
     with open_runtime(settings["none"]).start(InstanceSpec(data_dir=data, port=_free_port(), name="checks")) as inst:
         inst.wait_ready(60)
         checks: list[dict] = []
