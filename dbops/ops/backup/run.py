@@ -268,7 +268,8 @@ class BackupRun:
                         prestore()
                     with phases("capture"):  # the WAL archived so far downloads meanwhile
                         target = capture_fetching_ahead(cfg, self.store, self.layout, start_segment,
-                                                        controldata.read(str(data)).wal_segment_size, wal)
+                                                        controldata.read(str(data)).wal_segment_size, wal,
+                                                        self._capture)
                     with phases("wal_fetch"):
                         fetch_wal(cfg, self.store, self.layout, start_segment, target, wal)
                     # pg_checksums runs on beside the final store (which lists nothing before it passed).
@@ -295,12 +296,8 @@ class BackupRun:
         check_scratch_space(self.scratch_root, prev_m.logical_size, cfg.backup.scratch_limit,
                             owner=cfg.os_user)
         # Captured on the primary while the previous backup downloads (the WAL up to it follows).
-        def capture() -> Target:
-            return capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=self.store,
-                                  layout=self.layout)
-
         with prove(cfg, self.store, self.layout, prev_m, phases, run_id=self.run_id, name=f"backup-{self.run_id}",
-                   target=capture, byte_progress=self.byte_progress, background_checksums=True,
+                   target=self._capture, byte_progress=self.byte_progress, background_checksums=True,
                    removals=self.removals) as proof:
             val, target = proof.validation, proof.target
             try:  # after a failover the new primary may keep a tablespace elsewhere: record where
@@ -320,6 +317,11 @@ class BackupRun:
                                       "restore_seconds": restore_seconds(val.timings),
                                       "replayed_to": format_lsn(val.replayed_lsn or 0)})
         return BackupResult(manifest.backup_id, "incremental", prev.backup_id, self.run_id, val, manifest, phases.t)
+
+    def _capture(self) -> Target:
+        """The target, captured on the primary (:func:`capture_target`)."""
+        return capture_target(self.cfg, archive_wait=self.cfg.archive.push_timeout * 2, store=self.store,
+                              layout=self.layout)
 
     def _prestore(self, data: Path, backup_id: str, cancel: threading.Event, ts: tbs.ScratchTablespaces,
                   plan: livecopy.CopyPlan | None = None, copied: livecopy.Copied | None = None) -> mf.Manifest | None:

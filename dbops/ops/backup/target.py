@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,13 +159,14 @@ def fetch_wal_ahead(cfg: Config, store: ObjectStore, layout: Layout, start_segme
 
 
 def capture_fetching_ahead(cfg: Config, store: ObjectStore, layout: Layout, start_segment: str, seg_size: int,
-                           wal: Path) -> Target:
-    """:func:`capture_target`, while the segments archived so far from start_segment on are fetched
-    into wal (:func:`fetch_wal_ahead`): :func:`fetch_wal` then fetches only the rest."""
+                           wal: Path, capture: Callable[[], Target]) -> Target:
+    """``capture()`` (on the primary: :func:`capture_target`), while the segments archived so far from
+    start_segment on are fetched into wal (:func:`fetch_wal_ahead`): :func:`fetch_wal` then fetches
+    only the rest."""
     enough = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal-ahead") as ahead:
         ahead.submit(fetch_wal_ahead, cfg, store, layout, start_segment, seg_size, wal, enough)
         try:
-            return capture_target(cfg, archive_wait=cfg.archive.push_timeout * 2, store=store, layout=layout)
+            return capture()
         finally:
             enough.set()

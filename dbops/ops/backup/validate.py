@@ -25,7 +25,7 @@ from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
 from dbops.ops.backup.replay import restartpoint_beside, wait_paused
-from dbops.ops.backup.target import Target, fetch_wal, fetch_wal_ahead, own_target
+from dbops.ops.backup.target import Target, capture_fetching_ahead, fetch_wal, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
 from dbops.pg.lsn import format_lsn, segment_of_lsn
@@ -320,14 +320,7 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
         def target_and_wal() -> Target:
             t0 = time.monotonic()
             if callable(target):  # the WAL archived so far downloads while the target is captured
-                enough = threading.Event()
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal-ahead") as ahead:
-                    ahead.submit(fetch_wal_ahead, cfg, store, layout, start_segment, m.pg.wal_segment_size, wal,
-                                 enough)
-                    try:
-                        t = target()
-                    finally:
-                        enough.set()
+                t = capture_fetching_ahead(cfg, store, layout, start_segment, m.pg.wal_segment_size, wal, target)
                 phases.t["capture"] = round(time.monotonic() - t0, 3)
             else:
                 t = target or own_target(m)
