@@ -307,6 +307,15 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
         except Exception as e:  # the peer's figures are optional; ours stand
             out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wal": wal,
                         "error": f"{type(e).__name__}: {e}", "detail": (getattr(e, "detail", None) or "")[-2000:]})
+    # The other commands that read a whole backup or the whole catalog: their memory too.
+    for bench, argv in (("scale_verify", ("verify", ids[-1])), ("scale_prune_preview", ("backup", "prune"))):
+        try:
+            wall, rss_kib, res = _dbops(lab, *argv)
+            out.append({**base, "bench": bench, "tool": "dbops", "wall_seconds": round(wall, 2), "rss_kib": rss_kib,
+                        "result": {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}})
+        except Exception as e:  # the figures above stand
+            out.append({**base, "bench": bench, "tool": "dbops", "error": f"{type(e).__name__}: {e}",
+                        "detail": (getattr(e, "detail", None) or "")[-2000:]})
     return out
 
 
