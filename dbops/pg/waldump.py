@@ -9,6 +9,11 @@ A record line looks like::
     rmgr: Transaction len (rec/tot):     34/    34, tx:        735, lsn: 0/03000148, prev 0/03000110,
     desc: COMMIT 2026-11-29 20:01:02.123456 UTC
 
+a record that changes pages names each one (:func:`block_refs`), PostgreSQL 15 printing::
+
+    ..., desc: UPDATE off 45 xmax 741 flags 0x03 ; new off 22 xmax 0, blkref #0: rel 1663/5/16396 blk 1639 FPW,
+    blkref #1: rel 1663/5/16396 fork vm blk 0
+
 and the run ends with an error naming where the valid WAL stops, e.g.
 ``error in WAL record at 0/3000148: invalid record length at 0/3000180: wanted 24, got 0``.
 """
@@ -25,6 +30,8 @@ ENV = {"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}
 
 _RECORD_RE = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), "
                         r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)\s?(.*)$")
+# PostgreSQL 13-15: "rel 1663/5/16396 fork vm blk 0"; 16+: "rel 1663/5/16396, fork vm, blk 0".
+_BLKREF_RE = re.compile(r"blkref #\d+: rel (\d+)/(\d+)/(\d+),?(?: fork (\w+),?)? blk (\d+)")
 _XACT_TIME_RE = re.compile(r"^(?:(\d+): )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 _ERROR_RE = re.compile(r"error in WAL record at ([0-9A-F]+/[0-9A-F]+): (.*)$")
 _LSN_IN_TEXT_RE = re.compile(r"\bat ([0-9A-F]+/[0-9A-F]+)")
@@ -44,6 +51,17 @@ class Record:
     def end_guess(self) -> int:
         """Start plus length: the record's end unless it crosses a page header (then a little more)."""
         return self.lsn + self.total_len
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """A page a record changes: relation (tablespace OID, database OID, relfilenode), fork, block number."""
+
+    spc: int
+    db: int
+    rel: int
+    fork: str  # main | fsm | vm | init
+    blk: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,13 @@ def parse_record(line: str) -> Record | None:
 def records(text: str) -> list[Record]:
     """Every record line of a ``pg_waldump`` output, in order."""
     return [r for r in (parse_record(line) for line in text.splitlines()) if r is not None]
+
+
+def block_refs(line: str) -> list[BlockRef]:
+    """Every page a ``pg_waldump`` record line names (``blkref #N: rel SPC/DB/REL [fork F] blk B``), in order;
+    none for any other line."""
+    return [BlockRef(int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4) or "main", int(m.group(5)))
+            for m in _BLKREF_RE.finditer(line)]
 
 
 def xact_time(desc: str) -> tuple[int | None, float] | None:
@@ -139,5 +164,5 @@ def last_commit(records: list[Record], before: int | None = None) -> XactEnd | N
     return None
 
 
-__all__ = ["ENV", "Dump", "Record", "XACT_ENDS", "XactEnd", "last_commit", "parse", "parse_record", "records",
+__all__ = ["ENV", "BlockRef", "Dump", "block_refs", "Record", "XACT_ENDS", "XactEnd", "last_commit", "parse", "parse_record", "records",
            "xact_end", "xact_ends", "xact_time"]

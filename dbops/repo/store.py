@@ -44,6 +44,7 @@ from dbops.repo import blocks, codec, mformat, walk
 from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta, encode_deltas
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
 from dbops.repo.packs import Pack, Uploader
+from dbops.repo.savedpages import SavedPages
 from dbops.repo.walk import wal_needed
 from dbops.repo.storeorder import Changed, Unit, write_entries
 from dbops.repo import manifest as mf
@@ -76,7 +77,8 @@ class _Snapshot:
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
                  unchanged_lsn: int | None, tmp_dir: str, live: bool = False,
                  cancel: threading.Event | None = None, deltas: bool = False,
-                 ready: Callable[[str, int, int], None] | None = None, nice: int = 0):
+                 ready: Callable[[str, int, int], None] | None = None, nice: int = 0,
+                 saved: SavedPages | None = None):
         self.store, self.layout, self.backup_id = store, layout, backup_id
         self.ready, self.nice = ready, nice
         self.deltas = deltas and unchanged_lsn is not None
@@ -86,6 +88,7 @@ class _Snapshot:
         self.local = threading.local()
         self.up = Uploader(store, layout, backup_id, tmp_dir=tmp_dir, workers=workers, uploads=uploads)
         self.bases = BaseReader(store, layout, ByteBudget(IN_FLIGHT_BYTES), ahead=workers) if self.deltas else None
+        self.saved = saved if self.deltas else None
         self.c = {"zero": 0, "reused": 0, "lsn_reused": 0, "new": 0, "delta": 0, "hashed_bytes": 0}
         self.progress, self.total, self.done = progress, total, 0
 
@@ -98,6 +101,8 @@ class _Snapshot:
         bs = unit.block
         sha256 = codec.sha256
         parent, lsn = unit.parent, self.unchanged_lsn if unit.main_fork else None
+        saved = self.saved
+        key: str | None | bool = False  # the saved pages' key for this file, looked up at its first delta
         step = max(bs, READ_BLOCK - READ_BLOCK % bs)
         buf = getattr(self.local, "buf", None)
         if buf is None or len(buf) != step:
@@ -148,8 +153,19 @@ class _Snapshot:
                                 if delta is not None:
                                     payload, dmask, base = delta
                                     c["hashed_bytes"] += len(payload)
-                                    pending.append((len(refs), payload, dmask, base, pref))
+                                    d = (len(refs), payload, dmask, base, pref)
                                     refs.append(None)
+                                    old = None
+                                    if saved is not None and not pref.mask:  # the base: the parent's own block
+                                        if key is False:
+                                            key = saved.key(unit.path)
+                                        old = saved.pages(key, (pos + off) // blocks.PAGE, dmask)
+                                    if old is None:
+                                        pending.append(d)
+                                    else:
+                                        pack, _, same = self.put_encoded(pack, [d], [old], refs)
+                                        c["delta"] += 1 - same
+                                        c["reused"] += same
                                     continue
                         h = sha256(block)
                         c["hashed_bytes"] += len(block)
@@ -210,22 +226,31 @@ class _Snapshot:
                                                     [d[2] for d in pending])) if pending else None
         done = same = 0
         for batch, bases in filter(None, (ahead, fetching) if last else (ahead,)):
-            done += len(batch)
-            for (i, _, _, base, pref), enc in zip(batch, encode_deltas(self.encoder, batch, bases.result())):
-                if enc is None:  # the parent's whole block, unchanged
-                    refs[i], same = pref, same + 1
-                    continue
-                payload, mask, stored = enc
-                h = codec.sha256(payload)
-                offset = pack.append(stored, len(payload), [h])
-                refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
-                if pack.size >= self.pack_size:
-                    self.up.seal(pack)
-                    pack = Pack(self.tmp_dir)
+            pack, n, s = self.put_encoded(pack, batch, bases.result(), refs)
+            done, same = done + n, same + s
         with self.lock:
             self.c["delta"] += done - same
             self.c["reused"] += same
         return pack, None if last else fetching
+
+    def put_encoded(self, pack: Pack, batch: list[Delta], bases: Sequence[bytes | memoryview],
+                    refs: list[ChunkRef | None]) -> tuple[Pack, int, int]:
+        """Each delta of the batch compressed against its base's pages (:func:`bases.encode_deltas`)
+        as a frame of its own into the pack; returns the pack to go on with, the deltas done and how
+        many of them took the parent's whole block instead (none of their pages differed)."""
+        same = 0
+        for (i, _, _, base, pref), enc in zip(batch, encode_deltas(self.encoder, batch, bases)):
+            if enc is None:  # the parent's whole block, unchanged
+                refs[i], same = pref, same + 1
+                continue
+            payload, mask, stored = enc
+            h = codec.sha256(payload)
+            offset = pack.append(stored, len(payload), [h])
+            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
+            if pack.size >= self.pack_size:
+                self.up.seal(pack)
+                pack = Pack(self.tmp_dir)
+        return pack, len(batch), same
 
 
 def store_snapshot(
@@ -257,6 +282,7 @@ def store_snapshot(
     files: Sequence[walk.WalkEntry] | None = None,
     ready: Callable[[str, int, int], None] | None = None,
     nice: int = 0,
+    saved: SavedPages | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -284,7 +310,10 @@ def store_snapshot(
     files a copy is making (see :class:`dbops.ops.backup.livecopy.Copied`), with ``ready(path,
     start, end)`` called before those bytes of a file are read, returning once they are there
     (raising to stop the store). ``nice``: the hashing and compressing threads run at this lower CPU
-    priority (the copy they follow keeps the cores first).
+    priority (the copy they follow keeps the cores first). ``saved``: pages of data_dir copied aside
+    before a server ran on it, when it was the first parent restored (see :mod:`dbops.repo.savedpages`):
+    a delta on a parent's whole block takes its base pages from there when all of them are saved,
+    instead of fetching the base from storage.
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -312,7 +341,7 @@ def store_snapshot(
                      pack_size=pack_size, workers=workers, uploads=max(1, parallel), progress=progress,
                      total=total, unchanged_lsn=unchanged_lsn if parent is not None else None, tmp_dir=spool,
                      live=live, cancel=cancel, deltas=bool(parent_manifests), ready=ready,
-                     nice=nice)
+                     nice=nice, saved=saved)
     fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
     os.close(fd)
     writer = mformat.Writer(mpath)
@@ -345,6 +374,8 @@ def store_snapshot(
                     "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"],
                     **({"base_blocks": snap.bases.blocks, "base_requests": snap.bases.requests,
                         "base_fetched_bytes": snap.bases.fetched_bytes} if snap.bases is not None else {}),
+                    **({"local_bases": snap.saved.hits, "local_base_misses": snap.saved.misses}
+                       if snap.saved is not None else {}),
                     "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),
                     "frames": snap.up.frames + (reuse.counts.get("frames", 0) if reuse else 0)},
             meta=dict(meta or {}),

@@ -62,6 +62,7 @@ from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
+from dbops.repo.savedpages import SavedPages
 from dbops.repo.store import Cancelled, store_snapshot
 from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, join_removals, out_of_space,
                                    scratch_folder, scratch_full_error)
@@ -298,7 +299,7 @@ class BackupRun:
         # Captured on the primary while the previous backup downloads (the WAL up to it follows).
         with prove(cfg, self.store, self.layout, prev_m, phases, run_id=self.run_id, name=f"backup-{self.run_id}",
                    target=self._capture, byte_progress=self.byte_progress, background_checksums=True,
-                   removals=self.removals) as proof:
+                   save_bases=True, removals=self.removals) as proof:
             val, target = proof.validation, proof.target
             try:  # after a failover the new primary may keep a tablespace elsewhere: record where
                 proof.tablespaces.current = {t.oid: t for t in tbs.query(primary)}
@@ -307,7 +308,7 @@ class BackupRun:
             # pg_checksums reads the copy while it is stored: the manifest waits for it to pass, a failure
             # stops the store (its packs, in no manifest, are orphans that retention removes).
             manifest = self._store(proof.data, target, val, phases, parents=(prev_m,), parent_id=prev.backup_id,
-                                   kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn,
+                                   kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn, saved=proof.saved,
                                    tablespaces=proof.tablespaces.snapshot(proof.data, val.tablespace_names))
         val.timings = {k: v for k, v in phases.t.items() if k in ("download", "wal_fetch", "start", "replay",
                                                                   "checks", "stop", "checksums")}
@@ -352,7 +353,7 @@ class BackupRun:
 
     def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
                kind: str, tablespaces: dict, unchanged_lsn: int | None = None, backup_id: str | None = None,
-               reuse: mf.Manifest | None = None) -> mf.Manifest:
+               reuse: mf.Manifest | None = None, saved: SavedPages | None = None) -> mf.Manifest:
         cfg = self.cfg
         backup_id = backup_id or catalog.new_backup_id()
         # Consistent at the captured target: everything before it is in the snapshot, and the
@@ -373,6 +374,7 @@ class BackupRun:
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
                       "host": socket.gethostname(), "dbops_version": __version__, "checks": val.checks},
                 tablespaces=tablespaces, cancel=checking.failed if checking else None, before_manifest=val.settle,
+                saved=saved,
             )
         log.event(_log, logging.INFO, "backup stored", backup=backup_id, kind=kind,
                   stored_bytes=manifest.stored_bytes, logical_size=manifest.logical_size)

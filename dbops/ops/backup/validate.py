@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from dbops import log, proc
 from dbops.config import Config
 from dbops.errors import DbopsError, NotFoundError, StorageError, ValidationError
+from dbops.ops.backup import basesave
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks, tool_path
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
@@ -32,6 +33,7 @@ from dbops.pg.lsn import format_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
+from dbops.repo.savedpages import SavedPages
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
 from dbops.runtime.scratch import scratch_folder
@@ -285,13 +287,14 @@ class Proof:
     target: Target
     validation: Validation
     tablespaces: tbs.ScratchTablespaces  # the copy's tablespace folders (in the scratch folder)
+    saved: SavedPages | None = None  # with save_bases: the pages replay changed, as they were before it
 
 
 @contextmanager
 def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phases: Phases, *, run_id: str,
           name: str, target: Target | Callable[[], Target] | None = None,
           byte_progress: Callable[[int, int], None] | None = None,
-          background_checksums: bool = False,
+          background_checksums: bool = False, save_bases: bool = False,
           removals: list[threading.Thread] | None = None) -> Iterator[Proof]:
     """Restore backup m into a scratch folder (every chunk checked against its hash) while the archived
     WAL from its redo point to the target downloads, replay to the target (default: the backup's own
@@ -304,7 +307,10 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
     while the scratch folder still holds the proved copy. A backup that cannot be restored,
     missing WAL and failed checks raise ValidationError; so does ``proof.validation.settle()``
     when ``background_checksums`` let pg_checksums run on while the caller reads the copy.
-    ``byte_progress(done, total)``: the download's bytes, for a progress display. ``removals``: the
+    ``save_bases``: the pages replay will change (read from the WAL beside the download,
+    ``bases_predict``) are copied aside once the download is done, before the server starts
+    (``bases_save``; ``proof.saved``, see :mod:`dbops.ops.backup.basesave`): the bases of the next
+    incremental's page deltas. ``byte_progress(done, total)``: the download's bytes, for a progress display. ``removals``: the
     scratch folder is removed in a thread put there (see :func:`dbops.runtime.scratch.scratch_folder`)."""
     with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user, removals=removals) as scratch, \
             ExitStack() as stack:
@@ -329,8 +335,14 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             t_scan = time.monotonic()
             phases.t["wal_fetch"] = round(t_scan - t_wal, 3)
             scan_wal(cfg, ts, wal)  # it needs the WAL only, not the download
-            phases.t["wal_scan"] = round(time.monotonic() - t_scan, 3)
+            t_predict = time.monotonic()
+            phases.t["wal_scan"] = round(t_predict - t_scan, 3)
+            if save_bases:
+                predicted.update(basesave.predict(wal, None if cfg.runtime.image else cfg.runtime.bin_dir))
+                phases.t["bases_predict"] = round(time.monotonic() - t_predict, 3)
             return t
+
+        predicted: basesave.Predicted = {}
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
             wal_job = pool.submit(target_and_wal)
@@ -345,7 +357,13 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                     raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
             reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
+        saved = None
+        if predicted:  # the folder is the backup just restored, checked; no server ran on it yet
+            with phases("bases_save"):
+                saved = basesave.save_beside(data, predicted, scratch / "bases")
+            if saved is not None:
+                stack.callback(saved.close)
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
                                 stack=stack if background_checksums else None, wal_scanned=True)
         val.backup_id = m.backup_id
-        yield Proof(data, reached, val, ts)
+        yield Proof(data, reached, val, ts, saved)
