@@ -4,6 +4,13 @@ A pack is written to a file in the store's spool folder, not kept in memory; a p
 pack size is sealed and uploaded, at most ``uploads`` at a time. ``parallel`` packs are open at
 once (one per worker), so a worker's frames for one unit stay contiguous in one pack and a
 restore reads a file's run of frames with one ranged GET.
+
+A pack's index (each frame's offset, length, raw length and block hashes, uploaded beside it as
+JSON) is kept in columns while the pack is open: three integers a frame and 32 bytes a block.
+A pack of well-compressible data holds many blocks (pgbench: 64 MiB stored is 1.3 GB of blocks,
+20,000 of them), and as lists of hex strings its index took about 4.7 MiB; with two packs open
+and two uploading, that much again at every scale past the first full packs (scale 400 against
+100: most of the full backup's RSS growth).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import os
 import queue
 import secrets as pysecrets
 import threading
+from array import array
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +39,44 @@ class Pack:
     tmp_dir: str
     pack_id: str = field(default_factory=lambda: pysecrets.token_hex(16))
     size: int = 0
-    index: list[list[Any]] = field(default_factory=list)  # [offset, length, raw length, [block hashes]]
+    # The index, in columns: per frame (offset, length, raw length) and its number of blocks; the
+    # blocks' sha256 digests, 32 bytes each, in frame order (see index_rows).
+    _frames: array = field(default_factory=lambda: array("Q"))
+    _counts: array = field(default_factory=lambda: array("I"))
+    _digests: bytearray = field(default_factory=bytearray)
     _f: Any = None
 
     def append(self, payload: bytes, raw: int, hashes: list[str]) -> int:
-        """Add one frame; returns its offset in the pack."""
+        """Add one frame (``hashes``: its blocks' sha256, hex); returns its offset in the pack."""
         if self._f is None:
             self._f = open(os.path.join(self.tmp_dir, f"pack-{self.pack_id}"), "wb")
         offset = self.size
         self._f.write(payload)
-        self.index.append([offset, len(payload), raw, hashes])
+        self._frames.extend((offset, len(payload), raw))
+        self._counts.append(len(hashes))
+        for h in hashes:
+            self._digests += bytes.fromhex(h)
         self.size += len(payload)
         return offset
+
+    @property
+    def frames(self) -> int:
+        return len(self._counts)
+
+    def index_rows(self) -> Iterator[list[Any]]:
+        """The index, a frame at a time: [offset, length, raw length, [block hashes (hex)]]."""
+        d = memoryview(self._digests)
+        at = 0
+        for n, count in enumerate(self._counts):
+            yield [*self._frames[3 * n:3 * n + 3], [d[at + 32 * k:at + 32 * (k + 1)].hex() for k in range(count)]]
+            at += 32 * count
+
+    def index_json(self, backup_id: str) -> bytes:
+        """The uploaded index document (format 2), as ``json.dumps`` of it with compact separators."""
+        head = json.dumps({"format": 2, "pack": self.pack_id, "backup_id": backup_id, "size": self.size},
+                          separators=(",", ":"))
+        rows = ",".join(json.dumps(r, separators=(",", ":")) for r in self.index_rows())
+        return f'{head[:-1]},"frames":[{rows}]}}'.encode()
 
     def close(self) -> str | None:
         if self._f is None:
@@ -74,7 +109,7 @@ class Uploader:
         self.packs = self.frames = 0
 
     def seal(self, pack: Pack) -> None:
-        if not pack.index:
+        if not pack.frames:
             pack.discard()
             return
         if self.upload_error is not None:  # fail fast: stop reading once an upload failed
@@ -100,19 +135,17 @@ class Uploader:
         path = pack.close()
         assert path is not None
         try:
-            meta = {"backup-id": self.backup_id, "frames": str(len(pack.index))}
+            meta = {"backup-id": self.backup_id, "frames": str(pack.frames)}
             if not put_file_once(self.store, self.layout.pack(pack.pack_id), path, metadata=meta):  # lost answer: ok
                 raise ConflictError(f"pack {pack.pack_id} already exists ({self.layout.pack(pack.pack_id)})")
         finally:
             os.unlink(path)
-        index = {"format": 2, "pack": pack.pack_id, "backup_id": self.backup_id, "size": pack.size,
-                 "frames": pack.index}
-        idx = zstandard.ZstdCompressor(level=3).compress(json.dumps(index, separators=(",", ":")).encode())
+        idx = zstandard.ZstdCompressor(level=3).compress(pack.index_json(self.backup_id))
         self.store.put(self.layout.pack_index(pack.pack_id), idx, metadata=meta, if_absent=True)
         with self.lock:
             self.stored_bytes += pack.size
             self.packs += 1
-            self.frames += len(pack.index)
+            self.frames += pack.frames
 
     def finish(self) -> None:
         """Seal the packs still open and wait for every upload (raising the first failure)."""

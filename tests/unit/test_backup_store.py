@@ -3,12 +3,14 @@ exclusions, dedupe across snapshots, and damage detected and named."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from dbops.repo import manifest as mf
 from dbops.repo import store as store_mod
@@ -178,6 +180,29 @@ def test_manifest_is_written_last_and_packs_are_few(env):
     # Round trip of the manifest itself.
     back = mf.Manifest.from_bytes(m.to_bytes())
     assert back.to_dict() == m.to_dict() and back.files == m.files
+
+
+def test_pack_indexes_list_every_frame_and_block_of_the_manifest(env):
+    """The index uploaded beside each pack (kept in columns while the pack is open) names each
+    frame's place and size and its blocks' sha256, in the JSON layout it always had."""
+    store, layout, d = env
+    (d / "base/5/big").write_bytes(pages(9, 120) + os.urandom(CS * 40))
+    m = snapshot(store, layout, d, "b1", pack_size=CS * 16, parallel=2)
+    want: dict[str, dict[int, list]] = {}
+    for f in m.files:
+        for c in f.chunks:
+            if c.pack:
+                frame = want.setdefault(c.pack, {}).setdefault(c.offset, [c.offset, c.length, c.frame_raw, {}])
+                frame[3][c.at] = c.hash
+    assert len(want) >= 3
+    for pack, frames in want.items():
+        text = zstandard.ZstdDecompressor().decompress(store.get(layout.pack_index(pack)))
+        doc = json.loads(text)
+        assert text == json.dumps(doc, separators=(",", ":")).encode()
+        assert {k: doc[k] for k in ("format", "pack", "backup_id")} == {"format": 2, "pack": pack, "backup_id": "b1"}
+        assert doc["size"] == store.head(layout.pack(pack)).size
+        assert doc["frames"] == [[o, n, raw, [h for _, h in sorted(hs.items())]]
+                                 for o, n, raw, hs in sorted(frames.values())]
 
 
 def test_small_pack_size_splits_into_several_packs(env, tmp_path):

@@ -1,5 +1,5 @@
-"""dbops.heap: glibc's mmap threshold fixed for a restore (its 1 MiB buffers unmapped when freed); the
-cyclic collector run less often during one, as before after."""
+"""dbops.heap: glibc's mmap threshold fixed for a restore (its 1 MiB buffers unmapped when freed), its
+arenas limited for a full backup; the cyclic collector run less often during one, as before after."""
 
 from __future__ import annotations
 
@@ -54,3 +54,34 @@ def test_fewer_collections_inside_and_the_thresholds_as_before_after():
     except KeyError:
         pass
     assert gc.get_threshold() == before
+
+
+def test_few_arenas_keeps_new_threads_on_at_most_that_many_arenas():
+    # glibc's malloc_stats (stderr) prints one "Arena N:" block per arena. Eight threads allocating
+    # at once get an arena each by default (up to 8 per core); with few_arenas they share ARENAS.
+    probe = r"""
+import ctypes, sys, threading
+from dbops import heap
+if sys.argv[1] == "few":
+    assert heap.few_arenas() and heap.few_arenas()
+start, done = threading.Barrier(9), threading.Barrier(9)
+def work():
+    start.wait()
+    keep = [bytearray(512) for _ in range(2000)]
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+start.wait()
+done.wait()
+for t in threads:
+    t.join()
+ctypes.CDLL(None).malloc_stats()
+"""
+    arenas = {}
+    for mode in ("few", "default"):
+        r = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
+        arenas[mode] = sum(1 for line in r.stderr.splitlines() if line.startswith("Arena "))
+    from dbops import heap
+
+    assert 1 <= arenas["few"] <= heap.ARENAS < arenas["default"], arenas

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dbops import __version__, log, proc
+from dbops import __version__, heap, log, proc
 from dbops.config import Config, Node
 from dbops.errors import DbopsError, LockedError, PostgresError, ValidationError
 from dbops.ops.backup import basecopy, livecopy
@@ -230,6 +230,12 @@ class BackupRun:
     # -- phases
 
     def _full(self, primary: Node, *, reason: str) -> BackupResult:
+        heap.map_large_buffers()  # the uploads' 1 MiB read buffers given back when freed (dbops.heap)
+        heap.few_arenas()  # its pools one after another: memory freed by one thread is reused by the next
+        with heap.fewer_collections():  # the stores' block records are walked less often (dbops.heap)
+            return self._full_backup(primary, reason)
+
+    def _full_backup(self, primary: Node, reason: str) -> BackupResult:
         cfg = self.cfg
         join_removals(self.removals)  # a failed validation's copy: its space is needed again
         source = source_node(cfg, primary)
