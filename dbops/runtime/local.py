@@ -117,16 +117,18 @@ class LocalInstance(InstanceBase):
         return "\n".join(lines[-tail:]) + ("\n" if lines else "")
 
     def stop(self, mode: str = "fast", timeout: float = 600.0) -> None:
-        """Shut the server down cleanly (``pg_ctl stop -m MODE``) and wait for it to exit."""
+        """Shut the server down cleanly (``pg_ctl stop -m MODE``) and wait for it to exit.
+
+        pg_ctl only signals it (``-W``): the server is this process's child, so its exit is
+        waited for directly rather than by pg_ctl's polling of the pid file every 0.1 s. The server
+        removes its pid file before it exits, after the shutdown checkpoint."""
         check_stop_mode(mode)
         if not self.is_running():
             return
         try:
-            proc.run(
-                [self._pg_ctl(), "stop", "-D", str(self.spec.data_dir), "-m", mode, "-w", "-t", str(int(timeout))],
-                user=self._owner.user_name, timeout=timeout + 30, what="pg_ctl stop",
-            )
-            self._popen.wait(timeout=30)
+            proc.run([self._pg_ctl(), "stop", "-D", str(self.spec.data_dir), "-m", mode, "-W"],
+                     user=self._owner.user_name, timeout=60, what="pg_ctl stop")
+            self._popen.wait(timeout=timeout)
         except (CommandError, subprocess.TimeoutExpired) as e:
             raise PostgresError(
                 f"PostgreSQL ({self.spec.name}) did not stop ({mode}) within {timeout:.0f} s",

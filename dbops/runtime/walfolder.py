@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import stat
 from pathlib import Path
 
 from dbops import log
@@ -34,15 +35,22 @@ def link_wal(wal_dir: Path, data_dir: Path) -> bool:
 
     The links share their files with wal_dir: a server in recovery only reads WAL (it writes none
     until it is promoted, which a throwaway never is), and removes or renames old segments in
-    pg_wal at a restart point, which leaves wal_dir's names alone."""
+    pg_wal at a restart point, which leaves wal_dir's names alone. Every linked file is given to
+    pg_wal's owner (when dbops runs as root), as a file restore_command copies is: PostgreSQL
+    opens a segment for writing to fsync it before a rename (recycling it, or the last one at a
+    promotion), and refuses to go on when it cannot. A server that is promoted after reading
+    them calls :func:`release_links` first."""
     pg_wal = Path(data_dir) / "pg_wal"
     if pg_wal.is_symlink() or not pg_wal.is_dir():
         return False
+    owner = pg_wal.stat()
     made: list[Path] = []
     try:
         for f in sorted(Path(wal_dir).iterdir()):
             if not f.is_file():
                 continue
+            if os.geteuid() == 0 and f.stat().st_uid != owner.st_uid:  # the server opens some for writing
+                os.chown(f, owner.st_uid, owner.st_gid)
             tmp = pg_wal / f"{LINK_PREFIX}{f.name}"
             tmp.unlink(missing_ok=True)
             os.link(f, tmp)
@@ -55,3 +63,24 @@ def link_wal(wal_dir: Path, data_dir: Path) -> bool:
         log.event(_log, logging.INFO, "WAL not linked into pg_wal; restore_command copies it", error=str(e))
         return False
     return True
+
+
+def release_links(wal_dir: Path, data_dir: Path) -> int:
+    """Remove wal_dir's own name of every file it shares with data_dir/pg_wal (a ``link_wal`` link,
+    wherever in pg_wal a restart point may have renamed it). Before a server that read them in place
+    is promoted: a promoted server writes new WAL into the segments it recycles, and a file that
+    anything else still reads under another name must never be written through. Returns how many
+    names went."""
+    pg_wal = Path(data_dir) / "pg_wal"
+    shared: set[tuple[int, int]] = set()
+    for f in pg_wal.iterdir():
+        st = f.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            shared.add((st.st_dev, st.st_ino))
+    gone = 0
+    for f in Path(wal_dir).iterdir():
+        st = f.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in shared:
+            f.unlink()
+            gone += 1
+    return gone

@@ -105,6 +105,38 @@ def test_between_t1_and_t2_in_another_zone_gives_a_without_b(scn, cli):
     assert "recovery_target_time" not in conf.split("# --- dbops restore: begin")[1]  # promoted: targets gone
 
 
+def test_promoted_restore_reads_its_wal_in_place_and_a_second_restore_agrees(scn, cli):
+    """The fetched WAL is hard-linked into pg_wal and read there; the promoted server then writes WAL
+    of its own (segments recycled and reused): nothing it writes reaches a file anyone else reads,
+    and a second restore to the same target gives the same rows."""
+    first, second = scn.target("in-place-1"), scn.target("in-place-2")
+    port = free_port()
+    r = restore(cli, scn.lab, "--to", iso(scn.t2), "--target-dir", first, "--start", "--port", port, "--json")
+    assert r.exit_code == 0, r
+    try:
+        d = json.loads(r.stdout)
+        assert d["wal"]["read_in_place"] is True and d["reached"]["promoted_timeline"] == 2
+        node = restored(scn.lab, port)
+        assert rows(node, "orders") == ["before the backup", "base", "A", "B"]
+        for _ in range(3):  # more than a segment of new WAL each time, then a checkpoint that recycles
+            sql(node, "INSERT INTO orders SELECT g, repeat('x', 500) FROM generate_series(1000, 40000) g")
+            sql(node, "DELETE FROM orders WHERE id >= 1000")
+            sql(node, "CHECKPOINT")
+        assert rows(node, "orders") == ["before the backup", "base", "A", "B"]
+    finally:
+        stop(first)
+    shared = [f.name for f in (first / "pg_wal").iterdir() if f.is_file() and f.stat().st_nlink > 1]
+    assert shared == []
+    port = free_port()
+    r = restore(cli, scn.lab, "--to", iso(scn.t2), "--target-dir", second, "--start", "--port", port, "--json")
+    assert r.exit_code == 0, r
+    try:
+        assert json.loads(r.stdout)["wal"]["read_in_place"] is True
+        assert rows(restored(scn.lab, port), "orders") == ["before the backup", "base", "A", "B"]
+    finally:
+        stop(second)
+
+
 def test_zones_land_on_the_same_instant(scn, cli):
     plans = []
     for tz in (timezone.utc, timezone(timedelta(hours=-8)), timezone(timedelta(hours=5, minutes=45))):

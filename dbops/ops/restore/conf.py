@@ -48,14 +48,22 @@ REMOTE_DIR = ".remote"
 PENDING_DIR = ".pending"
 
 
-def run_command(cache: Path, cfg: Config) -> str:
+def run_command(cache: Path, cfg: Config, linked: bool = False) -> str:
     """restore_command for dbops' own recovery run. A segment being fetched ahead (marked in
     cache/.pending) is waited for, then copied from `cache`; one marked in cache/.remote comes through
     dbops wal-fetch; anything else is not there (exit 1), so probes for files the archive does not
-    have cost nothing."""
+    have cost nothing.
+
+    ``linked``: the cache's files are also hard-linked into pg_wal (:func:`dbops.runtime.walfolder.link_wal`).
+    A file whose pg_wal name is that very link (``test -ef``: same inode) is declined, so PostgreSQL
+    reads it in place instead of a 16 MiB copy. Any other file of that name in pg_wal (a segment
+    a restart point recycled under a future name holds old WAL) is not declined: the cache's copy
+    or the archive's wins, as it always does over pg_wal in archive recovery. The command runs in
+    the data folder, so ``pg_wal/%f`` is the server's own file."""
     root = cache.resolve()
     d, p, r = (shlex.quote(str(x) + "/") for x in (root, root / PENDING_DIR, root / REMOTE_DIR))
-    return (f"while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; "
+    in_place = f"test {d}%f -ef pg_wal/%f && exit 1; " if linked else ""
+    return (f"while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; {in_place}"
             f'test -f {d}%f && exec cp {d}%f "%p"; test -f {r}%f && exec {restore_command(cfg)}; exit 1')
 
 

@@ -28,6 +28,7 @@ from dbops.pg import binaries, controldata
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.runtime import InstanceSpec, LocalRuntime
+from dbops.runtime.walfolder import link_wal, release_links
 
 if TYPE_CHECKING:
     from dbops.phases import Phases
@@ -45,10 +46,12 @@ def bin_dir(cfg: Config, pg_version: str) -> str:
     return binaries.bindir(configured, major)
 
 
-def instance_settings(cfg: Config, plan: "Plan", opts: "Options", cache: Path) -> dict[str, str]:
-    """The folder's settings, adjusted for dbops' own run: pause at the target, WAL from the cache first."""
+def instance_settings(cfg: Config, plan: "Plan", opts: "Options", cache: Path,
+                      linked: bool = False) -> dict[str, str]:
+    """The folder's settings, adjusted for dbops' own run: pause at the target, WAL from the cache first
+    (``linked``: read in place where the cache's file is linked into pg_wal)."""
     s = {k: v for k, v in plan.settings.items() if k != "port"}
-    s["restore_command"] = rconf.run_command(cache, cfg)
+    s["restore_command"] = rconf.run_command(cache, cfg, linked)
     s["recovery_target_action"] = "pause"
     s["hot_standby"] = "on"
     s["archive_mode"] = "on" if opts.keep_archiving else "off"
@@ -67,7 +70,12 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
     rt = LocalRuntime(bin_dir=bins, db_user=cfg.runtime.user)
     timeout = cfg.backup.validation.start_timeout
     run_dir = cache.parent / "run"
-    spec = InstanceSpec(data_dir=data, port=proc.free_port(), settings=instance_settings(cfg, plan, opts, cache),
+    # Promoted, the server only needs the WAL up to the target: read it where it was fetched to.
+    # Not while it archives (--keep-archiving): a segment read in place has no archive_status/.done,
+    # so the promoted server would archive every one of them again.
+    linked = opts.final == "promote" and not opts.keep_archiving and link_wal(cache, data)
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(),
+                        settings=instance_settings(cfg, plan, opts, cache, linked),
                         name=f"restore-{data.name}", run_dir=run_dir, mounts=mounts)
     with phases("start"):
         inst = rt.start(spec)
@@ -80,8 +88,11 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
                 raise _explain(inst.logs(80), plan) from None
         with phases("replay"):
             reached = _wait_paused(inst, plan, timeout, check_wal)
+        reached["wal_read_in_place"] = linked
         if opts.final == "promote":
             with phases("promote"):
+                if linked:  # what the promoted server writes into must be its own file alone
+                    release_links(cache, data)
                 reached["promoted_timeline"] = _promote(inst, timeout)
         with phases("stop"):
             inst.stop("fast", timeout=timeout)
@@ -104,52 +115,62 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
     return reached, FINAL_STATE[opts.final], running
 
 
+PAUSE_POLL = 0.05  # how often replay's state is asked, on one open connection (a query, not a new session)
+
+
 def _wait_paused(inst, plan: "Plan", stall_timeout: float, check_wal: Callable[[], None]) -> dict[str, Any]:
     """Wait until replay pauses at the target (progress must not stall); what it reached."""
-    node = inst.node()
     last_lsn, last_move = None, time.monotonic()
-    while True:
+    try:
+        conn = pgconn.connect(inst.node())
+    except PostgresError:
         check_wal()
         if not inst.is_running():
+            raise _explain(inst.logs(80), plan) from None
+        raise
+    with conn as c:
+        while True:
             check_wal()
-            raise _explain(inst.logs(80), plan)
-        try:
-            with pgconn.session(node) as c:
+            if not inst.is_running():
+                check_wal()
+                raise _explain(inst.logs(80), plan)
+            try:
                 state, replayed, commit_ts, in_rec = c.execute(
                     "SELECT pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()::text, "
                     "extract(epoch from pg_last_xact_replay_timestamp())::float8, pg_is_in_recovery()").fetchone()
-        except PostgresError:
-            if not inst.is_running():
-                raise _explain(inst.logs(80), plan) from None
-            raise
-        if not in_rec:
-            raise PostgresError("the restored server left recovery instead of pausing at the target",
-                                detail=inst.logs(30))
-        if state == "paused":
-            lsn = parse_lsn(replayed)
-            return {"lsn": format_lsn(lsn), "last_commit_time": iso_utc(commit_ts),
-                    "timeline": rwal.timeline_at(plan.spans, lsn), "locked": _locked_tables(inst)}
-        if replayed != last_lsn:
-            last_lsn, last_move = replayed, time.monotonic()
-        elif time.monotonic() - last_move > stall_timeout:
-            raise ValidationError(f"replay made no progress for {stall_timeout:.0f} s (at {replayed})",
-                                  detail=inst.logs(30), hint="the server log says what it waits for")
-        time.sleep(0.1)
+            except PostgresError:
+                if not inst.is_running():
+                    check_wal()
+                    raise _explain(inst.logs(80), plan) from None
+                raise
+            if not in_rec:
+                raise PostgresError("the restored server left recovery instead of pausing at the target",
+                                    detail=inst.logs(30))
+            if state == "paused":
+                lsn = parse_lsn(replayed)
+                return {"lsn": format_lsn(lsn), "last_commit_time": iso_utc(commit_ts),
+                        "timeline": rwal.timeline_at(plan.spans, lsn), "locked": _locked_tables(inst, c)}
+            if replayed != last_lsn:
+                last_lsn, last_move = replayed, time.monotonic()
+            elif time.monotonic() - last_move > stall_timeout:
+                raise ValidationError(f"replay made no progress for {stall_timeout:.0f} s (at {replayed})",
+                                      detail=inst.logs(30), hint="the server log says what it waits for")
+            time.sleep(PAUSE_POLL)
 
 
-def _locked_tables(inst) -> list[str]:
+def _locked_tables(inst, c) -> list[str]:
     """Tables an unfinished transaction locks exclusively at the target (a DROP, TRUNCATE, ALTER that
-    committed after it): paused there, reading them waits forever; promotion releases them."""
-    with pgconn.session(inst.node()) as c:
-        held = c.execute("SELECT d.datname, l.relation FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                         "WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' "
-                         "ORDER BY 1, 2").fetchall()
+    committed after it): paused there, reading them waits forever; promotion releases them. ``c``: a
+    connection to the server's postgres database."""
+    held = c.execute("SELECT d.datname, l.relation FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                     "WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' "
+                     "ORDER BY 1, 2").fetchall()
     out = []
     for db in sorted({h[0] for h in held}):
         oids = [h[1] for h in held if h[0] == db]
         try:
-            with pgconn.session(inst.node(db), db) as c:
-                names = [r[0] for r in c.execute(
+            with pgconn.session(inst.node(db), db) as dbc:
+                names = [r[0] for r in dbc.execute(
                     "SELECT oid::regclass::text FROM pg_class WHERE oid = ANY(%s::oid[]) AND relkind IN "
                     "('r', 'p', 'm', 'v', 'S') ORDER BY 1", (oids,))]
             out += [f"{db}: {n}" for n in names] or [f"{db}: {len(oids)} relation(s) created after the target"]
