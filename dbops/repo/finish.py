@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,8 +57,9 @@ def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] 
         run_bounded(pool, lambda f: finish_file(target, f, ids, durable), files, 4 * max(1, parallel))
 
 
-def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True) -> None:
-    """fsync a restored file (when durable), then set its mode, owner and mtime."""
+def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True,
+                then: Callable[[str], None] | None = None) -> None:
+    """fsync a restored file (when durable), then set its mode, owner and mtime; then ``then(f.path)``."""
     fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
     try:
         if durable:
@@ -69,6 +70,8 @@ def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable
         os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
     finally:
         os.close(fd)
+    if then is not None:
+        then(f.path)
 
 
 def finish_tree(target: Path, manifest: Manifest, ids: tuple[int, int] | None, durable: bool = True) -> None:

@@ -118,6 +118,7 @@ def restore_snapshot(
     owner: str | None = None,
     tablespace_dirs: Mapping[int, str] | None = None,
     durable: bool = True,
+    on_file: Callable[[str], None] | None = None,
 ) -> RestoreStats:
     """Restore one backup into target_dir (new or empty), verified block by block, then fsynced.
 
@@ -126,6 +127,8 @@ def restore_snapshot(
     link in pg_tblspc points there and its contents go there.
     ``durable=False``: no fsync, for a scratch copy that a crash would throw away anyway (the
     validation's copy, which its server replays into with ``fsync = off`` too).
+    ``on_file(path)``: called with each file's path (relative) once its content is written for good
+    (from a worker thread, before this returns; it must not raise): the validation saves pages then.
     Raises ValidationError naming the backup, file and object key on a bad or missing object.
     The manifest's entries are read in passes, never all held at once.
     """
@@ -167,7 +170,7 @@ def restore_snapshot(
     finishing: deque[Future] = deque()  # not yet finished, or failed (raised at the end)
 
     def finish_later(f: FileEntry) -> None:  # called serialised (dbops.repo.schedule.Completion)
-        finishing.append(finisher.submit(finish_file, target, f, ids, durable))
+        finishing.append(finisher.submit(finish_file, target, f, ids, durable, on_file))
         while finishing and finishing[0].done() and finishing[0].exception() is None:  # no record per file kept
             finishing.popleft()
 

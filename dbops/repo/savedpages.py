@@ -6,8 +6,9 @@ checked against its hash by the download) and then replayed by a throwaway serve
 of that incremental is compressed against its base block's pages (format 5, see
 :mod:`dbops.repo.bases`); where the parent's ref of the block is a whole block, that base is
 exactly what the download wrote there, so the pages replay is about to change can be copied out
-of the folder before the server starts (:meth:`SavedPages.save`), and the store takes them from
-here instead of fetching the base back from storage (:meth:`SavedPages.pages`).
+of the folder before the server starts (:class:`Saver`, each file's pages as soon as the download
+wrote it and the pages are known), and the store takes them from here instead of fetching the base
+back from storage (:meth:`SavedPages.pages`).
 
 Memory: only the index (file, page number) -> offset in the side file; the pages are on disk and
 read back with ``pread`` (never mapped: touched pages of a mapping would count in the RSS).
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from dbops.repo.blocks import pages_of
 from dbops.repo.model import PAGE
@@ -39,37 +42,6 @@ class SavedPages:
     @property
     def saved(self) -> int:
         return sum(len(v) for v in self.index.values())
-
-    @classmethod
-    def save(cls, wanted: Mapping[str, Iterable[int]], path: str) -> SavedPages:
-        """Copy the wanted pages ({file path: page numbers}) into a new side file at ``path``. A file
-        that is missing, or pages beyond its end, are left out (the store then fetches those bases).
-        Call it only on a folder that is exactly a backup just restored (checked) and before any
-        server ran on it: what is saved stands for that backup's blocks."""
-        index: dict[str, dict[int, int]] = {}
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        at = 0
-        try:
-            for name in sorted(wanted):
-                real = os.path.realpath(name)
-                try:
-                    src = os.open(real, os.O_RDONLY)
-                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                    continue
-                try:
-                    npages = os.fstat(src).st_size // PAGE
-                    numbers = sorted(p for p in set(wanted[name]) if 0 <= p < npages)
-                    own = index.setdefault(real, {})
-                    for first, count in _runs(numbers):
-                        _copy(src, out, first * PAGE, at, count * PAGE)
-                        for k in range(count):
-                            own[first + k] = at + k * PAGE
-                        at += count * PAGE
-                finally:
-                    os.close(src)
-        finally:
-            os.close(out)
-        return cls(path, {k: v for k, v in index.items() if v})
 
     def key(self, path: str) -> str | None:
         """The index's key for a file the store reads (its real path), None when nothing of it is saved."""
@@ -134,3 +106,103 @@ def _copy(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
         if got <= 0:
             raise OSError(errno.EIO, f"short copy of saved pages ({done} of {n} bytes)")
         done += got
+
+
+class Saver:
+    """Builds the side file while a restore writes the folder ``root``: ``file_done(path)`` (relative,
+    from the restore's threads) once a file's content is written for good, ``predicted(wanted)``
+    ({:func:`segment_key`: page numbers}, once known) and, after the restore returned and before
+    anything else writes to the folder, ``finish()``. The pages of a file are copied once both are
+    known, by whichever of the two calls comes second; never an error for the restore: a failure
+    leaves ``finish()`` returning None (``problem`` says why)."""
+
+    def __init__(self, root: Path, path: str):
+        self.root, self.path = root, path
+        self.out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.lock = threading.Lock()
+        self.wanted: Mapping[SegmentKey, Iterable[int]] | None = None
+        self.done: list[tuple[str, SegmentKey]] = []  # relation files written before the prediction came
+        self.index: dict[str, dict[int, int]] = {}
+        self.size = 0
+        self.problem: str | None = None
+
+    def file_done(self, rel: str) -> None:
+        key = segment_key(rel)
+        if key is None:
+            return
+        with self.lock:
+            if self.wanted is None:
+                self.done.append((rel, key))
+                return
+            pages = self.wanted.get(key)
+        if pages:
+            self._copy(rel, pages)
+
+    def predicted(self, wanted: Mapping[SegmentKey, Iterable[int]]) -> None:
+        with self.lock:
+            self.wanted = wanted
+            ready = [(rel, wanted[key]) for rel, key in self.done if key in wanted]
+            self.done = []
+        for rel, pages in ready:
+            self._copy(rel, pages)
+
+    def finish(self) -> SavedPages | None:
+        """Close the side file (every file is written now); the saved pages."""
+        self.close()
+        if self.problem is not None:
+            return None
+        return SavedPages(self.path, {k: v for k, v in self.index.items() if v})
+
+    def close(self) -> None:
+        """Close the side file (finish() does; after a failed restore, this alone)."""
+        if self.out >= 0:
+            os.close(self.out)
+            self.out = -1
+
+    def _copy(self, rel: str, pages: Iterable[int]) -> None:
+        """The wanted pages of one file that is written for good (any thread)."""
+        if self.problem is not None:
+            return
+        try:
+            real = os.path.realpath(self.root / rel)
+            try:
+                src = os.open(real, os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return
+            try:
+                npages = os.fstat(src).st_size // PAGE
+                numbers = sorted(p for p in set(pages) if 0 <= p < npages)
+                with self.lock:
+                    at = self.size
+                    self.size += len(numbers) * PAGE
+                own: dict[int, int] = {}
+                for first, count in _runs(numbers):
+                    _copy(src, self.out, first * PAGE, at, count * PAGE)
+                    for k in range(count):
+                        own[first + k] = at + k * PAGE
+                    at += count * PAGE
+            finally:
+                os.close(src)
+            with self.lock:
+                self.index.setdefault(real, {}).update(own)
+        except Exception as e:  # noqa: BLE001  never the restore's failure: the store fetches instead
+            self.problem = f"{rel}: {e}"
+
+
+# (tablespace OID, database OID, relfilenode, segment number) of a main-fork segment file, as
+# pg_waldump names a relation (1663 pg_default: base/DB; 1664 pg_global: global, database 0).
+SegmentKey = tuple[int, int, int, int]
+_SEGMENT_RE = re.compile(r"^(?:base/(\d+)|global|pg_tblspc/(\d+)/PG_[^/]+/(\d+))/(\d+)(?:\.(\d+))?$")
+
+
+def segment_key(path: str) -> SegmentKey | None:
+    """The relation segment a data folder's path holds (None for any other file)."""
+    m = _SEGMENT_RE.match(path)
+    if m is None:
+        return None
+    base_db, spc, spc_db, rel, seg = m.groups()
+    if base_db is not None:
+        return 1663, int(base_db), int(rel), int(seg or 0)
+    if spc is not None:
+        return int(spc), int(spc_db), int(rel), int(seg or 0)
+    return 1664, 0, int(rel), int(seg or 0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from dbops.ops.backup.basesave import wanted_files
+from dbops.ops.backup.basesave import segments
 from dbops.pg.waldump import BlockRef, block_refs
 from dbops.repo.model import PAGE
-from dbops.repo.savedpages import SavedPages
+from dbops.repo.savedpages import Saver, segment_key
 
 # Printed by pg_waldump 15 --fullpage --fork=main on a pgbench run.
 UPDATE = ("rmgr: Heap        len (rec/tot):     73/  3001, tx:        741, lsn: 0/08010978, prev 0/0800E998, "
@@ -36,20 +36,16 @@ def test_block_refs_of_real_pg15_lines():
     assert block_refs("desc: X, blkref #0: rel 1663/5/16396, blk 7") == [BlockRef(1663, 5, 16396, "main", 7)]
 
 
-def test_wanted_files_cut_relations_into_segments_and_find_tablespace_folders(tmp_path):
-    data = tmp_path / "data"
-    (data / "pg_tblspc").mkdir(parents=True)
-    ts = tmp_path / "ts"
-    (ts / "PG_15_202209061").mkdir(parents=True)
-    os.symlink(ts, data / "pg_tblspc" / "16407")
-    (tmp_path / "ts2" / "PG_15_1").mkdir(parents=True)
-    (tmp_path / "ts2" / "PG_16_2").mkdir(parents=True)  # two version folders: unclear, left out
-    os.symlink(tmp_path / "ts2", data / "pg_tblspc" / "16500")
-    got = wanted_files(data, {(1663, 5, 16396): {3, 131072 + 9}, (1664, 0, 1262): {0},
-                              (16407, 5, 16408): {1}, (16500, 5, 1): {2}, (16600, 5, 1): {2}})
-    assert got == {str(data / "base/5/16396"): [3], str(data / "base/5/16396.1"): [9],
-                   str(data / "global/1262"): [0],
-                   str(data / "pg_tblspc/16407/PG_15_202209061/5/16408"): [1]}
+def test_predicted_pages_cut_into_segment_files_and_paths_named_alike():
+    assert segments({(1663, 5, 16396): {3, 131072 + 9}, (1664, 0, 1262): {0}}) == {
+        (1663, 5, 16396, 0): [3], (1663, 5, 16396, 1): [9], (1664, 0, 1262, 0): [0]}
+    assert segment_key("base/5/16396") == (1663, 5, 16396, 0)
+    assert segment_key("base/5/16396.1") == (1663, 5, 16396, 1)
+    assert segment_key("global/1262") == (1664, 0, 1262, 0)
+    assert segment_key("pg_tblspc/16407/PG_15_202209061/5/16408.2") == (16407, 5, 16408, 2)
+    for other in ("base/5/16396_fsm", "base/5/16396_vm.1", "base/5/pg_filenode.map", "global/pg_control",
+                  "pg_wal/000000010000000000000001", "pg_tblspc/16407/5/16408", "base/5/PG_VERSION"):
+        assert segment_key(other) is None, other
 
 
 def _page(n: int) -> bytes:
@@ -57,22 +53,48 @@ def _page(n: int) -> bytes:
 
 
 def test_saved_pages_read_back_and_fall_back(tmp_path):
-    rel = tmp_path / "rel"
+    root = tmp_path / "root"
+    ts = tmp_path / "ts" / "PG_15_1" / "5"
+    ts.mkdir(parents=True)
+    (root / "base" / "5").mkdir(parents=True)
+    (root / "pg_tblspc").mkdir()
+    os.symlink(tmp_path / "ts", root / "pg_tblspc" / "16407")  # the store reads such a file by its real path
+    rel = ts / "16408"
     rel.write_bytes(b"".join(_page(i) for i in range(10)))
-    link = tmp_path / "link"
-    os.symlink(tmp_path, link)
+    (root / "base" / "5" / "1259").write_bytes(_page(7) * 3)
     side = tmp_path / "side"
-    saved = SavedPages.save({str(link / "rel"): [0, 1, 2, 5, 9, 10, 11], str(tmp_path / "missing"): [0]}, str(side))
+    saver = Saver(root, str(side))
+    saver.file_done("base/5/1259")  # written before the prediction came: copied when it comes
+    saver.file_done("base/5/1259_fsm")
+    saver.file_done("base/5/1260")  # not predicted
+    saver.predicted({(1663, 5, 1259, 0): [2], (16407, 5, 16408, 0): [0, 1, 2, 5, 9, 10, 11], (1663, 5, 9, 0): [0]})
+    assert saver.index == {str((root / "base" / "5" / "1259").resolve()): {2: 0}}
+    saver.file_done("pg_tblspc/16407/PG_15_1/5/16408")  # after it: copied at once
+    saver.file_done("base/5/9")  # missing: left out
+    saved = saver.finish()
+    assert saved is not None
     try:
-        assert saved.saved == 5  # pages 10 and 11 are past the end, the missing file is left out
-        assert side.stat().st_size == 5 * PAGE
-        key = saved.key(str(rel))  # the store reads the file by another path: its real path matches
-        assert key == str(rel.resolve()) and saved.key(str(tmp_path / "other")) is None
+        assert saved.saved == 6  # pages 10 and 11 are past the end
+        assert side.stat().st_size == 6 * PAGE
+        key = saved.key(str(root / "pg_tblspc" / "16407" / "PG_15_1" / "5" / "16408"))
+        assert key == str(rel.resolve()) and saved.key(str(tmp_path / "nothing")) is None
         assert saved.pages(key, 0, 0b111) == _page(0) + _page(1) + _page(2)
         assert saved.pages(key, 0, 0b100101) == _page(0) + _page(2) + _page(5)
         assert saved.pages(key, 8, 0b10) == _page(9)
+        assert saved.pages(saved.key(str(root / "base" / "5" / "1259")), 2, 0b1) == _page(7)
         assert saved.pages(key, 0, 0b1000) is None  # page 3 not saved: the whole base is fetched instead
         assert saved.pages(None, 0, 0b1) is None
-        assert (saved.hits, saved.misses) == (3, 2)
+        assert (saved.hits, saved.misses) == (4, 2)
     finally:
         saved.close()
+
+
+def test_a_saver_that_could_not_copy_saves_nothing(tmp_path):
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "1262").write_bytes(_page(1) * 4)
+    saver = Saver(tmp_path, str(tmp_path / "side"))
+    saver.predicted({(1664, 0, 1262, 0): [0, 1]})
+    os.close(saver.out)  # the side file's descriptor gone (a read-only one in its place): the copy fails
+    saver.out = os.open(tmp_path / "global" / "1262", os.O_RDONLY)
+    saver.file_done("global/1262")
+    assert saver.finish() is None and "global/1262" in (saver.problem or "")

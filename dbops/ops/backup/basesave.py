@@ -7,8 +7,9 @@ would otherwise fetch back from storage. So, beside the download, the WAL to rep
 (``pg_waldump --fullpage --fork=main``: after the previous backup's REDO point, the first change
 of every page carries a full-page image, so these records name every page replay changes, new
 pages aside) for the pages it names (:func:`predict`); once the download is done, before the
-server starts, those pages are copied from the folder into a side file (:func:`save`,
-:class:`dbops.repo.savedpages.SavedPages`). A page predicted wrongly, or one not predicted, costs
+server starts, those pages are copied from the folder into a side file
+(:class:`dbops.repo.savedpages.Saver`: a file's pages as soon as the download wrote it and the
+pages are known, the rest once the download is done, :func:`finish`). A page predicted wrongly, or one not predicted, costs
 nothing but a fetch: the store takes a delta's base locally only when every page it needs is
 saved and the parent's ref of the block is a whole block (then the folder's pages are that
 block's), else it fetches the base from storage as before.
@@ -24,14 +25,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from dbops import log, proc
-from dbops.pg import binaries, controldata, waldump
+from dbops.pg import binaries, waldump
 from dbops.pg.lsn import SEGMENT_RE
-from dbops.repo.savedpages import SavedPages
-from dbops.repo.tblspc import TBLSPC_DIR
+from dbops.repo.savedpages import SavedPages, Saver, SegmentKey
 
 _log = log.get("backup")
 
-DEFAULT_TABLESPACE, GLOBAL_TABLESPACE = 1663, 1664
 RELSEG_SIZE = 131072  # pages a relation segment file holds (PostgreSQL's default build)
 WALDUMP_TIMEOUT = 3600.0
 
@@ -79,47 +78,38 @@ def predict(wal_dir: Path, bin_dir: str | None = None) -> Predicted:
     return dict(out)
 
 
-def wanted_files(data: Path, predicted: Predicted) -> dict[str, list[int]]:
-    """{path of a segment file in the data folder: page numbers in it} for the predicted pages; a
-    relation in a tablespace whose version folder is not exactly one is left out."""
-    relseg = RELSEG_SIZE
-    try:
-        raw = controldata.read(str(data)).raw.get("Blocks per segment of large relation", "")
-        relseg = int(raw) if raw.isdigit() and int(raw) > 0 else RELSEG_SIZE
-    except Exception:  # noqa: BLE001  the default only changes which pages are saved, never their bytes
-        pass
-    versions: dict[int, str | None] = {}
-    out: dict[str, list[int]] = defaultdict(list)
+def segments(predicted: Predicted) -> dict[SegmentKey, list[int]]:
+    """{segment file (:func:`dbops.repo.savedpages.segment_key`): page numbers in it} of the predicted
+    pages (segments of RELSEG_SIZE pages: in a build with another size, pages are looked for in the
+    wrong places and their bases fetched)."""
+    out: dict[SegmentKey, list[int]] = defaultdict(list)
     for (spc, db, rel), blks in predicted.items():
-        if spc == DEFAULT_TABLESPACE:
-            folder = data / "base" / str(db)
-        elif spc == GLOBAL_TABLESPACE:
-            folder = data / "global"
-        else:
-            if spc not in versions:
-                try:
-                    found = [n for n in os.listdir(data / TBLSPC_DIR / str(spc)) if n.startswith("PG_")]
-                except OSError:
-                    found = []
-                versions[spc] = found[0] if len(found) == 1 else None
-            if versions[spc] is None:
-                continue
-            folder = data / TBLSPC_DIR / str(spc) / str(versions[spc]) / str(db)
         for blk in blks:
-            seg, page = divmod(blk, relseg)
-            out[str(folder / (f"{rel}.{seg}" if seg else str(rel)))].append(page)
+            seg, page = divmod(blk, RELSEG_SIZE)
+            out[(spc, db, rel, seg)].append(page)
     return dict(out)
 
 
-def save_beside(data: Path, predicted: Predicted, side_file: Path) -> SavedPages | None:
-    """Copy the predicted pages out of data (the previous backup just restored there, no server run
-    on it yet) into side_file; None when that fails (the store then fetches every base)."""
+def predict_into(saver: Saver, wal_dir: Path, bin_dir: str | None = None) -> None:
+    """The pages the WAL in wal_dir names, handed to the saver (which copies those of the files
+    already downloaded at once); best effort: on any failure nothing is predicted."""
     try:
-        saved = SavedPages.save(wanted_files(data, predicted), str(side_file))
-    except OSError as e:
-        side_file.unlink(missing_ok=True)
+        wanted = segments(predict(wal_dir, bin_dir))
+    except Exception as e:  # noqa: BLE001  the bases are then fetched, as without a prediction
+        log.event(_log, logging.WARNING, "could not read the WAL for the pages replay will change; the bases "
+                  "are fetched", error=str(e))
+        wanted = {}
+    saver.predicted(wanted)
+
+
+def finish(saver: Saver) -> SavedPages | None:
+    """The saved pages, once the download is done (``saver.finish()``, logged); None when saving failed
+    (the store then fetches every base)."""
+    saved = saver.finish()
+    if saved is None:
+        Path(saver.path).unlink(missing_ok=True)
         log.event(_log, logging.WARNING, "could not save the pages replay will change; the bases are fetched",
-                  error=str(e))
+                  error=saver.problem)
         return None
     log.event(_log, logging.INFO, "pages replay will change saved as local bases", pages=saved.saved,
               files=len(saved.index))

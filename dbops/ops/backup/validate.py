@@ -33,7 +33,7 @@ from dbops.pg.lsn import format_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
-from dbops.repo.savedpages import SavedPages
+from dbops.repo.savedpages import SavedPages, Saver
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
 from dbops.runtime.scratch import scratch_folder
@@ -337,20 +337,23 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             scan_wal(cfg, ts, wal)  # it needs the WAL only, not the download
             t_predict = time.monotonic()
             phases.t["wal_scan"] = round(t_predict - t_scan, 3)
-            if save_bases:
-                predicted.update(basesave.predict(wal, None if cfg.runtime.image else cfg.runtime.bin_dir))
+            if saver is not None:  # the pages of files already downloaded are copied here, the others as they come
+                basesave.predict_into(saver, wal, None if cfg.runtime.image else cfg.runtime.bin_dir)
                 phases.t["bases_predict"] = round(time.monotonic() - t_predict, 3)
             return t
 
-        predicted: basesave.Predicted = {}
+        saver = Saver(data, str(scratch / "bases")) if save_bases else None
+        if saver is not None:
+            stack.callback(saver.close)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
             wal_job = pool.submit(target_and_wal)
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
-                                     tablespace_dirs=ts.dirs(), durable=False,
-                                     progress=byte_progress)  # durable=False: a scratch copy, a crash throws it away
+                                     tablespace_dirs=ts.dirs(), durable=False, progress=byte_progress,
+                                     on_file=saver.file_done if saver is not None else None)
+                    # durable=False: a scratch copy, a crash throws it away
                 except (NotFoundError, StorageError) as e:
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
                         raise
@@ -358,9 +361,9 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                                           detail=e.detail) from None
             reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
         saved = None
-        if predicted:  # the folder is the backup just restored, checked; no server ran on it yet
+        if saver is not None:  # the folder is the backup just restored, checked; no server ran on it yet
             with phases("bases_save"):
-                saved = basesave.save_beside(data, predicted, scratch / "bases")
+                saved = basesave.finish(saver)
             if saved is not None:
                 stack.callback(saved.close)
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
