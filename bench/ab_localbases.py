@@ -63,7 +63,8 @@ def one(d: Path, variant: str) -> dict:
     c = res.manifest.counts
     return {"variant": variant, "wall": round(wall, 2), "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             "timings": {k: v for k, v in res.timings.items()},
-            "counts": {k: c.get(k) for k in ("delta_chunks", "local_bases", "local_base_misses", "base_blocks",
+            "counts": {k: c.get(k) for k in ("delta_chunks", "local_bases", "local_base_misses", "local_base_pages",
+                                              "saved_pages", "base_blocks",
                                               "base_requests", "base_fetched_bytes")},
             "stored_bytes": res.manifest.stored_bytes}
 

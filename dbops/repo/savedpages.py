@@ -37,7 +37,7 @@ class SavedPages:
         self.path, self.index = path, index
         self.fd = os.open(path, os.O_RDONLY)
         self.lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.hit_pages = 0
 
     @property
     def saved(self) -> int:
@@ -71,6 +71,7 @@ class SavedPages:
             k = j + 1
         with self.lock:
             self.hits += 1
+            self.hit_pages += len(offsets)
         return bytes(out)
 
     def close(self) -> None:

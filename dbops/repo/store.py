@@ -374,7 +374,8 @@ def store_snapshot(
                     "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"],
                     **({"base_blocks": snap.bases.blocks, "base_requests": snap.bases.requests,
                         "base_fetched_bytes": snap.bases.fetched_bytes} if snap.bases is not None else {}),
-                    **({"local_bases": snap.saved.hits, "local_base_misses": snap.saved.misses}
+                    **({"local_bases": snap.saved.hits, "local_base_misses": snap.saved.misses,
+                        "local_base_pages": snap.saved.hit_pages, "saved_pages": snap.saved.saved}
                        if snap.saved is not None else {}),
                     "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),
                     "frames": snap.up.frames + (reuse.counts.get("frames", 0) if reuse else 0)},
