@@ -9,9 +9,6 @@ import typer
 from dbops.cli import output
 from dbops.cli.state import start_line, state_of
 from dbops.errors import PreconditionError
-from dbops.ops.check import FAIL, OK, WARN, run_check
-
-_MARK = {OK: "ok  ", WARN: "warn", FAIL: "FAIL"}
 
 
 def check(
@@ -20,6 +17,9 @@ def check(
     skip_runtime: Annotated[bool, typer.Option("--skip-runtime", help="Do not start a throwaway container")] = False,
 ) -> None:
     """Check every node, the object storage and the container runtime; exit 11 if anything blocks dbops."""
+    from dbops.ops.check import FAIL, OK, WARN, run_check  # here: every other command starts without it
+
+    marks = {OK: "ok  ", WARN: "warn", FAIL: "FAIL"}
     st = state_of(ctx)
     st.json_output = json_
     cfg = st.config()
@@ -29,7 +29,7 @@ def check(
         output.emit_json(report.as_dict())
     else:
         for f in report.findings:
-            output.out(f"[{_MARK[f.status]}] {f.area:<14} {f.check:<17} {f.message}")
+            output.out(f"[{marks[f.status]}] {f.area:<14} {f.check:<17} {f.message}")
             if f.fix and f.status != OK:
                 output.out(f"{'':22}fix: {f.fix}")
         fails = sum(f.status == FAIL for f in report.findings)
