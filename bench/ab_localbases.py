@@ -27,16 +27,13 @@ from dbops.lab import harness as labmod
 from dbops import proc
 
 try:
-    from bench.bench_scale import _pgbench
+    from bench.ab_validation import lab_after_full
 except ImportError:  # run as a script from bench/
-    from bench_scale import _pgbench  # type: ignore[no-redef]
+    from ab_validation import lab_after_full  # type: ignore[no-redef]
 
 
 def setup(d: Path, scale: int) -> None:
-    lab = labmod.up(d / "lab", replicas=0, encrypt=False)
-    _pgbench(lab, "-i", "-s", str(scale), "-q")
-    proc.run([labmod.dbops_executable(), "-c", lab.config_path, "backup", "--full", "--json"], timeout=3600)
-    _pgbench(lab, "-c", "4", "-j", "2", "-T", "30", "-n")
+    lab = lab_after_full(d, scale)
     (d / "full_id").write_text(json.loads(proc.run([labmod.dbops_executable(), "-c", lab.config_path, "backup",
                                                     "list", "--json"]).stdout)[0]["backup_id"])
 

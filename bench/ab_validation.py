@@ -42,11 +42,18 @@ except ImportError:  # run as a script from bench/
     from bench_scale import _pgbench  # type: ignore[no-redef]
 
 
-def setup(d: Path, scale: int) -> None:
+def lab_after_full(d: Path, scale: int) -> labmod.LabInfo:
+    """A lab in d/lab at the scale (no replica, no encryption), `dbops backup --full`, then 30 s of
+    pgbench (4 clients, as bench_scale before its incremental)."""
     lab = labmod.up(d / "lab", replicas=0, encrypt=False)
     _pgbench(lab, "-i", "-s", str(scale), "-q")
     proc.run([labmod.dbops_executable(), "-c", lab.config_path, "backup", "--full", "--json"], timeout=3600)
     _pgbench(lab, "-c", "4", "-j", "2", "-T", "30", "-n")
+    return lab
+
+
+def setup(d: Path, scale: int) -> None:
+    lab = lab_after_full(d, scale)
     cfg = lab.config
     store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
     prev = [b for b in catalog.list_backups(store, layout) if b.usable][-1]
