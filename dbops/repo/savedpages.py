@@ -115,10 +115,11 @@ class Saver:
     ({:func:`segment_key`: page numbers}, once known) and, after the restore returned and before
     anything else writes to the folder, ``finish()``. The pages of a file are copied once both are
     known, by whichever of the two calls comes second; never an error for the restore: a failure
-    leaves ``finish()`` returning None (``problem`` says why)."""
+    leaves ``finish()`` returning None (``problem`` says why). ``limit``: the most bytes the side
+    file may take; a file whose pages would go beyond it is left out (its bases fetched)."""
 
-    def __init__(self, root: Path, path: str):
-        self.root, self.path = root, path
+    def __init__(self, root: Path, path: str, limit: int | None = None):
+        self.root, self.path, self.limit = root, path, limit
         self.out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.lock = threading.Lock()
         self.wanted: Mapping[SegmentKey, Iterable[int]] | None = None
@@ -175,6 +176,8 @@ class Saver:
                 numbers = sorted(p for p in set(pages) if 0 <= p < npages)
                 with self.lock:
                     at = self.size
+                    if self.limit is not None and at + len(numbers) * PAGE > self.limit:
+                        return
                     self.size += len(numbers) * PAGE
                 own: dict[int, int] = {}
                 for first, count in _runs(numbers):

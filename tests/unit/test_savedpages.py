@@ -98,3 +98,20 @@ def test_a_saver_that_could_not_copy_saves_nothing(tmp_path):
     saver.out = os.open(tmp_path / "global" / "1262", os.O_RDONLY)
     saver.file_done("global/1262")
     assert saver.finish() is None and "global/1262" in (saver.problem or "")
+
+
+def test_a_saver_keeps_within_its_limit(tmp_path):
+    (tmp_path / "global").mkdir()
+    for rel in ("1262", "1260"):
+        (tmp_path / "global" / rel).write_bytes(_page(1) * 4)
+    saver = Saver(tmp_path, str(tmp_path / "side"), limit=3 * PAGE)
+    saver.predicted({(1664, 0, 1262, 0): [0, 1], (1664, 0, 1260, 0): [0, 1]})
+    saver.file_done("global/1262")
+    saver.file_done("global/1260")  # two more pages would pass the limit: left out, fetched instead
+    saved = saver.finish()
+    assert saved is not None
+    try:
+        assert saved.saved == 2 and (tmp_path / "side").stat().st_size == 2 * PAGE
+        assert saved.pages(saved.key(str(tmp_path / "global" / "1260")), 0, 0b1) is None
+    finally:
+        saved.close()

@@ -36,7 +36,7 @@ from dbops.repo.restore import restore_snapshot
 from dbops.repo.savedpages import SavedPages, Saver
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
-from dbops.runtime.scratch import scratch_folder
+from dbops.runtime.scratch import SCRATCH_MARGIN, free_bytes, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -342,7 +342,9 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                 phases.t["bases_predict"] = round(time.monotonic() - t_predict, 3)
             return t
 
-        saver = Saver(data, str(scratch / "bases")) if save_bases else None
+        # The side file takes no more than what the scratch folder has beyond the copy and the WAL margin.
+        saver = Saver(data, str(scratch / "bases"), limit=max(0, free_bytes(scratch) - m.logical_size - SCRATCH_MARGIN)
+                      ) if save_bases else None
         if saver is not None:
             stack.callback(saver.close)
 
