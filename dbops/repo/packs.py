@@ -107,6 +107,7 @@ class Uploader:
         self.upload_error: BaseException | None = None
         self.stored_bytes = 0
         self.packs = self.frames = 0
+        self.sealed = [0, 0, 0]  # bytes, packs, frames of the packs sealed so far (uploaded or not)
 
     def seal(self, pack: Pack) -> None:
         if not pack.frames:
@@ -125,6 +126,7 @@ class Uploader:
         fut.add_done_callback(self._uploaded)
         with self.lock:
             self.upload_futures.append(fut)
+            self.sealed = [self.sealed[0] + pack.size, self.sealed[1] + 1, self.sealed[2] + pack.frames]
 
     def _uploaded(self, fut: Future) -> None:
         if not fut.cancelled() and fut.exception() is not None and self.upload_error is None:
@@ -146,6 +148,13 @@ class Uploader:
             self.stored_bytes += pack.size
             self.packs += 1
             self.frames += pack.frames
+
+    def expected(self) -> tuple[int, int, int]:
+        """(stored bytes, packs, frames) once every pack sealed or still open is uploaded."""
+        opened = [p for p in list(self.open_packs.queue) if p.frames]
+        with self.lock:
+            b, n, f = self.sealed
+        return b + sum(p.size for p in opened), n + len(opened), f + sum(p.frames for p in opened)
 
     def finish(self) -> None:
         """Seal the packs still open and wait for every upload (raising the first failure)."""

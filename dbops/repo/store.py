@@ -72,6 +72,33 @@ class Cancelled(Exception):
     """``cancel`` was set: the store stopped (its packs become orphans that retention removes)."""
 
 
+class PendingUploads:
+    """The packs a store returned before they were all uploaded (``store_snapshot(defer=...)``):
+    :meth:`finish` waits for them (raising the first failure), :meth:`abort` stops them; either
+    removes the store's spool, once."""
+
+    def __init__(self, up: Uploader, spool: str):
+        self.up, self.spool, self.done = up, spool, False
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.up.finish()
+        except BaseException:
+            self.up.abort()
+            raise
+        finally:
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self.up.abort()
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+
 class _Snapshot:
     def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, encoder: codec.Encoder,
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
@@ -283,6 +310,7 @@ def store_snapshot(
     ready: Callable[[str, int, int], None] | None = None,
     nice: int = 0,
     saved: SavedPages | None = None,
+    defer: list[PendingUploads] | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -313,7 +341,10 @@ def store_snapshot(
     priority (the copy they follow keeps the cores first). ``saved``: pages of data_dir copied aside
     before a server ran on it, when it was the first parent restored (see :mod:`dbops.repo.savedpages`):
     a delta on a parent's whole block takes its base pages from there when all of them are saved,
-    instead of fetching the base from storage.
+    instead of fetching the base from storage. ``defer`` (with ``save=False``): return once every
+    block is in a pack, the last packs still uploading, their :class:`PendingUploads` appended to
+    defer; the caller finishes them before any manifest naming these packs is stored (the returned
+    manifest counts them as stored).
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -345,11 +376,13 @@ def store_snapshot(
     fd, mpath = tempfile.mkstemp(prefix=f"dbops-manifest-{backup_id}-", dir=tmp_dir)
     os.close(fd)
     writer = mformat.Writer(mpath)
+    pending = PendingUploads(snap.up, spool) if defer is not None and not save else None
     try:
         try:
             write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
             t_chunk = time.monotonic()
-            snap.up.finish()
+            if pending is None:
+                snap.up.finish()
             if before_manifest is not None:
                 before_manifest()
         except BaseException:
@@ -358,6 +391,8 @@ def store_snapshot(
             raise
         t_upload = time.monotonic()
         c = snap.c
+        stored, packs, frames = snap.up.expected() if pending else (snap.up.stored_bytes, snap.up.packs,
+                                                                    snap.up.frames)
         m = Manifest(
             backup_id=backup_id,
             pg=pg,
@@ -366,7 +401,7 @@ def store_snapshot(
             parent_id=parent_id if parent_id is not None else (
                 parent_manifests[0].backup_id if parent_manifests else None),
             logical_size=total,
-            stored_bytes=snap.up.stored_bytes + (reuse.stored_bytes if reuse else 0),
+            stored_bytes=stored + (reuse.stored_bytes if reuse else 0),
             counts={"files": sum(1 for e in entries if e.type == FILE),
                     "chunks": c["new"] + c["delta"] + c["reused"] + c["lsn_reused"] + c["zero"],
                     "new_chunks": c["new"], "delta_chunks": c["delta"],
@@ -377,8 +412,8 @@ def store_snapshot(
                     **({"local_bases": snap.saved.hits, "local_base_misses": snap.saved.misses,
                         "local_base_pages": snap.saved.hit_pages, "saved_pages": snap.saved.saved}
                        if snap.saved is not None else {}),
-                    "packs": snap.up.packs + (reuse.counts.get("packs", 0) if reuse else 0),
-                    "frames": snap.up.frames + (reuse.counts.get("frames", 0) if reuse else 0)},
+                    "packs": packs + (reuse.counts.get("packs", 0) if reuse else 0),
+                    "frames": frames + (reuse.counts.get("frames", 0) if reuse else 0)},
             meta=dict(meta or {}),
             tablespaces=[dataclasses.replace(t, size=s) for t, s in
                          zip(ts_list, tblspc.sizes(ts_list, entries).values())],
@@ -391,10 +426,16 @@ def store_snapshot(
         if save:
             _log.debug("packs of backup %s stored (%d); writing its manifest", backup_id, snap.up.packs)
             mf.save(store, layout, m, path=mpath)
+        if pending is not None:
+            defer.append(pending)  # type: ignore[union-attr]
+            pending = None
     finally:
         if snap.bases is not None:
             snap.bases.close()
-        shutil.rmtree(spool, ignore_errors=True)
+        if pending is not None:  # failed before it was handed over
+            pending.abort()
+        elif defer is None or save:
+            shutil.rmtree(spool, ignore_errors=True)
     _log.info("stored backup %s: %d files, %d bytes, %d new bytes in %d packs, %.1f s", backup_id,
-              m.counts["files"], total, snap.up.stored_bytes, snap.up.packs, m.timings["store"])
+              m.counts["files"], total, stored, packs, m.timings["store"])
     return m

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -561,6 +562,64 @@ def test_full_backup_stored_while_live_then_reused_by_the_final_store(env, tmp_p
         restore_snapshot(store, layout, mf.load(store, layout, m.backup_id), str(tmp_path / m.backup_id), parallel=2)
     assert tree(tmp_path / "b1") == tree(tmp_path / "b2")
     assert (tmp_path / "b1/base/5/40000").read_bytes() == bytes(data)
+
+
+class HeldPuts(CountingStore):
+    """Pack uploads wait until released (a real store; a slow upload)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.release = threading.Event()
+
+    def put_file(self, key, path, **kw):
+        if key.endswith(".pack"):
+            assert self.release.wait(30)
+        return super().put_file(key, path, **kw)
+
+
+def test_a_store_returns_with_its_last_packs_uploading_and_the_final_store_waits_for_them(env, tmp_path):
+    _, layout, d = env
+    store = HeldPuts(tmp_path / "held")
+    (d / "base/5/big").write_bytes(pages(9, 64) + os.urandom(CS * 12))
+    uploads: list[store_mod.PendingUploads] = []
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    pre = snapshot(store, layout, d, "b1", live=True, save=False, parallel=2, pack_size=CS * 4, defer=uploads,
+                   tmp_dir=str(spool))
+    assert list(spool.glob("dbops-store-b1-*"))  # its packs, still to upload
+    assert len(uploads) == 1 and not any(k.endswith(".pack") for k in store.puts)  # all still uploading
+    named = {c.pack for f in pre.files for c in f.chunks if c.pack}
+    assert pre.counts["packs"] == len(named) >= 3
+    seen = []
+
+    def before():  # the final store's manifest waits for the first store's packs
+        seen.append(sorted(k for k in store.puts if k.endswith(".pack")))
+        for u in uploads:
+            u.finish()
+        seen.append(sorted(k for k in store.puts if k.endswith(".pack")))
+
+    threading.Timer(0.3, store.release.set).start()
+    final = snapshot(store, layout, d, "b1", reuse=pre, unchanged_lsn=PG.redo_lsn, before_manifest=before,
+                     tmp_dir=str(spool))
+    assert seen[0] == [] and {layout.pack(p) for p in named} <= set(seen[1])
+    assert pre.stored_bytes == sum(store.head(layout.pack(p)).size for p in named)
+    assert final.counts["reused_chunks"] > 0 and final.stored_bytes >= pre.stored_bytes
+    restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(tmp_path / "r"), parallel=2)
+    assert (tmp_path / "r/base/5/big").read_bytes() == (d / "base/5/big").read_bytes()
+    assert not list(spool.glob("dbops-store-b1-*"))  # both spools removed
+
+
+def test_pending_uploads_aborted_remove_their_spool(env, tmp_path):
+    _, layout, d = env
+    store = HeldPuts(tmp_path / "held")
+    store.release.set()
+    uploads: list[store_mod.PendingUploads] = []
+    (tmp_path / "spool").mkdir()
+    snapshot(store, layout, d, "b1", save=False, parallel=2, defer=uploads, tmp_dir=str(tmp_path / "spool"))
+    assert list((tmp_path / "spool").glob("dbops-store-b1-*"))
+    uploads[0].abort()
+    uploads[0].finish()  # once: nothing more
+    assert not list((tmp_path / "spool").glob("dbops-store-b1-*")) and store.head(layout.manifest("b1")) is None
 
 
 @pytest.mark.parametrize("parallel", [1, 3])

@@ -37,6 +37,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from typing import Any, Callable
 from dbops import __version__, heap, log, proc
 from dbops.config import Config, Node
 from dbops.errors import DbopsError, LockedError, PostgresError, ValidationError
-from dbops.ops.backup import basecopy, livecopy
+from dbops.ops.backup import basecopy, livecopy, prestore
 from dbops.ops.backup import gap as walgap
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.target import (ArchiveStalledError, Target, capture_fetching_ahead, capture_target,
@@ -63,7 +64,7 @@ from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
 from dbops.repo.savedpages import SavedPages
-from dbops.repo.store import Cancelled, store_snapshot
+from dbops.repo.store import PendingUploads, store_snapshot
 from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, join_removals, out_of_space,
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_archive, request_counts, requests_since
@@ -120,8 +121,6 @@ def source_node(cfg: Config, primary: Node) -> Node:
 
 
 # --------------------------------------------------------------------------- the run
-
-PRESTORE_NICE = 5  # the store that follows the direct copy yields the cores to the copy, which validation waits for
 
 
 
@@ -258,21 +257,25 @@ class BackupRun:
             # the target is captured, its WAL fetched and the throwaway server replays, checks and stops;
             # the final store then reuses every block recovery did not touch.
             cancel = threading.Event()
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-prestore") as pool:
+            uploads: list[PendingUploads] = []  # the prestore's last packs, finished before the manifest
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-prestore") as pool, \
+                    ExitStack() as pending:
+                pending.callback(lambda: [u.abort() for u in uploads])  # unless finished by the final store
                 pre: list[Future] = []
 
-                def prestore(plan: livecopy.CopyPlan | None = None, copied: livecopy.Copied | None = None) -> None:
+                def store_first(plan: livecopy.CopyPlan | None = None, copied: livecopy.Copied | None = None) -> None:
                     t_pre = time.monotonic()
-                    pre.append(pool.submit(self._prestore, data, backup_id, cancel, ts, plan, copied))
+                    pre.append(pool.submit(prestore.prestore, cfg, self.store, self.layout, data, backup_id, cancel,
+                                           ts, plan, copied, uploads))
                     pre[0].add_done_callback(
                         lambda _f: phases.t.__setitem__("prestore", round(time.monotonic() - t_pre, 3)))
 
                 try:
-                    basecopy.take(cfg, source, data, ts, phases, run_id=self.run_id, follow=prestore)
+                    basecopy.take(cfg, source, data, ts, phases, run_id=self.run_id, follow=store_first)
                     ts.relink(data)  # a tablespace created since the query went elsewhere: refused here
                     start_segment, start_lsn = basecopy.label_start_segment(data), basecopy.label_start_lsn(data)
                     if not pre:  # pg_basebackup: stored from the moment it is complete
-                        prestore()
+                        store_first()
                     with phases("capture"):  # the WAL archived so far downloads meanwhile
                         target = capture_fetching_ahead(cfg, self.store, self.layout, start_segment,
                                                         controldata.read(str(data)).wal_segment_size, wal,
@@ -287,9 +290,9 @@ class BackupRun:
                     raise
                 finally:
                     reuse = pre[0].result() if pre else None
-            manifest = self._store(data, target, val, phases, parents=(), parent_id=None, kind="full",
-                                   backup_id=backup_id, reuse=reuse, unchanged_lsn=start_lsn,
-                                   tablespaces=ts.snapshot(data, val.tablespace_names))
+                manifest = self._store(data, target, val, phases, parents=(), parent_id=None, kind="full",
+                                       backup_id=backup_id, reuse=reuse, unchanged_lsn=start_lsn,
+                                       tablespaces=ts.snapshot(data, val.tablespace_names), uploads=uploads)
         # Started and checked before it was stored; `validated` comes when a later run restores it from storage.
         catalog.record_status(self.store, self.layout, manifest.backup_id, catalog.STORED, run_id=self.run_id,
                               phase="first-start", timings=dict(phases.t),
@@ -330,42 +333,22 @@ class BackupRun:
         return capture_target(self.cfg, archive_wait=self.cfg.archive.push_timeout * 2, store=self.store,
                               layout=self.layout)
 
-    def _prestore(self, data: Path, backup_id: str, cancel: threading.Event, ts: tbs.ScratchTablespaces,
-                  plan: livecopy.CopyPlan | None = None, copied: livecopy.Copied | None = None) -> mf.Manifest | None:
-        """Store the base backup as it is while the target is captured and a server replays into it;
-        with a copy plan, the files the direct copy is making, each range as soon as it is written. Two
-        workers, though the server wants a core too: at scale 400 the store took 11.1-11.8 s with two
-        against 12.7-14.1 s with one, the validation beside it no slower (docs/backups.md). Best effort:
-        on any failure the final store simply hashes everything."""
-        cfg = self.cfg
-        files, ready = None, None
-        if plan is not None and copied is not None:
-            files = plan.entries()
-
-            def ready(path: str, start: int, end: int) -> None:
-                if not copied.wait(path, start, end, cancel):
-                    raise Cancelled("the copy stopped before it was stored")
-        try:
-            return store_snapshot(
-                self.store, self.layout, str(data), backup_id=backup_id, compression=cfg.compression,
-                chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size, parallel=2,
-                pg=mf.PgState("", "", 1, 0, 0, 0.0), include_wal=False, tmp_dir=str(data.parent), live=True,
-                save=False, cancel=cancel, tablespaces={t: str(ts.folder(t.oid)) for t in ts.known.values()},
-                files=files, ready=ready, nice=PRESTORE_NICE if files is not None else 0)
-        except (OSError, DbopsError, Cancelled) as e:
-            log.event(_log, logging.WARNING, "storing the base backup during validation failed; the store "
-                      "after it reads everything", error=str(e))
-            return None
-
     def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
                kind: str, tablespaces: dict, unchanged_lsn: int | None = None, backup_id: str | None = None,
-               reuse: mf.Manifest | None = None, saved: SavedPages | None = None) -> mf.Manifest:
+               reuse: mf.Manifest | None = None, saved: SavedPages | None = None,
+               uploads: Sequence[PendingUploads] = ()) -> mf.Manifest:
         cfg = self.cfg
         backup_id = backup_id or catalog.new_backup_id()
         # Consistent at the captured target: everything before it is in the snapshot, and the
         # segment holding it is archived (the replay went on to the end of the switch record).
         pg = pgstate.read(str(data), consistent_lsn=target.lsn, consistent_time=target.time)
         checking = val.checksums  # still running: the store stops when it fails, the manifest waits for it
+
+        def settle() -> None:  # before the manifest: every pack it names is stored, pg_checksums passed
+            for u in uploads:
+                u.finish()
+            val.settle()
+
         with phases("store"), val.verdict_first():
             if val.relation_map is not None:  # before the manifest: a listed backup has its map
                 relmap_store.save(self.store, self.layout, backup_id, val.relation_map)
@@ -379,7 +362,7 @@ class BackupRun:
                       "replayed_lsn": format_lsn(val.replayed_lsn or target.lsn),
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
                       "host": socket.gethostname(), "dbops_version": __version__, "checks": val.checks},
-                tablespaces=tablespaces, cancel=checking.failed if checking else None, before_manifest=val.settle,
+                tablespaces=tablespaces, cancel=checking.failed if checking else None, before_manifest=settle,
                 saved=saved,
             )
         log.event(_log, logging.INFO, "backup stored", backup=backup_id, kind=kind,
