@@ -113,5 +113,8 @@ def test_a_saver_keeps_within_its_limit(tmp_path):
     try:
         assert saved.saved == 2 and (tmp_path / "side").stat().st_size == 2 * PAGE
         assert saved.pages(saved.key(str(tmp_path / "global" / "1260")), 0, 0b1) is None
+        os.truncate(tmp_path / "side", PAGE)  # a side file that cannot give a page: fetched instead
+        assert saved.pages(saved.key(str(tmp_path / "global" / "1262")), 0, 0b11) is None
+        assert saved.pages(saved.key(str(tmp_path / "global" / "1262")), 0, 0b1) == _page(1)
     finally:
         saved.close()
