@@ -58,7 +58,9 @@ def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, 
     node = inst.node()
     last_err: str | None = None
     next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
-    next_alive_check = 0.0
+    # Ready a moment ago (wait_ready): whether it still runs is asked when a query fails, else once
+    # a check interval (for a container, each ask is an engine call of 0.05 s).
+    next_alive_check = time.monotonic() + ALIVE_CHECK_INTERVAL
     conn = None
     try:
         while time.monotonic() < deadline:
@@ -66,7 +68,7 @@ def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, 
             if now > next_log_check:
                 fail_on_full_disk(inst, data)
                 next_log_check = now + LOG_CHECK_INTERVAL
-            if conn is None or now >= next_alive_check:
+            if (conn is None and last_err is not None) or now >= next_alive_check:
                 if not inst.is_running():
                     logs = server_detail(inst)
                     cause = environment_cause(logs)
