@@ -46,7 +46,7 @@ def one(d: Path, variant: str) -> dict:
     from dbops.runtime.scratch import join_removals
 
     if variant == "A":  # nothing predicted: every base fetched (the code before the local bases)
-        basesave.predict = lambda *a, **k: {}  # type: ignore[assignment]
+        basesave.predict = lambda *a, **k: basesave.Predicted()  # type: ignore[assignment]
     lab = labmod.info(d / "lab")
     full_id = (d / "full_id").read_text().strip()
     t0 = time.monotonic()

@@ -20,11 +20,12 @@ and the run ends with an error naming where the valid WAL stops, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from dbops.pg.lsn import parse_lsn
+from dbops.pg.lsn import SEGMENT_RE, parse_lsn
 
 ENV = {"TZ": "UTC", "LANG": "C", "LC_ALL": "C"}
 
@@ -106,6 +107,26 @@ def block_refs(line: str) -> list[BlockRef]:
             for m in _BLKREF_RE.finditer(line)]
 
 
+# How pg_waldump reports the end of the valid WAL in a folder (not a problem): a record not
+# written yet, a recycled segment's old bytes, no next segment.
+_WAL_END = ("invalid record length", "invalid magic number", "could not find file")
+
+
+def segments_by_timeline(wal_dir: str | os.PathLike) -> list[list[str]]:
+    """The WAL segment names in wal_dir, sorted, one list per timeline (what one ``pg_waldump`` run
+    reads: from the first to the last)."""
+    by_tli: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(wal_dir)):
+        if SEGMENT_RE.match(name):
+            by_tli.setdefault(name[:8], []).append(name)
+    return list(by_tli.values())
+
+
+def ended_at_wal_end(stderr: str) -> bool:
+    """Whether a failed ``pg_waldump`` run's error only says it reached the end of the WAL there."""
+    return any(w in stderr for w in _WAL_END)
+
+
 def xact_time(desc: str) -> tuple[int | None, float] | None:
     """(prepared transaction's xid or None, epoch seconds) from a transaction end's description
     (``2026-11-29 20:01:02.123456 UTC ...``, or ``731: 2026-... UTC`` for COMMIT/ABORT_PREPARED)."""
@@ -164,5 +185,5 @@ def last_commit(records: list[Record], before: int | None = None) -> XactEnd | N
     return None
 
 
-__all__ = ["ENV", "BlockRef", "Dump", "block_refs", "Record", "XACT_ENDS", "XactEnd", "last_commit", "parse", "parse_record", "records",
+__all__ = ["ENV", "BlockRef", "Dump", "block_refs", "ended_at_wal_end", "Record", "segments_by_timeline", "XACT_ENDS", "XactEnd", "last_commit", "parse", "parse_record", "records",
            "xact_end", "xact_ends", "xact_time"]

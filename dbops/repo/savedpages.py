@@ -10,8 +10,10 @@ of the folder before the server starts (:class:`Saver`, each file's pages as soo
 wrote it and the pages are known), and the store takes them from here instead of fetching the base
 back from storage (:meth:`SavedPages.pages`).
 
-Memory: only the index (file, page number) -> offset in the side file; the pages are on disk and
-read back with ``pread`` (never mapped: touched pages of a mapping would count in the RSS).
+Memory: only the index, per file its saved page numbers and their offsets in the side file in
+arrays (12 bytes a page: at most about 3 MiB, see :data:`dbops.ops.backup.basesave.MAX_PAGES`);
+the pages are on disk and read back with ``pread`` (never mapped: touched pages of a mapping would
+count in the RSS).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import errno
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from dbops.repo.blocks import pages_of
@@ -28,12 +32,26 @@ from dbops.repo.model import PAGE
 
 COPY_RUN = 128  # pages copied at once at most (1 MiB)
 
+# One file's saved pages: their numbers (sorted) and, at the same places, their offsets in the side file.
+FileIndex = tuple[array, array]
+
+
+def file_index(offsets: Mapping[int, int]) -> FileIndex:
+    """The compact index of {page number: offset in the side file}."""
+    numbers = sorted(offsets)
+    return array("I", numbers), array("Q", (offsets[n] for n in numbers))
+
+
+def offsets_of(fi: FileIndex) -> Iterator[tuple[int, int]]:
+    """(page number, offset in the side file) of each page of a file's index, in page order."""
+    return zip(fi[0], fi[1])
+
 
 class SavedPages:
-    """The side file and its index: {real path of a file: {page number: offset in the side file}}.
+    """The side file and its index: {real path of a file: its :data:`FileIndex`}.
     ``pages()`` is thread-safe and counts what it found (``hits``) and what it did not (``misses``)."""
 
-    def __init__(self, path: str, index: dict[str, dict[int, int]]):
+    def __init__(self, path: str, index: dict[str, FileIndex]):
         self.path, self.index = path, index
         self.fd = os.open(path, os.O_RDONLY)
         self.lock = threading.Lock()
@@ -41,7 +59,7 @@ class SavedPages:
 
     @property
     def saved(self) -> int:
-        return sum(len(v) for v in self.index.values())
+        return sum(len(v[0]) for v in self.index.values())
 
     def key(self, path: str) -> str | None:
         """The index's key for a file the store reads (its real path), None when nothing of it is saved."""
@@ -52,7 +70,7 @@ class SavedPages:
         """The saved pages ``first + i`` for each page i set in ``mask``, concatenated (a delta's
         base pages, as :func:`dbops.repo.blocks.same_pages` cuts them); None unless every one is saved."""
         own = self.index.get(key) if key is not None else None
-        offsets = [own.get(first + p) for p in pages_of(mask)] if own is not None else [None]
+        offsets = [_offset(own, first + p) for p in pages_of(mask)] if own is not None else [None]
         if None in offsets:
             with self.lock:
                 self.misses += 1
@@ -83,6 +101,12 @@ class SavedPages:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _offset(fi: FileIndex, page: int) -> int | None:
+    numbers, offsets = fi
+    i = bisect_left(numbers, page)
+    return offsets[i] if i < len(numbers) and numbers[i] == page else None
 
 
 def _runs(numbers: list[int]) -> Iterable[tuple[int, int]]:
@@ -129,7 +153,7 @@ class Saver:
         self.lock = threading.Lock()
         self.wanted: Mapping[SegmentKey, Iterable[int]] | None = None
         self.done: list[tuple[str, SegmentKey]] = []  # relation files written before the prediction came
-        self.index: dict[str, dict[int, int]] = {}
+        self.index: dict[str, FileIndex] = {}
         self.size = 0
         self.problem: str | None = None
 
@@ -156,9 +180,10 @@ class Saver:
     def finish(self) -> SavedPages | None:
         """Close the side file (every file is written now); the saved pages."""
         self.close()
+        self.wanted, self.done = None, []  # the prediction is not needed any more
         if self.problem is not None:
             return None
-        return SavedPages(self.path, {k: v for k, v in self.index.items() if v})
+        return SavedPages(self.path, {k: v for k, v in self.index.items() if len(v[0])})
 
     def close(self) -> None:
         """Close the side file (finish() does; after a failed restore, this alone)."""
@@ -193,7 +218,9 @@ class Saver:
             finally:
                 os.close(src)
             with self.lock:
-                self.index.setdefault(real, {}).update(own)
+                if real in self.index:  # not expected (a file is finished once): merged all the same
+                    own = {**dict(offsets_of(self.index[real])), **own}
+                self.index[real] = file_index(own)
         except Exception as e:  # noqa: BLE001  never the restore's failure: the store fetches instead
             self.problem = f"{rel}: {e}"
 

@@ -136,6 +136,17 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
+def room_beside_copy(scratch_root: Path, data_size: int, limit: int | None, spool: int) -> int:
+    """Bytes the scratch folder can still give to something optional (the incremental's side file
+    of saved pages) beyond what a run needs: the copy of data_size bytes with its 10 % and WAL margin
+    (:func:`scratch_needed`) and ``spool`` (the store's packs being written); within the free space
+    and, with ``limit`` (backup.scratch_limit, a cap the filesystem does not show), within it too."""
+    room = free_bytes(scratch_root)
+    if limit is not None:
+        room = min(room, limit - tree_bytes(scratch_root))
+    return max(0, room - scratch_needed(data_size) - spool)
+
+
 def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = None, *, owner: str) -> None:
     """Refuse before any work when the scratch folder cannot hold the copy (exit 11).
 

@@ -12,13 +12,14 @@ import pytest
 
 from dbops import proc
 from dbops.errors import ValidationError
+from dbops.ops.backup import basesave
 from dbops.ops.backup.target import capture_target
 from dbops.ops.backup.validate import prove
 from dbops.phases import Phases
 from dbops.repo import blocks, catalog, pgstate
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
-from dbops.repo.savedpages import SavedPages
+from dbops.repo.savedpages import SavedPages, file_index, offsets_of
 from dbops.repo.store import store_snapshot
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
@@ -84,6 +85,10 @@ def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
                save_bases=True) as proof:
         data, saved = proof.data, proof.saved
         assert saved is not None and saved.saved > 0
+        # The prediction stops at its limit (the rest of the pages' bases are fetched): 3 pages, each once.
+        every, few = basesave.predict(data.parent / "wal"), basesave.predict(data.parent / "wal", limit=3)
+        assert not every.full and sum(len(v) for v in every.segments().values()) >= saved.saved > 3
+        assert few.full and sum(len(v) for v in few.segments().values()) == 3
         oid = next(t.oid for t in m2.tablespaces)
         assert any(k.startswith(str(proof.tablespaces.folder(oid))) for k in saved.index)  # pages saved there too
         ts = proof.tablespaces.snapshot(data, proof.validation.tablespace_names)
@@ -106,7 +111,7 @@ def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
         assert w_local[0].mask == 0b11 and w_local[0].on_base
 
         # Pages the prediction named but the side file lacks: those deltas fall back to S3.
-        fewer = SavedPages(saved.path, {k: {pg_no: at for pg_no, at in v.items() if pg_no % 2 == 0}
+        fewer = SavedPages(saved.path, {k: file_index({pg_no: at for pg_no, at in offsets_of(v) if pg_no % 2 == 0})
                                         for k, v in saved.index.items()})
         try:
             partial = put(fewer)

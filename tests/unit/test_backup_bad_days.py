@@ -37,3 +37,15 @@ def test_check_scratch_space_refuses_with_free_and_needed(tmp_path: Path):
     assert e.exit_code == ExitCode.PRECONDITION
     assert str(tmp_path) in e.message and "free" in e.message and "needed" in e.message
     assert str(bk.scratch_needed(2**60)) in (e.detail or "")
+
+
+def test_room_beside_the_copy_keeps_the_copy_the_spool_and_the_limit(tmp_path: Path):
+    free = bk.free_bytes(tmp_path)
+    room = bk.room_beside_copy(tmp_path, 0, None, 0)
+    assert free - bk.scratch_needed(0) - 2**20 <= room <= free - bk.scratch_needed(0)  # the disk moves a little
+    assert bk.room_beside_copy(tmp_path, 2**60, None, 0) == 0  # a copy bigger than the disk leaves nothing
+    assert bk.room_beside_copy(tmp_path, 0, None, 2**30) <= max(0, room - 2**30 + 2**20)  # the spool is kept
+    (tmp_path / "leftover").write_bytes(b"x" * 2**20)  # what the folder holds counts against the limit
+    limit = bk.scratch_needed(0) + 8 * 2**20
+    assert bk.room_beside_copy(tmp_path, 0, limit, 2**20) == 8 * 2**20 - bk.tree_bytes(tmp_path) - 2**20
+    assert bk.room_beside_copy(tmp_path, 0, bk.scratch_needed(0), 0) == 0  # never below nothing

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from dbops.ops.backup.basesave import segments
+from dbops.ops.backup.basesave import Predicted
 from dbops.pg.waldump import BlockRef, block_refs
 from dbops.repo.model import PAGE
-from dbops.repo.savedpages import Saver, segment_key
+from dbops.repo.savedpages import SavedPages, Saver, file_index, offsets_of, segment_key
 
 # Printed by pg_waldump 15 --fullpage --fork=main on a pgbench run.
 UPDATE = ("rmgr: Heap        len (rec/tot):     73/  3001, tx:        741, lsn: 0/08010978, prev 0/0800E998, "
@@ -37,7 +37,11 @@ def test_block_refs_of_real_pg15_lines():
 
 
 def test_predicted_pages_cut_into_segment_files_and_paths_named_alike():
-    assert segments({(1663, 5, 16396): {3, 131072 + 9}, (1664, 0, 1262): {0}}) == {
+    p = Predicted()
+    for spc, db, rel, blk in ((1663, 5, 16396, 3), (1663, 5, 16396, 131072 + 9), (1664, 0, 1262, 0),
+                              (1663, 5, 16396, 3)):
+        assert p.add(spc, db, rel, blk)
+    assert {k: list(v) for k, v in p.segments().items()} == {
         (1663, 5, 16396, 0): [3], (1663, 5, 16396, 1): [9], (1664, 0, 1262, 0): [0]}
     assert segment_key("base/5/16396") == (1663, 5, 16396, 0)
     assert segment_key("base/5/16396.1") == (1663, 5, 16396, 1)
@@ -68,7 +72,7 @@ def test_saved_pages_read_back_and_fall_back(tmp_path):
     saver.file_done("base/5/1259_fsm")
     saver.file_done("base/5/1260")  # not predicted
     saver.predicted({(1663, 5, 1259, 0): [2], (16407, 5, 16408, 0): [0, 1, 2, 5, 9, 10, 11], (1663, 5, 9, 0): [0]})
-    assert saver.index == {str((root / "base" / "5" / "1259").resolve()): {2: 0}}
+    assert {k: dict(offsets_of(v)) for k, v in saver.index.items()} == {str((root / "base" / "5" / "1259").resolve()): {2: 0}}
     saver.file_done("pg_tblspc/16407/PG_15_1/5/16408")  # after it: copied at once
     saver.file_done("base/5/9")  # missing: left out
     saved = saver.finish()
@@ -116,5 +120,30 @@ def test_a_saver_keeps_within_its_limit(tmp_path):
         os.truncate(tmp_path / "side", PAGE)  # a side file that cannot give a page: fetched instead
         assert saved.pages(saved.key(str(tmp_path / "global" / "1262")), 0, 0b11) is None
         assert saved.pages(saved.key(str(tmp_path / "global" / "1262")), 0, 0b1) == _page(1)
+    finally:
+        saved.close()
+
+
+def test_a_prediction_stops_at_its_limit_counting_each_page_once():
+    p = Predicted(limit=4)
+    for blk in (1, 2, 1, 2, 1, 2, 3):  # a page named again (once per checkpoint) is one page
+        assert p.add(1663, 5, 100, blk)
+    assert not p.full
+    assert not p.add(1663, 5, 101, 0)  # the fourth page: full, the caller stops reading
+    assert p.full and {k: list(v) for k, v in p.segments().items()} == {
+        (1663, 5, 100, 0): [1, 2, 3], (1663, 5, 101, 0): [0]}
+
+
+def test_the_compact_index_finds_each_page_and_nothing_else(tmp_path):
+    side = tmp_path / "side"
+    side.write_bytes(b"".join(_page(i) for i in range(4)))
+    fi = file_index({9: 3 * PAGE, 2: 0, 5: PAGE, 6: 2 * PAGE})
+    assert list(fi[0]) == [2, 5, 6, 9] and dict(offsets_of(fi)) == {2: 0, 5: PAGE, 6: 2 * PAGE, 9: 3 * PAGE}
+    saved = SavedPages(str(side), {"f": fi})
+    try:
+        assert saved.saved == 4
+        assert saved.pages("f", 2, 0b1) == _page(0) and saved.pages("f", 8, 0b10) == _page(3)
+        assert saved.pages("f", 4, 0b110) == _page(1) + _page(2)
+        assert saved.pages("f", 0, 0b1000) is None and saved.pages("f", 10, 0b1) is None
     finally:
         saved.close()

@@ -18,83 +18,110 @@ block's), else it fetches the base from storage as before.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
-from collections import defaultdict
+import threading
+from array import array
 from pathlib import Path
 
 from dbops import log, proc
 from dbops.pg import binaries, waldump
-from dbops.pg.lsn import SEGMENT_RE
 from dbops.repo.savedpages import SavedPages, Saver, SegmentKey
 
 _log = log.get("backup")
 
 RELSEG_SIZE = 131072  # pages a relation segment file holds (PostgreSQL's default build)
 WALDUMP_TIMEOUT = 3600.0
+# Pages predicted at most: a side file of 2 GiB, about 3 MiB of memory for the prediction and the
+# index together (4 bytes a page, then 12). Past it, the rest of the pages' bases are fetched: a
+# rewrite of a big table between two backups costs fetches, never memory.
+MAX_PAGES = 262_144
 
-# {(tablespace OID, database OID, relfilenode): page numbers} of the main fork.
-Predicted = dict[tuple[int, int, int], set[int]]
+
+class Predicted:
+    """{segment file (:func:`dbops.repo.savedpages.segment_key`): page numbers in it}, in arrays of
+    4-byte numbers, never more than ``limit`` pages in all (``full`` once the limit stopped it)."""
+
+    def __init__(self, limit: int = MAX_PAGES):
+        self.limit, self.full = limit, False
+        self.by_segment: dict[SegmentKey, array] = {}
+        self.count = 0
+        self.compacted = 0  # count after the last compaction
+
+    def add(self, spc: int, db: int, rel: int, blk: int) -> bool:
+        """Add one page (its block number in the relation); False once the limit is reached."""
+        seg, page = divmod(blk, RELSEG_SIZE)
+        key = (spc, db, rel, seg)
+        pages = self.by_segment.get(key)
+        if pages is None:
+            pages = self.by_segment[key] = array("I")
+        pages.append(page)
+        self.count += 1
+        if self.count >= self.limit and self.count > self.compacted:
+            self.compact()  # duplicates (a page named once per checkpoint) are not pages
+            self.full = self.count >= self.limit
+        return not self.full
+
+    def compact(self) -> None:
+        """Each segment's numbers sorted, once each."""
+        for key, pages in self.by_segment.items():
+            self.by_segment[key] = array("I", sorted(set(pages)))
+        self.count = self.compacted = sum(len(p) for p in self.by_segment.values())
+
+    def segments(self) -> dict[SegmentKey, array]:
+        self.compact()
+        return self.by_segment
 
 
-def predict(wal_dir: Path, bin_dir: str | None = None) -> Predicted:
+def predict(wal_dir: Path, bin_dir: str | None = None, limit: int = MAX_PAGES) -> Predicted:
     """The main-fork pages named by the full-page-image records of the WAL segments in wal_dir (one
-    ``pg_waldump`` per timeline, its output streamed through a file). Best effort: on any failure
-    (PostgreSQL before 15 has no ``--fullpage``) fewer or no pages, never an error."""
-    by_tli: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(wal_dir)):
-        if SEGMENT_RE.match(name):
-            by_tli.setdefault(name[:8], []).append(name)
-    out: Predicted = defaultdict(set)
-    for segs in by_tli.values():
-        with tempfile.TemporaryFile("w+") as dump, tempfile.TemporaryFile("w+") as err:
+    ``pg_waldump`` per timeline, its output read as it comes), at most ``limit`` of them. Best
+    effort: on any failure (PostgreSQL before 15 has no ``--fullpage``) fewer or no pages, never an
+    error."""
+    out = Predicted(limit)
+    for segs in waldump.segments_by_timeline(wal_dir):
+        with tempfile.TemporaryFile("w+") as err:
             try:
                 p = proc.spawn([binaries.binary("pg_waldump", bin_dir), "--fullpage", "--fork=main", "-p",
-                                str(wal_dir), segs[0], segs[-1]], env=waldump.ENV, stdout=dump, stderr=err)
+                                str(wal_dir), segs[0], segs[-1]], env=waldump.ENV, stdout=subprocess.PIPE,
+                               stderr=err)
             except OSError as e:
                 log.event(_log, logging.WARNING, "pg_waldump could not run; the bases are fetched", error=str(e))
                 return out
+            late = threading.Timer(WALDUMP_TIMEOUT, proc.stop, (p,))
+            late.start()
             try:
-                p.wait(timeout=WALDUMP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.stop(p)
-                p.wait()
-                log.event(_log, logging.WARNING, "pg_waldump timed out; the bases are fetched")
-                return out
+                assert p.stdout is not None
+                for raw in p.stdout:
+                    if not all(out.add(r.spc, r.db, r.rel, r.blk)
+                               for r in waldump.block_refs(raw.decode("utf-8", "replace")) if r.fork == "main"):
+                        break
             except BaseException:
                 proc.stop(p)
                 raise
-            dump.seek(0)
-            for line in dump:
-                for ref in waldump.block_refs(line):
-                    if ref.fork == "main":
-                        out[(ref.spc, ref.db, ref.rel)].add(ref.blk)
+            finally:
+                late.cancel()
+                if out.full:  # the rest of its output is not wanted
+                    proc.stop(p)
+                p.stdout.close()  # type: ignore[union-attr]
+                p.wait()
+            if out.full:
+                log.event(_log, logging.INFO, "more pages change than are saved locally; the others' bases are "
+                          "fetched", saved_at_most=limit)
+                return out
             err.seek(0)
             problem = err.read()
-            if p.returncode != 0 and "invalid record length" not in problem and "could not find file" not in problem:
+            if p.returncode != 0 and not waldump.ended_at_wal_end(problem):
                 log.event(_log, logging.WARNING, "pg_waldump ended early; bases it did not name are fetched",
                           segments=f"{segs[0]}..{segs[-1]}", error=problem.strip()[-300:])
-    return dict(out)
-
-
-def segments(predicted: Predicted) -> dict[SegmentKey, list[int]]:
-    """{segment file (:func:`dbops.repo.savedpages.segment_key`): page numbers in it} of the predicted
-    pages (segments of RELSEG_SIZE pages: in a build with another size, pages are looked for in the
-    wrong places and their bases fetched)."""
-    out: dict[SegmentKey, list[int]] = defaultdict(list)
-    for (spc, db, rel), blks in predicted.items():
-        for blk in blks:
-            seg, page = divmod(blk, RELSEG_SIZE)
-            out[(spc, db, rel, seg)].append(page)
-    return dict(out)
+    return out
 
 
 def predict_into(saver: Saver, wal_dir: Path, bin_dir: str | None = None) -> None:
     """The pages the WAL in wal_dir names, handed to the saver (which copies those of the files
     already downloaded at once); best effort: on any failure nothing is predicted."""
     try:
-        wanted = segments(predict(wal_dir, bin_dir))
+        wanted = predict(wal_dir, bin_dir).segments()
     except Exception as e:  # noqa: BLE001  the bases are then fetched, as without a prediction
         log.event(_log, logging.WARNING, "could not read the WAL for the pages replay will change; the bases "
                   "are fetched", error=str(e))

@@ -29,9 +29,8 @@ from pathlib import Path
 from dbops import log, proc
 from dbops.config import Node
 from dbops.errors import PreconditionError, ValidationError
-from dbops.pg import binaries
+from dbops.pg import binaries, waldump
 from dbops.pg import conn as pgconn
-from dbops.pg.lsn import SEGMENT_RE
 from dbops.repo.tblspc import TBLSPC_DIR, Tablespace, oid_of_link
 
 _log = log.get("backup.tablespaces")
@@ -62,21 +61,15 @@ def _escape(path: str) -> str:
 def wal_creates(wal_dir: Path, bin_dir: str | None = None) -> dict[int, str]:
     """{OID: location} of every CREATE TABLESPACE in the WAL segments of wal_dir (one pg_waldump
     per timeline, from its first to its last segment there)."""
-    by_tli: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(wal_dir)):
-        if SEGMENT_RE.match(name):
-            by_tli.setdefault(name[:8], []).append(name)
     out: dict[int, str] = {}
-    for segs in by_tli.values():
+    for segs in waldump.segments_by_timeline(wal_dir):
         res = proc.run([binaries.binary("pg_waldump", bin_dir), "--rmgr=Tablespace", "-p", str(wal_dir),
-                        segs[0], segs[-1]], env={"LANG": "C", "LC_ALL": "C"}, check=False, timeout=3600,
-                       what="pg_waldump")
+                        segs[0], segs[-1]], env=waldump.ENV, check=False, timeout=3600, what="pg_waldump")
         for line in res.stdout.splitlines():
             m = _CREATE_RE.search(line)
             if m:
                 out[int(m.group(1))] = m.group(2)
-        if res.returncode != 0 and "invalid record length" not in res.stderr and "could not find file" \
-                not in res.stderr and "invalid magic number" not in res.stderr:
+        if res.returncode != 0 and not waldump.ended_at_wal_end(res.stderr):
             _log.warning("pg_waldump ended early on %s..%s: %s", segs[0], segs[-1], res.stderr.strip()[-300:])
     return out
 

@@ -33,10 +33,11 @@ from dbops.pg.lsn import format_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
+from dbops.repo.model import PAGE
 from dbops.repo.savedpages import SavedPages, Saver
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
-from dbops.runtime.scratch import SCRATCH_MARGIN, free_bytes, scratch_folder
+from dbops.runtime.scratch import room_beside_copy, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -342,9 +343,12 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                 phases.t["bases_predict"] = round(time.monotonic() - t_predict, 3)
             return t
 
-        # The side file takes no more than what the scratch folder has beyond the copy and the WAL margin.
-        saver = Saver(data, str(scratch / "bases"), limit=max(0, free_bytes(scratch) - m.logical_size - SCRATCH_MARGIN)
-                      ) if save_bases else None
+        # The side file takes no more than what the scratch folder has beyond the copy (with its margins)
+        # and the store's spool of packs, and never more than the most pages predicted.
+        saver = Saver(data, str(scratch / "bases"), limit=min(
+            basesave.MAX_PAGES * PAGE,
+            room_beside_copy(Path(cfg.backup.scratch_dir), m.logical_size, cfg.backup.scratch_limit,
+                             (2 + cfg.backup.parallel) * cfg.backup.pack_size))) if save_bases else None
         if saver is not None:
             stack.callback(saver.close)
 
