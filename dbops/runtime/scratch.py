@@ -14,8 +14,10 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -102,10 +104,52 @@ def scratch_folder(root: Path, run_id: str, owner: str, *,
                 d.rename(gone)
             except OSError:
                 gone = d
-            t = threading.Thread(target=shutil.rmtree, args=(gone,), kwargs={"ignore_errors": True},
-                                 name="dbops-scratch-removal")
+            t = threading.Thread(target=remove_tree, args=(gone,), name="dbops-scratch-removal")
             t.start()
             removals.append(t)
+
+
+LARGE_FILE = 16 * 2**20  # unlinked by the threads of remove_tree
+
+
+def remove_tree(path: Path, workers: int = 2) -> None:
+    """shutil.rmtree(path) (errors ignored), its regular files of ``LARGE_FILE`` bytes or more
+    unlinked first by ``workers`` threads, largest first: a file's pages leave the page cache as it
+    is unlinked, on the thread that unlinks it (a 6.3 GB copy of a database: 1.5-1.6 s on one
+    thread, 1.05-1.3 s on two). Each file is unlinked by name relative to its folder, opened
+    without following links (``os.fwalk``): nothing outside path is ever touched."""
+    big: list[tuple[int, int, str]] = []  # (size, folder fd, name)
+    fds: list[int] = []
+    try:
+        for _, _, files, dirfd in os.fwalk(path, follow_symlinks=False):
+            held = None
+            for name in files:
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_size >= LARGE_FILE:
+                    if held is None:
+                        held = os.dup(dirfd)
+                        fds.append(held)
+                    big.append((st.st_size, held, name))
+        big.sort(reverse=True)
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="dbops-unlink") as pool:
+            for _ in pool.map(lambda b: _unlink_quietly(b[2], b[1]), big):
+                pass
+    except OSError:
+        pass  # rmtree below does what is left
+    finally:
+        for fd in fds:
+            os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _unlink_quietly(name: str, dirfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
 
 
 def join_removals(removals: list[threading.Thread]) -> None:
