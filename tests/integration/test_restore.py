@@ -116,6 +116,7 @@ def test_promoted_restore_reads_its_wal_in_place_and_a_second_restore_agrees(scn
     try:
         d = json.loads(r.stdout)
         assert d["wal"]["read_in_place"] is True and d["reached"]["promoted_timeline"] == 2
+        assert d["wal"]["released_before_promotion"] > 0  # the cache's names of the linked files went first
         node = restored(scn.lab, port)
         assert rows(node, "orders") == ["before the backup", "base", "A", "B"]
         for _ in range(3):  # more than a segment of new WAL each time, then a checkpoint that recycles

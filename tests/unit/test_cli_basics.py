@@ -91,3 +91,22 @@ def test_shell_completion_completes_commands_and_options(dbops_bin, tmp_path):
                        env=base, check=False)
     assert r.returncode == 0, r.stderr
     assert "_DBOPS_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
+
+
+def test_the_real_binary_flushes_its_output_and_keeps_exit_codes(dbops_bin, tmp_path):
+    """A finished command ends without the interpreter's teardown (dbops.cli.entry.finish): its
+    output to a pipe (block-buffered) arrives whole, and the documented exit codes stay."""
+    import json
+    import subprocess
+
+    p = tmp_path / "dbops.yaml"
+    p.write_text("cluster: main\nnodes:\n  - {name: pg1, data_dir: /d}\nstorage: {bucket: bkt}\nruntime: {engine: none}\n")
+    r = subprocess.run([dbops_bin, "-c", str(p), "config", "show", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cluster"] == "main"
+    r = subprocess.run([dbops_bin, "-c", str(tmp_path / "none.yaml"), "config", "check"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 3 and "does not exist" in r.stderr
+    r = subprocess.run([dbops_bin, "no-such-command"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "No such command" in r.stderr

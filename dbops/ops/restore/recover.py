@@ -92,7 +92,7 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
         if opts.final == "promote":
             with phases("promote"):
                 if linked:  # what the promoted server writes into must be its own file alone
-                    release_links(cache, data)
+                    reached["wal_released"] = release_links(cache, data)
                 reached["promoted_timeline"] = _promote(inst, timeout)
         with phases("stop"):
             inst.stop("fast", timeout=timeout)

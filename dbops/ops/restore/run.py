@@ -187,6 +187,7 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
         raise
     wal = {"fetched_ahead": stats.segments, "bytes": stats.bytes, "seconds": stats.seconds,
            "read_in_place": reached.pop("wal_read_in_place", False),
+           "released_before_promotion": reached.pop("wal_released", 0),
            "not_archived": stats.missing, "failed": {n: e.message for n, e in ahead.failed.items()}}
     return RestoreResult(plan, reached, final_state, running, dict(phases.t), download, wal)
 
