@@ -34,6 +34,13 @@ from dbops.storage.layout import Layout
 from dbops.storage.probe import put_file_once
 
 
+# Blocks a pack indexes at most, whatever it stores: blocks that compress to almost nothing (empty
+# pages) would otherwise fill a pack_size pack with millions of them, and its index (32 bytes a
+# block open, about 70 as uploaded JSON) with it. 65,536 blocks: 2 MiB of digests, 4 GiB of 64 KiB
+# blocks (a pgbench pack of 64 MiB holds 20,000-37,000).
+MAX_BLOCKS = 65_536
+
+
 @dataclass
 class Pack:
     tmp_dir: str
@@ -62,6 +69,10 @@ class Pack:
     @property
     def frames(self) -> int:
         return len(self._counts)
+
+    def full(self, pack_size: int) -> bool:
+        """Whether the pack is to be sealed: ``pack_size`` stored bytes or :data:`MAX_BLOCKS` blocks."""
+        return self.size >= pack_size or len(self._digests) >= 32 * MAX_BLOCKS
 
     def index_rows(self) -> Iterator[list[Any]]:
         """The index, a frame at a time: [offset, length, raw length, [block hashes (hex)]]."""

@@ -237,7 +237,7 @@ class _Snapshot:
             at += len(b)
         with self.lock:
             self.c["new"] += len(run)
-        if pack.size >= self.pack_size:
+        if pack.full(self.pack_size):
             self.up.seal(pack)
             return Pack(self.tmp_dir)
         return pack
@@ -274,7 +274,7 @@ class _Snapshot:
             h = codec.sha256(payload)
             offset = pack.append(stored, len(payload), [h])
             refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
-            if pack.size >= self.pack_size:
+            if pack.full(self.pack_size):
                 self.up.seal(pack)
                 pack = Pack(self.tmp_dir)
         return pack, len(batch), same

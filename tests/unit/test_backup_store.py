@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 from dbops.repo import manifest as mf
+from dbops.repo import packs as packs_mod
 from dbops.repo import store as store_mod
 from dbops.repo import storeorder
 from dbops.repo.manifest import PgState
@@ -204,6 +205,23 @@ def test_pack_indexes_list_every_frame_and_block_of_the_manifest(env):
         assert doc["size"] == store.head(layout.pack(pack)).size
         assert doc["frames"] == [[o, n, raw, [h for _, h in sorted(hs.items())]]
                                  for o, n, raw, hs in sorted(frames.values())]
+
+
+def test_a_pack_of_blocks_that_compress_to_nothing_is_sealed_at_its_block_limit(env, monkeypatch):
+    """A pack is sealed at MAX_BLOCKS blocks too, not only at pack_size stored bytes: blocks that
+    compress to almost nothing would otherwise put any number of them (and their index) in one pack."""
+    store, layout, d = env
+    monkeypatch.setattr(packs_mod, "MAX_BLOCKS", 8)
+    (d / "base/5/big").write_bytes(pages(3, 2 * 60))  # 60 distinct blocks of very compressible pages
+    m = snapshot(store, layout, d, "b1", pack_size=1 << 30, parallel=1)
+    per_pack: dict[str, set[str]] = {}
+    for f in m.files:
+        for c in f.chunks:
+            if c.pack:
+                per_pack.setdefault(c.pack, set()).add(c.hash)
+    assert len(per_pack) >= 60 // 8 and all(len(hs) <= 8 + 8 for hs in per_pack.values())
+    restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(d.parent / "r"), parallel=2)
+    assert (d.parent / "r/base/5/big").read_bytes() == (d / "base/5/big").read_bytes()
 
 
 def test_small_pack_size_splits_into_several_packs(env, tmp_path):
@@ -594,11 +612,11 @@ def test_a_store_returns_with_its_last_packs_uploading_and_the_final_store_waits
 
     def before():  # the final store's manifest waits for the first store's packs
         seen.append(sorted(k for k in store.puts if k.endswith(".pack")))
+        store.release.set()  # the first store's uploads may go on now, and finish before the manifest
         for u in uploads:
             u.finish()
         seen.append(sorted(k for k in store.puts if k.endswith(".pack")))
 
-    threading.Timer(0.3, store.release.set).start()
     final = snapshot(store, layout, d, "b1", reuse=pre, unchanged_lsn=PG.redo_lsn, before_manifest=before,
                      tmp_dir=str(spool))
     assert seen[0] == [] and {layout.pack(p) for p in named} <= set(seen[1])
