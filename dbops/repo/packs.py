@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import secrets as pysecrets
+import shutil
 import threading
 from array import array
 from collections.abc import Iterator
@@ -179,3 +180,30 @@ class Uploader:
         self.uploads.shutdown(wait=True, cancel_futures=True)
         while not self.open_packs.empty():
             self.open_packs.get_nowait().discard()
+
+
+class PendingUploads:
+    """The packs a store returned before they were all uploaded (``store_snapshot(defer=...)``):
+    :meth:`finish` waits for them (raising the first failure), :meth:`abort` stops them; either
+    removes the store's spool, once."""
+
+    def __init__(self, up: Uploader, spool: str):
+        self.up, self.spool, self.done = up, spool, False
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.up.finish()
+        except BaseException:
+            self.up.abort()
+            raise
+        finally:
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self.up.abort()
+            shutil.rmtree(self.spool, ignore_errors=True)

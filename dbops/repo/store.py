@@ -10,15 +10,16 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
   main fork whose pages are all no newer than ``unchanged_lsn`` keeps the parent's reference
   unread beyond its page headers (see :mod:`dbops.repo.blocks`); one with newer pages (in an
   incremental) is stored as a page delta on the parent's block, compressed with that base block
-  as dictionary: the bases of a unit's deltas are fetched from storage together, up to
+  as dictionary: its base pages taken from the pages saved before replay where they all are
+  (:mod:`dbops.repo.savedpages`), else the bases of a unit's deltas are fetched from storage together, up to
   ``bases.BATCH_BYTES`` at a time
   (:mod:`dbops.repo.bases`, ranged GETs, checked), each delta is one frame; every other block is hashed:
   all-zero blocks are not stored, a block equal to the parent's is referenced where it is,
   new blocks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new blocks, in
   file order) and each frame is compressed as one zstd frame into one of ``parallel`` open
   packs, written to local files (``tmp_dir``), not held in memory;
-* a pack reaching ``pack_size`` is sealed and uploaded (pack, then its index) by an upload
-  pool, at most ``parallel`` in flight;
+* a pack reaching ``pack_size`` (or ``packs.MAX_BLOCKS`` blocks) is sealed and uploaded (pack,
+  then its index) by an upload pool, at most ``parallel`` in flight;
 * at most ``storeorder.WINDOW`` units per worker are in flight; a file's entry goes to the manifest file
   as soon as its units are done, in walk order; the manifest is uploaded last, once every pack
   is stored.
@@ -43,7 +44,7 @@ from dbops.pg.lsn import segment_of_lsn
 from dbops.repo import blocks, codec, mformat, walk
 from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta, encode_deltas
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
-from dbops.repo.packs import Pack, Uploader
+from dbops.repo.packs import Pack, PendingUploads, Uploader
 from dbops.repo.savedpages import SavedPages
 from dbops.repo.walk import wal_needed
 from dbops.repo.storeorder import Changed, Unit, write_entries
@@ -70,33 +71,6 @@ _Ahead = tuple[list[Delta], "Future[list[bytes | memoryview]]"]
 
 class Cancelled(Exception):
     """``cancel`` was set: the store stopped (its packs become orphans that retention removes)."""
-
-
-class PendingUploads:
-    """The packs a store returned before they were all uploaded (``store_snapshot(defer=...)``):
-    :meth:`finish` waits for them (raising the first failure), :meth:`abort` stops them; either
-    removes the store's spool, once."""
-
-    def __init__(self, up: Uploader, spool: str):
-        self.up, self.spool, self.done = up, spool, False
-
-    def finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        try:
-            self.up.finish()
-        except BaseException:
-            self.up.abort()
-            raise
-        finally:
-            shutil.rmtree(self.spool, ignore_errors=True)
-
-    def abort(self) -> None:
-        if not self.done:
-            self.done = True
-            self.up.abort()
-            shutil.rmtree(self.spool, ignore_errors=True)
 
 
 class _Snapshot:

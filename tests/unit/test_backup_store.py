@@ -599,7 +599,7 @@ def test_a_store_returns_with_its_last_packs_uploading_and_the_final_store_waits
     _, layout, d = env
     store = HeldPuts(tmp_path / "held")
     (d / "base/5/big").write_bytes(pages(9, 64) + os.urandom(CS * 12))
-    uploads: list[store_mod.PendingUploads] = []
+    uploads: list[packs_mod.PendingUploads] = []
     spool = tmp_path / "spool"
     spool.mkdir()
     pre = snapshot(store, layout, d, "b1", live=True, save=False, parallel=2, pack_size=CS * 4, defer=uploads,
@@ -631,7 +631,7 @@ def test_pending_uploads_aborted_remove_their_spool(env, tmp_path):
     _, layout, d = env
     store = HeldPuts(tmp_path / "held")
     store.release.set()
-    uploads: list[store_mod.PendingUploads] = []
+    uploads: list[packs_mod.PendingUploads] = []
     (tmp_path / "spool").mkdir()
     snapshot(store, layout, d, "b1", save=False, parallel=2, defer=uploads, tmp_dir=str(tmp_path / "spool"))
     assert list((tmp_path / "spool").glob("dbops-store-b1-*"))

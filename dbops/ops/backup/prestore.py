@@ -5,7 +5,7 @@ manifest is only written locally: the final store of the stopped folder reuses e
 recovery did not touch (``store_snapshot(reuse=...)``).
 
 It returns once every block is in a pack: the last packs upload while the final store runs
-(:class:`dbops.repo.store.PendingUploads`, finished before the final manifest is stored). At
+(:class:`dbops.repo.packs.PendingUploads`, finished before the final manifest is stored). At
 scale 400 their upload took 0.7-1.5 s after the last block, and the final store waited for it.
 """
 
@@ -21,7 +21,8 @@ from dbops.errors import DbopsError
 from dbops.ops.backup import livecopy
 from dbops.ops.backup import tablespaces as tbs
 from dbops.repo import manifest as mf
-from dbops.repo.store import Cancelled, PendingUploads, store_snapshot
+from dbops.repo.packs import PendingUploads
+from dbops.repo.store import Cancelled, store_snapshot
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
 

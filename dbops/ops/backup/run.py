@@ -64,7 +64,8 @@ from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
 from dbops.repo.savedpages import SavedPages
-from dbops.repo.store import PendingUploads, store_snapshot
+from dbops.repo.packs import PendingUploads
+from dbops.repo.store import store_snapshot
 from dbops.runtime.scratch import (check_scratch_space, clean_stale_scratch, join_removals, out_of_space,
                                    scratch_folder, scratch_full_error)
 from dbops.storage import ObjectStore, open_archive, request_counts, requests_since
