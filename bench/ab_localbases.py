@@ -14,7 +14,6 @@ peak RSS of the run's process, the phases, the store's base counts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -27,9 +26,9 @@ from dbops.lab import harness as labmod
 from dbops import proc
 
 try:
-    from bench.ab_validation import lab_after_full
+    from bench.ab_validation import ab_parser, lab_after_full, set_up
 except ImportError:  # run as a script from bench/
-    from ab_validation import lab_after_full  # type: ignore[no-redef]
+    from ab_validation import ab_parser, lab_after_full, set_up  # type: ignore[no-redef]
 
 
 def setup(d: Path, scale: int) -> None:
@@ -67,19 +66,13 @@ def one(d: Path, variant: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("setup", "rounds", "one"))
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--scale", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = ab_parser(("setup", "rounds", "one"), rounds=2)
     ap.add_argument("--variant", default="B")
     ap.add_argument("--variants", default="A,B")
     a = ap.parse_args()
     d = Path(a.dir).resolve()
     if a.mode == "setup":
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o755)
-        setup(d, a.scale)
+        set_up(d, a.scale, setup)
         return 0
     if a.mode == "one":
         print(json.dumps(one(d, a.variant)), flush=True)

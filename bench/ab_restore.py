@@ -15,7 +15,6 @@ One JSON line per restore: wall, peak RSS, dbops' phase timings.
 
 from __future__ import annotations
 
-import argparse
 import compileall
 import json
 import os
@@ -30,9 +29,11 @@ from dbops.lab import harness as labmod
 
 try:
     from bench import pgbackrest_peer
+    from bench.ab_validation import ab_parser, set_up
     from bench.bench_scale import _archived_through_now, _now, _pgbench, _stop, _timed
 except ImportError:  # run as a script from bench/
     import pgbackrest_peer  # type: ignore[no-redef]
+    from ab_validation import ab_parser, set_up  # type: ignore[no-redef]
     from bench_scale import _archived_through_now, _now, _pgbench, _stop, _timed  # type: ignore[no-redef]
 
 
@@ -100,20 +101,14 @@ def rounds(d: Path, n: int, codes: list[tuple[str, Path]], peer: bool) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("setup", "rounds"))
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--scale", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = ab_parser(("setup", "rounds"), rounds=3)
     ap.add_argument("--code", action="append", default=[], help="LABEL=FOLDER holding the dbops package")
     ap.add_argument("--peer", action="store_true", help="pgBackRest restores the same target each round")
     a = ap.parse_args()
     d = Path(a.dir).resolve()
     if a.mode == "setup":
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o755)
         t0 = time.monotonic()
-        setup(d, a.scale)
+        set_up(d, a.scale, setup)
         print(json.dumps({"setup_seconds": round(time.monotonic() - t0, 1)}), flush=True)
         return 0
     codes = [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in a.code]

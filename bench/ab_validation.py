@@ -52,6 +52,23 @@ def lab_after_full(d: Path, scale: int) -> labmod.LabInfo:
     return lab
 
 
+def ab_parser(modes: tuple[str, ...], rounds: int) -> argparse.ArgumentParser:
+    """The A/B scripts' common arguments: MODE (setup first), --dir, --scale, --rounds."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=modes)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--scale", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
+def set_up(d: Path, scale: int, make) -> None:
+    """``make(d, scale)`` in the folder d, created for the lab's users to enter."""
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o755)
+    make(d, scale)
+
+
 def setup(d: Path, scale: int) -> None:
     lab = lab_after_full(d, scale)
     cfg = lab.config
@@ -101,18 +118,12 @@ def one_round(d: Path, settings: dict, label: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("setup", "rounds"))
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--scale", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = ab_parser(("setup", "rounds"), rounds=2)
     ap.add_argument("--settings", action="append", default=[])
     a = ap.parse_args()
     d = Path(a.dir).resolve()
     if a.mode == "setup":
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o755)
-        setup(d, a.scale)
+        set_up(d, a.scale, setup)
         return 0
     variants = a.settings or ["{}"]
     for r in range(a.rounds):
