@@ -147,3 +147,26 @@ def test_the_compact_index_finds_each_page_and_nothing_else(tmp_path):
         assert saved.pages("f", 0, 0b1000) is None and saved.pages("f", 10, 0b1) is None
     finally:
         saved.close()
+
+
+def test_a_prediction_near_its_limit_compacts_seldom_and_keeps_to_the_limit():
+    p = Predicted(limit=1000)
+    for blk in range(999):
+        assert p.add(1663, 5, 100, blk)
+    compactions = 0
+    real = p.compact
+
+    def counted() -> None:
+        nonlocal compactions
+        compactions += 1
+        real()
+
+    p.compact = counted  # type: ignore[method-assign]
+    for _ in range(20):  # the same 999 pages named again and again: one page short of the limit
+        for blk in range(999):
+            assert p.add(1663, 5, 100, blk)
+    assert compactions <= 21  # one per 999 additions (the count doubled), not one per addition
+    for blk in range(999, 3000):  # past the limit: full, and no more than the limit kept
+        if not p.add(1663, 5, 101, blk):
+            break
+    assert p.full and sum(len(v) for v in p.segments().values()) == 1000

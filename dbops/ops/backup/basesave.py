@@ -57,15 +57,29 @@ class Predicted:
             pages = self.by_segment[key] = array("I")
         pages.append(page)
         self.count += 1
-        if self.count >= self.limit and self.count > self.compacted:
+        # Compacted when the count doubled since the last time (and not before the limit): each
+        # compaction's work is paid by as many additions, however near the limit the pages stay.
+        if self.count >= max(self.limit, 2 * self.compacted):
             self.compact()  # duplicates (a page named once per checkpoint) are not pages
-            self.full = self.count >= self.limit
+            if self.count >= self.limit:
+                self.full = True
+                self.trim()
         return not self.full
 
     def compact(self) -> None:
         """Each segment's numbers sorted, once each."""
         for key, pages in self.by_segment.items():
             self.by_segment[key] = array("I", sorted(set(pages)))
+        self.count = self.compacted = sum(len(p) for p in self.by_segment.values())
+
+    def trim(self) -> None:
+        """No more than ``limit`` pages (the last segments' go first; compacted)."""
+        left = self.limit
+        for key, pages in self.by_segment.items():
+            if len(pages) > left:
+                self.by_segment[key] = pages[:left]
+            left -= len(self.by_segment[key])
+        self.by_segment = {k: v for k, v in self.by_segment.items() if len(v)}
         self.count = self.compacted = sum(len(p) for p in self.by_segment.values())
 
     def segments(self) -> dict[SegmentKey, array]:
