@@ -62,7 +62,24 @@ def link_wal(wal_dir: Path, data_dir: Path) -> bool:
             tmp.unlink(missing_ok=True)
         log.event(_log, logging.INFO, "WAL not linked into pg_wal; restore_command copies it", error=str(e))
         return False
+    _mark_archived([tmp.name[len(LINK_PREFIX):] for tmp in made], pg_wal / "archive_status", owner)
     return True
+
+
+def _mark_archived(names: list[str], status_dir: Path, owner: os.stat_result) -> None:
+    """A ``.done`` status for each linked file, as PostgreSQL writes one for each file its
+    restore_command brings: they came from the archive, so a server that archives after its
+    promotion never pushes them again. Best effort (without it they would only be pushed twice)."""
+    if not status_dir.is_dir():
+        return
+    try:
+        for name in names:
+            done = status_dir / f"{name}.done"
+            os.close(os.open(done, os.O_WRONLY | os.O_CREAT, 0o600))
+            if os.geteuid() == 0:
+                os.chown(done, owner.st_uid, owner.st_gid)
+    except OSError as e:
+        log.event(_log, logging.INFO, "could not mark the linked WAL as archived", error=str(e))
 
 
 def release_links(wal_dir: Path, data_dir: Path) -> int:

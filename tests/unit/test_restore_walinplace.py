@@ -85,3 +85,15 @@ def test_linked_files_are_given_to_the_owner_of_pg_wal(folders):
     assert walfolder.link_wal(cache, data) is True
     st = (data / "pg_wal" / SEG_A).stat()
     assert (st.st_uid, st.st_gid) == (999, 998)
+
+
+def test_linked_files_are_marked_archived_as_restored_ones_are(folders):
+    """PostgreSQL writes a .done status for each file its restore_command brings; a file read in place
+    gets one too, so a server archiving after its promotion does not push it again."""
+    data, cache = folders
+    (data / "pg_wal" / "archive_status").mkdir()
+    for name in (SEG_A, "00000002.history"):
+        (cache / name).write_bytes(f"fetched {name}".encode())
+    assert walfolder.link_wal(cache, data) is True
+    assert sorted(p.name for p in (data / "pg_wal" / "archive_status").iterdir()) == sorted([
+        "00000002.history.done", f"{SEG_A}.done"])
