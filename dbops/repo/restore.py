@@ -19,6 +19,7 @@ Verification: :mod:`dbops.repo.verify`.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import pwd
@@ -317,13 +318,21 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
 
 
 def write_pieces(fd: int, pieces: list[memoryview], offset: int) -> None:
-    """Write the pieces one after the other from offset: ``pwritev`` (``IOV_MAX`` pieces a call)."""
+    """Write the pieces one after the other from offset: ``pwritev`` (``IOV_MAX`` pieces a call). A
+    short write (a disk filling up, a signal) goes on with the rest, as POSIX asks: the next call
+    writes it or fails with the real cause (ENOSPC, EIO), which callers report as such."""
     for k in range(0, len(pieces), _IOV_MAX):
         part = pieces[k:k + _IOV_MAX]
-        n = os.pwritev(fd, part, offset)
-        if n != sum(len(p) for p in part):
-            raise OSError(f"short write: {n} bytes at offset {offset}")
-        offset += n
+        while part:
+            n = os.pwritev(fd, part, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"write returned {n} at offset {offset}")
+            offset += n
+            while part and n >= len(part[0]):
+                n -= len(part[0])
+                part = part[1:]
+            if part and n:
+                part = [part[0][n:], *part[1:]]
 
 
 def block_len(f: FileEntry, run: Run) -> int:
