@@ -71,8 +71,8 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
     timeout = cfg.backup.validation.start_timeout
     run_dir = cache.parent / "run"
     # Promoted, the server only needs the WAL up to the target: read it where it was fetched to.
-    # Not while it archives (--keep-archiving): a segment read in place has no archive_status/.done,
-    # so the promoted server would archive every one of them again.
+    # Not while it archives (--keep-archiving): that run keeps the copy path it always had (link_wal
+    # now marks each linked file .done, as restored files are, but linking is not used or tested there).
     linked = opts.final == "promote" and not opts.keep_archiving and link_wal(cache, data)
     spec = InstanceSpec(data_dir=data, port=proc.free_port(),
                         settings=instance_settings(cfg, plan, opts, cache, linked),
