@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 from dbops import log
@@ -42,7 +41,9 @@ from dbops.config import CompressionSettings
 from dbops.errors import PreconditionError
 from dbops.pg.lsn import segment_of_lsn
 from dbops.repo import blocks, codec, mformat, walk
-from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta, encode_deltas
+from dbops.repo.known import Known
+from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta
+from dbops.repo.storedeltas import Ahead, DeltaPuts
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
 from dbops.repo.packs import Pack, PendingUploads, Uploader
 from dbops.repo.savedpages import SavedPages
@@ -65,15 +66,13 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from 
 
 # A new frame member: (its place in the unit's refs, sha256, bytes).
 _New = tuple[int, str, "bytes | memoryview"]
-# A batch of page deltas and its bases being fetched.
-_Ahead = tuple[list[Delta], "Future[list[bytes | memoryview]]"]
 
 
 class Cancelled(Exception):
     """``cancel`` was set: the store stopped (its packs become orphans that retention removes)."""
 
 
-class _Snapshot:
+class _Snapshot(DeltaPuts):
     def __init__(self, store: ObjectStore, layout: Layout, backup_id: str, *, encoder: codec.Encoder,
                  pack_size: int, workers: int, uploads: int, progress: Progress | None, total: int,
                  unchanged_lsn: int | None, tmp_dir: str, live: bool = False,
@@ -119,7 +118,7 @@ class _Snapshot:
                     raise Changed(unit.path) from None
                 raise
             pending: list[Delta] = []  # page deltas (their pages copied), encoded once their bases are here
-            ahead: _Ahead | None = None  # the batch before, its bases being fetched meanwhile
+            ahead: Ahead | None = None  # the batch before, its bases being fetched meanwhile
             with f:
                 for pos in range(unit.start, unit.end, step):
                     if self.cancel is not None and self.cancel.is_set():
@@ -200,6 +199,13 @@ class _Snapshot:
                 self.progress(self.done, self.total)
         return refs  # type: ignore[return-value]  # every None was filled by put_frame
 
+    def skipped(self, nbytes: int) -> None:
+        """A file taken whole unread (known unchanged): its bytes count as done."""
+        with self.lock:
+            self.done += nbytes
+            if self.progress:
+                self.progress(self.done, self.total)
+
     def put_frame(self, pack: Pack, run: list[_New], refs: list[ChunkRef | None]) -> Pack:
         """Compress a run of new blocks as one frame into the pack; returns the pack to go on with."""
         raw = b"".join(b for _, _, b in run)
@@ -215,43 +221,6 @@ class _Snapshot:
             self.up.seal(pack)
             return Pack(self.tmp_dir)
         return pack
-
-    def put_deltas(self, pack: Pack, ahead: _Ahead | None, pending: list[Delta], refs: list[ChunkRef | None],
-                   path: str, last: bool = False) -> tuple[Pack, _Ahead | None]:
-        """Start fetching the bases of ``pending`` (a batch), then store the batch ``ahead`` (fetched
-        meanwhile) and, when ``last``, this one too, each delta compressed against its base
-        (:func:`bases.encode_deltas`) as a frame of its own; returns the pack to go on with and the
-        batch still being fetched (memory: at most two batches per worker)."""
-        assert self.bases is not None
-        fetching = (pending, self.bases.fetch_ahead([d[3] for d in pending], f"backup {self.backup_id}: {path}",
-                                                    [d[2] for d in pending])) if pending else None
-        done = same = 0
-        for batch, bases in filter(None, (ahead, fetching) if last else (ahead,)):
-            pack, n, s = self.put_encoded(pack, batch, bases.result(), refs)
-            done, same = done + n, same + s
-        with self.lock:
-            self.c["delta"] += done - same
-            self.c["reused"] += same
-        return pack, None if last else fetching
-
-    def put_encoded(self, pack: Pack, batch: list[Delta], bases: Sequence[bytes | memoryview],
-                    refs: list[ChunkRef | None]) -> tuple[Pack, int, int]:
-        """Each delta of the batch compressed against its base's pages (:func:`bases.encode_deltas`)
-        as a frame of its own into the pack; returns the pack to go on with, the deltas done and how
-        many of them took the parent's whole block instead (none of their pages differed)."""
-        same = 0
-        for (i, _, _, base, pref), enc in zip(batch, encode_deltas(self.encoder, batch, bases)):
-            if enc is None:  # the parent's whole block, unchanged
-                refs[i], same = pref, same + 1
-                continue
-            payload, mask, stored = enc
-            h = codec.sha256(payload)
-            offset = pack.append(stored, len(payload), [h])
-            refs[i] = ChunkRef(h, pack.pack_id, offset, len(stored), base.raw, 0, len(payload), mask, base, True)
-            if pack.full(self.pack_size):
-                self.up.seal(pack)
-                pack = Pack(self.tmp_dir)
-        return pack, len(batch), same
 
 
 def store_snapshot(
@@ -285,6 +254,7 @@ def store_snapshot(
     nice: int = 0,
     saved: SavedPages | None = None,
     defer: list[PendingUploads] | None = None,
+    known: Known | None = None,
 ) -> Manifest:
     """Store a stopped data folder as backup ``backup_id`` and return its (written) manifest.
 
@@ -318,7 +288,9 @@ def store_snapshot(
     instead of fetching the base from storage. ``defer`` (with ``save=False``): return once every
     block is in a pack, the last packs still uploading, their :class:`PendingUploads` appended to
     defer; the caller finishes them before any manifest naming these packs is stored (the returned
-    manifest counts them as stored).
+    manifest counts them as stored). ``known``: files whose identity shows them unwritten since
+    their content was known to be the parent's (or ``reuse``'s) entry take its refs unread
+    (:mod:`dbops.repo.known`; counts ``unchanged_files``, ``unchanged_bytes``).
     """
     compression = compression or CompressionSettings()
     if chunk_size <= 0 or chunk_size % 8192:
@@ -353,7 +325,7 @@ def store_snapshot(
     pending = PendingUploads(snap.up, spool) if defer is not None and not save else None
     try:
         try:
-            write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers)
+            skipped = write_entries(snap, entries, data_dir, chunk_size, parent, writer, workers, known)
             t_chunk = time.monotonic()
             if pending is None:
                 snap.up.finish()
@@ -377,9 +349,10 @@ def store_snapshot(
             logical_size=total,
             stored_bytes=stored + (reuse.stored_bytes if reuse else 0),
             counts={"files": sum(1 for e in entries if e.type == FILE),
-                    "chunks": c["new"] + c["delta"] + c["reused"] + c["lsn_reused"] + c["zero"],
-                    "new_chunks": c["new"], "delta_chunks": c["delta"],
-                    "reused_chunks": c["reused"] + c["lsn_reused"], "lsn_reused_chunks": c["lsn_reused"],
+                    "chunks": c["new"] + c["delta"] + c["reused"] + c["lsn_reused"] + c["zero"] + skipped[
+                        "unchanged_chunks"], "new_chunks": c["new"], "delta_chunks": c["delta"],
+                    "reused_chunks": c["reused"] + c["lsn_reused"] + skipped["unchanged_chunks"],
+                    "lsn_reused_chunks": c["lsn_reused"], **skipped,
                     "zero_chunks": c["zero"], "hashed_bytes": c["hashed_bytes"],
                     **({"base_blocks": snap.bases.blocks, "base_requests": snap.bases.requests,
                         "base_fetched_bytes": snap.bases.fetched_bytes} if snap.bases is not None else {}),

@@ -93,8 +93,10 @@ def test_direct_copy_under_writes_restores_every_committed_row(clab, cli, tmp_pa
         assert r.exit_code == 0, r
     assert not w.errors, w.errors
     assert "copy" in res["timings"] and "basebackup" not in res["timings"], res["timings"]
-    # The store that followed the copy gave the final store the blocks recovery did not touch.
-    assert res["counts"]["lsn_reused_chunks"] > 0, res["counts"]
+    # The store that followed the copy gave the final store the blocks recovery did not touch (by their
+    # page LSNs), and the files it did not write at all (unread, dbops.repo.known); w and big are read.
+    c = res["counts"]
+    assert c["lsn_reused_chunks"] + c["unchanged_chunks"] > 0 and c["unchanged_files"] > 0, c
     consistent = parse_lsn(res["consistent_lsn"])
     must = max((i for i, lsn in w.committed if lsn <= consistent), default=0)
     assert must > 0, "no row was committed before the backup's consistent point"
@@ -157,7 +159,7 @@ def test_quiet_database_restores_byte_for_byte(clab, cli, tmp_path):
     files = [sql(p, f"SELECT pg_relation_filepath('{rel}')")[0][0] for rel in ("quiet", "quiet_id")]
     r, res = backup_cli(cli, clab.config_path, "--full", env=env)
     assert r.exit_code == 0, r
-    assert res["counts"]["lsn_reused_chunks"] > 0, res["counts"]
+    assert res["counts"]["unchanged_files"] > 0, res["counts"]  # quiet's files among them: not read again
     store, layout = open_store(clab.config.storage), Layout(clab.config.storage.prefix)
     folder = tmp_path / "files"
     restore_snapshot(store, layout, mf.load(store, layout, res["backup_id"]), str(folder), parallel=2,

@@ -48,14 +48,35 @@ def restored_equals(store, layout, m: mf.Manifest, data: Path, into: Path, table
     return n
 
 
-def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
+def next_incremental(cfg, store, layout, proof, parent: mf.Manifest, tmp: Path):
+    """(store(**kw): the next incremental stored from a proved folder on parent as `dbops backup` stores
+    it, keyword arguments passed on to store_snapshot; the folder's tablespaces {tablespace: folder})."""
+    data = proof.data
+    ts = proof.tablespaces.snapshot(data, proof.validation.tablespace_names)
+    pg = pgstate.read(str(data), consistent_lsn=proof.target.lsn, consistent_time=proof.target.time)
+
+    def store_next(**kw) -> mf.Manifest:
+        return store_snapshot(store, layout, str(data), backup_id=catalog.new_backup_id(), parent_manifests=(parent,),
+                              compression=cfg.compression, chunk_size=cfg.backup.chunk_size,
+                              pack_size=cfg.backup.pack_size, parallel=2, pg=pg, unchanged_lsn=parent.pg.redo_lsn,
+                              tmp_dir=str(tmp), tablespaces=ts, **kw)
+
+    return store_next, ts
+
+
+def lab_with_tablespace(make_lab):
+    """A lab of its own (no replica) with a tablespace ``one``; (lab, env with its own lock folder)."""
     lab = make_lab(replicas=0)
-    env = {"DBOPS_LOCK_DIR": str(lab.dir / "run")}
-    p = lab.primary
     live = lab.dir / "live"
     live.mkdir(mode=0o700)
     proc.run(["chown", "postgres:postgres", str(live)])
-    sql(p, f"CREATE TABLESPACE one LOCATION '{live}'")
+    sql(lab.primary, f"CREATE TABLESPACE one LOCATION '{live}'")
+    return lab, {"DBOPS_LOCK_DIR": str(lab.dir / "run")}
+
+
+def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
+    lab, env = lab_with_tablespace(make_lab)
+    p = lab.primary
     sql(p, "CREATE TABLE t (id int, note text) WITH (fillfactor = 50, autovacuum_enabled = off) TABLESPACE one")
     sql(p, "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 40000) g")
     pgbench(lab, "-i", "-s", "1", "-q")
@@ -91,14 +112,10 @@ def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
         assert few.full and sum(len(v) for v in few.segments().values()) == 3
         oid = next(t.oid for t in m2.tablespaces)
         assert any(k.startswith(str(proof.tablespaces.folder(oid))) for k in saved.index)  # pages saved there too
-        ts = proof.tablespaces.snapshot(data, proof.validation.tablespace_names)
-        pg = pgstate.read(str(data), consistent_lsn=proof.target.lsn, consistent_time=proof.target.time)
+        store_next, ts = next_incremental(cfg, store, layout, proof, m2, lab.dir)
 
         def put(saved_pages: SavedPages | None) -> mf.Manifest:
-            return store_snapshot(store, layout, str(data), backup_id=catalog.new_backup_id(), parent_manifests=(m2,),
-                                  compression=cfg.compression, chunk_size=cfg.backup.chunk_size,
-                                  pack_size=cfg.backup.pack_size, parallel=2, pg=pg, unchanged_lsn=m2.pg.redo_lsn,
-                                  tmp_dir=str(lab.dir), tablespaces=ts, saved=saved_pages)
+            return store_next(saved=saved_pages)
 
         local, fetched = put(saved), put(None)
         assert local.counts["local_bases"] > 0 and local.counts["delta_chunks"] > 0

@@ -45,6 +45,7 @@ from dbops.ops.backup import tablespaces as tbs
 from dbops.config import Node
 from dbops.pg.onlinebackup import OnlineBackup
 from dbops.repo import walk
+from dbops.repo.known import Known
 from dbops.repo.manifest import DIR, FILE, SYMLINK, path_key
 from dbops.repo.tblspc import TBLSPC_DIR, Tablespace
 
@@ -76,12 +77,15 @@ class CopyPlan:
 
 class Copied:
     """The ranges of each destination file that the copy has finished (or found vanished), for a
-    reader that follows the copy; :meth:`wait` blocks until a part of a file is complete."""
+    reader that follows the copy; :meth:`wait` blocks until a part of a file is complete.
+    ``known``: each file's identity once its last range is written (:mod:`dbops.repo.known`): the
+    reader read exactly that content, so a file nothing wrote since need not be read again."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._done: dict[str, set[int]] = {}
         self._failed = False
+        self.known = Known()
 
     def mark(self, dst: str, offset: int) -> None:
         with self._cond:
@@ -277,9 +281,17 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
     # In the order a store of the copy reads it (ranges of at most RANGE: the threads end together).
     jobs.sort(key=lambda j: (path_key(p.paths.get(j[1], str(j[1]))), j[2]))
 
+    ranges_left = {dst: -(-size // RANGE) for _, dst, size, _ in p.files}
+    lock = threading.Lock()
+
     def job(j: tuple[str, Path, int, int]) -> tuple[int, bool]:
         done = _copy_range(*j)
         if copied is not None:
+            with lock:
+                ranges_left[j[1]] -= 1
+                last = not ranges_left[j[1]]
+            if last:  # the file's last write by the copy (nothing else writes it until the server starts)
+                copied.known.record(p.paths[j[1]], str(j[1]))
             copied.mark(str(j[1]), j[2])
         return done
 

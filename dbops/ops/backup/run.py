@@ -63,6 +63,7 @@ from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo import pgstate
 from dbops.repo import relmap as relmap_store
+from dbops.repo.known import Known
 from dbops.repo.savedpages import SavedPages
 from dbops.repo.packs import PendingUploads
 from dbops.repo.store import store_snapshot
@@ -263,9 +264,12 @@ class BackupRun:
                     ExitStack() as pending:
                 pending.callback(lambda: [u.abort() for u in uploads])  # unless finished by the final store
                 pre: list[Future] = []
+                known: list[Known] = []  # the files as the direct copy wrote them (and the prestore read them)
 
                 def store_first(plan: livecopy.CopyPlan | None = None, copied: livecopy.Copied | None = None) -> None:
                     t_pre = time.monotonic()
+                    if copied is not None:
+                        known.append(copied.known)
                     pre.append(pool.submit(prestore.prestore, cfg, self.store, self.layout, data, backup_id, cancel,
                                            ts, plan, copied, uploads))
                     pre[0].add_done_callback(
@@ -273,6 +277,8 @@ class BackupRun:
 
                 try:
                     basecopy.take(cfg, source, data, ts, phases, run_id=self.run_id, follow=store_first)
+                    for k in known:  # before the throwaway server writes: the clock past the copy's writes
+                        k.seal(str(scratch))
                     ts.relink(data)  # a tablespace created since the query went elsewhere: refused here
                     start_segment, start_lsn = basecopy.label_start_segment(data), basecopy.label_start_lsn(data)
                     if not pre:  # pg_basebackup: stored from the moment it is complete
@@ -293,7 +299,8 @@ class BackupRun:
                     reuse = pre[0].result() if pre else None
                 manifest = self._store(data, target, val, phases, parents=(), parent_id=None, kind="full",
                                        backup_id=backup_id, reuse=reuse, unchanged_lsn=start_lsn,
-                                       tablespaces=ts.snapshot(data, val.tablespace_names), uploads=uploads)
+                                       tablespaces=ts.snapshot(data, val.tablespace_names), uploads=uploads,
+                                       known=known[0] if known else None)
         # Started and checked before it was stored; `validated` comes when a later run restores it from storage.
         catalog.record_status(self.store, self.layout, manifest.backup_id, catalog.STORED, run_id=self.run_id,
                               phase="first-start", timings=dict(phases.t),
@@ -319,6 +326,7 @@ class BackupRun:
             # stops the store (its packs, in no manifest, are orphans that retention removes).
             manifest = self._store(proof.data, target, val, phases, parents=(prev_m,), parent_id=prev.backup_id,
                                    kind="incremental", unchanged_lsn=prev_m.pg.redo_lsn, saved=proof.saved,
+                                   known=proof.known,
                                    tablespaces=proof.tablespaces.snapshot(proof.data, val.tablespace_names))
         val.timings = {k: v for k, v in phases.t.items() if k in ("download", "wal_fetch", "start", "replay",
                                                                   "checks", "stop", "checksums")}
@@ -337,7 +345,7 @@ class BackupRun:
     def _store(self, data: Path, target: Target, val: Validation, phases: Phases, *, parents, parent_id,
                kind: str, tablespaces: dict, unchanged_lsn: int | None = None, backup_id: str | None = None,
                reuse: mf.Manifest | None = None, saved: SavedPages | None = None,
-               uploads: Sequence[PendingUploads] = ()) -> mf.Manifest:
+               uploads: Sequence[PendingUploads] = (), known: Known | None = None) -> mf.Manifest:
         cfg = self.cfg
         backup_id = backup_id or catalog.new_backup_id()
         # Consistent at the captured target: everything before it is in the snapshot, and the
@@ -364,7 +372,7 @@ class BackupRun:
                       "target_time": target.time, "last_commit_time": val.last_commit_time,
                       "host": socket.gethostname(), "dbops_version": __version__, "checks": val.checks},
                 tablespaces=tablespaces, cancel=checking.failed if checking else None, before_manifest=settle,
-                saved=saved,
+                saved=saved, known=known,
             )
         log.event(_log, logging.INFO, "backup stored", backup=backup_id, kind=kind,
                   stored_bytes=manifest.stored_bytes, logical_size=manifest.logical_size)

@@ -32,6 +32,7 @@ from dbops.pg import relmap as relmap_reader
 from dbops.pg.lsn import format_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
+from dbops.repo.known import Known
 from dbops.repo.restore import restore_snapshot
 from dbops.repo.model import PAGE
 from dbops.repo.savedpages import SavedPages, Saver
@@ -289,6 +290,7 @@ class Proof:
     validation: Validation
     tablespaces: tbs.ScratchTablespaces  # the copy's tablespace folders (in the scratch folder)
     saved: SavedPages | None = None  # with save_bases: the pages replay changed, as they were before it
+    known: Known | None = None  # the files as the download finished them: m's entries (dbops.repo.known)
 
 
 @contextmanager
@@ -352,13 +354,20 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
         if saver is not None:
             stack.callback(saver.close)
 
+        known = Known()
+
+        def file_done(rel: str) -> None:  # the download's last write to it: its content is m's entry
+            known.record(rel, str(data / rel))
+            if saver is not None:
+                saver.file_done(rel)
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
             wal_job = pool.submit(target_and_wal)
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
                                      tablespace_dirs=ts.dirs(), durable=False, progress=byte_progress,
-                                     on_file=saver.file_done if saver is not None else None)
+                                     on_file=file_done)
                     # durable=False: a scratch copy, a crash throws it away
                 except (NotFoundError, StorageError) as e:
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
@@ -366,6 +375,7 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                     raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
             reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
+        known.seal(str(scratch))  # before anything else writes to the copy
         saved = None
         if saver is not None:  # the folder is the backup just restored, checked; no server ran on it yet
             with phases("bases_save"):
@@ -375,4 +385,4 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
                                 stack=stack if background_checksums else None, wal_scanned=True)
         val.backup_id = m.backup_id
-        yield Proof(data, reached, val, ts, saved)
+        yield Proof(data, reached, val, ts, saved, known)

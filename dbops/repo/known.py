@@ -1,0 +1,147 @@
+"""Files whose content is known, by identity: a store takes their refs without reading them.
+
+A file's content is known at two moments of `dbops backup`: when the full backup's direct copy
+has written the file's last range (the store that follows the copy read exactly that, see
+:mod:`dbops.ops.backup.prestore`), and when the validation's download has finished it (every
+block checked against the parent's hash: its content is the parent's entry for that path). At
+that moment, after the writer's last write, :meth:`Known.record` notes the file's identity:
+(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns). When the store of the stopped folder finds
+the same identity (:meth:`Known.unchanged`), nothing wrote the file since: a write (``pwrite``,
+``ftruncate``, a copy into it) sets mtime and ctime to the current time, and :meth:`Known.seal`
+makes sure the clock has moved past every recorded time before any other writer (the throwaway
+server) starts, so the same times cannot come back while the clock runs forward. ``utime`` can set
+mtime back, never ctime; a renamed, replaced or re-created file has another inode or times.
+The store then checks the clock again (:meth:`Known.usable`): a clock stepped back since the seal
+makes every identity uncertain, and every file is read. The safety argument is in docs/backups.md.
+
+Memory: six 8-byte numbers a file in arrays (48 bytes; a path is kept as a 64-bit hash, sorted
+once sealed), never anything per block or page: a few hundred thousand files take a few MiB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+import threading
+import time
+from array import array
+from bisect import bisect_left
+
+PROBE_LIMIT = 2.0  # seconds to wait for the file clock to move on at a seal (one tick is a few ms)
+
+
+def path_hash(path: str) -> int:
+    """A backup path as a 64-bit number (two paths sharing one are both forgotten: read)."""
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What a write to a file changes: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def clock_now(folder: str) -> int:
+    """The file clock of folder's file system: the ctime of a file created there (then removed)."""
+    fd, probe = tempfile.mkstemp(prefix=".dbops-clock-", dir=folder)
+    try:
+        return os.fstat(fd).st_ctime_ns
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+class Known:
+    """The identities of files whose content is known, by their path in a backup. ``record`` from
+    any thread while the writer finishes files; ``seal`` once, after the writer's last write and
+    before anything else writes to the folder; then ``usable`` and ``unchanged`` (the store)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cols = (array("Q"), array("Q"), array("Q"), array("Q"), array("q"), array("q"))  # hash + identity
+        self.latest = 0  # the newest time recorded
+        self.sealed_at: int | None = None  # the file clock once past every recorded time
+        self.folder: str | None = None
+        self.sealed = False
+
+    def __len__(self) -> int:
+        return len(self.cols[0])
+
+    def record(self, path: str, real: str) -> None:
+        """The file at ``real`` (its links followed) holds the known content of backup path ``path``,
+        as of now; call it after the file's last write. Never raises (a file not recorded is read)."""
+        try:
+            st = os.stat(real)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        row = (path_hash(path), *identity(st))
+        with self.lock:
+            if self.sealed:
+                return
+            for col, v in zip(self.cols, row):
+                col.append(v)
+            self.latest = max(self.latest, st.st_mtime_ns, st.st_ctime_ns)
+
+    def seal(self, folder: str) -> None:
+        """No more records: sort them by path, and wait until the file clock of ``folder`` (the
+        scratch folder, where the files are) is past every recorded time, so any later write gives a
+        file a newer mtime and ctime. Call it before anything but the recording writer writes to
+        the files. When the clock does not move on (or the folder takes no file), nothing is kept."""
+        with self.lock:
+            self.sealed = True
+            order = sorted(range(len(self.cols[0])), key=self.cols[0].__getitem__)
+            hashes = self.cols[0]
+            dup = {hashes[i] for i, j in zip(order, order[1:]) if hashes[i] == hashes[j]}
+            keep = [i for i in order if hashes[i] not in dup]
+            self.cols = tuple(array(c.typecode, (c[i] for i in keep)) for c in self.cols)  # type: ignore[assignment]
+        self.folder = folder
+        deadline = time.monotonic() + PROBE_LIMIT
+        try:
+            while True:
+                now = clock_now(folder)
+                if now > self.latest:
+                    self.sealed_at = now
+                    return
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+        except OSError:
+            pass
+        self.forget()
+
+    def forget(self) -> None:
+        self.cols = tuple(array(c.typecode) for c in self.cols)  # type: ignore[assignment]
+        self.sealed_at = None
+
+    def usable(self) -> bool:
+        """Once the writers are done (the store): False, forgetting every record, unless sealed and
+        the file clock is still past the seal (a clock stepped back makes every identity uncertain)."""
+        if self.sealed_at is None or self.folder is None or not len(self):
+            return False
+        try:
+            now = clock_now(self.folder)
+        except OSError:
+            now = None
+        if now is None or now < self.sealed_at:
+            self.forget()
+            return False
+        return True
+
+    def unchanged(self, path: str, real: str, size: int) -> bool:
+        """True when the file at ``real`` (backup path ``path``) is still the one recorded, ``size``
+        bytes long, not written since; False when it was, or when that is not certain."""
+        if self.sealed_at is None:
+            return False
+        h = path_hash(path)
+        hashes = self.cols[0]
+        i = bisect_left(hashes, h)
+        if i >= len(hashes) or hashes[i] != h:
+            return False
+        try:
+            now = identity(os.stat(real))
+        except OSError:
+            return False
+        return now[2] == size and now == tuple(c[i] for c in self.cols[1:])
