@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from dbops.repo import codec
 from dbops.repo.blocks import delta_writes
+from dbops.repo.frames import chunk_fault, open_delta
 from dbops.repo.ranges import Frame, Range, Run, frame_chunks
 
 HOLD_BYTES = 8 * 1024 * 1024  # stored bytes of one batch's deltas held at most (else: two passes)
@@ -45,28 +46,50 @@ class Held:
             self.by_block[(run.file_no, run.offset)] = (Frame(fr.ref, [run]), stored, key)
         self.stored += len(stored)
 
-    def over(self, decoder: codec.Decoder, run: Run, raw: memoryview) -> tuple[list[memoryview], str]:
+    def over(self, decoder: codec.Decoder, run: Run, raw: memoryview) -> tuple[list[memoryview] | None, str]:
         """(the run's whole blocks with every held delta of theirs applied, as pieces to write one after
-        the other, "") or, for a delta that does not decode or check, ([], why: its object, block and
-        fault). ``raw``: the run's content, checked against its sha256; its pages a delta replaces are
-        left out of the pieces (no copy of the run is made)."""
-        pieces: list[memoryview] = []
+        the other, ""), (None, "") when no held delta goes over them, or, for a delta that does not
+        decode or check, ([], why: its object, block and fault). ``raw``: the run's content, checked
+        against its sha256; its pages a delta replaces are left out of the pieces (no copy of the run
+        is made)."""
+        pieces: list[memoryview] | None = None
         done = 0  # raw[:done] is in pieces
         for c in run.refs:
-            got = self.by_block.get((run.file_no, run.offset + c.at - run.at))
+            at = c.at - run.at
+            got = self.by_block.get((run.file_no, run.offset + at))
             if got is None:
                 continue
             fr, stored, key = got
-            at = c.at - run.at
-            base = raw[at:at + c.raw]  # as checked: a block has at most one delta
-            (drun, pages, why), = frame_chunks(decoder, fr, stored, lambda _f, _r: base)
+            drun = fr.runs[0]
+            pages, why = _decoded(decoder, fr, stored, raw[at:at + c.raw])  # as checked: at most one delta a block
             if pages is None:
                 return [], f"object {key}: the page delta of the block at offset {drun.offset}: {why}"
+            if pieces is None:
+                pieces = []
             for off, p in delta_writes(pages, drun.mask, c.raw):
                 if at + off > done:
                     pieces.append(raw[done:at + off])
                 pieces.append(p)
                 done = at + off + len(p)
-        if done < len(raw):
+        if pieces is not None and done < len(raw):
             pieces.append(raw[done:])
         return pieces, ""
+
+
+def _decoded(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview,
+             base: memoryview) -> tuple[memoryview | None, str]:
+    """(the pages of a held delta (a frame of one run), decoded against its base block and checked
+    against their sha256, "") or (None, why). A format 5 delta (a frame of its own) straight through
+    :func:`dbops.repo.frames.open_delta` and :func:`~dbops.repo.frames.chunk_fault`; a format 4 one
+    (compressed on its own, maybe with others in its frame) through
+    :func:`dbops.repo.ranges.frame_chunks`."""
+    r, drun = fr.ref, fr.runs[0]
+    if not r.on_base:
+        (_run, pages, why), = frame_chunks(decoder, fr, stored)
+        return pages, why
+    content, why = open_delta(decoder, r, stored, base)
+    if content is None:
+        return None, why
+    c = drun.refs[0]
+    why = chunk_fault(content, c, r.offset)
+    return (None, why) if why else (content[c.at:c.at + c.raw], "")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from dbops.errors import NotFoundError, StorageError
 from dbops.repo import codec
-from dbops.repo.frames import open_delta, open_frame
+from dbops.repo.frames import chunk_fault, open_delta, open_frame
 from dbops.repo.manifest import FILE, ChunkRef, FileEntry, Manifest
 from dbops.storage.base import BytesRange, ObjectStore, RangeReader
 
@@ -244,7 +244,6 @@ def frame_chunks(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview,
     its sha256; (run, None, why) for a run with a damaged chunk (or frame). A page delta
     compressed against its base (format 5) is decoded with ``base_of(frame, run)``: the raw bytes
     of the frame's base block, for the run's block (None: not available, reported damaged)."""
-    sha256 = codec.sha256
     r = fr.ref
     if r.on_base:
         raw, why = None, ""
@@ -257,10 +256,9 @@ def frame_chunks(decoder: codec.Decoder, fr: Frame, stored: bytes | memoryview,
             yield run, None, why
             continue
         why = ""
-        for c in run.refs:  # a delta's base carries the first 128 bits of its sha256
-            if len(c.hash) < 32 or sha256(raw[c.at:c.at + c.raw])[:len(c.hash)] != c.hash:
-                why = (f"chunk at offset {c.at} of the frame at offset {r.offset} fails its sha256 check "
-                       f"(expected {c.hash[:16]}...)")
+        for c in run.refs:
+            why = chunk_fault(raw, c, r.offset)
+            if why:
                 break
         yield (run, None, why) if why else (run, raw[run.at:run.at + run.size], "")
 

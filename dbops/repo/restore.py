@@ -294,14 +294,17 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                     fd = fd_of(run.file_no)
                     if run.mask:  # a page delta: its pages over its base block, written (and checked) before
                         for at, pages in delta_writes(raw, run.mask, block_len(files[run.file_no], run)):
-                            os.pwrite(fd, pages, run.offset + at)
+                            write_all(fd, pages, run.offset + at)
                     elif held is not None and held.by_block:  # the held deltas of its blocks applied
                         pieces, why = held.over(decoder, run, raw)
                         if why:
                             raise _damaged(manifest, files[run.file_no].path, why)
-                        write_pieces(fd, pieces, run.offset)
+                        if pieces is None:
+                            write_all(fd, raw, run.offset)
+                        else:
+                            write_pieces(fd, pieces, run.offset)
                     else:
-                        os.pwrite(fd, raw, run.offset)
+                        write_all(fd, raw, run.offset)
                     written += len(raw)
                     if flusher:
                         flusher.wrote(fd, run.offset, len(raw))
@@ -315,6 +318,13 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
         for fd in fds.values():
             os.close(fd)
     return fetched, written
+
+
+def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``pwrite`` of data at offset; a short write goes on with the rest (:func:`write_pieces`)."""
+    n = os.pwrite(fd, data, offset)
+    if n != len(data):
+        write_pieces(fd, [memoryview(data)[n:]], offset + n)
 
 
 def write_pieces(fd: int, pieces: list[memoryview], offset: int) -> None:

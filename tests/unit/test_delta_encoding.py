@@ -1,5 +1,7 @@
 """Page delta frames (format 5): written with the base's pages as a zstd prefix, read with them as a
-raw-content dictionary (and the other way round), byte for byte, whatever wrote them."""
+raw-content dictionary (and the other way round), byte for byte, whatever wrote them; read through
+zstd's own functions on a context kept per thread (zstandard's cffi backend) and, where that is
+not installed, through a decompressor made for each delta: the same bytes and faults either way."""
 
 from __future__ import annotations
 
@@ -15,6 +17,16 @@ from dbops.repo.model import ChunkRef
 
 PAGE = 8192
 stdzstd = prefix_zstd()
+
+
+@pytest.fixture(params=["context per thread", "decompressor per delta"], autouse=True)
+def reader(request, monkeypatch):
+    """Every test here runs with both ways of reading a delta (:meth:`codec.Decoder.decode_on`)."""
+    if request.param == "context per thread":
+        assert codec.zstd_functions() is not None  # installed with zstandard here (pyproject.toml)
+    else:
+        monkeypatch.setattr(codec, "zstd_functions", lambda: None)
+    return request.param
 
 
 def heap_page(rng: random.Random, lsn: int) -> bytearray:
@@ -90,6 +102,25 @@ def test_a_prefix_frame_read_with_a_wrong_base_does_not_give_the_pages():
     except zstandard.ZstdError:
         return
     assert got != payload  # wrong bytes: the caller's sha256 check of the pages catches them
+
+
+def test_a_damaged_or_cut_delta_frame_fails_to_decode_or_gives_other_bytes():
+    """A flipped byte or a frame cut short (as a damaged object gives them) never gives the pages:
+    zstd refuses it, or the bytes differ (the caller's sha256 check of the pages refuses those)."""
+    enc, dec = codec.Encoder("zstd", 3), codec.Decoder()
+    for payload, dictionary, mask in deltas(seed=11):
+        stored = enc.encode_on(payload, dictionary)
+        for bad in (stored[:len(stored) // 2], stored[:-1], stored[:len(stored) // 2] + bytes([stored[len(stored) // 2] ^ 0x40])
+                    + stored[len(stored) // 2 + 1:]):
+            try:
+                got = dec.decode_on(bad, len(payload), dictionary)
+            except zstandard.ZstdError:
+                continue
+            assert bytes(got) != payload
+        ref = ChunkRef(codec.sha256(payload), "p", 0, len(stored), 8 * PAGE, 0, len(payload), mask,
+                       ChunkRef("00" * 16, "q", 0, 10, 8 * PAGE, 0, 8 * PAGE), True)
+        raw, why = open_delta(dec, ref, stored[:-1], bytes(8 * PAGE))  # short: named as such, not decoded
+        assert raw is None and "too short" in why
 
 
 @pytest.mark.parametrize("level,used", [(-5, codec.DELTA_LEVEL), (1, codec.DELTA_LEVEL), (2, codec.DELTA_LEVEL), (9, 9)])

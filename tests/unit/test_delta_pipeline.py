@@ -116,7 +116,7 @@ class SpyHeld(held.Held):
 
     def over(self, decoder, run, raw):
         pieces, why = super().over(decoder, run, raw)
-        SpyHeld.applied += len(pieces) > 1
+        SpyHeld.applied += pieces is not None and len(pieces) > 1
         return pieces, why
 
 
