@@ -11,9 +11,11 @@ import socket
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from dbops import proc
-from dbops.repo import catalog
+from dbops.repo import blocks, catalog, codec
+from dbops.repo import held as heldmod
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot, verify_backup
 from dbops.repo.store import store_snapshot
@@ -239,4 +241,80 @@ def test_page_lsn_shortcut_stores_exactly_what_full_hashing_stores(lab, workdir)
     rf.start()
     assert rf.sql("SELECT count(*), md5(string_agg(h, ',' ORDER BY i)) FROM t") == want
     rf.stop()
+    store.delete_many([o.key for o in store.list(layout.root)])
+
+
+def _flipped(frame: bytes, decoded, good: bytes) -> int:
+    """The first byte of a stored frame whose lowest bit flipped still decodes (``decoded(bad)``),
+    to other bytes: damage zstd itself does not notice, only the sha256 checks do."""
+    for i in range(len(frame) - 1, -1, -1):
+        bad = frame[:i] + bytes([frame[i] ^ 1]) + frame[i + 1:]
+        try:
+            got = decoded(bad)
+        except zstandard.ZstdError:
+            continue
+        if bytes(got) != good:
+            return i
+    raise AssertionError("no byte of the frame decodes to other bytes when flipped")
+
+
+def test_a_delta_or_base_decoding_to_other_bytes_stops_the_restore_and_is_named(lab, workdir, monkeypatch):
+    """A page delta (format 5) is decoded against its base block and its pages checked against their
+    sha256, the base block against its own: a stored delta or base damaged so that zstd still
+    decodes it (to other bytes) stops the restore of the incremental with exit code 7, naming the
+    object and the file, whether the deltas are held (applied over their bases in memory) or
+    read in a second pass; put back, the backup restores byte for byte."""
+    d, clusters = workdir
+    src = Cluster(d / "src", d)
+    clusters.append(src)
+    proc.run([binaries.binary("initdb"), "-D", src.data, "-k", "-U", PG, "--auth=trust", "--locale=C"],
+             user=PG, timeout=180)
+    src.conf()
+    src.start()
+    src.sql("CREATE TABLE t AS SELECT i, md5(i::text) AS h FROM generate_series(1, 300000) i")  # ~22 MB
+    src.sql("CHECKPOINT")
+    src.stop()
+    store = open_store(lab.config.storage)
+    layout = Layout(f"test-deltacheck-{secrets.token_hex(4)}")
+    kw = {"compression": CompressionSettings("zstd", 3), "chunk_size": 8192, "pack_size": 4 << 20, "parallel": 2}
+    m1 = store_snapshot(store, layout, str(src.data), backup_id=catalog.new_backup_id(), **kw)
+    src.start()
+    src.sql("UPDATE t SET h = 'changed' WHERE i % 5000 = 0")
+    src.sql("CHECKPOINT")
+    src.stop()
+    m2 = store_snapshot(store, layout, str(src.data), backup_id=catalog.new_backup_id(), parent_manifests=[m1],
+                        unchanged_lsn=m1.pg.redo_lsn, **kw)
+    m2 = mf.load(store, layout, m2.backup_id)
+    path, c = next((f.path, c) for f in m2.entries() for c in f.chunks if c.mask and c.on_base)
+    dec = codec.Decoder()
+    restore_snapshot(store, layout, m2, str(d / "good"), parallel=4)
+    want = _files(d / "good")
+    base_key, delta_key = layout.pack(c.base.pack), layout.pack(c.pack)
+    base_frame = store.get(base_key)[c.base.offset:c.base.offset + c.base.length]
+    block = bytes(dec.decode(base_frame, c.base.frame_raw))[c.base.at:c.base.at + c.base.raw]
+    delta_frame = store.get(delta_key)[c.offset:c.offset + c.length]
+    pages = bytes(dec.decode_on(delta_frame, c.frame_raw, blocks.same_pages(block, c.mask)))
+    damage = {  # (key, offset in the object) of a flip each: the delta's frame, its base's frame
+        "delta": (delta_key, c.offset + _flipped(delta_frame, lambda b: dec.decode_on(
+            b, c.frame_raw, blocks.same_pages(block, c.mask)), pages)),
+        "base": (base_key, c.base.offset + _flipped(base_frame, lambda b: bytes(dec.decode(b, c.base.frame_raw))[
+            c.base.at:c.base.at + c.base.raw], block)),
+    }
+    holds = (heldmod.HOLD_BYTES, 0)  # held in memory, or a second pass
+    for which, (key, at) in damage.items():
+        good = store.get(key)
+        store.put(key, good[:at] + bytes([good[at] ^ 1]) + good[at + 1:])
+        try:
+            for hold in holds:
+                monkeypatch.setattr(heldmod, "HOLD_BYTES", hold)
+                with pytest.raises(ValidationError) as ei:
+                    restore_snapshot(store, layout, m2, str(d / f"bad-{which}-{hold}"), parallel=4)
+                assert ei.value.exit_code == 7, (which, hold)
+                assert key in (ei.value.detail or "") and "sha256" in (ei.value.detail or ""), (which, hold, ei.value)
+                assert path in ei.value.message or which == "base", (which, hold, ei.value.message)
+        finally:
+            store.put(key, good)
+    monkeypatch.setattr(heldmod, "HOLD_BYTES", 0)
+    restore_snapshot(store, layout, m2, str(d / "again"), parallel=4)
+    assert _files(d / "again") == want
     store.delete_many([o.key for o in store.list(layout.root)])
