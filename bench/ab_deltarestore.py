@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from dbops import proc
@@ -32,13 +31,11 @@ from dbops.lab import harness as labmod
 
 try:
     from bench import pgbackrest_peer
-    from bench.ab_restore import _RUN_TREE, _dbops_restore
-    from bench.ab_validation import ab_parser, set_up
+    from bench.ab_restore import RUN_TREE, dbops_restore, code_parser, code_trees, each_round, timed_setup
     from bench.bench_scale import _archived_through_now, _now, _pgbench
 except ImportError:  # run as a script from bench/
     import pgbackrest_peer  # type: ignore[no-redef]
-    from ab_restore import _RUN_TREE, _dbops_restore  # type: ignore[no-redef]
-    from ab_validation import ab_parser, set_up  # type: ignore[no-redef]
+    from ab_restore import RUN_TREE, dbops_restore, code_parser, code_trees, each_round, timed_setup  # type: ignore[no-redef]
     from bench_scale import _archived_through_now, _now, _pgbench  # type: ignore[no-redef]
 
 
@@ -64,14 +61,12 @@ def setup(d: Path, scale: int) -> None:
 # config, backup id, folder); prints a JSON line.
 _FILES = """
 import json, os, resource, shutil, sys, time
-from pathlib import Path
-from dbops.lab import harness as labmod
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
-cfg_path, backup_id, folder = sys.argv[1:4]
 from dbops.config import load
+cfg_path, backup_id, folder = sys.argv[1:4]
 cfg = load(cfg_path)
 store, layout = open_store(cfg.storage), Layout(cfg.storage.prefix)
 m = mf.load(store, layout, backup_id)
@@ -90,7 +85,7 @@ print(json.dumps({"wall": round(wall, 2), "timings": st.timings, "requests": st.
 
 
 def _files(lab: labmod.LabInfo, tree: Path, backup_id: str, folder: Path) -> dict:
-    run = _RUN_TREE.replace("from dbops.cli.entry import main; sys.argv[0] = 'dbops'; main()",
+    run = RUN_TREE.replace("from dbops.cli.entry import main; sys.argv[0] = 'dbops'; main()",
                             "exec(sys.argv.pop(1))")
     out = subprocess.run([sys.executable, "-c", run, str(tree), _FILES, lab.config_path, backup_id, str(folder)],
                          check=True, capture_output=True, text=True, timeout=3600)
@@ -107,7 +102,7 @@ def rounds(d: Path, n: int, codes: list[tuple[str, Path]], pitr: bool, peer: boo
     def one(r: int, p) -> None:
         for label, tree in codes:
             if pitr:
-                rec = _dbops_restore(lab, tree, t["time"], folder)
+                rec = dbops_restore(lab, tree, t["time"], folder)
                 print(json.dumps({"round": r, "tool": "dbops", "variant": label, **rec}), flush=True)
                 continue
             for kind in ("full", "incremental"):
@@ -119,30 +114,15 @@ def rounds(d: Path, n: int, codes: list[tuple[str, Path]], pitr: bool, peer: boo
             print(json.dumps({"round": r, "tool": "pgbackrest", "wall": res["wall_seconds"],
                               "phases": res["phases"]}), flush=True)
 
-    if not peer:
-        for r in range(n):
-            one(r, None)
-        return
-    with pgbackrest_peer.session(lab, own_wal=True) as p:
-        for r in range(n):
-            one(r, p)
+    each_round(lab, n, one, peer)
 
 
 def main() -> int:
-    ap = ab_parser(("setup", "rounds", "pitr"), rounds=3)
-    ap.add_argument("--code", action="append", default=[], help="LABEL=FOLDER holding the dbops package")
-    ap.add_argument("--peer", action="store_true", help="pitr: pgBackRest restores the same target each round")
-    a = ap.parse_args()
+    a = code_parser(("setup", "rounds", "pitr")).parse_args()
     d = Path(a.dir).resolve()
     if a.mode == "setup":
-        t0 = time.monotonic()
-        set_up(d, a.scale, setup)
-        print(json.dumps({"setup_seconds": round(time.monotonic() - t0, 1)}), flush=True)
-        return 0
-    codes = [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in a.code]
-    if not codes:
-        codes = [("this", Path(__file__).resolve().parent.parent)]
-    rounds(d, a.rounds, codes, a.mode == "pitr", a.peer and a.mode == "pitr")
+        return timed_setup(d, a.scale, setup)
+    rounds(d, a.rounds, code_trees(a), a.mode == "pitr", a.peer and a.mode == "pitr")
     return 0
 
 

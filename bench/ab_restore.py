@@ -51,18 +51,18 @@ def setup(d: Path, scale: int) -> None:
 
 # dbops from the tree given as the first argument: the venv's editable install puts a finder for the
 # worktree's package ahead of sys.path, so it goes first.
-_RUN_TREE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+RUN_TREE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
              "sys.path.insert(0, sys.argv.pop(1)); import dbops; assert dbops.__file__.startswith(sys.path[0]), "
              "dbops.__file__; from dbops.cli.entry import main; sys.argv[0] = 'dbops'; main()")
 
 
-def _dbops_restore(lab: labmod.LabInfo, tree: Path, target_time: float, folder: Path) -> dict:
+def dbops_restore(lab: labmod.LabInfo, tree: Path, target_time: float, folder: Path) -> dict:
     target = datetime.fromtimestamp(target_time, UTC).isoformat()
     port = labmod.free_port(None, {lab.primary.port})
     shutil.rmtree(folder, ignore_errors=True)
     os.sync()
     try:
-        wall, rss, out = _timed([sys.executable, "-c", _RUN_TREE, str(tree), "-c", lab.config_path, "restore",
+        wall, rss, out = _timed([sys.executable, "-c", RUN_TREE, str(tree), "-c", lab.config_path, "restore",
                                  "--to", target, "--target-dir", str(folder), "--start", "--port", str(port),
                                  "--json"])
     finally:
@@ -83,7 +83,7 @@ def rounds(d: Path, n: int, codes: list[tuple[str, Path]], peer: bool) -> None:
 
     def one(r: int, p) -> None:
         for label, tree in codes:
-            rec = _dbops_restore(lab, tree, target_time, folder)
+            rec = dbops_restore(lab, tree, target_time, folder)
             print(json.dumps({"round": r, "tool": "dbops", "variant": label, **rec}), flush=True)
         if p is not None:
             os.sync()
@@ -91,6 +91,11 @@ def rounds(d: Path, n: int, codes: list[tuple[str, Path]], peer: bool) -> None:
             print(json.dumps({"round": r, "tool": "pgbackrest", "wall": res["wall_seconds"],
                               "phases": res["phases"]}), flush=True)
 
+    each_round(lab, n, one, peer)
+
+
+def each_round(lab: labmod.LabInfo, n: int, one, peer: bool) -> None:
+    """one(round, pgBackRest's peer or None) for each of n rounds; with ``peer``, in a pgBackRest session."""
     if not peer:
         for r in range(n):
             one(r, None)
@@ -100,21 +105,34 @@ def rounds(d: Path, n: int, codes: list[tuple[str, Path]], peer: bool) -> None:
             one(r, p)
 
 
-def main() -> int:
-    ap = ab_parser(("setup", "rounds"), rounds=3)
+def code_parser(modes: tuple[str, ...]):
+    """ab_parser with --code LABEL=FOLDER (repeatable) and --peer."""
+    ap = ab_parser(modes, rounds=3)
     ap.add_argument("--code", action="append", default=[], help="LABEL=FOLDER holding the dbops package")
     ap.add_argument("--peer", action="store_true", help="pgBackRest restores the same target each round")
-    a = ap.parse_args()
+    return ap
+
+
+def code_trees(a) -> list[tuple[str, Path]]:
+    """The --code trees (LABEL, folder), or this checkout's as "this"."""
+    codes = [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in a.code]
+    return codes or [("this", Path(__file__).resolve().parent.parent)]
+
+
+def timed_setup(d: Path, scale: int, make) -> int:
+    """set_up(d, scale, make), its seconds printed as a JSON line; 0."""
+    t0 = time.monotonic()
+    set_up(d, scale, make)
+    print(json.dumps({"setup_seconds": round(time.monotonic() - t0, 1)}), flush=True)
+    return 0
+
+
+def main() -> int:
+    a = code_parser(("setup", "rounds")).parse_args()
     d = Path(a.dir).resolve()
     if a.mode == "setup":
-        t0 = time.monotonic()
-        set_up(d, a.scale, setup)
-        print(json.dumps({"setup_seconds": round(time.monotonic() - t0, 1)}), flush=True)
-        return 0
-    codes = [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in a.code]
-    if not codes:
-        codes = [("this", Path(__file__).resolve().parent.parent)]
-    rounds(d, a.rounds, codes, a.peer)
+        return timed_setup(d, a.scale, setup)
+    rounds(d, a.rounds, code_trees(a), a.peer)
     return 0
 
 

@@ -81,6 +81,27 @@ def workdir(base_dir):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def initdb_started(d: Path, clusters: list[Cluster]) -> Cluster:
+    """A new cluster (initdb, data checksums) in d/src, started."""
+    src = Cluster(d / "src", d)
+    clusters.append(src)
+    proc.run([binaries.binary("initdb"), "-D", src.data, "-k", "-U", PG, "--auth=trust", "--locale=C"],
+             user=PG, timeout=180)
+    src.conf()
+    src.start()
+    return src
+
+
+def stopped_and_stored(lab, src: Cluster, name: str):
+    """src stopped and stored whole under a new prefix of the lab's bucket: (store, layout, the
+    store's settings, the manifest)."""
+    src.stop()
+    store = open_store(lab.config.storage)
+    layout = Layout(f"test-{name}-{secrets.token_hex(4)}")
+    kw = {"compression": CompressionSettings("zstd", 3), "chunk_size": 8192, "pack_size": 4 << 20, "parallel": 2}
+    return store, layout, kw, store_snapshot(store, layout, str(src.data), backup_id=catalog.new_backup_id(), **kw)
+
+
 def restored_cluster(store, layout, m, d: Path, name: str, clusters: list[Cluster]) -> Cluster:
     stats = restore_snapshot(store, layout, m, str(d / name), parallel=4, owner=PG)
     assert stats.logical_bytes == m.logical_size and stats.requests >= 1
@@ -94,12 +115,7 @@ def restored_cluster(store, layout, m, d: Path, name: str, clusters: list[Cluste
 
 def test_real_data_folder_round_trip_starts_and_incremental_stores_only_changes(lab, workdir):
     d, clusters = workdir
-    src = Cluster(d / "src", d)
-    clusters.append(src)
-    proc.run([binaries.binary("initdb"), "-D", src.data, "-k", "-U", PG, "--auth=trust", "--locale=C"],
-             user=PG, timeout=180)
-    src.conf()
-    src.start()
+    src = initdb_started(d, clusters)
     src.sql("CREATE TABLE t AS SELECT i, md5(i::text) AS h FROM generate_series(1, 200000) i")
     src.sql("CREATE UNLOGGED TABLE scratch AS SELECT i FROM generate_series(1, 1000) i")
     src.sql("CHECKPOINT")
@@ -181,21 +197,12 @@ def test_page_lsn_shortcut_stores_exactly_what_full_hashing_stores(lab, workdir)
     on a real cluster that changed in between, that restores exactly what hashing every block
     stores: both backups restore to identical folders, byte for byte."""
     d, clusters = workdir
-    src = Cluster(d / "src", d)
-    clusters.append(src)
-    proc.run([binaries.binary("initdb"), "-D", src.data, "-k", "-U", PG, "--auth=trust", "--locale=C"],
-             user=PG, timeout=180)
-    src.conf()
-    src.start()
+    src = initdb_started(d, clusters)
     src.sql("CREATE TABLE t AS SELECT i, md5(i::text) AS h FROM generate_series(1, 400000) i")  # ~29 MB
     src.sql("CREATE INDEX t_i ON t (i)")
     src.sql("VACUUM t")
     src.sql("CHECKPOINT")
-    src.stop()
-    store = open_store(lab.config.storage)
-    layout = Layout(f"test-lsn-{secrets.token_hex(4)}")
-    kw = {"compression": CompressionSettings("zstd", 3), "chunk_size": 8192, "pack_size": 4 << 20, "parallel": 2}
-    m1 = store_snapshot(store, layout, str(src.data), backup_id=catalog.new_backup_id(), **kw)
+    store, layout, kw, m1 = stopped_and_stored(lab, src, "lsn")
 
     src.start()  # scattered changes, new pages, hint bits, a new relation, FSM and VM changes
     src.sql("UPDATE t SET h = 'changed' WHERE i % 3000 = 0")
@@ -265,19 +272,10 @@ def test_a_delta_or_base_decoding_to_other_bytes_stops_the_restore_and_is_named(
     object and the file, whether the deltas are held (applied over their bases in memory) or
     read in a second pass; put back, the backup restores byte for byte."""
     d, clusters = workdir
-    src = Cluster(d / "src", d)
-    clusters.append(src)
-    proc.run([binaries.binary("initdb"), "-D", src.data, "-k", "-U", PG, "--auth=trust", "--locale=C"],
-             user=PG, timeout=180)
-    src.conf()
-    src.start()
+    src = initdb_started(d, clusters)
     src.sql("CREATE TABLE t AS SELECT i, md5(i::text) AS h FROM generate_series(1, 300000) i")  # ~22 MB
     src.sql("CHECKPOINT")
-    src.stop()
-    store = open_store(lab.config.storage)
-    layout = Layout(f"test-deltacheck-{secrets.token_hex(4)}")
-    kw = {"compression": CompressionSettings("zstd", 3), "chunk_size": 8192, "pack_size": 4 << 20, "parallel": 2}
-    m1 = store_snapshot(store, layout, str(src.data), backup_id=catalog.new_backup_id(), **kw)
+    store, layout, kw, m1 = stopped_and_stored(lab, src, "deltacheck")
     src.start()
     src.sql("UPDATE t SET h = 'changed' WHERE i % 5000 = 0")
     src.sql("CHECKPOINT")
