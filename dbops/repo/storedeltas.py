@@ -18,7 +18,8 @@ Ahead = tuple[list[Delta], "Future[list[bytes | memoryview]]"]
 
 
 class DeltaPuts:
-    """Needs the snapshot's ``backup_id``, ``bases``, ``encoder``, ``up``, ``pack_size``, ``tmp_dir``, ``lock`` and ``c``."""
+    """Needs the snapshot's ``backup_id``, ``bases``, ``encoder``, ``up``, ``pack_size``, ``tmp_dir``,
+    ``lock`` and ``c``."""
 
     backup_id: str
     bases: BaseReader | None

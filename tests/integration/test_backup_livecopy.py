@@ -129,6 +129,7 @@ def test_folder_not_on_this_host_falls_back_to_pg_basebackup_or_is_refused(clab,
     r, res = run(auto, "backup", "--full")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "basebackup" in res["timings"] and "copy" not in res["timings"], res["timings"]
+    assert res["counts"]["unchanged_files"] > 0, res["counts"]  # pg_basebackup's files recorded once it exited
     assert "taking the base backup with pg_basebackup" in r.stderr and elsewhere in r.stderr
 
     listed = run(auto, "backup", "list")[1]

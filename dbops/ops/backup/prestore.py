@@ -2,7 +2,8 @@
 once written, see :class:`dbops.ops.backup.livecopy.Copied`) or once complete (pg_basebackup),
 while the target is captured and a throwaway server replays into it, checks and stops. Its
 manifest is only written locally: the final store of the stopped folder reuses every block that
-recovery did not touch (``store_snapshot(reuse=...)``).
+recovery did not touch (``store_snapshot(reuse=...)``), and takes the files recovery did not write
+at all unread (their identity recorded once the copy had written them, :mod:`dbops.repo.known`).
 
 It returns once every block is in a pack: the last packs upload while the final store runs
 (:class:`dbops.repo.packs.PendingUploads`, finished before the final manifest is stored). At
@@ -21,6 +22,8 @@ from dbops.errors import DbopsError
 from dbops.ops.backup import livecopy
 from dbops.ops.backup import tablespaces as tbs
 from dbops.repo import manifest as mf
+from dbops.repo import walk
+from dbops.repo.known import Known
 from dbops.repo.packs import PendingUploads
 from dbops.repo.store import Cancelled, store_snapshot
 from dbops.storage import ObjectStore
@@ -29,6 +32,22 @@ from dbops.storage.layout import Layout
 _log = log.get("backup")
 
 NICE = 5  # the store that follows the direct copy yields the cores to the copy, which validation waits for
+
+
+def known_folder(data: Path, ts: tbs.ScratchTablespaces) -> Known:
+    """The files of a complete base backup (pg_basebackup's, which has exited), recorded as they are
+    now, before any server runs on them (:mod:`dbops.repo.known`); nothing on a failure to walk."""
+    known = Known()
+    try:
+        folders = {t.oid: (str(ts.folder(t.oid)), t.location) for t in ts.known.values()}
+        for e in walk.walk(str(data), (), None, folders):
+            if e.type == mf.FILE:
+                known.record(e.path, e.src or str(data / e.path))
+    except (OSError, DbopsError) as e:
+        log.event(_log, logging.INFO, "the base backup's files were not recorded; the final store reads them all",
+                  error=str(e))
+        return Known()
+    return known
 
 
 def prestore(cfg: Config, store: ObjectStore, layout: Layout, data: Path, backup_id: str, cancel: threading.Event,

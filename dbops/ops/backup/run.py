@@ -264,12 +264,11 @@ class BackupRun:
                     ExitStack() as pending:
                 pending.callback(lambda: [u.abort() for u in uploads])  # unless finished by the final store
                 pre: list[Future] = []
-                known: list[Known] = []  # the files as the direct copy wrote them (and the prestore read them)
+                known: list[Known] = []  # the files as the copy wrote them (and the prestore read them)
 
                 def store_first(plan: livecopy.CopyPlan | None = None, copied: livecopy.Copied | None = None) -> None:
                     t_pre = time.monotonic()
-                    if copied is not None:
-                        known.append(copied.known)
+                    known.append(copied.known if copied is not None else prestore.known_folder(data, ts))
                     pre.append(pool.submit(prestore.prestore, cfg, self.store, self.layout, data, backup_id, cancel,
                                            ts, plan, copied, uploads))
                     pre[0].add_done_callback(
@@ -277,12 +276,12 @@ class BackupRun:
 
                 try:
                     basecopy.take(cfg, source, data, ts, phases, run_id=self.run_id, follow=store_first)
-                    for k in known:  # before the throwaway server writes: the clock past the copy's writes
-                        k.seal(str(scratch))
                     ts.relink(data)  # a tablespace created since the query went elsewhere: refused here
                     start_segment, start_lsn = basecopy.label_start_segment(data), basecopy.label_start_lsn(data)
                     if not pre:  # pg_basebackup: stored from the moment it is complete
                         store_first()
+                    for k in known:  # before the throwaway server writes: the clock past the copy's writes
+                        k.seal(str(scratch))
                     with phases("capture"):  # the WAL archived so far downloads meanwhile
                         target = capture_fetching_ahead(cfg, self.store, self.layout, start_segment,
                                                         controldata.read(str(data)).wal_segment_size, wal,
