@@ -125,3 +125,28 @@ def test_the_record_stays_small():
             col.append(v + i)
     size = sum(sys.getsizeof(c) for c in k.cols)
     assert size < 100_000 * 60  # 48 bytes a file (arrays), whatever the files' sizes
+
+
+def test_the_earlier_entry_is_taken_only_when_it_covers_the_file(tmp_path):
+    from dbops.repo import walk
+    from dbops.repo.manifest import DIR, FILE, ChunkRef, FileEntry
+    from dbops.repo.storeorder import known_refs
+
+    (tmp_path / "16384").write_bytes(b"x" * 16384)
+    k = Known()
+    k.record("base/1/16384", str(tmp_path / "16384"))
+    k.seal(str(tmp_path))
+    refs = (ChunkRef("a" * 64, "p", 0, 10, 8192), ChunkRef("b" * 64, "p", 10, 10, 8192))
+    e = walk.WalkEntry("base/1/16384", FILE, 0o600, 0, 16384)
+    pe = FileEntry("base/1/16384", FILE, 0o600, 0, 16384, None, refs, 8192)
+    real = str(tmp_path / "16384")
+    assert known_refs(k, e, pe, 8192, real) == list(refs)
+    assert known_refs(None, e, pe, 8192, real) is None  # no records: read
+    assert known_refs(k, e, None, 8192, real) is None  # not in the earlier backup
+    assert known_refs(k, e, FileEntry("base/1/16384", DIR, 0o700, 0), 8192, real) is None
+    assert known_refs(k, e, pe, 32768, real) is None  # another block size
+    assert known_refs(k, e, FileEntry("base/1/16384", FILE, 0o600, 0, 16384, None, refs[:1], 8192), 8192,
+                      real) is None  # refs that do not cover it (a copy recorded short)
+    assert known_refs(k, e, FileEntry("base/1/16384", FILE, 0o600, 0, 8192, None, refs[:1], 8192), 8192,
+                      real) is None  # the earlier entry's size
+    assert known_refs(k, walk.WalkEntry("base/1/16384", FILE, 0o600, 0, 8192), pe, 8192, real) is None
