@@ -149,8 +149,10 @@ class Instance(Protocol):
         ...
 
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None) -> proc.Result:
-        """Run a PostgreSQL client/tool where the server runs (PGHOST/PGPORT/PGUSER/PGDATA set)."""
+                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = ()) -> proc.Result:
+        """Run a PostgreSQL client/tool where the server runs (PGHOST/PGPORT/PGUSER/PGDATA set).
+        ``reads``: host folders the tool reads besides the instance's, seen at their own path
+        (mounted read-only into a one-shot container; a local tool sees them where they are)."""
         ...
 
     def remove(self) -> None:

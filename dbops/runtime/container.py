@@ -132,12 +132,15 @@ class ContainerRuntime:
                 *self._payload(["postgres", "-D", DATA_PATH, *setting_args(settings)])]
 
     def tool_argv(self, argv: Sequence[str], spec: InstanceSpec, *, name: str, owner: Owner, run_dir: Path,
-                  env_names: Sequence[str], labels: Mapping[str, str], sock_dir: Path | None = None) -> list[str]:
-        """``run --rm ...`` for a one-shot tool with the instance's mounts (the server is not running)."""
+                  env_names: Sequence[str], labels: Mapping[str, str], sock_dir: Path | None = None,
+                  reads: Sequence[Path] = ()) -> list[str]:
+        """``run --rm ...`` for a one-shot tool with the instance's mounts (the server is not running),
+        and each folder of ``reads`` read-only at its own path."""
         net = ["--network", "host"] if self.network == "host" else []
         envs = [a for n in env_names for a in ("-e", n)]
+        extra = [a for p in reads for a in ("-v", f"{Path(p).resolve()}:{Path(p).resolve()}:ro")]
         return ["run", "--rm", "--name", name, *label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
-                *net, *envs, *self._mounts(spec, run_dir, sock_dir), *self.extra_args, *self._payload(argv)]
+                *net, *envs, *self._mounts(spec, run_dir, sock_dir), *extra, *self.extra_args, *self._payload(argv)]
 
     def exec_argv(self, argv: Sequence[str], *, container: str, owner: Owner, env_names: Sequence[str]) -> list[str]:
         """``exec ...`` for a tool inside the running server's container."""
@@ -284,12 +287,13 @@ class ContainerInstance(InstanceBase):
                                 detail=self.logs(20).strip() or None)
 
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None) -> proc.Result:
+                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = ()) -> proc.Result:
         """Run a PostgreSQL client or tool next to the server, as the data folder's owner.
 
         While the server runs: ``exec`` into its container; otherwise a one-shot ``run --rm``
         with the same mounts (pg_checksums needs the server stopped). Paths are the
-        container's: ``self.data_path`` (/data), ``self.wal_path`` (/wal). PGHOST, PGPORT,
+        container's: ``self.data_path`` (/data), ``self.wal_path`` (/wal), each folder of ``reads``
+        its host path (read-only; a one-shot container only: a running server's has none). PGHOST, PGPORT,
         PGUSER and PGDATA point at this instance; environment values travel as ``-e NAME``
         (taken from the engine client's environment), never on a command line.
         """
@@ -297,12 +301,13 @@ class ContainerInstance(InstanceBase):
                     "PGDATA": DATA_PATH, "LANG": "C", "LC_ALL": "C", **(env or {})}
         # A stop whose report is pending: the server is down (its postmaster.pid is gone), a one-shot
         # container may read the folder at once.
-        if self._stopping is None and self.is_running():
+        if self._stopping is None and not reads and self.is_running():
             args = self._rt.exec_argv(argv, container=self.name, owner=self._owner, env_names=list(tool_env))
         else:
             name = f"{self.name}-tool{next(self._tools)}"
             args = self._rt.tool_argv(argv, self.spec, name=name, owner=self._owner, run_dir=self.run_dir,
-                                      env_names=list(tool_env), labels=self._labels, sock_dir=Path(self.host))
+                                      env_names=list(tool_env), labels=self._labels, sock_dir=Path(self.host),
+                                      reads=reads)
             try:
                 return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
             except BaseException:

@@ -139,11 +139,11 @@ class LocalInstance(InstanceBase):
                   status=self._popen.returncode)
 
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None) -> proc.Result:
+                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = ()) -> proc.Result:
         """Run a PostgreSQL client or tool on this host as the data folder's owner.
 
         A bare program name is taken from the PostgreSQL bin folder when it is there. PGHOST,
-        PGPORT, PGUSER and PGDATA point at this instance.
+        PGPORT, PGUSER and PGDATA point at this instance. ``reads``: seen where they are.
         """
         argv = list(argv)
         candidate = os.path.join(binaries.bindir(self._bin_dir), argv[0])

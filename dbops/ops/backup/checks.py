@@ -26,17 +26,26 @@ def _databases(node: Node) -> list[str]:
         return [r[0] for r in c.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")]
 
 
-def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
+# A session's own settings first: a role's or database's setting (ALTER ROLE/DATABASE ... SET) must not
+# let a bad page through, nor make the server zero it (the throwaway's own settings force both off too).
+VERIFY_PAGES = ("ignore_checksum_failure", "zero_damaged_pages")
+
+
+def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: set[str] | None = None) -> None:
     """Connect to every database, read every table in full (a sequential scan of each; pg_amcheck where
-    amcheck is installed), run assertions."""
+    amcheck is installed), run assertions. ``verified``: the main fork of each table read in full
+    by a sequential scan is added there (its path in the data folder, as ``pg_relation_filepath``
+    gives it): the server verified the checksum of every page it read from disk (see
+    :mod:`dbops.ops.backup.shadow`)."""
     v = cfg.backup.validation
     for db in _databases(inst.node()):
         node = inst.node(db)
         try:
             with pgconn.session(node, db) as c:
                 has_amcheck = bool(pgconn.scalar(c, "SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'"))
-                tables = [r[0] for r in c.execute(
-                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+                pages_verified = _verify_pages(c)
+                tables = [(r[0], r[1]) for r in c.execute(
+                    "SELECT format('%I.%I', n.nspname, c.relname), pg_relation_filepath(c.oid) FROM pg_class c "
                     "JOIN pg_namespace n ON n.oid = c.relnamespace "
                     "WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p' ORDER BY 1")]
                 if not (v.amcheck and has_amcheck):
@@ -45,10 +54,12 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
                     for knob in SEQ_SCAN_ONLY:
                         c.execute(f"SET {knob} = off")
                     rows = 0
-                    for t in tables:
+                    for t, path in tables:
                         rows += int(pgconn.scalar(c, f"SELECT count(*) FROM {t}"))
+                        if verified is not None and path and pages_verified:
+                            verified.add(path)
                     checks.append({"check": "read_tables", "database": db, "ok": True, "tables": len(tables),
-                                   "rows": rows})
+                                   "rows": rows, "pages_verified": pages_verified})
         except PostgresError as e:
             checks.append({"check": "read_tables", "database": db, "ok": False, "error": e.detail or e.message})
             cause = environment_cause(e.detail or e.message) or killed_cause(inst)
@@ -79,6 +90,18 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]]) -> None:
         if not ok:
             raise ValidationError(f"assertion {a.name!r} did not hold on the restored backup",
                                   detail=f"{a.sql} returned {val!r}, expected true")
+
+
+def _verify_pages(c) -> bool:
+    """Set VERIFY_PAGES off in this session; True when both are off (a user other than a superuser
+    may not set them: then nothing this session reads counts as verified)."""
+    for knob in VERIFY_PAGES:
+        try:
+            if pgconn.scalar(c, f"SELECT current_setting('{knob}')") != "off":
+                c.execute(f"SET {knob} = off")
+        except PostgresError:
+            return False
+    return all(pgconn.scalar(c, f"SELECT current_setting('{knob}')") == "off" for knob in VERIFY_PAGES)
 
 
 def tool_path(cfg: Config, name: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -98,8 +99,23 @@ def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, 
                             (last_err + "\n" if last_err else "") + inst.logs(30))
 
 
+class Restartpoint:
+    """What :func:`restartpoint_beside` found once its block ended: ``written`` when its CHECKPOINT
+    came back and the server logged the restart point it asked for as run (not skipped)."""
+
+    def __init__(self) -> None:
+        self.returned = False
+        self.written = False
+
+
+# Logged when a restart point asked for by CHECKPOINT (flags immediate and wait; in recovery not force,
+# maybe with a pending cause) really runs; a skipped one ("already performed") logs nothing at the
+# default level. log_checkpoints is on in the throwaway. Only the CHECKPOINT asks with these flags.
+ASKED_RESTARTPOINT = re.compile(r"restartpoint starting: immediate( force)? wait\b")
+
+
 @contextmanager
-def restartpoint_beside(inst, timeout: float) -> Iterator[None]:
+def restartpoint_beside(inst, timeout: float) -> Iterator[Restartpoint]:
     """Run ``CHECKPOINT`` on its own connection while the block runs (the checks), and wait for it.
 
     Paused at the target, replay changes nothing more and a server in recovery does not dirty a page
@@ -113,11 +129,18 @@ def restartpoint_beside(inst, timeout: float) -> Iterator[None]:
     shutdown's own restart point writes the pages then. The wait after the block is bounded by
     ``timeout`` (the validation's start_timeout): a restart point still running then (a stalled
     scratch disk) is left to the shutdown, which waits for it and never skips its own, so the run
-    goes on to the stop and the throwaway's removal instead of hanging before them."""
+    goes on to the stop and the throwaway's removal instead of hanging before them.
+
+    Yields a :class:`Restartpoint`, filled in when the block ends: whether the restart point ran and
+    was written (every page replay left dirty written, with its checksum computed, before the stop:
+    see :mod:`dbops.ops.backup.shadow`)."""
+    rp = Restartpoint()
+
     def run() -> None:
         try:
             with pgconn.session(inst.node()) as c:
                 c.execute("CHECKPOINT")
+            rp.returned = True
         except PostgresError as e:
             log.event(_log, logging.WARNING, "CHECKPOINT beside the checks failed; the stop writes the pages",
                       error=e.detail or e.message)
@@ -125,9 +148,14 @@ def restartpoint_beside(inst, timeout: float) -> Iterator[None]:
     t = threading.Thread(target=run, name="dbops-restartpoint", daemon=True)
     t.start()
     try:
-        yield
+        yield rp
     finally:
         t.join(timeout)
         if t.is_alive():
             log.event(_log, logging.WARNING, "CHECKPOINT beside the checks still running; the stop waits for it",
                       seconds=timeout)
+        elif rp.returned:
+            try:
+                rp.written = ASKED_RESTARTPOINT.search(inst.logs(400)) is not None
+            except Exception as e:  # noqa: BLE001  unknown: pg_checksums then reads every file
+                log.event(_log, logging.WARNING, "could not read the throwaway's log", error=str(e))

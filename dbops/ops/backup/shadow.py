@@ -1,0 +1,139 @@
+"""pg_checksums over what the throwaway server did not verify itself.
+
+PostgreSQL verifies a page's checksum whenever it reads the page from disk into shared buffers
+(``PageIsVerifiedExtended``): a bad page is an ERROR for the query (FATAL for replay), since the
+throwaway forces ``ignore_checksum_failure`` and ``zero_damaged_pages`` off (its settings, and
+again in the checks' sessions, where a role's or database's setting would apply). The checks
+read the main fork of every table in full (``count(*)`` by a sequential scan, which reads every
+block of the file, in the databases checked that way), so every page of those files was, by the
+time the server stopped, either
+
+* read from disk by the server (during replay or by the checks), hence verified, and not changed
+  on disk since (a page is written only by the server, and in recovery setting hint bits does not
+  dirty a page, see ``wal_log_hints`` in the validation's settings), or
+* in shared buffers without having been read (replay initialised it from a full-page image or
+  extended the file): such a page is dirty, so the restart point made once replay paused
+  (:func:`dbops.ops.backup.replay.restartpoint_beside`) wrote it, with a checksum computed from
+  the buffer, before the stop.
+
+The second holds only when that restart point ran (the server logs it, ``restartpoint starting:
+immediate wait``): when it was skipped (no checkpoint record replayed since the last one),
+pages replay changed may never have been written, and the copy's own version of them was never
+read. Then every file is left to pg_checksums, as are all files when a database was checked by
+pg_amcheck instead.
+
+So pg_checksums needs to read only the rest (indexes, free space and visibility maps, the tables
+of databases not read by count(*), and files of no table: what a DROP left): it runs on a shadow
+folder beside the copy with a copy of ``global/pg_control`` and hard links to every other file
+it would read (``global``, ``base``, ``pg_tblspc/*/PG_*``; names kept, as a page's checksum
+includes its block number), except the main-fork segments of the tables verified by the server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import Any
+
+from dbops import proc
+from dbops.errors import ValidationError
+from dbops.ops.backup.checks import tool_path
+
+# pg_checksums reads these folders of a data folder (and follows pg_tblspc's links).
+SCANNED = ("global", "base", "pg_tblspc")
+CONTROL = "global/pg_control"
+SHADOW = "checksums"  # the shadow folder's name beside the copy (in the run's scratch folder)
+_SEGMENT = re.compile(r"^(.*?)(?:\.(\d+))?$")
+
+
+@dataclass
+class Shadow:
+    path: Path
+    linked: int  # files linked for pg_checksums to read
+    left_out: int  # main-fork segments left out: verified by the server's reads
+    left_out_bytes: int
+
+
+def _main_fork_of(rel: str) -> str:
+    """A relation segment's path without its segment number (``base/5/1234.2`` -> ``base/5/1234``)."""
+    m = _SEGMENT.match(rel)
+    assert m is not None
+    return m.group(1) if m.group(2) is not None and m.group(2).isdigit() else rel
+
+
+def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None) -> Shadow | None:
+    """The shadow folder (new) for pg_checksums: every file it would read in ``data`` hard-linked
+    at the same relative path, but the segments of the main forks in ``verified`` (paths relative to
+    the data folder, as ``pg_relation_filepath`` gives them); ``global/pg_control`` copied. Folders
+    are owned by ``owner``. None when a link cannot be made (another filesystem, a link limit):
+    pg_checksums then reads the copy itself."""
+    shadow.mkdir(mode=0o700)
+    linked = left = left_bytes = 0
+    made: set[str] = set()
+
+    def folder(rel: str) -> None:
+        if rel in made:
+            return
+        (shadow / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
+        made.add(rel)
+
+    try:
+        for top in SCANNED:
+            root = data / top
+            if not root.is_dir():
+                continue
+            for dirpath, dirs, files in os.walk(root, followlinks=True):
+                rel_dir = os.path.relpath(dirpath, data)
+                folder(rel_dir)
+                for name in files:
+                    rel = os.path.join(rel_dir, name)
+                    src = os.path.join(dirpath, name)
+                    if rel == CONTROL:
+                        shutil.copyfile(src, shadow / rel)
+                        continue
+                    if _main_fork_of(rel) in verified:
+                        left += 1
+                        left_bytes += os.lstat(src).st_size
+                        continue
+                    os.link(src, shadow / rel, follow_symlinks=False)
+                    linked += 1
+                dirs.sort()
+    except OSError:
+        shutil.rmtree(shadow, ignore_errors=True)
+        return None
+    if owner is not None:
+        for rel in made:
+            proc.chown_to(shadow / rel, owner)
+        proc.chown_to(shadow, owner)
+    return Shadow(shadow, linked, left, left_bytes)
+
+
+def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[dict[str, Any]]) -> None:
+    """``pg_checksums --check`` of the stopped copy data: on a shadow folder beside it without the
+    main forks in ``verified`` (the checks' tables, when the restart point was written; None: every
+    file), else on the copy itself. Appends its record to checks (what it read, what it left to
+    the server's own verification); raises ValidationError when it finds a bad page."""
+    shadow = build(data, data.parent / SHADOW, verified, cfg.os_user) if verified else None
+    try:
+        if shadow is None:
+            r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", inst.data_path], check=False,
+                              timeout=24 * 3600)
+            record: dict[str, Any] = {"check": "pg_checksums", "files": "all"}
+        else:
+            where = str(shadow.path.resolve())
+            r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", where], check=False,
+                              timeout=24 * 3600, reads=[Path(where)])
+            record = {"check": "pg_checksums", "files": shadow.linked, "verified_by_server": shadow.left_out,
+                      "verified_by_server_bytes": shadow.left_out_bytes}
+    finally:
+        if shadow is not None:
+            shutil.rmtree(shadow.path, ignore_errors=True)
+    ok = r.returncode == 0
+    checks.append({**record, "ok": ok})
+    if not ok:
+        raise ValidationError("pg_checksums found bad pages in the restored backup",
+                              detail=(r.stdout + r.stderr)[-2000:])

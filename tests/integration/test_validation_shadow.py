@@ -1,0 +1,182 @@
+"""pg_checksums on a shadow folder without the main forks the server verified itself (the tables the
+checks read in full): a bad heap page of such a table is still caught (by the server, as the
+validation's table reads report it), a bad index page is caught by pg_checksums on the shadow,
+and both ways agree on every file but those left to the server (podman one-shot and a local tool)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dbops import proc
+from dbops.errors import ValidationError
+from dbops.ops.backup import shadow
+from dbops.config.parse import parse
+from dbops.repo import catalog
+from dbops.repo import manifest as mf
+from dbops.repo.restore import restore_snapshot
+from dbops.repo.store import store_snapshot
+from dbops.runtime import InstanceSpec, open_runtime
+
+from test_backup_chain import backup, mark, sql, store_of
+from test_runtime import copy_cluster, no_leftovers, own_folder, settings, stopped_cluster  # noqa: F401
+
+pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+PAGE = 8192
+
+
+@pytest.fixture(scope="module")
+def work(base_dir) -> Path:
+    return own_folder(base_dir, "validation-shadow")
+
+
+def flip(f: Path, page: int = 1) -> None:
+    """One byte in the middle of a page flipped: its checksum no longer matches."""
+    body = bytearray(f.read_bytes())
+    assert len(body) > page * PAGE and any(body[page * PAGE:(page + 1) * PAGE])
+    body[page * PAGE + PAGE // 2] ^= 0xFF
+    f.write_bytes(bytes(body))
+
+
+def static_table(node) -> tuple[str, str]:
+    """A table with an index that nothing changes after it is made (no replay touches its pages):
+    (its file, its index's file)."""
+    sql(node, "CREATE TABLE still (id int PRIMARY KEY, pad text) WITH (autovacuum_enabled = off)")
+    sql(node, "INSERT INTO still SELECT g, repeat('s', 100) FROM generate_series(1, 2000) g")
+    sql(node, "VACUUM (FREEZE) still")
+    sql(node, "CHECKPOINT")
+    return (sql(node, "SELECT pg_relation_filepath('still')")[0][0],
+            sql(node, "SELECT pg_relation_filepath('still_pkey')")[0][0])
+
+
+def store_damaged(lab, tmp_path: Path, rel: str) -> str:
+    """The newest backup's files with one page of rel flipped, stored again as the newest backup."""
+    store, layout = store_of(lab)
+    cfg = lab.config
+    newest = [b for b in catalog.list_backups(store, layout) if b.usable][-1]
+    m = mf.load(store, layout, newest.backup_id)
+    folder = tmp_path / f"copy-{Path(rel).name}"
+    restore_snapshot(store, layout, m, str(folder), parallel=2, durable=False)
+    flip(folder / rel)
+    bad_id = catalog.new_backup_id()
+    store_snapshot(store, layout, str(folder), backup_id=bad_id, parent_manifests=(m,), pg=m.pg,
+                   compression=cfg.compression, chunk_size=cfg.backup.chunk_size, pack_size=cfg.backup.pack_size,
+                   parallel=2, meta={**m.meta, "kind": "full"})
+    return bad_id
+
+
+def test_pages_the_server_read_are_left_to_it_and_bad_pages_still_fail(make_lab, cli, tmp_path):
+    lab = make_lab(replicas=0)
+    heap, index = static_table(lab.primary)
+    mark(lab.primary, 1)
+    r1, _ = backup(cli, lab)
+    assert r1.exit_code == 0, r1
+    mark(lab.primary, 2)
+    r2, b2 = backup(cli, lab)
+    assert r2.exit_code == 0, r2
+    # The table reads verified the tables' main forks; pg_checksums read the rest (on the shadow).
+    record = next(c for c in b2["validated"]["checks"] if c["check"] == "pg_checksums")
+    assert record["ok"] and record["verified_by_server"] > 0 and record["files"] > 0, record
+    reads = [c for c in b2["validated"]["checks"] if c["check"] == "read_tables"]
+    assert reads and all(c["pages_verified"] for c in reads), reads
+
+    # A bad heap page of a table the checks read: the server's read fails the validation.
+    bad = store_damaged(lab, tmp_path, heap)
+    r3 = cli(["-c", lab.config_path, "-v", "backup"])
+    assert r3.exit_code == 7, r3
+    assert f"backup {bad} failed validation: database postgres of the restored backup cannot be read" \
+        in r3.stderr, r3.stderr
+    assert "invalid page in block 1 of relation" in r3.stderr, r3.stderr
+
+    # A bad index page (no table read reads it): pg_checksums on the shadow fails it, naming the file.
+    bad = store_damaged(lab, tmp_path, index)
+    r4 = cli(["-c", lab.config_path, "-v", "backup"])
+    assert r4.exit_code == 7, r4
+    assert f"backup {bad} failed validation: pg_checksums found bad pages" in r4.stderr, r4.stderr
+    assert Path(index).name in r4.stderr
+    rows = json.loads(cli(["-c", lab.config_path, "backup", "list", "--json"]).stdout)
+    assert rows[-1]["kind"] == "full" and rows[-1]["parent_id"] is None  # healed, as after any failed validation
+
+
+def _config():
+    return parse({"cluster": "t", "nodes": [{"name": "n1", "host": "127.0.0.1", "port": 5432, "data_dir": "/x"}],
+                  "storage": {"bucket": "shadow-test", "endpoint": "http://127.0.0.1:9"},
+                  "runtime": {"engine": "none"}})
+
+
+@pytest.fixture(scope="module")
+def cluster(work) -> tuple[Path, str, str]:
+    data, paths = stopped_cluster(work, "shadowed", [
+        "create tablespace elsewhere location '" + str(_tablespace(work)) + "'",
+        "create table t (id int primary key, pad text) tablespace elsewhere",
+        "insert into t select g, repeat('x', 300) from generate_series(1, 3000) g",
+        "create table u (id int primary key, pad text)",
+        "insert into u select g, repeat('y', 300) from generate_series(1, 3000) g",
+        "checkpoint"], "select pg_relation_filepath('t') || ' ' || pg_relation_filepath('u') || ' ' || "
+                       "pg_relation_filepath('u_pkey')")
+    t, u, u_pkey = str(paths).split()
+    return data, t, u + " " + u_pkey
+
+
+def _tablespace(work: Path) -> Path:
+    d = work / "shadowed-tblspc"
+    d.mkdir(exist_ok=True)
+    shutil.chown(d, "postgres", "postgres")
+    return d
+
+
+def _own_tablespace(data: Path) -> Path:
+    """The copy's tablespace copied too, its link pointed there (a copy must not write the source's)."""
+    (link,) = (data / "pg_tblspc").iterdir()
+    own = data.parent / f"{data.name}-tblspc"
+    copy_cluster(link.resolve(), own)
+    link.unlink()
+    link.symlink_to(own)
+    return own
+
+
+def _checksums(settings, engine: str, data: Path, verified: set[str] | None) -> tuple[bool, list[dict], str]:
+    checks: list[dict] = []
+    tblspc = str((data.parent / f"{data.name}-tblspc").resolve())
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(), name=f"shadow-{engine}", mounts=((tblspc, tblspc),))
+    with open_runtime(settings[engine]).start(spec) as inst:
+        inst.wait_ready(60)
+        inst.stop("fast", timeout=60)
+        try:
+            shadow.pg_checksums(_config(), inst, data, verified, checks)
+            return True, checks, ""
+        except ValidationError as e:
+            return False, checks, e.detail or ""
+
+
+@pytest.mark.parametrize("engine", ["podman", "none"])
+def test_with_and_without_the_shadow_agree(engine, settings, cluster, work):
+    src, t, rest = cluster
+    u, u_pkey = rest.split()
+    data = copy_cluster(src, work / f"shadowed-{engine}")
+    _own_tablespace(data)
+    verified = {t, u}
+    ok_all, all_checks, _ = _checksums(settings, engine, data, None)
+    ok_shadow, shadow_checks, _ = _checksums(settings, engine, data, verified)
+    assert ok_all and ok_shadow
+    assert all_checks == [{"check": "pg_checksums", "files": "all", "ok": True}]
+    rec = shadow_checks[0]
+    assert rec["ok"] and rec["verified_by_server"] == 2 and rec["verified_by_server_bytes"] > 2 * 100 * PAGE, rec
+    assert not (data.parent / shadow.SHADOW).exists()  # removed once read
+
+    flip(data / u_pkey)  # an index page: both find it, in the same file
+    ok_all, _, all_detail = _checksums(settings, engine, data, None)
+    ok_shadow, _, shadow_detail = _checksums(settings, engine, data, verified)
+    assert not ok_all and not ok_shadow
+    assert Path(u_pkey).name in all_detail and Path(u_pkey).name in shadow_detail, (all_detail, shadow_detail)
+
+    flip(data / u_pkey)  # back as it was
+    flip(data / t)  # a page of a table in a tablespace the server verified: left to it, read by the full run
+    ok_all, _, all_detail = _checksums(settings, engine, data, None)
+    ok_shadow, _, _ = _checksums(settings, engine, data, verified)
+    assert not ok_all and Path(t).name in all_detail
+    assert ok_shadow

@@ -1,0 +1,51 @@
+"""The shadow folder pg_checksums reads: hard links to every file it would read but the main-fork
+segments the server verified (all their segments, not their other forks), pg_control copied,
+tablespaces through their links; nothing made when a link cannot be."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dbops.ops.backup import shadow
+
+
+def _file(p: Path, body: bytes = b"x" * 100) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(body)
+
+
+def test_links_all_but_the_verified_main_forks(tmp_path):
+    data, tblspc = tmp_path / "data", tmp_path / "tblspc" / "16400"
+    for rel in ("global/pg_control", "global/1262", "base/5/16384", "base/5/16384.1", "base/5/16384_fsm",
+                "base/5/16384_vm", "base/5/16390", "base/5/163841", "base/5/PG_VERSION", "pg_wal/000000010000000000000001",
+                "postgresql.conf"):
+        _file(data / rel)
+    _file(tblspc / "PG_15_202209061" / "5" / "16401")
+    _file(tblspc / "PG_15_202209061" / "5" / "16402")
+    (data / "pg_tblspc").mkdir()
+    os.symlink(tblspc, data / "pg_tblspc" / "16400")
+    verified = {"base/5/16384", "global/1262", "pg_tblspc/16400/PG_15_202209061/5/16401"}
+    s = shadow.build(data, tmp_path / "shadow", verified)
+    assert s is not None
+    got = {str(p.relative_to(s.path)) for p in s.path.rglob("*") if p.is_file()}
+    assert got == {"global/pg_control", "base/5/16384_fsm", "base/5/16384_vm", "base/5/16390", "base/5/163841",
+                   "base/5/PG_VERSION", "pg_tblspc/16400/PG_15_202209061/5/16402"}
+    assert (s.linked, s.left_out, s.left_out_bytes) == (6, 4, 400)
+    # links, not copies (pg_control is a copy: the only file a tool may write)
+    assert os.stat(s.path / "base/5/16390").st_ino == os.stat(data / "base/5/16390").st_ino
+    assert os.stat(s.path / "global/pg_control").st_ino != os.stat(data / "global/pg_control").st_ino
+    assert not (s.path / "pg_tblspc" / "16400").is_symlink()
+
+
+def test_no_shadow_when_a_file_cannot_be_linked(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _file(data / "global/pg_control")
+    _file(data / "base/5/16390")
+
+    def cross_device(*a, **k):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(shadow.os, "link", cross_device)
+    assert shadow.build(data, tmp_path / "shadow", {"base/5/1"}) is None
+    assert not (tmp_path / "shadow").exists()
