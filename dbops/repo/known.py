@@ -130,6 +130,20 @@ class Known:
             return False
         return True
 
+    def linked(self, path: str, before: os.stat_result, after: os.stat_result) -> None:
+        """A hard link to the file of backup path ``path`` was made (its stat ``before`` and
+        ``after`` the link, which changes its ctime and link count only): its record follows, if
+        it was the file recorded. Only where nothing writes the files any more (the stopped copy,
+        read by pg_checksums' shadow folder: dbops.ops.backup.shadow)."""
+        if self.sealed_at is None:
+            return
+        i = bisect_left(self.cols[0], path_hash(path))
+        if i >= len(self.cols[0]) or self.cols[0][i] != path_hash(path):
+            return
+        with self.lock:
+            if identity(before) == tuple(c[i] for c in self.cols[1:]) and identity(after)[:4] == identity(before)[:4]:
+                self.cols[5][i] = after.st_ctime_ns
+
     def unchanged(self, path: str, real: str, size: int) -> bool:
         """True when the file at ``real`` (backup path ``path``) is still the one recorded, ``size``
         bytes long, not written since; False when it was, or when that is not certain."""

@@ -49,3 +49,27 @@ def test_no_shadow_when_a_file_cannot_be_linked(tmp_path, monkeypatch):
     monkeypatch.setattr(shadow.os, "link", cross_device)
     assert shadow.build(data, tmp_path / "shadow", {"base/5/1"}) is None
     assert not (tmp_path / "shadow").exists()
+
+
+def test_a_linked_file_stays_known_unchanged(tmp_path):
+    """A hard link changes a file's ctime: the record follows it, so the store still takes the file
+    as the download left it; a file written after the seal is still seen as changed."""
+    from dbops.repo.known import Known
+
+    data = tmp_path / "data"
+    for rel in ("global/pg_control", "base/5/16390", "base/5/16391", "base/5/16384"):
+        _file(data / rel)
+    known = Known()
+    for rel in ("base/5/16390", "base/5/16391", "base/5/16384"):
+        known.record(rel, str(data / rel))
+    known.seal(str(tmp_path))
+    with open(data / "base/5/16391", "r+b") as f:  # written after the seal: not the recorded content
+        f.write(b"y")
+    ctime = os.stat(data / "base/5/16390").st_ctime_ns
+    s = shadow.build(data, tmp_path / "shadow", {"base/5/16384"}, linked=known.linked)
+    assert s is not None and s.linked == 2
+    assert os.stat(data / "base/5/16390").st_ctime_ns != ctime  # what the record had to follow
+    assert known.usable()
+    assert known.unchanged("base/5/16390", str(data / "base/5/16390"), 100)
+    assert not known.unchanged("base/5/16391", str(data / "base/5/16391"), 100)
+    assert known.unchanged("base/5/16384", str(data / "base/5/16384"), 100)  # not linked: as recorded

@@ -37,7 +37,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any
+from typing import Any, Callable
 
 from dbops import proc
 from dbops.errors import ValidationError
@@ -65,14 +65,16 @@ def _main_fork_of(rel: str) -> str:
     return m.group(1) if m.group(2) is not None and m.group(2).isdigit() else rel
 
 
-def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None) -> Shadow | None:
+def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None,
+          linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> Shadow | None:
     """The shadow folder (new) for pg_checksums: every file it would read in ``data`` hard-linked
     at the same relative path, but the segments of the main forks in ``verified`` (paths relative to
     the data folder, as ``pg_relation_filepath`` gives them); ``global/pg_control`` copied. Folders
     are owned by ``owner``. None when a link cannot be made (another filesystem, a link limit):
-    pg_checksums then reads the copy itself."""
+    pg_checksums then reads the copy itself. ``linked(path, before, after)``: each file linked, with
+    its stat before and after (a link changes its ctime: see :meth:`dbops.repo.known.Known.linked`)."""
     shadow.mkdir(mode=0o700)
-    linked = left = left_bytes = 0
+    count = left = left_bytes = 0
     made: set[str] = set()
 
     def folder(rel: str) -> None:
@@ -99,8 +101,11 @@ def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None
                         left += 1
                         left_bytes += os.lstat(src).st_size
                         continue
+                    before = os.stat(src)
                     os.link(src, shadow / rel, follow_symlinks=False)
-                    linked += 1
+                    count += 1
+                    if linked is not None:
+                        linked(rel, before, os.stat(src))
                 dirs.sort()
     except OSError:
         shutil.rmtree(shadow, ignore_errors=True)
@@ -109,15 +114,17 @@ def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None
         for rel in made:
             proc.chown_to(shadow / rel, owner)
         proc.chown_to(shadow, owner)
-    return Shadow(shadow, linked, left, left_bytes)
+    return Shadow(shadow, count, left, left_bytes)
 
 
-def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[dict[str, Any]]) -> None:
+def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[dict[str, Any]],
+                 linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> None:
     """``pg_checksums --check`` of the stopped copy data: on a shadow folder beside it without the
     main forks in ``verified`` (the checks' tables, when the restart point was written; None: every
     file), else on the copy itself. Appends its record to checks (what it read, what it left to
-    the server's own verification); raises ValidationError when it finds a bad page."""
-    shadow = build(data, data.parent / SHADOW, verified, cfg.os_user) if verified else None
+    the server's own verification); raises ValidationError when it finds a bad page. ``linked``: see
+    :func:`build`."""
+    shadow = build(data, data.parent / SHADOW, verified, cfg.os_user, linked) if verified else None
     try:
         if shadow is None:
             r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", inst.data_path], check=False,

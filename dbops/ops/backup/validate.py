@@ -199,11 +199,14 @@ def scan_wal(cfg: Config, tablespaces: tbs.ScratchTablespaces, wal_dir: Path) ->
 
 def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
                       name: str, tablespaces: tbs.ScratchTablespaces | None = None,
-                      stack: ExitStack | None = None, wal_scanned: bool = False) -> Validation:
+                      stack: ExitStack | None = None, wal_scanned: bool = False,
+                      known: Known | None = None) -> Validation:
     """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly.
     Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces).
 
-    ``wal_scanned``: the tablespaces already read the WAL folder (``scan_wal``).
+    ``wal_scanned``: the tablespaces already read the WAL folder (``scan_wal``). ``known``: the files
+    whose content the download recorded; pg_checksums' shadow folder links to them (see
+    :meth:`dbops.repo.known.Known.linked`).
     With ``stack``, ``pg_checksums --check`` of the stopped copy runs on in the background once this
     returns (``val.checksums``; the copy may be read meanwhile, never changed): the caller lists
     nothing before ``val.settle()`` returned, and the instance stays until the stack closes. Without
@@ -268,7 +271,8 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             left_to_server = verified if restartpoint.written else None
 
             def check() -> None:
-                shadow.pg_checksums(cfg, inst, data, left_to_server, val.checks)
+                shadow.pg_checksums(cfg, inst, data, left_to_server, val.checks,
+                                    known.linked if known is not None else None)
 
             if stack is None:
                 with phases("checksums"):
@@ -387,6 +391,6 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             if saved is not None:
                 stack.callback(saved.close)
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
-                                stack=stack if background_checksums else None, wal_scanned=True)
+                                stack=stack if background_checksums else None, wal_scanned=True, known=known)
         val.backup_id = m.backup_id
         yield Proof(data, reached, val, ts, saved, known)
