@@ -253,17 +253,12 @@ def main() -> int:
     ap.add_argument("--no-sync", action="store_true")
     a = ap.parse_args()
     d = Path(a.dir).resolve()
+    children = {"one": one, "full": full_backup, "restore-one": restore_only}  # each run in a child process
+    if a.mode in children:
+        print(json.dumps(children[a.mode](d, a.variant)), flush=True)
+        return 0
     if a.mode == "setup":
         set_up(d, a.scale, setup)
-        return 0
-    if a.mode == "one":
-        print(json.dumps(one(d, a.variant)), flush=True)
-        return 0
-    if a.mode == "full":
-        print(json.dumps(full_backup(d, a.variant)), flush=True)
-        return 0
-    if a.mode == "restore-one":
-        print(json.dumps(restore_only(d, a.variant)), flush=True)
         return 0
     only = a.mode == "restore"
     if a.mode == "cycle":  # each round as bench_scale: a new full, 30 s of pgbench, the incremental, the files alone
@@ -275,12 +270,7 @@ def main() -> int:
                 _pgbench(lab, "-c", "4", "-j", "2", "-T", str(a.pgbench), "-n")
             if not a.no_sync:
                 os.sync()
-            out = subprocess.run([sys.executable, __file__, "restore-one" if only else "one", "--dir", str(d),
-                                  "--variant", v],
-                                 capture_output=True, text=True)
-            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
-                {"variant": v, "error": out.stderr[-2000:]})
-            rec = json.loads(line)
+            rec = child(d, "restore-one" if only else "one", v)
             rec["round"] = r
             print(json.dumps(rec), flush=True)
     return 0
