@@ -15,7 +15,8 @@ def _file(p: Path, body: bytes = b"x" * 100) -> None:
     p.write_bytes(body)
 
 
-def test_links_all_but_the_verified_main_forks(tmp_path):
+def test_links_all_but_the_verified_main_forks(tmp_path, monkeypatch):
+    monkeypatch.setattr(shadow, "SEGMENT_BYTES", 100)  # the files' size: each segment before the last is full
     data, tblspc = tmp_path / "data", tmp_path / "tblspc" / "16400"
     for rel in ("global/pg_control", "global/1262", "base/5/16384", "base/5/16384.1", "base/5/16384_fsm",
                 "base/5/16384_vm", "base/5/16390", "base/5/163841", "base/5/PG_VERSION", "pg_wal/000000010000000000000001",
@@ -73,3 +74,19 @@ def test_a_linked_file_stays_known_unchanged(tmp_path):
     assert known.unchanged("base/5/16390", str(data / "base/5/16390"), 100)
     assert not known.unchanged("base/5/16391", str(data / "base/5/16391"), 100)
     assert known.unchanged("base/5/16384", str(data / "base/5/16384"), 100)  # not linked: as recorded
+
+
+def test_a_segment_after_a_short_one_is_left_to_pg_checksums(tmp_path, monkeypatch):
+    """A scan counts blocks segment by segment up to the first short one: what lies after it (no
+    scan reads it) is checked by pg_checksums."""
+    monkeypatch.setattr(shadow, "SEGMENT_BYTES", 200)
+    data = tmp_path / "data"
+    _file(data / "global/pg_control")
+    _file(data / "base/5/16384", b"x" * 200)  # full
+    _file(data / "base/5/16384.1", b"x" * 100)  # short: the last a scan reads
+    _file(data / "base/5/16384.2", b"x" * 100)  # never read by a scan
+    s = shadow.build(data, tmp_path / "shadow", {"base/5/16384"})
+    assert s is not None
+    assert {str(p.relative_to(s.path)) for p in s.path.rglob("*") if p.is_file()} == {
+        "global/pg_control", "base/5/16384.2"}
+    assert (s.linked, s.left_out, s.left_out_bytes) == (1, 2, 300)

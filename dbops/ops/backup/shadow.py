@@ -58,18 +58,35 @@ class Shadow:
     left_out_bytes: int
 
 
-def _main_fork_of(rel: str) -> str:
-    """A relation segment's path without its segment number (``base/5/1234.2`` -> ``base/5/1234``)."""
+SEGMENT_BYTES = 131072 * 8192  # a relation segment file of PostgreSQL's default build (1 GiB)
+
+
+def _segment_of(rel: str) -> tuple[str, int]:
+    """A relation segment's path without its number, and the number (``base/5/1234.2`` -> (``base/5/1234``, 2))."""
     m = _SEGMENT.match(rel)
     assert m is not None
-    return m.group(1) if m.group(2) is not None and m.group(2).isdigit() else rel
+    return (m.group(1), int(m.group(2))) if m.group(2) is not None else (rel, 0)
+
+
+def _read_by_scan(dirpath: str, name: str, seg: int) -> bool:
+    """Whether a sequential scan reads segment ``seg`` of the relation file ``name`` (its base name):
+    PostgreSQL counts a relation's blocks segment by segment up to the first that is not full, so a
+    segment after a short one (which it never reads) is left to pg_checksums."""
+    for k in range(seg):
+        try:
+            if os.stat(os.path.join(dirpath, f"{name}.{k}" if k else name)).st_size != SEGMENT_BYTES:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None,
           linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> Shadow | None:
     """The shadow folder (new) for pg_checksums: every file it would read in ``data`` hard-linked
     at the same relative path, but the segments of the main forks in ``verified`` (paths relative to
-    the data folder, as ``pg_relation_filepath`` gives them); ``global/pg_control`` copied. Folders
+    the data folder, as ``pg_relation_filepath`` gives them) that a sequential scan reads (every one
+    up to the first that is not full); ``global/pg_control`` copied. Folders
     are owned by ``owner``. None when a link cannot be made (another filesystem, a link limit):
     pg_checksums then reads the copy itself. ``linked(path, before, after)``: each file linked, with
     its stat before and after (a link changes its ctime: see :meth:`dbops.repo.known.Known.linked`)."""
@@ -97,7 +114,8 @@ def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None
                     if rel == CONTROL:
                         shutil.copyfile(src, shadow / rel)
                         continue
-                    if _main_fork_of(rel) in verified:
+                    base, seg = _segment_of(rel)
+                    if base in verified and _read_by_scan(dirpath, os.path.basename(base), seg):
                         left += 1
                         left_bytes += os.lstat(src).st_size
                         continue
