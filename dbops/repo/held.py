@@ -42,8 +42,8 @@ class Held:
 
     def add(self, fr: Frame, stored: bytes | memoryview, key: str) -> None:
         """Hold one stored frame of object ``key`` (as :func:`dbops.repo.ranges.frames_read` gives it)."""
-        for run in fr.runs:
-            self.by_block[(run.file_no, run.offset)] = (Frame(fr.ref, [run]), stored, key)
+        for run in fr.runs:  # a frame of one delta (format 5) as it is
+            self.by_block[(run.file_no, run.offset)] = (fr if len(fr.runs) == 1 else Frame(fr.ref, [run]), stored, key)
         self.stored += len(stored)
 
     def over(self, decoder: codec.Decoder, run: Run, raw: memoryview) -> tuple[list[memoryview] | None, str]:

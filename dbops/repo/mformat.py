@@ -206,9 +206,10 @@ def decode_table(table: bytes | memoryview, raws: list[int], pack_name: Callable
     if not any(masks):
         return refs
     bases = _decode_columns(table[n * _WIDTH + 8 * n:], raws, pack_name, BASE_HASH)
+    # (refs built whole: NamedTuple._replace costs 3 times as much, for every delta of a backup)
     if fmt < 5:  # a set ON_BASE bit is a mask naming pages beyond any block: refused by check_entry
-        return [r._replace(mask=m, base=b) if m else r for r, m, b in zip(refs, masks, bases)]
-    return [r._replace(mask=m & ~ON_BASE, base=b, on_base=bool(m & ON_BASE)) if m else r
+        return [ChunkRef(*r[:7], m, b) if m else r for r, m, b in zip(refs, masks, bases)]
+    return [ChunkRef(*r[:7], m & ~ON_BASE, b, bool(m & ON_BASE)) if m else r
             for r, m, b in zip(refs, masks, bases)]
 
 
