@@ -11,8 +11,9 @@ batch's last whole block before its deltas start; the deltas are applied by ever
 writes whole blocks, not by the one reading the batch's range of deltas.
 
 Checks are those of the two passes: the base block against its sha256 (as every whole block),
-then the delta decoded against it (:func:`dbops.repo.ranges.frame_chunks`) and its pages against
-their sha256; a damaged delta is named by its file, before anything of its block is written.
+then the delta decoded against it (:func:`dbops.repo.frames.open_delta`: one call into zstd) and
+its pages against their sha256 (:func:`dbops.repo.frames.chunk_fault`); a damaged delta is named
+by its file, before anything of its block is written.
 """
 
 from __future__ import annotations
