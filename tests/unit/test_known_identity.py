@@ -117,14 +117,16 @@ def test_links_and_non_files(tmp_path):
     assert k.unchanged("pg_tblspc/1/16385", str(tmp_path / "ts" / "16385"), 10)
 
 
-def test_the_record_stays_small():
+def test_the_record_stays_small(tmp_path):
     k = Known()
     row = (1, 2, 3, 4, 5, 6)
     for i in range(100_000):
         for col, v in zip(k.cols, row):
-            col.append(v + i)
-    size = sum(sys.getsizeof(c) for c in k.cols)
-    assert size < 100_000 * 60  # 48 bytes a file (arrays), whatever the files' sizes
+            col.append(kn.path_hash(str(i)) if col is k.cols[0] else v + i)
+    k.seal(str(tmp_path))
+    assert len(k) == 100_000
+    size = sum(sys.getsizeof(c) for c in (*k.cols, k.sorted, k.order))
+    assert size < 100_000 * 64  # 60 bytes a file (arrays), whatever the files' sizes
 
 
 def test_the_earlier_entry_is_taken_only_when_it_covers_the_file(tmp_path):
