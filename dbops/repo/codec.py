@@ -143,6 +143,11 @@ def zstd_functions():
     a delta of 1-2 pages where a dictionary and a decompressor made for each took 12-30 us."""
     try:
         from zstandard import backend_cffi
-    except ImportError:
+
+        ffi, lib = backend_cffi.ffi, backend_cffi.lib
+        for name in ("ZSTD_createDCtx", "ZSTD_freeDCtx", "ZSTD_decompress_usingDict", "ZSTD_isError",
+                     "ZSTD_getErrorName"):
+            getattr(lib, name)
+    except (ImportError, AttributeError):  # no cffi, or a zstandard release built without these
         return None
-    return backend_cffi.ffi, backend_cffi.lib
+    return ffi, lib
