@@ -142,9 +142,11 @@ class Known:
         read by pg_checksums' shadow folder: dbops.ops.backup.shadow)."""
         if self.sealed_at is None:
             return
-        i = bisect_left(self.cols[0], path_hash(path))
-        if i >= len(self.cols[0]) or self.cols[0][i] != path_hash(path):
+        h = path_hash(path)
+        k = bisect_left(self.sorted, h)
+        if k >= len(self.sorted) or self.sorted[k] != h:
             return
+        i = self.order[k]
         with self.lock:
             if identity(before) == tuple(c[i] for c in self.cols[1:]) and identity(after)[:4] == identity(before)[:4]:
                 self.cols[5][i] = after.st_ctime_ns

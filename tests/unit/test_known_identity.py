@@ -152,3 +152,24 @@ def test_the_earlier_entry_is_taken_only_when_it_covers_the_file(tmp_path):
     assert known_refs(k, e, FileEntry("base/1/16384", FILE, 0o600, 0, 8192, None, refs[:1], 8192), 8192,
                       real) is None  # the earlier entry's size
     assert known_refs(k, walk.WalkEntry("base/1/16384", FILE, 0o600, 0, 8192), pe, 8192, real) is None
+
+
+def test_a_hard_link_made_after_the_stop_keeps_the_file_known(tmp_path):
+    names = [str(n) for n in range(1, 41)]
+    k = sealed(tmp_path, *names)
+    for n in reversed(names):  # any order: the records are found by their sorted hashes
+        before = os.stat(tmp_path / n)
+        os.link(tmp_path / n, tmp_path / f"{n}.shadow")  # changes its ctime and link count only
+        if n != "2":  # not told: read again
+            k.linked(f"base/1/{n}", before, os.stat(tmp_path / n))
+    assert all(k.unchanged(f"base/1/{n}", str(tmp_path / n), 8192) for n in names if n != "2")
+    assert not k.unchanged("base/1/2", str(tmp_path / "2"), 8192)
+    fd = os.open(tmp_path / "3", os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"y", 0)
+    finally:
+        os.close(fd)
+    before = os.stat(tmp_path / "3")
+    os.link(tmp_path / "3", tmp_path / "3.again")
+    k.linked("base/1/3", before, os.stat(tmp_path / "3"))  # written before the link: not the file recorded
+    assert not k.unchanged("base/1/3", str(tmp_path / "3"), 8192)
