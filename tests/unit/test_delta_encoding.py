@@ -139,3 +139,18 @@ def test_deltas_are_compressed_at_the_delta_level_at_least(monkeypatch, level, u
     payload, dictionary, _ = deltas()[-1]
     stored = codec.Encoder("zstd", level).encode_on(payload, dictionary)
     assert seen == [used] and codec.Decoder().decode_on(stored, len(payload), dictionary) == payload
+
+
+def test_a_base_starting_with_zstds_dictionary_magic_is_read_as_raw_content():
+    """A base whose first bytes are zstd's dictionary magic (37 A4 30 EC) is still the delta's raw
+    prefix, never parsed as a structured dictionary (which zstd would refuse as corrupted)."""
+    rng = random.Random(11)
+    base = bytearray(heap_page(rng, 0x2000))
+    base[0:4] = bytes.fromhex("37a430ec")
+    raw = bytearray(base)
+    raw[PAGE - 200:PAGE - 100] = rng.randbytes(100)
+    stored = codec.Encoder().encode_on(bytes(raw), bytes(base))
+    assert len(stored) < PAGE  # compressed against the base, not kept raw
+    d = codec.Decoder()
+    assert bytes(d.decode_on(stored, PAGE, bytes(base))) == bytes(raw)
+    assert bytes(d.decode_on(stored, PAGE, bytes(base))) == bytes(raw)  # the prefix is used again, per call
