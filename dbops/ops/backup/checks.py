@@ -44,9 +44,12 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: set[st
             with pgconn.session(node, db) as c:
                 has_amcheck = bool(pgconn.scalar(c, "SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'"))
                 pages_verified = _verify_pages(c)
+                # the path only of a heap table: a sequential scan of another table access method
+                # need not read every block of its main fork (it stays with pg_checksums)
                 tables = [(r[0], r[1]) for r in c.execute(
-                    "SELECT format('%I.%I', n.nspname, c.relname), pg_relation_filepath(c.oid) FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "SELECT format('%I.%I', n.nspname, c.relname), "
+                    "CASE WHEN a.amname = 'heap' THEN pg_relation_filepath(c.oid) END FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN pg_am a ON a.oid = c.relam "
                     "WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p' ORDER BY 1")]
                 if not (v.amcheck and has_amcheck):
                     # count(*) would otherwise be answered from an index where the visibility map says
