@@ -74,6 +74,21 @@ def test_a_linked_file_stays_known_unchanged(tmp_path):
     assert known.unchanged("base/5/16390", str(data / "base/5/16390"), 100)
     assert not known.unchanged("base/5/16391", str(data / "base/5/16391"), 100)
     assert known.unchanged("base/5/16384", str(data / "base/5/16384"), 100)  # not linked: as recorded
+    ctime = os.stat(data / "base/5/16390").st_ctime_ns
+    shadow.remove(s.path, data, known.linked)  # unlinking changes the ctime again: followed too
+    assert not s.path.exists()
+    assert os.stat(data / "base/5/16390").st_ctime_ns != ctime
+    assert known.usable()
+    assert known.unchanged("base/5/16390", str(data / "base/5/16390"), 100)
+    assert not known.unchanged("base/5/16391", str(data / "base/5/16391"), 100)
+
+
+def test_an_existing_shadow_folder_falls_back_to_reading_the_copy(tmp_path):
+    data = tmp_path / "data"
+    _file(data / "global/pg_control")
+    _file(data / "base/5/16384")
+    (tmp_path / "shadow").mkdir()
+    assert shadow.build(data, tmp_path / "shadow", {"base/5/16384"}) is None
 
 
 def test_a_segment_after_a_short_one_is_left_to_pg_checksums(tmp_path, monkeypatch):

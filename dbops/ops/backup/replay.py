@@ -111,7 +111,8 @@ class Restartpoint:
 # Logged when a restart point asked for by CHECKPOINT (flags immediate and wait; in recovery not force,
 # maybe with a pending cause) really runs; a skipped one ("already performed") logs nothing at the
 # default level. log_checkpoints is on in the throwaway. Only the CHECKPOINT asks with these flags.
-ASKED_RESTARTPOINT = re.compile(r"restartpoint starting: immediate( force)? wait\b")
+# (PostgreSQL 18 renamed the immediate flag "fast".)
+ASKED_RESTARTPOINT = re.compile(r"restartpoint starting: (?:immediate|fast)( force)? wait\b")
 
 
 @contextmanager
@@ -157,5 +158,8 @@ def restartpoint_beside(inst, timeout: float) -> Iterator[Restartpoint]:
         elif rp.returned:
             try:
                 rp.written = ASKED_RESTARTPOINT.search(inst.logs(400)) is not None
+                if not rp.written:
+                    log.event(_log, logging.INFO, "no restart point logged beside the checks (none due, or "
+                              "not found in the log's last 400 lines): pg_checksums reads every file")
             except Exception as e:  # noqa: BLE001  unknown: pg_checksums then reads every file
                 log.event(_log, logging.WARNING, "could not read the throwaway's log", error=str(e))

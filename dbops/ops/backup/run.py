@@ -290,7 +290,7 @@ class BackupRun:
                         fetch_wal(cfg, self.store, self.layout, start_segment, target, wal)
                     # pg_checksums runs on beside the final store (which lists nothing before it passed).
                     val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}",
-                                            tablespaces=ts, stack=stack)
+                                            tablespaces=ts, stack=stack, known=known[0] if known else None)
                 except BaseException:
                     cancel.set()
                     raise

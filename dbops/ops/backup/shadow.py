@@ -90,7 +90,6 @@ def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None
     are owned by ``owner``. None when a link cannot be made (another filesystem, a link limit):
     pg_checksums then reads the copy itself. ``linked(path, before, after)``: each file linked, with
     its stat before and after (a link changes its ctime: see :meth:`dbops.repo.known.Known.linked`)."""
-    shadow.mkdir(mode=0o700)
     count = left = left_bytes = 0
     made: set[str] = set()
 
@@ -100,6 +99,10 @@ def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None
         (shadow / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
         made.add(rel)
 
+    try:
+        shadow.mkdir(mode=0o700)
+    except OSError:
+        return None
     try:
         for top in SCANNED:
             root = data / top
@@ -135,6 +138,22 @@ def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None
     return Shadow(shadow, count, left, left_bytes)
 
 
+def remove(shadow: Path, data: Path, linked: Callable[[str, os.stat_result, os.stat_result], None] | None) -> None:
+    """Remove the shadow folder. Unlinking a link changes its file's ctime again: ``linked`` is told
+    of each (as when it was made), so that the store's record of files not written since follows."""
+    if linked is not None:
+        for dirpath, _dirs, files in os.walk(shadow):
+            for name in files:
+                rel = os.path.relpath(os.path.join(dirpath, name), shadow)
+                try:
+                    before = os.stat(data / rel)
+                    os.unlink(os.path.join(dirpath, name))
+                    linked(rel, before, os.stat(data / rel))
+                except OSError:
+                    continue  # left to rmtree; the file's record no longer matches: it is read
+    shutil.rmtree(shadow, ignore_errors=True)
+
+
 def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[dict[str, Any]],
                  linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> None:
     """``pg_checksums --check`` of the stopped copy data: on a shadow folder beside it without the
@@ -156,7 +175,7 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
                       "verified_by_server_bytes": shadow.left_out_bytes}
     finally:
         if shadow is not None:
-            shutil.rmtree(shadow.path, ignore_errors=True)
+            remove(shadow.path, data, linked)
     ok = r.returncode == 0
     checks.append({**record, "ok": ok})
     if not ok:

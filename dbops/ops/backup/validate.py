@@ -139,6 +139,9 @@ RECOVERY_SETTINGS_BASE = {
     "ignore_checksum_failure": "off",
     "zero_damaged_pages": "off",
     "log_checkpoints": "on",
+    # ... which it finds in the log's last lines: no line for each of the checks' statements
+    "log_statement": "none",
+    "log_min_duration_statement": "-1",
 }
 # PostgreSQL 15+. allow_in_place_tablespaces: replaying a CREATE DATABASE in a tablespace that a later
 # DROP removed makes recovery create the folder inside pg_tblspc; without it that stops recovery.
