@@ -17,6 +17,7 @@ def _file(p: Path, body: bytes = b"x" * 100) -> None:
 
 def test_links_all_but_the_verified_main_forks(tmp_path, monkeypatch):
     monkeypatch.setattr(shadow, "SEGMENT_BYTES", 100)  # the files' size: each segment before the last is full
+    monkeypatch.setattr(shadow, "PAGE", 50)  # whole blocks
     data, tblspc = tmp_path / "data", tmp_path / "tblspc" / "16400"
     for rel in ("global/pg_control", "global/1262", "base/5/16384", "base/5/16384.1", "base/5/16384_fsm",
                 "base/5/16384_vm", "base/5/16390", "base/5/163841", "base/5/PG_VERSION", "pg_wal/000000010000000000000001",
@@ -52,9 +53,10 @@ def test_no_shadow_when_a_file_cannot_be_linked(tmp_path, monkeypatch):
     assert not (tmp_path / "shadow").exists()
 
 
-def test_a_linked_file_stays_known_unchanged(tmp_path):
+def test_a_linked_file_stays_known_unchanged(tmp_path, monkeypatch):
     """A hard link changes a file's ctime: the record follows it, so the store still takes the file
     as the download left it; a file written after the seal is still seen as changed."""
+    monkeypatch.setattr(shadow, "PAGE", 50)  # the 100-byte files are whole blocks
     from dbops.repo.known import Known
 
     data = tmp_path / "data"
@@ -95,6 +97,7 @@ def test_a_segment_after_a_short_one_is_left_to_pg_checksums(tmp_path, monkeypat
     """A scan counts blocks segment by segment up to the first short one: what lies after it (no
     scan reads it) is checked by pg_checksums."""
     monkeypatch.setattr(shadow, "SEGMENT_BYTES", 200)
+    monkeypatch.setattr(shadow, "PAGE", 50)
     data = tmp_path / "data"
     _file(data / "global/pg_control")
     _file(data / "base/5/16384", b"x" * 200)  # full
@@ -105,3 +108,16 @@ def test_a_segment_after_a_short_one_is_left_to_pg_checksums(tmp_path, monkeypat
     assert {str(p.relative_to(s.path)) for p in s.path.rglob("*") if p.is_file()} == {
         "global/pg_control", "base/5/16384.2"}
     assert (s.linked, s.left_out, s.left_out_bytes) == (1, 2, 300)
+
+
+def test_a_verified_main_fork_ending_in_a_partial_block_is_left_to_pg_checksums(tmp_path):
+    """A scan ignores a partial last block; pg_checksums refuses it: such a file is linked."""
+    data = tmp_path / "data"
+    _file(data / "global/pg_control")
+    _file(data / "base/5/16384", b"x" * (2 * shadow.PAGE))
+    _file(data / "base/5/16390", b"x" * (2 * shadow.PAGE + 5))
+    s = shadow.build(data, tmp_path / "shadow", {"base/5/16384", "base/5/16390"})
+    assert s is not None
+    assert {str(p.relative_to(s.path)) for p in s.path.rglob("*") if p.is_file()} == {
+        "global/pg_control", "base/5/16390"}
+    assert (s.linked, s.left_out) == (1, 1)
