@@ -87,8 +87,10 @@ def test_shell_completion_completes_commands_and_options(dbops_bin, tmp_path):
     assert {"list", "show", "prune"} <= set(complete("dbops backup "))
     assert complete("dbops backup --fu") == ["--full"]
     assert {"--progress", "--no-progress"} <= set(complete("dbops restore --"))
-    r = subprocess.run([dbops_bin, "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
-                       env=base, check=False)
+    # --show-completion takes no shell name: it detects the shell it runs in from its parent
+    # processes (shellingham), so it is run from bash (under make or a detached job there may be none)
+    r = subprocess.run(["bash", "-c", '"$0" --show-completion; status=$?; exit $status', dbops_bin],
+                       capture_output=True, text=True, timeout=60, env=base, check=False)
     assert r.returncode == 0, r.stderr
     assert "_DBOPS_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
 
