@@ -140,29 +140,34 @@ class Known:
         ``after`` the link, which changes its ctime and link count only): its record follows, if
         it was the file recorded. Only where nothing writes the files any more (the stopped copy,
         read by pg_checksums' shadow folder: dbops.ops.backup.shadow)."""
-        if self.sealed_at is None:
+        i = self._row(path)
+        if i is None:
             return
-        h = path_hash(path)
-        k = bisect_left(self.sorted, h)
-        if k >= len(self.sorted) or self.sorted[k] != h:
-            return
-        i = self.order[k]
         with self.lock:
-            if identity(before) == tuple(c[i] for c in self.cols[1:]) and identity(after)[:4] == identity(before)[:4]:
+            if identity(before) == self._identity(i) and identity(after)[:4] == identity(before)[:4]:
                 self.cols[5][i] = after.st_ctime_ns
 
     def unchanged(self, path: str, real: str, size: int) -> bool:
         """True when the file at ``real`` (backup path ``path``) is still the one recorded, ``size``
         bytes long, not written since; False when it was, or when that is not certain."""
-        if self.sealed_at is None:
-            return False
-        h = path_hash(path)
-        k = bisect_left(self.sorted, h)
-        if k >= len(self.sorted) or self.sorted[k] != h:
+        i = self._row(path)
+        if i is None:
             return False
         try:
             now = identity(os.stat(real))
         except OSError:
             return False
-        i = self.order[k]
-        return now[2] == size and now == tuple(c[i] for c in self.cols[1:])
+        return now[2] == size and now == self._identity(i)
+
+    def _row(self, path: str) -> int | None:
+        """The row recorded for backup path ``path`` once sealed, else None."""
+        if self.sealed_at is None:
+            return None
+        h = path_hash(path)
+        k = bisect_left(self.sorted, h)
+        if k >= len(self.sorted) or self.sorted[k] != h:
+            return None
+        return self.order[k]
+
+    def _identity(self, i: int) -> tuple[int, ...]:
+        return tuple(c[i] for c in self.cols[1:])
