@@ -1,4 +1,4 @@
-"""What every runtime shares: the instance spec, the Instance/Runtime protocols, server settings.
+"""What every runtime shares: the instance spec, the Instance/Runtime protocols, the data folder's owner.
 
 A *throwaway instance* is PostgreSQL started on a scratch data folder (a restored backup) to
 replay WAL, be checked, and be stopped cleanly again. Where it runs is the runtime's business
@@ -26,40 +26,32 @@ replay WAL, be checked, and be stopped cleanly again. Where it runs is the runti
 
 Settings given on the command line (``-c k=v``) win over ``postgresql.conf`` and
 ``postgresql.auto.conf`` alike, so the caller's settings hold whatever the backup carries.
+
+The settings and generated files: :mod:`dbops.runtime.serverconf`; waiting for readiness and
+removal however a block ends: :mod:`dbops.runtime.instance`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Mapping, Protocol, Sequence
 
-from dbops import log, proc
+from dbops import proc
 from dbops.config import Node
-from dbops.errors import DbopsError, PostgresError, UsageError
-from dbops.runtime.walfolder import restore_command
-
-_log = log.get("runtime")
+from dbops.errors import DbopsError, UsageError
 
 # Paths as a containerised server sees them.
 DATA_PATH = "/data"
 WAL_PATH = "/wal"
 RUN_PATH = "/dbops-run"
 SOCKET_PATH = "/dbops-sock"
-SOCKET_PATH_MAX = 90  # a Unix socket path has room for 107 bytes; ".s.PGSQL.65535" takes 15 of them
 MINIMAL_ENV: Mapping[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                                   "LANG": "C", "LC_ALL": "C"}
 
 LOOPBACK = "127.0.0.1"
-HBA_FILE = "pg_hba.conf"
-IDENT_FILE = "pg_ident.conf"
-CONF_FILE = "postgresql.conf"
 
 # Settings the runtime decides; a spec may not set them.
 OWNED_SETTINGS = frozenset({
@@ -67,8 +59,6 @@ OWNED_SETTINGS = frozenset({
     "logging_collector", "log_destination",
     "hba_file", "ident_file", "config_file", "data_directory",
 })
-
-SAFE_DEFAULTS: Mapping[str, str] = {"archive_mode": "off", "primary_conninfo": ""}
 
 
 @dataclass(frozen=True)
@@ -217,183 +207,5 @@ class Owner:
             os.chown(path, self.uid, self.gid)
 
 
-def prepare_run_dir(spec: InstanceSpec, owner: Owner) -> tuple[Path, bool]:
-    """The instance's run folder (created when the spec names none), owned by the server's user.
-
-    Returns (path, created): a folder created here is removed with the instance.
-    """
-    if spec.run_dir is not None:
-        run_dir = Path(spec.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        created = False
-    else:
-        parent = Path(spec.data_dir).resolve().parent
-        run_dir = Path(tempfile.mkdtemp(prefix=f".dbops-run-{_safe(spec.name)}-", dir=parent))
-        created = True
-    os.chmod(run_dir, 0o700)
-    owner.chown(run_dir)
-    return run_dir, created
-
-
-def socket_dir(run_dir: Path, owner: Owner) -> tuple[Path, bool]:
-    """The private folder for the server's Unix socket: run_dir (mode 0700, the server user's) when its
-    path is short enough for a socket, else a new private folder under the temp folder.
-
-    Returns (path, created): a folder created here is removed with the instance.
-    """
-    run_dir = run_dir.resolve()
-    if len(str(run_dir)) <= SOCKET_PATH_MAX:
-        return run_dir, False
-    d = Path(tempfile.mkdtemp(prefix="dbops-sock-"))
-    os.chmod(d, 0o700)
-    owner.chown(d)
-    return d, True
-
-
-def server_settings(spec: InstanceSpec, run_dir: Path, *, wal_path: str | None, run_path: str, owner: Owner,
-                    socket_path: str, port: int | None = None) -> dict[str, str]:
-    """Every ``-c`` setting for the server, writing the generated files into run_dir.
-
-    ``wal_path`` / ``run_path`` / ``socket_path`` are the folders as the server sees them; ``port``
-    is the port inside (default: the spec's), which names the socket file.
-    """
-    settings: dict[str, str] = dict(SAFE_DEFAULTS)
-    if wal_path is not None:
-        settings["restore_command"] = restore_command(wal_path, spec.wal_linked)
-    settings.update(spec.settings)
-    settings.update({
-        "port": str(port or spec.port),
-        "listen_addresses": "",
-        "unix_socket_directories": socket_path,
-        "unix_socket_permissions": "0700",
-        "logging_collector": "off",
-        "log_destination": "stderr",
-    })
-    data_dir = Path(spec.data_dir)
-    if not (data_dir / CONF_FILE).exists():
-        _write(run_dir / CONF_FILE, "# dbops: the data folder has no postgresql.conf; built-in defaults apply\n", owner)
-        settings["config_file"] = f"{run_path}/{CONF_FILE}"
-    if spec.trust_local:
-        lines = ["# dbops: a throwaway instance, reachable only on its Unix socket in a private folder",
-                 "local all all trust"]
-        _write(run_dir / HBA_FILE, "\n".join(lines) + "\n", owner)
-        settings["hba_file"] = f"{run_path}/{HBA_FILE}"
-        if not (data_dir / IDENT_FILE).exists():
-            _write(run_dir / IDENT_FILE, "", owner)
-            settings["ident_file"] = f"{run_path}/{IDENT_FILE}"
-    return settings
-
-
-def setting_args(settings: Mapping[str, str]) -> list[str]:
-    """``-c k=v`` arguments, in a stable order."""
-    out: list[str] = []
-    for k in sorted(settings):
-        out += ["-c", f"{k}={settings[k]}"]
-    return out
-
-
-def remove_run_dir(run_dir: Path, created: bool, sock_dir: Path | None = None, sock_created: bool = False) -> None:
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if sock_dir is not None and sock_created:
-        shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-# postmaster.pid line 8: the postmaster's status once it accepts connections (what pg_ctl -w reads).
-_PID_STATUS_LINE = 7
-_READY_STATUSES = ("ready", "standby")
-READY_POLL = 0.05  # the pid file and a libpq ping: cheap
-READY_ALIVE_INTERVAL = 1.0
-
-
-def pid_file_status(data_dir: Path) -> str | None:
-    """The status word in data_dir/postmaster.pid ('starting', 'ready', 'standby', 'stopping'), if any."""
-    try:
-        lines = (Path(data_dir) / "postmaster.pid").read_text().splitlines()
-    except (FileNotFoundError, PermissionError):
-        return None
-    return lines[_PID_STATUS_LINE].strip() if len(lines) > _PID_STATUS_LINE else None
-
-
-class InstanceBase:
-    """What the concrete instances share: waiting for readiness, and removal however a block ends."""
-
-    host: str
-    port: int
-    spec: InstanceSpec
-    db_user: str
-
-    def is_running(self) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def logs(self, tail: int = 50) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def ended_by(self) -> str | None:
-        return None
-
-    def remove(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        """Wait until the server accepts connections (in hot standby, once it is consistent).
-
-        Ready means: this data folder's postmaster.pid says 'ready' or 'standby' (so another server
-        on the same port cannot fool us) and the port answers. Raises PostgresError with the tail
-        of the server log when the server exits first or the timeout passes. A server whose
-        ``recovery_target_action`` is 'shutdown' exits instead of becoming ready: read its
-        control data rather than calling this.
-        """
-        from dbops.pg.conn import ping
-
-        deadline = time.monotonic() + timeout
-        # Just started: the first look at the process (for a container, an engine call of 0.05 s on
-        # the serial path) waits a check interval; a server that exits sooner is seen then.
-        next_alive_check = time.monotonic() + READY_ALIVE_INTERVAL
-        while True:
-            if pid_file_status(self.spec.data_dir) in _READY_STATUSES and ping(self.host, self.port):
-                log.event(_log, logging.INFO, "instance ready", name=self.spec.name, port=self.port)
-                return
-            now = time.monotonic()
-            # is_running may ask a container engine (a process of its own): not at every poll
-            if (now >= next_alive_check or now >= deadline) and not self.is_running():
-                raise PostgresError(
-                    f"PostgreSQL ({self.spec.name}) exited before accepting connections",
-                    detail=self.logs(40).strip() or "(no server log)",
-                    hint="the server log above says why (missing WAL, a setting, a damaged data folder)",
-                )
-            if time.monotonic() >= deadline:
-                raise PostgresError(
-                    f"PostgreSQL ({self.spec.name}) did not accept connections within {timeout:.0f} s",
-                    detail=self.logs(40).strip() or "(no server log)",
-                    hint="recovery may need longer (raise the start timeout) or wait for WAL that is not there",
-                )
-            if now >= next_alive_check:
-                next_alive_check = now + READY_ALIVE_INTERVAL
-            time.sleep(READY_POLL)
-
-    def node(self, dbname: str = "postgres") -> Node:
-        """A config Node for this instance, for dbops.pg.conn (user: the runtime's database role)."""
-        return Node(name=_safe(self.spec.name)[:63] or "instance", host=self.host, port=self.port,
-                    user=self.db_user, dbname=dbname)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, ev, tb) -> None:
-        try:
-            self.remove()
-        except Exception as e:  # never mask the exception that ended the block
-            if et is None:
-                raise
-            _log.warning("could not remove instance: %s", e)
-
-
-def _write(path: Path, text: str, owner: Owner) -> None:
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    owner.chown(path)
-
-
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in name)

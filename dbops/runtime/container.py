@@ -43,21 +43,9 @@ from typing import Mapping, Sequence
 from dbops import log, proc
 from dbops.errors import CommandError, ConfigError, PostgresError
 from dbops.pg import binaries
-from dbops.runtime.base import (
-    DATA_PATH,
-    RUN_PATH,
-    SOCKET_PATH,
-    WAL_PATH,
-    InstanceBase,
-    InstanceSpec,
-    Owner,
-    check_stop_mode,
-    prepare_run_dir,
-    remove_run_dir,
-    server_settings,
-    setting_args,
-    socket_dir,
-)
+from dbops.runtime.base import DATA_PATH, RUN_PATH, SOCKET_PATH, WAL_PATH, InstanceSpec, Owner, check_stop_mode
+from dbops.runtime.instance import InstanceBase
+from dbops.runtime.serverconf import prepare_run_dir, remove_run_dir, server_settings, setting_args, socket_dir
 from dbops.runtime.engine import Engine, cleanup_stale, creator_labels, force_remove, label_args
 
 _log = log.get("runtime.container")

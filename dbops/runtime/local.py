@@ -21,18 +21,9 @@ from dbops import log, proc
 from dbops.errors import CommandError, PostgresError
 from dbops.pg import binaries
 from dbops.runtime import mountns
-from dbops.runtime.base import (
-    MINIMAL_ENV,
-    InstanceBase,
-    InstanceSpec,
-    Owner,
-    check_stop_mode,
-    prepare_run_dir,
-    remove_run_dir,
-    server_settings,
-    setting_args,
-    socket_dir,
-)
+from dbops.runtime.base import MINIMAL_ENV, InstanceSpec, Owner, check_stop_mode
+from dbops.runtime.instance import InstanceBase
+from dbops.runtime.serverconf import prepare_run_dir, remove_run_dir, server_settings, setting_args, socket_dir
 
 _log = log.get("runtime.local")
 

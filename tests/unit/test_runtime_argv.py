@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dbops.errors import ConfigError, UsageError
-from dbops.runtime import base, walfolder
+from dbops.runtime import base, instance, serverconf, walfolder
 from dbops.runtime.base import InstanceSpec, Owner
 from dbops.runtime.container import ContainerRuntime
 from dbops.runtime.engine import (
@@ -34,8 +34,8 @@ def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def _server_argv(rt: ContainerRuntime, spec: InstanceSpec, run: Path) -> list[str]:
-    settings = base.server_settings(spec, run, wal_path=base.WAL_PATH, run_path=base.RUN_PATH, owner=OWNER,
-                                    socket_path=base.SOCKET_PATH, port=rt.inner_port(spec))
+    settings = serverconf.server_settings(spec, run, wal_path=base.WAL_PATH, run_path=base.RUN_PATH, owner=OWNER,
+                                          socket_path=base.SOCKET_PATH, port=rt.inner_port(spec))
     return rt.server_argv(spec, name="dbops-x-1", owner=OWNER, run_dir=run, settings=settings,
                           labels=creator_labels("1", "x"))
 
@@ -131,41 +131,41 @@ def test_settings_for_a_data_folder_without_config_files(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     data.mkdir(), run.mkdir()
     spec = InstanceSpec(data_dir=data, port=5433, settings={"archive_mode": "on", "hot_standby": "on"})
-    s = base.server_settings(spec, run, wal_path=None, run_path="/r", owner=OWNER, socket_path="/s")
+    s = serverconf.server_settings(spec, run, wal_path=None, run_path="/r", owner=OWNER, socket_path="/s")
     assert s["archive_mode"] == "on"  # the caller may override the safe defaults
     assert "restore_command" not in s  # no WAL folder
     assert s["config_file"] == "/r/postgresql.conf" and (run / "postgresql.conf").exists()
     assert s["ident_file"] == "/r/pg_ident.conf" and (run / "pg_ident.conf").read_text() == ""
     assert s["unix_socket_directories"] == "/s" and s["listen_addresses"] == "" and s["logging_collector"] == "off"
     no_trust = InstanceSpec(data_dir=data, port=5433, trust_local=False)
-    assert "hba_file" not in base.server_settings(no_trust, run, wal_path=None, run_path="/r", owner=OWNER,
-                                                  socket_path="/s")
+    assert "hba_file" not in serverconf.server_settings(no_trust, run, wal_path=None, run_path="/r", owner=OWNER,
+                                                        socket_path="/s")
 
 
 def test_a_long_run_folder_gets_a_short_private_socket_folder(tmp_path):
-    short, created = base.socket_dir(tmp_path, Owner(os.getuid(), os.getgid()))
+    short, created = serverconf.socket_dir(tmp_path, Owner(os.getuid(), os.getgid()))
     assert short == tmp_path.resolve() and not created
     deep = tmp_path / ("x" * 100)
     deep.mkdir()
-    sock, created = base.socket_dir(deep, Owner(os.getuid(), os.getgid()))
+    sock, created = serverconf.socket_dir(deep, Owner(os.getuid(), os.getgid()))
     try:
-        assert created and len(str(sock)) <= base.SOCKET_PATH_MAX and (sock.stat().st_mode & 0o777) == 0o700
+        assert created and len(str(sock)) <= serverconf.SOCKET_PATH_MAX and (sock.stat().st_mode & 0o777) == 0o700
     finally:
-        base.remove_run_dir(deep, False, sock, created)
+        serverconf.remove_run_dir(deep, False, sock, created)
     assert not sock.exists()
 
 
 def test_restore_command_quotes_host_paths():
-    assert base.restore_command("/wal") == 'cp /wal/%f "%p"'
-    assert base.restore_command("/tmp/my wal") == "cp '/tmp/my wal/'%f \"%p\""
+    assert walfolder.restore_command("/wal") == 'cp /wal/%f "%p"'
+    assert walfolder.restore_command("/tmp/my wal") == "cp '/tmp/my wal/'%f \"%p\""
 
 
 def test_restore_command_declines_what_is_linked_into_pg_wal(dirs):
-    assert base.restore_command("/wal", linked=True) == 'test -f pg_wal/%f && exit 1; cp /wal/%f "%p"'
+    assert walfolder.restore_command("/wal", linked=True) == 'test -f pg_wal/%f && exit 1; cp /wal/%f "%p"'
     data, wal, run = dirs
     spec = InstanceSpec(data_dir=data, port=5433, wal_dir=wal, wal_linked=True)
-    settings = base.server_settings(spec, run, wal_path=base.WAL_PATH, run_path=base.RUN_PATH, owner=OWNER,
-                                    socket_path=base.SOCKET_PATH)
+    settings = serverconf.server_settings(spec, run, wal_path=base.WAL_PATH, run_path=base.RUN_PATH, owner=OWNER,
+                                          socket_path=base.SOCKET_PATH)
     assert settings["restore_command"] == 'test -f pg_wal/%f && exit 1; cp /wal/%f "%p"'
 
 
@@ -197,7 +197,7 @@ def test_link_wal_declines_a_pg_wal_it_cannot_link_into(dirs, tmp_path):
 
 
 def test_setting_args_are_stable():
-    assert base.setting_args({"b": "2", "a": "x y"}) == ["-c", "a=x y", "-c", "b=2"]
+    assert serverconf.setting_args({"b": "2", "a": "x y"}) == ["-c", "a=x y", "-c", "b=2"]
 
 
 def test_ensure_containers_conf_writes_once(tmp_path):
@@ -219,6 +219,6 @@ def test_creator_alive_checks_pid_and_start_time():
 
 
 def test_pid_file_status(tmp_path):
-    assert base.pid_file_status(tmp_path) is None
+    assert instance.pid_file_status(tmp_path) is None
     (tmp_path / "postmaster.pid").write_text("123\n/data\n1700000000\n5433\n\n127.0.0.1\n  1 2\nstandby \n")
-    assert base.pid_file_status(tmp_path) == "standby"
+    assert instance.pid_file_status(tmp_path) == "standby"
