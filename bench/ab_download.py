@@ -87,7 +87,7 @@ class Sampler:
 
 def patch(variant: str) -> None:
     from dbops.ops.backup import basesave
-    from dbops.repo import restore
+    from dbops.repo import rangewrite, restore
 
     if variant == "fullcks":  # pg_checksums reads every file (no shadow folder), as before it
         from dbops.ops.backup import shadow
@@ -97,7 +97,7 @@ def patch(variant: str) -> None:
         basesave.predict = lambda *a, **k: basesave.Predicted()  # type: ignore[assignment]
     elif variant in ("srf", "fadv"):  # the scratch download's writeback started early (as a durable restore's)
         if variant == "srf":
-            restore._Flusher.flush = staticmethod(start_writeback)  # type: ignore[method-assign]
+            rangewrite.Flusher.flush = staticmethod(start_writeback)  # type: ignore[method-assign]
         inner = restore.write_range
 
         def write_range(*args, **kw):

@@ -9,7 +9,7 @@ import os
 import resource
 import signal
 
-from dbops.repo import restore as rmod
+from dbops.repo import rangewrite as rmod
 
 
 def test_short_writes_go_on_with_the_rest(tmp_path, monkeypatch):

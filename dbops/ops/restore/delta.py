@@ -7,7 +7,7 @@ like a full restore), an all-zero chunk is zeroed when it is not. Files, folders
 backup does not have are removed. Restoring a big primary in place then costs reading it once
 plus downloading what changed. A page delta (manifest format 4 and 5) has no hash of its whole
 block: it is always fetched (its base block, then its pages over it; a format 5 delta is decoded
-with that base block, read back from the file: see :func:`dbops.repo.restore.write_range`).
+with that base block, read back from the file: see :func:`dbops.repo.rangewrite.write_range`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
 from dbops.repo.ranges import Range, base_view, batches, delta_view, plan_ranges
 from dbops.repo.finish import as_restored, finish_files, finish_tree, mark_wal_archived, reset_unlogged
-from dbops.repo.restore import make_links, write_range
+from dbops.repo.rangewrite import write_range
+from dbops.repo.restore import make_links
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
 from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
