@@ -40,7 +40,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +51,7 @@ from dbops.ops.backup import gap as walgap
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.target import (ArchiveStalledError, Target, capture_fetching_ahead, capture_target,
                                      fetch_wal)
+from dbops.ops.backup.result import BackupResult
 from dbops.ops.backup.validate import Validation, prove, recover_to_target, restore_seconds
 from dbops.ops.wal.archive import WalGapError
 from dbops.pg import conn as pgconn
@@ -74,45 +74,6 @@ from dbops.storage.guard import GuardedStore
 from dbops.storage.lock import BACKUP, ClusterLock
 
 _log = log.get("backup")
-
-
-@dataclass
-class BackupResult:
-    backup_id: str
-    kind: str  # full | incremental
-    parent_id: str | None
-    run_id: str
-    validated: Validation | None
-    manifest: mf.Manifest
-    timings: dict[str, float]
-    healed_after: str | None = None  # set when this full backup healed a failed validation
-    pruned: dict[str, Any] | None = None  # what backup.retention.auto removed after this backup
-    s3_requests: dict[str, Any] | None = None  # requests this run sent to the store (S3 bills per request)
-
-    def as_dict(self) -> dict[str, Any]:
-        m = self.manifest
-        return {
-            "ok": True,
-            "backup_id": self.backup_id,
-            "kind": self.kind,
-            "parent_id": self.parent_id,
-            "run_id": self.run_id,
-            "consistent_lsn": format_lsn(m.pg.consistent_lsn),
-            "consistent_time": m.pg.consistent_time,
-            "timeline": m.pg.timeline,
-            "logical_size": m.logical_size,
-            "stored_bytes": m.stored_bytes,
-            "counts": m.counts,
-            "timings": self.timings,
-            "validated": None if self.validated is None else {
-                "backup_id": self.validated.backup_id, "ok": self.validated.ok,
-                "timings": self.validated.timings, "checks": self.validated.checks,
-                "restore_seconds": restore_seconds(self.validated.timings),
-            },
-            "healed_after": self.healed_after,
-            "pruned": self.pruned,
-            "s3_requests": self.s3_requests,
-        }
 
 
 # --------------------------------------------------------------------------- the source side
