@@ -1,7 +1,9 @@
 """Page delta frames (format 5): written with the base's pages as a zstd prefix, read with them as a
 raw-content dictionary (and the other way round), byte for byte, whatever wrote them; read through
 zstd's own functions on a context kept per thread (zstandard's cffi backend) and, where that is
-not installed, through a decompressor made for each delta: the same bytes and faults either way."""
+not installed, through a decompressor made for each delta: the same bytes and faults either way.
+Written likewise through zstd's own functions on a compression context kept per thread, or through
+the prefix module's compressor made for each delta: byte-identical frames."""
 
 from __future__ import annotations
 
@@ -27,6 +29,22 @@ def reader(request, monkeypatch):
     else:
         monkeypatch.setattr(codec, "zstd_functions", lambda: None)
     return request.param
+
+
+@pytest.fixture(params=["compression context per thread", "compressor per delta"], autouse=True)
+def writer_path(request, monkeypatch):
+    """Every test here runs with both ways of writing a delta (:meth:`codec.Encoder.encode_on`)."""
+    if request.param == "compression context per thread":
+        assert codec.zstd_compress_functions() is not None  # installed with zstandard here (pyproject.toml)
+    else:
+        monkeypatch.setattr(codec, "zstd_compress_functions", lambda: None)
+    return request.param
+
+
+def prefix_frame(payload: bytes, base: bytes, level: int) -> bytes:
+    """A delta frame as the prefix module writes it (the fallback writer's own calls)."""
+    c = stdzstd.ZstdCompressor(level=level, zstd_dict=stdzstd.ZstdDict(base, is_raw=True).as_prefix)
+    return c.compress(payload, stdzstd.ZstdCompressor.FLUSH_FRAME)
 
 
 def heap_page(rng: random.Random, lsn: int) -> bytearray:
@@ -124,21 +142,39 @@ def test_a_damaged_or_cut_delta_frame_fails_to_decode_or_gives_other_bytes():
 
 
 @pytest.mark.parametrize("level,used", [(-5, codec.DELTA_LEVEL), (1, codec.DELTA_LEVEL), (2, codec.DELTA_LEVEL), (9, 9)])
-def test_deltas_are_compressed_at_the_delta_level_at_least(monkeypatch, level, used):
+def test_deltas_are_compressed_at_the_delta_level_at_least(level, used):
     """Configured levels under DELTA_LEVEL are raised to it for deltas (level 2 measured up to 10x
-    larger on pgbench deltas of 4 pages or more); a higher configured level is kept."""
-    seen: list[int] = []
-    real = stdzstd.ZstdCompressor
+    larger on pgbench deltas of 4 pages or more); a higher configured level is kept: the frame is
+    the prefix module's at that level, byte for byte, whichever way it was written."""
+    enc = codec.Encoder("zstd", level)
+    for payload, dictionary, _ in deltas():
+        stored = enc.encode_on(payload, dictionary)
+        assert stored == prefix_frame(payload, dictionary, used)
+        assert codec.Decoder().decode_on(stored, len(payload), dictionary) == payload
 
-    def spy(level: int, **kw):
-        seen.append(level)
-        return real(level=level, **kw)
 
-    monkeypatch.setattr(stdzstd, "ZstdCompressor", spy)
-    monkeypatch.setattr(spy, "FLUSH_FRAME", real.FLUSH_FRAME, raising=False)
-    payload, dictionary, _ = deltas()[-1]
-    stored = codec.Encoder("zstd", level).encode_on(payload, dictionary)
-    assert seen == [used] and codec.Decoder().decode_on(stored, len(payload), dictionary) == payload
+def test_both_writers_give_the_same_frames_byte_for_byte(monkeypatch):
+    """The context kept per thread and the compressor made for each delta write identical bytes:
+    deltas of 1 to 8 pages, many in a row on one context (its prefix used for one frame only),
+    memoryview bases and payloads, a payload zstd cannot shrink (stored raw), from several threads."""
+    import concurrent.futures
+
+    rng = random.Random(5)
+    cases = [(p, d) for seed in (1, 2, 3) for p, d, _ in deltas(seed)]
+    cases.append((rng.randbytes(2 * PAGE), rng.randbytes(2 * PAGE)))  # incompressible: stored raw
+    cases.append((cases[0][0], cases[1][1][:len(cases[0][0])]))  # a wrong base still compresses alike
+    fast = codec.Encoder("zstd", 3)
+
+    def written(enc):
+        return [enc.encode_on(memoryview(p), memoryview(bytearray(d))) for p, d in cases]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        many = list(pool.map(lambda _: written(fast), range(8)))
+    monkeypatch.setattr(codec, "zstd_compress_functions", lambda: None)
+    slow = written(codec.Encoder("zstd", 3))
+    assert all(m == slow for m in many)
+    assert slow[-2] == cases[-2][0]  # raw
+    assert slow == [prefix_frame(p, d, 3) if len(prefix_frame(p, d, 3)) < len(p) else p for p, d in cases]
 
 
 def test_a_base_starting_with_zstds_dictionary_magic_is_read_as_raw_content():
