@@ -1,4 +1,4 @@
-"""The page-delta side of a store's snapshot (:class:`dbops.repo.store._Snapshot` mixes it in): a
+"""The page-delta side of a store's snapshot (:class:`dbops.repo.snapshot.Snapshot` mixes it in): a
 unit's page deltas, their bases fetched a batch ahead (:class:`dbops.repo.bases.BaseReader`) or
 taken from the saved pages, each compressed against its base's pages as a frame of its own."""
 

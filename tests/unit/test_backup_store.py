@@ -15,7 +15,7 @@ import zstandard
 
 from dbops.repo import manifest as mf
 from dbops.repo import packs as packs_mod
-from dbops.repo import store as store_mod
+from dbops.repo import snapshot as store_mod
 from dbops.repo import storeorder
 from dbops.repo.manifest import PgState
 from dbops.repo.restore import restore_snapshot, verify_backup

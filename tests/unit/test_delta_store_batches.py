@@ -14,7 +14,7 @@ from dbops.config import CompressionSettings
 from dbops.errors import ExitCode, ValidationError
 from dbops.repo import blocks
 from dbops.repo import manifest as mf
-from dbops.repo import store as store_mod
+from dbops.repo import snapshot as store_mod
 from dbops.repo.bases import BaseReader
 from dbops.repo.ranges import ByteBudget
 from dbops.repo.restore import restore_snapshot

@@ -19,7 +19,7 @@ from dbops.errors import ExitCode, ValidationError
 from dbops.ops.restore.delta import restore_delta
 from dbops.repo import catalog, mformat, retention
 from dbops.repo import manifest as mf
-from dbops.repo import store as store_mod
+from dbops.repo import snapshot as store_mod
 from dbops.repo.manifest import PgState
 from dbops.repo.restore import restore_snapshot, verify_backup
 from dbops.repo.store import store_snapshot
