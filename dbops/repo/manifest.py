@@ -2,7 +2,7 @@
 
 Stored at ``Layout.manifest(id)``, written last and with ``if_absent``: a backup exists
 exactly when its manifest does. Encodings: :mod:`dbops.repo.mformat` (format 5 written,
-formats 1 to 4 read).
+formats 1 to 4 read); the header's fields: :mod:`dbops.repo.mheader`.
 
 A file's content is a list of fixed-size blocks (``FileEntry.block``, chosen by file size:
 see :func:`dbops.repo.blocks.block_size`; the last one may be shorter), each identified by
@@ -36,8 +36,8 @@ import zstandard
 
 import dbops
 from dbops.errors import ConflictError, NotFoundError, ValidationError
-from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.repo import mformat
+from dbops.repo.mheader import FORMAT_VERSION, header_dict, header_fields, summary_metadata
 from dbops.repo.untrusted import PathGuard
 from dbops.repo.model import DIR, FILE, SYMLINK, ChunkRef, FileEntry, PgState, path_key
 from dbops.repo.tblspc import Tablespace, check_entry
@@ -45,8 +45,6 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 from dbops.storage.probe import put_file_once
 
-FORMAT_VERSION = 5
-READABLE_FORMATS = (1, 2, 3, 4, 5)
 MAGIC = mformat.MAGIC2
 NO_PACK = mformat.NO_PACK
 
@@ -162,71 +160,11 @@ class Manifest:
     # ------------------------------------------------------------------ header
 
     def to_dict(self) -> dict[str, Any]:
-        d = {
-            "format": self.format,
-            "backup_id": self.backup_id,
-            "parent_id": self.parent_id,
-            "created": self.created,
-            "dbops_version": self.dbops_version,
-            "pg": {
-                "version": self.pg.pg_version,
-                "system_identifier": self.pg.system_identifier,
-                "timeline": self.pg.timeline,
-                "redo_lsn": format_lsn(self.pg.redo_lsn),
-                "consistent_lsn": format_lsn(self.pg.consistent_lsn),
-                "consistent_time": self.pg.consistent_time,
-                "wal_segment_size": self.pg.wal_segment_size,
-                "data_checksums": self.pg.data_checksums,
-            },
-            "chunk_size": self.chunk_size,
-            "compression": self.compression,
-            "logical_size": self.logical_size,
-            "stored_bytes": self.stored_bytes,
-            "counts": self.counts,
-            "timings": self.timings,
-            "meta": self.meta,
-            "tablespaces": [t.to_dict() for t in self.tablespaces],
-        }
-        if self.format == 1:  # only for tests that make an old manifest
-            d["files"] = [{**mformat.entry_meta(f), **({"chunks": [[c.hash, c.pack, c.offset, c.length, c.raw]
-                                                                   for c in f.chunks]} if f.type == FILE else {})}
-                          for f in self.entries()]
-        return d
+        return header_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        fmt = d.get("format")
-        if fmt not in READABLE_FORMATS:
-            raise ValidationError(
-                f"backup {d.get('backup_id', '?')}: manifest format {fmt!r} is not supported",
-                hint=f"this dbops reads formats {READABLE_FORMATS}; use the dbops version that wrote it",
-            )
-        pg = d["pg"]
-        return cls(
-            format=fmt,
-            backup_id=d["backup_id"],
-            parent_id=d.get("parent_id"),
-            created=float(d["created"]),
-            dbops_version=d.get("dbops_version", ""),
-            pg=PgState(
-                pg_version=str(pg["version"]),
-                system_identifier=str(pg["system_identifier"]),
-                timeline=int(pg["timeline"]),
-                redo_lsn=parse_lsn(pg["redo_lsn"]),
-                consistent_lsn=parse_lsn(pg["consistent_lsn"]),
-                consistent_time=float(pg["consistent_time"]),
-                wal_segment_size=int(pg.get("wal_segment_size", 16 * 1024 * 1024)),
-                data_checksums=bool(pg.get("data_checksums", False)),
-            ),
-            chunk_size=int(d["chunk_size"]),
-            compression=dict(d.get("compression") or {}),
-            logical_size=int(d.get("logical_size", 0)),
-            stored_bytes=int(d.get("stored_bytes", 0)),
-            counts=dict(d.get("counts") or {}),
-            timings=dict(d.get("timings") or {}),
-            meta=dict(d.get("meta") or {}),
-            tablespaces=[Tablespace.from_dict(t) for t in d.get("tablespaces") or ()],
-        )
+        return cls(**header_fields(d))
 
     def header(self, writer: mformat.Writer) -> dict[str, Any]:
         d = self.to_dict()
@@ -309,19 +247,7 @@ class Manifest:
 
     def summary_metadata(self) -> dict[str, str]:
         """Small object metadata so a catalog listing needs a HEAD, not a download."""
-        return {
-            "kind": str(self.meta.get("kind") or ""),
-            "created": repr(self.created),
-            "referenced-bytes": str(self.referenced_bytes()),
-            "backup-id": self.backup_id,
-            "consistent-time": repr(self.pg.consistent_time),
-            "consistent-lsn": format_lsn(self.pg.consistent_lsn),
-            "redo-lsn": format_lsn(self.pg.redo_lsn),
-            "timeline": str(self.pg.timeline),
-            "parent-id": self.parent_id or "",
-            "logical-size": str(self.logical_size),
-            "stored-bytes": str(self.stored_bytes),
-        }
+        return summary_metadata(self)
 
 
 # ---------------------------------------------------------------------- storage
