@@ -29,6 +29,8 @@ all files (the same columns); format 1 (read only): zstd-compressed JSON, chunk 
 ``[sha256_hex, pack_id | null, offset, length, raw]``. Both hold every file in memory, as
 their writers did; their chunk size is every file's block.
 
+A block table's columns are encoded and decoded in :mod:`dbops.repo.mtable`.
+
 :func:`read_entries` is the one reader of a stored manifest's entries; every entry passes
 :func:`check_entry` on its way out.
 """
@@ -38,15 +40,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
-from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import zstandard
 
 from dbops.errors import ValidationError
 from dbops.repo.model import DIR, FILE, PAGE, SYMLINK, ChunkRef, FileEntry
+from dbops.repo.mtable import BASE_HASH, blocks_of, decode_table, encode_table, raw_lengths
 
 MAGIC2 = b"DBOPSMF2"
 MAGIC3 = b"DBOPSMF3"
@@ -54,21 +55,10 @@ MAGIC4 = b"DBOPSMF4"
 MAGIC5 = b"DBOPSMF5"
 MAGICS = {MAGIC3: 3, MAGIC4: 4, MAGIC5: 5}
 WRITERS = {3: MAGIC3, 4: MAGIC4, 5: MAGIC5}
-ON_BASE = 1 << 63  # format 5: in a mask, the delta's frame is compressed against its base
 NO_PACK = 0xFFFFFFFF
 TYPES = (FILE, DIR, SYMLINK)
 
-_COLUMNS = ("I", "Q", "I", "I", "I")  # pack number, frame offset, frame length, frame raw length, offset in frame
-_WIDTH = 32 + sum(array(t).itemsize for t in _COLUMNS)
-_DELTA_COLUMNS = ("Q",)  # format 4: the page mask (0: a whole block)
-BASE_HASH = 16  # format 4: bytes of a base block's sha256 kept (the first 128 bits)
-_WIDTH4 = 2 * _WIDTH + 8 - (32 - BASE_HASH)  # the block's columns, the mask, its base's columns (zeros if none)
-_ZERO_HASH = "0" * 64
 _LEN = struct.Struct("<I")
-
-
-def blocks_of(size: int, block: int) -> int:
-    return -(-size // block) if size else 0
 
 
 def check_entry(e: FileEntry, what: str) -> FileEntry:
@@ -135,89 +125,6 @@ def entry_from_meta(d: dict[str, Any], chunks: tuple[ChunkRef, ...] = (), block:
     return FileEntry(path=str(d["path"]), type=str(d["type"]), mode=int(d["mode"]), mtime_ns=int(d["mtime_ns"]),
                      size=int(d.get("size", 0)), target=d.get("target"), chunks=chunks,
                      block=int(d.get("block", block)) if d["type"] == FILE else 0)
-
-
-# ---------------------------------------------------------------------- block tables
-
-
-def _columns(chunks: list[ChunkRef], number: Callable[[str | None], int], hash_bytes: int = 32) -> list[bytes]:
-    cols = [array(t) for t in _COLUMNS]
-    cols[0].extend(number(c.pack) for c in chunks)
-    cols[1].extend(c.offset for c in chunks)
-    cols[2].extend(c.length for c in chunks)
-    cols[3].extend(c.frame_raw for c in chunks)
-    cols[4].extend(c.at for c in chunks)
-    if sys.byteorder == "big":
-        for col in cols:
-            col.byteswap()
-    return [bytes.fromhex("".join(c.hash[:2 * hash_bytes] for c in chunks)), *(col.tobytes() for col in cols)]
-
-
-def encode_table(chunks: Iterable[ChunkRef], number: Callable[[str | None], int], fmt: int = 5) -> bytes:
-    """A file's block table. Format 4 adds, after format 3's columns, the page mask of each block
-    and its base's columns (all zeros for a block that is not a delta: they compress away);
-    format 5 marks a delta compressed against its base with ``ON_BASE`` in its mask."""
-    chunks = list(chunks)
-    if fmt < 4:
-        if any(c.mask for c in chunks):
-            raise ValueError("format 3 cannot hold page deltas")
-        return b"".join(_columns(chunks, number))
-    if fmt < 5 and any(c.on_base for c in chunks):
-        raise ValueError("format 4 cannot hold page deltas compressed against their base")
-    masks = array("Q", (c.mask | ON_BASE if c.on_base else c.mask for c in chunks))
-    if sys.byteorder == "big":
-        masks.byteswap()
-    none = ChunkRef(_ZERO_HASH, None, 0, 0, 0)
-    bases = [c.base if c.mask and c.base is not None else none for c in chunks]
-    return b"".join([*_columns(chunks, number), masks.tobytes(),
-                     *_columns(bases, lambda p: 0 if p is None else number(p), BASE_HASH)])
-
-
-def _decode_columns(table: bytes | memoryview, raws: list[int], pack_name: Callable[[int], str | None],
-                    hash_bytes: int = 32) -> list[ChunkRef]:
-    n, w = len(raws), 2 * hash_bytes
-    hx = bytes(table[:hash_bytes * n]).hex()
-    hashes = [hx[i:i + w] for i in range(0, w * n, w)]
-    pos, cols = hash_bytes * n, []
-    for t in _COLUMNS:
-        col = array(t)
-        col.frombytes(table[pos:pos + n * col.itemsize])
-        if sys.byteorder == "big":
-            col.byteswap()
-        cols.append(col)
-        pos += n * col.itemsize
-    packs = list(map(pack_name, cols[0]))
-    return list(map(ChunkRef, hashes, packs, cols[1], cols[2], raws, cols[4], cols[3]))
-
-
-def decode_table(table: bytes | memoryview, raws: list[int], pack_name: Callable[[int], str | None],
-                 fmt: int = 3) -> list[ChunkRef]:
-    n = len(raws)
-    width = _WIDTH4 if fmt >= 4 else _WIDTH
-    if len(table) != n * width:
-        raise ValueError(f"block table has {len(table)} bytes, {n} blocks need {n * width}")
-    refs = _decode_columns(table[:n * _WIDTH], raws, pack_name)
-    if fmt < 4:
-        return refs
-    masks = array("Q")
-    masks.frombytes(table[n * _WIDTH:n * _WIDTH + 8 * n])
-    if sys.byteorder == "big":
-        masks.byteswap()
-    if not any(masks):
-        return refs
-    bases = _decode_columns(table[n * _WIDTH + 8 * n:], raws, pack_name, BASE_HASH)
-    # (refs built whole: NamedTuple._replace costs 3 times as much, for every delta of a backup)
-    if fmt < 5:  # a set ON_BASE bit is a mask naming pages beyond any block: refused by check_entry
-        return [ChunkRef(*r[:7], m, b) if m else r for r, m, b in zip(refs, masks, bases)]
-    return [ChunkRef(*r[:7], m & ~ON_BASE, b, bool(m & ON_BASE)) if m else r
-            for r, m, b in zip(refs, masks, bases)]
-
-
-def raw_lengths(size: int, block: int) -> list[int]:
-    k = blocks_of(size, block)
-    if not k:
-        return []
-    return [block] * (k - 1) + [size - (k - 1) * block]
 
 
 # ---------------------------------------------------------------------- formats 3 to 5: writer

@@ -461,7 +461,7 @@ def _format_2_bytes(m) -> bytes:
 
     import zstandard
 
-    from dbops.repo import mformat
+    from dbops.repo import mformat, mtable
 
     doc = m.to_dict()
     doc["format"] = 2
@@ -472,7 +472,7 @@ def _format_2_bytes(m) -> bytes:
         for c in f.chunks:
             numbers.setdefault(c.pack, len(numbers) - 1)
     doc["packs"] = [p for p in numbers if p is not None]
-    table = mformat.encode_table([c for f in files for c in f.chunks], numbers.__getitem__, 3)
+    table = mtable.encode_table([c for f in files for c in f.chunks], numbers.__getitem__, 3)
     head = zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
     return mf.MAGIC + struct.pack("<I", len(head)) + head + zstandard.ZstdCompressor().compress(table)
 
