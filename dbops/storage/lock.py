@@ -20,6 +20,8 @@ Protocol, using only what every S3-compatible store offers (conditional create):
 Before the first lock a process takes on a store, the store must prove it honours conditional
 writes (dbops.storage.probe). A host-local ``flock`` is taken first, in a folder owned by the
 running user (dbops.fsafe), so two runs of one user on one host never race at all.
+
+The owner record both hold: :mod:`dbops.storage.lockowner`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,11 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
-import json
 import os
 import secrets as pysecrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
@@ -43,6 +42,7 @@ from dbops.errors import DbopsError, LockedError, NotFoundError
 from dbops.fsafe import open_nofollow, private_dir
 from dbops.storage.base import ObjectInfo, ObjectStore
 from dbops.storage.layout import Layout
+from dbops.storage.lockowner import LockOwner, boot_id, default_local_dir, iso_utc
 from dbops.storage.probe import require_conditional_writes
 
 # The cluster's locks, by name.
@@ -54,68 +54,6 @@ _log = log.get("lock")
 DEFAULT_TTL = 120.0
 CLOCK_MARGIN = 1.0  # S3 timestamps have one-second resolution
 _ATTEMPTS = 5
-
-
-def boot_id() -> str:
-    """This boot of this host (Linux); empty where unknown."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class LockOwner:
-    host: str
-    pid: int
-    command: str
-    started: float
-    expires: float  # owner's clock; informational (staleness is judged on the server's clock)
-    ttl: float
-    token: str
-    boot_id: str = ""
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self)).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LockOwner | None:
-        try:
-            d = json.loads(data)
-            return cls(str(d["host"]), int(d["pid"]), str(d["command"]), float(d["started"]),
-                       float(d["expires"]), float(d["ttl"]), str(d["token"]), str(d.get("boot_id", "")))
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def describe(self) -> str:
-        return f"{self.command!r} (pid {self.pid} on {self.host}) since {_iso(self.started)}"
-
-
-def read_owner(store: ObjectStore, layout: Layout, name: str) -> LockOwner | None:
-    """Who holds the lock now (None when free or unreadable)."""
-    try:
-        return LockOwner.from_bytes(store.get(layout.lock(name)))
-    except NotFoundError:
-        return None
-
-
-def _default_local_dir() -> str:
-    """A folder of this user's own: /run/lock/dbops for root, else $XDG_RUNTIME_DIR/dbops or
-    ~/.dbops/locks (never a file in a world-writable folder another user could plant)."""
-    env = os.environ.get("DBOPS_LOCK_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0 and os.path.isdir("/run/lock"):
-        return "/run/lock/dbops"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "dbops")
-    return os.path.join(os.path.expanduser("~"), ".dbops", "locks")
 
 
 def _store_identity(store: ObjectStore) -> str:
@@ -151,7 +89,7 @@ class ClusterLock:
         self.host = host or socket.gethostname()
         self.os_user = os_user  # the PostgreSQL OS user, who may share the host lock folder with root
         digest = hashlib.sha256(f"{_store_identity(store)}|{self.key}".encode()).hexdigest()[:16]
-        self.local_path = Path(local_dir or _default_local_dir()) / f"dbops-{name}-{digest}.lock"
+        self.local_path = Path(local_dir or default_local_dir()) / f"dbops-{name}-{digest}.lock"
         self.owner: LockOwner | None = None
         self._local_fd: int | None = None
         self._local_rw = False
@@ -387,7 +325,7 @@ class ClusterLock:
                                hint="it is taken over automatically once it expires")
         return LockedError(
             f"lock {self.name} is held by {cur.describe()}",
-            detail=f"object {self.key}; expires {_iso(cur.expires)} unless its owner renews it",
+            detail=f"object {self.key}; expires {iso_utc(cur.expires)} unless its owner renews it",
             hint="wait for that run to finish; if its owner died, the lock is taken over once it expires",
         )
 

@@ -43,7 +43,7 @@ from dbops.repo import mformat
 from dbops.repo.manifest import DIR, FileEntry
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
-from dbops.storage.lock import read_owner
+from dbops.storage.lockowner import read_owner
 
 pytestmark = [pytest.mark.integration, pytest.mark.container, pytest.mark.timeout(900)]
 

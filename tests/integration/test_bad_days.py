@@ -31,7 +31,7 @@ from dbops.lab import harness as labmod
 from dbops.lab import s3 as labs3
 from dbops import proc
 from dbops.errors import DbopsError, ExitCode
-from dbops.storage.lock import LockOwner, read_owner
+from dbops.storage.lockowner import LockOwner, read_owner
 from dbops.ops.backup import run as bk
 from dbops.runtime import scratch as scratch_policy
 from dbops.pg import binaries

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from dbops.errors import ExitCode, LockedError
-from dbops.storage.lock import ClusterLock, LockOwner, read_owner
+from dbops.storage.lock import ClusterLock
+from dbops.storage.lockowner import LockOwner, read_owner
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
 

@@ -15,7 +15,8 @@ from dbops.repo import catalog
 from dbops.storage.guard import GuardedStore
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
-from dbops.storage.lock import ClusterLock, LockOwner, boot_id, read_owner
+from dbops.storage.lock import ClusterLock
+from dbops.storage.lockowner import LockOwner, boot_id, read_owner
 from dbops.storage.probe import conditional_writes_refused, require_conditional_writes
 
 
