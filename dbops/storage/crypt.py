@@ -24,6 +24,9 @@ in memory and sent as one body (no sealed copy on disk); a larger one is sealed 
 temporary file in 1 MiB steps, so memory stays bounded whatever the object size. Downloads are
 opened in place in the file they were downloaded to (a plaintext segment never lies after its
 ciphertext), again 1 MiB at a time.
+
+The format's constants, its nonces, per-object keys, sealing and opening of segments:
+:mod:`dbops.storage.cryptformat`; ranged reads as streams: :mod:`dbops.storage.cryptrange`.
 """
 
 from __future__ import annotations
@@ -33,90 +36,14 @@ import tempfile
 import threading
 from typing import BinaryIO, Iterable, Iterator
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dbops.errors import DamagedObjectError, EncryptionError, NotFoundError, StorageError
 from dbops.storage.base import BytesRange, ObjectInfo, ObjectStore, RangeReader
+from dbops.storage.cryptformat import (ALGORITHM, BATCH, HEADER, MAGIC, MEMORY_LIMIT, META_KEY_ID, SEGMENT, SHIFT, STEP,
+                                       TAG, VERSION, OpenedObject, header_key_id, is_encrypted, object_key,
+                                       seal_into, sealed_size)
 from dbops.storage.keys import Keyring
-
-MAGIC = b"DBOPSENC"
-VERSION = 1
-ALGORITHM = 1  # AES-256-GCM, per-object key from HKDF-SHA256, 64 KiB segments
-SHIFT = 16
-SEGMENT = 1 << SHIFT
-TAG = 16
-HEADER = 56
-_INFO = b"dbops object key v1"
-STEP = SEGMENT + TAG  # one sealed segment
-BATCH = 16  # segments read, sealed or opened per file read (1 MiB of plaintext)
-MEMORY_LIMIT = 80 * 1024 * 1024  # put_file seals up to this many bytes in memory (a default pack and a frame)
-META_KEY_ID = "enc-key-id"  # object metadata: which key sealed it (not secret)
-
-
-def is_encrypted(data: bytes) -> bool:
-    return data[:len(MAGIC)] == MAGIC
-
-
-def header_key_id(data: bytes) -> str | None:
-    """The key ID in an object's first bytes, or None for a plain object."""
-    if not is_encrypted(data) or len(data) < HEADER:
-        return None
-    return data[12:20].hex()
-
-
-def _nonce(i: int, last: bool) -> bytes:
-    return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
-
-
-def _object_key(master: bytes, salt: bytes) -> AESGCM:
-    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_INFO).derive(master))
-
-
-def sealed_size(n: int) -> int:
-    """The stored size of an n-byte plaintext: header, the plaintext, a tag per segment (at least one)."""
-    return HEADER + n + max(1, -(-n // SEGMENT)) * TAG
-
-
-def _seal_into(aes: AESGCM, aad: bytes, plain: memoryview, out: memoryview, first: int, total: int) -> int:
-    """Seal plain (whole segments from segment `first` on; the object has `total` segments) into out;
-    returns the bytes written."""
-    w = 0
-    for j in range(max(1, -(-len(plain) // SEGMENT))):
-        piece = plain[j * SEGMENT:(j + 1) * SEGMENT]
-        i = first + j
-        aes.encrypt_into(_nonce(i, i == total - 1), piece, aad, out[w:w + len(piece) + TAG])
-        w += len(piece) + TAG
-    return w
-
-
-class _Opened:
-    """An encrypted object's header, checked, with its per-object cipher."""
-
-    __slots__ = ("aes", "aad")
-
-    def __init__(self, aes: AESGCM, aad: bytes):
-        self.aes, self.aad = aes, aad
-
-    def segment_into(self, i: int, ct: bytes | memoryview, out: bytearray | memoryview, key: str, *,
-                     last: bool | None) -> int:
-        """Open segment i into out's first len(ct) - TAG bytes; returns that length.
-        last=None: either (for ranged reads, which cannot know)."""
-        if len(ct) < TAG:
-            raise DamagedObjectError(f"object {key} is truncated (segment {i} has {len(ct)} bytes)")
-        for flag in ((False, True) if last is None else (last,)):
-            try:
-                self.aes.decrypt_into(_nonce(i, flag), ct, self.aad, memoryview(out)[:len(ct) - TAG])
-                return len(ct) - TAG
-            except InvalidTag:
-                continue
-        raise DamagedObjectError(
-            f"object {key} fails its authentication check (segment {i}): tampered with or damaged in storage",
-            hint="its content cannot be trusted; `dbops verify` lists what it affects, a new backup replaces it",
-        )
-
 
 class EncryptedStore:
     """Wraps an ObjectStore: seals what is written, opens what is read (see the module doc)."""
@@ -126,7 +53,7 @@ class EncryptedStore:
         self.keys = keyring
         self.prefix = prefix.strip("/")
         self.memory_limit = memory_limit  # put_file: larger files are sealed through a temporary file
-        self._headers: dict[str, _Opened | None] = {}  # ranged reads: key -> opened header (None: plain)
+        self._headers: dict[str, OpenedObject | None] = {}  # ranged reads: key -> opened header (None: plain)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ format
@@ -142,7 +69,7 @@ class EncryptedStore:
         salt = os.urandom(32)
         header = (MAGIC + bytes([VERSION, ALGORITHM, SHIFT, 0]) + bytes.fromhex(self.keys.current_id or "")
                   + salt + bytes(4))
-        return header, _object_key(master, salt), header + self._name(key)
+        return header, object_key(master, salt), header + self._name(key)
 
     def seal(self, key: str, data: bytes | memoryview) -> bytearray:
         """The stored form of data: header and sealed segments, built in one buffer."""
@@ -150,7 +77,7 @@ class EncryptedStore:
         mv = memoryview(data)
         out = bytearray(sealed_size(len(mv)))
         out[:HEADER] = header
-        _seal_into(aes, aad, mv, memoryview(out)[HEADER:], 0, max(1, -(-len(mv) // SEGMENT)))
+        seal_into(aes, aad, mv, memoryview(out)[HEADER:], 0, max(1, -(-len(mv) // SEGMENT)))
         return out
 
     def seal_file(self, key: str, src: BinaryIO, dst: BinaryIO | None = None, *, size: int) -> bytearray | None:
@@ -175,15 +102,15 @@ class EncryptedStore:
             if n != want:
                 raise StorageError(f"{getattr(src, 'name', 'the file')} changed while it was being encrypted")
             if dst is None:
-                w += _seal_into(aes, aad, pmv[:n], omv[w:], i, total)
+                w += seal_into(aes, aad, pmv[:n], omv[w:], i, total)
             else:
-                dst.write(memoryview(buf)[:_seal_into(aes, aad, pmv[:n], memoryview(buf), i, total)])
+                dst.write(memoryview(buf)[:seal_into(aes, aad, pmv[:n], memoryview(buf), i, total)])
             i += max(1, -(-n // SEGMENT))
         if src.read(1):
             raise StorageError(f"{getattr(src, 'name', 'the file')} changed while it was being encrypted")
         return out
 
-    def _open_header(self, key: str, head: bytes) -> _Opened:
+    def _open_header(self, key: str, head: bytes) -> OpenedObject:
         if len(head) < HEADER:
             raise DamagedObjectError(f"object {key} is truncated inside its encryption header")
         if head[8] != VERSION or head[9] != ALGORITHM or head[10] != SHIFT:
@@ -194,7 +121,7 @@ class EncryptedStore:
         master = self.keys.by_id.get(kid)
         if master is None:
             raise self._key_error(key, kid)
-        return _Opened(_object_key(master, head[20:52]), head[:HEADER] + self._name(key))
+        return OpenedObject(object_key(master, head[20:52]), head[:HEADER] + self._name(key))
 
     def _key_error(self, key: str, kid: str) -> EncryptionError:
         if not self.keys.by_id:
@@ -307,7 +234,7 @@ class EncryptedStore:
         return ObjectInfo(key=info.key, size=size, etag=info.etag, last_modified=info.last_modified,
                           metadata=info.metadata)
 
-    def _header_of(self, key: str) -> _Opened | None:
+    def _header_of(self, key: str) -> OpenedObject | None:
         with self._lock:
             if key in self._headers:
                 return self._headers[key]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from dbops.storage.base import RangeReader
-from dbops.storage.crypt import BATCH, SEGMENT, STEP
+from dbops.storage.cryptformat import BATCH, SEGMENT, STEP
 
 
 class Opened(Protocol):

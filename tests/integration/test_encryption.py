@@ -17,7 +17,7 @@ from dbops import config as cfgmod
 from dbops.lab.harness import free_port
 from dbops.repo import manifest as mf
 from dbops.storage import keys, open_store
-from dbops.storage.crypt import HEADER, SEGMENT, TAG, header_key_id
+from dbops.storage.cryptformat import HEADER, SEGMENT, TAG, header_key_id
 from dbops.storage.layout import Layout
 from dbops.storage.s3 import S3Store
 from dbops import proc

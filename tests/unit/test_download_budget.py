@@ -14,7 +14,8 @@ from dbops.repo import manifest as mf
 from dbops.repo import ranges
 from dbops.repo.ranges import ByteBudget
 from dbops.repo.restore import restore_snapshot
-from dbops.storage.crypt import HEADER, SEGMENT, STEP, EncryptedStore
+from dbops.storage.crypt import EncryptedStore
+from dbops.storage.cryptformat import HEADER, SEGMENT, STEP
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
 from test_backup_store import make_datadir, pages, snapshot

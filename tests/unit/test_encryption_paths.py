@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dbops.errors import DamagedObjectError, StorageError
 from dbops.storage import crypt, keys
-from dbops.storage.crypt import BATCH, HEADER, SEGMENT, TAG, EncryptedStore, sealed_size
+from dbops.storage.crypt import EncryptedStore
+from dbops.storage.cryptformat import BATCH, HEADER, SEGMENT, TAG, sealed_size
 from dbops.storage.local import LocalStore
 
 SIZES = (0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, BATCH * SEGMENT, BATCH * SEGMENT + 1, 3 * BATCH * SEGMENT + 7)

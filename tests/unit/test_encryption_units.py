@@ -11,7 +11,8 @@ from dbops import config as cfgmod
 from dbops import secrets
 from dbops.errors import ConfigError, DamagedObjectError, EncryptionError, ExitCode
 from dbops.storage import keys
-from dbops.storage.crypt import HEADER, SEGMENT, TAG, EncryptedStore, header_key_id
+from dbops.storage.crypt import EncryptedStore
+from dbops.storage.cryptformat import HEADER, SEGMENT, TAG, header_key_id
 from dbops.storage.local import LocalStore
 
 
