@@ -27,6 +27,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from dbops.filecopy import copy_range
 from dbops.repo.blocks import pages_of
 from dbops.repo.model import PAGE
 
@@ -120,24 +121,6 @@ def _runs(numbers: list[int]) -> Iterable[tuple[int, int]]:
         k = j + 1
 
 
-def _copy(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
-    """n bytes from src at src_at to dst at dst_at (in the kernel where it can)."""
-    done = 0
-    while done < n:
-        try:
-            got = os.copy_file_range(src, dst, n - done, src_at + done, dst_at + done)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            got = 0
-            data = os.pread(src, n - done, src_at + done)
-            if data:
-                got = os.pwrite(dst, data, dst_at + done)
-        if got <= 0:
-            raise OSError(errno.EIO, f"short copy of saved pages ({done} of {n} bytes)")
-        done += got
-
-
 class Saver:
     """Builds the side file while a restore writes the folder ``root``: ``file_done(path)`` (relative,
     from the restore's threads) once a file's content is written for good, ``predicted(wanted)``
@@ -211,7 +194,9 @@ class Saver:
                     self.size += len(numbers) * PAGE
                 own: dict[int, int] = {}
                 for first, count in _runs(numbers):
-                    _copy(src, self.out, first * PAGE, at, count * PAGE)
+                    n = copy_range(src, self.out, first * PAGE, at, count * PAGE)
+                    if n != count * PAGE:
+                        raise OSError(errno.EIO, f"short copy of saved pages ({n} of {count * PAGE} bytes)")
                     for k in range(count):
                         own[first + k] = at + k * PAGE
                     at += count * PAGE

@@ -29,7 +29,6 @@ has written while the copy goes on, instead of after it.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -43,6 +42,7 @@ from pathlib import Path
 from dbops import log
 from dbops.ops.backup import tablespaces as tbs
 from dbops.config import Node
+from dbops.filecopy import copy_range
 from dbops.pg.onlinebackup import OnlineBackup
 from dbops.repo import walk
 from dbops.repo.known import Known
@@ -219,24 +219,8 @@ def _copy_range(src: str, dst: Path, offset: int, count: int) -> tuple[int, bool
     except FileNotFoundError:  # the first range found the source gone and removed it
         os.close(fin)
         return 0, True
-    done = 0
     try:
-        kernel = True
-        while done < count:
-            try:
-                if kernel:
-                    n = os.copy_file_range(fin, fout, count - done, offset + done, offset + done)
-                else:
-                    os.lseek(fout, offset + done, os.SEEK_SET)
-                    n = os.sendfile(fout, fin, offset + done, count - done)
-            except OSError as err:
-                if kernel and err.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    kernel = False  # another filesystem the kernel will not copy across
-                    continue
-                raise
-            if n == 0:  # the file shrank: what is missing is rewritten or truncated by replay
-                break
-            done += n
+        done = copy_range(fin, fout, offset, offset, count)  # short: the file shrank; replay rewrites or truncates it
     finally:
         os.close(fin)
         os.close(fout)
