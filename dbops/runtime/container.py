@@ -46,7 +46,7 @@ from dbops.pg import binaries
 from dbops.runtime.base import DATA_PATH, RUN_PATH, SOCKET_PATH, WAL_PATH, InstanceSpec, Owner, check_stop_mode
 from dbops.runtime.instance import InstanceBase
 from dbops.runtime.serverconf import prepare_run_dir, remove_run_dir, server_settings, setting_args, socket_dir
-from dbops.runtime.engine import Engine, cleanup_stale, creator_labels, force_remove, label_args
+from dbops.runtime.engine import KILL_TIMEOUT, Engine, cleanup_stale, creator_labels, force_remove, label_args
 
 _log = log.get("runtime.container")
 
@@ -239,9 +239,11 @@ class ContainerInstance(InstanceBase):
         watch_pid = pid_file.exists()  # else only the engine can tell
         # The signal at once (no `inspect` before it: one engine call fewer, ~0.1 s); the engine
         # refuses to signal a container that is not running, and only then is it asked why.
-        sent = self._engine.run(["kill", "--signal", STOP_SIGNALS[mode], self.name], check=False, timeout=60)
-        if sent.returncode != 0 and not self.is_running():
-            return
+        sent = self._signal(mode)
+        if sent.returncode != 0:
+            if not self.is_running():
+                return
+            raise self._not_signalled(mode, "failed", (sent.stderr or sent.stdout).strip()[-1000:] or None)
         waited = self._waits.submit(self._engine.run, ["wait", self.name], timeout=timeout)
         self._stopping = (mode, time.monotonic(), timeout, waited)
         while not waited.done() and (not watch_pid or pid_file.exists()):
@@ -251,6 +253,27 @@ class ContainerInstance(InstanceBase):
         else:
             log.event(_log, logging.INFO, "server stopped (postmaster.pid gone)", container=self.name, mode=mode,
                       seconds=round(time.monotonic() - self._stopping[1], 2))
+
+    def _signal(self, mode: str) -> proc.Result:
+        """``ENGINE kill --signal SIG`` for the stop mode; an engine that does not answer within
+        ``KILL_TIMEOUT`` fails at once (a stop never waits out its own timeout for a signal not sent)."""
+        try:
+            return self._engine.run(["kill", "--signal", STOP_SIGNALS[mode], self.name], check=False,
+                                    timeout=KILL_TIMEOUT)
+        except CommandError as e:  # the engine hung: proc.run stopped it
+            raise self._not_signalled(mode, f"did not answer within {KILL_TIMEOUT:.0f} s",
+                                      f"{e.message}\n{e.detail or ''}".strip()) from None
+
+    def _not_signalled(self, mode: str, why: str, detail: str | None) -> PostgresError:
+        engine = self._engine.name
+        return PostgresError(
+            f"could not stop PostgreSQL ({self.spec.name}, {mode}): `{engine} kill` {why} for its container "
+            f"{self.name}",
+            detail=detail,
+            hint=f"the container engine refused or did not answer; stop the container by hand: "
+                 f"`{engine} kill --signal KILL {self.name}` then `{engine} rm -f {self.name}`, and check "
+                 f"the engine (`{engine} ps`)",
+        )
 
     def _settle(self) -> None:
         """Wait for the engine's report of a stop begun by stop(); raise what that stop should raise."""

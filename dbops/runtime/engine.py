@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from dbops import log, proc
-from dbops.errors import ConfigError, DbopsError
+from dbops.errors import CommandError, ConfigError, DbopsError
 
 _log = log.get("runtime.container")
 
 ENGINES = ("podman", "docker")
+KILL_TIMEOUT = 30.0  # seconds for `ENGINE kill` (a fraction of a second when the engine is well): a hang fails
 
 LABEL = "dbops"
 LABEL_RUN = "dbops.run"
@@ -115,8 +116,13 @@ def force_remove(engine: Engine, name: str) -> None:
     SIGKILL first, on both engines alike (``podman rm -f`` would send the stop signal and wait,
     ``docker rm -f`` kills): a removed server is gone at once, its data folder left as after a crash.
     """
-    engine.run(["kill", "--signal", "KILL", name], check=False, timeout=60)
-    res = engine.run(["rm", "-f", "-v", name], check=False, timeout=120)
+    try:
+        engine.run(["kill", "--signal", "KILL", name], check=False, timeout=KILL_TIMEOUT)
+        res = engine.run(["rm", "-f", "-v", name], check=False, timeout=120)
+    except CommandError as e:  # the engine did not answer (proc.run stopped it)
+        raise DbopsError(f"could not remove container {name}: {e.message}", detail=e.detail,
+                         hint=f"check the container engine (`{engine.name} ps`), then remove it by hand: "
+                              f"{engine.name} rm -f {name}") from None
     if res.returncode != 0 and "no such container" not in (res.stderr + res.stdout).lower():
         raise DbopsError(f"could not remove container {name}", detail=res.stderr.strip()[-1000:],
                          hint=f"remove it by hand: {engine.name} rm -f {name}")
