@@ -14,6 +14,7 @@ import pytest
 from dbops import proc
 from dbops.errors import ValidationError
 from dbops.ops.backup import shadow
+from dbops.ops.backup.checks import run_checks
 from dbops.config.parse import parse
 from dbops.repo import catalog
 from dbops.repo import manifest as mf
@@ -180,3 +181,49 @@ def test_with_and_without_the_shadow_agree(engine, settings, cluster, work):
     ok_shadow, _, _ = _checksums(settings, engine, data, verified)
     assert not ok_all and Path(t).name in all_detail
     assert ok_shadow
+
+
+@pytest.fixture(scope="module")
+def other_am(work) -> tuple[Path, str, str]:
+    """A stopped cluster with a table on a table access method other than `heap` (heap's handler under
+    another name, as an extension's would be) and a heap table: (folder, its file, the heap table's)."""
+    data, paths = stopped_cluster(work, "other-am", [
+        "create access method heap2 type table handler heap_tableam_handler",
+        "create table h2 (id int, pad text) using heap2",
+        "insert into h2 select g, repeat('z', 300) from generate_series(1, 2000) g",
+        "create table h (id int, pad text)",
+        "insert into h select g, repeat('w', 300) from generate_series(1, 2000) g",
+        "checkpoint"], "select pg_relation_filepath('h2') || ' ' || pg_relation_filepath('h')")
+    h2, h = str(paths).split()
+    return data, h2, h
+
+
+def test_a_table_of_another_access_method_is_left_to_pg_checksums(settings, other_am, work):
+    """The checks read it in full, but only `heap` counts as read by the server (another access method
+    need not read every block): its file stays in the shadow folder, and a bad page in it is caught there."""
+    src, h2, h = other_am
+    data = copy_cluster(src, work / "other-am-copy")
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(), name="other-am")
+    with open_runtime(settings["none"]).start(spec) as inst:
+        inst.wait_ready(60)
+        verified: set[str] = set()
+        checks: list[dict] = []
+        run_checks(_config(), inst, checks, verified)
+        (reads,) = [c for c in checks if c["check"] == "read_tables" and c["database"] == "postgres"]
+        assert reads["ok"] and reads["pages_verified"] and reads["rows"] >= 4000, reads
+        assert h in verified and h2 not in verified, (verified, h2)
+        inst.stop("fast", timeout=60)
+        got: list[dict] = []
+        shadow.pg_checksums(_config(), inst, data, verified, got)
+        (rec,) = got
+        assert rec["ok"] and rec["verified_by_server"] == len(verified), rec
+        assert rec["verified_by_server_bytes"] == sum((data / p).stat().st_size for p in verified), rec
+
+        flip(data / h2)
+        got = []
+        with pytest.raises(ValidationError) as ei:
+            shadow.pg_checksums(_config(), inst, data, verified, got)
+        assert "pg_checksums found bad pages" in ei.value.message
+        assert Path(h2).name in (ei.value.detail or ""), ei.value.detail
+        assert not got[0]["ok"] and got[0]["verified_by_server"] == len(verified)
+    assert not (data.parent / shadow.SHADOW).exists()
