@@ -26,7 +26,7 @@ from pathlib import Path
 from dbops import proc
 from dbops.lab import harness as labmod
 from dbops.ops.backup import tablespaces as tbs
-from dbops.ops.backup import validate
+from dbops.ops.backup import recoveryconf, validate
 from dbops.ops.backup.target import capture_target, fetch_wal
 from dbops.pg.lsn import segment_of_lsn
 from dbops.phases import Phases
@@ -99,16 +99,16 @@ def one_round(d: Path, settings: dict, label: str) -> dict:
     subprocess.run(["cp", "-a", str(d / "wal"), str(scratch / "wal")], check=True)
     ts = tbs.ScratchTablespaces(scratch)
     ts.prepare(cfg.os_user)
-    saved = dict(validate.RECOVERY_SETTINGS_BASE), dict(validate.RECOVERY_SETTINGS_PG15)
+    saved = dict(recoveryconf.RECOVERY_SETTINGS_BASE), dict(recoveryconf.RECOVERY_SETTINGS_PG15)
     for k, v in settings.items():  # a PostgreSQL 15 setting is applied after the base ones
-        (validate.RECOVERY_SETTINGS_PG15 if k in saved[1] else validate.RECOVERY_SETTINGS_BASE)[k] = v
+        (recoveryconf.RECOVERY_SETTINGS_PG15 if k in saved[1] else recoveryconf.RECOVERY_SETTINGS_BASE)[k] = v
     phases = Phases()
     t0 = time.monotonic()
     try:
         val = validate.recover_to_target(cfg, scratch / "data", scratch / "wal", target, phases,
                                          name="ab-validation", tablespaces=ts)
     finally:
-        for current, before in zip((validate.RECOVERY_SETTINGS_BASE, validate.RECOVERY_SETTINGS_PG15), saved):
+        for current, before in zip((recoveryconf.RECOVERY_SETTINGS_BASE, recoveryconf.RECOVERY_SETTINGS_PG15), saved):
             current.clear()
             current.update(before)
     wall = time.monotonic() - t0
