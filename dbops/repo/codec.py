@@ -86,7 +86,7 @@ class Encoder:
         """A page delta's bytes to store: zstd with ``base`` (its pages' previous versions) as
         prefix (content size in the frame header, no dictionary id, no checksum: the caller keeps
         the pages' sha256), or raw when that is not shorter (or compression is off). One call into
-        zstd (``ZSTD_CCtx_refPrefix`` then ``ZSTD_compress2``, the GIL released) on this thread's
+        zstd (``ZSTD_compress_usingDict``, the base as raw content; the GIL released) on this thread's
         compression context (:func:`zstd_compress_functions`); without them, the prefix module's
         compressor made for the delta (:func:`prefix_zstd`): the same frame, byte for byte."""
         if self.algorithm == "none":
@@ -104,18 +104,38 @@ class Encoder:
         if cctx is None:
             cctx = self._local.cctx = _compression_context(ffi, lib, level)
         n = len(raw)
-        cap = lib.ZSTD_compressBound(n)
+        cap = _bound(n)
         out = getattr(self._local, "out", None)
         if out is None or len(out) < cap:
-            out = self._local.out = bytearray(max(cap, 128 * 1024))  # reused: a delta is at most a block
-        prefix = ffi.from_buffer(base)  # referenced for the next frame only (alive until then)
-        got = lib.ZSTD_CCtx_refPrefix(cctx, prefix, len(base))
-        if not lib.ZSTD_isError(got):
-            got = lib.ZSTD_compress2(cctx, ffi.from_buffer(out), cap, ffi.from_buffer(raw), n)
-        if lib.ZSTD_isError(got):
-            self._local.cctx = None  # a context that failed is not used again
-            raise zstandard.ZstdError(f"compression error: {ffi.string(lib.ZSTD_getErrorName(got)).decode()}")
-        return bytes(memoryview(out)[:got]) if got < n else bytes(raw)
+            out = self._local.out = bytearray(max(cap, 160 * 1024))  # reused: a delta is at most a block
+        # One call into zstd: each call releases the GIL, and taking it back waits for whichever store
+        # thread took it meanwhile, so the bound and the error checks are worked out here instead, and
+        # the base is given as a raw-content dictionary in the same call (the same frame as a prefix:
+        # no dictionary id, no checksum, the content size). A base starting with the dictionary magic
+        # would be parsed as a structured dictionary there: it goes as a prefix (two calls).
+        if bytes(base[:4]) != _DICT_MAGIC:
+            got = lib.ZSTD_compress_usingDict(cctx, ffi.from_buffer(out), cap, ffi.from_buffer(raw), n,
+                                              ffi.from_buffer(base), len(base), level)
+        else:
+            prefix = ffi.from_buffer(base)  # referenced for the next frame only (alive until then)
+            got = lib.ZSTD_CCtx_refPrefix(cctx, prefix, len(base))
+            if not got:
+                got = lib.ZSTD_compress2(cctx, ffi.from_buffer(out), cap, ffi.from_buffer(raw), n)
+        if got <= cap:
+            return bytes(memoryview(out)[:got]) if got < n else bytes(raw)
+        self._local.cctx = None  # a context that failed is not used again
+        why = ffi.string(lib.ZSTD_getErrorName(got)).decode() if lib.ZSTD_isError(got) else f"{got} bytes"
+        raise zstandard.ZstdError(f"compression error: {why}")
+
+
+_DICT_MAGIC = bytes.fromhex("37a430ec")  # ZSTD_MAGIC_DICTIONARY, little-endian
+
+
+def _bound(n: int) -> int:
+    """At least zstd's ``ZSTD_COMPRESSBOUND(n)`` (n + n/256, plus up to 64 bytes under 128 KiB): a frame
+    of n bytes always fits, so ``ZSTD_compress2`` returns a size or an error code (from -1 down, as
+    a size_t: never a size up to this bound)."""
+    return n + (n >> 8) + 1024
 
 
 def _compression_context(ffi, lib, level: int):
@@ -210,7 +230,7 @@ def zstd_compress_functions():
     lib = zstd[1]
     try:
         for name in ("ZSTD_createCCtx", "ZSTD_freeCCtx", "ZSTD_CCtx_setParameter", "ZSTD_CCtx_refPrefix",
-                     "ZSTD_compress2", "ZSTD_compressBound", "ZSTD_c_compressionLevel", "ZSTD_c_checksumFlag",
+                     "ZSTD_compress2", "ZSTD_compress_usingDict", "ZSTD_c_compressionLevel", "ZSTD_c_checksumFlag",
                      "ZSTD_c_dictIDFlag"):
             getattr(lib, name)
     except AttributeError:  # a zstandard release built without them

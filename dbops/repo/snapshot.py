@@ -16,7 +16,7 @@ from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta
 from dbops.repo.manifest import ChunkRef
 from dbops.repo.packs import Pack, Uploader
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
-from dbops.repo.savedpages import SavedPages
+from dbops.repo.savedpages import SavedPages, Span
 from dbops.repo.storedeltas import Ahead, DeltaPuts
 from dbops.repo.storeorder import Changed, Unit
 from dbops.storage.base import ObjectStore
@@ -98,6 +98,7 @@ class Snapshot(DeltaPuts):
                             hint="a snapshot needs a stopped data folder",
                         )
                     run: list[_New] = []  # new blocks for the next frame
+                    span: Span | None | bool = False  # the saved pages of this read, once a delta needs them
                     run_bytes = 0
                     for off in range(0, want, bs):
                         block = mv[off:off + bs]
@@ -123,7 +124,11 @@ class Snapshot(DeltaPuts):
                                     if saved is not None and not pref.mask:  # the base: the parent's own block
                                         if key is False:
                                             key = saved.key(unit.path)
-                                        old = saved.pages(key, (pos + off) // blocks.PAGE, dmask)
+                                        if span is False:  # this read's saved pages, at its first delta
+                                            span = saved.span(key, pos // blocks.PAGE, want // blocks.PAGE)
+                                        first = (pos + off) // blocks.PAGE
+                                        old = saved.pages(key, first, dmask) if span is None else \
+                                            span.pages(first, dmask)
                                     if old is None:
                                         pending.append(d)
                                     else:

@@ -163,6 +163,9 @@ def test_both_writers_give_the_same_frames_byte_for_byte(monkeypatch):
     cases = [(p, d) for seed in (1, 2, 3) for p, d, _ in deltas(seed)]
     cases.append((rng.randbytes(2 * PAGE), rng.randbytes(2 * PAGE)))  # incompressible: stored raw
     cases.append((cases[0][0], cases[1][1][:len(cases[0][0])]))  # a wrong base still compresses alike
+    magic = bytearray(cases[2][1])
+    magic[0:4] = bytes.fromhex("37a430ec")  # zstd's dictionary magic: still raw content (a prefix)
+    cases.append((cases[2][0], bytes(magic)))
     fast = codec.Encoder("zstd", 3)
 
     def written(enc):
@@ -173,7 +176,7 @@ def test_both_writers_give_the_same_frames_byte_for_byte(monkeypatch):
     monkeypatch.setattr(codec, "zstd_compress_functions", lambda: None)
     slow = written(codec.Encoder("zstd", 3))
     assert all(m == slow for m in many)
-    assert slow[-2] == cases[-2][0]  # raw
+    assert slow[-3] == cases[-3][0]  # raw
     assert slow == [prefix_frame(p, d, 3) if len(prefix_frame(p, d, 3)) < len(p) else p for p, d in cases]
 
 

@@ -170,3 +170,46 @@ def test_a_prediction_near_its_limit_compacts_seldom_and_keeps_to_the_limit():
         if not p.add(1663, 5, 101, blk):
             break
     assert p.full and sum(len(v) for v in p.segments().values()) == 1000
+
+
+def test_a_span_reads_a_files_saved_pages_at_once_and_gives_what_pages_gives(tmp_path):
+    """A store reads a file's saved pages among one read's pages in one pread (a span): every base
+    it gives is the one :meth:`SavedPages.pages` gives, byte for byte; a page not in the span (not
+    saved, or outside it) is a miss; a file whose pages there are not one run of the side file gets no
+    span (each delta's read alone), nor does a range with nothing saved or a side file cut short."""
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "1262").write_bytes(b"".join(_page(i) for i in range(40)))
+    wanted = [1, 2, 3, 7, 8, 20, 21, 33, 39]
+    saver = Saver(tmp_path, str(tmp_path / "side"))
+    saver.predicted({(1664, 0, 1262, 0): wanted})
+    saver.file_done("global/1262")
+    saved = saver.finish()
+    assert saved is not None
+    try:
+        key = saved.key(str(tmp_path / "global" / "1262"))
+        span = saved.span(key, 0, 16)  # pages 0-15: 1, 2, 3, 7, 8 saved
+        assert span is not None and len(span.data) == 5 * PAGE
+        for first, mask in ((0, 0b1110), (0, 0b10000110), (1, 0b1), (7, 0b11), (0, 0b110000000)):
+            assert span.pages(first, mask) == saved.pages(key, first, mask) == b"".join(
+                _page(first + p) for p in range(16) if mask >> p & 1)
+        before = saved.misses
+        assert span.pages(0, 0b1) is None  # page 0 not saved
+        assert span.pages(8, 0b11) is None  # page 9 not saved
+        assert span.pages(15, 0b110000) is None  # page 20 saved, but outside the span
+        assert saved.misses == before + 3
+        assert saved.span(key, 9, 10) is None  # nothing saved in pages 9-18
+        assert saved.span(None, 0, 16) is None
+        whole = saved.span(key, 0, 40)
+        assert whole is not None and whole.pages(32, 0b10000010) == _page(33) + _page(39)
+        numbers, offsets = saved.index[key]  # pages 2 and 3 swapped in the side file: not one run
+        saved.index[key] = (numbers, type(offsets)("Q", [offsets[0], offsets[2], offsets[1], *offsets[3:]]))
+        assert saved.span(key, 0, 4) is not None  # 1, 2, 3 still one run of the side file, in another order
+        assert saved.span(key, 0, 4).pages(1, 0b110) == saved.pages(key, 1, 0b110)
+        saved.index[key] = (numbers, type(offsets)("Q", [offsets[0], offsets[1], offsets[-1], *offsets[3:]]))
+        assert saved.span(key, 0, 4) is None  # page 3's far from pages 1 and 2: no span
+        assert saved.pages(key, 1, 0b110) == _page(2) + _page(39)  # (what that index says)
+        saved.index[key] = (numbers, offsets)
+        os.truncate(tmp_path / "side", 3 * PAGE)
+        assert saved.span(key, 0, 16) is None  # the side file cannot give them
+    finally:
+        saved.close()
