@@ -16,7 +16,7 @@ from dbops.ops.backup import basesave
 from dbops.ops.backup.target import capture_target
 from dbops.ops.backup.validate import prove
 from dbops.phases import Phases
-from dbops.repo import blocks, catalog, pgstate
+from dbops.repo import blocks, catalog, codec, pgstate
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
 from dbops.repo.savedpages import SavedPages, file_index, offsets_of
@@ -74,7 +74,13 @@ def lab_with_tablespace(make_lab):
     return lab, {"DBOPS_LOCK_DIR": str(lab.dir / "run")}
 
 
-def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
+def frames_of(m: mf.Manifest) -> dict[str, list[tuple]]:
+    """refs_of with each delta's stored length: deltas written alike have the same frames."""
+    return {e.path: [(c.hash, c.mask, c.base.hash if c.base else None, c.raw, c.length if c.mask else None)
+                     for c in e.chunks] for e in m.entries() if e.type == mf.FILE}
+
+
+def test_local_bases_store_what_fetched_bases_store(make_lab, cli, monkeypatch):
     lab, env = lab_with_tablespace(make_lab)
     p = lab.primary
     sql(p, "CREATE TABLE t (id int, note text) WITH (fillfactor = 50, autovacuum_enabled = off) TABLESPACE one")
@@ -124,6 +130,13 @@ def test_local_bases_store_what_fetched_bases_store(make_lab, cli):
         assert local.counts["base_blocks"] + local.counts["local_bases"] == fetched.counts["base_blocks"]
         assert "local_bases" not in fetched.counts
         assert refs_of(local) == refs_of(fetched)  # the same deltas, the same pages
+        # ... and the same frames, whichever way zstd was called (a context kept per thread, or
+        # backports.zstd's compressor made for each delta: the fall back)
+        assert frames_of(local) == frames_of(fetched)
+        with monkeypatch.context() as mp:
+            mp.setattr(codec, "zstd_compress_functions", lambda: None)
+            slow = put(saved)
+        assert frames_of(slow) == frames_of(local) and slow.stored_bytes == local.stored_bytes
         w_local = next(e for e in local.entries() if e.path == wide).chunks
         assert w_local[0].mask == 0b11 and w_local[0].on_base
 
