@@ -227,3 +227,33 @@ def test_a_table_of_another_access_method_is_left_to_pg_checksums(settings, othe
         assert Path(h2).name in (ei.value.detail or ""), ei.value.detail
         assert not got[0]["ok"] and got[0]["verified_by_server"] == len(verified)
     assert not (data.parent / shadow.SHADOW).exists()
+
+
+def test_a_restart_point_not_in_the_log_leaves_every_file_to_pg_checksums(make_lab, cli, tmp_path):
+    """The source logs nothing below FATAL (``log_min_messages``, a setting of its own that the backup's
+    postgresql.auto.conf carries into the throwaway): the restart point beside the checks runs but is not
+    seen in the log, so nothing counts as verified by the server and pg_checksums reads every file; a
+    bad index page is still caught."""
+    lab = make_lab(replicas=0)
+    _heap, index = static_table(lab.primary)
+    sql(lab.primary, "ALTER SYSTEM SET log_min_messages = 'fatal'")
+    sql(lab.primary, "SELECT pg_reload_conf()")
+    mark(lab.primary, 1)
+    r1, _ = backup(cli, lab)
+    assert r1.exit_code == 0, r1
+    mark(lab.primary, 2)
+    r2 = cli(["-c", lab.config_path, "-v", "backup", "--json"])
+    assert r2.exit_code == 0, r2
+    assert "no restart point logged beside the checks" in r2.stderr, r2.stderr
+    b2 = json.loads(r2.stdout)
+    reads = [c for c in b2["validated"]["checks"] if c["check"] == "read_tables"]
+    assert reads and all(c["ok"] and c["pages_verified"] for c in reads), reads  # the scans ran as ever
+    record = next(c for c in b2["validated"]["checks"] if c["check"] == "pg_checksums")
+    assert record == {"check": "pg_checksums", "files": "all", "ok": True}, record  # verified_by_server: none
+
+    bad = store_damaged(lab, tmp_path, index)
+    r3 = cli(["-c", lab.config_path, "-v", "backup"])
+    assert r3.exit_code == 7, r3
+    assert "no restart point logged beside the checks" in r3.stderr, r3.stderr
+    assert f"backup {bad} failed validation: pg_checksums found bad pages" in r3.stderr, r3.stderr
+    assert Path(index).name in r3.stderr
