@@ -57,20 +57,27 @@ def _gone(settings, name: str) -> bool:
     return res.stdout.strip() == ""
 
 
+def _failed_stop(inst, marker: Path) -> PostgresError:
+    """The instance ready, the engine's kill made to fail (``marker``), stop(): its error, raised long
+    before the stop's own timeout."""
+    inst.wait_ready(60)
+    marker.touch()
+    t0 = time.monotonic()
+    with pytest.raises(PostgresError) as ei:
+        inst.stop("fast", timeout=STOP_TIMEOUT)
+    assert time.monotonic() - t0 < 120  # not the stop's own 600 s
+    assert inst.name in ei.value.message and f"podman rm -f {inst.name}" in ei.value.hint
+    return ei.value
+
+
 def test_a_refused_kill_fails_the_stop_at_once_naming_the_container(settings, small_cluster, work, wrapped):
     data = copy_cluster(small_cluster, work / "refused")
-    with open_runtime(settings["podman"]).start(InstanceSpec(data_dir=data, port=_free_port(),
-                                                             name="refused")) as inst:
-        inst.wait_ready(60)
-        (wrapped / "kill-fails").touch()
-        t0 = time.monotonic()
-        with pytest.raises(PostgresError) as ei:
-            inst.stop("fast", timeout=STOP_TIMEOUT)
-        assert time.monotonic() - t0 < 120  # not the stop's own 600 s
-        e = ei.value
-        assert inst.name in e.message and "podman kill" in e.message and "failed" in e.message
+    spec = InstanceSpec(data_dir=data, port=_free_port(), name="refused")
+    with open_runtime(settings["podman"]).start(spec) as inst:
+        e = _failed_stop(inst, wrapped / "kill-fails")
+        assert "podman kill" in e.message and "failed" in e.message
         assert "kill refused by the test's engine wrapper" in (e.detail or "")
-        assert f"podman kill --signal KILL {inst.name}" in e.hint and f"podman rm -f {inst.name}" in e.hint
+        assert f"podman kill --signal KILL {inst.name}" in e.hint
         assert inst.is_running()  # the signal never reached it
         # the block ends with kill still refused: remove() goes on to `rm -f`, which stops it
     assert _gone(settings, inst.name) and not (data / "postmaster.pid").exists()
@@ -79,17 +86,10 @@ def test_a_refused_kill_fails_the_stop_at_once_naming_the_container(settings, sm
 def test_a_hanging_kill_fails_the_stop_after_the_kill_timeout(settings, small_cluster, work, wrapped, monkeypatch):
     monkeypatch.setattr(container, "KILL_TIMEOUT", 3.0)
     data = copy_cluster(small_cluster, work / "hanging")
-    with open_runtime(settings["podman"]).start(InstanceSpec(data_dir=data, port=_free_port(),
-                                                             name="hanging")) as inst:
-        inst.wait_ready(60)
-        (wrapped / "kill-hangs").touch()
-        t0 = time.monotonic()
-        with pytest.raises(PostgresError) as ei:
-            inst.stop("fast", timeout=STOP_TIMEOUT)
-        assert time.monotonic() - t0 < 120
-        e = ei.value
-        assert inst.name in e.message and "did not answer within 3 s" in e.message
-        assert f"podman rm -f {inst.name}" in e.hint
+    spec = InstanceSpec(data_dir=data, port=_free_port(), name="hanging")
+    with open_runtime(settings["podman"]).start(spec) as inst:
+        e = _failed_stop(inst, wrapped / "kill-hangs")
+        assert "did not answer within 3 s" in e.message
         (wrapped / "kill-hangs").unlink()  # the engine answers again: the block's end removes it
         assert inst.is_running()
     assert _gone(settings, inst.name)
