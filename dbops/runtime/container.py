@@ -53,6 +53,7 @@ _log = log.get("runtime.container")
 NETWORKS = ("host", "publish")
 CONTAINER_PORT = 5432
 STOP_SIGNALS = {"smart": "TERM", "fast": "INT", "immediate": "QUIT"}
+KILL_GRACE = 5.0  # seconds a container whose kill was refused may take to be reported ended on its own
 
 
 # --------------------------------------------------------------------------- runtime
@@ -240,10 +241,13 @@ class ContainerInstance(InstanceBase):
         # The signal at once (no `inspect` before it: one engine call fewer, ~0.1 s); the engine
         # refuses to signal a container that is not running, and only then is it asked why.
         sent = self._signal(mode)
-        if sent.returncode != 0:
-            if not self.is_running():
-                return
-            raise self._not_signalled(mode, "failed", (sent.stderr or sent.stdout).strip()[-1000:] or None)
+        if sent.returncode != 0:  # not running (it ended on its own, maybe just now), or the engine refused
+            deadline = time.monotonic() + KILL_GRACE
+            while self.is_running():
+                if time.monotonic() >= deadline:
+                    raise self._not_signalled(mode, "failed", (sent.stderr or sent.stdout).strip()[-1000:] or None)
+                time.sleep(0.2)
+            return
         waited = self._waits.submit(self._engine.run, ["wait", self.name], timeout=timeout)
         self._stopping = (mode, time.monotonic(), timeout, waited)
         while not waited.done() and (not watch_pid or pid_file.exists()):
