@@ -236,6 +236,30 @@ def test_small_pack_size_splits_into_several_packs(env, tmp_path):
     assert (tmp_path / "r/base/5/big").read_bytes() == (d / "base/5/big").read_bytes()
 
 
+def test_the_last_packs_are_sealed_small_so_their_uploads_start_before_the_end(env, tmp_path, monkeypatch):
+    """Once less than TAIL_BYTES are left to read, a pack is sealed at TAIL_PACK stored bytes (its
+    upload starts) instead of waiting for pack_size: what uploads after the last block is small.
+    Before that, packs fill up to pack_size as ever; the backup restores byte for byte."""
+    store, layout, d = env
+    frame = store_mod.FRAME_BYTES
+    monkeypatch.setattr(store_mod, "TAIL_PACK", frame // 2)
+    monkeypatch.setattr(store_mod, "TAIL_BYTES", 6 * frame)
+    names = [f"base/5/{17000 + i}" for i in range(20)]
+    for n in names:  # incompressible, one frame each
+        (d / n).write_bytes(os.urandom(frame))
+    m = snapshot(store, layout, d, "b1", pack_size=1 << 30, parallel=1)
+    pack_of = {f.path: f.chunks[0].pack for f in m.files if f.path in names}
+    sizes: dict[str, int] = {}
+    for p in pack_of.values():
+        sizes[p] = sizes.get(p, 0) + 1
+    assert len(sizes) >= 5  # the tail: about one pack a frame
+    assert max(sizes.values()) >= 10  # the rest: one pack, far below pack_size
+    assert pack_of[names[0]] != pack_of[names[-1]]
+    restore_snapshot(store, layout, m, str(tmp_path / "r"), parallel=2)
+    for n in names:
+        assert (tmp_path / "r" / n).read_bytes() == (d / n).read_bytes()
+
+
 def test_restore_coalesces_adjacent_chunks_into_one_request_per_pack(env, tmp_path):
     store, layout, d = env
     (d / "base/5/big").write_bytes(pages(9, 200))
