@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from dbops import proc
 from dbops.errors import PostgresError
 from dbops.runtime import InstanceSpec, container, engine_of, open_runtime
-from test_runtime import _free_port, copy_cluster, no_leftovers, own_folder, settings, small_cluster  # noqa: F401
+from test_runtime import copy_cluster, no_leftovers, own_folder, settings, small_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
@@ -72,7 +73,7 @@ def _failed_stop(inst, marker: Path) -> PostgresError:
 
 def test_a_refused_kill_fails_the_stop_at_once_naming_the_container(settings, small_cluster, work, wrapped):
     data = copy_cluster(small_cluster, work / "refused")
-    spec = InstanceSpec(data_dir=data, port=_free_port(), name="refused")
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(), name="refused")
     with open_runtime(settings["podman"]).start(spec) as inst:
         e = _failed_stop(inst, wrapped / "kill-fails")
         assert "podman kill" in e.message and "failed" in e.message
@@ -86,7 +87,7 @@ def test_a_refused_kill_fails_the_stop_at_once_naming_the_container(settings, sm
 def test_a_hanging_kill_fails_the_stop_after_the_kill_timeout(settings, small_cluster, work, wrapped, monkeypatch):
     monkeypatch.setattr(container, "KILL_TIMEOUT", 3.0)
     data = copy_cluster(small_cluster, work / "hanging")
-    spec = InstanceSpec(data_dir=data, port=_free_port(), name="hanging")
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(), name="hanging")
     with open_runtime(settings["podman"]).start(spec) as inst:
         e = _failed_stop(inst, wrapped / "kill-hangs")
         assert "did not answer within 3 s" in e.message
