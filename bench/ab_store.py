@@ -234,14 +234,10 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     d = Path(a.dir).resolve()
-    if a.mode == "setup":
-        set_up(d, a.scale, setup)
-        return 0
-    if a.mode == "keep":
-        keep(d)
-        return 0
-    if a.mode == "one":
-        print(json.dumps(one(d, a.profile)), flush=True)
+    single = {"setup": lambda: set_up(d, a.scale, setup), "keep": lambda: keep(d),
+              "one": lambda: print(json.dumps(one(d, a.profile)), flush=True)}
+    if a.mode in single:
+        single[a.mode]()
         return 0
     for r in range(a.rounds):
         for v, src in (("A", a.a), ("B", a.b)):

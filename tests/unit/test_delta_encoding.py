@@ -21,24 +21,26 @@ PAGE = 8192
 stdzstd = prefix_zstd()
 
 
+def one_way(request, monkeypatch, functions: str) -> str:
+    """The first param: zstd's own functions (codec.<functions>(), installed with zstandard here,
+    pyproject.toml); the second: without them (the fallback)."""
+    if request.param.startswith(("context", "compression context")):
+        assert getattr(codec, functions)() is not None
+    else:
+        monkeypatch.setattr(codec, functions, lambda: None)
+    return request.param
+
+
 @pytest.fixture(params=["context per thread", "decompressor per delta"], autouse=True)
 def reader(request, monkeypatch):
     """Every test here runs with both ways of reading a delta (:meth:`codec.Decoder.decode_on`)."""
-    if request.param == "context per thread":
-        assert codec.zstd_functions() is not None  # installed with zstandard here (pyproject.toml)
-    else:
-        monkeypatch.setattr(codec, "zstd_functions", lambda: None)
-    return request.param
+    return one_way(request, monkeypatch, "zstd_functions")
 
 
 @pytest.fixture(params=["compression context per thread", "compressor per delta"], autouse=True)
 def writer_path(request, monkeypatch):
     """Every test here runs with both ways of writing a delta (:meth:`codec.Encoder.encode_on`)."""
-    if request.param == "compression context per thread":
-        assert codec.zstd_compress_functions() is not None  # installed with zstandard here (pyproject.toml)
-    else:
-        monkeypatch.setattr(codec, "zstd_compress_functions", lambda: None)
-    return request.param
+    return one_way(request, monkeypatch, "zstd_compress_functions")
 
 
 def prefix_frame(payload: bytes, base: bytes, level: int) -> bytes:
