@@ -177,3 +177,35 @@ def test_a_failed_copy_releases_the_store_following_it():
     cancel = __import__("threading").Event()
     cancel.set()
     assert not livecopy.Copied().wait("/x/a", 0, 10, cancel)
+
+
+def test_each_file_is_created_with_its_mode_before_its_ranges_even_empty_ones(tmp_path, monkeypatch):
+    """Files are created as the copy goes (each just before its ranges are handed out): every planned
+    file ends up there with its mode and content, empty ones (no range) and pg_control (last) too,
+    and no range is written into a file that does not exist yet (O_EXCL creation never meets one)."""
+    monkeypatch.setattr(livecopy, "RANGE", 8192)
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    bodies = {f"base/5/{16384 + i}": os.urandom(8192 * (i % 3) + 17 * i) for i in range(12)}  # some empty
+    for rel, body in bodies.items():
+        touch(live / rel, body)
+    os.chmod(live / "base/5/16385", 0o640)
+    touch(live / "global" / "pg_control", b"control")
+    scratch.mkdir()
+    plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", tbs.ScratchTablespaces(scratch), "postgres")
+    real = livecopy._copy_range
+    missing: list[str] = []
+
+    def copy_range(src, dst, off, n):
+        if not os.path.exists(dst):
+            missing.append(str(dst))
+        return real(src, dst, off, n)
+
+    monkeypatch.setattr(livecopy, "_copy_range", copy_range)
+    stats = livecopy.execute(plan, os_user="postgres", workers=2)
+    assert not missing
+    assert stats.files == len(bodies) + 1
+    for rel, body in bodies.items():
+        assert (scratch / "data" / rel).read_bytes() == body
+        assert (scratch / "data" / rel).stat().st_mode & 0o777 == (live / rel).stat().st_mode & 0o777
+    assert any(not b for b in bodies.values())
+    assert (scratch / "data" / "global" / "pg_control").read_bytes() == b"control"

@@ -251,20 +251,19 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
         if owner:
             os.lchown(link, *owner)
     stats = CopyStats()
-    jobs: list[tuple[str, Path, int, int]] = []
-    files = p.files + ([p.control] if p.control else [])
-    for src, dst, size, mode in files:
+
+    def create(dst: Path, mode: int) -> None:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             if owner:
                 os.fchown(fd, *owner)
         finally:
             os.close(fd)
-        if (src, dst, size, mode) != p.control:
-            jobs += [(src, dst, off, min(RANGE, size - off)) for off in range(0, size, RANGE)]
-    # In the order a store of the copy reads it (ranges of at most RANGE: the threads end together).
-    jobs.sort(key=lambda j: (path_key(p.paths.get(j[1], str(j[1]))), j[2]))
 
+    # In the order a store of the copy reads it (ranges of at most RANGE: the threads end together).
+    # Each file is created just before its ranges are handed to the threads, so that the copy starts
+    # at once: creating a thousand files took up to 0.8 s (the journal busy) before any byte moved.
+    order = sorted(p.files, key=lambda f: path_key(p.paths.get(f[1], str(f[1]))))
     ranges_left = {dst: -(-size // RANGE) for _, dst, size, _ in p.files}
     lock = threading.Lock()
 
@@ -280,13 +279,25 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
         return done
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-copy") as pool:
-        for n, vanished in pool.map(job, jobs):
+        futures = []
+        try:
+            for src, dst, size, mode in order:
+                create(dst, mode)
+                futures += [pool.submit(job, (src, dst, off, min(RANGE, size - off))) for off in range(0, size, RANGE)]
+            if p.control:
+                create(p.control[1], p.control[3])
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        for f in futures:
+            n, vanished = f.result()
             stats.bytes += n
             stats.vanished += vanished
     if p.control:
         n, _ = _copy_range(p.control[0], p.control[1], 0, p.control[2])
         stats.bytes += n
-    stats.files = len(files)
+    stats.files = len(p.files) + (1 if p.control else 0)
     stats.seconds = round(time.monotonic() - t0, 3)
     return stats
 
