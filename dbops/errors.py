@@ -119,6 +119,11 @@ class PostgresError(DbopsError):
     sqlstate: str | None = None  # the server's error code, when the server sent one
 
 
+class EngineError(PostgresError):
+    """The container engine refused to signal a throwaway server's container, or did not answer:
+    the server's state is unknown (a validation reports it as its environment, exit 17)."""
+
+
 class QueryError(PostgresError):
     """A statement failed on an open connection (the driver's or the server's own words in detail)."""
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from dbops import log, proc
-from dbops.errors import CommandError, ConfigError, PostgresError
+from dbops.errors import CommandError, ConfigError, EngineError, PostgresError
 from dbops.pg import binaries
 from dbops.runtime.base import DATA_PATH, RUN_PATH, SOCKET_PATH, WAL_PATH, InstanceSpec, Owner, check_stop_mode
 from dbops.runtime.instance import InstanceBase
@@ -268,9 +268,9 @@ class ContainerInstance(InstanceBase):
             raise self._not_signalled(mode, f"did not answer within {KILL_TIMEOUT:.0f} s",
                                       f"{e.message}\n{e.detail or ''}".strip()) from None
 
-    def _not_signalled(self, mode: str, why: str, detail: str | None) -> PostgresError:
+    def _not_signalled(self, mode: str, why: str, detail: str | None) -> EngineError:
         engine = self._engine.name
-        return PostgresError(
+        return EngineError(
             f"could not stop PostgreSQL ({self.spec.name}, {mode}): `{engine} kill` {why} for its container "
             f"{self.name}",
             detail=detail,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dbops import proc
-from dbops.errors import PostgresError
+from dbops.errors import EngineError
 from dbops.runtime import InstanceSpec, container, engine_of, open_runtime
 from test_runtime import copy_cluster, no_leftovers, own_folder, settings, small_cluster  # noqa: F401
 
@@ -58,13 +58,13 @@ def _gone(settings, name: str) -> bool:
     return res.stdout.strip() == ""
 
 
-def _failed_stop(inst, marker: Path) -> PostgresError:
+def _failed_stop(inst, marker: Path) -> EngineError:
     """The instance ready, the engine's kill made to fail (``marker``), stop(): its error, raised long
     before the stop's own timeout."""
     inst.wait_ready(60)
     marker.touch()
     t0 = time.monotonic()
-    with pytest.raises(PostgresError) as ei:
+    with pytest.raises(EngineError) as ei:
         inst.stop("fast", timeout=STOP_TIMEOUT)
     assert time.monotonic() - t0 < 120  # not the stop's own 600 s
     assert inst.name in ei.value.message and f"podman rm -f {inst.name}" in ei.value.hint

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_runtime_kill import wrapped  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
@@ -72,3 +73,22 @@ def test_a_runtime_failure_during_validation_leaves_the_previous_backup_usable(v
 def test_an_oom_kill_during_validation_leaves_the_previous_backup_usable(vlab, cli):
     small = _broken(vlab, "16m", extra_args=["--memory", "16m"])  # podman run ... --memory 16m
     _environment_fails_then_recovers(cli, vlab, small, "signal 9")
+
+
+def test_an_engine_refusing_to_stop_the_throwaway_is_the_environment_not_the_backup(vlab, cli, wrapped):
+    """podman's `kill` refused (a wrapper first on PATH: exit 125) when the validation stops its
+    throwaway server: exit 17 naming the container and what to run by hand, the backup keeps its
+    status; with the engine working again the next run validates it."""
+    r1, b1 = _backup(cli, vlab.config_path)
+    assert r1.exit_code == 0, r1
+    before = _states(cli, vlab.config_path)
+    (wrapped / "kill-fails").touch()
+    r2, _ = _backup(cli, vlab.config_path)
+    assert r2.exit_code == 17, r2
+    assert "validation could not run" in r2.stderr and "podman kill" in r2.stderr, r2.stderr
+    assert "podman rm -f" in r2.stderr and "kill refused by the test's engine wrapper" in r2.stderr, r2.stderr
+    assert _states(cli, vlab.config_path) == before
+    (wrapped / "kill-fails").unlink()
+    r3, b3 = _backup(cli, vlab.config_path)
+    assert r3.exit_code == 0, r3
+    assert b3["validated"]["backup_id"] == b1["backup_id"]

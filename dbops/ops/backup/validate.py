@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from dbops import log, proc
 from dbops.config import Config
-from dbops.errors import DbopsError, NotFoundError, StorageError, ValidationError
+from dbops.errors import DbopsError, EngineError, NotFoundError, StorageError, ValidationError
 from dbops.ops.backup import basesave, shadow
 from dbops.ops.backup import tablespaces as tbs
 from dbops.ops.backup.checks import run_checks
@@ -194,7 +194,11 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             val.relation_map = read_relation_map(inst)
             val.tablespace_names = tbs.names(inst.node())
         with phases("stop"):
-            inst.stop("fast", timeout=timeout)
+            try:
+                inst.stop("fast", timeout=timeout)
+            except EngineError as e:  # the engine, not the backup: the server's state is unknown
+                raise environment_error(e.message, "container runtime or host failure",
+                                        "\n".join(x for x in (e.detail, e.hint) if x)) from None
         if tablespaces is not None:
             tablespaces.relink(data)
         cd = controldata.read(str(data), bin_dir=None)
