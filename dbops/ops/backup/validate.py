@@ -40,7 +40,6 @@ from dbops.repo.model import PAGE
 from dbops.repo.savedpages import SavedPages, Saver
 from dbops.runtime import InstanceSpec, open_runtime
 from dbops.runtime.walfolder import link_wal
-from dbops.runtime.writeback import flush_behind
 from dbops.runtime.scratch import room_beside_copy, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
@@ -168,8 +167,6 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         except DbopsError as e:
             raise environment_error(f"the {rt.engine} runtime could not start the throwaway PostgreSQL",
                                     "container runtime or host failure", e.detail or e.message) from None
-    if cfg.runtime.engine != "none":  # its exit would write the copy back on the serial path (after the start:
-        flush_behind(data)  # beside the engine's own writes, it slowed the start by 0.2-0.3 s)
     with ExitStack() as own:
         (stack if stack is not None else own).enter_context(inst)
         with phases("start"):
