@@ -5,8 +5,12 @@ vanish. (With a live server, under writes: tests/integration/test_backup_livecop
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from dbops.ops.backup import livecopy
 from dbops.ops.backup import tablespaces as tbs
@@ -209,3 +213,35 @@ def test_each_file_is_created_with_its_mode_before_its_ranges_even_empty_ones(tm
         assert (scratch / "data" / rel).stat().st_mode & 0o777 == (live / rel).stat().st_mode & 0o777
     assert any(not b for b in bodies.values())
     assert (scratch / "data" / "global" / "pg_control").read_bytes() == b"control"
+
+
+def test_a_range_that_fails_stops_the_copy_without_the_ranges_not_begun(tmp_path, monkeypatch):
+    """The first range fails (a read error): the copy raises it without copying the rest of the folder
+    first (at TB scale that would be hours with pg_backup_start held), and the store following it is
+    released."""
+    monkeypatch.setattr(livecopy, "RANGE", 8192)
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    for i in range(50):
+        touch(live / f"base/5/{16384 + i}", os.urandom(4 * 8192))
+    touch(live / "global" / "pg_control", b"control")
+    scratch.mkdir()
+    plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", tbs.ScratchTablespaces(scratch), "postgres")
+    real = livecopy._copy_range
+    lock = threading.Lock()
+    calls = [0]
+
+    def copy_range(src, dst, off, n):
+        with lock:
+            calls[0] += 1
+            first = calls[0] == 1
+        if first:
+            raise OSError(5, "Input/output error", src)
+        time.sleep(0.01)
+        return real(src, dst, off, n)
+
+    monkeypatch.setattr(livecopy, "_copy_range", copy_range)
+    copied = livecopy.Copied()
+    with pytest.raises(OSError, match="Input/output error"):
+        livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
+    assert calls[0] < 50, calls[0]  # 200 ranges planned; only those already begun ran
+    assert not copied.wait("/nowhere", 0, 10)  # failed: the store following it stops waiting

@@ -286,14 +286,14 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
                 futures += [pool.submit(job, (src, dst, off, min(RANGE, size - off))) for off in range(0, size, RANGE)]
             if p.control:
                 create(p.control[1], p.control[3])
-        except BaseException:
+            for f in futures:
+                n, vanished = f.result()
+                stats.bytes += n
+                stats.vanished += vanished
+        except BaseException:  # a range failed, or the run is stopped: the ranges not begun are not copied
             for f in futures:
                 f.cancel()
             raise
-        for f in futures:
-            n, vanished = f.result()
-            stats.bytes += n
-            stats.vanished += vanished
     if p.control:
         n, _ = _copy_range(p.control[0], p.control[1], 0, p.control[2])
         stats.bytes += n
