@@ -133,3 +133,14 @@ def rows(node, table: str) -> list[str] | None:
 
 def iso(t: datetime, tz: timezone = timezone.utc) -> str:
     return t.astimezone(tz).isoformat()
+
+
+def same_zstd() -> bool:
+    """Both writers bundle the same zstd release (zstandard's cffi backend, backports.zstd): only then
+    are their frames promised to be the same bytes (another release may find other matches; the
+    frames still decode either way)."""
+    from dbops.repo import codec
+
+    fns = codec.zstd_compress_functions()
+    major, minor, patch = codec.prefix_zstd().zstd_version_info
+    return fns is not None and fns[1].ZSTD_versionNumber() == major * 10000 + minor * 100 + patch

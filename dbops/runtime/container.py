@@ -53,7 +53,7 @@ _log = log.get("runtime.container")
 NETWORKS = ("host", "publish")
 CONTAINER_PORT = 5432
 STOP_SIGNALS = {"smart": "TERM", "fast": "INT", "immediate": "QUIT"}
-KILL_GRACE = 5.0  # seconds a container whose kill was refused may take to be reported ended on its own
+KILL_GRACE = 30.0  # seconds a container whose kill was refused may take to end on its own (or its server)
 
 
 # --------------------------------------------------------------------------- runtime
@@ -232,7 +232,9 @@ class ContainerInstance(InstanceBase):
         gone, the postmaster's last act after every process of the server ended, so the folder is
         final. The engine reports the container stopped a while later (about 1 s with podman 4.3):
         is_running waits for that report, run_tool and remove do not need it. Raises PostgresError when the
-        server does not exit in time, or (here or at that report) exits non-zero from a smart/fast stop.
+        server does not exit in time, or (here or at that report) exits non-zero from a smart/fast stop;
+        EngineError when the engine refuses the signal and the server is still up ``KILL_GRACE`` later,
+        or does not answer within ``KILL_TIMEOUT``.
         """
         check_stop_mode(mode)
         self._settle()
@@ -242,8 +244,8 @@ class ContainerInstance(InstanceBase):
         # refuses to signal a container that is not running, and only then is it asked why.
         sent = self._signal(mode)
         if sent.returncode != 0:  # not running (it ended on its own, maybe just now), or the engine refused
-            deadline = time.monotonic() + KILL_GRACE
-            while self.is_running():
+            deadline = time.monotonic() + min(timeout, KILL_GRACE)
+            while self.is_running() and (not watch_pid or pid_file.exists()):  # no postmaster.pid: server down
                 if time.monotonic() >= deadline:
                     raise self._not_signalled(mode, "failed", (sent.stderr or sent.stdout).strip()[-1000:] or None)
                 time.sleep(0.2)

@@ -23,7 +23,7 @@ from dbops.repo.savedpages import SavedPages, file_index, offsets_of
 from dbops.repo.store import store_snapshot
 from dbops.storage import open_store
 from dbops.storage.layout import Layout
-from labkit import backup_cli, sql
+from labkit import backup_cli, same_zstd, sql
 from test_backup_chain import make_wide, pgbench
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
@@ -136,7 +136,9 @@ def test_local_bases_store_what_fetched_bases_store(make_lab, cli, monkeypatch):
         with monkeypatch.context() as mp:
             mp.setattr(codec, "zstd_compress_functions", lambda: None)
             slow = put(saved)
-        assert frames_of(slow) == frames_of(local) and slow.stored_bytes == local.stored_bytes
+        if same_zstd():  # both writers bundle one zstd release: the same bytes
+            assert frames_of(slow) == frames_of(local) and slow.stored_bytes == local.stored_bytes
+        assert refs_of(slow) == refs_of(local)
         w_local = next(e for e in local.entries() if e.path == wide).chunks
         assert w_local[0].mask == 0b11 and w_local[0].on_base
 

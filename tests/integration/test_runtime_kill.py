@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def _failed_stop(inst, marker: Path) -> EngineError:
     return ei.value
 
 
-def test_a_refused_kill_fails_the_stop_at_once_naming_the_container(settings, small_cluster, work, wrapped):
+def test_a_refused_kill_fails_the_stop_at_once_naming_the_container(settings, small_cluster, work, wrapped,
+                                                                     monkeypatch):
+    monkeypatch.setattr(container, "KILL_GRACE", 3.0)  # the server still up 3 s after the refusal
     data = copy_cluster(small_cluster, work / "refused")
     spec = InstanceSpec(data_dir=data, port=proc.free_port(), name="refused")
     with open_runtime(settings["podman"]).start(spec) as inst:
@@ -93,4 +96,24 @@ def test_a_hanging_kill_fails_the_stop_after_the_kill_timeout(settings, small_cl
         assert "did not answer within 3 s" in e.message
         (wrapped / "kill-hangs").unlink()  # the engine answers again: the block's end removes it
         assert inst.is_running()
+    assert _gone(settings, inst.name)
+
+
+def test_a_refused_kill_of_a_server_ending_on_its_own_is_a_clean_stop(settings, small_cluster, work, wrapped):
+    """The kill refused while the server is already going (stopped meanwhile by the real engine, as by
+    an operator): within the grace that is a stop, not an error."""
+    data = copy_cluster(small_cluster, work / "ending")
+    spec = InstanceSpec(data_dir=data, port=proc.free_port(), name="ending")
+    with open_runtime(settings["podman"]).start(spec) as inst:
+        inst.wait_ready(60)
+        (wrapped / "kill-fails").touch()
+        real = shutil.which("podman", path=os.environ["PATH"].split(":", 1)[1])
+        stopper = subprocess.Popen([real, "stop", "--time", "60", inst.name], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            inst.stop("fast", timeout=STOP_TIMEOUT)  # no error: the server ended within the grace
+        finally:
+            stopper.wait(120)
+        assert not (data / "postmaster.pid").exists()
+        (wrapped / "kill-fails").unlink()
     assert _gone(settings, inst.name)

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from test_runtime_kill import wrapped  # noqa: F401
 
+from dbops.runtime import container
+
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
 
@@ -75,13 +77,14 @@ def test_an_oom_kill_during_validation_leaves_the_previous_backup_usable(vlab, c
     _environment_fails_then_recovers(cli, vlab, small, "signal 9")
 
 
-def test_an_engine_refusing_to_stop_the_throwaway_is_the_environment_not_the_backup(vlab, cli, wrapped):
+def test_an_engine_refusing_to_stop_the_throwaway_is_the_environment_not_the_backup(vlab, cli, wrapped, monkeypatch):
     """podman's `kill` refused (a wrapper first on PATH: exit 125) when the validation stops its
     throwaway server: exit 17 naming the container and what to run by hand, the backup keeps its
     status; with the engine working again the next run validates it."""
     r1, b1 = _backup(cli, vlab.config_path)
     assert r1.exit_code == 0, r1
     before = _states(cli, vlab.config_path)
+    monkeypatch.setattr(container, "KILL_GRACE", 3.0)
     (wrapped / "kill-fails").touch()
     r2, _ = _backup(cli, vlab.config_path)
     assert r2.exit_code == 17, r2

@@ -16,6 +16,7 @@ from dbops.repo import blocks, codec
 from dbops.repo.codec import prefix_zstd
 from dbops.repo.frames import open_delta
 from dbops.repo.model import ChunkRef
+from labkit import same_zstd
 
 PAGE = 8192
 stdzstd = prefix_zstd()
@@ -151,11 +152,12 @@ def test_deltas_are_compressed_at_the_delta_level_at_least(level, used):
     enc = codec.Encoder("zstd", level)
     for payload, dictionary, _ in deltas():
         stored = enc.encode_on(payload, dictionary)
-        assert stored == prefix_frame(payload, dictionary, used)
+        if same_zstd():
+            assert stored == prefix_frame(payload, dictionary, used)
         assert codec.Decoder().decode_on(stored, len(payload), dictionary) == payload
 
 
-def test_both_writers_give_the_same_frames_byte_for_byte(monkeypatch):
+def test_both_writers_give_frames_that_decode_and_the_same_bytes_with_one_zstd(monkeypatch):
     """The context kept per thread and the compressor made for each delta write identical bytes:
     deltas of 1 to 8 pages, many in a row on one context (its prefix used for one frame only),
     memoryview bases and payloads, a payload zstd cannot shrink (stored raw), from several threads."""
@@ -177,9 +179,12 @@ def test_both_writers_give_the_same_frames_byte_for_byte(monkeypatch):
         many = list(pool.map(lambda _: written(fast), range(8)))
     monkeypatch.setattr(codec, "zstd_compress_functions", lambda: None)
     slow = written(codec.Encoder("zstd", 3))
-    assert all(m == slow for m in many)
+    dec = codec.Decoder()
+    assert all(dec.decode_on(w, len(p), d) == p for ws in many + [slow] for w, (p, d) in zip(ws, cases))
     assert slow[-3] == cases[-3][0]  # raw
-    assert slow == [prefix_frame(p, d, 3) if len(prefix_frame(p, d, 3)) < len(p) else p for p, d in cases]
+    if same_zstd():  # the same zstd release in both: the same bytes
+        assert all(m == slow for m in many)
+        assert slow == [prefix_frame(p, d, 3) if len(prefix_frame(p, d, 3)) < len(p) else p for p, d in cases]
 
 
 def test_a_base_starting_with_zstds_dictionary_magic_is_read_as_raw_content():
