@@ -2,11 +2,13 @@
 
 A page delta (format 5) is compressed with its base's pages (their previous versions) as a zstd
 dictionary (raw content: no training, the base is simply the history the delta's matches refer
-to). It is written with that content as a single-use *prefix* (``ZSTD_CCtx_refPrefix``, through
-zstd's own functions as zstandard's cffi backend builds them in, on a compression context kept per
-thread; where they are not there, through the standard library's ``compression.zstd``, or its
-backport before Python 3.14, which write the same frames byte for byte): no dictionary is
-digested for a frame compressed once. A prefix and a raw-content dictionary of the same bytes
+to). It is written in one call into zstd's own functions as zstandard's cffi backend builds
+them in, on a compression context kept per thread: ``ZSTD_compress_usingDict`` with the base as
+raw content, or, for a base that begins with zstd's dictionary magic (which that call would parse
+as a structured dictionary), ``ZSTD_CCtx_refPrefix`` then ``ZSTD_compress2``. Where those functions
+are not there, through the standard library's ``compression.zstd``, or its backport before Python
+3.14, with the base as a single-use *prefix* (the same frames, byte for byte, when both bundle
+the same zstd release): no dictionary is digested for a frame compressed once. A prefix and a raw-content dictionary of the same bytes
 give frames that decode either way, so :meth:`Decoder.decode_on` (a raw-content dictionary)
 reads deltas written before and after this change alike.
 

@@ -50,9 +50,11 @@ def test_copy_across_filesystems_goes_through_memory(tmp_path):
         src.write_bytes(b"x")
         fin, fout = os.open(src, os.O_RDONLY), os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
         try:
-            with pytest.raises(OSError) as e:
-                os.copy_file_range(fin, fout, 1, 0, 0)
-            assert e.value.errno in filecopy.NO_KERNEL_COPY  # so the copy below goes through memory
+            os.copy_file_range(fin, fout, 1, 0, 0)
+        except OSError as e:
+            assert e.errno in filecopy.NO_KERNEL_COPY  # so the copy below goes through memory
+        else:  # kernels 5.3-5.18 copy across filesystems: nothing to prove about the fallback here
+            pytest.skip("this kernel copies across filesystems in copy_file_range")
         finally:
             os.close(fin)
             os.close(fout)

@@ -3,7 +3,8 @@ when that folder is on this host: ``backup.copy_method`` ``auto`` (the default) 
 
 Between ``pg_backup_start(label, fast)`` and ``pg_backup_stop()`` on one held connection
 (:mod:`dbops.pg.onlinebackup`), the data folder is copied into the run's scratch folder by
-several threads with the kernel's copy (``copy_file_range``, ``sendfile`` where that is refused;
+several threads with the kernel's copy (:func:`dbops.filecopy.copy_range`: ``copy_file_range``,
+``pread``/``pwrite`` of at most 1 MiB where that is refused;
 large files in ranges, so the threads share the big relations). The server runs on meanwhile:
 a page may be copied half old, half new, and files grow, shrink, appear or vanish. That is what
 a base backup is: full_page_writes is forced while the backup runs, so replaying the WAL from
