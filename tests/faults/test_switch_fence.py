@@ -21,7 +21,7 @@ import pytest
 
 from dbops import config as cfgmod
 from dbops import proc
-from dbops.errors import RolledBackError, UnknownOutcomeError
+from dbops.errors import PostgresError, RolledBackError, UnknownOutcomeError
 from dbops.nodes import open_controller
 from dbops.ops.failover import plan as failover_plan
 from dbops.ops.failover import switchover
@@ -33,6 +33,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import failover_lab  # noqa: E402
 from oneprimary import OnePrimaryWatch  # noqa: E402
 from switchkit import STEP_TIMEOUT, PrimaryView, settled, writer_lab  # noqa: E402
+
+
+def restart(node) -> None:
+    """The node this test stopped, started again for the next test (a slow machine's stop that is
+    still finishing is waited for, not raced; a start that fails says why, with its log's end)."""
+    ctl = open_controller(node)
+    deadline = time.monotonic() + 60
+    while ctl.is_running() and time.monotonic() < deadline:  # a stop that timed out may still be ending
+        time.sleep(0.2)
+    if ctl.is_running():  # it never went down: it is up for the next test
+        return
+    try:
+        ctl.start(timeout=120)
+    except PostgresError as e:
+        log = Path(ctl.log_file())
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{e.message}\n{e.detail}\n--- {log}:\n{tail}") from None
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("private_lock_dir")]
 
@@ -144,7 +162,7 @@ def test_rollback_refuses_to_restart_the_old_primary_once_the_candidate_is_promo
         assert open_controller(old).has_standby_signal()  # and still fenced
         assert ei.value.report.phases[-1].name == "rollback" and not ei.value.report.phases[-1].ok
     finally:
-        open_controller(cand).start(timeout=60)
+        restart(cand)
         _rebuild_as_standby(slab, old, cand)
 
 
@@ -206,5 +224,5 @@ def test_failing_pgbouncer_resume_keeps_the_rollback_exit_code(slab, tmp_path):
         assert "RESUME" in (ei.value.hint or "")
     finally:
         bouncer.stop()
-        open_controller(cand).start(timeout=60)
+        restart(cand)
     assert settled(slab.config_path).primary.name == start.primary.name
