@@ -213,3 +213,18 @@ def test_a_span_reads_a_files_saved_pages_at_once_and_gives_what_pages_gives(tmp
         assert saved.span(key, 0, 16) is None  # the side file cannot give them
     finally:
         saved.close()
+
+
+def test_a_short_copy_of_saved_pages_saves_nothing(tmp_path, monkeypatch):
+    """The kernel copies fewer bytes than the pages asked for (the file cut short between its size
+    and the copy): that is the saver's problem, never pages recorded at offsets holding nothing."""
+    import dbops.repo.savedpages as savedpages
+
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "1262").write_bytes(_page(1) * 4)
+    real = savedpages.copy_range
+    monkeypatch.setattr(savedpages, "copy_range", lambda src, dst, off, at, n: real(src, dst, off, at, n - PAGE))
+    saver = Saver(tmp_path, str(tmp_path / "side"))
+    saver.predicted({(1664, 0, 1262, 0): [0, 1, 2]})
+    saver.file_done("global/1262")
+    assert saver.finish() is None and "short copy of saved pages" in (saver.problem or "")
