@@ -73,8 +73,7 @@ class SavedPages:
         own = self.index.get(key) if key is not None else None
         offsets = [_offset(own, first + p) for p in pages_of(mask)] if own is not None else [None]
         if None in offsets:
-            with self.lock:
-                self.misses += 1
+            self.missed()
             return None
         out = bytearray()
         k = 0
@@ -88,15 +87,23 @@ class SavedPages:
             except OSError:
                 got = b""
             if len(got) != want:  # the side file cannot give them: the base is fetched instead
-                with self.lock:
-                    self.misses += 1
+                self.missed()
                 return None
             out += got
             k = j + 1
+        self.found(len(offsets))
+        return bytes(out)
+
+    def found(self, pages: int) -> None:
+        """Count a delta's base found saved (``pages`` of them), from any thread."""
         with self.lock:
             self.hits += 1
-            self.hit_pages += len(offsets)
-        return bytes(out)
+            self.hit_pages += pages
+
+    def missed(self) -> None:
+        """Count a delta's base not found saved (it is fetched instead), from any thread."""
+        with self.lock:
+            self.misses += 1
 
     def span(self, key: str | None, first: int, count: int) -> Span | None:
         """The saved pages of file ``key`` among its pages ``first`` to ``first + count - 1``, read
@@ -144,14 +151,11 @@ class Span:
         for p in pages_of(mask):
             i = bisect_left(numbers, first + p, self.lo, self.hi)
             if i == self.hi or numbers[i] != first + p:
-                with self.saved.lock:
-                    self.saved.misses += 1
+                self.saved.missed()
                 return None
             k = self.offsets[i] - self.at
             out.append(self.data[k:k + PAGE])
-        with self.saved.lock:
-            self.saved.hits += 1
-            self.saved.hit_pages += len(out)
+        self.saved.found(len(out))
         return b"".join(out)
 
 
