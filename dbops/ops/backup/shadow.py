@@ -42,6 +42,7 @@ from typing import Any, Callable
 from dbops import proc
 from dbops.errors import ValidationError
 from dbops.ops.backup.checks import tool_path
+from dbops.repo.model import PAGE
 
 # pg_checksums reads these folders of a data folder (and follows pg_tblspc's links).
 SCANNED = ("global", "base", "pg_tblspc")
@@ -58,7 +59,6 @@ class Shadow:
     left_out_bytes: int
 
 
-PAGE = 8192
 SEGMENT_BYTES = 131072 * PAGE  # a relation segment file of PostgreSQL's default build (1 GiB)
 
 
