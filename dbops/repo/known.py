@@ -14,14 +14,16 @@ mtime back, never ctime; a renamed, replaced or re-created file has another inod
 The store then checks the clock again (:meth:`Known.usable`): a clock stepped back since the seal
 makes every identity uncertain, and every file is read. The safety argument is in docs/backups.md.
 
-Memory: six 8-byte numbers a file in arrays (a path is kept as a 64-bit hash), and once sealed the
-hashes sorted with their rows (60 bytes a file in all), never anything per block or page: a few
-hundred thousand files take a few tens of MiB at most (300,000: 17 MiB, sealed in 0.5 s).
+Memory: a path kept as a 64-bit hash and five 8-byte numbers of identity a file, in arrays; once
+sealed, the hashes sorted with their records (52 bytes a file in all, 60 at most while sealing),
+never anything per block or page. The seal sorts in runs of ``RUN`` rows merged from arrays
+(:func:`sorted_order`), so no Python object per file is held at once, whatever the number of files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import stat
 import tempfile
@@ -29,8 +31,11 @@ import threading
 import time
 from array import array
 from bisect import bisect_left
+from itertools import islice, repeat
+from operator import and_, eq, lshift, or_
 
 PROBE_LIMIT = 2.0  # seconds to wait for the file clock to move on at a seal (one tick is a few ms)
+RUN = 1 << 16  # rows a seal sorts at once as Python numbers (a few MiB), whatever the number of files
 
 
 def path_hash(path: str) -> int:
@@ -53,6 +58,27 @@ def clock_now(folder: str) -> int:
         os.unlink(probe)
 
 
+def sorted_order(keys: array, run: int = RUN) -> array:
+    """The indexes of ``keys`` (64-bit numbers, fewer than 2**32 of them) in key order, equal keys
+    by index: what ``array("I", sorted(range(len(keys)), key=keys.__getitem__))`` gives, holding
+    at most ``run`` of them as Python numbers at once: runs of ``run`` rows sorted alone into an
+    array, then merged, each row taken as one number (its key above its index's 32 bits)."""
+    n = len(keys)
+    get = keys.__getitem__
+    runs = array("I")
+    for a in range(0, n, run):
+        runs.extend(sorted(range(a, min(n, a + run)), key=get))
+    if n <= run:
+        return runs
+    view = memoryview(runs)
+
+    def rows(a: int):  # one sorted run, lazily: key << 32 | index
+        idx = view[a:a + run]
+        return map(or_, map(lshift, map(get, idx), repeat(32)), idx)
+
+    return array("I", map(and_, heapq.merge(*(rows(a) for a in range(0, n, run))), repeat(0xFFFFFFFF)))
+
+
 class Known:
     """The identities of files whose content is known, by their path in a backup. ``record`` from
     any thread while the writer finishes files; ``seal`` once, after the writer's last write and
@@ -60,15 +86,20 @@ class Known:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.cols = (array("Q"), array("Q"), array("Q"), array("Q"), array("q"), array("q"))  # hash + identity
-        self.sorted, self.order = array("Q"), array("I")  # once sealed: the hashes sorted, their rows
+        self.hashes = array("Q")  # each record's path hash, in record order (until the seal)
+        self.cols = self._columns()  # each record's identity, in record order
+        self.sorted, self.order = array("Q"), array("I")  # once sealed: the hashes sorted, their records
         self.latest = 0  # the newest time recorded
         self.sealed_at: int | None = None  # the file clock once past every recorded time
         self.folder: str | None = None
         self.sealed = False
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.sorted)
+
+    @staticmethod
+    def _columns() -> tuple[array, ...]:
+        return array("Q"), array("Q"), array("Q"), array("q"), array("q")  # dev, ino, size, mtime, ctime
 
     def record(self, path: str, real: str) -> None:
         """The file at ``real`` (its links followed) holds the known content of backup path ``path``,
@@ -79,10 +110,11 @@ class Known:
             return
         if not stat.S_ISREG(st.st_mode):
             return
-        row = (path_hash(path), *identity(st))
+        h, row = path_hash(path), identity(st)
         with self.lock:
             if self.sealed:
                 return
+            self.hashes.append(h)
             for col, v in zip(self.cols, row):
                 col.append(v)
             self.latest = max(self.latest, st.st_mtime_ns, st.st_ctime_ns)
@@ -94,13 +126,15 @@ class Known:
         the files. When the clock does not move on (or the folder takes no file), nothing is kept."""
         with self.lock:
             self.sealed = True
-            hashes = self.cols[0]
-            order = sorted(range(len(hashes)), key=hashes.__getitem__)
-            if len(set(hashes)) != len(hashes):  # two paths, one hash (not expected at 64 bits): both read
-                dup = {hashes[i] for i, j in zip(order, order[1:]) if hashes[i] == hashes[j]}
-                order = [i for i in order if hashes[i] not in dup]
-            self.order = array("I", order)
-            self.sorted = array("Q", map(hashes.__getitem__, order))
+            hashes, self.hashes = self.hashes, array("Q")
+            order = sorted_order(hashes, RUN)
+            keys = array("Q", map(hashes.__getitem__, order))
+            del hashes
+            if any(map(eq, keys, islice(keys, 1, None))):  # two paths, one hash (not expected): both read
+                dup = {h for h, g in zip(keys, islice(keys, 1, None)) if h == g}
+                order = array("I", (i for i, h in zip(order, keys) if h not in dup))
+                keys = array("Q", (h for h in keys if h not in dup))
+            self.sorted, self.order = keys, order
         self.folder = folder
         deadline = time.monotonic() + PROBE_LIMIT
         try:
@@ -117,7 +151,7 @@ class Known:
         self.forget()
 
     def forget(self) -> None:
-        self.cols = tuple(array(c.typecode) for c in self.cols)  # type: ignore[assignment]
+        self.hashes, self.cols = array("Q"), self._columns()
         self.sorted, self.order = array("Q"), array("I")
         self.sealed_at = None
 
@@ -145,7 +179,7 @@ class Known:
             return
         with self.lock:
             if identity(before) == self._identity(i) and identity(after)[:4] == identity(before)[:4]:
-                self.cols[5][i] = after.st_ctime_ns
+                self.cols[4][i] = after.st_ctime_ns
 
     def unchanged(self, path: str, real: str, size: int) -> bool:
         """True when the file at ``real`` (backup path ``path``) is still the one recorded, ``size``
@@ -160,7 +194,7 @@ class Known:
         return now[2] == size and now == self._identity(i)
 
     def _row(self, path: str) -> int | None:
-        """The row recorded for backup path ``path`` once sealed, else None."""
+        """The record of backup path ``path`` once sealed, else None."""
         if self.sealed_at is None:
             return None
         h = path_hash(path)
@@ -170,4 +204,4 @@ class Known:
         return self.order[k]
 
     def _identity(self, i: int) -> tuple[int, ...]:
-        return tuple(c[i] for c in self.cols[1:])
+        return tuple(c[i] for c in self.cols)

@@ -4,7 +4,9 @@ write (or an uncertain clock) makes the store read the file again."""
 from __future__ import annotations
 
 import os
+import random
 import sys
+from array import array
 from pathlib import Path
 
 from dbops.repo import known as kn
@@ -119,14 +121,54 @@ def test_links_and_non_files(tmp_path):
 
 def test_the_record_stays_small(tmp_path):
     k = Known()
-    row = (1, 2, 3, 4, 5, 6)
     for i in range(100_000):
-        for col, v in zip(k.cols, row):
-            col.append(kn.path_hash(str(i)) if col is k.cols[0] else v + i)
+        k.hashes.append(kn.path_hash(str(i)))
+        for col, v in zip(k.cols, (2, 3, 4, 5, 6)):
+            col.append(v + i)
     k.seal(str(tmp_path))
-    assert len(k) == 100_000
+    assert len(k) == 100_000 and not k.hashes
     size = sum(sys.getsizeof(c) for c in (*k.cols, k.sorted, k.order))
-    assert size < 100_000 * 64  # 60 bytes a file (arrays), whatever the files' sizes
+    assert size < 100_000 * 54  # 52 bytes a file (arrays), whatever the files' sizes
+    assert list(k.sorted) == sorted(kn.path_hash(str(i)) for i in range(100_000))
+    for i in (0, 1, 77_777, 99_999):  # each path finds its own record
+        assert k._identity(k._row(str(i))) == (2 + i, 3 + i, 4 + i, 5 + i, 6 + i)
+
+
+def test_the_seal_sorts_in_runs_as_sorted_does():
+    rng = random.Random(11)
+    cases = [
+        [],  # nothing recorded
+        [5],
+        [rng.getrandbits(64) for _ in range(7)],  # one run, shorter than it
+        [rng.getrandbits(64) for _ in range(8)],  # exactly one run
+        [rng.getrandbits(64) for _ in range(9)],  # a run and one more row
+        [rng.getrandbits(64) for _ in range(1000)],  # many runs
+        [2**64 - 1, 0] * 20 + [2**63] * 5,  # the extremes, and ties across and within runs
+        [3] * 50,  # every key the same: the indexes' order
+        list(range(100)),  # sorted already
+        list(range(100, 0, -1)),  # reversed
+        [rng.randrange(4) for _ in range(333)],  # few distinct keys, many ties
+    ]
+    for keys in cases:
+        a = array("Q", keys)
+        for run in (1, 2, 8, 1 << 16):
+            assert list(kn.sorted_order(a, run)) == sorted(range(len(keys)), key=keys.__getitem__), (keys, run)
+
+
+def test_two_paths_with_one_hash_among_many_runs_are_both_forgotten(tmp_path, monkeypatch):
+    monkeypatch.setattr(kn, "RUN", 4)
+    monkeypatch.setattr(kn, "path_hash", lambda path: 7 if path in ("a", "b") else int(path[1:]) * 3)
+    k = Known()
+    names = ["a", "b"] + [f"f{i}" for i in range(30)]
+    random.Random(3).shuffle(names)
+    for n in names:
+        (tmp_path / n).write_bytes(n.encode())
+        k.record(n, str(tmp_path / n))
+    k.seal(str(tmp_path))
+    assert len(k) == 30 and list(k.sorted) == sorted(i * 3 for i in range(30))
+    assert not k.unchanged("a", str(tmp_path / "a"), 1) and not k.unchanged("b", str(tmp_path / "b"), 1)
+    assert all(k.unchanged(f"f{i}", str(tmp_path / f"f{i}"), len(f"f{i}")) for i in range(30))
+    assert not k.unchanged("f1", str(tmp_path / "f2"), 2)  # another file's identity
 
 
 def test_the_earlier_entry_is_taken_only_when_it_covers_the_file(tmp_path):
