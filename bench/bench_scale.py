@@ -8,7 +8,12 @@ before its end, that WAL archived by both; then a point-in-time restore to that 
 and promoted: dbops (`restore --to TIME --start`), pgBackRest (its own async archive-get), and as
 a second line pgBackRest replaying the dbops archive through `dbops wal-fetch` (``wal: dbops``).
 Before each restore the disk is synced (not timed): the one that runs first would otherwise also
-pay for the writes pgbench and the backups left in the page cache.
+pay for the writes pgbench and the backups left in the page cache. Before each backup, of either
+tool, the primary is settled (not timed, ``settle_seconds``): the WAL so far archived by every
+archiver, a `CHECKPOINT`, the disk synced. Without it the tool that runs first after `pgbench`
+(dbops, by this order) also paid for the checkpoint of pgbench's dirty buffers (its backup's own
+fast checkpoint), the archivers' backlog of pgbench's WAL (its capture waits for its segment, behind
+them) and the kernel's write-back of both, and the tool after it found them done.
 
 Every command runs as a child under GNU time: ``rss_kib`` is its peak resident set (the largest
 process of the tree it waits for: dbops itself, pg_basebackup, pgBackRest's workers; not the
@@ -210,6 +215,19 @@ def _archived_through_now(lab: labmod.LabInfo, timeout: float = 600) -> None:
             time.sleep(0.2)
 
 
+def _settle(lab: labmod.LabInfo) -> float:
+    """Untimed, before each backup of either tool: every archiver caught up, the primary's dirty
+    buffers checkpointed, the disk synced; the seconds it took."""
+    from dbops.pg import conn as pgconn
+
+    t0 = time.monotonic()
+    _archived_through_now(lab)
+    with pgconn.session(lab.primary) as c:
+        c.execute("CHECKPOINT")
+    os.sync()
+    return round(time.monotonic() - t0, 2)
+
+
 def _now(lab: labmod.LabInfo) -> float:
     from dbops.pg import conn as pgconn
 
@@ -233,12 +251,13 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
 
     def dbops_backup(bench: str, *args: str, copy_method: str = "auto") -> None:
         config = lab.config_path if copy_method == "auto" else _config_with_copy(lab, copy_method)
+        settled = _settle(lab)
         with PrimaryReads(lab.primary.data_dir) as reads:
             wall, rss, out_ = _timed([labmod.dbops_executable(), "-c", config, "backup", *args, "--json"])
             res = json.loads(out_)
         head = store.head(layout.manifest(res["backup_id"]))
         out.append({**base, "bench": bench, "tool": "dbops", "copy_method": copy_method,
-                    "wall_seconds": round(wall, 2), "rss_kib": rss,
+                    "wall_seconds": round(wall, 2), "rss_kib": rss, "settle_seconds": settled,
                     "manifest_bytes": head.size if head else None, "stored_bytes": res["stored_bytes"],
                     "logical_bytes": res["logical_size"], "primary_read_bytes": reads.bytes,
                     "counts": res.get("counts"), "timings": res.get("timings"),
@@ -248,9 +267,10 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     def peer_backup(bench: str, kind: str) -> None:
         try:
             rss: list[int] = []
+            settled = _settle(lab)
             wall, b = pgbackrest_peer.backup(p, kind, rss)
             out.append({**base, "bench": bench, "tool": "pgbackrest", "wall_seconds": round(wall, 2),
-                        "rss_kib": rss[0], "manifest_bytes": p.manifest_bytes(b["label"]),
+                        "rss_kib": rss[0], "settle_seconds": settled, "manifest_bytes": p.manifest_bytes(b["label"]),
                         "stored_bytes": b["info"]["repository"]["delta"], "logical_bytes": b["info"]["size"],
                         "primary_read_bytes": b["info"]["delta"]})
         except Exception as e:  # the peer's figures are optional; ours stand
