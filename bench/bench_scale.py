@@ -14,6 +14,7 @@ archiver, a `CHECKPOINT`, the disk synced. Without it the tool that runs first a
 (dbops, by this order) also paid for the checkpoint of pgbench's dirty buffers (its backup's own
 fast checkpoint), the archivers' backlog of pgbench's WAL (its capture waits for its segment, behind
 them) and the kernel's write-back of both, and the tool after it found them done.
+``BENCH_SETTLE=0`` times the backups as before (no settling; ``settle_seconds`` null).
 
 Every command runs as a child under GNU time: ``rss_kib`` is its peak resident set (the largest
 process of the tree it waits for: dbops itself, pg_basebackup, pgBackRest's workers; not the
@@ -65,6 +66,7 @@ PITR_PGBENCH_SECONDS = 10  # WAL after the incremental that a restore to the tar
 # BENCH_ONLY=full: only the full backups (dbops with its default copy, pgBackRest, dbops with
 # backup.copy_method pg_basebackup, dbops again): an A/B round on one lab.
 ONLY = os.environ.get("BENCH_ONLY", "")
+SETTLE = os.environ.get("BENCH_SETTLE", "1") != "0"
 
 
 def _pgbench(lab: labmod.LabInfo, *args: str) -> None:
@@ -215,11 +217,13 @@ def _archived_through_now(lab: labmod.LabInfo, timeout: float = 600) -> None:
             time.sleep(0.2)
 
 
-def _settle(lab: labmod.LabInfo) -> float:
+def _settle(lab: labmod.LabInfo) -> float | None:
     """Untimed, before each backup of either tool: every archiver caught up, the primary's dirty
-    buffers checkpointed, the disk synced; the seconds it took."""
+    buffers checkpointed, the disk synced; the seconds it took (None with BENCH_SETTLE=0)."""
     from dbops.pg import conn as pgconn
 
+    if not SETTLE:
+        return None
     t0 = time.monotonic()
     _archived_through_now(lab)
     with pgconn.session(lab.primary) as c:
