@@ -314,6 +314,14 @@ def test_cleanup_stale_after_a_killed_run(settings, small_cluster, work):
     with open_runtime(podman).start(InstanceSpec(data_dir=next_data, port=_free_port(), name="next")):
         assert engine.run(["ps", "-a", "-q", "--filter", f"name={name2}"]).stdout.strip() == ""
 
+    # or beside other work before its first start (a backup does it beside its download), once
+    data3 = copy_cluster(small_cluster, work / "killed3")
+    name3 = _killed_run(podman, data3)
+    assert running(name3)
+    rt = open_runtime(podman)
+    rt.prepare()
+    assert engine.run(["ps", "-a", "-q", "--filter", f"name={name3}"]).stdout.strip() == ""
+
 
 TOOLS = ("postgres", "psql", "pg_checksums", "pg_amcheck")
 

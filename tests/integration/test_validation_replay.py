@@ -59,8 +59,10 @@ def test_recovery_reads_linked_wal_in_place(engine, settings, backup_scenario, w
         with conn.session(inst.node()) as c:
             wait_for(inst, c, "select pg_get_wal_replay_pause_state()", "paused")
             assert conn.rows(c, "select v, count(*) from t group by v") == [("before", ROWS_BEFORE_TARGET)]
-        with restartpoint_beside(inst, 60):  # as beside the checks: the stop then has nothing left to write
+        with restartpoint_beside(inst, 60) as rp:  # as beside the checks: the stop then has nothing left to write
             pass
+        # its log was read in the CHECKPOINT's thread once the command came back (not after the checks)
+        assert rp.written and rp.log is not None
         logs = inst.logs(200)
         assert "recovery stopping" in logs
         assert "restored log file" not in logs, logs  # nothing copied: every file was read from pg_wal

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from dbops.errors import ValidationError
+from dbops.errors import DbopsError, ValidationError
 from dbops.ops.backup.validate import Checksums, Validation
 from dbops.repo.store import Cancelled
 
@@ -96,3 +96,37 @@ def test_a_store_error_gives_way_to_a_failed_check(env):
         raise OSError("disk gone")
     for v in (val, ok):
         v.checksums.close()
+
+
+def test_the_instance_goes_after_the_check_in_its_thread_without_holding_the_verdict():
+    release = threading.Event()
+    removed: list[bool] = []
+    timings: dict[str, float] = {}
+
+    def then() -> None:
+        assert release.wait(10)
+        removed.append(True)
+
+    c = Checksums(lambda: None, timings, then=then)
+    c.wait()  # the verdict is there while the removal still runs
+    assert removed == [] and "checksums" in timings and not c.failed.is_set()
+    release.set()
+    c.close()  # joins the removal
+    assert removed == [True]
+
+
+def test_a_failed_check_still_removes_the_instance_and_a_failed_removal_is_only_logged():
+    calls: list[int] = []
+
+    def check() -> None:
+        raise ValidationError("pg_checksums found bad pages in the restored backup")
+
+    def then() -> None:
+        calls.append(1)
+        raise DbopsError("the container engine did not answer")
+
+    c = Checksums(check, {}, then=then)
+    with pytest.raises(ValidationError, match="bad pages"):
+        c.wait()
+    c.close()
+    assert calls == [1] and c.failed.is_set()

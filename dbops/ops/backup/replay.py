@@ -106,6 +106,7 @@ class Restartpoint:
     def __init__(self) -> None:
         self.returned = False
         self.written = False
+        self.log: str | None = None  # the server log's end, read as soon as the CHECKPOINT came back
 
 
 # Logged when a restart point asked for by CHECKPOINT (flags immediate and wait; in recovery not force,
@@ -134,7 +135,9 @@ def restartpoint_beside(inst, timeout: float) -> Iterator[Restartpoint]:
 
     Yields a :class:`Restartpoint`, filled in when the block ends: whether the restart point ran and
     was written (every page replay left dirty written, with its checksum computed, before the stop:
-    see :mod:`dbops.ops.backup.shadow`)."""
+    see :mod:`dbops.ops.backup.shadow`). The log is read for that in the CHECKPOINT's thread as soon as
+    the command came back (a container's log is an engine call: beside the checks, not after them);
+    when the line is not in it yet, it is read again once the block ended."""
     rp = Restartpoint()
 
     def run() -> None:
@@ -145,6 +148,11 @@ def restartpoint_beside(inst, timeout: float) -> Iterator[Restartpoint]:
         except PostgresError as e:
             log.event(_log, logging.WARNING, "CHECKPOINT beside the checks failed; the stop writes the pages",
                       error=e.detail or e.message)
+            return
+        try:
+            rp.log = inst.logs(400)
+        except Exception:  # noqa: BLE001  read again once the block ended
+            rp.log = None
 
     t = threading.Thread(target=run, name="dbops-restartpoint", daemon=True)
     t.start()
@@ -157,7 +165,9 @@ def restartpoint_beside(inst, timeout: float) -> Iterator[Restartpoint]:
                       seconds=timeout)
         elif rp.returned:
             try:
-                rp.written = ASKED_RESTARTPOINT.search(inst.logs(400)) is not None
+                rp.written = rp.log is not None and ASKED_RESTARTPOINT.search(rp.log) is not None
+                if not rp.written:  # not logged yet when the thread read it (or not read): the log as it is now
+                    rp.written = ASKED_RESTARTPOINT.search(inst.logs(400)) is not None
                 if not rp.written:
                     log.event(_log, logging.INFO, "no restart point logged beside the checks (none due, or "
                               "not found in the log's last 400 lines): pg_checksums reads every file")

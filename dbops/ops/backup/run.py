@@ -86,6 +86,20 @@ def source_node(cfg: Config, primary: Node) -> Node:
 # --------------------------------------------------------------------------- the run
 
 
+def in_background(fn: Callable[..., Any], *args: Any, name: str) -> Future:
+    """fn(*args) in a daemon thread of its own; its result (or exception) in the Future returned. Unlike a
+    pool's worker, a thread nobody waits for any more (the run failed meanwhile) never holds the exit."""
+    done: Future = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001  handed to whoever asks for the result
+            done.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
+
 
 class BackupRun:
     def __init__(self, cfg: Config, *, store: ObjectStore | None = None, progress: Callable[[str], None] | None = None,
@@ -112,18 +126,21 @@ class BackupRun:
 
     def _run(self, *, full: bool) -> BackupResult:
         raw = self.store
+        # The primary is looked for (a session on each node, 0.1-0.3 s) while the lock is taken and the
+        # catalog listed; a run that does not get the lock does not wait for it (a daemon thread).
+        primary = in_background(find_primary, self.cfg.nodes, name="dbops-primary")
         with proc.sigterm_as_interrupt(), ClusterLock(raw, self.layout, BACKUP, command="backup",
                                                       ttl=self.cfg.storage.lock_ttl, os_user=self.cfg.os_user) as lock:
             self.store = GuardedStore(raw, lock)  # every write and delete checks the lock is still ours
             try:
-                return self._locked(full)
+                return self._locked(full, primary)
             finally:
                 self.store = raw
 
-    def _locked(self, full: bool) -> BackupResult:
+    def _locked(self, full: bool, primary_found: Future) -> BackupResult:
         clean_stale_scratch(self.scratch_root)
-        primary = find_primary(self.cfg.nodes)
         backups = catalog.list_backups(self.store, self.layout)
+        primary = primary_found.result()
         prev = next((b for b in reversed(backups) if b.usable), None)
         try:
             if prev is None or full:

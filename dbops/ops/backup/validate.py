@@ -38,7 +38,7 @@ from dbops.repo.known import Known
 from dbops.repo.restore import restore_snapshot
 from dbops.repo.model import PAGE
 from dbops.repo.savedpages import SavedPages, Saver
-from dbops.runtime import InstanceSpec, open_runtime
+from dbops.runtime import InstanceSpec, Runtime, open_runtime
 from dbops.runtime.walfolder import link_wal
 from dbops.runtime.scratch import room_beside_copy, scratch_folder
 from dbops.storage import ObjectStore
@@ -80,26 +80,41 @@ class Validation:
 
 class Checksums:
     """``pg_checksums --check`` over the stopped copy in a worker thread, while the caller reads the
-    copy (to store it). ``failed`` is set as soon as it fails; ``wait()`` raises its error."""
+    copy (to store it). ``failed`` is set as soon as it fails; ``wait()`` raises its error.
 
-    def __init__(self, check: Callable[[], None], timings: dict[str, float]) -> None:
+    ``then``: run in the same thread once the check has ended and its verdict is known (the throwaway
+    instance's removal, off the run's serial path); it delays neither ``wait()`` nor the verdict, and
+    its failure is only logged (the instance's own removal when the caller's stack closes tries again
+    and reports it)."""
+
+    def __init__(self, check: Callable[[], None], timings: dict[str, float],
+                 then: Callable[[], None] | None = None) -> None:
         self.failed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-checksums")
+        self._verdict: Future = Future()
         t0 = time.monotonic()
 
         def run() -> None:
             try:
                 check()
-            except BaseException:
+            except BaseException as e:
                 self.failed.set()
-                raise
-            finally:
                 timings["checksums"] = round(time.monotonic() - t0, 3)
+                self._verdict.set_exception(e)
+            else:
+                timings["checksums"] = round(time.monotonic() - t0, 3)
+                self._verdict.set_result(None)
+            if then is not None:
+                try:
+                    then()
+                except Exception as e:  # noqa: BLE001  tried again, and reported, when the stack closes
+                    log.event(_log, logging.WARNING, "could not remove the throwaway instance after pg_checksums; "
+                              "trying again at the end of the run", error=getattr(e, "message", None) or str(e))
 
         self._job: Future = self._pool.submit(run)
 
     def wait(self) -> None:
-        self._job.result()
+        self._verdict.result()
 
     def close(self) -> None:
         """Wait for it to end (the instance and the copy it reads go after this); its error is wait()'s."""
@@ -132,7 +147,7 @@ def scan_wal(cfg: Config, tablespaces: tbs.ScratchTablespaces, wal_dir: Path) ->
 def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
                       name: str, tablespaces: tbs.ScratchTablespaces | None = None,
                       stack: ExitStack | None = None, wal_scanned: bool = False,
-                      known: Known | None = None) -> Validation:
+                      known: Known | None = None, runtime: Runtime | None = None) -> Validation:
     """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly.
     Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces).
 
@@ -142,7 +157,9 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     With ``stack``, ``pg_checksums --check`` of the stopped copy runs on in the background once this
     returns (``val.checksums``; the copy may be read meanwhile, never changed): the caller lists
     nothing before ``val.settle()`` returned, and the instance stays until the stack closes. Without
-    it, the check has passed when this returns (``val.ok``)."""
+    it, the check has passed when this returns (``val.ok``), and once it has run in the background the
+    instance is removed there (its server stopped, nothing else needs it) rather than when the stack closes.
+    ``runtime``: the runtime to start the server with (default: the configuration's, opened here)."""
     val = Validation(backup_id="", ok=False)
     mounts: tuple[tuple[str, str], ...] = ()
     if tablespaces is not None:
@@ -158,7 +175,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     settings["recovery_target_timeline"] = str(target.timeline)
     write_recovery_signal(data, cfg.os_user)
     linked = link_wal(wal_dir, data)  # recovery reads the fetched WAL in place rather than copying it
-    rt = open_runtime(cfg.runtime)
+    rt = runtime if runtime is not None else open_runtime(cfg.runtime)
     timeout = cfg.backup.validation.start_timeout
     with phases("start"):
         try:
@@ -214,7 +231,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
                 with phases("checksums"):
                     check()
             else:  # entered after the instance, so it ends before the instance goes
-                val.checksums = Checksums(check, phases.t)
+                val.checksums = Checksums(check, phases.t, then=inst.remove)
                 stack.callback(val.checksums.close)
                 log.event(_log, logging.INFO, "pg_checksums runs on while the copy is stored")
     if val.checksums is None:
@@ -305,8 +322,21 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             if saver is not None:
                 saver.file_done(rel)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-wal") as pool:
+        runtime: list[Runtime] = []
+
+        def open_runtime_beside() -> None:  # the engine's calls before a first start, beside the download
+            try:
+                rt = open_runtime(cfg.runtime)
+                prepare = getattr(rt, "prepare", None)
+                if prepare is not None:
+                    prepare()
+            except Exception:  # noqa: BLE001  recover_to_target opens (and prepares) it again, and says why not
+                return
+            runtime.append(rt)
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbops-wal") as pool:
             wal_job = pool.submit(target_and_wal)
+            runtime_job = pool.submit(open_runtime_beside)
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
@@ -319,6 +349,7 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                     raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
             reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
+            runtime_job.result()
         known.seal(str(scratch))  # before anything else writes to the copy
         saved = None
         if saver is not None:  # the folder is the backup just restored, checked; no server ran on it yet
@@ -327,6 +358,7 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             if saved is not None:
                 stack.callback(saved.close)
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
-                                stack=stack if background_checksums else None, wal_scanned=True, known=known)
+                                stack=stack if background_checksums else None, wal_scanned=True, known=known,
+                                runtime=runtime[0] if runtime else None)
         val.backup_id = m.backup_id
         yield Proof(data, reached, val, ts, saved, known)
