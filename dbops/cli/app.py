@@ -15,11 +15,13 @@ import typer
 from typer.core import TyperGroup
 
 from dbops import __version__, log, secrets
-from dbops.cli import output
+from dbops.cli import output, params
 from dbops.cli.state import State
 from dbops.errors import DbopsError, exit_code_of
 
 _log = log.get("cli")
+
+params.install()  # the parameters' values coerced without pydantic where typer would return them as they are
 
 
 class LogFormat(str, Enum):
