@@ -48,7 +48,7 @@ from dbops.repo.snapshot import Cancelled, Progress, Snapshot  # Cancelled: rais
 from dbops.repo.walk import wal_needed
 from dbops.repo.storeorder import write_entries
 from dbops.repo import manifest as mf
-from dbops.repo.manifest import FILE, Manifest, PgState, path_key
+from dbops.repo.manifest import Manifest, PgState
 from dbops.repo import tblspc
 from dbops.repo.tblspc import Tablespace
 from dbops.storage.base import ObjectStore
@@ -137,13 +137,13 @@ def store_snapshot(
     ts_list = sorted(tablespaces or (), key=lambda t: t.oid)
     listed = files if files is not None else walk.walk(data_dir, exclude, wal_needed(pg) if include_wal else None,
                                                        ts_map)
-    entries = sorted(listed, key=lambda e: path_key(e.path))
+    entries = walk.in_path_order(listed)
     redo_segment = segment_of_lsn(pg.timeline, pg.redo_lsn, pg.wal_segment_size)
     if include_wal and not any(e.path == f"pg_wal/{redo_segment}" for e in entries):
         _log.warning("%s has no pg_wal/%s: the restored copy will need the WAL archive to start",
                      data_dir, redo_segment)
     parent = parent_manifests[0] if parent_manifests else reuse
-    total = sum(e.size for e in entries if e.type == FILE)
+    nfiles, total = walk.file_totals(entries)
     # Hashing and compression are CPU work: more threads than cores only contend for the GIL.
     workers = max(1, min(parallel, os.cpu_count() or 1))
     spool = tempfile.mkdtemp(prefix=f"dbops-store-{backup_id}-", dir=tmp_dir)
@@ -181,7 +181,7 @@ def store_snapshot(
                 parent_manifests[0].backup_id if parent_manifests else None),
             logical_size=total,
             stored_bytes=stored + (reuse.stored_bytes if reuse else 0),
-            counts={"files": sum(1 for e in entries if e.type == FILE),
+            counts={"files": nfiles,
                     "chunks": c["new"] + c["delta"] + c["reused"] + c["lsn_reused"] + c["zero"] + skipped[
                         "unchanged_chunks"], "new_chunks": c["new"], "delta_chunks": c["delta"],
                     "reused_chunks": c["reused"] + c["lsn_reused"] + skipped["unchanged_chunks"],

@@ -106,6 +106,8 @@ def check_entries(tablespaces: Iterable[Tablespace], entries: Iterable[tuple[str
 def sizes(tablespaces: Iterable[Tablespace], files: Iterable[Any]) -> dict[int, int]:
     """Bytes of file content per tablespace OID (files: manifest FileEntry-like with path, size)."""
     out = {t.oid: 0 for t in tablespaces}
+    if not out:
+        return out  # nothing to look for: the files are not read
     for f in files:
         oid = oid_of_path(f.path)
         if oid in out and f.path.count("/") >= 2:

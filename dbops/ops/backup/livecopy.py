@@ -30,6 +30,7 @@ has written while the copy goes on, instead of after it.
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import stat
@@ -66,14 +67,15 @@ class CopyPlan:
     control: tuple[str, Path, int, int] | None = None
     paths: dict[Path, str] = field(default_factory=dict)  # destination -> its path in a backup of the copy
 
-    def entries(self) -> list[walk.WalkEntry]:
+    def entries(self) -> walk.Listing:
         """What a store of the copy lists, from the plan (for a store that follows the copy): every
         folder, tablespace link and file (read from its destination) but pg_control, by its path in
-        a backup. Sizes are the planned ones (a file that shrank reads short: the store records it empty)."""
-        out = [walk.WalkEntry(self.paths[d], DIR, mode, 0) for d, mode in self.dirs]
-        out += [walk.WalkEntry(self.paths[link], SYMLINK, 0o777, 0, target=target) for link, target in self.links]
-        return out + [walk.WalkEntry(self.paths[dst], FILE, mode, 0, size, src=str(dst))
-                      for _, dst, size, mode in self.files]
+        a backup. Sizes are the planned ones (a file that shrank reads short: the store records it empty).
+        In path order (folders, links and files are each planned in it: merged), kept compact."""
+        dirs = (walk.WalkEntry(self.paths[d], DIR, mode, 0) for d, mode in self.dirs)
+        links = (walk.WalkEntry(self.paths[link], SYMLINK, 0o777, 0, target=target) for link, target in self.links)
+        files = (walk.WalkEntry(self.paths[dst], FILE, mode, 0, size, src=str(dst)) for _, dst, size, mode in self.files)
+        return walk.Listing(heapq.merge(dirs, links, files, key=lambda e: path_key(e.path)))
 
 
 class Copied:
