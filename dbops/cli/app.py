@@ -15,13 +15,18 @@ import typer
 from typer.core import TyperGroup
 
 from dbops import __version__, log, secrets
-from dbops.cli import output, params
+from dbops.cli import output
 from dbops.cli.state import State
 from dbops.errors import DbopsError, exit_code_of
 
 _log = log.get("cli")
 
-params.install()  # the parameters' values coerced without pydantic where typer would return them as they are
+try:  # the parameters' values coerced without pydantic where typer would return them as they are
+    from dbops.cli import params  # typer's private coercion hook (typer 0.29, as pinned)
+
+    params.install()
+except (ImportError, AttributeError):  # another typer: its own coercion, only slower to start
+    pass
 
 
 class LogFormat(str, Enum):
@@ -121,7 +126,7 @@ def _register_commands() -> None:
     import dbops.cli as pkg
 
     for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if mod.name in {"app", "entry", "output", "state"} or mod.name.startswith("_"):
+        if mod.name in {"app", "entry", "output", "params", "state"} or mod.name.startswith("_"):
             continue
         m = importlib.import_module(f"dbops.cli.{mod.name}")
         reg = getattr(m, "register", None)

@@ -106,3 +106,31 @@ def test_a_plain_run_never_imports_pydantic(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "pydantic imported: False" in r.stderr, r.stderr
+
+
+def test_a_typer_without_the_private_hook_still_runs_every_command(tmp_path):
+    """The hook is typer's private API: a typer without it (another release) must cost only speed."""
+    cfg = tmp_path / "dbops.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        cluster: main
+        nodes:
+          - name: pg1
+            port: 5432
+            data_dir: {tmp_path}/pg
+        storage:
+          bucket: backups
+          endpoint: http://127.0.0.1:9
+    """))
+    hide = ("import typer._coercion as c\n"  # a typer whose private coercion differs: the hook's names gone
+            "del c.RuntimeParam, c.build_runtime_param\n")
+    code = (hide + "import sys\n"
+            "from dbops.cli import app\n"
+            "assert 'dbops.cli.params' not in sys.modules\n"
+            "from dbops.cli.entry import main\n"
+            f"main(['-c', {str(cfg)!r}, 'config', 'check'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    code = (hide + "from dbops.cli.entry import main\n"
+            "main(['restore', '--target-dir', '/nonexistent', '--port', 'fifty'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--port" in r.stderr, r.stderr
