@@ -190,7 +190,9 @@ class Saver:
         self.out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.lock = threading.Lock()
         self.wanted: Mapping[SegmentKey, Iterable[int]] | None = None
-        self.done: list[tuple[str, SegmentKey]] = []  # relation files written before the prediction came
+        # relation files written before the prediction came: their paths, each ended by a NUL (a few
+        # bytes a file, not a Python object each: with many relations, most are written before it)
+        self.done = bytearray()
         self.index: dict[str, FileIndex] = {}
         self.size = 0
         self.problem: str | None = None
@@ -201,7 +203,7 @@ class Saver:
             return
         with self.lock:
             if self.wanted is None:
-                self.done.append((rel, key))
+                self.done += rel.encode("utf-8", "surrogateescape") + b"\0"
                 return
             pages = self.wanted.get(key)
         if pages:
@@ -210,15 +212,19 @@ class Saver:
     def predicted(self, wanted: Mapping[SegmentKey, Iterable[int]]) -> None:
         with self.lock:
             self.wanted = wanted
-            ready = [(rel, wanted[key]) for rel, key in self.done if key in wanted]
-            self.done = []
-        for rel, pages in ready:
-            self._copy(rel, pages)
+            done, self.done = self.done, bytearray()
+        start = 0
+        while (end := done.find(b"\0", start)) >= 0:  # one path at a time
+            rel = done[start:end].decode("utf-8", "surrogateescape")
+            start = end + 1
+            key = segment_key(rel)
+            if key in wanted:
+                self._copy(rel, wanted[key])
 
     def finish(self) -> SavedPages | None:
         """Close the side file (every file is written now); the saved pages."""
         self.close()
-        self.wanted, self.done = None, []  # the prediction is not needed any more
+        self.wanted, self.done = None, bytearray()  # the prediction is not needed any more
         if self.problem is not None:
             return None
         return SavedPages(self.path, {k: v for k, v in self.index.items() if len(v[0])})

@@ -93,6 +93,29 @@ def test_saved_pages_read_back_and_fall_back(tmp_path):
         saved.close()
 
 
+def test_files_written_before_the_prediction_are_held_a_few_bytes_each(tmp_path):
+    (tmp_path / "base" / "5").mkdir(parents=True)
+    for rel in (17, 40_000, 99_999):
+        (tmp_path / "base" / "5" / str(rel)).write_bytes(_page(rel % 7) * 2)
+    saver = Saver(tmp_path, str(tmp_path / "side"))
+    for rel in range(100_000):  # many relations, written before the WAL was scanned
+        saver.file_done(f"base/5/{rel}")
+        saver.file_done(f"base/5/{rel}_fsm")  # not a relation segment: not kept
+    assert len(saver.done) == sum(len(f"base/5/{rel}") + 1 for rel in range(100_000))  # about 13 bytes a file
+    saver.predicted({(1663, 5, 17, 0): [1], (1663, 5, 40_000, 0): [0], (1663, 5, 99_999, 0): [0, 1],
+                     (1663, 5, 12, 0): [0]})  # 12 is not there: left out
+    assert not saver.done
+    saved = saver.finish()
+    assert saved is not None
+    try:
+        assert saved.saved == 4
+        for rel, first, mask, want in ((17, 1, 0b1, _page(3)), (40_000, 0, 0b1, _page(2)),
+                                       (99_999, 0, 0b11, _page(4) * 2)):
+            assert saved.pages(saved.key(str(tmp_path / "base" / "5" / str(rel))), first, mask) == want
+    finally:
+        saved.close()
+
+
 def test_a_saver_that_could_not_copy_saves_nothing(tmp_path):
     (tmp_path / "global").mkdir()
     (tmp_path / "global" / "1262").write_bytes(_page(1) * 4)
