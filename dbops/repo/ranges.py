@@ -37,7 +37,7 @@ READ_AHEAD = 1024 * 1024  # a range's stream is read this much at a time (one bu
 BATCH_BLOCKS = 8192  # blocks planned at a time: one batch planned is about 5 MB of Python objects
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
     """Consecutive chunks of one frame that are also consecutive in one file: one pwrite."""
 
@@ -55,7 +55,7 @@ class Run:
         return self.refs[-1].at + self.refs[-1].raw - self.refs[0].at
 
 
-@dataclass
+@dataclass(slots=True)
 class Frame:
     """One stored frame (located by its first needed chunk's ref) and where its chunks go."""
 
@@ -69,7 +69,7 @@ class Frame:
         return len({c.at for run in self.runs for c in run.refs})
 
 
-@dataclass
+@dataclass(slots=True)
 class Range:
     pack: str
     start: int
