@@ -171,8 +171,11 @@ class Decoder:
     def decode_on(self, stored: bytes | memoryview, raw_length: int, base: bytes | memoryview) -> bytes | bytearray:
         """Inverse of Encoder.encode_on (the same base bytes); raises zstandard.ZstdError on a
         damaged frame. A wrong base decodes to wrong bytes: the caller checks them against their sha256.
-        One call into zstd with ``base`` as its raw-content prefix, on this thread's decompression
-        context (:func:`zstd_functions`); without them, a dictionary and a context made for the delta."""
+        One call into zstd on this thread's decompression context (:func:`zstd_functions`): the base
+        as a raw-content dictionary (``ZSTD_decompress_usingDict``), or, for a base that begins with
+        zstd's dictionary magic (which that call would parse as a structured dictionary), as a
+        prefix (``ZSTD_DCtx_refPrefix`` then ``ZSTD_decompressDCtx``); without those functions, a
+        dictionary and a context made for the delta."""
         if len(stored) == raw_length:
             return bytes(stored)
         zstd = zstd_functions()
@@ -187,13 +190,20 @@ class Decoder:
                 raise MemoryError("zstd could not create a decompression context")
             dctx = self._local.dctx = ffi.gc(made, lib.ZSTD_freeDCtx)
         out = bytearray(raw_length)
-        # base as raw content, never parsed: ZSTD_decompress_usingDict would take a base starting
-        # with zstd's dictionary magic (37 A4 30 EC) for a structured dictionary and refuse the
-        # delta. A prefix is referenced for the next frame only (the buffer stays alive until then).
-        prefix = ffi.from_buffer(base)
-        n = lib.ZSTD_DCtx_refPrefix(dctx, prefix, len(base))
-        if not lib.ZSTD_isError(n):
-            n = lib.ZSTD_decompressDCtx(dctx, ffi.from_buffer(out), raw_length, ffi.from_buffer(stored), len(stored))
+        # Each call into zstd releases the GIL, and taking it back waits for whichever restore thread
+        # took it meanwhile: one call a delta, not two. A raw-content dictionary and a prefix of the
+        # same bytes decode a frame alike (no dictionary id in it); a base starting with the
+        # dictionary magic (37 A4 30 EC) goes as a prefix, referenced for the next frame only
+        # (the buffer stays alive until then), never parsed.
+        if base[:4] != _DICT_MAGIC:
+            n = lib.ZSTD_decompress_usingDict(dctx, ffi.from_buffer(out), raw_length, ffi.from_buffer(stored),
+                                              len(stored), ffi.from_buffer(base), len(base))
+        else:
+            prefix = ffi.from_buffer(base)
+            n = lib.ZSTD_DCtx_refPrefix(dctx, prefix, len(base))
+            if not lib.ZSTD_isError(n):
+                n = lib.ZSTD_decompressDCtx(dctx, ffi.from_buffer(out), raw_length, ffi.from_buffer(stored),
+                                            len(stored))
         if n == raw_length:
             return out
         if lib.ZSTD_isError(n):
@@ -205,15 +215,15 @@ class Decoder:
 def zstd_functions():
     """(ffi, lib): zstd's own functions, as the zstandard package builds them in for its cffi backend
     (``zstandard.backend_cffi``: the same zstd as its C backend), or None where that backend is not
-    installed. A restore decodes each page delta with one call (``ZSTD_DCtx_refPrefix`` then
-    ``ZSTD_decompressDCtx``, the GIL released) on a context kept per thread: measured on a pgbench incremental's deltas, 4-8 us
+    installed. A restore decodes each page delta with one call (``ZSTD_decompress_usingDict``, the GIL
+    released) on a context kept per thread: measured on a pgbench incremental's deltas, 4-8 us
     a delta of 1-2 pages where a dictionary and a decompressor made for each took 12-30 us."""
     try:
         from zstandard import backend_cffi
 
         ffi, lib = backend_cffi.ffi, backend_cffi.lib
         for name in ("ZSTD_createDCtx", "ZSTD_freeDCtx", "ZSTD_DCtx_refPrefix", "ZSTD_decompressDCtx",
-                     "ZSTD_isError", "ZSTD_getErrorName"):
+                     "ZSTD_decompress_usingDict", "ZSTD_isError", "ZSTD_getErrorName"):
             getattr(lib, name)
     except (ImportError, AttributeError):  # no cffi, or a zstandard release built without these
         return None
