@@ -43,7 +43,7 @@ def as_given(annotation: Any, info: Any, value: Any) -> tuple[bool, Any]:
     if annotation is int:
         if kind is int:
             return True, value
-        if kind is str and value.isascii() and value.isdigit():
+        if kind is str and value.isascii() and value.isdigit() and len(value) <= 18:  # longer: typer's bounds
             return True, int(value)
         return False, None
     if isinstance(annotation, type) and issubclass(annotation, Enum):

@@ -85,6 +85,8 @@ def test_a_value_not_answered_here_gets_typers_checks_and_message(cli):
     assert "yaml" in r.stderr and "text" in r.stderr and "json" in r.stderr
     r = cli(["restore", "--target-dir", "/nonexistent", "--port", "fifty"])
     assert r.exit_code == 2 and "--port" in r.stderr and "integer" in r.stderr
+    r = cli(["restore", "--target-dir", "/nonexistent", "--port", "1" * 5000])  # past int()'s digit limit
+    assert r.exit_code == 2 and "--port" in r.stderr, r.stderr
 
 
 def test_a_plain_run_never_imports_pydantic(tmp_path):
