@@ -17,7 +17,8 @@ import json
 import re
 import secrets as pysecrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,22 +230,38 @@ def list_backups(store: ObjectStore, layout: Layout, *, with_status: bool = True
             ids.append(backup_id)
         elif o.key.startswith(layout.status_prefix(backup_id)) and o.key.endswith(".json"):
             status_keys[backup_id] = max(status_keys.get(backup_id, ""), o.key)
-    out: list[BackupInfo] = []
-    for backup_id in ids:
+
+    def one(backup_id: str) -> BackupInfo | None:
         head = store.head(layout.manifest(backup_id))
         if head is None:  # deleted between LIST and HEAD
-            continue
+            return None
         info = _info_from_metadata(backup_id, head.metadata)
         if info is None:
             try:
                 info = info_of(mf.load_header(store, layout, backup_id))
             except NotFoundError:
-                continue
+                return None
         if with_status and backup_id in status_keys:
             info = _with_status(info, _read_status(store, status_keys[backup_id]))
-        out.append(info)
+        return info
+
+    out = [info for info in each(one, ids) if info is not None]
     out.sort(key=lambda b: (b.consistent_time, b.consistent_lsn, b.backup_id))
     return out
+
+
+READERS = 8  # requests in flight at once when the catalog reads one small object (or two) per backup
+
+
+def each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """[fn(x) for x in items], up to READERS at once (each a request or two of a few ms that would
+    otherwise wait for the one before: a catalog of 30 backups, 60 requests, one after the other);
+    results in the items' order, the first failure (in that order) raised."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(READERS, len(items)), thread_name_prefix="dbops-catalog") as pool:
+        return list(pool.map(fn, items))
 
 
 def _with_status(info: BackupInfo, status: StatusRecord) -> BackupInfo:

@@ -184,7 +184,8 @@ def build_plan(
 ) -> RetentionPlan:
     """Read the catalog, every manifest and the pack listing; then :func:`plan`."""
     backups = catalog.list_backups(store, layout)
-    manifests = {b.backup_id: mf.load_header(store, layout, b.backup_id) for b in backups}
+    manifests = dict(zip((b.backup_id for b in backups),
+                         catalog.each(lambda b: mf.load_header(store, layout, b.backup_id), backups)))
     now = time.time() if now is None else now
     p = plan(
         backups,

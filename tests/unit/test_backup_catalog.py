@@ -98,3 +98,34 @@ def test_backup_ids_are_time_sortable_and_unique():
     assert a.startswith("20251124T") and ".500Z-" in a
     assert a < b
     assert len({catalog.new_backup_id(1_764_000_000.0) for _ in range(100)}) == 100
+
+
+def test_the_catalog_reads_backups_side_by_side_in_their_order():
+    import threading
+    import time
+
+    from dbops.repo.catalog import READERS, each
+
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def read(i: int) -> int:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        with lock:
+            inside[0] -= 1
+        return i * i
+
+    assert each(read, range(20)) == [i * i for i in range(20)]
+    assert 1 < most[0] <= READERS
+
+    def fails(i: int) -> int:
+        if i in (3, 7):
+            raise NotFoundError(f"object {i} is gone")
+        return i
+
+    with pytest.raises(NotFoundError, match="object 3"):
+        each(fails, range(10))
+    assert each(fails, [5]) == [5] and each(fails, []) == []
