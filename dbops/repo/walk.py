@@ -22,13 +22,15 @@ Any link outside pg_tblspc is skipped with a warning: a restore accepts links on
 PostgreSQL makes them (the bucket is untrusted input, dbops.repo.untrusted).
 
 Memory: the entries are kept in a :class:`Listing` (a path's bytes and a few numbers in arrays,
-about 60 bytes a file), a folder is listed by name (its names, never a DirEntry and stat each),
-so a cluster of a million relation files takes tens of MiB, not a Python object per file.
+about 75 bytes a file), a folder is listed by name (:class:`Names`: its names sorted in runs,
+kept as bytes; never a DirEntry and its stat each), so a cluster of a million relation files takes
+tens of MiB, not a Python object per file.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import operator
 import os
 import re
@@ -165,6 +167,45 @@ def walk(data_dir: str, exclude: Iterable[str] = (), keep_wal: Callable[[str], b
     return out
 
 
+NAMES_RUN = 1 << 16  # names of a folder sorted at once as Python strings
+
+
+class Names:
+    """The names in a folder, sorted, as often as iterated. Read in runs of ``NAMES_RUN`` sorted
+    alone; a folder with more (a database's folder with many relations) keeps each run as its
+    names' bytes, NUL-separated, and merges the runs as it is iterated, one name at a time."""
+
+    def __init__(self, folder: str) -> None:
+        self.small: list[str] = []
+        self.runs: list[bytes] = []
+        batch: list[str] = []
+        with os.scandir(folder) as it:
+            for e in it:
+                batch.append(e.name)
+                if len(batch) == NAMES_RUN:
+                    self.runs.append("\0".join(sorted(batch)).encode("utf-8", "surrogateescape"))
+                    batch = []
+        if not self.runs:
+            self.small = sorted(batch)
+        elif batch:
+            self.runs.append("\0".join(sorted(batch)).encode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def _each(run: bytes) -> Iterator[str]:
+        start = 0
+        while start < len(run):
+            end = run.find(b"\0", start)
+            if end < 0:
+                end = len(run)
+            yield run[start:end].decode("utf-8", "surrogateescape")
+            start = end + 1
+
+    def __iter__(self) -> Iterator[str]:
+        if not self.runs:
+            return iter(self.small)
+        return heapq.merge(*map(self._each, self.runs))  # compared as strings, as sorted() does
+
+
 def in_path_order(entries: Sequence[WalkEntry]) -> Sequence[WalkEntry]:
     """``entries`` sorted by :func:`path_key`: themselves when they already are (a walk's are; checked
     two at a time, so nothing is made per entry at once), else a sorted list."""
@@ -198,7 +239,7 @@ def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
 
 
-def unlogged_forks(names: list[str]) -> set[str]:
+def unlogged_forks(names: Iterable[str]) -> set[str]:
     """Files of unlogged relations (those with an _init fork) other than the _init fork itself."""
     unlogged = {m.group(1) for n in names if (m := _INIT_FORK_RE.match(n))}
     if not unlogged:
@@ -236,7 +277,7 @@ def _walk_dir(abs_dir: str, rel_dir: str, patterns: tuple[str, ...], out: Listin
               keep_wal: Callable[[str], bool] | None = None, under: tuple[str, str] | None = None) -> None:
     """``under``: (prefix, folder) when walking a tablespace's folder: each entry's path in the
     backup is prefix + its path there, read from that folder (``src``)."""
-    names = sorted(os.listdir(abs_dir))  # names only: a DirEntry each would hold its paths and stat
+    names = Names(abs_dir)  # sorted, a few bytes a name: never a DirEntry (its paths and stat) each
     # base/<db>/, or <PG_version>/<db>/ when walking a tablespace's folder
     in_database_dir = rel_dir.startswith(("base/", "PG_")) and rel_dir.count("/") == 2
     skip = unlogged_forks(names) if in_database_dir else set()

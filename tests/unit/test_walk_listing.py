@@ -159,3 +159,27 @@ def test_a_tablespace_link_without_its_folder_is_recorded_as_a_link(tmp_path):
     assert got["pg_tblspc/16499"] == WalkEntry("pg_tblspc/16499", SYMLINK, got["pg_tblspc/16499"].mode,
                                                os.lstat(data / "pg_tblspc" / "16499").st_mtime_ns, target=str(ts))
     assert not any(p.startswith("pg_tblspc/16499/") for p in got)
+
+
+def test_a_folders_names_sorted_in_runs_as_sorted_does(tmp_path, monkeypatch):
+    names = [str(n) for n in range(60)] + [f"{n}_fsm" for n in range(0, 60, 7)] + ["é", "z", "Z", "a.1", "a"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    for raw in (b"\xff", b"\xc3", b"x\x80y"):  # not UTF-8: a surrogate sorts after "é" as a string, not as bytes
+        (tmp_path / os.fsdecode(raw)).write_bytes(b"")
+    want = sorted(os.listdir(tmp_path))
+    for run in (1, 2, 7, 1 << 16):
+        monkeypatch.setattr(walk, "NAMES_RUN", run)
+        got = walk.Names(str(tmp_path))
+        assert list(got) == want and list(got) == want, run  # as often as it is iterated
+        assert bool(got.runs) == (run < len(want))
+    (tmp_path / "empty").mkdir()
+    assert list(walk.Names(str(tmp_path / "empty"))) == []
+
+
+def test_a_walk_in_runs_of_names_lists_the_same(tmp_path, monkeypatch):
+    data, ts = folder(tmp_path)
+    keep = {SEG, "00000002.history"}.__contains__
+    whole = list(walk.walk(str(data), ("pg_xact/*",), keep, {16499: (str(ts), "/mnt/ts1")}))
+    monkeypatch.setattr(walk, "NAMES_RUN", 2)
+    assert list(walk.walk(str(data), ("pg_xact/*",), keep, {16499: (str(ts), "/mnt/ts1")})) == whole
