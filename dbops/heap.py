@@ -23,13 +23,6 @@ the batch's plan and the manifest's records included. Measured restoring an incr
 on one thread: scale 100 3.5 -> 3.0-3.3 s of CPU, scale 400 18.3 -> 14.5 s, with
 ``GC_THRESHOLDS``. What a restore allocates holds no reference cycles worth collecting sooner:
 its cyclic garbage (an exception's traceback) is collected a little later, nothing more.
-
-A restore's transfer runs with the collector off (:func:`no_collections`): its plan records live
-for a batch, so every young collection walks them and moves them on, a cost that grows with the
-page deltas held (measured on a scale-100 incremental's files, 16k deltas, 4 workers: 4 young
-collections, 0.11-0.12 s of CPU, held by the GIL; the full backup's restore: 1, 0.02 s). Measured
-after such a restore with the collector off, ``gc.collect()`` found no cyclic garbage at all:
-memory is what reference counting frees, peak RSS the same (106 MiB).
 """
 
 from __future__ import annotations
@@ -73,19 +66,6 @@ def few_arenas() -> bool:
     """At most ``ARENAS`` malloc arenas for the threads created from now on (those that already
     have one keep it): call it before a run starts its thread pools."""
     return _mallopt(M_ARENA_MAX, ARENAS)
-
-
-@contextmanager
-def no_collections() -> Iterator[None]:
-    """Python's cyclic collector off inside, on again after if it was on (reference counting still
-    frees everything without a cycle, which is all a restore's transfer makes)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 @contextmanager

@@ -196,7 +196,7 @@ def restore_snapshot(
     t_fetch = time.monotonic()
     workers = max(1, parallel)
     try:
-        with heap.no_collections(), ThreadPoolExecutor(max_workers=workers,
+        with heap.fewer_collections(), ThreadPoolExecutor(max_workers=workers,
                                                           thread_name_prefix="dbops-restore") as pool:
             run_bounded(pool, fetch, completion.planned(manifest), 2 * workers)
         for fut in finishing:

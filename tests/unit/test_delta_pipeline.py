@@ -244,27 +244,3 @@ def test_at_most_two_batches_hold_their_deltas_whatever_is_in_flight(tmp_path, m
         ranges.run_bounded(pool, write, items(), 16)
     assert len(alive_at_hold) == 6  # every batch held its deltas
     assert max(alive_at_hold) <= 1  # the batch being planned and at most one other hold theirs
-
-
-@pytest.mark.parametrize("hold", [True, False])
-def test_a_restore_with_the_collector_off_leaves_no_cyclic_garbage(two, tmp_path, monkeypatch, hold):
-    """The transfer runs with Python's cyclic collector off (dbops.heap.no_collections): what it
-    allocates must be freed by reference counting alone, deltas held or not."""
-    import gc
-
-    from dbops import heap
-
-    store, layout, f, m2, copy = two
-    monkeypatch.setattr(ranges, "BATCH_BLOCKS", 1)
-    monkeypatch.setattr(ranges, "MAX_RANGE", 1)  # many ranges, frames and batches
-    monkeypatch.setattr(held, "HOLD_BYTES", held.HOLD_BYTES if hold else 0)
-    heap.map_large_buffers()  # once a process, before: its ctypes handle is a cycle of its own
-    gc.collect()
-    gc.disable()
-    try:
-        restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=2)
-        left = gc.collect()
-    finally:
-        gc.enable()
-    assert files_of(tmp_path / "r") == copy
-    assert left == 0

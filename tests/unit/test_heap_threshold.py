@@ -1,6 +1,5 @@
 """dbops.heap: glibc's mmap threshold fixed for a restore (its 1 MiB buffers unmapped when freed), its
-arenas limited for a full backup; the cyclic collector run less often during one, or off during a
-restore's transfer (which makes no cyclic garbage: tests/unit/test_delta_pipeline.py), as before after."""
+arenas limited for a full backup; the cyclic collector run less often during one, as before after."""
 
 from __future__ import annotations
 
@@ -55,33 +54,6 @@ def test_fewer_collections_inside_and_the_thresholds_as_before_after():
     except KeyError:
         pass
     assert gc.get_threshold() == before
-
-
-def test_no_collections_inside_and_the_collector_as_before_after():
-    import gc
-
-    from dbops import heap
-
-    assert gc.isenabled()
-    with heap.no_collections():
-        assert not gc.isenabled()
-        with heap.no_collections():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # the inner one found it off: leaves it off
-    assert gc.isenabled()
-    try:
-        with heap.no_collections():
-            raise KeyError("x")
-    except KeyError:
-        pass
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with heap.no_collections():
-            pass
-        assert not gc.isenabled()  # off before: off after
-    finally:
-        gc.enable()
 
 
 def test_few_arenas_keeps_new_threads_on_at_most_that_many_arenas():
