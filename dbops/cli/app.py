@@ -25,7 +25,7 @@ try:  # the parameters' values coerced without pydantic where typer would return
     from dbops.cli import params  # typer's private coercion hook (typer 0.29, as pinned)
 
     params.install()
-except (ImportError, AttributeError):  # another typer: its own coercion, only slower to start
+except Exception:  # noqa: BLE001  another typer (a changed private module): its own coercion, only slower
     pass
 
 

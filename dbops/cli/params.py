@@ -80,8 +80,11 @@ def runtime_param(descriptor: Any) -> Any:
     """What typer's ``_TyperParameter`` coerces its values with (files: typer's own, as they are)."""
     if descriptor.file_annotation is not None:
         return _TYPERS_OWN(descriptor)
-    return AsGiven(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation,
-                   descriptor=descriptor)
+    try:
+        return AsGiven(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation,
+                       descriptor=descriptor)
+    except Exception:  # noqa: BLE001  typer's RuntimeParam changed (a field more): typer's own, as it is
+        return _TYPERS_OWN(descriptor)
 
 
 def install() -> None:

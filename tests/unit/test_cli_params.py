@@ -136,3 +136,27 @@ def test_a_typer_without_the_private_hook_still_runs_every_command(tmp_path):
             "main(['restore', '--target-dir', '/nonexistent', '--port', 'fifty'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--port" in r.stderr, r.stderr
+
+
+CHANGED_TYPERS = {  # typer._coercion as a patch release might change it
+    "hook gone": "import typer._coercion as c\ndel c.RuntimeParam, c.build_runtime_param\n",
+    "RuntimeParam not frozen": ("import dataclasses, typer._coercion as c\n"
+                                "@dataclasses.dataclass\nclass RP:\n    parameter_info: object\n    annotation: object\n"
+                                "c.RuntimeParam = RP\n"),
+    "RuntimeParam with a field more": ("import dataclasses, typer._coercion as c\n"
+                                       "@dataclasses.dataclass(frozen=True)\nclass RP(c.RuntimeParam):\n    extra: object\n"
+                                       "c.RuntimeParam = RP\n"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGED_TYPERS))
+def test_a_changed_private_coercion_costs_only_speed(tmp_path, change):
+    """Whatever typer's private coercion turns into, every command still parses, with typer's own
+    coercion: --help, a good run, a bad value (exit 2)."""
+    pre = CHANGED_TYPERS[change]
+    for argv, rc, text in ((["--help"], 0, "backup"),
+                           (["restore", "--target-dir", "/nonexistent", "--port", "fifty"], 2, "--port"),
+                           (["--log-format", "json", "-v", "config", "--help"], 0, "check")):
+        code = pre + f"from dbops.cli.entry import main\nmain({argv!r})\n"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == rc and text in (r.stdout + r.stderr), (change, argv, r.returncode, r.stderr[-800:])
