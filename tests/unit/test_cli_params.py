@@ -89,7 +89,8 @@ def test_a_value_not_answered_here_gets_typers_checks_and_message(cli):
     assert r.exit_code == 2 and "--port" in r.stderr, r.stderr
 
 
-def test_a_plain_run_never_imports_pydantic(tmp_path):
+def _config(tmp_path):
+    """A valid configuration file (nothing it names is reached by `config check`)."""
     cfg = tmp_path / "dbops.yaml"
     cfg.write_text(textwrap.dedent(f"""
         cluster: main
@@ -101,6 +102,11 @@ def test_a_plain_run_never_imports_pydantic(tmp_path):
           bucket: backups
           endpoint: http://127.0.0.1:9
     """))
+    return cfg
+
+
+def test_a_plain_run_never_imports_pydantic(tmp_path):
+    cfg = _config(tmp_path)
     code = ("import atexit, sys\n"
             "atexit.register(lambda: sys.stderr.write('pydantic imported: %s\\n' % ('pydantic' in sys.modules)))\n"
             "from dbops.cli.entry import main\n"
@@ -112,17 +118,7 @@ def test_a_plain_run_never_imports_pydantic(tmp_path):
 
 def test_a_typer_without_the_private_hook_still_runs_every_command(tmp_path):
     """The hook is typer's private API: a typer without it (another release) must cost only speed."""
-    cfg = tmp_path / "dbops.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        cluster: main
-        nodes:
-          - name: pg1
-            port: 5432
-            data_dir: {tmp_path}/pg
-        storage:
-          bucket: backups
-          endpoint: http://127.0.0.1:9
-    """))
+    cfg = _config(tmp_path)
     hide = ("import typer._coercion as c\n"  # a typer whose private coercion differs: the hook's names gone
             "del c.RuntimeParam, c.build_runtime_param\n")
     code = (hide + "import sys\n"
