@@ -14,6 +14,7 @@ import pytest
 
 from dbops.ops.backup import livecopy
 from dbops.ops.backup import tablespaces as tbs
+from dbops.repo.manifest import DIR, SYMLINK
 from dbops.repo.tblspc import Tablespace
 
 
@@ -48,15 +49,16 @@ def test_plan_leaves_out_what_pg_basebackup_does_and_maps_tablespaces(tmp_path):
     data = scratch / "data"
 
     plan = livecopy.plan_copy(FakeBackup(live), data, ts, "postgres")
-    copied = sorted(str(dst.relative_to(scratch)) for _, dst, _, _ in plan.files)
+    copied = sorted(os.path.relpath(plan.dst(path), scratch) for path, _, _ in plan.files())
     assert copied == ["data/PG_VERSION", "data/base/5/16384", "data/base/5/16384_fsm", "data/base/5/16390_init",
                       "data/global/1262", "data/pg_xact/0000", "data/postgresql.auto.conf",
                       "tblspc/16499/PG_15_202209061/5/16500"]
-    assert plan.control is not None and plan.control[1] == data / "global" / "pg_control"
-    dirs = {str(d.relative_to(scratch)) for d, _ in plan.dirs}
+    assert plan.control is not None and plan.control[1] == str(data / "global" / "pg_control")
+    dirs = {os.path.relpath(plan.dst(e.path), scratch) for e in plan.listing if e.type == DIR}
     assert {"data/pg_wal", "data/pg_wal/archive_status", "data/pg_stat_tmp", "data/pg_replslot"} <= dirs
     assert "data/base/5/pgsql_tmp" not in dirs and "data/pg_replslot/s1" not in dirs
-    assert plan.links == [(data / "pg_tblspc" / "16499", str(ts.folder(16499)))]
+    assert [(plan.dst(e.path), e.target) for e in plan.listing if e.type == SYMLINK] == [
+        (str(data / "pg_tblspc" / "16499"), str(ts.folder(16499)))]
 
     stats = livecopy.execute(plan, os_user="postgres", workers=2)
     assert stats.files == len(copied) + 1 and stats.vanished == 0
@@ -95,7 +97,7 @@ def test_plan_names_each_file_by_its_path_in_a_backup(tmp_path):
     ts = tbs.ScratchTablespaces(scratch, known={16499: Tablespace(16499, "one", str(ts_live))})
     ts.prepare("postgres")
     plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", ts, "postgres")
-    assert sorted(plan.paths[dst] for _, dst, _, _ in plan.files) == [
+    assert sorted(path for path, _, _ in plan.files()) == [
         "base/5/16384", "pg_tblspc/16499/PG_15_202209061/5/16500"]
     # Listed as the walk of the finished copy lists them: a manifest that reads back (parents first).
     from dbops.repo.manifest import PgState
@@ -174,6 +176,7 @@ def test_a_store_following_the_copy_stores_what_the_copy_wrote(tmp_path, monkeyp
 
 def test_a_failed_copy_releases_the_store_following_it():
     copied = livecopy.Copied()
+    copied.begin("/x/a", 1)
     copied.mark("/x/a", 0)
     assert copied.wait("/x/a", 0, 10)
     copied.fail()

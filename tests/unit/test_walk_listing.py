@@ -133,7 +133,7 @@ def test_a_copy_plan_lists_its_entries_in_path_order(tmp_path):
     got = plan.entries()
     paths = [e.path for e in got]
     assert walk.in_path_order(got) is got and len(paths) == len(set(paths))
-    assert len(got) == len(plan.dirs) + len(plan.links) + len(plan.files)
+    assert len(got) == len(plan.listing) and [e.path for e in plan.listing] == paths
     assert "pg_tblspc/16499" in paths and "pg_tblspc/16499/PG_15_202209061/5/16500" in paths
     e = got[paths.index("base/5/16384")]
     assert (e.type, e.size, e.src) == (FILE, 16384, str(scratch / "data" / "base" / "5" / "16384"))

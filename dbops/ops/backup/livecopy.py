@@ -22,77 +22,79 @@ Each tablespace's version folder (``PG_15_<catversion>``) is copied into the run
 for it and ``pg_tblspc/<OID>`` points there, never at the live location (as with pg_basebackup's
 ``--tablespace-mapping``; no tablespace_map is written, so recovery keeps those links).
 
-The ranges are copied in the order a store walks the copy (by the path it has in a backup, see
-:attr:`CopyPlan.paths`), and :class:`Copied` tells a reader following the copy (the store of the
+The ranges are copied in the order a store walks the copy (by the path it has in a backup: the
+plan is made in that order, see :mod:`dbops.ops.backup.copyplan`), at most a few ranges a thread
+ahead of the threads, and :class:`Copied` tells a reader following the copy (the store of the
 copy, started with it) which ranges are complete: the store hashes and compresses what the copy
 has written while the copy goes on, instead of after it.
 """
 
 from __future__ import annotations
 
-import heapq
 import os
-import re
-import stat
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dbops import log
-from dbops.ops.backup import tablespaces as tbs
 from dbops.config import Node
 from dbops.filecopy import copy_range
+from dbops.ops.backup import tablespaces as tbs
+from dbops.ops.backup.copyplan import EXCLUDE_TOP, PG_CONTROL, CopyPlan, plan_copy  # noqa: F401 (the copy's plan)
 from dbops.pg.onlinebackup import OnlineBackup
-from dbops.repo import walk
 from dbops.repo.known import Known
-from dbops.repo.manifest import DIR, FILE, SYMLINK, path_key
-from dbops.repo.tblspc import TBLSPC_DIR, Tablespace
+from dbops.repo.manifest import DIR, FILE, path_key
 
 _log = log.get("backup.copy")
 
-EXCLUDE_TOP = walk.EXCLUDE_TOP_FILES | {"backup_label", "tablespace_map", "backup_manifest"}
-_TEMP_REL = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
 RANGE = 64 * 2**20  # bytes one thread copies at a time: a 1 GiB segment is shared out in 16 parts
-PG_CONTROL = "global/pg_control"
-
-
-@dataclass
-class CopyPlan:
-    dirs: list[tuple[Path, int]] = field(default_factory=list)  # (destination, mode), parents first
-    links: list[tuple[Path, str]] = field(default_factory=list)  # (link in the copy, target)
-    files: list[tuple[str, Path, int, int]] = field(default_factory=list)  # (source, destination, size, mode)
-    control: tuple[str, Path, int, int] | None = None
-    paths: dict[Path, str] = field(default_factory=dict)  # destination -> its path in a backup of the copy
-
-    def entries(self) -> walk.Listing:
-        """What a store of the copy lists, from the plan (for a store that follows the copy): every
-        folder, tablespace link and file (read from its destination) but pg_control, by its path in
-        a backup. Sizes are the planned ones (a file that shrank reads short: the store records it empty).
-        In path order (folders, links and files are each planned in it: merged), kept compact."""
-        dirs = (walk.WalkEntry(self.paths[d], DIR, mode, 0) for d, mode in self.dirs)
-        links = (walk.WalkEntry(self.paths[link], SYMLINK, 0o777, 0, target=target) for link, target in self.links)
-        files = (walk.WalkEntry(self.paths[dst], FILE, mode, 0, size, src=str(dst)) for _, dst, size, mode in self.files)
-        return walk.Listing(heapq.merge(dirs, links, files, key=lambda e: path_key(e.path)))
+WINDOW = 4  # ranges handed out ahead per thread (the rest of the plan waits: nothing held per range)
 
 
 class Copied:
     """The ranges of each destination file that the copy has finished (or found vanished), for a
     reader that follows the copy; :meth:`wait` blocks until a part of a file is complete.
     ``known``: each file's identity once its last range is written (:mod:`dbops.repo.known`): the
-    reader read exactly that content, so a file nothing wrote since need not be read again."""
+    reader read exactly that content, so a file nothing wrote since need not be read again.
 
-    def __init__(self) -> None:
+    Compact: the copy begins its files in path order (:meth:`begin`), so only the files begun and
+    not yet complete, or complete after one that is not, are held (a bit a range each); every file
+    before them is complete, known by its path's order (``order``: the path key of a destination;
+    the plan's :meth:`~CopyPlan.order_of` once the copy starts, else the destination's own)."""
+
+    def __init__(self, order: Callable[[str], tuple[str, ...] | None] | None = None) -> None:
         self._cond = threading.Condition()
-        self._done: dict[str, set[int]] = {}
+        self._open: dict[str, list[int]] = {}  # destination -> [ranges, a bit each one done]
+        self._begun: deque[str] = deque()  # the files in _open, in the order begun
+        self._last: str | None = None  # the last file begun that is complete with every one before it
+        self._last_key: tuple[str, tuple[str, ...] | None] | None = None  # (_last, its order)
         self._failed = False
+        self.order = order
         self.known = Known()
 
-    def mark(self, dst: str, offset: int) -> None:
+    def begin(self, dst: str, ranges: int) -> None:
+        """The copy hands out the ranges of dst (after every file before it in path order)."""
+        if ranges:
+            with self._cond:
+                self._open[dst] = [ranges, 0]
+                self._begun.append(dst)
+
+    def mark(self, dst: str, offset: int, path: str | None = None) -> None:
+        """The range of dst at offset is written; at its file's last, the file's identity is recorded
+        in ``known`` as backup path ``path`` (before any reader is told)."""
         with self._cond:
-            self._done.setdefault(dst, set()).add(offset)
+            f = self._open[dst]
+            f[1] |= 1 << (offset // RANGE)
+            if f[1] == (1 << f[0]) - 1:
+                if path is not None:  # the file's last write by the copy (nothing else writes it until the server starts)
+                    self.known.record(path, dst)
+                while self._begun and (g := self._open[self._begun[0]])[1] == (1 << g[0]) - 1:
+                    self._last = self._begun.popleft()
+                    del self._open[self._last]
             self._cond.notify_all()
 
     def fail(self) -> None:
@@ -101,14 +103,26 @@ class Copied:
             self._failed = True
             self._cond.notify_all()
 
+    def _complete(self, dst: str) -> bool:
+        if self._last is None:
+            return False
+        order = self.order or path_key
+        if self._last_key is None or self._last_key[0] != self._last:
+            self._last_key = (self._last, order(self._last))
+        key, last = order(dst), self._last_key[1]
+        return key is not None and last is not None and key <= last
+
     def wait(self, dst: str, start: int, end: int, cancel: threading.Event | None = None) -> bool:
         """True once every range of dst overlapping [start, end) is copied; False when the copy
         failed or cancel was set first."""
-        want = range(start - start % RANGE, end, RANGE)
+        first = start // RANGE
+        if first * RANGE >= end:
+            return True
+        want = (1 << -(-end // RANGE)) - (1 << first)
         with self._cond:
             while True:
-                done = self._done.get(dst, ())
-                if all(o in done for o in want):
+                f = self._open.get(dst)
+                if (f[1] & want == want) if f is not None else self._complete(dst):
                     return True
                 if self._failed or (cancel is not None and cancel.is_set()):
                     return False
@@ -132,90 +146,16 @@ def _owner(user: str) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
-def plan_copy(backup: OnlineBackup, data: Path, ts: tbs.ScratchTablespaces, os_user: str) -> CopyPlan:
-    """What to copy from the live folder into data (and the tablespace folders of ts)."""
-    assert backup.data_dir is not None
-    p = CopyPlan()
-    src = backup.data_dir
-    p.dirs.append((data, 0o700))
-    p.paths[data] = "."
-    _scan(str(src), data, "", p, backup, ts, os_user)
-    return p
-
-
-def _scan(src_dir: str, dst_dir: Path, rel_dir: str, p: CopyPlan, backup: OnlineBackup,
-          ts: tbs.ScratchTablespaces | None, os_user: str, prefix: str = "") -> None:
-    """Plan src_dir's entries (rel_dir: its path in the data folder or the tablespace's folder;
-    prefix + rel_dir: its path in a backup)."""
-    try:
-        with os.scandir(src_dir) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except FileNotFoundError:  # a database or relation folder dropped while the copy runs
-        return
-    in_db = rel_dir.startswith(("base/", "PG_")) and rel_dir.count("/") == 2
-    skip = walk.unlogged_forks([e.name for e in entries]) if in_db else set()
-    for e in entries:
-        rel, dst = rel_dir + e.name, dst_dir / e.name
-        if e.name in skip or (not rel_dir and e.name in EXCLUDE_TOP) or e.name.startswith(walk.EXCLUDE_PREFIXES) \
-                or (in_db and _TEMP_REL.match(e.name)):
-            continue
-        try:
-            st = e.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        mode = stat.S_IMODE(st.st_mode)
-        if rel == "pg_wal":  # a folder or a link elsewhere: an empty folder here, the WAL comes from the archive
-            p.dirs += [(dst, 0o700), (dst / "archive_status", 0o700)]
-            p.paths.update({dst: rel, dst / "archive_status": rel + "/archive_status"})
-        elif rel_dir == TBLSPC_DIR + "/" and stat.S_ISLNK(st.st_mode) and ts is not None:
-            _tablespace(e, dst, p, backup, ts, os_user)
-        elif stat.S_ISLNK(st.st_mode):
-            _log.warning("skipping %s: a symbolic link where PostgreSQL makes none", rel)
-        elif stat.S_ISDIR(st.st_mode):
-            p.dirs.append((dst, mode))
-            p.paths[dst] = prefix + rel
-            if rel not in walk.EXCLUDE_DIR_CONTENTS:
-                _scan(e.path, dst, rel + "/", p, backup, ts, os_user, prefix)
-        elif stat.S_ISREG(st.st_mode):
-            item = (e.path, dst, st.st_size, mode)
-            p.paths[dst] = prefix + rel
-            if rel == PG_CONTROL:
-                p.control = item
-            else:
-                p.files.append(item)
-
-
-def _tablespace(e: os.DirEntry, link: Path, p: CopyPlan, backup: OnlineBackup, ts: tbs.ScratchTablespaces,
-                os_user: str) -> None:
-    """pg_tblspc/<OID>: a link to the run's folder for it; its version folder copied there."""
-    if not e.name.isdigit():
-        _log.warning("skipping %s/%s: not a tablespace OID", TBLSPC_DIR, e.name)
-        return
-    oid = int(e.name)
-    if oid not in ts.known:  # created after the run listed them: it gets its scratch folder too
-        ts.known[oid] = Tablespace(oid, str(oid), os.readlink(e.path))
-        ts.prepare(os_user)
-    folder = ts.folder(oid)
-    p.links.append((link, str(folder)))
-    p.paths[link] = f"{TBLSPC_DIR}/{oid}"
-    version = backup.tablespace_dir
-    src = os.path.join(e.path, version)
-    try:
-        st = os.stat(src)
-    except FileNotFoundError:  # dropped meanwhile (an empty location has nothing to copy)
-        return
-    p.dirs.append((folder / version, stat.S_IMODE(st.st_mode)))
-    p.paths[folder / version] = f"{TBLSPC_DIR}/{oid}/{version}"
-    _scan(src, folder / version, version + "/", p, backup, None, os_user, f"{TBLSPC_DIR}/{oid}/")
-
-
-def _copy_range(src: str, dst: Path, offset: int, count: int) -> tuple[int, bool]:
+def _copy_range(src: str, dst: str, offset: int, count: int) -> tuple[int, bool]:
     """Copy [offset, offset+count) of src to the same place in dst (already created); (bytes, vanished)."""
     try:
         fin = os.open(src, os.O_RDONLY)
     except FileNotFoundError:
         if offset == 0:
-            dst.unlink(missing_ok=True)
+            try:
+                os.unlink(dst)
+            except FileNotFoundError:
+                pass
         return 0, True
     try:
         fout = os.open(dst, os.O_WRONLY)
@@ -241,21 +181,60 @@ def execute(p: CopyPlan, *, os_user: str, workers: int, copied: Copied | None = 
         raise
 
 
+class _Workers:
+    """``n`` threads copying the ranges handed to them (:meth:`put`), at most ``WINDOW`` a thread
+    ahead of them: :meth:`put` waits for room, so nothing is held per range of the plan. The first
+    error is raised by the next :meth:`put` or by :meth:`close`; the ranges not begun then are skipped."""
+
+    def __init__(self, n: int, copied: Copied | None) -> None:
+        self.copied = copied
+        self.jobs: queue.Queue[tuple[str, str, int, int, str] | None] = queue.Queue(WINDOW * n)
+        self.errors: list[BaseException] = []
+        self.bytes = self.vanished = 0
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"dbops-copy_{i}", daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        copied, got, gone = self.copied, 0, 0
+        while (j := self.jobs.get()) is not None:
+            if self.errors:
+                continue
+            try:
+                n, vanished = _copy_range(j[0], j[1], j[2], j[3])
+                got, gone = got + n, gone + vanished
+                if copied is not None:
+                    copied.mark(j[1], j[2], j[4])
+            except BaseException as e:  # noqa: BLE001 (raised in the thread handing out the ranges)
+                self.errors.append(e)
+        with self.lock:
+            self.bytes += got
+            self.vanished += gone
+
+    def put(self, job: tuple[str, str, int, int, str]) -> None:
+        if self.errors:
+            raise self.errors[0]
+        self.jobs.put(job)
+
+    def close(self, stop: bool) -> None:
+        """Wait for the threads (``stop``: skipping the ranges not begun); raise the first error."""
+        if stop:
+            self.errors.append(RuntimeError("the copy was stopped"))
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+        if self.errors and not stop:
+            raise self.errors[0]
+
+
 def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> CopyStats:
     t0 = time.monotonic()
     owner = _owner(os_user)
-    for d, mode in p.dirs:
-        d.mkdir(mode=mode, exist_ok=True)
-        os.chmod(d, mode)
-        if owner:
-            os.chown(d, *owner)
-    for link, target in p.links:
-        os.symlink(target, link)
-        if owner:
-            os.lchown(link, *owner)
     stats = CopyStats()
 
-    def create(dst: Path, mode: int) -> None:
+    def create(dst: str, mode: int) -> None:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             if owner:
@@ -263,44 +242,47 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
         finally:
             os.close(fd)
 
-    # In the order a store of the copy reads it (ranges of at most RANGE: the threads end together).
-    # Each file is created just before its ranges are handed to the threads, so that the copy starts
-    # at once: creating a thousand files took up to 0.8 s (the journal busy) before any byte moved.
-    order = sorted(p.files, key=lambda f: path_key(p.paths.get(f[1], str(f[1]))))
-    ranges_left = {dst: -(-size // RANGE) for _, dst, size, _ in p.files}
-    lock = threading.Lock()
-
-    def job(j: tuple[str, Path, int, int]) -> tuple[int, bool]:
-        done = _copy_range(*j)
-        if copied is not None:
-            with lock:
-                ranges_left[j[1]] -= 1
-                last = not ranges_left[j[1]]
-            if last:  # the file's last write by the copy (nothing else writes it until the server starts)
-                copied.known.record(p.paths[j[1]], str(j[1]))
-            copied.mark(str(j[1]), j[2])
-        return done
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-copy") as pool:
-        futures = []
-        try:
-            for src, dst, size, mode in order:
-                create(dst, mode)
-                futures += [pool.submit(job, (src, dst, off, min(RANGE, size - off))) for off in range(0, size, RANGE)]
-            if p.control:
-                create(p.control[1], p.control[3])
-            for f in futures:
-                n, vanished = f.result()
-                stats.bytes += n
-                stats.vanished += vanished
-        except BaseException:  # a range failed, or the run is stopped: the ranges not begun are not copied
-            for f in futures:
-                f.cancel()
-            raise
+    if copied is not None:  # the files are begun in the plan's order: a file before the last complete one is
+        copied.order = p.order_of
+    # One pass over the plan, in the order a store of the copy reads it: each folder made before what
+    # it holds, each file created just before its ranges (of at most RANGE: the threads end together)
+    # are handed to the threads, so that the copy starts at once: creating a thousand files took up to
+    # 0.8 s (the journal busy) before any byte moved.
+    pool = _Workers(workers, copied)
+    try:
+        for e in p.listing:
+            dst = p.dst(e.path)
+            if e.type == DIR:
+                try:
+                    os.mkdir(dst, e.mode)
+                except FileExistsError:
+                    pass
+                os.chmod(dst, e.mode)
+                if owner:
+                    os.chown(dst, *owner)
+            elif e.type == FILE:
+                create(dst, e.mode)
+                stats.files += 1
+                if copied is not None:
+                    copied.begin(dst, -(-e.size // RANGE))
+                src = p.src(e.path)
+                for off in range(0, e.size, RANGE):
+                    pool.put((src, dst, off, min(RANGE, e.size - off), e.path))
+            else:
+                os.symlink(e.target or "", dst)
+                if owner:
+                    os.lchown(dst, *owner)
+        if p.control:
+            create(p.control[1], p.control[3])
+    except BaseException:  # a range failed, or the run is stopped: the ranges not begun are not copied
+        pool.close(stop=True)
+        raise
+    pool.close(stop=False)
+    stats.bytes, stats.vanished = pool.bytes, pool.vanished
     if p.control:
         n, _ = _copy_range(p.control[0], p.control[1], 0, p.control[2])
         stats.bytes += n
-    stats.files = len(p.files) + (1 if p.control else 0)
+        stats.files += 1
     stats.seconds = round(time.monotonic() - t0, 3)
     return stats
 
