@@ -43,7 +43,7 @@ from typing import Mapping, Sequence
 from dbops import log, proc
 from dbops.errors import CommandError, ConfigError, EngineError, PostgresError
 from dbops.pg import binaries
-from dbops.runtime.base import DATA_PATH, RUN_PATH, SOCKET_PATH, WAL_PATH, InstanceSpec, Owner, check_stop_mode
+from dbops.runtime.base import DATA_PATH, MINIMAL_ENV, RUN_PATH, SOCKET_PATH, WAL_PATH, InstanceSpec, Owner, check_stop_mode
 from dbops.runtime.instance import InstanceBase
 from dbops.runtime.serverconf import prepare_run_dir, remove_run_dir, server_settings, setting_args, socket_dir
 from dbops.runtime.engine import KILL_TIMEOUT, Engine, cleanup_stale, creator_labels, force_remove, label_args
@@ -81,6 +81,10 @@ class ContainerRuntime:
         self.network = network
         self.db_user = db_user
         self._cleaned = False
+
+    def host_root(self) -> bool:
+        """The rootfs is this host's own root (``rootfs: /``): a container's programs are the host's."""
+        return bool(self.rootfs) and os.path.realpath((self.rootfs or "").split(":", 1)[0]) == "/"
 
     # ---- argv builders (pure: no engine calls)
 
@@ -314,7 +318,8 @@ class ContainerInstance(InstanceBase):
         """Run a PostgreSQL client or tool next to the server, as the data folder's owner.
 
         While the server runs: ``exec`` into its container; otherwise a one-shot ``run --rm``
-        with the same mounts (pg_checksums needs the server stopped). Paths are the
+        with the same mounts (pg_checksums needs the server stopped), or, with ``rootfs: /`` and
+        dbops as root or the owner, the same program on this host (:meth:`_run_here`). Paths are the
         container's: ``self.data_path`` (/data), ``self.wal_path`` (/wal), each folder of ``reads``
         its host path (read-only; a one-shot container only: a running server's has none). PGHOST, PGPORT,
         PGUSER and PGDATA point at this instance; environment values travel as ``-e NAME``
@@ -326,6 +331,8 @@ class ContainerInstance(InstanceBase):
         # container may read the folder at once.
         if self._stopping is None and not reads and self.is_running():
             args = self._rt.exec_argv(argv, container=self.name, owner=self._owner, env_names=list(tool_env))
+        elif self._rt.host_root() and os.geteuid() in (0, self._owner.uid):
+            return self._run_here(argv, tool_env, timeout=timeout, check=check)
         else:
             name = f"{self.name}-tool{next(self._tools)}"
             args = self._rt.tool_argv(argv, self.spec, name=name, owner=self._owner, run_dir=self.run_dir,
@@ -337,6 +344,21 @@ class ContainerInstance(InstanceBase):
                 force_remove(self._engine, name)  # --rm does not fire when the client is killed
                 raise
         return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
+
+    def _run_here(self, argv: Sequence[str], tool_env: Mapping[str, str], *, timeout: float | None,
+                  check: bool) -> proc.Result:
+        """A one-shot tool of a ``rootfs: /`` runtime, run on this host as the data folder's owner: the
+        same program a container would run (its root is this one), without the container, whose exit
+        unmounts an overlay kept under podman's run root and so syncs the file system under it (where
+        that is not a tmpfs, the scratch copy is written out first: 3 s for 1.5 GB here). The
+        container's paths in argv and the environment become their host paths."""
+        host = {DATA_PATH: str(Path(self.spec.data_dir).resolve()), SOCKET_PATH: self.host}
+        if self.spec.wal_dir is not None:
+            host[WAL_PATH] = str(Path(self.spec.wal_dir).resolve())
+        env = {**MINIMAL_ENV, **{k: host.get(v, v) for k, v in tool_env.items()}}
+        argv = [self._rt.program(argv[0]), *(host.get(a, a) for a in argv[1:])]
+        return proc.run(argv, user=self._owner.user_name, env=env, inherit_env=False,
+                        timeout=timeout, check=check)
 
     def remove(self) -> None:
         """Force-remove the container (killing the server if it runs) and the run folder. Idempotent."""

@@ -189,6 +189,10 @@ def test_start_query_stop(engine, settings, small_cluster, work):
         assert _state(data) == "shut down" and not (data / "postmaster.pid").exists()
         res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
         assert "Bad checksums:  0" in res.stdout
+        # podman with the host's root: a one-shot tool runs on the host (no container whose exit would
+        # sync the file system), as the folder's owner, the container's paths given as the host's
+        seen = inst.run_tool(["/bin/sh", "-c", 'echo "$PGDATA $(id -u)"']).stdout.split()
+        assert seen == [str(data.resolve()), str(data.stat().st_uid)]
         assert not inst.is_running()
         assert "database system is shut down" in inst.logs(10)
     assert not (data / "postmaster.pid").exists()
@@ -397,6 +401,8 @@ def test_image_mode_recovery(settings, image, backup_scenario, work):
         inst.stop("fast", timeout=60)
         res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
         assert "Bad checksums:  0" in res.stdout
+        # an image's programs are not the host's: a one-shot tool still runs in a container
+        assert inst.run_tool(["sh", "-c", 'echo "$PGDATA"']).stdout.strip() == "/data"
     assert _state(data) == "shut down in recovery"
     assert "ran postgres --version" in probe(rs)
 
