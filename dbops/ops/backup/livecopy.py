@@ -23,7 +23,7 @@ for it and ``pg_tblspc/<OID>`` points there, never at the live location (as with
 ``--tablespace-mapping``; no tablespace_map is written, so recovery keeps those links).
 
 The ranges are copied in the order a store walks the copy (by the path it has in a backup: the
-plan is made in that order, see :mod:`dbops.ops.backup.copyplan`), at most a few ranges a thread
+plan is made in that order, see :mod:`dbops.ops.backup.copyplan`), at most ``WINDOW`` ranges a thread
 ahead of the threads, and :class:`Copied` tells a reader following the copy (the store of the
 copy, started with it) which ranges are complete: the store hashes and compresses what the copy
 has written while the copy goes on, instead of after it.
@@ -52,7 +52,7 @@ from dbops.repo.manifest import DIR, FILE, path_key
 _log = log.get("backup.copy")
 
 RANGE = 64 * 2**20  # bytes one thread copies at a time: a 1 GiB segment is shared out in 16 parts
-WINDOW = 4  # ranges handed out ahead per thread (the rest of the plan waits: nothing held per range)
+WINDOW = 1024  # ranges handed out ahead per thread (a few hundred bytes each; the rest of the plan waits)
 
 
 class Copied:
