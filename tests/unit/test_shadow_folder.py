@@ -121,3 +121,40 @@ def test_a_verified_main_fork_ending_in_a_partial_block_is_left_to_pg_checksums(
     assert {str(p.relative_to(s.path)) for p in s.path.rglob("*") if p.is_file()} == {
         "global/pg_control", "base/5/16390"}
     assert (s.linked, s.left_out) == (1, 1)
+
+
+
+class _Here:
+    """A stopped instance whose tools run on this host as the postgres OS user (the real pg_checksums)."""
+
+    def __init__(self, data: Path):
+        self.data_path = str(data)
+
+    def run_tool(self, argv, **kw):
+        from dbops import proc
+
+        return proc.run(argv, user="postgres", check=False, timeout=60)
+
+
+def test_pg_checksums_unable_to_read_the_copy_is_the_environment_not_bad_pages(tmp_path):
+    """pg_checksums exits 1 when it cannot open a file: that says nothing against the backup (exit 17,
+    the backup keeps its status), unlike a bad page (a ValidationError: the backup is marked failed)."""
+    import pytest
+
+    from dbops import config as cfgmod
+    from dbops.errors import ValidationEnvironmentError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run pg_checksums as the postgres OS user")
+    cfg = cfgmod.parse({"cluster": "c", "nodes": [{"name": "pg1", "host": "127.0.0.1", "data_dir": "/nonexistent"}],
+                        "storage": {"bucket": "backups", "access_key": "k", "secret_key": "s"},
+                        "runtime": {"engine": "none"}}, env={})
+    private = tmp_path / "private"  # the copy's parent, closed to the postgres OS user
+    _file(private / "data" / "global" / "pg_control", b"\0" * 8192)
+    os.chmod(private, 0o700)
+    checks: list = []
+    with pytest.raises(ValidationEnvironmentError) as ei:
+        shadow.pg_checksums(cfg, _Here(private / "data"), private / "data", None, checks)
+    assert "pg_checksums could not read the restored copy (Permission denied)" in ei.value.message
+    assert "pg_control" in (ei.value.detail or "")
+    assert checks == [{"check": "pg_checksums", "files": "all", "ok": False}]

@@ -42,12 +42,19 @@ from typing import Any, Callable
 from dbops import proc
 from dbops.errors import ValidationError
 from dbops.ops.backup.checks import tool_path
+from dbops.ops.backup.environment import environment_error
 from dbops.repo.model import PAGE
 
 # pg_checksums reads these folders of a data folder (and follows pg_tblspc's links).
 SCANNED = ("global", "base", "pg_tblspc")
 CONTROL = "global/pg_control"
 SHADOW = "checksums"  # the shadow folder's name beside the copy (in the run's scratch folder)
+
+# pg_checksums exits 1 for a bad page and for any error alike. What it says of a page is the backup's
+# fault; a file it could not read for one of these reasons is the machine's (the backup keeps its status).
+BAD_PAGES = re.compile(r"checksum verification failed|^Bad checksums:\s+[1-9]", re.M)
+ENVIRONMENT = re.compile(r"Permission denied|Operation not permitted|Input/output error|Too many open files|"
+                         r"Cannot allocate memory|out of memory", re.I)
 _SEGMENT = re.compile(r"^(.*?)(?:\.(\d+))?$")
 
 
@@ -182,5 +189,7 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
     ok = r.returncode == 0
     checks.append({**record, "ok": ok})
     if not ok:
-        raise ValidationError("pg_checksums found bad pages in the restored backup",
-                              detail=(r.stdout + r.stderr)[-2000:])
+        out = (r.stdout + r.stderr)[-2000:]
+        if not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)):
+            raise environment_error("pg_checksums could not read the restored copy", cause.group(0), out)
+        raise ValidationError("pg_checksums found bad pages in the restored backup", detail=out)
