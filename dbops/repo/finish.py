@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dbops.fsafe import NOFOLLOW
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
+from dbops.repo.mlisting import Listed
 from dbops.repo.ranges import run_bounded
 
 _INIT_FORK_RE = re.compile(r"^((?:base/\d+|pg_tblspc/\d+/PG_[^/]+/\d+)/\d+)_init$")
@@ -36,25 +37,49 @@ def mark_wal_archived(target: Path, manifest: Manifest) -> list[FileEntry]:
     return made
 
 
-def reset_unlogged(target: Path, manifest: Manifest) -> list[FileEntry]:
+def reset_unlogged(target: Path, manifest: Manifest, listed: Listed | None = None) -> list[FileEntry]:
     """Give every unlogged relation its main fork as a copy of its _init fork, as PostgreSQL's
     recovery does: the snapshot left those forks out, and a start without recovery would not
-    recreate them. Returns the created files (to be finished like the others)."""
-    paths = {e.path for e in manifest.listing()}
+    recreate them. Returns the created files (to be finished like the others). ``listed``: the
+    manifest's listing kept (:meth:`Manifest.kept_listing`), searched instead of a set of every path."""
+    inits = [(e, m.group(1)) for e in manifest.listing() if e.type == FILE and (m := _INIT_FORK_RE.match(e.path))]
+    if not inits:
+        return []
+    has = listed.contains if listed is not None else {e.path for e in manifest.listing()}.__contains__
     made = []
-    for e in manifest.listing():
-        m = _INIT_FORK_RE.match(e.path)
-        if e.type == FILE and m and m.group(1) not in paths:
-            shutil.copyfile(target / e.path, target / m.group(1))
-            made.append(FileEntry(m.group(1), FILE, e.mode, e.mtime_ns, e.size))
+    for e, main in inits:
+        if not has(main):
+            shutil.copyfile(target / e.path, target / main)
+            made.append(FileEntry(main, FILE, e.mode, e.mtime_ns, e.size))
     return made
+
+
+FINISH_RUN = 64  # files a task finishes at most: a task per empty file costs more than its finish
+FINISH_RUN_BYTES = 8 << 20  # and no more once its files hold that much: big files' fsyncs stay in parallel
+
+
+def _runs(files: Iterable[FileEntry]) -> Iterator[list[FileEntry]]:
+    run: list[FileEntry] = []
+    size = 0
+    for f in files:
+        run.append(f)
+        size += f.size
+        if len(run) >= FINISH_RUN or size >= FINISH_RUN_BYTES:
+            yield run
+            run, size = [], 0
+    if run:
+        yield run
 
 
 def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] | None, parallel: int,
                  durable: bool = True) -> None:
-    """finish_file for each (in parallel)."""
+    """finish_file for each, in parallel: a task finishes a run of small files, or one big file."""
+    def run(fs: list[FileEntry]) -> None:
+        for f in fs:
+            finish_file(target, f, ids, durable)
+
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        run_bounded(pool, lambda f: finish_file(target, f, ids, durable), files, 4 * max(1, parallel))
+        run_bounded(pool, run, _runs(files), 2 * max(1, parallel))
 
 
 def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True,

@@ -30,6 +30,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zstandard
@@ -37,6 +38,7 @@ import zstandard
 import dbops
 from dbops.errors import ConflictError, NotFoundError, ValidationError
 from dbops.repo import mformat
+from dbops.repo.mlisting import Listed
 from dbops.repo.mheader import FORMAT_VERSION, header_dict, header_fields, summary_metadata
 from dbops.repo.untrusted import PathGuard
 from dbops.repo.model import DIR, FILE, SYMLINK, ChunkRef, FileEntry, PgState, path_key
@@ -83,6 +85,8 @@ class Manifest:
         self._referenced: int | None = None
         self.entry_count: int | None = None
         self._tables_checked = False  # every entry's blocks read and checked once (see load)
+        self._listed: Listed | None = None  # the listing, compact, while kept (see kept_listing)
+        self._kept = 0
 
     # ------------------------------------------------------------------ entries
 
@@ -107,7 +111,26 @@ class Manifest:
         not decoded: a pass that reads no content costs a fraction of one over :meth:`entries`)."""
         return self._entries(False)
 
+    @contextmanager
+    def kept_listing(self) -> Iterator[Listed | None]:
+        """Within: :meth:`listing` served from a compact copy (:class:`dbops.repo.mlisting.Listed`),
+        read from the stored entries once on entry (each checked by the path guard, as every listing
+        is), instead of each listing reading them again; the copy is dropped on leaving. Yields it
+        (None for a manifest held in memory: its listing reads no stored entries)."""
+        if self._source is not None and self._listed is None:
+            self._listed = Listed(self._entries(False), f"manifest of backup {self.backup_id}")
+        self._kept += 1
+        try:
+            yield self._listed
+        finally:
+            self._kept -= 1
+            if not self._kept:
+                self._listed = None
+
     def _entries(self, tables: bool) -> Iterator[FileEntry]:
+        if not tables and self._listed is not None:  # checked by the guard when it was kept
+            yield from self._listed
+            return
         if self._source is None and self._files is None and self._packs is not None:
             raise RuntimeError(f"manifest of backup {self.backup_id} was read without its entries")
         guard = PathGuard(f"manifest of backup {self.backup_id}")  # every entry, whatever the format

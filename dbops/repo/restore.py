@@ -1,7 +1,9 @@
 """Restore side: a manifest + its packs back into a data folder.
 
-The manifest's entries are read in passes (folders and files, content, links and finishing),
-never all held at once. Content comes through :mod:`dbops.repo.ranges`: coalesced ranged GETs,
+The manifest's entries are read in passes (folders and files, content, links and finishing):
+the content pass reads the stored entries with their block tables, one at a time, never all held at
+once; the others read the listing kept compact for the restore (:mod:`dbops.repo.mlisting`), read
+and checked once before anything is written. Content comes through :mod:`dbops.repo.ranges`: coalesced ranged GETs,
 fetched in parallel (a bounded number in flight), each read as a stream one frame at a time, the
 frames being checked held against a fixed byte budget (``IN_FLIGHT_BYTES``: memory does not grow
 with the database or its ranges), every block checked against its sha256 and written with ``pwrite``. All-zero blocks are never fetched: files are created at full size
@@ -34,6 +36,7 @@ from dbops import heap, log
 from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
+from dbops.repo.mlisting import Listed
 from dbops.repo.finish import as_restored, finish_file, finish_files, finish_tree, mark_wal_archived, reset_unlogged
 from dbops.repo.rangewrite import held_frames, write_range
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget, Frame, Range, run_bounded
@@ -89,6 +92,15 @@ def make_links(target: Path, links: Iterable[FileEntry], ids: tuple[int, int] | 
     return n
 
 
+def _mkdir(path: str) -> None:
+    """``Path(path).mkdir(mode=0o700, exist_ok=True)`` without the Path."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 def _prepare_target(target: Path, what: str | None = None) -> None:
     if target.exists():
         if not target.is_dir() or any(target.iterdir()):
@@ -123,13 +135,24 @@ def restore_snapshot(
     ``on_file(path)``: called with each file's path (relative) once its content is written for good
     (from a worker thread, before this returns; it must not raise): the validation saves pages then.
     Raises ValidationError naming the backup, file and object key on a bad or missing object.
-    The manifest's entries are read in passes, never all held at once.
+    The manifest's block tables are read in one pass, never all held at once; its listing (path,
+    type, mode, time, size of each entry) is kept compact for the other passes, for this call only.
     """
     t0 = time.monotonic()
+    # the passes other than the content's read the listing kept compact (dbops.repo.mlisting), read
+    # and checked once here, before anything is written, instead of the stored entries once a pass
+    with manifest.kept_listing() as listed:
+        return _restore(store, layout, manifest, Path(target_dir), t0, listed, parallel=parallel, progress=progress,
+                        owner=owner, tablespace_dirs=tablespace_dirs, durable=durable, on_file=on_file)
+
+
+def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, t0: float, listed: Listed | None,
+             *, parallel: int, progress: Progress | None, owner: str | None,
+             tablespace_dirs: Mapping[int, str] | None, durable: bool,
+             on_file: Callable[[str], None] | None) -> RestoreStats:
     heap.map_large_buffers()  # the ranges' 1 MiB read buffers given back when freed (dbops.heap)
     manifest.check()
     ids = _owner_ids(owner)
-    target = Path(target_dir)
     dests = tablespace_folders(manifest, tablespace_dirs)
     _prepare_target(target)
     for t in manifest.tablespaces:
@@ -140,14 +163,16 @@ def restore_snapshot(
     # 1. folders (writable for now), then every file created at its full size; never through a link
     # the bucket names (every entry was checked when the manifest was read, dbops.repo.untrusted;
     # the only links written through are the tablespaces', made above to folders chosen here).
+    base = os.path.join(target, "")  # the target's path and a "/": no Path made per entry
     for e in map(as_restored, manifest.listing()):
         if e.type == DIR and e.path != ".":
-            (target / e.path).mkdir(mode=0o700, exist_ok=True)
+            _mkdir(base + e.path)
             stats.dirs += 1
         elif e.type == FILE:
-            fd = os.open(target / e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
+            fd = os.open(base + e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
             try:
-                os.ftruncate(fd, e.size)
+                if e.size:
+                    os.ftruncate(fd, e.size)
             finally:
                 os.close(fd)
             stats.files += 1
@@ -209,7 +234,7 @@ def restore_snapshot(
     stats.symlinks += len(dests)
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
     status = mark_wal_archived(target, manifest)
-    unlogged = reset_unlogged(target, manifest)
+    unlogged = reset_unlogged(target, manifest, listed)
 
     # The files with stored content were finished as they completed (above).
     finish_files(target, itertools.chain((e for e in manifest.listing() if e.type == FILE and not e.size),

@@ -29,6 +29,7 @@ from dbops.fsafe import NOFOLLOW
 from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, ChunkRef, FileEntry, Manifest
 from dbops.repo.ranges import Range, base_view, batches, delta_view, plan_ranges
+from dbops.repo.mlisting import Listed
 from dbops.repo.finish import as_restored, finish_files, finish_tree, mark_wal_archived, reset_unlogged
 from dbops.repo.rangewrite import write_range
 from dbops.repo.restore import make_links
@@ -92,7 +93,16 @@ def _compare(target: Path, f: FileEntry) -> tuple[FileEntry, int, int]:
 def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, *, parallel: int,
                   owner: str | None = None, tablespace_dirs: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Make `target` (and each tablespace's folder) hold exactly the backup's content; returns what
-    it kept and fetched. ``tablespace_dirs``: {OID: folder} for every tablespace the backup lists."""
+    it kept and fetched. ``tablespace_dirs``: {OID: folder} for every tablespace the backup lists.
+    The passes other than the content's read the manifest's listing kept compact, read and checked once
+    before anything is changed (:meth:`Manifest.kept_listing`)."""
+    with manifest.kept_listing() as listed:
+        return _restore_delta(store, layout, manifest, target, listed, parallel=parallel, owner=owner,
+                              tablespace_dirs=tablespace_dirs)
+
+
+def _restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, listed: Listed | None, *,
+                   parallel: int, owner: str | None, tablespace_dirs: Mapping[int, str] | None) -> dict[str, Any]:
     manifest.check()
     ids = (pwd.getpwnam(owner).pw_uid, pwd.getpwnam(owner).pw_gid) if owner else None
     dests = tablespace_folders(manifest, tablespace_dirs)
@@ -136,7 +146,7 @@ def restore_delta(store: ObjectStore, layout: Layout, manifest: Manifest, target
             totals["files"] += 1
             totals["logical_bytes"] += f.size
     (target / "pg_wal" / "archive_status").mkdir(parents=True, mode=0o700, exist_ok=True)
-    extra = mark_wal_archived(target, manifest) + reset_unlogged(target, manifest)
+    extra = mark_wal_archived(target, manifest) + reset_unlogged(target, manifest, listed)
 
     finish_files(target, itertools.chain((f for f in manifest.listing() if f.type == FILE), extra), ids, parallel)
     make_links(target, late, ids)
