@@ -62,7 +62,8 @@ def child(what: str, data: str, work: str) -> dict:
         from dbops.repo.restore import restore_snapshot
 
         target = os.path.join(work, "restored")
-        restore_snapshot(store, layout, mf.load(store, layout, "b1", tmp_dir=work), target, parallel=2)
+        restore_snapshot(store, layout, mf.load(store, layout, "b1", tmp_dir=work, keep_listing=True), target,
+                         parallel=2)
         shutil.rmtree(target)
     elif what == "plan":
         from dbops.ops.backup import livecopy

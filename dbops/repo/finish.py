@@ -85,7 +85,7 @@ def finish_files(target: Path, files: Iterable[FileEntry], ids: tuple[int, int] 
 def finish_file(target: Path, f: FileEntry, ids: tuple[int, int] | None, durable: bool = True,
                 then: Callable[[str], None] | None = None) -> None:
     """fsync a restored file (when durable), then set its mode, owner and mtime; then ``then(f.path)``."""
-    fd = os.open(target / f.path, os.O_RDONLY | NOFOLLOW)
+    fd = os.open(os.path.join(target, f.path), os.O_RDONLY | NOFOLLOW)  # no Path made per file
     try:
         if durable:
             os.fsync(fd)

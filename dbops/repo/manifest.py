@@ -116,7 +116,8 @@ class Manifest:
         """Within: :meth:`listing` served from a compact copy (:class:`dbops.repo.mlisting.Listed`),
         read from the stored entries once on entry (each checked by the path guard, as every listing
         is), instead of each listing reading them again; the copy is dropped on leaving. Yields it
-        (None for a manifest held in memory: its listing reads no stored entries)."""
+        (None for a manifest held in memory: its listing reads no stored entries). A listing kept by
+        :func:`load` (``keep_listing``) is used, and dropped on leaving too."""
         if self._source is not None and self._listed is None:
             self._listed = Listed(self._entries(False), f"manifest of backup {self.backup_id}")
         self._kept += 1
@@ -298,9 +299,13 @@ def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | 
         )
 
 
-def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | None = None) -> Manifest:
+def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | None = None,
+         keep_listing: bool = False) -> Manifest:
     """Read one backup's manifest; NotFoundError when the backup does not exist. A format 3 to 5
-    manifest is downloaded to a local file (in ``tmp_dir``) that its entries are read from."""
+    manifest is downloaded to a local file (in ``tmp_dir``) that its entries are read from.
+    ``keep_listing``: for a manifest about to be restored, its listing kept compact by the check
+    every load makes (not read once more by the restore's :meth:`Manifest.kept_listing`, which
+    drops it when it ends)."""
     key = layout.manifest(backup_id)
     fd, path = tempfile.mkstemp(prefix="dbops-manifest-", dir=tmp_dir)
     os.close(fd)
@@ -319,8 +324,11 @@ def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | N
     m = Manifest.from_file(path, what=f"manifest of backup {backup_id} ({key})")
     if m.backup_id != backup_id:
         raise ValidationError(f"manifest at {key} names backup {m.backup_id}, not {backup_id}")
-    for _ in m.entries():  # every entry checked once (dbops.repo.untrusted) before anyone acts on one
-        pass
+    if keep_listing and m._source is not None:  # every entry checked once, kept compact for the restore
+        m._listed = Listed(m.entries(), f"manifest of backup {backup_id}")
+    else:
+        for _ in m.entries():  # every entry checked once (dbops.repo.untrusted) before anyone acts on one
+            pass
     m._tables_checked = True
     return m
 

@@ -138,3 +138,27 @@ def test_files_are_finished_in_runs_and_big_ones_alone():
     assert [len(r) for r in runs] == [FINISH_RUN, FINISH_RUN, 4, 1, 1]
     assert [f for r in runs for f in r] == small + big
     assert list(_runs([])) == []
+
+
+def test_load_keeps_the_listing_from_its_own_check_for_the_restore_to_drop(stored, tmp_path):
+    store, layout = stored
+    want = list(mf.load(store, layout, "b1").listing())
+    m = mf.load(store, layout, "b1", keep_listing=True)
+    with open(m._source[0], "r+b") as f:  # damaged after the load's check: the restore reads it no more
+        f.seek(m._source[1])
+        f.write(b"\0" * 64)
+    with m.kept_listing() as listed:
+        assert listed is not None and list(listed) == want == list(m.listing())
+    assert m._listed is None  # dropped with the restore
+    with pytest.raises(ValidationError):
+        list(m.listing())
+
+
+def test_load_keeping_the_listing_still_refuses_a_hostile_manifest(stored, tmp_path):
+    store, layout = stored
+    m = mf.load(store, layout, "b1")
+    files = [*m.files, FileEntry("base/zz/x", FILE, 0o600, 0, block=8192)]  # its parent folder is not listed
+    planted = mf.Manifest("b2", m.pg, m.chunk_size, m.compression, files=files, created=m.created + 1, meta=m.meta)
+    store.put(layout.manifest("b2"), raw_bytes(planted, files, tmp_path), metadata=m.summary_metadata())
+    with pytest.raises(ValidationError, match="hostile or damaged"):
+        mf.load(store, layout, "b2", keep_listing=True)

@@ -287,7 +287,7 @@ class BackupRun:
     def _incremental(self, primary: Node, prev: catalog.BackupInfo) -> BackupResult:
         cfg = self.cfg
         phases = self.phases = Phases(self.progress)
-        prev_m = mf.load(self.store, self.layout, prev.backup_id)
+        prev_m = mf.load(self.store, self.layout, prev.backup_id, keep_listing=True)  # restored next
         check_scratch_space(self.scratch_root, prev_m.logical_size, cfg.backup.scratch_limit,
                             owner=cfg.os_user)
         # Captured on the primary while the previous backup downloads (the WAL up to it follows).

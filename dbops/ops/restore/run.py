@@ -136,7 +136,7 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
               timeline=plan.timeline, segments=len(plan.replay_segments))
     try:
         with heap.fewer_collections():  # every block record decoded and checked (dbops.heap)
-            manifest = mf.load(store, layout, plan.backup.backup_id)
+            manifest = mf.load(store, layout, plan.backup.backup_id, keep_listing=True)
     except ValidationError as e:
         damaged = BackupDamagedError(plan.backup.backup_id, e)
         key = layout.manifest(plan.backup.backup_id)
