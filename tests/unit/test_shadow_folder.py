@@ -124,6 +124,14 @@ def test_a_verified_main_fork_ending_in_a_partial_block_is_left_to_pg_checksums(
 
 
 
+def _config():
+    from dbops import config as cfgmod
+
+    return cfgmod.parse({"cluster": "c", "nodes": [{"name": "pg1", "host": "127.0.0.1", "data_dir": "/nonexistent"}],
+                         "storage": {"bucket": "backups", "access_key": "k", "secret_key": "s"},
+                         "runtime": {"engine": "none"}}, env={})
+
+
 class _Here:
     """A stopped instance whose tools run on this host as the postgres OS user (the real pg_checksums)."""
 
@@ -141,14 +149,11 @@ def test_pg_checksums_unable_to_read_the_copy_is_the_environment_not_bad_pages(t
     the backup keeps its status), unlike a bad page (a ValidationError: the backup is marked failed)."""
     import pytest
 
-    from dbops import config as cfgmod
     from dbops.errors import ValidationEnvironmentError
 
     if os.geteuid() != 0:
         pytest.skip("needs root to run pg_checksums as the postgres OS user")
-    cfg = cfgmod.parse({"cluster": "c", "nodes": [{"name": "pg1", "host": "127.0.0.1", "data_dir": "/nonexistent"}],
-                        "storage": {"bucket": "backups", "access_key": "k", "secret_key": "s"},
-                        "runtime": {"engine": "none"}}, env={})
+    cfg = _config()
     private = tmp_path / "private"  # the copy's parent, closed to the postgres OS user
     _file(private / "data" / "global" / "pg_control", b"\0" * 8192)
     os.chmod(private, 0o700)
@@ -158,3 +163,27 @@ def test_pg_checksums_unable_to_read_the_copy_is_the_environment_not_bad_pages(t
     assert "pg_checksums could not read the restored copy (Permission denied)" in ei.value.message
     assert "pg_control" in (ei.value.detail or "")
     assert checks == [{"check": "pg_checksums", "files": "all", "ok": False}]
+
+
+
+def test_a_denial_by_the_copy_itself_is_the_backups(tmp_path):
+    """pg_checksums denied a file of the copy: the backup's fault when the file, or a folder of the copy
+    on its way, denies its owner by its own mode (modes come from the manifest); the machine's when
+    the mode grants it (a folder above the copy, owned by another user, denied it)."""
+    owner = 4242
+    data = tmp_path / "data"
+    _file(data / "base" / "1" / "1249")
+    for p in (data, data / "base", data / "base" / "1", data / "base" / "1" / "1249"):
+        os.chown(p, owner, owner)
+    msg = 'pg_checksums: error: could not open file "{}": Permission denied\n'.format(data / "base" / "1" / "1249")
+    assert not shadow.denied_by_the_copy(msg, owner)  # the copy grants it: something above it denied
+    os.chmod(data / "base" / "1" / "1249", 0o200)
+    assert shadow.denied_by_the_copy(msg, owner)  # the file's own mode
+    os.chmod(data / "base" / "1" / "1249", 0o600)
+    os.chmod(data / "base" / "1", 0o600)
+    assert shadow.denied_by_the_copy(msg, owner)  # a folder of the copy on the way
+    os.chmod(data / "base" / "1", 0o700)
+    os.chmod(tmp_path, 0o700)  # root's folder above the copy: the machine's doing
+    assert not shadow.denied_by_the_copy(msg, owner)
+    assert shadow.denied_by_the_copy('could not open file "/data/base/1/1249": Permission denied', owner)
+    assert shadow.denied_by_the_copy("pg_checksums: error: Permission denied", owner)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,37 @@ SHADOW = "checksums"  # the shadow folder's name beside the copy (in the run's s
 BAD_PAGES = re.compile(r"checksum verification failed|^Bad checksums:\s+[1-9]", re.M)
 ENVIRONMENT = re.compile(r"Permission denied|Operation not permitted|Input/output error|Too many open files|"
                          r"Cannot allocate memory|out of memory", re.I)
+DENIALS = ("permission denied", "operation not permitted")
+_DENIED = re.compile(r'could not (?:open|stat|read)[^"\n]*"([^"\n]+)"[^\n]*(?:Permission denied|Operation not permitted)')
+
+
+def denied_by_the_copy(out: str, owner_uid: int) -> bool:
+    """A file pg_checksums could not open because the copy itself denies it: the file, or a folder on
+    its way, owned by the owner (everything the restore wrote is) without the owner's read (a file) or
+    search (a folder) permission: modes come from the manifest, so that is the backup's fault, not the
+    machine's. True too when the file named cannot be looked at here (its path as a container saw it):
+    then nothing says it was the machine."""
+    m = _DENIED.search(out)
+    if m is None:
+        return True
+    p = Path(m.group(1))
+    try:
+        st = os.stat(p)
+    except OSError:
+        return True
+    need = 0o500 if stat.S_ISDIR(st.st_mode) else 0o400
+    if st.st_uid == owner_uid and st.st_mode & need != need:
+        return True
+    for folder in p.parents:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return True
+        if st.st_uid == owner_uid and not st.st_mode & 0o100:
+            return True
+    return False
+
+
 _SEGMENT = re.compile(r"^(.*?)(?:\.(\d+))?$")
 
 
@@ -190,6 +222,7 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
     checks.append({**record, "ok": ok})
     if not ok:
         out = (r.stdout + r.stderr)[-2000:]
-        if not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)):
+        if not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)) and \
+                not (cause.group(0).lower() in DENIALS and denied_by_the_copy(out, data.stat().st_uid)):
             raise environment_error("pg_checksums could not read the restored copy", cause.group(0), out)
         raise ValidationError("pg_checksums found bad pages in the restored backup", detail=out)
