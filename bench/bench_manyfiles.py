@@ -8,7 +8,8 @@
 many small tables has them (tmpfs makes them fast to create: /dev/shm; remove DIR after).
 ``run``: in a child process each (peak RSS from ``ru_maxrss``), the folder stored to a local store
 in WORK (``store_snapshot``: the walk, the manifest), then ``verify`` and a restore of it into
-WORK/restored (removed after). ``plan``: ``livecopy.plan_copy`` of DIR, as a full backup's direct
+WORK/restored (removed after: ``restore_peak_mib`` is the peak before the removal, which lists
+the whole folder at once). ``plan``: ``livecopy.plan_copy`` of DIR, as a full backup's direct
 copy plans it. One JSON line each.
 """
 
@@ -64,6 +65,7 @@ def child(what: str, data: str, work: str) -> dict:
         target = os.path.join(work, "restored")
         restore_snapshot(store, layout, mf.load(store, layout, "b1", tmp_dir=work, keep_listing=True), target,
                          parallel=2)
+        out["restore_peak_mib"] = _peak_mib()  # the removal below lists the whole folder (shutil.rmtree)
         shutil.rmtree(target)
     elif what == "plan":
         from dbops.ops.backup import livecopy
@@ -74,9 +76,12 @@ def child(what: str, data: str, work: str) -> dict:
 
         p = livecopy.plan_copy(Backup(), Path(work) / "data", None, "postgres")  # type: ignore[arg-type]
         out["files"] = sum(1 for _ in p.files())
-    out.update(wall_s=round(time.perf_counter() - t, 2), cpu_s=round(time.process_time() - c, 2),
-               peak_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    out.update(wall_s=round(time.perf_counter() - t, 2), cpu_s=round(time.process_time() - c, 2), peak_mib=_peak_mib())
     return out
+
+
+def _peak_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main(argv: list[str]) -> None:
