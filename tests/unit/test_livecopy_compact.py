@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -17,17 +15,7 @@ from dbops.ops.backup import tablespaces as tbs
 from dbops.repo import walk
 from dbops.repo.manifest import DIR, FILE, SYMLINK, path_key
 from dbops.repo.tblspc import Tablespace
-
-
-@dataclass
-class FakeBackup:  # what plan_copy reads of an OnlineBackup
-    data_dir: Path
-    tablespace_dir: str = "PG_15_202209061"
-
-
-def touch(path: Path, data: bytes = b"x") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+from test_livecopy_plan import FakeBackup, touch  # tests/unit is on sys.path (pytest's rootdir insertion)
 
 
 NAMES = ["16384", "16384.1", "16384.10", "16384.2", "16384_fsm", "16384_fsm.1", "16384_vm", "1638", "16385",
