@@ -169,21 +169,38 @@ def test_pg_checksums_unable_to_read_the_copy_is_the_environment_not_bad_pages(t
 def test_a_denial_by_the_copy_itself_is_the_backups(tmp_path):
     """pg_checksums denied a file of the copy: the backup's fault when the file, or a folder of the copy
     on its way, denies its owner by its own mode (modes come from the manifest); the machine's when
-    the mode grants it (a folder above the copy, owned by another user, denied it)."""
+    the copy grants it (a folder above the copy denied it, whoever owns that)."""
     owner = 4242
-    data = tmp_path / "data"
+    data = tmp_path / "scratch" / "data"
     _file(data / "base" / "1" / "1249")
-    for p in (data, data / "base", data / "base" / "1", data / "base" / "1" / "1249"):
+    for p in (tmp_path / "scratch", data, data / "base", data / "base" / "1", data / "base" / "1" / "1249"):
         os.chown(p, owner, owner)
+    roots = [data, data.parent / shadow.SHADOW]
     msg = 'pg_checksums: error: could not open file "{}": Permission denied\n'.format(data / "base" / "1" / "1249")
-    assert not shadow.denied_by_the_copy(msg, owner)  # the copy grants it: something above it denied
+
+    def denied(text: str = msg, seen_as=None) -> bool:
+        return shadow.denied_by_the_copy(text, owner, roots, seen_as)
+
+    assert not denied()  # the copy grants it: something above it denied
     os.chmod(data / "base" / "1" / "1249", 0o200)
-    assert shadow.denied_by_the_copy(msg, owner)  # the file's own mode
+    assert denied()  # the file's own mode
     os.chmod(data / "base" / "1" / "1249", 0o600)
     os.chmod(data / "base" / "1", 0o600)
-    assert shadow.denied_by_the_copy(msg, owner)  # a folder of the copy on the way
+    assert denied()  # a folder of the copy on the way
     os.chmod(data / "base" / "1", 0o700)
+    os.chmod(data, 0o600)
+    assert denied()  # the copy's own root
+    os.chmod(data, 0o700)
+    os.chmod(tmp_path / "scratch", 0o600)  # a folder above the copy, the owner's: no manifest set that
+    assert not denied()
+    os.chmod(tmp_path / "scratch", 0o700)
     os.chmod(tmp_path, 0o700)  # root's folder above the copy: the machine's doing
-    assert not shadow.denied_by_the_copy(msg, owner)
-    assert shadow.denied_by_the_copy('could not open file "/data/base/1/1249": Permission denied', owner)
-    assert shadow.denied_by_the_copy("pg_checksums: error: Permission denied", owner)
+    assert not denied()
+    # a container's path, as pg_checksums in a one-shot container names it
+    inside = 'could not open file "/data/base/1/1249": Permission denied'
+    assert denied(inside)  # not translated: nothing says it was the machine
+    assert not denied(inside, {"/data": str(data)})
+    os.chmod(data / "base" / "1" / "1249", 0)
+    assert denied(inside, {"/data": str(data)})
+    assert denied('could not open file "/elsewhere/x": Permission denied', {"/data": str(data)})
+    assert denied("pg_checksums: error: Permission denied")

@@ -38,7 +38,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from dbops import proc
 from dbops.errors import ValidationError
@@ -60,29 +60,35 @@ DENIALS = ("permission denied", "operation not permitted")
 _DENIED = re.compile(r'could not (?:open|stat|read)[^"\n]*"([^"\n]+)"[^\n]*(?:Permission denied|Operation not permitted)')
 
 
-def denied_by_the_copy(out: str, owner_uid: int) -> bool:
-    """A file pg_checksums could not open because the copy itself denies it: the file, or a folder on
-    its way, owned by the owner (everything the restore wrote is) without the owner's read (a file) or
-    search (a folder) permission: modes come from the manifest, so that is the backup's fault, not the
-    machine's. True too when the file named cannot be looked at here (its path as a container saw it):
+def denied_by_the_copy(out: str, owner_uid: int, roots: Sequence[Path],
+                       seen_as: Mapping[str, str] | None = None) -> bool:
+    """Whether a file pg_checksums could not open was denied by the copy itself: the file, or a
+    folder on its way inside one of ``roots`` (the copy, the shadow folder; the root included),
+    owned by the owner (everything the restore wrote is) without the owner's read (a file) or search
+    (a folder) permission: modes come from the manifest, so that is the backup's fault. False when
+    they all grant it: something above the copy denied it (the machine). True too when the path is
+    not named, or is not inside a root once ``seen_as`` ({a container's path: the host's}) is applied:
     then nothing says it was the machine."""
     m = _DENIED.search(out)
     if m is None:
         return True
-    p = Path(m.group(1))
-    try:
-        st = os.stat(p)
-    except OSError:
+    raw = m.group(1)
+    for inside, host in (seen_as or {}).items():
+        if raw == inside or raw.startswith(inside.rstrip("/") + "/"):
+            raw = host + raw[len(inside.rstrip("/")):]
+            break
+    p = Path(raw)
+    root = next((r for r in roots if p == r or r in p.parents), None)
+    if root is None:
         return True
-    need = 0o500 if stat.S_ISDIR(st.st_mode) else 0o400
-    if st.st_uid == owner_uid and st.st_mode & need != need:
-        return True
-    for folder in p.parents:
+    on_the_way = [p, *p.parents[:len(p.parents) - len(root.parents)]]  # p up to root, root included
+    for k, q in enumerate(on_the_way):
         try:
-            st = os.stat(folder)
+            st = os.stat(q)
         except OSError:
             return True
-        if st.st_uid == owner_uid and not st.st_mode & 0o100:
+        need = 0o400 if k == 0 and not stat.S_ISDIR(st.st_mode) else 0o100 if k else 0o500
+        if st.st_uid == owner_uid and st.st_mode & need != need:
             return True
     return False
 
@@ -223,6 +229,7 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
     if not ok:
         out = (r.stdout + r.stderr)[-2000:]
         if not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)) and \
-                not (cause.group(0).lower() in DENIALS and denied_by_the_copy(out, data.stat().st_uid)):
+                not (cause.group(0).lower() in DENIALS and denied_by_the_copy(
+                    out, data.stat().st_uid, [data, data.parent / SHADOW], {inst.data_path: str(data)})):
             raise environment_error("pg_checksums could not read the restored copy", cause.group(0), out)
         raise ValidationError("pg_checksums found bad pages in the restored backup", detail=out)
