@@ -158,19 +158,31 @@ def test_the_ranges_handed_out_stay_few_whatever_the_plan(tmp_path, monkeypatch)
 
 def test_a_copy_stopped_in_its_thread_skips_what_is_queued(tmp_path, monkeypatch):
     """KeyboardInterrupt (the run stopped) while the ranges are handed out: raised, waiters released,
-    the threads ended."""
+    the threads ended, and the ranges still queued are not copied: the two threads are held in their
+    first range until the stop is recorded, with ten more ranges queued behind them."""
     monkeypatch.setattr(livecopy, "RANGE", 8192)
     live, scratch = tmp_path / "live", tmp_path / "scratch"
     for i in range(30):
         touch(live / f"base/5/{16384 + i}", os.urandom(3 * 8192))
     scratch.mkdir()
     plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", tbs.ScratchTablespaces(scratch), "postgres")
-    real, calls = livecopy._copy_range, [0]
+    real, calls, stopped = livecopy._copy_range, [0], threading.Event()
 
     def copy_range(src, dst, off, n):
         calls[0] += 1
-        time.sleep(0.01)
+        stopped.wait(10)
         return real(src, dst, off, n)
+
+    class Errors(list):  # the stop recorded: the threads go on
+        def append(self, e):
+            super().append(e)
+            stopped.set()
+
+    real_init = livecopy._Workers.__init__
+
+    def init(self, n, copied):
+        real_init(self, n, copied)
+        self.errors = Errors()
 
     created = [0]
     real_begin = livecopy.Copied.begin
@@ -182,9 +194,11 @@ def test_a_copy_stopped_in_its_thread_skips_what_is_queued(tmp_path, monkeypatch
         real_begin(self, dst, ranges)
 
     monkeypatch.setattr(livecopy, "_copy_range", copy_range)
+    monkeypatch.setattr(livecopy._Workers, "__init__", init)
     monkeypatch.setattr(livecopy.Copied, "begin", begin)
     copied = livecopy.Copied()
     with pytest.raises(KeyboardInterrupt):
         livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
-    assert calls[0] <= 4 * 3 and not [t for t in threading.enumerate() if t.name.startswith("dbops-copy")]
+    assert calls[0] == 2  # 4 files x 3 ranges handed out; without the skip all 12 are copied
+    assert not [t for t in threading.enumerate() if t.name.startswith("dbops-copy")]
     assert not copied.wait(str(scratch / "data" / "base/5/16390"), 0, 1)
