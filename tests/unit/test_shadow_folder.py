@@ -204,3 +204,26 @@ def test_a_denial_by_the_copy_itself_is_the_backups(tmp_path):
     assert denied(inside, {"/data": str(data)})
     assert denied('could not open file "/elsewhere/x": Permission denied', {"/data": str(data)})
     assert denied("pg_checksums: error: Permission denied")
+
+
+def test_a_denial_above_a_copy_reached_through_a_link_is_the_machines(tmp_path):
+    """The tool names resolved paths; a scratch folder reached through a symbolic link (moved to a
+    bigger disk) is still the copy's root once resolved: a folder above it denying is the machine's."""
+    import pytest
+
+    from dbops.errors import ValidationEnvironmentError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run pg_checksums as the postgres OS user")
+    real = tmp_path / "real"  # root's, 0700: the postgres OS user cannot pass
+    _file(real / "scratch" / "data" / "global" / "pg_control", b"\0" * 8192)
+    os.chmod(real, 0o700)
+    (tmp_path / "link").symlink_to(real)
+    data = tmp_path / "link" / "scratch" / "data"
+
+    class Resolved(_Here):  # as a host-run tool is given its folder: resolved
+        def run_tool(self, argv, **kw):
+            return super().run_tool([str(data.resolve()) if a == str(data) else a for a in argv], **kw)
+
+    with pytest.raises(ValidationEnvironmentError):
+        shadow.pg_checksums(_config(), Resolved(data), data, None, [])

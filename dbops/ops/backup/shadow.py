@@ -230,6 +230,7 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
         out = (r.stdout + r.stderr)[-2000:]
         if not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)) and \
                 not (cause.group(0).lower() in DENIALS and denied_by_the_copy(
-                    out, data.stat().st_uid, [data, data.parent / SHADOW], {inst.data_path: str(data)})):
+                    out, data.stat().st_uid, [data.resolve(), (data.parent / SHADOW).resolve()],
+                    {inst.data_path: str(data.resolve())})):
             raise environment_error("pg_checksums could not read the restored copy", cause.group(0), out)
         raise ValidationError("pg_checksums found bad pages in the restored backup", detail=out)
