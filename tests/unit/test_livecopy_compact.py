@@ -158,18 +158,19 @@ def test_the_ranges_handed_out_stay_few_whatever_the_plan(tmp_path, monkeypatch)
 
 def test_a_copy_stopped_in_its_thread_skips_what_is_queued(tmp_path, monkeypatch):
     """KeyboardInterrupt (the run stopped) while the ranges are handed out: raised, waiters released,
-    the threads ended, and the ranges still queued are not copied: the two threads are held in their
-    first range until the stop is recorded, with ten more ranges queued behind them."""
+    the threads ended, and the ranges still queued are not copied: a thread that took a range is held
+    in it until the stop is recorded, with the other ranges queued behind."""
     monkeypatch.setattr(livecopy, "RANGE", 8192)
     live, scratch = tmp_path / "live", tmp_path / "scratch"
     for i in range(30):
         touch(live / f"base/5/{16384 + i}", os.urandom(3 * 8192))
     scratch.mkdir()
     plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", tbs.ScratchTablespaces(scratch), "postgres")
-    real, calls, stopped = livecopy._copy_range, [0], threading.Event()
+    real, calls, stopped, count = livecopy._copy_range, [0], threading.Event(), threading.Lock()
 
     def copy_range(src, dst, off, n):
-        calls[0] += 1
+        with count:
+            calls[0] += 1
         stopped.wait(10)
         return real(src, dst, off, n)
 
@@ -199,6 +200,8 @@ def test_a_copy_stopped_in_its_thread_skips_what_is_queued(tmp_path, monkeypatch
     copied = livecopy.Copied()
     with pytest.raises(KeyboardInterrupt):
         livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
-    assert calls[0] == 2  # 4 files x 3 ranges handed out; without the skip all 12 are copied
+    # 4 files x 3 ranges handed out; at most one a thread began before the stop (a thread that started
+    # late begins none); without the skip all 12 are copied
+    assert calls[0] <= 2
     assert not [t for t in threading.enumerate() if t.name.startswith("dbops-copy")]
     assert not copied.wait(str(scratch / "data" / "base/5/16390"), 0, 1)

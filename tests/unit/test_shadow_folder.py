@@ -227,3 +227,28 @@ def test_a_denial_above_a_copy_reached_through_a_link_is_the_machines(tmp_path):
 
     with pytest.raises(ValidationEnvironmentError):
         shadow.pg_checksums(_config(), Resolved(data), data, None, [])
+
+
+def test_a_denial_above_the_copy_checked_through_its_shadow_folder_is_the_machines(tmp_path):
+    """With a shadow folder (the usual case: a restart point was written), the path pg_checksums names
+    is the shadow's: it is judged before the shadow folder is removed."""
+    import pytest
+
+    from dbops.errors import ValidationEnvironmentError
+
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run pg_checksums as the postgres OS user")
+    closed = tmp_path / "closed"  # root's, 0700: the postgres OS user cannot pass
+    data = closed / "scratch" / "data"
+    _file(data / "global" / "pg_control", b"\0" * 8192)
+    _file(data / "base" / "5" / "16384", b"\0" * 8192)
+    for dirpath, dirs, files in os.walk(closed / "scratch"):
+        for n in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
+            shutil.chown(n, "postgres", "postgres")
+    os.chmod(closed, 0o700)
+    checks: list = []
+    with pytest.raises(ValidationEnvironmentError):
+        shadow.pg_checksums(_config(), _Here(data), data, {"base/5/99999"}, checks)
+    assert checks[0]["files"] == 1 and not (data.parent / shadow.SHADOW).exists()

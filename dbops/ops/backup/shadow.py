@@ -221,16 +221,18 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
                               timeout=24 * 3600, reads=[Path(where)])
             record = {"check": "pg_checksums", "files": shadow.linked, "verified_by_server": shadow.left_out,
                       "verified_by_server_bytes": shadow.left_out_bytes}
+        # judged before the shadow folder goes: a denial is placed by looking at the path it names
+        out = (r.stdout + r.stderr)[-2000:]
+        machine = r.returncode != 0 and not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)) and \
+            not (cause.group(0).lower() in DENIALS and denied_by_the_copy(
+                out, data.stat().st_uid, [data.resolve(), (data.parent / SHADOW).resolve()],
+                {inst.data_path: str(data.resolve())}))
     finally:
         if shadow is not None:
             remove(shadow.path, data, linked)
     ok = r.returncode == 0
     checks.append({**record, "ok": ok})
     if not ok:
-        out = (r.stdout + r.stderr)[-2000:]
-        if not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)) and \
-                not (cause.group(0).lower() in DENIALS and denied_by_the_copy(
-                    out, data.stat().st_uid, [data.resolve(), (data.parent / SHADOW).resolve()],
-                    {inst.data_path: str(data.resolve())})):
+        if machine:
             raise environment_error("pg_checksums could not read the restored copy", cause.group(0), out)
         raise ValidationError("pg_checksums found bad pages in the restored backup", detail=out)
