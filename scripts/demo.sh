@@ -58,7 +58,7 @@ done
 echo "orders after the accident: $(sql 'SELECT count(*) FROM orders')"
 
 bold "restore to just before it: dry run first, then for real, started on a spare port"
-"$DBOPS" restore --to "$BEFORE" --target-dir "$LAB_ABS/restore" --dry-run
+"$DBOPS" restore --to "$BEFORE" --target-dir "$LAB_ABS/restore" --force --dry-run
 PORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 t=$(now)
 "$DBOPS" restore --to "$BEFORE" --target-dir "$LAB_ABS/restore" --force --start --port "$PORT"
