@@ -93,6 +93,19 @@ def denied_by_the_copy(out: str, owner_uid: int, roots: Sequence[Path],
     return False
 
 
+def machine_cause(out: str, data: Path, data_path: str) -> str | None:
+    """Why pg_checksums (output ``out``) failed when the machine is to blame, not the copy ``data``
+    (``data_path``: the copy's path as the tool was given it): no bad page named, an environment
+    cause named, and for a denial, nothing of the copy's own denying (:func:`denied_by_the_copy`)."""
+    if BAD_PAGES.search(out) or (cause := ENVIRONMENT.search(out)) is None:
+        return None
+    if cause.group(0).lower() in DENIALS and denied_by_the_copy(
+            out, data.stat().st_uid, [data.resolve(), (data.parent / SHADOW).resolve()],
+            {data_path: str(data.resolve())}):
+        return None
+    return cause.group(0)
+
+
 _SEGMENT = re.compile(r"^(.*?)(?:\.(\d+))?$")
 
 
@@ -221,18 +234,15 @@ def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[
                               timeout=24 * 3600, reads=[Path(where)])
             record = {"check": "pg_checksums", "files": shadow.linked, "verified_by_server": shadow.left_out,
                       "verified_by_server_bytes": shadow.left_out_bytes}
-        # judged before the shadow folder goes: a denial is placed by looking at the path it names
         out = (r.stdout + r.stderr)[-2000:]
-        machine = r.returncode != 0 and not BAD_PAGES.search(out) and (cause := ENVIRONMENT.search(out)) and \
-            not (cause.group(0).lower() in DENIALS and denied_by_the_copy(
-                out, data.stat().st_uid, [data.resolve(), (data.parent / SHADOW).resolve()],
-                {inst.data_path: str(data.resolve())}))
+        # judged before the shadow folder goes: a denial is placed by looking at the path it names
+        cause = machine_cause(out, data, inst.data_path) if r.returncode else None
     finally:
         if shadow is not None:
             remove(shadow.path, data, linked)
     ok = r.returncode == 0
     checks.append({**record, "ok": ok})
     if not ok:
-        if machine:
-            raise environment_error("pg_checksums could not read the restored copy", cause.group(0), out)
+        if cause is not None:
+            raise environment_error("pg_checksums could not read the restored copy", cause, out)
         raise ValidationError("pg_checksums found bad pages in the restored backup", detail=out)
