@@ -5,9 +5,10 @@ validated, so the WAL's dropped-relations lists can be read as table names."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import zstandard
 
@@ -57,10 +58,22 @@ class RelMap:
         return {r.file: r for r in self.relations if r.file is not None}
 
 
-def save(store: ObjectStore, layout: Layout, backup_id: str, data: dict[str, Any]) -> int:
-    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
-    blob = zstandard.ZstdCompressor(level=3).compress(raw)
-    store.put(layout.relation_map(backup_id), blob, metadata={"format": str(data.get("format", 1))})
+FORMAT = 1
+
+
+def encode(produce: Callable[[IO[bytes]], Any]) -> bytes:
+    """The stored form of a map whose JSON text ``produce`` writes into the stream it is given: that
+    text compressed as it comes, so only the compressed bytes are held (a few MB for a million
+    relations)."""
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(level=3).stream_writer(buf, closefd=False) as w:
+        produce(w)
+    return buf.getvalue()
+
+
+def save(store: ObjectStore, layout: Layout, backup_id: str, blob: bytes) -> int:
+    """Store a map made by :func:`encode`."""
+    store.put(layout.relation_map(backup_id), blob, metadata={"format": str(FORMAT)})
     return len(blob)
 
 

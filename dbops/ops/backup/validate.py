@@ -34,6 +34,7 @@ from dbops.pg import relmap as relmap_reader
 from dbops.pg.lsn import format_lsn, segment_of_lsn
 from dbops.phases import Phases
 from dbops.repo import manifest as mf
+from dbops.repo import relmap as relmap_store
 from dbops.repo.known import Known
 from dbops.repo.restore import restore_snapshot
 from dbops.repo.model import PAGE
@@ -56,7 +57,7 @@ class Validation:
     reason: str | None = None
     replayed_lsn: int | None = None
     last_commit_time: float | None = None
-    relation_map: dict[str, Any] | None = None  # read at the target; stored with the backup taken there
+    relation_map: bytes | None = None  # read at the target (stored form); stored with the backup taken there
     tablespace_names: dict[int, str] = field(default_factory=dict)  # OID -> name, read at the target
     checksums: Checksums | None = None  # pg_checksums still running (see recover_to_target's ``stack``)
 
@@ -129,11 +130,11 @@ def restore_seconds(t: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- validation run
 
 
-def read_relation_map(inst) -> dict[str, Any] | None:
-    """Which relfilenodes are which tables at the target (for `restore --before-drop`); a failure to
-    read it costs that feature for this backup, never the backup."""
+def read_relation_map(inst) -> bytes | None:
+    """Which relfilenodes are which tables at the target (for `restore --before-drop`), in its stored
+    form; a failure to read it costs that feature for this backup, never the backup."""
     try:
-        return relmap_reader.read(inst.node, inst.node())
+        return relmap_store.encode(lambda out: relmap_reader.write(inst.node, inst.node(), out))
     except DbopsError as e:
         log.event(_log, logging.WARNING, "could not read the relation map", error=e.message, detail=e.detail)
         return None
