@@ -46,8 +46,9 @@ else:  # held whole: every relation a dict, then one text, then compressed
              "spc": sp or spc, "table": f"{ts}.{tn}", "table_oid": to}
             for o, s, n, k, f, sp, to, ts, tn, ps, pn in rows]})
     blob = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": round(time.monotonic() - t0, 2), "stored_bytes": len(blob),
-                  "rss_above_base_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, 1)}))
+                  "peak_rss_mib": round(peak / 1024, 1), "rss_above_base_mib": round((peak - base) / 1024, 1)}))
 """
 
 
