@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bytecode import compile_dbops  # noqa: E402
 from dbops.lab import harness as labmod  # noqa: E402
 
-BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind",
+BENCHES = ["bench_wal", "bench_backup", "bench_restore", "bench_failover", "bench_lost", "bench_dropfind", "bench_relmap",
            "bench_encryption", "bench_scale", "bench_tablespaces"]
 
 
