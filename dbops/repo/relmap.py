@@ -1,14 +1,26 @@
 """A backup's relation map in the bucket: stored beside its manifest, read back as untrusted input.
 
 The map says which relfilenodes (tablespace / database / file) were which table when the backup was
-validated, so the WAL's dropped-relations lists can be read as table names."""
+validated, so the WAL's dropped-relations lists can be read as table names.
+
+Stored form (zstd), format 2: JSON lines, read a line at a time, never whole::
+
+    {"format":2}
+    {"database":{"name":"app","oid":16384,"spc":1663}}
+    [{"kind":"r","name":"orders","node":16385,"oid":16385,"parent":null,"schema":"public",
+      "spc":1663,"table":"public.orders","table_oid":16385}, ...]     (up to 5,000 per line)
+
+Each list line holds relations of the database named last. Format 1 (one JSON document:
+``{"databases":[{"name", "oid", "spc", "relations":[...]}], "format":1}``), written before, is
+still read, whole."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
-from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import zstandard
 
@@ -18,9 +30,13 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
 MAX_BYTES = 512 * 1024 * 1024  # decompressed; a map is about 150 bytes per relation
+MAX_LINE = 16 * 1024 * 1024  # a line of format 2 holds at most 5,000 relations (about 1 MB)
+READ = 1024 * 1024
+FORMAT = 2
+_DAMAGE = (zstandard.ZstdError, ValueError, TypeError, KeyError, AttributeError)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Relation:
     database: str
     db_oid: int
@@ -36,6 +52,10 @@ class Relation:
     def qualified(self) -> str:
         return f"{self.database}.{self.schema}.{self.name}"
 
+    @property
+    def is_table(self) -> bool:
+        return self.kind in ("r", "p", "m") and f"{self.schema}.{self.name}" == self.table
+
 
 @dataclass(frozen=True)
 class RelMap:
@@ -44,7 +64,7 @@ class RelMap:
     relations: tuple[Relation, ...]
 
     def tables(self) -> list[Relation]:
-        return [r for r in self.relations if r.kind in ("r", "p", "m") and f"{r.schema}.{r.name}" == r.table]
+        return [r for r in self.relations if r.is_table]
 
     def parts_of(self, table: Relation) -> list[Relation]:
         """The table itself, its TOAST table and every index (of both), and its partitions' files."""
@@ -58,12 +78,74 @@ class RelMap:
         return {r.file: r for r in self.relations if r.file is not None}
 
 
-FORMAT = 1
+@dataclass(frozen=True)
+class StoredMap:
+    """A backup's map as stored (its compressed bytes: about 12 bytes a relation), read and checked
+    again on each pass, a line at a time: what a search keeps of a map is what it asks for."""
+    backup_id: str
+    key: str
+    blob: bytes
+    databases: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)  # filled as read
+
+    def relations(self) -> Iterator[Relation]:
+        """Every relation, checked as it is read; ValidationError when the map is damaged."""
+        try:
+            yield from _relations(self.blob, self.databases)
+        except _DAMAGE as e:
+            raise ValidationError(f"the relation map of backup {self.backup_id} is damaged",
+                                  detail=f"{self.key}: {e}") from None
+
+    def whole(self) -> RelMap:
+        rels = tuple(self.relations())
+        return RelMap(self.backup_id, dict(self.databases), rels)
+
+    def tables_and_parts(self) -> list[tuple[Relation, int]]:
+        """Every table with how many other relations are its parts (``len(parts_of(t)) - 1``: its
+        indexes, TOAST, partitions and theirs), in one pass: of the rest, only a count per table."""
+        tables: list[Relation] = []
+        own: dict[tuple[str, str], int] = {}
+        kids: dict[tuple[str, str], list[str]] = {}
+        for r in self.relations():
+            own[(r.database, r.table)] = own.get((r.database, r.table), 0) + 1
+            if r.is_table:
+                tables.append(r)
+                if r.parent is not None:
+                    kids.setdefault((r.database, r.parent), []).append(r.table)
+
+        def parts(db: str, table: str, seen: set[str]) -> int:
+            seen.add(table)
+            return own.get((db, table), 0) + sum(parts(db, k, seen) for k in kids.get((db, table), ()) if k not in seen)
+
+        return [(t, parts(t.database, t.table, set()) - 1) for t in tables]
+
+    def about(self, names: Iterable[str]) -> RelMap:
+        """The part of the map that :func:`find_table` and ``parts_of`` need for these table names
+        ([DB.][SCHEMA.]TABLE): every table of that name, and every relation of theirs and of their
+        partitions, found in two passes. Only partitions' names (to follow them) are kept of the rest."""
+        wanted = {split_name(n)[2] for n in names}
+        found: set[tuple[str, str]] = set()
+        kids: dict[tuple[str, str], list[str]] = {}  # (database, parent) -> its partitions / children
+        for r in self.relations():
+            if r.is_table:
+                if r.name in wanted:
+                    found.add((r.database, r.table))
+                if r.parent is not None:
+                    kids.setdefault((r.database, r.parent), []).append(r.table)
+        todo = list(found)
+        while todo:
+            db, table = todo.pop()
+            for kid in kids.get((db, table), ()):
+                if (db, kid) not in found:
+                    found.add((db, kid))
+                    todo.append((db, kid))
+        del kids
+        keep = tuple(r for r in self.relations() if (r.database, r.table) in found)
+        return RelMap(self.backup_id, dict(self.databases), keep)
 
 
 def encode(produce: Callable[[IO[bytes]], Any]) -> bytes:
-    """The stored form of a map whose JSON text ``produce`` writes into the stream it is given: that
-    text compressed as it comes, so only the compressed bytes are held (a few MB for a million
+    """The stored form of a map whose text ``produce`` writes into the stream it is given: that
+    text compressed as it comes, so only the compressed bytes are held (about 12 MB for a million
     relations)."""
     buf = io.BytesIO()
     with zstandard.ZstdCompressor(level=3).stream_writer(buf, closefd=False) as w:
@@ -77,18 +159,66 @@ def save(store: ObjectStore, layout: Layout, backup_id: str, blob: bytes) -> int
     return len(blob)
 
 
-def load(store: ObjectStore, layout: Layout, backup_id: str) -> RelMap | None:
-    """The backup's map, checked; None when the backup has none (taken before maps existed)."""
+def fetch(store: ObjectStore, layout: Layout, backup_id: str) -> StoredMap | None:
+    """The backup's map as stored; None when the backup has none (taken before maps existed)."""
     key = layout.relation_map(backup_id)
     try:
-        blob = store.get(key)
+        return StoredMap(backup_id, key, store.get(key))
     except NotFoundError:
         return None
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_BYTES)
-        return parse(backup_id, json.loads(raw))
-    except (zstandard.ZstdError, ValueError, TypeError, KeyError) as e:
-        raise ValidationError(f"the relation map of backup {backup_id} is damaged", detail=f"{key}: {e}") from None
+
+
+def load(store: ObjectStore, layout: Layout, backup_id: str) -> RelMap | None:
+    """The backup's whole map, checked; None when the backup has none."""
+    m = fetch(store, layout, backup_id)
+    return m.whole() if m is not None else None
+
+
+def _chunks(blob: bytes) -> Iterator[bytes]:
+    total = 0
+    with zstandard.ZstdDecompressor().stream_reader(blob) as r:
+        while chunk := r.read(READ):
+            total += len(chunk)
+            if total > MAX_BYTES:
+                raise ValueError(f"larger than {MAX_BYTES} bytes decompressed")
+            yield chunk
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) > MAX_LINE:
+            raise ValueError(f"a line longer than {MAX_LINE} bytes")
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _relations(blob: bytes, dbs: dict[str, tuple[int, int]]) -> Iterator[Relation]:
+    chunks = _chunks(blob)
+    first = next(chunks, b"")
+    if first.startswith(b'{"databases"'):  # format 1: one document
+        doc = json.loads(first + b"".join(chunks))
+        yield from parse("", doc, dbs).relations
+        return
+    lines = _lines(itertools.chain((first,), chunks))
+    if json.loads(next(lines, b"null")) != {"format": 2}:
+        raise ValueError("not a relation map of format 1 or 2")
+    db: tuple[str, int] | None = None
+    for line in lines:
+        item = json.loads(line) if line else None
+        if isinstance(item, dict) and set(item) == {"database"} and isinstance(item["database"], dict):
+            d = item["database"]
+            name, oid, spc = _text(d["name"]), _oid(d["oid"]), _oid(d["spc"])
+            dbs[name] = (oid, spc)
+            db = (name, oid)
+        elif isinstance(item, list) and db is not None:
+            for r in item:
+                yield _relation(db[0], db[1], r)
+        elif item is not None:
+            raise ValueError("a line that is neither a database nor a list of its relations")
 
 
 def _oid(v: Any) -> int:
@@ -103,23 +233,29 @@ def _text(v: Any) -> str:
     return v
 
 
-def parse(backup_id: str, doc: Any) -> RelMap:
+def _relation(db_name: str, db_oid: int, r: Any) -> Relation:
+    if not isinstance(r, dict):
+        raise ValueError("a relation that is not an object")
+    node = _oid(r["node"])
+    kind = _text(r["kind"])
+    if kind not in ("r", "p", "m", "t", "i", "I", "S"):
+        raise ValueError(f"unknown relation kind {kind!r}")
+    parent = r.get("parent")
+    return Relation(db_name, db_oid, _text(r["schema"]), _text(r["name"]), _oid(r["oid"]), kind,
+                    RelFile(_oid(r["spc"]), db_oid, node) if node else None, _text(r["table"]),
+                    _text(parent) if parent is not None else None)
+
+
+def parse(backup_id: str, doc: Any, dbs: dict[str, tuple[int, int]] | None = None) -> RelMap:
+    """A map of format 1 (one JSON document)."""
     if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("databases"), list):
         raise ValueError("not a relation map of format 1")
-    dbs: dict[str, tuple[int, int]] = {}
+    dbs = {} if dbs is None else dbs
     rels: list[Relation] = []
     for d in doc["databases"]:
         name, oid, spc = _text(d["name"]), _oid(d["oid"]), _oid(d["spc"])
         dbs[name] = (oid, spc)
-        for r in d["relations"]:
-            node = _oid(r["node"])
-            kind = _text(r["kind"])
-            if kind not in ("r", "p", "m", "t", "i", "I", "S"):
-                raise ValueError(f"unknown relation kind {kind!r}")
-            parent = r.get("parent")
-            rels.append(Relation(name, oid, _text(r["schema"]), _text(r["name"]), _oid(r["oid"]), kind,
-                                 RelFile(_oid(r["spc"]), oid, node) if node else None, _text(r["table"]),
-                                 _text(parent) if parent is not None else None))
+        rels.extend(_relation(name, oid, r) for r in d["relations"])
     return RelMap(backup_id, dbs, tuple(rels))
 
 

@@ -100,10 +100,12 @@ class _Target:
     backups: list[str]
     findings: list[Finding] = field(default_factory=list)
     checks: list[tuple[Finding, FileId, int, int]] = field(default_factory=list)  # truncate or rewrite?
+    others: list[tuple[Finding, list[FileId]]] = field(default_factory=list)  # dropped with it: to name
 
 
-def _maps(store: ObjectStore, layout: Layout, infos: list[catalog.BackupInfo]) -> list[relmap.RelMap]:
-    return [m for m in (relmap.load(store, layout, b.backup_id) for b in infos if b.usable) if m is not None]
+def _maps(store: ObjectStore, layout: Layout, infos: list[catalog.BackupInfo]) -> list[relmap.StoredMap]:
+    """The usable backups' maps, as stored (compressed): each search pass reads them again."""
+    return [m for m in (relmap.fetch(store, layout, b.backup_id) for b in infos if b.usable) if m is not None]
 
 
 def _target(maps: list[relmap.RelMap], asked: str) -> _Target:
@@ -125,11 +127,11 @@ def _target(maps: list[relmap.RelMap], asked: str) -> _Target:
 
 def tables_of(cfg: Config, backup_id: str, *, store: ObjectStore | None = None) -> list[dict[str, Any]] | None:
     """The tables a backup's relation map knows; None when it has no map."""
-    m = relmap.load(*open_archive(cfg.storage, store), backup_id)
+    m = relmap.fetch(*open_archive(cfg.storage, store), backup_id)
     if m is None:
         return None
     return [{"table": t.qualified, "oid": t.oid, "kind": t.kind, "file": t.file.path() if t.file else None,
-             "parts": len(m.parts_of(t)) - 1} for t in sorted(m.tables(), key=lambda r: r.qualified)]
+             "parts": parts} for t, parts in sorted(m.tables_and_parts(), key=lambda x: x[0].qualified)]
 
 
 def find(cfg: Config, names: list[str], *, store: ObjectStore | None = None,
@@ -143,7 +145,8 @@ def find(cfg: Config, names: list[str], *, store: ObjectStore | None = None,
     seg_size = ident.wal_segment_size
     infos = catalog.list_backups(store, layout)
     maps = _maps(store, layout, infos)
-    targets = [_target(maps, n) for n in names]
+    about = [m.about(names) for m in maps]  # what each map knows of these names, not all of it
+    targets = [_target(about, n) for n in names]
     by_id = {b.backup_id: b for b in infos}
     inv = rwal.inventory(store, layout, seg_size)
     tli = inv.latest_timeline() or 1
@@ -158,16 +161,14 @@ def find(cfg: Config, names: list[str], *, store: ObjectStore | None = None,
                                      f" and later; missing: {', '.join(wr.holes[:10])}",
                               hint="`dbops wal status` lists the gaps")
     segs = wr.contiguous
-    lookup: dict[FileId, relmap.Relation] = {}
-    for m in maps:
-        lookup.update(m.by_file())
     workers = parallel or max(2, (os.cpu_count() or 2) * 2)
     scratch = Path(cfg.backup.scratch_dir)
     with tempfile.TemporaryDirectory(prefix="dbops-walfind-", dir=scratch if scratch.is_dir() else None) as tmp:
         folder = Path(tmp)
         facts = _scan(arc, segs, folder, seg_size, workers, cfg.runtime.bin_dir)
-        _match(targets, facts, lookup)
+        _match(targets, facts)
         _classify(arc, targets, folder, seg_size, cfg.runtime.bin_dir)
+    _name_others(maps, targets)
     out = []
     for t in targets:
         t.findings.sort(key=lambda f: f.commit_lsn)
@@ -203,7 +204,7 @@ def _scan(arc: WalArchive, segs: list[str], folder: Path, seg_size: int, workers
     return out
 
 
-def _match(targets: list[_Target], facts: list[SegmentFacts], lookup: dict[FileId, relmap.Relation]) -> None:
+def _match(targets: list[_Target], facts: list[SegmentFacts]) -> None:
     creates: dict[int, list[tuple[int, FileId]]] = {}
     db_drops: dict[int, set[int]] = {}
     for sf in facts:
@@ -216,18 +217,17 @@ def _match(targets: list[_Target], facts: list[SegmentFacts], lookup: dict[FileI
             made = sorted(x for i in xids for x in creates.pop(i, []))
             gone_dbs = set().union(*(db_drops.pop(i, set()) for i in xids))
             for t in targets:
-                _commit(t, c, made, gone_dbs, lookup)
+                _commit(t, c, made, gone_dbs)
 
 
-def _commit(t: _Target, c: Commit, made: list[tuple[int, FileId]], gone_dbs: set[int],
-            lookup: dict[FileId, relmap.Relation]) -> None:
+def _commit(t: _Target, c: Commit, made: list[tuple[int, FileId]], gone_dbs: set[int]) -> None:
     hits = [f for f in c.dropped if f in t.heap]
     if hits:
         dbs = {h.db for h in hits}
         successor = next(((lsn, f) for lsn, f in made if f.db in dbs), None)
-        finding = Finding(t.table, 0, c.xid, c.lsn, c.time, c.timeline, TRUNCATE if successor else DROP,
-                          _also(c.dropped, t, lookup))
+        finding = Finding(t.table, 0, c.xid, c.lsn, c.time, c.timeline, TRUNCATE if successor else DROP)
         t.findings.append(finding)
+        t.others.append((finding, [f for f in c.dropped if f not in t.files]))  # named after the scan
         if successor:  # the table lives on in a new file: follow it, and check whether data was copied
             t.heap.add(successor[1])
             t.files.update(f for _lsn, f in made if f.db in dbs)  # its new index and TOAST files too
@@ -237,12 +237,23 @@ def _commit(t: _Target, c: Commit, made: list[tuple[int, FileId]], gone_dbs: set
                                   [f"database {t.table.split('.', 1)[0]} with all its tables"]))
 
 
+def _name_others(maps: list[relmap.StoredMap], targets: list[_Target]) -> None:
+    """Each finding's other dropped files, named by the maps (a later backup's name wins): one pass
+    over each map, keeping only the files asked about."""
+    asked = {f for t in targets for _finding, files in t.others for f in files}
+    lookup: dict[FileId, relmap.Relation] = {}
+    if asked:
+        for m in maps:
+            lookup.update((r.file, r) for r in m.relations() if r.file in asked)
+    for t in targets:
+        for finding, files in t.others:
+            finding.also_dropped = _also(files, t, lookup)
+
+
 def _also(dropped: list[FileId], t: _Target, lookup: dict[FileId, relmap.Relation]) -> list[str]:
     named: set[str] = set()
     unnamed = 0
     for f in dropped:
-        if f in t.files:
-            continue
         r = lookup.get(f)
         if r is None:
             unnamed += 1
