@@ -38,7 +38,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Container, Mapping, Sequence
 
 from dbops import proc
 from dbops.errors import ValidationError
@@ -140,7 +140,7 @@ def _read_by_scan(dirpath: str, name: str, seg: int) -> bool:
     return True
 
 
-def build(data: Path, shadow: Path, verified: set[str], owner: str | None = None,
+def build(data: Path, shadow: Path, verified: Container[str], owner: str | None = None,
           linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> Shadow | None:
     """The shadow folder (new) for pg_checksums: every file it would read in ``data`` hard-linked
     at the same relative path, but the segments of the main forks in ``verified`` (paths relative to
@@ -215,7 +215,7 @@ def remove(shadow: Path, data: Path, linked: Callable[[str, os.stat_result, os.s
     shutil.rmtree(shadow, ignore_errors=True)
 
 
-def pg_checksums(cfg, inst, data: Path, verified: set[str] | None, checks: list[dict[str, Any]],
+def pg_checksums(cfg, inst, data: Path, verified: Container[str] | None, checks: list[dict[str, Any]],
                  linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> None:
     """``pg_checksums --check`` of the stopped copy data: on a shadow folder beside it without the
     main forks in ``verified`` (the checks' tables, when the restart point was written; None: every

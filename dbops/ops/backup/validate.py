@@ -27,6 +27,7 @@ from dbops.ops.backup.checks import run_checks
 from dbops.ops.backup.environment import environment_cause, environment_error, server_detail
 from dbops.ops.backup.recoveryconf import (RECOVERY_SETTINGS_BASE, RECOVERY_SETTINGS_PG15, pg_major, standby_minimums,
                                           write_recovery_signal)
+from dbops.ops.backup.relfiles import RelFiles
 from dbops.ops.backup.replay import restartpoint_beside, wait_paused
 from dbops.ops.backup.target import Target, capture_fetching_ahead, fetch_wal, own_target
 from dbops.pg import controldata
@@ -203,7 +204,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         with phases("replay"):
             val.replayed_lsn, val.last_commit_time = wait_paused(inst, data, target, timeout)
         val.checks.append({"check": "consistency", "ok": True, "replayed_lsn": format_lsn(val.replayed_lsn)})
-        verified: set[str] = set()  # the main forks the checks read in full: the server verified their pages
+        verified = RelFiles()  # the main forks the checks read in full: the server verified their pages
         with phases("checks"), restartpoint_beside(inst, timeout) as restartpoint:
             run_checks(cfg, inst, val.checks, verified)
             val.relation_map = read_relation_map(inst)
