@@ -2,7 +2,7 @@
 pgBackRest, on one lab kept between runs so a change can be measured again without rebuilding it.
 
     python -m bench.bench_download setup --dir DIR --scale 400 [--incremental]
-    python -m bench.bench_download measure --dir DIR [--runs 2] [--tools dbops,dbops-enc,pgbackrest,dbops-incr]
+    python -m bench.bench_download measure --dir DIR [--runs 2] [--tools dbops,dbops-enc,pgbackrest,dbops-incr] [--idle 5]
     python -m bench.bench_download down --dir DIR
 
 `setup` takes a dbops full backup (plain, as the sweep's lab) and copies it, object by object,
@@ -123,12 +123,19 @@ def _timed(argv: list[str], **kw) -> dict:
         os.unlink(out)
 
 
-def _fresh(folder: Path) -> None:
+def _fresh(folder: Path, idle: float = 0.0) -> None:
+    """The folder removed and the disk synced; then ``idle`` seconds waited: the memory its page
+    cache held, freed just now and taken again at once by the next run, is cheap; on a VM that
+    hands free memory back to its host (free page reporting, a couple of seconds after it is
+    freed), memory free for longer costs a fault to the host when first written (``--idle``)."""
     shutil.rmtree(folder, ignore_errors=True)
     os.sync()
+    if idle:
+        time.sleep(idle)
 
 
-def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, code: str | None = None) -> list[dict]:
+def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, code: str | None = None,
+            idle: float = 0.0) -> list[dict]:
     lab = labmod.info(d)
     meta = json.loads((d / "bench-download.json").read_text())
     target = d / "bench-download-restore"
@@ -136,7 +143,7 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
     out = []
     for n in range(runs):
         for tool in tools:
-            _fresh(target)
+            _fresh(target, idle)
             if tool in ("dbops", "dbops-enc", "dbops-incr"):
                 cfg = str(d / "dbops-enc.yaml") if tool == "dbops-enc" else lab.config_path
                 backup_id = meta["incremental_id"] if tool == "dbops-incr" else meta["backup_id"]
@@ -151,7 +158,7 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
                 stats = json.loads(rec.pop("stdout"))
             else:
                 with pgbackrest_peer.session(lab) as p:
-                    _fresh(p.private / "restore")
+                    _fresh(p.private / "restore", idle)
                     (p.private / "restore").mkdir(mode=0o700)
                     proc.chown_to(p.private / "restore", "postgres")
                     t0 = time.monotonic()
@@ -218,6 +225,8 @@ def main() -> int:
     m.add_argument("--tools", default="dbops,dbops-enc,pgbackrest")
     m.add_argument("--profile", default=None, help="cProfile output prefix for the dbops runs")
     m.add_argument("--code", default=None, help="a folder holding another dbops package to measure (before/after)")
+    m.add_argument("--idle", type=float, default=0.0,
+                   help="seconds waited after the previous run's folder is removed, before each run")
     c = sub.add_parser("child")
     c.add_argument("config")
     c.add_argument("backup_id")
@@ -229,7 +238,7 @@ def main() -> int:
     if a.cmd == "setup":
         setup(Path(a.dir).resolve(), a.scale, a.resume, a.incremental)
     elif a.cmd == "measure":
-        measure(Path(a.dir).resolve(), a.runs, a.tools.split(","), a.profile, a.code)
+        measure(Path(a.dir).resolve(), a.runs, a.tools.split(","), a.profile, a.code, a.idle)
     elif a.cmd == "child":
         child(a.config, a.backup_id, a.target, a.profile)
     else:
