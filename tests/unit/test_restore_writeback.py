@@ -1,0 +1,97 @@
+"""A durable restore's writes (``rangewrite.Flusher``): their writeback started as a range goes, then
+waited for and their pages dropped from the page cache, so the cache a restore dirties stays at a
+few windows instead of the size of the database; a writeback error is raised, never dropped."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+
+import pytest
+
+from dbops.repo import rangewrite as rmod
+
+MIB = 1 << 20
+
+
+def resident_pages(path) -> int:
+    """Pages of the file in the page cache (mincore over a read-only mapping of it)."""
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = ctypes.create_string_buffer(pages)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            pytest.skip(f"mmap: {os.strerror(ctypes.get_errno())}")
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+def write_through_flusher(path, total: int) -> None:
+    block = os.urandom(128 * 1024)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fl = rmod.Flusher()
+        for off in range(0, total, len(block)):
+            rmod.write_all(fd, block, off)
+            fl.wrote(fd, off, len(block))
+        fl.all()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_a_range_written_durably_leaves_no_pages_behind(tmp_path):
+    path = tmp_path / "f"
+    total = 48 * MIB
+    write_through_flusher(path, total)
+    if getattr(rmod, "_refused", [False])[0]:
+        pytest.skip("the file system refuses sync_file_range")
+    assert path.stat().st_size == total
+    # every window written back and dropped: what stays cached is a few pages at most, not 48 MiB
+    assert resident_pages(path) * mmap.PAGESIZE < 1 * MIB
+
+
+def test_the_content_is_what_was_written(tmp_path):
+    path = tmp_path / "f"
+    blocks = [os.urandom(100_000) for _ in range(200)]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fl = rmod.Flusher()
+        off = 0
+        for b in blocks:
+            rmod.write_all(fd, b, off)
+            fl.wrote(fd, off, len(b))
+            off += len(b)
+        fl.all()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(blocks)
+
+
+def test_a_writeback_error_is_raised(tmp_path):
+    """An error sync_file_range reports is raised with its errno (reported once, the file's fsync
+    would not see it again), not taken for a file system that does not support the call."""
+    if rmod._sync_file_range() is None:
+        pytest.skip("no sync_file_range here")
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    with pytest.raises(OSError) as e:
+        rmod._start_writeback(fd, 0, MIB)  # a closed descriptor: EBADF
+    assert e.value.errno == errno.EBADF
+    assert not rmod._refused[0]
