@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dbops import log, proc
 from dbops.errors import DbopsError, PreconditionError
@@ -79,8 +79,8 @@ def stop_left_servers(folder: Path, timeout: float = 30.0) -> list[int]:
 
 
 @contextmanager
-def scratch_folder(root: Path, run_id: str, owner: str, *,
-                   removals: list[threading.Thread] | None = None) -> Iterator[Path]:
+def scratch_folder(root: Path, run_id: str, owner: str, *, removals: list[threading.Thread] | None = None,
+                   after: list[Callable[[], None]] | None = None) -> Iterator[Path]:
     """This run's own folder under root, owned by PostgreSQL's OS user (owner), removed at the end.
     root must be this user's, root's or owner's, writable by no one else and not a link
     (0755: the throwaway instance's user must reach its run folder inside).
@@ -88,7 +88,11 @@ def scratch_folder(root: Path, run_id: str, owner: str, *,
     ``removals``: the folder is removed in a thread appended there, which the caller joins before
     it ends (see :func:`join_removals`): a copy of the database takes a while to unlink, and the run
     has other work (its status record, retention) meanwhile. A run killed before that leaves it to
-    the next run's :func:`clean_stale_scratch`."""
+    the next run's :func:`clean_stale_scratch`.
+
+    ``after``: what the caller appends there runs once the folder is gone (in that thread with
+    ``removals``), a failure logged: the container of a throwaway server stopped on the copy, whose
+    removal syncs what the copy would still have dirty (see :mod:`dbops.runtime.container`)."""
     private_dir(root, create=True, mode=0o755, also_user=owner)
     d = root / f"{SCRATCH_PREFIX}{os.getpid()}-{run_id}"
     d.mkdir(mode=0o700)
@@ -98,15 +102,32 @@ def scratch_folder(root: Path, run_id: str, owner: str, *,
     finally:
         if removals is None:
             shutil.rmtree(d, ignore_errors=True)
+            run_after(after or [])
         else:  # renamed first: the name is free again at once (a healing full backup takes it)
             gone = d.with_name(d.name + "-removing")
             try:
                 d.rename(gone)
             except OSError:
                 gone = d
-            t = threading.Thread(target=remove_tree, args=(gone,), name="dbops-scratch-removal")
+
+            def remove() -> None:
+                remove_tree(gone)
+                run_after(after or [])
+
+            t = threading.Thread(target=remove, name="dbops-scratch-removal")
             t.start()
             removals.append(t)
+
+
+def run_after(after: list[Callable[[], None]]) -> None:
+    """Each of ``after`` in turn (see scratch_folder); a failure is logged, the others still run."""
+    while after:
+        f = after.pop(0)
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001  the run's work is done; say what is left behind
+            log.event(_log, logging.WARNING, "could not clean up after the scratch folder",
+                      error=getattr(e, "message", None) or str(e), hint=getattr(e, "hint", None))
 
 
 LARGE_FILE = 16 * 2**20  # unlinked by the threads of remove_tree

@@ -22,6 +22,7 @@ from dbops.config import RuntimeSettings
 from dbops.errors import PostgresError
 from dbops.pg import binaries, conn, controldata
 from dbops.runtime import InstanceSpec, cleanup_stale, engine_of, open_runtime, probe
+from dbops.runtime import container
 from dbops.runtime.container import ContainerInstance
 from dbops.runtime.local import LocalInstance
 
@@ -198,6 +199,76 @@ def test_start_query_stop(engine, settings, small_cluster, work):
     assert not (data / "postmaster.pid").exists()
 
 
+def _container_state(settings, name: str) -> str:
+    """'running', 'exited', ... as the engine sees the container; '' once it is gone."""
+    res = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Status}}", name], check=False)
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def test_a_stopped_server_keeps_its_container_until_removed(settings, small_cluster, work):
+    """The container outlives its server (its exit, the rootfs overlay's unmount, syncs the file system
+    under podman's run root): stop() returns with the container still up, postgres's exit status read,
+    and only remove() ends it."""
+    data = copy_cluster(small_cluster, work / "kept")
+    with open_runtime(settings["podman"]).start(InstanceSpec(data_dir=data, port=_free_port(), name="kept")) as inst:
+        inst.wait_ready(60)
+        inst.stop("fast", timeout=60)
+        assert _state(data) == "shut down" and not (data / "postmaster.pid").exists()
+        assert _container_state(settings, inst.name) == "running"
+        assert (inst.run_dir / container.SERVER_EXIT).read_text().strip() == "0"  # postgres's own status
+        assert not inst.is_running() and inst.ended_by() is None
+        assert "database system is shut down" in inst.logs(10)
+        res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
+        assert "Bad checksums:  0" in res.stdout
+        inst.stop("fast", timeout=60)  # stopped already: nothing to do, no error
+        inst.remove()
+        assert _container_state(settings, inst.name) == ""
+        assert not inst.run_dir.exists()
+
+
+def test_a_killed_server_is_reported_while_its_container_stays(settings, small_cluster, work):
+    """postgres killed with SIGKILL (as by the OOM killer): status 137 is reported as that, although the
+    container lives on; a stop then has nothing to stop."""
+    data = copy_cluster(small_cluster, work / "killed-server")
+    spec = InstanceSpec(data_dir=data, port=_free_port(), name="killed-server")
+    with open_runtime(settings["podman"]).start(spec) as inst:
+        inst.wait_ready(60)
+        assert inst.is_running() and inst.ended_by() is None
+        first = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Pid}}", inst.name]).stdout.strip()
+        postmaster = Path(f"/proc/{first}/task/{first}/children").read_text().split()  # the host's pids
+        assert len(postmaster) == 1
+        os.kill(int(postmaster[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while inst.is_running():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert _container_state(settings, inst.name) == "running"
+        assert (inst.run_dir / container.SERVER_EXIT).read_text().strip() == "137"
+        assert "status 137" in (inst.ended_by() or "") and "terminated by signal 9" in inst.ended_by()
+        inst.stop("fast", timeout=60)
+    assert _container_state(settings, inst.name) == ""
+    assert _state(data) == "in production"  # never shut down
+
+
+def test_a_smart_stop_waits_for_the_session_and_reads_the_status(settings, small_cluster, work):
+    """smart (TERM, passed on by the container's first process) waits for the open session; the stop
+    ends once it closed, with status 0, the container still there."""
+    data = copy_cluster(small_cluster, work / "smart")
+    spec = InstanceSpec(data_dir=data, port=_free_port(), name="smart")
+    with open_runtime(settings["podman"]).start(spec) as inst:
+        inst.wait_ready(60)
+        with conn.session(inst.node()) as c:
+            with pytest.raises(PostgresError) as ei:
+                inst.stop("smart", timeout=3)  # the session holds it
+            assert "did not stop (smart) within 3 s" in ei.value.message
+            assert inst.is_running()  # a timed-out stop leaves it running
+            assert conn.scalar(c, "select 1") == 1
+        inst.stop("smart", timeout=60)
+        assert not inst.is_running() and _state(data) == "shut down"
+        assert _container_state(settings, inst.name) == "running"
+    assert _container_state(settings, inst.name) == ""
+
+
 def paused_recovery(data: Path, wal: Path, name: str, target: str, **kw) -> InstanceSpec:
     """The spec of a server recovering ``data`` from ``wal`` to ``target``, paused there (recovery.signal made)."""
     (data / "recovery.signal").touch()
@@ -331,14 +402,14 @@ TOOLS = ("postgres", "psql", "pg_checksums", "pg_amcheck")
 
 
 def _image_tar(tar_path: Path) -> None:
-    """A minimal image root: PostgreSQL's bin/lib/share folders, their libraries, sh, cp, C.UTF-8.
+    """A minimal image root: PostgreSQL's bin/lib/share folders, their libraries, sh, cp, sleep, C.UTF-8.
 
     It has no /etc/passwd and no postgres user: the server runs under the data folder's numeric uid,
     as it must with any image whose postgres uid differs from the host's.
     """
     bindir = binaries.bindir()
     sharedir = proc.run([os.path.join(bindir, "pg_config"), "--sharedir"]).stdout.strip()
-    elves = [os.path.join(bindir, t) for t in TOOLS] + ["/usr/bin/cp", "/usr/bin/dash"]
+    elves = [os.path.join(bindir, t) for t in TOOLS] + ["/usr/bin/cp", "/usr/bin/dash", "/usr/bin/sleep"]
     deps: set[str] = set()
     for line in proc.run(["ldd", *elves]).stdout.splitlines():
         parts = line.split()  # "libz.so.1 => /lib/.../libz.so.1 (0x...)", "/lib64/ld-linux... (0x...)", "file:"
@@ -353,7 +424,7 @@ def _image_tar(tar_path: Path) -> None:
         for tree in (str(Path(bindir).parent), sharedir, "/usr/share/zoneinfo", "/usr/lib/locale/C.utf8"):
             tar.add(tree, arcname=tree[1:])
         seen: set[str] = set()
-        todo = [*deps, "/usr/bin/cp", "/usr/bin/sh", "/usr/bin/dash"]
+        todo = [*deps, "/usr/bin/cp", "/usr/bin/sh", "/usr/bin/dash", "/usr/bin/sleep"]
         while todo:
             p = todo.pop()
             p = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))  # /lib -> /usr/lib
@@ -399,6 +470,7 @@ def test_image_mode_recovery(settings, image, backup_scenario, work):
             assert conn.scalar(c, "select count(*) from t") == ROWS_BEFORE_TARGET
         assert inst.run_tool(["psql", "-Atc", "select pg_is_in_recovery()"]).stdout.strip() == "t"
         inst.stop("fast", timeout=60)
+        assert _container_state(settings, inst.name) == "running"  # its first process (the image's sh) stays
         res = inst.run_tool(["pg_checksums", "--check", "-D", inst.data_path])
         assert "Bad checksums:  0" in res.stdout
         # an image's programs are not the host's: a one-shot tool still runs in a container

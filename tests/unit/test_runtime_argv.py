@@ -11,7 +11,7 @@ import pytest
 from dbops.errors import ConfigError, UsageError
 from dbops.runtime import base, instance, serverconf, walfolder
 from dbops.runtime.base import InstanceSpec, Owner
-from dbops.runtime.container import ContainerRuntime
+from dbops.runtime.container import KEEPER, ContainerRuntime
 from dbops.runtime.engine import (
     CONTAINERS_CONF,
     Engine,
@@ -57,10 +57,12 @@ def test_docker_image_server_argv(dirs):
     assert _pairs(argv, "-v") == [f"{data}:/data", f"{run}:/dbops-run", f"{run}:/dbops-sock", f"{wal}:/wal:ro"]
     labels = _pairs(argv, "--label")
     assert "dbops=1" in labels and f"dbops.pid={os.getpid()}" in labels and "dbops.run=1" in labels
-    # extra args before the image; the image's entrypoint script is bypassed
+    # extra args before the image; the image's entrypoint script is bypassed: postgres runs under the
+    # keeper (the image's sh), which keeps the container once postgres exited
     i = argv.index("--entrypoint")
     assert argv[i - 2:i] == ["--shm-size", "256m"]
-    assert argv[i + 1:i + 5] == ["postgres", "postgres:15", "-D", "/data"]
+    assert argv[i + 1:i + 8] == ["/bin/sh", "postgres:15", "-c", KEEPER, "dbops-server", "postgres", "-D"]
+    assert _pairs(argv, "--stop-signal") == ["SIGUSR2"]  # `docker stop` by hand: a fast stop, the container ends
     settings = _pairs(argv, "-c")
     # no TCP at all: a Unix socket in a private folder, reachable only by its owner (and root)
     assert "port=5433" in settings and "listen_addresses=" in settings
@@ -103,7 +105,8 @@ def test_podman_rootfs_payload(dirs):
     rt = ContainerRuntime(Engine("podman"), rootfs="/", bin_dir="/usr/lib/postgresql/15/bin")
     argv = _server_argv(rt, InstanceSpec(data_dir=data, port=5433), run)
     i = argv.index("--rootfs")
-    assert argv[i + 1:i + 5] == ["/:O", "/usr/lib/postgresql/15/bin/postgres", "-D", "/data"]
+    assert argv[i + 1:i + 8] == ["/:O", "/bin/sh", "-c", KEEPER, "dbops-server",
+                                 "/usr/lib/postgresql/15/bin/postgres", "-D"]
     assert "--entrypoint" not in argv
 
 

@@ -224,8 +224,9 @@ class BackupRun:
         check_scratch_space(self.scratch_root, size, cfg.backup.scratch_limit, owner=cfg.os_user)
         log.event(_log, logging.INFO, "full backup", reason=reason, source=source.name)
         # The copy is removed in a thread while the status is recorded (joined before run() returns).
-        with scratch_folder(self.scratch_root, self.run_id, cfg.os_user, removals=self.removals) as scratch, \
-                ExitStack() as stack:
+        after_copy: list[Callable[[], None]] = []  # the stopped server's container: removed once the copy is gone
+        with scratch_folder(self.scratch_root, self.run_id, cfg.os_user, removals=self.removals,
+                            after=after_copy) as scratch, ExitStack() as stack:
             data, wal = scratch / "data", scratch / "wal"
             wal.mkdir()
             proc.chown_to(wal, cfg.os_user)
@@ -268,7 +269,8 @@ class BackupRun:
                         fetch_wal(cfg, self.store, self.layout, start_segment, target, wal)
                     # pg_checksums runs on beside the final store (which lists nothing before it passed).
                     val = recover_to_target(cfg, data, wal, target, phases, name=f"backup-{self.run_id}",
-                                            tablespaces=ts, stack=stack, known=known[0] if known else None)
+                                            tablespaces=ts, stack=stack, known=known[0] if known else None,
+                                            after_copy=after_copy)
                 except BaseException:
                     cancel.set()
                     raise

@@ -131,6 +131,21 @@ def restore_seconds(t: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- validation run
 
 
+class _Kept:
+    """The instance's own removal when the block ends (its ``__exit__``), unless ``handed`` on."""
+
+    def __init__(self, inst) -> None:
+        self.inst = inst
+        self.handed = False
+
+    def __enter__(self) -> "_Kept":
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        if not self.handed:
+            self.inst.__exit__(et, ev, tb)
+
+
 def read_relation_map(inst) -> bytes | None:
     """Which relfilenodes are which tables at the target (for `restore --before-drop`), in its stored
     form; a failure to read it costs that feature for this backup, never the backup."""
@@ -149,7 +164,8 @@ def scan_wal(cfg: Config, tablespaces: tbs.ScratchTablespaces, wal_dir: Path) ->
 def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, phases: Phases,
                       name: str, tablespaces: tbs.ScratchTablespaces | None = None,
                       stack: ExitStack | None = None, wal_scanned: bool = False,
-                      known: Known | None = None, runtime: Runtime | None = None) -> Validation:
+                      known: Known | None = None, runtime: Runtime | None = None,
+                      after_copy: list[Callable[[], None]] | None = None) -> Validation:
     """Start PostgreSQL on data in a throwaway instance, replay to target, check, stop cleanly.
     Tablespaces: read from / written to the run's scratch folders only (see ops.backup.tablespaces).
 
@@ -161,7 +177,11 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
     nothing before ``val.settle()`` returned, and the instance stays until the stack closes. Without
     it, the check has passed when this returns (``val.ok``), and once it has run in the background the
     instance is removed there (its server stopped, nothing else needs it) rather than when the stack closes.
-    ``runtime``: the runtime to start the server with (default: the configuration's, opened here)."""
+    ``runtime``: the runtime to start the server with (default: the configuration's, opened here).
+    ``after_copy``: once its server stopped cleanly, the instance's removal is appended there rather
+    than done here or when the stack closes: run once the copy is gone (``scratch_folder``'s
+    ``after``), a container's exit then finds the copy's pages no more to write out (see
+    :mod:`dbops.runtime.container`)."""
     val = Validation(backup_id="", ok=False)
     mounts: tuple[tuple[str, str], ...] = ()
     if tablespaces is not None:
@@ -186,8 +206,9 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         except DbopsError as e:
             raise environment_error(f"the {rt.engine} runtime could not start the throwaway PostgreSQL",
                                     "container runtime or host failure", e.detail or e.message) from None
+    kept = _Kept(inst)
     with ExitStack() as own:
-        (stack if stack is not None else own).enter_context(inst)
+        (stack if stack is not None else own).enter_context(kept)
         with phases("start"):
             try:
                 inst.wait_ready(timeout)
@@ -215,6 +236,9 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             except EngineError as e:  # the engine, not the backup: the server's state is unknown
                 raise environment_error(e.message, "container runtime or host failure",
                                         "\n".join(x for x in (e.detail, e.hint) if x)) from None
+        if after_copy is not None:  # the server is down: its container may outlive the copy
+            kept.handed = True
+            after_copy.append(inst.remove)
         if tablespaces is not None:
             tablespaces.relink(data)
         cd = controldata.read(str(data), bin_dir=None)
@@ -233,7 +257,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
                 with phases("checksums"):
                     check()
             else:  # entered after the instance, so it ends before the instance goes
-                val.checksums = Checksums(check, phases.t, then=inst.remove)
+                val.checksums = Checksums(check, phases.t, then=None if kept.handed else inst.remove)
                 stack.callback(val.checksums.close)
                 log.event(_log, logging.INFO, "pg_checksums runs on while the copy is stored")
     if val.checksums is None:
@@ -278,8 +302,9 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
     (``bases_save``; ``proof.saved``, see :mod:`dbops.ops.backup.basesave`): the bases of the next
     incremental's page deltas. ``byte_progress(done, total)``: the download's bytes, for a progress display. ``removals``: the
     scratch folder is removed in a thread put there (see :func:`dbops.runtime.scratch.scratch_folder`)."""
-    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user, removals=removals) as scratch, \
-            ExitStack() as stack:
+    after_copy: list[Callable[[], None]] = []  # the stopped server's container: removed once the copy is gone
+    with scratch_folder(Path(cfg.backup.scratch_dir), run_id, cfg.os_user, removals=removals,
+                        after=after_copy) as scratch, ExitStack() as stack:
         data, wal = scratch / "data", scratch / "wal"
         wal.mkdir()
         proc.chown_to(wal, cfg.os_user)
@@ -361,6 +386,6 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                 stack.callback(saved.close)
         val = recover_to_target(cfg, data, wal, reached, phases, name=name, tablespaces=ts,
                                 stack=stack if background_checksums else None, wal_scanned=True, known=known,
-                                runtime=runtime[0] if runtime else None)
+                                runtime=runtime[0] if runtime else None, after_copy=after_copy)
         val.backup_id = m.backup_id
         yield Proof(data, reached, val, ts, saved, known)
