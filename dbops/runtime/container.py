@@ -14,9 +14,10 @@ its user owns it), with ``postgres -D /data -c ...`` as the child of a small ``s
 container's first process): it passes the stop signals on, writes postgres's exit status to the run
 folder (``SERVER_EXIT``) and keeps the container until remove(). A container's exit unmounts its
 root; with ``rootfs`` that is an overlay whose upper folder is under podman's run root, and
-unmounting it syncs the file system under that (where it is not a tmpfs: the scratch copy, 3 s for
-1.5 GB dirty here) while pg_checksums starts on the stopped copy. Removed after the copy is gone, the
-container's exit finds little to write (0.04 s against 0.5 s for 1.5 GB of one dirty file, measured).
+unmounting it syncs the file system under that (where it is not a tmpfs: the scratch copy, 2.1 GB
+written out within a second of the stop at scale 100) while pg_checksums starts on the stopped copy.
+Removed after the copy is gone, the container's exit finds the copy's pages dropped, never written
+(see docs/backups.md, "Scratch removal and pg_checksums' container").
 The data folder is mounted at /data, the
 WAL folder read-only at /wal, the run folder (generated pg_hba.conf, ...) at /dbops-run, the
 private folder of its Unix socket at /dbops-sock (the server listens on no TCP address, the host
