@@ -162,6 +162,9 @@ class RuntimeSettings:
     bin_dir: str | None = setting(None)  # PostgreSQL binaries inside the container / host
     user: str = setting("postgres")  # database role dbops connects to a throwaway instance as
     network: str = setting("host", choices=("host", "publish"))  # host (--network host) | publish (-p 127.0.0.1:PORT:5432)
+    # the throwaway server's /dev/shm (a tmpfs: only what is used takes memory). PostgreSQL 15 keeps
+    # its statistics there, an entry per table read: the engines' 64 MB ran out at 1,000,000 tables.
+    shm_size: str = setting("1g")
 
 
 @dataclass(frozen=True)

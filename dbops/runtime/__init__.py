@@ -50,7 +50,7 @@ def open_runtime(settings: RuntimeSettings) -> Runtime:
 def _container_runtime(settings: RuntimeSettings) -> ContainerRuntime:
     return ContainerRuntime(engine_of(settings), image=settings.image, rootfs=settings.rootfs,
                             bin_dir=settings.bin_dir, extra_args=settings.extra_args, network=settings.network,
-                            db_user=settings.user)
+                            db_user=settings.user, shm_size=settings.shm_size)
 
 
 def probe(settings: RuntimeSettings, timeout: float = 300) -> str:

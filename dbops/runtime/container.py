@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -101,7 +102,7 @@ class ContainerRuntime:
 
     def __init__(self, engine: Engine, *, image: str | None = None, rootfs: str | None = None,
                  bin_dir: str | None = None, extra_args: Sequence[str] = (), network: str = "host",
-                 db_user: str = "postgres") -> None:
+                 db_user: str = "postgres", shm_size: str = "1g") -> None:
         if bool(image) == bool(rootfs):
             raise ConfigError("a container runtime needs either an image or a rootfs (not both)",
                               hint="runtime.image: postgres:15, or (podman) runtime.rootfs: /")
@@ -109,6 +110,9 @@ class ContainerRuntime:
             raise ConfigError(f"{engine.name} cannot run a rootfs (podman's --rootfs)", hint="set runtime.image")
         if network not in NETWORKS:
             raise ConfigError(f"unknown runtime network {network!r}", hint="one of " + ", ".join(NETWORKS))
+        if not re.fullmatch(r"[1-9][0-9]{0,12}[kmg]?", shm_size.lower()):
+            raise ConfigError(f"runtime.shm_size {shm_size!r} is not a size",
+                              hint="a number of bytes with k, m or g after it, e.g. 1g")
         self.cli = engine
         self.engine = engine.name
         self.image = image
@@ -117,6 +121,7 @@ class ContainerRuntime:
         self.extra_args = tuple(extra_args)
         self.network = network
         self.db_user = db_user
+        self.shm_size = shm_size.lower()
         self._cleaned = False
 
     def host_root(self) -> bool:
@@ -161,7 +166,8 @@ class ContainerRuntime:
         """``run -d ...`` for the server (postgres as the child of ``KEEPER``)."""
         net = ["--network", "host"] if self.network == "host" else []
         return ["run", "-d", "--name", name, *label_args(labels), "--user", f"{owner.uid}:{owner.gid}",
-                "--stop-signal", f"SIG{STOP_SIGNAL}", *net, *self._mounts(spec, run_dir, sock_dir), *self.extra_args,
+                "--stop-signal", f"SIG{STOP_SIGNAL}", "--shm-size", self.shm_size, *net,
+                *self._mounts(spec, run_dir, sock_dir), *self.extra_args,
                 *self._payload(["postgres", "-D", DATA_PATH, *setting_args(settings)], kept=True)]
 
     def tool_argv(self, argv: Sequence[str], spec: InstanceSpec, *, name: str, owner: Owner, run_dir: Path,

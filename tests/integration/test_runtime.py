@@ -183,6 +183,9 @@ def test_start_query_stop(engine, settings, small_cluster, work):
             c.execute("insert into t values (6, 'written by the throwaway')")
         out = inst.run_tool(["psql", "-Atc", "select count(*) from t"]).stdout
         assert out.strip() == "6"
+        if engine == "podman":  # runtime.shm_size: the statistics of a million tables fit
+            shm = inst.run_tool(["/bin/df", "-k", "--output=size", "/dev/shm"]).stdout.split()
+            assert shm[-1] == str(1024 * 1024), shm
         inst.stop("fast", timeout=60)
         # stop() returns once the server is down and its folder final (a container may not be reported
         # stopped yet); a tool right after it runs in a fresh one-shot environment (pg_checksums needs

@@ -74,6 +74,18 @@ def test_docker_image_server_argv(dirs):
     assert not any(s.startswith("config_file=") for s in settings)  # the data folder has its own
 
 
+def test_shm_size_default_and_bad_value(dirs):
+    data, wal, run = dirs
+    argv = _server_argv(ContainerRuntime(Engine("podman"), rootfs="/"), InstanceSpec(data_dir=data, port=5433), run)
+    assert _pairs(argv, "--shm-size") == ["1g"]  # PostgreSQL 15's statistics live there: 64 MB is too small
+    argv = _server_argv(ContainerRuntime(Engine("docker"), image="p", shm_size="512M"), InstanceSpec(data_dir=data,
+                                                                                              port=5433), run)
+    assert _pairs(argv, "--shm-size") == ["512m"]
+    for bad in ("", "0", "1 g", "1t", "-5m", "1g; rm"):
+        with pytest.raises(ConfigError, match="shm_size"):
+            ContainerRuntime(Engine("podman"), rootfs="/", shm_size=bad)
+
+
 def test_docker_publish_network(dirs):
     data, wal, run = dirs
     rt = ContainerRuntime(Engine("docker"), image="postgres:15", network="publish")

@@ -21,7 +21,8 @@ from dbops.pg import conn as pgconn
 # standby, checks every tuple's visibility against pg_xact: nothing is taken from the visibility map).
 SEQ_SCAN_ONLY = ("enable_indexonlyscan", "enable_indexscan", "enable_bitmapscan")
 TABLE_PAGE = 5000  # tables listed per query
-COUNT_BATCH = 200  # tables read per statement (a UNION ALL of their count(*)): a round trip each, not
+SMALL_PAGES = 1024  # under min_parallel_table_scan_size's default (8 MB): read in batches
+COUNT_BATCH = 200  # small tables read per statement (a UNION ALL of their count(*)): a round trip each, not
                    # one per table (100,000 empty tables took 15-19 s one at a time)
 
 
@@ -57,12 +58,21 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFil
                         c.execute(f"SET {knob} = off")
                     rows = 0
                     for page in _table_pages(c):
-                        for i in range(0, len(page), COUNT_BATCH):
-                            part = page[i:i + COUNT_BATCH]
+                        small = [(t, path) for t, path, pages in page if pages < SMALL_PAGES]
+                        large = [(t, path) for t, path, pages in page if pages >= SMALL_PAGES]
+                        # Small tables 200 to a statement, without parallel workers (a UNION ALL of
+                        # parallel plans keeps every Gather's shared memory until it ends: 1,000,000
+                        # tables ran a 64 MB /dev/shm out); a large one alone, as the server plans it.
+                        c.execute("SET max_parallel_workers_per_gather = 0")
+                        for i in range(0, len(small), COUNT_BATCH):
+                            part = small[i:i + COUNT_BATCH]
                             counts = c.execute(" UNION ALL ".join(f"SELECT count(*) FROM {t}" for t, _ in part))
                             rows += sum(int(r[0]) for r in counts.fetchall())
-                            if verified is not None and pages_verified:
-                                verified.update(path for _, path in part if path)
+                        c.execute("RESET max_parallel_workers_per_gather")
+                        for t, _ in large:
+                            rows += int(pgconn.scalar(c, f"SELECT count(*) FROM {t}"))
+                        if verified is not None and pages_verified:
+                            verified.update(path for _, path in small + large if path)
                     checks.append({"check": "read_tables", "database": db, "ok": True, "tables": n,
                                    "rows": rows, "pages_verified": pages_verified})
         except PostgresError as e:
@@ -97,21 +107,22 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFil
                                   detail=f"{a.sql} returned {val!r}, expected true")
 
 
-def _table_pages(c) -> Iterator[list[tuple[str, str | None]]]:
+def _table_pages(c) -> Iterator[list[tuple[str, str | None, int]]]:
     """The database's tables to read, TABLE_PAGE at a time (by OID; never the whole list): each
-    one's quoted name and, for a heap table, the path of its main fork (a sequential scan of
-    another table access method need not read every block of it: that stays with pg_checksums)."""
+    one's quoted name, for a heap table the path of its main fork (a sequential scan of another
+    table access method need not read every block of it: that stays with pg_checksums), and its
+    size in pages as the catalog last estimated it."""
     last = 0
     while True:
         found = c.execute(
             "SELECT c.oid, format('%%I.%%I', n.nspname, c.relname), "
-            "CASE WHEN a.amname = 'heap' THEN pg_relation_filepath(c.oid) END FROM pg_class c "
+            "CASE WHEN a.amname = 'heap' THEN pg_relation_filepath(c.oid) END, c.relpages FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN pg_am a ON a.oid = c.relam "
             "WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p' AND c.oid > %s "
             "ORDER BY c.oid LIMIT %s", (last, TABLE_PAGE)).fetchall()
         if not found:
             return
-        yield [(name, path) for _oid, name, path in found]
+        yield [(name, path, int(pages)) for _oid, name, path, pages in found]
         last = found[-1][0]
 
 
