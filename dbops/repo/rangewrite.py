@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import closing
@@ -57,19 +58,20 @@ def held_frames(store: ObjectStore, layout: Layout, manifest: Manifest, files: l
 
 def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, files: list[FileEntry],
                 rng: Range, decoder: codec.Decoder, *, budget: ByteBudget | None = None,
-                flush: bool = False, held: Held | None = None) -> tuple[int, int]:
+                flush: bool = False, held: Held | None = None, kept: Kept | None = None) -> tuple[int, int]:
     """Read one coalesced range (see dbops.repo.ranges) as it arrives, frame by frame, check every
     chunk against its sha256 and write it into the files, which exist at their size. Returns
     (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
     missing or damaged object. ``budget``: held for each frame's bytes while it is checked and written.
-    ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``Flusher``).
+    ``flush``: start the disk writes of every ``FLUSH_BYTES`` written to a file (see ``Flusher``);
+    ``kept``: the restore's pages left cached so far (pages are dropped only past its limit).
     A page delta's pages are written over its base block, which is on disk when its range is read
     (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written): a
     format 5 delta, compressed against its base, reads it back from the file to be decoded.
     ``held``: the batch's deltas held in memory, applied over their bases before those are written."""
     key = layout.pack(rng.pack)
     fds: dict[int, int] = {}
-    flusher = Flusher() if flush else None
+    flusher = Flusher(kept) if flush else None
     fetched = written = 0
 
     def fd_of(file_no: int) -> int:
@@ -156,9 +158,10 @@ class Flusher:
     """The disk writes of what a range wrote, started every ``FLUSH_BYTES`` per file without waiting
     for them (as PostgreSQL's own writeback flushing does), then, once ``DROP_LAG`` bytes more have
     been started, waited for and their pages dropped from the page cache; the rest when the range
-    is written (:meth:`all`). The disk is kept busy from the first range on, the fsync when a file
-    is complete has nothing left to write, and the page cache a restore dirties stays at a few
-    windows a worker instead of the size of the database: its pages are freed and taken again for
+    is written (:meth:`all`); a restore's first ``KEEP_CACHED`` bytes are not dropped (:class:`Kept`).
+    The disk is kept busy from the first range on, the fsync when a file is complete has nothing
+    left to write, and the page cache a restore dirties stays at that plus a few windows a worker
+    instead of the size of the database: its pages are freed and taken again for
     the next writes, where fresh pages cost far more on a VM whose free memory goes back to its host
     (measured: 6 GiB written, an fsync a GiB, 12.7-14.8 s, 10.5-12.4 s of it kernel CPU; the same
     with the windows dropped 2.2-2.6 s; a scale-400 restore's download 9.7-12.5 s -> 6.4-7.6 s,
@@ -171,7 +174,8 @@ class Flusher:
     Elsewhere, or where the file system refuses ``sync_file_range``: ``posix_fadvise(DONTNEED)``
     alone, which starts the writeback of dirty pages and drops none of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: Kept | None = None) -> None:
+        self.kept = kept
         self.pending: dict[int, tuple[int, int]] = {}  # fd -> (lowest, highest) offset written since
         self.started: deque[tuple[int, int, int]] = deque()  # (fd, lo, hi) whose writeback was started
         self.started_bytes = 0
@@ -201,6 +205,8 @@ class Flusher:
             if _FADVISE is not None:
                 os.posix_fadvise(fd, lo, hi - lo, _FADVISE)
             return
+        if self.kept is not None and self.kept.keep(hi - lo):
+            return  # left cached: the restore's first KEEP_CACHED bytes
         self.started.append((fd, lo, hi))
         self.started_bytes += hi - lo
         while self.started_bytes > DROP_LAG:
@@ -214,6 +220,27 @@ class Flusher:
         _sync_range(fd, lo, hi - lo, _SRF_WAIT_BEFORE | _SRF_WRITE | _SRF_WAIT_AFTER)
         if _FADVISE is not None:
             os.posix_fadvise(fd, lo, hi - lo, _FADVISE)
+
+
+KEEP_CACHED = 2 << 30  # a restore's first bytes written are left in the page cache (replay reads them)
+
+
+class Kept:
+    """The bytes a restore has left in the page cache (written back, not dropped), across its ranges:
+    up to ``limit`` they stay (a restore of a small database keeps its pages cached, for the
+    replay that follows, as before), past it each window is dropped (:class:`Flusher`)."""
+
+    def __init__(self, limit: int = KEEP_CACHED) -> None:
+        self.limit, self.bytes = limit, 0
+        self._lock = threading.Lock()
+
+    def keep(self, n: int) -> bool:
+        """Whether n more bytes stay cached (counted) or are to be dropped."""
+        with self._lock:
+            if self.bytes + n > self.limit:
+                return False
+            self.bytes += n
+            return True
 
 
 # sync_file_range(2)'s flags (Linux)

@@ -38,7 +38,7 @@ from dbops.repo import codec
 from dbops.repo.manifest import DIR, FILE, SYMLINK, FileEntry, Manifest
 from dbops.repo.mlisting import Listed
 from dbops.repo.finish import as_restored, finish_file, finish_files, finish_tree, mark_wal_archived, reset_unlogged
-from dbops.repo.rangewrite import held_frames, write_range
+from dbops.repo.rangewrite import Kept, held_frames, write_range
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget, Frame, Range, run_bounded
 from dbops.repo.schedule import Batch, Completion
 from dbops.repo.tblspc import finish_tablespace_roots, link_tablespaces, restored_links, tablespace_folders
@@ -200,12 +200,13 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
         return layout.pack(rng.pack), frames
 
     completion = Completion(finish_later, hold)
+    kept = Kept()  # the first pages written stay cached, the rest are dropped once written back
 
     def fetch(item: tuple[list[FileEntry], Range, Batch]) -> None:
         files, rng, left = item
         try:
             fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
-                                           flush=durable, held=left.held)
+                                           flush=durable, held=left.held, kept=kept)
         except BaseException:
             completion.failed(left)
             raise

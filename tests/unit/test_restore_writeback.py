@@ -42,11 +42,11 @@ def resident_pages(path) -> int:
     return sum(b & 1 for b in vec.raw)
 
 
-def write_through_flusher(path, total: int) -> None:
+def write_through_flusher(path, total: int, kept=None) -> None:
     block = os.urandom(128 * 1024)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fl = rmod.Flusher()
+        fl = rmod.Flusher(kept)
         for off in range(0, total, len(block)):
             rmod.write_all(fd, block, off)
             fl.wrote(fd, off, len(block))
@@ -65,6 +65,19 @@ def test_a_range_written_durably_leaves_no_pages_behind(tmp_path):
     assert path.stat().st_size == total
     # every window written back and dropped: what stays cached is a few pages at most, not 48 MiB
     assert resident_pages(path) * mmap.PAGESIZE < 1 * MIB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_a_restores_first_pages_stay_cached(tmp_path):
+    """Up to the restore's limit (``Kept``) the pages written stay cached, as before (the replay that
+    follows reads them); past it they are dropped. Shared by the restore's ranges."""
+    kept = rmod.Kept(24 * MIB)
+    write_through_flusher(tmp_path / "a", 16 * MIB, kept)
+    write_through_flusher(tmp_path / "b", 32 * MIB, kept)
+    if rmod._refused[0]:
+        pytest.skip("the file system refuses sync_file_range")
+    assert resident_pages(tmp_path / "a") * mmap.PAGESIZE == 16 * MIB
+    assert resident_pages(tmp_path / "b") * mmap.PAGESIZE == 8 * MIB  # its first window; the rest dropped
 
 
 def test_the_content_is_what_was_written(tmp_path):
