@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -31,6 +32,7 @@ from dbops.units import human_bytes
 SCRATCH_PREFIX = "run-"
 SCRATCH_MARGIN = 256 * 2**20  # WAL replayed into the copy, the server's own files
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as programs and PostgreSQL's log print it
+_SHARED_MEMORY = re.compile(r"(resize|allocate) shared memory segment", re.I)
 
 _log = log.get("runtime")
 
@@ -246,7 +248,9 @@ def out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno == errno.ENOSPC
     if isinstance(e, DbopsError):
-        return any(NO_SPACE in (t or "") for t in (e.message, e.detail, getattr(e, "stderr", None)))
+        texts = [t or "" for t in (e.message, e.detail, getattr(e, "stderr", None))]
+        # a server's dynamic shared memory (/dev/shm) full is not the scratch disk (see ops.backup.environment)
+        return any(NO_SPACE in t for t in texts) and not any(_SHARED_MEMORY.search(t) for t in texts)
     return False
 
 

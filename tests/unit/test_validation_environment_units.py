@@ -39,3 +39,23 @@ def test_an_environment_error_has_its_own_exit_code_and_is_no_validation_error()
     assert isinstance(e, ValidationEnvironmentError) and not isinstance(e, ValidationError)
     assert e.exit_code == ExitCode.VALIDATION_ENVIRONMENT == 17
     assert "says nothing against the backup" in e.hint
+
+
+SHM_FULL = ('could not resize shared memory segment "/PostgreSQL.3981538810" to 33554432 bytes: '
+            'No space left on device')
+
+
+def test_a_full_dev_shm_is_the_environment_not_the_scratch_disk():
+    """Seen at 1,000,000 tables: PostgreSQL 15's statistics outgrew the container's 64 MB /dev/shm.
+    It was reported as the scratch folder running out of space (exit 1); it is exit 17 naming
+    runtime.shm_size, and a real full disk is still the scratch folder's."""
+    from dbops.errors import ValidationError
+    from dbops.runtime.scratch import out_of_space
+
+    cause = environment_cause(SHM_FULL)
+    assert cause and "runtime.shm_size" in cause
+    err = environment_error("database postgres of the restored backup could not be read", cause, SHM_FULL)
+    assert int(err.exit_code) == 17 and not out_of_space(err)
+    assert not out_of_space(ValidationError("database postgres of the restored backup cannot be read", detail=SHM_FULL))
+    disk = 'could not extend file "base/5/16384": No space left on device'
+    assert out_of_space(ValidationError("replay failed", detail=disk)) and environment_cause(disk) is None
