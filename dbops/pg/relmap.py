@@ -23,7 +23,7 @@ from dbops.pg import conn as pgconn
 
 FORMAT = 2
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
-BATCH = 5000  # relations per line of the stored map
+BATCH = 1000  # relations per line of the stored map (the reader refuses a line over 4 MiB)
 
 # Every persistent or unlogged relation with its table: an index's table (pg_index), which may be a
 # TOAST table, whose table is the one naming it in reltoastrelid; a table's first parent

@@ -8,7 +8,7 @@ Stored form (zstd), format 2: JSON lines, read a line at a time, never whole::
     {"format":2}
     {"database":{"name":"app","oid":16384,"spc":1663}}
     [{"kind":"r","name":"orders","node":16385,"oid":16385,"parent":null,"schema":"public",
-      "spc":1663,"table":"public.orders","table_oid":16385}, ...]     (up to 5,000 per line)
+      "spc":1663,"table":"public.orders","table_oid":16385}, ...]     (up to 1,000 per line)
 
 Each list line holds relations of the database named last. Format 1 (one JSON document:
 ``{"databases":[{"name", "oid", "spc", "relations":[...]}], "format":1}``), written before, is
@@ -30,10 +30,12 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
 MAX_BYTES = 512 * 1024 * 1024  # decompressed; a map is about 150 bytes per relation
-MAX_LINE = 16 * 1024 * 1024  # a line of format 2 holds at most 5,000 relations (about 1 MB)
+MAX_LINE = 4 * 1024 * 1024  # a line of format 2 holds at most 1,000 relations (about 0.2 MB; 0.9 MB with
+                             # every name 256 characters)
+MAX_FORMAT1 = 128 * 1024 * 1024  # a map of format 1 is parsed whole: about 850,000 relations
 READ = 1024 * 1024
 FORMAT = 2
-_DAMAGE = (zstandard.ZstdError, ValueError, TypeError, KeyError, AttributeError)
+_DAMAGE = (zstandard.ZstdError, ValueError, TypeError, KeyError, AttributeError, RecursionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +69,19 @@ class RelMap:
         return [r for r in self.relations if r.is_table]
 
     def parts_of(self, table: Relation) -> list[Relation]:
-        """The table itself, its TOAST table and every index (of both), and its partitions' files."""
-        own = [r for r in self.relations if r.database == table.database and r.table == f"{table.schema}.{table.name}"]
-        parts = [r for r in self.tables() if r.database == table.database and r.parent == f"{table.schema}.{table.name}"]
-        for p in parts:
-            own.extend(self.parts_of(p))
+        """The table itself, its TOAST table and every index (of both), and its partitions' files
+        (each table once, however the untrusted map links them)."""
+        own: list[Relation] = []
+        seen: set[str] = set()
+        todo = [f"{table.schema}.{table.name}"]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            own.extend(r for r in self.relations if r.database == table.database and r.table == name)
+            todo.extend(f"{r.schema}.{r.name}" for r in self.tables()
+                        if r.database == table.database and r.parent == name)
         return own
 
     def by_file(self) -> dict[RelFile, Relation]:
@@ -80,7 +90,7 @@ class RelMap:
 
 @dataclass(frozen=True)
 class StoredMap:
-    """A backup's map as stored (its compressed bytes: about 12 bytes a relation), read and checked
+    """A backup's map as stored (its compressed bytes: about 16 bytes a relation), read and checked
     again on each pass, a line at a time: what a search keeps of a map is what it asks for."""
     backup_id: str
     key: str
@@ -112,11 +122,17 @@ class StoredMap:
                 if r.parent is not None:
                     kids.setdefault((r.database, r.parent), []).append(r.table)
 
-        def parts(db: str, table: str, seen: set[str]) -> int:
-            seen.add(table)
-            return own.get((db, table), 0) + sum(parts(db, k, seen) for k in kids.get((db, table), ()) if k not in seen)
+        def parts(db: str, table: str) -> int:
+            n, seen, todo = 0, set(), [table]
+            while todo:
+                name = todo.pop()
+                if name not in seen:
+                    seen.add(name)
+                    n += own.get((db, name), 0)
+                    todo.extend(kids.get((db, name), ()))
+            return n
 
-        return [(t, parts(t.database, t.table, set()) - 1) for t in tables]
+        return [(t, parts(t.database, t.table) - 1) for t in tables]
 
     def about(self, names: Iterable[str]) -> RelMap:
         """The part of the map that :func:`find_table` and ``parts_of`` need for these table names
@@ -145,8 +161,8 @@ class StoredMap:
 
 def encode(produce: Callable[[IO[bytes]], Any]) -> bytes:
     """The stored form of a map whose text ``produce`` writes into the stream it is given: that
-    text compressed as it comes, so only the compressed bytes are held (about 12 MB for a million
-    relations)."""
+    text compressed as it comes, so only the compressed bytes are held (16 MB for a million
+    relations, measured)."""
     buf = io.BytesIO()
     with zstandard.ZstdCompressor(level=3).stream_writer(buf, closefd=False) as w:
         produce(w)
@@ -200,7 +216,12 @@ def _relations(blob: bytes, dbs: dict[str, tuple[int, int]]) -> Iterator[Relatio
     chunks = _chunks(blob)
     first = next(chunks, b"")
     if first.startswith(b'{"databases"'):  # format 1: one document
-        doc = json.loads(first + b"".join(chunks))
+        text = first
+        for chunk in itertools.chain((b"",), chunks):
+            text += chunk
+            if len(text) > MAX_FORMAT1:
+                raise ValueError(f"a map of format 1 larger than {MAX_FORMAT1} bytes")
+        doc = json.loads(text)
         yield from parse("", doc, dbs).relations
         return
     lines = _lines(itertools.chain((first,), chunks))

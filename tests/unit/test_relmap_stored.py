@@ -125,3 +125,30 @@ def test_other_tables_dropped_with_it_are_named_after_the_scan():
     dropfind._name_others([m], [t])
     assert f.also_dropped == ["app.public.invoices", "app.public.m2a",
                               "1 relation file(s) no backup knows (created since)"]
+
+
+@pytest.mark.parametrize("blob", [
+    b'{"format":2}\n' + b"[" * 200_000 + b"\n",  # nesting deeper than the parser's recursion
+    b'{"databases":' + b"[" * 200_000,
+])
+def test_deep_nesting_is_damage_not_a_crash(blob):
+    with pytest.raises(ValidationError, match="damaged"):
+        stored(zstandard.ZstdCompressor().compress(blob)).whole()
+
+
+def test_a_table_its_own_parent_or_a_long_chain_does_not_recurse():
+    loop = [rel(1, "a", parent="public.a")]
+    chain = [rel(i, f"t{i}", parent=f"public.t{i - 1}" if i > 1 else None) for i in range(1, 3001)]
+    m = stored(v2(dbs=(("app", 5, loop + chain),), per_line=500))
+    whole = m.whole()
+    assert relmap.files_of([m.about(["a"])], "a")[1] == {FileId(1663, 5, 1)}
+    counted = dict((t.name, n) for t, n in m.tables_and_parts())
+    assert counted["a"] == 0 and counted["t1"] == 2999
+    assert len(whole.parts_of(next(t for t in whole.tables() if t.name == "t2990"))) == 11
+
+
+def test_format_1_is_capped_before_it_is_parsed(monkeypatch):
+    monkeypatch.setattr(relmap, "MAX_FORMAT1", 100)
+    with pytest.raises(ValidationError, match="damaged") as e:
+        stored(v1()).whole()
+    assert "format 1 larger than 100" in e.value.detail

@@ -59,3 +59,14 @@ def test_a_full_dev_shm_is_the_environment_not_the_scratch_disk():
     assert not out_of_space(ValidationError("database postgres of the restored backup cannot be read", detail=SHM_FULL))
     disk = 'could not extend file "base/5/16384": No space left on device'
     assert out_of_space(ValidationError("replay failed", detail=disk)) and environment_cause(disk) is None
+
+
+def test_a_full_lock_table_is_the_environment():
+    from dbops.ops.backup.checks import LOCK_BUDGET, _batches
+
+    assert "max_locks_per_transaction" in environment_cause("ERROR:  out of shared memory\nHINT:  You might need "
+                                                            "to increase max_locks_per_transaction.")
+    tables = [("a", None, 101)] * 30 + [("b", None, 1)] * 450 + [("c", None, 5000)]
+    parts = list(_batches(tables))
+    assert [t for p in parts for t in p] == tables  # every table read, in order
+    assert all(len(p) <= 200 and (sum(t[2] for t in p) <= LOCK_BUDGET or len(p) == 1) for p in parts)

@@ -24,6 +24,8 @@ TABLE_PAGE = 5000  # tables listed per query
 SMALL_PAGES = 1024  # under min_parallel_table_scan_size's default (8 MB): read in batches
 COUNT_BATCH = 200  # small tables read per statement (a UNION ALL of their count(*)): a round trip each, not
                    # one per table (100,000 empty tables took 15-19 s one at a time)
+LOCK_BUDGET = 1000  # locks one such statement may take (the shared lock table holds max_locks_per_transaction
+                    # x max_connections: 6,400 by default; 200 tables of 100 indexes each ran it out)
 
 
 def _databases(node: Node) -> list[str]:
@@ -50,7 +52,7 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFil
                 has_amcheck = bool(pgconn.scalar(c, "SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'"))
                 pages_verified = _verify_pages(c)
                 n = int(pgconn.scalar(c, "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'm', 't') "
-                                         "AND relpersistence = 'p'"))
+                                         "AND relpersistence = 'p' AND (relkind <> 'm' OR relispopulated)"))
                 if not (v.amcheck and has_amcheck):
                     # count(*) would otherwise be answered from an index where the visibility map says
                     # all-visible (an index-only scan reads no heap page there): read the tables themselves
@@ -58,21 +60,20 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFil
                         c.execute(f"SET {knob} = off")
                     rows = 0
                     for page in _table_pages(c):
-                        small = [(t, path) for t, path, pages in page if pages < SMALL_PAGES]
-                        large = [(t, path) for t, path, pages in page if pages >= SMALL_PAGES]
-                        # Small tables 200 to a statement, without parallel workers (a UNION ALL of
-                        # parallel plans keeps every Gather's shared memory until it ends: 1,000,000
-                        # tables ran a 64 MB /dev/shm out); a large one alone, as the server plans it.
+                        small = [(t, path, locks) for t, path, pages, locks in page if pages < SMALL_PAGES]
+                        large = [(t, path) for t, path, pages, _locks in page if pages >= SMALL_PAGES]
+                        # Small tables up to 200 to a statement, as long as it takes at most LOCK_BUDGET
+                        # locks (a table and each of its indexes: the lock table is shared and fixed in
+                        # size), without parallel workers; a large one alone, as the server plans it.
                         c.execute("SET max_parallel_workers_per_gather = 0")
-                        for i in range(0, len(small), COUNT_BATCH):
-                            part = small[i:i + COUNT_BATCH]
-                            counts = c.execute(" UNION ALL ".join(f"SELECT count(*) FROM {t}" for t, _ in part))
+                        for part in _batches(small):
+                            counts = c.execute(" UNION ALL ".join(f"SELECT count(*) FROM {t}" for t, _, _ in part))
                             rows += sum(int(r[0]) for r in counts.fetchall())
                         c.execute("RESET max_parallel_workers_per_gather")
                         for t, _ in large:
                             rows += int(pgconn.scalar(c, f"SELECT count(*) FROM {t}"))
                         if verified is not None and pages_verified:
-                            verified.update(path for _, path in small + large if path)
+                            verified.update(path for t, path, *_ in small + large if path)
                     checks.append({"check": "read_tables", "database": db, "ok": True, "tables": n,
                                    "rows": rows, "pages_verified": pages_verified})
         except PostgresError as e:
@@ -107,22 +108,41 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFil
                                   detail=f"{a.sql} returned {val!r}, expected true")
 
 
-def _table_pages(c) -> Iterator[list[tuple[str, str | None, int]]]:
+def _batches(tables: list[tuple[str, str | None, int]]) -> Iterator[list[tuple[str, str | None, int]]]:
+    """Consecutive runs of at most COUNT_BATCH tables taking at most LOCK_BUDGET locks (one alone
+    when it takes more)."""
+    part: list[tuple[str, str | None, int]] = []
+    locks = 0
+    for t in tables:
+        if part and (len(part) >= COUNT_BATCH or locks + t[2] > LOCK_BUDGET):
+            yield part
+            part, locks = [], 0
+        part.append(t)
+        locks += t[2]
+    if part:
+        yield part
+
+
+def _table_pages(c) -> Iterator[list[tuple[str, str | None, int, int]]]:
     """The database's tables to read, TABLE_PAGE at a time (by OID; never the whole list): each
     one's quoted name, for a heap table the path of its main fork (a sequential scan of another
-    table access method need not read every block of it: that stays with pg_checksums), and its
-    size in pages as the catalog last estimated it."""
+    table access method need not read every block of it: that stays with pg_checksums), its size
+    in pages as the catalog last estimated it, and the locks reading it takes (itself and each
+    index: the planner opens them). A materialized view never populated (WITH NO DATA) cannot be
+    read and holds nothing: it is left out."""
     last = 0
     while True:
         found = c.execute(
             "SELECT c.oid, format('%%I.%%I', n.nspname, c.relname), "
-            "CASE WHEN a.amname = 'heap' THEN pg_relation_filepath(c.oid) END, c.relpages FROM pg_class c "
+            "CASE WHEN a.amname = 'heap' THEN pg_relation_filepath(c.oid) END, c.relpages, "
+            "1 + (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid) FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN pg_am a ON a.oid = c.relam "
-            "WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p' AND c.oid > %s "
+            "WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p' AND (c.relkind <> 'm' OR c.relispopulated) "
+            "AND c.oid > %s "
             "ORDER BY c.oid LIMIT %s", (last, TABLE_PAGE)).fetchall()
         if not found:
             return
-        yield [(name, path, int(pages)) for _oid, name, path, pages in found]
+        yield [(name, path, int(pages), int(locks)) for _oid, name, path, pages, locks in found]
         last = found[-1][0]
 
 

@@ -28,6 +28,7 @@ _ENVIRONMENT = [
     (re.compile(r"out of memory|could not fork|Cannot allocate memory", re.I), "out of memory"),
     (re.compile(r"could not (map anonymous|create) shared memory|could not create semaphores", re.I),
      "no shared memory for the server"),
+    (re.compile(r"out of shared memory", re.I), "the server's lock table is full (max_locks_per_transaction)"),
     (re.compile(r"too many connections|remaining connection slots are reserved|sorry, too many clients", re.I),
      "no connection slot free"),
     (re.compile(r"could not create lock file|could not bind|Address already in use", re.I),
