@@ -84,9 +84,6 @@ class RelMap:
                         if r.database == table.database and r.parent == name)
         return own
 
-    def by_file(self) -> dict[RelFile, Relation]:
-        return {r.file: r for r in self.relations if r.file is not None}
-
 
 @dataclass(frozen=True)
 class StoredMap:
@@ -119,20 +116,9 @@ class StoredMap:
             own[(r.database, r.table)] = own.get((r.database, r.table), 0) + 1
             if r.is_table:
                 tables.append(r)
-                if r.parent is not None:
-                    kids.setdefault((r.database, r.parent), []).append(r.table)
-
-        def parts(db: str, table: str) -> int:
-            n, seen, todo = 0, set(), [table]
-            while todo:
-                name = todo.pop()
-                if name not in seen:
-                    seen.add(name)
-                    n += own.get((db, name), 0)
-                    todo.extend(kids.get((db, name), ()))
-            return n
-
-        return [(t, parts(t.database, t.table) - 1) for t in tables]
+                _note_kid(kids, r)
+        return [(t, sum(own.get(part, 0) for part in _with_partitions(kids, {(t.database, t.table)})) - 1)
+                for t in tables]
 
     def about(self, names: Iterable[str]) -> RelMap:
         """The part of the map that :func:`find_table` and ``parts_of`` need for these table names
@@ -140,23 +126,36 @@ class StoredMap:
         partitions, found in two passes. Only partitions' names (to follow them) are kept of the rest."""
         wanted = {split_name(n)[2] for n in names}
         found: set[tuple[str, str]] = set()
-        kids: dict[tuple[str, str], list[str]] = {}  # (database, parent) -> its partitions / children
+        kids: dict[tuple[str, str], list[str]] = {}
         for r in self.relations():
             if r.is_table:
                 if r.name in wanted:
                     found.add((r.database, r.table))
-                if r.parent is not None:
-                    kids.setdefault((r.database, r.parent), []).append(r.table)
-        todo = list(found)
-        while todo:
-            db, table = todo.pop()
-            for kid in kids.get((db, table), ()):
-                if (db, kid) not in found:
-                    found.add((db, kid))
-                    todo.append((db, kid))
+                _note_kid(kids, r)
+        found = _with_partitions(kids, found)
         del kids
         keep = tuple(r for r in self.relations() if (r.database, r.table) in found)
         return RelMap(self.backup_id, dict(self.databases), keep)
+
+
+def _note_kid(kids: dict[tuple[str, str], list[str]], table: Relation) -> None:
+    """Record a partition (or inheritance child) under its parent: (database, parent) -> its names."""
+    if table.parent is not None:
+        kids.setdefault((table.database, table.parent), []).append(table.table)
+
+
+def _with_partitions(kids: dict[tuple[str, str], list[str]], tables: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """These (database, table) and their partitions, theirs and so on (each once, however the
+    untrusted map links them: a loop or a long chain is walked, not recursed)."""
+    found = set(tables)
+    todo = list(found)
+    while todo:
+        db, table = todo.pop()
+        for kid in kids.get((db, table), ()):
+            if (db, kid) not in found:
+                found.add((db, kid))
+                todo.append((db, kid))
+    return found
 
 
 def encode(produce: Callable[[IO[bytes]], Any]) -> bytes:
@@ -216,8 +215,8 @@ def _relations(blob: bytes, dbs: dict[str, tuple[int, int]]) -> Iterator[Relatio
     chunks = _chunks(blob)
     first = next(chunks, b"")
     if first.startswith(b'{"databases"'):  # format 1: one document
-        text = first
-        for chunk in itertools.chain((b"",), chunks):
+        text = b""
+        for chunk in itertools.chain((first,), chunks):
             text += chunk
             if len(text) > MAX_FORMAT1:
                 raise ValueError(f"a map of format 1 larger than {MAX_FORMAT1} bytes")
