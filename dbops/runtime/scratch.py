@@ -32,7 +32,9 @@ from dbops.units import human_bytes
 SCRATCH_PREFIX = "run-"
 SCRATCH_MARGIN = 256 * 2**20  # WAL replayed into the copy, the server's own files
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as programs and PostgreSQL's log print it
-_SHARED_MEMORY = re.compile(r"(resize|allocate) shared memory segment", re.I)
+# A server's dynamic shared memory (/dev/shm) full: ENOSPC's words, but not the scratch disk's
+# (ops.backup.environment names it as the environment's cause).
+SHARED_MEMORY_FULL = re.compile(r"could not (resize|allocate) shared memory segment", re.I)
 
 _log = log.get("runtime")
 
@@ -249,8 +251,7 @@ def out_of_space(e: BaseException) -> bool:
         return e.errno == errno.ENOSPC
     if isinstance(e, DbopsError):
         texts = [t or "" for t in (e.message, e.detail, getattr(e, "stderr", None))]
-        # a server's dynamic shared memory (/dev/shm) full is not the scratch disk (see ops.backup.environment)
-        return any(NO_SPACE in t for t in texts) and not any(_SHARED_MEMORY.search(t) for t in texts)
+        return any(NO_SPACE in t for t in texts) and not any(SHARED_MEMORY_FULL.search(t) for t in texts)
     return False
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import re
 
 from dbops.errors import ValidationEnvironmentError
+from dbops.runtime.scratch import SHARED_MEMORY_FULL
 
 # Server log / libpq lines that blame the machine, not the data (PostgreSQL's own wording).
 _ENVIRONMENT = [
     # PostgreSQL 15's statistics (an entry per table read) and parallel queries take dynamic shared
     # memory from /dev/shm: a container's is runtime.shm_size. "No space left on device" here is
     # that tmpfs, not the scratch disk.
-    (re.compile(r"could not resize shared memory segment|could not allocate shared memory segment", re.I),
-     "the throwaway server's /dev/shm is full: raise runtime.shm_size"),
+    (SHARED_MEMORY_FULL, "the throwaway server's /dev/shm is full: raise runtime.shm_size"),
     (re.compile(r"killed by the OOM killer", re.I), "killed by the OOM killer: the memory limit is too low"),
     (re.compile(r"terminated by signal 9|was terminated by signal 9: Killed", re.I), "a server process was killed "
                                                                                    "(signal 9: the OOM killer?)"),
