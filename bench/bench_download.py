@@ -2,7 +2,7 @@
 pgBackRest, on one lab kept between runs so a change can be measured again without rebuilding it.
 
     python -m bench.bench_download setup --dir DIR --scale 400 [--incremental]
-    python -m bench.bench_download measure --dir DIR [--runs 2] [--tools dbops,dbops-enc,pgbackrest,dbops-incr] [--idle 5]
+    python -m bench.bench_download measure --dir DIR [--runs 2] [--tools dbops,dbops-enc,pgbackrest,dbops-incr,dbops-scratch] [--idle 5] [--parallel N]
     python -m bench.bench_download down --dir DIR
 
 `setup` takes a dbops full backup (plain, as the sweep's lab) and copies it, object by object,
@@ -14,7 +14,9 @@ restore and a validation run; durable: every file fsynced) in a child process, p
 Nothing is started. The previous run's folder is removed and the disk synced before each run.
 ``--incremental``: after the full backups, 30 s of pgbench (as the sweep) and a dbops incremental
 (page deltas over the full's blocks); ``dbops-incr`` restores it (its files only, like
-``scale_restore_files``).
+``scale_restore_files``); ``dbops-scratch`` restores the full as a validation downloads its scratch
+copy (not durable: no fsync, nothing dropped from the page cache). ``--parallel``: the workers
+(default: the lab's ``backup.parallel``).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def _fresh(folder: Path, idle: float = 0.0) -> None:
 
 
 def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, code: str | None = None,
-            idle: float = 0.0) -> list[dict]:
+            idle: float = 0.0, parallel: int | None = None) -> list[dict]:
     lab = labmod.info(d)
     meta = json.loads((d / "bench-download.json").read_text())
     target = d / "bench-download-restore"
@@ -144,7 +146,7 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
     for n in range(runs):
         for tool in tools:
             _fresh(target, idle)
-            if tool in ("dbops", "dbops-enc", "dbops-incr"):
+            if tool in ("dbops", "dbops-enc", "dbops-incr", "dbops-scratch"):
                 cfg = str(d / "dbops-enc.yaml") if tool == "dbops-enc" else lab.config_path
                 backup_id = meta["incremental_id"] if tool == "dbops-incr" else meta["backup_id"]
                 argv = [sys.executable, "-m", "bench.bench_download", "child", cfg, backup_id, str(target)]
@@ -154,6 +156,10 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
                                  "runpy.run_module('bench.bench_download', run_name='__main__')"]
                 if profile:
                     argv += ["--profile", f"{profile}-{tool}-{n}.pstats"]
+                if tool == "dbops-scratch":
+                    argv.append("--scratch")
+                if parallel:
+                    argv += ["--parallel", str(parallel)]
                 rec = _timed(argv, cwd=str(Path(__file__).resolve().parent.parent))
                 stats = json.loads(rec.pop("stdout"))
             else:
@@ -173,7 +179,8 @@ def measure(d: Path, runs: int, tools: list[str], profile: str | None = None, co
     return out
 
 
-def child(config: str, backup_id: str, target: str, profile: str | None) -> None:
+def child(config: str, backup_id: str, target: str, profile: str | None, scratch: bool = False,
+          parallel: int | None = None) -> None:
     from dbops import config as cfgmod
     from dbops.repo import manifest as mf
     from dbops.repo.restore import restore_snapshot
@@ -198,7 +205,7 @@ def child(config: str, backup_id: str, target: str, profile: str | None) -> None
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    st = restore_snapshot(store, layout, m, target, parallel=cfg.backup.parallel)
+    st = restore_snapshot(store, layout, m, target, parallel=parallel or cfg.backup.parallel, durable=not scratch)
     stop.set()
     sampler.join()
     if profile:
@@ -225,6 +232,7 @@ def main() -> int:
     m.add_argument("--tools", default="dbops,dbops-enc,pgbackrest")
     m.add_argument("--profile", default=None, help="cProfile output prefix for the dbops runs")
     m.add_argument("--code", default=None, help="a folder holding another dbops package to measure (before/after)")
+    m.add_argument("--parallel", type=int, default=None, help="the dbops runs' workers (default: the lab's)")
     m.add_argument("--idle", type=float, default=0.0,
                    help="seconds waited after the previous run's folder is removed, before each run")
     c = sub.add_parser("child")
@@ -232,15 +240,17 @@ def main() -> int:
     c.add_argument("backup_id")
     c.add_argument("target")
     c.add_argument("--profile", default=None)
+    c.add_argument("--scratch", action="store_true")
+    c.add_argument("--parallel", type=int, default=None)
     dn = sub.add_parser("down")
     dn.add_argument("--dir", required=True)
     a = ap.parse_args()
     if a.cmd == "setup":
         setup(Path(a.dir).resolve(), a.scale, a.resume, a.incremental)
     elif a.cmd == "measure":
-        measure(Path(a.dir).resolve(), a.runs, a.tools.split(","), a.profile, a.code, a.idle)
+        measure(Path(a.dir).resolve(), a.runs, a.tools.split(","), a.profile, a.code, a.idle, a.parallel)
     elif a.cmd == "child":
-        child(a.config, a.backup_id, a.target, a.profile)
+        child(a.config, a.backup_id, a.target, a.profile, a.scratch, a.parallel)
     else:
         labmod.down(Path(a.dir).resolve(), purge=True)
     return 0
