@@ -29,7 +29,6 @@ from dbops.storage.layout import Layout
 FLUSH_BYTES = 8 * 1024 * 1024  # a durable restore starts the disk writes of each file every this many bytes
 DROP_LAG = 32 * 1024 * 1024  # and waits for them, dropping their pages, once this many more are started (a range)
 _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
-_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16)
 
 
@@ -59,8 +58,7 @@ def held_frames(store: ObjectStore, layout: Layout, manifest: Manifest, files: l
 
 def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, files: list[FileEntry],
                 rng: Range, decoder: codec.Decoder, *, budget: ByteBudget | None = None,
-                flush: bool = False, held: Held | None = None, kept: Kept | None = None,
-                ready: bool = False) -> tuple[int, int]:
+                flush: bool = False, held: Held | None = None, kept: Kept | None = None) -> tuple[int, int]:
     """Read one coalesced range (see dbops.repo.ranges) as it arrives, frame by frame, check every
     chunk against its sha256 and write it into the files, which exist at their size. Returns
     (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
@@ -70,11 +68,7 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     A page delta's pages are written over its base block, which is on disk when its range is read
     (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written): a
     format 5 delta, compressed against its base, reads it back from the file to be decoded.
-    ``held``: the batch's deltas held in memory, applied over their bases before those are written.
-    ``ready``: the files were created sparse for this restore, which keeps its pages cached (a
-    scratch copy): each block's pages are made ready before it is written (:func:`make_ready`). Not
-    with ``flush``: a durable restore takes again the pages it dropped, and readying them took fresh
-    ones instead (its download at scale 400: 9.5-10.1 s against 7.3-7.8 s)."""
+    ``held``: the batch's deltas held in memory, applied over their bases before those are written."""
     key = layout.pack(rng.pack)
     fds: dict[int, int] = {}
     flusher = Flusher(kept) if flush else None
@@ -97,8 +91,6 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
                     if raw is None:
                         raise _damaged(manifest, files[run.file_no].path, f"object {key}: {why}")
                     fd = fd_of(run.file_no)
-                    if ready and not run.mask:
-                        make_ready(fd, run.offset, len(raw))
                     if run.mask:  # a page delta: its pages over its base block, written (and checked) before
                         for at, pages in delta_writes(raw, run.mask, block_len(files[run.file_no], run)):
                             write_all(fd, pages, run.offset + at)
@@ -125,31 +117,6 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
         for fd in fds.values():
             os.close(fd)
     return fetched, written
-
-
-READY_STEP = 128 * 1024  # the least any Linux reads ahead in one call (read_ahead_kb's default)
-
-
-def make_ready(fd: int, offset: int, length: int) -> None:
-    """Put the page cache pages of a part of a file not yet written (a hole of a file created
-    sparse: nothing is read from the disk, they are zeroed) in place before it is written, with
-    ``posix_fadvise(WILLNEED)``. Linux lets one writer at a time into a file (the inode's lock), and
-    a buffered write takes its new pages with that lock held; a restore's workers often write one
-    large file side by side (its blocks lie in order in the packs), each waiting, spinning on a CPU,
-    while the holder takes and zeroes its pages. Taken here, outside the lock, by every worker at
-    once, they leave the write only its copy. Measured on a 2-core VM, four threads writing 1 MiB
-    at a time into four new 1 GiB files, each thread a quarter of each: 6.8-8.6 s without, 2.3-2.5 s
-    with (2.2 s when each thread writes a file of its own). Elsewhere (no ``posix_fadvise``, or
-    refused): nothing is done."""
-    if _WILLNEED is None:
-        return
-    end = offset + length
-    try:
-        while offset < end:
-            os.posix_fadvise(fd, offset, min(READY_STEP, end - offset), _WILLNEED)
-            offset += READY_STEP
-    except OSError:
-        return
 
 
 def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -206,7 +206,7 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
         files, rng, left = item
         try:
             fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
-                                           flush=durable, held=left.held, kept=kept, ready=not durable)
+                                           flush=durable, held=left.held, kept=kept)
         except BaseException:
             completion.failed(left)
             raise

@@ -42,16 +42,6 @@ def resident_pages(path) -> int:
     return sum(b & 1 for b in vec.raw)
 
 
-def fs_type(path) -> str:
-    """The type of the file system holding path (the longest mount point above it)."""
-    best, kind = "", ""
-    for line in open("/proc/mounts"):
-        mnt, typ = line.split()[1], line.split()[2]
-        if (str(path) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best):
-            best, kind = mnt, typ
-    return kind
-
-
 def write_through_flusher(path, total: int, kept=None) -> None:
     block = os.urandom(128 * 1024)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -118,26 +108,3 @@ def test_a_writeback_error_is_raised(tmp_path):
         rmod._start_writeback(fd, 0, MIB)  # a closed descriptor: EBADF
     assert e.value.errno == errno.EBADF
     assert not rmod._refused[0]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise(WILLNEED) of a hole is Linux's")
-def test_a_scratch_copys_pages_are_made_ready_outside_the_write(tmp_path):
-    """make_ready (a scratch copy's blocks, before each write): the pages of a hole of a file created
-    sparse are put in the page cache, zeroed, and nothing else happens: no block is allocated, the
-    size stays, the pages outside the part asked for are left alone; then written over as usual."""
-    path = tmp_path / "f"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.ftruncate(fd, 16 * MIB)
-        rmod.make_ready(fd, 4 * MIB, 8 * MIB + 100)  # a block's length need not be whole pages
-        ready = resident_pages(path)
-        if fs_type(tmp_path) == "tmpfs":
-            pytest.skip("tmpfs has no read-ahead: its holes get no pages")
-        assert ready * mmap.PAGESIZE == 8 * MIB + mmap.PAGESIZE
-        assert os.fstat(fd).st_size == 16 * MIB and os.fstat(fd).st_blocks == 0
-        assert os.pread(fd, 16 * MIB, 0) == bytes(16 * MIB)
-        block = os.urandom(MIB)
-        rmod.write_all(fd, block, 5 * MIB)
-        assert os.pread(fd, MIB, 5 * MIB) == block
-    finally:
-        os.close(fd)
