@@ -31,7 +31,7 @@ BATCH = 1000  # relations per line of the stored map (the reader refuses a line 
 # tables with no table among these relations, are left out.
 _RELATIONS = """
 SELECT r.oid, n.nspname, r.relname, r.relkind::text, COALESCE(pg_relation_filenode(r.oid), 0),
-       r.reltablespace, t.oid, tn.nspname, t.relname, pn.nspname, p.relname
+       r.reltablespace, t.oid, tn.nspname, t.relname, pn.nspname, p.relname, p.oid
 FROM pg_class r
 JOIN pg_namespace n ON n.oid = r.relnamespace
 LEFT JOIN pg_index i ON i.indexrelid = r.oid
@@ -69,8 +69,8 @@ def write_database(node: Node, dbname: str, db_spc: int, put: Callable[[bytes], 
             batch = [{"kind": kind, "name": name, "node": int(node_), "oid": int(oid),
                       "parent": _qualified(p_schema, p_name) if p_name is not None else None,
                       "schema": schema, "spc": int(spc) or db_spc, "table": _qualified(t_schema, t_name),
-                      "table_oid": int(table_oid)}
-                     for oid, schema, name, kind, node_, spc, table_oid, t_schema, t_name, p_schema, p_name
+                      "table_oid": int(table_oid), "parent_oid": int(p_oid) if p_oid is not None else None}
+                     for oid, schema, name, kind, node_, spc, table_oid, t_schema, t_name, p_schema, p_name, p_oid
                      in chunk]
             put(json.dumps(batch, separators=(",", ":")).encode() + b"\n")
             n += len(batch)

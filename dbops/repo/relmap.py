@@ -8,9 +8,12 @@ Stored form (zstd), format 2: JSON lines, read a line at a time, never whole::
     {"format":2}
     {"database":{"name":"app","oid":16384,"spc":1663}}
     [{"kind":"r","name":"orders","node":16385,"oid":16385,"parent":null,"schema":"public",
-      "spc":1663,"table":"public.orders","table_oid":16385}, ...]     (up to 1,000 per line)
+      "spc":1663,"table":"public.orders","table_oid":16385,"parent_oid":null}, ...]   (up to 1,000 a line)
 
-Each list line holds relations of the database named last. Format 1 (one JSON document:
+Each list line holds relations of the database named last. A relation belongs to its table, and a
+partition to its parent, by their OIDs (``table_oid``, ``parent_oid``); maps written before
+``parent_oid`` was (it is on every relation since) link them by ``table`` and ``parent``, names
+written unquoted, where ``"a.b".c`` and ``a."b.c"`` are one name. Format 1 (one JSON document:
 ``{"databases":[{"name", "oid", "spc", "relations":[...]}], "format":1}``), written before, is
 still read, whole."""
 
@@ -47,8 +50,10 @@ class Relation:
     oid: int
     kind: str
     file: RelFile | None
-    table: str  # schema.name of the table it belongs to (itself for a table)
+    table: str  # schema.name of the table it belongs to (itself for a table), unquoted: shown, not linked by
     parent: str | None
+    table_oid: int | None = None  # set only in maps that link by OID (every relation has "parent_oid")
+    parent_oid: int | None = None
 
     @property
     def qualified(self) -> str:
@@ -56,7 +61,23 @@ class Relation:
 
     @property
     def is_table(self) -> bool:
-        return self.kind in ("r", "p", "m") and f"{self.schema}.{self.name}" == self.table
+        return self.kind in ("r", "p", "m") and self.belongs == self.key
+
+    @property
+    def key(self) -> tuple[str, int | str]:
+        """How the map's other relations point at this one (as their table or parent)."""
+        return (self.database, self.oid) if self.table_oid is not None else (self.database, f"{self.schema}.{self.name}")
+
+    @property
+    def belongs(self) -> tuple[str, int | str]:
+        """The key of the table it belongs to (its own, for a table)."""
+        return (self.database, self.table_oid) if self.table_oid is not None else (self.database, self.table)
+
+    @property
+    def parent_key(self) -> tuple[str, int | str] | None:
+        if self.table_oid is not None:
+            return (self.database, self.parent_oid) if self.parent_oid is not None else None
+        return (self.database, self.parent) if self.parent is not None else None
 
 
 @dataclass(frozen=True)
@@ -72,16 +93,15 @@ class RelMap:
         """The table itself, its TOAST table and every index (of both), and its partitions' files
         (each table once, however the untrusted map links them)."""
         own: list[Relation] = []
-        seen: set[str] = set()
-        todo = [f"{table.schema}.{table.name}"]
+        seen: set[tuple[str, int | str]] = set()
+        todo = [table.key]
         while todo:
-            name = todo.pop()
-            if name in seen:
+            key = todo.pop()
+            if key in seen:
                 continue
-            seen.add(name)
-            own.extend(r for r in self.relations if r.database == table.database and r.table == name)
-            todo.extend(f"{r.schema}.{r.name}" for r in self.tables()
-                        if r.database == table.database and r.parent == name)
+            seen.add(key)
+            own.extend(r for r in self.relations if r.belongs == key)
+            todo.extend(r.key for r in self.tables() if r.parent_key == key)
         return own
 
 
@@ -110,51 +130,50 @@ class StoredMap:
         """Every table with how many other relations are its parts (``len(parts_of(t)) - 1``: its
         indexes, TOAST, partitions and theirs), in one pass: of the rest, only a count per table."""
         tables: list[Relation] = []
-        own: dict[tuple[str, str], int] = {}
-        kids: dict[tuple[str, str], list[str]] = {}
+        own: dict[tuple[str, int | str], int] = {}
+        kids: dict[tuple[str, int | str], list[tuple[str, int | str]]] = {}
         for r in self.relations():
-            own[(r.database, r.table)] = own.get((r.database, r.table), 0) + 1
+            own[r.belongs] = own.get(r.belongs, 0) + 1
             if r.is_table:
                 tables.append(r)
                 _note_kid(kids, r)
-        return [(t, sum(own.get(part, 0) for part in _with_partitions(kids, {(t.database, t.table)})) - 1)
-                for t in tables]
+        return [(t, sum(own.get(part, 0) for part in _with_partitions(kids, {t.key})) - 1) for t in tables]
 
     def about(self, names: Iterable[str]) -> RelMap:
         """The part of the map that :func:`find_table` and ``parts_of`` need for these table names
         ([DB.][SCHEMA.]TABLE): every table of that name, and every relation of theirs and of their
         partitions, found in two passes. Only partitions' names (to follow them) are kept of the rest."""
         wanted = {split_name(n)[2] for n in names}
-        found: set[tuple[str, str]] = set()
-        kids: dict[tuple[str, str], list[str]] = {}
+        found: set[tuple[str, int | str]] = set()
+        kids: dict[tuple[str, int | str], list[tuple[str, int | str]]] = {}
         for r in self.relations():
             if r.is_table:
                 if r.name in wanted:
-                    found.add((r.database, r.table))
+                    found.add(r.key)
                 _note_kid(kids, r)
         found = _with_partitions(kids, found)
         del kids
-        keep = tuple(r for r in self.relations() if (r.database, r.table) in found)
+        keep = tuple(r for r in self.relations() if r.belongs in found)
         return RelMap(self.backup_id, dict(self.databases), keep)
 
 
-def _note_kid(kids: dict[tuple[str, str], list[str]], table: Relation) -> None:
-    """Record a partition (or inheritance child) under its parent: (database, parent) -> its names."""
-    if table.parent is not None:
-        kids.setdefault((table.database, table.parent), []).append(table.table)
+def _note_kid(kids: dict[tuple[str, int | str], list[tuple[str, int | str]]], table: Relation) -> None:
+    """Record a partition (or inheritance child) under its parent: the parent's key -> its keys."""
+    if (parent := table.parent_key) is not None:
+        kids.setdefault(parent, []).append(table.key)
 
 
-def _with_partitions(kids: dict[tuple[str, str], list[str]], tables: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """These (database, table) and their partitions, theirs and so on (each once, however the
+def _with_partitions(kids: dict[tuple[str, int | str], list[tuple[str, int | str]]],
+                     tables: set[tuple[str, int | str]]) -> set[tuple[str, int | str]]:
+    """These tables' keys and their partitions', theirs and so on (each once, however the
     untrusted map links them: a loop or a long chain is walked, not recursed)."""
     found = set(tables)
     todo = list(found)
     while todo:
-        db, table = todo.pop()
-        for kid in kids.get((db, table), ()):
-            if (db, kid) not in found:
-                found.add((db, kid))
-                todo.append((db, kid))
+        for kid in kids.get(todo.pop(), ()):
+            if kid not in found:
+                found.add(kid)
+                todo.append(kid)
     return found
 
 
@@ -261,9 +280,12 @@ def _relation(db_name: str, db_oid: int, r: Any) -> Relation:
     if kind not in ("r", "p", "m", "t", "i", "I", "S"):
         raise ValueError(f"unknown relation kind {kind!r}")
     parent = r.get("parent")
+    by_oid = "parent_oid" in r  # linked by OID (see the module's docstring), else by name
+    parent_oid = r["parent_oid"] if by_oid else None
     return Relation(db_name, db_oid, _text(r["schema"]), _text(r["name"]), _oid(r["oid"]), kind,
                     RelFile(_oid(r["spc"]), db_oid, node) if node else None, _text(r["table"]),
-                    _text(parent) if parent is not None else None)
+                    _text(parent) if parent is not None else None,
+                    _oid(r["table_oid"]) if by_oid else None, _oid(parent_oid) if parent_oid is not None else None)
 
 
 def parse(backup_id: str, doc: Any, dbs: dict[str, tuple[int, int]] | None = None) -> RelMap:
@@ -337,6 +359,6 @@ def files_of(maps: Iterable[RelMap], text: str) -> tuple[list[Relation], set[Rel
             for p in m.parts_of(t):
                 if p.file:
                     allf.add(p.file)
-                    if p.kind in ("r", "m") and p.table != f"{t.schema}.{t.name}":
+                    if p.kind in ("r", "m") and p.belongs != t.key:
                         heap.add(p.file)  # a partition's own data counts as the table's
     return tables, heap, allf

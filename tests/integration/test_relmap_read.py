@@ -52,7 +52,8 @@ def reference(node, dbname: str) -> list[dict]:
         parent = by_oid.get(parent_of.get(table_oid, 0))
         out.append({"oid": oid, "schema": schema, "name": name, "kind": kind, "node": int(node_), "spc": int(spc),
                     "table": f"{t[1]}.{t[2]}", "table_oid": table_oid,
-                    "parent": f"{parent[1]}.{parent[2]}" if parent and table_oid == oid else None})
+                    "parent": f"{parent[1]}.{parent[2]}" if parent and table_oid == oid else None,
+                    "parent_oid": parent[0] if parent and table_oid == oid else None})
     return out
 
 
@@ -81,6 +82,8 @@ def node(lab):
             "CREATE MATERIALIZED VIEW mv AS SELECT id FROM orders",
             "CREATE SEQUENCE seq1",
             "CREATE VIEW v AS SELECT 1 AS one",  # no storage: not in the map
+            'CREATE SCHEMA a', 'CREATE SCHEMA "a.b"',  # two tables whose unquoted names are both a.b.c
+            'CREATE TABLE a."b.c" (id int PRIMARY KEY)', 'CREATE TABLE "a.b".c (id int PRIMARY KEY, note text)',
         ):
             c.execute(stmt)
     yield p
@@ -140,3 +143,9 @@ def test_the_stored_form_reads_back(node, monkeypatch):
     assert len(heap) == 1 and len(files) == 5  # heap, pkey, note index, TOAST table, TOAST index
     tables, heap, _ = relmap.files_of([whole], f"{DB}.public.measures")
     assert len(heap) == 2  # m1 and m2a hold its data
+    # Linked by OID: a."b.c" and "a.b".c, both "a.b.c" unquoted, each keeps its own files.
+    for name, parts in ((f'{DB}.a."b.c"', 2), (f'{DB}."a.b".c', 4)):  # + pkey; + pkey, TOAST and its index
+        tables, heap, files = relmap.files_of([m.about([name])], name)
+        assert len(tables) == 1 and len(heap) == 1 and len(files) == parts
+        assert (tables, heap, files) == relmap.files_of([whole], name)
+    assert sorted(n for t, n in m.tables_and_parts() if t.qualified == f"{DB}.a.b.c") == [1, 3]

@@ -152,3 +152,51 @@ def test_format_1_is_capped_before_it_is_parsed(monkeypatch):
     with pytest.raises(ValidationError, match="damaged") as e:
         stored(v1()).whole()
     assert "format 1 larger than 100" in e.value.detail
+
+
+def by_oid(rels):
+    """The same relations as the writer stores them now: linked by table_oid and parent_oid."""
+    oid_of = {f"{r['schema']}.{r['name']}": r["oid"] for r in rels}
+    return [{**r, "table_oid": oid_of[r["table"]], "parent_oid": oid_of[r["parent"]] if r["parent"] else None}
+            for r in rels]
+
+
+@pytest.mark.parametrize("name", ["orders", "app.orders", "public.measures", "shop.public.orders", "m2", "m2a"])
+def test_a_map_linked_by_oid_answers_as_one_linked_by_name(name):
+    named = stored(v2())
+    linked = stored(v2(dbs=(("app", 5, by_oid(APP)), ("shop", 6, by_oid(SHOP)))))
+
+    def found(m):
+        tables, heap, files = relmap.files_of([m], name)
+        return [t.qualified for t in tables], heap, files
+
+    assert found(linked.about([name])) == found(linked.whole()) == found(named.whole())
+    assert ({t.qualified: n for t, n in linked.tables_and_parts()}
+            == {t.qualified: n for t, n in named.tables_and_parts()})
+    assert all(r.table_oid is not None for r in linked.relations())
+    assert all(r.table_oid is None for r in named.relations())
+
+
+def test_linked_by_oid_two_tables_of_one_unquoted_name_keep_their_own_parts():
+    """a."b.c" and "a.b".c are both a.b.c unquoted: by name their parts mixed; by OID they do not."""
+    rels = [rel(20, "b.c", schema="a"), rel(21, "b.c_pkey", "i", table="a.b.c", schema="a"),
+            rel(30, "c", schema="a.b"), rel(31, "c_pkey", "i", table="a.b.c", schema="a.b"),
+            rel(32, "c_idx", "i", table="a.b.c", schema="a.b")]
+    linked = [{**r, "parent_oid": None, "table_oid": {21: 20, 31: 30, 32: 30}.get(r["oid"], r["oid"])} for r in rels]
+    m = stored(v2(dbs=(("app", 5, linked),)))
+    for name, own in (('a."b.c"', {20, 21}), ('"a.b".c', {30, 31, 32})):
+        tables, heap, files = relmap.files_of([m.about([name])], name)
+        assert [t.oid for t in tables] == [min(own)] and {f.node for f in files} == own
+    assert sorted(n for _t, n in m.tables_and_parts()) == [1, 2]
+    named = stored(v2(dbs=(("app", 5, rels),)))
+    assert {f.node for f in relmap.files_of([named.whole()], 'a."b.c"')[2]} == {20, 21, 30, 31, 32}  # the old mix-up
+
+
+def test_an_oid_linked_loop_or_a_bad_oid_is_handled_as_in_a_named_map():
+    loop = [{**rel(1, "a"), "parent_oid": 2}, {**rel(2, "b"), "parent_oid": 1}]
+    m = stored(v2(dbs=(("app", 5, loop),)))
+    assert sorted(n for _t, n in m.tables_and_parts()) == [1, 1]
+    assert relmap.files_of([m.about(["a"])], "a")[1] == {FileId(1663, 5, 1), FileId(1663, 5, 2)}
+    for bad in ({**rel(1, "a"), "parent_oid": "x"}, {**rel(1, "a"), "parent_oid": None, "table_oid": -1}):
+        with pytest.raises(ValidationError, match="damaged"):
+            stored(v2(dbs=(("app", 5, [bad]),))).whole()
