@@ -248,3 +248,48 @@ def test_a_range_that_fails_stops_the_copy_without_the_ranges_not_begun(tmp_path
         livecopy.execute(plan, os_user="postgres", workers=2, copied=copied)
     assert calls[0] < 50, calls[0]  # 200 ranges planned; only those already begun ran
     assert not copied.wait("/nowhere", 0, 10)  # failed: the store following it stops waiting
+
+
+class _Puts:
+    def __init__(self):
+        self.jobs = []
+
+    def put(self, job):
+        self.jobs.append(job)
+
+
+def test_large_files_ranges_are_handed_out_side_by_side(monkeypatch):
+    """A range of one large file, then one of the next (the threads' number of files at a time), so
+    the threads copy different files at once; a small file is handed out at once, followed by a
+    range of each large file waiting; every range of every file exactly once, each file's in order."""
+    monkeypatch.setattr(livecopy, "RANGE", 10)
+    pool = _Puts()
+    side = livecopy._SideBySide(pool, 2)
+    side.add("A", "a", 30, "A")  # 3 ranges: waits for a second large file
+    assert pool.jobs == []
+    side.small(("s1", "s1", 0, 5, "s1"))  # then a range of A
+    side.add("B", "b", 25, "B")  # two large files: side by side until one ends
+    side.add("C", "c", 11, "C")
+    side.drain()
+    order = [(j[0], j[2]) for j in pool.jobs]
+    assert order == [("s1", 0), ("A", 0), ("A", 10), ("B", 0), ("A", 20), ("B", 10), ("B", 20), ("C", 0), ("C", 10)]
+    assert [j[3] for j in pool.jobs if j[0] == "B"] == [10, 10, 5] and [j[3] for j in pool.jobs if j[0] == "C"] == [10, 1]
+
+
+def test_a_copy_of_many_large_and_small_files_is_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(livecopy, "RANGE", 8192)
+    live, scratch = tmp_path / "live", tmp_path / "scratch"
+    bodies = {}
+    for i in range(30):
+        rel = f"base/5/{16384 + i}"
+        bodies[rel] = os.urandom((i % 5) * 8192 + (i % 3) * 100)  # empty, small and up to 5 ranges
+        touch(live / rel, bodies[rel])
+    touch(live / "global" / "pg_control", b"control")
+    scratch.mkdir()
+    plan = livecopy.plan_copy(FakeBackup(live), scratch / "data", tbs.ScratchTablespaces(scratch), "postgres")
+    copied = livecopy.Copied()
+    stats = livecopy.execute(plan, os_user="postgres", workers=3, copied=copied)
+    for rel, body in bodies.items():
+        assert (scratch / "data" / rel).read_bytes() == body
+        assert copied.wait(str(scratch / "data" / rel), 0, len(body))
+    assert stats.bytes == sum(map(len, bodies.values())) + len(b"control")

@@ -4,12 +4,13 @@ when that folder is on this host: ``backup.copy_method`` ``auto`` (the default) 
 Between ``pg_backup_start(label, fast)`` and ``pg_backup_stop()`` on one held connection
 (:mod:`dbops.pg.onlinebackup`), the data folder is copied into the run's scratch folder by
 several threads with the kernel's copy (:func:`dbops.filecopy.copy_range`: ``copy_file_range``,
-``pread``/``pwrite`` of at most 1 MiB where that is refused;
-large files in ranges, so the threads share the big relations). The server runs on meanwhile:
-a page may be copied half old, half new, and files grow, shrink, appear or vanish. That is what
-a base backup is: full_page_writes is forced while the backup runs, so replaying the WAL from
-backup_label's REDO point (which the validation does before anything is stored) rewrites every
-page changed after it. A file gone before it is read is left out (its removal is in that WAL).
+``pread``/``pwrite`` of at most 1 MiB where that is refused; large files in ranges, so the threads
+share the big relations, handed out side by side: a range of one file, then one of the next, so
+that the threads copy different files at once). The server runs on meanwhile: a page may be
+copied half old, half new, and files grow, shrink, appear or vanish. That is what a base backup is:
+full_page_writes is forced while the backup runs, so replaying the WAL from backup_label's REDO
+point (which the validation does before anything is stored) rewrites every page changed after it.
+A file gone before it is read is left out (its removal is in that WAL).
 
 Left out as pg_basebackup does (src/backend/backup/basebackup.c): the contents of pg_wal (its WAL
 comes from the archive), pg_replslot, pg_dynshmem, pg_notify, pg_serial, pg_snapshots,
@@ -229,6 +230,46 @@ class _Workers:
             raise self.errors[0]
 
 
+class _SideBySide:
+    """The ranges of large files handed out a range of each file in turn, ``n`` files at a time (the
+    threads' number), so that the threads copy different files at once. Linux lets one writer at a
+    time into a file (the inode's lock, held while the written pages are taken and filled), and
+    threads copying ranges of one file spin waiting for it: on a 2-core VM, four threads copying
+    four 1 GiB files (warm in the page cache) in 64 MiB ranges took 4.5-6.7 s, kernel CPU 7.0-10.6 s,
+    in file order, 1.7 s, kernel CPU 3.0-3.2 s, with consecutive ranges from different files. A
+    file is begun (created) in the plan's order as before; its ranges follow a little later: each
+    small file handed out (one range) is followed by a range of each large file waiting, so large
+    files never wait long behind small ones (the store following the copy reads in the plan's order,
+    and :class:`Copied` holds the files complete after one that is not)."""
+
+    def __init__(self, pool: _Workers, n: int) -> None:
+        self.pool, self.n = pool, max(1, n)
+        self.files: deque[list] = deque()  # [src, dst, size, path, next offset]
+
+    def add(self, src: str, dst: str, size: int, path: str) -> None:
+        self.files.append([src, dst, size, path, 0])
+        while len(self.files) >= self.n:
+            self._round()
+
+    def small(self, job: tuple[str, str, int, int, str]) -> None:
+        self.pool.put(job)
+        if self.files:
+            self._round()
+
+    def drain(self) -> None:
+        while self.files:
+            self._round()
+
+    def _round(self) -> None:
+        for _ in range(len(self.files)):
+            f = self.files.popleft()
+            src, dst, size, path, off = f
+            self.pool.put((src, dst, off, min(RANGE, size - off), path))
+            f[4] = off + RANGE
+            if f[4] < size:
+                self.files.append(f)
+
+
 def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> CopyStats:
     t0 = time.monotonic()
     owner = _owner(os_user)
@@ -245,10 +286,12 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
     if copied is not None:  # the files are begun in the plan's order: a file before the last complete one is
         copied.order = p.order_of
     # One pass over the plan, in the order a store of the copy reads it: each folder made before what
-    # it holds, each file created just before its ranges (of at most RANGE: the threads end together)
-    # are handed to the threads, so that the copy starts at once: creating a thousand files took up to
-    # 0.8 s (the journal busy) before any byte moved.
+    # it holds, each file created just before its ranges (of at most RANGE: the threads end together;
+    # a large file's side by side with the next ones', _SideBySide) are handed to the threads, so that
+    # the copy starts at once: creating a thousand files took up to 0.8 s (the journal busy) before
+    # any byte moved.
     pool = _Workers(workers, copied)
+    ranges = _SideBySide(pool, workers)
     try:
         for e in p.listing:
             dst = p.dst(e.path)
@@ -265,13 +308,15 @@ def _execute(p: CopyPlan, os_user: str, workers: int, copied: Copied | None) -> 
                 stats.files += 1
                 if copied is not None:
                     copied.begin(dst, -(-e.size // RANGE))
-                src = p.src(e.path)
-                for off in range(0, e.size, RANGE):
-                    pool.put((src, dst, off, min(RANGE, e.size - off), e.path))
+                if e.size > RANGE:  # its ranges shared out side by side with the next large files'
+                    ranges.add(p.src(e.path), dst, e.size, e.path)
+                elif e.size:
+                    ranges.small((p.src(e.path), dst, 0, e.size, e.path))
             else:
                 os.symlink(e.target or "", dst)
                 if owner:
                     os.lchown(dst, *owner)
+        ranges.drain()
         if p.control:
             create(p.control[1], p.control[3])
     except BaseException:  # a range failed, or the run is stopped: the ranges not begun are not copied
