@@ -41,6 +41,9 @@ FORMAT = 2
 _DAMAGE = (zstandard.ZstdError, ValueError, TypeError, KeyError, AttributeError, RecursionError)
 
 
+Key = tuple[str, int | str]  # (database, OID), or (database, unquoted schema.name) in a map linked by name
+
+
 @dataclass(frozen=True, slots=True)
 class Relation:
     database: str
@@ -64,17 +67,19 @@ class Relation:
         return self.kind in ("r", "p", "m") and self.belongs == self.key
 
     @property
-    def key(self) -> tuple[str, int | str]:
+    def key(self) -> Key:
         """How the map's other relations point at this one (as their table or parent)."""
-        return (self.database, self.oid) if self.table_oid is not None else (self.database, f"{self.schema}.{self.name}")
+        if self.table_oid is not None:
+            return (self.database, self.oid)
+        return (self.database, f"{self.schema}.{self.name}")
 
     @property
-    def belongs(self) -> tuple[str, int | str]:
+    def belongs(self) -> Key:
         """The key of the table it belongs to (its own, for a table)."""
         return (self.database, self.table_oid) if self.table_oid is not None else (self.database, self.table)
 
     @property
-    def parent_key(self) -> tuple[str, int | str] | None:
+    def parent_key(self) -> Key | None:
         if self.table_oid is not None:
             return (self.database, self.parent_oid) if self.parent_oid is not None else None
         return (self.database, self.parent) if self.parent is not None else None
@@ -93,7 +98,7 @@ class RelMap:
         """The table itself, its TOAST table and every index (of both), and its partitions' files
         (each table once, however the untrusted map links them)."""
         own: list[Relation] = []
-        seen: set[tuple[str, int | str]] = set()
+        seen: set[Key] = set()
         todo = [table.key]
         while todo:
             key = todo.pop()
@@ -130,10 +135,11 @@ class StoredMap:
         """Every table with how many other relations are its parts (``len(parts_of(t)) - 1``: its
         indexes, TOAST, partitions and theirs), in one pass: of the rest, only a count per table."""
         tables: list[Relation] = []
-        own: dict[tuple[str, int | str], int] = {}
-        kids: dict[tuple[str, int | str], list[tuple[str, int | str]]] = {}
+        own: dict[Key, int] = {}
+        kids: dict[Key, list[Key]] = {}
         for r in self.relations():
-            own[r.belongs] = own.get(r.belongs, 0) + 1
+            belongs = r.belongs
+            own[belongs] = own.get(belongs, 0) + 1
             if r.is_table:
                 tables.append(r)
                 _note_kid(kids, r)
@@ -144,8 +150,8 @@ class StoredMap:
         ([DB.][SCHEMA.]TABLE): every table of that name, and every relation of theirs and of their
         partitions, found in two passes. Only partitions' names (to follow them) are kept of the rest."""
         wanted = {split_name(n)[2] for n in names}
-        found: set[tuple[str, int | str]] = set()
-        kids: dict[tuple[str, int | str], list[tuple[str, int | str]]] = {}
+        found: set[Key] = set()
+        kids: dict[Key, list[Key]] = {}
         for r in self.relations():
             if r.is_table:
                 if r.name in wanted:
@@ -157,14 +163,13 @@ class StoredMap:
         return RelMap(self.backup_id, dict(self.databases), keep)
 
 
-def _note_kid(kids: dict[tuple[str, int | str], list[tuple[str, int | str]]], table: Relation) -> None:
+def _note_kid(kids: dict[Key, list[Key]], table: Relation) -> None:
     """Record a partition (or inheritance child) under its parent: the parent's key -> its keys."""
     if (parent := table.parent_key) is not None:
         kids.setdefault(parent, []).append(table.key)
 
 
-def _with_partitions(kids: dict[tuple[str, int | str], list[tuple[str, int | str]]],
-                     tables: set[tuple[str, int | str]]) -> set[tuple[str, int | str]]:
+def _with_partitions(kids: dict[Key, list[Key]], tables: set[Key]) -> set[Key]:
     """These tables' keys and their partitions', theirs and so on (each once, however the
     untrusted map links them: a loop or a long chain is walked, not recursed)."""
     found = set(tables)
