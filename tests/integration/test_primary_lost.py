@@ -112,9 +112,17 @@ def test_a_standby_behind_the_archive_is_caught_up_from_it(make_lab, dbops_bin, 
         c.execute("alter system set primary_conninfo = 'host=127.0.0.1 port=1 connect_timeout=1'")
         c.execute("alter system set restore_command = ''")
         c.execute("select pg_reload_conf()")
-    deadline = time.monotonic() + 30
-    while _one(standby, "select count(*) from pg_stat_wal_receiver where status = 'streaming'")[0]:
+    # Cut off for good: no walsender on the primary for 6 s on end. The standby's startup process may
+    # still restart its walreceiver once with the old conninfo (it had not read the reload yet), and
+    # retries come every wal_retrieve_retry_interval (5 s): one look at the standby once fell in a
+    # gap between two receivers, and the rows below then streamed to it.
+    deadline, quiet_since = time.monotonic() + 60, None
+    while quiet_since is None or time.monotonic() - quiet_since < 6:
         assert time.monotonic() < deadline
+        if _one(old, "select count(*) from pg_stat_replication")[0]:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
         time.sleep(0.1)
     # Rows only the archive will have.
     _one(old, "create table archive_only as select g from generate_series(1, 5000) g")
