@@ -25,6 +25,12 @@ from dbops.storage.base import ObjectStore
 from dbops.storage.layout import Layout
 
 BATCH_BYTES = 16 * 1024 * 1024  # raw bytes of base blocks fetched together (at scale 400, 4 MiB took 1,514 GETs)
+# Pages of a batch's deltas held at most, and as many of their bases' pages fetched: a store worker
+# holds up to two batches (one fetched ahead) and the next one's pages, so about 4x this. By block
+# count alone (BATCH_BYTES), a batch of blocks whose pages all changed again (a chain of
+# incrementals, each delta covering the pages of the one before) held 16 MiB of pages and 16 MiB of
+# bases: at scale 100, four batches of them were 131 MB of the store's 221 MB peak.
+BATCH_PAGES_BYTES = 4 * 1024 * 1024
 
 # A page delta waiting for its base block: (its place in a unit's refs, its pages, mask, base,
 # the parent's ref of the block).

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from dbops.errors import PreconditionError
 from dbops.repo import blocks, codec
-from dbops.repo.bases import BATCH_BYTES, BaseReader, Delta
+from dbops.repo.bases import BATCH_BYTES, BATCH_PAGES_BYTES, BaseReader, Delta
 from dbops.repo.manifest import ChunkRef
 from dbops.repo.packs import Pack, Uploader
 from dbops.repo.ranges import IN_FLIGHT_BYTES, ByteBudget
@@ -90,6 +90,7 @@ class Snapshot(DeltaPuts):
                     raise Changed(unit.path) from None
                 raise
             pending: list[Delta] = []  # page deltas (their pages copied), encoded once their bases are here
+            pending_bytes = 0  # their pages' bytes
             ahead: Ahead | None = None  # the batch before, its bases being fetched meanwhile
             with f:
                 for pos in range(unit.start, unit.end, step):
@@ -139,6 +140,7 @@ class Snapshot(DeltaPuts):
                                             span.pages(first, dmask)
                                     if old is None:
                                         pending.append(d)
+                                        pending_bytes += len(payload)
                                     else:
                                         pack, _, same = self.put_encoded(pack, [d], [old], refs)
                                         c["delta"] += 1 - same
@@ -161,9 +163,10 @@ class Snapshot(DeltaPuts):
                                 run, run_bytes = [], 0
                     if run:  # the buffer is refilled by the next read: the frame goes now
                         pack = self.put_frame(pack, run, refs)
-                    if len(pending) * bs >= BATCH_BYTES:  # their bases fetched together, a batch at a time
+                    if len(pending) * bs >= BATCH_BYTES or pending_bytes >= BATCH_PAGES_BYTES:
+                        # their bases fetched together, a batch at a time
                         pack, ahead = self.put_deltas(pack, ahead, pending, refs, unit.path)
-                        pending = []
+                        pending, pending_bytes = [], 0
                 if pending or ahead:
                     pack, _ = self.put_deltas(pack, ahead, pending, refs, unit.path, last=True)
         finally:
