@@ -29,6 +29,10 @@ bytes by kind of block (WAL, main-fork page deltas, main-fork whole blocks, the 
 ``scale_restore_files``: each dbops backup's files restored on their own in this process (fetch,
 check, write, fsync; the incremental's page deltas over their bases), no server started.
 
+``scale_backup_incremental_chain``: last, ``BENCH_CHAIN`` (default 2) more dbops incrementals,
+each after 30 s of pgbench and on the one before (``chain_depth`` 2, 3: incrementals since the
+full), as cron takes them day after day.
+
 ``copy_method``: how a dbops full backup copied the source (auto: straight from its data folder
 here; pg_basebackup when the config says so).
 
@@ -62,6 +66,7 @@ except ImportError:  # run as a script from bench/
     from bytecode import compile_dbops  # type: ignore[no-redef]
 
 PGBENCH_SECONDS = 30
+CHAIN = int(os.environ.get("BENCH_CHAIN", "2"))  # incrementals after the first, each on the one before
 PITR_PGBENCH_SECONDS = 10  # WAL after the incremental that a restore to the target replays
 # BENCH_ONLY=full: only the full backups (dbops with its default copy, pgBackRest, dbops with
 # backup.copy_method pg_basebackup, dbops again): an A/B round on one lab.
@@ -253,14 +258,14 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     store, layout = open_store(lab.config.storage), Layout(lab.config.storage.prefix)
     base = {"scale": scale, "database_bytes": size}
 
-    def dbops_backup(bench: str, *args: str, copy_method: str = "auto") -> None:
+    def dbops_backup(bench: str, *args: str, copy_method: str = "auto", **extra: object) -> None:
         config = lab.config_path if copy_method == "auto" else _config_with_copy(lab, copy_method)
         settled = _settle(lab)
         with PrimaryReads(lab.primary.data_dir) as reads:
             wall, rss, out_ = _timed([labmod.dbops_executable(), "-c", config, "backup", *args, "--json"])
             res = json.loads(out_)
         head = store.head(layout.manifest(res["backup_id"]))
-        out.append({**base, "bench": bench, "tool": "dbops", "copy_method": copy_method,
+        out.append({**base, "bench": bench, "tool": "dbops", "copy_method": copy_method, **extra,
                     "wall_seconds": round(wall, 2), "rss_kib": rss, "settle_seconds": settled,
                     "manifest_bytes": head.size if head else None, "stored_bytes": res["stored_bytes"],
                     "logical_bytes": res["logical_size"], "primary_read_bytes": reads.bytes,
@@ -340,6 +345,11 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
         except Exception as e:  # the figures above stand
             out.append({**base, "bench": bench, "tool": "dbops", "error": f"{type(e).__name__}: {e}",
                         "detail": (getattr(e, "detail", None) or "")[-2000:]})
+    # The steady state of a cron job: more incrementals, each on the one before (its deltas over the
+    # full's blocks cover more pages each time). Last, so the figures above compare as before.
+    for depth in range(2, 2 + CHAIN):
+        _pgbench(lab, "-c", "4", "-j", "2", "-T", str(PGBENCH_SECONDS), "-n")
+        dbops_backup("scale_backup_incremental_chain", chain_depth=depth)
     return out
 
 
