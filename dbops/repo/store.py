@@ -12,7 +12,7 @@ Pipeline (threads; sha256, zstd and file reads release the GIL), memory flat in 
   incremental) is stored as a page delta on the parent's block, compressed with that base block
   as dictionary: its base pages taken from the pages saved before replay where they all are
   (:mod:`dbops.repo.savedpages`), else the bases of a unit's deltas are fetched from storage together, up to
-  ``bases.BATCH_BYTES`` at a time
+  ``bases.BATCH_BYTES`` of blocks and ``bases.BATCH_PAGES_BYTES`` of their pages at a time
   (:mod:`dbops.repo.bases`, ranged GETs, checked), each delta is one frame; every other block is hashed:
   all-zero blocks are not stored, a block equal to the parent's is referenced where it is,
   new blocks are gathered into frames (up to ``FRAME_BYTES`` of one unit's new blocks, in

@@ -26,13 +26,18 @@ from test_page_deltas import REL, Folder, _corrupt, files_of, pg, refs, snap
 CHANGED = (1, 2, 9, 17, 18, 19, 33, 40, 41, 42, 43, 70, 100, 130, 131, 200, 254)  # pages of 10 blocks of 4 pages
 
 
-def incremental(tmp_path, monkeypatch, batch_bytes: int | None, name: str, parallel: int = 2):
-    """(store, layout, folder, full b1, incremental) with pages CHANGED rewritten after b1."""
+def incremental(tmp_path, monkeypatch, batch_bytes: int | None, name: str, parallel: int = 2,
+                pages_bytes: int | None = None):
+    """(store, layout, folder, full b1, incremental) with pages CHANGED rewritten after b1;
+    ``batch_bytes``/``pages_bytes``: a batch closes at that many bytes of blocks / of their pages."""
     store, layout, f = LocalStore(tmp_path / name / "store"), Layout("c"), Folder(tmp_path / name)
     m1 = snap(store, layout, f, "b1", 0x2000000)
     f.change(0x2000100, *CHANGED)
-    if batch_bytes is not None:
-        monkeypatch.setattr(store_mod, "BATCH_BYTES", batch_bytes)
+    if pages_bytes is not None:
+        monkeypatch.setattr(store_mod, "BATCH_PAGES_BYTES", pages_bytes)
+    if batch_bytes is not None or pages_bytes is not None:
+        if batch_bytes is not None:
+            monkeypatch.setattr(store_mod, "BATCH_BYTES", batch_bytes)
         monkeypatch.setattr(store_mod, "READ_BLOCK", 8192)  # a read a block: a batch is checked after each
     m2 = store_snapshot(store, layout, str(f.d), backup_id="b2", parent_manifests=[m1], chunk_size=8192,
                         pack_size=1 << 20, parallel=parallel, pg=pg(0x3000000),
@@ -55,6 +60,16 @@ def test_deltas_in_many_batches_fetched_ahead_restore_byte_for_byte(tmp_path, mo
     restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=2)
     assert files_of(tmp_path / "r") == files_of(f.d)
     *_, one = incremental(tmp_path, monkeypatch, None, "one")  # the same folder, one batch
+    assert one.counts["base_requests"] < 10 and shape(one) == shape(m2)
+
+
+def test_a_batch_closes_at_its_pages_bytes_however_few_its_blocks(tmp_path, monkeypatch):
+    # Blocks far below BATCH_BYTES, but their changed pages past BATCH_PAGES_BYTES: a batch a read.
+    store, layout, f, _m1, m2 = incremental(tmp_path, monkeypatch, None, "pages", pages_bytes=1)
+    assert m2.counts["delta_chunks"] == 10 and m2.counts["base_requests"] >= 10
+    restore_snapshot(store, layout, m2, str(tmp_path / "r"), parallel=2)
+    assert files_of(tmp_path / "r") == files_of(f.d)
+    *_, one = incremental(tmp_path, monkeypatch, None, "one")
     assert one.counts["base_requests"] < 10 and shape(one) == shape(m2)
 
 
