@@ -33,11 +33,11 @@ def incremental(tmp_path, monkeypatch, batch_bytes: int | None, name: str, paral
     store, layout, f = LocalStore(tmp_path / name / "store"), Layout("c"), Folder(tmp_path / name)
     m1 = snap(store, layout, f, "b1", 0x2000000)
     f.change(0x2000100, *CHANGED)
+    if batch_bytes is not None:
+        monkeypatch.setattr(store_mod, "BATCH_BYTES", batch_bytes)
     if pages_bytes is not None:
         monkeypatch.setattr(store_mod, "BATCH_PAGES_BYTES", pages_bytes)
     if batch_bytes is not None or pages_bytes is not None:
-        if batch_bytes is not None:
-            monkeypatch.setattr(store_mod, "BATCH_BYTES", batch_bytes)
         monkeypatch.setattr(store_mod, "READ_BLOCK", 8192)  # a read a block: a batch is checked after each
     m2 = store_snapshot(store, layout, str(f.d), backup_id="b2", parent_manifests=[m1], chunk_size=8192,
                         pack_size=1 << 20, parallel=parallel, pg=pg(0x3000000),
