@@ -214,6 +214,9 @@ class BackupSettings:
     copy_method: str = setting("auto", choices=("auto", "direct", "pg_basebackup"))
     # The most scratch_dir may hold when a limit the filesystem does not show applies (an emptyDir's sizeLimit).
     scratch_limit: int | None = setting(None, "size", minimum=1024 * 1024)
+    # The validation's copy in the page cache: keep it, drop its pages as they are written back, or auto:
+    # drop them when the copy is larger than the memory available (docs/backups.md).
+    scratch_cache: str = setting("auto", choices=("auto", "keep", "drop"))
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
 

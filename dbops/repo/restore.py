@@ -123,6 +123,7 @@ def restore_snapshot(
     owner: str | None = None,
     tablespace_dirs: Mapping[int, str] | None = None,
     durable: bool = True,
+    drop_cache: bool | None = None,
     on_file: Callable[[str], None] | None = None,
 ) -> RestoreStats:
     """Restore one backup into target_dir (new or empty), verified block by block, then fsynced.
@@ -132,6 +133,10 @@ def restore_snapshot(
     link in pg_tblspc points there and its contents go there.
     ``durable=False``: no fsync, for a scratch copy that a crash would throw away anyway (the
     validation's copy, which its server replays into with ``fsync = off`` too).
+    ``drop_cache``: whether the pages written past the first ``KEEP_CACHED`` bytes are written back
+    and dropped from the page cache as the restore goes (:class:`dbops.repo.rangewrite.Flusher`);
+    None: when durable (a durable restore's fsyncs write them anyway). A scratch copy too large to
+    stay cached is given True (:func:`dbops.ops.backup.validate.scratch_cached`, ``backup.scratch_cache``).
     ``on_file(path)``: called with each file's path (relative) once its content is written for good
     (from a worker thread, before this returns; it must not raise): the validation saves pages then.
     Raises ValidationError naming the backup, file and object key on a bad or missing object.
@@ -143,12 +148,13 @@ def restore_snapshot(
     # and checked once here, before anything is written, instead of the stored entries once a pass
     with manifest.kept_listing() as listed:
         return _restore(store, layout, manifest, Path(target_dir), t0, listed, parallel=parallel, progress=progress,
-                        owner=owner, tablespace_dirs=tablespace_dirs, durable=durable, on_file=on_file)
+                        owner=owner, tablespace_dirs=tablespace_dirs, durable=durable,
+                        drop_cache=durable if drop_cache is None else drop_cache, on_file=on_file)
 
 
 def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, t0: float, listed: Listed | None,
              *, parallel: int, progress: Progress | None, owner: str | None,
-             tablespace_dirs: Mapping[int, str] | None, durable: bool,
+             tablespace_dirs: Mapping[int, str] | None, durable: bool, drop_cache: bool,
              on_file: Callable[[str], None] | None) -> RestoreStats:
     heap.map_large_buffers()  # the ranges' 1 MiB read buffers given back when freed (dbops.heap)
     manifest.check()
@@ -206,7 +212,7 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
         files, rng, left = item
         try:
             fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
-                                           flush=durable, held=left.held, kept=kept)
+                                           flush=drop_cache, held=left.held, kept=kept)
         except BaseException:
             completion.failed(left)
             raise

@@ -153,6 +153,18 @@ def test_retention_auto_scratch_limit_and_the_pack_size_cap():
     assert cfg.backup.pack_size == cfgmod.MAX_PACK_SIZE and cfg.backup.retention.auto
 
 
+def test_scratch_cache_is_auto_keep_or_drop():
+    assert cfgmod.parse(GOOD, env=ENV).backup.scratch_cache == "auto"
+    raw = json.loads(json.dumps(GOOD))
+    raw["backup"]["scratch_cache"] = "drop"
+    assert cfgmod.parse(raw, env=ENV).backup.scratch_cache == "drop"
+    raw["backup"]["scratch_cache"] = "sometimes"
+    with pytest.raises(ConfigError) as ei:
+        cfgmod.parse(raw, env=ENV)
+    assert ei.value.exit_code == ExitCode.CONFIG
+    assert ei.value.problems == ["backup.scratch_cache: expected one of auto, keep, drop, got 'sometimes'"]
+
+
 def test_a_restore_target_built_with_gnu_date_is_accepted():
     """docs/restore.md: `date -d 'yesterday 15:46' -Iseconds` names the time with its zone."""
     import subprocess

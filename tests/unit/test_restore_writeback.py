@@ -108,3 +108,67 @@ def test_a_writeback_error_is_raised(tmp_path):
         rmod._start_writeback(fd, 0, MIB)  # a closed descriptor: EBADF
     assert e.value.errno == errno.EBADF
     assert not rmod._refused[0]
+
+
+def _scratch_restore(tmp_path, monkeypatch, **kw):
+    """A 24 MiB file backed up and restored as a validation's scratch copy (not durable), with the
+    restore's pages kept cached up to 0 bytes (every window past it dropped when dropping): its bytes
+    in the page cache once restored; its content checked after."""
+    from dbops.repo import manifest as mf
+    from dbops.repo import restore as restore_mod
+    from dbops.storage.layout import Layout
+    from dbops.storage.local import LocalStore
+    from test_backup_store import make_datadir, pages, snapshot
+
+    store, layout = LocalStore(tmp_path / "store"), Layout("c")
+    d = make_datadir(tmp_path)
+    (d / "base/5/big").write_bytes(pages(31, 3072))
+    snapshot(store, layout, d, "b1", parallel=2)
+    monkeypatch.setattr(restore_mod, "Kept", lambda: rmod.Kept(0))
+    restore_mod.restore_snapshot(store, layout, mf.load(store, layout, "b1"), str(tmp_path / "r"), parallel=2,
+                                 durable=False, **kw)
+    got = tmp_path / "r/base/5/big"
+    resident = resident_pages(got) * mmap.PAGESIZE  # before the file is read back to be compared
+    assert got.read_bytes() == (d / "base/5/big").read_bytes()
+    return resident
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_a_scratch_copy_told_to_drop_its_pages_leaves_none_behind(tmp_path, monkeypatch):
+    """``drop_cache=True`` (``backup.scratch_cache``): the validation's copy, not durable, is written
+    back and dropped as it goes, its content the same."""
+    resident = _scratch_restore(tmp_path, monkeypatch, drop_cache=True)
+    if rmod._refused[0]:
+        pytest.skip("the file system refuses sync_file_range")
+    assert resident < 1 * MIB
+
+
+def test_a_scratch_copy_keeps_its_pages_by_default(tmp_path, monkeypatch):
+    assert _scratch_restore(tmp_path, monkeypatch) == 24 * MIB
+
+
+def test_a_copy_stays_cached_up_to_the_memory_available(monkeypatch):
+    from dbops.runtime import scratch
+
+    assert scratch.copy_stays_cached(20 << 30, available=20 << 30)
+    assert not scratch.copy_stays_cached((20 << 30) + 1, available=20 << 30)
+    monkeypatch.setattr(scratch, "memory_available", lambda: None)  # unknown (not Linux): kept, as before
+    assert scratch.copy_stays_cached(1 << 50)
+    monkeypatch.setattr(scratch, "memory_available", lambda: 8 << 30)
+    assert scratch.copy_stays_cached(8 << 30) and not scratch.copy_stays_cached(9 << 30)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux's /proc/meminfo")
+def test_memory_available_reads_meminfo():
+    from dbops.runtime import scratch
+
+    got = scratch.memory_available()
+    assert got is not None and 0 < got <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_scratch_cache_setting_decides(monkeypatch):
+    from dbops.ops.backup import validate
+
+    monkeypatch.setattr(validate, "copy_stays_cached", lambda size: size < 100)
+    assert validate.scratch_cached("keep", 10**12) and not validate.scratch_cached("drop", 1)
+    assert validate.scratch_cached("auto", 99) and not validate.scratch_cached("auto", 100)

@@ -42,6 +42,7 @@ class BackupResult:
                 "backup_id": self.validated.backup_id, "ok": self.validated.ok,
                 "timings": self.validated.timings, "checks": self.validated.checks,
                 "restore_seconds": restore_seconds(self.validated.timings),
+                "scratch_cache": self.validated.scratch_cache,
             },
             "healed_after": self.healed_after,
             "pruned": self.pruned,

@@ -42,7 +42,7 @@ from dbops.repo.model import PAGE
 from dbops.repo.savedpages import SavedPages, Saver
 from dbops.runtime import InstanceSpec, Runtime, open_runtime
 from dbops.runtime.walfolder import link_wal
-from dbops.runtime.scratch import room_beside_copy, scratch_folder
+from dbops.runtime.scratch import copy_stays_cached, room_beside_copy, scratch_folder
 from dbops.storage import ObjectStore
 from dbops.storage.layout import Layout
 
@@ -61,6 +61,7 @@ class Validation:
     relation_map: bytes | None = None  # read at the target (stored form); stored with the backup taken there
     tablespace_names: dict[int, str] = field(default_factory=dict)  # OID -> name, read at the target
     checksums: Checksums | None = None  # pg_checksums still running (see recover_to_target's ``stack``)
+    scratch_cache: str | None = None  # the downloaded copy's pages: "kept" in the page cache or "dropped"
 
     def settle(self) -> None:
         """Wait for a pg_checksums still running; ok once it passed (raises ValidationError if not)."""
@@ -121,6 +122,16 @@ class Checksums:
     def close(self) -> None:
         """Wait for it to end (the instance and the copy it reads go after this); its error is wait()'s."""
         self._pool.shutdown(wait=True)
+
+
+def scratch_cached(mode: str, size: int) -> bool:
+    """Whether the validation's download leaves its copy of size bytes in the page cache
+    (``backup.scratch_cache``: keep, drop, or auto: :func:`dbops.runtime.scratch.copy_stays_cached`)."""
+    cached = mode == "keep" or (mode == "auto" and copy_stays_cached(size))
+    if not cached:
+        log.event(_log, logging.INFO, "the scratch copy's pages are written back and dropped from the page cache "
+                  "as it is written", bytes=size, scratch_cache=mode)
+    return cached
 
 
 def restore_seconds(t: dict[str, float]) -> float:
@@ -364,11 +375,12 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbops-wal") as pool:
             wal_job = pool.submit(target_and_wal)
             runtime_job = pool.submit(open_runtime_beside)
+            cached = scratch_cached(cfg.backup.scratch_cache, m.logical_size)
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
-                                     tablespace_dirs=ts.dirs(), durable=False, progress=byte_progress,
-                                     on_file=file_done)
+                                     tablespace_dirs=ts.dirs(), durable=False, drop_cache=not cached,
+                                     progress=byte_progress, on_file=file_done)
                     # durable=False: a scratch copy, a crash throws it away
                 except (NotFoundError, StorageError) as e:
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
@@ -388,4 +400,5 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                                 stack=stack if background_checksums else None, wal_scanned=True, known=known,
                                 runtime=runtime[0] if runtime else None, after_copy=after_copy)
         val.backup_id = m.backup_id
+        val.scratch_cache = "kept" if cached else "dropped"
         yield Proof(data, reached, val, ts, saved, known)
