@@ -188,17 +188,80 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def memory_available() -> int | None:
-    """The memory the kernel could give without swapping (``MemAvailable`` in /proc/meminfo, bytes: the
-    page cache it can take back included); None where it does not say."""
+def memory_available(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory the kernel could give this process without swapping (``MemAvailable`` in
+    /proc/meminfo, bytes: the page cache it can take back included), capped by its memory cgroup's
+    limit (a container's or a pod's: the page cache its writes dirty is charged there, whatever the
+    host has); None where neither says."""
+    available = None
     try:
-        with open("/proc/meminfo", "rb") as f:
+        with open(f"{proc_root}/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
+        pass
+    limit = cgroup_memory_limit(proc_root, cgroup_root)
+    if limit is not None and (available is None or limit < available):
+        return limit
+    return available
+
+
+UNLIMITED = 1 << 60  # a cgroup v1 limit this large (9223372036854771712 by default) is no limit
+
+
+def cgroup_memory_limit(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process' cgroup, its parents' included (v2: the lowest ``memory.max``
+    from its folder up; v1: ``hierarchical_memory_limit`` in ``memory.stat``, else
+    ``memory.limit_in_bytes``); None when unlimited or unknown."""
+    try:
+        lines = Path(proc_root, "self/cgroup").read_text().splitlines()
+    except OSError:
         return None
-    return None
+    v2 = v1 = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    limits: list[int] = []
+    if v1 is not None:
+        folder = Path(cgroup_root, "memory", v1.lstrip("/"))
+        text = _read(folder / "memory.stat")
+        for line in (text or "").splitlines():
+            if line.startswith("hierarchical_memory_limit "):
+                limits.append(_number(line.split()[1]))
+                break
+        else:
+            limits.append(_number(_read(folder / "memory.limit_in_bytes")))
+    elif v2 is not None and Path(cgroup_root, "cgroup.controllers").exists():
+        folder = Path(cgroup_root, v2.lstrip("/"))
+        while True:
+            limits.append(_number(_read(folder / "memory.max")))
+            if folder == Path(cgroup_root) or Path(cgroup_root) not in folder.parents:
+                break
+            folder = folder.parent
+    known = [n for n in limits if 0 < n < UNLIMITED]
+    return min(known) if known else None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _number(text: str | None) -> int:
+    """A limit file's value; "max", missing or unreadable: unlimited."""
+    try:
+        return int(text) if text and text != "max" else UNLIMITED
+    except ValueError:
+        return UNLIMITED
 
 
 def copy_stays_cached(data_size: int, available: int | None = None) -> bool:

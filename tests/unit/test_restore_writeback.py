@@ -172,3 +172,44 @@ def test_scratch_cache_setting_decides(monkeypatch):
     monkeypatch.setattr(validate, "copy_stays_cached", lambda size: size < 100)
     assert validate.scratch_cached("keep", 10**12) and not validate.scratch_cached("drop", 1)
     assert validate.scratch_cached("auto", 99) and not validate.scratch_cached("auto", 100)
+
+
+def _fake_host(tmp_path, cgroup: str, files: dict[str, str], available_kib: int = 20 << 20):
+    proc, root = tmp_path / "proc", tmp_path / "cg"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {available_kib * 2} kB\nMemAvailable: {available_kib} kB\n")
+    (proc / "self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return str(proc), str(root)
+
+
+def test_memory_available_is_capped_by_a_pods_cgroup_v2_limit(tmp_path):
+    """In a container or a pod the page cache its writes dirty is charged to its cgroup: a scratch copy
+    stays cached only within the lowest memory.max of its cgroup and its parents."""
+    from dbops.runtime import scratch
+
+    proc, root = _fake_host(tmp_path, "0::/kubepods/pod1/c1\n", {
+        "cgroup.controllers": "cpu memory", "kubepods/memory.max": "max",
+        "kubepods/pod1/memory.max": str(2 << 30), "kubepods/pod1/c1/memory.max": "max"})
+    assert scratch.cgroup_memory_limit(proc, root) == 2 << 30
+    assert scratch.memory_available(proc, root) == 2 << 30
+    proc, root = _fake_host(tmp_path / "b", "0::/\n", {"cgroup.controllers": "memory"})
+    assert scratch.cgroup_memory_limit(proc, root) is None
+    assert scratch.memory_available(proc, root) == 20 << 30
+
+
+def test_memory_available_is_capped_by_a_cgroup_v1_limit(tmp_path):
+    from dbops.runtime import scratch
+
+    proc, root = _fake_host(tmp_path, "5:cpu:/\n4:memory:/docker/abc\n", {
+        "memory/docker/abc/memory.stat": "cache 0\nhierarchical_memory_limit 1073741824\n",
+        "memory/docker/abc/memory.limit_in_bytes": "9223372036854771712"})
+    assert scratch.memory_available(proc, root) == 1 << 30
+    proc, root = _fake_host(tmp_path / "b", "4:memory:/\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712"})  # no limit: the host's figure
+    assert scratch.cgroup_memory_limit(proc, root) is None
+    assert scratch.memory_available(proc, root) == 20 << 30
+    proc, root = _fake_host(tmp_path / "c", "", {})  # nothing known about cgroups
+    assert scratch.memory_available(proc, root) == 20 << 30
