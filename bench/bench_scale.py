@@ -33,6 +33,10 @@ check, write, fsync; the incremental's page deltas over their bases), no server 
 each after 30 s of pgbench and on the one before (``chain_depth`` 2, 3: incrementals since the
 full), as cron takes them day after day.
 
+``scratch_cache``: whether a dbops backup's validation kept its copy of the previous backup in the
+page cache or dropped it as it was written (``backup.scratch_cache``, auto: dropped when larger
+than the memory available).
+
 ``copy_method``: how a dbops full backup copied the source (auto: straight from its data folder
 here; pg_basebackup when the config says so).
 
@@ -270,6 +274,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
                     "manifest_bytes": head.size if head else None, "stored_bytes": res["stored_bytes"],
                     "logical_bytes": res["logical_size"], "primary_read_bytes": reads.bytes,
                     "counts": res.get("counts"), "timings": res.get("timings"),
+                    "scratch_cache": (res.get("validated") or {}).get("scratch_cache"),
                     "stored_by": stored_by(store, layout, res["backup_id"], res.get("parent_id"))})
         ids.append(res["backup_id"])
 
