@@ -73,7 +73,9 @@ class Writer:
 
 def config_with(lab, folder: Path, *, backup: dict | None = None, data_dir: str | None = None) -> str:
     raw = yaml.safe_load(Path(lab.config_path).read_text())
-    raw["backup"].update(backup or {})
+    for key, value in (backup or {}).items():  # a section (validation, ...) merged into the lab's own
+        given = raw["backup"].get(key)
+        raw["backup"][key] = {**given, **value} if isinstance(value, dict) and isinstance(given, dict) else value
     if data_dir:
         raw["nodes"][0]["data_dir"] = data_dir
     path = folder / "dbops.yaml"
@@ -183,13 +185,9 @@ def test_scratch_cache_drop_still_proves_the_previous_backup_and_says_so(clab, c
     r, first = backup_cli(cli, clab.config_path, env=env)  # full or incremental: the tests above left backups
     assert r.exit_code == 0, r
     sql(p, "INSERT INTO sc SELECT generate_series(5001, 6000)")
-    raw = yaml.safe_load(Path(clab.config_path).read_text())
-    raw["backup"]["scratch_cache"] = "drop"
-    raw["backup"].setdefault("validation", {})["assertions"] = [
-        {"name": "every row, caught up to now", "sql": "SELECT count(*) = 6000 FROM sc"}]
-    dropping = tmp_path / "dbops.yaml"
-    dropping.write_text(yaml.safe_dump(raw, sort_keys=False))
-    r, res = backup_cli(cli, str(dropping), env=env)
+    dropping = config_with(clab, tmp_path, backup={"scratch_cache": "drop", "validation": {"assertions": [
+        {"name": "every row, caught up to now", "sql": "SELECT count(*) = 6000 FROM sc"}]}})
+    r, res = backup_cli(cli, dropping, env=env)
     assert r.exit_code == 0, r
     v = res["validated"]
     assert v["backup_id"] == first["backup_id"] and v["ok"] and v["scratch_cache"] == "dropped", v
