@@ -8,7 +8,10 @@ before its end, that WAL archived by both; then a point-in-time restore to that 
 and promoted: dbops (`restore --to TIME --start`), pgBackRest (its own async archive-get), and as
 a second line pgBackRest replaying the dbops archive through `dbops wal-fetch` (``wal: dbops``).
 Before each restore the disk is synced (not timed): the one that runs first would otherwise also
-pay for the writes pgbench and the backups left in the page cache. Before each backup, of either
+pay for the writes pgbench and the backups left in the page cache, and then the machine idles
+(``BENCH_IDLE`` seconds, default 15, not timed; also before each backup): on a VM that hands freed
+memory back to its host, the tool that runs right after another's removal of its restored folder
+would otherwise find that memory still warm, where the first found it cold. Before each backup, of either
 tool, the primary is settled (not timed, ``settle_seconds``): the WAL so far archived by every
 archiver, a `CHECKPOINT`, the disk synced. Without it the tool that runs first after `pgbench`
 (dbops, by this order) also paid for the checkpoint of pgbench's dirty buffers (its backup's own
@@ -76,6 +79,13 @@ PITR_PGBENCH_SECONDS = 10  # WAL after the incremental that a restore to the tar
 # backup.copy_method pg_basebackup, dbops again): an A/B round on one lab.
 ONLY = os.environ.get("BENCH_ONLY", "")
 SETTLE = os.environ.get("BENCH_SETTLE", "1") != "0"
+# Seconds of idle before each timed backup and restore, of either tool, after the disk is synced.
+# Some VMs (this project's machines: free page reporting) hand memory freed in the guest back to
+# their host within a second or two, and the host faults it in again, page by page, when the guest
+# next writes it: 1.2-1.6 s of kernel time per GB. The tool that runs right after another's
+# removal of a restored or scratch folder found that memory still warm; after the idle both find it
+# returned. 0 times as before.
+IDLE = float(os.environ.get("BENCH_IDLE", "15"))
 
 
 def _pgbench(lab: labmod.LabInfo, *args: str) -> None:
@@ -232,13 +242,22 @@ def _settle(lab: labmod.LabInfo) -> float | None:
     from dbops.pg import conn as pgconn
 
     if not SETTLE:
+        _idle()
         return None
     t0 = time.monotonic()
     _archived_through_now(lab)
     with pgconn.session(lab.primary) as c:
         c.execute("CHECKPOINT")
     os.sync()
-    return round(time.monotonic() - t0, 2)
+    settled = round(time.monotonic() - t0, 2)
+    _idle()
+    return settled
+
+
+def _idle() -> None:
+    """Untimed, after the disk is synced, before each timed backup and restore: see IDLE."""
+    if IDLE > 0:
+        time.sleep(IDLE)
 
 
 def _now(lab: labmod.LabInfo) -> float:
@@ -320,6 +339,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     shutil.rmtree(data, ignore_errors=True)
     port = labmod.free_port(None, {lab.primary.port, *(r.port for r in lab.replicas)})
     os.sync()  # each restore starts with no other writes pending (the first would pay for pgbench's)
+    _idle()
     try:
         wall, rss_kib, res = _dbops(lab, "restore", "--to", target, "--target-dir", str(data), "--start",
                                     "--port", str(port))
@@ -334,6 +354,7 @@ def _sweep(lab: labmod.LabInfo, scale: int, p: pgbackrest_peer.Peer | None) -> l
     for wal in ("pgbackrest", "dbops") if peer else ():
         rss = []
         os.sync()
+        _idle()
         try:
             r = pgbackrest_peer.restore(p, lab, target_time, rss=rss, wal=wal)
             out.append({**base, "bench": "scale_restore", "tool": "pgbackrest", "wal": wal,
