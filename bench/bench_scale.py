@@ -82,7 +82,7 @@ SETTLE = os.environ.get("BENCH_SETTLE", "1") != "0"
 # Seconds of idle before each timed backup and restore, of either tool, after the disk is synced.
 # Some VMs (this project's machines: free page reporting) hand memory freed in the guest back to
 # their host within a second or two, and the host faults it in again, page by page, when the guest
-# next writes it: 1.2-1.6 s of kernel time per GB. The tool that runs right after another's
+# next writes it: 1.2-2 s more kernel time per GB (docs/backups.md, capacity model). The tool that runs right after another's
 # removal of a restored or scratch folder found that memory still warm; after the idle both find it
 # returned. 0 times as before.
 IDLE = float(os.environ.get("BENCH_IDLE", "15"))
