@@ -70,8 +70,10 @@ ENGINE_POLL = 1.0  # seconds between asking the engine whether the container its
 # bash): postgres runs as its child; TERM, INT and QUIT (the stop modes, sent to the container's
 # first process by `ENGINE kill`) are passed on to it (a background child starts with INT and QUIT
 # ignored: the postmaster sets its own handlers for all three). Once postgres has exited, its status
-# (128 + N when killed by signal N) is written to the run folder (one write of a few bytes; an empty
-# file is no status yet) and the container stays until it is removed (SIGKILL), asleep (``sleep``:
+# (128 + N when killed by signal N) is written over the blank status file that start() placed in the
+# run folder (in place, ``1<>``: no block to allocate, so a filesystem that filled up meanwhile cannot
+# lose it; a blank file is no status yet; should even that write fail, the container ends at once with
+# the status, which the engine then reports) and the container stays until it is removed (SIGKILL), asleep (``sleep``:
 # the official postgres images have it; where it is missing the container ends, as before). `wait`
 # interrupted by a signal returns before postgres exited: it is waited for again while it exists (an
 # exited, unreaped child still does; `wait` reaps it), and once more after (a child the shell reaped
@@ -86,12 +88,29 @@ KEEPER = (
     '"$@" & pid=$!; '
     'while :; do wait "$pid"; status=$?; kill -0 "$pid" 2>/dev/null || break; done; '
     'wait "$pid"; last=$?; [ "$last" = 127 ] || status=$last; '
-    f'echo "$status" > {RUN_PATH}/{SERVER_EXIT}; '
+    f'{{ printf \'%s\\n\' "$status" 1<>{RUN_PATH}/{SERVER_EXIT}; }} 2>/dev/null || exit "$status"; '
     "trap '' TERM INT QUIT; "
     f"trap 'exit \"$status\"' {STOP_SIGNAL}; "
     '[ -z "$stop" ] || exit "$status"; '
     'while sleep 3600 & wait "$!"; [ "$?" != 127 ]; do :; done; exit "$status"'
 )
+
+
+STATUS_BLANK = " " * 15 + "\n"  # room for any exit status, written before the server starts
+
+
+def blank_status(run_dir: Path, owner: Owner) -> None:
+    """The status file KEEPER writes over in place once postgres exits: written now, while the scratch
+    filesystem has room, so that its block is the file's already when the server ends on a full disk
+    (a new file's write would fail there, and the server's end would go unseen until the start timeout)."""
+    path = run_dir / SERVER_EXIT
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, STATUS_BLANK.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    owner.chown(path)
 
 
 # --------------------------------------------------------------------------- runtime
@@ -218,6 +237,7 @@ class ContainerRuntime:
         sock, sock_created = run_dir, False
         try:
             sock, sock_created = socket_dir(run_dir, owner)
+            blank_status(run_dir, owner)
             settings = server_settings(
                 spec, run_dir, wal_path=WAL_PATH if spec.wal_dir is not None else None, run_path=RUN_PATH,
                 owner=owner, socket_path=SOCKET_PATH, port=self.inner_port(spec),

@@ -253,6 +253,46 @@ def test_a_killed_server_is_reported_while_its_container_stays(settings, small_c
     assert _state(data) == "in production"  # never shut down
 
 
+def test_a_server_ending_on_a_full_filesystem_is_seen_at_once(settings, small_cluster, work):
+    """The run folder's filesystem full when postgres ends (the scratch disk filled by another process):
+    its status still reaches the run folder and is_running() turns false at once, rather than
+    after the start timeout (a validation that hung for 600 s in CI, 2026-12-03)."""
+    size = sum(f.stat().st_size for f in small_cluster.rglob("*") if f.is_file())
+    mnt = work / "full-fs"
+    mnt.mkdir()
+    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size + 64 * 2**20},mode=0755", "tmpfs", str(mnt)], timeout=30)
+    try:
+        data = copy_cluster(small_cluster, mnt / "data")
+        with open_runtime(settings["podman"]).start(InstanceSpec(data_dir=data, port=_free_port(),
+                                                                 name="full-fs")) as inst:
+            inst.wait_ready(60)
+            assert inst.run_dir.parent == mnt  # the status file is on the filesystem that fills up
+            fd = os.open(mnt / "ballast", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                for block in (1 << 20, 4096, 512):
+                    try:
+                        while True:
+                            os.write(fd, b"\0" * block)
+                    except OSError:
+                        pass
+            finally:
+                os.close(fd)
+            assert shutil.disk_usage(mnt).free < 4096
+            first = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Pid}}", inst.name]).stdout.strip()
+            postmaster = Path(f"/proc/{first}/task/{first}/children").read_text().split()
+            os.kill(int(postmaster[0]), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while inst.is_running():
+                assert time.monotonic() < deadline, "postgres's end on a full filesystem went unseen"
+                time.sleep(0.1)
+            assert (inst.run_dir / container.SERVER_EXIT).read_text().strip() == "137"
+            assert "status 137" in (inst.ended_by() or "")
+            with pytest.raises(PostgresError, match="exited before accepting connections"):
+                inst.wait_ready(30)
+    finally:
+        proc.run(["umount", "-l", str(mnt)], timeout=30, check=False)
+
+
 def test_a_smart_stop_waits_for_the_session_and_reads_the_status(settings, small_cluster, work):
     """smart (TERM, passed on by the container's first process) waits for the open session; the stop
     ends once it closed, with status 0, the container still there."""
