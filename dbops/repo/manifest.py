@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 import time
@@ -58,6 +60,78 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+# A local copy of a manifest (about 0.5-0.9 MB per GB of database) lives as long as the command that
+# holds it: named with that process's id and its PID namespace, so that the copy a killed run left
+# (SIGKILL, the OOM killer: no exit handler ran) is recognised by the next command and removed. A
+# process of another PID namespace (a container sharing the folder) cannot be seen: its copies are
+# never judged.
+TMP_PREFIX = "dbops-manifest-"
+_STALE_NAME = re.compile(re.escape(TMP_PREFIX) + r"p([0-9]{1,10})n([0-9]{1,20})-[A-Za-z0-9_]+\Z")
+_swept = False
+
+
+def _pid_namespace() -> int:
+    """This process's PID namespace (the inode of /proc/self/ns/pid); 0 where it cannot be read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _tmp_file(tmp_dir: str | None = None) -> str:
+    """A new, empty local file for one manifest copy (the system's temporary folder by default,
+    swept first, once per process, of the copies killed runs left there)."""
+    if tmp_dir is None:
+        _sweep_once()
+    fd, path = tempfile.mkstemp(prefix=f"{TMP_PREFIX}p{os.getpid()}n{_pid_namespace()}-", dir=tmp_dir)
+    os.close(fd)
+    return path
+
+
+def sweep_stale_copies(folder: str | None = None) -> list[str]:
+    """Remove the manifest copies in ``folder`` (the system's temporary folder) that killed dbops
+    processes left: this user's regular files named by :func:`_tmp_file` in this PID namespace, whose
+    process no longer exists (a file is named only by the process it names: when that process is
+    gone, so is its user). Anything else is left alone. Returns the paths removed."""
+    folder = folder or tempfile.gettempdir()
+    ns = _pid_namespace()
+    removed: list[str] = []
+    if not ns:
+        return removed
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _STALE_NAME.match(name)
+        if m is None or int(m.group(2)) != ns or int(m.group(1)) == os.getpid():
+            continue
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # its process lives
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue  # a process of another user has that id now
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _sweep_once() -> None:
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_stale_copies()
 
 
 class Manifest:
@@ -245,8 +319,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         """The stored form (format 5) in memory: for small manifests and tests."""
-        fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
-        os.close(fd)
+        path = _tmp_file()
         try:
             self.write_file(path)
             with open(path, "rb") as f:
@@ -257,10 +330,10 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes, *, what: str = "manifest") -> Manifest:
         """Parse a stored manifest held in memory (entries read into memory too)."""
-        fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        path = _tmp_file()
         try:
+            with open(path, "wb") as f:
+                f.write(data)
             m = cls.from_file(path, what=what, own=False)
             if m._source is not None:
                 files = list(m.entries())
@@ -283,8 +356,7 @@ def save(store: ObjectStore, layout: Layout, manifest: Manifest, *, path: str | 
     key = layout.manifest(manifest.backup_id)
     own = path is None
     if path is None:
-        fd, path = tempfile.mkstemp(prefix="dbops-manifest-")
-        os.close(fd)
+        path = _tmp_file()
         manifest.write_file(path)
     try:
         # a refused put meeting its own identical object is success (the answer was lost)
@@ -307,8 +379,7 @@ def load(store: ObjectStore, layout: Layout, backup_id: str, *, tmp_dir: str | N
     every load makes (not read once more by the restore's :meth:`Manifest.kept_listing`, which
     drops it when it ends)."""
     key = layout.manifest(backup_id)
-    fd, path = tempfile.mkstemp(prefix="dbops-manifest-", dir=tmp_dir)
-    os.close(fd)
+    path = _tmp_file(tmp_dir)
     try:
         store.get_to_file(key, path)
     except NotFoundError:

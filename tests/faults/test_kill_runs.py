@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,8 @@ def nothing_left(lab, killed_pid: int) -> None:
     scratch_is_empty(scratch)
     assert containers_of(killed_pid) == [], f"containers of the killed run {killed_pid} still there"
     assert servers_under(scratch) == [], "a throwaway PostgreSQL still runs in scratch"
+    copies = sorted(Path(tempfile.gettempdir()).glob(f"dbops-manifest-p{killed_pid}n*"))
+    assert copies == [], f"manifest copies of the killed run {killed_pid} still there: {copies}"
 
 
 def test_kill_9_at_every_phase_of_a_backup(klab, env, tmp_path):
