@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -254,9 +255,15 @@ def _pg_ids() -> tuple[int, int]:
 VALIDATION_PHASES = ("download", "wal_fetch", "start", "replay", "checks", "stop")
 
 
-def fill_when_a_run_starts(scratch: Path, stop: threading.Event) -> threading.Thread:
+def fill_when_a_run_starts(scratch: Path, stop: threading.Event, *, leave: int) -> threading.Thread:
     """Fill the filesystem the moment a run makes its folder there (just before it restores the previous
-    backup): what another process writing to the same disk might do."""
+    backup): what another process writing to the same disk might do. All but ``leave`` bytes are
+    taken beforehand (the run's own check of free space still passes), so that the last ones go
+    within a few writes, while the run restores, however slow the machine: a fill that ended only
+    after the validation (the store's packs then meet the full disk) would test something else."""
+    with open(scratch / "ballast", "wb") as f:
+        f.truncate(max(0, shutil.disk_usage(scratch).free - leave))
+        os.posix_fallocate(f.fileno(), 0, max(1, f.seek(0, os.SEEK_END)))
 
     def watch() -> None:
         while not stop.is_set():
@@ -302,7 +309,7 @@ def test_the_scratch_filesystem_filling_up_during_validation(flab, env, dbops_bi
         cfg = config_copy(flab, "small-scratch", backup={"scratch_dir": str(scratch)})
         names = [switch(flab)]
         stop = threading.Event()
-        filler = fill_when_a_run_starts(scratch, stop)
+        filler = fill_when_a_run_starts(scratch, stop, leave=needed + 32 * 2**20)
         try:
             r = run(dbops_bin, env, "-c", cfg, "backup")
         finally:
@@ -326,6 +333,26 @@ def test_the_scratch_filesystem_filling_up_during_validation(flab, env, dbops_bi
         wait_archived(flab, names)
         scratch_is_empty(scratch)
     invariants(flab, dbops_bin, env, tmp_path)
+
+
+def test_a_restore_target_filling_up(flab, env, dbops_bin, tmp_path):
+    """A restore onto a filesystem too small for the backup: exit 1 naming ENOSPC and the target
+    folder with what is free there, no traceback, and what it wrote removed."""
+    store, layout = open_store(flab.config.storage), Layout(flab.config.storage.prefix)
+    if not [b for b in catalog.list_backups(store, layout) if b.usable]:
+        r = run(dbops_bin, env, "backup", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+    with tmpfs(flab.dir / "tmpfs-target", 8 * 2**20) as mnt:
+        target = mnt / "restored"
+        r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target))
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert "the restore ran out of disk space (ENOSPC: No space left on device) during phase download" \
+            in r.stderr, r.stderr[-3000:]
+        assert f"the target folder {target}: " in r.stderr and "what this restore wrote was removed" in r.stderr
+        assert "--target-dir" in r.stderr
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr[-3000:]
+        assert list(mnt.iterdir()) == []  # the folder it made is gone: nothing looks like a restored database
+    scratch_is_empty(Path(flab.config.backup.scratch_dir))
 
 
 # --------------------------------------------------------------------------- the bucket is untrusted

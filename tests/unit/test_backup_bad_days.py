@@ -19,6 +19,11 @@ def test_out_of_space_is_recognised_in_every_form():
     assert bk.out_of_space(ValidationError("PostgreSQL did not start", detail="PANIC: ... No space left on device"))
     assert not bk.out_of_space(ValidationError("assertion 'rows' did not hold"))
     assert not bk.out_of_space(KeyError("x"))
+    # a quota, and the engines' own words (Go prints strerror in lower case)
+    assert bk.out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert bk.out_of_space(CommandError("podman run exited with status 126", returncode=126,
+                                        stderr="Error: mkdir /var/lib/containers/x: no space left on device"))
+    assert bk.out_of_space(ValidationError("PostgreSQL exited", detail="could not extend file: Disk quota exceeded"))
 
 
 def test_scratch_full_error_names_folder_phase_and_cause(tmp_path: Path):

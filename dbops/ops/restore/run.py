@@ -28,7 +28,8 @@ from dbops.phases import Phases
 from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
-from dbops.runtime.scratch import clean_stale_scratch, scratch_folder
+from dbops.runtime.scratch import NO_SPACE, clean_stale_scratch, free_bytes, out_of_space, scratch_folder
+from dbops.units import human_bytes
 from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
 
@@ -184,12 +185,40 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
         if not run.delta:
             for d in plan.tablespaces:
                 discard(d.folder, created=d.state == "absent", delta=False, reason="")
+        if out_of_space(e):
+            raise _out_of_space(e, phases.current, manifest, target, [d.folder for d in plan.tablespaces],
+                                cache) from None
         raise
     wal = {"fetched_ahead": stats.segments, "bytes": stats.bytes, "seconds": stats.seconds,
            "read_in_place": reached.pop("wal_read_in_place", False),
            "released_before_promotion": reached.pop("wal_released", 0),
            "not_archived": stats.missing, "failed": {n: e.message for n, e in ahead.failed.items()}}
     return RestoreResult(plan, reached, final_state, running, dict(phases.t), download, wal)
+
+
+def _out_of_space(e: BaseException, phase: str | None, manifest: mf.Manifest, target: Path,
+                  tablespaces: list[Path], cache: Path) -> DbopsError:
+    """The one message for a restore whose disk filled up: each folder it writes, with what is free
+    there now (what was written is removed already), and the backup's size."""
+    def free(folder: Path) -> str:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return human_bytes(free_bytes(folder))
+        except OSError:
+            return "unknown"
+
+    where = [f"the target folder {target}: {free(target)} free now"]
+    where += [f"the tablespace folder {d}: {free(d)} free now" for d in tablespaces]
+    where.append(f"the scratch folder (the WAL fetched for the replay) {cache.parent.parent}: {free(cache)} free now")
+    cause = (e.message + ("\n" + e.detail if e.detail else "")) if isinstance(e, DbopsError) else str(e)
+    return DbopsError(
+        f"the restore ran out of disk space (ENOSPC: {NO_SPACE})" + (f" during phase {phase}" if phase else ""),
+        detail="; ".join(where) + f"; the backup holds {human_bytes(manifest.logical_size)} of files; what this "
+               "restore wrote was removed\n" + cause[-1500:],
+        hint="free space where it ran out (other files may have filled it), or restore to a larger filesystem "
+             "with --target-dir (--tablespace-map for a tablespace), then run the restore again",
+    )
 
 
 def _fetch_and_scan(ahead: rwal.WalAhead, cache: Path) -> tuple[rwal.FetchStats, dict[int, str]]:
