@@ -252,3 +252,38 @@ def test_a_denial_above_the_copy_checked_through_its_shadow_folder_is_the_machin
     with pytest.raises(ValidationEnvironmentError):
         shadow.pg_checksums(_config(), _Here(data), data, {"base/5/99999"}, checks)
     assert checks[0]["files"] == 1 and not (data.parent / shadow.SHADOW).exists()
+
+
+def test_pg_checksums_killed_or_never_run_is_the_environment_not_bad_pages(tmp_path):
+    """pg_checksums exits 0 or 1 on its own: killed by a signal (directly, or 137 through a container:
+    the OOM killer's SIGKILL), or its engine unable to run it (125), says nothing against the backup
+    (exit 17, the backup keeps its status); a run that printed a bad page is still the backup's."""
+    import pytest
+
+    from dbops import proc
+    from dbops.errors import ValidationEnvironmentError, ValidationError
+
+    data = tmp_path / "data"
+    _file(data / "global" / "pg_control", b"\0" * 8192)
+
+    class Ends(_Here):
+        def __init__(self, script: str):
+            super().__init__(data)
+            self.script = script
+
+        def run_tool(self, argv, **kw):
+            return proc.run(["sh", "-c", self.script], check=False, timeout=60)
+
+    for script, said in (("kill -9 $$", "terminated by signal 9 (the OOM killer?)"),
+                         ("exit 137", "terminated by signal 9 (the OOM killer?)"),
+                         ("echo 'Error: OCI runtime error' >&2; exit 125", "could not run pg_checksums (status 125)")):
+        checks: list = []
+        with pytest.raises(ValidationEnvironmentError) as ei:
+            shadow.pg_checksums(_config(), Ends(script), data, None, checks)
+        assert said in ei.value.message, (script, ei.value.message)
+        assert checks == [{"check": "pg_checksums", "files": "all", "ok": False}]
+    bad = ('echo \'pg_checksums: error: checksum verification failed in file "base/5/16384", block 0\' >&2; '
+           "echo 'Bad checksums:  1'; kill -9 $$")
+    with pytest.raises(ValidationError) as ei:
+        shadow.pg_checksums(_config(), Ends(bad), data, None, [])
+    assert not isinstance(ei.value, ValidationEnvironmentError) and "bad pages" in ei.value.message

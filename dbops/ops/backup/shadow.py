@@ -93,6 +93,20 @@ def denied_by_the_copy(out: str, owner_uid: int, roots: Sequence[Path],
     return False
 
 
+def ended_cause(returncode: int) -> str:
+    """Why pg_checksums, which exits 0 or 1 on its own, ended with any other status: killed by a
+    signal (directly: negative; in a container: 128 + N, 137 the OOM killer's SIGKILL), or its
+    container engine unable to run it (125-127, as podman and docker report their own failures)."""
+    if returncode < 0:
+        return f"pg_checksums was terminated by signal {-returncode}" + (" (the OOM killer?)" if returncode == -9 else "")
+    if returncode in (125, 126, 127):
+        return f"the container engine could not run pg_checksums (status {returncode})"
+    if returncode > 128:
+        return f"pg_checksums was terminated by signal {returncode - 128}" + (
+            " (the OOM killer?)" if returncode == 137 else "")
+    return f"pg_checksums ended with status {returncode}, which it never exits with on its own"
+
+
 def machine_cause(out: str, data: Path, data_path: str) -> str | None:
     """Why pg_checksums (output ``out``) failed when the machine is to blame, not the copy ``data``
     (``data_path``: the copy's path as the tool was given it): no bad page named, an environment
@@ -237,6 +251,8 @@ def pg_checksums(cfg, inst, data: Path, verified: Container[str] | None, checks:
         out = (r.stdout + r.stderr)[-2000:]
         # judged before the shadow folder goes: a denial is placed by looking at the path it names
         cause = machine_cause(out, data, inst.data_path) if r.returncode else None
+        if cause is None and r.returncode not in (0, 1) and not BAD_PAGES.search(out):
+            cause = ended_cause(r.returncode)
     finally:
         if shadow is not None:
             remove(shadow.path, data, linked)
