@@ -64,6 +64,7 @@ CONTAINER_PORT = 5432
 STOP_SIGNALS = {"smart": "TERM", "fast": "INT", "immediate": "QUIT"}
 KILL_GRACE = 30.0  # seconds a container whose kill was refused may take to end on its own (or its server)
 EXIT_POLL = 0.02  # seconds between looks for the server's exit status file (a stat)
+INSPECT_TRIES, INSPECT_RETRY_DELAY = 3, 0.5  # an engine's inspect that fails for another reason than "no such"
 ENGINE_POLL = 1.0  # seconds between asking the engine whether the container itself still runs
 
 # The server container's first process (``sh -c KEEPER dbops-server POSTGRES ARGS...``, POSIX sh: dash,
@@ -291,12 +292,30 @@ class ContainerInstance(InstanceBase):
         status = self._exit_file()
         if status is not None:
             return status
-        res = self._engine.run(["inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", self.name],
-                               check=False, timeout=60)
+        res = self._inspect_state()
         running, code = (res.stdout.split() + ["", ""])[:2] if res.returncode == 0 else ("", "?")
         if running == "true":
             return self._exit_file()  # it may have exited since the file was looked for
         return self._exit_file() or code or "?"
+
+    def _inspect_state(self):
+        """`ENGINE inspect` of the container's running flag and exit code. A container the engine knows
+        no more is a failed call ('no such container'/'object'); any other failure (the engine's
+        database locked, its storage full) is asked again, and if it persists raised as EngineError:
+        the server's state is unknown, which is not the same as its having exited (a validation would
+        otherwise blame the backup for it)."""
+        for attempt in range(INSPECT_TRIES):
+            res = self._engine.run(["inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", self.name],
+                                   check=False, timeout=60)
+            if res.returncode == 0 or "no such" in (res.stdout + res.stderr).lower():
+                return res
+            if attempt + 1 < INSPECT_TRIES:
+                time.sleep(INSPECT_RETRY_DELAY)
+        raise EngineError(
+            f"the {self._rt.engine} engine could not tell whether the container {self.name} still runs",
+            detail=(res.stderr or res.stdout).strip()[-1000:] or f"inspect exited with status {res.returncode}",
+            hint="look at the container engine (`podman info` / `docker info`); the throwaway container "
+                 "is removed by the next run")
 
     def _exit_file(self) -> str | None:
         try:

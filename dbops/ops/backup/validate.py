@@ -223,6 +223,9 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
         with phases("start"):
             try:
                 inst.wait_ready(timeout)
+            except EngineError as e:  # the engine could not say whether the server runs: not the backup
+                raise environment_error(e.message, "container runtime or host failure",
+                                        "\n".join(x for x in (e.detail, e.hint) if x)) from None
             except DbopsError as e:
                 detail = (e.detail or e.message) + "\n" + server_detail(inst)
                 if inst.is_running():  # alive but not ready in time: the start timeout, not the backup
