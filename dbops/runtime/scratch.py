@@ -339,7 +339,7 @@ def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = 
 
 # strerror(ENOSPC) and strerror(EDQUOT), as C programs and PostgreSQL's log print them; Go's (podman,
 # docker) in lower case
-_FULL = re.compile(re.escape(NO_SPACE) + "|Disk quota exceeded", re.I)
+DISK_FULL = re.compile(re.escape(NO_SPACE) + "|Disk quota exceeded", re.I)
 
 
 def out_of_space(e: BaseException) -> bool:
@@ -349,7 +349,7 @@ def out_of_space(e: BaseException) -> bool:
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     if isinstance(e, DbopsError):
         texts = [t or "" for t in (e.message, e.detail, getattr(e, "stderr", None))]
-        return any(_FULL.search(t) for t in texts) and not any(SHARED_MEMORY_FULL.search(t) for t in texts)
+        return any(DISK_FULL.search(t) for t in texts) and not any(SHARED_MEMORY_FULL.search(t) for t in texts)
     return False
 
 
