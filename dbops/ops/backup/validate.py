@@ -124,6 +124,41 @@ class Checksums:
         self._pool.shutdown(wait=True)
 
 
+class _Stopped(Exception):
+    """The job beside the download stopped because the download failed (never reported)."""
+
+
+class Beside:
+    """The WAL job that runs beside the download of the previous backup, tied to it both ways: when
+    the download fails, the job stops at its next step (:meth:`step`) rather than capturing,
+    downloading and scanning on for nothing; when the job fails, the download stops at its next
+    range (:meth:`progress`) and the job's own error is the one raised (:meth:`result`)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.job: Future | None = None
+
+    def step(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped()
+
+    def failed(self) -> bool:
+        return self.job is not None and self.job.done() and not self.job.cancelled() \
+            and self.job.exception() is not None
+
+    def progress(self, then: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        def progress(done: int, total: int) -> None:
+            if self.failed():
+                raise _Stopped()
+            if then is not None:
+                then(done, total)
+        return progress
+
+    def result(self) -> Any:
+        assert self.job is not None
+        return self.job.result()
+
+
 def scratch_cached(mode: str, size: int) -> bool:
     """Whether the validation's download leaves its copy of size bytes in the page cache
     (``backup.scratch_cache``: keep, drop, or auto: :func:`dbops.runtime.scratch.copy_stays_cached`)."""
@@ -328,6 +363,8 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
         if callable(target) and phases.progress:
             phases.progress("capture")
 
+        beside = Beside()
+
         def target_and_wal() -> Target:
             t0 = time.monotonic()
             if callable(target):  # the WAL archived so far downloads while the target is captured
@@ -335,11 +372,14 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
                 phases.t["capture"] = round(time.monotonic() - t0, 3)
             else:
                 t = target or own_target(m)
+            beside.step()
             t_wal = time.monotonic()
             fetch_wal(cfg, store, layout, start_segment, t, wal)
+            beside.step()
             t_scan = time.monotonic()
             phases.t["wal_fetch"] = round(t_scan - t_wal, 3)
             scan_wal(cfg, ts, wal)  # it needs the WAL only, not the download
+            beside.step()
             t_predict = time.monotonic()
             phases.t["wal_scan"] = round(t_predict - t_scan, 3)
             if saver is not None:  # the pages of files already downloaded are copied here, the others as they come
@@ -376,21 +416,29 @@ def prove(cfg: Config, store: ObjectStore, layout: Layout, m: mf.Manifest, phase
             runtime.append(rt)
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbops-wal") as pool:
-            wal_job = pool.submit(target_and_wal)
+            beside.job = pool.submit(target_and_wal)
             runtime_job = pool.submit(open_runtime_beside)
             cached = scratch_cached(cfg.backup.scratch_cache, m.logical_size)
             with phases("download"):
                 try:
                     restore_snapshot(store, layout, m, str(data), parallel=cfg.backup.parallel, owner=cfg.os_user,
                                      tablespace_dirs=ts.dirs(), durable=False, drop_cache=not cached,
-                                     progress=byte_progress, on_file=file_done)
+                                     progress=beside.progress(byte_progress), on_file=file_done)
                     # durable=False: a scratch copy, a crash throws it away
+                except _Stopped:
+                    if beside.failed():
+                        beside.result()  # the WAL job's own error (a failed capture, a gap, storage)
+                    raise
                 except (NotFoundError, StorageError) as e:
+                    beside.stop.set()
                     if isinstance(e, StorageError) and not isinstance(e, NotFoundError):
                         raise
                     raise ValidationError(f"backup {m.backup_id} cannot be restored: {e.message}",
                                           detail=e.detail) from None
-            reached = wal_job.result()  # a failed capture, a gap or a storage error in the WAL download: here
+                except BaseException:
+                    beside.stop.set()  # the WAL job stops at its next step
+                    raise
+            reached = beside.result()  # a failed capture, a gap or a storage error in the WAL download: here
             runtime_job.result()
         known.seal(str(scratch))  # before anything else writes to the copy
         saved = None
