@@ -54,3 +54,22 @@ def test_room_beside_the_copy_keeps_the_copy_the_spool_and_the_limit(tmp_path: P
     limit = bk.scratch_needed(0) + 8 * 2**20
     assert bk.room_beside_copy(tmp_path, 0, limit, 2**20) == 8 * 2**20 - bk.tree_bytes(tmp_path) - 2**20
     assert bk.room_beside_copy(tmp_path, 0, bk.scratch_needed(0), 0) == 0  # never below nothing
+
+
+def test_a_server_ending_on_a_nearly_full_disk_is_the_disk_whatever_its_log_says(tmp_path: Path, monkeypatch):
+    """The local runtime writes the server's log on the scratch disk: when that disk is full, the line
+    naming it may be the one that was lost, and the backup must not be blamed for it."""
+    from dbops.ops.backup import replay
+
+    monkeypatch.setattr(replay, "free_bytes", lambda p: 4096)
+    with pytest.raises(OSError) as ei:
+        replay.raise_if_disk_full(tmp_path)
+    assert ei.value.errno == errno.ENOSPC and bk.out_of_space(ei.value) and "4096 bytes free" in str(ei.value)
+    monkeypatch.setattr(replay, "free_bytes", lambda p: replay.NEARLY_FULL)
+    replay.raise_if_disk_full(tmp_path)  # room left: the server's end is judged by its log, as before
+
+    def gone(p):
+        raise FileNotFoundError(p)
+
+    monkeypatch.setattr(replay, "free_bytes", gone)
+    replay.raise_if_disk_full(tmp_path)  # the disk cannot be asked: judged by the log

@@ -49,6 +49,19 @@ def fail_on_full_disk(inst, data: Path) -> None:
         raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ran out of disk space: {hits[-1].strip()}")
 
 
+def raise_if_disk_full(data: Path) -> None:
+    """A server that ended with the copy's disk (nearly) full ended because of the disk, not the backup,
+    whatever its log says: where the log is written on that disk (the local runtime), the line
+    that names the full disk may be the one that could not be written. Raises ENOSPC then."""
+    try:
+        free = free_bytes(data)
+    except OSError:
+        return
+    if free < NEARLY_FULL:
+        raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ended with {free} bytes free on its disk "
+                                    f"({NO_SPACE})")
+
+
 PAUSE_POLL = 0.05  # how often replay's progress is asked (on one open connection: a query, no new session)
 
 
@@ -71,6 +84,7 @@ def wait_paused(inst, data: Path, target: Target, timeout: float) -> tuple[int, 
                     cause = environment_cause(logs)
                     if cause:
                         raise environment_error("PostgreSQL stopped during recovery", cause, logs)
+                    raise_if_disk_full(data)
                     raise ValidationError("PostgreSQL stopped during recovery before reaching the target",
                                           detail=logs)
             try:

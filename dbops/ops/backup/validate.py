@@ -28,7 +28,7 @@ from dbops.ops.backup.environment import environment_cause, environment_error, s
 from dbops.ops.backup.recoveryconf import (RECOVERY_SETTINGS_BASE, RECOVERY_SETTINGS_PG15, pg_major, standby_minimums,
                                           write_recovery_signal)
 from dbops.ops.backup.relfiles import RelFiles
-from dbops.ops.backup.replay import restartpoint_beside, wait_paused
+from dbops.ops.backup.replay import raise_if_disk_full, restartpoint_beside, wait_paused
 from dbops.ops.backup.target import Target, capture_fetching_ahead, fetch_wal, own_target
 from dbops.pg import controldata
 from dbops.pg import relmap as relmap_reader
@@ -270,6 +270,7 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
                 cause = environment_cause(detail)
                 if cause:
                     raise environment_error("PostgreSQL exited while starting", cause, detail) from None
+                raise_if_disk_full(data)
                 raise ValidationError("PostgreSQL did not start on the restored backup", detail=detail) from None
         with phases("replay"):
             val.replayed_lsn, val.last_commit_time = wait_paused(inst, data, target, timeout)
