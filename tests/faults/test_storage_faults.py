@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from diskfill import fill_up
 from labkit import own_lab
 from invariants import archived_segments_are_in_the_archive, every_listed_backup_restores, scratch_is_empty, sql
 from s3proxy import S3FaultProxy
@@ -268,16 +269,7 @@ def fill_when_a_run_starts(scratch: Path, stop: threading.Event, *, leave: int) 
     def watch() -> None:
         while not stop.is_set():
             if any(scratch.glob(f"{scratch_policy.SCRATCH_PREFIX}*")):
-                fd = os.open(scratch / "ballast", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                try:
-                    for block in (1 << 20, 4096, 512):
-                        try:
-                            while True:
-                                os.write(fd, b"\0" * block)
-                        except OSError:
-                            pass
-                finally:
-                    os.close(fd)
+                fill_up(scratch / "ballast")
                 return
             time.sleep(0.002)
 

@@ -13,7 +13,6 @@ One private lab for the module; every test leaves it healthy (S3 and the primary
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from diskfill import fill_up
 import yaml
 
 from dbops import config as cfgmod
@@ -160,18 +160,8 @@ def tmpfs(path: Path, size: int) -> Iterator[Path]:
 
 def fill(folder: Path) -> Path:
     """Write a ballast file until the filesystem is full (what another process on that disk might do)."""
-    ballast = folder / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for block in (1 << 20, 4096, 512):
-            try:
-                while True:
-                    os.write(fd, b"\0" * block)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC, e
-    finally:
-        os.close(fd)
-    return ballast
+    fill_up(folder / "ballast")
+    return folder / "ballast"
 
 
 def test_scratch_too_small_is_refused_before_any_work(blab, env, dbops_bin, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from diskfill import fill_up
 
 from dbops import proc
 from dbops.config import RuntimeSettings
@@ -267,16 +268,7 @@ def test_a_server_ending_on_a_full_filesystem_is_seen_at_once(settings, small_cl
                                                                  name="full-fs")) as inst:
             inst.wait_ready(60)
             assert inst.run_dir.parent == mnt  # the status file is on the filesystem that fills up
-            fd = os.open(mnt / "ballast", os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                for block in (1 << 20, 4096, 512):
-                    try:
-                        while True:
-                            os.write(fd, b"\0" * block)
-                    except OSError:
-                        pass
-            finally:
-                os.close(fd)
+            fill_up(mnt / "ballast")
             assert shutil.disk_usage(mnt).free < 4096
             first = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Pid}}", inst.name]).stdout.strip()
             postmaster = Path(f"/proc/{first}/task/{first}/children").read_text().split()
