@@ -1,10 +1,25 @@
-"""Filling a filesystem to its last byte, as another process writing to the same disk would."""
+"""Small filesystems, and filling one to its last byte as another process writing to the same disk would."""
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from dbops import proc
+
+
+@contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at path (made when missing), unmounted after the block."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], user=None, timeout=30)
+    try:
+        yield path
+    finally:
+        proc.run(["umount", "-l", str(path)], user=None, timeout=30, check=False)
 
 
 def fill_up(ballast: Path) -> None:

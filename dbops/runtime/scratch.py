@@ -353,9 +353,14 @@ def out_of_space(e: BaseException) -> bool:
     return False
 
 
+def error_text(e: BaseException) -> str:
+    """An error's message and detail (a dbops error's), or its text: the cause quoted under a full disk."""
+    return e.message + ("\n" + e.detail if e.detail else "") if isinstance(e, DbopsError) else str(e)
+
+
 def scratch_full_error(scratch_root: Path, phase: str | None, e: BaseException) -> DbopsError:
     """The one message for a scratch folder that filled up mid-run (the run's own folder is already gone)."""
-    cause = e.message + ("\n" + e.detail if e.detail else "") if isinstance(e, DbopsError) else str(e)
+    cause = error_text(e)
     try:
         free = f"{human_bytes(free_bytes(scratch_root))} free there now"
     except OSError:

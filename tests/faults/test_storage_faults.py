@@ -27,12 +27,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from diskfill import fill_up
+from diskfill import fill_up, tmpfs
 from labkit import own_lab
 from invariants import archived_segments_are_in_the_archive, every_listed_backup_restores, scratch_is_empty, sql
 from s3proxy import S3FaultProxy
@@ -213,14 +212,6 @@ def test_a_store_that_ignores_if_none_match_is_refused_with_exit_11(flab, proxy,
 # --------------------------------------------------------------------------- spool full
 
 
-@contextmanager
-def tmpfs(path: Path, size: int) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], timeout=30)
-    try:
-        yield path
-    finally:
-        proc.run(["umount", "-l", str(path)], timeout=30, check=False)
 
 
 def test_a_full_spool_filesystem_still_archives_before_acknowledging(flab, env, dbops_bin, tmp_path):

@@ -19,11 +19,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from diskfill import fill_up
+from diskfill import fill_up, tmpfs
 import yaml
 
 from dbops import config as cfgmod
@@ -147,15 +146,6 @@ def assert_left_nothing(scratch: Path, before_containers: set[str]) -> None:
 # --------------------------------------------------------------------------- scratch disk
 
 
-@contextmanager
-def tmpfs(path: Path, size: int) -> Iterator[Path]:
-    """A small filesystem at path (under the lab's folder: the postgres OS user must reach it)."""
-    path.mkdir(parents=True, exist_ok=True)
-    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], user=None, timeout=30)
-    try:
-        yield path
-    finally:
-        proc.run(["umount", "-l", str(path)], user=None, timeout=30, check=False)
 
 
 def fill(folder: Path) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from diskfill import fill_up
+from diskfill import fill_up, tmpfs
 
 from dbops import proc
 from dbops.config import RuntimeSettings
@@ -230,6 +230,15 @@ def test_a_stopped_server_keeps_its_container_until_removed(settings, small_clus
         assert not inst.run_dir.exists()
 
 
+def kill_postmaster(settings, inst) -> None:
+    """SIGKILL to the container's postmaster (as the OOM killer sends it), found as its first process's
+    one child (the host's pids)."""
+    first = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Pid}}", inst.name]).stdout.strip()
+    postmaster = Path(f"/proc/{first}/task/{first}/children").read_text().split()
+    assert len(postmaster) == 1
+    os.kill(int(postmaster[0]), signal.SIGKILL)
+
+
 def test_a_killed_server_is_reported_while_its_container_stays(settings, small_cluster, work):
     """postgres killed with SIGKILL (as by the OOM killer): status 137 is reported as that, although the
     container lives on; a stop then has nothing to stop."""
@@ -238,10 +247,7 @@ def test_a_killed_server_is_reported_while_its_container_stays(settings, small_c
     with open_runtime(settings["podman"]).start(spec) as inst:
         inst.wait_ready(60)
         assert inst.is_running() and inst.ended_by() is None
-        first = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Pid}}", inst.name]).stdout.strip()
-        postmaster = Path(f"/proc/{first}/task/{first}/children").read_text().split()  # the host's pids
-        assert len(postmaster) == 1
-        os.kill(int(postmaster[0]), signal.SIGKILL)
+        kill_postmaster(settings, inst)
         deadline = time.monotonic() + 60
         while inst.is_running():
             assert time.monotonic() < deadline
@@ -259,10 +265,7 @@ def test_a_server_ending_on_a_full_filesystem_is_seen_at_once(settings, small_cl
     its status still reaches the run folder and is_running() turns false at once, rather than
     after the start timeout (a validation that hung for 600 s in CI, 2026-12-03)."""
     size = sum(f.stat().st_size for f in small_cluster.rglob("*") if f.is_file())
-    mnt = work / "full-fs"
-    mnt.mkdir()
-    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size + 64 * 2**20},mode=0755", "tmpfs", str(mnt)], timeout=30)
-    try:
+    with tmpfs(work / "full-fs", size + 64 * 2**20) as mnt:
         data = copy_cluster(small_cluster, mnt / "data")
         with open_runtime(settings["podman"]).start(InstanceSpec(data_dir=data, port=_free_port(),
                                                                  name="full-fs")) as inst:
@@ -270,9 +273,7 @@ def test_a_server_ending_on_a_full_filesystem_is_seen_at_once(settings, small_cl
             assert inst.run_dir.parent == mnt  # the status file is on the filesystem that fills up
             fill_up(mnt / "ballast")
             assert shutil.disk_usage(mnt).free < 4096
-            first = engine_of(settings["podman"]).run(["inspect", "--format", "{{.State.Pid}}", inst.name]).stdout.strip()
-            postmaster = Path(f"/proc/{first}/task/{first}/children").read_text().split()
-            os.kill(int(postmaster[0]), signal.SIGKILL)
+            kill_postmaster(settings, inst)
             deadline = time.monotonic() + 60
             while inst.is_running():
                 assert time.monotonic() < deadline, "postgres's end on a full filesystem went unseen"
@@ -281,8 +282,6 @@ def test_a_server_ending_on_a_full_filesystem_is_seen_at_once(settings, small_cl
             assert "status 137" in (inst.ended_by() or "")
             with pytest.raises(PostgresError, match="exited before accepting connections"):
                 inst.wait_ready(30)
-    finally:
-        proc.run(["umount", "-l", str(mnt)], timeout=30, check=False)
 
 
 def test_a_smart_stop_waits_for_the_session_and_reads_the_status(settings, small_cluster, work):

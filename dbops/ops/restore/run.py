@@ -28,7 +28,8 @@ from dbops.phases import Phases
 from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
-from dbops.runtime.scratch import NO_SPACE, clean_stale_scratch, free_bytes, out_of_space, scratch_folder
+from dbops.runtime.scratch import (NO_SPACE, clean_stale_scratch, error_text, free_bytes, out_of_space,
+                                   scratch_folder)
 from dbops.units import human_bytes
 from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
@@ -211,7 +212,7 @@ def _out_of_space(e: BaseException, phase: str | None, manifest: mf.Manifest, ta
     where = [f"the target folder {target}: {free(target)} free now"]
     where += [f"the tablespace folder {d}: {free(d)} free now" for d in tablespaces]
     where.append(f"the scratch folder (the WAL fetched for the replay) {cache.parent.parent}: {free(cache)} free now")
-    cause = (e.message + ("\n" + e.detail if e.detail else "")) if isinstance(e, DbopsError) else str(e)
+    cause = error_text(e)
     return DbopsError(
         f"the restore ran out of disk space (ENOSPC: {NO_SPACE})" + (f" during phase {phase}" if phase else ""),
         detail="; ".join(where) + f"; the backup holds {human_bytes(manifest.logical_size)} of files; what this "
