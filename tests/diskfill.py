@@ -12,10 +12,12 @@ from dbops import proc
 
 
 @contextmanager
-def tmpfs(path: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of ``size`` bytes mounted at path (made when missing), unmounted after the block."""
+def tmpfs(path: Path, size: int, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes (and ``inodes`` entries, its root folder counted, when given) mounted
+    at path (made when missing), unmounted after the block."""
     path.mkdir(parents=True, exist_ok=True)
-    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], user=None, timeout=30)
+    options = f"size={size},mode=0755" + (f",nr_inodes={inodes}" if inodes else "")
+    proc.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], user=None, timeout=30)
     try:
         yield path
     finally:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Self
 
 from dbops import log, proc
-from dbops.errors import DbopsError, LockedError, NotFoundError
+from dbops.errors import DbopsError, LockedError, NotFoundError, PreconditionError
 from dbops.fsafe import open_nofollow, private_dir
 from dbops.storage.base import ObjectInfo, ObjectStore
 from dbops.storage.layout import Layout
@@ -284,13 +284,21 @@ class ClusterLock:
     def _lock_local(self) -> None:
         # The folder may be shared by runs as root and as the PostgreSQL user (both own it safely);
         # a lock file the other one created is flocked read-only (flock needs no write access).
-        private_dir(self.local_path.parent, create=True, also_user=self.os_user)
         try:
-            fd = open_nofollow(self.local_path, os.O_RDWR | os.O_CREAT, 0o644)
-            self._local_rw = True
-        except PermissionError:
-            fd = open_nofollow(self.local_path, os.O_RDONLY)
-            self._local_rw = False
+            private_dir(self.local_path.parent, create=True, also_user=self.os_user)
+            try:
+                fd = open_nofollow(self.local_path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._local_rw = True
+            except PermissionError:
+                fd = open_nofollow(self.local_path, os.O_RDONLY)
+                self._local_rw = False
+        except OSError as e:  # a full or read-only lock folder: nothing taken, nothing left open
+            raise PreconditionError(
+                f"cannot take the host lock {self.name}: {e.filename or self.local_path}: {e.strerror or e}",
+                detail=f"local lock folder {self.local_path.parent}",
+                hint="free space in that folder (a full /run?) or point DBOPS_LOCK_DIR at a folder of this "
+                     "user's own on another filesystem",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -305,10 +313,14 @@ class ClusterLock:
         except BaseException:
             os.close(fd)
             raise
+        self._local_fd = fd  # held from here on: released by _unlock_local whatever follows
         if self._local_rw:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, self._new_owner().to_bytes(), 0)
-        self._local_fd = fd
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, self._new_owner().to_bytes(), 0)
+            except OSError as e:  # the flock is what excludes; the owner record only names the holder
+                _log.warning("host lock %s taken, but its owner record could not be written (%s): another run "
+                             "on this host will not see who holds it", self.local_path, e.strerror or e)
 
     def _unlock_local(self) -> None:
         if self._local_fd is not None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dbops.errors import ExitCode, LockedError
+from dbops.errors import ExitCode, LockedError, PreconditionError
 from dbops.storage.lock import ClusterLock
 from dbops.storage.lockowner import LockOwner, read_owner
 from dbops.storage.layout import Layout
@@ -127,3 +127,44 @@ def test_lost_lock_is_noticed_and_the_new_owner_kept(env):
             a.check()
         assert "lost" in ei.value.message and "hostB" in ei.value.message
     assert read_owner(store, layout, "cluster").host == "hostB"  # release left the new owner alone
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (as the suite runs in CI)")
+def test_a_full_lock_folder_still_locks_and_leaks_nothing(env, tmp_path, caplog):
+    """/run is a small tmpfs: a full one must neither leave a raw OSError nor an flock held open. The
+    flock excludes even when the owner record cannot be written; a folder that cannot be made is exit 11."""
+    from diskfill import fill_up, tmpfs
+
+    store, layout, _ = env
+    with tmpfs(tmp_path / "run", 64 * 1024) as run:
+        (run / "locks").mkdir()
+        fill_up(run / "ballast")
+        fds = _open_fds()
+        first = ClusterLock(store, layout, "cluster", host="h1", command="backup", local_dir=str(run / "locks"))
+        with caplog.at_level("WARNING"):
+            first.acquire()
+        assert "owner record could not be written" in caplog.text
+        second = ClusterLock(store, layout, "cluster", host="h1", command="backup", local_dir=str(run / "locks"))
+        with pytest.raises(LockedError) as ei:  # the flock still keeps a second run out
+            second.acquire()
+        assert "held on this host by another dbops run" in ei.value.message
+        first.release()
+        assert _open_fds() == fds
+        second.acquire()
+        second.release()
+        assert _open_fds() == fds
+
+    with tmpfs(tmp_path / "run2", 64 * 1024, inodes=1) as run:  # no inode left for the lock folder
+        fds = _open_fds()
+        third = ClusterLock(store, layout, "cluster", host="h1", command="backup", local_dir=str(run / "locks"))
+        with pytest.raises(PreconditionError) as ei:
+            third.acquire()
+        assert ei.value.exit_code == ExitCode.PRECONDITION
+        assert "cannot take the host lock cluster" in ei.value.message and "No space left on device" in ei.value.message
+        assert "DBOPS_LOCK_DIR" in ei.value.hint
+        assert _open_fds() == fds
+        assert store.head(layout.lock("cluster")) is None  # nothing taken in the store either

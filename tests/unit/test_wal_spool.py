@@ -27,7 +27,7 @@ from dbops.ops.wal import commands as walcmd
 from dbops.ops.wal.archive import WalArchive
 from dbops.pg.walfile import cluster_identity
 from dbops.ops.wal.commands import await_pusher
-from dbops.ops.wal.spool import PUSHER, spool_for, spool_root
+from dbops.ops.wal.spool import PUSHER, Spool, spool_for, spool_root
 from dbops.ops.wal.worker import Prefetcher, Pusher
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
@@ -188,6 +188,23 @@ def test_one_pusher_per_data_folder(env):
     assert spool.holder_pid(PUSHER) == os.getpid()
     os.close(fd)
     assert not spool.lock_held(PUSHER)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (as the suite runs in CI)")
+def test_a_full_spool_disk_still_gives_one_pusher(tmp_path):
+    """The PID in the lock file only names the holder: a disk too full to write it still excludes."""
+    from diskfill import fill_up, tmpfs
+
+    with tmpfs(tmp_path / "spool", 64 * 1024) as root:
+        spool = Spool(root / "s", tmp_path / "data", "archive")
+        (root / "s").mkdir()
+        fill_up(root / "ballast")
+        fd = spool.try_lock(PUSHER)
+        assert fd is not None and spool.lock_held(PUSHER)
+        assert spool.try_lock(PUSHER) is None
+        assert spool.holder_pid(PUSHER) is None  # unknown, not wrong
+        os.close(fd)
+        assert not spool.lock_held(PUSHER)
 
 
 def test_push_answers_from_the_spool(env):

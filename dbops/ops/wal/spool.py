@@ -226,8 +226,11 @@ class Spool:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full spool disk: the flock excludes all the same, the PID only names the holder
+            pass
         return fd
 
     def lock_held(self, which: str) -> bool:
