@@ -133,3 +133,67 @@ def test_checks_pass_and_count_every_row(settings, wide_cluster, work):
     reads = {c["database"]: c for c in checks if c["check"] == "read_tables"}
     assert set(reads) == {"postgres", "template1"} and all(c["ok"] for c in reads.values())
     assert reads["postgres"]["rows"] >= 20000
+
+
+class _AmcheckEnds:
+    """The throwaway instance, with pg_amcheck replaced by a script (how it ended is the subject)."""
+
+    def __init__(self, inst, script: str | None):
+        self._inst, self._script = inst, script
+
+    def __getattr__(self, name):
+        return getattr(self._inst, name)
+
+    def run_tool(self, argv, **kw):
+        if self._script is None or not argv[0].endswith("pg_amcheck"):
+            return self._inst.run_tool(argv, **kw)
+        return proc.run(["sh", "-c", self._script], check=False, timeout=60)
+
+
+def test_pg_amcheck_killed_is_the_environment_and_corruption_the_backups(settings, wide_cluster, work):
+    """pg_amcheck exits 2 for corruption and 1 for a check it could not finish. Killed (137 through a
+    container: the OOM killer), not run by its engine (125), or cut short by the machine (no connection
+    slot) says nothing against the backup (exit 17, the backup keeps its status); corruption it printed,
+    and real corruption found by the real tool, is the backup's (exit 7, marked failed)."""
+    from dbops.errors import ValidationEnvironmentError
+
+    src, rel = wide_cluster
+    data = copy_cluster(src, work / "wide-amcheck")
+    cfg = _check_config(data)
+    corrupt = 'echo \'heap table "postgres.public.t", block 3, offset 1:\'; echo "    xmin 1 precedes"; '
+    with open_runtime(settings["none"]).start(InstanceSpec(data_dir=data, port=_free_port(), name="amcheck")) as inst:
+        inst.wait_ready(60)
+        with conn.session(inst.node()) as c:
+            c.execute("create extension amcheck")
+        checks: list[dict] = []
+        run_checks(cfg, inst, checks)  # the real tool on a sound copy
+        # postgres, where amcheck is installed (template1 has none: its tables are read instead)
+        assert [(c["database"], c["ok"]) for c in checks if c["check"] == "pg_amcheck"] == [("postgres", True)]
+        for script, said in (("kill -9 $$", "pg_amcheck was terminated by signal 9 (the OOM killer?)"),
+                             ("exit 137", "pg_amcheck was terminated by signal 9 (the OOM killer?)"),
+                             ("echo 'Error: OCI runtime error' >&2; exit 125", "could not run pg_amcheck (status 125)"),
+                             ("echo 'pg_amcheck: error: FATAL:  sorry, too many clients already' >&2; exit 1",
+                              "no connection slot free")):
+            checks = []
+            with pytest.raises(ValidationEnvironmentError) as ei:
+                run_checks(cfg, _AmcheckEnds(inst, script), checks)
+            assert said in ei.value.message and "pg_amcheck on database postgres" in ei.value.message, ei.value.message
+            assert checks[-1] == {"check": "pg_amcheck", "database": "postgres", "ok": False, "tables": checks[-1]["tables"]}
+        for script in (corrupt + "exit 2", corrupt + "kill -9 $$", "echo 'ERROR:  could not read block 3' >&2; exit 1"):
+            with pytest.raises(ValidationError) as ei:
+                run_checks(cfg, _AmcheckEnds(inst, script), [])
+            assert not isinstance(ei.value, ValidationEnvironmentError), (script, ei.value.message)
+            assert "pg_amcheck found corruption in database postgres" in ei.value.message
+        inst.stop("fast", timeout=60)
+    f = data / rel  # now a real bad page, found by the real pg_amcheck
+    body = bytearray(f.read_bytes())
+    body[(len(body) // PAGE // 2) * PAGE + PAGE // 2] ^= 0xFF
+    f.write_bytes(bytes(body))
+    with open_runtime(settings["none"]).start(InstanceSpec(data_dir=data, port=_free_port(), name="amcheck")) as inst:
+        inst.wait_ready(60)
+        with pytest.raises(ValidationError) as ei:
+            run_checks(cfg, inst, [])
+        assert not isinstance(ei.value, ValidationEnvironmentError)
+        assert "pg_amcheck found corruption in database postgres" in ei.value.message
+        assert 'heap table "postgres.public.t"' in (ei.value.detail or ""), ei.value.detail
+        inst.stop("fast", timeout=60)

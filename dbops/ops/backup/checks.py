@@ -7,11 +7,12 @@ records, appends its record, and raises ValidationError when the backup fails it
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterator
 
 from dbops.config import Config, Node
 from dbops.errors import PostgresError, ValidationError
-from dbops.ops.backup.environment import environment_cause, environment_error, killed_cause
+from dbops.ops.backup.environment import ended_cause, environment_cause, environment_error, killed_cause
 from dbops.ops.backup.relfiles import RelFiles
 from dbops.pg import binaries
 from dbops.pg import conn as pgconn
@@ -36,6 +37,24 @@ def _databases(node: Node) -> list[str]:
 # A session's own settings first: a role's or database's setting (ALTER ROLE/DATABASE ... SET) must not
 # let a bad page through, nor make the server zero it (the throwaway's own settings force both off too).
 VERIFY_PAGES = ("ignore_checksum_failure", "zero_damaged_pages")
+
+
+def amcheck_cause(inst, returncode: int, out: str) -> str | None:
+    """Why pg_amcheck failed when the machine is to blame, not the backup; None: the backup's fault.
+    On its own it exits 2 for corruption found and 1 when a check could not complete (a lost
+    connection, an error): 1 is the machine's only when the server was killed or the output names a
+    cause of the machine's (no connection slot, out of memory). Any other status is the tool killed
+    (the OOM killer: 137 through a container) or its engine unable to run it (125-127), unless its
+    output already named corruption: what names corruption is always the backup's."""
+    if returncode == 2 or _CORRUPTION.search(out):
+        return None
+    if returncode == 1:
+        return killed_cause(inst) or environment_cause(out)
+    return killed_cause(inst) or ended_cause(returncode, "pg_amcheck")
+
+
+# what pg_amcheck prints for each problem it finds: "heap table ...", "btree index ...", with the relation
+_CORRUPTION = re.compile(r"^(heap table|btree index) \"", re.M)
 
 
 def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFiles | set[str] | None = None) -> None:
@@ -88,7 +107,7 @@ def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFil
             r = inst.run_tool([tool_path(cfg, "pg_amcheck"), "-d", db, "--no-strict-names"], check=False, timeout=24 * 3600)
             ok = r.returncode == 0
             checks.append({"check": "pg_amcheck", "database": db, "ok": ok, "tables": n})
-            if not ok and (cause := killed_cause(inst)):
+            if not ok and (cause := amcheck_cause(inst, r.returncode, r.stdout + r.stderr)):
                 raise environment_error(f"pg_amcheck on database {db} of the restored backup was cut short", cause,
                                         (r.stdout + r.stderr)[-1000:] + "\n" + inst.logs(20))
             if not ok:

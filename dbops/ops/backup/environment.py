@@ -66,3 +66,18 @@ def environment_error(what: str, cause: str, detail: str | None) -> ValidationEn
         f"validation could not run: {what} ({cause})", detail=detail,
         hint="this says nothing against the backup, which keeps its status; fix the cause (memory, "
              "backup.validation.start_timeout, max_connections, the container engine) and run again")
+
+
+def ended_cause(returncode: int, tool: str = "pg_checksums") -> str:
+    """Why a tool (pg_checksums exits 0 or 1 on its own, pg_amcheck 0, 1 or 2) ended with another
+    status: killed by a signal (directly: negative; in a container: 128 + N, 137 the OOM killer's
+    SIGKILL), or its container engine unable to run it (125-127, as podman and docker report their
+    own failures)."""
+    if returncode < 0:
+        return f"{tool} was terminated by signal {-returncode}" + (" (the OOM killer?)" if returncode == -9 else "")
+    if returncode in (125, 126, 127):
+        return f"the container engine could not run {tool} (status {returncode})"
+    if returncode > 128:
+        return f"{tool} was terminated by signal {returncode - 128}" + (
+            " (the OOM killer?)" if returncode == 137 else "")
+    return f"{tool} ended with status {returncode}, which it never exits with on its own"

@@ -43,7 +43,7 @@ from typing import Any, Callable, Container, Mapping, Sequence
 from dbops import proc
 from dbops.errors import ValidationError
 from dbops.ops.backup.checks import tool_path
-from dbops.ops.backup.environment import environment_error
+from dbops.ops.backup.environment import ended_cause, environment_error
 from dbops.repo.model import PAGE
 
 # pg_checksums reads these folders of a data folder (and follows pg_tblspc's links).
@@ -91,20 +91,6 @@ def denied_by_the_copy(out: str, owner_uid: int, roots: Sequence[Path],
         if st.st_uid == owner_uid and st.st_mode & need != need:
             return True
     return False
-
-
-def ended_cause(returncode: int) -> str:
-    """Why pg_checksums, which exits 0 or 1 on its own, ended with any other status: killed by a
-    signal (directly: negative; in a container: 128 + N, 137 the OOM killer's SIGKILL), or its
-    container engine unable to run it (125-127, as podman and docker report their own failures)."""
-    if returncode < 0:
-        return f"pg_checksums was terminated by signal {-returncode}" + (" (the OOM killer?)" if returncode == -9 else "")
-    if returncode in (125, 126, 127):
-        return f"the container engine could not run pg_checksums (status {returncode})"
-    if returncode > 128:
-        return f"pg_checksums was terminated by signal {returncode - 128}" + (
-            " (the OOM killer?)" if returncode == 137 else "")
-    return f"pg_checksums ended with status {returncode}, which it never exits with on its own"
 
 
 def machine_cause(out: str, data: Path, data_path: str) -> str | None:
