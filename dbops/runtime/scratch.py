@@ -342,6 +342,11 @@ def check_scratch_space(scratch_root: Path, data_size: int, limit: int | None = 
 DISK_FULL = re.compile(re.escape(NO_SPACE) + "|Disk quota exceeded", re.I)
 
 
+def disk_full_lines(text: str) -> list[str]:
+    """The lines of a log or error text that name a full disk (ENOSPC, EDQUOT), not a full /dev/shm."""
+    return [line for line in text.splitlines() if DISK_FULL.search(line) and not SHARED_MEMORY_FULL.search(line)]
+
+
 def out_of_space(e: BaseException) -> bool:
     """Did e come from a full disk (ENOSPC, or EDQUOT: a quota), directly or as a program's or
     PostgreSQL's message?"""

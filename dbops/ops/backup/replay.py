@@ -26,7 +26,7 @@ from dbops.ops.backup.environment import environment_cause, environment_error, s
 from dbops.ops.backup.target import Target
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import format_lsn, parse_lsn
-from dbops.runtime.scratch import NO_SPACE, free_bytes
+from dbops.runtime.scratch import NO_SPACE, disk_full_lines, free_bytes
 
 _log = log.get("backup")
 
@@ -41,10 +41,10 @@ NEARLY_FULL = 16 * 2**20  # less than a WAL segment: recovery cannot go on
 def fail_on_full_disk(inst, data: Path) -> None:
     """A full scratch disk makes recovery wait for ever (restore_command cannot copy a segment, every
     connection fails): raise ENOSPC at once instead of waiting for the start timeout."""
-    lines = inst.logs(200).splitlines()
-    hits = [line for line in lines if NO_SPACE in line]
+    text = inst.logs(200)
+    hits = disk_full_lines(text)  # a full /dev/shm is not the disk: the environment's (runtime.shm_size)
     if not hits and free_bytes(data) < NEARLY_FULL:
-        hits = [line for line in lines if INIT_FILE_FAILED in line]
+        hits = [line for line in text.splitlines() if INIT_FILE_FAILED in line]
     if hits:
         raise OSError(errno.ENOSPC, f"PostgreSQL on the restored copy ran out of disk space: {hits[-1].strip()}")
 

@@ -28,7 +28,7 @@ from dbops.pg import binaries, controldata
 from dbops.pg import conn as pgconn
 from dbops.pg.lsn import format_lsn, parse_lsn
 from dbops.runtime import InstanceSpec, LocalRuntime
-from dbops.runtime.scratch import DISK_FULL, NO_SPACE, SHARED_MEMORY_FULL
+from dbops.runtime.scratch import NO_SPACE, disk_full_lines
 from dbops.runtime.walfolder import link_wal, release_links
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def start_server(data: Path, bins: str, port: int, timeout: float) -> dict[str, 
 def _explain(logs: str, plan: "Plan") -> DbopsError:
     """Why the server stopped during recovery, as the error the user can act on."""
     text = logs.lower()
-    full = [line for line in logs.splitlines() if DISK_FULL.search(line) and not SHARED_MEMORY_FULL.search(line)]
+    full = disk_full_lines(logs)
     logs = "\n".join(logs.strip().splitlines()[-15:])
     if full:  # before the rest: a restore_command whose copy failed reads as a segment not in the archive
         return DbopsError(f"PostgreSQL ran out of disk space (ENOSPC: {NO_SPACE}) while recovering the restored folder",
