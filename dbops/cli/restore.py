@@ -41,6 +41,9 @@ def restore(
         "--keep-archiving", help="Keep the backup's archive_mode (default: off, so the copy never archives)")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty target folder")] = False,
     delta: Annotated[bool, typer.Option("--delta", help="Reuse the data folder there; fetch what differs")] = False,
+    no_space_check: Annotated[bool, typer.Option(
+        "--no-space-check", help="Skip the free-space check before the download (for filesystems that compress: "
+                                 "ZFS, btrfs)")] = False,
     tablespace_map: Annotated[Optional[list[str]], typer.Option(
         "--tablespace-map", metavar="NAME=DIR",
         help="Restore tablespace NAME (or OID) into DIR (repeatable)")] = None,
@@ -55,8 +58,8 @@ def restore(
     fallback if it turns out damaged), download it verified, replay the archive to the target, report
     what was reached. Exit 10: target before the oldest backup or past the archive; 7: a missing segment
     or a damaged stored object (of the backup and of its fallback); 11: target folder not empty (without
-    --force), or a tablespace's folder not empty or used by a running server (map it elsewhere with
-    --tablespace-map)."""
+    --force), a tablespace's folder not empty or used by a running server (map it elsewhere with
+    --tablespace-map), or not enough free space for the backup's files (checked before the download)."""
     from dbops.errors import UsageError
     from dbops.ops.restore import plan as rs
     from dbops.ops.restore import run as restore_run
@@ -85,7 +88,7 @@ def restore(
         target = from_options(to=to, to_lsn=to_lsn, to_xid=to_xid, to_name=to_name, exclusive=exclusive)
     opts = rs.Options(target=target, target_dir=Path(target_dir).absolute(), timeline=parse_timeline(timeline),
                       backup_id=backup_id, final=finals[0] if finals else "promote", start=start, port=port,
-                      keep_archiving=keep_archiving, force=force, delta=delta,
+                      keep_archiving=keep_archiving, force=force, delta=delta, space_check=not no_space_check,
                       tablespace_map=parse_map(tablespace_map or ()),
                       tablespace_map_all=Path(tablespace_map_all).absolute() if tablespace_map_all else None)
     cfg = st.config()

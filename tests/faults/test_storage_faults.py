@@ -319,7 +319,9 @@ def test_the_scratch_filesystem_filling_up_during_validation(flab, env, dbops_bi
 
 
 def test_a_restore_target_filling_up(flab, env, dbops_bin, tmp_path):
-    """A restore onto a filesystem too small for the backup: exit 1 naming ENOSPC and the target
+    """A restore onto a filesystem too small for the backup is refused before the download (exit 11,
+    what it needs and what is free, nothing written). Past that check (--no-space-check, as on a
+    filesystem that compresses), the disk filling up mid-run is exit 1 naming ENOSPC and the target
     folder with what is free there, no traceback, and what it wrote removed."""
     store, layout = open_store(flab.config.storage), Layout(flab.config.storage.prefix)
     if not [b for b in catalog.list_backups(store, layout) if b.usable]:
@@ -328,6 +330,13 @@ def test_a_restore_target_filling_up(flab, env, dbops_bin, tmp_path):
     with tmpfs(flab.dir / "tmpfs-target", 8 * 2**20) as mnt:
         target = mnt / "restored"
         r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target))
+        assert r.returncode == 11, r.stderr[-3000:]
+        assert f"error: not enough free space for the restore: {target}: needs " in r.stderr, r.stderr[-3000:]
+        assert "8.0 MiB free" in r.stderr and "nothing was downloaded or written" in r.stderr
+        assert "--no-space-check" in r.stderr and "Traceback" not in r.stderr
+        assert list(mnt.iterdir()) == []
+
+        r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target), "--no-space-check")
         assert r.returncode == 1, r.stderr[-3000:]
         assert "the restore ran out of disk space (ENOSPC: No space left on device) during phase download" \
             in r.stderr, r.stderr[-3000:]

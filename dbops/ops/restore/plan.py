@@ -63,6 +63,7 @@ class Options:
     keep_archiving: bool = False
     force: bool = False
     delta: bool = False
+    space_check: bool = True  # refuse before the download when the files cannot fit (ops.restore.room)
     tablespace_map: tuple[tuple[str, str], ...] = ()  # (name or OID, folder)
     tablespace_map_all: Path | None = None
 

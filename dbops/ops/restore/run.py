@@ -19,6 +19,7 @@ from dbops.config import Config
 from dbops.errors import BackupDamagedError, DbopsError, ValidationError
 from dbops.ops.restore import conf as rconf
 from dbops.ops.restore import recover
+from dbops.ops.restore import room
 from dbops.ops.restore import tablespaces as rts
 from dbops.ops.restore import wal as rwal
 from dbops.ops.restore.folder import discard, empty, pg_ids, preflight
@@ -152,6 +153,8 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
     for d in plan.tablespaces:
         if opts.force and d.state == "not empty":
             empty(d.folder)
+    if opts.space_check and not run.delta:  # refused before anything is fetched or written
+        room.check_room(manifest.listing(), target, {d.tablespace.oid: d.folder for d in plan.tablespaces})
     ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
                           owner=ids)
     remote = cache / rconf.REMOTE_DIR

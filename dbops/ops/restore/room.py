@@ -1,0 +1,76 @@
+"""Room for a restore, checked before anything is downloaded: the backup's files need their size
+on the filesystem of the target folder, and each tablespace's on the filesystem of its folder
+(several on one filesystem are added up), plus a margin for the WAL the recovery brings into
+``pg_wal``. A restore refused here has written nothing; one that would only fail after minutes of
+download (a full disk mid-run is still reported and cleaned up: :mod:`dbops.ops.restore.run`)
+is the worse day. ``--no-space-check`` skips it where the filesystem stores less than the files'
+size (ZFS or btrfs compression), and ``--delta`` reuses files, so it is not checked there."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbops.errors import PreconditionError
+from dbops.repo.manifest import FILE, FileEntry
+from dbops.repo.tblspc import oid_of_path
+from dbops.units import human_bytes
+
+WAL_MARGIN = 64 * 2**20  # on the target's filesystem: segments recovery copies into pg_wal, and the first new ones
+
+
+@dataclass
+class Need:
+    """What one filesystem must hold, and the folders of the restore on it."""
+
+    folders: list[str] = field(default_factory=list)
+    bytes: int = 0
+    free: int = 0
+
+
+def _existing(folder: Path) -> Path:
+    """The folder, or its nearest existing parent (the folder may not be made yet)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def needs(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> dict[int, Need]:
+    """{device: Need} for the backup's files (``entries``: its listing) restored into target, the
+    files under ``pg_tblspc/<OID>/`` into ``dests[OID]``. Each file is counted at its size rounded
+    up to its filesystem's block (thousands of small files take whole blocks)."""
+    where = {None: target, **dests}
+    devices: dict[int | None, tuple[int, int]] = {}  # OID -> (device, block size)
+    out: dict[int, Need] = {}
+    for oid, folder in where.items():
+        st = os.statvfs(_existing(folder))
+        dev = _existing(folder).stat().st_dev
+        devices[oid] = (dev, st.f_frsize or 4096)
+        need = out.setdefault(dev, Need(free=st.f_bavail * st.f_frsize))
+        need.folders.append(str(folder) if oid is None else f"{folder} (tablespace OID {oid})")
+    out[devices[None][0]].bytes += WAL_MARGIN
+    for e in entries:
+        if e.type != FILE or not e.size:
+            continue
+        oid = oid_of_path(e.path)
+        dev, block = devices[oid if oid in devices else None]
+        out[dev].bytes += -(-e.size // block) * block
+    return out
+
+
+def check_room(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> None:
+    """PreconditionError (exit 11) naming each filesystem that cannot hold its share of the restore."""
+    short = [n for n in needs(entries, target, dests).values() if n.bytes > n.free]
+    if not short:
+        return
+    lines = [f"{' and '.join(n.folders)}: needs {human_bytes(n.bytes)}, {human_bytes(n.free)} free" for n in short]
+    raise PreconditionError(
+        "not enough free space for the restore: " + "; ".join(lines),
+        detail=f"the files' sizes, plus {human_bytes(WAL_MARGIN)} on the target's filesystem for the WAL the "
+               "recovery brings in; nothing was downloaded or written",
+        hint="free space there, or restore to a larger filesystem with --target-dir (--tablespace-map for a "
+             "tablespace); where the filesystem compresses what it stores (ZFS, btrfs), --no-space-check "
+             "skips this check",
+    )

@@ -1,0 +1,55 @@
+"""The restore's free-space check, before anything is downloaded: each filesystem it writes must
+hold its share of the backup's files (a tablespace on another filesystem is counted there, two on
+one filesystem are added up), or the restore is refused with exit 11 naming each short one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dbops.errors import ExitCode, PreconditionError
+from dbops.ops.restore.room import WAL_MARGIN, check_room, needs
+from dbops.repo.model import FileEntry
+
+MiB = 2**20
+
+
+def f(path: str, size: int) -> FileEntry:
+    return FileEntry(path, "file", 0o600, 0, size)
+
+
+ENTRIES = [FileEntry(".", "dir", 0o700, 0), f("PG_VERSION", 3), f("base/5/16384", 3 * MiB), f("base/5/16385", 0),
+           FileEntry("pg_tblspc/16400", "symlink", 0o777, 0, target="/old/ts"),
+           f("pg_tblspc/16400/PG_15_202209061/5/16401", 2 * MiB),
+           f("pg_tblspc/16500/PG_15_202209061/5/16501", 1 * MiB)]
+
+
+def test_files_are_counted_on_the_filesystem_they_go_to(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (as the suite runs in CI)")
+    from diskfill import tmpfs
+
+    target = tmp_path / "restored"  # not made yet: its parent's filesystem counts
+    with tmpfs(tmp_path / "fast", 4 * MiB) as fast:
+        by_dev = needs(ENTRIES, target, {16400: fast / "ts1", 16500: fast / "ts2"})
+        main, other = by_dev[tmp_path.stat().st_dev], by_dev[fast.stat().st_dev]
+        block = os.statvfs(tmp_path).f_frsize
+        assert main.bytes == WAL_MARGIN + 3 * MiB + block  # PG_VERSION takes a whole block, the empty file none
+        assert other.bytes == 3 * MiB and other.free == 4 * MiB  # both tablespaces, added up
+        assert other.folders == [f"{fast / 'ts1'} (tablespace OID 16400)", f"{fast / 'ts2'} (tablespace OID 16500)"]
+        check_room(ENTRIES, target, {16400: fast / "ts1", 16500: fast / "ts2"})  # 3 MiB fit in 4
+
+        with pytest.raises(PreconditionError) as ei:  # the same two, 3 MiB, on 2 MiB
+            with tmpfs(tmp_path / "small", 2 * MiB) as small:
+                check_room(ENTRIES, target, {16400: small / "ts1", 16500: small / "ts2"})
+        e = ei.value
+        assert e.exit_code == ExitCode.PRECONDITION
+        assert e.message == (f"not enough free space for the restore: {tmp_path / 'small' / 'ts1'} (tablespace OID "
+                             f"16400) and {tmp_path / 'small' / 'ts2'} (tablespace OID 16500): needs 3.0 MiB, "
+                             "2.0 MiB free"), e.message
+        assert "nothing was downloaded or written" in e.detail and "--no-space-check" in e.hint
+
+        with pytest.raises(PreconditionError) as ei:  # the data folder itself on a small filesystem
+            check_room(ENTRIES, fast / "data", {16400: tmp_path / "ts1", 16500: tmp_path / "ts2"})
+        assert f"{fast / 'data'}: needs " in ei.value.message and "tablespace" not in ei.value.message
