@@ -58,7 +58,8 @@ def held_frames(store: ObjectStore, layout: Layout, manifest: Manifest, files: l
 
 def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: Path, files: list[FileEntry],
                 rng: Range, decoder: codec.Decoder, *, budget: ByteBudget | None = None,
-                flush: bool = False, held: Held | None = None, kept: Kept | None = None) -> tuple[int, int]:
+                flush: bool = False, held: Held | None = None, kept: Kept | None = None,
+                opener: Callable[[FileEntry], int] | None = None) -> tuple[int, int]:
     """Read one coalesced range (see dbops.repo.ranges) as it arrives, frame by frame, check every
     chunk against its sha256 and write it into the files, which exist at their size. Returns
     (bytes fetched, bytes written). Raises ValidationError naming the backup, file and object on a
@@ -68,7 +69,9 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     A page delta's pages are written over its base block, which is on disk when its range is read
     (:mod:`dbops.repo.schedule` hands a batch's deltas out after its whole blocks are written): a
     format 5 delta, compressed against its base, reads it back from the file to be decoded.
-    ``held``: the batch's deltas held in memory, applied over their bases before those are written."""
+    ``held``: the batch's deltas held in memory, applied over their bases before those are written.
+    ``opener(file)``: a descriptor open for writing on the file (:class:`dbops.repo.restore.Creator`,
+    which may create it); without it the files exist and are opened here."""
     key = layout.pack(rng.pack)
     fds: dict[int, int] = {}
     flusher = Flusher(kept) if flush else None
@@ -77,7 +80,8 @@ def write_range(store: ObjectStore, layout: Layout, manifest: Manifest, target: 
     def fd_of(file_no: int) -> int:
         fd = fds.get(file_no)
         if fd is None:
-            fd = fds[file_no] = os.open(target / files[file_no].path, os.O_RDWR | NOFOLLOW)
+            fd = fds[file_no] = (opener(files[file_no]) if opener is not None
+                                 else os.open(target / files[file_no].path, os.O_RDWR | NOFOLLOW))
         return fd
 
     def base_of(fr: Frame, run: Run) -> bytes:

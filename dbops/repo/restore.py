@@ -112,6 +112,45 @@ def _prepare_target(target: Path, what: str | None = None) -> None:
         target.mkdir(parents=True, mode=0o700)
 
 
+class Creator:
+    """Every file of a restore created, in walk order, in a thread beside the download rather than
+    before it: creating a file costs 0.02-1.1 ms on ext4 here (the inode's allocation, serialised in
+    its folder), a thousand files up to a second, as long as the download of a small database. A range
+    that reaches a file first creates it itself (:meth:`open`); the walk then finds it made (``O_EXCL``)
+    and leaves it. Files are created empty: the writes give them their content, holes where no block
+    is written (all zeros), and :meth:`sized` their full length once complete, before their time is set
+    (a file's time is only right when nothing changes its length after it). Never through a link."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base  # the target folder's path and a "/"
+        self.stop = threading.Event()  # the restore failed: create no more
+
+    def run(self, entries: Iterable[FileEntry]) -> None:
+        """Create every file of ``entries`` (the listing) that a range has not created yet."""
+        for e in entries:
+            if e.type != FILE:
+                continue
+            if self.stop.is_set():
+                return
+            try:
+                os.close(os.open(self.base + e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600))
+            except FileExistsError:
+                pass
+
+    def open(self, f: FileEntry) -> int:
+        """A descriptor for writing into f, which is created when the walk has not reached it yet."""
+        return os.open(self.base + f.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+
+    def sized(self, f: FileEntry) -> None:
+        """f, complete, at its full length (created now when it has no block to write: all zeros)."""
+        fd = self.open(f)
+        try:
+            if f.size and os.fstat(fd).st_size < f.size:
+                os.ftruncate(fd, f.size)
+        finally:
+            os.close(fd)
+
+
 def restore_snapshot(
     store: ObjectStore,
     layout: Layout,
@@ -166,23 +205,19 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
     link_tablespaces(target, manifest, dests)
     stats = RestoreStats(manifest.backup_id)
 
-    # 1. folders (writable for now), then every file created at its full size; never through a link
-    # the bucket names (every entry was checked when the manifest was read, dbops.repo.untrusted;
-    # the only links written through are the tablespaces', made above to folders chosen here).
+    # 1. folders (writable for now); every file is then created at its full size beside the download
+    # (Creator); never through a link the bucket names (every entry was checked when the manifest was
+    # read, dbops.repo.untrusted; the only links written through are the tablespaces', made above to
+    # folders chosen here).
     base = os.path.join(target, "")  # the target's path and a "/": no Path made per entry
     for e in map(as_restored, manifest.listing()):
         if e.type == DIR and e.path != ".":
             _mkdir(base + e.path)
             stats.dirs += 1
         elif e.type == FILE:
-            fd = os.open(base + e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
-            try:
-                if e.size:
-                    os.ftruncate(fd, e.size)
-            finally:
-                os.close(fd)
             stats.files += 1
             stats.logical_bytes += e.size
+    creator = Creator(base)
 
     # 2. content: parallel ranged GETs, verified, written where it belongs.
     decoder = codec.Decoder()
@@ -193,8 +228,12 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
     finisher = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="dbops-finish")
     finishing: deque[Future] = deque()  # not yet finished, or failed (raised at the end)
 
+    def finish(f: FileEntry) -> None:
+        creator.sized(f)
+        finish_file(target, f, ids, durable, on_file)
+
     def finish_later(f: FileEntry) -> None:  # called serialised (dbops.repo.schedule.Completion)
-        finishing.append(finisher.submit(finish_file, target, f, ids, durable, on_file))
+        finishing.append(finisher.submit(finish, f))
         while finishing and finishing[0].done() and finishing[0].exception() is None:  # no record per file kept
             finishing.popleft()
 
@@ -212,7 +251,7 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
         files, rng, left = item
         try:
             fetched, written = write_range(store, layout, manifest, target, files, rng, decoder, budget=budget,
-                                           flush=drop_cache, held=left.held, kept=kept)
+                                           flush=drop_cache, held=left.held, kept=kept, opener=creator.open)
         except BaseException:
             completion.failed(left)
             raise
@@ -227,13 +266,18 @@ def _restore(store: ObjectStore, layout: Layout, manifest: Manifest, target: Pat
 
     t_fetch = time.monotonic()
     workers = max(1, parallel)
+    creating = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-create")
     try:
+        created = creating.submit(creator.run, manifest.listing())
         with heap.fewer_collections(), ThreadPoolExecutor(max_workers=workers,
                                                           thread_name_prefix="dbops-restore") as pool:
             run_bounded(pool, fetch, completion.planned(manifest), 2 * workers)
+        created.result()  # the files without stored content (empty, all zero) too
         for fut in finishing:
             fut.result()
     finally:
+        creator.stop.set()
+        creating.shutdown(wait=True)
         finisher.shutdown(cancel_futures=True)
 
     t_finish = time.monotonic()
