@@ -16,10 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from dbops import log, secrets
 from dbops.errors import CommandError, DbopsError, PreconditionError
@@ -66,6 +67,33 @@ def as_user(argv: list[str], user: str | None) -> list[str]:
     return [which("runuser"), "-u", user, "--", *argv]
 
 
+class Cancelled(Exception):
+    """A program stopped because its caller no longer needs its outcome (``run(cancel=...)``)."""
+
+
+CANCEL_POLL = 0.2  # seconds between two looks at a run's cancel event
+
+
+def _communicate(p: subprocess.Popen, input: str | bytes | None, timeout: float | None,
+                 cancel: threading.Event | None) -> tuple[Any, Any]:
+    """``p.communicate``, looking at ``cancel`` every ``CANCEL_POLL`` seconds (raises Cancelled once
+    it is set, subprocess.TimeoutExpired past the timeout); no output is lost between two looks."""
+    if cancel is None:
+        return p.communicate(input=input, timeout=timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    first = True
+    while True:
+        if cancel.is_set():
+            raise Cancelled()
+        wait = CANCEL_POLL if deadline is None else min(CANCEL_POLL, max(0.0, deadline - time.monotonic()))
+        try:
+            return p.communicate(input=input if first else None, timeout=wait)
+        except subprocess.TimeoutExpired:
+            first = False
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+
+
 def _kill_group(p: subprocess.Popen) -> None:
     try:
         os.killpg(p.pid, signal.SIGTERM)
@@ -104,10 +132,13 @@ def run(
     what: str | None = None,
     text: bool = True,
     inherit_env: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Result:
     """Run a program to completion. Raises CommandError on non-zero exit (when check) or timeout.
 
     The program gets this process's environment plus `env`; only `env` with ``inherit_env=False``.
+    ``cancel``: once set, the program (its process group) is stopped and :class:`Cancelled` raised,
+    within ``CANCEL_POLL`` seconds.
     """
     argv, full, run_env = _prepare(argv, user, env, inherit_env)
     label = what or Path(argv[0]).name
@@ -124,7 +155,10 @@ def run(
         text=text,
     )
     try:
-        out, err = p.communicate(input=input, timeout=timeout)
+        out, err = _communicate(p, input, timeout, cancel)
+    except Cancelled:
+        _kill_group(p)
+        raise
     except subprocess.TimeoutExpired:
         _kill_group(p)
         raise CommandError(

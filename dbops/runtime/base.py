@@ -34,6 +34,7 @@ removal however a block ends: :mod:`dbops.runtime.instance`.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -139,10 +140,13 @@ class Instance(Protocol):
         ...
 
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = ()) -> proc.Result:
+                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = (),
+                 cancel: threading.Event | None = None) -> proc.Result:
         """Run a PostgreSQL client/tool where the server runs (PGHOST/PGPORT/PGUSER/PGDATA set).
         ``reads``: host folders the tool reads besides the instance's, seen at their own path
-        (mounted read-only into a one-shot container; a local tool sees them where they are)."""
+        (mounted read-only into a one-shot container; a local tool sees them where they are).
+        ``cancel``: once set, the tool is stopped (a one-shot container removed) and
+        :class:`dbops.proc.Cancelled` raised."""
         ...
 
     def remove(self) -> None:

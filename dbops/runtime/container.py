@@ -441,7 +441,8 @@ class ContainerInstance(InstanceBase):
                                 detail=self.logs(20).strip() or None)
 
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = ()) -> proc.Result:
+                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = (),
+                 cancel: threading.Event | None = None) -> proc.Result:
         """Run a PostgreSQL client or tool next to the server, as the data folder's owner.
 
         While the server runs: ``exec`` into its container; otherwise a one-shot ``run --rm``
@@ -457,21 +458,21 @@ class ContainerInstance(InstanceBase):
         if not reads and self.is_running():
             args = self._rt.exec_argv(argv, container=self.name, owner=self._owner, env_names=list(tool_env))
         elif self._rt.host_root() and os.geteuid() in (0, self._owner.uid):
-            return self._run_here(argv, tool_env, timeout=timeout, check=check)
+            return self._run_here(argv, tool_env, timeout=timeout, check=check, cancel=cancel)
         else:
             name = f"{self.name}-tool{next(self._tools)}"
             args = self._rt.tool_argv(argv, self.spec, name=name, owner=self._owner, run_dir=self.run_dir,
                                       env_names=list(tool_env), labels=self._labels, sock_dir=Path(self.host),
                                       reads=reads)
             try:
-                return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
+                return self._engine.run(args, env=tool_env, timeout=timeout, check=check, cancel=cancel)
             except BaseException:
                 force_remove(self._engine, name)  # --rm does not fire when the client is killed
                 raise
-        return self._engine.run(args, env=tool_env, timeout=timeout, check=check)
+        return self._engine.run(args, env=tool_env, timeout=timeout, check=check, cancel=cancel)
 
     def _run_here(self, argv: Sequence[str], tool_env: Mapping[str, str], *, timeout: float | None,
-                  check: bool) -> proc.Result:
+                  check: bool, cancel: threading.Event | None = None) -> proc.Result:
         """A one-shot tool of a ``rootfs: /`` runtime, run on this host as the data folder's owner: the
         same program a container would run (its root is this one), without the container, whose exit
         unmounts an overlay kept under podman's run root and so syncs the file system under it (where
@@ -483,7 +484,7 @@ class ContainerInstance(InstanceBase):
         env = {**MINIMAL_ENV, **{k: host.get(v, v) for k, v in tool_env.items()}}
         argv = [self._rt.program(argv[0]), *(host.get(a, a) for a in argv[1:])]
         return proc.run(argv, user=self._owner.user_name, env=env, inherit_env=False,
-                        timeout=timeout, check=check)
+                        timeout=timeout, check=check, cancel=cancel)
 
     def remove(self) -> None:
         """Force-remove the container (killing the server if it runs) and the run folder. Idempotent.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,10 +69,11 @@ class Engine:
             raise ConfigError(f"unknown container engine {self.name!r}", hint="one of " + ", ".join(ENGINES))
 
     def run(self, args: Sequence[str], *, timeout: float | None = 120, check: bool = True,
-            env: Mapping[str, str] | None = None, what: str | None = None) -> proc.Result:
+            env: Mapping[str, str] | None = None, what: str | None = None,
+            cancel: threading.Event | None = None) -> proc.Result:
         """``ENGINE ARGS`` through proc.run; `what` names the call in errors (default ``ENGINE SUBCOMMAND``)."""
         return proc.run([self.name, *args], env={**self.env, **(env or {})}, timeout=timeout, check=check,
-                        what=what or f"{self.name} {args[0]}")
+                        what=what or f"{self.name} {args[0]}", cancel=cancel)
 
 
 # --------------------------------------------------------------------------- labels / stale containers

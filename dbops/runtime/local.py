@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import subprocess
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -130,7 +131,8 @@ class LocalInstance(InstanceBase):
                   status=self._popen.returncode)
 
     def run_tool(self, argv: Sequence[str], *, timeout: float | None = 600, check: bool = True,
-                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = ()) -> proc.Result:
+                 env: Mapping[str, str] | None = None, reads: Sequence[Path] = (),
+                 cancel: threading.Event | None = None) -> proc.Result:
         """Run a PostgreSQL client or tool on this host as the data folder's owner.
 
         A bare program name is taken from the PostgreSQL bin folder when it is there. PGHOST,
@@ -143,7 +145,7 @@ class LocalInstance(InstanceBase):
         tool_env = {**MINIMAL_ENV, "PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db_user,
                     "PGDATA": self.data_path, **(env or {})}
         return proc.run(argv, user=self._owner.user_name, env=tool_env, inherit_env=False, timeout=timeout,
-                        check=check)
+                        check=check, cancel=cancel)
 
     def remove(self) -> None:
         """Stop the server at once if it still runs (immediate mode, then SIGKILL), and forget it."""

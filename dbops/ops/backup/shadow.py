@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,22 +217,24 @@ def remove(shadow: Path, data: Path, linked: Callable[[str, os.stat_result, os.s
 
 
 def pg_checksums(cfg, inst, data: Path, verified: Container[str] | None, checks: list[dict[str, Any]],
-                 linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None) -> None:
+                 linked: Callable[[str, os.stat_result, os.stat_result], None] | None = None,
+                 cancel: threading.Event | None = None) -> None:
     """``pg_checksums --check`` of the stopped copy data: on a shadow folder beside it without the
     main forks in ``verified`` (the checks' tables, when the restart point was written; None: every
     file), else on the copy itself. Appends its record to checks (what it read, what it left to
     the server's own verification); raises ValidationError when it finds a bad page. ``linked``: see
-    :func:`build`."""
+    :func:`build`. ``cancel``: once set, the tool is stopped and :class:`dbops.proc.Cancelled` raised
+    (its outcome is no longer wanted: the store it ran beside failed)."""
     shadow = build(data, data.parent / SHADOW, verified, cfg.os_user, linked) if verified else None
     try:
         if shadow is None:
             r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", inst.data_path], check=False,
-                              timeout=24 * 3600)
+                              timeout=24 * 3600, cancel=cancel)
             record: dict[str, Any] = {"check": "pg_checksums", "files": "all"}
         else:
             where = str(shadow.path.resolve())
             r = inst.run_tool([tool_path(cfg, "pg_checksums"), "--check", "-D", where], check=False,
-                              timeout=24 * 3600, reads=[Path(where)])
+                              timeout=24 * 3600, reads=[Path(where)], cancel=cancel)
             record = {"check": "pg_checksums", "files": shadow.linked, "verified_by_server": shadow.left_out,
                       "verified_by_server_bytes": shadow.left_out_bytes}
         out = (r.stdout + r.stderr)[-2000:]

@@ -72,12 +72,18 @@ class Validation:
     @contextmanager
     def verdict_first(self) -> Iterator[None]:
         """Around work on the copy while pg_checksums still runs (the store): when that work fails,
-        the check's verdict comes first (its failure stopped the store, and it is the backup's fault)."""
+        the check's verdict comes first when it has one (its failure stopped the store, and it is the
+        backup's fault); a check still running is stopped instead of waited for (minutes at TB sizes),
+        and the work's own error is raised."""
         try:
             yield
         except Exception:
             if self.checksums is not None:
-                self.checksums.wait()  # raises the check's ValidationError
+                self.checksums.stop()
+                try:
+                    self.checksums.wait()  # raises the check's ValidationError, when it failed first
+                except proc.Cancelled:
+                    pass
             raise
 
 
@@ -88,18 +94,26 @@ class Checksums:
     ``then``: run in the same thread once the check has ended and its verdict is known (the throwaway
     instance's removal, off the run's serial path); it delays neither ``wait()`` nor the verdict, and
     its failure is only logged (the instance's own removal when the caller's stack closes tries again
-    and reports it)."""
+    and reports it).
 
-    def __init__(self, check: Callable[[], None], timings: dict[str, float],
+    ``check(cancel)``: stops its tool and raises :class:`dbops.proc.Cancelled` once ``cancel`` is set
+    (:meth:`stop`): when the store beside it failed, or the run ends without having asked for the
+    verdict (interrupted); ``wait()`` then raises that Cancelled, and ``failed`` stays clear."""
+
+    def __init__(self, check: Callable[[threading.Event], None], timings: dict[str, float],
                  then: Callable[[], None] | None = None) -> None:
         self.failed = threading.Event()
+        self.cancel = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-checksums")
         self._verdict: Future = Future()
         t0 = time.monotonic()
 
         def run() -> None:
             try:
-                check()
+                check(self.cancel)
+            except proc.Cancelled as e:
+                timings["checksums"] = round(time.monotonic() - t0, 3)
+                self._verdict.set_exception(e)
             except BaseException as e:
                 self.failed.set()
                 timings["checksums"] = round(time.monotonic() - t0, 3)
@@ -119,8 +133,14 @@ class Checksums:
     def wait(self) -> None:
         self._verdict.result()
 
+    def stop(self) -> None:
+        """The verdict is no longer wanted: the tool is stopped, unless it has ended (its verdict stays)."""
+        self.cancel.set()
+
     def close(self) -> None:
-        """Wait for it to end (the instance and the copy it reads go after this); its error is wait()'s."""
+        """Wait for it to end (the instance and the copy it reads go after this), stopping it first: a
+        run that wanted the verdict had it from wait() before; its error is wait()'s."""
+        self.stop()
         self._pool.shutdown(wait=True)
 
 
@@ -299,9 +319,9 @@ def recover_to_target(cfg: Config, data: Path, wal_dir: Path, target: Target, ph
             # Pages replay left dirty were written by the restart point (else: every file to pg_checksums).
             left_to_server = verified if restartpoint.written else None
 
-            def check() -> None:
+            def check(cancel: threading.Event | None = None) -> None:
                 shadow.pg_checksums(cfg, inst, data, left_to_server, val.checks,
-                                    known.linked if known is not None else None)
+                                    known.linked if known is not None else None, cancel=cancel)
 
             if stack is None:
                 with phases("checksums"):
