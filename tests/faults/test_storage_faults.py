@@ -329,6 +329,10 @@ def test_a_restore_target_filling_up(flab, env, dbops_bin, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     with tmpfs(flab.dir / "tmpfs-target", 8 * 2**20) as mnt:
         target = mnt / "restored"
+        r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target), "--dry-run", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]  # the plan says so before anything is tried
+        assert any(n.startswith(f"not enough free space now: {target}: needs ") and "8.0 MiB free" in n
+                   for n in json.loads(r.stdout)["notes"]), r.stdout
         r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target))
         assert r.returncode == 11, r.stderr[-3000:]
         assert f"error: not enough free space for the restore: {target}: needs " in r.stderr, r.stderr[-3000:]

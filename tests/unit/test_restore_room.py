@@ -53,3 +53,19 @@ def test_files_are_counted_on_the_filesystem_they_go_to(tmp_path):
         with pytest.raises(PreconditionError) as ei:  # the data folder itself on a small filesystem
             check_room(ENTRIES, fast / "data", {16400: tmp_path / "ts1", 16500: tmp_path / "ts2"})
         assert f"{fast / 'data'}: needs " in ei.value.message and "tablespace" not in ei.value.message
+
+
+def test_a_plan_sums_from_the_manifest_header(tmp_path):
+    """The dry run has no entries read: the backup's size and each tablespace's, from its header."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (as the suite runs in CI)")
+    from diskfill import tmpfs
+
+    from dbops.ops.restore.room import shortages, summed
+
+    entries = summed(10 * MiB, [(16400, 3 * MiB)])
+    assert [(e.path, e.size) for e in entries] == [("all", 7 * MiB), ("pg_tblspc/16400/all", 3 * MiB)]
+    with tmpfs(tmp_path / "fast", 2 * MiB) as fast:
+        assert shortages(entries, tmp_path / "restored", {16400: fast / "ts"}) == \
+            f"{fast / 'ts'} (tablespace OID 16400): needs 3.0 MiB, 2.0 MiB free"
+        assert shortages(summed(1 * MiB, [(16400, 1 * MiB)]), tmp_path / "restored", {16400: fast / "ts"}) is None

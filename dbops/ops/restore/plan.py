@@ -36,6 +36,7 @@ from typing import Any
 from dbops.config import Config
 from dbops.errors import NotFoundError, TargetError, UsageError, ValidationError
 from dbops.ops.restore import conf as rconf
+from dbops.ops.restore import room
 from dbops.ops.restore import tablespaces as rts
 from dbops.ops.restore import wal as rwal
 from dbops.ops.restore.choose import BackupChoice, Backups, earliest, pick
@@ -219,6 +220,12 @@ def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal
 
     replay, ahead = _segments_to_fetch(cfg, target, wr, inv, seg_size)
     settings = folder_settings(cfg, opts, target, tli)
+    if opts.space_check and not opts.delta:  # the restore checks again, after --force emptied what it empties
+        short = room.shortages(room.summed(m.logical_size, [(t.oid, t.size) for t in m.tablespaces]),
+                               opts.target_dir, {d.tablespace.oid: d.folder for d in dests})
+        if short:
+            notes.append(f"not enough free space now: {short}; the restore will refuse to start (exit 11) "
+                         "unless space is freed (or --no-space-check, where the filesystem compresses)")
     return Plan(target=target, timeline=tli, backup=chosen, target_dir=str(opts.target_dir), final=opts.final,
                 start=opts.start, port=opts.port, settings=settings, first_segment=start_seg,
                 replay_segments=replay, fetch_ahead=ahead,

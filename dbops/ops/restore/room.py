@@ -60,14 +60,31 @@ def needs(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path])
     return out
 
 
-def check_room(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> None:
-    """PreconditionError (exit 11) naming each filesystem that cannot hold its share of the restore."""
+def summed(logical_size: int, tablespaces: Iterable[tuple[int, int]]) -> list[FileEntry]:
+    """The backup's files as a manifest's header sums them (its size, and each tablespace's (OID,
+    size)), for a plan that has not read its entries: one entry for the data folder, one a tablespace."""
+    tablespaces = list(tablespaces)
+    rest = max(0, logical_size - sum(size for _oid, size in tablespaces))
+    return [FileEntry("all", FILE, 0o600, 0, rest),
+            *(FileEntry(f"pg_tblspc/{oid}/all", FILE, 0o600, 0, size) for oid, size in tablespaces)]
+
+
+def shortages(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> str | None:
+    """Each filesystem that cannot hold its share of the restore now, said in one line; None: all can."""
     short = [n for n in needs(entries, target, dests).values() if n.bytes > n.free]
     if not short:
+        return None
+    return "; ".join(f"{' and '.join(n.folders)}: needs {human_bytes(n.bytes)}, {human_bytes(n.free)} free"
+                     for n in short)
+
+
+def check_room(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> None:
+    """PreconditionError (exit 11) naming each filesystem that cannot hold its share of the restore."""
+    short = shortages(entries, target, dests)
+    if short is None:
         return
-    lines = [f"{' and '.join(n.folders)}: needs {human_bytes(n.bytes)}, {human_bytes(n.free)} free" for n in short]
     raise PreconditionError(
-        "not enough free space for the restore: " + "; ".join(lines),
+        "not enough free space for the restore: " + short,
         detail=f"the files' sizes, plus {human_bytes(WAL_MARGIN)} on the target's filesystem for the WAL the "
                "recovery brings in; nothing was downloaded or written",
         hint="free space there, or restore to a larger filesystem with --target-dir (--tablespace-map for a "
