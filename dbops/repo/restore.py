@@ -138,8 +138,13 @@ class Creator:
                 pass
 
     def open(self, f: FileEntry) -> int:
-        """A descriptor for writing into f, which is created when the walk has not reached it yet."""
-        return os.open(self.base + f.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+        """A descriptor for writing into f, which is created when the walk has not reached it yet.
+        Opened without ``O_CREAT`` first: an open that may create takes its folder's lock, which the
+        walk holds while it allocates an inode (up to a millisecond here)."""
+        try:
+            return os.open(self.base + f.path, os.O_RDWR | NOFOLLOW)
+        except FileNotFoundError:
+            return os.open(self.base + f.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
 
     def sized(self, f: FileEntry) -> None:
         """f, complete, at its full length (created now when it has no block to write: all zeros)."""
