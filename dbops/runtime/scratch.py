@@ -188,6 +188,13 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def existing_parent(folder: Path) -> Path:
+    """The folder, or its nearest existing parent (a folder not made yet is on its parent's filesystem)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def memory_available(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
     """The memory the kernel could give this process without swapping (``MemAvailable`` in
     /proc/meminfo, bytes: the page cache it can take back included), capped by its memory cgroup's

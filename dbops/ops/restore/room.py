@@ -16,6 +16,7 @@ from pathlib import Path
 from dbops.errors import PreconditionError
 from dbops.repo.manifest import FILE, FileEntry
 from dbops.repo.tblspc import oid_of_path
+from dbops.runtime.scratch import existing_parent, free_bytes
 from dbops.units import human_bytes
 
 WAL_MARGIN = 64 * 2**20  # on the target's filesystem: segments recovery copies into pg_wal, and the first new ones
@@ -30,13 +31,6 @@ class Need:
     free: int = 0
 
 
-def _existing(folder: Path) -> Path:
-    """The folder, or its nearest existing parent (the folder may not be made yet)."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
 def needs(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> dict[int, Need]:
     """{device: Need} for the backup's files (``entries``: its listing) restored into target, the
     files under ``pg_tblspc/<OID>/`` into ``dests[OID]``. Each file is counted at its size rounded
@@ -45,10 +39,10 @@ def needs(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path])
     devices: dict[int | None, tuple[int, int]] = {}  # OID -> (device, block size)
     out: dict[int, Need] = {}
     for oid, folder in where.items():
-        st = os.statvfs(_existing(folder))
-        dev = _existing(folder).stat().st_dev
-        devices[oid] = (dev, st.f_frsize or 4096)
-        need = out.setdefault(dev, Need(free=st.f_bavail * st.f_frsize))
+        there = existing_parent(folder)
+        dev = there.stat().st_dev
+        devices[oid] = (dev, os.statvfs(there).f_frsize or 4096)
+        need = out.setdefault(dev, Need(free=free_bytes(there)))
         need.folders.append(str(folder) if oid is None else f"{folder} (tablespace OID {oid})")
     out[devices[None][0]].bytes += WAL_MARGIN
     for e in entries:

@@ -29,8 +29,8 @@ from dbops.phases import Phases
 from dbops.repo import catalog
 from dbops.repo import manifest as mf
 from dbops.repo.restore import restore_snapshot
-from dbops.runtime.scratch import (NO_SPACE, clean_stale_scratch, error_text, free_bytes, out_of_space,
-                                   scratch_folder)
+from dbops.runtime.scratch import (NO_SPACE, clean_stale_scratch, error_text, existing_parent, free_bytes,
+                                   out_of_space, scratch_folder)
 from dbops.units import human_bytes
 from dbops.storage import ObjectStore, open_archive
 from dbops.storage.layout import Layout
@@ -205,10 +205,8 @@ def _out_of_space(e: BaseException, phase: str | None, manifest: mf.Manifest, ta
     """The one message for a restore whose disk filled up: each folder it writes, with what is free
     there now (what was written is removed already), and the backup's size."""
     def free(folder: Path) -> str:
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
         try:
-            return human_bytes(free_bytes(folder))
+            return human_bytes(free_bytes(existing_parent(folder)))
         except OSError:
             return "unknown"
 
