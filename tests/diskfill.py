@@ -8,7 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from dbops import proc
+
+# on a test that mounts one: only root may (as the suite runs in CI)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (as the suite runs in CI)")
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from dbops.storage.lock import ClusterLock
 from dbops.storage.lockowner import LockOwner, read_owner
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
+from diskfill import fill_up, needs_root, tmpfs
 
 
 @pytest.fixture
@@ -133,12 +134,10 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (as the suite runs in CI)")
+@needs_root
 def test_a_full_lock_folder_still_locks_and_leaks_nothing(env, tmp_path, caplog):
     """/run is a small tmpfs: a full one must neither leave a raw OSError nor an flock held open. The
     flock excludes even when the owner record cannot be written; a folder that cannot be made is exit 11."""
-    from diskfill import fill_up, tmpfs
-
     store, layout, _ = env
     with tmpfs(tmp_path / "run", 64 * 1024) as run:
         (run / "locks").mkdir()

@@ -9,8 +9,9 @@ import os
 import pytest
 
 from dbops.errors import ExitCode, PreconditionError
-from dbops.ops.restore.room import WAL_MARGIN, check_room, needs
+from dbops.ops.restore.room import WAL_MARGIN, check_room, needs, shortages, summed
 from dbops.repo.model import FileEntry
+from diskfill import needs_root, tmpfs
 
 MiB = 2**20
 
@@ -25,11 +26,8 @@ ENTRIES = [FileEntry(".", "dir", 0o700, 0), f("PG_VERSION", 3), f("base/5/16384"
            f("pg_tblspc/16500/PG_15_202209061/5/16501", 1 * MiB)]
 
 
+@needs_root
 def test_files_are_counted_on_the_filesystem_they_go_to(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (as the suite runs in CI)")
-    from diskfill import tmpfs
-
     target = tmp_path / "restored"  # not made yet: its parent's filesystem counts
     with tmpfs(tmp_path / "fast", 4 * MiB) as fast:
         by_dev = needs(ENTRIES, target, {16400: fast / "ts1", 16500: fast / "ts2"})
@@ -55,14 +53,9 @@ def test_files_are_counted_on_the_filesystem_they_go_to(tmp_path):
         assert f"{fast / 'data'}: needs " in ei.value.message and "tablespace" not in ei.value.message
 
 
+@needs_root
 def test_a_plan_sums_from_the_manifest_header(tmp_path):
     """The dry run has no entries read: the backup's size and each tablespace's, from its header."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (as the suite runs in CI)")
-    from diskfill import tmpfs
-
-    from dbops.ops.restore.room import shortages, summed
-
     entries = summed(10 * MiB, [(16400, 3 * MiB)])
     assert [(e.path, e.size) for e in entries] == [("all", 7 * MiB), ("pg_tblspc/16400/all", 3 * MiB)]
     with tmpfs(tmp_path / "fast", 2 * MiB) as fast:

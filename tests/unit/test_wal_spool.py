@@ -31,6 +31,7 @@ from dbops.ops.wal.spool import PUSHER, Spool, spool_for, spool_root
 from dbops.ops.wal.worker import Prefetcher, Pusher
 from dbops.storage.layout import Layout
 from dbops.storage.local import LocalStore
+from diskfill import fill_up, needs_root, tmpfs
 
 SEGS = [f"0000000100000000000000{n:02X}" for n in range(1, 7)]
 
@@ -190,11 +191,9 @@ def test_one_pusher_per_data_folder(env):
     assert not spool.lock_held(PUSHER)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (as the suite runs in CI)")
+@needs_root
 def test_a_full_spool_disk_still_gives_one_pusher(tmp_path):
     """The PID in the lock file only names the holder: a disk too full to write it still excludes."""
-    from diskfill import fill_up, tmpfs
-
     with tmpfs(tmp_path / "spool", 64 * 1024) as root:
         spool = Spool(root / "s", tmp_path / "data", "archive")
         (root / "s").mkdir()
