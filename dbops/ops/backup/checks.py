@@ -39,6 +39,10 @@ def _databases(node: Node) -> list[str]:
 VERIFY_PAGES = ("ignore_checksum_failure", "zero_damaged_pages")
 
 
+# what pg_amcheck prints for each problem it finds: "heap table ...", "btree index ...", with the relation
+_CORRUPTION = re.compile(r"^(heap table|btree index) \"", re.M)
+
+
 def amcheck_cause(inst, returncode: int, out: str) -> str | None:
     """Why pg_amcheck failed when the machine is to blame, not the backup; None: the backup's fault.
     On its own it exits 2 for corruption found and 1 when a check could not complete (a lost
@@ -51,10 +55,6 @@ def amcheck_cause(inst, returncode: int, out: str) -> str | None:
     if returncode == 1:
         return killed_cause(inst) or environment_cause(out)
     return killed_cause(inst) or ended_cause(returncode, "pg_amcheck")
-
-
-# what pg_amcheck prints for each problem it finds: "heap table ...", "btree index ...", with the relation
-_CORRUPTION = re.compile(r"^(heap table|btree index) \"", re.M)
 
 
 def run_checks(cfg: Config, inst, checks: list[dict[str, Any]], verified: RelFiles | set[str] | None = None) -> None:

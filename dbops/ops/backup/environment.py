@@ -68,7 +68,7 @@ def environment_error(what: str, cause: str, detail: str | None) -> ValidationEn
              "backup.validation.start_timeout, max_connections, the container engine) and run again")
 
 
-def ended_cause(returncode: int, tool: str = "pg_checksums") -> str:
+def ended_cause(returncode: int, tool: str) -> str:
     """Why a tool (pg_checksums exits 0 or 1 on its own, pg_amcheck 0, 1 or 2) ended with another
     status: killed by a signal (directly: negative; in a container: 128 + N, 137 the OOM killer's
     SIGKILL), or its container engine unable to run it (125-127, as podman and docker report their

@@ -241,7 +241,7 @@ def pg_checksums(cfg, inst, data: Path, verified: Container[str] | None, checks:
         # judged before the shadow folder goes: a denial is placed by looking at the path it names
         cause = machine_cause(out, data, inst.data_path) if r.returncode else None
         if cause is None and r.returncode not in (0, 1) and not BAD_PAGES.search(out):
-            cause = ended_cause(r.returncode)
+            cause = ended_cause(r.returncode, "pg_checksums")
     finally:
         if shadow is not None:
             remove(shadow.path, data, linked)
