@@ -67,22 +67,26 @@ _FENCE_SH = (
 # data folder. Without /proc nothing is removed.
 _STALE_PID_SH = (
     'pidfile="$1/postmaster.pid"; [ -f "$pidfile" ] || exit 0; [ -d /proc/self ] || exit 0; '
-    'pid=$(head -n 1 "$pidfile"); dir=$(cd "$1" && pwd -P) || exit 0; '
+    'pid=$(head -n 1 "$pidfile" 2>/dev/null) || exit 0; dir=$(cd "$1" && pwd -P) || exit 0; '
     'if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$dir" ]; then exit 0; fi; '
     'rm -f "$pidfile" && echo "removed stale postmaster.pid (pid $pid)"'
 )
 # Atomic replace of a file in the data folder, content on stdin.
 _WRITE_SH = 'umask 077; cat > "$1.dbops-tmp" && mv -f "$1.dbops-tmp" "$1"'
+# Print "$f"; a file removed between the caller's test and the read (an exiting postmaster removes its
+# postmaster.pid) prints nothing and succeeds. Any other failure keeps cat's message and fails.
+_CAT_UNLESS_GONE = '{ { e=$(cat "$f" 2>&1 >&3); } 3>&1 || [ ! -e "$f" ] || { printf "%s\\n" "$e" >&2; false; }; }'
 # Fence a stopped (or still exiting) former primary: the new postgresql.auto.conf from stdin, no
 # recovery.signal, a standby.signal, all fsynced; then print postmaster.pid (empty when there is none).
 _FENCE_STANDBY_SH = (
     'umask 077; cat > "$1/postgresql.auto.conf.dbops-tmp" && sync "$1/postgresql.auto.conf.dbops-tmp" && '
     'mv -f "$1/postgresql.auto.conf.dbops-tmp" "$1/postgresql.auto.conf" && rm -f "$1/recovery.signal" && '
     ': > "$1/standby.signal" && sync "$1/standby.signal" "$1/postgresql.auto.conf" "$1" && '
-    '{ [ ! -f "$1/postmaster.pid" ] || cat "$1/postmaster.pid"; }'
+    '{ f="$1/postmaster.pid"; [ ! -f "$f" ] || ' + _CAT_UNLESS_GONE + '; }'
 )
-# Print a file, or exit 3 when it does not exist.
-_READ_SH = '[ -f "$1" ] || exit 3; exec cat "$1"'
+# Print a file, or exit 3 when it does not exist (also when it is removed between the test and the read).
+_READ_SH = 'f="$1"; [ -f "$f" ] || exit 3; { e=$(cat "$f" 2>&1 >&3); } 3>&1 && exit 0; [ -e "$f" ] || exit 3; ' \
+    'printf "%s\\n" "$e" >&2; exit 1'
 # On a node whose binaries are not configured: the bin folder matching the data folder's major version.
 _FIND_BIN_SH = (
     'v=$(cat "$1/PG_VERSION" 2>/dev/null); '
