@@ -17,6 +17,7 @@ Rules every controller keeps:
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
 from collections.abc import Mapping, Sequence
@@ -262,15 +263,25 @@ class ShellController:
     def fence_as_standby(self, primary_conninfo: str, slot: str | None) -> Fence:
         saved = self.read_file(AUTO_CONF)
         text = pgconf.set_params(saved or "", {"primary_conninfo": primary_conninfo, "primary_slot_name": slot})
-        res = self._sh(_FENCE_STANDBY_SH, self.data_dir, input=text, what=f"fence {self.node.name} as a standby")
+        try:
+            res = self._sh(_FENCE_STANDBY_SH, self.data_dir, input=text, what=f"fence {self.node.name} as a standby")
+        except DbopsError:
+            # Half done: put postgresql.auto.conf back (best effort) and leave any standby.signal, so the
+            # node comes up in recovery if started; the caller's rollback removes the signal.
+            with contextlib.suppress(DbopsError):
+                self._put_back_auto_conf(saved)
+            raise
         return Fence(saved, postmaster_identity(res.stdout))
 
     def unfence(self, fence: Fence) -> None:
         self.remove_file(STANDBY_SIGNAL)
-        if fence.saved_auto_conf is None:
+        self._put_back_auto_conf(fence.saved_auto_conf)
+
+    def _put_back_auto_conf(self, saved: str | None) -> None:
+        if saved is None:
             self.remove_file(AUTO_CONF)
         else:
-            self.write_file(AUTO_CONF, fence.saved_auto_conf)
+            self.write_file(AUTO_CONF, saved)
 
     def postmaster(self) -> str | None:
         """The running (or last) postmaster's identity from postmaster.pid, or None."""

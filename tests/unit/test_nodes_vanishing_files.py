@@ -95,10 +95,15 @@ def _unreadable(path: Path) -> None:
 
 
 def test_a_pid_file_that_cannot_be_read_still_fails_the_fence(ctl: LocalController) -> None:
-    _unreadable(Path(ctl.data_dir) / "postmaster.pid")
+    data = Path(ctl.data_dir)
+    _put(data / "postgresql.auto.conf", "port = 5432\n")
+    _unreadable(data / "postmaster.pid")
     with pytest.raises(DbopsError, match="fence pg1 as a standby") as e:
         ctl.fence_as_standby("host=10.0.0.2", None)
     assert "Permission denied" in str(e.value.detail or "") + str(e.value), e.value
+    # half done: the configuration is put back, the signal stays (a start comes up in recovery)
+    assert (data / "postgresql.auto.conf").read_text() == "port = 5432\n"
+    assert (data / "standby.signal").exists()
 
 
 def test_reading_a_file_removed_under_the_read_is_reading_no_file(ctl: LocalController, racing_cat: None) -> None:
