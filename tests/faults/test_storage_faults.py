@@ -351,6 +351,38 @@ def test_a_restore_target_filling_up(flab, env, dbops_bin, tmp_path):
     scratch_is_empty(Path(flab.config.backup.scratch_dir))
 
 
+def test_a_scratch_folder_too_small_for_the_wal_to_replay(flab, env, dbops_bin, tmp_path):
+    """The WAL between the backup and the target is fetched into the scratch folder before the server
+    starts. A scratch filesystem too small for it is refused before the download (exit 11, naming the
+    scratch folder, what it needs and what is free), not found full half way; with room, the same
+    restore works."""
+    store, layout = open_store(flab.config.storage), Layout(flab.config.storage.prefix)
+    r = run(dbops_bin, env, "backup", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = [switch(flab) for _ in range(8)]  # eight segments and more to replay past the backup (128 MiB+)
+    wait_archived(flab, names)
+    with tmpfs(flab.dir / "tmpfs-walroom", 64 * 2**20) as scratch:
+        cfg = config_copy(flab, "small-wal-scratch", backup={"scratch_dir": str(scratch)})
+        target = tmp_path / "restored"
+        r = run(dbops_bin, env, "-c", cfg, "restore", "--to", "latest", "--target-dir", str(target), "--dry-run",
+                "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert any(n.startswith("not enough free space now: ") and "(scratch: the WAL to replay): needs " in n
+                   for n in json.loads(r.stdout)["notes"]), r.stdout
+        r = run(dbops_bin, env, "-c", cfg, "restore", "--to", "latest", "--target-dir", str(target))
+        assert r.returncode == 11, r.stderr[-3000:]
+        assert "error: not enough free space for the restore: " in r.stderr, r.stderr[-3000:]
+        assert f"{scratch}/restore-" in r.stderr and "(scratch: the WAL to replay): needs " in r.stderr
+        assert "of WAL to replay in the scratch folder" in r.stderr and "backup.scratch_dir" in r.stderr
+        assert "Traceback" not in r.stderr and not target.exists()
+        assert list(scratch.iterdir()) == []  # the run's scratch folder, with the plan's segments, is gone
+    r = run(dbops_bin, env, "restore", "--to", "latest", "--target-dir", str(target), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["wal"]["fetched_ahead"] >= len(names)
+    shutil.rmtree(target)
+    scratch_is_empty(Path(flab.config.backup.scratch_dir))
+
+
 # --------------------------------------------------------------------------- the bucket is untrusted
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from dbops.errors import ExitCode, PreconditionError
-from dbops.ops.restore.room import WAL_MARGIN, check_room, needs, shortages, summed
+from dbops.ops.restore.room import WAL_MARGIN, check_room, needs, shortages, summed, wal_to_fetch
 from dbops.repo.model import FileEntry
 from diskfill import needs_root, tmpfs
 
@@ -62,3 +62,34 @@ def test_a_plan_sums_from_the_manifest_header(tmp_path):
         assert shortages(entries, tmp_path / "restored", {16400: fast / "ts"}) == \
             f"{fast / 'ts'} (tablespace OID 16400): needs 3.0 MiB, 2.0 MiB free"
         assert shortages(summed(1 * MiB, [(16400, 1 * MiB)]), tmp_path / "restored", {16400: fast / "ts"}) is None
+
+
+@needs_root
+def test_the_wal_to_replay_is_counted_in_the_scratch_folder(tmp_path):
+    """The WAL to replay is fetched into the scratch folder before the server starts: a week of WAL
+    after the backup must fit there too, on its own filesystem or added to the target's."""
+    files = [f("base/5/16384", 1 * MiB)]
+    with tmpfs(tmp_path / "scratch", 40 * MiB) as scratch:
+        cache = scratch / "restore-1" / "wal"  # not made yet: the scratch folder's filesystem counts
+        by_dev = needs(files, tmp_path / "restored", {}, wal=(cache, 48 * MiB))
+        assert by_dev[scratch.stat().st_dev].bytes == 48 * MiB
+        assert by_dev[scratch.stat().st_dev].folders == [f"{cache} (scratch: the WAL to replay)"]
+        assert shortages(files, tmp_path / "restored", {}, wal=(cache, 32 * MiB)) is None
+        with pytest.raises(PreconditionError) as ei:
+            check_room(files, tmp_path / "restored", {}, wal=(cache, 48 * MiB))
+        assert ei.value.message == (f"not enough free space for the restore: {cache} (scratch: the WAL to "
+                                    "replay): needs 48.0 MiB, 40.0 MiB free"), ei.value.message
+        assert "plus 48.0 MiB of WAL to replay in the scratch folder" in ei.value.detail
+        assert "backup.scratch_dir" in ei.value.hint
+        # the same scratch holding the target too: both added up
+        with pytest.raises(PreconditionError) as ei:
+            check_room(files, scratch / "restored", {}, wal=(cache, 16 * MiB))
+        assert f"{scratch / 'restored'} and {cache} (scratch: the WAL to replay): needs " in ei.value.message
+
+
+def test_segments_already_fetched_take_no_more_room(tmp_path):
+    seg = 16 * MiB
+    (tmp_path / "000000010000000000000003").write_bytes(b"")
+    names = [f"0000000100000000000000{n:02X}" for n in range(2, 6)]
+    assert wal_to_fetch(tmp_path, names, seg) == 3 * seg
+    assert wal_to_fetch(tmp_path / "absent", names, seg) == 4 * seg

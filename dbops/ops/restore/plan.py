@@ -220,9 +220,12 @@ def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal
 
     replay, ahead = _segments_to_fetch(cfg, target, wr, inv, seg_size)
     settings = folder_settings(cfg, opts, target, tli)
-    if opts.space_check and not opts.delta:  # the restore checks again, after --force emptied what it empties
-        short = room.shortages(room.summed(m.logical_size, [(t.oid, t.size) for t in m.tablespaces]),
-                               opts.target_dir, {d.tablespace.oid: d.folder for d in dests})
+    if opts.space_check:  # the restore checks again, after --force emptied what it empties
+        wal_dir = cache if cache is not None else Path(cfg.backup.scratch_dir)
+        short = room.shortages([] if opts.delta else room.summed(m.logical_size, [(t.oid, t.size)
+                                                                                  for t in m.tablespaces]),
+                               opts.target_dir, {d.tablespace.oid: d.folder for d in dests},
+                               wal=(wal_dir, room.wal_to_fetch(wal_dir, ahead, seg_size)))
         if short:
             notes.append(f"not enough free space now: {short}; the restore will refuse to start (exit 11) "
                          "unless space is freed (or --no-space-check, where the filesystem compresses)")

@@ -1,7 +1,8 @@
 """Room for a restore, checked before anything is downloaded: the backup's files need their size
 on the filesystem of the target folder, and each tablespace's on the filesystem of its folder
 (several on one filesystem are added up), plus a margin for the WAL the recovery brings into
-``pg_wal``. A restore refused here has written nothing; one that would only fail after minutes of
+``pg_wal``; and the scratch folder must hold the WAL to replay, which is fetched there before the
+server starts (a restore to a point days after its backup replays days of WAL). A restore refused here has written nothing; one that would only fail after minutes of
 download (a full disk mid-run is still reported and cleaned up: :mod:`dbops.ops.restore.run`)
 is the worse day. ``--no-space-check`` skips it where the filesystem stores less than the files'
 size (ZFS or btrfs compression), and ``--delta`` reuses files, so it is not checked there."""
@@ -31,20 +32,29 @@ class Need:
     free: int = 0
 
 
-def needs(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> dict[int, Need]:
+def needs(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path],
+          wal: tuple[Path, int] | None = None) -> dict[int, Need]:
     """{device: Need} for the backup's files (``entries``: its listing) restored into target, the
     files under ``pg_tblspc/<OID>/`` into ``dests[OID]``. Each file is counted at its size rounded
-    up to its filesystem's block (thousands of small files take whole blocks)."""
-    where = {None: target, **dests}
+    up to its filesystem's block (thousands of small files take whole blocks). ``wal``: (the scratch
+    folder the WAL to replay is fetched into, its bytes)."""
     devices: dict[int | None, tuple[int, int]] = {}  # OID -> (device, block size)
     out: dict[int, Need] = {}
-    for oid, folder in where.items():
+
+    def on(folder: Path, label: str) -> tuple[Path, int, Need]:
         there = existing_parent(folder)
         dev = there.stat().st_dev
-        devices[oid] = (dev, os.statvfs(there).f_frsize or 4096)
         need = out.setdefault(dev, Need(free=free_bytes(there)))
-        need.folders.append(str(folder) if oid is None else f"{folder} (tablespace OID {oid})")
+        need.folders.append(label)
+        return there, dev, need
+
+    for oid, folder in {None: target, **dests}.items():
+        there, dev, _ = on(folder, str(folder) if oid is None else f"{folder} (tablespace OID {oid})")
+        devices[oid] = (dev, os.statvfs(there).f_frsize or 4096)
     out[devices[None][0]].bytes += WAL_MARGIN
+    if wal is not None and wal[1] > 0:
+        _, _, need = on(wal[0], f"{wal[0]} (scratch: the WAL to replay)")
+        need.bytes += wal[1]
     for e in entries:
         if e.type != FILE or not e.size:
             continue
@@ -63,25 +73,34 @@ def summed(logical_size: int, tablespaces: Iterable[tuple[int, int]]) -> list[Fi
             *(FileEntry(f"pg_tblspc/{oid}/all", FILE, 0o600, 0, size) for oid, size in tablespaces)]
 
 
-def shortages(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> str | None:
+def shortages(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path],
+              wal: tuple[Path, int] | None = None) -> str | None:
     """Each filesystem that cannot hold its share of the restore now, said in one line; None: all can."""
-    short = [n for n in needs(entries, target, dests).values() if n.bytes > n.free]
+    short = [n for n in needs(entries, target, dests, wal).values() if n.bytes > n.free]
     if not short:
         return None
     return "; ".join(f"{' and '.join(n.folders)}: needs {human_bytes(n.bytes)}, {human_bytes(n.free)} free"
                      for n in short)
 
 
-def check_room(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path]) -> None:
+def check_room(entries: Iterable[FileEntry], target: Path, dests: Mapping[int, Path],
+               wal: tuple[Path, int] | None = None) -> None:
     """PreconditionError (exit 11) naming each filesystem that cannot hold its share of the restore."""
-    short = shortages(entries, target, dests)
+    short = shortages(entries, target, dests, wal)
     if short is None:
         return
     raise PreconditionError(
         "not enough free space for the restore: " + short,
         detail=f"the files' sizes, plus {human_bytes(WAL_MARGIN)} on the target's filesystem for the WAL the "
-               "recovery brings in; nothing was downloaded or written",
+               "recovery brings in" + (f", plus {human_bytes(wal[1])} of WAL to replay in the scratch folder"
+                                       if wal and wal[1] > 0 else "") + "; nothing was downloaded or written",
         hint="free space there, or restore to a larger filesystem with --target-dir (--tablespace-map for a "
-             "tablespace); where the filesystem compresses what it stores (ZFS, btrfs), --no-space-check "
-             "skips this check",
+             "tablespace; backup.scratch_dir for the WAL, or a target time nearer a backup); where the filesystem "
+             "compresses what it stores (ZFS, btrfs), --no-space-check skips this check",
     )
+
+
+def wal_to_fetch(cache: Path, names: Iterable[str], seg_size: int) -> int:
+    """Bytes of the segments still to be fetched into the cache (those already there, read by the plan's
+    scan of the archive's end or by an earlier attempt, take no more room)."""
+    return sum(seg_size for name in names if not (cache / name).exists())

@@ -153,8 +153,10 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
     for d in plan.tablespaces:
         if opts.force and d.state == "not empty":
             empty(d.folder)
-    if opts.space_check and not run.delta:  # refused before anything is fetched or written
-        room.check_room(manifest.listing(), target, {d.tablespace.oid: d.folder for d in plan.tablespaces})
+    if opts.space_check:  # refused before anything is fetched or written (--delta reuses files: WAL only)
+        room.check_room([] if run.delta else manifest.listing(), target,
+                        {d.tablespace.oid: d.folder for d in plan.tablespaces},
+                        wal=(cache, room.wal_to_fetch(cache, plan.fetch_ahead, plan.seg_size)))
     ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
                           owner=ids)
     remote = cache / rconf.REMOTE_DIR
