@@ -363,7 +363,7 @@ def test_a_scratch_folder_too_small_for_the_wal_to_replay(flab, env, dbops_bin, 
     wait_archived(flab, names)
     with tmpfs(flab.dir / "tmpfs-walroom", 64 * 2**20) as scratch:
         cfg = config_copy(flab, "small-wal-scratch", backup={"scratch_dir": str(scratch)})
-        target = tmp_path / "restored"
+        target = flab.dir / "restored-walroom"  # a folder postgres can reach
         r = run(dbops_bin, env, "-c", cfg, "restore", "--to", "latest", "--target-dir", str(target), "--dry-run",
                 "--json")
         assert r.returncode == 0, r.stderr[-3000:]
@@ -372,7 +372,7 @@ def test_a_scratch_folder_too_small_for_the_wal_to_replay(flab, env, dbops_bin, 
         r = run(dbops_bin, env, "-c", cfg, "restore", "--to", "latest", "--target-dir", str(target))
         assert r.returncode == 11, r.stderr[-3000:]
         assert "error: not enough free space for the restore: " in r.stderr, r.stderr[-3000:]
-        assert f"{scratch}/restore-" in r.stderr and "(scratch: the WAL to replay): needs " in r.stderr
+        assert f"{scratch}/run-" in r.stderr and "/wal (scratch: the WAL to replay): needs " in r.stderr
         assert "of WAL to replay in the scratch folder" in r.stderr and "backup.scratch_dir" in r.stderr
         assert "Traceback" not in r.stderr and not target.exists()
         assert list(scratch.iterdir()) == []  # the run's scratch folder, with the plan's segments, is gone
