@@ -74,20 +74,26 @@ _STALE_PID_SH = (
 )
 # Atomic replace of a file in the data folder, content on stdin.
 _WRITE_SH = 'umask 077; cat > "$1.dbops-tmp" && mv -f "$1.dbops-tmp" "$1"'
-# Print "$f"; a file removed between the caller's test and the read (an exiting postmaster removes its
-# postmaster.pid) prints nothing and succeeds. Any other failure keeps cat's message and fails.
-_CAT_UNLESS_GONE = '{ { e=$(cat "$f" 2>&1 >&3); } 3>&1 || [ ! -e "$f" ] || { printf "%s\\n" "$e" >&2; false; }; }'
+
+
+def _cat_or(gone: str) -> str:
+    """Shell: print "$f"; when it was removed between the caller's test and the read (an exiting
+    postmaster removes its postmaster.pid), run `gone` instead. Any other failure keeps cat's message
+    and fails."""
+    return ('{ { e=$(cat "$f" 2>&1 >&3); } 3>&1 || { [ ! -e "$f" ] && ' + gone + '; } || '
+            '{ printf "%s\\n" "$e" >&2; false; }; }')
+
+
 # Fence a stopped (or still exiting) former primary: the new postgresql.auto.conf from stdin, no
 # recovery.signal, a standby.signal, all fsynced; then print postmaster.pid (empty when there is none).
 _FENCE_STANDBY_SH = (
     'umask 077; cat > "$1/postgresql.auto.conf.dbops-tmp" && sync "$1/postgresql.auto.conf.dbops-tmp" && '
     'mv -f "$1/postgresql.auto.conf.dbops-tmp" "$1/postgresql.auto.conf" && rm -f "$1/recovery.signal" && '
     ': > "$1/standby.signal" && sync "$1/standby.signal" "$1/postgresql.auto.conf" "$1" && '
-    '{ f="$1/postmaster.pid"; [ ! -f "$f" ] || ' + _CAT_UNLESS_GONE + '; }'
+    '{ f="$1/postmaster.pid"; [ ! -f "$f" ] || ' + _cat_or("true") + '; }'
 )
 # Print a file, or exit 3 when it does not exist (also when it is removed between the test and the read).
-_READ_SH = 'f="$1"; [ -f "$f" ] || exit 3; { e=$(cat "$f" 2>&1 >&3); } 3>&1 && exit 0; [ -e "$f" ] || exit 3; ' \
-    'printf "%s\\n" "$e" >&2; exit 1'
+_READ_SH = 'f="$1"; [ -f "$f" ] || exit 3; ' + _cat_or("exit 3")
 # On a node whose binaries are not configured: the bin folder matching the data folder's major version.
 _FIND_BIN_SH = (
     'v=$(cat "$1/PG_VERSION" 2>/dev/null); '
