@@ -2,10 +2,11 @@
 on the filesystem of the target folder, and each tablespace's on the filesystem of its folder
 (several on one filesystem are added up), plus a margin for the WAL the recovery brings into
 ``pg_wal``; and the scratch folder must hold the WAL to replay, which is fetched there before the
-server starts (a restore to a point days after its backup replays days of WAL). A restore refused here has written nothing; one that would only fail after minutes of
-download (a full disk mid-run is still reported and cleaned up: :mod:`dbops.ops.restore.run`)
-is the worse day. ``--no-space-check`` skips it where the filesystem stores less than the files'
-size (ZFS or btrfs compression), and ``--delta`` reuses files, so it is not checked there."""
+server starts (a restore to a point days after its backup replays days of WAL). A restore refused
+here has written nothing; one that would only fail after minutes of download (a full disk mid-run
+is still reported and cleaned up: :mod:`dbops.ops.restore.run`) is the worse day.
+``--no-space-check`` skips it where the filesystem stores less than the files' size (ZFS or btrfs
+compression); ``--delta`` reuses files, so only the WAL's room is checked there."""
 
 from __future__ import annotations
 
