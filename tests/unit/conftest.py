@@ -8,7 +8,12 @@ Tests that need PostgreSQL or S3 belong in tests/integration (real servers, unde
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +65,17 @@ def network_guard(monkeypatch):
     yield guard
     if guard.attempts:
         pytest.fail("unit test reached for the network: " + "; ".join(guard.attempts), pytrace=False)
+
+
+@pytest.fixture
+def pg_owned_dir():
+    """A folder the postgres OS user owns (pytest's tmp_path is private to root), and the argv prefix
+    that runs a command as that user; not root: this user's, and no prefix."""
+    d = Path(tempfile.mkdtemp(prefix="dbops-unit-", dir="/tmp"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    yield d, as_pg
+    shutil.rmtree(d, ignore_errors=True)

@@ -427,24 +427,6 @@ def test_compose_postgres_settings_come_from_deploy_postgresql_as_a_file(service
         assert f"./deploy/postgresql/dbops.conf:{target}:ro" in services[name]["volumes"]
 
 
-@pytest.fixture
-def pg_owned_dir():
-    """A folder the postgres OS user owns (pytest's tmp_path is private to root)."""
-    import os
-    import pwd
-    import shutil
-    import tempfile
-
-    d = Path(tempfile.mkdtemp(prefix="dbops-deploy-", dir="/tmp"))
-    as_pg: list[str] = []
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(d, pw.pw_uid, pw.pw_gid)
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    yield d, as_pg
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_the_include_script_adds_the_line_once_and_alter_system_still_wins(pg_owned_dir):
     """Run the image's include script on a real PostgreSQL configuration, twice, then ask
     `postgres -C` which values win (it reads the files without starting a server)."""

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,44 +20,30 @@ from dbops.nodes.local import LocalController
 PID_FILE = "12345\n/data\n1764000000\n5432\n"
 
 
-def _owner() -> str:
-    """The data folder's owner: postgres when the tests run as root (so a root-only file is unreadable)."""
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    try:
-        return pwd.getpwnam("postgres").pw_name
-    except KeyError:
-        pytest.fail("the postgres user is missing: run `make deps` (it installs PostgreSQL)")
-
-
 @pytest.fixture
-def box() -> Iterator[Path]:
-    """A folder the data folder's owner can reach (pytest's tmp_path is root's only)."""
-    d = Path(tempfile.mkdtemp(prefix="dbops-vanish-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def ctl(box: Path) -> LocalController:
-    owner = _owner()
+def ctl(pg_owned_dir) -> LocalController:
+    """A controller on a data folder owned by postgres (by this user when not root), so that a file of
+    root's, mode 0, is one its commands cannot read."""
+    box, _ = pg_owned_dir
     data = box / "data"
     data.mkdir(mode=0o700)
-    shutil.chown(data, owner, pwd.getpwnam(owner).pw_gid)
-    return LocalController(Node(name="pg1", data_dir=str(data), os_user=owner))
+    st = box.stat()
+    os.chown(data, st.st_uid, st.st_gid)
+    return LocalController(Node(name="pg1", data_dir=str(data), os_user=pwd.getpwuid(st.st_uid).pw_name))
 
 
 def _put(path: Path, text: str) -> None:
+    """A file of the data folder, owned like it."""
     path.write_text(text)
-    shutil.chown(path, _owner())
+    st = path.parent.stat()
+    os.chown(path, st.st_uid, st.st_gid)
 
 
 @pytest.fixture
-def racing_cat(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def racing_cat(pg_owned_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """`cat FILE` removes FILE first (a postmaster exiting at the worst moment); `cat` alone is the real one."""
     real = next(p for p in ("/usr/bin/cat", "/bin/cat") if os.path.exists(p))
-    shim = box / "shim"
+    shim = pg_owned_dir[0] / "shim"
     shim.mkdir(mode=0o755)
     (shim / "cat").write_text(f'#!/bin/sh\nfor a in "$@"; do rm -f "$a"; done\nexec {real} "$@"\n')
     (shim / "cat").chmod(0o755)
