@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -112,11 +113,11 @@ def block_refs(line: str) -> list[BlockRef]:
 _WAL_END = ("invalid record length", "invalid magic number", "could not find file")
 
 
-def segments_by_timeline(wal_dir: str | os.PathLike) -> list[list[str]]:
-    """The WAL segment names in wal_dir, sorted, one list per timeline (what one ``pg_waldump`` run
-    reads: from the first to the last)."""
+def segments_by_timeline(wal_dir: str | os.PathLike, names: Iterable[str] | None = None) -> list[list[str]]:
+    """The WAL segment names in wal_dir (or ``names``, files of wal_dir), sorted, one list per timeline
+    (what one ``pg_waldump`` run reads: from the first to the last)."""
     by_tli: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(wal_dir)):
+    for name in sorted(os.listdir(wal_dir) if names is None else names):
         if SEGMENT_RE.match(name):
             by_tli.setdefault(name[:8], []).append(name)
     return list(by_tli.values())

@@ -91,12 +91,18 @@ def release_links(wal_dir: Path, data_dir: Path) -> int:
     pg_wal = Path(data_dir) / "pg_wal"
     shared: set[tuple[int, int]] = set()
     for f in pg_wal.iterdir():
-        st = f.stat(follow_symlinks=False)
+        try:
+            st = f.stat(follow_symlinks=False)
+        except FileNotFoundError:  # removed by a restart point meanwhile
+            continue
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             shared.add((st.st_dev, st.st_ino))
     gone = 0
     for f in Path(wal_dir).iterdir():
-        st = f.stat(follow_symlinks=False)
+        try:
+            st = f.stat(follow_symlinks=False)
+        except FileNotFoundError:  # a download's temporary file (in the staged folder), renamed meanwhile
+            continue
         if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in shared:
             f.unlink()
             gone += 1

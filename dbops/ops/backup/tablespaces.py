@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,11 @@ def _escape(path: str) -> str:
     return path.replace("=", "\\=")
 
 
-def wal_creates(wal_dir: Path, bin_dir: str | None = None) -> dict[int, str]:
-    """{OID: location} of every CREATE TABLESPACE in the WAL segments of wal_dir (one pg_waldump
-    per timeline, from its first to its last segment there)."""
+def wal_creates(wal_dir: Path, bin_dir: str | None = None, segments: Sequence[str] | None = None) -> dict[int, str]:
+    """{OID: location} of every CREATE TABLESPACE in the WAL segments of wal_dir, or in ``segments``
+    there (one pg_waldump per timeline, from its first to its last segment)."""
     out: dict[int, str] = {}
-    for segs in waldump.segments_by_timeline(wal_dir):
+    for segs in waldump.segments_by_timeline(wal_dir, segments):
         res = proc.run([binaries.binary("pg_waldump", bin_dir), "--rmgr=Tablespace", "-p", str(wal_dir),
                         segs[0], segs[-1]], env=waldump.ENV, check=False, timeout=3600, what="pg_waldump")
         for line in res.stdout.splitlines():

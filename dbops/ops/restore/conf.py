@@ -46,6 +46,7 @@ def restore_command(cfg: Config) -> str:
 
 REMOTE_DIR = ".remote"
 PENDING_DIR = ".pending"
+STAGED_DIR = ".staged"  # segments fetched, not yet read for CREATE TABLESPACE (dbops.ops.restore.wal.WalAhead)
 
 
 def run_command(cache: Path, cfg: Config, linked: bool = False) -> str:

@@ -94,6 +94,7 @@ def run(cfg: Config, plan: "Plan", opts: "Options", cache: Path, phases: "Phases
             with phases("promote"):
                 if linked:  # what the promoted server writes into must be its own file alone
                     reached["wal_released"] = release_links(cache, data)
+                    release_links(cache / rconf.STAGED_DIR, data)  # the same files' names before release
                 reached["promoted_timeline"] = _promote(inst, timeout)
         with phases("stop"):
             inst.stop("fast", timeout=timeout)

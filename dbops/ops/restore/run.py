@@ -1,6 +1,9 @@
 """`dbops restore` carried out: the plan (:mod:`dbops.ops.restore.plan`), then the download of the
 backup into the target folder while the WAL replay needs is fetched ahead, the folder's recovery
-settings, and the recovery itself (:mod:`dbops.ops.restore.recover`). Any failure leaves nothing
+settings, and the recovery itself (:mod:`dbops.ops.restore.recover`), which starts once the
+download is done (with a tablespace map: once the WAL is all fetched as well), replay waiting for
+each segment still downloading, handed over once read for CREATE TABLESPACE (:class:`_NewTablespaces`;
+a segment waited for counts as no progress of replay, ``validation.start_timeout``). Any failure leaves nothing
 that looks like a restored database (:func:`dbops.ops.restore.folder.discard`). A chosen backup
 found damaged in storage gives way to the plan's fallback, an older validated backup."""
 
@@ -157,8 +160,9 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
         room.check_room([] if run.delta else manifest.listing(), target,
                         {d.tablespace.oid: d.folder for d in plan.tablespaces},
                         wal=(cache, room.wal_to_fetch(cache, plan.fetch_ahead, plan.seg_size)))
+    made = _NewTablespaces(manifest, opts, ids)
     ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
-                          owner=ids)
+                          owner=ids, scan=made)
     remote = cache / rconf.REMOTE_DIR
     remote.mkdir(exist_ok=True)
     for name in plan.remote:
@@ -166,7 +170,7 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
     try:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbops-walahead") as pool:
             ahead.prepare(plan.histories)
-            wal_job = pool.submit(_fetch_and_scan, ahead, cache)
+            wal_job = pool.submit(ahead.run)  # each segment read for CREATE TABLESPACE before replay may read it
             pool.submit(pgconn.preload)  # the driver's import (0.1-0.2 s) beside the download, not after it
             try:
                 with phases("download"):
@@ -177,15 +181,21 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
                 with phases("configure"):
                     configure(cfg, target, plan, opts)
                 with phases("tablespaces"):
-                    _, creates = wal_job.result()  # the WAL to replay is here, read for CREATE TABLESPACE
-                    new_tablespaces = _created_tablespaces(creates, manifest, opts, ids)
+                    if opts.tablespace_map or opts.tablespace_map_all:
+                        # A tablespace the WAL creates may be mapped to a folder the server must see at
+                        # its recorded location, mounted as it starts: every segment is read first.
+                        wal_job.result()
+                        if ahead.scan_error is not None:
+                            raise ahead.scan_error
+                    # Else the server starts now: replay waits for each segment to be fetched and read.
+                    new_tablespaces = dict(made.created)
                 reached, final_state, running = recover.run(
                     cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,
                     mounts=tuple((str(f), loc) for loc, f in new_tablespaces.values() if str(f) != loc),
                     relink={oid: f for oid, (_loc, f) in new_tablespaces.items()})
             finally:
                 ahead.stop()  # what replay did not ask for is not needed any more
-            stats, _ = wal_job.result()
+            stats = wal_job.result()
     except BaseException as e:
         discard(target, created=created, delta=run.delta, reason=getattr(e, "message", None) or repr(e))
         if not run.delta:
@@ -225,26 +235,39 @@ def _out_of_space(e: BaseException, phase: str | None, manifest: mf.Manifest, ta
     )
 
 
-def _fetch_and_scan(ahead: rwal.WalAhead, cache: Path) -> tuple[rwal.FetchStats, dict[int, str]]:
-    """The WAL fetched ahead, then read for its CREATE TABLESPACE records ({OID: location}): both
-    beside the download (the scan of 13 segments took 0.1-0.2 s at pgbench scale 100, after it)."""
-    from dbops.ops.backup.tablespaces import wal_creates
+class _NewTablespaces:
+    """The scan :class:`~dbops.ops.restore.wal.WalAhead` runs on each run of segments before replay may
+    read it: the tablespaces its CREATE TABLESPACE records make (not in the backup) get their folders
+    (:func:`dbops.ops.restore.tablespaces.created_destinations`: mapped, or their recorded location when
+    absent or empty and unused), made now: ``created`` {OID: (location, folder)}. A refusal is raised
+    (WalAhead keeps it for the restore). Unmapped, a location an earlier CREATE of this replay was given
+    is given again (the tablespace may be dropped and created anew there; replay, behind the scan, may
+    not have dropped the first yet)."""
 
-    stats = ahead.run()
-    return stats, wal_creates(cache)
+    def __init__(self, manifest: mf.Manifest, opts: Options, ids: tuple[int, int] | None):
+        self.manifest, self.opts, self.ids = manifest, opts, ids
+        self.known = {t.oid for t in manifest.tablespaces}
+        self.created: dict[int, tuple[str, Path]] = {}
 
+    def __call__(self, segments: list[str], folder: Path) -> None:
+        from dbops.ops.backup.tablespaces import wal_creates
 
-def _created_tablespaces(creates: dict[int, str], manifest: mf.Manifest, opts: Options,
-                         ids: tuple[int, int] | None) -> dict[int, tuple[str, Path]]:
-    """Tablespaces created in the WAL replayed after the backup (``creates``, from the WAL fetched
-    ahead): {OID: (location, folder)}, folders made."""
-    created = rts.created_destinations(creates, manifest.tablespaces, mapping=opts.tablespace_map,
-                                       map_all=opts.tablespace_map_all)
-    for _loc, folder in created.values():
-        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
-        if ids:
-            os.chown(folder, *ids)
-    return created
+        new = {oid: loc for oid, loc in wal_creates(folder, segments=segments).items()
+               if oid not in self.known and oid not in self.created}
+        given = {loc for loc, f in self.created.values() if str(f) == loc}
+        again = {oid: loc for oid, loc in new.items() if loc in given and not self._mapped(oid)}
+        dests = rts.created_destinations({o: loc for o, loc in new.items() if o not in again},
+                                        self.manifest.tablespaces, mapping=self.opts.tablespace_map,
+                                        map_all=self.opts.tablespace_map_all) if len(new) > len(again) else {}
+        for _loc, f in dests.values():
+            f.mkdir(parents=True, mode=0o700, exist_ok=True)
+            if self.ids:
+                os.chown(f, *self.ids)
+        self.created.update(dests)
+        self.created.update({oid: (loc, Path(loc)) for oid, loc in again.items()})
+
+    def _mapped(self, oid: int) -> bool:
+        return self.opts.tablespace_map_all is not None or any(k == str(oid) for k, _ in self.opts.tablespace_map)
 
 
 def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,58 +221,112 @@ class WalAhead:
     """Fetches the segments replay is expected to need into a cache folder while the server runs.
 
     :meth:`prepare` writes the history files and a marker in ``cache/.pending`` for every segment
-    still to come; :meth:`run` (in a thread) downloads them oldest first, verified against their
-    SHA-256, and removes each marker once the file is in place. The server's restore_command
-    waits while a segment it asks for is pending. The cache is scratch space, thrown away after
-    the restore, so nothing is fsynced. A segment that is missing or fails verification only
-    loses its marker (replay then finds it "not there"); :meth:`check` raises the error of the
-    oldest failed one, for when replay stopped short.
+    still to come; :meth:`run` (in a thread) downloads them (``parallel`` at a time, oldest first),
+    verified against their SHA-256, into ``cache/.staged``, and releases them oldest first: each
+    run of consecutive segments in place is handed to ``scan`` (with the one released before it,
+    for a record that began there), then hard-linked into the cache under its own name and its
+    marker removed. The server's restore_command waits while a segment it asks for is pending, so
+    the server may start before the WAL is all here and replay never reads a segment ``scan`` has
+    not read (the restore reads it for CREATE TABLESPACE: each such tablespace gets its folder
+    before replay can create it, :mod:`dbops.ops.restore.run`). The cache is scratch space, thrown
+    away after the restore, so nothing is fsynced.
+
+    A segment that is missing or fails verification, or a run ``scan`` refuses, is released with
+    nothing after it: the markers go (replay then finds it "not there"); :meth:`check` raises the
+    error of the oldest failed one (``scan``'s refusal is also kept as ``scan_error``), for when
+    replay stopped short, and any other failure of the fetch (a full disk) as it was raised.
     """
 
     def __init__(self, store: ObjectStore, layout: Layout, names: list[str], cache: Path, *, parallel: int,
-                 owner: tuple[int, int] | None = None):
+                 owner: tuple[int, int] | None = None, scan: Callable[[list[str], Path], None] | None = None):
         self.arc = WalArchive(store, layout)
         self.store, self.layout = store, layout
         self.names, self.cache, self.parallel, self.owner = names, cache, max(1, parallel), owner
         self.pending = cache / rconf.PENDING_DIR
+        self.staged = cache / rconf.STAGED_DIR
+        self.scan = scan
         self.stats = FetchStats()
         self.failed: dict[str, DbopsError] = {}
+        self.scan_error: DbopsError | None = None
+        self.crashed: BaseException | None = None
+        self._placed: set[str] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
     def prepare(self, histories: list[int]) -> None:
         self.pending.mkdir(exist_ok=True)
+        self.staged.mkdir(exist_ok=True)
         for tli in histories:
             name = walchain.history_name(tli)
             if not (self.cache / name).exists():
                 self._place(self.cache / name, self.arc.read_small(name))
         for name in self.names:
-            if not (self.cache / name).exists():
-                (self.pending / name).touch()
+            held = self.cache / name
+            if held.exists():  # read by the plan, or released by an earlier attempt: read again before release
+                if (self.staged / name).exists():
+                    held.unlink()
+                else:
+                    os.replace(held, self.staged / name)
+            (self.pending / name).touch()
 
     def run(self) -> FetchStats:
         t0 = time.monotonic()
         try:
             with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="dbops-walahead") as pool:
-                for _ in pool.map(self._one, self.names):
-                    pass
+                jobs = [pool.submit(self._one, n) for n in self.names]
+                try:
+                    self._release(jobs)
+                except BaseException as e:  # noqa: BLE001  raised by check() where replay waits for it
+                    self.crashed = e
+                    raise
+                finally:
+                    self._stop.set()  # the downloads not started yet are not started
         finally:
             self.stop()
             self.stats.seconds = round(time.monotonic() - t0, 3)
         return self.stats
 
+    def _release(self, jobs: list[Future]) -> None:
+        """Release the segments in order (see the class docstring) until one is not in place."""
+        prev: str | None = None
+        i = 0
+        while i < len(self.names) and not self._stop.is_set():
+            jobs[i].result()  # a fetch's own failure is recorded by _one; anything else is raised here
+            if self.names[i] not in self._placed:
+                return  # missing or damaged: replay cannot go past it
+            j = i + 1
+            while j < len(self.names) and jobs[j].done() and self.names[j] in self._placed:
+                j += 1
+            run = self.names[i:j]
+            if self.scan is not None:
+                try:
+                    self.scan(([prev] if prev is not None and prev[:8] == run[0][:8] else []) + run, self.staged)
+                except DbopsError as e:
+                    with self._lock:
+                        self.failed[run[0]] = e
+                        self.scan_error = e
+                    return
+            for name in run:
+                if self._stop.is_set():
+                    return
+                os.link(self.staged / name, self.cache / name)
+                (self.pending / name).unlink(missing_ok=True)
+            prev, i = run[-1], j
+
     def stop(self) -> None:
-        """No more downloads; clear the markers so nothing waits for them."""
+        """No more downloads or releases; clear the markers so nothing waits for them."""
         self._stop.set()
         for p in self.pending.glob("*"):
             p.unlink(missing_ok=True)
 
     def check(self) -> None:
+        if self.crashed is not None:
+            raise self.crashed
         if self.failed:
             raise self.failed[min(self.failed)]
 
     def _one(self, name: str) -> None:
-        dest = self.cache / name
+        dest = self.staged / name
         if self._stop.is_set():
             return
         try:
@@ -287,9 +342,8 @@ class WalAhead:
             with self._lock:
                 self.failed[name] = e
             return
-        finally:
-            (self.pending / name).unlink(missing_ok=True)
         with self._lock:
+            self._placed.add(name)
             self.stats.segments += 1
             self.stats.bytes += size
 
