@@ -217,6 +217,9 @@ class BackupSettings:
     # The validation's copy in the page cache: keep it, drop its pages as they are written back, or auto:
     # drop them when the copy is larger than the memory available (docs/backups.md).
     scratch_cache: str = setting("auto", choices=("auto", "keep", "drop"))
+    # The most WAL a restore holds in scratch_dir ahead of the segment replay last asked for (with a
+    # tablespace map: all of it, read before the server starts; docs/restore.md).
+    restore_wal_ahead: int = setting(1024 * 1024 * 1024, "size", minimum=32 * 1024 * 1024)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
 

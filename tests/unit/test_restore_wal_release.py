@@ -5,6 +5,7 @@ after the scan read it; a refusal, a missing or a damaged segment stops the hand
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,68 @@ def test_segments_the_plan_already_read_wait_for_the_scan_too(tmp_path):
     assert released(cache) == [] and (cache / rconf.PENDING_DIR / seg(0x52)).exists()
     a.run()
     assert released(cache) == names and scan.early == []
+
+
+def test_the_window_holds_the_fetch_back_until_replay_asks_and_removes_what_replay_left_behind(tmp_path):
+    names = [seg(n) for n in range(0x60, 0x6A)]
+    store, layout = archived(tmp_path, names)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    a = WalAhead(store, layout, names, cache, parallel=2, scan=Scan(cache), window=2)
+    assert WalAhead.held(names, 2) == names[:5] and WalAhead.held(names, None) == names
+    a.prepare([])
+    job = threading.Thread(target=a.run, daemon=True)
+    job.start()
+    most = 0
+
+    def present() -> list[str]:
+        return sorted({p.name for d in (cache, cache / rconf.STAGED_DIR) for p in d.iterdir() if p.name in names})
+
+    def wait_for(cond) -> None:
+        deadline = time.monotonic() + 20
+        while not cond():
+            if time.monotonic() > deadline:
+                a.stop()
+                raise AssertionError((present(), released(cache)))
+            time.sleep(0.01)
+
+    # no server yet: the first `window` segments only
+    wait_for(lambda: released(cache) == names[:2])
+    time.sleep(0.3)
+    assert present() == names[:2]
+    for name in names:  # replay, as its restore_command does: ask, wait, read
+        (cache / rconf.ASKED_DIR / name).touch()
+        wait_for(lambda: (cache / name).exists())
+        most = max(most, len(present()))
+    job.join(20)
+    assert not job.is_alive() and a.stats.segments == len(names)
+    assert most <= len(WalAhead.held(names, 2)), most
+    # the last fetch (0x69) waited for replay to ask for 0x67, and removed what was two behind that
+    assert not set(names[:5]) & set(present()), present()
+
+
+def test_replays_restore_command_leaves_the_name_it_asks_for_and_still_copies_it(tmp_path):
+    from types import SimpleNamespace
+
+    from dbops import proc
+
+    cache = tmp_path / "cache"
+    for d in (cache, cache / rconf.ASKED_DIR, cache / rconf.PENDING_DIR, cache / rconf.REMOTE_DIR):
+        d.mkdir()
+    (cache / seg(0x70)).write_bytes(b"wal")
+    data = tmp_path / "data"
+    (data / "pg_wal").mkdir(parents=True)
+    cmd = rconf.run_command(cache, SimpleNamespace(path=str(tmp_path / "c.yaml")))
+    ok = proc.run(["sh", "-c", cmd.replace("%f", seg(0x70)).replace("%p", "pg_wal/RECOVERYXLOG")], cwd=str(data),
+                  check=False)
+    assert ok.returncode == 0 and (data / "pg_wal/RECOVERYXLOG").read_bytes() == b"wal"
+    gone = proc.run(["sh", "-c", cmd.replace("%f", seg(0x71)).replace("%p", "pg_wal/RECOVERYXLOG")], cwd=str(data),
+                    check=False)
+    assert gone.returncode == 1  # not there: PostgreSQL's "not in the archive"
+    assert sorted(p.name for p in (cache / rconf.ASKED_DIR).iterdir()) == [seg(0x70), seg(0x71)]
+    # a folder it cannot write to does not fail the request
+    (cache / rconf.ASKED_DIR / seg(0x70)).unlink()
+    (cache / rconf.ASKED_DIR / seg(0x71)).unlink()
+    (cache / rconf.ASKED_DIR).rmdir()
+    again = proc.run(["sh", "-c", cmd.replace("%f", seg(0x70)).replace("%p", "pg_wal/X")], cwd=str(data), check=False)
+    assert again.returncode == 0 and (data / "pg_wal/X").read_bytes() == b"wal"

@@ -46,6 +46,7 @@ def restore_command(cfg: Config) -> str:
 
 REMOTE_DIR = ".remote"
 PENDING_DIR = ".pending"
+ASKED_DIR = ".asked"  # a name for each file replay asked for (dbops.ops.restore.wal.WalAhead's window)
 STAGED_DIR = ".staged"  # segments fetched, not yet read for CREATE TABLESPACE (dbops.ops.restore.wal.WalAhead)
 
 
@@ -53,7 +54,9 @@ def run_command(cache: Path, cfg: Config, linked: bool = False) -> str:
     """restore_command for dbops' own recovery run. A segment being fetched ahead (marked in
     cache/.pending) is waited for, then copied from `cache`; one marked in cache/.remote comes through
     dbops wal-fetch; anything else is not there (exit 1), so probes for files the archive does not
-    have cost nothing.
+    have cost nothing. Each request first leaves the name asked for in cache/.asked: how far replay
+    has come, for the fetch ahead's window (a failure to leave it, which only holds the fetch back,
+    does not fail the request).
 
     ``linked``: the cache's files are also hard-linked into pg_wal (:func:`dbops.runtime.walfolder.link_wal`).
     A file whose pg_wal name is that very link (``test -ef``: same inode) is declined, so PostgreSQL
@@ -62,9 +65,9 @@ def run_command(cache: Path, cfg: Config, linked: bool = False) -> str:
     or the archive's wins, as it always does over pg_wal in archive recovery. The command runs in
     the data folder, so ``pg_wal/%f`` is the server's own file."""
     root = cache.resolve()
-    d, p, r = (shlex.quote(str(x) + "/") for x in (root, root / PENDING_DIR, root / REMOTE_DIR))
+    d, p, r, a = (shlex.quote(str(x) + "/") for x in (root, root / PENDING_DIR, root / REMOTE_DIR, root / ASKED_DIR))
     in_place = f"test {d}%f -ef pg_wal/%f && exit 1; " if linked else ""
-    return (f"while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; {in_place}"
+    return (f"touch {a}%f 2>/dev/null; while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; {in_place}"
             f'test -f {d}%f && exec cp {d}%f "%p"; test -f {r}%f && exec {restore_command(cfg)}; exit 1')
 
 

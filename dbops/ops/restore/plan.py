@@ -68,6 +68,10 @@ class Options:
     tablespace_map: tuple[tuple[str, str], ...] = ()  # (name or OID, folder)
     tablespace_map_all: Path | None = None
 
+    def mapped(self) -> bool:
+        """Whether tablespaces are given folders (--tablespace-map, --tablespace-map-all)."""
+        return bool(self.tablespace_map) or self.tablespace_map_all is not None
+
     def check(self) -> None:
         if self.final not in FINAL_STATES:
             raise UsageError(f"unknown final state {self.final!r}", hint="one of " + ", ".join(FINAL_STATES))
@@ -225,7 +229,9 @@ def _plan_on(cfg: Config, opts: Options, bk: Backups, arc: WalArchive, inv: rwal
         short = room.shortages([] if opts.delta else room.summed(m.logical_size, [(t.oid, t.size)
                                                                                   for t in m.tablespaces]),
                                opts.target_dir, {d.tablespace.oid: d.folder for d in dests},
-                               wal=(wal_dir, room.wal_to_fetch(wal_dir, ahead, seg_size)))
+                               wal=(wal_dir, room.wal_to_fetch(wal_dir, rwal.WalAhead.held(
+                                   ahead, rwal.window(cfg.backup.restore_wal_ahead, opts.mapped(), seg_size)),
+                                   seg_size)))
         if short:
             notes.append(f"not enough free space now: {short}; the restore will refuse to start (exit 11) "
                          "unless space is freed (or --no-space-check, where the filesystem compresses)")

@@ -156,13 +156,15 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
     for d in plan.tablespaces:
         if opts.force and d.state == "not empty":
             empty(d.folder)
+    window = rwal.window(cfg.backup.restore_wal_ahead, opts.mapped(), plan.seg_size)
     if opts.space_check:  # refused before anything is fetched or written (--delta reuses files: WAL only)
         room.check_room([] if run.delta else manifest.listing(), target,
                         {d.tablespace.oid: d.folder for d in plan.tablespaces},
-                        wal=(cache, room.wal_to_fetch(cache, plan.fetch_ahead, plan.seg_size)))
+                        wal=(cache, room.wal_to_fetch(cache, rwal.WalAhead.held(plan.fetch_ahead, window),
+                                                      plan.seg_size)))
     made = _NewTablespaces(manifest, opts, ids)
     ahead = rwal.WalAhead(store, layout, plan.fetch_ahead, cache, parallel=max(2, cfg.archive.parallel // 2),
-                          owner=ids, scan=made)
+                          owner=ids, scan=made, window=window)
     remote = cache / rconf.REMOTE_DIR
     remote.mkdir(exist_ok=True)
     for name in plan.remote:
@@ -181,13 +183,12 @@ def _attempt(run: _Run, plan: Plan) -> RestoreResult:
                 with phases("configure"):
                     configure(cfg, target, plan, opts)
                 with phases("tablespaces"):
-                    if opts.tablespace_map or opts.tablespace_map_all:
-                        # A tablespace the WAL creates may be mapped to a folder the server must see at
-                        # its recorded location, mounted as it starts: every segment is read first.
+                    if window is None:  # mapped: every segment is read first (rwal.window)
                         wal_job.result()
                         if ahead.scan_error is not None:
                             raise ahead.scan_error
-                    # Else the server starts now: replay waits for each segment to be fetched and read.
+                    # Else the server starts now: replay waits for each segment to be fetched and read,
+                    # fetched `window` segments ahead of it.
                     new_tablespaces = dict(made.created)
                 reached, final_state, running = recover.run(
                     cfg, plan, opts, cache, phases, manifest.pg.pg_version, ahead.check,

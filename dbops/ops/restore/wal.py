@@ -209,6 +209,16 @@ def scan_end(arc: WalArchive, run: list[str], cache: Path, *, seg_size: int, sto
 # --------------------------------------------------------------------------- fetching ahead
 
 
+def window(restore_wal_ahead: int, mapped: bool, seg_size: int) -> int | None:
+    """How many segments a restore fetches ahead of replay (``backup.restore_wal_ahead``). None with a
+    tablespace map (``mapped``): a tablespace the WAL creates may be mapped to a folder the server
+    must see at its recorded location, mounted as it starts, so all the WAL is read before."""
+    return None if mapped else max(2, restore_wal_ahead // seg_size)
+
+
+WINDOW_POLL = 0.05  # how often a fetch held back by the window looks again at how far replay has come
+
+
 @dataclass
 class FetchStats:
     segments: int = 0
@@ -231,6 +241,12 @@ class WalAhead:
     before replay can create it, :mod:`dbops.ops.restore.run`). The cache is scratch space, thrown
     away after the restore, so nothing is fsynced.
 
+    ``window``: the most segments fetched ahead of the one replay last asked for (its restore_command
+    leaves each name it asks for in ``cache/.asked``); segments more than two behind it are removed
+    (replay never asks for them again, and one it reads in place keeps its pg_wal name). So the
+    scratch folder holds at most ``held(window)`` segments (None: every segment, fetched as fast as
+    they come).
+
     A segment that is missing or fails verification, or a run ``scan`` refuses, is released with
     nothing after it: the markers go (replay then finds it "not there"); :meth:`check` raises the
     error of the oldest failed one (``scan``'s refusal is also kept as ``scan_error``), for when
@@ -238,13 +254,18 @@ class WalAhead:
     """
 
     def __init__(self, store: ObjectStore, layout: Layout, names: list[str], cache: Path, *, parallel: int,
-                 owner: tuple[int, int] | None = None, scan: Callable[[list[str], Path], None] | None = None):
+                 owner: tuple[int, int] | None = None, scan: Callable[[list[str], Path], None] | None = None,
+                 window: int | None = None):
         self.arc = WalArchive(store, layout)
         self.store, self.layout = store, layout
         self.names, self.cache, self.parallel, self.owner = names, cache, max(1, parallel), owner
         self.pending = cache / rconf.PENDING_DIR
         self.staged = cache / rconf.STAGED_DIR
-        self.scan = scan
+        self.asked = cache / rconf.ASKED_DIR
+        self.scan, self.window = scan, window
+        self._index = {n: i for i, n in enumerate(names)}
+        self._at = -1  # the index of the newest segment replay asked for
+        self._pruned = 0  # names[:_pruned] removed
         self.stats = FetchStats()
         self.failed: dict[str, DbopsError] = {}
         self.scan_error: DbopsError | None = None
@@ -253,9 +274,19 @@ class WalAhead:
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def held(names: list[str], window: int | None) -> list[str]:
+        """The most of names the cache holds at once with this window."""
+        return names if window is None else names[:window + 3]
+
     def prepare(self, histories: list[int]) -> None:
         self.pending.mkdir(exist_ok=True)
         self.staged.mkdir(exist_ok=True)
+        self.asked.mkdir(mode=0o700, exist_ok=True)
+        for p in self.asked.iterdir():  # an earlier attempt's server's
+            p.unlink()
+        if self.owner:  # the server's restore_command writes there
+            os.chown(self.asked, *self.owner)
         for tli in histories:
             name = walchain.history_name(tli)
             if not (self.cache / name).exists():
@@ -325,8 +356,24 @@ class WalAhead:
         if self.failed:
             raise self.failed[min(self.failed)]
 
+    def _replay_at(self) -> int:
+        """The index of the newest segment replay asked for; what is two behind it is removed."""
+        with self._lock:
+            asked = [self._index.get(n, -1) for n in os.listdir(self.asked)]
+            self._at = max([self._at, *asked])
+            while self._pruned < self._at - 2:
+                name = self.names[self._pruned]
+                (self.cache / name).unlink(missing_ok=True)
+                (self.staged / name).unlink(missing_ok=True)
+                self._pruned += 1
+            return self._at
+
     def _one(self, name: str) -> None:
         dest = self.staged / name
+        if self.window is not None:
+            while self._index[name] - self._replay_at() > self.window:
+                if self._stop.wait(WINDOW_POLL):
+                    return
         if self._stop.is_set():
             return
         try:
