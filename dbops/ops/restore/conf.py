@@ -54,9 +54,9 @@ def run_command(cache: Path, cfg: Config, linked: bool = False) -> str:
     """restore_command for dbops' own recovery run. A segment being fetched ahead (marked in
     cache/.pending) is waited for, then copied from `cache`; one marked in cache/.remote comes through
     dbops wal-fetch; anything else is not there (exit 1), so probes for files the archive does not
-    have cost nothing. Each request first leaves the name asked for in cache/.asked: how far replay
-    has come, for the fetch ahead's window (a failure to leave it, which only holds the fetch back,
-    does not fail the request).
+    have cost nothing. Each request first leaves the name asked for in cache/.asked (a shell builtin,
+    no process): how far replay has come, for the fetch ahead's window (a failure to leave it does
+    not fail the request; the folder is the server's user's, :meth:`dbops.ops.restore.wal.WalAhead.prepare`).
 
     ``linked``: the cache's files are also hard-linked into pg_wal (:func:`dbops.runtime.walfolder.link_wal`).
     A file whose pg_wal name is that very link (``test -ef``: same inode) is declined, so PostgreSQL
@@ -67,7 +67,7 @@ def run_command(cache: Path, cfg: Config, linked: bool = False) -> str:
     root = cache.resolve()
     d, p, r, a = (shlex.quote(str(x) + "/") for x in (root, root / PENDING_DIR, root / REMOTE_DIR, root / ASKED_DIR))
     in_place = f"test {d}%f -ef pg_wal/%f && exit 1; " if linked else ""
-    return (f"touch {a}%f 2>/dev/null; while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; {in_place}"
+    return (f"true 2>/dev/null >{a}%f; while test -e {p}%f && ! test -e {d}%f; do sleep 0.02; done; {in_place}"
             f'test -f {d}%f && exec cp {d}%f "%p"; test -f {r}%f && exec {restore_command(cfg)}; exit 1')
 
 

@@ -359,8 +359,10 @@ class WalAhead:
     def _replay_at(self) -> int:
         """The index of the newest segment replay asked for; what is two behind it is removed."""
         with self._lock:
-            asked = [self._index.get(n, -1) for n in os.listdir(self.asked)]
-            self._at = max([self._at, *asked])
+            names = os.listdir(self.asked)
+            for n in names:  # read once: the folder stays small however long the replay
+                (self.asked / n).unlink(missing_ok=True)
+            self._at = max([self._at, *(self._index.get(n, -1) for n in names)])
             while self._pruned < self._at - 2:
                 name = self.names[self._pruned]
                 (self.cache / name).unlink(missing_ok=True)
