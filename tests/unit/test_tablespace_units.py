@@ -163,6 +163,10 @@ def test_created_in_wal_needs_a_free_location_or_a_map(tmp_path):
     got = rts.created_destinations({16500: str(live), 16400: "/old"}, [Tablespace(16400, "fast", "/old")],
                                    map_all=tmp_path / "all")
     assert got == {16500: (str(live), tmp_path / "all" / "16500")}
+    # a folder this replay gave an earlier CREATE (dropped and created anew there) is given again, filled
+    assert rts.created_destinations({16501: str(live)}, [], given={live}) == {16501: (str(live), live)}
+    with pytest.raises(PreconditionError, match="OID 16501, created after the backup"):
+        rts.created_destinations({16501: str(live)}, [], given={tmp_path / "other"})
 
 
 # --------------------------------------------------------------------------- the throwaway instance

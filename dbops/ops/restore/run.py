@@ -240,10 +240,9 @@ class _NewTablespaces:
     """The scan :class:`~dbops.ops.restore.wal.WalAhead` runs on each run of segments before replay may
     read it: the tablespaces its CREATE TABLESPACE records make (not in the backup) get their folders
     (:func:`dbops.ops.restore.tablespaces.created_destinations`: mapped, or their recorded location when
-    absent or empty and unused), made now: ``created`` {OID: (location, folder)}. A refusal is raised
-    (WalAhead keeps it for the restore). Unmapped, a location an earlier CREATE of this replay was given
-    is given again (the tablespace may be dropped and created anew there; replay, behind the scan, may
-    not have dropped the first yet)."""
+    absent or empty and unused; a folder an earlier CREATE of this replay was given is given again),
+    made now: ``created`` {OID: (location, folder)}. A refusal is raised (WalAhead keeps it for the
+    restore)."""
 
     def __init__(self, manifest: mf.Manifest, opts: Options, ids: tuple[int, int] | None):
         self.manifest, self.opts, self.ids = manifest, opts, ids
@@ -255,20 +254,16 @@ class _NewTablespaces:
 
         new = {oid: loc for oid, loc in wal_creates(folder, segments=segments).items()
                if oid not in self.known and oid not in self.created}
-        given = {loc for loc, f in self.created.values() if str(f) == loc}
-        again = {oid: loc for oid, loc in new.items() if loc in given and not self._mapped(oid)}
-        dests = rts.created_destinations({o: loc for o, loc in new.items() if o not in again},
-                                        self.manifest.tablespaces, mapping=self.opts.tablespace_map,
-                                        map_all=self.opts.tablespace_map_all) if len(new) > len(again) else {}
+        if not new:  # the usual run: no CREATE TABLESPACE, no look at the running servers
+            return
+        dests = rts.created_destinations(new, self.manifest.tablespaces, mapping=self.opts.tablespace_map,
+                                         map_all=self.opts.tablespace_map_all,
+                                         given={f for _loc, f in self.created.values()})
         for _loc, f in dests.values():
             f.mkdir(parents=True, mode=0o700, exist_ok=True)
             if self.ids:
                 os.chown(f, *self.ids)
         self.created.update(dests)
-        self.created.update({oid: (loc, Path(loc)) for oid, loc in again.items()})
-
-    def _mapped(self, oid: int) -> bool:
-        return self.opts.tablespace_map_all is not None or any(k == str(oid) for k, _ in self.opts.tablespace_map)
 
 
 def _download(cfg: Config, store: ObjectStore, layout: Layout, manifest: mf.Manifest, plan: Plan, delta: bool,

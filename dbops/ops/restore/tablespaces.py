@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from dbops.errors import PreconditionError, UsageError
 from dbops.repo.tblspc import Tablespace, folder_state, locations_in_use
@@ -117,12 +117,14 @@ def destinations(tablespaces: Sequence[Tablespace], *, target_dir: Path,
 
 
 def created_destinations(creates: dict[int, str], known: Sequence[Tablespace], *,
-                         mapping: Sequence[tuple[str, str]] = (), map_all: Path | None = None
-                         ) -> dict[int, tuple[str, Path]]:
+                         mapping: Sequence[tuple[str, str]] = (), map_all: Path | None = None,
+                         given: Collection[Path] = ()) -> dict[int, tuple[str, Path]]:
     """Tablespaces a CREATE TABLESPACE in the WAL to replay makes (not in the backup):
     {OID: (recorded location, folder)}. A mapped one (``OID=DIR``, or ``map_all/<OID>``) is
     given its folder in place of the location while recovery runs; an unmapped one uses its
-    location, which must be absent or empty and unused (created empty when absent)."""
+    location, which must be absent or empty and unused (created empty when absent). A folder in
+    ``given`` (this replay's, made for an earlier CREATE: the tablespace may be dropped and created
+    anew there) is given again unchecked: replay may already have filled it, or still use it."""
     out: dict[int, tuple[str, Path]] = {}
     in_use = locations_in_use()
     have = {t.oid for t in known}
@@ -134,6 +136,9 @@ def created_destinations(creates: dict[int, str], known: Sequence[Tablespace], *
             folder = map_all.absolute() / str(oid)
         fix = f"give it a folder: {MAP_FLAG} {oid}=DIR, or {MAP_ALL_FLAG} DIR (it goes to DIR/{oid})"
         check = folder or Path(loc)
+        if check in given:
+            out[oid] = (loc, check)
+            continue
         user = in_use.get(os.path.realpath(check))
         if user:
             raise PreconditionError(f"tablespace OID {oid}, created after the backup at {loc} (in the WAL replayed "
